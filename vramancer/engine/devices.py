@@ -1,0 +1,314 @@
+"""Devices: the spec a user types, what the machine has, and the bytes we put on each.
+
+`parse_device_spec` is the only parser of `--devices`. `resolve_devices` turns a spec into
+`Device` objects. Every device keeps a `MemoryLedger` of what this process placed on it; a
+simulated device is nothing but host memory plus that ledger, which refuses any claim past
+the device's capacity.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+from vramancer.engine.errors import VramancerError
+from vramancer.engine.units import format_bytes, parse_size
+
+log = logging.getLogger(__name__)
+
+LEDGER_CATEGORIES = ("weights", "kv", "workspace", "other")
+
+
+class DeviceSpecError(VramancerError):
+    """The --devices text cannot be understood or names a device this machine lacks."""
+
+
+class DeviceFullError(VramancerError):
+    """A claim would take a device past its capacity."""
+
+
+@dataclass
+class MemoryLedger:
+    """Bytes this process holds on one device, by category, with an optional hard cap."""
+
+    capacity: int | None = None
+    claims: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LEDGER_CATEGORIES, 0))
+    device_name: str = ""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def total(self) -> int:
+        return sum(self.claims.values())
+
+    def set(self, category: str, nbytes: int) -> None:
+        """Set one category's claim; refuses (and changes nothing) if the cap would be passed."""
+        with self._lock:
+            after = self.total - self.claims[category] + nbytes
+            if self.capacity is not None and after > self.capacity:
+                raise DeviceFullError(
+                    f"{self.device_name} cannot hold {format_bytes(after)}; "
+                    f"its capacity is {format_bytes(self.capacity)}."
+                )
+            self.claims[category] = nbytes
+
+
+@dataclass(frozen=True)
+class DeviceRequest:
+    """One entry of a parsed spec, before it is checked against the machine."""
+
+    name: str  # "cuda:0", "mps", "cpu", "sim0"
+    cap: int | None = None  # bytes; the capacity of a simulated device
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    requests: tuple[DeviceRequest, ...]
+    auto: bool = False  # "auto": every accelerator found, else a simulated pool
+
+    @property
+    def simulated(self) -> bool:
+        return bool(self.requests) and self.requests[0].name.startswith("sim")
+
+
+@dataclass
+class DeviceReading:
+    """One look at a device. A field the device cannot give is None, never a guess."""
+
+    total: int
+    free: int
+    utilization: float | None = None  # percent
+    temperature: float | None = None  # degrees C
+    power: float | None = None  # watts
+    pcie_rx: float | None = None  # bytes/s
+    pcie_tx: float | None = None  # bytes/s
+
+    @property
+    def used(self) -> int:
+        return self.total - self.free
+
+
+@dataclass
+class Device:
+    """A place layers can live: a GPU, the CPU, or a simulated device in host memory."""
+
+    name: str
+    kind: str  # "cuda" | "mps" | "cpu" | "sim"
+    label: str  # GPU model name, "CPU", or "simulated"
+    torch_device: torch.device
+    ledger: MemoryLedger
+    cap: int | None = None
+    index: int | None = None  # CUDA ordinal
+
+    @property
+    def simulated(self) -> bool:
+        return self.kind == "sim"
+
+    def read(self) -> DeviceReading:
+        """Total and free memory now (free as this process could still use it)."""
+        if self.simulated:
+            assert self.cap is not None
+            return DeviceReading(total=self.cap, free=self.cap - self.ledger.total)
+        if self.kind == "cuda":
+            reading = _read_cuda(self.index or 0)
+        elif self.kind == "mps":
+            total = psutil.virtual_memory().total  # unified memory
+            used = torch.mps.driver_allocated_memory()
+            reading = DeviceReading(total=total, free=max(total - used, 0))
+        else:
+            vm = psutil.virtual_memory()
+            reading = DeviceReading(total=vm.total, free=vm.available, utilization=psutil.cpu_percent(None))
+        if self.cap is not None:
+            # A cap makes the device look this size to us: free is what is left of the cap,
+            # and never more than the hardware has.
+            reading.total = min(reading.total, self.cap)
+            reading.free = max(0, min(reading.free, self.cap - self.ledger.total))
+        return reading
+
+    def room(self) -> int:
+        """Bytes this model could hold here: free now plus what the model already holds."""
+        if self.simulated:
+            return (self.cap or 0) - self.ledger.claims["other"]
+        return self.read().free + self.ledger.total - self.ledger.claims["other"]
+
+    def to_json(self) -> dict:
+        reading = self.read()
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "label": self.label,
+            "simulated": self.simulated,
+            "total_bytes": reading.total,
+            "free_bytes": reading.free,
+            "cap_bytes": self.cap,
+        }
+
+
+# --- parsing ---------------------------------------------------------------------------
+
+_REAL = re.compile(r"^(cuda(?::\d+)?|mps|cpu)$")
+_COUNT = re.compile(r"^(\d+)\s*x\s*(.*)$", re.IGNORECASE)
+
+
+def parse_device_spec(text: str) -> DeviceSpec:
+    """Parse `auto`, `cuda:0=10GiB,cpu`, `sim:3x2GiB` or `sim:4GiB,2GiB,1GiB`."""
+    text = text.strip()
+    if text in ("", "auto"):
+        return DeviceSpec(requests=(), auto=True)
+    if text.startswith("sim:"):
+        return DeviceSpec(requests=_parse_sim_pool(text[4:]))
+    requests: list[DeviceRequest] = []
+    for item in text.split(","):
+        name, _, cap_text = item.strip().partition("=")
+        name = name.strip().lower()
+        if name == "cuda":
+            name = "cuda:0"
+        if not _REAL.match(name):
+            raise DeviceSpecError(
+                f"'{item.strip()}' is not a device; use cuda:N, mps, cpu (each optionally =SIZE), "
+                "auto, or a simulated pool like sim:3x2GiB."
+            )
+        cap = parse_size(cap_text) if cap_text else None
+        if any(r.name == name for r in requests):
+            raise DeviceSpecError(f"{name} is listed twice in '{text}'.")
+        requests.append(DeviceRequest(name, cap))
+    return DeviceSpec(requests=tuple(requests))
+
+
+def _parse_sim_pool(body: str) -> tuple[DeviceRequest, ...]:
+    sizes: list[int] = []
+    for item in body.split(","):
+        item = item.strip()
+        count = 1
+        counted = _COUNT.match(item)
+        if counted:
+            count, item = int(counted.group(1)), counted.group(2)
+            if count < 1:
+                raise DeviceSpecError(f"a simulated pool needs at least one device, not {count}.")
+        if not item:
+            raise DeviceSpecError("each simulated device needs a size, as in sim:3x2GiB or sim:4GiB,1GiB.")
+        sizes.extend([parse_size(item)] * count)
+    return tuple(DeviceRequest(f"sim{i}", size) for i, size in enumerate(sizes))
+
+
+# --- probing ---------------------------------------------------------------------------
+
+
+def resolve_devices(spec: DeviceSpec, simulated_size: int | None = None) -> list[Device]:
+    """Check a spec against this machine and build its devices.
+
+    `simulated_size` sizes each of the two simulated devices that `auto` falls back to on a
+    machine without accelerators; the caller derives it from the model's footprint.
+    """
+    requests = spec.requests
+    if spec.auto:
+        requests = tuple(DeviceRequest(name) for name in _accelerator_names())
+        if not requests:
+            if simulated_size is None:
+                raise DeviceSpecError("no accelerator was found and no simulated pool size was given.")
+            requests = (DeviceRequest("sim0", simulated_size), DeviceRequest("sim1", simulated_size))
+    return [_make_device(r) for r in requests]
+
+
+def _accelerator_names() -> list[str]:
+    if torch.cuda.is_available():
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return ["mps"]
+    return []
+
+
+def _make_device(request: DeviceRequest) -> Device:
+    name, cap = request.name, request.cap
+    ledger = MemoryLedger(capacity=cap, device_name=name)
+    if name.startswith("sim"):
+        return Device(name, "sim", "simulated", torch.device("cpu"), ledger, cap=cap)
+    if name == "cpu":
+        return Device(name, "cpu", "CPU", torch.device("cpu"), ledger, cap=cap)
+    if name == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise DeviceSpecError("mps is not available: this machine has no Apple GPU that torch can use.")
+        return Device(name, "mps", "Apple GPU", torch.device("mps"), ledger, cap=cap)
+    index = int(name.split(":")[1])
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count:
+        have = "no CUDA devices" if count == 0 else f"{count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+        raise DeviceSpecError(f"{name} is not available: this machine has {have}.")
+    label = torch.cuda.get_device_name(index)
+    return Device(name, "cuda", label, torch.device("cuda", index), ledger, cap=cap, index=index)
+
+
+# --- NVML ------------------------------------------------------------------------------
+
+_nvml_state: dict[str, object] = {"ready": None}
+_nvml_lock = threading.Lock()
+
+
+def _nvml():
+    """The pynvml module once initialised, or None (logged once) where NVML is missing."""
+    with _nvml_lock:
+        if _nvml_state["ready"] is None:
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                _nvml_state["ready"] = pynvml
+            except Exception as exc:  # no driver, no library, no permission
+                log.info("NVML unavailable (%s); using torch.cuda.mem_get_info instead.", exc)
+                _nvml_state["ready"] = False
+        return _nvml_state["ready"] or None
+
+
+def _nvml_handle(nvml, index: int):
+    props = torch.cuda.get_device_properties(index)
+    bus_id = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+    try:
+        return nvml.nvmlDeviceGetHandleByPciBusId(bus_id)
+    except Exception:
+        return nvml.nvmlDeviceGetHandleByIndex(index)
+
+
+def _read_cuda(index: int) -> DeviceReading:
+    nvml = _nvml()
+    if nvml is not None:
+        try:
+            handle = _nvml_handle(nvml, index)
+            mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+            reading = DeviceReading(total=int(mem.total), free=int(mem.free))
+            reading.utilization = _optional(lambda: float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu))
+            reading.temperature = _optional(
+                lambda: float(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU))
+            )
+            reading.power = _optional(lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0)
+            # NVML reports PCIe throughput in KB/s.
+            reading.pcie_rx = _optional(
+                lambda: nvml.nvmlDeviceGetPcieThroughput(handle, nvml.NVML_PCIE_UTIL_RX_BYTES) * 1024.0
+            )
+            reading.pcie_tx = _optional(
+                lambda: nvml.nvmlDeviceGetPcieThroughput(handle, nvml.NVML_PCIE_UTIL_TX_BYTES) * 1024.0
+            )
+            return reading
+        except Exception as exc:
+            _log_once(f"NVML reading of cuda:{index} failed ({exc}); using torch.cuda.mem_get_info.")
+    free, total = torch.cuda.mem_get_info(index)
+    return DeviceReading(total=int(total), free=int(free))
+
+
+def _optional(read):
+    try:
+        return read()
+    except Exception:
+        return None
+
+
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.warning(message)

@@ -1,0 +1,307 @@
+"""The Engine: one loaded model split across devices, and everything you can do with it.
+
+This is the library face of VRAMancer: the CLI, the worker thread and the tests drive it.
+It is not thread-safe by itself; one thread (the EngineWorker, or a script) owns it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from vramancer.engine.devices import Device, DeviceSpec, parse_device_spec, resolve_devices
+from vramancer.engine.errors import VramancerError
+from vramancer.engine.generation import (
+    GenerationResult,
+    Messages,
+    SamplingSettings,
+    encode_prompt,
+    run_generate,
+)
+from vramancer.engine.migration import MigrationResult, check_room, migrate, relocate
+from vramancer.engine.models import (
+    ModelSource,
+    build_meta_model,
+    load_config,
+    load_tokenizer,
+    load_weights,
+    resolve_dtype,
+    resolve_model,
+    supports_split,
+)
+from vramancer.engine.planner import (
+    EMBED,
+    HEAD,
+    ModelProfile,
+    Plan,
+    device_needs,
+    make_plan,
+    split_footprint,
+)
+from vramancer.engine.runtime import SplitModel
+from vramancer.engine.transfer import LinkStats, TransferManager
+
+ProgressCallback = Callable[[str, float], None]
+# Each of the two simulated devices of the `auto` fallback holds about this share of the
+# model's split footprint, so the split is visible and both devices are needed.
+SIMULATED_SHARE = 0.6
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    model: str = "default"
+    devices: str = "auto"
+    strategy: str = "proportional"
+    context: int = 2048
+    dtype: str = "auto"
+
+
+class Engine:
+    """A causal LM placed across devices. Build one with `Engine.load(...)`."""
+
+    def __init__(
+        self,
+        options: LoadOptions,
+        source: ModelSource,
+        tokenizer,
+        split: SplitModel,
+        plan: Plan,
+        devices: list[Device],
+        dtype: torch.dtype,
+        simulated_fallback: bool,
+    ):
+        self.options = options
+        self.source = source
+        self.tokenizer = tokenizer
+        self.split = split
+        self.plan = plan
+        self.devices = devices
+        self.dtype = dtype
+        self.simulated_fallback = simulated_fallback
+        self.migrations: list[MigrationResult] = []
+        self._cache = None  # the KV cache of the generation in progress, if any
+
+    # --- loading -----------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        model: str = "default",
+        devices: str | DeviceSpec = "auto",
+        strategy: str = "proportional",
+        context: int = 2048,
+        dtype: str = "auto",
+        progress: ProgressCallback | None = None,
+    ) -> "Engine":
+        """Plan first, then read the weights: a plan that cannot fit is refused before any load."""
+        report = progress or (lambda stage, fraction: None)
+        options = LoadOptions(model, devices if isinstance(devices, str) else "custom", strategy, context, dtype)
+        report("reading", 0.0)
+        source, profile, device_list, torch_dtype, fallback = prepare(model, devices, context, dtype)
+        plan = make_plan(profile, device_list, strategy, context)
+        report("reading", 0.2)
+        tokenizer = load_tokenizer(source)
+        report("dequantising" if source.gguf_file else "reading weights", 0.4)
+        weights = load_weights(source, torch_dtype)
+        if not supports_split(weights):
+            raise VramancerError(f"{source.name} has an architecture VRAMancer cannot split yet (no decoder layer stack).")
+        report("placing", 0.8)
+        profile = ModelProfile.from_model(weights, torch_dtype)
+        transfer = TransferManager(device_list)
+        split = SplitModel(weights, profile, device_list, transfer, context)
+        split.apply(plan.placement)
+        report("placing", 1.0)
+        return cls(options, source, tokenizer, split, plan, device_list, torch_dtype, fallback)
+
+    # --- facts -------------------------------------------------------------------------
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.split.model
+
+    @property
+    def profile(self) -> ModelProfile:
+        return self.split.profile
+
+    @property
+    def placement(self):
+        return self.split.placement
+
+    @property
+    def context(self) -> int:
+        return self.split.context
+
+    @property
+    def simulated(self) -> bool:
+        return all(d.simulated for d in self.devices)
+
+    def device(self, name: str) -> Device:
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise VramancerError(f"{name} is not one of this model's devices ({', '.join(d.name for d in self.devices)}).")
+
+    def link_stats(self) -> list[LinkStats]:
+        return self.split.transfer.link_stats()
+
+    def placement_json(self) -> list[dict]:
+        """The layer blocks in order, each with its device and weight bytes."""
+        blocks = []
+        for block in self.placement.blocks():
+            blocks.append(
+                {
+                    "device": block.device,
+                    "simulated": self.device(block.device).simulated,
+                    "first_layer": block.layers.first,
+                    "last_layer": block.layers.last,
+                    "bytes": sum(self.profile.layer_bytes[i] for i in block.layers),
+                }
+            )
+        return blocks
+
+    def needs_json(self) -> list[dict]:
+        needs = device_needs(self.profile, self.placement, self.devices, self.context)
+        out = []
+        for d in self.devices:
+            need = needs[d.name]
+            out.append(
+                {
+                    "device": d.name,
+                    "simulated": d.simulated,
+                    "weights": need.weights,
+                    "kv_cache": need.kv,
+                    "workspace": need.workspace,
+                    "reserve": need.reserve,
+                    "need": need.total,
+                    "room": d.room(),
+                }
+            )
+        return out
+
+    # --- generation --------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | Messages,
+        *,
+        raw: bool = False,
+        on_text: Callable[[str], None] | None = None,
+        on_step: Callable[[int], None] | None = None,
+        cancel: threading.Event | None = None,
+        **sampling,
+    ) -> GenerationResult:
+        """Generate an answer to `prompt` (text, or chat messages for a conversation).
+
+        `on_step(n)` runs between decode steps after n new tokens; migrations may run there."""
+        from transformers import DynamicCache
+
+        settings = SamplingSettings(**sampling)
+        settings.check()
+        inputs = encode_prompt(self.tokenizer, prompt, raw)
+        prompt_tokens = inputs["input_ids"].shape[1]
+        if prompt_tokens >= self.context:
+            raise VramancerError(
+                f"the prompt is {prompt_tokens} tokens, longer than the context of {self.context}; "
+                "start afresh or load with a larger --context."
+            )
+        # The KV cache was budgeted for `context` tokens: stop there rather than overrun it.
+        settings.max_new_tokens = min(settings.max_new_tokens, self.context - prompt_tokens)
+        inputs = {k: v.to(self.split.input_device) for k, v in inputs.items()}
+        self._cache = DynamicCache(config=self.model.config)
+        try:
+            return run_generate(
+                self.model, self.tokenizer, inputs, settings, self._cache,
+                on_text=on_text, on_step=on_step, cancel=cancel,
+            )
+        finally:
+            self._cache = None
+
+    def stream(self, prompt: str | Messages, **kwargs) -> Iterator[str]:
+        """Yield the answer's text pieces as they are decoded (generation runs on a thread)."""
+        pieces: queue.Queue = queue.Queue()
+        done = object()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.generate(prompt, on_text=pieces.put, **kwargs)
+            except BaseException as exc:  # handed to the consumer below
+                failure.append(exc)
+            finally:
+                pieces.put(done)
+
+        thread = threading.Thread(target=run, name="vramancer-stream", daemon=True)
+        thread.start()
+        while (piece := pieces.get()) is not done:
+            yield piece
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    # --- changing the split -------------------------------------------------------------
+
+    def migrate(self, first: int | str, last: int | str | None = None, device: str = "", step: int | None = None) -> MigrationResult:
+        """Move layers first..last (or `embed` / `head`) with their KV cache to `device`.
+
+        Call it from the thread that owns the engine: between generations, or from an
+        `on_step` callback (between two decode steps)."""
+        last = first if last is None else last
+        result = migrate(self.split, first, last, device, self._cache)
+        result.step = step
+        self.migrations.append(result)
+        self.plan = Plan(self.placement.copy(), self.plan.strategy, self.context,
+                         device_needs(self.profile, self.placement, self.devices, self.context),
+                         {d.name: d.room() for d in self.devices})
+        return result
+
+    def would_fit(self, first: int | str, last: int | str, device: str) -> str | None:
+        """None if moving first..last to `device` fits, else the sentence a refusal would give."""
+        from vramancer.engine.migration import MigrationRefused, part_label, parts_of
+
+        try:
+            parts = parts_of(self.split, first, last)
+            check_room(self.split, self.placement.moved(parts, device), part_label(first, last))
+        except MigrationRefused as exc:
+            return str(exc)
+        return None
+
+    def replan(self, strategy: str) -> Plan:
+        """Plan afresh with `strategy` on the same devices and move what must move."""
+        plan = make_plan(self.profile, self.devices, strategy, self.context)
+        check_room(self.split, plan.placement, "the new plan")
+        relocate(self.split, plan.placement, self._cache)
+        self.plan = plan
+        return plan
+
+    def close(self) -> None:
+        """Release the model's memory and its ledger claims."""
+        for d in self.devices:
+            for category in ("weights", "kv", "workspace"):
+                d.ledger.set(category, 0)
+        self.split.model = None  # type: ignore[assignment]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def prepare(model: str, devices: str | DeviceSpec, context: int, dtype: str):
+    """Everything that can be checked before weights are read: the source, the model's
+    sizes, the devices, the dtype. Bad input fails here, in a second or two."""
+    if context < 1:
+        raise VramancerError(f"--context must be at least 1 token, not {context}.")
+    spec = parse_device_spec(devices) if isinstance(devices, str) else devices
+    source = resolve_model(model)
+    config = load_config(source)
+    probe = resolve_devices(spec, simulated_size=1) if spec.auto else None
+    fallback = bool(spec.auto and probe and probe[0].simulated)
+    kinds = {d.kind for d in probe} if probe else {r.name.split(":")[0] if not r.name.startswith("sim") else "sim" for r in spec.requests}
+    torch_dtype = resolve_dtype(dtype, kinds)
+    profile = ModelProfile.from_model(build_meta_model(config, torch_dtype), torch_dtype)
+    size = int(split_footprint(profile, context) * SIMULATED_SHARE)
+    return source, profile, resolve_devices(spec, simulated_size=size), torch_dtype, fallback
+
+
+__all__ = ["Engine", "LoadOptions", "prepare", "EMBED", "HEAD"]

@@ -1,0 +1,167 @@
+"""Moving parts of a loaded model to other devices, live and all-or-nothing.
+
+A migration moves a contiguous range of layers (or the `embed` / `head` parts) — weights and
+their KV cache entries — to one device. `relocate` is the general form (any new placement);
+re-planning uses it too. Room is checked first with the planner's memory model; if anything
+fails part-way, every part already moved goes back and the ledgers and hooks are restored.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+from vramancer.engine.errors import VramancerError
+from vramancer.engine.planner import EMBED, HEAD, LayerRange, Placement
+from vramancer.engine.runtime import SplitModel
+from vramancer.engine.units import format_bytes, format_rate
+
+Part = str | int
+
+
+class MigrationRefused(VramancerError):
+    """The move was not started: a bad range or device, or no room. Nothing changed."""
+
+
+class MigrationFailed(VramancerError):
+    """The move failed part-way and was rolled back. Nothing changed."""
+
+
+@dataclass
+class MigrationResult:
+    first_layer: int | str
+    last_layer: int | str
+    src: str  # the source device, or several joined by "+"
+    dst: str
+    bytes: int
+    seconds: float
+    step: int | None = None
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    @property
+    def label(self) -> str:
+        return part_label(self.first_layer, self.last_layer)
+
+    def describe(self) -> str:
+        rate = format_rate(self.bytes / self.seconds) if self.seconds > 0 else "instant"
+        return f"{self.label} {self.src} → {self.dst}: {format_bytes(self.bytes)} in {self.seconds * 1000:.1f} ms ({rate})"
+
+    def to_json(self) -> dict:
+        return {
+            "first_layer": self.first_layer,
+            "last_layer": self.last_layer,
+            "src": self.src,
+            "dst": self.dst,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 6),
+            "gb_per_s": round(self.gb_per_s, 3),
+            "step": self.step,
+        }
+
+
+def part_label(first: int | str, last: int | str) -> str:
+    if isinstance(first, str):
+        return first
+    return str(LayerRange(int(first), int(last)))
+
+
+_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*$")
+
+
+def parse_range(text: str) -> tuple[int | str, int | str]:
+    """'0-9' -> (0, 9); '7' -> (7, 7); 'embed' / 'head' -> (name, name)."""
+    text = text.strip().lower()
+    if text in (EMBED, HEAD):
+        return text, text
+    match = _RANGE.match(text)
+    if not match:
+        raise MigrationRefused(f"'{text}' is not a layer range; write A-B (e.g. 0-9), a single layer, embed or head.")
+    first = int(match.group(1))
+    last = int(match.group(2)) if match.group(2) is not None else first
+    return first, last
+
+
+def parts_of(split: SplitModel, first: int | str, last: int | str) -> list[Part]:
+    if isinstance(first, str):
+        if first not in (EMBED, HEAD) or first != last:
+            raise MigrationRefused(f"'{first}' is not a part; name a layer range, embed or head.")
+        return [first]
+    n = split.profile.num_layers
+    if not (0 <= int(first) <= int(last) < n):
+        raise MigrationRefused(f"layers {first}-{last} are not in this model; it has layers 0-{n - 1}.")
+    return list(range(int(first), int(last) + 1))
+
+
+def check_room(split: SplitModel, new: Placement, what: str) -> None:
+    """Refuse `new` if any device would need more than it has free (planner's memory model)."""
+    assert split.placement is not None
+    now, after = split.needs(split.placement), split.needs(new)
+    for name, device in split.devices.items():
+        grow = after[name].total - now[name].total
+        if grow <= 0:
+            continue
+        free = device.read().free
+        if grow > free:
+            raise MigrationRefused(
+                f"{what} does not fit on {name}: it needs {format_bytes(grow)} more "
+                f"(weights, KV cache for {split.context} tokens, workspace) and {name} has {format_bytes(free)} free."
+            )
+
+
+def migrate(split: SplitModel, first: int | str, last: int | str, dst: str, cache=None) -> MigrationResult:
+    """Move parts first..last (or embed/head) to `dst`, or refuse with nothing changed."""
+    if dst not in split.devices:
+        raise MigrationRefused(f"{dst} is not one of this model's devices ({', '.join(split.devices)}).")
+    assert split.placement is not None
+    parts = parts_of(split, first, last)
+    sources = sorted({split.placement.device_of(p) for p in parts if split.placement.device_of(p) != dst})
+    new = split.placement.moved(parts, dst)
+    check_room(split, new, part_label(first, last))
+    nbytes, seconds = relocate(split, new, cache)
+    return MigrationResult(first, last, "+".join(sources) or dst, dst, nbytes, seconds)
+
+
+def relocate(split: SplitModel, new: Placement, cache=None) -> tuple[int, float]:
+    """Make `new` the placement: copy each part that changes device, with its KV cache.
+
+    All or nothing: on any exception every part moved so far goes back, the ledgers and
+    hooks are as before, and MigrationFailed is raised. Returns (bytes moved, seconds)."""
+    assert split.placement is not None
+    old = split.placement.copy()
+    to_move = [p for p in split.profile.parts() if new.device_of(p) != old.device_of(p)]
+    start = time.perf_counter()
+    nbytes = 0
+    moved: list[Part] = []
+    try:
+        split.sync_ledgers(new)  # claims room first; a simulated device refuses here
+        for part in to_move:
+            src, dst = old.device_of(part), new.device_of(part)
+            nbytes += split.move_part(part, dst)
+            moved.append(part)
+            split.placement = split.placement.moved([part], dst)
+            if part not in (EMBED, HEAD):
+                nbytes += split.move_cache(cache, int(part), src, dst)
+    except Exception as exc:
+        _roll_back(split, old, moved, cache)
+        raise MigrationFailed(f"the move failed and was undone, nothing changed: {exc}") from exc
+    split.settle_tie()
+    split.rewire()
+    return nbytes, time.perf_counter() - start
+
+
+def _roll_back(split: SplitModel, old: Placement, moved: list[Part], cache) -> None:
+    for part in reversed(moved):
+        here = split.placement.device_of(part)
+        back = old.device_of(part)
+        split.move_part(part, back)
+        split.placement = split.placement.moved([part], back)
+        if part not in (EMBED, HEAD):
+            split.move_cache(cache, int(part), here, back)
+    split.placement = old
+    split.sync_ledgers(old)
+    split.settle_tie()
+    split.rewire()

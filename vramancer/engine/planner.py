@@ -1,0 +1,324 @@
+"""Where each part of the model goes, and what that costs each device.
+
+A model is a sequence of parts: `embed`, layers 0..n-1, `head` (final norm + lm_head). A
+`Placement` gives each part a device. The memory model (`device_needs`) prices a placement
+per device; the strategies search for a placement whose needs fit every device's room.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from vramancer.engine.devices import Device
+from vramancer.engine.errors import VramancerError
+from vramancer.engine.units import MiB, format_bytes
+
+EMBED = "embed"
+HEAD = "head"
+STRATEGIES = ("proportional", "sequential")
+
+# Room kept free on a CUDA device for its context and allocator slack, which no tensor of
+# ours accounts for (accelerate's users lose this to OOMs; llama.cpp's see it as "uneven").
+CUDA_RESERVE = 384 * MiB
+
+
+class PlanError(VramancerError):
+    """No placement of the model fits the devices."""
+
+
+@dataclass(frozen=True)
+class LayerRange:
+    """Layers first..last, both included."""
+
+    first: int
+    last: int
+
+    def __post_init__(self) -> None:
+        if self.first < 0 or self.last < self.first:
+            raise VramancerError(f"L{self.first}-{self.last} is not a layer range; write it first-last, first <= last.")
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.first, self.last + 1))
+
+    def __len__(self) -> int:
+        return self.last - self.first + 1
+
+    def __str__(self) -> str:
+        return f"L{self.first}" if self.first == self.last else f"L{self.first}–{self.last}"
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """The sizes the memory model needs, measured from the model's own modules."""
+
+    num_layers: int
+    layer_bytes: tuple[int, ...]
+    embed_bytes: int  # token embeddings (+ any rotary buffers)
+    head_bytes: int  # final norm + lm_head, counting lm_head's weight even when tied
+    tied_bytes: int  # bytes lm_head shares with the embeddings (0 when untied)
+    kv_bytes_per_token: int  # one layer, keys + values, for one token
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    dtype_bytes: int
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, dtype: torch.dtype) -> "ModelProfile":
+        """Works on a model built on the meta device: only shapes are read."""
+        config = model.config
+        base = model.get_decoder()
+        size = torch.empty((), dtype=dtype).element_size()
+
+        def nbytes(module: torch.nn.Module) -> int:
+            tensors = list(module.parameters()) + list(module.buffers())
+            return sum(t.numel() * (size if t.is_floating_point() else t.element_size()) for t in tensors)
+
+        embed = base.get_input_embeddings()
+        head = model.get_output_embeddings()
+        tied = head.weight is embed.weight or bool(getattr(config, "tie_word_embeddings", False))
+        rotary = getattr(base, "rotary_emb", None)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return cls(
+            num_layers=len(base.layers),
+            layer_bytes=tuple(nbytes(layer) for layer in base.layers),
+            embed_bytes=nbytes(embed) + (nbytes(rotary) if rotary is not None else 0),
+            head_bytes=nbytes(base.norm) + head.weight.numel() * size,
+            tied_bytes=head.weight.numel() * size if tied else 0,
+            kv_bytes_per_token=2 * kv_heads * head_dim * size,
+            hidden_size=config.hidden_size,
+            intermediate_size=getattr(config, "intermediate_size", 4 * config.hidden_size),
+            vocab_size=config.vocab_size,
+            dtype_bytes=size,
+        )
+
+    def parts(self) -> list[str | int]:
+        return [EMBED, *range(self.num_layers), HEAD]
+
+    def weight_bytes(self) -> int:
+        return self.embed_bytes + sum(self.layer_bytes) + self.head_bytes - self.tied_bytes
+
+
+@dataclass(frozen=True)
+class Block:
+    """A contiguous run of layers on one device."""
+
+    layers: LayerRange
+    device: str
+
+
+@dataclass
+class Placement:
+    """Which device holds each part."""
+
+    layer_devices: list[str]
+    embed: str
+    head: str
+
+    def device_of(self, part: str | int) -> str:
+        if part == EMBED:
+            return self.embed
+        if part == HEAD:
+            return self.head
+        return self.layer_devices[int(part)]
+
+    def blocks(self) -> list[Block]:
+        runs: list[Block] = []
+        start = 0
+        for i in range(1, len(self.layer_devices) + 1):
+            if i == len(self.layer_devices) or self.layer_devices[i] != self.layer_devices[start]:
+                runs.append(Block(LayerRange(start, i - 1), self.layer_devices[start]))
+                start = i
+        return runs
+
+    def parts_on(self, device: str) -> list[str | int]:
+        parts: list[str | int] = [EMBED] if self.embed == device else []
+        parts += [i for i, d in enumerate(self.layer_devices) if d == device]
+        return parts + ([HEAD] if self.head == device else [])
+
+    def moved(self, parts: Iterable[str | int], device: str) -> "Placement":
+        """A copy with `parts` on `device`."""
+        new = Placement(list(self.layer_devices), self.embed, self.head)
+        for part in parts:
+            if part == EMBED:
+                new.embed = device
+            elif part == HEAD:
+                new.head = device
+            else:
+                new.layer_devices[int(part)] = device
+        return new
+
+    def copy(self) -> "Placement":
+        return self.moved([], self.embed)
+
+
+@dataclass
+class DeviceNeed:
+    """What one device must hold under a placement."""
+
+    weights: int = 0
+    kv: int = 0
+    workspace: int = 0
+    reserve: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.workspace + self.reserve
+
+
+def part_bytes(profile: ModelProfile, part: str | int) -> int:
+    if part == EMBED:
+        return profile.embed_bytes
+    if part == HEAD:
+        return profile.head_bytes
+    return profile.layer_bytes[int(part)]
+
+
+def device_need(profile: ModelProfile, parts: Sequence[str | int], kind: str, context: int) -> DeviceNeed:
+    """The memory model for one device of `kind` holding `parts` (DESIGN.md, "Memory model")."""
+    need = DeviceNeed()
+    if not parts:
+        return need
+    need.weights = sum(part_bytes(profile, p) for p in parts)
+    if EMBED in parts and HEAD in parts:
+        need.weights -= profile.tied_bytes  # tied weights are counted once
+    layers = [p for p in parts if p not in (EMBED, HEAD)]
+    need.kv = len(layers) * profile.kv_bytes_per_token * context
+    # Activations of one layer at a time for a full-context prefill: the residual stream,
+    # q/k/v/o and the MLP's gate/up/down. Attention scores are left out: SDPA does not
+    # materialise them. The head adds one row of logits (generate keeps only the last).
+    per_token = 4 * profile.hidden_size + 3 * profile.intermediate_size
+    if layers:
+        need.workspace = context * per_token * profile.dtype_bytes
+    if HEAD in parts:
+        need.workspace += 2 * profile.vocab_size * 4
+    need.reserve = CUDA_RESERVE if kind == "cuda" else 0
+    return need
+
+
+def device_needs(
+    profile: ModelProfile, placement: Placement, devices: Sequence[Device], context: int
+) -> dict[str, DeviceNeed]:
+    return {d.name: device_need(profile, placement.parts_on(d.name), d.kind, context) for d in devices}
+
+
+@dataclass
+class Plan:
+    """A placement and what it costs each device, as the planner priced it."""
+
+    placement: Placement
+    strategy: str
+    context: int
+    needs: dict[str, DeviceNeed] = field(default_factory=dict)
+    rooms: dict[str, int] = field(default_factory=dict)
+
+    def blocks(self) -> list[Block]:
+        return self.placement.blocks()
+
+
+def split_footprint(profile: ModelProfile, context: int) -> int:
+    """What the model needs in all when split in two: the head keeps its own copy of tied
+    weights and each side has its own workspace. Sizes the fallback simulated pool."""
+    whole = device_need(profile, profile.parts(), "sim", context)
+    return whole.total + profile.tied_bytes + whole.workspace
+
+
+# --- strategies ------------------------------------------------------------------------
+
+
+def make_plan(profile: ModelProfile, devices: Sequence[Device], strategy: str, context: int) -> Plan:
+    """Place the model on `devices` with `strategy`, or raise PlanError saying why it cannot."""
+    if strategy not in STRATEGIES:
+        raise PlanError(f"'{strategy}' is not a strategy; choose one of {', '.join(STRATEGIES)}.")
+    rooms = {d.name: d.room() for d in devices}
+    accelerators = [d for d in devices if d.kind != "cpu"]
+    cpu = [d for d in devices if d.kind == "cpu"]
+    placement = None
+    if accelerators:
+        placement = _place(profile, accelerators, strategy, context, rooms)
+        if placement is None and cpu:
+            # The CPU takes the overflow: fill the accelerators first, the rest goes to host memory.
+            placement = _sequential(profile, accelerators + cpu, context, rooms)
+    else:
+        placement = _place(profile, cpu, strategy, context, rooms)
+    if placement is None:
+        single = device_need(profile, profile.parts(), devices[0].kind, context)
+        free = ", ".join(f"{d.name} {format_bytes(rooms[d.name])}" for d in devices)
+        raise PlanError(
+            f"model needs {format_bytes(single.total - single.reserve)} at context {context}; "
+            f"free: {free}; use more or larger devices, a shorter --context, or a smaller --dtype."
+        )
+    return Plan(placement, strategy, context, device_needs(profile, placement, devices, context), rooms)
+
+
+def _place(profile, devices, strategy, context, rooms) -> Placement | None:
+    if strategy == "proportional":
+        placement = _proportional(profile, devices, context, rooms)
+        if placement is not None:
+            return placement
+    return _sequential(profile, devices, context, rooms)
+
+
+def _segments_to_placement(profile: ModelProfile, devices: Sequence[Device], counts: list[int]) -> Placement:
+    owners: list[str] = []
+    for device, count in zip(devices, counts):
+        owners += [device.name] * count
+    layer_devices = owners[1:-1]
+    return Placement(layer_devices, embed=owners[0], head=owners[-1])
+
+
+def _fits(profile, devices, placement, context, rooms) -> bool:
+    needs = device_needs(profile, placement, devices, context)
+    return all(needs[d.name].total <= rooms[d.name] for d in devices)
+
+
+def _sequential(profile: ModelProfile, devices, context: int, rooms) -> Placement | None:
+    """Fill each device in order as far as it goes, like accelerate's "sequential"."""
+    parts = profile.parts()
+    counts = [0] * len(devices)
+    i = 0
+    for d_index, device in enumerate(devices):
+        taken: list[str | int] = []
+        while i < len(parts):
+            trial = taken + [parts[i]]
+            if device_need(profile, trial, device.kind, context).total > rooms[device.name]:
+                break
+            taken = trial
+            i += 1
+        counts[d_index] = len(taken)
+    if i < len(parts):
+        return None
+    return _segments_to_placement(profile, devices, counts)
+
+
+def _proportional(profile: ModelProfile, devices, context: int, rooms) -> Placement | None:
+    """Contiguous segments sized in proportion to each device's usable room."""
+    parts = profile.parts()
+    costs = []
+    for part in parts:
+        cost = part_bytes(profile, part)
+        if part not in (EMBED, HEAD):
+            cost += profile.kv_bytes_per_token * context
+        costs.append(cost)
+    fixed = [device_need(profile, [0], d.kind, context).total - costs[1] for d in devices]
+    usable = [max(rooms[d.name] - f, 0) for d, f in zip(devices, fixed)]
+    if sum(usable) <= 0:
+        return None
+    total_cost = sum(costs)
+    counts, taken, cumulative, target = [], 0, 0.0, 0.0
+    for d_index, room in enumerate(usable):
+        target += total_cost * room / sum(usable)
+        start = taken
+        if d_index == len(usable) - 1:
+            taken = len(parts)
+        else:
+            # Take parts while the running cost stays nearest the running target.
+            while taken < len(parts) and abs(cumulative + costs[taken] - target) <= abs(cumulative - target):
+                cumulative += costs[taken]
+                taken += 1
+        counts.append(taken - start)
+    placement = _segments_to_placement(profile, devices, counts)
+    return placement if _fits(profile, devices, placement, context, rooms) else None

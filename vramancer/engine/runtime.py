@@ -1,0 +1,193 @@
+"""Applies a Placement to a loaded model: parts on their devices, hooks at the boundaries.
+
+At every boundary (layer i on device A, the next part on B) a forward pre-hook hands the
+hidden state, positional tensors and mask to the TransferManager, which moves them A→B and
+records the link. Each layer's KV cache entry is created on that layer's device, because the
+cache allocates it from the key states the layer itself produced.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from vramancer.engine.devices import Device, DeviceFullError
+from vramancer.engine.planner import EMBED, HEAD, DeviceNeed, ModelProfile, Placement, device_needs
+from vramancer.engine.transfer import TransferManager
+
+
+class SplitModel:
+    """A causal LM whose parts live on several devices, with the plumbing between them."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        profile: ModelProfile,
+        devices: Sequence[Device],
+        transfer: TransferManager,
+        context: int,
+    ):
+        self.model = model
+        self.base = model.get_decoder()
+        self.profile = profile
+        self.devices = {d.name: d for d in devices}
+        self.transfer = transfer
+        self.context = context
+        self.placement: Placement | None = None
+        self._hooks: list = []
+
+    # --- parts -------------------------------------------------------------------------
+
+    def modules_of(self, part: str | int) -> list[nn.Module]:
+        if part == EMBED:
+            rotary = getattr(self.base, "rotary_emb", None)
+            return [self.base.embed_tokens] + ([rotary] if rotary is not None else [])
+        if part == HEAD:
+            return [self.base.norm, self.model.get_output_embeddings()]
+        return [self.base.layers[int(part)]]
+
+    @property
+    def tied(self) -> bool:
+        return self.model.get_output_embeddings().weight is self.base.embed_tokens.weight
+
+    @property
+    def input_device(self) -> torch.device:
+        assert self.placement is not None
+        return self.devices[self.placement.embed].torch_device
+
+    def apply(self, placement: Placement) -> None:
+        """First placement of a model that was read into host memory."""
+        self.sync_ledgers(placement)
+        if self.profile.tied_bytes and placement.embed != placement.head:
+            self._untie(copy=True)
+        for part in self.profile.parts():
+            device = self.devices[placement.device_of(part)]
+            if device.torch_device.type != "cpu":
+                for module in self.modules_of(part):
+                    for tensor_owner, name, tensor in _tensors(module):
+                        _assign(tensor_owner, name, tensor.to(device.torch_device))
+        self.placement = placement
+        self.rewire()
+
+    def move_part(self, part: str | int, dst: str) -> int:
+        """Copy one part's weights to `dst` (a real copy, recorded on the link). Returns bytes."""
+        assert self.placement is not None
+        src = self.placement.device_of(part)
+        if src == dst:
+            return 0
+        if part in (EMBED, HEAD) and self.tied:
+            self._untie(copy=False)  # shared storage until one side moves away
+        slots = [(owner, name, t) for m in self.modules_of(part) for owner, name, t in _tensors(m)]
+        moved = self.transfer.move([t for _, _, t in slots], src, dst)
+        for (owner, name, _), tensor in zip(slots, moved):
+            _assign(owner, name, tensor)
+        return sum(t.numel() * t.element_size() for _, _, t in slots)
+
+    def move_cache(self, cache, layer: int, src: str, dst: str) -> int:
+        """Move layer `layer`'s KV cache entry, if it has one yet. Returns bytes."""
+        entries = getattr(cache, "layers", None)
+        if src == dst or entries is None or layer >= len(entries):
+            return 0
+        entry = entries[layer]
+        if not getattr(entry, "is_initialized", False) or entry.keys is None:
+            return 0
+        entry.keys, entry.values = self.transfer.move((entry.keys, entry.values), src, dst)
+        entry.device = self.devices[dst].torch_device
+        return 2 * entry.keys.numel() * entry.keys.element_size()
+
+    def settle_tie(self) -> None:
+        """Re-tie embeddings and lm_head once both sit on one device again."""
+        assert self.placement is not None
+        if self.profile.tied_bytes and not self.tied and self.placement.embed == self.placement.head:
+            self.model.get_output_embeddings().weight = self.base.embed_tokens.weight
+
+    def _untie(self, copy: bool) -> None:
+        if not self.tied:
+            return
+        weight = self.base.embed_tokens.weight.detach()
+        self.model.get_output_embeddings().weight = nn.Parameter(weight.clone() if copy else weight, requires_grad=False)
+
+    # --- accounting --------------------------------------------------------------------
+
+    def needs(self, placement: Placement) -> dict[str, DeviceNeed]:
+        return device_needs(self.profile, placement, list(self.devices.values()), self.context)
+
+    def sync_ledgers(self, placement: Placement) -> None:
+        """Claim on every device what `placement` needs there; all or nothing."""
+        needs = self.needs(placement)
+        saved = {name: dict(d.ledger.claims) for name, d in self.devices.items()}
+        # Shrink first, so a device that only gives memory back never blocks one that grows.
+        order = sorted(self.devices.values(), key=lambda d: needs[d.name].total - _model_claims(d))
+        try:
+            for device in order:
+                need = needs[device.name]
+                device.ledger.set("weights", 0)
+                device.ledger.set("kv", 0)
+                device.ledger.set("workspace", 0)
+                device.ledger.set("weights", need.weights)
+                device.ledger.set("kv", need.kv)
+                device.ledger.set("workspace", need.workspace + need.reserve)
+        except DeviceFullError:
+            for name, claims in saved.items():
+                self.devices[name].ledger.claims.update(claims)
+            raise
+
+    # --- boundary hooks ----------------------------------------------------------------
+
+    def rewire(self) -> None:
+        """Install a hand-over hook at every boundary of the current placement, and no others."""
+        assert self.placement is not None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        placement = self.placement
+        previous = placement.embed
+        for i, layer in enumerate(self.base.layers):
+            current = placement.layer_devices[i]
+            if current != previous:
+                self._hooks.append(layer.register_forward_pre_hook(self._hand_over(previous, current), with_kwargs=True))
+            previous = current
+        if placement.head != previous:
+            self._hooks.append(self.base.norm.register_forward_pre_hook(self._hand_over(previous, placement.head), with_kwargs=True))
+        if placement.head != placement.embed:
+            # Logits go back to where the input ids live, for the sampler.
+            src, dst = placement.head, placement.embed
+            self._hooks.append(
+                self.model.get_output_embeddings().register_forward_hook(
+                    lambda module, args, output: self.transfer.move(output, src, dst)
+                )
+            )
+
+    def _hand_over(self, src: str, dst: str):
+        def hook(module, args, kwargs):
+            # One recorded transfer per boundary crossing: hidden state, mask, positions.
+            # The cache object is not a tensor and passes through untouched.
+            return self.transfer.move((args, kwargs), src, dst)
+
+        return hook
+
+
+def _tensors(module: nn.Module):
+    """(owner, attribute name, tensor) for every parameter and buffer under `module`."""
+    for owner in module.modules():
+        for name, param in owner._parameters.items():
+            if param is not None:
+                yield owner, name, param
+        for name, buffer in owner._buffers.items():
+            if buffer is not None:
+                yield owner, name, buffer
+
+
+def _assign(owner: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    current = owner._parameters.get(name)
+    if current is not None:
+        current.data = tensor.data if isinstance(tensor, nn.Parameter) else tensor
+    else:
+        owner._buffers[name] = tensor
+
+
+def _model_claims(device: Device) -> int:
+    claims = device.ledger.claims
+    return claims["weights"] + claims["kv"] + claims["workspace"]
