@@ -148,6 +148,20 @@ class Engine:
     def link_stats(self) -> list[LinkStats]:
         return self.split.transfer.link_stats()
 
+    def kv_bytes_by_device(self) -> dict[str, int]:
+        """KV cache bytes held on each device right now (empty between generations).
+
+        Read from another thread by telemetry: it only reads tensor sizes, never data."""
+        cache, placement = self._cache, self.placement
+        totals: dict[str, int] = {}
+        for i, entry in enumerate(getattr(cache, "layers", None) or []):
+            keys, values = getattr(entry, "keys", None), getattr(entry, "values", None)
+            if keys is None or values is None or i >= len(placement.layer_devices):
+                continue
+            device = placement.layer_devices[i]
+            totals[device] = totals.get(device, 0) + keys.numel() * keys.element_size() + values.numel() * values.element_size()
+        return totals
+
     def placement_json(self) -> list[dict]:
         """The layer blocks in order, each with its device and weight bytes."""
         blocks = []

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from vramancer.engine.errors import VramancerError
-from vramancer.engine.planner import EMBED, HEAD, LayerRange, Placement
+from vramancer.engine.planner import EMBED, HEAD, LayerRange, Placement, parts_for_range, room_shortfall
 from vramancer.engine.runtime import SplitModel
 from vramancer.engine.units import format_bytes, format_rate
 
@@ -86,30 +86,27 @@ def parse_range(text: str) -> tuple[int | str, int | str]:
 
 
 def parts_of(split: SplitModel, first: int | str, last: int | str) -> list[Part]:
-    if isinstance(first, str):
-        if first not in (EMBED, HEAD) or first != last:
-            raise MigrationRefused(f"'{first}' is not a part; name a layer range, embed or head.")
-        return [first]
-    n = split.profile.num_layers
-    if not (0 <= int(first) <= int(last) < n):
-        raise MigrationRefused(f"layers {first}-{last} are not in this model; it has layers 0-{n - 1}.")
-    return list(range(int(first), int(last) + 1))
+    try:
+        return parts_for_range(split.profile, first, last)
+    except VramancerError as exc:
+        raise MigrationRefused(str(exc)) from None
 
 
 def check_room(split: SplitModel, new: Placement, what: str) -> None:
     """Refuse `new` if any device would need more than it has free (planner's memory model)."""
     assert split.placement is not None
-    now, after = split.needs(split.placement), split.needs(new)
-    for name, device in split.devices.items():
-        grow = after[name].total - now[name].total
-        if grow <= 0:
-            continue
-        free = device.read().free
-        if grow > free:
-            raise MigrationRefused(
-                f"{what} does not fit on {name}: it needs {format_bytes(grow)} more "
-                f"(weights, KV cache for {split.context} tokens, workspace) and {name} has {format_bytes(free)} free."
-            )
+    kinds = {name: d.kind for name, d in split.devices.items()}
+    free = {name: d.read().free for name, d in split.devices.items()}
+    short = room_shortfall(split.profile, split.placement, new, kinds, free, split.context)
+    if short is not None:
+        raise MigrationRefused(refusal_sentence(what, *short, split.context))
+
+
+def refusal_sentence(what: str, device: str, grow: int, free: int, context: int) -> str:
+    return (
+        f"{what} does not fit on {device}: it needs {format_bytes(grow)} more "
+        f"(weights, KV cache for {context} tokens, workspace) and {device} has {format_bytes(free)} free."
+    )
 
 
 def migrate(split: SplitModel, first: int | str, last: int | str, dst: str, cache=None) -> MigrationResult:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -34,6 +37,10 @@ class ModelSource:
     name: str  # what the user asked for, for display
     location: str  # folder path or hub id
     gguf_file: str | None = None
+
+    @property
+    def is_hub_id(self) -> bool:
+        return self.gguf_file is None and not Path(self.location).is_dir()
 
     @property
     def display_name(self) -> str:
@@ -80,8 +87,17 @@ def resolve_model(name: str) -> ModelSource:
 def load_config(source: ModelSource):
     from transformers import AutoConfig
 
+    kwargs = source.pretrained_kwargs()
+    if source.is_hub_id:
+        try:  # the local cache first: it needs no network at all
+            return AutoConfig.from_pretrained(source.location, local_files_only=True, **kwargs)
+        except OSError:
+            if not hub_reachable():
+                raise ModelNotFoundError(
+                    f"model {source.name} is not in the local Hugging Face cache and the hub cannot be reached."
+                ) from None
     try:
-        return AutoConfig.from_pretrained(source.location, **source.pretrained_kwargs())
+        return AutoConfig.from_pretrained(source.location, **kwargs)
     except OSError as exc:
         raise ModelNotFoundError(
             f"model {source.name} was not found locally and could not be downloaded "
@@ -140,6 +156,19 @@ def supports_split(model: torch.nn.Module) -> bool:
     """Our runtime needs the decoder-stack shape shared by Llama, Mistral, Qwen, Gemma, …"""
     base = getattr(model, "get_decoder", lambda: None)()
     return base is not None and all(hasattr(base, a) for a in ("layers", "norm", "embed_tokens"))
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub, instead of the client's minute of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _first_line(exc: BaseException) -> str:

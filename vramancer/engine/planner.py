@@ -169,6 +169,17 @@ class DeviceNeed:
         return self.weights + self.kv + self.workspace + self.reserve
 
 
+def parts_for_range(profile: ModelProfile, first: int | str, last: int | str) -> list[str | int]:
+    """The parts named by a range: layers first..last, or the single part embed / head."""
+    if isinstance(first, str) or isinstance(last, str):
+        if first not in (EMBED, HEAD) or first != last:
+            raise VramancerError(f"'{first}' is not a part; name a layer range, embed or head.")
+        return [first]
+    if not (0 <= first <= last < profile.num_layers):
+        raise VramancerError(f"layers {first}-{last} are not in this model; it has layers 0-{profile.num_layers - 1}.")
+    return list(range(first, last + 1))
+
+
 def part_bytes(profile: ModelProfile, part: str | int) -> int:
     if part == EMBED:
         return profile.embed_bytes
@@ -217,6 +228,24 @@ class Plan:
 
     def blocks(self) -> list[Block]:
         return self.placement.blocks()
+
+
+def room_shortfall(
+    profile: ModelProfile,
+    current: Placement,
+    proposed: Placement,
+    kinds: dict[str, str],
+    free: dict[str, int],
+    context: int,
+) -> tuple[str, int, int] | None:
+    """(device, extra bytes needed, bytes free) for the first device that cannot take
+    `proposed`, or None if it fits. Pure: the dashboard prices a drag with it too."""
+    for name, kind in kinds.items():
+        now = device_need(profile, current.parts_on(name), kind, context).total
+        after = device_need(profile, proposed.parts_on(name), kind, context).total
+        if after - now > 0 and after - now > free[name]:
+            return name, after - now, free[name]
+    return None
 
 
 def split_footprint(profile: ModelProfile, context: int) -> int:

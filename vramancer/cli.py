@@ -1,0 +1,295 @@
+"""The command line: `vramancer` (the dashboard), `devices`, `plan`, `generate`, `bench`.
+
+Flags come first; `VRM_*` environment variables supply their defaults. Bad input is one
+sentence on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, not the whole usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: {message}; see `{self.prog} --help`.\n")
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"VRM_{name}", default)
+
+
+def _add_load_flags(parser: argparse.ArgumentParser, model: bool = True) -> None:
+    if model:
+        parser.add_argument("--model", default=_env("MODEL", "default"),
+                            help="default (bundled SmolLM2-135M-Instruct), a model folder, a .gguf file or a hub id")
+    parser.add_argument("--devices", default=_env("DEVICES", "auto"),
+                        help="auto | cuda:0=10GiB,cpu | mps,cpu | sim:3x2GiB | sim:4GiB,1GiB")
+    parser.add_argument("--strategy", default=_env("STRATEGY", "proportional"), help="proportional | sequential")
+    parser.add_argument("--context", type=int, default=int(_env("CONTEXT", "2048")),
+                        help="tokens of KV cache to budget for (default 2048)")
+    parser.add_argument("--dtype", default=_env("DTYPE", "auto"), choices=["auto", "float32", "float16", "bfloat16"])
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vramancer", description="Split one language model across several devices and steer it live.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    _add_load_flags(parser)
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    devices = sub.add_parser("devices", help="list the devices a spec resolves to")
+    devices.add_argument("--devices", default=_env("DEVICES", "auto"))
+    devices.add_argument("--json", action="store_true")
+
+    plan = sub.add_parser("plan", help="show how the model would be split, without loading weights")
+    _add_load_flags(plan)
+    plan.add_argument("--json", action="store_true")
+
+    generate = sub.add_parser("generate", help="load, split and generate; text streams to stdout")
+    _add_load_flags(generate)
+    generate.add_argument("--prompt", required=True)
+    _add_sampling_flags(generate)
+    generate.add_argument("--migrate", action="append", default=[], metavar="A-B:DEVICE@STEP",
+                          help="after STEP new tokens, move layers A-B (or embed/head) to DEVICE; repeatable")
+    generate.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+
+    bench = sub.add_parser("bench", help="decode speed and time to first token over a few rounds")
+    _add_load_flags(bench)
+    bench.add_argument("--prompt", default="Write a short story about a lighthouse keeper.")
+    bench.add_argument("--max-new-tokens", type=int, default=64)
+    bench.add_argument("--rounds", type=int, default=3)
+    bench.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    from vramancer.engine.errors import VramancerError
+
+    try:
+        if args.command is None:
+            return _dashboard(args)
+        return {"devices": _devices, "plan": _plan, "generate": _generate, "bench": _bench}[args.command](args)
+    except VramancerError as exc:
+        print(f"vramancer: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("vramancer: interrupted.", file=sys.stderr)
+        return 130
+
+
+# --- commands --------------------------------------------------------------------------
+
+
+def _devices(args) -> int:
+    from vramancer.engine.devices import parse_device_spec, resolve_devices
+
+    spec = parse_device_spec(args.devices)
+    if spec.auto:
+        spec = parse_device_spec("cpu") if not _has_accelerator() else spec
+    devices = resolve_devices(spec)
+    rows = [d.to_json() for d in devices]
+    if args.json:
+        print(json.dumps({"devices": rows, "accelerators_found": _has_accelerator()}, indent=2))
+        return 0
+    from vramancer.engine.units import format_bytes
+
+    if not _has_accelerator() and args.devices in ("", "auto"):
+        print("No accelerator found: `auto` will use a simulated pool of two devices sized to the model.")
+    for row in rows:
+        tag = " (simulated)" if row["simulated"] else ""
+        print(f"{row['name']:<8} {row['label']}{tag}: {format_bytes(row['free_bytes'])} free of {format_bytes(row['total_bytes'])}")
+    return 0
+
+
+def _plan(args) -> int:
+    from vramancer.engine.engine import prepare
+    from vramancer.engine.planner import make_plan
+    from vramancer.engine.units import format_bytes
+
+    source, profile, devices, dtype, fallback = prepare(args.model, args.devices, args.context, args.dtype)
+    plan = make_plan(profile, devices, args.strategy, args.context)
+    rows = []
+    for d in devices:
+        need = plan.needs[d.name]
+        rows.append({"device": d.name, "simulated": d.simulated, "weights": need.weights, "kv_cache": need.kv,
+                     "workspace": need.workspace, "reserve": need.reserve, "need": need.total, "room": plan.rooms[d.name]})
+    blocks = [{"device": b.device, "simulated": b.device.startswith("sim"), "first_layer": b.layers.first,
+               "last_layer": b.layers.last, "bytes": sum(profile.layer_bytes[i] for i in b.layers)} for b in plan.blocks()]
+    if args.json:
+        print(json.dumps({"model": source.display_name, "dtype": str(dtype).removeprefix("torch."), "strategy": plan.strategy,
+                          "context": plan.context, "simulated_fallback": fallback, "placement": blocks,
+                          "embed_device": plan.placement.embed, "head_device": plan.placement.head, "devices": rows}, indent=2))
+        return 0
+    print(f"{source.display_name} · {str(dtype).removeprefix('torch.')} · {plan.strategy} · context {plan.context}"
+          + (" · simulated devices" if fallback or all(d.simulated for d in devices) else ""))
+    for block in plan.blocks():
+        extras = [p for p, dev in (("embed", plan.placement.embed), ("head", plan.placement.head)) if dev == block.device]
+        print(f"  {block.device:<8} {str(block.layers):<8} {' + '.join(extras)}")
+    for row in rows:
+        print(f"  {row['device']:<8} needs {format_bytes(row['need'])} of {format_bytes(row['room'])} free")
+    return 0
+
+
+def _load_engine(args, quiet: bool):
+    from vramancer.engine import Engine
+
+    def progress(stage: str, fraction: float) -> None:
+        if not quiet and sys.stderr.isatty():
+            print(f"\r\x1b[2Kloading: {stage} {fraction:.0%}", end="", file=sys.stderr, flush=True)
+
+    engine = Engine.load(args.model, args.devices, args.strategy, args.context, args.dtype, progress=progress)
+    if not quiet and sys.stderr.isatty():
+        print("\r\x1b[2K", end="", file=sys.stderr, flush=True)
+    return engine
+
+
+def _sampling(args) -> dict:
+    from vramancer.engine.generation import SamplingSettings
+
+    settings = SamplingSettings(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed,
+                                getattr(args, "repetition_penalty", None))
+    settings.check()  # before the model loads: a bad flag should not cost a load
+    return settings.__dict__
+
+
+def _generate(args) -> int:
+    from vramancer.engine.devices import parse_device_spec
+    from vramancer.engine.migration import parse_range
+
+    sampling = _sampling(args)
+    schedule = [_parse_migrate(text) for text in args.migrate]
+    for text, (range_text, _, _) in zip(args.migrate, schedule):
+        parse_range(range_text)
+    parse_device_spec(args.devices)
+    engine = _load_engine(args, quiet=args.json)
+    pending = sorted(schedule, key=lambda item: item[2])
+
+    def on_step(step: int) -> None:
+        while pending and pending[0][2] <= step:
+            range_text, device, at = pending.pop(0)
+            first, last = parse_range(range_text)
+            result = engine.migrate(first, last, device, step=at)
+            if not args.json:
+                print(f"\n[migrated {result.describe()}]", file=sys.stderr, flush=True)
+
+    on_step(0)
+    on_text = None if args.json else (lambda piece: print(piece, end="", flush=True))
+    result = engine.generate(args.prompt, raw=args.raw, on_text=on_text, on_step=on_step, **sampling)
+    links = [link.to_json() for link in engine.link_stats()]
+    if args.json:
+        out = result.to_json()
+        out.update(model=engine.source.display_name, dtype=str(engine.dtype).removeprefix("torch."),
+                   placement=engine.placement_json(), embed_device=engine.placement.embed,
+                   head_device=engine.placement.head, links=links,
+                   migrations=[m.to_json() for m in engine.migrations])
+        print(json.dumps(out, indent=2))
+    else:
+        print()
+        rate = f"{result.decode_tokens_per_s:.1f} tok/s" if result.decode_tokens_per_s else "—"
+        ttft = f"{result.ttft_s:.2f} s" if result.ttft_s is not None else "—"
+        print(f"[{result.new_tokens} tokens · first token {ttft} · {rate}]", file=sys.stderr)
+    for range_text, device, at in pending:
+        print(f"vramancer: the migration of {range_text} to {device} at step {at} never ran; "
+              f"the answer ended after {result.new_tokens} tokens.", file=sys.stderr)
+    return 0
+
+
+def _parse_migrate(text: str) -> tuple[str, str, int]:
+    """'0-9:cuda:1@8' -> ('0-9', 'cuda:1', 8). Device names may contain colons."""
+    from vramancer.engine.errors import VramancerError
+
+    head, at, step = text.rpartition("@")
+    range_text, colon, device = head.partition(":")
+    if not (at and colon and range_text and device and step.strip().isdigit()):
+        raise VramancerError(f"--migrate '{text}' is not of the form A-B:DEVICE@STEP (e.g. 0-9:sim2@8).")
+    return range_text, device.strip(), int(step)
+
+
+def _bench(args) -> int:
+    if args.rounds < 1:
+        from vramancer.engine.errors import VramancerError
+
+        raise VramancerError(f"--rounds must be at least 1, not {args.rounds}.")
+    engine = _load_engine(args, quiet=args.json)
+    engine.generate(args.prompt, max_new_tokens=4)  # warm-up
+    runs = [engine.generate(args.prompt, max_new_tokens=args.max_new_tokens) for _ in range(args.rounds)]
+    rates = [r.decode_tokens_per_s for r in runs if r.decode_tokens_per_s]
+    ttfts = [r.ttft_s for r in runs if r.ttft_s is not None]
+    summary = {
+        "model": engine.source.display_name,
+        "devices": [d.name for d in engine.devices],
+        "placement": engine.placement_json(),
+        "rounds": args.rounds,
+        "new_tokens": [r.new_tokens for r in runs],
+        "decode_tokens_per_s_median": statistics.median(rates) if rates else None,
+        "decode_tokens_per_s": rates,
+        "ttft_s_median": statistics.median(ttfts) if ttfts else None,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"decode {summary['decode_tokens_per_s_median']:.1f} tok/s (median of {len(rates)}), "
+              f"first token {summary['ttft_s_median']:.3f} s, on {', '.join(summary['devices'])}")
+    return 0
+
+
+def _dashboard(args) -> int:
+    from vramancer.app import run_dashboard
+    from vramancer.engine.devices import parse_device_spec
+    from vramancer.engine.engine import LoadOptions
+
+    parse_device_spec(args.devices)  # a malformed spec is refused before the screen opens
+    return run_dashboard(LoadOptions(args.model, args.devices, args.strategy, args.context, args.dtype))
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def _quiet_libraries() -> None:
+    """transformers' progress bars and advice belong to its own scripts, not our output."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF reader's own bar
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:
+        pass
+
+
+def _version() -> str:
+    from vramancer import __version__
+
+    return __version__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""EngineWorker: the one thread that owns the engine.
+
+Commands arrive on a queue and run one at a time, in order. While a generation runs, the
+queue is still read between two decode steps: Migrate and Cancel take effect there, every
+other command waits its turn. Events go out through `emit`, called on the worker's (or the
+telemetry's) thread; a UI hands them to its own thread (Textual: `post_message`).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Callable
+
+from vramancer.engine import events as ev
+from vramancer.engine.engine import Engine
+from vramancer.engine.errors import VramancerError
+from vramancer.engine.migration import MigrationFailed, MigrationRefused as MigrationRefusedError
+from vramancer.engine.telemetry import DEFAULT_HISTORY, DEFAULT_HZ, Telemetry
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[ev.Event], None]
+
+
+class EngineWorker:
+    """Owns an Engine on a thread of its own. `submit` commands; receive events via `emit`."""
+
+    def __init__(self, emit: Emit, telemetry_hz: float = DEFAULT_HZ, history: int = DEFAULT_HISTORY,
+                 telemetry: bool = True):
+        self.emit = emit
+        self.engine: Engine | None = None  # touched only on the worker thread
+        self._commands: queue.Queue[ev.Command] = queue.Queue()
+        self._deferred: list[ev.Command] = []  # commands that arrived during a generation
+        self._cancel = threading.Event()
+        self._stopping = threading.Event()
+        self._generating = False
+        self._thread = threading.Thread(target=self._run, name="vramancer-engine", daemon=True)
+        self.telemetry = Telemetry(self._telemetry_source, emit, telemetry_hz, history)
+        self._telemetry_enabled = telemetry
+
+    # --- any thread --------------------------------------------------------------------
+
+    def start(self) -> "EngineWorker":
+        self._thread.start()
+        if self._telemetry_enabled:
+            self.telemetry.start()
+        return self
+
+    def submit(self, command: ev.Command) -> None:
+        if isinstance(command, (ev.Cancel, ev.Shutdown)):
+            self._cancel.set()  # seen by the generation at its next step, without waiting for the queue
+        if isinstance(command, ev.Shutdown):
+            self._stopping.set()
+        self._commands.put(command)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop both threads: at once when idle, within one decode step when generating."""
+        self.submit(ev.Shutdown())
+        self.telemetry.stop(timeout)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # --- worker thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            command = self._deferred.pop(0) if self._deferred else self._commands.get()
+            if isinstance(command, ev.Shutdown):
+                break
+            self._execute(command)
+            if self._stopping.is_set():
+                break
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+    def _execute(self, command: ev.Command) -> None:
+        try:
+            handler = getattr(self, f"_on_{type(command).__name__.lower()}")
+            handler(command)
+        except VramancerError as exc:
+            self.emit(ev.Error(type(command).__name__, str(exc)))
+        except Exception as exc:  # a bug must not kill the worker: report it and keep serving
+            log.exception("%s failed", type(command).__name__)
+            self.emit(ev.Error(type(command).__name__, f"{type(command).__name__} failed: {type(exc).__name__}: {exc}"))
+
+    def _on_load(self, command: ev.Load) -> None:
+        options = command.options
+        started = time.perf_counter()
+        progress = lambda stage, fraction: self.emit(ev.LoadProgress(stage, fraction))
+        engine = Engine.load(options.model, options.devices, options.strategy, options.context, options.dtype,
+                             progress=progress)
+        if self.engine is not None:
+            self.engine.close()
+        self.engine = engine
+        self.emit(ev.Loaded(
+            model=engine.source.display_name,
+            dtype=str(engine.dtype).removeprefix("torch."),
+            strategy=engine.plan.strategy,
+            context=engine.context,
+            devices=tuple(ev.DeviceInfo(d.name, d.kind, d.label, d.simulated, d.read().total) for d in engine.devices),
+            simulated=engine.simulated,
+            simulated_fallback=engine.simulated_fallback,
+            seconds=time.perf_counter() - started,
+        ))
+        self._plan_changed()
+
+    def _on_replan(self, command: ev.Replan) -> None:
+        self._require_engine().replan(command.strategy)
+        self._plan_changed()
+
+    def _on_migrate(self, command: ev.Migrate, step: int | None = None) -> None:
+        engine = self._require_engine()
+        self.emit(ev.MigrationStarted(command.first, command.last, command.device))
+        try:
+            result = engine.migrate(command.first, command.last, command.device, step=step)
+        except (MigrationRefusedError, MigrationFailed) as exc:
+            self.emit(ev.MigrationRefused(command.first, command.last, command.device, str(exc)))
+            return
+        self.emit(ev.MigrationDone(result.first_layer, result.last_layer, result.src, result.dst,
+                                   result.bytes, result.seconds, step))
+        self._plan_changed()
+
+    def _on_generate(self, command: ev.Generate) -> None:
+        engine = self._require_engine()
+        self._cancel.clear()
+        if self._stopping.is_set():
+            return
+        prompt = list(command.prompt) if isinstance(command.prompt, tuple) else command.prompt
+        self._generating = True
+        try:
+            result = engine.generate(
+                prompt,
+                raw=command.raw,
+                on_text=lambda text: self.emit(ev.Token(text, command.request_id)),
+                on_step=self._between_steps,
+                cancel=self._cancel,
+                **command.sampling,
+            )
+        finally:
+            self._generating = False
+        self.emit(ev.GenerationDone(command.request_id, result.text, tuple(result.token_ids), result.prompt_tokens,
+                                    result.new_tokens, result.ttft_s, result.decode_tokens_per_s, result.cancelled))
+
+    def _on_cancel(self, command: ev.Cancel) -> None:
+        pass  # nothing is generating; the flag is cleared by the next Generate
+
+    def _between_steps(self, step: int) -> None:
+        """Runs inside generate between two decode steps: apply Migrate/Cancel, defer the rest."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, ev.Migrate):
+                try:
+                    self._on_migrate(command, step=step)
+                except VramancerError as exc:
+                    self.emit(ev.Error("Migrate", str(exc)))
+            elif isinstance(command, ev.Cancel):
+                self._cancel.set()
+            else:
+                if isinstance(command, ev.Shutdown):
+                    self._cancel.set()
+                self._deferred.append(command)
+
+    def _plan_changed(self) -> None:
+        engine = self._require_engine()
+        self.emit(ev.PlanChanged(plan_snapshot(engine)))
+
+    def _require_engine(self) -> Engine:
+        if self.engine is None:
+            raise VramancerError("no model is loaded yet.")
+        return self.engine
+
+    # --- telemetry thread ----------------------------------------------------------------
+
+    def _telemetry_source(self):
+        engine = self.engine
+        if engine is None:
+            return None
+        return engine.devices, engine.link_stats(), engine.kv_bytes_by_device()
+
+
+def plan_snapshot(engine: Engine) -> ev.PlanSnapshot:
+    placement = engine.placement
+    needs = {name: need.total for name, need in engine.split.needs(placement).items()}
+    return ev.PlanSnapshot(
+        blocks=tuple(ev.BlockInfo(b["first_layer"], b["last_layer"], b["device"], b["bytes"])
+                     for b in engine.placement_json()),
+        embed=placement.embed,
+        head=placement.head,
+        strategy=engine.plan.strategy,
+        context=engine.context,
+        needs=needs,
+        kinds={d.name: d.kind for d in engine.devices},
+        profile=engine.profile,
+        layer_devices=tuple(placement.layer_devices),
+    )
