@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny random Llama for fast tests, the bundled model loaded once."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
+
+TINY_LAYERS = 6
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A 6-layer random Llama (hidden 64) with the bundled model's tokenizer and chat template,
+    saved as a Hugging Face folder. Same seed every run, so outputs are reproducible."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from vramancer.engine.models import bundled_model_path
+
+    path = bundled_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=TINY_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=0.2,  # large enough that greedy output varies token to token
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def smollm_engine():
+    """The bundled SmolLM2 split over three simulated devices, loaded once per run.
+    Tests that migrate must put the placement back (see `restore_placement`)."""
+    from vramancer.engine import Engine
+
+    engine = Engine.load("default", "sim:3x1GiB", context=512)
+    yield engine
+    engine.close()
