@@ -142,11 +142,12 @@ def _plan(args) -> int:
         return 0
     print(f"{source.display_name} · {str(dtype).removeprefix('torch.')} · {plan.strategy} · context {plan.context}"
           + (" · simulated devices" if fallback or all(d.simulated for d in devices) else ""))
-    for block in plan.blocks():
-        extras = [p for p, dev in (("embed", plan.placement.embed), ("head", plan.placement.head)) if dev == block.device]
-        print(f"  {block.device:<8} {str(block.layers):<8} {' + '.join(extras)}")
     for row in rows:
-        print(f"  {row['device']:<8} needs {format_bytes(row['need'])} of {format_bytes(row['room'])} free")
+        parts = [f"{b.layers}" for b in plan.blocks() if b.device == row["device"]]
+        parts = (["embed"] if plan.placement.embed == row["device"] else []) + parts
+        parts += ["head"] if plan.placement.head == row["device"] else []
+        print(f"  {row['device']:<8} {', '.join(parts) or '(nothing)':<22} "
+              f"needs {format_bytes(row['need'])} of {format_bytes(row['room'])} free")
     return 0
 
 

@@ -1,0 +1,106 @@
+"""The planner's memory model and strategies, on a model profile with known sizes."""
+
+import pytest
+
+from vramancer.engine.devices import parse_device_spec, resolve_devices
+from vramancer.engine.planner import (
+    EMBED,
+    HEAD,
+    ModelProfile,
+    PlanError,
+    device_need,
+    make_plan,
+)
+from vramancer.engine.units import MiB
+
+# 10 layers of 10 MiB, 20 MiB embeddings tied to the head, 1 KiB of KV per token per layer.
+PROFILE = ModelProfile(
+    num_layers=10,
+    layer_bytes=(10 * MiB,) * 10,
+    embed_bytes=20 * MiB,
+    head_bytes=20 * MiB + 4096,
+    tied_bytes=20 * MiB,
+    kv_bytes_per_token=1024,
+    hidden_size=256,
+    intermediate_size=512,
+    vocab_size=1000,
+    dtype_bytes=4,
+)
+CONTEXT = 1024
+
+
+def devices(spec):
+    return resolve_devices(parse_device_spec(spec))
+
+
+def layer_counts(plan):
+    counts = {}
+    for device in plan.placement.layer_devices:
+        counts[device] = counts.get(device, 0) + 1
+    return counts
+
+
+def test_memory_model_counts_weights_kv_workspace_and_ties_once():
+    need = device_need(PROFILE, PROFILE.parts(), "sim", CONTEXT)
+    assert need.weights == 20 * MiB + 100 * MiB + 4096  # the tied head adds only its norm
+    assert need.kv == 10 * 1024 * CONTEXT
+    assert need.workspace > 0 and need.reserve == 0
+    assert device_need(PROFILE, PROFILE.parts(), "cuda", CONTEXT).reserve > 0
+    # Apart, the head carries its own copy of the tied weights.
+    assert device_need(PROFILE, [HEAD], "sim", CONTEXT).weights == 20 * MiB + 4096
+
+
+def test_proportional_follows_free_memory():
+    plan = make_plan(PROFILE, devices("sim:400MiB,200MiB"), "proportional", CONTEXT)
+    counts = layer_counts(plan)
+    assert counts["sim0"] > counts["sim1"] > 0
+    assert plan.placement.embed == "sim0" and plan.placement.head == "sim1"
+    # Contiguous: one block per device.
+    assert [b.device for b in plan.blocks()] == ["sim0", "sim1"]
+    for name, need in plan.needs.items():
+        assert need.total <= plan.rooms[name]
+
+
+def test_equal_devices_get_equal_memory_not_equal_layer_counts():
+    plan = make_plan(PROFILE, devices("sim:3x200MiB"), "proportional", CONTEXT)
+    totals = [plan.needs[f"sim{i}"].total for i in range(3)]
+    assert max(totals) - min(totals) <= 25 * MiB  # within about one layer plus the head's copy
+    assert all(count > 0 for count in layer_counts(plan).values())
+
+
+def test_sequential_fills_devices_in_order():
+    plan = make_plan(PROFILE, devices("sim:100MiB,400MiB"), "sequential", CONTEXT)
+    counts = layer_counts(plan)
+    need0 = plan.needs["sim0"].total
+    assert need0 <= 100 * MiB and need0 + 10 * MiB + 1024 * CONTEXT > 100 * MiB  # no room for one more
+    assert counts["sim0"] + counts["sim1"] == 10
+
+
+def test_a_plan_that_cannot_fit_names_need_and_room():
+    with pytest.raises(PlanError) as err:
+        make_plan(PROFILE, devices("sim:2x10MiB"), "proportional", CONTEXT)
+    message = str(err.value)
+    assert message.startswith("model needs ")
+    assert "sim0 10.0 MiB" in message and "sim1 10.0 MiB" in message
+
+
+def test_cpu_takes_only_the_overflow():
+    # An accelerator with room for everything: the CPU, however large, gets nothing.
+    roomy = devices("sim:1GiB") + devices("cpu=8GiB")
+    plan = make_plan(PROFILE, roomy, "proportional", CONTEXT)
+    assert set(plan.placement.layer_devices) == {"sim0"} and plan.placement.head == "sim0"
+    # Too small an accelerator: it is filled first and the CPU takes the rest.
+    tight = devices("sim:80MiB") + devices("cpu=8GiB")
+    plan = make_plan(PROFILE, tight, "proportional", CONTEXT)
+    counts = layer_counts(plan)
+    assert plan.placement.layer_devices[0] == "sim0" and counts["sim0"] >= 1
+    assert counts["cpu"] == 10 - counts["sim0"] and plan.placement.head == "cpu"
+
+
+def test_unknown_strategy_is_refused():
+    with pytest.raises(PlanError, match="not a strategy"):
+        make_plan(PROFILE, devices("sim:1GiB"), "random", CONTEXT)
+
+
+def test_parts_are_embed_layers_head():
+    assert PROFILE.parts() == [EMBED, *range(10), HEAD]
