@@ -1,0 +1,149 @@
+"""The EngineWorker thread: order, mid-generation commands, errors, shutdown; and telemetry."""
+
+import queue
+import threading
+import time
+
+import pytest
+
+from vramancer.engine import events as ev
+from vramancer.engine.engine import LoadOptions
+from vramancer.engine.worker import EngineWorker
+
+TIMEOUT = 60
+
+
+class Recorder:
+    """Collects events from the worker's threads; waits for one of a given type."""
+
+    def __init__(self):
+        self.events = queue.Queue()
+        self.seen = []
+
+    def __call__(self, event):
+        self.events.put(event)
+
+    def wait_for(self, kind, predicate=lambda e: True, timeout=TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                event = self.events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self.seen.append(event)
+            if isinstance(event, kind) and predicate(event):
+                return event
+        raise AssertionError(f"no {kind.__name__} within {timeout}s; saw {[type(e).__name__ for e in self.seen]}")
+
+    def of(self, kind):
+        return [e for e in self.seen if isinstance(e, kind)]
+
+
+@pytest.fixture
+def worker_and_events(tiny_model_dir):
+    events = Recorder()
+    worker = EngineWorker(events, telemetry_hz=20).start()
+    worker.submit(ev.Load(LoadOptions(tiny_model_dir, "sim:3x64MiB", context=512)))
+    events.wait_for(ev.PlanChanged)
+    yield worker, events
+    worker.shutdown()
+
+
+def generate(prompt="Tell me about the sea.", tokens=24, request_id=1):
+    return ev.Generate(prompt, {"max_new_tokens": tokens}, request_id=request_id)
+
+
+def test_commands_run_in_arrival_order(worker_and_events):
+    worker, events = worker_and_events
+    start = len(events.seen)
+    worker.submit(generate(request_id=1))
+    worker.submit(ev.Replan("sequential"))
+    worker.submit(generate(request_id=2))
+    first = events.wait_for(ev.GenerationDone)
+    plan = events.wait_for(ev.PlanChanged)
+    second = events.wait_for(ev.GenerationDone)
+    assert (first.request_id, second.request_id) == (1, 2)
+    assert plan.plan.strategy == "sequential"
+    order = [type(e).__name__ for e in events.seen[start:] if isinstance(e, (ev.GenerationDone, ev.PlanChanged))]
+    assert order == ["GenerationDone", "PlanChanged", "GenerationDone"]
+    # Tokens streamed before each GenerationDone, and they spell the answer.
+    tokens = [e.text for e in events.of(ev.Token) if e.request_id == 1]
+    assert "".join(tokens) == first.text and first.new_tokens > 0
+
+
+def test_migrate_during_streaming_applies_between_steps_and_keeps_the_answer(worker_and_events):
+    worker, events = worker_and_events
+    worker.submit(generate(tokens=40, request_id=1))
+    baseline = events.wait_for(ev.GenerationDone)
+    worker.submit(generate(tokens=40, request_id=2))
+    events.wait_for(ev.Token, lambda e: e.request_id == 2)
+    worker.submit(ev.Migrate(0, 3, "sim2"))
+    done = events.wait_for(ev.MigrationDone)
+    result = events.wait_for(ev.GenerationDone)
+    assert done.step is not None and 0 < done.step < 40  # it ran inside the generation
+    assert result.token_ids == baseline.token_ids
+    assert worker.engine.placement.layer_devices[:4] == ["sim2"] * 4
+
+
+def test_cancel_stops_within_one_step(worker_and_events):
+    worker, events = worker_and_events
+    worker.submit(generate(tokens=400))
+    events.wait_for(ev.Token)
+    worker.submit(ev.Cancel())
+    seen_at_cancel = len(events.of(ev.Token))
+    done = events.wait_for(ev.GenerationDone)
+    assert done.cancelled and done.new_tokens < 400
+    assert len(events.of(ev.Token)) <= seen_at_cancel + 2  # at most the step in flight
+
+
+def test_an_error_becomes_an_event_and_the_worker_keeps_serving(worker_and_events):
+    worker, events = worker_and_events
+    worker.submit(ev.Generate("hi", {"max_new_tokens": -1}))
+    error = events.wait_for(ev.Error)
+    assert error.command == "Generate" and "max-new-tokens" in error.message
+    worker.submit(ev.Migrate(0, 99, "sim0"))
+    refused = events.wait_for(ev.MigrationRefused)
+    assert "not in this model" in refused.reason
+    worker.submit(ev.Load(LoadOptions("/no/such/model.gguf", "sim:2x1GiB")))
+    assert "does not exist" in events.wait_for(ev.Error).message
+    worker.submit(generate(tokens=4))
+    assert events.wait_for(ev.GenerationDone).new_tokens > 0
+    assert worker.alive
+
+
+def test_telemetry_samples_devices_and_links(worker_and_events):
+    worker, events = worker_and_events
+    worker.submit(generate(tokens=8))
+    events.wait_for(ev.GenerationDone)
+    links = events.wait_for(ev.LinkSample, lambda e: len(e.links) > 0).links
+    assert {(l.src, l.dst) for l in links} >= {("sim0", "sim1"), ("sim1", "sim2")}
+    assert all(l.bytes > 0 and l.transfers > 0 for l in links)
+    sample = events.wait_for(ev.DeviceSample).devices
+    by_name = {d.name: d for d in sample}
+    sim1 = by_name["sim1"]
+    assert sim1.simulated and sim1.total == 64 * 2**20
+    assert sim1.weights == worker.engine.device("sim1").ledger.claims["weights"] > 0
+    assert sim1.utilization is None and sim1.temperature is None and sim1.power is None
+    assert sim1.weights + sim1.kv + sim1.other + sim1.free == sim1.total
+    assert len(worker.telemetry.devices["sim1"]) >= 1
+
+
+def test_shutdown_leaves_no_thread_behind(tiny_model_dir):
+    before = set(threading.enumerate())
+    events = Recorder()
+    worker = EngineWorker(events, telemetry_hz=20).start()
+    worker.submit(ev.Load(LoadOptions(tiny_model_dir, "sim:2x64MiB", context=256)))
+    events.wait_for(ev.PlanChanged)
+    worker.submit(generate(tokens=2000))
+    events.wait_for(ev.Token)
+    started = time.monotonic()
+    worker.shutdown()
+    assert time.monotonic() - started < 2.0
+    assert set(threading.enumerate()) <= before
+
+
+def test_idle_shutdown_is_prompt(tiny_model_dir):
+    worker = EngineWorker(lambda e: None).start()
+    started = time.monotonic()
+    worker.shutdown()
+    assert time.monotonic() - started < 1.0 and not worker.alive
