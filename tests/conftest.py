@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
+# Caches (profiles, dequantised weights) go to a fresh folder, never the user's own.
+os.environ.setdefault("VRM_CACHE_DIR", tempfile.mkdtemp(prefix="vramancer-test-cache-"))
 
 TINY_LAYERS = 6
 
