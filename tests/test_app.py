@@ -1,0 +1,391 @@
+"""The dashboard driven like a person would: keys, clicks and drags through Textual's pilot.
+
+Every test loads the tiny random Llama on simulated devices through the real engine worker, so
+what is checked is what the screen shows and what the engine did, side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from vramancer.app import VramancerApp
+from vramancer.app.messages import EngineEvent, TokensReady
+from vramancer.app.screens import HelpScreen, MoveTargetScreen
+from vramancer.engine import events as ev
+from vramancer.engine.engine import LoadOptions
+from vramancer.widgets.console import ConsolePanel
+from vramancer.widgets.events_log import EventsLog
+from vramancer.widgets.header import ModelHeader
+from vramancer.widgets.links import LinkRow
+from vramancer.widgets.placement import BlockTile, DeviceColumn
+
+SIZE = (120, 40)
+TIMEOUT = 30.0
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"  # Textual runs on asyncio
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The tiny model decodes fastest on one thread, and the UI thread needs a core too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Recorder:
+    """Collects the engine events the App received (a run_test message hook), and what the
+    console showed each time more tokens arrived."""
+
+    def __init__(self, app: VramancerApp) -> None:
+        self.app = app
+        self.events: list[ev.Event] = []
+        self.shown_while_streaming: list[str] = []
+
+    def __call__(self, message) -> None:
+        if isinstance(message, EngineEvent):
+            self.events.append(message.event)
+        elif isinstance(message, TokensReady):
+            self.shown_while_streaming.append(answer_shown(self.app))
+
+    def of(self, kind: type) -> list:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+async def wait_for(pilot, condition, what: str, timeout: float = TIMEOUT):
+    """Let the App run until `condition()` is truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await pilot.pause(0.02)
+
+
+def make_app(model_dir: str, devices: str = "sim:3x64MiB", context: int = 256, **kwargs) -> VramancerApp:
+    return VramancerApp(LoadOptions(model_dir, devices, "proportional", context, "auto"), telemetry=False, **kwargs)
+
+
+async def loaded(pilot) -> None:
+    app = pilot.app
+    await wait_for(pilot, lambda: app.plan is not None and app.placement_panel.query(BlockTile), "the model to load")
+
+
+def column(app, device: str) -> DeviceColumn:
+    return next(c for c in app.placement_panel.query(DeviceColumn) if c.device == device)
+
+
+def tiles_on(app, device: str) -> list[str]:
+    """What a person reads in a device's column: the labels of its tiles, in order."""
+    return [str(tile.render().plain.splitlines()[0]) for tile in column(app, device).query(BlockTile)]
+
+
+def tile(app, first, device: str) -> BlockTile:
+    return next(t for t in column(app, device).query(BlockTile) if t.first == first)
+
+
+def log_text(app) -> str:
+    return "\n".join(strip.text for strip in app.query_one(EventsLog).lines)
+
+
+def answer_shown(app) -> str:
+    answers = app.query(".answer")
+    return str(answers.last().render()) if answers else ""
+
+
+async def ask(pilot, prompt: str) -> None:
+    pilot.app.query_one("#prompt").focus()
+    await pilot.press(*prompt, "enter")
+
+
+# --- drag to migrate ----------------------------------------------------------------------
+
+
+async def test_drag_tile_onto_another_column_migrates_it(tiny_model_dir):
+    app = make_app(tiny_model_dir)
+    recorder = Recorder(app)
+    async with app.run_test(size=SIZE, message_hook=recorder) as pilot:
+        await loaded(pilot)
+        assert tiles_on(app, "sim1") == ["L0–5 · 867 KiB"]
+        source, target = tile(app, 0, "sim1"), column(app, "sim2")
+
+        await pilot.mouse_down(source)
+        await pilot.hover(target)
+        assert target.has_class("-drop-ok"), "hovering over a device with room shows that the block fits"
+        assert "fits" in str(target.preview.render())
+        await pilot.mouse_up(target)
+        assert not target.has_class("-drop-ok"), "the preview goes once the tile is dropped"
+
+        done = await wait_for(pilot, lambda: recorder.of(ev.MigrationDone), "the migration")
+        assert (done[0].first, done[0].last, done[0].src, done[0].dst) == (0, 5, "sim1", "sim2")
+        await wait_for(pilot, lambda: tiles_on(app, "sim2") == ["L0–5 · 867 KiB", "head · 12.0 MiB"],
+                       "the tile to land in the sim2 column")
+        assert tiles_on(app, "sim1") == []
+        assert app.worker.engine.placement.layer_devices == ["sim2"] * 6
+        assert "moved L0–5 sim1 → sim2" in log_text(app)
+        await wait_for(pilot, lambda: [(r.src, r.dst) for r in app.query(LinkRow)] == [("sim1", "sim2")],
+                       "the links panel to show the weights that crossed sim1 → sim2")
+        assert "last migration: L0–5 sim1 → sim2" in str(app.query_one(".last-migration").render())
+
+
+async def test_drop_on_a_device_too_small_is_refused_and_nothing_moves(tiny_model_dir):
+    # sim2 has 8 MiB: room for layers, not for the 12 MiB embeddings.
+    app = make_app(tiny_model_dir, devices="sim:64MiB,64MiB,8MiB")
+    recorder = Recorder(app)
+    async with app.run_test(size=SIZE, message_hook=recorder) as pilot:
+        await loaded(pilot)
+        assert tiles_on(app, "sim0") == ["embed · 12.0 MiB"]
+        before = app.worker.engine.placement.copy()
+        embed, small = tile(app, "embed", "sim0"), column(app, "sim2")
+
+        await pilot.mouse_down(embed)
+        await pilot.hover(small)
+        assert small.has_class("-drop-bad"), "the column warns before the drop"
+        assert "won't fit" in str(small.preview.render())
+        await pilot.mouse_up(small)
+
+        await wait_for(pilot, lambda: app._notifications, "the refusal notification")
+        note = list(app._notifications)[-1]
+        assert note.severity == "error" and "embed does not fit on sim2" in note.message
+        await pilot.pause(0.2)
+        assert not recorder.of(ev.MigrationStarted), "a move that cannot fit never reaches the engine"
+        assert app.worker.engine.placement == before
+        assert tiles_on(app, "sim0") == ["embed · 12.0 MiB"] and tiles_on(app, "sim2") == []
+        assert not embed.has_class("-moving")
+
+
+async def test_keyboard_move_of_part_of_a_block(tiny_model_dir):
+    app = make_app(tiny_model_dir)
+    recorder = Recorder(app)
+    async with app.run_test(size=SIZE, message_hook=recorder) as pilot:
+        await loaded(pilot)
+        block = tile(app, 0, "sim1")
+        block.focus()
+        await pilot.press("right_square_bracket", "right_square_bracket")  # L0–5 → L0–3
+        assert block.selection == (0, 3)
+        assert "selected L0–3" in block.render().plain
+        await pilot.press("m")
+        assert isinstance(app.screen, MoveTargetScreen)
+        await pilot.press("down", "enter")  # sim0 is first, sim2 second
+        await wait_for(pilot, lambda: recorder.of(ev.MigrationDone), "the migration")
+        await wait_for(pilot, lambda: tiles_on(app, "sim2")[0] == "L0–3 · 578 KiB", "L0–3 on sim2")
+        assert tiles_on(app, "sim1") == ["L4–5 · 289 KiB"]
+        assert app.worker.engine.placement.layer_devices == ["sim2"] * 4 + ["sim1"] * 2
+        assert isinstance(app.focused, BlockTile) and app.focused.first == 0, "focus follows the moved layers"
+
+
+async def test_shift_click_selects_a_sub_range_to_drag(tiny_model_dir):
+    app = make_app(tiny_model_dir)
+    recorder = Recorder(app)
+    async with app.run_test(size=SIZE, message_hook=recorder) as pilot:
+        await loaded(pilot)
+        block = tile(app, 0, "sim1")
+        strip_width = block.content_region.width
+        layer_x = lambda layer: block.gutter.left + (layer * strip_width + strip_width // 2) // 6
+        await pilot.click(block, offset=(layer_x(4), 1), shift=True)
+        await pilot.click(block, offset=(layer_x(5), 1), shift=True)
+        assert block.selection == (4, 5)
+
+        await pilot.mouse_down(block)
+        await pilot.hover(column(app, "sim0"))
+        await pilot.mouse_up(column(app, "sim0"))
+        await wait_for(pilot, lambda: recorder.of(ev.MigrationDone), "the migration")
+        assert app.worker.engine.placement.layer_devices == ["sim1"] * 4 + ["sim0"] * 2
+        await wait_for(pilot, lambda: "L4–5 · 289 KiB" in tiles_on(app, "sim0"), "L4–5 on sim0")
+
+
+# --- the console ----------------------------------------------------------------------------
+
+
+async def test_prompt_streams_an_answer_and_the_conversation_carries_on(tiny_model_dir):
+    app = make_app(tiny_model_dir, context=1024, sampling={"max_new_tokens": 300})
+    recorder = Recorder(app)
+    async with app.run_test(size=SIZE, message_hook=recorder) as pilot:
+        await loaded(pilot)
+        console = app.query_one(ConsolePanel)
+        await ask(pilot, "Hello there")
+        done = (await wait_for(pilot, lambda: recorder.of(ev.GenerationDone), "the answer"))[0]
+        assert not done.cancelled and done.new_tokens > 0
+        partial = [text for text in recorder.shown_while_streaming if text]
+        assert partial, "the answer appeared piece by piece before it was complete"
+        assert all(done.text.startswith(text) and text != done.text for text in partial)
+        await pilot.pause()
+        assert answer_shown(app) == done.text
+        assert "› Hello there" in [str(s.render()) for s in app.query(".user-turn")]
+        stats = str(console.stats.render())
+        assert "tok/s" in stats and f"{done.new_tokens} new tokens" in stats and "first token" in stats
+
+        await ask(pilot, "And then?")
+        second = (await wait_for(pilot, lambda: recorder.of(ev.GenerationDone)[1:], "the second answer"))[0]
+        assert second.prompt_tokens > done.prompt_tokens + done.new_tokens // 2, "earlier turns go with the prompt"
+        assert len(app.query(".user-turn")) == 2
+
+        await pilot.press("up")
+        assert app.query_one("#prompt").value == "And then?"
+        await pilot.press("up")
+        assert app.query_one("#prompt").value == "Hello there"
+        await pilot.press("down", "down")
+        assert app.query_one("#prompt").value == ""
+
+        await pilot.press("ctrl+l")
+        assert not app.query(".user-turn") and console.messages == []
+
+
+async def test_escape_cancels_the_answer(tiny_model_dir):
+    app = make_app(tiny_model_dir, context=4096, sampling={"max_new_tokens": 4000})
+    recorder = Recorder(app)
+    async with app.run_test(size=SIZE, message_hook=recorder) as pilot:
+        await loaded(pilot)
+        await ask(pilot, "Write a long story")
+        await wait_for(pilot, lambda: answer_shown(app), "the first tokens")
+        await pilot.press("escape")
+        done = (await wait_for(pilot, lambda: recorder.of(ev.GenerationDone), "the cancelled answer"))[0]
+        assert done.cancelled and done.new_tokens < 4000
+        assert str(app.query_one(ConsolePanel).stats.render()).startswith("cancelled")
+        assert app.query(".answer").last().has_class("-cancelled")
+        assert "cancelled after" in log_text(app)
+
+
+async def test_migration_while_streaming_leaves_the_answer_unchanged(tiny_model_dir):
+    """Drag a block while the answer streams and stop the answer soon after the move; then ask
+    again with nothing moving. Greedy decoding must give the same tokens, before and after the move."""
+    app = make_app(tiny_model_dir, context=4096, sampling={"max_new_tokens": 4000})
+    recorder = Recorder(app)
+    async with app.run_test(size=SIZE, message_hook=recorder) as pilot:
+        await loaded(pilot)
+        console = app.query_one(ConsolePanel)
+        await ask(pilot, "Lighthouses?")
+        await wait_for(pilot, lambda: answer_shown(app), "the first tokens")
+        await pilot.mouse_down(tile(app, 0, "sim1"))
+        await pilot.hover(column(app, "sim2"))
+        await pilot.mouse_up(column(app, "sim2"))
+        moved = (await wait_for(pilot, lambda: recorder.of(ev.MigrationDone), "the migration"))[0]
+        assert console.generating, "the move happened while the answer was streaming"
+        await pilot.press("escape")
+        streamed = (await wait_for(pilot, lambda: recorder.of(ev.GenerationDone), "the first answer"))[0]
+        assert moved.step is not None and 0 < moved.step < streamed.new_tokens
+        assert app.worker.engine.placement.layer_devices == ["sim2"] * 6
+        await wait_for(pilot, lambda: "L0–5 · 867 KiB" in tiles_on(app, "sim2"), "the tile on sim2")
+
+        # The same prompt as a new conversation, long enough to cover the move and what followed it.
+        await pilot.press("ctrl+l")
+        length = min(streamed.new_tokens, moved.step + 64)
+        app.sampling["max_new_tokens"] = length
+        await ask(pilot, "Lighthouses?")
+        still = (await wait_for(pilot, lambda: recorder.of(ev.GenerationDone)[1:], "the second answer"))[0]
+        assert still.new_tokens == length
+        assert still.token_ids == streamed.token_ids[:length]
+        await pilot.pause()
+        assert answer_shown(app) == still.text
+
+
+async def test_a_conversation_longer_than_the_context_is_refused(tiny_model_dir):
+    app = make_app(tiny_model_dir, context=128, sampling={"max_new_tokens": 40})
+    recorder = Recorder(app)
+    async with app.run_test(size=SIZE, message_hook=recorder) as pilot:
+        await loaded(pilot)
+        console = app.query_one(ConsolePanel)
+        for turn in range(1, 6):
+            await ask(pilot, "Go on")
+            await wait_for(pilot, lambda: not console.generating, f"turn {turn} to end")
+            if app.query(".answer.-error"):
+                break
+        assert turn >= 2 and len(recorder.of(ev.GenerationDone)) == turn - 1, "earlier turns were answered"
+        assert "longer than the context of 128" in answer_shown(app)
+        assert len(console.messages) == 2 * (turn - 1), "the refused prompt is not kept"
+        await pilot.press("ctrl+l")
+        await ask(pilot, "Go on")
+        await wait_for(pilot, lambda: len(recorder.of(ev.GenerationDone)) == turn, "a fresh conversation")
+
+
+# --- loading, help, palette, quitting -------------------------------------------------------
+
+
+async def test_a_failed_load_keeps_the_app_up_and_another_model_loads(tiny_model_dir, tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    app = VramancerApp(LoadOptions(missing, "sim:2x64MiB", "proportional", 256, "auto"), telemetry=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: "Load failed" in log_text(app), "the load error")
+        assert app.is_running and app.plan is None
+        assert "no model loaded" in str(app.query_one(ModelHeader).summary.render())
+        app.load(LoadOptions(tiny_model_dir, "sim:2x64MiB", "proportional", 256, "auto"))
+        await loaded(pilot)
+        assert app.query_one(ModelHeader).badge.display
+
+
+async def test_help_screen_and_quit(tiny_model_dir):
+    app = make_app(tiny_model_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("escape")  # leave the prompt so that single keys are commands
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        await loaded(pilot)  # the model loads behind the help screen
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+        assert tiles_on(app, "sim1") == ["L0–5 · 867 KiB"]
+        await pilot.press("f1")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape", "escape", "q")
+    assert app.return_code == 0
+    assert not app.worker.alive, "quitting shuts the engine worker down"
+
+
+async def test_export_metrics_from_the_command_palette(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    app = make_app(tiny_model_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        await wait_for(pilot, lambda: app.worker.telemetry.devices, "a telemetry reading")
+        await pilot.press("ctrl+p")
+        await pilot.press(*"export metrics")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        files = await wait_for(pilot, lambda: list(tmp_path.glob("vramancer-metrics-*.json")), "the metrics file")
+        await wait_for(pilot, lambda: any("Metrics written" in n.message for n in app._notifications),
+                       "the notification naming the file")
+    document = json.loads(files[0].read_text())
+    assert document["plan"]["placement"][0]["device"] == "sim1"
+    assert set(document["telemetry"]["devices"]) == {"sim0", "sim1", "sim2"}
+
+
+async def test_replan_from_the_command_palette(tiny_model_dir):
+    app = make_app(tiny_model_dir)
+    recorder = Recorder(app)
+    async with app.run_test(size=SIZE, message_hook=recorder) as pilot:
+        await loaded(pilot)
+        await pilot.press("ctrl+p")
+        await pilot.press(*"sequential")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: len(recorder.of(ev.PlanChanged)) == 2, "the new plan")
+        assert app.plan.strategy == "sequential"
+        assert "sequential" in str(app.query_one(ModelHeader).summary.render())
+        placement = app.worker.engine.placement
+        shown = {d: tiles_on(app, d) for d in ("sim0", "sim1", "sim2")}
+        assert [label.split(" ·")[0] for label in shown[placement.embed]][0] == "embed"
+        assert sum(len(v) for v in shown.values()) == 2 + len(placement.blocks())
+
+
+async def test_small_terminal_keeps_every_panel_reachable(tiny_model_dir):
+    app = make_app(tiny_model_dir)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        assert app.screen.has_class("-narrow")
+        for panel in ("#devices", "#placement", "#links", "#events"):
+            widget = app.query_one(panel)
+            app.query_one("#main").scroll_to_widget(widget, animate=False)
+            await pilot.pause()
+            assert widget.region.height > 0 and app.screen.region.overlaps(widget.region), panel
+        assert app.query_one("#console").region.bottom <= 23, "the console stays on screen"

@@ -1,0 +1,147 @@
+"""Screens over the dashboard: help, choosing a device for a move, loading another model."""
+
+from __future__ import annotations
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, Markdown, OptionList, Select
+from textual.widgets.option_list import Option
+
+from vramancer.engine.engine import LoadOptions
+from vramancer.engine.planner import STRATEGIES
+from vramancer.widgets.placement import Verdict
+
+HELP = """\
+# VRAMancer
+
+One language model, split across several devices. Watch the split; change it live.
+
+## Panels
+- **devices**: memory of each device: model weights, KV cache, other, free; utilisation,
+  temperature and power where the device tells them (— where it does not); memory over time.
+- **placement**: a column per device, a tile per run of layers on it, plus the embed and head.
+  A column's border turns yellow, then red, as its device fills.
+- **links**: data that crossed between devices: GB/s over time, last and peak, bytes carried.
+- **console**: talk to the model. Each prompt is sent with the earlier turns.
+- **events**: what the engine did: loads, plans, migrations, refusals, errors.
+
+## Moving layers
+- **Drag** a tile onto another column and let go. While you hover, the column says whether it
+  would fit; a move that cannot fit is refused and nothing changes.
+- **Part of a block**: shift+click a layer on the tile's strip, shift+click another to extend;
+  or focus the tile and press `[` / `]` to drop a layer from either end, `a` for the whole block.
+- **Keyboard**: tab to a tile, press `m`, pick the device.
+- Moves work while an answer streams; the answer carries on unchanged.
+
+## Keys
+| key | does |
+|---|---|
+| enter | send the prompt |
+| esc | cancel the answer streaming; otherwise leave the prompt |
+| ↑ / ↓ | earlier / later prompts |
+| ctrl+l | new conversation |
+| tab / shift+tab | move between tiles and the prompt |
+| m | move the focused tile to another device |
+| ctrl+p | commands: load a model, re-plan, export metrics |
+| ? / f1 | this help |
+| q / ctrl+q | quit |
+"""
+
+
+class HelpScreen(ModalScreen[None]):
+    """Keys, panels and the drag gesture, in one page."""
+
+    BINDINGS = [
+        Binding("escape,q,question_mark,f1", "dismiss", "Close"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help-body"):
+            yield Markdown(HELP)
+
+    def action_dismiss(self) -> None:  # type: ignore[override]
+        self.dismiss(None)
+
+
+class MoveTargetScreen(ModalScreen[str | None]):
+    """The keyboard path of a migration: pick the device the selected layers go to."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, what: str, verdicts: list[Verdict]) -> None:
+        super().__init__()
+        self.what = what
+        self.verdicts = verdicts
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="move-dialog"):
+            yield Label(f"Move {self.what} to…", id="move-title")
+            options = []
+            for verdict in self.verdicts:
+                note = "fits" if verdict.fits else f"won't fit: {verdict.reason}"
+                options.append(Option(f"{verdict.device} · {note}", id=verdict.device))
+            yield OptionList(*options, id="move-targets")
+            yield Label("enter moves · esc cancels", classes="dialog-hint")
+
+    @on(OptionList.OptionSelected)
+    def _chosen(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class LoadModelScreen(ModalScreen[LoadOptions | None]):
+    """Load another model (or the same one differently): the dashboard's --model/--devices flags."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, current: LoadOptions) -> None:
+        super().__init__()
+        self.current = current
+
+    def compose(self) -> ComposeResult:
+        current = self.current
+        with Vertical(id="load-dialog"):
+            yield Label("Load a model", id="load-title")
+            yield Label("model: default, a folder, a .gguf file or a hub id")
+            yield Input(current.model, id="load-model")
+            yield Label("devices: auto, cuda:0,cpu, sim:3x2GiB …")
+            yield Input(current.devices, id="load-devices")
+            with Horizontal(classes="load-row"):
+                with Vertical():
+                    yield Label("strategy")
+                    yield Select([(s, s) for s in STRATEGIES], value=current.strategy, allow_blank=False,
+                                 id="load-strategy")
+                with Vertical():
+                    yield Label("context (tokens)")
+                    yield Input(str(current.context), id="load-context", type="integer")
+                with Vertical():
+                    yield Label("dtype")
+                    yield Select([(d, d) for d in ("auto", "float32", "float16", "bfloat16")],
+                                 value=current.dtype, allow_blank=False, id="load-dtype")
+            with Horizontal(classes="load-row"):
+                yield Button("Load", variant="primary", id="load-go")
+                yield Button("Cancel", id="load-cancel")
+
+    @on(Button.Pressed, "#load-go")
+    @on(Input.Submitted)
+    def _load(self) -> None:
+        context_text = self.query_one("#load-context", Input).value.strip()
+        if not context_text.isdigit() or int(context_text) < 1:
+            self.notify("The context is a number of tokens, at least 1.", severity="error")
+            return
+        self.dismiss(LoadOptions(
+            model=self.query_one("#load-model", Input).value.strip() or "default",
+            devices=self.query_one("#load-devices", Input).value.strip() or "auto",
+            strategy=str(self.query_one("#load-strategy", Select).value),
+            context=int(context_text),
+            dtype=str(self.query_one("#load-dtype", Select).value),
+        ))
+
+    @on(Button.Pressed, "#load-cancel")
+    def action_cancel(self) -> None:
+        self.dismiss(None)

@@ -1,0 +1,173 @@
+"""The #console panel: a conversation with the model, streamed as it is decoded.
+
+Each prompt goes to the engine with the earlier turns, so the model sees the conversation
+through its chat template. The console keeps the turns, the prompt history and which request
+is streaming; the App carries requests to the engine and answers back.
+"""
+
+from __future__ import annotations
+
+from textual import on
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.message import Message
+from textual.widgets import Input, Static
+
+from vramancer.engine.events import GenerationDone
+
+REDRAW_INTERVAL = 0.1  # seconds between redraws of a streaming answer
+
+
+class PromptInput(Input):
+    """The prompt line, with up/down recalling earlier prompts like a shell."""
+
+    BINDINGS = [
+        Binding("up", "history(-1)", "Earlier prompt", show=False),
+        Binding("down", "history(1)", "Later prompt", show=False),
+    ]
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.history: list[str] = []
+        self._position = 0  # == len(history) when showing the line being typed
+        self._draft = ""
+
+    def remember(self, prompt: str) -> None:
+        if not self.history or self.history[-1] != prompt:
+            self.history.append(prompt)
+        self._position = len(self.history)
+        self._draft = ""
+
+    def action_history(self, step: int) -> None:
+        if not self.history:
+            return
+        if self._position == len(self.history):
+            self._draft = self.value
+        self._position = max(0, min(self._position + step, len(self.history)))
+        self.value = self._draft if self._position == len(self.history) else self.history[self._position]
+        self.cursor_position = len(self.value)
+
+
+class ConsolePanel(Vertical):
+    """Transcript, stats line and prompt. Streams one answer at a time."""
+
+    class Ask(Message):
+        """Send this conversation to the model (the last message is the new prompt)."""
+
+        def __init__(self, messages: tuple[dict, ...], request_id: int) -> None:
+            super().__init__()
+            self.messages = messages
+            self.request_id = request_id
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.border_title = "console"
+        self.ready = False  # a model is loaded and answers can be asked for
+        self.messages: list[dict] = []  # the conversation so far, as chat messages
+        self.request_id = 0
+        self.streaming: int | None = None  # the request whose answer is arriving
+        self.answer_text = ""
+        self.transcript = VerticalScroll(id="transcript")
+        self.stats = Static("", id="stats")
+        self.prompt = PromptInput(id="prompt", placeholder="Ask the model…  (enter send · esc cancel · ↑↓ history)")
+        self._answer: Static | None = None
+        self._redraw_pending = False
+
+    def compose(self):
+        yield self.transcript
+        yield self.stats
+        yield self.prompt
+
+    @property
+    def generating(self) -> bool:
+        return self.streaming is not None
+
+    @on(Input.Submitted, "#prompt")
+    def _submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        prompt = event.value.strip()
+        if not prompt:
+            return
+        if not self.ready:
+            self.app.notify("No model is loaded yet; the prompt will be ready when it is.", severity="warning")
+            return
+        if self.generating:
+            self.app.notify("An answer is still streaming; press Esc to cancel it first.", severity="warning")
+            return
+        self.prompt.remember(prompt)
+        self.prompt.value = ""
+        self.request_id += 1
+        self.streaming = self.request_id
+        self.messages.append({"role": "user", "content": prompt})
+        self.answer_text = ""
+        self.transcript.mount(Static(f"› {prompt}", classes="user-turn", markup=False))
+        self._answer = Static("", classes="answer", markup=False)
+        self.transcript.mount(self._answer)
+        self.stats.update("thinking…")
+        self.transcript.scroll_end(animate=False)
+        self.post_message(self.Ask(tuple(dict(m) for m in self.messages), self.request_id))
+
+    def add_text(self, request_id: int, text: str) -> None:
+        """Append streamed text to the answer of `request_id` (stale requests are ignored)."""
+        if request_id != self.streaming or self._answer is None or not text:
+            return
+        self.answer_text += text
+        if not self._redraw_pending:
+            self._redraw_pending = True
+            self.set_timer(REDRAW_INTERVAL, self._redraw)
+
+    def _redraw(self) -> None:
+        """Show the answer so far. At most every REDRAW_INTERVAL: re-wrapping a long answer for
+        every token would take the CPU the model needs to decode."""
+        self._redraw_pending = False
+        if self.streaming is None or self._answer is None:
+            return
+        self._answer.update(self.answer_text)
+        self.stats.update("streaming…  esc cancels")
+        self.transcript.scroll_end(animate=False)
+
+    def finish(self, done: GenerationDone) -> None:
+        """The answer is complete (or was cancelled): keep it as the model's turn, show stats."""
+        if done.request_id != self.streaming:
+            return
+        self.streaming = None
+        self.answer_text = done.text
+        if self._answer is not None:
+            self._answer.update(done.text or "(no text)")
+            self._answer.set_class(done.cancelled, "-cancelled")
+        self.messages.append({"role": "assistant", "content": done.text})
+        ttft = f"{done.ttft_s:.2f} s" if done.ttft_s is not None else "—"
+        rate = f"{done.decode_tokens_per_s:.1f} tok/s" if done.decode_tokens_per_s else "— tok/s"
+        head = "cancelled · " if done.cancelled else ""
+        self.stats.update(f"{head}first token {ttft} · {rate} · {done.prompt_tokens} prompt + "
+                          f"{done.new_tokens} new tokens")
+        self.transcript.scroll_end(animate=False)
+
+    def fail(self, message: str) -> None:
+        """The engine refused the request: say why, and forget the prompt it was refused for."""
+        if self.streaming is None:
+            return
+        self.streaming = None
+        if self.messages and self.messages[-1]["role"] == "user":
+            self.messages.pop()
+        if self._answer is not None:
+            self._answer.update(message)
+            self._answer.add_class("-error")
+        self.stats.update("refused · ctrl+l starts a new conversation")
+
+    def new_conversation(self) -> int | None:
+        """Forget every turn. Returns the request still streaming, which the caller cancels."""
+        abandoned = self.streaming
+        self.streaming = None
+        self.messages = []
+        self.answer_text = ""
+        self._answer = None
+        self.transcript.remove_children()
+        self.stats.update("new conversation")
+        return abandoned
+
+    def stop_streaming(self) -> None:
+        """The model went away (a new load): nothing is streaming any more."""
+        if self.streaming is not None and self._answer is not None:
+            self._answer.add_class("-cancelled")
+        self.streaming = None

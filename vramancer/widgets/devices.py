@@ -1,0 +1,132 @@
+"""The #devices panel: one card per device with its memory split, readings and trend."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from rich.text import Text
+from textual.containers import VerticalScroll
+from textual.widget import Widget
+
+from vramancer.engine.events import DeviceInfo, DeviceSnapshot
+from vramancer.engine.units import format_bytes
+from vramancer.widgets.charts import spark
+
+UNKNOWN = "—"
+HISTORY = 240  # samples kept for the sparkline: two minutes at 2 Hz
+
+
+def reading(value: float | None, unit: str, digits: int = 0) -> str:
+    """A telemetry number with its unit, or "—" when the device cannot tell."""
+    return UNKNOWN if value is None else f"{value:.{digits}f}{unit}"
+
+
+class DeviceCard(Widget):
+    """One device: what it is, how its memory is split, how busy it is, and memory over time.
+
+    A single rendered widget rather than a tree of labels: it redraws twice a second and its
+    bar is sized to the width it is given."""
+
+    COMPONENT_CLASSES = {
+        "devicecard--name",
+        "devicecard--kind",
+        "devicecard--weights",
+        "devicecard--kv",
+        "devicecard--other",
+        "devicecard--free",
+        "devicecard--dim",
+        "devicecard--trend",
+    }
+
+    def __init__(self, info: DeviceInfo) -> None:
+        super().__init__(classes="device-card")
+        self.info = info
+        self.snapshot: DeviceSnapshot | None = None
+        self.used_history: deque[float] = deque(maxlen=HISTORY)
+
+    def show(self, snapshot: DeviceSnapshot) -> None:
+        self.snapshot = snapshot
+        self.used_history.append(float(snapshot.used))
+        self.refresh(layout=True)
+
+    def get_content_height(self, container, viewport, width: int) -> int:
+        return len(self._lines(width))
+
+    def render(self) -> Text:
+        text = Text("\n").join(self._lines(max(self.content_region.width, 10)))
+        text.no_wrap, text.overflow = True, "ellipsis"
+        return text
+
+    def _lines(self, width: int) -> list[Text]:
+        """The card's lines at `width` cells; the legend takes two lines when one is too narrow."""
+        style = self.get_component_rich_style
+        info, snap = self.info, self.snapshot
+        kind = "simulated" if info.simulated else info.label
+        total = format_bytes(snap.total if snap else info.total)
+        title = Text(no_wrap=True, overflow="ellipsis")
+        title.append(info.name, style("devicecard--name"))
+        title.append(f"  {kind}", style("devicecard--kind"))
+        title.append(" " * max(width - len(info.name) - 2 - len(kind) - len(total), 1))
+        title.append(total)
+        if snap is None:
+            return [title, Text("waiting for the first reading…", style("devicecard--dim"))]
+        legend = self._legend(snap)
+        if sum(len(t) for t in legend) + len(legend) - 1 <= width:
+            legend_lines = [Text(" ").join(legend)]
+        else:
+            legend_lines = [Text(" ").join(legend[:2]), Text(" ").join(legend[2:])]
+        readings = (f"util {reading(snap.utilization, '%')}  temp {reading(snap.temperature, '°C')}  "
+                    f"power {reading(snap.power, ' W')}  ")
+        status = Text(no_wrap=True, overflow="ellipsis")
+        status.append(readings, style("devicecard--dim"))
+        status.append(spark(self.used_history, snap.total, max(width - len(readings), 0)),
+                      style("devicecard--trend"))
+        return [title, self._bar(snap, width), *legend_lines, status]
+
+    def _bar(self, snap: DeviceSnapshot, width: int) -> Text:
+        """Weights, KV cache, other, free: each a run of cells in proportion to its bytes."""
+        total = max(snap.total, 1)
+        parts = [(snap.weights, "devicecard--weights", "█"), (snap.kv, "devicecard--kv", "█"),
+                 (snap.other, "devicecard--other", "█")]
+        bar = Text()
+        used_cells = 0
+        for nbytes, component, glyph in parts:
+            cells = round(nbytes / total * width)
+            if nbytes > 0:
+                cells = max(cells, 1)  # a non-zero share stays visible
+            cells = min(cells, width - used_cells)
+            bar.append(glyph * cells, self.get_component_rich_style(component))
+            used_cells += cells
+        bar.append("░" * (width - used_cells), self.get_component_rich_style("devicecard--free"))
+        return bar
+
+    def _legend(self, snap: DeviceSnapshot) -> list[Text]:
+        style = self.get_component_rich_style
+        items = []
+        for label, nbytes, component in (("weights", snap.weights, "devicecard--weights"),
+                                         ("KV", snap.kv, "devicecard--kv"),
+                                         ("other", snap.other, "devicecard--other"),
+                                         ("free", snap.free, "devicecard--free")):
+            items.append(Text.assemble(("■ ", style(component)), f"{label} {format_bytes(nbytes)}"))
+        return items
+
+
+class DevicesPanel(VerticalScroll):
+    """Holds one DeviceCard per device of the loaded model."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.border_title = "devices"
+        self.cards: dict[str, DeviceCard] = {}
+
+    async def set_devices(self, devices: tuple[DeviceInfo, ...]) -> None:
+        """A new model (and so maybe new devices): start the cards afresh."""
+        await self.remove_children()
+        self.cards = {d.name: DeviceCard(d) for d in devices}
+        await self.mount_all(self.cards.values())
+
+    def show_sample(self, snapshots: tuple[DeviceSnapshot, ...]) -> None:
+        for snap in snapshots:
+            card = self.cards.get(snap.name)
+            if card is not None:
+                card.show(snap)

@@ -1,0 +1,58 @@
+"""The #events panel: a running log of what the engine did, one line per event."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widgets import RichLog
+
+from vramancer.engine import events as ev
+from vramancer.engine.migration import part_label
+from vramancer.engine.units import format_bytes, format_rate
+
+
+def describe_plan(plan: ev.PlanSnapshot) -> str:
+    """The placement in model order, e.g. "embed sim0 · L0–14 sim0 · L15–29 sim1 · head sim1"."""
+    parts = [f"embed {plan.embed}"] + [f"{b.label} {b.device}" for b in plan.blocks] + [f"head {plan.head}"]
+    return " · ".join(parts)
+
+
+def describe(event: ev.Event) -> tuple[str, str] | None:
+    """(line, style) for an event worth a line in the log; None for the ones that are not."""
+    if isinstance(event, ev.Loaded):
+        pool = " (simulated)" if event.simulated else ""
+        return (f"loaded {event.model} · {event.dtype} · context {event.context} · "
+                f"{len(event.devices)} devices{pool}", "bold")
+    if isinstance(event, ev.PlanChanged):
+        return f"plan ({event.plan.strategy}): {describe_plan(event.plan)}", ""
+    if isinstance(event, ev.MigrationStarted):
+        return f"moving {part_label(event.first, event.last)} → {event.device}…", "dim"
+    if isinstance(event, ev.MigrationDone):
+        rate = format_rate(event.bytes / event.seconds) if event.seconds > 0 else "instant"
+        when = f" at token {event.step}" if event.step is not None else ""
+        return (f"moved {part_label(event.first, event.last)} {event.src} → {event.dst} · "
+                f"{format_bytes(event.bytes)} in {event.seconds * 1000:.1f} ms · {rate}{when}", "green")
+    if isinstance(event, ev.MigrationRefused):
+        return f"refused {part_label(event.first, event.last)} → {event.device}: {event.reason}", "yellow"
+    if isinstance(event, ev.GenerationDone):
+        rate = f" · {event.decode_tokens_per_s:.1f} tok/s" if event.decode_tokens_per_s else ""
+        verb = "cancelled after" if event.cancelled else "answered"
+        return f"{verb} {event.new_tokens} tokens{rate}", "dim"
+    if isinstance(event, ev.Error):
+        return f"{event.command} failed: {event.message}", "bold red"
+    return None
+
+
+class EventsLog(RichLog):
+    """Engine events as they happen, plus the dashboard's own notes (exports, refusals)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(wrap=True, markup=False, max_lines=1000, min_width=20, **kwargs)
+        self.border_title = "events"
+
+    def show(self, event: ev.Event) -> None:
+        line = describe(event)
+        if line is not None:
+            self.note(*line)
+
+    def note(self, text: str, style: str = "") -> None:
+        self.write(Text(text, style=style))

@@ -1,0 +1,419 @@
+"""The #placement panel: one column per device, one tile per contiguous run of layers.
+
+A tile is dragged onto another column to migrate it, the way Textual's scrollbar drags its
+thumb: capture the mouse on press, follow it while it moves, release on the button coming up.
+While a tile is over a column, the column says whether the move would fit, priced by the
+engine's own memory model (`PlanSnapshot.would_fit`) against the latest free bytes; a move that
+would not fit is refused here with a notification and never reaches the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.text import Text
+from textual import events
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.errors import NoWidget
+from textual.message import Message
+from textual.widget import Widget
+from textual.widgets import Static
+
+from vramancer.engine.events import DeviceInfo, DeviceSnapshot, PlanSnapshot
+from vramancer.engine.migration import part_label
+from vramancer.engine.units import format_bytes
+
+Part = int | str
+
+# A column turns warm, then full, as its device fills (share of its memory in use).
+WARM, FULL = 0.70, 0.90
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a part range may move to a device, and the sentence that says why not."""
+
+    device: str
+    fits: bool
+    reason: str = ""
+
+
+class BlockTile(Widget, can_focus=True):
+    """A contiguous run of layers on one device (or the embed / head part).
+
+    The tile carries a selection inside its block, the whole block by default: shift+click on the
+    layer strip picks a sub-range (first click one layer, second click extends), `[` / `]` drop a
+    layer from either end, `a` takes the whole block again. Dragging or `m` moves the selection."""
+
+    ALLOW_SELECT = False  # a press starts a drag, never a text selection
+
+    BINDINGS = [
+        Binding("m", "choose_target", "Move to…"),
+        Binding("left_square_bracket", "shrink_front", "Drop first layer", show=False),
+        Binding("right_square_bracket", "shrink_back", "Drop last layer", show=False),
+        Binding("a", "select_all", "Whole block", show=False),
+    ]
+
+    COMPONENT_CLASSES = {"blocktile--selected", "blocktile--unselected", "blocktile--note"}
+
+    class TargetWanted(Message):
+        """The keyboard path: the user pressed `m` on this tile and must now pick a device."""
+
+        def __init__(self, tile: "BlockTile") -> None:
+            super().__init__()
+            self.tile = tile
+
+    def __init__(self, first: Part, last: Part, device: str, plan: PlanSnapshot) -> None:
+        super().__init__(classes="block-tile")
+        self.first, self.last, self.device = first, last, device
+        self.plan = plan
+        self.sel_first: Part = first
+        self.sel_last: Part = last
+        self.moving_to: str | None = None
+        self._anchor: int | None = None
+        self._dragging = False
+        if isinstance(first, str):
+            self.add_class(f"-{first}")
+
+    # --- what the tile holds -----------------------------------------------------------
+
+    @property
+    def is_layers(self) -> bool:
+        return isinstance(self.first, int)
+
+    @property
+    def count(self) -> int:
+        return int(self.last) - int(self.first) + 1 if self.is_layers else 1
+
+    @property
+    def selection(self) -> tuple[Part, Part]:
+        return self.sel_first, self.sel_last
+
+    @property
+    def partial(self) -> bool:
+        return self.selection != (self.first, self.last)
+
+    def select(self, first: int, last: int) -> None:
+        """Select layers first..last, clamped to this block."""
+        lo, hi = int(self.first), int(self.last)
+        first, last = max(lo, min(first, hi)), max(lo, min(last, hi))
+        self.sel_first, self.sel_last = min(first, last), max(first, last)
+        self.refresh(layout=True)
+
+    def set_moving(self, device: str | None) -> None:
+        self.moving_to = device
+        self.set_class(device is not None, "-moving")
+        self.refresh(layout=True)
+
+    # --- drawing -----------------------------------------------------------------------
+
+    def get_content_height(self, container, viewport, width: int) -> int:
+        return len(self._lines(width))
+
+    def render(self) -> Text:
+        text = Text("\n").join(self._lines(max(self.content_region.width, 4)))
+        text.no_wrap, text.overflow = True, "ellipsis"
+        return text
+
+    def _lines(self, width: int) -> list[Text]:
+        size = format_bytes(self.plan.part_bytes(self.first, self.last))
+        lines = [Text(f"{part_label(self.first, self.last)} · {size}", no_wrap=True, overflow="ellipsis")]
+        if self.is_layers and self.count > 1:
+            lines.append(self._strip(width))
+        note = self.get_component_rich_style("blocktile--note")
+        if self.moving_to is not None:
+            what = part_label(*self.selection)
+            lines.append(Text(f"moving {what} → {self.moving_to}…", note, no_wrap=True, overflow="ellipsis"))
+        elif self.partial:
+            size = format_bytes(self.plan.part_bytes(*self.selection))
+            lines.append(Text(f"selected {part_label(*self.selection)} · {size}", note,
+                              no_wrap=True, overflow="ellipsis"))
+        return lines
+
+    def _strip(self, width: int) -> Text:
+        """One run of cells per layer, the selected layers lit: the target of shift+click."""
+        strip = Text(no_wrap=True)
+        selected = self.get_component_rich_style("blocktile--selected")
+        unselected = self.get_component_rich_style("blocktile--unselected")
+        for x in range(width):
+            layer = self._layer_at(x, width)
+            lit = int(self.sel_first) <= layer <= int(self.sel_last)
+            strip.append("▆" if lit else "▁", selected if lit else unselected)
+        return strip
+
+    def _layer_at(self, x: int, width: int | None = None) -> int:
+        width = width or max(self.content_region.width, 1)
+        return int(self.first) + min(self.count - 1, max(x, 0) * self.count // width)
+
+    # --- keyboard ----------------------------------------------------------------------
+
+    def action_choose_target(self) -> None:
+        if self.moving_to is None:
+            self.post_message(self.TargetWanted(self))
+
+    def action_shrink_front(self) -> None:
+        if self.is_layers and self.sel_first != self.sel_last:
+            self.select(int(self.sel_first) + 1, int(self.sel_last))
+
+    def action_shrink_back(self) -> None:
+        if self.is_layers and self.sel_first != self.sel_last:
+            self.select(int(self.sel_first), int(self.sel_last) - 1)
+
+    def action_select_all(self) -> None:
+        if self.is_layers:
+            self.select(int(self.first), int(self.last))
+
+    # --- mouse: shift+click selects, press-move-release drags ---------------------------
+
+    def on_mouse_down(self, event: events.MouseDown) -> None:
+        if event.button != 1 or self.moving_to is not None:
+            return
+        event.stop()
+        if event.shift:
+            self._shift_select(event)
+            return
+        self._dragging = True
+        self.add_class("-dragging")
+        self.capture_mouse()
+
+    def _shift_select(self, event: events.MouseDown) -> None:
+        if not self.is_layers:
+            return
+        x = event.x - self.gutter.left
+        layer = self._layer_at(x)
+        if self._anchor is None or not self.partial:
+            self._anchor = layer
+            self.select(layer, layer)
+        else:
+            self.select(self._anchor, layer)
+            self._anchor = None
+
+    def on_mouse_move(self, event: events.MouseMove) -> None:
+        if self._dragging:
+            self._panel.drag_over(self, self._column_at(event.screen_x, event.screen_y))
+
+    def on_mouse_up(self, event: events.MouseUp) -> None:
+        if not self._dragging:
+            return
+        event.stop()
+        self._end_drag()
+        self._panel.drop(self, self._column_at(event.screen_x, event.screen_y))
+
+    def on_hide(self) -> None:
+        if self._dragging:
+            self._end_drag()
+            self._panel.drag_over(self, None)
+
+    def on_unmount(self) -> None:
+        if self._dragging:
+            self.release_mouse()
+
+    def _end_drag(self) -> None:
+        self._dragging = False
+        self.remove_class("-dragging")
+        self.release_mouse()
+
+    def _column_at(self, x: int, y: int) -> "DeviceColumn | None":
+        try:
+            widget, _ = self.screen.get_widget_at(x, y)
+        except NoWidget:
+            return None
+        for node in widget.ancestors_with_self:
+            if isinstance(node, DeviceColumn):
+                return node
+        return None
+
+    @property
+    def _panel(self) -> "PlacementPanel":
+        return self.query_ancestor(PlacementPanel)
+
+
+class DeviceColumn(Vertical):
+    """Everything the plan put on one device, coloured by how full that device is."""
+
+    def __init__(self, info: DeviceInfo) -> None:
+        super().__init__(classes="device-column")
+        self.device = info.name
+        self.info = info
+        self.border_title = info.name
+        self.summary = Static("", classes="column-summary")
+        self.preview = Static("", classes="drop-preview")
+
+    def compose(self):
+        yield self.summary
+        yield self.preview
+
+    def show_fullness(self, used: int, total: int, need: int | None) -> None:
+        share = used / total if total else 0.0
+        self.set_class(share < WARM, "-roomy")
+        self.set_class(WARM <= share < FULL, "-warm")
+        self.set_class(share >= FULL, "-full")
+        self.border_subtitle = f"{share:.0%} used"
+        need_text = f"plan {format_bytes(need)} · " if need is not None else ""
+        self.summary.update(f"{need_text}{format_bytes(total - used)} free")
+
+    def show_verdict(self, verdict: Verdict | None, what: str = "") -> None:
+        """Preview a drop while a tile hovers over this column; None clears it."""
+        self.set_class(verdict is not None and verdict.fits, "-drop-ok")
+        self.set_class(verdict is not None and not verdict.fits, "-drop-bad")
+        if verdict is None:
+            self.preview.update("")
+        elif verdict.fits:
+            self.preview.update(f"✓ {what} fits here")
+        else:
+            self.preview.update(f"✗ {what} won't fit")
+
+    async def set_tiles(self, tiles: list[BlockTile]) -> None:
+        await self.query(BlockTile).remove()
+        await self.mount_all(tiles, before=self.preview)
+
+
+class PlacementPanel(Horizontal):
+    """The columns, the tiles, and the drag-to-migrate rules that tie them to the plan."""
+
+    class MoveRequested(Message):
+        """The user asked for a move that fits: the App hands it to the engine."""
+
+        def __init__(self, first: Part, last: Part, device: str) -> None:
+            super().__init__()
+            self.first, self.last, self.device = first, last, device
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.border_title = "placement"
+        self.plan: PlanSnapshot | None = None
+        self.devices: tuple[DeviceInfo, ...] = ()
+        self.free: dict[str, int] = {}
+        self.used: dict[str, int] = {}
+        self.moving: dict[tuple[Part, Part], str] = {}
+        self.columns: dict[str, DeviceColumn] = {}
+        self._hovered: DeviceColumn | None = None
+
+    # --- what the App tells it -----------------------------------------------------------
+
+    async def set_devices(self, devices: tuple[DeviceInfo, ...]) -> None:
+        """New devices (a new load): new, empty columns. Awaited, so tiles have somewhere to go."""
+        self.devices = devices
+        self.plan = None
+        self.free, self.used, self.moving = {}, {}, {}
+        self._hovered = None
+        await self.remove_children()
+        self.columns = {d.name: DeviceColumn(d) for d in devices}
+        await self.mount_all(self.columns.values())
+
+    async def show_plan(self, plan: PlanSnapshot) -> None:
+        """Lay the tiles out afresh for a new placement, keeping focus on the moved range."""
+        focused = self.screen.focused
+        keep = focused.selection if isinstance(focused, BlockTile) and focused in self.walk_children() else None
+        self.plan = plan
+        for name, column in self.columns.items():
+            await column.set_tiles(self._tiles_for(name, plan))
+        self._refresh_fullness()
+        if keep is not None:
+            self.call_after_refresh(self._focus_range, keep)
+
+    def show_sample(self, snapshots: tuple[DeviceSnapshot, ...]) -> None:
+        for snap in snapshots:
+            self.free[snap.name] = snap.free
+            self.used[snap.name] = snap.used
+        self._refresh_fullness()
+
+    def settle(self, first: Part, last: Part) -> None:
+        """A move ended (done, refused or failed): its tile stops showing it as moving."""
+        self.moving.pop((first, last), None)
+        for tile in self.query(BlockTile):
+            if tile.selection == (first, last):
+                tile.set_moving(None)
+
+    def settle_all(self) -> None:
+        for first, last in list(self.moving):
+            self.settle(first, last)
+
+    # --- pricing a move ------------------------------------------------------------------
+
+    def free_bytes(self) -> dict[str, int]:
+        """Free bytes per device: the latest reading, else what the plan leaves of each device."""
+        assert self.plan is not None
+        return {d.name: self.free.get(d.name, d.total - self.plan.needs.get(d.name, 0)) for d in self.devices}
+
+    def verdict(self, first: Part, last: Part, device: str) -> Verdict:
+        assert self.plan is not None
+        reason = self.plan.would_fit(first, last, device, self.free_bytes())
+        return Verdict(device, reason is None, reason or "")
+
+    def targets(self, tile: BlockTile) -> list[Verdict]:
+        """Every other device, with whether the tile's selection fits there."""
+        return [self.verdict(*tile.selection, d.name) for d in self.devices if d.name != tile.device]
+
+    def request_move(self, tile: BlockTile, device: str) -> bool:
+        """Refuse a move that cannot fit (notification, nothing sent); else ask the App for it."""
+        if self.plan is None or device == tile.device or tile.moving_to is not None:
+            return False
+        first, last = tile.selection
+        verdict = self.verdict(first, last, device)
+        if not verdict.fits:
+            self.app.notify(verdict.reason, title="Won't fit", severity="error")
+            return False
+        self.moving[(first, last)] = device
+        tile.set_moving(device)
+        self.post_message(self.MoveRequested(first, last, device))
+        return True
+
+    # --- the drag, as the tile reports it ------------------------------------------------
+
+    def drag_over(self, tile: BlockTile, column: DeviceColumn | None) -> None:
+        if column is self._hovered:
+            return
+        if self._hovered is not None:
+            self._hovered.show_verdict(None)
+        self._hovered = column
+        if column is not None and column.device != tile.device and self.plan is not None:
+            column.show_verdict(self.verdict(*tile.selection, column.device), part_label(*tile.selection))
+
+    def drop(self, tile: BlockTile, column: DeviceColumn | None) -> None:
+        self.drag_over(tile, None)
+        if column is not None and column.device != tile.device:
+            self.request_move(tile, column.device)
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _tiles_for(self, device: str, plan: PlanSnapshot) -> list[BlockTile]:
+        """Tiles in model order: embed first, then its layer runs, then the head."""
+        tiles = []
+        if plan.embed == device:
+            tiles.append(BlockTile("embed", "embed", device, plan))
+        for block in plan.blocks:
+            if block.device == device:
+                tiles.append(BlockTile(block.first_layer, block.last_layer, device, plan))
+        if plan.head == device:
+            tiles.append(BlockTile("head", "head", device, plan))
+        for tile in tiles:
+            for (first, last), target in self.moving.items():
+                if _within(first, last, tile.first, tile.last):
+                    tile.sel_first, tile.sel_last = first, last
+                    tile.moving_to = target
+                    tile.add_class("-moving")
+        return tiles
+
+    def _refresh_fullness(self) -> None:
+        for d in self.devices:
+            column = self.columns.get(d.name)
+            if column is None:
+                continue
+            need = self.plan.needs.get(d.name) if self.plan else None
+            used = self.used.get(d.name, need or 0)
+            column.show_fullness(used, d.total, need)
+
+    def _focus_range(self, selection: tuple[Part, Part]) -> None:
+        for tile in self.query(BlockTile):
+            if _within(*selection, tile.first, tile.last):
+                tile.focus()
+                return
+
+
+def _within(first: Part, last: Part, block_first: Part, block_last: Part) -> bool:
+    """Whether first..last lies inside block_first..block_last (embed/head only match themselves)."""
+    if isinstance(first, str) or isinstance(block_first, str):
+        return first == block_first
+    return int(block_first) <= int(first) and int(last) <= int(block_last)
