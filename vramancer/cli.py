@@ -33,10 +33,13 @@ def _add_load_flags(parser: argparse.ArgumentParser, model: bool = True) -> None
                             help="default (bundled SmolLM2-135M-Instruct), a model folder, a .gguf file or a hub id")
     parser.add_argument("--devices", default=_env("DEVICES", "auto"),
                         help="auto | cuda:0=10GiB,cpu | mps,cpu | sim:3x2GiB | sim:4GiB,1GiB")
-    parser.add_argument("--strategy", default=_env("STRATEGY", "proportional"), help="proportional | sequential")
+    parser.add_argument("--strategy", default=_env("STRATEGY", "proportional"), help="proportional | sequential | profiled")
     parser.add_argument("--context", type=int, default=int(_env("CONTEXT", "2048")),
                         help="tokens of KV cache to budget for (default 2048)")
     parser.add_argument("--dtype", default=_env("DTYPE", "auto"), choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--reprofile", action="store_true", help="measure device and link timings afresh")
+    parser.add_argument("--auto-rebalance", action="store_true", default=_env("AUTO_REBALANCE", "") == "1",
+                        help="move layers off a device by themselves when something else takes its memory")
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -123,11 +126,13 @@ def _devices(args) -> int:
 
 def _plan(args) -> int:
     from vramancer.engine.engine import prepare
-    from vramancer.engine.planner import make_plan
     from vramancer.engine.units import format_bytes
 
-    source, profile, devices, dtype, fallback = prepare(args.model, args.devices, args.context, args.dtype)
-    plan = make_plan(profile, devices, args.strategy, args.context)
+    prepared = prepare(args.model, args.devices, args.context, args.dtype, reprofile=args.reprofile)
+    source, profile, devices, dtype, fallback = (prepared.source, prepared.profile, prepared.devices,
+                                                 prepared.dtype, prepared.fallback)
+    plan = prepared.plan(args.strategy)
+    prediction = prepared.pricing.predict(plan.placement)
     rows = []
     for d in devices:
         need = plan.needs[d.name]
@@ -138,7 +143,8 @@ def _plan(args) -> int:
     if args.json:
         print(json.dumps({"model": source.display_name, "dtype": str(dtype).removeprefix("torch."), "strategy": plan.strategy,
                           "context": plan.context, "simulated_fallback": fallback, "placement": blocks,
-                          "embed_device": plan.placement.embed, "head_device": plan.placement.head, "devices": rows}, indent=2))
+                          "embed_device": plan.placement.embed, "head_device": plan.placement.head, "devices": rows,
+                          **prediction.to_json()}, indent=2))
         return 0
     print(f"{source.display_name} · {str(dtype).removeprefix('torch.')} · {plan.strategy} · context {plan.context}"
           + (" · simulated devices" if fallback or all(d.simulated for d in devices) else ""))
@@ -148,6 +154,8 @@ def _plan(args) -> int:
         parts += ["head"] if plan.placement.head == row["device"] else []
         print(f"  {row['device']:<8} {', '.join(parts) or '(nothing)':<22} "
               f"needs {format_bytes(row['need'])} of {format_bytes(row['room'])} free")
+    print(f"  predicted {prediction.tokens_per_s:.1f} tokens/s "
+          f"(decode step {prediction.step_s * 1000:.1f} ms at {prediction.kv_length} cached tokens)")
     return 0
 
 
@@ -158,7 +166,8 @@ def _load_engine(args, quiet: bool):
         if not quiet and sys.stderr.isatty():
             print(f"\r\x1b[2Kloading: {stage} {fraction:.0%}", end="", file=sys.stderr, flush=True)
 
-    engine = Engine.load(args.model, args.devices, args.strategy, args.context, args.dtype, progress=progress)
+    engine = Engine.load(args.model, args.devices, args.strategy, args.context, args.dtype, progress=progress,
+                         reprofile=args.reprofile)
     if not quiet and sys.stderr.isatty():
         print("\r\x1b[2K", end="", file=sys.stderr, flush=True)
     return engine
@@ -183,6 +192,10 @@ def _generate(args) -> int:
         parse_range(range_text)
     parse_device_spec(args.devices)
     engine = _load_engine(args, quiet=args.json)
+    engine.auto_rebalance = args.auto_rebalance
+    if not args.json:
+        engine.on_rebalance = lambda result, why: print(
+            f"\n[{'rebalanced ' + result.describe() + ': ' if result else ''}{why}]", file=sys.stderr, flush=True)
     pending = sorted(schedule, key=lambda item: item[2])
 
     def on_step(step: int) -> None:
@@ -260,7 +273,8 @@ def _dashboard(args) -> int:
     from vramancer.engine.engine import LoadOptions
 
     parse_device_spec(args.devices)  # a malformed spec is refused before the screen opens
-    return run_dashboard(LoadOptions(args.model, args.devices, args.strategy, args.context, args.dtype))
+    return run_dashboard(LoadOptions(args.model, args.devices, args.strategy, args.context, args.dtype,
+                                     auto_rebalance=args.auto_rebalance))
 
 
 # --- helpers ---------------------------------------------------------------------------

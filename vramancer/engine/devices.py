@@ -45,11 +45,14 @@ class MemoryLedger:
     def total(self) -> int:
         return sum(self.claims.values())
 
-    def set(self, category: str, nbytes: int) -> None:
-        """Set one category's claim; refuses (and changes nothing) if the cap would be passed."""
+    def set(self, category: str, nbytes: int, force: bool = False) -> None:
+        """Set one category's claim; refuses (and changes nothing) if the cap would be passed.
+
+        `force` is for memory taken by someone else (another process), who does not ask us:
+        the device may then be over-committed, which is what rebalancing answers."""
         with self._lock:
             after = self.total - self.claims[category] + nbytes
-            if self.capacity is not None and after > self.capacity:
+            if not force and self.capacity is not None and after > self.capacity:
                 raise DeviceFullError(
                     f"{self.device_name} cannot hold {format_bytes(after)}; "
                     f"its capacity is {format_bytes(self.capacity)}."
@@ -112,7 +115,7 @@ class Device:
         """Total and free memory now (free as this process could still use it)."""
         if self.simulated:
             assert self.cap is not None
-            return DeviceReading(total=self.cap, free=self.cap - self.ledger.total)
+            return DeviceReading(total=self.cap, free=max(self.cap - self.ledger.total, 0))
         if self.kind == "cuda":
             reading = _read_cuda(self.index or 0)
         elif self.kind == "mps":

@@ -6,6 +6,7 @@ It is not thread-safe by itself; one thread (the EngineWorker, or a script) owns
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 from dataclasses import dataclass
@@ -37,11 +38,14 @@ from vramancer.engine.planner import (
     EMBED,
     HEAD,
     ModelProfile,
+    Placement,
     Plan,
     device_needs,
     make_plan,
     split_footprint,
 )
+from vramancer.engine import profiler
+from vramancer.engine.profiler import Prediction, Pricing
 from vramancer.engine.runtime import SplitModel
 from vramancer.engine.transfer import LinkStats, TransferManager
 
@@ -58,6 +62,7 @@ class LoadOptions:
     strategy: str = "proportional"
     context: int = 2048
     dtype: str = "auto"
+    auto_rebalance: bool = False
 
 
 class Engine:
@@ -83,6 +88,11 @@ class Engine:
         self.dtype = dtype
         self.simulated_fallback = simulated_fallback
         self.migrations: list[MigrationResult] = []
+        self.pricing: Pricing | None = None  # measured timings, for predictions
+        self.auto_rebalance = False
+        # Told of every automatic move (result, reason) and of pressure nothing could relieve.
+        self.on_rebalance: Callable[[MigrationResult | None, str], None] | None = None
+        self._warned: set[str] = set()
         self._cache = None  # the KV cache of the generation in progress, if any
 
     # --- loading -----------------------------------------------------------------------
@@ -96,13 +106,15 @@ class Engine:
         context: int = 2048,
         dtype: str = "auto",
         progress: ProgressCallback | None = None,
+        reprofile: bool = False,
     ) -> "Engine":
         """Plan first, then read the weights: a plan that cannot fit is refused before any load."""
         report = progress or (lambda stage, fraction: None)
         options = LoadOptions(model, devices if isinstance(devices, str) else "custom", strategy, context, dtype)
         report("reading", 0.0)
-        source, profile, device_list, torch_dtype, fallback = prepare(model, devices, context, dtype)
-        plan = make_plan(profile, device_list, strategy, context)
+        prepared = prepare(model, devices, context, dtype, reprofile=reprofile)
+        source, device_list, torch_dtype, fallback = prepared.source, prepared.devices, prepared.dtype, prepared.fallback
+        plan = prepared.plan(strategy)
         report("reading", 0.2)
         tokenizer = load_tokenizer(source)
         report("dequantising" if source.gguf_file else "reading weights", 0.4)
@@ -115,7 +127,9 @@ class Engine:
         split = SplitModel(weights, profile, device_list, transfer, context)
         split.apply(plan.placement)
         report("placing", 1.0)
-        return cls(options, source, tokenizer, split, plan, device_list, torch_dtype, fallback)
+        engine = cls(options, source, tokenizer, split, plan, device_list, torch_dtype, fallback)
+        engine.pricing = prepared.pricing
+        return engine
 
     # --- facts -------------------------------------------------------------------------
 
@@ -226,10 +240,17 @@ class Engine:
         settings.max_new_tokens = min(settings.max_new_tokens, self.context - prompt_tokens)
         inputs = {k: v.to(self.split.input_device) for k, v in inputs.items()}
         self._cache = DynamicCache(config=self.model.config)
+
+        def between_steps(step: int) -> None:
+            if on_step is not None:
+                on_step(step)
+            if self.auto_rebalance:
+                self.rebalance(step)
+
         try:
             return run_generate(
                 self.model, self.tokenizer, inputs, settings, self._cache,
-                on_text=on_text, on_step=on_step, cancel=cancel,
+                on_text=on_text, on_step=between_steps, cancel=cancel,
             )
         finally:
             self._cache = None
@@ -272,6 +293,40 @@ class Engine:
                          {d.name: d.room() for d in self.devices})
         return result
 
+    def reserve(self, device: str, nbytes: int) -> None:
+        """Take `nbytes` of a simulated device as another process would (for tests and demos).
+
+        The device may end up over-committed; `rebalance` (or --auto-rebalance) answers that."""
+        target = self.device(device)
+        if not target.simulated:
+            raise VramancerError(f"{device} is a real device; only simulated devices can be squeezed.")
+        if nbytes < 0:
+            raise VramancerError(f"a reservation must be 0 bytes or more, not {nbytes}.")
+        target.ledger.set("other", nbytes, force=True)
+
+    def rebalance(self, step: int | None = None) -> list[MigrationResult]:
+        """Move layers off devices under memory pressure; warn once when nothing has room."""
+        from vramancer.engine.rebalance import rebalance
+
+        moves, warnings = rebalance(self)
+        for result in moves:
+            result.step = step
+            if self.on_rebalance is not None:
+                self.on_rebalance(result, f"{result.src} was short of memory")
+        for warning in warnings:
+            if warning not in self._warned and self.on_rebalance is not None:
+                self.on_rebalance(None, warning)
+            self._warned.add(warning)
+        if moves:
+            self._warned.clear()  # the situation changed: a new shortage may be worth a word
+        return moves
+
+    def predict(self, placement: Placement | None = None) -> Prediction:
+        """What `placement` (default: the current one) should cost per token, without applying it."""
+        if self.pricing is None:
+            raise VramancerError("no timings were measured for this model, so nothing can be predicted.")
+        return self.pricing.predict(placement or self.placement)
+
     def would_fit(self, first: int | str, last: int | str, device: str) -> str | None:
         """None if moving first..last to `device` fits, else the sentence a refusal would give."""
         from vramancer.engine.migration import MigrationRefused, part_label, parts_of
@@ -285,7 +340,7 @@ class Engine:
 
     def replan(self, strategy: str) -> Plan:
         """Plan afresh with `strategy` on the same devices and move what must move."""
-        plan = make_plan(self.profile, self.devices, strategy, self.context)
+        plan = make_plan(self.profile, self.devices, strategy, self.context, self.pricing)
         check_room(self.split, plan.placement, "the new plan")
         relocate(self.split, plan.placement, self._cache)
         self.plan = plan
@@ -301,9 +356,27 @@ class Engine:
             torch.cuda.empty_cache()
 
 
-def prepare(model: str, devices: str | DeviceSpec, context: int, dtype: str):
-    """Everything that can be checked before weights are read: the source, the model's
-    sizes, the devices, the dtype. Bad input fails here, in a second or two."""
+@dataclass
+class Prepared:
+    """Everything known before weights are read: enough to plan and to price a plan."""
+
+    source: ModelSource
+    config: object
+    profile: ModelProfile
+    devices: list[Device]
+    dtype: torch.dtype
+    fallback: bool  # `auto` found no accelerator and made a simulated pool
+    context: int
+    pricing: Pricing
+
+    def plan(self, strategy: str) -> Plan:
+        plan = make_plan(self.profile, self.devices, strategy, self.context, self.pricing)
+        return plan
+
+
+def prepare(model: str, devices: str | DeviceSpec, context: int, dtype: str, reprofile: bool = False) -> Prepared:
+    """Everything that can be checked before weights are read: the source, the model's sizes,
+    the devices, the dtype, the timings. Bad input fails here, in a second or two."""
     if context < 1:
         raise VramancerError(f"--context must be at least 1 token, not {context}.")
     spec = parse_device_spec(devices) if isinstance(devices, str) else devices
@@ -313,9 +386,13 @@ def prepare(model: str, devices: str | DeviceSpec, context: int, dtype: str):
     fallback = bool(spec.auto and probe and probe[0].simulated)
     kinds = {d.kind for d in probe} if probe else {r.name.split(":")[0] if not r.name.startswith("sim") else "sim" for r in spec.requests}
     torch_dtype = resolve_dtype(dtype, kinds)
-    profile = ModelProfile.from_model(build_meta_model(config, torch_dtype), torch_dtype)
+    meta = build_meta_model(config, torch_dtype)
+    profile = ModelProfile.from_model(meta, torch_dtype)
     size = int(split_footprint(profile, context) * SIMULATED_SHARE)
-    return source, profile, resolve_devices(spec, simulated_size=size), torch_dtype, fallback
+    device_list = resolve_devices(spec, simulated_size=size)
+    model_key = f"{source.display_name}|{hashlib.sha256(config.to_json_string().encode()).hexdigest()}"
+    timings = profiler.measure(config, meta, device_list, torch_dtype, model_key, reprofile=reprofile)
+    return Prepared(source, config, profile, device_list, torch_dtype, fallback, context, Pricing(timings, profile))
 
 
 __all__ = ["Engine", "LoadOptions", "prepare", "EMBED", "HEAD"]

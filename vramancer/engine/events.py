@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from vramancer.engine.engine import LoadOptions
 from vramancer.engine.migration import part_label, refusal_sentence
 from vramancer.engine.planner import ModelProfile, Placement, parts_for_range, room_shortfall
+from vramancer.engine.profiler import Pricing
 
 # --- commands (UI → worker) ---------------------------------------------------------------
 
@@ -48,6 +49,14 @@ class Generate(Command):
     sampling: dict = field(default_factory=dict)
     raw: bool = False
     request_id: int = 0
+
+
+@dataclass(frozen=True)
+class Reserve(Command):
+    """Take `bytes` of a simulated device as another process would (a squeeze, for demos)."""
+
+    device: str
+    bytes: int
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,18 @@ class PlanSnapshot:
     kinds: dict  # device -> kind
     profile: ModelProfile
     layer_devices: tuple[str, ...]
+    pricing: Pricing | None = None  # measured timings; None when nothing could be measured
+
+    @property
+    def predicted_tokens_per_s(self) -> float | None:
+        return self.pricing.predict(self.placement).tokens_per_s if self.pricing else None
+
+    def predict_move(self, first: int | str, last: int | str, device: str) -> float | None:
+        """Predicted tokens/s of the placement that moving first..last to `device` would make."""
+        if self.pricing is None:
+            return None
+        proposed = self.placement.moved(parts_for_range(self.profile, first, last), device)
+        return self.pricing.predict(proposed).tokens_per_s
 
     @property
     def placement(self) -> Placement:
@@ -216,6 +237,7 @@ class MigrationDone(Event):
     bytes: int
     seconds: float
     step: int | None  # new tokens so far when it ran during a generation, else None
+    reason: str = ""  # why it happened, when the engine decided it (auto-rebalance)
 
     @property
     def gb_per_s(self) -> float:
@@ -238,6 +260,13 @@ class DeviceSample(Event):
 @dataclass(frozen=True)
 class LinkSample(Event):
     links: tuple[LinkSnapshot, ...]
+
+
+@dataclass(frozen=True)
+class Notice(Event):
+    """Something worth a line in the log that is not an error (e.g. pressure nothing can relieve)."""
+
+    message: str
 
 
 @dataclass(frozen=True)

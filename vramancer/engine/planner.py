@@ -8,7 +8,7 @@ per device; the strategies search for a placement whose needs fit every device's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -18,7 +18,7 @@ from vramancer.engine.units import MiB, format_bytes
 
 EMBED = "embed"
 HEAD = "head"
-STRATEGIES = ("proportional", "sequential")
+STRATEGIES = ("proportional", "sequential", "profiled")
 
 # Room kept free on a CUDA device for its context and allocator slack, which no tensor of
 # ours accounts for (accelerate's users lose this to OOMs; llama.cpp's see it as "uneven").
@@ -258,7 +258,21 @@ def split_footprint(profile: ModelProfile, context: int) -> int:
 # --- strategies ------------------------------------------------------------------------
 
 
-def make_plan(profile: ModelProfile, devices: Sequence[Device], strategy: str, context: int) -> Plan:
+class Pricing(Protocol):
+    """Seconds per decode step of each part on each device, and of each hand-over."""
+
+    def part_s(self, part: str | int, device: str) -> float: ...
+    def hand_over_s(self, src: str, dst: str) -> float: ...
+    def logits_s(self, head: str, embed: str) -> float: ...
+
+
+def make_plan(
+    profile: ModelProfile,
+    devices: Sequence[Device],
+    strategy: str,
+    context: int,
+    pricing: Pricing | None = None,
+) -> Plan:
     """Place the model on `devices` with `strategy`, or raise PlanError saying why it cannot."""
     if strategy not in STRATEGIES:
         raise PlanError(f"'{strategy}' is not a strategy; choose one of {', '.join(STRATEGIES)}.")
@@ -266,7 +280,12 @@ def make_plan(profile: ModelProfile, devices: Sequence[Device], strategy: str, c
     accelerators = [d for d in devices if d.kind != "cpu"]
     cpu = [d for d in devices if d.kind == "cpu"]
     placement = None
-    if accelerators:
+    if strategy == "profiled":
+        if pricing is None:
+            raise PlanError("the profiled strategy needs device timings; load the model to measure them.")
+        # Speed decides: a slow CPU only takes layers when that is fastest or nothing else fits.
+        placement = _profiled(profile, list(devices), context, rooms, pricing)
+    elif accelerators:
         placement = _place(profile, accelerators, strategy, context, rooms)
         if placement is None and cpu:
             # The CPU takes the overflow: fill the accelerators first, the rest goes to host memory.
@@ -351,3 +370,63 @@ def _proportional(profile: ModelProfile, devices, context: int, rooms) -> Placem
         counts.append(taken - start)
     placement = _segments_to_placement(profile, devices, counts)
     return placement if _fits(profile, devices, placement, context, rooms) else None
+
+
+def _profiled(profile: ModelProfile, devices: list[Device], context: int, rooms, pricing: Pricing) -> Placement | None:
+    """The contiguous placement, in device order, with the least predicted time per token.
+
+    A dynamic programme over (parts placed, first device used, last device used): each step
+    gives the next segment of parts to a later device. Equal devices make every layer cost
+    the same anywhere, so the cheapest plan is the one with the fewest hand-overs that fits."""
+    parts = profile.parts()
+    n, inf = len(parts), float("inf")
+    names = [d.name for d in devices]
+    prefix = {name: [0.0] for name in names}  # prefix sums of part seconds per device
+    for name in names:
+        for part in parts:
+            prefix[name].append(prefix[name][-1] + pricing.part_s(part, name))
+    fits: dict[tuple[int, int, int], bool] = {}
+
+    def segment_fits(e: int, i: int, j: int) -> bool:
+        key = (e, i, j)
+        if key not in fits:
+            fits[key] = device_need(profile, parts[i:j], devices[e].kind, context).total <= rooms[names[e]]
+        return fits[key]
+
+    # best[(i, first, last)] = (seconds, previous state, segment (device, i, j))
+    best: dict[tuple[int, int, int], tuple[float, object, tuple[int, int, int] | None]] = {}
+    for e in range(len(devices)):
+        for j in range(1, n + 1):
+            if segment_fits(e, 0, j):
+                cost = prefix[names[e]][j]
+                best[(j, e, e)] = min(best.get((j, e, e), (inf, None, None)), (cost, None, (e, 0, j)), key=lambda t: t[0])
+    for i in range(1, n):
+        for first in range(len(devices)):
+            for last in range(len(devices)):
+                state = best.get((i, first, last))
+                if state is None:
+                    continue
+                for e in range(last + 1, len(devices)):
+                    hand_over = pricing.hand_over_s(names[last], names[e])
+                    for j in range(i + 1, n + 1):
+                        if not segment_fits(e, i, j):
+                            break  # longer segments need even more
+                        cost = state[0] + hand_over + prefix[names[e]][j] - prefix[names[e]][i]
+                        key = (j, first, e)
+                        if cost < best.get(key, (inf,))[0]:
+                            best[key] = (cost, (i, first, last), (e, i, j))
+    finals = [
+        (state[0] + pricing.logits_s(names[last], names[first]), (n, first, last))
+        for (i, first, last), state in best.items()
+        if i == n
+    ]
+    if not finals:
+        return None
+    _, key = min(finals, key=lambda t: t[0])
+    owners = [""] * n
+    while key is not None:
+        _, previous, (e, i, j) = best[key]
+        for k in range(i, j):
+            owners[k] = names[e]
+        key = previous
+    return Placement(owners[1:-1], embed=owners[0], head=owners[-1])

@@ -19,8 +19,11 @@ from vramancer.engine.engine import Engine
 from vramancer.engine.errors import VramancerError
 from vramancer.engine.migration import MigrationFailed, MigrationRefused as MigrationRefusedError
 from vramancer.engine.telemetry import DEFAULT_HISTORY, DEFAULT_HZ, Telemetry
+from vramancer.engine.units import format_bytes
 
 log = logging.getLogger(__name__)
+
+REBALANCE_POLL_S = 0.5  # how often an idle worker looks for memory pressure (with --auto-rebalance)
 
 Emit = Callable[[ev.Event], None]
 
@@ -71,7 +74,14 @@ class EngineWorker:
 
     def _run(self) -> None:
         while True:
-            command = self._deferred.pop(0) if self._deferred else self._commands.get()
+            if self._deferred:
+                command = self._deferred.pop(0)
+            else:
+                try:
+                    command = self._commands.get(timeout=REBALANCE_POLL_S)
+                except queue.Empty:
+                    self._idle_rebalance()
+                    continue
             if isinstance(command, ev.Shutdown):
                 break
             self._execute(command)
@@ -100,6 +110,8 @@ class EngineWorker:
         if self.engine is not None:
             self.engine.close()
         self.engine = engine
+        engine.auto_rebalance = options.auto_rebalance
+        engine.on_rebalance = self._rebalanced
         self.emit(ev.Loaded(
             model=engine.source.display_name,
             dtype=str(engine.dtype).removeprefix("torch."),
@@ -149,6 +161,30 @@ class EngineWorker:
         self.emit(ev.GenerationDone(command.request_id, result.text, tuple(result.token_ids), result.prompt_tokens,
                                     result.new_tokens, result.ttft_s, result.decode_tokens_per_s, result.cancelled))
 
+    def _on_reserve(self, command: ev.Reserve) -> None:
+        engine = self._require_engine()
+        engine.reserve(command.device, command.bytes)
+        self.emit(ev.Notice(f"{command.device}: {format_bytes(command.bytes)} taken by another process (simulated)."))
+        if engine.auto_rebalance and not self._generating:
+            engine.rebalance()
+
+    def _rebalanced(self, result, why: str) -> None:
+        """The engine moved layers by itself (or could not): tell the UI, with the reason."""
+        if result is None:
+            self.emit(ev.Notice(why))
+            return
+        self.emit(ev.MigrationDone(result.first_layer, result.last_layer, result.src, result.dst,
+                                   result.bytes, result.seconds, result.step, reason=why))
+        self._plan_changed()
+
+    def _idle_rebalance(self) -> None:
+        engine = self.engine
+        if engine is not None and engine.auto_rebalance:
+            try:
+                engine.rebalance()
+            except VramancerError as exc:
+                self.emit(ev.Error("Rebalance", str(exc)))
+
     def _on_cancel(self, command: ev.Cancel) -> None:
         pass  # nothing is generating; the flag is cleared by the next Generate
 
@@ -159,11 +195,14 @@ class EngineWorker:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(command, ev.Migrate):
+            if isinstance(command, (ev.Migrate, ev.Reserve)):
                 try:
-                    self._on_migrate(command, step=step)
+                    if isinstance(command, ev.Migrate):
+                        self._on_migrate(command, step=step)
+                    else:
+                        self._on_reserve(command)  # the engine rebalances at this very step
                 except VramancerError as exc:
-                    self.emit(ev.Error("Migrate", str(exc)))
+                    self.emit(ev.Error(type(command).__name__, str(exc)))
             elif isinstance(command, ev.Cancel):
                 self._cancel.set()
             else:
@@ -203,4 +242,5 @@ def plan_snapshot(engine: Engine) -> ev.PlanSnapshot:
         kinds={d.name: d.kind for d in engine.devices},
         profile=engine.profile,
         layer_devices=tuple(placement.layer_devices),
+        pricing=engine.pricing,
     )

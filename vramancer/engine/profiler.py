@@ -1,0 +1,324 @@
+"""Measured costs: how long each part of a model takes on each device, and each link.
+
+Layers of one model are all of one type, so one freshly built layer per device is timed at
+decode shape (one token against a KV cache) for two cache lengths, and at prefill shape.
+Embeddings and the head are timed the same way, links with hidden-state sized hand-overs, and
+the host's own cost of one `generate` step with a one-layer copy of the model. Timing does
+not depend on weight values, so all of this runs from the config, before any weights load.
+
+Simulated devices compute on the host CPU: they are timed as the CPU, and say so.
+Results are cached per (model, device, dtype) under the user cache directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from vramancer.engine.devices import Device
+from vramancer.engine.transfer import TransferManager
+
+PROFILE_VERSION = 1
+SHORT_KV, LONG_KV = 16, 1024  # cache lengths a decode step is timed at; cost is linear between
+PREFILL_TOKENS = 64
+
+
+def cache_dir() -> Path:
+    import platformdirs
+
+    return Path(os.environ.get("VRM_CACHE_DIR") or platformdirs.user_cache_dir("vramancer"))
+
+
+@dataclass(frozen=True)
+class DeviceTimings:
+    """Seconds on one device. Decode costs are `base + per_kv_token * kv_length`."""
+
+    layer_decode_s: float  # one layer, one token, KV length SHORT_KV
+    layer_decode_per_kv_s: float  # extra per token of KV cache
+    layer_prefill_per_token_s: float
+    embed_s: float
+    head_s: float  # final norm + lm_head, one token
+    head_prefill_per_token_s: float
+    timed_as: str  # "cuda:0 (NVIDIA …)", "host CPU" …
+
+    def layer_s(self, kv_length: int) -> float:
+        return self.layer_decode_s + self.layer_decode_per_kv_s * max(kv_length - SHORT_KV, 0)
+
+
+@dataclass(frozen=True)
+class LinkTimings:
+    latency_s: float  # one hand-over of a decode step's hidden state, mask and positions
+    bytes_per_s: float  # for larger transfers (logits, prefill hidden states)
+
+
+@dataclass
+class Timings:
+    devices: dict[str, DeviceTimings]
+    links: dict[tuple[str, str], LinkTimings]
+    step_overhead_s: float  # the host's per-token cost in generate: sampling, stopping, cache
+
+
+def _median_time(fn: Callable[[], object], sync: Callable[[], None], repeat: int = 15, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    # The least of several repeats: what the device can do, with the noise of other work removed.
+    return min(times)
+
+
+def _syncer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _time_device(meta_model, config, torch_device: torch.device, dtype: torch.dtype, label: str) -> DeviceTimings:
+    from transformers import DynamicCache
+
+    base = meta_model.get_decoder()
+    sync = _syncer(torch_device)
+    with torch.device(torch_device):
+        layer = type(base.layers[0])(config, 0).to(dtype).eval()
+        rotary = type(base.rotary_emb)(config=config) if getattr(base, "rotary_emb", None) is not None else None
+        norm = type(base.norm)(config.hidden_size, eps=getattr(config, "rms_norm_eps", 1e-6)).to(dtype)
+        head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+        embed = torch.nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    def decode_cost(kv_length: int) -> float:
+        cache = DynamicCache(config=config)
+        shape = (1, kv_heads, kv_length, head_dim)
+        cache.layers[0].update(torch.randn(shape, dtype=dtype, device=torch_device),
+                               torch.randn(shape, dtype=dtype, device=torch_device))
+        hidden = torch.randn(1, 1, config.hidden_size, dtype=dtype, device=torch_device)
+        positions = torch.tensor([[kv_length]], device=torch_device)
+        cos_sin = rotary(hidden, positions) if rotary is not None else None
+
+        def step():
+            layer(hidden, position_ids=positions, cache=cache, use_cache=True, position_embeddings=cos_sin)
+            cache.crop(-1)  # drop the token just added: the cache length stays fixed
+
+        return _median_time(step, sync)
+
+    with torch.inference_mode():
+        short, long = decode_cost(SHORT_KV), decode_cost(LONG_KV)
+        prompt = torch.randn(1, PREFILL_TOKENS, config.hidden_size, dtype=dtype, device=torch_device)
+        positions = torch.arange(PREFILL_TOKENS, device=torch_device)[None]
+        cos_sin = rotary(prompt, positions) if rotary is not None else None
+        prefill = _median_time(lambda: layer(prompt, position_ids=positions, position_embeddings=cos_sin), sync, repeat=5)
+        token = torch.randint(0, config.vocab_size, (1, 1), device=torch_device)
+        embed_s = _median_time(lambda: embed(token), sync)
+        one = torch.randn(1, 1, config.hidden_size, dtype=dtype, device=torch_device)
+        head_s = _median_time(lambda: head(norm(one)), sync)
+        head_prefill = _median_time(lambda: head(norm(prompt)), sync, repeat=5)
+    return DeviceTimings(
+        layer_decode_s=short,
+        layer_decode_per_kv_s=max(long - short, 0.0) / (LONG_KV - SHORT_KV),
+        layer_prefill_per_token_s=prefill / PREFILL_TOKENS,
+        embed_s=embed_s,
+        head_s=head_s,
+        head_prefill_per_token_s=head_prefill / PREFILL_TOKENS,
+        timed_as=label,
+    )
+
+
+def _time_link(transfer: TransferManager, src: Device, dst: Device, hidden_size: int, head_dim: int, dtype) -> LinkTimings:
+    """A decode hand-over (hidden state, cos/sin, positions) and a 4 MiB copy."""
+    def make(device):
+        t = device.torch_device
+        return ((torch.randn(1, 1, hidden_size, dtype=dtype, device=t),),
+                {"position_embeddings": (torch.randn(1, 1, head_dim, dtype=dtype, device=t),) * 2,
+                 "position_ids": torch.zeros(1, 1, dtype=torch.long, device=t)})
+
+    small = make(src)
+    big = torch.randn(1024 * 1024, dtype=torch.float32, device=src.torch_device)
+    sync = lambda: (_syncer(src.torch_device)(), _syncer(dst.torch_device)())
+    latency = _median_time(lambda: transfer.move(small, src.name, dst.name, record=False), sync, repeat=30)
+    big_s = _median_time(lambda: transfer.move(big, src.name, dst.name, record=False), sync, repeat=5)
+    return LinkTimings(latency_s=latency, bytes_per_s=big.numel() * 4 / big_s)
+
+
+def _time_step_overhead(config, dtype: torch.dtype) -> float:
+    """The host's cost per generate step outside the model's forward pass (sampling, stopping,
+    cache bookkeeping), measured on a one-layer copy of the model: transformers' loop around
+    the forward pass is the same whatever the model's depth."""
+    from transformers import AutoModelForCausalLM
+
+    small = config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": 1})
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(small, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None  # run the full length whatever the random weights say
+    forward_s = []
+    started: list[float] = []
+    model.register_forward_pre_hook(lambda m, a: started.append(time.perf_counter()))
+    model.register_forward_hook(lambda m, a, o: forward_s.append(time.perf_counter() - started[-1]))
+    ids = torch.randint(0, config.vocab_size, (1, 16))
+    tokens = 24
+    kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=4, **kwargs)  # warm-up
+        overheads = []
+        for _ in range(3):
+            forward_s.clear()
+            start = time.perf_counter()
+            model.generate(ids, max_new_tokens=tokens, **kwargs)
+            total = time.perf_counter() - start
+            # The first forward is the prefill; steps after it are what decoding repeats.
+            overheads.append((total - sum(forward_s)) / len(forward_s))
+    return statistics.median(overheads)
+
+
+def profile_key(model_key: str, device: Device, dtype: torch.dtype) -> str:
+    timed_as = "host-cpu" if device.torch_device.type == "cpu" else f"{device.name}-{device.label}"
+    text = f"v{PROFILE_VERSION}|{model_key}|{timed_as}|{dtype}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def measure(
+    config,
+    meta_model,
+    devices: Sequence[Device],
+    dtype: torch.dtype,
+    model_key: str,
+    reprofile: bool = False,
+) -> Timings:
+    """Timings for every device and link, from the cache where it has them."""
+    folder = cache_dir() / "profiles"
+    folder.mkdir(parents=True, exist_ok=True)
+    transfer = TransferManager(list(devices))
+    device_timings: dict[str, DeviceTimings] = {}
+    measured_here: dict[str, DeviceTimings] = {}  # one timing per physical device
+    for device in devices:
+        key = profile_key(model_key, device, dtype)
+        path = folder / f"{key}.json"
+        timings = None if reprofile else _read(path)
+        if timings is None:
+            if key in measured_here:
+                timings = measured_here[key]
+            else:
+                label = "host CPU" if device.torch_device.type == "cpu" else f"{device.name} ({device.label})"
+                timings = _time_device(meta_model, config, device.torch_device, dtype, label)
+                _write(path, timings)
+        measured_here[key] = timings
+        device_timings[device.name] = timings
+    links = {}
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    link_cache: dict[tuple[str, str], LinkTimings] = {}
+    for src in devices:
+        for dst in devices:
+            if src.name == dst.name:
+                continue
+            pair = (str(src.torch_device), str(dst.torch_device))
+            if pair not in link_cache:
+                link_cache[pair] = _time_link(transfer, src, dst, hidden, head_dim, dtype)
+            links[(src.name, dst.name)] = link_cache[pair]
+    overhead_path = folder / f"{hashlib.sha256(f'v{PROFILE_VERSION}|{model_key}|{dtype}|step'.encode()).hexdigest()[:24]}.json"
+    overhead = None if reprofile else _read_float(overhead_path)
+    if overhead is None:
+        overhead = _time_step_overhead(config, dtype)
+        overhead_path.write_text(json.dumps({"step_overhead_s": overhead}))
+    return Timings(device_timings, links, overhead)
+
+
+def _read(path: Path) -> DeviceTimings | None:
+    try:
+        return DeviceTimings(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None  # missing or unreadable: measure again
+
+
+def _read_float(path: Path) -> float | None:
+    try:
+        return float(json.loads(path.read_text())["step_overhead_s"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _write(path: Path, timings: DeviceTimings) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(asdict(timings)))
+    temporary.replace(path)  # atomic: a reader never sees half a file
+
+
+# --- prediction ------------------------------------------------------------------------
+
+PREDICTION_KV = 128  # predictions are for a decode step with this many tokens already cached
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What a placement should cost, from measured timings, before it is applied."""
+
+    step_s: float  # one decode step, all parts and hand-overs
+    tokens_per_s: float
+    block_ms: tuple[tuple[int, int, str, float], ...]  # (first, last, device, ms per step)
+    transfer_ms: float  # all boundary hand-overs in one step
+    kv_length: int
+
+    def to_json(self) -> dict:
+        return {
+            "predicted_tokens_per_s": round(self.tokens_per_s, 2),
+            "predicted_step_ms": round(self.step_s * 1000, 3),
+            "predicted_transfer_ms": round(self.transfer_ms, 3),
+            "predicted_at_kv_length": self.kv_length,
+            "blocks": [{"first_layer": f, "last_layer": l, "device": d, "predicted_ms": round(ms, 3)}
+                       for f, l, d, ms in self.block_ms],
+        }
+
+
+class Pricing:
+    """Per-part and per-boundary seconds of one decode step; what the profiled planner minimises."""
+
+    def __init__(self, timings: Timings, profile, kv_length: int = PREDICTION_KV):
+        self.timings = timings
+        self.profile = profile
+        self.kv_length = kv_length
+
+    def part_s(self, part, device: str) -> float:
+        t = self.timings.devices[device]
+        if part == "embed":
+            return t.embed_s
+        if part == "head":
+            return t.head_s
+        return t.layer_s(self.kv_length)
+
+    def hand_over_s(self, src: str, dst: str) -> float:
+        if src == dst:
+            return 0.0
+        return self.timings.links[(src, dst)].latency_s
+
+    def logits_s(self, head: str, embed: str) -> float:
+        """Logits go back from the head's device to the sampler beside the embeddings."""
+        if head == embed:
+            return 0.0
+        link = self.timings.links[(head, embed)]
+        return link.latency_s + self.profile.vocab_size * 4 / link.bytes_per_s
+
+    def predict(self, placement) -> Prediction:
+        parts = self.profile.parts()
+        devices = [placement.device_of(p) for p in parts]
+        compute = sum(self.part_s(p, d) for p, d in zip(parts, devices))
+        transfers = sum(self.hand_over_s(a, b) for a, b in zip(devices, devices[1:]))
+        transfers += self.logits_s(placement.head, placement.embed)
+        step = compute + transfers + self.timings.step_overhead_s
+        blocks = tuple(
+            (b.layers.first, b.layers.last, b.device, 1000 * sum(self.part_s(i, b.device) for i in b.layers))
+            for b in placement.blocks()
+        )
+        return Prediction(step, 1.0 / step, blocks, transfers * 1000, self.kv_length)
