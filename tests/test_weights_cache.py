@@ -1,0 +1,189 @@
+"""The GGUF cache: a second load gives the same model without parsing the GGUF again;
+a damaged cache is rebuilt, never trusted and never fatal; another file never hits it.
+
+The bundled model is read from its GGUF once per module (about 15 s); the other loads come
+from the cache or rebuild one piece."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from vramancer.engine import models
+
+pytestmark = pytest.mark.model
+
+PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
+TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("weights-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(models.CACHE_ENV, str(folder))
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def source():
+    return models.resolve_model("default")
+
+
+@pytest.fixture(scope="module")
+def first_load(cache_dir, source):
+    """The bundled model read from its GGUF into an empty cache: (config, tokenizer, model)."""
+    assert not any(cache_dir.iterdir())
+    config = models.load_config(source)
+    tokenizer = models.load_tokenizer(source)
+    model = models.load_weights(source, torch.float32)
+    return config, tokenizer, model
+
+
+@pytest.fixture
+def no_gguf_parsing(monkeypatch):
+    """Any attempt to parse a GGUF file fails the test."""
+    import gguf.gguf_reader
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("the GGUF file was parsed although the cache holds everything")
+
+    monkeypatch.setattr(gguf.gguf_reader.GGUFReader, "__init__", refuse)
+
+
+def greedy(tokenizer, model) -> list[int]:
+    inputs = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=TOKENS, do_sample=False, temperature=None, top_p=None, top_k=None)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Swap in new content under the same name (a new inode: models already mapped keep theirs)."""
+    scratch = path.with_name(path.name + ".scratch")
+    scratch.write_bytes(data)
+    os.replace(scratch, path)
+
+
+def piece(source, name: str) -> Path:
+    return models.gguf_cache_entry(source) / name
+
+
+def test_first_load_stores_every_piece(first_load, source, cache_dir):
+    entry = models.gguf_cache_entry(source)
+    assert entry.parent.parent == cache_dir
+    for name, files in {"config": {"config.json"}, "tokenizer": {"tokenizer.json"},
+                        "weights-float32": {"model.safetensors", "generation_config.json"}}.items():
+        present = {p.name for p in (entry / name).iterdir()}
+        assert files | {models.MANIFEST} <= present, name
+    assert not [p for p in entry.iterdir() if p.name.startswith(".")], "staging folders were left behind"
+
+
+def test_second_load_is_identical_and_skips_the_gguf(first_load, source, no_gguf_parsing):
+    config, tokenizer, model = first_load
+    cached_config = models.load_config(source)
+    cached_tokenizer = models.load_tokenizer(source)
+    cached_model = models.load_weights(source, torch.float32)
+    assert cached_config.to_diff_dict() == config.to_diff_dict()
+    assert_same_weights(model, cached_model)
+    assert cached_model.get_output_embeddings().weight is cached_model.get_input_embeddings().weight
+    text = "Ünïcode, spaces  and <|im_start|> specials\n\tdone."
+    assert cached_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert cached_tokenizer.apply_chat_template(PROMPT, tokenize=False) == tokenizer.apply_chat_template(PROMPT, tokenize=False)
+    assert (cached_tokenizer.eos_token_id, cached_tokenizer.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
+    plain = greedy(tokenizer, model)
+    assert greedy(cached_tokenizer, cached_model) == plain
+    assert tokenizer.decode(plain, skip_special_tokens=True).startswith("The capital of France is Paris")
+
+
+def test_split_engine_from_the_cache_answers_the_same(first_load, no_gguf_parsing):
+    from vramancer.engine import Engine
+
+    _, tokenizer, model = first_load
+    engine = Engine.load("default", "sim:2x1GiB", context=256)
+    try:
+        result = engine.generate(PROMPT[0]["content"], max_new_tokens=TOKENS)
+    finally:
+        engine.close()
+    assert result.token_ids == greedy(tokenizer, model)
+
+
+def test_corrupt_weights_are_rebuilt(first_load, source, caplog):
+    _, _, model = first_load
+    weights = piece(source, "weights-float32") / models.WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(64)  # a zeroed run inside some layer's weights
+    replace_file(weights, bytes(data))
+    del data
+    with caplog.at_level(logging.WARNING, logger=models.log.name):
+        rebuilt = models.load_weights(source, torch.float32)
+    assert "ignoring the cached weights-float32" in caplog.text
+    assert_same_weights(model, rebuilt)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=models.log.name):
+        again = models.load_weights(source, torch.float32)  # the rebuilt piece is whole
+    assert caplog.text == ""
+    assert_same_weights(model, again)
+
+
+def test_truncated_tokenizer_is_rebuilt(first_load, source, caplog):
+    _, tokenizer, _ = first_load
+    tokenizer_json = piece(source, "tokenizer") / "tokenizer.json"
+    replace_file(tokenizer_json, tokenizer_json.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING, logger=models.log.name):
+        rebuilt = models.load_tokenizer(source)
+    assert "ignoring the cached tokenizer" in caplog.text
+    assert rebuilt("Paris is lovely")["input_ids"] == tokenizer("Paris is lovely")["input_ids"]
+    assert tokenizer_json.stat().st_size > 1000
+
+
+def test_piece_without_manifest_is_not_trusted(first_load, source):
+    """A crash between writing a piece and listing it leaves a folder we must not read."""
+    config_piece = piece(source, "config")
+    (config_piece / models.MANIFEST).unlink()
+    (config_piece / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 1}')
+    config = models.load_config(source)
+    assert config.num_hidden_layers == 30
+    assert (config_piece / models.MANIFEST).is_file()
+
+
+def test_a_different_file_gets_a_different_key(tmp_path, source):
+    original = Path(source.location) / source.gguf_file
+    copy = tmp_path / original.name
+    shutil.copy2(original, copy)  # same bytes, same mtime: the same model
+    assert models.gguf_key(copy) == models.gguf_key(original)
+    stat = copy.stat()
+    with copy.open("r+b") as f:  # another file of the same size and mtime: its tail differs
+        f.seek(stat.st_size - 10)
+        f.write(b"\x00" * 10)
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert models.gguf_key(copy) != models.gguf_key(original)
+    shutil.copy2(original, copy)
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # rewritten in place
+    assert models.gguf_key(copy) != models.gguf_key(original)
+    other = models.resolve_model(str(copy))
+    assert models.gguf_cache_entry(other) != models.gguf_cache_entry(source)
+    assert not models.gguf_cache_entry(other).exists()
+
+
+def test_unwritable_cache_does_not_stop_a_load(tmp_path, source, monkeypatch, caplog):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv(models.CACHE_ENV, str(blocker))
+    with caplog.at_level(logging.WARNING, logger=models.log.name):
+        config = models.load_config(source)
+    assert config.num_hidden_layers == 30
+    assert "could not cache the config" in caplog.text
