@@ -80,7 +80,7 @@ def make_app(model_dir: str, devices: str = "sim:3x64MiB", context: int = 256, *
 
 async def loaded(pilot) -> None:
     app = pilot.app
-    await wait_for(pilot, lambda: app.plan is not None and app.placement_panel.query(BlockTile), "the model to load")
+    await wait_for(pilot, lambda: app.plan is not None and app.placement_panel.shown is app.plan, "the model to load")
 
 
 def column(app, device: str) -> DeviceColumn:
@@ -259,17 +259,24 @@ async def test_escape_cancels_the_answer(tiny_model_dir):
 
 
 async def test_migration_while_streaming_leaves_the_answer_unchanged(tiny_model_dir):
-    """Drag a block while the answer streams and stop the answer soon after the move; then ask
-    again with nothing moving. Greedy decoding must give the same tokens, before and after the move."""
+    """Drop a block on another device while the answer streams and stop the answer soon after;
+    then ask again with nothing moving. Greedy decoding must give the same tokens throughout.
+
+    The tile is picked up before the prompt is sent and dropped once the answer streams: the
+    pilot waits for the CPU to go idle around every mouse event (up to a second each), which
+    never happens while the model decodes, so a whole drag made mid-answer would land thousands
+    of tokens in, and the comparison run would have to decode them all again."""
     app = make_app(tiny_model_dir, context=4096, sampling={"max_new_tokens": 4000})
     recorder = Recorder(app)
     async with app.run_test(size=SIZE, message_hook=recorder) as pilot:
         await loaded(pilot)
         console = app.query_one(ConsolePanel)
-        await ask(pilot, "Lighthouses?")
-        await wait_for(pilot, lambda: answer_shown(app), "the first tokens")
-        await pilot.mouse_down(tile(app, 0, "sim1"))
+        await pilot.mouse_down(tile(app, 0, "sim1"))  # picks the tile up (and focuses it)
         await pilot.hover(column(app, "sim2"))
+        console.prompt.focus()
+        await pilot.press(*"Lighthouses?")
+        app.simulate_key("enter")  # send the prompt without waiting for the CPU to go idle
+        await wait_for(pilot, lambda: answer_shown(app), "the first tokens")
         await pilot.mouse_up(column(app, "sim2"))
         moved = (await wait_for(pilot, lambda: recorder.of(ev.MigrationDone), "the migration"))[0]
         assert console.generating, "the move happened while the answer was streaming"

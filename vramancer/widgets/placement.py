@@ -250,8 +250,7 @@ class DeviceColumn(Vertical):
         self.set_class(WARM <= share < FULL, "-warm")
         self.set_class(share >= FULL, "-full")
         self.border_subtitle = f"{share:.0%} used"
-        need_text = f"plan {format_bytes(need)} · " if need is not None else ""
-        self.summary.update(f"{need_text}{format_bytes(total - used)} free")
+        self.summary.update(f"needs {format_bytes(need)}" if need is not None else "")
 
     def show_verdict(self, verdict: Verdict | None, what: str = "") -> None:
         """Preview a drop while a tile hovers over this column; None clears it."""
@@ -283,6 +282,7 @@ class PlacementPanel(Horizontal):
         super().__init__(**kwargs)
         self.border_title = "placement"
         self.plan: PlanSnapshot | None = None
+        self.shown: PlanSnapshot | None = None  # the plan whose tiles are all on screen
         self.devices: tuple[DeviceInfo, ...] = ()
         self.free: dict[str, int] = {}
         self.used: dict[str, int] = {}
@@ -295,7 +295,7 @@ class PlacementPanel(Horizontal):
     async def set_devices(self, devices: tuple[DeviceInfo, ...]) -> None:
         """New devices (a new load): new, empty columns. Awaited, so tiles have somewhere to go."""
         self.devices = devices
-        self.plan = None
+        self.plan = self.shown = None
         self.free, self.used, self.moving = {}, {}, {}
         self._hovered = None
         await self.remove_children()
@@ -309,6 +309,7 @@ class PlacementPanel(Horizontal):
         self.plan = plan
         for name, column in self.columns.items():
             await column.set_tiles(self._tiles_for(name, plan))
+        self.shown = plan
         self._refresh_fullness()
         if keep is not None:
             self.call_after_refresh(self._focus_range, keep)

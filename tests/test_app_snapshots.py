@@ -1,0 +1,47 @@
+"""Screenshots of the dashboard, compared with the accepted ones in tests/__snapshots__.
+
+Deterministic by construction: the tiny model on simulated devices (whose memory is exact byte
+accounting), the periodic sampler off (the App still takes its one reading after the plan is
+shown), nothing generated, a fixed terminal size. Update with `pytest --snapshot-update`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from vramancer.app import VramancerApp
+from vramancer.engine.engine import LoadOptions
+from vramancer.widgets.devices import DeviceCard
+
+
+def dashboard(model_dir: str) -> VramancerApp:
+    return VramancerApp(LoadOptions(model_dir, "sim:3x64MiB", "proportional", 256, "auto"), telemetry=False)
+
+
+async def settled(pilot) -> None:
+    """Wait for the load, the plan's tiles and the first device reading to be on screen."""
+    app = pilot.app
+    app.console_panel.prompt.cursor_blink = False  # a blinking cursor is on or off by the clock
+    deadline = time.monotonic() + 30
+    while not (app.plan is not None and app.placement_panel.shown is app.plan
+               and all(card.snapshot is not None for card in app.devices_panel.query(DeviceCard))
+               and app.devices_panel.query(DeviceCard)):
+        assert time.monotonic() < deadline, "the dashboard did not settle within 30 s"
+        await pilot.pause(0.05)
+    await pilot.pause()
+
+
+def test_main_screen_after_load(snap_compare, tiny_model_dir):
+    assert snap_compare(dashboard(tiny_model_dir), terminal_size=(120, 40), run_before=settled)
+
+
+def test_main_screen_small_terminal(snap_compare, tiny_model_dir):
+    assert snap_compare(dashboard(tiny_model_dir), terminal_size=(80, 24), run_before=settled)
+
+
+def test_help_screen(snap_compare, tiny_model_dir):
+    async def open_help(pilot) -> None:
+        await settled(pilot)
+        await pilot.press("f1")
+
+    assert snap_compare(dashboard(tiny_model_dir), terminal_size=(120, 40), run_before=open_help)
