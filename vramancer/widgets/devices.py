@@ -53,9 +53,7 @@ class DeviceCard(Widget):
         return len(self._lines(width))
 
     def render(self) -> Text:
-        text = Text("\n").join(self._lines(max(self.content_region.width, 10)))
-        text.no_wrap, text.overflow = True, "ellipsis"
-        return text
+        return Text("\n").join(self._lines(max(self.content_region.width, 10)))
 
     def _lines(self, width: int) -> list[Text]:
         """The card's lines at `width` cells; the legend takes two lines when one is too narrow."""

@@ -39,18 +39,18 @@ class LinkRow(Widget):
         return 2
 
     def render(self) -> Text:
+        """Line one: the link and its rates. Line two: bytes carried, then GB/s over time."""
         style = self.get_component_rich_style
         width = max(self.content_region.width, 10)
-        line = Text(no_wrap=True, overflow="ellipsis")
-        line.append(f"{self.src} → {self.dst}", style("linkrow--name"))
+        rates = Text(no_wrap=True, overflow="ellipsis")
+        rates.append(f"{self.src} → {self.dst}", style("linkrow--name"))
+        carried = Text(no_wrap=True, overflow="ellipsis")
         if self.last is not None:
             snap = self.last
-            line.append(f"  last {format_rate(snap.gb_per_s * 1e9)}  peak {format_rate(self.peak * 1e9)}  ")
-            line.append(f"{format_bytes(snap.bytes)} in {snap.transfers} transfers", style("linkrow--dim"))
-        trend = Text(spark(self.rates, self.peak, width), style("linkrow--trend"), no_wrap=True)
-        text = Text("\n").join([line, trend])
-        text.no_wrap, text.overflow = True, "ellipsis"
-        return text
+            rates.append(f"  last {format_rate(snap.gb_per_s * 1e9)} · peak {format_rate(self.peak * 1e9)}")
+            carried.append(f"{format_bytes(snap.bytes)} · {snap.transfers} transfers ", style("linkrow--dim"))
+        carried.append(spark(self.rates, self.peak, width - len(carried)), style("linkrow--trend"))
+        return Text("\n").join([rates, carried])
 
 
 class LinksPanel(VerticalScroll):

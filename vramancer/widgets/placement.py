@@ -112,9 +112,7 @@ class BlockTile(Widget, can_focus=True):
         return len(self._lines(width))
 
     def render(self) -> Text:
-        text = Text("\n").join(self._lines(max(self.content_region.width, 4)))
-        text.no_wrap, text.overflow = True, "ellipsis"
-        return text
+        return Text("\n").join(self._lines(max(self.content_region.width, 4)))
 
     def _lines(self, width: int) -> list[Text]:
         size = format_bytes(self.plan.part_bytes(self.first, self.last))
