@@ -11,15 +11,15 @@ import time
 
 import pytest
 import torch
+from textual.widgets import Input
 
 from vramancer.app import VramancerApp
 from vramancer.app.messages import EngineEvent, TokensReady
-from vramancer.app.screens import HelpScreen, MoveTargetScreen
+from vramancer.app.screens import HelpScreen, LoadModelScreen, MoveTargetScreen
 from vramancer.engine import events as ev
 from vramancer.engine.engine import LoadOptions
 from vramancer.widgets.console import ConsolePanel
 from vramancer.widgets.events_log import EventsLog
-from vramancer.widgets.header import ModelHeader
 from vramancer.widgets.links import LinkRow
 from vramancer.widgets.placement import BlockTile, DeviceColumn
 
@@ -320,16 +320,26 @@ async def test_a_conversation_longer_than_the_context_is_refused(tiny_model_dir)
 # --- loading, help, palette, quitting -------------------------------------------------------
 
 
-async def test_a_failed_load_keeps_the_app_up_and_another_model_loads(tiny_model_dir, tmp_path):
+async def test_a_failed_load_keeps_the_app_up_and_another_model_loads_from_the_palette(tiny_model_dir, tmp_path):
     missing = str(tmp_path / "no-such-model")
     app = VramancerApp(LoadOptions(missing, "sim:2x64MiB", "proportional", 256, "auto"), telemetry=False)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: "Load failed" in log_text(app), "the load error")
-        assert app.is_running and app.plan is None
-        assert "no model loaded" in str(app.query_one(ModelHeader).summary.render())
-        app.load(LoadOptions(tiny_model_dir, "sim:2x64MiB", "proportional", 256, "auto"))
+        assert app.is_running and app.plan is None and not app.load_bar.display
+        assert "no model loaded" in str(app.header.summary.render())
+        assert any(n.severity == "error" for n in app._notifications)
+
+        await pilot.press("ctrl+p")
+        await pilot.press(*"load another")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        assert isinstance(app.screen, LoadModelScreen)
+        assert app.screen.query_one("#load-model", Input).value == missing, "the dialog starts from the last load"
+        app.screen.query_one("#load-model", Input).value = tiny_model_dir
+        await pilot.click("#load-go")
         await loaded(pilot)
-        assert app.query_one(ModelHeader).badge.display
+        assert [c.device for c in app.placement_panel.query(DeviceColumn)] == ["sim0", "sim1"]
+        assert app.header.badge.display and "tiny-llama0" in str(app.header.summary.render())
 
 
 async def test_help_screen_and_quit(tiny_model_dir):
@@ -378,7 +388,7 @@ async def test_replan_from_the_command_palette(tiny_model_dir):
         await pilot.press("enter")
         await wait_for(pilot, lambda: len(recorder.of(ev.PlanChanged)) == 2, "the new plan")
         assert app.plan.strategy == "sequential"
-        assert "sequential" in str(app.query_one(ModelHeader).summary.render())
+        assert "sequential" in str(app.header.summary.render())
         placement = app.worker.engine.placement
         shown = {d: tiles_on(app, d) for d in ("sim0", "sim1", "sim2")}
         assert [label.split(" ·")[0] for label in shown[placement.embed]][0] == "embed"

@@ -304,6 +304,9 @@ class PlacementPanel(Horizontal):
         """Lay the tiles out afresh for a new placement, keeping focus on the moved range."""
         focused = self.screen.focused
         keep = focused.selection if isinstance(focused, BlockTile) and focused in self.walk_children() else None
+        if self._hovered is not None:  # a drag in progress loses its tile with the old layout
+            self._hovered.show_verdict(None)
+            self._hovered = None
         self.plan = plan
         for name, column in self.columns.items():
             await column.set_tiles(self._tiles_for(name, plan))
