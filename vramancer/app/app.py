@@ -16,6 +16,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import Footer
+from textual.worker import Worker, WorkerState
 
 from vramancer.app.commands import DashboardCommands
 from vramancer.app.messages import DevicesSampled, EngineEvent, LinksSampled, TokensReady
@@ -288,6 +289,12 @@ class VramancerApp(App[int]):
                 panel.request_move(tile, device)
 
         self.push_screen(MoveTargetScreen(part_label(*tile.selection), verdicts), chosen)
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        """The App's own thread workers (a telemetry reading, an export) report failures here."""
+        if event.state == WorkerState.ERROR:
+            what = "Exporting metrics" if event.worker.group == "export" else "Reading the devices"
+            self.notify(f"{what} failed: {event.worker.error}", severity="error")
 
     # --- actions ---------------------------------------------------------------------------
 

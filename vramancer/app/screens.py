@@ -46,6 +46,7 @@ One language model, split across several devices. Watch the split; change it liv
 | tab / shift+tab | move between tiles and the prompt |
 | m | move the focused tile to another device |
 | ctrl+p | commands: load a model, re-plan, export metrics |
+| ctrl+e | export metrics to a JSON file in the working directory |
 | ? / f1 | this help |
 | q / ctrl+q | quit |
 """

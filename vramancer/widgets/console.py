@@ -8,6 +8,7 @@ is streaming; the App carries requests to the engine and answers back.
 from __future__ import annotations
 
 from textual import on
+from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
@@ -73,7 +74,7 @@ class ConsolePanel(Vertical):
         self._answer: Static | None = None
         self._redraw_pending = False
 
-    def compose(self):
+    def compose(self) -> ComposeResult:
         yield self.transcript
         yield self.stats
         yield self.prompt
@@ -89,7 +90,8 @@ class ConsolePanel(Vertical):
         if not prompt:
             return
         if not self.ready:
-            self.app.notify("No model is loaded yet; the prompt will be ready when it is.", severity="warning")
+            self.app.notify("The model is not ready yet; send the prompt again once it has loaded.",
+                            severity="warning")
             return
         if self.generating:
             self.app.notify("An answer is still streaming; press Esc to cancel it first.", severity="warning")

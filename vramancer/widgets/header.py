@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.widgets import Label, ProgressBar, Static
 
@@ -20,7 +21,7 @@ class ModelHeader(Horizontal):
         self.loaded: Loaded | None = None
         self.strategy = ""
 
-    def compose(self):
+    def compose(self) -> ComposeResult:
         yield Static("VRAMancer", id="app-name")
         yield self.summary
         yield self.badge
@@ -60,7 +61,7 @@ class LoadBar(Horizontal):
         self.stage = Label("", id="load-stage")
         self.bar = ProgressBar(total=1.0, show_eta=False, id="load-progress")
 
-    def compose(self):
+    def compose(self) -> ComposeResult:
         yield self.stage
         yield self.bar
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import deque
 
 from rich.text import Text
+from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widget import Widget
 from textual.widgets import Static
@@ -63,7 +64,7 @@ class LinksPanel(VerticalScroll):
         self.note = Static("no data has crossed a link yet", classes="links-empty")
         self.migration = Static("", classes="last-migration")
 
-    def compose(self):
+    def compose(self) -> ComposeResult:
         yield self.note
         yield self.migration
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from rich.text import Text
 from textual import events
+from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.errors import NoWidget
@@ -238,7 +239,7 @@ class DeviceColumn(Vertical):
         self.summary = Static("", classes="column-summary")
         self.preview = Static("", classes="drop-preview")
 
-    def compose(self):
+    def compose(self) -> ComposeResult:
         yield self.summary
         yield self.preview
 
