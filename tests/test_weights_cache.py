@@ -37,12 +37,15 @@ def source():
 
 @pytest.fixture(scope="module")
 def first_load(cache_dir, source):
-    """The bundled model read from its GGUF into an empty cache: (config, tokenizer, model)."""
+    """The bundled model read from its GGUF into an empty cache: (config, tokenizer, model),
+    the tokenizer straight from transformers as the reference."""
+    from transformers import AutoTokenizer
+
     assert not any(cache_dir.iterdir())
     config = models.load_config(source)
-    tokenizer = models.load_tokenizer(source)
+    models.load_tokenizer(source)
     model = models.load_weights(source, torch.float32)
-    return config, tokenizer, model
+    return config, AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file), model
 
 
 @pytest.fixture

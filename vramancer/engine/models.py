@@ -12,6 +12,9 @@ cache (see `GGUF cache` below), and later loads memory-map it in about a second.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
 import hashlib
 import importlib.util
 import json
@@ -97,13 +100,16 @@ def resolve_model(name: str) -> ModelSource:
 
 def load_config(source: ModelSource):
     entry = gguf_cache_entry(source)
-    if entry is not None:
-        config = _from_cache(entry, CONFIG_PIECE, _read_config)
-        if config is not None:
-            return config
-    config = _load_config_uncached(source)
-    if entry is not None:
-        _store(entry, CONFIG_PIECE, lambda folder: config.to_json_file(folder / "config.json"))
+    if entry is None:
+        return _load_config_uncached(source)
+    config = _from_cache(entry, CONFIG_PIECE, _read_config)
+    if config is not None:
+        return config
+    # First sight of this GGUF: read its config and tokenizer from one parse of its metadata.
+    with _gguf_parsed_once():
+        config = _load_config_uncached(source)
+        if _store(entry, CONFIG_PIECE, lambda folder: config.to_json_file(folder / "config.json")):
+            _fill_tokenizer_piece(source, entry)
     return config
 
 
@@ -144,6 +150,19 @@ def load_tokenizer(source: ModelSource):
     return tokenizer
 
 
+def _fill_tokenizer_piece(source: ModelSource, entry: Path) -> None:
+    """Cache the tokenizer while the GGUF's metadata is parsed anyway; a failure is left for
+    `load_tokenizer` to meet (and report) in its own time."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **source.pretrained_kwargs())
+    except Exception as exc:  # noqa: BLE001 - reported by load_tokenizer, which will try again
+        log.debug("tokenizer not cached with the config: %s", exc)
+        return
+    _store(entry, TOKENIZER_PIECE, lambda folder: tokenizer.save_pretrained(str(folder)))
+
+
 def build_meta_model(config, dtype: torch.dtype) -> torch.nn.Module:
     """The model's module tree with no storage, for sizing and planning before any load."""
     from transformers import AutoModelForCausalLM
@@ -169,7 +188,8 @@ def load_weights(source: ModelSource, dtype: torch.dtype) -> torch.nn.Module:
         piece = f"weights-{str(dtype).removeprefix('torch.')}"
         model = _from_cache(entry, piece, lambda folder: _read_weights(folder, config, dtype))
         if model is None:
-            model = _from_pretrained(source.location, dtype, config=config, **source.pretrained_kwargs())
+            with _gguf_parsed_once():
+                model = _from_pretrained(source.location, dtype, config=config, **source.pretrained_kwargs())
             _store(entry, piece, lambda folder: _write_weights(folder, model))
     model.eval()
     model.requires_grad_(False)
@@ -306,8 +326,9 @@ def _from_cache(entry: Path, piece: str, read: Callable[[Path], object]):
         return None
 
 
-def _store(entry: Path, piece: str, write: Callable[[Path], object]) -> None:
-    """Write one piece into a fresh hidden folder, list it in a manifest, rename it into place."""
+def _store(entry: Path, piece: str, write: Callable[[Path], object]) -> bool:
+    """Write one piece into a fresh hidden folder, list it in a manifest, rename it into place.
+    False if it could not be stored."""
     staging = None
     try:
         entry.mkdir(parents=True, exist_ok=True)
@@ -322,8 +343,10 @@ def _store(entry: Path, piece: str, write: Callable[[Path], object]) -> None:
         except OSError:
             if not final.is_dir():  # else another process stored the same piece first
                 raise
+        return True
     except Exception as exc:  # the cache only saves time; never fail a load over it
         log.warning("could not cache the %s in %s: %s", piece, entry, _first_line(exc))
+        return False
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -370,3 +393,46 @@ def _write_weights(folder: Path, model: torch.nn.Module) -> None:
         tensors[name] = tensor.contiguous()
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     model.generation_config.save_pretrained(str(folder))
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """Within this block, transformers parses each GGUF's metadata once and builds gguf's
+    tensor-name map once.
+
+    Left alone, it parses the metadata for the config, again for the tokenizer (to learn the
+    model type) and again for the weights, and rebuilds the name map for every module of the
+    model: about 7 of the 15 s a first load of the bundled model takes (py-spy). Both are pure
+    functions of their arguments, and the memo hands out copies, so only time changes; should a
+    later transformers or gguf rename them, this block simply saves nothing."""
+    patches = []
+    try:
+        import gguf
+        import transformers.modeling_gguf_pytorch_utils as hf_gguf
+    except ImportError:
+        yield
+        return
+    name_map = getattr(gguf, "get_tensor_name_map", None)
+    if callable(name_map):
+        patches.append((gguf, "get_tensor_name_map", name_map, functools.lru_cache(maxsize=None)(name_map)))
+    checkpoint = getattr(hf_gguf, "load_gguf_checkpoint", None)
+    if callable(checkpoint):
+        metadata: dict = {}
+
+        @functools.wraps(checkpoint)
+        def load_gguf_checkpoint(path, return_tensors=False, *args, **kwargs):
+            if return_tensors or args or kwargs:
+                return checkpoint(path, return_tensors, *args, **kwargs)
+            key = os.fspath(path)
+            if key not in metadata:
+                metadata[key] = checkpoint(path, False)
+            return copy.deepcopy(metadata[key])
+
+        patches.append((hf_gguf, "load_gguf_checkpoint", checkpoint, load_gguf_checkpoint))
+    for owner, name, _, memo in patches:
+        setattr(owner, name, memo)
+    try:
+        yield
+    finally:
+        for owner, name, original, _ in patches:
+            setattr(owner, name, original)
