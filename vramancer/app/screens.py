@@ -82,7 +82,7 @@ class MoveTargetScreen(ModalScreen[str | None]):
             yield Label(f"Move {self.what} to…", id="move-title")
             options = []
             for verdict in self.verdicts:
-                note = "fits" if verdict.fits else f"won't fit: {verdict.reason}"
+                note = f"fits{verdict.speed}" if verdict.fits else f"won't fit: {verdict.reason}"
                 options.append(Option(f"{verdict.device} · {note}", id=verdict.device))
             yield OptionList(*options, id="move-targets")
             yield Label("enter moves · esc cancels", classes="dialog-hint")

@@ -29,14 +29,17 @@ def describe(event: ev.Event) -> tuple[str, str] | None:
     if isinstance(event, ev.MigrationDone):
         rate = format_rate(event.bytes / event.seconds) if event.seconds > 0 else "instant"
         when = f" at token {event.step}" if event.step is not None else ""
+        why = f" ({event.reason})" if event.reason else ""
         return (f"moved {part_label(event.first, event.last)} {event.src} → {event.dst} · "
-                f"{format_bytes(event.bytes)} in {event.seconds * 1000:.1f} ms · {rate}{when}", "green")
+                f"{format_bytes(event.bytes)} in {event.seconds * 1000:.1f} ms · {rate}{when}{why}", "green")
     if isinstance(event, ev.MigrationRefused):
         return f"refused {part_label(event.first, event.last)} → {event.device}: {event.reason}", "yellow"
     if isinstance(event, ev.GenerationDone):
         rate = f" · {event.decode_tokens_per_s:.1f} tok/s" if event.decode_tokens_per_s else ""
         verb = "cancelled after" if event.cancelled else "answered"
         return f"{verb} {event.new_tokens} tokens{rate}", "dim"
+    if isinstance(event, ev.Notice):
+        return event.message, "yellow"
     if isinstance(event, ev.Error):
         return f"{event.command} failed: {event.message}", "bold red"
     return None

@@ -33,11 +33,17 @@ WARM, FULL = 0.70, 0.90
 
 @dataclass(frozen=True)
 class Verdict:
-    """Whether a part range may move to a device, and the sentence that says why not."""
+    """Whether a part range may move to a device, the sentence that says why not, and the
+    decode speed the engine's measured pricing predicts after the move (None: not measured)."""
 
     device: str
     fits: bool
     reason: str = ""
+    tokens_per_s: float | None = None
+
+    @property
+    def speed(self) -> str:
+        return f" · ~{self.tokens_per_s:.1f} tok/s" if self.tokens_per_s else ""
 
 
 class BlockTile(Widget, can_focus=True):
@@ -258,7 +264,7 @@ class DeviceColumn(Vertical):
         if verdict is None:
             self.preview.update("")
         elif verdict.fits:
-            self.preview.update(f"✓ {what} fits here")
+            self.preview.update(f"✓ {what} fits here{verdict.speed}")
         else:
             self.preview.update(f"✗ {what} won't fit")
 
@@ -343,7 +349,8 @@ class PlacementPanel(Horizontal):
     def verdict(self, first: Part, last: Part, device: str) -> Verdict:
         assert self.plan is not None
         reason = self.plan.would_fit(first, last, device, self.free_bytes())
-        return Verdict(device, reason is None, reason or "")
+        speed = self.plan.predict_move(first, last, device) if reason is None else None
+        return Verdict(device, reason is None, reason or "", speed)
 
     def targets(self, tile: BlockTile) -> list[Verdict]:
         """Every other device, with whether the tile's selection fits there."""
