@@ -406,3 +406,30 @@ async def test_small_terminal_keeps_every_panel_reachable(tiny_model_dir):
             await pilot.pause()
             assert widget.region.height > 0 and app.screen.region.overlaps(widget.region), panel
         assert app.query_one("#console").region.bottom <= 23, "the console stays on screen"
+
+
+async def test_squeeze_from_the_palette_rebalances_and_the_header_shows_speeds(tiny_model_dir):
+    app = VramancerApp(LoadOptions(tiny_model_dir, "sim:3x64MiB", "proportional", 256, "auto", auto_rebalance=True),
+                       telemetry=False)
+    recorder = Recorder(app)
+    async with app.run_test(size=SIZE, message_hook=recorder) as pilot:
+        await loaded(pilot)
+        await wait_for(pilot, lambda: "sim1" in app.latest_devices, "a device reading")
+        assert "predicted" in str(app.header.speed.render())
+        await pilot.press("ctrl+p")
+        await pilot.press(*"squeeze sim1")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        moved = await wait_for(pilot, lambda: recorder.of(ev.MigrationDone), "the rebalancing move")
+        assert moved[0].src == "sim1" and "short of memory" in moved[0].reason
+        from vramancer.engine.rebalance import pressures
+
+        engine = app.worker.engine
+        assert engine.placement.layer_devices.count("sim1") < 6 and not pressures(engine)
+        log = log_text(app)
+        assert "taken by another process" in log and "short of memory" in log
+        await pilot.click(ConsolePanel)
+        app.console_panel.prompt.value = "Hello"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: recorder.of(ev.GenerationDone), "the answer")
+        assert "measured" in str(app.header.speed.render())

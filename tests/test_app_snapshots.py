@@ -2,16 +2,36 @@
 
 Deterministic by construction: the tiny model on simulated devices (whose memory is exact byte
 accounting), the periodic sampler off (the App still takes its one reading after the plan is
-shown), nothing generated, a fixed terminal size. Update with `pytest --snapshot-update`.
+shown), device timings frozen, nothing generated, a fixed terminal size. Update with `pytest --snapshot-update`.
 """
 
 from __future__ import annotations
 
 import time
 
+import pytest
+
 from vramancer.app import VramancerApp
+from vramancer.engine import profiler
 from vramancer.engine.engine import LoadOptions
 from vramancer.widgets.devices import DeviceCard
+
+
+@pytest.fixture(autouse=True)
+def frozen_timings(monkeypatch):
+    """Device timings are measurements and vary run to run; the header prints the prediction
+    made from them. Freeze them for the screenshot, as the sampler is frozen."""
+
+    def fixed(config, meta_model, devices, dtype, model_key, reprofile=False):
+        device = profiler.DeviceTimings(0.0002, 0.0, 0.0004, 0.00001, 0.001, 0.0001, "host CPU")
+        link = profiler.LinkTimings(latency_s=0.00001, bytes_per_s=10e9)
+        return profiler.Timings(
+            devices={d.name: device for d in devices},
+            links={(a.name, b.name): link for a in devices for b in devices if a is not b},
+            step_overhead_s=0.002,
+        )
+
+    monkeypatch.setattr(profiler, "measure", fixed)
 
 
 def dashboard(model_dir: str) -> VramancerApp:

@@ -78,6 +78,7 @@ class VramancerApp(App[int]):
         self.plan: ev.PlanSnapshot | None = None
         self.links: tuple[ev.LinkSnapshot, ...] = ()
         self.migrations: list[ev.MigrationDone] = []
+        self.latest_devices: dict[str, ev.DeviceSnapshot] = {}
         self._tokens: deque[ev.Token] = deque()
         self._tokens_lock = threading.Lock()
         self._tokens_signalled = False
@@ -159,6 +160,16 @@ class VramancerApp(App[int]):
         self.console_panel.ready = False
         self.worker.submit(ev.Load(options))
 
+    def squeeze(self, device: str, release: bool = False) -> None:
+        """Let "another process" take a simulated device's free memory and half of what the
+        model needs there (or give it all back): memory pressure, for --auto-rebalance to answer."""
+        sample = self.latest_devices.get(device)
+        if sample is None or self.plan is None:
+            self.notify(f"No reading of {device} yet.", severity="warning")
+            return
+        taken = 0 if release else sample.total - self.plan.needs.get(device, 0) // 2
+        self.worker.submit(ev.Reserve(device, taken))
+
     def replan(self, strategy: str) -> None:
         if self.plan is None:
             self.notify("No model is loaded yet.", severity="warning")
@@ -206,6 +217,7 @@ class VramancerApp(App[int]):
         self.plan = event.plan
         await self.placement_panel.show_plan(event.plan)
         self.header.show_strategy(event.plan.strategy)
+        self.header.show_speed(predicted=event.plan.predicted_tokens_per_s)
         self.sample_now()
 
     def _on_migrationdone(self, event: ev.MigrationDone) -> None:
@@ -222,6 +234,8 @@ class VramancerApp(App[int]):
     def _on_generationdone(self, event: ev.GenerationDone) -> None:
         self.on_tokens_ready()  # text still buffered belongs before the end
         self.console_panel.finish(event)
+        if event.decode_tokens_per_s:
+            self.header.show_speed(measured=event.decode_tokens_per_s)
 
     def _on_error(self, event: ev.Error) -> None:
         self.notify(event.message, title=f"{event.command} failed", severity="error", timeout=10)
@@ -242,6 +256,7 @@ class VramancerApp(App[int]):
     def on_devices_sampled(self, message: DevicesSampled) -> None:
         if not self._showing:
             return
+        self.latest_devices = {d.name: d for d in message.sample.devices}
         self.devices_panel.show_sample(message.sample.devices)
         self.placement_panel.show_sample(message.sample.devices)
 

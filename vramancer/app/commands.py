@@ -24,6 +24,12 @@ class DashboardCommands(Provider):
         for strategy in STRATEGIES:
             commands.append((f"Re-plan: {strategy}", partial(app.replan, strategy),
                              f"Place the model afresh with the {strategy} strategy and move what must move"))
+        for device in app.loaded.devices if app.loaded else ():
+            if device.simulated:
+                commands.append((f"Squeeze {device.name}", partial(app.squeeze, device.name),
+                                 f"Simulate another process taking {device.name}'s free memory and half the model's share"))
+                commands.append((f"Release {device.name}", partial(app.squeeze, device.name, True),
+                                 f"Give back what the simulated other process took on {device.name}"))
         commands += [
             ("Export metrics (JSON)", app.action_export_metrics,
              "Write telemetry history, plan, links and migrations to a JSON file in the working directory"),

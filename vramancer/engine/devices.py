@@ -46,18 +46,24 @@ class MemoryLedger:
         return sum(self.claims.values())
 
     def set(self, category: str, nbytes: int, force: bool = False) -> None:
-        """Set one category's claim; refuses (and changes nothing) if the cap would be passed.
+        """Set one category's claim (see `set_many`)."""
+        self.set_many({category: nbytes}, force=force)
+
+    def set_many(self, claims: dict[str, int], force: bool = False) -> None:
+        """Set several claims at once; refuses (and changes nothing) if the total would pass
+        the cap. A change that does not grow the total is always allowed, so an over-committed
+        device can still give memory back.
 
         `force` is for memory taken by someone else (another process), who does not ask us:
         the device may then be over-committed, which is what rebalancing answers."""
         with self._lock:
-            after = self.total - self.claims[category] + nbytes
-            if not force and self.capacity is not None and after > self.capacity:
+            after = self.total + sum(n - self.claims[c] for c, n in claims.items())
+            if not force and self.capacity is not None and after > self.capacity and after > self.total:
                 raise DeviceFullError(
                     f"{self.device_name} cannot hold {format_bytes(after)}; "
                     f"its capacity is {format_bytes(self.capacity)}."
                 )
-            self.claims[category] = nbytes
+            self.claims.update(claims)
 
 
 @dataclass(frozen=True)
@@ -72,10 +78,21 @@ class DeviceRequest:
 class DeviceSpec:
     requests: tuple[DeviceRequest, ...]
     auto: bool = False  # "auto": every accelerator found, else a simulated pool
+    remotes: tuple[DeviceRequest, ...] = ()  # node:HOST:PORT/DEVICE entries, in the order given
+    discover: bool = False  # "discover": every device of every node zeroconf finds
 
     @property
     def simulated(self) -> bool:
         return bool(self.requests) and self.requests[0].name.startswith("sim")
+
+    @property
+    def clustered(self) -> bool:
+        """True when the spec reaches for devices on other machines."""
+        return bool(self.remotes) or self.discover
+
+    def local(self) -> "DeviceSpec":
+        """The same spec without its remote devices."""
+        return DeviceSpec(self.requests, self.auto)
 
 
 @dataclass
@@ -110,6 +127,21 @@ class Device:
     @property
     def simulated(self) -> bool:
         return self.kind == "sim"
+
+    @property
+    def remote(self) -> bool:
+        """True for a device of another machine (a node); see engine/cluster."""
+        return False
+
+    @property
+    def host(self) -> str | None:
+        """The node holding a remote device (node:HOST:PORT); None for this machine's devices."""
+        return None
+
+    @property
+    def lost(self) -> bool:
+        """True once a remote device's node has gone away."""
+        return False
 
     def read(self) -> DeviceReading:
         """Total and free memory now (free as this process could still use it)."""
@@ -148,6 +180,8 @@ class Device:
             "total_bytes": reading.total,
             "free_bytes": reading.free,
             "cap_bytes": self.cap,
+            "remote": self.remote,
+            "host": self.host,
         }
 
 
@@ -158,8 +192,14 @@ _COUNT = re.compile(r"^(\d+)\s*x\s*(.*)$", re.IGNORECASE)
 
 
 def parse_device_spec(text: str) -> DeviceSpec:
-    """Parse `auto`, `cuda:0=10GiB,cpu`, `sim:3x2GiB` or `sim:4GiB,2GiB,1GiB`."""
+    """Parse `auto`, `cuda:0=10GiB,cpu`, `sim:3x2GiB` or `sim:4GiB,2GiB,1GiB`, optionally with
+    remote devices (`node:HOST:PORT/DEVICE[=SIZE]`) and `discover` among the comma-separated
+    items: `cuda:0,node:10.0.0.2:7070/cuda:0`, `sim:2x1GiB,node:127.0.0.1:7070/sim0,discover`.
+    The local devices are what remains once those items are taken out."""
     text = text.strip()
+    items = [item.strip() for item in text.split(",")]
+    if any(item.lower().startswith("node:") or item.lower() == "discover" for item in items):
+        return _parse_clustered(items, text)
     if text in ("", "auto"):
         return DeviceSpec(requests=(), auto=True)
     if text.startswith("sim:"):
@@ -182,6 +222,33 @@ def parse_device_spec(text: str) -> DeviceSpec:
     return DeviceSpec(requests=tuple(requests))
 
 
+def _parse_clustered(items: list[str], text: str) -> DeviceSpec:
+    from vramancer.engine.cluster.protocol import ClusterError, split_remote_name
+
+    remotes: list[DeviceRequest] = []
+    local: list[str] = []
+    discover = False
+    for item in items:
+        if item.lower() == "discover":
+            discover = True
+        elif item.lower().startswith("node:"):
+            name, _, cap_text = item.partition("=")
+            try:
+                host, port, device = split_remote_name(name.strip())
+            except ClusterError as exc:
+                raise DeviceSpecError(str(exc)) from None
+            from vramancer.engine.cluster.protocol import remote_device_name
+
+            full = remote_device_name(host, port, device)
+            if any(r.name == full for r in remotes):
+                raise DeviceSpecError(f"{full} is listed twice in '{text}'.")
+            remotes.append(DeviceRequest(full, parse_size(cap_text) if cap_text else None))
+        elif item:
+            local.append(item)
+    base = parse_device_spec(",".join(local)) if local else DeviceSpec(requests=())
+    return DeviceSpec(base.requests, base.auto, tuple(remotes), discover)
+
+
 def _parse_sim_pool(body: str) -> tuple[DeviceRequest, ...]:
     sizes: list[int] = []
     for item in body.split(","):
@@ -201,12 +268,33 @@ def _parse_sim_pool(body: str) -> tuple[DeviceRequest, ...]:
 # --- probing ---------------------------------------------------------------------------
 
 
-def resolve_devices(spec: DeviceSpec, simulated_size: int | None = None) -> list[Device]:
+def resolve_devices(spec: DeviceSpec, simulated_size: int | None = None, token_file: str | None = None) -> list[Device]:
     """Check a spec against this machine and build its devices.
 
     `simulated_size` sizes each of the two simulated devices that `auto` falls back to on a
-    machine without accelerators; the caller derives it from the model's footprint.
+    machine without accelerators; the caller derives it from the model's footprint. Remote
+    devices (after the local ones) come from nodes admitted with the cluster token; the
+    caller owns their connections (see `close_remote_devices`).
     """
+    devices = _resolve_local(spec, simulated_size) if (spec.requests or spec.auto) else []
+    if spec.clustered:
+        from vramancer.engine.cluster import connect_devices
+
+        devices += connect_devices(spec, token_file)
+    return devices
+
+
+def close_remote_devices(devices: list[Device]) -> None:
+    """Say goodbye to the nodes behind any remote devices in `devices`."""
+    seen = set()
+    for device in devices:
+        node = getattr(device, "node", None)
+        if node is not None and id(node) not in seen:
+            seen.add(id(node))
+            node.close()
+
+
+def _resolve_local(spec: DeviceSpec, simulated_size: int | None) -> list[Device]:
     requests = spec.requests
     if spec.auto:
         requests = tuple(DeviceRequest(name) for name in _accelerator_names())

@@ -129,9 +129,11 @@ class PlanSnapshot:
         return sum(part_bytes(self.profile, p) for p in parts_for_range(self.profile, first, last))
 
     def would_fit(self, first: int | str, last: int | str, device: str, free: dict) -> str | None:
-        """None if moving first..last to `device` fits the free bytes given, else the refusal."""
+        """None if moving first..last to `device` fits the free bytes given, else the refusal.
+        A device missing from `free` counts as having nothing free: unknown is not room."""
         current = self.placement
         proposed = current.moved(parts_for_range(self.profile, first, last), device)
+        free = {name: free.get(name, 0) for name in self.kinds}
         short = room_shortfall(self.profile, current, proposed, self.kinds, free, self.context)
         return None if short is None else refusal_sentence(part_label(first, last), *short, self.context)
 

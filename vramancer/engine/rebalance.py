@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vramancer.engine.migration import MigrationRefused, MigrationResult
-from vramancer.engine.planner import device_need
+from vramancer.engine.planner import EMBED, HEAD, device_need
 from vramancer.engine.units import format_bytes
 
 
@@ -55,40 +55,32 @@ def relieve(engine, pressure: Pressure) -> MigrationResult | str:
     for block in placement.blocks():
         if block.device != device.name:
             continue
-        # From the block's tail towards its head goes to the next device; the other way, the previous.
+        # From the block's tail goes towards the part after it; from its head, the part before.
         for edge in ("tail", "head"):
             run = list(block.layers)[::-1] if edge == "tail" else list(block.layers)
-            neighbour_layer = block.layers.last + 1 if edge == "tail" else block.layers.first - 1
+            if edge == "tail":
+                neighbour = HEAD if block.layers.last == profile.num_layers - 1 else block.layers.last + 1
+            else:
+                neighbour = EMBED if block.layers.first == 0 else block.layers.first - 1
             for count in range(1, len(run) + 1):
                 moved = sorted(run[:count])
                 remaining = [p for p in placement.parts_on(device.name) if p not in moved]
                 saved = engine.split.needs(placement)[device.name].total - device_need(
                     profile, remaining, device.kind, engine.context).total
                 if saved >= pressure.deficit:
-                    options.append((count, edge, moved, neighbour_layer))
+                    options.append((count, moved, placement.device_of(neighbour)))
                     break
     options.sort(key=lambda o: o[0])
-    reasons = []
-    for count, edge, moved, neighbour_layer in options:
-        targets = _targets(engine, device.name, neighbour_layer)
-        for target in targets:
-            if engine.would_fit(moved[0], moved[-1], target) is None:
-                result = engine.migrate(moved[0], moved[-1], target)
-                return result
-        reasons.append(f"no device has room for L{moved[0]}–{moved[-1]}")
-    return (f"{device.name} is short of {format_bytes(pressure.deficit)} and "
-            f"{reasons[0] if reasons else 'no run of its layers covers it'}.")
-
-
-def _targets(engine, source: str, neighbour_layer: int) -> list[str]:
-    """Devices to try, best first: the neighbour holding the adjacent layer, then by free room."""
-    placement = engine.placement
-    first = []
-    if 0 <= neighbour_layer < len(placement.layer_devices):
-        first = [placement.layer_devices[neighbour_layer]]
-    others = sorted((d for d in engine.devices if d.name != source), key=lambda d: -d.read().free)
-    ordered = first + [d.name for d in others if d.name not in first]
-    return [name for name in ordered if name != source]
+    # First choice: the neighbour's device, so the move adds no hand-over; then any with room.
+    for count, moved, neighbour_device in options:
+        if neighbour_device != device.name and engine.would_fit(moved[0], moved[-1], neighbour_device) is None:
+            return engine.migrate(moved[0], moved[-1], neighbour_device)
+    for count, moved, _ in options:
+        for target in sorted((d for d in engine.devices if d.name != device.name), key=lambda d: -d.read().free):
+            if engine.would_fit(moved[0], moved[-1], target.name) is None:
+                return engine.migrate(moved[0], moved[-1], target.name)
+    return (f"{device.name} is short of {format_bytes(pressure.deficit)} and no device has room "
+            f"for the layers that would relieve it.")
 
 
 def rebalance(engine) -> tuple[list[MigrationResult], list[str]]:

@@ -37,6 +37,12 @@ class SplitModel:
         self.context = context
         self.placement: Placement | None = None
         self._hooks: list = []
+        # The real decoder layers, whatever stands in the stack for the ones that are remote.
+        self.layer_modules: list[nn.Module] = list(self.base.layers)
+        self.remote = None  # a cluster.remote.RemoteBlocks when some devices are remote
+
+    def is_remote(self, name: str) -> bool:
+        return bool(getattr(self.devices.get(name), "remote", False))
 
     # --- parts -------------------------------------------------------------------------
 
@@ -46,7 +52,7 @@ class SplitModel:
             return [self.base.embed_tokens] + ([rotary] if rotary is not None else [])
         if part == HEAD:
             return [self.base.norm, self.model.get_output_embeddings()]
-        return [self.base.layers[int(part)]]
+        return [self.layer_modules[int(part)]]
 
     @property
     def tied(self) -> bool:
@@ -64,10 +70,12 @@ class SplitModel:
             self._untie(copy=True)
         for part in self.profile.parts():
             device = self.devices[placement.device_of(part)]
-            if device.torch_device.type != "cpu":
+            if device.torch_device.type != "cpu" and not device.remote:
                 for module in self.modules_of(part):
                     for tensor_owner, name, tensor in _tensors(module):
                         _assign(tensor_owner, name, tensor.to(device.torch_device))
+        if self.remote is not None:
+            self.remote.place(placement)  # the nodes read their layers from their own disks
         self.placement = placement
         self.rewire()
 
@@ -123,12 +131,9 @@ class SplitModel:
         try:
             for device in order:
                 need = needs[device.name]
-                device.ledger.set("weights", 0)
-                device.ledger.set("kv", 0)
-                device.ledger.set("workspace", 0)
-                device.ledger.set("weights", need.weights)
-                device.ledger.set("kv", need.kv)
-                device.ledger.set("workspace", need.workspace + need.reserve)
+                device.ledger.set_many(
+                    {"weights": need.weights, "kv": need.kv, "workspace": need.workspace + need.reserve}
+                )
         except DeviceFullError:
             for name, claims in saved.items():
                 self.devices[name].ledger.claims.update(claims)
@@ -143,14 +148,16 @@ class SplitModel:
             hook.remove()
         self._hooks = []
         placement = self.placement
+        if self.remote is not None:
+            self.remote.install(placement)
         previous = placement.embed
         for i, layer in enumerate(self.base.layers):
             current = placement.layer_devices[i]
-            if current != previous:
-                self._hooks.append(layer.register_forward_pre_hook(self._hand_over(previous, current), with_kwargs=True))
+            if current != previous and not self.is_remote(current):
+                self._hooks.append(layer.register_forward_pre_hook(self._boundary(previous, current), with_kwargs=True))
             previous = current
         if placement.head != previous:
-            self._hooks.append(self.base.norm.register_forward_pre_hook(self._hand_over(previous, placement.head), with_kwargs=True))
+            self._hooks.append(self.base.norm.register_forward_pre_hook(self._boundary(previous, placement.head), with_kwargs=True))
         if placement.head != placement.embed:
             # Logits go back to where the input ids live, for the sampler.
             src, dst = placement.head, placement.embed
@@ -160,6 +167,18 @@ class SplitModel:
                 )
             )
 
+    def _boundary(self, src: str, dst: str):
+        """The hook for a boundary into a local device. Out of a remote block, the stub already
+        brought the hidden state back (and recorded it): the rest only needs to be on `dst`."""
+        if not self.is_remote(src):
+            return self._hand_over(src, dst)
+        target = self.devices[dst].torch_device
+
+        def hook(module, args, kwargs):
+            return _to_device((args, kwargs), target)
+
+        return hook
+
     def _hand_over(self, src: str, dst: str):
         def hook(module, args, kwargs):
             # One recorded transfer per boundary crossing: hidden state, mask, positions.
@@ -167,6 +186,16 @@ class SplitModel:
             return self.transfer.move((args, kwargs), src, dst)
 
         return hook
+
+
+def _to_device(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
 
 
 def _tensors(module: nn.Module):

@@ -18,13 +18,30 @@ class ModelHeader(Horizontal):
         self.summary = Static("", id="summary", markup=False)
         self.badge = Static("simulated", id="badge")
         self.badge.display = False
+        self.speed = Static("", id="speed", markup=False)
         self.loaded: Loaded | None = None
         self.strategy = ""
+        self.predicted: float | None = None
+        self.measured: float | None = None
 
     def compose(self) -> ComposeResult:
         yield Static("VRAMancer", id="app-name")
         yield self.summary
+        yield self.speed
         yield self.badge
+
+    def show_speed(self, predicted: float | None = None, measured: float | None = None) -> None:
+        """Predicted tokens/s of the current plan beside the last answer's measured decode speed."""
+        if predicted is not None:
+            self.predicted = predicted
+        if measured is not None:
+            self.measured = measured
+        parts = []
+        if self.predicted is not None:
+            parts.append(f"predicted {self.predicted:.1f}")
+        if self.measured is not None:
+            parts.append(f"measured {self.measured:.1f}")
+        self.speed.update(f"{' · '.join(parts)} tok/s" if parts else "")
 
     def show_loading(self, model: str, devices: str) -> None:
         self.summary.update(f"loading {model} on {devices}…")
@@ -35,6 +52,8 @@ class ModelHeader(Horizontal):
 
     def show_loaded(self, loaded: Loaded) -> None:
         self.loaded = loaded
+        self.predicted = self.measured = None
+        self.show_speed()
         self.strategy = loaded.strategy
         self.badge.display = loaded.simulated
         self.badge.update("simulated · no GPU found" if loaded.simulated_fallback else "simulated")
