@@ -1,126 +1,214 @@
-"""Decode speed and time to first token: plain transformers unsplit vs VRAMancer split.
+"""Decode speed and time to first token: plain transformers unsplit vs VRAMancer split 2-way
+and 3-way, vs VRAMancer with a migration every 16 tokens, and (on real GPUs) vs accelerate's
+`dispatch_model` with the very same layer→device map.
 
-Both contenders live in one process and take turns (A B A B …) after a warm-up, so drift in
-machine load hits them alike. Greedy, fixed prompt, fixed token count.
+All contenders live in one process and take turns (A B A B …) after a warm-up; greedy, a
+fixed prompt, a fixed number of new tokens. TTFT is from the call to `generate` (prompt
+already tokenised) to the first new token; decode tok/s is over the tokens after the first.
 
-    python -m benchmarks.decode [--rounds 5] [--tokens 128] [--devices sim:2x1GiB]
+    python -m benchmarks.decode [--rounds 5] [--tokens 128]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import time
 
-os.environ.setdefault("TQDM_DISABLE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from benchmarks.common import PROMPT, Result, alternate, machine, say
 
-PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+SPLIT_2, SPLIT_3 = "sim:2x1GiB", "sim:3x1GiB"
+MIGRATE_EVERY = 16
+PLAIN = "plain transformers, unsplit"
 
 
-def plain_contender():
+class _Clock:
+    """A streamer that only notes when each new token arrives."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if value.is_cuda:
+            value.cpu()  # wait for the token itself, not just its launch
+        if self.prompt_seen:
+            self.times.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def _hf_runner(model, inputs: dict, tokens: int):
+    """generate() on a transformers model, timed like VRAMancer times itself."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
-    from vramancer.engine.models import bundled_model_path
-
-    path = bundled_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
-
-    class Clock(TextStreamer):
-        def __init__(self):
-            super().__init__(tokenizer, skip_prompt=True)
-            self.times = []
-
-        def put(self, value):
-            if not self.next_tokens_are_prompt:
-                self.times.append(time.perf_counter())
-            super().put(value)
-
-        def on_finalized_text(self, text, stream_end=False):
-            pass
-
-    def run(tokens):
-        clock = Clock()
+    def run():
+        clock = _Clock()
         start = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=tokens, do_sample=False, streamer=clock,
-                                 temperature=None, top_p=None, top_k=None)
+                                 temperature=None, top_p=None, top_k=None, pad_token_id=model.generation_config.eos_token_id)
         t = clock.times
         return out[0, inputs["input_ids"].shape[1]:].tolist(), t[0] - start, (len(t) - 1) / (t[-1] - t[0])
 
     return run
 
 
-def vramancer_contender(devices: str):
-    from vramancer.engine import Engine
+def plain_model(device: str, dtype):
+    """The bundled model as a transformers user loads it: straight from the GGUF."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    engine = Engine.load("default", devices)
+    from vramancer.engine.models import bundled_model_path
 
-    def run(tokens):
-        result = engine.generate(PROMPT, max_new_tokens=tokens)
+    path = bundled_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).to(device).eval()
+    return tokenizer, model
+
+
+def chat_inputs(tokenizer, device: str) -> dict:
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def vramancer_runner(engine, tokens: int, migrate_every: int | None = None):
+    """Engine.generate; with `migrate_every`, the layers just before the first boundary move
+    to the next device and back, in turns, every that many tokens (weights and KV cache)."""
+    moves: list = []
+    if migrate_every:
+        blocks = engine.placement.blocks()
+        home, away = blocks[0].device, blocks[1].device
+        last = blocks[0].layers.last
+        first = max(blocks[0].layers.first, last - 4)  # five layers: about 68 MiB in float32
+
+        def on_step(n: int) -> None:
+            if n % migrate_every == 0 and n < tokens:
+                where = engine.placement.layer_devices[first]
+                moves.append(engine.migrate(first, last, away if where == home else home, step=n))
+    else:
+        on_step = None
+
+    def run():
+        moves.clear()
+        result = engine.generate(PROMPT, max_new_tokens=tokens, on_step=on_step)
         return result.token_ids, result.ttft_s, result.decode_tokens_per_s
 
-    return run
+    return run, moves
+
+
+def accelerate_model(model, engine):
+    """`model` dispatched by accelerate over the same devices VRAMancer placed each part on."""
+    from accelerate import dispatch_model
+
+    placement = engine.placement
+    device_of = {d.name: str(d.torch_device) for d in engine.devices}
+    device_map = {"model.embed_tokens": device_of[placement.embed], "model.rotary_emb": device_of[placement.embed],
+                  "model.norm": device_of[placement.head], "lm_head": device_of[placement.head]}
+    for i, name in enumerate(placement.layer_devices):
+        device_map[f"model.layers.{i}"] = device_of[name]
+    return dispatch_model(model, device_map=device_map), device_map
+
+
+def bench(rounds: int = 5, tokens: int = 128) -> Result:
+    import torch
+
+    from vramancer.engine import Engine
+
+    result = Result(
+        "decode", "Decode and time to first token (bundled SmolLM2-135M, greedy)",
+        {"new tokens": tokens, "rounds": rounds, "dtype": "float32 (CPU)"},
+        {"decode_tok_s": ("decode tok/s", 1), "ttft_ms": ("TTFT ms", 1), "migration_gb_s": ("migration GB/s", 2)},
+    )
+    say("decode: loading contenders")
+    tokenizer, plain = plain_model("cpu", torch.float32)
+    engines = {f"VRAMancer 2-way ({SPLIT_2})": Engine.load("default", SPLIT_2),
+               f"VRAMancer 3-way ({SPLIT_3})": Engine.load("default", SPLIT_3),
+               f"VRAMancer 2-way, migration every {MIGRATE_EVERY} tokens": Engine.load("default", SPLIT_2)}
+    runners = {PLAIN: (_hf_runner(plain, chat_inputs(tokenizer, "cpu"), tokens), None)}
+    for i, (name, engine) in enumerate(engines.items()):
+        runners[name] = vramancer_runner(engine, tokens, MIGRATE_EVERY if i == 2 else None)
+    gpu_runners = {}
+    if torch.cuda.is_available():
+        gpu_runners = _gpu_contenders(tokens, result)
+    else:
+        reason = "accelerate dispatch_model skipped: no CUDA device here, and on the CPU alone there is no split for it to make"
+        say(f"decode: {reason}")
+        result.notes.append(reason)
+
+    tokens_seen: dict[str, list[int]] = {}
+
+    def sampler(name, run, moves):
+        def sample():
+            ids, ttft, rate = run()
+            tokens_seen.setdefault(name, ids)
+            row = {"decode_tok_s": rate, "ttft_ms": ttft * 1000}
+            if moves:
+                row["migration_gb_s"] = sum(m.bytes for m in moves) / sum(m.seconds for m in moves) / 1e9
+            return row
+        return sample
+
+    contenders = {name: sampler(name, run, moves) for name, (run, moves) in runners.items()}
+    result.add(alternate(contenders, rounds))
+    if gpu_runners:
+        gpu = {name: sampler(name, run, moves) for name, (run, moves) in gpu_runners.items()}
+        result.add(alternate(gpu, rounds))
+
+    for name in engines:
+        short = name.split(" (")[0]
+        target = {"at_least": 0.97} if "2-way (" in name else {}
+        result.ratio(f"{short}: decode tok/s ÷ plain", name, PLAIN, "decode_tok_s", True, **target)
+        result.ratio(f"{short}: TTFT speed (plain TTFT ÷ its TTFT)", PLAIN, name, "ttft_ms", False, **target)
+    _gpu_comparisons(result, gpu_runners)
+    gpu_plain = next(iter(gpu_runners), None)
+    same = {name: ids == tokens_seen[gpu_plain if name.startswith("GPU") else PLAIN]
+            for name, ids in tokens_seen.items() if name not in (PLAIN, gpu_plain)}
+    result.settings["same tokens as plain"] = "all" if all(same.values()) else ", ".join(n for n, s in same.items() if not s) + " DIFFER"
+    for engine in engines.values():
+        engine.close()
+    return result
+
+
+def _gpu_contenders(tokens: int, result: Result) -> dict:
+    """cuda:0 + cpu: plain on cuda:0, VRAMancer's split, accelerate with the same map."""
+    import torch
+
+    from vramancer.engine import Engine
+
+    engine = Engine.load("default", "cuda:0,cpu")
+    result.settings["GPU dtype"] = str(engine.dtype).removeprefix("torch.")
+    tokenizer, plain = plain_model("cuda:0", engine.dtype)
+    _, to_dispatch = plain_model("cpu", engine.dtype)
+    dispatched, device_map = accelerate_model(to_dispatch, engine)
+    say(f"decode: GPU split {sorted(set(device_map.values()))}: "
+        + ", ".join(f"{b.device} L{b.layers.first}–{b.layers.last}" for b in engine.placement.blocks()))
+    runners = {"GPU plain, unsplit on cuda:0": (_hf_runner(plain, chat_inputs(tokenizer, "cuda:0"), tokens), None),
+               "GPU VRAMancer cuda:0 + cpu": vramancer_runner(engine, tokens),
+               "GPU accelerate dispatch_model, same map": (_hf_runner(dispatched, chat_inputs(tokenizer, device_map["model.embed_tokens"]), tokens), None)}
+    torch.cuda.synchronize()
+    return runners
+
+
+def _gpu_comparisons(result: Result, runners: dict) -> None:
+    if not runners:
+        return
+    plain, vram, acc = list(runners)
+    result.ratio("GPU: VRAMancer ÷ plain cuda:0, decode tok/s", vram, plain, "decode_tok_s", True)
+    result.ratio("GPU: VRAMancer ÷ accelerate, decode tok/s", vram, acc, "decode_tok_s", True)
+    result.ratio("GPU: TTFT speed (accelerate TTFT ÷ VRAMancer TTFT)", acc, vram, "ttft_ms", False)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--devices", action="append", default=None, help="repeatable; default sim:2x1GiB and sim:3x1GiB")
-    parser.add_argument("--out", default=None, help="write the JSON here too")
     args = parser.parse_args()
-    specs = args.devices or ["sim:2x1GiB", "sim:3x1GiB"]
-    import torch
-    import transformers
-
-    contenders = {"plain transformers (unsplit)": plain_contender()}
-    for spec in specs:
-        contenders[f"vramancer {spec}"] = vramancer_contender(spec)
-    for run in contenders.values():
-        run(8)  # warm-up
-    samples = {name: {"ttft_s": [], "tokens_per_s": [], "tokens": None} for name in contenders}
-    for _ in range(args.rounds):
-        for name, run in contenders.items():
-            tokens, ttft, rate = run(args.tokens)
-            samples[name]["ttft_s"].append(ttft)
-            samples[name]["tokens_per_s"].append(rate)
-            samples[name]["tokens"] = samples[name]["tokens"] or tokens
-    base = "plain transformers (unsplit)"
-    report = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__, "transformers": transformers.__version__},
-        "rounds": args.rounds, "new_tokens": args.tokens, "results": {},
-    }
-    for name, s in samples.items():
-        report["results"][name] = {
-            "tokens_per_s_median": statistics.median(s["tokens_per_s"]),
-            "tokens_per_s_range": [min(s["tokens_per_s"]), max(s["tokens_per_s"])],
-            "ttft_s_median": statistics.median(s["ttft_s"]),
-            "ttft_s_range": [min(s["ttft_s"]), max(s["ttft_s"])],
-            "same_tokens_as_plain": s["tokens"] == samples[base]["tokens"],
-            "decode_ratio_vs_plain": statistics.median(s["tokens_per_s"]) / statistics.median(samples[base]["tokens_per_s"]),
-            "ttft_ratio_vs_plain": statistics.median(s["ttft_s"]) / statistics.median(samples[base]["ttft_s"]),
-        }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    result = bench(args.rounds, args.tokens)
+    print(json.dumps({"machine": machine(), "decode": result.to_json()}, indent=2))
     print()
-    print("| contender | decode tok/s (median, min–max) | ratio | TTFT s (median) | ratio | same tokens |")
-    print("|---|---|---|---|---|---|")
-    for name, r in report["results"].items():
-        lo, hi = r["tokens_per_s_range"]
-        print(f"| {name} | {r['tokens_per_s_median']:.1f} ({lo:.1f}–{hi:.1f}) | {r['decode_ratio_vs_plain']:.3f} | "
-              f"{r['ttft_s_median']:.3f} | {r['ttft_ratio_vs_plain']:.3f} | {r['same_tokens_as_plain']} |")
+    print(result.markdown())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,185 @@
+"""What every benchmark shares: alternating rounds, summaries, ratios against targets, the
+machine description, and the JSON / markdown output.
+
+A benchmark runs its contenders in turns (A B A B …) after a warm-up round, so slow drift in
+the machine's load (other processes, thermal state, page cache) hits every contender alike.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+
+Sample = dict[str, float]  # metric name -> value, one per contender per round
+
+
+def say(text: str) -> None:
+    """Progress goes to stderr, so stdout stays the table."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def alternate(contenders: dict[str, Callable[[], Sample]], rounds: int, warmup: int = 1) -> dict[str, list[Sample]]:
+    """Run every contender once per round, in the same order, after `warmup` unrecorded rounds."""
+    samples: dict[str, list[Sample]] = {name: [] for name in contenders}
+    for r in range(warmup + rounds):
+        recorded = r >= warmup
+        for name, run in contenders.items():
+            start = time.perf_counter()
+            sample = run()
+            label = f"round {r - warmup + 1}/{rounds}" if recorded else "warm-up"
+            say(f"  {label:<11} {name:<40} {_brief(sample)}  ({time.perf_counter() - start:.1f} s)")
+            if recorded:
+                samples[name].append(sample)
+    return samples
+
+
+def _brief(sample: Sample) -> str:
+    return "  ".join(f"{k} {v:.4g}" for k, v in sample.items() if isinstance(v, (int, float)))
+
+
+def summarise(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values), "samples": values}
+
+
+@dataclass
+class Comparison:
+    """One ratio between two contenders on one metric, and the target it is held to."""
+
+    what: str  # e.g. "decode tok/s, 2-way split ÷ plain"
+    ratio: float  # of the medians: what the target is held to
+    target: str  # e.g. "≥ 0.97"
+    met: bool | None  # None: informative, no target
+    best_ratio: float | None = None  # of each side's best round: on a shared machine, the least disturbed
+
+    def to_json(self) -> dict:
+        return {"what": self.what, "ratio": round(self.ratio, 4), "target": self.target, "met": self.met,
+                "ratio_of_bests": None if self.best_ratio is None else round(self.best_ratio, 4)}
+
+
+def compare(what: str, ratio: float, *, at_least: float | None = None, at_most: float | None = None,
+            best: float | None = None) -> Comparison:
+    if at_least is not None:
+        return Comparison(what, ratio, f"≥ {at_least:g}", ratio >= at_least, best)
+    if at_most is not None:
+        return Comparison(what, ratio, f"≤ {at_most:g}", ratio <= at_most, best)
+    return Comparison(what, ratio, "", None, best)
+
+
+@dataclass
+class Result:
+    """What one benchmark hands to the report."""
+
+    name: str
+    title: str
+    settings: dict
+    metrics: dict[str, tuple[str, int]]  # metric key -> (column heading, decimals)
+    contenders: dict[str, dict[str, dict]] = field(default_factory=dict)  # name -> metric -> summary
+    comparisons: list[Comparison] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # skipped contenders and why, caveats
+
+    def add(self, samples: dict[str, list[Sample]]) -> None:
+        for name, rows in samples.items():
+            self.contenders[name] = {m: summarise([row[m] for row in rows]) for m in self.metrics if m in rows[0]}
+
+    def median(self, contender: str, metric: str) -> float:
+        return self.contenders[contender][metric]["median"]
+
+    def ratio(self, what: str, a: str, b: str, metric: str, higher_is_better: bool, **target) -> Comparison:
+        """a ÷ b on `metric` (medians, and best rounds: max if higher is better, else min)."""
+        pick = max if higher_is_better else min
+        sa, sb = self.contenders[a][metric], self.contenders[b][metric]
+        best = pick(sa["samples"]) / pick(sb["samples"])
+        comparison = compare(what, sa["median"] / sb["median"], best=best, **target)
+        self.comparisons.append(comparison)
+        return comparison
+
+    def to_json(self) -> dict:
+        return {
+            "title": self.title,
+            "settings": self.settings,
+            "contenders": self.contenders,
+            "comparisons": [c.to_json() for c in self.comparisons],
+            "notes": self.notes,
+        }
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", ""]
+        settings = ", ".join(f"{k} {v}" for k, v in self.settings.items())
+        if settings:
+            lines += [f"Settings: {settings}.", ""]
+        heads = [self.metrics[m][0] for m in self.metrics]
+        lines.append("| contender | " + " | ".join(heads) + " |")
+        lines.append("|---|" + "---|" * len(heads))
+        for name, metrics in self.contenders.items():
+            cells = []
+            for m, (_, decimals) in self.metrics.items():
+                s = metrics.get(m)
+                if s is None:
+                    cells.append("—")
+                elif s["n"] == 1:
+                    cells.append(f"{s['median']:.{decimals}f}")
+                else:
+                    cells.append(f"{s['median']:.{decimals}f} ({s['min']:.{decimals}f}–{s['max']:.{decimals}f})")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if self.comparisons:
+            lines += ["", "| ratio | of medians | target | met | of best rounds |", "|---|---|---|---|---|"]
+            for c in self.comparisons:
+                met = "" if c.met is None else ("yes" if c.met else "**no**")
+                best = "" if c.best_ratio is None else f"{c.best_ratio:.3f}"
+                lines.append(f"| {c.what} | {c.ratio:.3f} | {c.target} | {met} | {best} |")
+        for note in self.notes:
+            lines += ["", f"Note: {note}"]
+        return "\n".join(lines)
+
+
+def machine() -> dict:
+    """CPU, cores, memory, GPUs and the versions that decide the numbers."""
+    import psutil
+    import torch
+    import transformers
+
+    info = {
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        import accelerate
+
+        info["accelerate"] = accelerate.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line(info: dict) -> str:
+    gpus = ", ".join(info["gpus"]) or "no GPU"
+    return (f"{info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, {gpus}; {info['os']}; "
+            f"Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}")

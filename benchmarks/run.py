@@ -1,0 +1,103 @@
+"""`make bench`: every benchmark, one JSON file and one markdown table.
+
+    python -m benchmarks.run [--only decode,load,transfer,dashboard] [--rounds N]
+
+Writes benchmarks/results/bench-<UTC time>.json and .md, and copies them to latest.json and
+latest.md; prints the markdown on stdout (progress goes to stderr). About 8 minutes on two
+cores. Results are only as quiet as the machine: re-run if other work shared the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+from benchmarks.common import machine, machine_line, say
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BENCHMARKS = ("decode", "load", "transfer", "dashboard")
+COMMAND = "make bench"
+
+
+def run_one(name: str, rounds: int | None):
+    if name == "decode":
+        from benchmarks import decode
+
+        return decode.bench(**({"rounds": rounds} if rounds else {}))
+    if name == "load":
+        from benchmarks import load
+
+        return load.bench(**({"rounds": rounds} if rounds else {}))
+    if name == "transfer":
+        from benchmarks import transfer
+
+        return transfer.bench(**({"rounds": max(rounds, 5) * 3} if rounds else {}))
+    if name == "dashboard":
+        from benchmarks import dashboard
+
+        return dashboard.bench(**({"presses": max(rounds * 10, 50)} if rounds else {}))
+    raise ValueError(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run VRAMancer's benchmarks.")
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {', '.join(BENCHMARKS)}")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per benchmark (default: each benchmark's own, ≥ 5)")
+    args = parser.parse_args(argv)
+    chosen = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s): {', '.join(unknown)}")
+
+    info = machine()
+    started = datetime.now(timezone.utc)
+    report = {"machine": info, "command": COMMAND if args.only == ",".join(BENCHMARKS) and not args.rounds
+              else "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "started": started.isoformat(timespec="seconds"), "benchmarks": {}, "failed": {}}
+    results = []
+    for name in chosen:
+        say(f"== {name}")
+        start = time.perf_counter()
+        try:
+            result = run_one(name, args.rounds)
+        except Exception as exc:  # one broken benchmark should not hide the others' numbers
+            traceback.print_exc()
+            report["failed"][name] = f"{type(exc).__name__}: {exc}"
+            continue
+        result.settings["wall time"] = f"{time.perf_counter() - start:.0f} s"
+        report["benchmarks"][name] = result.to_json()
+        results.append(result)
+    report["duration_s"] = round((datetime.now(timezone.utc) - started).total_seconds(), 1)
+
+    markdown = render(report, results)
+    RESULTS.mkdir(exist_ok=True)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    json_path, md_path = RESULTS / f"bench-{stamp}.json", RESULTS / f"bench-{stamp}.md"
+    json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    md_path.write_text(markdown + "\n")
+    shutil.copyfile(json_path, RESULTS / "latest.json")
+    shutil.copyfile(md_path, RESULTS / "latest.md")
+    print(markdown)
+    say(f"wrote {json_path.relative_to(Path.cwd()) if json_path.is_relative_to(Path.cwd()) else json_path} and .md (also latest.*)")
+    return 1 if report["failed"] else 0
+
+
+def render(report: dict, results: list) -> str:
+    lines = [f"Measured {report['started']} on {machine_line(report['machine'])}.",
+             f"Reproduce: `{report['command']}` (about {report['duration_s'] / 60:.0f} min). "
+             "Cells: median (min–max) over the rounds; contenders alternate A B A B after a warm-up.", ""]
+    for result in results:
+        lines += [result.markdown(), ""]
+    for name, why in report["failed"].items():
+        lines += [f"### {name}: failed", "", f"`{why}`", ""]
+    return "\n".join(lines).rstrip()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
