@@ -1,4 +1,4 @@
-"""The command line: `vramancer` (the dashboard), `devices`, `plan`, `generate`, `bench`.
+"""The command line: `vramancer` (the dashboard), `devices`, `plan`, `generate`, `bench`, `node`.
 
 Flags come first; `VRM_*` environment variables supply their defaults. Bad input is one
 sentence on stderr and exit status 2, never a traceback.
@@ -32,7 +32,12 @@ def _add_load_flags(parser: argparse.ArgumentParser, model: bool = True) -> None
         parser.add_argument("--model", default=_env("MODEL", "default"),
                             help="default (bundled SmolLM2-135M-Instruct), a model folder, a .gguf file or a hub id")
     parser.add_argument("--devices", default=_env("DEVICES", "auto"),
-                        help="auto | cuda:0=10GiB,cpu | mps,cpu | sim:3x2GiB | sim:4GiB,1GiB")
+                        help="auto | cuda:0=10GiB,cpu | mps,cpu | sim:3x2GiB | sim:4GiB,1GiB, plus remote devices "
+                             "node:HOST:PORT/DEVICE (e.g. cpu,node:127.0.0.1:7070/sim0)")
+    parser.add_argument("--discover", action="store_true", default=_env("DISCOVER", "") == "1",
+                        help="also use every device of the nodes zeroconf finds (on VRM_DISCOVER_BIND, default 127.0.0.1)")
+    parser.add_argument("--token-file", default=_env("TOKEN_FILE", "") or None,
+                        help="file holding the cluster token for remote devices (default: VRM_CLUSTER_TOKEN)")
     parser.add_argument("--strategy", default=_env("STRATEGY", "proportional"), help="proportional | sequential | profiled")
     parser.add_argument("--context", type=int, default=int(_env("CONTEXT", "2048")),
                         help="tokens of KV cache to budget for (default 2048)")
@@ -58,9 +63,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_flags(parser)
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    devices = sub.add_parser("devices", help="list the devices a spec resolves to")
+    devices = sub.add_parser("devices", help="list the devices a spec resolves to (and the nodes found)")
     devices.add_argument("--devices", default=_env("DEVICES", "auto"))
+    devices.add_argument("--discover", action="store_true",
+                         help="list the vramancer nodes zeroconf finds, with their devices")
+    devices.add_argument("--discover-bind", default=_env("DISCOVER_BIND", "127.0.0.1"),
+                         help="the address to look for nodes on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    devices.add_argument("--discover-seconds", type=float, default=float(_env("DISCOVER_SECONDS", "3")),
+                         help="how long to listen for nodes (default 3)")
+    devices.add_argument("--token-file", default=_env("TOKEN_FILE", "") or None,
+                         help="file holding the cluster token, for remote devices named in --devices")
     devices.add_argument("--json", action="store_true")
+
+    node = sub.add_parser("node", help="serve this machine's devices to a coordinator")
+    node.add_argument("--devices", default=_env("NODE_DEVICES", "auto"),
+                      help="the devices to serve: auto (every accelerator, else cpu) | cuda:0,cuda:1 | sim:2x1GiB")
+    node.add_argument("--port", type=int, default=int(_env("NODE_PORT", "7070")),
+                      help="port to listen on (default 7070; 0 picks a free one)")
+    node.add_argument("--bind", default=_env("NODE_BIND", "127.0.0.1"),
+                      help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    node.add_argument("--token-file", default=_env("TOKEN_FILE", "") or None,
+                      help="file holding the cluster token (default: VRM_CLUSTER_TOKEN)")
+    node.add_argument("--no-advertise", action="store_true", help="do not announce this node with zeroconf")
 
     plan = sub.add_parser("plan", help="show how the model would be split, without loading weights")
     _add_load_flags(plan)
@@ -91,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command is None:
             return _dashboard(args)
-        return {"devices": _devices, "plan": _plan, "generate": _generate, "bench": _bench}[args.command](args)
+        return {"devices": _devices, "plan": _plan, "generate": _generate, "bench": _bench,
+                "node": _node}[args.command](args)
     except VramancerError as exc:
         print(f"vramancer: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -104,15 +129,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _devices(args) -> int:
-    from vramancer.engine.devices import parse_device_spec, resolve_devices
+    from vramancer.engine.devices import DeviceSpec, close_remote_devices, parse_device_spec, resolve_devices
 
     spec = parse_device_spec(args.devices)
+    if spec.discover:
+        spec = DeviceSpec(spec.requests, spec.auto, spec.remotes)  # `devices` lists found nodes, it does not join them
     if spec.auto:
-        spec = parse_device_spec("cpu") if not _has_accelerator() else spec
-    devices = resolve_devices(spec)
-    rows = [d.to_json() for d in devices]
+        spec = DeviceSpec(parse_device_spec("cpu").requests, False, spec.remotes) if not _has_accelerator() else spec
+    nodes = _discover_nodes(args) if (args.discover or parse_device_spec(args.devices).discover) else None
+    devices = resolve_devices(spec, token_file=args.token_file)
+    try:
+        rows = [d.to_json() for d in devices]
+    finally:
+        close_remote_devices(devices)
     if args.json:
-        print(json.dumps({"devices": rows, "accelerators_found": _has_accelerator()}, indent=2))
+        out = {"devices": rows, "accelerators_found": _has_accelerator()}
+        if nodes is not None:
+            out["nodes"] = [{"node": n.label, "host": n.host, "port": n.port,
+                             "devices": [{"name": f"{n.label}/{name}", "size": size} for name, size in n.devices]}
+                            for n in nodes]
+        print(json.dumps(out, indent=2))
         return 0
     from vramancer.engine.units import format_bytes
 
@@ -121,24 +157,67 @@ def _devices(args) -> int:
     for row in rows:
         tag = " (simulated)" if row["simulated"] else ""
         print(f"{row['name']:<8} {row['label']}{tag}: {format_bytes(row['free_bytes'])} free of {format_bytes(row['total_bytes'])}")
+    if nodes is not None:
+        if not nodes:
+            print(f"No vramancer node answered on {args.discover_bind} within {args.discover_seconds:g} s.")
+        for n in nodes:
+            shown = ", ".join(f"{n.label}/{name} ({size})" for name, size in n.devices) or "no devices"
+            print(f"{n.label}: {shown}")
     return 0
+
+
+def _discover_nodes(args):
+    from vramancer.engine.cluster.discovery import discover
+    from vramancer.engine.errors import VramancerError
+
+    if args.discover_seconds <= 0:
+        raise VramancerError(f"--discover-seconds must be positive, not {args.discover_seconds:g}.")
+    return discover(args.discover_seconds, args.discover_bind)
+
+
+def _node(args) -> int:
+    import logging
+
+    from vramancer.engine.cluster.node import run_node
+    from vramancer.engine.errors import VramancerError
+
+    if not 0 <= args.port < 65536:
+        raise VramancerError(f"--port must be between 0 and 65535, not {args.port}.")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("vramancer node: %(message)s"))
+    node_log = logging.getLogger("vramancer.node")
+    node_log.addHandler(handler)
+    node_log.setLevel(logging.INFO)
+    node_log.propagate = False
+    return run_node(args.devices, args.bind, args.port, args.token_file, advertise=not args.no_advertise,
+                    ready=lambda line: print(line, flush=True))
+
+
+def _device_text(args) -> str:
+    """--devices, with `discover` added for --discover."""
+    return f"{args.devices},discover" if getattr(args, "discover", False) else args.devices
 
 
 def _plan(args) -> int:
     from vramancer.engine.engine import prepare
     from vramancer.engine.units import format_bytes
 
-    prepared = prepare(args.model, args.devices, args.context, args.dtype, reprofile=args.reprofile)
-    source, profile, devices, dtype, fallback = (prepared.source, prepared.profile, prepared.devices,
-                                                 prepared.dtype, prepared.fallback)
-    plan = prepared.plan(args.strategy)
-    prediction = prepared.pricing.predict(plan.placement)
+    prepared = prepare(args.model, _device_text(args), args.context, args.dtype, reprofile=args.reprofile,
+                       token_file=args.token_file)
+    try:
+        source, profile, devices, dtype, fallback = (prepared.source, prepared.profile, prepared.devices,
+                                                     prepared.dtype, prepared.fallback)
+        plan = prepared.plan(args.strategy)
+        prediction = prepared.pricing.predict(plan.placement)
+    finally:
+        prepared.close()
+    simulated = {d.name: d.simulated for d in devices}
     rows = []
     for d in devices:
         need = plan.needs[d.name]
         rows.append({"device": d.name, "simulated": d.simulated, "weights": need.weights, "kv_cache": need.kv,
                      "workspace": need.workspace, "reserve": need.reserve, "need": need.total, "room": plan.rooms[d.name]})
-    blocks = [{"device": b.device, "simulated": b.device.startswith("sim"), "first_layer": b.layers.first,
+    blocks = [{"device": b.device, "simulated": simulated.get(b.device, False), "first_layer": b.layers.first,
                "last_layer": b.layers.last, "bytes": sum(profile.layer_bytes[i] for i in b.layers)} for b in plan.blocks()]
     if args.json:
         print(json.dumps({"model": source.display_name, "dtype": str(dtype).removeprefix("torch."), "strategy": plan.strategy,
@@ -166,8 +245,8 @@ def _load_engine(args, quiet: bool):
         if not quiet and sys.stderr.isatty():
             print(f"\r\x1b[2Kloading: {stage} {fraction:.0%}", end="", file=sys.stderr, flush=True)
 
-    engine = Engine.load(args.model, args.devices, args.strategy, args.context, args.dtype, progress=progress,
-                         reprofile=args.reprofile)
+    engine = Engine.load(args.model, _device_text(args), args.strategy, args.context, args.dtype, progress=progress,
+                         reprofile=args.reprofile, token_file=args.token_file)
     if not quiet and sys.stderr.isatty():
         print("\r\x1b[2K", end="", file=sys.stderr, flush=True)
     return engine
@@ -190,9 +269,27 @@ def _generate(args) -> int:
     schedule = [_parse_migrate(text) for text in args.migrate]
     for text, (range_text, _, _) in zip(args.migrate, schedule):
         parse_range(range_text)
-    parse_device_spec(args.devices)
+    parse_device_spec(_device_text(args))
     engine = _load_engine(args, quiet=args.json)
+    try:
+        return _generate_on(engine, args, schedule, sampling)
+    finally:
+        _release_nodes(engine)
+
+
+def _release_nodes(engine) -> None:
+    """Say goodbye to the nodes (they free what they held for us); local devices need nothing."""
+    if engine.split.remote is not None:
+        engine.close()
+
+
+def _generate_on(engine, args, schedule, sampling) -> int:
+    from vramancer.engine.migration import parse_range
+
     engine.auto_rebalance = args.auto_rebalance
+    faults: list[str] = []
+    engine.on_fault = lambda message, node, layers, recovered: (
+        faults.append(message), None if args.json else print(f"\n[{message}]", file=sys.stderr, flush=True))
     if not args.json:
         engine.on_rebalance = lambda result, why: print(
             f"\n[{'rebalanced ' + result.describe() + ': ' if result else ''}{why}]", file=sys.stderr, flush=True)
@@ -215,7 +312,7 @@ def _generate(args) -> int:
         out.update(model=engine.source.display_name, dtype=str(engine.dtype).removeprefix("torch."),
                    placement=engine.placement_json(), embed_device=engine.placement.embed,
                    head_device=engine.placement.head, links=links,
-                   migrations=[m.to_json() for m in engine.migrations])
+                   migrations=[m.to_json() for m in engine.migrations], faults=faults)
         print(json.dumps(out, indent=2))
     else:
         print()
@@ -245,8 +342,11 @@ def _bench(args) -> int:
 
         raise VramancerError(f"--rounds must be at least 1, not {args.rounds}.")
     engine = _load_engine(args, quiet=args.json)
-    engine.generate(args.prompt, max_new_tokens=4)  # warm-up
-    runs = [engine.generate(args.prompt, max_new_tokens=args.max_new_tokens) for _ in range(args.rounds)]
+    try:
+        engine.generate(args.prompt, max_new_tokens=4)  # warm-up
+        runs = [engine.generate(args.prompt, max_new_tokens=args.max_new_tokens) for _ in range(args.rounds)]
+    finally:
+        _release_nodes(engine)
     rates = [r.decode_tokens_per_s for r in runs if r.decode_tokens_per_s]
     ttfts = [r.ttft_s for r in runs if r.ttft_s is not None]
     summary = {
@@ -272,9 +372,9 @@ def _dashboard(args) -> int:
     from vramancer.engine.devices import parse_device_spec
     from vramancer.engine.engine import LoadOptions
 
-    parse_device_spec(args.devices)  # a malformed spec is refused before the screen opens
-    return run_dashboard(LoadOptions(args.model, args.devices, args.strategy, args.context, args.dtype,
-                                     auto_rebalance=args.auto_rebalance))
+    parse_device_spec(_device_text(args))  # a malformed spec is refused before the screen opens
+    return run_dashboard(LoadOptions(args.model, _device_text(args), args.strategy, args.context, args.dtype,
+                                     auto_rebalance=args.auto_rebalance, token_file=args.token_file))
 
 
 # --- helpers ---------------------------------------------------------------------------

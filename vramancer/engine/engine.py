@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from vramancer.engine.devices import Device, DeviceSpec, parse_device_spec, resolve_devices
+from vramancer.engine.devices import Device, DeviceSpec, close_remote_devices, parse_device_spec, resolve_devices
 from vramancer.engine.errors import VramancerError
 from vramancer.engine.generation import (
     GenerationResult,
@@ -63,6 +63,7 @@ class LoadOptions:
     context: int = 2048
     dtype: str = "auto"
     auto_rebalance: bool = False
+    token_file: str | None = None  # the cluster token for remote devices (else VRM_CLUSTER_TOKEN)
 
 
 class Engine:
@@ -94,6 +95,9 @@ class Engine:
         self.on_rebalance: Callable[[MigrationResult | None, str], None] | None = None
         self._warned: set[str] = set()
         self._cache = None  # the KV cache of the generation in progress, if any
+        # Told when a node is lost (recovered=False) and when its layers found new homes
+        # (recovered=True): (sentence, node, layers, recovered). May be called on any thread.
+        self.on_fault: Callable[[str, str, str, bool], None] | None = None
 
     # --- loading -----------------------------------------------------------------------
 
@@ -107,28 +111,45 @@ class Engine:
         dtype: str = "auto",
         progress: ProgressCallback | None = None,
         reprofile: bool = False,
+        token_file: str | None = None,
     ) -> "Engine":
-        """Plan first, then read the weights: a plan that cannot fit is refused before any load."""
+        """Plan first, then read the weights: a plan that cannot fit is refused before any load.
+
+        Remote devices in `devices` (node:HOST:PORT/DEVICE, or `discover`) are admitted with
+        the cluster token from `token_file` or VRM_CLUSTER_TOKEN."""
         report = progress or (lambda stage, fraction: None)
-        options = LoadOptions(model, devices if isinstance(devices, str) else "custom", strategy, context, dtype)
+        options = LoadOptions(model, devices if isinstance(devices, str) else "custom", strategy, context, dtype,
+                              token_file=token_file)
         report("reading", 0.0)
-        prepared = prepare(model, devices, context, dtype, reprofile=reprofile)
-        source, device_list, torch_dtype, fallback = prepared.source, prepared.devices, prepared.dtype, prepared.fallback
-        plan = prepared.plan(strategy)
-        report("reading", 0.2)
-        tokenizer = load_tokenizer(source)
-        report("dequantising" if source.gguf_file else "reading weights", 0.4)
-        weights = load_weights(source, torch_dtype)
-        if not supports_split(weights):
-            raise VramancerError(f"{source.name} has an architecture VRAMancer cannot split yet (no decoder layer stack).")
-        report("placing", 0.8)
-        profile = ModelProfile.from_model(weights, torch_dtype)
-        transfer = TransferManager(device_list)
-        split = SplitModel(weights, profile, device_list, transfer, context)
-        split.apply(plan.placement)
+        prepared = prepare(model, devices, context, dtype, reprofile=reprofile, token_file=token_file)
+        try:
+            source, device_list, torch_dtype, fallback = prepared.source, prepared.devices, prepared.dtype, prepared.fallback
+            plan = prepared.plan(strategy)
+            report("reading", 0.2)
+            tokenizer = load_tokenizer(source)
+            report("dequantising" if source.gguf_file else "reading weights", 0.4)
+            weights = load_weights(source, torch_dtype)
+            if not supports_split(weights):
+                raise VramancerError(f"{source.name} has an architecture VRAMancer cannot split yet (no decoder layer stack).")
+            report("placing", 0.8)
+            profile = ModelProfile.from_model(weights, torch_dtype)
+            transfer = TransferManager(device_list)
+            split = SplitModel(weights, profile, device_list, transfer, context)
+            if any(d.remote for d in device_list):
+                from vramancer.engine.cluster.node import architecture
+                from vramancer.engine.cluster.remote import RemoteBlocks, model_reference
+
+                split.remote = RemoteBlocks(split, model_reference(source), torch_dtype, architecture(prepared.config))
+            split.apply(plan.placement)
+        except BaseException:
+            prepared.close()
+            raise
         report("placing", 1.0)
         engine = cls(options, source, tokenizer, split, plan, device_list, torch_dtype, fallback)
         engine.pricing = prepared.pricing
+        for device in device_list:
+            if device.remote:
+                device.node.on_lost = engine._node_went
         return engine
 
     # --- facts -------------------------------------------------------------------------
@@ -165,12 +186,16 @@ class Engine:
     def kv_bytes_by_device(self) -> dict[str, int]:
         """KV cache bytes held on each device right now (empty between generations).
 
-        Read from another thread by telemetry: it only reads tensor sizes, never data."""
+        Read from another thread by telemetry: it only reads tensor sizes, never data. A
+        remote device's KV cache is what its node last reported."""
         cache, placement = self._cache, self.placement
         totals: dict[str, int] = {}
+        for device in self.devices:
+            if device.remote and cache is not None:
+                totals[device.name] = device.kv_bytes()
         for i, entry in enumerate(getattr(cache, "layers", None) or []):
             keys, values = getattr(entry, "keys", None), getattr(entry, "values", None)
-            if keys is None or values is None or i >= len(placement.layer_devices):
+            if keys is None or values is None or i >= len(placement.layer_devices) or keys.is_meta:
                 continue
             device = placement.layer_devices[i]
             totals[device] = totals.get(device, 0) + keys.numel() * keys.element_size() + values.numel() * values.element_size()
@@ -187,6 +212,7 @@ class Engine:
                     "first_layer": block.layers.first,
                     "last_layer": block.layers.last,
                     "bytes": sum(self.profile.layer_bytes[i] for i in block.layers),
+                    "host": self.device(block.device).host,
                 }
             )
         return blocks
@@ -248,6 +274,10 @@ class Engine:
                 self.rebalance(step)
 
         try:
+            if self.split.remote is not None:
+                from vramancer.engine.cluster import recovery
+
+                return recovery.generate(self, inputs, settings, on_text=on_text, on_step=between_steps, cancel=cancel)
             return run_generate(
                 self.model, self.tokenizer, inputs, settings, self._cache,
                 on_text=on_text, on_step=between_steps, cancel=cancel,
@@ -298,6 +328,8 @@ class Engine:
 
         The device may end up over-committed; `rebalance` (or --auto-rebalance) answers that."""
         target = self.device(device)
+        if target.remote:
+            raise VramancerError(f"{device} is on {target.host}; squeeze it on that machine.")
         if not target.simulated:
             raise VramancerError(f"{device} is a real device; only simulated devices can be squeezed.")
         if nbytes < 0:
@@ -340,17 +372,46 @@ class Engine:
 
     def replan(self, strategy: str) -> Plan:
         """Plan afresh with `strategy` on the same devices and move what must move."""
-        plan = make_plan(self.profile, self.devices, strategy, self.context, self.pricing)
+        self.recover_lost_nodes()
+        plan = make_plan(self.profile, [d for d in self.devices if not d.lost], strategy, self.context, self.pricing)
         check_room(self.split, plan.placement, "the new plan")
         relocate(self.split, plan.placement, self._cache)
         self.plan = plan
         return plan
 
+    # --- nodes -------------------------------------------------------------------------
+
+    def recover_lost_nodes(self) -> bool:
+        """Re-place the layers of any node lost since the last look on the devices left.
+        True if layers moved; VramancerError (engine unchanged) if they do not fit."""
+        if self.split.remote is None:
+            return False
+        from vramancer.engine.cluster.recovery import recover_lost_nodes
+
+        return recover_lost_nodes(self)
+
+    def report_fault(self, message: str, node: str = "", layers: str = "", recovered: bool = False) -> None:
+        if self.on_fault is not None:
+            self.on_fault(message, node, layers, recovered)
+
+    def _node_went(self, node, reason: str) -> None:
+        """A node's connection ended (called on its reader thread)."""
+        held = [i for i, name in enumerate(self.placement.layer_devices) if self.device(name).host == node.label]
+        from vramancer.engine.cluster.recovery import _ranges
+
+        what = f"; it held {_ranges(held)}" if held else ""
+        self.report_fault(f"{node.label} lost: {reason}{what}.", node=node.label, layers=_ranges(held) if held else "")
+
     def close(self) -> None:
-        """Release the model's memory and its ledger claims."""
+        """Release the model's memory and its ledger claims (and the nodes' layers)."""
         for d in self.devices:
             for category in ("weights", "kv", "workspace"):
                 d.ledger.set(category, 0)
+        for d in self.devices:
+            if d.remote:
+                d.node.on_lost = None
+        if self.split.remote is not None:
+            self.split.remote.close()
         self.split.model = None  # type: ignore[assignment]
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -373,25 +434,49 @@ class Prepared:
         plan = make_plan(self.profile, self.devices, strategy, self.context, self.pricing)
         return plan
 
+    def close(self) -> None:
+        """Let go of the nodes admitted for remote devices (a no-op without any)."""
+        close_remote_devices(self.devices)
 
-def prepare(model: str, devices: str | DeviceSpec, context: int, dtype: str, reprofile: bool = False) -> Prepared:
+
+def prepare(model: str, devices: str | DeviceSpec, context: int, dtype: str, reprofile: bool = False,
+            token_file: str | None = None) -> Prepared:
     """Everything that can be checked before weights are read: the source, the model's sizes,
-    the devices, the dtype, the timings. Bad input fails here, in a second or two."""
+    the devices, the dtype, the timings. Bad input fails here, in a second or two.
+
+    With remote devices, their nodes are admitted here; `Prepared.close()` (or the Engine built
+    from it) lets them go."""
     if context < 1:
         raise VramancerError(f"--context must be at least 1 token, not {context}.")
     spec = parse_device_spec(devices) if isinstance(devices, str) else devices
+    if spec.clustered and not (spec.requests or spec.auto):
+        raise VramancerError("remote devices hold decoder layers only; add a device of this machine "
+                             "(cpu, cuda:N or a sim pool) for the embeddings and the head, e.g. cpu,node:HOST:PORT/sim0.")
+    local_spec = spec.local()
     source = resolve_model(model)
     config = load_config(source)
-    probe = resolve_devices(spec, simulated_size=1) if spec.auto else None
+    probe = resolve_devices(local_spec, simulated_size=1) if spec.auto else None
     fallback = bool(spec.auto and probe and probe[0].simulated)
     kinds = {d.kind for d in probe} if probe else {r.name.split(":")[0] if not r.name.startswith("sim") else "sim" for r in spec.requests}
-    torch_dtype = resolve_dtype(dtype, kinds)
-    meta = build_meta_model(config, torch_dtype)
-    profile = ModelProfile.from_model(meta, torch_dtype)
-    size = int(split_footprint(profile, context) * SIMULATED_SHARE)
-    device_list = resolve_devices(spec, simulated_size=size)
-    model_key = f"{source.display_name}|{hashlib.sha256(config.to_json_string().encode()).hexdigest()}"
-    timings = profiler.measure(config, meta, device_list, torch_dtype, model_key, reprofile=reprofile)
+    remote = resolve_devices(DeviceSpec((), remotes=spec.remotes, discover=spec.discover), token_file=token_file) \
+        if spec.clustered else []
+    try:
+        torch_dtype = resolve_dtype(dtype, kinds | {d.kind for d in remote})
+        meta = build_meta_model(config, torch_dtype)
+        profile = ModelProfile.from_model(meta, torch_dtype)
+        size = int(split_footprint(profile, context) * SIMULATED_SHARE)
+        local = resolve_devices(local_spec, simulated_size=size)
+        model_key = f"{source.display_name}|{hashlib.sha256(config.to_json_string().encode()).hexdigest()}"
+        timings = profiler.measure(config, meta, local, torch_dtype, model_key, reprofile=reprofile)
+        if remote:
+            from vramancer.engine.cluster.remote import model_reference
+            from vramancer.engine.cluster.timing import add_remote_timings
+
+            add_remote_timings(timings, config, local, remote, torch_dtype, model_key, model_reference(source))
+    except BaseException:
+        close_remote_devices(remote)
+        raise
+    device_list = local + remote
     return Prepared(source, config, profile, device_list, torch_dtype, fallback, context, Pricing(timings, profile))
 
 

@@ -4,6 +4,10 @@ A migration moves a contiguous range of layers (or the `embed` / `head` parts) â
 their KV cache entries â€” to one device. `relocate` is the general form (any new placement);
 re-planning uses it too. Room is checked first with the planner's memory model; if anything
 fails part-way, every part already moved goes back and the ledgers and hooks are restored.
+
+A layer moving to or from a remote device (a node's) goes through `split.remote.move`: the
+node places the weights from its own copy of the model, the KV cache travels over the
+process group. The embeddings and the head stay on this machine.
 """
 
 from __future__ import annotations
@@ -115,6 +119,10 @@ def migrate(split: SplitModel, first: int | str, last: int | str, dst: str, cach
         raise MigrationRefused(f"{dst} is not one of this model's devices ({', '.join(split.devices)}).")
     assert split.placement is not None
     parts = parts_of(split, first, last)
+    if split.is_remote(dst) and any(part in (EMBED, HEAD) for part in parts):
+        raise MigrationRefused(f"the {part_label(first, last)} stays on this machine; only decoder layers go to nodes.")
+    if getattr(split.devices[dst], "lost", False):
+        raise MigrationRefused(f"{dst} is on a node that was lost.")
     sources = sorted({split.placement.device_of(p) for p in parts if split.placement.device_of(p) != dst})
     new = split.placement.moved(parts, dst)
     check_room(split, new, part_label(first, last))
@@ -137,6 +145,11 @@ def relocate(split: SplitModel, new: Placement, cache=None) -> tuple[int, float]
         split.sync_ledgers(new)  # claims room first; a simulated device refuses here
         for part in to_move:
             src, dst = old.device_of(part), new.device_of(part)
+            if _crosses_machines(split, src, dst):
+                nbytes += split.remote.move(int(part), src, dst, cache)
+                moved.append(part)
+                split.placement = split.placement.moved([part], dst)
+                continue
             nbytes += split.move_part(part, dst)
             moved.append(part)
             split.placement = split.placement.moved([part], dst)
@@ -150,10 +163,18 @@ def relocate(split: SplitModel, new: Placement, cache=None) -> tuple[int, float]
     return nbytes, time.perf_counter() - start
 
 
+def _crosses_machines(split: SplitModel, src: str, dst: str) -> bool:
+    return split.remote is not None and (split.is_remote(src) or split.is_remote(dst))
+
+
 def _roll_back(split: SplitModel, old: Placement, moved: list[Part], cache) -> None:
     for part in reversed(moved):
         here = split.placement.device_of(part)
         back = old.device_of(part)
+        if _crosses_machines(split, here, back):
+            split.remote.move(int(part), here, back, cache)
+            split.placement = split.placement.moved([part], back)
+            continue
         split.move_part(part, back)
         split.placement = split.placement.moved([part], back)
         if part not in (EMBED, HEAD):

@@ -3,6 +3,10 @@
 A model is a sequence of parts: `embed`, layers 0..n-1, `head` (final norm + lm_head). A
 `Placement` gives each part a device. The memory model (`device_needs`) prices a placement
 per device; the strategies search for a placement whose needs fit every device's room.
+
+Remote devices (a node's, see engine/cluster) take decoder layers only: the embeddings and
+the head stay on this machine, where the sampler is. They come after the local devices in
+the pipeline; their room is what their node reports.
 """
 
 from __future__ import annotations
@@ -276,6 +280,8 @@ def make_plan(
     """Place the model on `devices` with `strategy`, or raise PlanError saying why it cannot."""
     if strategy not in STRATEGIES:
         raise PlanError(f"'{strategy}' is not a strategy; choose one of {', '.join(STRATEGIES)}.")
+    if any(getattr(d, "remote", False) for d in devices):
+        return _plan_with_nodes(profile, devices, strategy, context, pricing)
     rooms = {d.name: d.room() for d in devices}
     accelerators = [d for d in devices if d.kind != "cpu"]
     cpu = [d for d in devices if d.kind == "cpu"]
@@ -300,6 +306,105 @@ def make_plan(
             f"free: {free}; use more or larger devices, a shorter --context, or a smaller --dtype."
         )
     return Plan(placement, strategy, context, device_needs(profile, placement, devices, context), rooms)
+
+
+def _plan_with_nodes(profile: ModelProfile, devices: Sequence[Device], strategy: str, context: int,
+                     pricing: Pricing | None) -> Plan:
+    """A plan over local and remote devices: local ones first, the ends (embed, head) local."""
+    live = [d for d in devices if not getattr(d, "lost", False)]
+    local = [d for d in live if not getattr(d, "remote", False)]
+    remote = [d for d in live if getattr(d, "remote", False)]
+    if not local:
+        raise PlanError("remote devices hold decoder layers only; add a device of this machine "
+                        "(cpu, cuda:N or a sim pool) for the embeddings and the head.")
+    ordered = local + remote
+    rooms = {d.name: d.room() for d in ordered}
+    if strategy == "profiled":
+        if pricing is None:
+            raise PlanError("the profiled strategy needs device timings; load the model to measure them.")
+        first = _profiled(profile, ordered, context, rooms, pricing)
+    else:
+        # As on one machine: accelerators first, the CPU takes the overflow.
+        accelerators = [d for d in ordered if d.kind != "cpu"]
+        participants = accelerators or ordered
+        local_first = [d for d in participants if not getattr(d, "remote", False)] or local
+        first = None
+        if strategy == "proportional":
+            first = _proportional_layers(profile, ordered, participants, local_first[0], context, rooms)
+        if first is None:
+            first = _sequential(profile, participants, context, rooms)
+    placement = _keep_ends_local(profile, ordered, first, context, rooms) if first is not None else None
+    if placement is None:
+        fallback = _sequential(profile, ordered, context, rooms)
+        placement = _keep_ends_local(profile, ordered, fallback, context, rooms) if fallback is not None else None
+    if placement is None:
+        free = ", ".join(f"{d.name} {format_bytes(rooms[d.name])}" for d in ordered)
+        single = device_need(profile, profile.parts(), local[0].kind, context)
+        raise PlanError(
+            f"model needs {format_bytes(single.total - single.reserve)} at context {context} with its embeddings "
+            f"and head on this machine; free: {free}; use more or larger devices or a shorter --context."
+        )
+    return Plan(placement, strategy, context, device_needs(profile, placement, ordered, context), rooms)
+
+
+def _proportional_layers(profile: ModelProfile, devices: Sequence[Device], participants: Sequence[Device],
+                         ends: Device, context: int, rooms) -> Placement | None:
+    """Layers in contiguous segments sized to each participant's usable room, with the
+    embeddings and the head both on `ends` (counted there before the layers are shared out)."""
+    costs = [profile.layer_bytes[i] + profile.kv_bytes_per_token * context for i in range(profile.num_layers)]
+    usable = []
+    for device in participants:
+        fixed = device_need(profile, [0], device.kind, context).total - costs[0]
+        if device is ends:
+            both = device_need(profile, [EMBED, HEAD], device.kind, context)
+            fixed += both.total - both.reserve
+        usable.append(max(rooms[device.name] - fixed, 0))
+    if sum(usable) <= 0:
+        return None
+    total_cost, owners, taken, cumulative, target = sum(costs), [], 0, 0.0, 0.0
+    for index, (device, room) in enumerate(zip(participants, usable)):
+        target += total_cost * room / sum(usable)
+        start = taken
+        if index == len(participants) - 1:
+            taken = len(costs)
+        else:
+            while taken < len(costs) and abs(cumulative + costs[taken] - target) <= abs(cumulative - target):
+                cumulative += costs[taken]
+                taken += 1
+        owners += [device.name] * (taken - start)
+    placement = Placement(owners, embed=ends.name, head=ends.name)
+    return placement if _fits(profile, devices, placement, context, rooms) else None
+
+
+def _keep_ends_local(profile: ModelProfile, devices: Sequence[Device], placement: Placement, context: int,
+                     rooms) -> Placement | None:
+    """Move the embeddings and the head of `placement` onto local devices, if they are not
+    there already and it fits; None if it cannot."""
+    by_name = {d.name: d for d in devices}
+    local = [d.name for d in devices if not getattr(d, "remote", False)]
+
+    def remote(name: str) -> bool:
+        return bool(getattr(by_name[name], "remote", False))
+
+    def layer_holders(reverse: bool) -> list[str]:
+        order = placement.layer_devices[::-1] if reverse else placement.layer_devices
+        return [name for name in dict.fromkeys(order) if not remote(name)]
+
+    for part in (EMBED, HEAD):
+        if not remote(placement.device_of(part)):
+            continue
+        preferred = layer_holders(reverse=part == HEAD)
+        if part == HEAD and not remote(placement.embed):
+            preferred.append(placement.embed)  # tied weights are then held once
+        options = list(dict.fromkeys(preferred + sorted(local, key=lambda n: -rooms[n])))
+        for name in options:
+            trial = placement.moved([part], name)
+            if _fits(profile, devices, trial, context, rooms):
+                placement = trial
+                break
+        else:
+            return None
+    return placement if _fits(profile, devices, placement, context, rooms) else None
 
 
 def _place(profile, devices, strategy, context, rooms) -> Placement | None:

@@ -1,0 +1,655 @@
+"""`vramancer node`: serve this machine's devices to one coordinator at a time.
+
+A node listens on --bind:--port (127.0.0.1:7070 by default), advertises itself with zeroconf,
+and admits a coordinator only after the challenge-response on the cluster token. Then the two
+form a two-rank gloo process group (TCPStore rendezvous on the node's address) and the node
+obeys a short list of JSON requests: load a model by name from its own disk or hub cache,
+take or give back layers, reset or crop its KV cache, profile its devices, end the session.
+It never runs code, unpickles data or opens files named by the coordinator beyond the model.
+
+Tensors arrive on the process group: a hidden state (with its positions; rotary embeddings
+and the causal mask are computed here) runs through the layers this node holds and goes back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import asdict
+from datetime import timedelta
+
+import torch
+
+from vramancer.engine.cluster import protocol as p
+from vramancer.engine.devices import Device, DeviceFullError, DeviceSpec, parse_device_spec, resolve_devices
+from vramancer.engine.errors import VramancerError
+from vramancer.engine.units import format_bytes
+
+log = logging.getLogger("vramancer.node")
+
+SAMPLE_INTERVAL_S = 0.5  # telemetry, and the heartbeat a coordinator watches
+GLOO_TIMEOUT = timedelta(days=7)  # a node waits for tensors as long as its session lasts
+STORE_TIMEOUT = timedelta(seconds=20)
+
+
+def node_devices(spec_text: str) -> list[Device]:
+    """This machine's devices for a node: `auto` means every accelerator, else the CPU."""
+    spec = parse_device_spec(spec_text)
+    if spec.remotes or spec.discover:
+        raise VramancerError("a node serves its own devices only; remove node:… and discover from its --devices.")
+    if spec.auto:
+        devices = resolve_devices(spec, simulated_size=None) if _has_accelerator() else resolve_devices(parse_device_spec("cpu"))
+        return devices
+    return resolve_devices(spec)
+
+
+def _has_accelerator() -> bool:
+    return torch.cuda.is_available() or bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def architecture(config) -> dict:
+    """The facts two copies of a model must share to exchange hidden states and KV caches."""
+    keys = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "vocab_size", "rope_theta")
+    return {k: getattr(config, k, None) for k in keys}
+
+
+class NodeModel:
+    """The model as this node holds it: all weights in host memory (memory-mapped where the
+    GGUF cache allows), the assigned layers on their devices, and their KV cache."""
+
+    def __init__(self, name: str, dtype: torch.dtype, context: int, devices: dict[str, Device]):
+        from vramancer.engine.models import load_config, load_weights, resolve_model
+        from vramancer.engine.planner import ModelProfile
+
+        self.name, self.dtype, self.context = name, dtype, context
+        self.devices = devices
+        source = resolve_model(name)
+        self.config = load_config(source)
+        self.model = load_weights(source, dtype)
+        self.base = self.model.get_decoder()
+        self.rotary = getattr(self.base, "rotary_emb", None)
+        self.profile = ModelProfile.from_model(self.model, dtype)
+        self.assigned: dict[int, str] = {}
+        self.cache = None
+
+    # --- layers --------------------------------------------------------------------------
+
+    def assign(self, layers: dict[int, str]) -> None:
+        """Hold `layers` on the named devices (moving any already held); all or nothing."""
+        for index, device in layers.items():
+            if not 0 <= index < self.profile.num_layers:
+                raise VramancerError(f"layer {index} is not in {self.name}; it has layers 0-{self.profile.num_layers - 1}.")
+            if device not in self.devices:
+                raise VramancerError(f"{device} is not a device of this node ({', '.join(self.devices)}).")
+        before = dict(self.assigned)
+        self.assigned.update(layers)
+        try:
+            self._claim()
+        except DeviceFullError:
+            self.assigned = before
+            self._claim()
+            raise
+        for index, device in layers.items():
+            self._place(index, before.get(index), device)
+
+    def release(self, layers: list[int]) -> None:
+        for index in layers:
+            device = self.assigned.pop(index, None)
+            if device is not None:
+                self._place(index, device, None)
+                if self.cache is not None:
+                    self.cache.layers[index].reset()
+        self._claim()
+
+    def release_all(self) -> None:
+        self.release(list(self.assigned))
+        self.cache = None
+
+    def _place(self, index: int, src: str | None, dst: str | None) -> None:
+        """Weights (and KV cache) of one layer onto `dst`'s memory; host memory when None."""
+        target = self.devices[dst].torch_device if dst else torch.device("cpu")
+        source = self.devices[src].torch_device if src else torch.device("cpu")
+        if source == target:
+            return
+        self.base.layers[index].to(target)
+        if self.cache is not None and self.cache.layers[index].is_initialized and dst:
+            entry = self.cache.layers[index]
+            entry.keys, entry.values = entry.keys.to(target), entry.values.to(target)
+            entry.device = target
+
+    def _claim(self) -> None:
+        from vramancer.engine.planner import device_need
+
+        for name, device in self.devices.items():
+            parts = [i for i, d in sorted(self.assigned.items()) if d == name]
+            need = device_need(self.profile, parts, device.kind, self.context)
+            device.ledger.set("weights", 0)
+            device.ledger.set("kv", 0)
+            device.ledger.set("workspace", 0)
+            device.ledger.set("weights", need.weights)
+            device.ledger.set("kv", need.kv)
+            device.ledger.set("workspace", need.workspace + need.reserve)
+
+    def kv_bytes(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        cache = self.cache
+        for index, device in list(self.assigned.items()):
+            if cache is None:
+                break
+            entry = cache.layers[index]
+            if getattr(entry, "is_initialized", False) and entry.keys is not None:
+                totals[device] = totals.get(device, 0) + 2 * entry.keys.numel() * entry.keys.element_size()
+        return totals
+
+    # --- compute -------------------------------------------------------------------------
+
+    def _cache_for(self, first: int, last: int, past: int):
+        """The KV cache with layers first..last holding exactly `past` tokens."""
+        from transformers import DynamicCache
+
+        if self.cache is None:
+            self.cache = DynamicCache(config=self.model.config)
+        have = self.cache.layers[first].get_seq_length()
+        if past == 0 or have > past:
+            for index in range(first, last + 1):
+                entry = self.cache.layers[index]
+                if past == 0:
+                    entry.reset()
+                else:
+                    entry.crop(past - entry.get_seq_length())
+        elif have < past:
+            raise VramancerError(f"layer {first} holds {have} cached tokens but the coordinator expects {past}.")
+        return self.cache
+
+    def run(self, hidden: torch.Tensor, positions: torch.Tensor, first: int, last: int, past: int, use_cache: bool) -> torch.Tensor:
+        from transformers.masking_utils import create_causal_mask
+
+        for index in range(first, last + 1):
+            if index not in self.assigned:
+                raise VramancerError(f"layer {index} is not held by this node.")
+        cache = self._cache_for(first, last, past) if use_cache else None
+        mask = create_causal_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=None,
+                                  cache=cache, position_ids=positions, layer_idx=first)
+        cos_sin = self.rotary(hidden, position_ids=positions) if self.rotary is not None else None
+        here = torch.device("cpu")
+        for index in range(first, last + 1):
+            target = self.devices[self.assigned[index]].torch_device
+            if target != here:
+                hidden, positions = hidden.to(target), positions.to(target)
+                cos_sin = tuple(t.to(target) for t in cos_sin) if cos_sin is not None else None
+                mask = mask.to(target) if isinstance(mask, torch.Tensor) else mask
+                here = target
+            hidden = self.base.layers[index](hidden, attention_mask=mask, position_ids=positions, cache=cache,
+                                             use_cache=use_cache, position_embeddings=cos_sin)
+        return hidden.to("cpu")
+
+    def layer_kv(self, first: int, last: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Keys and values of first..last on the host; None when none of them holds a cache."""
+        cache = self.cache
+        if cache is None or not all(cache.layers[i].is_initialized and cache.layers[i].get_seq_length()
+                                    for i in range(first, last + 1)):
+            return None
+        return [(cache.layers[i].keys.to("cpu"), cache.layers[i].values.to("cpu")) for i in range(first, last + 1)]
+
+    def set_layer_kv(self, first: int, pairs: list[tuple[torch.Tensor, torch.Tensor]] | None, last: int) -> None:
+        from transformers import DynamicCache
+
+        if self.cache is None:
+            self.cache = DynamicCache(config=self.model.config)
+        for offset, index in enumerate(range(first, last + 1)):
+            entry = self.cache.layers[index]
+            entry.reset()
+            if pairs is None:
+                continue
+            target = self.devices[self.assigned[index]].torch_device if index in self.assigned else torch.device("cpu")
+            keys, values = (t.to(target) for t in pairs[offset])
+            entry.lazy_initialization(keys, values)
+            entry.keys, entry.values = keys, values
+
+
+class Session:
+    """One admitted coordinator: its control channel, its process group, its threads."""
+
+    def __init__(self, server: "NodeServer", channel: p.LineChannel, peer: str, local_address: str):
+        self.server = server
+        self.channel = channel
+        self.peer = peer
+        self.local_address = local_address
+        self.lock = threading.Lock()  # one operation on the model at a time
+        self.closed = threading.Event()
+        self.pg = None
+        self._store = None
+        self._store_socket: socket.socket | None = None
+
+    # --- process group -------------------------------------------------------------------
+
+    def open_store_socket(self) -> int:
+        """A listening socket for the rendezvous, on the address the coordinator reached us by."""
+        sock = socket.socket(socket.AF_INET6 if ":" in self.local_address else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.local_address, 0))
+        sock.listen(4)
+        self._store_socket = sock
+        return sock.getsockname()[1]
+
+    def form_group(self) -> None:
+        import torch.distributed as dist
+        from torch.distributed import ProcessGroupGloo
+
+        assert self._store_socket is not None
+        port = self._store_socket.getsockname()[1]
+        # The store takes the listening socket over (and closes it when it goes): hand it the
+        # descriptor outright so it is never closed twice.
+        fd = self._store_socket.detach()
+        self._store_socket = None
+        try:
+            self._store = dist.TCPStore(self.local_address, port, 2, True, STORE_TIMEOUT, master_listen_fd=fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        options = ProcessGroupGloo._Options()
+        options._devices = [ProcessGroupGloo.create_device(hostname=self.local_address)]
+        options._timeout = GLOO_TIMEOUT
+        self.pg = ProcessGroupGloo(self._store, p.NODE_RANK, 2, options)
+
+    # --- the three loops -----------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Run until the coordinator says bye, disconnects, or the process group breaks."""
+        data = threading.Thread(target=self._data_loop, name="vramancer-node-data", daemon=True)
+        sampler = threading.Thread(target=self._sample_loop, name="vramancer-node-samples", daemon=True)
+        data.start()
+        sampler.start()
+        try:
+            self._control_loop()
+        finally:
+            self.closed.set()
+            with self.lock:
+                if self.server.model is not None:
+                    self.server.model.release_all()
+            self.channel.close()
+            self.pg = None
+            self._store = None
+            if self._store_socket is not None:
+                self._store_socket.close()
+            log.info("session with %s ended", self.peer)
+
+    def _control_loop(self) -> None:
+        while not self.closed.is_set():
+            try:
+                message = self.channel.receive()
+            except (OSError, p.ClusterError) as exc:
+                log.warning("control channel from %s failed: %s", self.peer, exc)
+                return
+            if message is None:
+                return
+            if message.get("type") == "ping":
+                continue
+            request_id, op = message.get("id"), message.get("op")
+            try:
+                reply = self._handle(op, message)
+                ok = {"id": request_id, "ok": True, **reply}
+            except VramancerError as exc:
+                ok = {"id": request_id, "ok": False, "error": str(exc)}
+            except Exception as exc:  # a bug: say so, keep serving
+                log.exception("%s failed", op)
+                ok = {"id": request_id, "ok": False, "error": f"{op} failed on the node: {type(exc).__name__}: {exc}"}
+            ok["devices"] = self.server.snapshots()
+            try:
+                self.channel.send(ok)
+            except OSError:
+                return
+            if op in ("bye", "shutdown") and ok["ok"]:
+                if op == "shutdown":
+                    self.server.stop()
+                return
+
+    def _handle(self, op: str, message: dict) -> dict:
+        server = self.server
+        if op == "load":
+            with self.lock:
+                return server.load(str(message.get("model", "")), str(message.get("dtype", "float32")),
+                                   int(message.get("context", 0)), message.get("architecture") or {})
+        if op in ("assign", "release", "reset_cache", "crop_cache"):
+            model = server.model
+            if model is None:
+                raise VramancerError("no model is loaded on this node yet.")
+            with self.lock:
+                if op == "assign":
+                    layers = {int(k): str(v) for k, v in dict(message.get("layers", {})).items()}
+                    model.assign(layers)
+                    log.info("holding layers %s", _layer_list(model.assigned))
+                elif op == "release":
+                    model.release([int(i) for i in message.get("layers", [])])
+                elif op == "reset_cache":
+                    model.cache = None
+                else:
+                    length = int(message.get("length", 0))
+                    if model.cache is not None:
+                        for index in model.assigned:
+                            entry = model.cache.layers[index]
+                            entry.crop(min(length - entry.get_seq_length(), 0))
+            return {"layers": {str(k): v for k, v in model.assigned.items()}}
+        if op == "profile":
+            return server.profile(str(message.get("model", "")), str(message.get("dtype", "float32")),
+                                  str(message.get("model_key", "")))
+        if op == "state":
+            model = server.model
+            return {"model": model.name if model else None,
+                    "layers": {str(k): v for k, v in model.assigned.items()} if model else {}}
+        if op in ("bye", "shutdown"):
+            return {}
+        raise VramancerError(f"'{op}' is not something a node does.")
+
+    def _data_loop(self) -> None:
+        pg = self.pg
+        head = torch.empty(p.HEADER_LEN, dtype=torch.int64)
+        try:
+            while not self.closed.is_set():
+                pg.recv([head], p.COORDINATOR_RANK, p.TAG).wait()
+                op = int(head[0])
+                if op == p.OP_BYE:
+                    return
+                with self.lock:
+                    self._data_op(op, head.tolist())
+        except Exception as exc:
+            if not self.closed.is_set():
+                log.warning("tensor channel from %s ended: %s", self.peer, str(exc).splitlines()[0] if str(exc) else exc)
+                try:
+                    self.channel.send({"type": "fatal", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
+                except OSError:
+                    pass
+                self.channel.close()  # the coordinator's reader sees the end at once
+
+    def _data_op(self, op: int, h: list[int]) -> None:
+        pg, model = self.pg, self.server.model
+        src = p.COORDINATOR_RANK
+        if op == p.OP_ECHO:
+            buffer = torch.empty(h[1], dtype=torch.float32)
+            pg.recv([buffer], src, p.TAG).wait()
+            pg.send([buffer], src, p.TAG).wait()
+            return
+        if model is None:
+            raise VramancerError("tensors arrived before any model was loaded")
+        if op == p.OP_RUN:
+            tokens, first, last, past, use_cache, explicit, start = h[1:8]
+            hidden = torch.empty(1, tokens, model.config.hidden_size, dtype=model.dtype)
+            pg.recv([hidden], src, p.TAG).wait()
+            if explicit:
+                positions = torch.empty(1, tokens, dtype=torch.int64)
+                pg.recv([positions], src, p.TAG).wait()
+            else:
+                positions = torch.arange(start, start + tokens, dtype=torch.int64)[None]
+            began = time.perf_counter()
+            with torch.inference_mode():
+                out = model.run(hidden, positions, first, last, past, bool(use_cache)).contiguous()
+            stats = torch.tensor([time.perf_counter() - began, 0.0], dtype=torch.float64)
+            pg.send([out], src, p.TAG).wait()
+            pg.send([stats], src, p.TAG).wait()
+        elif op == p.OP_KV_PULL:
+            first, last = h[1], h[2]
+            pairs = model.layer_kv(first, last)
+            if pairs is None:
+                pg.send([p.header(0, 0)], src, p.TAG).wait()
+                return
+            keys = pairs[0][0]
+            pg.send([p.header(0, keys.shape[2], keys.shape[1], keys.shape[3], p.dtype_code(keys.dtype))], src, p.TAG).wait()
+            for k, v in pairs:
+                pg.send([k.contiguous()], src, p.TAG).wait()
+                pg.send([v.contiguous()], src, p.TAG).wait()
+        elif op == p.OP_KV_PUSH:
+            first, last, tokens, heads, head_dim, code = h[1:7]
+            pairs = None
+            if tokens:
+                pairs = []
+                for _ in range(first, last + 1):
+                    k = torch.empty(1, heads, tokens, head_dim, dtype=p.DTYPES[code])
+                    v = torch.empty_like(k)
+                    pg.recv([k], src, p.TAG).wait()
+                    pg.recv([v], src, p.TAG).wait()
+                    pairs.append((k, v))
+            model.set_layer_kv(first, pairs, last)
+            pg.send([p.header(0)], src, p.TAG).wait()
+        else:
+            raise VramancerError(f"unknown tensor operation {op}")
+
+    def _sample_loop(self) -> None:
+        while not self.closed.wait(SAMPLE_INTERVAL_S):
+            try:
+                self.channel.send({"type": "sample", "devices": self.server.snapshots()})
+            except OSError:
+                return
+
+
+class NodeServer:
+    """Listens for coordinators; serves one at a time; keeps the last model loaded between them."""
+
+    def __init__(self, devices: list[Device], token: bytes, bind: str = "127.0.0.1", port: int = p.DEFAULT_NODE_PORT,
+                 advertise: bool = True):
+        if not token:
+            raise VramancerError(f"a node needs the cluster token: set {p.TOKEN_ENV} or pass --token-file.")
+        self.devices = {d.name: d for d in devices}
+        self.token = token
+        self.bind = bind
+        self.port = port
+        self.advertise = advertise
+        self.model: NodeModel | None = None
+        self.session: Session | None = None
+        self._profiles: dict[tuple, dict] = {}
+        self._listener: socket.socket | None = None
+        self._advertiser = None
+        self._stopping = threading.Event()
+        self._sessions_lock = threading.Lock()
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def listen(self) -> int:
+        family = socket.AF_INET6 if ":" in self.bind else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.bind, self.port))
+        except OSError as exc:
+            sock.close()
+            raise VramancerError(f"cannot listen on {self.bind}:{self.port}: {exc.strerror or exc}.") from None
+        sock.listen(8)
+        sock.settimeout(0.5)  # so stop() is noticed
+        self._listener = sock
+        self.port = sock.getsockname()[1]
+        if self.advertise:
+            from vramancer.engine.cluster.discovery import Advertiser, NodeAdvert
+
+            host = self.bind if self.bind not in ("0.0.0.0", "") else socket.gethostname()
+            advert = NodeAdvert(host, self.port, tuple((d.name, format_bytes(d.read().total)) for d in self.devices.values()))
+            self._advertiser = Advertiser(advert, self.bind)
+            try:
+                self._advertiser.start()
+            except Exception as exc:  # discovery is a convenience: serving goes on without it
+                log.warning("could not advertise with zeroconf (%s); coordinators can still name node:%s:%d",
+                            exc, host, self.port)
+                self._advertiser = None
+        return self.port
+
+    def serve_forever(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                conn, address = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            threading.Thread(target=self._admit, args=(conn, address), name="vramancer-node-session", daemon=True).start()
+        self.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def close(self) -> None:
+        if self._advertiser is not None:
+            self._advertiser.close()
+            self._advertiser = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    # --- admission -----------------------------------------------------------------------
+
+    def _admit(self, conn: socket.socket, address) -> None:
+        peer = f"{address[0]}:{address[1]}"
+        conn.settimeout(p.HANDSHAKE_TIMEOUT_S)
+        channel = p.LineChannel(conn)
+        try:
+            nonce = p.new_nonce()
+            channel.send({"type": "hello", "version": p.PROTOCOL_VERSION, "nonce": nonce})
+            auth = channel.receive()
+            if auth is None or auth.get("type") != "auth":
+                log.warning("refused %s: it did not answer the challenge", peer)
+                channel.close()
+                return
+            offered, theirs = auth.get("proof"), auth.get("nonce")
+            if auth.get("version") != p.PROTOCOL_VERSION:
+                self._refuse(channel, peer, f"it speaks protocol {auth.get('version')}, this node speaks {p.PROTOCOL_VERSION}")
+                return
+            if offered is None:
+                self._refuse(channel, peer, "it offered no cluster token")
+                return
+            if not isinstance(theirs, str) or len(theirs) < 32 or not p.proof_matches(
+                    p.coordinator_proof(self.token, nonce, theirs), offered):
+                self._refuse(channel, peer, "its cluster token does not match")
+                return
+            with self._sessions_lock:
+                busy = self.session is not None
+                if not busy:
+                    session = Session(self, channel, peer, conn.getsockname()[0])
+                    self.session = session
+            if busy:
+                self._refuse(channel, peer, "this node is serving another coordinator")
+                return
+            try:
+                store_port = session.open_store_socket()
+                channel.send({"type": "welcome", "proof": p.node_proof(self.token, nonce, theirs),
+                              "store_port": store_port, "devices": self.describe_devices(),
+                              "samples": self.snapshots(),
+                              "model": self.model.name if self.model else None})
+                session.form_group()
+                conn.settimeout(None)
+                log.info("admitted coordinator %s; process group formed", peer)
+                session.serve()
+            finally:
+                with self._sessions_lock:
+                    self.session = None
+        except (OSError, p.ClusterError, RuntimeError) as exc:
+            log.warning("session with %s failed: %s", peer, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            channel.close()
+
+    def _refuse(self, channel: p.LineChannel, peer: str, reason: str) -> None:
+        log.warning("refused coordinator %s: %s; no process group formed, nothing loaded", peer, reason)
+        try:
+            channel.send({"type": "refused", "reason": reason})
+        except OSError:
+            pass
+        channel.close()
+
+    # --- what the requests do ------------------------------------------------------------
+
+    def describe_devices(self) -> list[dict]:
+        return [{"name": d.name, "kind": d.kind, "label": d.label, "simulated": d.simulated, "cap": d.cap}
+                for d in self.devices.values()]
+
+    def snapshots(self) -> list[dict]:
+        from vramancer.engine.telemetry import snapshot_device
+
+        kv = self.model.kv_bytes() if self.model is not None else {}
+        return [asdict(snapshot_device(d, kv.get(d.name, 0))) for d in self.devices.values()]
+
+    def load(self, name: str, dtype_name: str, context: int, expected: dict) -> dict:
+        from vramancer.engine.models import DTYPES
+
+        if dtype_name not in DTYPES:
+            raise VramancerError(f"'{dtype_name}' is not a dtype a node loads.")
+        if context < 1:
+            raise VramancerError(f"a context of {context} tokens is not usable.")
+        dtype = DTYPES[dtype_name]
+        model = self.model
+        if model is None or model.name != name or model.dtype != dtype:
+            if model is not None:
+                model.release_all()
+                self.model = None
+            started = time.perf_counter()
+            model = NodeModel(name, dtype, context, self.devices)
+            log.info("loaded %s (%s) in %.1f s", name, dtype_name, time.perf_counter() - started)
+        model.release_all()
+        model.context = context
+        mine = architecture(model.config)
+        differs = {k: (mine.get(k), v) for k, v in expected.items() if mine.get(k) != v}
+        self.model = model
+        if differs:
+            shown = ", ".join(f"{k} {a} here, {b} there" for k, (a, b) in differs.items())
+            raise VramancerError(f"this node's copy of {name} is a different model ({shown}).")
+        return {"layers_total": model.profile.num_layers}
+
+    def profile(self, name: str, dtype_name: str, model_key: str) -> dict:
+        """Timings of this node's devices (and the links between them) for a model's layers."""
+        from vramancer.engine import profiler
+        from vramancer.engine.models import DTYPES, build_meta_model, load_config, resolve_model
+        from vramancer.engine.transfer import TransferManager
+
+        dtype = DTYPES.get(dtype_name, torch.float32)
+        key = (name, dtype_name, model_key)
+        if key not in self._profiles:
+            config = load_config(resolve_model(name))
+            meta = build_meta_model(config, dtype)
+            folder = profiler.cache_dir() / "profiles"
+            folder.mkdir(parents=True, exist_ok=True)
+            devices, measured = {}, {}
+            for device in self.devices.values():
+                cache_key = profiler.profile_key(model_key, device, dtype)
+                timings = measured.get(cache_key) or profiler._read(folder / f"{cache_key}.json")
+                if timings is None:
+                    label = "host CPU" if device.torch_device.type == "cpu" else f"{device.name} ({device.label})"
+                    timings = profiler._time_device(meta, config, device.torch_device, dtype, label)
+                    profiler._write(folder / f"{cache_key}.json", timings)
+                measured[cache_key] = timings
+                devices[device.name] = asdict(timings)
+            links = {}
+            transfer = TransferManager(list(self.devices.values()))
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            for a in self.devices.values():
+                for b in self.devices.values():
+                    if a.name != b.name:
+                        timing = profiler._time_link(transfer, a, b, config.hidden_size, head_dim, dtype)
+                        links[f"{a.name}>{b.name}"] = asdict(timing)
+            self._profiles[key] = {"timings": devices, "links": links}
+        return self._profiles[key]
+
+
+def _layer_list(assigned: dict[int, str]) -> str:
+    if not assigned:
+        return "none"
+    by_device: dict[str, list[int]] = {}
+    for index, device in sorted(assigned.items()):
+        by_device.setdefault(device, []).append(index)
+    return ", ".join(f"L{min(v)}–{max(v)} on {k}" if len(v) > 1 else f"L{v[0]} on {k}" for k, v in by_device.items())
+
+
+def run_node(devices_text: str, bind: str, port: int, token_file: str | None, advertise: bool = True,
+             ready=print) -> int:
+    """The `vramancer node` command: serve until interrupted."""
+    token = p.cluster_token(token_file)
+    if not token:
+        raise VramancerError(f"a node needs the cluster token: set {p.TOKEN_ENV} or pass --token-file.")
+    devices = node_devices(devices_text)
+    server = NodeServer(devices, token, bind, port, advertise)
+    actual = server.listen()
+    shown = ", ".join(f"{d.name} ({d.label}, {format_bytes(d.read().total)})" for d in devices)
+    ready(f"vramancer node: serving {shown} on {p.node_label(bind, actual)}")
+    try:
+        server.serve_forever()
+    finally:
+        server.close()
+    return 0

@@ -1,0 +1,180 @@
+"""The wire between a coordinator and a node: JSON lines for control, fixed headers for tensors.
+
+Control (TCP, one JSON object per line, UTF-8): the admission handshake, then requests with an
+`id` and their replies, and the node's unsolicited telemetry samples. Nothing on this channel
+is ever evaluated or unpickled: a message is a dict of strings, numbers, lists and dicts.
+
+Tensors (torch.distributed send/recv on a two-rank process group, node rank 0, coordinator
+rank 1): every exchange opens with an int64 header of HEADER_LEN slots whose first slot is the
+operation; the sizes of what follows are in the header, so no side ever receives a size it did
+not expect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import socket
+import threading
+from pathlib import Path
+
+import torch
+
+from vramancer.engine.errors import VramancerError
+
+PROTOCOL_VERSION = 1
+SERVICE_TYPE = "_vramancer._tcp.local."
+DEFAULT_NODE_PORT = 7070
+TOKEN_ENV = "VRM_CLUSTER_TOKEN"
+MAX_LINE = 1 << 20  # a control message longer than this is refused: nothing legitimate is near it
+HANDSHAKE_TIMEOUT_S = 10.0
+NODE_RANK, COORDINATOR_RANK = 0, 1
+TAG = 0  # one ordered stream per direction is all we need
+
+# --- tensor channel ----------------------------------------------------------------------
+
+HEADER_LEN = 8
+OP_RUN = 1  # [op, tokens, first, last, past, use_cache, positions_explicit, position_start]
+OP_KV_PULL = 2  # [op, first, last]  → node answers a KV header, then keys/values per layer
+OP_KV_PUSH = 3  # [op, first, last, tokens, kv_heads, head_dim, dtype] then keys/values per layer
+OP_ECHO = 4  # [op, numel] then float32[numel], sent straight back
+OP_BYE = 5  # the coordinator is done with this process group
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return DTYPES.index(dtype)
+
+
+def header(*values: int) -> torch.Tensor:
+    slots = list(values) + [0] * (HEADER_LEN - len(values))
+    return torch.tensor(slots, dtype=torch.int64)
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+class ClusterError(VramancerError):
+    """A node could not be reached, refused a request, or answered something we cannot use."""
+
+
+class AdmissionRefused(ClusterError):
+    """The node and this coordinator do not share the cluster token."""
+
+
+class NodeLost(ClusterError):
+    """A node died or stopped answering while we depended on it."""
+
+    def __init__(self, node: str, reason: str):
+        super().__init__(f"node {node} was lost: {reason}.")
+        self.node = node
+        self.reason = reason
+
+
+# --- the shared secret -------------------------------------------------------------------
+
+
+def cluster_token(token_file: str | None = None) -> bytes | None:
+    """The cluster's secret: the --token-file's contents, else VRM_CLUSTER_TOKEN, else None."""
+    if token_file:
+        path = Path(token_file).expanduser()
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ClusterError(f"the token file {token_file} cannot be read: {exc.strerror or exc}.") from None
+        token = text.strip()
+        if not token:
+            raise ClusterError(f"the token file {token_file} is empty; put the cluster's secret in it.")
+        return token.encode()
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    return token.encode() if token else None
+
+
+def new_nonce() -> str:
+    return secrets.token_hex(32)
+
+
+def coordinator_proof(token: bytes, node_nonce: str, coordinator_nonce: str) -> str:
+    """What the coordinator shows to be admitted: HMAC-SHA256 over both nonces, role-tagged."""
+    message = f"vramancer/{PROTOCOL_VERSION}/coordinator|{node_nonce}|{coordinator_nonce}".encode()
+    return hmac.new(token, message, hashlib.sha256).hexdigest()
+
+
+def node_proof(token: bytes, node_nonce: str, coordinator_nonce: str) -> str:
+    """What the node shows back, so a coordinator never hands layers to an impostor."""
+    message = f"vramancer/{PROTOCOL_VERSION}/node|{coordinator_nonce}|{node_nonce}".encode()
+    return hmac.new(token, message, hashlib.sha256).hexdigest()
+
+
+def proof_matches(expected: str, offered: object) -> bool:
+    return isinstance(offered, str) and hmac.compare_digest(expected, offered)
+
+
+# --- JSON lines --------------------------------------------------------------------------
+
+
+class LineChannel:
+    """JSON objects, one per line, over a connected socket; safe to send from several threads."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._reader = sock.makefile("rb")
+        self._send_lock = threading.Lock()
+
+    def send(self, message: dict) -> None:
+        data = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+        with self._send_lock:
+            self.sock.sendall(data)
+
+    def receive(self) -> dict | None:
+        """The next message, or None when the peer closed the connection."""
+        line = self._reader.readline(MAX_LINE + 1)
+        if not line:
+            return None
+        if len(line) > MAX_LINE or not line.endswith(b"\n"):
+            raise ClusterError("a control message was too long or cut short.")
+        try:
+            message = json.loads(line)
+        except ValueError:
+            raise ClusterError("a control message was not JSON.") from None
+        if not isinstance(message, dict):
+            raise ClusterError("a control message was not a JSON object.")
+        return message
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self._reader.close()
+        finally:
+            self.sock.close()
+
+
+# --- names -------------------------------------------------------------------------------
+
+
+def node_label(host: str, port: int) -> str:
+    """How a node is named everywhere: node:HOST:PORT (IPv6 hosts in brackets)."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"node:{shown}:{port}"
+
+
+def remote_device_name(host: str, port: int, device: str) -> str:
+    return f"{node_label(host, port)}/{device}"
+
+
+def split_remote_name(name: str) -> tuple[str, int, str]:
+    """'node:HOST:PORT/DEV' → (host, port, dev), or ClusterError with the expected form."""
+    body = name[len("node:"):] if name.startswith("node:") else None
+    location, slash, device = (body or "").partition("/")
+    host, colon, port_text = location.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if body is None or not (slash and device and colon and host and port_text.isdigit()) or not 0 < int(port_text) < 65536:
+        raise ClusterError(f"'{name}' is not a remote device; write it node:HOST:PORT/DEVICE, e.g. node:127.0.0.1:7070/sim0.")
+    return host, int(port_text), device
