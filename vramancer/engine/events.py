@@ -91,6 +91,7 @@ class DeviceInfo:
     label: str  # GPU model name, "CPU", "simulated"
     simulated: bool
     total: int
+    host: str | None = None  # node:HOST:PORT for a remote device, None for this machine's
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,17 @@ class Notice(Event):
     """Something worth a line in the log that is not an error (e.g. pressure nothing can relieve)."""
 
     message: str
+
+
+@dataclass(frozen=True)
+class NodeLost(Notice):
+    """A node went away (`recovered` False), or its layers found new homes (True).
+
+    A Notice, so a UI that only shows notices shows these too."""
+
+    node: str = ""  # node:HOST:PORT
+    layers: str = ""  # what it held, e.g. "L10–19"
+    recovered: bool = False
 
 
 @dataclass(frozen=True)

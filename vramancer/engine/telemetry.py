@@ -23,7 +23,10 @@ DEFAULT_HISTORY = 240  # two minutes at 2 Hz
 
 
 def snapshot_device(device: Device, kv_bytes: int = 0) -> DeviceSnapshot:
-    """One reading of `device`; `kv_bytes` is the KV cache this model holds there now."""
+    """One reading of `device`; `kv_bytes` is the KV cache this model holds there now. A remote
+    device's reading is the one its node streamed (weights and KV cache as the node holds them)."""
+    if device.remote:
+        return device.snapshot()
     reading = device.read()
     weights = device.ledger.claims["weights"]
     kv = kv_bytes

@@ -148,5 +148,5 @@ class TransferManager:
 
 def _synchronize(*devices: Device) -> None:
     for device in devices:
-        if device.kind == "cuda":
+        if device.torch_device.type == "cuda":  # a remote CUDA device is host memory here
             torch.cuda.synchronize(device.torch_device)

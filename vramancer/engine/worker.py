@@ -40,6 +40,7 @@ class EngineWorker:
         self._cancel = threading.Event()
         self._stopping = threading.Event()
         self._generating = False
+        self._reported: set[str] = set()  # recovery failures already told, not repeated every poll
         self._thread = threading.Thread(target=self._run, name="vramancer-engine", daemon=True)
         self.telemetry = Telemetry(self._telemetry_source, emit, telemetry_hz, history)
         self._telemetry_enabled = telemetry
@@ -105,19 +106,25 @@ class EngineWorker:
         options = command.options
         started = time.perf_counter()
         progress = lambda stage, fraction: self.emit(ev.LoadProgress(stage, fraction))
+        if self.engine is not None and self.engine.split.remote is not None:
+            # A node serves one coordinator at a time: let ours go before asking again.
+            self.engine.close()
+            self.engine = None
         engine = Engine.load(options.model, options.devices, options.strategy, options.context, options.dtype,
-                             progress=progress)
+                             progress=progress, token_file=options.token_file)
         if self.engine is not None:
             self.engine.close()
         self.engine = engine
         engine.auto_rebalance = options.auto_rebalance
         engine.on_rebalance = self._rebalanced
+        engine.on_fault = self._node_fault
         self.emit(ev.Loaded(
             model=engine.source.display_name,
             dtype=str(engine.dtype).removeprefix("torch."),
             strategy=engine.plan.strategy,
             context=engine.context,
-            devices=tuple(ev.DeviceInfo(d.name, d.kind, d.label, d.simulated, d.read().total) for d in engine.devices),
+            devices=tuple(ev.DeviceInfo(d.name, d.kind, d.label, d.simulated, d.read().total, d.host)
+                          for d in engine.devices),
             simulated=engine.simulated,
             simulated_fallback=engine.simulated_fallback,
             seconds=time.perf_counter() - started,
@@ -177,8 +184,21 @@ class EngineWorker:
                                    result.bytes, result.seconds, result.step, reason=why))
         self._plan_changed()
 
+    def _node_fault(self, message: str, node: str, layers: str, recovered: bool) -> None:
+        """A node was lost, or its layers were re-placed (any thread may call this)."""
+        self.emit(ev.NodeLost(message, node=node, layers=layers, recovered=recovered))
+        if recovered and threading.current_thread() is self._thread:
+            self._plan_changed()
+
     def _idle_rebalance(self) -> None:
         engine = self.engine
+        if engine is not None and engine.split.remote is not None and not self._generating:
+            try:
+                engine.recover_lost_nodes()  # a node lost between answers: re-place its layers now
+            except VramancerError as exc:
+                if str(exc) not in self._reported:
+                    self._reported.add(str(exc))
+                    self.emit(ev.Error("Recover", str(exc)))
         if engine is not None and engine.auto_rebalance:
             try:
                 engine.rebalance()

@@ -127,12 +127,7 @@ class NodeModel:
         for name, device in self.devices.items():
             parts = [i for i, d in sorted(self.assigned.items()) if d == name]
             need = device_need(self.profile, parts, device.kind, self.context)
-            device.ledger.set("weights", 0)
-            device.ledger.set("kv", 0)
-            device.ledger.set("workspace", 0)
-            device.ledger.set("weights", need.weights)
-            device.ledger.set("kv", need.kv)
-            device.ledger.set("workspace", need.workspace + need.reserve)
+            device.ledger.set_many({"weights": need.weights, "kv": need.kv, "workspace": need.workspace + need.reserve})
 
     def kv_bytes(self) -> dict[str, int]:
         totals: dict[str, int] = {}

@@ -131,8 +131,11 @@ class LineChannel:
             self.sock.sendall(data)
 
     def receive(self) -> dict | None:
-        """The next message, or None when the peer closed the connection."""
-        line = self._reader.readline(MAX_LINE + 1)
+        """The next message, or None when the connection is closed (by the peer or by us)."""
+        try:
+            line = self._reader.readline(MAX_LINE + 1)
+        except ValueError:  # our own end was closed meanwhile
+            return None
         if not line:
             return None
         if len(line) > MAX_LINE or not line.endswith(b"\n"):
