@@ -271,3 +271,62 @@ def test_a_lost_node_whose_layers_fit_nowhere_stops_the_answer_clearly(tmp_path,
         if engine is not None:
             engine.close()
         node.stop()
+
+
+def test_the_dashboard_worker_rides_out_a_node_cut_off_mid_answer(tmp_path, reference_tokens):
+    """Through the EngineWorker (what the dashboard drives): a migration to a node mid-answer,
+    then that node stops answering without closing anything (SIGSTOP, as a cut cable looks):
+    its silence is noticed by heartbeat, its layers come home, the answer is unchanged."""
+    import queue
+
+    from vramancer.engine import LoadOptions
+    from vramancer.engine import events as ev
+    from vramancer.engine.cluster.client import HEARTBEAT_S
+    from vramancer.engine.worker import EngineWorker
+
+    nodes = start_nodes(tmp_path, 2)
+    received: queue.Queue = queue.Queue()
+    tokens_seen = []
+    state = {}
+
+    def emit(event):
+        received.put(event)
+        if isinstance(event, ev.Token):
+            tokens_seen.append(event)
+            if len(tokens_seen) == 3:
+                worker.submit(ev.Migrate(0, 1, nodes[1].device()))
+            if len(tokens_seen) == 8:
+                os.kill(nodes[1].pid, signal.SIGSTOP)
+                state["stopped"] = time.monotonic()
+
+    worker = EngineWorker(emit, telemetry_hz=4).start()
+    try:
+        worker.submit(ev.Load(LoadOptions("default", spec(nodes), context=CONTEXT)))
+        events = []
+        while not any(isinstance(e, (ev.PlanChanged, ev.Error)) for e in events):
+            events.append(received.get(timeout=120))
+        loaded = next(e for e in events if isinstance(e, ev.Loaded))
+        hosts = {d.name: d.host for d in loaded.devices}
+        assert hosts == {"sim0": None, nodes[0].device(): nodes[0].label, nodes[1].device(): nodes[1].label}
+        worker.submit(ev.Generate(PROMPT, {"max_new_tokens": TOKENS}, request_id=7))
+        while not any(isinstance(e, (ev.GenerationDone, ev.Error)) for e in events):
+            events.append(received.get(timeout=120))
+        done = next(e for e in events if isinstance(e, (ev.GenerationDone, ev.Error)))
+        assert isinstance(done, ev.GenerationDone), done
+        assert list(done.token_ids) == reference_tokens
+        assert "".join(t.text for t in tokens_seen).strip() == done.text.strip()  # nothing streamed twice
+        moved = [e for e in events if isinstance(e, ev.MigrationDone)]
+        assert [(m.first, m.last, m.dst) for m in moved] == [(0, 1, nodes[1].device())]
+        lost = [e for e in events if isinstance(e, ev.NodeLost)]
+        noticed = [e for e in lost if not e.recovered and e.node == nodes[1].label]
+        assert noticed and f"no word from it for {HEARTBEAT_S:.0f} s" in noticed[0].message
+        assert any(e.recovered for e in lost)
+        last_plan = [e for e in events if isinstance(e, ev.PlanChanged)][-1].plan
+        assert nodes[1].device() not in last_plan.layer_devices
+        samples = [e for e in events if isinstance(e, ev.DeviceSample)]
+        remote_weights = [s.weights for e in samples for s in e.devices if s.name == nodes[0].device()]
+        assert remote_weights and max(remote_weights) > 0  # the node's own telemetry, streamed
+    finally:
+        worker.shutdown(10)
+        for node in nodes:
+            node.stop()

@@ -156,7 +156,12 @@ def relocate(split: SplitModel, new: Placement, cache=None) -> tuple[int, float]
             if part not in (EMBED, HEAD):
                 nbytes += split.move_cache(cache, int(part), src, dst)
     except Exception as exc:
-        _roll_back(split, old, moved, cache)
+        failed_back = _roll_back(split, old, moved, cache)
+        lost = next((e for e in (exc, failed_back) if _is_node_lost(e)), None)
+        if lost is not None:
+            # A node went away: the placement is as before, but KV caches that were on the
+            # move may be gone. The caller's generation rebuilds them (see cluster/recovery).
+            raise lost
         raise MigrationFailed(f"the move failed and was undone, nothing changed: {exc}") from exc
     split.settle_tie()
     split.rewire()
@@ -167,12 +172,29 @@ def _crosses_machines(split: SplitModel, src: str, dst: str) -> bool:
     return split.remote is not None and (split.is_remote(src) or split.is_remote(dst))
 
 
-def _roll_back(split: SplitModel, old: Placement, moved: list[Part], cache) -> None:
+def _is_node_lost(exc: BaseException | None) -> bool:
+    from vramancer.engine.cluster.protocol import NodeLost
+
+    return isinstance(exc, NodeLost)
+
+
+def _roll_back(split: SplitModel, old: Placement, moved: list[Part], cache) -> BaseException | None:
+    """Put every moved part back. A part that cannot come back from a lost node keeps its
+    place in `old` (weights from the host copy when that place is local); the first such
+    failure is returned, the rest of the roll-back goes on."""
+    failure = None
     for part in reversed(moved):
         here = split.placement.device_of(part)
         back = old.device_of(part)
         if _crosses_machines(split, here, back):
-            split.remote.move(int(part), here, back, cache)
+            try:
+                split.remote.move(int(part), here, back, cache)
+            except Exception as exc:
+                failure = failure or exc
+                if not split.is_remote(back):
+                    from vramancer.engine.cluster.remote import _to
+
+                    _to(split.layer_modules[int(part)], split.devices[back].torch_device)
             split.placement = split.placement.moved([part], back)
             continue
         split.move_part(part, back)
@@ -183,3 +205,4 @@ def _roll_back(split: SplitModel, old: Placement, moved: list[Part], cache) -> N
     split.sync_ledgers(old)
     split.settle_tie()
     split.rewire()
+    return failure

@@ -143,6 +143,10 @@ class EngineWorker:
         except (MigrationRefusedError, MigrationFailed) as exc:
             self.emit(ev.MigrationRefused(command.first, command.last, command.device, str(exc)))
             return
+        except VramancerError as exc:
+            if _is_node_lost(exc):  # undone as far as it could be; the caller decides what follows
+                self.emit(ev.MigrationRefused(command.first, command.last, command.device, str(exc)))
+            raise
         self.emit(ev.MigrationDone(result.first_layer, result.last_layer, result.src, result.dst,
                                    result.bytes, result.seconds, step))
         self._plan_changed()
@@ -222,6 +226,8 @@ class EngineWorker:
                     else:
                         self._on_reserve(command)  # the engine rebalances at this very step
                 except VramancerError as exc:
+                    if _is_node_lost(exc):
+                        raise  # the generation's recovery re-places the layers and rebuilds the cache
                     self.emit(ev.Error(type(command).__name__, str(exc)))
             elif isinstance(command, ev.Cancel):
                 self._cancel.set()
@@ -246,6 +252,12 @@ class EngineWorker:
         if engine is None:
             return None
         return engine.devices, engine.link_stats(), engine.kv_bytes_by_device()
+
+
+def _is_node_lost(exc: BaseException) -> bool:
+    from vramancer.engine.cluster.protocol import NodeLost
+
+    return isinstance(exc, NodeLost)
 
 
 def plan_snapshot(engine: Engine) -> ev.PlanSnapshot:
