@@ -358,3 +358,56 @@ def test_cluster_cli_refusals_are_one_sentence(args, env, words, capsys, monkeyp
     assert status == 2
     assert len(lines) == 1 and lines[0].startswith("vramancer") and "Traceback" not in lines[0], lines
     assert words in lines[0]
+
+
+# --- the data path, on the tiny model, with the node in this process --------------------------
+
+
+def test_tiny_model_split_with_a_node_matches_the_local_split(node_server, tiny_model_dir, monkeypatch):
+    from vramancer.engine import Engine
+
+    monkeypatch.setenv("VRM_CLUSTER_TOKEN", TOKEN)
+    local = Engine.load(tiny_model_dir, "sim:2x64MiB", context=256)
+    expected = local.generate("Tell me about the sea.", max_new_tokens=16).token_ids
+    local.close()
+    label = f"node:127.0.0.1:{node_server.port}"
+    engine = Engine.load(tiny_model_dir, f"sim:1GiB,{label}/sim0,{label}/sim1", context=256)
+    try:
+        assert [b.device for b in engine.placement.blocks()] == ["sim0", f"{label}/sim0", f"{label}/sim1"]
+        assert node_server.model is not None and sorted(node_server.model.assigned) == [
+            i for i, d in enumerate(engine.placement.layer_devices) if d != "sim0"]
+        assert engine.generate("Tell me about the sea.", max_new_tokens=16).token_ids == expected
+        # Both of the node's devices in one run: one round trip per forward pass for the pair.
+        links = {(l.src, l.dst): l for l in engine.link_stats()}
+        assert links[("sim0", f"{label}/sim0")].transfers == links[(f"{label}/sim1", "sim0")].transfers
+        # Between the node's own devices (same node: the node moves the layer and its cache itself).
+        moves = {}
+
+        def on_step(step):
+            if step == 5:
+                moves["a"] = engine.migrate(5, 5, f"{label}/sim0", step=step)
+            if step == 9:
+                moves["b"] = engine.migrate(3, 5, "sim0", step=step)
+
+        assert engine.generate("Tell me about the sea.", max_new_tokens=16, on_step=on_step).token_ids == expected
+        assert moves["b"].bytes > sum(engine.profile.layer_bytes[3:6])  # weights placed + KV carried home
+        assert set(engine.placement.layer_devices[3:6]) == {"sim0"}
+    finally:
+        engine.close()
+    deadline = time.monotonic() + 5
+    while node_server.session is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert node_server.session is None and node_server.model.assigned == {}  # released on goodbye
+
+
+def test_a_plan_that_does_not_fit_lets_the_nodes_go(node_server, tiny_model_dir, monkeypatch):
+    from vramancer.engine import Engine
+    from vramancer.engine.planner import PlanError
+
+    monkeypatch.setenv("VRM_CLUSTER_TOKEN", TOKEN)
+    with pytest.raises(PlanError, match="with its embeddings and head on this machine"):
+        Engine.load(tiny_model_dir, f"sim:1MiB,node:127.0.0.1:{node_server.port}/sim0", context=256)
+    deadline = time.monotonic() + 5
+    while node_server.session is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert node_server.session is None and node_server.model is None

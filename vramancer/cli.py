@@ -154,9 +154,10 @@ def _devices(args) -> int:
 
     if not _has_accelerator() and args.devices in ("", "auto"):
         print("No accelerator found: `auto` will use a simulated pool of two devices sized to the model.")
+    width = max([8] + [len(row["name"]) for row in rows])
     for row in rows:
         tag = " (simulated)" if row["simulated"] else ""
-        print(f"{row['name']:<8} {row['label']}{tag}: {format_bytes(row['free_bytes'])} free of {format_bytes(row['total_bytes'])}")
+        print(f"{row['name']:<{width}} {row['label']}{tag}: {format_bytes(row['free_bytes'])} free of {format_bytes(row['total_bytes'])}")
     if nodes is not None:
         if not nodes:
             print(f"No vramancer node answered on {args.discover_bind} within {args.discover_seconds:g} s.")
@@ -227,11 +228,12 @@ def _plan(args) -> int:
         return 0
     print(f"{source.display_name} · {str(dtype).removeprefix('torch.')} · {plan.strategy} · context {plan.context}"
           + (" · simulated devices" if fallback or all(d.simulated for d in devices) else ""))
+    width = max([8] + [len(row["device"]) for row in rows])
     for row in rows:
         parts = [f"{b.layers}" for b in plan.blocks() if b.device == row["device"]]
         parts = (["embed"] if plan.placement.embed == row["device"] else []) + parts
         parts += ["head"] if plan.placement.head == row["device"] else []
-        print(f"  {row['device']:<8} {', '.join(parts) or '(nothing)':<22} "
+        print(f"  {row['device']:<{width}} {', '.join(parts) or '(nothing)':<22} "
               f"needs {format_bytes(row['need'])} of {format_bytes(row['room'])} free")
     print(f"  predicted {prediction.tokens_per_s:.1f} tokens/s "
           f"(decode step {prediction.step_s * 1000:.1f} ms at {prediction.kv_length} cached tokens)")

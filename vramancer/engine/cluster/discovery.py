@@ -178,6 +178,10 @@ def discover(seconds: float = DEFAULT_DISCOVER_SECONDS, bind: str = "127.0.0.1")
             except ClusterError as exc:
                 log.info("ignoring %s: %s", name, exc)
                 return
+            addresses = info.parsed_addresses()
+            if not _is_ipv4(advert.host) and addresses:
+                # A node bound to every interface names its host; reach it where mDNS found it.
+                advert = NodeAdvert(addresses[0], advert.port, advert.devices, advert.version)
             with lock:
                 found[name] = advert
 
@@ -190,6 +194,14 @@ def discover(seconds: float = DEFAULT_DISCOVER_SECONDS, bind: str = "127.0.0.1")
     with lock:
         adverts = {(a.host, a.port): a for a in found.values()}
     return [adverts[key] for key in sorted(adverts)]
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        socket.inet_aton(text)
+    except OSError:
+        return False
+    return text.count(".") == 3
 
 
 def _host_addresses() -> list[str]:

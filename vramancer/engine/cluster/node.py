@@ -458,7 +458,7 @@ class NodeServer:
         if self.advertise:
             from vramancer.engine.cluster.discovery import Advertiser, NodeAdvert
 
-            host = self.bind if self.bind not in ("0.0.0.0", "") else socket.gethostname()
+            host = self.bind if self.bind not in ("0.0.0.0", "") else socket.gethostname()  # resolved by mDNS
             advert = NodeAdvert(host, self.port, tuple((d.name, format_bytes(d.read().total)) for d in self.devices.values()))
             self._advertiser = Advertiser(advert, self.bind)
             try:
