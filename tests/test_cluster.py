@@ -202,6 +202,10 @@ def test_a_wrong_or_missing_token_is_refused_and_nothing_is_loaded(tmp_path, mon
             assert connection.request("state")["model"] is None
         finally:
             connection.close()
+        # `kill` ends a node cleanly.
+        node.process.send_signal(signal.SIGTERM)
+        assert node.process.wait(timeout=10) == 0
+        assert node.log().rstrip().endswith("vramancer node: stopped")
     finally:
         node.stop()
 

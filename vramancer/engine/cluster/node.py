@@ -642,9 +642,15 @@ def run_node(devices_text: str, bind: str, port: int, token_file: str | None, ad
     server = NodeServer(devices, token, bind, port, advertise)
     actual = server.listen()
     shown = ", ".join(f"{d.name} ({d.label}, {format_bytes(d.read().total)})" for d in devices)
+    if threading.current_thread() is threading.main_thread():
+        import signal
+
+        # `kill` (SIGTERM) ends the node the way Ctrl-C does: the advertisement is withdrawn.
+        signal.signal(signal.SIGTERM, lambda signum, frame: server.stop())
     ready(f"vramancer node: serving {shown} on {p.node_label(bind, actual)}")
     try:
         server.serve_forever()
     finally:
         server.close()
+    log.info("stopped")
     return 0
