@@ -27,24 +27,34 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(f"VRM_{name}", default)
 
 
-def _add_load_flags(parser: argparse.ArgumentParser, model: bool = True) -> None:
+def _add_load_flags(parser: argparse.ArgumentParser, model: bool = True, inherit: bool = False) -> None:
+    """The flags that choose what to load and where. On a subcommand (`inherit`), a flag left
+    out keeps what was given before the subcommand: `vramancer --devices X plan` means X."""
+    add_argument = parser.add_argument
+    if inherit:
+        def add_argument(*names, **options):
+            return parser.add_argument(*names, **{**options, "default": argparse.SUPPRESS})
+
     if model:
-        parser.add_argument("--model", default=_env("MODEL", "default"),
-                            help="default (bundled SmolLM2-135M-Instruct), a model folder, a .gguf file or a hub id")
-    parser.add_argument("--devices", default=_env("DEVICES", "auto"),
-                        help="auto | cuda:0=10GiB,cpu | mps,cpu | sim:3x2GiB | sim:4GiB,1GiB, plus remote devices "
+        add_argument("--model", default=_env("MODEL", "default"),
+                     help="default (bundled SmolLM2-135M-Instruct), a model folder, a .gguf file or a hub id")
+    add_argument("--devices", default=_env("DEVICES", "auto"),
+                 help="auto | cuda:0=10GiB,cpu | mps,cpu | sim:3x2GiB | sim:4GiB,1GiB, plus remote devices "
                              "node:HOST:PORT/DEVICE (e.g. cpu,node:127.0.0.1:7070/sim0)")
-    parser.add_argument("--discover", action="store_true", default=_env("DISCOVER", "") == "1",
-                        help="also use every device of the nodes zeroconf finds (on VRM_DISCOVER_BIND, default 127.0.0.1)")
-    parser.add_argument("--token-file", default=_env("TOKEN_FILE", "") or None,
-                        help="file holding the cluster token for remote devices (default: VRM_CLUSTER_TOKEN)")
-    parser.add_argument("--strategy", default=_env("STRATEGY", "proportional"), help="proportional | sequential | profiled")
-    parser.add_argument("--context", type=int, default=int(_env("CONTEXT", "2048")),
-                        help="tokens of KV cache to budget for (default 2048)")
-    parser.add_argument("--dtype", default=_env("DTYPE", "auto"), choices=["auto", "float32", "float16", "bfloat16"])
-    parser.add_argument("--reprofile", action="store_true", help="measure device and link timings afresh")
-    parser.add_argument("--auto-rebalance", action="store_true", default=_env("AUTO_REBALANCE", "") == "1",
-                        help="move layers off a device by themselves when something else takes its memory")
+    add_argument("--discover", action="store_true", default=_env("DISCOVER", "") == "1",
+                 help="also use every device of the nodes zeroconf finds (on VRM_DISCOVER_BIND, default 127.0.0.1)")
+    add_argument("--token-file", default=_env("TOKEN_FILE", "") or None,
+                 help="file holding the cluster token for remote devices (default: VRM_CLUSTER_TOKEN)")
+    add_argument("--strategy", default=_env("STRATEGY", "proportional"), help="proportional | sequential | profiled")
+    add_argument("--context", type=int, default=int(_env("CONTEXT", "2048")),
+                 help="tokens of KV cache to budget for (default 2048)")
+    add_argument("--dtype", default=_env("DTYPE", "auto"), choices=["auto", "float32", "float16", "bfloat16"])
+    add_argument("--reprofile", action="store_true", help="measure device and link timings afresh")
+    add_argument("--threads", type=int, default=int(_env("THREADS", "0")),
+                 help="CPU threads for torch (default: one less than the cores, so the rest of the "
+                             "program, the dashboard's UI above all, keeps a core)")
+    add_argument("--auto-rebalance", action="store_true", default=_env("AUTO_REBALANCE", "") == "1",
+                 help="move layers off a device by themselves when something else takes its memory")
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -87,11 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--no-advertise", action="store_true", help="do not announce this node with zeroconf")
 
     plan = sub.add_parser("plan", help="show how the model would be split, without loading weights")
-    _add_load_flags(plan)
+    _add_load_flags(plan, inherit=True)
     plan.add_argument("--json", action="store_true")
 
     generate = sub.add_parser("generate", help="load, split and generate; text streams to stdout")
-    _add_load_flags(generate)
+    _add_load_flags(generate, inherit=True)
     generate.add_argument("--prompt", required=True)
     _add_sampling_flags(generate)
     generate.add_argument("--migrate", action="append", default=[], metavar="A-B:DEVICE@STEP",
@@ -99,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
 
     bench = sub.add_parser("bench", help="decode speed and time to first token over a few rounds")
-    _add_load_flags(bench)
+    _add_load_flags(bench, inherit=True)
     bench.add_argument("--prompt", default="Write a short story about a lighthouse keeper.")
     bench.add_argument("--max-new-tokens", type=int, default=64)
     bench.add_argument("--rounds", type=int, default=3)
@@ -110,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    if args.threads < 0:
+        print(f"vramancer: --threads must be 1 or more (0: automatic), not {args.threads}.", file=sys.stderr)
+        return EXIT_USAGE
+    # On a small machine torch's default (every core) fights the threads that stream, sample
+    # telemetry and draw the screen; one core less decodes as fast and keeps the rest responsive.
+    _set_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     from vramancer.engine.errors import VramancerError
 
     try:
@@ -386,6 +402,12 @@ def _has_accelerator() -> bool:
     import torch
 
     return torch.cuda.is_available() or bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def _set_threads(count: int) -> None:
+    import torch
+
+    torch.set_num_threads(count)
 
 
 def _quiet_libraries() -> None:
