@@ -40,7 +40,7 @@ def _add_load_flags(parser: argparse.ArgumentParser, model: bool = True, inherit
                      help="default (bundled SmolLM2-135M-Instruct), a model folder, a .gguf file or a hub id")
     add_argument("--devices", default=_env("DEVICES", "auto"),
                  help="auto | cuda:0=10GiB,cpu | mps,cpu | sim:3x2GiB | sim:4GiB,1GiB, plus remote devices "
-                             "node:HOST:PORT/DEVICE (e.g. cpu,node:127.0.0.1:7070/sim0)")
+                      "node:HOST:PORT/DEVICE (e.g. cpu,node:127.0.0.1:7070/sim0)")
     add_argument("--discover", action="store_true", default=_env("DISCOVER", "") == "1",
                  help="also use every device of the nodes zeroconf finds (on VRM_DISCOVER_BIND, default 127.0.0.1)")
     add_argument("--token-file", default=_env("TOKEN_FILE", "") or None,
@@ -52,7 +52,7 @@ def _add_load_flags(parser: argparse.ArgumentParser, model: bool = True, inherit
     add_argument("--reprofile", action="store_true", help="measure device and link timings afresh")
     add_argument("--threads", type=int, default=int(_env("THREADS", "0")),
                  help="CPU threads for torch (default: one less than the cores, so the rest of the "
-                             "program, the dashboard's UI above all, keeps a core)")
+                      "program, the dashboard's UI above all, keeps a core)")
     add_argument("--auto-rebalance", action="store_true", default=_env("AUTO_REBALANCE", "") == "1",
                  help="move layers off a device by themselves when something else takes its memory")
 
