@@ -5,7 +5,8 @@ vs `vramancer generate --json` on a 2-way simulated split, first with an empty c
 start: it reads the GGUF and fills the cache) and then with the cache filled (every later
 start). Both are asked for one new token, and both print their JSON as soon as they have it;
 the time is from just before the process is spawned to the first byte it writes to stdout.
-Peak RSS is the child's own ru_maxrss (os.wait4), not the benchmark's.
+Peak RSS is the child's own high-water mark since exec (VmHWM, read as its answer arrives):
+ru_maxrss would count the benchmark's own pages, which the child shares between fork and exec.
 
     python -m benchmarks.load [--rounds 5]
 """
@@ -31,21 +32,36 @@ LATER = "VRAMancer, later start (cache filled)"
 
 
 def run_child(argv: list[str], env: dict) -> dict:
-    """Spawn, time the first byte of stdout, reap with wait4 for the child's own rusage."""
+    """Spawn, time the first byte of stdout, and read the child's peak RSS."""
     with tempfile.TemporaryFile() as stderr:
         start = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, env=env)
         first = proc.stdout.read(1)
         first_byte = time.perf_counter() - start
+        peak = _peak_rss(proc.pid)  # the answer is out: the peak is behind us, the process still alive
         rest = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0 or not first:
             stderr.seek(0)
             raise RuntimeError(f"{' '.join(argv[:3])} … failed ({proc.returncode}): {stderr.read().decode()[-2000:]}")
+    if peak is None:  # no /proc: ru_maxrss, which on Linux would also count the parent's pages at fork
+        peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     out = json.loads(first + rest)
-    return {"ttft_from_start_s": first_byte, "peak_rss_mib": usage.ru_maxrss / 1024, "in_process_ttft_s": out["ttft_s"],
+    return {"ttft_from_start_s": first_byte, "peak_rss_mib": peak / 2**20, "in_process_ttft_s": out["ttft_s"],
             "first_token": out["token_ids"][0]}
+
+
+def _peak_rss(pid: int) -> int | None:
+    """VmHWM: the high-water mark of the process's memory since its exec, in bytes."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def vramancer_argv() -> list[str]:

@@ -105,8 +105,9 @@ def load_config(source: ModelSource):
     config = _from_cache(entry, CONFIG_PIECE, _read_config)
     if config is not None:
         return config
-    # First sight of this GGUF: read its config and tokenizer from one parse of its metadata.
-    with _gguf_parsed_once():
+    # First sight of this GGUF: read its config and tokenizer from one parse of the file, and
+    # keep that parse for the weights, which come next.
+    with _gguf_parsed_once(keep_reader=True):
         config = _load_config_uncached(source)
         if _store(entry, CONFIG_PIECE, lambda folder: config.to_json_file(folder / "config.json")):
             _fill_tokenizer_piece(source, entry)
@@ -191,6 +192,7 @@ def load_weights(source: ModelSource, dtype: torch.dtype) -> torch.nn.Module:
             with _gguf_parsed_once():
                 model = _from_pretrained(source.location, dtype, config=config, **source.pretrained_kwargs())
             _store(entry, piece, lambda folder: _write_weights(folder, model))
+        _KEPT_READERS.clear()  # whichever way the weights came, the config's parse is done with
     model.eval()
     model.requires_grad_(False)
     return model
@@ -395,26 +397,44 @@ def _write_weights(folder: Path, model: torch.nn.Module) -> None:
     model.generation_config.save_pretrained(str(folder))
 
 
-@contextlib.contextmanager
-def _gguf_parsed_once():
-    """Within this block, transformers parses each GGUF's metadata once and builds gguf's
-    tensor-name map once.
+# The GGUF reader of the file being loaded, kept from the config's parse for the weights'.
+_KEPT_READERS: dict[str, object] = {}
 
-    Left alone, it parses the metadata for the config, again for the tokenizer (to learn the
-    model type) and again for the weights, and rebuilds the name map for every module of the
-    model: about 7 of the 15 s a first load of the bundled model takes (py-spy). Both are pure
-    functions of their arguments, and the memo hands out copies, so only time changes; should a
-    later transformers or gguf rename them, this block simply saves nothing."""
-    patches = []
+
+@contextlib.contextmanager
+def _gguf_parsed_once(keep_reader: bool = False):
+    """Within this block, transformers parses a GGUF file once and builds gguf's tensor-name
+    map once.
+
+    Left alone, it parses the file for the config, again for the tokenizer (to learn the model
+    type) and again for the weights, and rebuilds the name map for every module of the model:
+    about 9 of the 15 s a first load of the bundled model takes (py-spy). A parsed
+    `gguf.GGUFReader` is a read-only view of the file, and the memos hand out copies of what
+    callers could change, so only time changes; should a later transformers or gguf rename
+    these, the block simply saves nothing. `keep_reader` keeps the reader past the block, for
+    the weights that follow the config (`load_weights` lets it go)."""
     try:
         import gguf
         import transformers.modeling_gguf_pytorch_utils as hf_gguf
     except ImportError:
         yield
         return
+    patches = []
     name_map = getattr(gguf, "get_tensor_name_map", None)
     if callable(name_map):
         patches.append((gguf, "get_tensor_name_map", name_map, functools.lru_cache(maxsize=None)(name_map)))
+    reader_class = getattr(gguf, "GGUFReader", None)
+    if isinstance(reader_class, type):
+        def reader(path, *args, **kwargs):
+            if args or kwargs:
+                return reader_class(path, *args, **kwargs)
+            key = os.fspath(path)
+            if key not in _KEPT_READERS:
+                _KEPT_READERS.clear()  # one file at a time
+                _KEPT_READERS[key] = reader_class(path)
+            return _KEPT_READERS[key]
+
+        patches.append((gguf, "GGUFReader", reader_class, reader))
     checkpoint = getattr(hf_gguf, "load_gguf_checkpoint", None)
     if callable(checkpoint):
         metadata: dict = {}
@@ -436,3 +456,5 @@ def _gguf_parsed_once():
     finally:
         for owner, name, original, _ in patches:
             setattr(owner, name, original)
+        if not keep_reader:
+            _KEPT_READERS.clear()
