@@ -139,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vramancer: interrupted.", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`vramancer plan | head`): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 # --- commands --------------------------------------------------------------------------

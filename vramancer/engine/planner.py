@@ -361,17 +361,9 @@ def _proportional_layers(profile: ModelProfile, devices: Sequence[Device], parti
         usable.append(max(rooms[device.name] - fixed, 0))
     if sum(usable) <= 0:
         return None
-    total_cost, owners, taken, cumulative, target = sum(costs), [], 0, 0.0, 0.0
-    for index, (device, room) in enumerate(zip(participants, usable)):
-        target += total_cost * room / sum(usable)
-        start = taken
-        if index == len(participants) - 1:
-            taken = len(costs)
-        else:
-            while taken < len(costs) and abs(cumulative + costs[taken] - target) <= abs(cumulative - target):
-                cumulative += costs[taken]
-                taken += 1
-        owners += [device.name] * (taken - start)
+    owners = []
+    for device, count in zip(participants, _proportional_counts(costs, usable)):
+        owners += [device.name] * count
     placement = Placement(owners, embed=ends.name, head=ends.name)
     return placement if _fits(profile, devices, placement, context, rooms) else None
 
@@ -447,6 +439,24 @@ def _sequential(profile: ModelProfile, devices, context: int, rooms) -> Placemen
     return _segments_to_placement(profile, devices, counts)
 
 
+def _proportional_counts(costs: Sequence[float], usable: Sequence[float]) -> list[int]:
+    """How many consecutive items each device takes so that the running cost follows the
+    running share of usable room as closely as item boundaries allow (the last takes the rest)."""
+    total_cost, room_total = sum(costs), sum(usable)
+    counts, taken, cumulative, target = [], 0, 0.0, 0.0
+    for index, room in enumerate(usable):
+        target += total_cost * room / room_total
+        start = taken
+        if index == len(usable) - 1:
+            taken = len(costs)
+        else:
+            while taken < len(costs) and abs(cumulative + costs[taken] - target) <= abs(cumulative - target):
+                cumulative += costs[taken]
+                taken += 1
+        counts.append(taken - start)
+    return counts
+
+
 def _proportional(profile: ModelProfile, devices, context: int, rooms) -> Placement | None:
     """Contiguous segments sized in proportion to each device's usable room."""
     parts = profile.parts()
@@ -460,20 +470,7 @@ def _proportional(profile: ModelProfile, devices, context: int, rooms) -> Placem
     usable = [max(rooms[d.name] - f, 0) for d, f in zip(devices, fixed)]
     if sum(usable) <= 0:
         return None
-    total_cost = sum(costs)
-    counts, taken, cumulative, target = [], 0, 0.0, 0.0
-    for d_index, room in enumerate(usable):
-        target += total_cost * room / sum(usable)
-        start = taken
-        if d_index == len(usable) - 1:
-            taken = len(parts)
-        else:
-            # Take parts while the running cost stays nearest the running target.
-            while taken < len(parts) and abs(cumulative + costs[taken] - target) <= abs(cumulative - target):
-                cumulative += costs[taken]
-                taken += 1
-        counts.append(taken - start)
-    placement = _segments_to_placement(profile, devices, counts)
+    placement = _segments_to_placement(profile, devices, _proportional_counts(costs, usable))
     return placement if _fits(profile, devices, placement, context, rooms) else None
 
 
