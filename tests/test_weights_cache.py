@@ -20,6 +20,7 @@ pytestmark = pytest.mark.model
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 TOKENS = 12
+PARSES: list = []  # GGUF files parsed by the first load
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +39,23 @@ def source():
 @pytest.fixture(scope="module")
 def first_load(cache_dir, source):
     """The bundled model read from its GGUF into an empty cache: (config, tokenizer, model),
-    the tokenizer straight from transformers as the reference."""
+    the tokenizer straight from transformers as the reference. Counts the GGUF parses."""
+    import gguf.gguf_reader
     from transformers import AutoTokenizer
 
     assert not any(cache_dir.iterdir())
-    config = models.load_config(source)
-    models.load_tokenizer(source)
-    model = models.load_weights(source, torch.float32)
+    reader = gguf.gguf_reader.GGUFReader
+    parse = reader.__init__
+
+    def counted(self, *args, **kwargs):
+        PARSES.append(args[0] if args else kwargs.get("path"))
+        parse(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reader, "__init__", counted)
+        config = models.load_config(source)
+        models.load_tokenizer(source)
+        model = models.load_weights(source, torch.float32)
     return config, AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file), model
 
 
@@ -92,6 +103,17 @@ def test_first_load_stores_every_piece(first_load, source, cache_dir):
         present = {p.name for p in (entry / name).iterdir()}
         assert files | {models.MANIFEST} <= present, name
     assert not [p for p in entry.iterdir() if p.name.startswith(".")], "staging folders were left behind"
+
+
+def test_first_load_parses_the_gguf_once_and_leaves_libraries_as_they_were(first_load):
+    import gguf
+    import transformers.modeling_gguf_pytorch_utils as hf_gguf
+
+    assert len(PARSES) == 1, "config, tokenizer and weights share one parse of the file"
+    assert gguf.GGUFReader is gguf.gguf_reader.GGUFReader
+    assert gguf.get_tensor_name_map is gguf.tensor_mapping.get_tensor_name_map
+    assert hf_gguf.load_gguf_checkpoint.__module__ == hf_gguf.__name__
+    assert not models._KEPT_READERS
 
 
 def test_second_load_is_identical_and_skips_the_gguf(first_load, source, no_gguf_parsing):

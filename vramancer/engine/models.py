@@ -23,6 +23,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,7 +181,7 @@ def load_weights(source: ModelSource, dtype: torch.dtype) -> torch.nn.Module:
 
     GGUF files are dequantised on the host by transformers in any case, so no accelerator
     ever holds more than the parts planned for it. From the cache, the weights are
-    memory-mapped (copy-on-write): pages are read as the layers first run."""
+    memory-mapped (copy-on-write) once the file has passed its CRC check."""
     entry = gguf_cache_entry(source)
     if entry is None:
         model = _from_pretrained(source.location, dtype, **source.pretrained_kwargs())
@@ -397,8 +398,11 @@ def _write_weights(folder: Path, model: torch.nn.Module) -> None:
     model.generation_config.save_pretrained(str(folder))
 
 
-# The GGUF reader of the file being loaded, kept from the config's parse for the weights'.
+# The GGUF reader of the file being loaded, kept from the config's parse for the weights'
+# (one file at a time: at most one reader, about 160 MB for the bundled model, is held).
 _KEPT_READERS: dict[str, object] = {}
+# The patches below are process-wide: one thread at a time applies and undoes them.
+_PATCHING = threading.RLock()
 
 
 @contextlib.contextmanager
@@ -419,6 +423,21 @@ def _gguf_parsed_once(keep_reader: bool = False):
     except ImportError:
         yield
         return
+    with _PATCHING:  # so that what is saved below is the real thing, not another thread's memo
+        patches = _gguf_memos(gguf, hf_gguf)
+        for owner, name, _, memo in patches:
+            setattr(owner, name, memo)
+        try:
+            yield
+        finally:
+            for owner, name, original, _ in reversed(patches):
+                setattr(owner, name, original)
+            if not keep_reader:
+                _KEPT_READERS.clear()
+
+
+def _gguf_memos(gguf, hf_gguf) -> list[tuple]:
+    """(owner, attribute, original, memo) for each function `_gguf_parsed_once` replaces."""
     patches = []
     name_map = getattr(gguf, "get_tensor_name_map", None)
     if callable(name_map):
@@ -449,12 +468,4 @@ def _gguf_parsed_once(keep_reader: bool = False):
             return copy.deepcopy(metadata[key])
 
         patches.append((hf_gguf, "load_gguf_checkpoint", checkpoint, load_gguf_checkpoint))
-    for owner, name, _, memo in patches:
-        setattr(owner, name, memo)
-    try:
-        yield
-    finally:
-        for owner, name, original, _ in patches:
-            setattr(owner, name, original)
-        if not keep_reader:
-            _KEPT_READERS.clear()
+    return patches
