@@ -26,9 +26,10 @@ import torch
 from vramancer.engine.devices import Device
 from vramancer.engine.transfer import TransferManager
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 SHORT_KV, LONG_KV = 16, 1024  # cache lengths a decode step is timed at; cost is linear between
 PREFILL_TOKENS = 64
+COLD_STACK_BYTES = 256 * 1024 * 1024  # more than any CPU cache: layers timed in a stack this big
 
 
 def cache_dir() -> Path:
@@ -91,8 +92,13 @@ def _time_device(meta_model, config, torch_device: torch.device, dtype: torch.dt
 
     base = meta_model.get_decoder()
     sync = _syncer(torch_device)
+    # A real pass streams every layer's weights from memory; one layer timed over and over
+    # would sit in the CPU's cache and look several times faster than it is. So time a stack
+    # of distinct layers larger than any cache, and divide.
+    layer_bytes = sum(p.numel() for p in base.layers[0].parameters()) * torch.empty((), dtype=dtype).element_size()
+    count = max(2, min(len(base.layers), -(-COLD_STACK_BYTES // max(layer_bytes, 1))))
     with torch.device(torch_device):
-        layer = type(base.layers[0])(config, 0).to(dtype).eval()
+        layers = [type(base.layers[0])(config, i).to(dtype).eval() for i in range(count)]
         rotary = type(base.rotary_emb)(config=config) if getattr(base, "rotary_emb", None) is not None else None
         norm = type(base.norm)(config.hidden_size, eps=getattr(config, "rms_norm_eps", 1e-6)).to(dtype)
         head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
@@ -101,26 +107,28 @@ def _time_device(meta_model, config, torch_device: torch.device, dtype: torch.dt
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
     def decode_cost(kv_length: int) -> float:
-        cache = DynamicCache(config=config)
+        cache = DynamicCache(config=config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": count}))
         shape = (1, kv_heads, kv_length, head_dim)
-        cache.layers[0].update(torch.randn(shape, dtype=dtype, device=torch_device),
-                               torch.randn(shape, dtype=dtype, device=torch_device))
+        for i in range(count):
+            cache.layers[i].update(torch.randn(shape, dtype=dtype, device=torch_device),
+                                   torch.randn(shape, dtype=dtype, device=torch_device))
         hidden = torch.randn(1, 1, config.hidden_size, dtype=dtype, device=torch_device)
         positions = torch.tensor([[kv_length]], device=torch_device)
         cos_sin = rotary(hidden, positions) if rotary is not None else None
 
         def step():
-            layer(hidden, position_ids=positions, cache=cache, use_cache=True, position_embeddings=cos_sin)
+            for layer in layers:
+                layer(hidden, position_ids=positions, cache=cache, use_cache=True, position_embeddings=cos_sin)
             cache.crop(-1)  # drop the token just added: the cache length stays fixed
 
-        return _median_time(step, sync)
+        return _median_time(step, sync, repeat=7) / count
 
     with torch.inference_mode():
         short, long = decode_cost(SHORT_KV), decode_cost(LONG_KV)
         prompt = torch.randn(1, PREFILL_TOKENS, config.hidden_size, dtype=dtype, device=torch_device)
         positions = torch.arange(PREFILL_TOKENS, device=torch_device)[None]
         cos_sin = rotary(prompt, positions) if rotary is not None else None
-        prefill = _median_time(lambda: layer(prompt, position_ids=positions, position_embeddings=cos_sin), sync, repeat=5)
+        prefill = _median_time(lambda: layers[0](prompt, position_ids=positions, position_embeddings=cos_sin), sync, repeat=5)
         token = torch.randint(0, config.vocab_size, (1, 1), device=torch_device)
         embed_s = _median_time(lambda: embed(token), sync)
         one = torch.randn(1, 1, config.hidden_size, dtype=dtype, device=torch_device)
