@@ -124,6 +124,8 @@ def test_second_load_is_identical_and_skips_the_gguf(first_load, source, no_gguf
     assert cached_config.to_diff_dict() == config.to_diff_dict()
     assert_same_weights(model, cached_model)
     assert cached_model.get_output_embeddings().weight is cached_model.get_input_embeddings().weight
+    # Mapped weights start on cache lines, as freshly allocated ones do (else matmuls run slower).
+    assert {p.data_ptr() % models.ALIGN for p in cached_model.parameters()} == {0}
     text = "Ünïcode, spaces  and <|im_start|> specials\n\tdone."
     assert cached_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert cached_tokenizer.apply_chat_template(PROMPT, tokenize=False) == tokenizer.apply_chat_template(PROMPT, tokenize=False)

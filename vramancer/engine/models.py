@@ -260,7 +260,7 @@ def _first_line(exc: BaseException) -> str:
 # cache is logged and the load goes on.
 
 CACHE_ENV = "VRM_CACHE_DIR"
-CACHE_FORMAT = 1  # bump when the layout or the meaning of a piece changes
+CACHE_FORMAT = 2  # bump when the layout or the meaning of a piece changes
 CONFIG_PIECE, TOKENIZER_PIECE = "config", "tokenizer"
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST = "manifest.json"
@@ -384,8 +384,6 @@ def _read_weights(folder: Path, config, dtype: torch.dtype) -> torch.nn.Module:
 def _write_weights(folder: Path, model: torch.nn.Module) -> None:
     """The state dict as safetensors, tied weights once (loading ties them again), and the
     generation config (transformers fails on a model folder without one)."""
-    from safetensors.torch import save_file
-
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple] = set()
     for name, tensor in model.state_dict().items():
@@ -393,9 +391,52 @@ def _write_weights(folder: Path, model: torch.nn.Module) -> None:
         if tensor.numel() and identity in seen:
             continue
         seen.add(identity)
-        tensors[name] = tensor.contiguous()
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+        tensors[name] = tensor
+    write_safetensors(folder / WEIGHTS_FILE, tensors)
     model.generation_config.save_pretrained(str(folder))
+
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+ALIGN = 64  # bytes: a cache line, and what SIMD loads want
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file whose tensors start on 64-byte boundaries once memory-mapped.
+
+    `safetensors.save_file` starts the data 8-byte aligned, so every tensor of a mapped file
+    sat 40 bytes past a cache line here, and matmuls over such weights ran 3-7 % slower than
+    over the same weights in freshly allocated memory. The format allows padding the header
+    with spaces: it is padded so the data starts on a boundary, and tensors whose size is a
+    multiple of the boundary come first, so each of them stays on one. Written tensor by
+    tensor from the tensors' own memory: no second copy of the model."""
+    import numpy as np
+
+    order = sorted(tensors, key=lambda name: _nbytes(tensors[name]) % ALIGN != 0)
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in order:
+        tensor = tensors[name]
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{name} has dtype {tensor.dtype}, which this writer does not handle")
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + _nbytes(tensor)]}
+        offset += _nbytes(tensor)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGN)
+    with path.open("wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for name in order:
+            tensor = tensors[name].detach().contiguous().reshape(-1)
+            if tensor.numel():
+                f.write(memoryview(np.ascontiguousarray(tensor.view(torch.uint8).numpy())))
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 # The GGUF reader of the file being loaded, kept from the config's parse for the weights'
