@@ -7,12 +7,15 @@ the machine's load (other processes, thermal state, page cache) hits every conte
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -65,6 +68,10 @@ class Comparison:
         return {"what": self.what, "ratio": round(self.ratio, 4), "target": self.target, "met": self.met,
                 "ratio_of_bests": None if self.best_ratio is None else round(self.best_ratio, 4)}
 
+    @classmethod
+    def from_json(cls, data: dict) -> "Comparison":
+        return cls(data["what"], data["ratio"], data["target"], data["met"], data["ratio_of_bests"])
+
 
 def compare(what: str, ratio: float, *, at_least: float | None = None, at_most: float | None = None,
             best: float | None = None) -> Comparison:
@@ -105,12 +112,19 @@ class Result:
 
     def to_json(self) -> dict:
         return {
+            "name": self.name,
             "title": self.title,
             "settings": self.settings,
+            "metrics": {key: list(head) for key, head in self.metrics.items()},
             "contenders": self.contenders,
             "comparisons": [c.to_json() for c in self.comparisons],
             "notes": self.notes,
         }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Result":
+        return cls(data["name"], data["title"], data["settings"], {k: tuple(v) for k, v in data["metrics"].items()},
+                   data["contenders"], [Comparison.from_json(c) for c in data["comparisons"]], data["notes"])
 
     def markdown(self) -> str:
         lines = [f"### {self.title}", ""]
@@ -183,3 +197,21 @@ def machine_line(info: dict) -> str:
     gpus = ", ".join(info["gpus"]) or "no GPU"
     return (f"{info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, {gpus}; {info['os']}; "
             f"Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}")
+
+
+def cli(bench: Callable[..., Result], doc: str, options: list[tuple[str, type, object]]) -> None:
+    """A benchmark module's command line: its own options, and `--result PATH` for
+    `benchmarks.run`, which runs every benchmark in a fresh process of its own."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for flag, kind, default in options:
+        parser.add_argument(flag, type=kind, default=default)
+    parser.add_argument("--result", help="write the result here as JSON instead of printing it")
+    args = vars(parser.parse_args())
+    out = args.pop("result")
+    result = bench(**args)
+    if out:
+        Path(out).write_text(json.dumps(result.to_json(), ensure_ascii=False))
+        return
+    print(json.dumps({"machine": machine(), result.name: result.to_json()}, indent=2, ensure_ascii=False))
+    print()
+    print(result.markdown())

@@ -9,17 +9,15 @@
 - idle CPU: the loaded App with telemetry on (2 Hz) and nothing to do, as a share of one core
   (process CPU time over wall time, every thread of the process).
 
-    python -m benchmarks.dashboard [--presses 60] [--idle 10]
+    python -m benchmarks.dashboard [--presses 60] [--idle-s 10]
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import time
 
-from benchmarks.common import PROMPT, Result, compare, machine, say
+from benchmarks.common import PROMPT, Result, cli, compare, say
 
 DEVICES = "auto"  # what `make run` opens: on a CPU-only machine, a simulated pool of two
 SIZE = (120, 40)
@@ -141,16 +139,5 @@ def _one(value: float) -> dict:
     return {"median": value, "min": value, "max": value, "n": 1, "samples": [value]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presses", type=int, default=60)
-    parser.add_argument("--idle", type=float, default=10.0)
-    args = parser.parse_args()
-    result = bench(args.presses, args.idle)
-    print(json.dumps({"machine": machine(), "dashboard": result.to_json()}, indent=2))
-    print()
-    print(result.markdown())
-
-
 if __name__ == "__main__":
-    main()
+    cli(bench, __doc__, [("--presses", int, 60), ("--idle-s", float, 10.0)])

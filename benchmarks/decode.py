@@ -11,11 +11,9 @@ already tokenised) to the first new token; decode tok/s is over the tokens after
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
-from benchmarks.common import PROMPT, Result, alternate, machine, say
+from benchmarks.common import PROMPT, Result, alternate, cli, say
 
 SPLIT_2, SPLIT_3 = "sim:2x1GiB", "sim:3x1GiB"
 MIGRATE_EVERY = 16
@@ -200,16 +198,5 @@ def _gpu_comparisons(result: Result, runners: dict) -> None:
     result.ratio("GPU: TTFT speed (accelerate TTFT ÷ VRAMancer TTFT)", acc, vram, "ttft_ms", False)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--tokens", type=int, default=128)
-    args = parser.parse_args()
-    result = bench(args.rounds, args.tokens)
-    print(json.dumps({"machine": machine(), "decode": result.to_json()}, indent=2))
-    print()
-    print(result.markdown())
-
-
 if __name__ == "__main__":
-    main()
+    cli(bench, __doc__, [("--rounds", int, 5), ("--tokens", int, 128)])

@@ -13,7 +13,6 @@ ru_maxrss would count the benchmark's own pages, which the child shares between 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import PROMPT, Result, alternate, machine, say
+from benchmarks.common import PROMPT, Result, alternate, cli, say
 
 DEVICES = "sim:2x1GiB"
 PLAIN = "plain transformers, GGUF"
@@ -119,15 +118,5 @@ def bench(rounds: int = 5) -> Result:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
-    result = bench(args.rounds)
-    print(json.dumps({"machine": machine(), "load": result.to_json()}, indent=2))
-    print()
-    print(result.markdown())
-
-
 if __name__ == "__main__":
-    main()
+    cli(bench, __doc__, [("--rounds", int, 5)])

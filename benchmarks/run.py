@@ -2,9 +2,10 @@
 
     python -m benchmarks.run [--only decode,load,transfer,dashboard] [--rounds N]
 
-Writes benchmarks/results/bench-<UTC time>.json and .md, and copies them to latest.json and
-latest.md; prints the markdown on stdout (progress goes to stderr). About 8 minutes on two
-cores. Results are only as quiet as the machine: re-run if other work shared the CPU.
+Each benchmark runs in a fresh process of its own. Writes benchmarks/results/bench-<UTC
+time>.json and .md, and copies them to latest.json and latest.md; prints the markdown on
+stdout (progress goes to stderr). About 8 minutes on two cores. Results are only as quiet as
+the machine: re-run if other work shared the CPU (the min–max ranges show it).
 """
 
 from __future__ import annotations
@@ -12,37 +13,34 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
-import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.common import machine, machine_line, say
+from benchmarks.common import Result, machine, machine_line, say
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCHMARKS = ("decode", "load", "transfer", "dashboard")
 COMMAND = "make bench"
 
 
-def run_one(name: str, rounds: int | None):
-    if name == "decode":
-        from benchmarks import decode
-
-        return decode.bench(**({"rounds": rounds} if rounds else {}))
-    if name == "load":
-        from benchmarks import load
-
-        return load.bench(**({"rounds": rounds} if rounds else {}))
-    if name == "transfer":
-        from benchmarks import transfer
-
-        return transfer.bench(**({"rounds": max(rounds, 5) * 3} if rounds else {}))
-    if name == "dashboard":
-        from benchmarks import dashboard
-
-        return dashboard.bench(**({"presses": max(rounds * 10, 50)} if rounds else {}))
-    raise ValueError(name)
+def run_one(name: str, rounds: int | None) -> Result:
+    """One benchmark in a fresh process: no model, heap or allocator state left by another
+    benchmark skews its times, its memory or its idle CPU."""
+    args = []
+    if rounds:
+        args = {"decode": ["--rounds", rounds], "load": ["--rounds", rounds], "transfer": ["--rounds", max(rounds, 5) * 3],
+                "dashboard": ["--presses", max(rounds * 10, 50)]}[name]
+    with tempfile.TemporaryDirectory(prefix="vramancer-bench-") as scratch:
+        out = Path(scratch) / "result.json"
+        argv = [sys.executable, "-m", f"benchmarks.{name}", *map(str, args), "--result", str(out)]
+        done = subprocess.run(argv, cwd=Path(__file__).resolve().parent.parent)
+        if done.returncode != 0 or not out.exists():
+            raise RuntimeError(f"benchmarks.{name} exited with status {done.returncode}")
+        return Result.from_json(json.loads(out.read_text()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             result = run_one(name, args.rounds)
-        except Exception as exc:  # one broken benchmark should not hide the others' numbers
-            traceback.print_exc()
-            report["failed"][name] = f"{type(exc).__name__}: {exc}"
+        except RuntimeError as exc:  # one broken benchmark should not hide the others' numbers
+            say(f"{name}: {exc}")
+            report["failed"][name] = str(exc)
             continue
         result.settings["wall time"] = f"{time.perf_counter() - start:.0f} s"
         report["benchmarks"][name] = result.to_json()

@@ -6,6 +6,8 @@ Contenders, taking turns:
   room checks, ledgers and hook rewiring included: what a user's drag costs);
 - `dst.copy_(src)` of the same byte count into a buffer allocated and touched beforehand —
   the memcpy bound;
+- the block's own tensors copied one by one into tensors allocated and touched beforehand
+  (informative: the bound for a migration that needs no new memory);
 - `src.clone()`, the same copy into fresh memory (informative: what allocating costs).
 
 On a GPU machine the same is done between cuda:0 and the CPU when both are present.
@@ -15,15 +17,14 @@ On a GPU machine the same is done between cuda:0 and the CPU when both are prese
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
-from benchmarks.common import Result, alternate, machine, say
+from benchmarks.common import Result, alternate, cli
 
 DEVICES = "sim:2x1GiB"
 MIN_BLOCK = 64 * 2**20
 MEMCPY = "tensor.copy_ (memcpy bound)"
+PER_TENSOR = "copy_ tensor by tensor, into memory already touched"
 CLONE = "tensor.clone (fresh memory)"
 
 
@@ -55,6 +56,13 @@ def bench(rounds: int = 15) -> Result:
     engine.generate("Hello", max_new_tokens=2)  # every weight page touched once, as in use
     src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
     dst = torch.empty_like(src).fill_(0)
+    layers = engine.model.get_decoder().layers
+    sources = [p.detach().clone() for i in range(first, last + 1) for p in layers[i].parameters()]
+    targets = [torch.zeros_like(t) for t in sources]
+
+    def tensor_by_tensor():
+        for target, source in zip(targets, sources):
+            target.copy_(source)
 
     def migrate():
         target = away if engine.placement.layer_devices[first] == home else home
@@ -72,9 +80,11 @@ def bench(rounds: int = 15) -> Result:
         return run
 
     name = f"VRAMancer migrate {result.settings['block'].split(' (')[0]} {home} ⇄ {away}"
-    contenders = {name: migrate, MEMCPY: timed(lambda: dst.copy_(src)), CLONE: timed(src.clone)}
+    contenders = {name: migrate, MEMCPY: timed(lambda: dst.copy_(src)),
+                  PER_TENSOR: timed(tensor_by_tensor), CLONE: timed(src.clone)}
     result.add(alternate(contenders, rounds, warmup=2))
     result.ratio("migrate GB/s ÷ memcpy GB/s", name, MEMCPY, "gb_s", True, at_least=0.7)
+    result.ratio("migrate GB/s ÷ tensor-by-tensor copy_ GB/s", name, PER_TENSOR, "gb_s", True)
     result.ratio("migrate GB/s ÷ clone GB/s", name, CLONE, "gb_s", True)
     engine.close()
     if torch.cuda.is_available():
@@ -122,15 +132,5 @@ def _gpu(result: Result, rounds: int) -> None:
     engine.close()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    args = parser.parse_args()
-    result = bench(args.rounds)
-    print(json.dumps({"machine": machine(), "transfer": result.to_json()}, indent=2))
-    print()
-    print(result.markdown())
-
-
 if __name__ == "__main__":
-    main()
+    cli(bench, __doc__, [("--rounds", int, 15)])
