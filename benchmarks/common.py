@@ -2,12 +2,14 @@
 machine description, and the JSON / markdown output.
 
 A benchmark runs its contenders in turns (A B A B …) after a warm-up round, so slow drift in
-the machine's load (other processes, thermal state, page cache) hits every contender alike.
+the machine's load (other processes, thermal state, page cache) hits every contender alike;
+each turn starts after a full garbage collection, so none pays for another's garbage.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -37,6 +39,7 @@ def alternate(contenders: dict[str, Callable[[], Sample]], rounds: int, warmup: 
     for r in range(warmup + rounds):
         recorded = r >= warmup
         for name, run in contenders.items():
+            gc.collect()  # the previous contender's garbage is not collected on this one's clock
             start = time.perf_counter()
             sample = run()
             label = f"round {r - warmup + 1}/{rounds}" if recorded else "warm-up"
