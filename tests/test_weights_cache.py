@@ -214,3 +214,16 @@ def test_unwritable_cache_does_not_stop_a_load(tmp_path, source, monkeypatch, ca
         config = models.load_config(source)
     assert config.num_hidden_layers == 30
     assert "could not cache the config" in caplog.text
+
+
+def test_prefill_runs_the_head_as_one_matrix_product(first_load, source):
+    """The last position's hidden state reaches the head as a strided view; without help,
+    torch.matmul turns it into a batched product over an expanded weight (2.5x slower here)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, tokenizer, _ = first_load
+    model = models.load_weights(source, torch.float32)
+    inputs = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(**inputs, logits_to_keep=1)
+    assert "aten::bmm" not in {event.key for event in prof.key_averages()}

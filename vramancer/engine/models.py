@@ -196,7 +196,28 @@ def load_weights(source: ModelSource, dtype: torch.dtype) -> torch.nn.Module:
         _KEPT_READERS.clear()  # whichever way the weights came, the config's parse is done with
     model.eval()
     model.requires_grad_(False)
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(_matmul_foldable_input)
     return model
+
+
+def _matmul_foldable_input(module: torch.nn.Module, args: tuple):
+    """Give the output projection an input `torch.matmul` can fold into one matrix product.
+
+    At prefill transformers hands the head a view of the last position, shaped [1, 1, H] but
+    strided like [1, T, H]. For weights that need no gradient (ours), matmul then declines to
+    fold it and runs a batched product over an expanded copy of the weight: 17 ms instead of
+    7 ms for the bundled model's 49152 × 576 head on two cores — a tenth of the time to first
+    token (torch.profiler: one aten::bmm where plain transformers, whose weights still ask for
+    gradients, runs aten::mm). Copying the [1, 1, H] input costs microseconds."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or x.dim() < 3:
+        return None
+    shape, strides = x.shape, x.stride()
+    if all(strides[i] == strides[i + 1] * shape[i + 1] for i in range(x.dim() - 2)):
+        return None
+    return (x.clone(memory_format=torch.contiguous_format),) + tuple(args[1:])
 
 
 def _from_pretrained(location: str, dtype: torch.dtype, **kwargs) -> torch.nn.Module:
