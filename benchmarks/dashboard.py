@@ -9,6 +9,9 @@
 - idle CPU: the loaded App with telemetry on (2 Hz) and nothing to do, as a share of one core
   (process CPU time over wall time, every thread of the process).
 
+The App runs in this process with torch's default thread count (every core), so decoding
+competes with the UI harder than under `vramancer`, whose `--threads` leaves a core free.
+
     python -m benchmarks.dashboard [--presses 60] [--idle-s 10]
 """
 
