@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -33,9 +32,10 @@ COLD_STACK_BYTES = 256 * 1024 * 1024  # more than any CPU cache: layers timed in
 
 
 def cache_dir() -> Path:
-    import platformdirs
+    """The one user cache folder (VRM_CACHE_DIR overrides it), shared with the weights cache."""
+    from vramancer.engine.models import cache_root
 
-    return Path(os.environ.get("VRM_CACHE_DIR") or platformdirs.user_cache_dir("vramancer"))
+    return cache_root()
 
 
 @dataclass(frozen=True)
