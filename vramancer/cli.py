@@ -201,6 +201,7 @@ def _node(args) -> int:
 
     from vramancer.engine.cluster.node import run_node
     from vramancer.engine.errors import VramancerError
+    from vramancer.lifetime import exit_now
 
     if not 0 <= args.port < 65536:
         raise VramancerError(f"--port must be between 0 and 65535, not {args.port}.")
@@ -210,8 +211,9 @@ def _node(args) -> int:
     node_log.addHandler(handler)
     node_log.setLevel(logging.INFO)
     node_log.propagate = False
-    return run_node(args.devices, args.bind, args.port, args.token_file, advertise=not args.no_advertise,
-                    ready=lambda line: print(line, flush=True))
+    status = run_node(args.devices, args.bind, args.port, args.token_file, advertise=not args.no_advertise,
+                      ready=lambda line: print(line, flush=True))
+    exit_now(status)  # stopped and withdrawn: skip seconds of interpreter teardown
 
 
 def _device_text(args) -> str:

@@ -29,6 +29,7 @@ from vramancer.engine.errors import VramancerError
 from vramancer.engine.migration import part_label
 from vramancer.engine.units import format_rate
 from vramancer.engine.worker import EngineWorker
+from vramancer.lifetime import Lifetime, exit_now
 from vramancer.widgets.console import ConsolePanel
 from vramancer.widgets.devices import DevicesPanel
 from vramancer.widgets.events_log import EventsLog
@@ -318,6 +319,18 @@ class VramancerApp(App[int]):
         self.worker.submit(ev.Shutdown())
         self.exit(0)
 
+    def quit_soon(self, reason: str) -> None:
+        """Quit from any thread, a signal handler included (where `call_from_thread` would wait
+        on, or refuse, the App's own thread)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            raise SystemExit(0)  # the App is not running (yet or any more): nothing to close
+        loop.call_soon_threadsafe(self._quit_now)  # safe in a signal handler: takes no lock
+
+    def _quit_now(self) -> None:
+        self.worker.submit(ev.Shutdown())
+        self.exit(0)
+
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen())
@@ -358,8 +371,11 @@ class VramancerApp(App[int]):
 
 
 def run_dashboard(options: LoadOptions) -> int:
-    """Open the dashboard on `options`; returns the exit status for the CLI."""
+    """Open the dashboard on `options`; returns the exit status for the CLI. A closed terminal,
+    SIGTERM, SIGHUP or an outside SIGINT quit it like ctrl+q, within the lifetime's deadline."""
     app = VramancerApp(options)
+    lifetime = Lifetime(app.quit_soon).install()
+    lifetime.watch_terminal()
     code = app.run()
     app.worker.shutdown(SHUTDOWN_TIMEOUT)
-    return code if isinstance(code, int) else (app.return_code or 0)
+    exit_now(code if isinstance(code, int) else (app.return_code or 0))

@@ -27,6 +27,7 @@ from vramancer.engine.cluster import protocol as p
 from vramancer.engine.devices import Device, DeviceFullError, DeviceSpec, parse_device_spec, resolve_devices
 from vramancer.engine.errors import VramancerError
 from vramancer.engine.units import format_bytes
+from vramancer.lifetime import Lifetime
 
 log = logging.getLogger("vramancer.node")
 
@@ -463,6 +464,7 @@ class NodeServer:
             self._advertiser = Advertiser(advert, self.bind)
             try:
                 self._advertiser.start()
+                log.info("advertised with zeroconf as %s", p.SERVICE_TYPE)
             except Exception as exc:  # discovery is a convenience: serving goes on without it
                 log.warning("could not advertise with zeroconf (%s); coordinators can still name node:%s:%d",
                             exc, host, self.port)
@@ -488,6 +490,7 @@ class NodeServer:
         if self._advertiser is not None:
             self._advertiser.close()
             self._advertiser = None
+            log.info("advertisement withdrawn")
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -642,15 +645,13 @@ def run_node(devices_text: str, bind: str, port: int, token_file: str | None, ad
     server = NodeServer(devices, token, bind, port, advertise)
     actual = server.listen()
     shown = ", ".join(f"{d.name} ({d.label}, {format_bytes(d.read().total)})" for d in devices)
-    if threading.current_thread() is threading.main_thread():
-        import signal
-
-        # `kill` (SIGTERM) ends the node the way Ctrl-C does: the advertisement is withdrawn.
-        signal.signal(signal.SIGTERM, lambda signum, frame: server.stop())
+    # `kill`, a hang-up or Ctrl-C end the node the same way: the advertisement is withdrawn.
+    lifetime = Lifetime(lambda reason: server.stop()).install()
     ready(f"vramancer node: serving {shown} on {p.node_label(bind, actual)}")
     try:
         server.serve_forever()
     finally:
         server.close()
+        lifetime.uninstall()
     log.info("stopped")
     return 0
