@@ -62,7 +62,7 @@ def make_tokenizer(vocab: int, text: str):
 def build(shape: Shape, dtype: torch.dtype, device: str = "cpu", seed: int = 0, init_range: float = 0.02):
     """(model, tokenizer): seeded random weights, no end-of-sequence token, so generation
     always runs the full number of new tokens."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from benchmarks.common import PROMPT
 
@@ -83,7 +83,10 @@ def build(shape: Shape, dtype: torch.dtype, device: str = "cpu", seed: int = 0, 
     )
     torch.manual_seed(seed)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype).eval()
+        # Built in `dtype` from the start, as from_pretrained would: a float32 model cast
+        # afterwards would also cast the rotary inverse frequencies, which loaded models keep
+        # in float32, and so decode other tokens.
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     model.requires_grad_(False)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = None
