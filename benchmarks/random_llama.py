@@ -56,7 +56,9 @@ def make_tokenizer(vocab: int, text: str):
     entries += [f"w{i}" for i in range(vocab - len(entries))]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(entries[:vocab])}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    # No token_type_ids: a Llama takes none, and older transformers refuse them in generate.
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   model_input_names=["input_ids", "attention_mask"])
 
 
 def build(shape: Shape, dtype: torch.dtype, device: str = "cpu", seed: int = 0, init_range: float = 0.02):
