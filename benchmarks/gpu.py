@@ -35,6 +35,7 @@ VRAMANCER = "VRAMancer cuda:0 + cpu, half the layers each"
 ACCELERATE = "accelerate dispatch_model, same device map"
 TRANSFER_BYTES = 8 * 2**20  # the pinned-staging path (TransferManager stages up to 16 MiB)
 TRANSFERS_PER_SAMPLE = 20
+HAND_OVER_ELEMENTS = 2048  # a decode step's hidden state in the 1.1 B model: 4 KiB in bfloat16
 MIGRATION_BYTES = 256 * 2**20
 
 
@@ -168,7 +169,7 @@ def transfer_result(rounds: int, engine) -> Result:
     result = Result(
         "gpu_transfer", "GPU transfers: host ⇄ cuda:0 and migrations",
         {"rounds": rounds, "transfer size": f"{TRANSFER_BYTES // 2**20} MiB × {TRANSFERS_PER_SAMPLE} per sample"},
-        {"gb_s": ("GB/s", 2), "ms": ("ms per copy", 3)},
+        {"gb_s": ("GB/s", 2), "ms": ("ms per copy", 4)},
     )
     transfer = TransferManager(engine.devices)
     elements = TRANSFER_BYTES // 2
@@ -177,7 +178,11 @@ def transfer_result(rounds: int, engine) -> Result:
     pinned = torch.empty(elements, dtype=torch.bfloat16, pin_memory=True).copy_(host)
     gpu_target = torch.empty_like(gpu_tensor)
 
-    def timed(copy):
+    hidden = torch.randn(1, 1, HAND_OVER_ELEMENTS).to(torch.bfloat16)  # one decode step's hidden state
+    hidden_pinned = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True).copy_(hidden)
+    hidden_gpu = torch.empty_like(hidden, device="cuda:0")
+
+    def timed(copy, nbytes=TRANSFER_BYTES):
         def run():
             torch.cuda.synchronize()
             start = time.perf_counter()
@@ -185,7 +190,7 @@ def transfer_result(rounds: int, engine) -> Result:
                 copy()
             torch.cuda.synchronize()
             seconds = (time.perf_counter() - start) / TRANSFERS_PER_SAMPLE
-            return {"gb_s": TRANSFER_BYTES / seconds / 1e9, "ms": seconds * 1000}
+            return {"gb_s": nbytes / seconds / 1e9, "ms": seconds * 1000}
         return run
 
     names = {
@@ -193,16 +198,26 @@ def transfer_result(rounds: int, engine) -> Result:
         "h2d_bound": "copy_ pinned host → cuda:0 (bound)",
         "d2h": "TransferManager cuda:0 → host",
         "d2h_bound": "copy_ cuda:0 → pinned host (bound)",
+        "h2d_pageable": "tensor.to(cuda:0) from pageable host (informative)",
+        "hand_over": f"TransferManager host → cuda:0, one hidden state ({HAND_OVER_ELEMENTS * 2 // 1024} KiB)",
+        "hand_over_bound": f"copy_ pinned host → cuda:0, {HAND_OVER_ELEMENTS * 2 // 1024} KiB (bound)",
     }
+    hand_over_bytes = HAND_OVER_ELEMENTS * 2
     contenders = {
         names["h2d"]: timed(lambda: transfer.move(host, "cpu", "cuda:0", record=False)),
         names["h2d_bound"]: timed(lambda: gpu_target.copy_(pinned)),
         names["d2h"]: timed(lambda: transfer.move(gpu_tensor, "cuda:0", "cpu", record=False)),
         names["d2h_bound"]: timed(lambda: pinned.copy_(gpu_tensor)),
+        names["h2d_pageable"]: timed(lambda: host.to("cuda:0")),
+        names["hand_over"]: timed(lambda: transfer.move(hidden, "cpu", "cuda:0", record=False), hand_over_bytes),
+        names["hand_over_bound"]: timed(lambda: hidden_gpu.copy_(hidden_pinned), hand_over_bytes),
     }
     result.add(alternate(contenders, rounds, warmup=1))
     result.ratio("host → cuda:0: TransferManager ÷ pinned copy_", names["h2d"], names["h2d_bound"], "gb_s", True, at_least=0.8)
     result.ratio("cuda:0 → host: TransferManager ÷ pinned copy_", names["d2h"], names["d2h_bound"], "gb_s", True, at_least=0.8)
+    result.ratio("host → cuda:0: TransferManager ÷ pageable tensor.to", names["h2d"], names["h2d_pageable"], "gb_s", True)
+    result.ratio("one hidden state host → cuda:0: TransferManager ÷ pinned copy_", names["hand_over"],
+                 names["hand_over_bound"], "gb_s", True)
     migrations(result, rounds, engine)
     return result
 
