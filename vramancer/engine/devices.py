@@ -355,10 +355,17 @@ def _nvml():
 
 
 def _nvml_handle(nvml, index: int):
+    """NVML's handle for torch's cuda:index (NVML numbers devices without CUDA_VISIBLE_DEVICES):
+    by PCI bus id, else by UUID, else by index. The PCI fields are missing from some torch
+    builds' device properties, which must not cost the whole reading."""
     props = torch.cuda.get_device_properties(index)
-    bus_id = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
     try:
+        bus_id = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
         return nvml.nvmlDeviceGetHandleByPciBusId(bus_id)
+    except Exception:
+        pass
+    try:
+        return nvml.nvmlDeviceGetHandleByUUID(f"GPU-{props.uuid}")
     except Exception:
         return nvml.nvmlDeviceGetHandleByIndex(index)
 

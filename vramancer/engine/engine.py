@@ -6,6 +6,7 @@ It is not thread-safe by itself; one thread (the EngineWorker, or a script) owns
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import queue
 import threading
@@ -413,7 +414,12 @@ class Engine:
         if self.split.remote is not None:
             self.split.remote.close()
         self.split.model = None  # type: ignore[assignment]
+        # The split keeps the decoder and its layers too; without these the GPU memory stays
+        # held until the engine itself is collected, and empty_cache would free nothing.
+        self.split.base = None  # type: ignore[assignment]
+        self.split.layer_modules = []
         if torch.cuda.is_available():
+            gc.collect()  # modules and their boundary hooks refer to each other
             torch.cuda.empty_cache()
 
 

@@ -236,6 +236,10 @@ def measure(
             if pair not in link_cache:
                 link_cache[pair] = _time_link(transfer, src, dst, hidden, head_dim, dtype)
             links[(src.name, dst.name)] = link_cache[pair]
+    if any(d.torch_device.type == "cuda" for d in devices):
+        # The timing runs' blocks stay in torch's cache otherwise, and the plan made next
+        # would see that much less free memory on the GPU.
+        torch.cuda.empty_cache()
     overhead_path = folder / f"{hashlib.sha256(f'v{PROFILE_VERSION}|{model_key}|{dtype}|step'.encode()).hexdigest()[:24]}.json"
     overhead = None if reprofile else _read_float(overhead_path)
     if overhead is None:

@@ -141,7 +141,11 @@ class TransferManager:
         key = (tensor.numel(), tensor.dtype)
         buffer = self._pinned.get(key)
         if buffer is None:
-            buffer = torch.empty(tensor.numel(), dtype=tensor.dtype, pin_memory=True)
+            # A normal tensor even when made during generate (inference mode): an inference
+            # tensor could not be written to by a migration between generations, and a decode
+            # step's hidden state has the very size and dtype of a norm weight.
+            with torch.inference_mode(False):
+                buffer = torch.empty(tensor.numel(), dtype=tensor.dtype, pin_memory=True)
             self._pinned[key] = buffer
         return buffer.view(tensor.shape)
 
