@@ -30,6 +30,30 @@ def test_split_greedy_equals_plain_transformers(engine, tiny_model_dir):
     assert ours.prompt_tokens == inputs["input_ids"].shape[1] and ours.new_tokens == 20
 
 
+def test_every_layer_gets_positions_and_mask_on_its_own_device(engine):
+    """The decoder hands each layer the rotary tensors and mask it made beside the embeddings.
+    Past a boundary, every layer of the block must get the copies carried onto the block's
+    device, not the originals: on a real GPU split, the originals are on the wrong device."""
+    seen: dict[int, int] = {}
+    layers = engine.model.get_decoder().layers
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda module, args, kwargs, i=i: seen.__setitem__(i, id(kwargs["position_embeddings"][0])),
+            with_kwargs=True)
+        for i, layer in enumerate(layers)
+    ]
+    try:
+        engine.generate(PROMPT, max_new_tokens=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    devices = engine.placement.layer_devices
+    assert devices[:3] == ["sim0"] * 3 and devices[3:] == ["sim1"] * 3
+    # One tensor object per block: made once, then carried once across the boundary.
+    assert len({seen[i] for i in range(3)}) == 1 and len({seen[i] for i in range(3, 6)}) == 1
+    assert seen[0] != seen[3]
+
+
 def test_stream_yields_the_same_text_as_generate(engine):
     pieces = list(engine.stream(PROMPT, max_new_tokens=20))
     assert len(pieces) > 1

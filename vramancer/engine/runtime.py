@@ -37,6 +37,9 @@ class SplitModel:
         self.context = context
         self.placement: Placement | None = None
         self._hooks: list = []
+        # Per device, the (original, copy) pairs of the keyword tensors (positions, mask) the
+        # last hand-over into it carried: later layers of the same block reuse those copies.
+        self._carried: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         # The real decoder layers, whatever stands in the stack for the ones that are remote.
         self.layer_modules: list[nn.Module] = list(self.base.layers)
         self.remote = None  # a cluster.remote.RemoteBlocks when some devices are remote
@@ -150,11 +153,16 @@ class SplitModel:
         placement = self.placement
         if self.remote is not None:
             self.remote.install(placement)
+        self._carried.clear()
         previous = placement.embed
         for i, layer in enumerate(self.base.layers):
             current = placement.layer_devices[i]
             if current != previous and not self.is_remote(current):
                 self._hooks.append(layer.register_forward_pre_hook(self._boundary(previous, current), with_kwargs=True))
+            elif current != placement.embed and not self.is_remote(current):
+                # The decoder hands every layer the positions and mask it made beside the
+                # embeddings; past the first layer of a block they come from the block's copies.
+                self._hooks.append(layer.register_forward_pre_hook(self._reuse_carried(current), with_kwargs=True))
             previous = current
         if placement.head != previous:
             self._hooks.append(self.base.norm.register_forward_pre_hook(self._boundary(previous, placement.head), with_kwargs=True))
@@ -183,9 +191,45 @@ class SplitModel:
         def hook(module, args, kwargs):
             # One recorded transfer per boundary crossing: hidden state, mask, positions.
             # The cache object is not a tensor and passes through untouched.
-            return self.transfer.move((args, kwargs), src, dst)
+            moved_args, moved_kwargs = self.transfer.move((args, kwargs), src, dst)
+            self._carried[dst] = list(_tensor_pairs(kwargs, moved_kwargs))
+            return moved_args, moved_kwargs
 
         return hook
+
+    def _reuse_carried(self, device: str):
+        def hook(module, args, kwargs):
+            pairs = self._carried.get(device)
+            return (args, _substitute(kwargs, pairs)) if pairs else None
+
+        return hook
+
+
+def _tensor_pairs(original, moved):
+    """(original, copy) for each tensor of a structure and its moved twin."""
+    if isinstance(original, torch.Tensor):
+        if moved is not original:
+            yield original, moved
+    elif isinstance(original, (tuple, list)):
+        for a, b in zip(original, moved):
+            yield from _tensor_pairs(a, b)
+    elif isinstance(original, dict):
+        for key, value in original.items():
+            yield from _tensor_pairs(value, moved[key])
+
+
+def _substitute(value, pairs: list[tuple[torch.Tensor, torch.Tensor]]):
+    """`value` with each tensor that has a copy in `pairs` replaced by it (matched by identity)."""
+    if isinstance(value, torch.Tensor):
+        for original, copy in pairs:
+            if value is original:
+                return copy
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_substitute(v, pairs) for v in value)
+    if isinstance(value, dict):
+        return {k: _substitute(v, pairs) for k, v in value.items()}
+    return value
 
 
 def _to_device(value, device: torch.device):
