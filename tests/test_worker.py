@@ -190,3 +190,10 @@ def _drain(recorder: Recorder) -> list:
             recorder.seen.append(recorder.events.get_nowait())
         except queue.Empty:
             return recorder.seen
+
+
+def test_every_command_has_a_handler():
+    commands = {kind for kind in vars(ev).values()
+                if isinstance(kind, type) and issubclass(kind, ev.Command) and kind is not ev.Command}
+    worker = EngineWorker(lambda e: None, telemetry=False)
+    assert set(worker.handlers) == commands - {ev.Shutdown}

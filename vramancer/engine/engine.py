@@ -48,7 +48,7 @@ from vramancer.engine.planner import (
 from vramancer.engine import profiler
 from vramancer.engine.options import LoadOptions
 from vramancer.engine.profiler import Prediction, Pricing
-from vramancer.engine.rebalance import rebalance
+from vramancer.engine.rebalance import rebalance as relieve_pressure
 from vramancer.engine.runtime import SplitModel
 from vramancer.engine.transfer import LinkStats, TransferManager
 
@@ -329,7 +329,7 @@ class Engine:
 
     def rebalance(self, step: int | None = None) -> list[MigrationResult]:
         """Move layers off devices under memory pressure; warn once when nothing has room."""
-        moves, warnings = rebalance(self)
+        moves, warnings = relieve_pressure(self)
         for result in moves:
             result.step = step
             if self.on_rebalance is not None:

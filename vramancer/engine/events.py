@@ -13,7 +13,7 @@ from vramancer.engine.devices import DeviceSnapshot
 from vramancer.engine.options import LoadOptions
 from vramancer.engine.migration import part_label, refusal_sentence
 from vramancer.engine.planner import ModelProfile, Placement, parts_for_range, room_shortfall
-from vramancer.engine.profiler import Pricing
+from vramancer.engine.profiler import Pricing, Timings
 
 # --- commands (UI → worker) ---------------------------------------------------------------
 
@@ -100,7 +100,10 @@ class DeviceInfo:
 
 @dataclass(frozen=True)
 class PlanSnapshot:
-    """The placement as it stands, with what is needed to price a move without the engine."""
+    """The placement as it stands, with what is needed to price a move without the engine.
+
+    Data only (sizes, needs, reserves, measured timings); the questions a UI asks of it are
+    answered from that data with the planner's own pure functions."""
 
     blocks: tuple[BlockInfo, ...]
     embed: str
@@ -111,18 +114,18 @@ class PlanSnapshot:
     reserves: dict  # device -> bytes it keeps free for what no tensor accounts for
     profile: ModelProfile
     layer_devices: tuple[str, ...]
-    pricing: Pricing | None = None  # measured timings; None when nothing could be measured
+    timings: Timings | None = None  # measured timings; None when nothing could be measured
 
     @property
     def predicted_tokens_per_s(self) -> float | None:
-        return self.pricing.predict(self.placement).tokens_per_s if self.pricing else None
+        return Pricing(self.timings, self.profile).predict(self.placement).tokens_per_s if self.timings else None
 
     def predict_move(self, first: int | str, last: int | str, device: str) -> float | None:
         """Predicted tokens/s of the placement that moving first..last to `device` would make."""
-        if self.pricing is None:
+        if self.timings is None:
             return None
         proposed = self.placement.moved(parts_for_range(self.profile, first, last), device)
-        return self.pricing.predict(proposed).tokens_per_s
+        return Pricing(self.timings, self.profile).predict(proposed).tokens_per_s
 
     @property
     def placement(self) -> Placement:

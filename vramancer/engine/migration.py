@@ -142,22 +142,12 @@ def relocate(split: SplitModel, new: Placement, cache=None) -> tuple[int, float]
     to_move = [p for p in split.profile.parts() if new.device_of(p) != old.device_of(p)]
     start = time.perf_counter()
     nbytes = 0
-    moved: list[Part] = []
     try:
         split.sync_ledgers(new)  # claims room first; a simulated device refuses here
         for part in to_move:
-            src, dst = old.device_of(part), new.device_of(part)
-            if _external(split, src, dst):
-                nbytes += split.external.move(int(part), src, dst, cache)
-                moved.append(part)
-                split.placement = split.placement.moved([part], dst)
-                continue
-            nbytes += split.move_part(part, dst)
-            moved.append(part)
-            split.placement = split.placement.moved([part], dst)
-            if part not in (EMBED, HEAD):
-                nbytes += split.move_cache(cache, int(part), src, dst)
+            nbytes += split.move(part, new.device_of(part), cache)
     except Exception as exc:
+        moved = [p for p in to_move if split.placement.device_of(p) != old.device_of(p)]
         failed_back = _roll_back(split, old, moved, cache)
         lost = next((e for e in (exc, failed_back) if isinstance(e, DeviceLost)), None)
         if lost is not None:
@@ -170,11 +160,6 @@ def relocate(split: SplitModel, new: Placement, cache=None) -> tuple[int, float]
     return nbytes, time.perf_counter() - start
 
 
-def _external(split: SplitModel, src: str, dst: str) -> bool:
-    """True when the external adapter must make this move (either end is not local)."""
-    return split.external is not None and not (split.is_local(src) and split.is_local(dst))
-
-
 def _roll_back(split: SplitModel, old: Placement, moved: list[Part], cache) -> BaseException | None:
     """Put every moved part back. A part that cannot come back from a lost node keeps its
     place in `old` (weights from the host copy when that place is local); the first such
@@ -183,7 +168,7 @@ def _roll_back(split: SplitModel, old: Placement, moved: list[Part], cache) -> B
     for part in reversed(moved):
         here = split.placement.device_of(part)
         back = old.device_of(part)
-        if _external(split, here, back):
+        if split.external_between(here, back):
             try:
                 split.external.move(int(part), here, back, cache)
             except Exception as exc:
@@ -192,10 +177,7 @@ def _roll_back(split: SplitModel, old: Placement, moved: list[Part], cache) -> B
                     move_module(split.layer_modules[int(part)], split.devices[back].torch_device)
             split.placement = split.placement.moved([part], back)
             continue
-        split.move_part(part, back)
-        split.placement = split.placement.moved([part], back)
-        if part not in (EMBED, HEAD):
-            split.move_cache(cache, int(part), here, back)
+        split.move(part, back, cache)
     split.placement = old
     split.sync_ledgers(old)
     split.settle_tie()

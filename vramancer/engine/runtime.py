@@ -109,6 +109,25 @@ class SplitModel:
         self.placement = placement
         self.rewire()
 
+    def external_between(self, src: str, dst: str) -> bool:
+        """True when moving a layer between `src` and `dst` is the external adapter's job."""
+        return self.external is not None and not (self.is_local(src) and self.is_local(dst))
+
+    def move(self, part: str | int, dst: str, cache=None) -> int:
+        """Move one part, weights and (for a layer) KV cache, to `dst`. The placement follows
+        as soon as the weights have moved. Returns the bytes moved."""
+        assert self.placement is not None
+        src = self.placement.device_of(part)
+        if self.external_between(src, dst):
+            nbytes = self.external.move(int(part), src, dst, cache)
+            self.placement = self.placement.moved([part], dst)
+            return nbytes
+        nbytes = self.move_part(part, dst)
+        self.placement = self.placement.moved([part], dst)
+        if part not in (EMBED, HEAD):
+            nbytes += self.move_cache(cache, int(part), src, dst)
+        return nbytes
+
     def move_part(self, part: str | int, dst: str) -> int:
         """Copy one part's weights to `dst` (a real copy, recorded on the link). Returns bytes."""
         assert self.placement is not None

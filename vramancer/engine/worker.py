@@ -51,7 +51,9 @@ class EngineWorker:
         self._thread = threading.Thread(target=self._run, name="vramancer-engine", daemon=True)
         self.telemetry = Telemetry(self._telemetry_source, emit, telemetry_hz, history)
         self._telemetry_enabled = telemetry
-        self._handlers: dict[type, Callable] = {
+        # One handler per command type (Shutdown ends the loop itself); a test checks every
+        # command has one, so a new command cannot be silently ignored.
+        self.handlers: dict[type[ev.Command], Callable] = {
             ev.Load: self._on_load,
             ev.Replan: self._on_replan,
             ev.Migrate: self._on_migrate,
@@ -134,7 +136,7 @@ class EngineWorker:
 
     def _execute(self, command: ev.Command) -> None:
         try:
-            handler = self._handlers[type(command)]
+            handler = self.handlers[type(command)]
             handler(command)
         except VramancerError as exc:
             self.emit(ev.Error(type(command).__name__, str(exc)))
@@ -310,5 +312,5 @@ def plan_snapshot(engine: Engine) -> ev.PlanSnapshot:
         reserves={d.name: d.reserve for d in engine.devices},
         profile=engine.profile,
         layer_devices=tuple(placement.layer_devices),
-        pricing=engine.pricing,
+        timings=engine.pricing.timings if engine.pricing is not None else None,
     )

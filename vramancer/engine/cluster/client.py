@@ -238,10 +238,20 @@ class NodeConnection:
 
     def _send(self, tensors: list[torch.Tensor]) -> list:
         self._check()
-        return [self._pg.send([t], p.NODE_RANK, p.TAG) for t in tensors]
+        try:
+            return [self._pg.send([t], p.NODE_RANK, p.TAG) for t in tensors]
+        except RuntimeError as exc:  # gloo saw the peer go before our reader thread did
+            self._group_failed("sending", exc)
 
     def _recv(self, tensor: torch.Tensor):
-        return self._pg.recv([tensor], p.NODE_RANK, p.TAG)
+        try:
+            return self._pg.recv([tensor], p.NODE_RANK, p.TAG)
+        except RuntimeError as exc:
+            self._group_failed("receiving", exc)
+
+    def _group_failed(self, what: str, exc: BaseException):
+        self.mark_lost(f"{what} failed: {_first_line(exc)}")
+        raise p.NodeLost(self.label, self.lost_reason or what) from None
 
     def run(self, hidden: torch.Tensor, positions: torch.Tensor, first: int, last: int, past: int,
             use_cache: bool) -> tuple[torch.Tensor, float, float]:
