@@ -110,7 +110,7 @@ def test_split_over_two_nodes_matches_and_counts_bytes_per_node(cluster_engine, 
     a, b = two_nodes[0].device(), two_nodes[1].device()
     blocks = [(blk.layers.first, blk.layers.last, blk.device) for blk in engine.placement.blocks()]
     assert [device for _, _, device in blocks] == ["sim0", a, b]
-    assert engine.device(a).host == two_nodes[0].label and engine.device(a).remote
+    assert engine.device(a).host == two_nodes[0].label and not engine.device(a).local
     before = {(l.src, l.dst): l.bytes for l in engine.link_stats()}
     result = engine.generate(PROMPT, max_new_tokens=TOKENS)
     assert result.token_ids == reference_tokens
@@ -250,7 +250,7 @@ def test_a_node_killed_mid_answer_is_replaced_and_the_answer_is_unchanged(tmp_pa
 
 def test_a_lost_node_whose_layers_fit_nowhere_stops_the_answer_clearly(tmp_path, reference_tokens):
     from vramancer.engine import Engine
-    from vramancer.engine.cluster.recovery import NoRoomAfterLoss
+    from vramancer.engine.recovery import NoRoomAfterLoss
 
     (node,) = start_nodes(tmp_path, 1)
     engine = None
@@ -321,7 +321,7 @@ def test_the_dashboard_worker_rides_out_a_node_cut_off_mid_answer(tmp_path, refe
         assert "".join(t.text for t in tokens_seen).strip() == done.text.strip()  # nothing streamed twice
         moved = [e for e in events if isinstance(e, ev.MigrationDone)]
         assert [(m.first, m.last, m.dst) for m in moved] == [(0, 1, nodes[1].device())]
-        lost = [e for e in events if isinstance(e, ev.NodeLost)]
+        lost = [e for e in events if isinstance(e, ev.DeviceFault)]
         noticed = [e for e in lost if not e.recovered and e.node == nodes[1].label]
         assert noticed and f"no word from it for {HEARTBEAT_S:.0f} s" in noticed[0].message
         assert any(e.recovered for e in lost)

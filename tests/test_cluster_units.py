@@ -131,7 +131,6 @@ def connect(server, token: bytes | None = TOKEN.encode()):
 
 def test_admission_forms_a_group_and_everything_listens_on_loopback_only(node_server):
     from vramancer.engine.cluster.client import remote_devices
-    from vramancer.engine.telemetry import snapshot_device
 
     node = connect(node_server)
     try:
@@ -139,9 +138,9 @@ def test_admission_forms_a_group_and_everything_listens_on_loopback_only(node_se
         assert state["model"] is None and state["layers"] == {}
         devices = remote_devices(node)
         assert [d.name for d in devices] == [f"node:127.0.0.1:{node_server.port}/sim0", f"node:127.0.0.1:{node_server.port}/sim1"]
-        assert all(d.remote and d.simulated and d.host == node.label and d.cap == 2**30 for d in devices)
+        assert all(not d.local and d.simulated and d.host == node.label and d.cap == 2**30 for d in devices)
         assert devices[0].room() == 2**30 and devices[0].read().total == 2**30
-        snap = snapshot_device(devices[1])
+        snap = devices[1].snapshot()
         assert (snap.name, snap.total, snap.weights, snap.kv) == (devices[1].name, 2**30, 0, 0)
         assert "@ 127.0.0.1" in devices[0].label
         # The tensor channel works both ways (an echo of a hidden-state-sized tensor).

@@ -2,7 +2,9 @@
 
 import pytest
 
-from vramancer.engine.devices import parse_device_spec, resolve_devices
+import torch
+
+from vramancer.engine.devices import CudaDevice, MemoryLedger, parse_device_spec, resolve_devices
 from vramancer.engine.planner import (
     EMBED,
     HEAD,
@@ -41,13 +43,16 @@ def layer_counts(plan):
 
 
 def test_memory_model_counts_weights_kv_workspace_and_ties_once():
-    need = device_need(PROFILE, PROFILE.parts(), "sim", CONTEXT)
+    (sim,) = devices("sim:1GiB")
+    need = device_need(PROFILE, PROFILE.parts(), sim.reserve, CONTEXT)
     assert need.weights == 20 * MiB + 100 * MiB + 4096  # the tied head adds only its norm
     assert need.kv == 10 * 1024 * CONTEXT
     assert need.workspace > 0 and need.reserve == 0
-    assert device_need(PROFILE, PROFILE.parts(), "cuda", CONTEXT).reserve > 0
+    # A CUDA device keeps room for its context and allocator slack (built, not probed: no GPU needed).
+    gpu = CudaDevice("cuda:0", "cuda", "a GPU", torch.device("cuda", 0), MemoryLedger(device_name="cuda:0"), index=0)
+    assert device_need(PROFILE, PROFILE.parts(), gpu.reserve, CONTEXT).reserve > 0
     # Apart, the head carries its own copy of the tied weights.
-    assert device_need(PROFILE, [HEAD], "sim", CONTEXT).weights == 20 * MiB + 4096
+    assert device_need(PROFILE, [HEAD], sim.reserve, CONTEXT).weights == 20 * MiB + 4096
 
 
 def test_proportional_follows_free_memory():

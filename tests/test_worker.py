@@ -89,7 +89,7 @@ def test_cancel_stops_within_one_step(worker_and_events):
     worker, events = worker_and_events
     worker.submit(generate(tokens=400))
     events.wait_for(ev.Token)
-    worker.submit(ev.Cancel())
+    worker.submit(ev.Cancel(1))
     seen_at_cancel = len(events.of(ev.Token))
     done = events.wait_for(ev.GenerationDone)
     assert done.cancelled and done.new_tokens < 400
@@ -102,7 +102,7 @@ def test_an_error_becomes_an_event_and_the_worker_keeps_serving(worker_and_event
     error = events.wait_for(ev.Error)
     assert error.command == "Generate" and "max-new-tokens" in error.message
     worker.submit(ev.Migrate(0, 99, "sim0"))
-    refused = events.wait_for(ev.MigrationRefused)
+    refused = events.wait_for(ev.MigrationNotDone)
     assert "not in this model" in refused.reason
     worker.submit(ev.Load(LoadOptions("/no/such/model.gguf", "sim:2x1GiB")))
     assert "does not exist" in events.wait_for(ev.Error).message
@@ -147,3 +147,53 @@ def test_idle_shutdown_is_prompt(tiny_model_dir):
     started = time.monotonic()
     worker.shutdown()
     assert time.monotonic() - started < 1.0 and not worker.alive
+
+
+def test_a_cancel_names_its_request_and_reaches_queued_ones(worker_and_events):
+    worker, events = worker_and_events
+    worker.submit(generate(tokens=300, request_id=100))
+    events.wait_for(ev.Token, lambda e: e.request_id == 100)
+    # Five requests queue behind the one streaming; each is cancelled while it waits.
+    for request_id in range(1, 6):
+        worker.submit(generate(tokens=8, request_id=request_id))
+        worker.submit(ev.Cancel(request_id))
+    worker.submit(generate(tokens=4, request_id=6))
+    done = {}
+    while len(done) < 7:
+        event = events.wait_for(ev.GenerationDone)
+        done[event.request_id] = event
+    assert not done[100].cancelled and done[100].new_tokens == 300  # not the one a Cancel named
+    assert all(done[i].cancelled and done[i].new_tokens == 0 for i in range(1, 6))
+    assert not done[6].cancelled and done[6].new_tokens > 0
+    assert not [e for e in events.of(ev.Token) if 1 <= e.request_id <= 5]
+
+
+def test_a_generate_after_shutdown_is_answered_with_an_error(tiny_model_dir):
+    events = Recorder()
+    worker = EngineWorker(events, telemetry_hz=20).start()
+    worker.submit(ev.Load(LoadOptions(tiny_model_dir, "sim:2x64MiB", context=256)))
+    events.wait_for(ev.PlanChanged)
+    worker.submit(generate(tokens=2000, request_id=1))
+    events.wait_for(ev.Token)
+    worker.submit(generate(tokens=4, request_id=2))  # queued when the shutdown comes
+    worker.shutdown()
+    worker.submit(generate(tokens=4, request_id=3))  # after it
+    errors = [e for e in _drain(events) if isinstance(e, ev.Error)]
+    assert [e.command for e in errors] == ["Generate", "Generate"]
+    assert all("shutting down" in e.message for e in errors)
+    assert not [e for e in events.seen if isinstance(e, ev.GenerationDone) and e.request_id in (2, 3)]
+
+
+def _drain(recorder: Recorder) -> list:
+    while True:
+        try:
+            recorder.seen.append(recorder.events.get_nowait())
+        except queue.Empty:
+            return recorder.seen
+
+
+def test_every_command_has_a_handler():
+    commands = {kind for kind in vars(ev).values()
+                if isinstance(kind, type) and issubclass(kind, ev.Command) and kind is not ev.Command}
+    worker = EngineWorker(lambda e: None, telemetry=False)
+    assert set(worker.handlers) == commands - {ev.Shutdown}

@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _devices(args) -> int:
-    from vramancer.engine.devices import DeviceSpec, close_remote_devices, parse_device_spec, resolve_devices
+    from vramancer.engine.devices import DeviceSpec, close_devices, parse_device_spec
+    from vramancer.engine.factory import open_devices
 
     spec = parse_device_spec(args.devices)
     if spec.discover:
@@ -157,11 +158,11 @@ def _devices(args) -> int:
     if spec.auto:
         spec = DeviceSpec(parse_device_spec("cpu").requests, False, spec.remotes) if not _has_accelerator() else spec
     nodes = _discover_nodes(args) if (args.discover or parse_device_spec(args.devices).discover) else None
-    devices = resolve_devices(spec, token_file=args.token_file)
+    devices = open_devices(spec, token_file=args.token_file)
     try:
         rows = [d.to_json() for d in devices]
     finally:
-        close_remote_devices(devices)
+        close_devices(devices)
     if args.json:
         out = {"devices": rows, "accelerators_found": _has_accelerator()}
         if nodes is not None:
@@ -188,19 +189,19 @@ def _devices(args) -> int:
 
 
 def _discover_nodes(args):
-    from vramancer.engine.cluster.discovery import discover
     from vramancer.engine.errors import VramancerError
+    from vramancer.engine.factory import discover_nodes
 
     if args.discover_seconds <= 0:
         raise VramancerError(f"--discover-seconds must be positive, not {args.discover_seconds:g}.")
-    return discover(args.discover_seconds, args.discover_bind)
+    return discover_nodes(args.discover_seconds, args.discover_bind)
 
 
 def _node(args) -> int:
     import logging
 
-    from vramancer.engine.cluster.node import run_node
     from vramancer.engine.errors import VramancerError
+    from vramancer.engine.factory import serve_node
     from vramancer.lifetime import exit_now
 
     if not 0 <= args.port < 65536:
@@ -211,8 +212,8 @@ def _node(args) -> int:
     node_log.addHandler(handler)
     node_log.setLevel(logging.INFO)
     node_log.propagate = False
-    status = run_node(args.devices, args.bind, args.port, args.token_file, advertise=not args.no_advertise,
-                      ready=lambda line: print(line, flush=True))
+    status = serve_node(args.devices, args.bind, args.port, args.token_file, advertise=not args.no_advertise,
+                        ready=lambda line: print(line, flush=True))
     exit_now(status)  # stopped and withdrawn: skip seconds of interpreter teardown
 
 
@@ -303,7 +304,7 @@ def _generate(args) -> int:
 
 def _release_nodes(engine) -> None:
     """Say goodbye to the nodes (they free what they held for us); local devices need nothing."""
-    if engine.split.remote is not None:
+    if engine.connected:
         engine.close()
 
 

@@ -228,7 +228,7 @@ class VramancerApp(App[int]):
         self.notify(f"{part_label(event.first, event.last)} {event.src} → {event.dst} · {format_rate(event.gb_per_s * 1e9)}",
                     title="Moved")
 
-    def _on_migrationrefused(self, event: ev.MigrationRefused) -> None:
+    def _on_migrationnotdone(self, event: ev.MigrationNotDone) -> None:
         self.placement_panel.settle(event.first, event.last)
         self.notify(event.reason, title="Move refused", severity="error")
 
@@ -338,14 +338,15 @@ class VramancerApp(App[int]):
     def action_cancel(self) -> None:
         console = self.console_panel
         if console.generating:
-            self.worker.submit(ev.Cancel())
+            self.worker.submit(ev.Cancel(console.streaming))
             console.stats.update("cancelling…")
         elif self.focused is console.prompt:
             self.screen.focus_next(BlockTile)
 
     def action_new_conversation(self) -> None:
-        if self.console_panel.new_conversation() is not None:
-            self.worker.submit(ev.Cancel())
+        abandoned = self.console_panel.new_conversation()
+        if abandoned is not None:
+            self.worker.submit(ev.Cancel(abandoned))
 
     def action_load_model(self) -> None:
         def chosen(options: LoadOptions | None) -> None:

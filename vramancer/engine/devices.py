@@ -1,9 +1,15 @@
 """Devices: the spec a user types, what the machine has, and the bytes we put on each.
 
-`parse_device_spec` is the only parser of `--devices`. `resolve_devices` turns a spec into
-`Device` objects. Every device keeps a `MemoryLedger` of what this process placed on it; a
-simulated device is nothing but host memory plus that ledger, which refuses any claim past
-the device's capacity.
+`parse_device_spec` is the only parser of `--devices` (remote names `node:HOST:PORT/DEVICE`
+included). `resolve_devices` turns the local part of a spec into `Device` objects; devices of
+other machines are opened by `engine/factory.py`. Every device keeps a `MemoryLedger` of what
+this process placed on it; a simulated device is nothing but host memory plus that ledger,
+which refuses any claim past the device's capacity.
+
+`Device` is the one seam between the engine and a kind of device: each subclass answers every
+per-kind question the engine asks (room, reserve, shortfall, snapshot, whether it may hold the
+model's ends), so no caller branches on what kind it holds. The kind string is data for people
+(JSON, the dashboard) and is compared only here.
 """
 
 from __future__ import annotations
@@ -11,17 +17,25 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass, field
+from typing import Callable, ClassVar
 
 import psutil
 import torch
 
 from vramancer.engine.errors import VramancerError
-from vramancer.engine.units import format_bytes, parse_size
+from vramancer.engine.units import MiB, format_bytes, parse_size
 
 log = logging.getLogger(__name__)
 
 LEDGER_CATEGORIES = ("weights", "kv", "workspace", "other")
+
+# Room kept free on a CUDA device for its context and allocator slack, which no tensor of
+# ours accounts for (accelerate's users lose this to OOMs; llama.cpp's see it as "uneven").
+# Measured on an H100 (CUDA 13, torch 2.11): 694 MiB beside torch's own memory once cuBLAS
+# had loaded; 384 MiB, the figure before, left the memory model 30 % short.
+CUDA_RESERVE = 768 * MiB
 
 
 class DeviceSpecError(VramancerError):
@@ -30,6 +44,18 @@ class DeviceSpecError(VramancerError):
 
 class DeviceFullError(VramancerError):
     """A claim would take a device past its capacity."""
+
+
+class DeviceLost(VramancerError):
+    """A device went away while the engine depended on it (a node died or fell silent).
+
+    The one loss signal: generation and migration handle it without knowing what was lost.
+    `where` names what went (node:HOST:PORT); every device whose `host` it is, is gone."""
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(f"node {where} was lost: {reason}.")
+        self.where = where
+        self.reason = reason
 
 
 @dataclass
@@ -73,6 +99,13 @@ class DeviceRequest:
     name: str  # "cuda:0", "mps", "cpu", "sim0"
     cap: int | None = None  # bytes; the capacity of a simulated device
 
+    @property
+    def kind(self) -> str:
+        """The kind of device this request makes (see `_make_device`)."""
+        if self.name.startswith("sim"):
+            return "sim"
+        return self.name.split(":")[0]
+
 
 @dataclass(frozen=True)
 class DeviceSpec:
@@ -112,51 +145,79 @@ class DeviceReading:
         return self.total - self.free
 
 
-@dataclass
-class Device:
-    """A place layers can live: a GPU, the CPU, or a simulated device in host memory."""
+@dataclass(frozen=True)
+class DeviceSnapshot:
+    """One telemetry reading of one device, as plain data. None means the device cannot tell."""
 
     name: str
-    kind: str  # "cuda" | "mps" | "cpu" | "sim"
+    kind: str
+    label: str
+    simulated: bool
+    total: int
+    free: int
+    weights: int  # this model's weights here
+    kv: int  # this model's KV cache here, as held right now
+    other: int  # everything else in use: other processes, workspace, reservations
+    utilization: float | None = None
+    temperature: float | None = None
+    power: float | None = None
+    pcie_rx: float | None = None
+    pcie_tx: float | None = None
+    timestamp: float = field(default_factory=time.time)
+
+    @property
+    def used(self) -> int:
+        return self.total - self.free
+
+
+@dataclass(eq=False)
+class Device:
+    """A place layers can live. Subclasses: this machine's CPU, CUDA and MPS devices, a
+    simulated device in host memory, and (engine/cluster) a device of another machine."""
+
+    name: str
+    kind: str  # "cuda" | "mps" | "cpu" | "sim": for people and JSON; behaviour is the subclass's
     label: str  # GPU model name, "CPU", or "simulated"
     torch_device: torch.device
     ledger: MemoryLedger
     cap: int | None = None
     index: int | None = None  # CUDA ordinal
 
-    @property
-    def simulated(self) -> bool:
-        return self.kind == "sim"
+    # Bytes kept free that no tensor of ours accounts for (a CUDA context, allocator slack).
+    reserve: ClassVar[int] = 0
+    # True for a device that only takes what the others cannot hold (the CPU beside accelerators).
+    last_resort: ClassVar[bool] = False
+    # True while the device's tensors live in this process: it can hold the embeddings and the
+    # head, and its layers run here. A device of another machine holds decoder layers only.
+    local: ClassVar[bool] = True
 
     @property
-    def remote(self) -> bool:
-        """True for a device of another machine (a node); see engine/cluster."""
+    def simulated(self) -> bool:
         return False
 
     @property
     def host(self) -> str | None:
-        """The node holding a remote device (node:HOST:PORT); None for this machine's devices."""
+        """The machine holding the device (node:HOST:PORT); None for this machine's devices."""
         return None
 
     @property
     def lost(self) -> bool:
-        """True once a remote device's node has gone away."""
+        """True once the device has gone away (only another machine's can)."""
         return False
+
+    def mark_lost(self, reason: str) -> None:
+        """Take note that the device went away; this machine's devices never do."""
+
+    def close(self) -> None:
+        """Let go of whatever connection the device needs; this machine's need none."""
+
+    def watch(self, on_lost: Callable[[str, str], None] | None) -> None:
+        """Have `on_lost(where, reason)` called (on any thread) if the device goes away;
+        None stops it. This machine's devices never go."""
 
     def read(self) -> DeviceReading:
         """Total and free memory now (free as this process could still use it)."""
-        if self.simulated:
-            assert self.cap is not None
-            return DeviceReading(total=self.cap, free=max(self.cap - self.ledger.total, 0))
-        if self.kind == "cuda":
-            reading = _read_cuda(self.index or 0)
-        elif self.kind == "mps":
-            total = psutil.virtual_memory().total  # unified memory
-            used = torch.mps.driver_allocated_memory()
-            reading = DeviceReading(total=total, free=max(total - used, 0))
-        else:
-            vm = psutil.virtual_memory()
-            reading = DeviceReading(total=vm.total, free=vm.available, utilization=psutil.cpu_percent(None))
+        reading = self._read_hardware()
         if self.cap is not None:
             # A cap makes the device look this size to us: free is what is left of the cap,
             # and never more than the hardware has.
@@ -164,11 +225,38 @@ class Device:
             reading.free = max(0, min(reading.free, self.cap - self.ledger.total))
         return reading
 
+    def _read_hardware(self) -> DeviceReading:
+        raise NotImplementedError
+
     def room(self) -> int:
         """Bytes this model could hold here: free now plus what the model already holds."""
-        if self.simulated:
-            return (self.cap or 0) - self.ledger.claims["other"]
         return self.read().free + self.ledger.total - self.ledger.claims["other"]
+
+    def shortfall(self, planned: int, held: int) -> int:
+        """Bytes that must leave this device: what the plan still needs here beyond what it
+        already holds (`planned - held`), less what is free. Positive means pressure."""
+        return planned - held - self.read().free
+
+    def squeeze(self, nbytes: int) -> None:
+        """Take `nbytes` as another process would (for tests and demos)."""
+        raise VramancerError(f"{self.name} is a real device; only simulated devices can be squeezed.")
+
+    def reported_kv(self) -> int | None:
+        """KV cache bytes as the device's own machine reports them; None where this process
+        counts them itself from the cache it holds."""
+        return None
+
+    def snapshot(self, kv_bytes: int = 0) -> DeviceSnapshot:
+        """One reading; `kv_bytes` is the KV cache this model holds here now."""
+        reading = self.read()
+        weights = self.ledger.claims["weights"]
+        return DeviceSnapshot(
+            name=self.name, kind=self.kind, label=self.label, simulated=self.simulated,
+            total=reading.total, free=reading.free, weights=weights, kv=kv_bytes,
+            other=max(reading.used - weights - kv_bytes, 0),
+            utilization=reading.utilization, temperature=reading.temperature, power=reading.power,
+            pcie_rx=reading.pcie_rx, pcie_tx=reading.pcie_tx,
+        )
 
     def to_json(self) -> dict:
         reading = self.read()
@@ -180,9 +268,80 @@ class Device:
             "total_bytes": reading.total,
             "free_bytes": reading.free,
             "cap_bytes": self.cap,
-            "remote": self.remote,
+            "remote": not self.local,
             "host": self.host,
         }
+
+
+@dataclass(eq=False)
+class CpuDevice(Device):
+    """This machine's CPU and its memory, as psutil sees them."""
+
+    last_resort: ClassVar[bool] = True
+
+    def _read_hardware(self) -> DeviceReading:
+        vm = psutil.virtual_memory()
+        return DeviceReading(total=vm.total, free=vm.available, utilization=psutil.cpu_percent(None))
+
+
+@dataclass(eq=False)
+class CudaDevice(Device):
+    """An NVIDIA (or ROCm) GPU: NVML where it answers, else torch.cuda.mem_get_info."""
+
+    reserve: ClassVar[int] = CUDA_RESERVE
+
+    def _read_hardware(self) -> DeviceReading:
+        return _read_cuda(self.index or 0)
+
+
+@dataclass(eq=False)
+class MpsDevice(Device):
+    """An Apple GPU: unified memory, so its total is the machine's."""
+
+    def _read_hardware(self) -> DeviceReading:
+        total = psutil.virtual_memory().total
+        used = torch.mps.driver_allocated_memory()
+        return DeviceReading(total=total, free=max(total - used, 0))
+
+
+@dataclass(eq=False)
+class SimulatedDevice(Device):
+    """Host memory with a hard capacity enforced by exact byte accounting."""
+
+    @property
+    def simulated(self) -> bool:
+        return True
+
+    def read(self) -> DeviceReading:
+        assert self.cap is not None
+        return DeviceReading(total=self.cap, free=max(self.cap - self.ledger.total, 0))
+
+    def room(self) -> int:
+        return (self.cap or 0) - self.ledger.claims["other"]
+
+    def shortfall(self, planned: int, held: int) -> int:
+        # The ledger is the device: everything claimed, squeezes included, against the cap.
+        return self.ledger.total - (self.cap or 0)
+
+    def squeeze(self, nbytes: int) -> None:
+        if nbytes < 0:
+            raise VramancerError(f"a reservation must be 0 bytes or more, not {nbytes}.")
+        self.ledger.set("other", nbytes, force=True)
+
+
+_KINDS: dict[str, type[Device]] = {"cpu": CpuDevice, "cuda": CudaDevice, "mps": MpsDevice, "sim": SimulatedDevice}
+
+
+def kind_class(kind: str) -> type[Device]:
+    """The class of this machine's devices of `kind`: where the facts of a kind live (a
+    device of another machine takes its reserve and last-resort facts from here)."""
+    return _KINDS.get(kind, CpuDevice)
+
+
+def close_devices(devices: list[Device]) -> None:
+    """Let go of every device's connection (nodes release what they held for us)."""
+    for device in devices:
+        device.close()
 
 
 # --- parsing ---------------------------------------------------------------------------
@@ -222,9 +381,28 @@ def parse_device_spec(text: str) -> DeviceSpec:
     return DeviceSpec(requests=tuple(requests))
 
 
-def _parse_clustered(items: list[str], text: str) -> DeviceSpec:
-    from vramancer.engine.cluster.protocol import ClusterError, split_remote_name
+def node_label(host: str, port: int) -> str:
+    """How a node is named everywhere: node:HOST:PORT (IPv6 hosts in brackets)."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"node:{shown}:{port}"
 
+
+def remote_device_name(host: str, port: int, device: str) -> str:
+    return f"{node_label(host, port)}/{device}"
+
+
+def split_remote_name(name: str) -> tuple[str, int, str]:
+    """'node:HOST:PORT/DEV' → (host, port, dev), or DeviceSpecError with the expected form."""
+    body = name[len("node:"):] if name.startswith("node:") else None
+    location, slash, device = (body or "").partition("/")
+    host, colon, port_text = location.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if body is None or not (slash and device and colon and host and port_text.isdigit()) or not 0 < int(port_text) < 65536:
+        raise DeviceSpecError(f"'{name}' is not a remote device; write it node:HOST:PORT/DEVICE, e.g. node:127.0.0.1:7070/sim0.")
+    return host, int(port_text), device
+
+
+def _parse_clustered(items: list[str], text: str) -> DeviceSpec:
     remotes: list[DeviceRequest] = []
     local: list[str] = []
     discover = False
@@ -233,12 +411,7 @@ def _parse_clustered(items: list[str], text: str) -> DeviceSpec:
             discover = True
         elif item.lower().startswith("node:"):
             name, _, cap_text = item.partition("=")
-            try:
-                host, port, device = split_remote_name(name.strip())
-            except ClusterError as exc:
-                raise DeviceSpecError(str(exc)) from None
-            from vramancer.engine.cluster.protocol import remote_device_name
-
+            host, port, device = split_remote_name(name.strip())
             full = remote_device_name(host, port, device)
             if any(r.name == full for r in remotes):
                 raise DeviceSpecError(f"{full} is listed twice in '{text}'.")
@@ -268,30 +441,14 @@ def _parse_sim_pool(body: str) -> tuple[DeviceRequest, ...]:
 # --- probing ---------------------------------------------------------------------------
 
 
-def resolve_devices(spec: DeviceSpec, simulated_size: int | None = None, token_file: str | None = None) -> list[Device]:
-    """Check a spec against this machine and build its devices.
+def resolve_devices(spec: DeviceSpec, simulated_size: int | None = None) -> list[Device]:
+    """Check the local part of a spec against this machine and build its devices.
 
     `simulated_size` sizes each of the two simulated devices that `auto` falls back to on a
-    machine without accelerators; the caller derives it from the model's footprint. Remote
-    devices (after the local ones) come from nodes admitted with the cluster token; the
-    caller owns their connections (see `close_remote_devices`).
+    machine without accelerators; the caller derives it from the model's footprint. Devices of
+    other machines are not opened here: `engine/factory.open_devices` does both.
     """
-    devices = _resolve_local(spec, simulated_size) if (spec.requests or spec.auto) else []
-    if spec.clustered:
-        from vramancer.engine.cluster import connect_devices
-
-        devices += connect_devices(spec, token_file)
-    return devices
-
-
-def close_remote_devices(devices: list[Device]) -> None:
-    """Say goodbye to the nodes behind any remote devices in `devices`."""
-    seen = set()
-    for device in devices:
-        node = getattr(device, "node", None)
-        if node is not None and id(node) not in seen:
-            seen.add(id(node))
-            node.close()
+    return _resolve_local(spec, simulated_size) if (spec.requests or spec.auto) else []
 
 
 def _resolve_local(spec: DeviceSpec, simulated_size: int | None) -> list[Device]:
@@ -317,20 +474,20 @@ def _make_device(request: DeviceRequest) -> Device:
     name, cap = request.name, request.cap
     ledger = MemoryLedger(capacity=cap, device_name=name)
     if name.startswith("sim"):
-        return Device(name, "sim", "simulated", torch.device("cpu"), ledger, cap=cap)
+        return SimulatedDevice(name, "sim", "simulated", torch.device("cpu"), ledger, cap=cap)
     if name == "cpu":
-        return Device(name, "cpu", "CPU", torch.device("cpu"), ledger, cap=cap)
+        return CpuDevice(name, "cpu", "CPU", torch.device("cpu"), ledger, cap=cap)
     if name == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise DeviceSpecError("mps is not available: this machine has no Apple GPU that torch can use.")
-        return Device(name, "mps", "Apple GPU", torch.device("mps"), ledger, cap=cap)
+        return MpsDevice(name, "mps", "Apple GPU", torch.device("mps"), ledger, cap=cap)
     index = int(name.split(":")[1])
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if index >= count:
         have = "no CUDA devices" if count == 0 else f"{count} CUDA device(s), cuda:0 to cuda:{count - 1}"
         raise DeviceSpecError(f"{name} is not available: this machine has {have}.")
     label = torch.cuda.get_device_name(index)
-    return Device(name, "cuda", label, torch.device("cuda", index), ledger, cap=cap, index=index)
+    return CudaDevice(name, "cuda", label, torch.device("cuda", index), ledger, cap=cap, index=index)
 
 
 # --- NVML ------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from vramancer.engine.devices import Device, DeviceSpec, close_remote_devices, parse_device_spec, resolve_devices
+from vramancer.engine import factory, recovery
+from vramancer.engine.devices import Device, DeviceLost, DeviceSpec, close_devices, parse_device_spec, resolve_devices
 from vramancer.engine.errors import VramancerError
 from vramancer.engine.generation import (
     GenerationResult,
@@ -24,7 +25,7 @@ from vramancer.engine.generation import (
     encode_prompt,
     run_generate,
 )
-from vramancer.engine.migration import MigrationResult, check_room, migrate, relocate
+from vramancer.engine.migration import MigrationRefused, MigrationResult, check_room, migrate, part_label, parts_of, relocate
 from vramancer.engine.models import (
     ModelSource,
     build_meta_model,
@@ -46,7 +47,9 @@ from vramancer.engine.planner import (
     split_footprint,
 )
 from vramancer.engine import profiler
+from vramancer.engine.options import LoadOptions
 from vramancer.engine.profiler import Prediction, Pricing
+from vramancer.engine.rebalance import rebalance as relieve_pressure
 from vramancer.engine.runtime import SplitModel
 from vramancer.engine.transfer import LinkStats, TransferManager
 
@@ -54,17 +57,6 @@ ProgressCallback = Callable[[str, float], None]
 # Each of the two simulated devices of the `auto` fallback holds about this share of the
 # model's split footprint, so the split is visible and both devices are needed.
 SIMULATED_SHARE = 0.6
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    model: str = "default"
-    devices: str = "auto"
-    strategy: str = "proportional"
-    context: int = 2048
-    dtype: str = "auto"
-    auto_rebalance: bool = False
-    token_file: str | None = None  # the cluster token for remote devices (else VRM_CLUSTER_TOKEN)
 
 
 class Engine:
@@ -96,8 +88,8 @@ class Engine:
         self.on_rebalance: Callable[[MigrationResult | None, str], None] | None = None
         self._warned: set[str] = set()
         self._cache = None  # the KV cache of the generation in progress, if any
-        # Told when a node is lost (recovered=False) and when its layers found new homes
-        # (recovered=True): (sentence, node, layers, recovered). May be called on any thread.
+        # Told when a device's machine is lost (recovered=False) and when its layers found new
+        # homes (recovered=True): (sentence, node, layers, recovered). May be called on any thread.
         self.on_fault: Callable[[str, str, str, bool], None] | None = None
 
     # --- loading -----------------------------------------------------------------------
@@ -136,11 +128,7 @@ class Engine:
             profile = ModelProfile.from_model(weights, torch_dtype)
             transfer = TransferManager(device_list)
             split = SplitModel(weights, profile, device_list, transfer, context)
-            if any(d.remote for d in device_list):
-                from vramancer.engine.cluster.node import architecture
-                from vramancer.engine.cluster.remote import RemoteBlocks, model_reference
-
-                split.remote = RemoteBlocks(split, model_reference(source), torch_dtype, architecture(prepared.config))
+            factory.attach_external_layers(split, source, torch_dtype, prepared.config)
             split.apply(plan.placement)
         except BaseException:
             prepared.close()
@@ -149,8 +137,7 @@ class Engine:
         engine = cls(options, source, tokenizer, split, plan, device_list, torch_dtype, fallback)
         engine.pricing = prepared.pricing
         for device in device_list:
-            if device.remote:
-                device.node.on_lost = engine._node_went
+            device.watch(engine._device_went)
         return engine
 
     # --- facts -------------------------------------------------------------------------
@@ -175,6 +162,12 @@ class Engine:
     def simulated(self) -> bool:
         return all(d.simulated for d in self.devices)
 
+    @property
+    def connected(self) -> bool:
+        """True while the engine holds other machines' devices (they serve one coordinator at
+        a time, so a new load lets these go first)."""
+        return self.split.external is not None
+
     def device(self, name: str) -> Device:
         for d in self.devices:
             if d.name == name:
@@ -188,12 +181,13 @@ class Engine:
         """KV cache bytes held on each device right now (empty between generations).
 
         Read from another thread by telemetry: it only reads tensor sizes, never data. A
-        remote device's KV cache is what its node last reported."""
+        device that reports its own KV cache (another machine's) is taken at its word."""
         cache, placement = self._cache, self.placement
         totals: dict[str, int] = {}
         for device in self.devices:
-            if device.remote and cache is not None:
-                totals[device.name] = device.kv_bytes()
+            reported = device.reported_kv()
+            if reported is not None and cache is not None:
+                totals[device.name] = reported
         for i, entry in enumerate(getattr(cache, "layers", None) or []):
             keys, values = getattr(entry, "keys", None), getattr(entry, "values", None)
             if keys is None or values is None or i >= len(placement.layer_devices) or keys.is_meta:
@@ -265,6 +259,7 @@ class Engine:
             )
         # The KV cache was budgeted for `context` tokens: stop there rather than overrun it.
         settings.max_new_tokens = min(settings.max_new_tokens, self.context - prompt_tokens)
+        self.recover_lost_nodes()  # a device lost between answers: re-place its layers first
         inputs = {k: v.to(self.split.input_device) for k, v in inputs.items()}
         self._cache = DynamicCache(config=self.model.config)
 
@@ -274,14 +269,17 @@ class Engine:
             if self.auto_rebalance:
                 self.rebalance(step)
 
-        try:
-            if self.split.remote is not None:
-                from vramancer.engine.cluster import recovery
+        def on_lost(lost: DeviceLost, tokens_so_far: int):
+            """The guard around the generate loop: re-place what was lost, start a fresh cache."""
+            recovery.mark_lost(self, lost)
+            recovery.recover_lost_devices(self, replay_tokens=tokens_so_far)
+            self._cache = DynamicCache(config=self.model.config)
+            return self._cache
 
-                return recovery.generate(self, inputs, settings, on_text=on_text, on_step=between_steps, cancel=cancel)
+        try:
             return run_generate(
                 self.model, self.tokenizer, inputs, settings, self._cache,
-                on_text=on_text, on_step=between_steps, cancel=cancel,
+                on_text=on_text, on_step=between_steps, cancel=cancel, on_lost=on_lost,
             )
         finally:
             self._cache = None
@@ -328,20 +326,11 @@ class Engine:
         """Take `nbytes` of a simulated device as another process would (for tests and demos).
 
         The device may end up over-committed; `rebalance` (or --auto-rebalance) answers that."""
-        target = self.device(device)
-        if target.remote:
-            raise VramancerError(f"{device} is on {target.host}; squeeze it on that machine.")
-        if not target.simulated:
-            raise VramancerError(f"{device} is a real device; only simulated devices can be squeezed.")
-        if nbytes < 0:
-            raise VramancerError(f"a reservation must be 0 bytes or more, not {nbytes}.")
-        target.ledger.set("other", nbytes, force=True)
+        self.device(device).squeeze(nbytes)
 
     def rebalance(self, step: int | None = None) -> list[MigrationResult]:
         """Move layers off devices under memory pressure; warn once when nothing has room."""
-        from vramancer.engine.rebalance import rebalance
-
-        moves, warnings = rebalance(self)
+        moves, warnings = relieve_pressure(self)
         for result in moves:
             result.step = step
             if self.on_rebalance is not None:
@@ -362,8 +351,6 @@ class Engine:
 
     def would_fit(self, first: int | str, last: int | str, device: str) -> str | None:
         """None if moving first..last to `device` fits, else the sentence a refusal would give."""
-        from vramancer.engine.migration import MigrationRefused, part_label, parts_of
-
         try:
             parts = parts_of(self.split, first, last)
             check_room(self.split, self.placement.moved(parts, device), part_label(first, last))
@@ -380,28 +367,23 @@ class Engine:
         self.plan = plan
         return plan
 
-    # --- nodes -------------------------------------------------------------------------
+    # --- lost devices ------------------------------------------------------------------
 
     def recover_lost_nodes(self) -> bool:
-        """Re-place the layers of any node lost since the last look on the devices left.
+        """Re-place the layers of any device lost since the last look on the devices left.
         True if layers moved; VramancerError (engine unchanged) if they do not fit."""
-        if self.split.remote is None:
-            return False
-        from vramancer.engine.cluster.recovery import recover_lost_nodes
-
-        return recover_lost_nodes(self)
+        return recovery.recover_lost_devices(self)
 
     def report_fault(self, message: str, node: str = "", layers: str = "", recovered: bool = False) -> None:
         if self.on_fault is not None:
             self.on_fault(message, node, layers, recovered)
 
-    def _node_went(self, node, reason: str) -> None:
-        """A node's connection ended (called on its reader thread)."""
-        held = [i for i, name in enumerate(self.placement.layer_devices) if self.device(name).host == node.label]
-        from vramancer.engine.cluster.recovery import _ranges
-
-        what = f"; it held {_ranges(held)}" if held else ""
-        self.report_fault(f"{node.label} lost: {reason}{what}.", node=node.label, layers=_ranges(held) if held else "")
+    def _device_went(self, where: str, reason: str) -> None:
+        """The machine `where` holding some of our devices went away (called on any thread)."""
+        held = [i for i, name in enumerate(self.placement.layer_devices) if self.device(name).host == where]
+        ranges = recovery.layer_ranges(held) if held else ""
+        what = f"; it held {ranges}" if held else ""
+        self.report_fault(f"{where} lost: {reason}{what}.", node=where, layers=ranges)
 
     def close(self) -> None:
         """Release the model's memory and its ledger claims (and the nodes' layers)."""
@@ -409,10 +391,9 @@ class Engine:
             for category in ("weights", "kv", "workspace"):
                 d.ledger.set(category, 0)
         for d in self.devices:
-            if d.remote:
-                d.node.on_lost = None
-        if self.split.remote is not None:
-            self.split.remote.close()
+            d.watch(None)
+        if self.split.external is not None:
+            self.split.external.close()
         self.split.model = None  # type: ignore[assignment]
         # The split keeps the decoder and its layers too; without these the GPU memory stays
         # held until the engine itself is collected, and empty_cache would free nothing.
@@ -441,8 +422,8 @@ class Prepared:
         return plan
 
     def close(self) -> None:
-        """Let go of the nodes admitted for remote devices (a no-op without any)."""
-        close_remote_devices(self.devices)
+        """Let go of the devices' connections (a no-op for this machine's)."""
+        close_devices(self.devices)
 
 
 def prepare(model: str, devices: str | DeviceSpec, context: int, dtype: str, reprofile: bool = False,
@@ -463,8 +444,8 @@ def prepare(model: str, devices: str | DeviceSpec, context: int, dtype: str, rep
     config = load_config(source)
     probe = resolve_devices(local_spec, simulated_size=1) if spec.auto else None
     fallback = bool(spec.auto and probe and probe[0].simulated)
-    kinds = {d.kind for d in probe} if probe else {r.name.split(":")[0] if not r.name.startswith("sim") else "sim" for r in spec.requests}
-    remote = resolve_devices(DeviceSpec((), remotes=spec.remotes, discover=spec.discover), token_file=token_file) \
+    kinds = {d.kind for d in probe} if probe else {r.kind for r in spec.requests}
+    remote = factory.open_devices(DeviceSpec((), remotes=spec.remotes, discover=spec.discover), token_file=token_file) \
         if spec.clustered else []
     try:
         torch_dtype = resolve_dtype(dtype, kinds | {d.kind for d in remote})
@@ -474,13 +455,9 @@ def prepare(model: str, devices: str | DeviceSpec, context: int, dtype: str, rep
         local = resolve_devices(local_spec, simulated_size=size)
         model_key = f"{source.display_name}|{hashlib.sha256(config.to_json_string().encode()).hexdigest()}"
         timings = profiler.measure(config, meta, local, torch_dtype, model_key, reprofile=reprofile)
-        if remote:
-            from vramancer.engine.cluster.remote import model_reference
-            from vramancer.engine.cluster.timing import add_remote_timings
-
-            add_remote_timings(timings, config, local, remote, torch_dtype, model_key, model_reference(source))
+        factory.add_external_timings(timings, config, local, remote, torch_dtype, model_key, source)
     except BaseException:
-        close_remote_devices(remote)
+        close_devices(remote)
         raise
     device_list = local + remote
     return Prepared(source, config, profile, device_list, torch_dtype, fallback, context, Pricing(timings, profile))

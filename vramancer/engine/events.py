@@ -9,10 +9,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from vramancer.engine.engine import LoadOptions
+from vramancer.engine.devices import DeviceSnapshot
+from vramancer.engine.options import LoadOptions
 from vramancer.engine.migration import part_label, refusal_sentence
 from vramancer.engine.planner import ModelProfile, Placement, parts_for_range, room_shortfall
-from vramancer.engine.profiler import Pricing
+from vramancer.engine.profiler import Pricing, Timings
 
 # --- commands (UI → worker) ---------------------------------------------------------------
 
@@ -61,7 +62,10 @@ class Reserve(Command):
 
 @dataclass(frozen=True)
 class Cancel(Command):
-    pass
+    """Cancel the Generate with this `request_id`: the one streaming (within one decode step)
+    or one still queued (it then finishes at once, cancelled, with no tokens)."""
+
+    request_id: int
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,10 @@ class DeviceInfo:
 
 @dataclass(frozen=True)
 class PlanSnapshot:
-    """The placement as it stands, with what is needed to price a move without the engine."""
+    """The placement as it stands, with what is needed to price a move without the engine.
+
+    Data only (sizes, needs, reserves, measured timings); the questions a UI asks of it are
+    answered from that data with the planner's own pure functions."""
 
     blocks: tuple[BlockInfo, ...]
     embed: str
@@ -104,21 +111,21 @@ class PlanSnapshot:
     strategy: str
     context: int
     needs: dict  # device -> bytes needed under this placement
-    kinds: dict  # device -> kind
+    reserves: dict  # device -> bytes it keeps free for what no tensor accounts for
     profile: ModelProfile
     layer_devices: tuple[str, ...]
-    pricing: Pricing | None = None  # measured timings; None when nothing could be measured
+    timings: Timings | None = None  # measured timings; None when nothing could be measured
 
     @property
     def predicted_tokens_per_s(self) -> float | None:
-        return self.pricing.predict(self.placement).tokens_per_s if self.pricing else None
+        return Pricing(self.timings, self.profile).predict(self.placement).tokens_per_s if self.timings else None
 
     def predict_move(self, first: int | str, last: int | str, device: str) -> float | None:
         """Predicted tokens/s of the placement that moving first..last to `device` would make."""
-        if self.pricing is None:
+        if self.timings is None:
             return None
         proposed = self.placement.moved(parts_for_range(self.profile, first, last), device)
-        return self.pricing.predict(proposed).tokens_per_s
+        return Pricing(self.timings, self.profile).predict(proposed).tokens_per_s
 
     @property
     def placement(self) -> Placement:
@@ -134,34 +141,9 @@ class PlanSnapshot:
         A device missing from `free` counts as having nothing free: unknown is not room."""
         current = self.placement
         proposed = current.moved(parts_for_range(self.profile, first, last), device)
-        free = {name: free.get(name, 0) for name in self.kinds}
-        short = room_shortfall(self.profile, current, proposed, self.kinds, free, self.context)
+        free = {name: free.get(name, 0) for name in self.reserves}
+        short = room_shortfall(self.profile, current, proposed, self.reserves, free, self.context)
         return None if short is None else refusal_sentence(part_label(first, last), *short, self.context)
-
-
-@dataclass(frozen=True)
-class DeviceSnapshot:
-    """One telemetry reading of one device. None means the device cannot tell."""
-
-    name: str
-    kind: str
-    label: str
-    simulated: bool
-    total: int
-    free: int
-    weights: int  # this model's weights here
-    kv: int  # this model's KV cache here, as held right now
-    other: int  # everything else in use: other processes, workspace, reservations
-    utilization: float | None = None
-    temperature: float | None = None
-    power: float | None = None
-    pcie_rx: float | None = None
-    pcie_tx: float | None = None
-    timestamp: float = field(default_factory=time.time)
-
-    @property
-    def used(self) -> int:
-        return self.total - self.free
 
 
 @dataclass(frozen=True)
@@ -248,7 +230,9 @@ class MigrationDone(Event):
 
 
 @dataclass(frozen=True)
-class MigrationRefused(Event):
+class MigrationNotDone(Event):
+    """A Migrate that changed nothing: refused before it began, or undone part-way."""
+
     first: int | str
     last: int | str
     device: str
@@ -273,8 +257,9 @@ class Notice(Event):
 
 
 @dataclass(frozen=True)
-class NodeLost(Notice):
-    """A node went away (`recovered` False), or its layers found new homes (True).
+class DeviceFault(Notice):
+    """A machine holding some devices went away (`recovered` False), or their layers found
+    new homes (True).
 
     A Notice, so a UI that only shows notices shows these too."""
 

@@ -4,6 +4,13 @@ VRAMancer owns placement, not decoding: sampling, stopping and streaming are tra
 Two small adapters connect them to us: a streamer that hands decoded text to a callback, and
 a stopping criterion that runs between two decode steps — where cancellation is checked and
 pending migrations are applied.
+
+There is one generate loop. A device lost mid-answer (DeviceLost) is handled by a guard the
+caller passes (`on_lost`): it re-places the lost layers and hands back a fresh cache; the loop
+then replays the prompt and the tokens so far, forced, one decode step at a time — the same
+forward passes, in the same shapes, as the first time — so every layer's cache is rebuilt
+exactly and the greedy answer goes on as if nothing happened. Text already streamed is not
+streamed again.
 """
 
 from __future__ import annotations
@@ -14,8 +21,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
+from vramancer.engine.devices import DeviceLost
 from vramancer.engine.errors import VramancerError
 
 Messages = list[dict[str, str]]
@@ -78,17 +86,27 @@ class GenerationResult:
 
 
 class CallbackStreamer(TextStreamer):
-    """transformers' TextStreamer, handing each finished piece of text to a callback."""
+    """transformers' TextStreamer, handing each finished piece of text to a callback.
+
+    It can start over: after `resume(n)` it skips the prompt and the n tokens already shown."""
 
     def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.on_text = on_text
         self.token_times: list[float] = []
+        self.skip = 0
 
     def put(self, value: torch.Tensor) -> None:
         if not self.next_tokens_are_prompt:
+            if self.skip > 0:
+                self.skip -= 1
+                return
             self.token_times.append(time.perf_counter())
         super().put(value)
+
+    def resume(self, skip: int) -> None:
+        self.next_tokens_are_prompt = True
+        self.skip = skip
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         if text and self.on_text is not None:
@@ -105,12 +123,37 @@ class BetweenSteps(StoppingCriteria):
         self.prompt_length = prompt_length
         self.cancel = cancel
         self.on_step = on_step
+        self.reported = 0  # steps told to on_step: a replayed step is not told twice
+        self._ids: torch.LongTensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        if self.on_step is not None:
-            self.on_step(input_ids.shape[1] - self.prompt_length)
+        self._ids = input_ids
+        step = input_ids.shape[1] - self.prompt_length
+        if self.on_step is not None and step > self.reported:
+            self.reported = step
+            self.on_step(step)
         stop = self.cancel.is_set()
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+    def tokens(self) -> list[int]:
+        """The new tokens produced so far."""
+        return [] if self._ids is None else self._ids[0, self.prompt_length:].tolist()
+
+
+class ForcedPrefix(LogitsProcessor):
+    """Makes the first tokens of a generation the ones given, whatever the model prefers."""
+
+    def __init__(self, prompt_length: int, tokens: list[int]):
+        self.prompt_length = prompt_length
+        self.tokens = tokens
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.prompt_length
+        if step < len(self.tokens):
+            forced = torch.full_like(scores, float("-inf"))
+            forced[:, self.tokens[step]] = 0.0
+            return forced
+        return scores
 
 
 def encode_prompt(tokenizer, prompt: str | Messages, raw: bool) -> dict:
@@ -135,27 +178,46 @@ def run_generate(
     on_text: Callable[[str], None] | None = None,
     on_step: Callable[[int], None] | None = None,
     cancel: threading.Event | None = None,
+    on_lost: Callable[[DeviceLost, int], object] | None = None,
 ) -> GenerationResult:
-    """One generation; `inputs` are already on the embedding device."""
+    """One generation; `inputs` are already on the embedding device.
+
+    `on_lost(lost, tokens so far)` is the guard for a device lost mid-answer: it re-places
+    what was lost and returns a fresh cache to replay into. Without it, DeviceLost is raised."""
     settings.check()
     cancel = cancel or threading.Event()
     prompt_length = inputs["input_ids"].shape[1]
     streamer = CallbackStreamer(tokenizer, on_text)
+    between = BetweenSteps(prompt_length, cancel, on_step)
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
     start = time.perf_counter()
+    forced: list[int] = []
+    losses: list[str] = []
     if settings.max_new_tokens == 0:
         output = inputs["input_ids"]
     else:
-        with torch.inference_mode():
-            output = model.generate(
-                **inputs,
-                **settings.generate_kwargs(),
-                cache=cache,
-                streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([BetweenSteps(prompt_length, cancel, on_step)]),
-                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            )
+        while True:
+            processors = LogitsProcessorList([ForcedPrefix(prompt_length, forced)] if forced else [])
+            try:
+                with torch.inference_mode():
+                    output = model.generate(
+                        **inputs,
+                        **settings.generate_kwargs(),
+                        cache=cache,
+                        streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([between]),
+                        logits_processor=processors,
+                        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                    )
+                break
+            except DeviceLost as lost:
+                if on_lost is None:
+                    raise
+                losses.append(str(lost))
+                forced = between.tokens()
+                cache = on_lost(lost, len(forced))
+                streamer.resume(len(forced))
     total = time.perf_counter() - start
     new_ids = output[0, prompt_length:].tolist()
     times = streamer.token_times
@@ -170,4 +232,5 @@ def run_generate(
         decode_tokens_per_s=decode_rate,
         total_s=total,
         cancelled=cancel.is_set(),
+        stats={"node_losses": losses} if losses else {},
     )

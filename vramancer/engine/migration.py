@@ -5,9 +5,10 @@ their KV cache entries — to one device. `relocate` is the general form (any ne
 re-planning uses it too. Room is checked first with the planner's memory model; if anything
 fails part-way, every part already moved goes back and the ledgers and hooks are restored.
 
-A layer moving to or from a remote device (a node's) goes through `split.remote.move`: the
-node places the weights from its own copy of the model, the KV cache travels over the
-process group. The embeddings and the head stay on this machine.
+A layer moving to or from a device that is not `local` goes through the split's
+`ExternalLayers` adapter (for a node: it places the weights from its own copy of the model,
+the KV cache travels over the process group). The embeddings and the head stay on this
+machine. A device lost part-way raises DeviceLost after the roll-back.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import re
 import time
 from dataclasses import dataclass
 
+from vramancer.engine.devices import DeviceLost
 from vramancer.engine.errors import VramancerError
 from vramancer.engine.planner import EMBED, HEAD, LayerRange, Placement, parts_for_range, room_shortfall
-from vramancer.engine.runtime import SplitModel
+from vramancer.engine.runtime import SplitModel, move_module
 from vramancer.engine.units import format_bytes, format_rate
 
 Part = str | int
@@ -99,9 +101,9 @@ def parts_of(split: SplitModel, first: int | str, last: int | str) -> list[Part]
 def check_room(split: SplitModel, new: Placement, what: str) -> None:
     """Refuse `new` if any device would need more than it has free (planner's memory model)."""
     assert split.placement is not None
-    kinds = {name: d.kind for name, d in split.devices.items()}
+    reserves = {name: d.reserve for name, d in split.devices.items()}
     free = {name: d.read().free for name, d in split.devices.items()}
-    short = room_shortfall(split.profile, split.placement, new, kinds, free, split.context)
+    short = room_shortfall(split.profile, split.placement, new, reserves, free, split.context)
     if short is not None:
         raise MigrationRefused(refusal_sentence(what, *short, split.context))
 
@@ -119,9 +121,9 @@ def migrate(split: SplitModel, first: int | str, last: int | str, dst: str, cach
         raise MigrationRefused(f"{dst} is not one of this model's devices ({', '.join(split.devices)}).")
     assert split.placement is not None
     parts = parts_of(split, first, last)
-    if split.is_remote(dst) and any(part in (EMBED, HEAD) for part in parts):
+    if not split.is_local(dst) and any(part in (EMBED, HEAD) for part in parts):
         raise MigrationRefused(f"the {part_label(first, last)} stays on this machine; only decoder layers go to nodes.")
-    if getattr(split.devices[dst], "lost", False):
+    if split.devices[dst].lost:
         raise MigrationRefused(f"{dst} is on a node that was lost.")
     sources = sorted({split.placement.device_of(p) for p in parts if split.placement.device_of(p) != dst})
     new = split.placement.moved(parts, dst)
@@ -140,42 +142,22 @@ def relocate(split: SplitModel, new: Placement, cache=None) -> tuple[int, float]
     to_move = [p for p in split.profile.parts() if new.device_of(p) != old.device_of(p)]
     start = time.perf_counter()
     nbytes = 0
-    moved: list[Part] = []
     try:
         split.sync_ledgers(new)  # claims room first; a simulated device refuses here
         for part in to_move:
-            src, dst = old.device_of(part), new.device_of(part)
-            if _crosses_machines(split, src, dst):
-                nbytes += split.remote.move(int(part), src, dst, cache)
-                moved.append(part)
-                split.placement = split.placement.moved([part], dst)
-                continue
-            nbytes += split.move_part(part, dst)
-            moved.append(part)
-            split.placement = split.placement.moved([part], dst)
-            if part not in (EMBED, HEAD):
-                nbytes += split.move_cache(cache, int(part), src, dst)
+            nbytes += split.move(part, new.device_of(part), cache)
     except Exception as exc:
+        moved = [p for p in to_move if split.placement.device_of(p) != old.device_of(p)]
         failed_back = _roll_back(split, old, moved, cache)
-        lost = next((e for e in (exc, failed_back) if _is_node_lost(e)), None)
+        lost = next((e for e in (exc, failed_back) if isinstance(e, DeviceLost)), None)
         if lost is not None:
-            # A node went away: the placement is as before, but KV caches that were on the
-            # move may be gone. The caller's generation rebuilds them (see cluster/recovery).
+            # A device went away: the placement is as before, but KV caches that were on the
+            # move may be gone. The caller's generation rebuilds them (see engine/recovery).
             raise lost
         raise MigrationFailed(f"the move failed and was undone, nothing changed: {exc}") from exc
     split.settle_tie()
     split.rewire()
     return nbytes, time.perf_counter() - start
-
-
-def _crosses_machines(split: SplitModel, src: str, dst: str) -> bool:
-    return split.remote is not None and (split.is_remote(src) or split.is_remote(dst))
-
-
-def _is_node_lost(exc: BaseException | None) -> bool:
-    from vramancer.engine.cluster.protocol import NodeLost
-
-    return isinstance(exc, NodeLost)
 
 
 def _roll_back(split: SplitModel, old: Placement, moved: list[Part], cache) -> BaseException | None:
@@ -186,21 +168,16 @@ def _roll_back(split: SplitModel, old: Placement, moved: list[Part], cache) -> B
     for part in reversed(moved):
         here = split.placement.device_of(part)
         back = old.device_of(part)
-        if _crosses_machines(split, here, back):
+        if split.external_between(here, back):
             try:
-                split.remote.move(int(part), here, back, cache)
+                split.external.move(int(part), here, back, cache)
             except Exception as exc:
                 failure = failure or exc
-                if not split.is_remote(back):
-                    from vramancer.engine.cluster.remote import _to
-
-                    _to(split.layer_modules[int(part)], split.devices[back].torch_device)
+                if split.is_local(back):
+                    move_module(split.layer_modules[int(part)], split.devices[back].torch_device)
             split.placement = split.placement.moved([part], back)
             continue
-        split.move_part(part, back)
-        split.placement = split.placement.moved([part], back)
-        if part not in (EMBED, HEAD):
-            split.move_cache(cache, int(part), here, back)
+        split.move(part, back, cache)
     split.placement = old
     split.sync_ledgers(old)
     split.settle_tie()

@@ -4,9 +4,10 @@ A model is a sequence of parts: `embed`, layers 0..n-1, `head` (final norm + lm_
 `Placement` gives each part a device. The memory model (`device_needs`) prices a placement
 per device; the strategies search for a placement whose needs fit every device's room.
 
-Remote devices (a node's, see engine/cluster) take decoder layers only: the embeddings and
-the head stay on this machine, where the sampler is. They come after the local devices in
-the pipeline; their room is what their node reports.
+Devices that are not `local` (another machine's, see engine/cluster) take decoder layers
+only: the embeddings and the head stay on this machine, where the sampler is. They come after
+the local devices in the pipeline; their room is what their machine reports. Everything the
+planner asks of a device (room, reserve, whether it is a last resort) is the device's answer.
 """
 
 from __future__ import annotations
@@ -16,19 +17,13 @@ from typing import Iterable, Iterator, Protocol, Sequence
 
 import torch
 
-from vramancer.engine.devices import Device
+from vramancer.engine.devices import CUDA_RESERVE, Device
 from vramancer.engine.errors import VramancerError
-from vramancer.engine.units import MiB, format_bytes
+from vramancer.engine.units import format_bytes
 
 EMBED = "embed"
 HEAD = "head"
 STRATEGIES = ("proportional", "sequential", "profiled")
-
-# Room kept free on a CUDA device for its context, the libraries' kernels and allocator slack,
-# which no tensor of ours accounts for (accelerate's users lose this to OOMs; llama.cpp's see it
-# as "uneven"). Measured on an H100 (CUDA 13, torch 2.11): 694 MiB beside torch's own memory
-# once cuBLAS had loaded; 384 MiB, the figure before, left the memory model 30 % short.
-CUDA_RESERVE = 768 * MiB
 
 
 class PlanError(VramancerError):
@@ -194,8 +189,9 @@ def part_bytes(profile: ModelProfile, part: str | int) -> int:
     return profile.layer_bytes[int(part)]
 
 
-def device_need(profile: ModelProfile, parts: Sequence[str | int], kind: str, context: int) -> DeviceNeed:
-    """The memory model for one device of `kind` holding `parts` (DESIGN.md, "Memory model")."""
+def device_need(profile: ModelProfile, parts: Sequence[str | int], reserve: int, context: int) -> DeviceNeed:
+    """The memory model for one device holding `parts`, which keeps `reserve` bytes free for
+    what no tensor accounts for (`Device.reserve`; DESIGN.md, "Memory model")."""
     need = DeviceNeed()
     if not parts:
         return need
@@ -212,14 +208,14 @@ def device_need(profile: ModelProfile, parts: Sequence[str | int], kind: str, co
         need.workspace = context * per_token * profile.dtype_bytes
     if HEAD in parts:
         need.workspace += 2 * profile.vocab_size * 4
-    need.reserve = CUDA_RESERVE if kind == "cuda" else 0
+    need.reserve = reserve
     return need
 
 
 def device_needs(
     profile: ModelProfile, placement: Placement, devices: Sequence[Device], context: int
 ) -> dict[str, DeviceNeed]:
-    return {d.name: device_need(profile, placement.parts_on(d.name), d.kind, context) for d in devices}
+    return {d.name: device_need(profile, placement.parts_on(d.name), d.reserve, context) for d in devices}
 
 
 @dataclass
@@ -240,15 +236,16 @@ def room_shortfall(
     profile: ModelProfile,
     current: Placement,
     proposed: Placement,
-    kinds: dict[str, str],
+    reserves: dict[str, int],
     free: dict[str, int],
     context: int,
 ) -> tuple[str, int, int] | None:
     """(device, extra bytes needed, bytes free) for the first device that cannot take
-    `proposed`, or None if it fits. Pure: the dashboard prices a drag with it too."""
-    for name, kind in kinds.items():
-        now = device_need(profile, current.parts_on(name), kind, context).total
-        after = device_need(profile, proposed.parts_on(name), kind, context).total
+    `proposed`, or None if it fits. `reserves` names the devices (each with its reserve).
+    Pure: the dashboard prices a drag with it too."""
+    for name, reserve in reserves.items():
+        now = device_need(profile, current.parts_on(name), reserve, context).total
+        after = device_need(profile, proposed.parts_on(name), reserve, context).total
         if after - now > 0 and after - now > free[name]:
             return name, after - now, free[name]
     return None
@@ -257,7 +254,7 @@ def room_shortfall(
 def split_footprint(profile: ModelProfile, context: int) -> int:
     """What the model needs in all when split in two: the head keeps its own copy of tied
     weights and each side has its own workspace. Sizes the fallback simulated pool."""
-    whole = device_need(profile, profile.parts(), "sim", context)
+    whole = device_need(profile, profile.parts(), 0, context)
     return whole.total + profile.tied_bytes + whole.workspace
 
 
@@ -282,11 +279,11 @@ def make_plan(
     """Place the model on `devices` with `strategy`, or raise PlanError saying why it cannot."""
     if strategy not in STRATEGIES:
         raise PlanError(f"'{strategy}' is not a strategy; choose one of {', '.join(STRATEGIES)}.")
-    if any(getattr(d, "remote", False) for d in devices):
+    if not all(d.local for d in devices):
         return _plan_with_nodes(profile, devices, strategy, context, pricing)
     rooms = {d.name: d.room() for d in devices}
-    accelerators = [d for d in devices if d.kind != "cpu"]
-    cpu = [d for d in devices if d.kind == "cpu"]
+    accelerators = [d for d in devices if not d.last_resort]
+    cpu = [d for d in devices if d.last_resort]
     placement = None
     if strategy == "profiled":
         if pricing is None:
@@ -301,7 +298,7 @@ def make_plan(
     else:
         placement = _place(profile, cpu, strategy, context, rooms)
     if placement is None:
-        single = device_need(profile, profile.parts(), devices[0].kind, context)
+        single = device_need(profile, profile.parts(), devices[0].reserve, context)
         free = ", ".join(f"{d.name} {format_bytes(rooms[d.name])}" for d in devices)
         raise PlanError(
             f"model needs {format_bytes(single.total - single.reserve)} at context {context}; "
@@ -313,9 +310,9 @@ def make_plan(
 def _plan_with_nodes(profile: ModelProfile, devices: Sequence[Device], strategy: str, context: int,
                      pricing: Pricing | None) -> Plan:
     """A plan over local and remote devices: local ones first, the ends (embed, head) local."""
-    live = [d for d in devices if not getattr(d, "lost", False)]
-    local = [d for d in live if not getattr(d, "remote", False)]
-    remote = [d for d in live if getattr(d, "remote", False)]
+    live = [d for d in devices if not d.lost]
+    local = [d for d in live if d.local]
+    remote = [d for d in live if not d.local]
     if not local:
         raise PlanError("remote devices hold decoder layers only; add a device of this machine "
                         "(cpu, cuda:N or a sim pool) for the embeddings and the head.")
@@ -327,9 +324,9 @@ def _plan_with_nodes(profile: ModelProfile, devices: Sequence[Device], strategy:
         first = _profiled(profile, ordered, context, rooms, pricing)
     else:
         # As on one machine: accelerators first, the CPU takes the overflow.
-        accelerators = [d for d in ordered if d.kind != "cpu"]
+        accelerators = [d for d in ordered if not d.last_resort]
         participants = accelerators or ordered
-        local_first = [d for d in participants if not getattr(d, "remote", False)] or local
+        local_first = [d for d in participants if d.local] or local
         first = None
         if strategy == "proportional":
             first = _proportional_layers(profile, ordered, participants, local_first[0], context, rooms)
@@ -341,7 +338,7 @@ def _plan_with_nodes(profile: ModelProfile, devices: Sequence[Device], strategy:
         placement = _keep_ends_local(profile, ordered, fallback, context, rooms) if fallback is not None else None
     if placement is None:
         free = ", ".join(f"{d.name} {format_bytes(rooms[d.name])}" for d in ordered)
-        single = device_need(profile, profile.parts(), local[0].kind, context)
+        single = device_need(profile, profile.parts(), local[0].reserve, context)
         raise PlanError(
             f"model needs {format_bytes(single.total - single.reserve)} at context {context} with its embeddings "
             f"and head on this machine; free: {free}; use more or larger devices or a shorter --context."
@@ -356,9 +353,9 @@ def _proportional_layers(profile: ModelProfile, devices: Sequence[Device], parti
     costs = [profile.layer_bytes[i] + profile.kv_bytes_per_token * context for i in range(profile.num_layers)]
     usable = []
     for device in participants:
-        fixed = device_need(profile, [0], device.kind, context).total - costs[0]
+        fixed = device_need(profile, [0], device.reserve, context).total - costs[0]
         if device is ends:
-            both = device_need(profile, [EMBED, HEAD], device.kind, context)
+            both = device_need(profile, [EMBED, HEAD], device.reserve, context)
             fixed += both.total - both.reserve
         usable.append(max(rooms[device.name] - fixed, 0))
     if sum(usable) <= 0:
@@ -375,10 +372,10 @@ def _keep_ends_local(profile: ModelProfile, devices: Sequence[Device], placement
     """Move the embeddings and the head of `placement` onto local devices, if they are not
     there already and it fits; None if it cannot."""
     by_name = {d.name: d for d in devices}
-    local = [d.name for d in devices if not getattr(d, "remote", False)]
+    local = [d.name for d in devices if d.local]
 
     def remote(name: str) -> bool:
-        return bool(getattr(by_name[name], "remote", False))
+        return not by_name[name].local
 
     def layer_holders(reverse: bool) -> list[str]:
         order = placement.layer_devices[::-1] if reverse else placement.layer_devices
@@ -431,7 +428,7 @@ def _sequential(profile: ModelProfile, devices, context: int, rooms) -> Placemen
         taken: list[str | int] = []
         while i < len(parts):
             trial = taken + [parts[i]]
-            if device_need(profile, trial, device.kind, context).total > rooms[device.name]:
+            if device_need(profile, trial, device.reserve, context).total > rooms[device.name]:
                 break
             taken = trial
             i += 1
@@ -468,7 +465,7 @@ def _proportional(profile: ModelProfile, devices, context: int, rooms) -> Placem
         if part not in (EMBED, HEAD):
             cost += profile.kv_bytes_per_token * context
         costs.append(cost)
-    fixed = [device_need(profile, [0], d.kind, context).total - costs[1] for d in devices]
+    fixed = [device_need(profile, [0], d.reserve, context).total - costs[1] for d in devices]
     usable = [max(rooms[d.name] - f, 0) for d, f in zip(devices, fixed)]
     if sum(usable) <= 0:
         return None
@@ -494,7 +491,7 @@ def _profiled(profile: ModelProfile, devices: list[Device], context: int, rooms,
     def segment_fits(e: int, i: int, j: int) -> bool:
         key = (e, i, j)
         if key not in fits:
-            fits[key] = device_need(profile, parts[i:j], devices[e].kind, context).total <= rooms[names[e]]
+            fits[key] = device_need(profile, parts[i:j], devices[e].reserve, context).total <= rooms[names[e]]
         return fits[key]
 
     # best[(i, first, last)] = (seconds, previous state, segment (device, i, j))

@@ -87,7 +87,7 @@ def _syncer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def _time_device(meta_model, config, torch_device: torch.device, dtype: torch.dtype, label: str) -> DeviceTimings:
+def time_device(meta_model, config, torch_device: torch.device, dtype: torch.dtype, label: str) -> DeviceTimings:
     from transformers import DynamicCache
 
     base = meta_model.get_decoder()
@@ -145,7 +145,7 @@ def _time_device(meta_model, config, torch_device: torch.device, dtype: torch.dt
     )
 
 
-def _time_link(transfer: TransferManager, src: Device, dst: Device, hidden_size: int, head_dim: int, dtype) -> LinkTimings:
+def time_link(transfer: TransferManager, src: Device, dst: Device, hidden_size: int, head_dim: int, dtype) -> LinkTimings:
     """A decode hand-over (hidden state, cos/sin, positions) and a 4 MiB copy."""
     def make(device):
         t = device.torch_device
@@ -214,14 +214,14 @@ def measure(
     for device in devices:
         key = profile_key(model_key, device, dtype)
         path = folder / f"{key}.json"
-        timings = None if reprofile else _read(path)
+        timings = None if reprofile else read_cached(path)
         if timings is None:
             if key in measured_here:
                 timings = measured_here[key]
             else:
                 label = "host CPU" if device.torch_device.type == "cpu" else f"{device.name} ({device.label})"
-                timings = _time_device(meta_model, config, device.torch_device, dtype, label)
-                _write(path, timings)
+                timings = time_device(meta_model, config, device.torch_device, dtype, label)
+                write_cached(path, timings)
         measured_here[key] = timings
         device_timings[device.name] = timings
     links = {}
@@ -234,7 +234,7 @@ def measure(
                 continue
             pair = (str(src.torch_device), str(dst.torch_device))
             if pair not in link_cache:
-                link_cache[pair] = _time_link(transfer, src, dst, hidden, head_dim, dtype)
+                link_cache[pair] = time_link(transfer, src, dst, hidden, head_dim, dtype)
             links[(src.name, dst.name)] = link_cache[pair]
     if any(d.torch_device.type == "cuda" for d in devices):
         # The timing runs' blocks stay in torch's cache otherwise, and the plan made next
@@ -248,7 +248,7 @@ def measure(
     return Timings(device_timings, links, overhead)
 
 
-def _read(path: Path) -> DeviceTimings | None:
+def read_cached(path: Path) -> DeviceTimings | None:
     try:
         return DeviceTimings(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
@@ -262,7 +262,7 @@ def _read_float(path: Path) -> float | None:
         return None
 
 
-def _write(path: Path, timings: DeviceTimings) -> None:
+def write_cached(path: Path, timings: DeviceTimings) -> None:
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(asdict(timings)))
     temporary.replace(path)  # atomic: a reader never sees half a file

@@ -31,13 +31,9 @@ def pressures(engine) -> list[Pressure]:
         need = needs[device.name]
         if need.total == 0:
             continue
-        if device.simulated:
-            deficit = device.ledger.total - (device.cap or 0)
-        else:
-            # Real memory already holds the weights and the KV cache grown so far; the rest of
-            # the plan's claim must still fit in what is free.
-            still_to_come = need.total - need.weights - kv_used.get(device.name, 0)
-            deficit = still_to_come - device.read().free
+        # Real memory already holds the weights and the KV cache grown so far; the rest of the
+        # plan's claim must still fit in what is free (a simulated device counts its ledger).
+        deficit = device.shortfall(need.total, need.weights + kv_used.get(device.name, 0))
         if deficit > 0:
             found.append(Pressure(device.name, deficit))
     return found
@@ -66,7 +62,7 @@ def relieve(engine, pressure: Pressure) -> MigrationResult | str:
                 moved = sorted(run[:count])
                 remaining = [p for p in placement.parts_on(device.name) if p not in moved]
                 saved = engine.split.needs(placement)[device.name].total - device_need(
-                    profile, remaining, device.kind, engine.context).total
+                    profile, remaining, device.reserve, engine.context).total
                 if saved >= pressure.deficit:
                     options.append((count, moved, placement.device_of(neighbour)))
                     break

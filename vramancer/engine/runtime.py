@@ -4,11 +4,15 @@ At every boundary (layer i on device A, the next part on B) a forward pre-hook h
 hidden state, positional tensors and mask to the TransferManager, which moves them A→B and
 records the link. Each layer's KV cache entry is created on that layer's device, because the
 cache allocates it from the key states the layer itself produced.
+
+Layers on a device that is not `local` (another machine's) are placed, run and moved by an
+`ExternalLayers` adapter (engine/factory attaches one; engine/cluster implements it): the
+stack holds stand-ins for them, and only the adapter knows where they really run.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 from torch import nn
@@ -16,6 +20,30 @@ from torch import nn
 from vramancer.engine.devices import Device, DeviceFullError
 from vramancer.engine.planner import EMBED, HEAD, DeviceNeed, ModelProfile, Placement, device_needs
 from vramancer.engine.transfer import TransferManager
+
+
+class ExternalLayers(Protocol):
+    """Places, runs and moves the decoder layers that live on devices that are not `local`.
+
+    Like accelerate's hook pair, `install` puts stand-ins into the stack for the current
+    placement (and the real layers back elsewhere); `place`, `move` and `adopt` change where
+    layers live. Any of them may raise DeviceLost."""
+
+    def place(self, placement: Placement) -> None:
+        """First placement: the external devices take their layers."""
+
+    def install(self, placement: Placement) -> None:
+        """Stand-ins where layers are external, the real layers everywhere else."""
+
+    def move(self, index: int, src: str, dst: str, cache) -> int:
+        """Layer `index`, weights and KV cache, from `src` to `dst` where either is external.
+        Returns the bytes placed and carried."""
+
+    def adopt(self, placement: Placement, layers: list[int]) -> None:
+        """Give `layers`, whose device was lost, their places in `placement`."""
+
+    def close(self) -> None:
+        """Let the external devices release what they hold."""
 
 
 class SplitModel:
@@ -40,12 +68,14 @@ class SplitModel:
         # Per device, the (original, copy) pairs of the keyword tensors (positions, mask) the
         # last hand-over into it carried: later layers of the same block reuse those copies.
         self._carried: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        # The real decoder layers, whatever stands in the stack for the ones that are remote.
+        # The real decoder layers, whatever stands in the stack for the ones that are external.
         self.layer_modules: list[nn.Module] = list(self.base.layers)
-        self.remote = None  # a cluster.remote.RemoteBlocks when some devices are remote
+        self.external: ExternalLayers | None = None  # set when some devices are not local
 
-    def is_remote(self, name: str) -> bool:
-        return bool(getattr(self.devices.get(name), "remote", False))
+    def is_local(self, name: str) -> bool:
+        """True if `name`'s layers live in this process (or `name` is no device of ours)."""
+        device = self.devices.get(name)
+        return device is None or device.local
 
     # --- parts -------------------------------------------------------------------------
 
@@ -73,14 +103,33 @@ class SplitModel:
             self._untie(copy=True)
         for part in self.profile.parts():
             device = self.devices[placement.device_of(part)]
-            if device.torch_device.type != "cpu" and not device.remote:
+            if device.torch_device.type != "cpu" and device.local:
                 for module in self.modules_of(part):
                     for tensor_owner, name, tensor in _tensors(module):
                         _assign(tensor_owner, name, tensor.to(device.torch_device))
-        if self.remote is not None:
-            self.remote.place(placement)  # the nodes read their layers from their own disks
+        if self.external is not None:
+            self.external.place(placement)  # e.g. nodes read their layers from their own disks
         self.placement = placement
         self.rewire()
+
+    def external_between(self, src: str, dst: str) -> bool:
+        """True when moving a layer between `src` and `dst` is the external adapter's job."""
+        return self.external is not None and not (self.is_local(src) and self.is_local(dst))
+
+    def move(self, part: str | int, dst: str, cache=None) -> int:
+        """Move one part, weights and (for a layer) KV cache, to `dst`. The placement follows
+        as soon as the weights have moved. Returns the bytes moved."""
+        assert self.placement is not None
+        src = self.placement.device_of(part)
+        if self.external_between(src, dst):
+            nbytes = self.external.move(int(part), src, dst, cache)
+            self.placement = self.placement.moved([part], dst)
+            return nbytes
+        nbytes = self.move_part(part, dst)
+        self.placement = self.placement.moved([part], dst)
+        if part not in (EMBED, HEAD):
+            nbytes += self.move_cache(cache, int(part), src, dst)
+        return nbytes
 
     def move_part(self, part: str | int, dst: str) -> int:
         """Copy one part's weights to `dst` (a real copy, recorded on the link). Returns bytes."""
@@ -151,15 +200,15 @@ class SplitModel:
             hook.remove()
         self._hooks = []
         placement = self.placement
-        if self.remote is not None:
-            self.remote.install(placement)
+        if self.external is not None:
+            self.external.install(placement)
         self._carried.clear()
         previous = placement.embed
         for i, layer in enumerate(self.base.layers):
             current = placement.layer_devices[i]
-            if current != previous and not self.is_remote(current):
+            if current != previous and self.is_local(current):
                 self._hooks.append(layer.register_forward_pre_hook(self._boundary(previous, current), with_kwargs=True))
-            elif current != placement.embed and not self.is_remote(current):
+            elif current != placement.embed and self.is_local(current):
                 # The decoder hands every layer the positions and mask it made beside the
                 # embeddings; past the first layer of a block they come from the block's copies.
                 self._hooks.append(layer.register_forward_pre_hook(self._reuse_carried(current), with_kwargs=True))
@@ -176,9 +225,9 @@ class SplitModel:
             )
 
     def _boundary(self, src: str, dst: str):
-        """The hook for a boundary into a local device. Out of a remote block, the stub already
-        brought the hidden state back (and recorded it): the rest only needs to be on `dst`."""
-        if not self.is_remote(src):
+        """The hook for a boundary into a local device. Out of an external block, its stand-in
+        already brought the hidden state back (and recorded it): the rest only needs to be on `dst`."""
+        if self.is_local(src):
             return self._hand_over(src, dst)
         target = self.devices[dst].torch_device
 
@@ -240,6 +289,13 @@ def _to_device(value, device: torch.device):
     if isinstance(value, dict):
         return {k: _to_device(v, device) for k, v in value.items()}
     return value
+
+
+def move_module(module: nn.Module, device: torch.device) -> None:
+    """Move a module's tensors to `device` in place (the same Parameter objects, new storage)."""
+    for owner, name, tensor in _tensors(module):
+        if tensor.device != device:
+            _assign(owner, name, tensor.to(device))
 
 
 def _tensors(module: nn.Module):

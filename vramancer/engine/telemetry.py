@@ -13,40 +13,12 @@ import time
 from collections import deque
 from typing import Callable
 
-from vramancer.engine.devices import Device
 from vramancer.engine.events import DeviceSample, DeviceSnapshot, LinkSample, LinkSnapshot
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HZ = 2.0
 DEFAULT_HISTORY = 240  # two minutes at 2 Hz
-
-
-def snapshot_device(device: Device, kv_bytes: int = 0) -> DeviceSnapshot:
-    """One reading of `device`; `kv_bytes` is the KV cache this model holds there now. A remote
-    device's reading is the one its node streamed (weights and KV cache as the node holds them)."""
-    if device.remote:
-        return device.snapshot()
-    reading = device.read()
-    weights = device.ledger.claims["weights"]
-    kv = kv_bytes
-    other = max(reading.used - weights - kv, 0)
-    return DeviceSnapshot(
-        name=device.name,
-        kind=device.kind,
-        label=device.label,
-        simulated=device.simulated,
-        total=reading.total,
-        free=reading.free,
-        weights=weights,
-        kv=kv,
-        other=other,
-        utilization=reading.utilization,
-        temperature=reading.temperature,
-        power=reading.power,
-        pcie_rx=reading.pcie_rx,
-        pcie_tx=reading.pcie_tx,
-    )
 
 
 class Telemetry:
@@ -89,7 +61,8 @@ class Telemetry:
         if state is None:
             return None
         devices, links, kv = state
-        snaps = tuple(snapshot_device(d, kv.get(d.name, 0)) for d in devices)
+        # Each device reads itself: hardware, byte accounts, or (another machine's) its own report.
+        snaps = tuple(d.snapshot(kv.get(d.name, 0)) for d in devices)
         link_snaps = tuple(
             LinkSnapshot(l.src, l.dst, l.transfers, l.bytes, l.seconds, l.rolling_bytes_per_s / 1e9) for l in links
         )

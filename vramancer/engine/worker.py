@@ -2,8 +2,11 @@
 
 Commands arrive on a queue and run one at a time, in order. While a generation runs, the
 queue is still read between two decode steps: Migrate and Cancel take effect there, every
-other command waits its turn. Events go out through `emit`, called on the worker's (or the
-telemetry's) thread; a UI hands them to its own thread (Textual: `post_message`).
+other command waits its turn. A Cancel names its request: the one streaming stops at the next
+step, a queued one ends at once, cancelled. Each command type has its handler in one table,
+so a command without one is a bug a test finds. Events go out through `emit`, called on the
+worker's (or the telemetry's) thread; a UI hands them to its own thread (Textual:
+`post_message`).
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import time
 from typing import Callable
 
 from vramancer.engine import events as ev
+from vramancer.engine.devices import DeviceLost
 from vramancer.engine.engine import Engine
 from vramancer.engine.errors import VramancerError
-from vramancer.engine.migration import MigrationFailed, MigrationRefused as MigrationRefusedError
+from vramancer.engine.migration import MigrationFailed, MigrationRefused
 from vramancer.engine.telemetry import DEFAULT_HISTORY, DEFAULT_HZ, Telemetry
 from vramancer.engine.units import format_bytes
 
@@ -37,13 +41,26 @@ class EngineWorker:
         self.engine: Engine | None = None  # touched only on the worker thread
         self._commands: queue.Queue[ev.Command] = queue.Queue()
         self._deferred: list[ev.Command] = []  # commands that arrived during a generation
-        self._cancel = threading.Event()
+        self._cancel = threading.Event()  # set: the generation in progress stops at its next step
+        self._cancelled: set[int] = set()  # request ids cancelled before or while they run
+        self._cancel_lock = threading.Lock()
+        self._current: int | None = None  # the request id generating now
         self._stopping = threading.Event()
         self._generating = False
         self._reported: set[str] = set()  # recovery failures already told, not repeated every poll
         self._thread = threading.Thread(target=self._run, name="vramancer-engine", daemon=True)
         self.telemetry = Telemetry(self._telemetry_source, emit, telemetry_hz, history)
         self._telemetry_enabled = telemetry
+        # One handler per command type (Shutdown ends the loop itself); a test checks every
+        # command has one, so a new command cannot be silently ignored.
+        self.handlers: dict[type[ev.Command], Callable] = {
+            ev.Load: self._on_load,
+            ev.Replan: self._on_replan,
+            ev.Migrate: self._on_migrate,
+            ev.Generate: self._on_generate,
+            ev.Reserve: self._on_reserve,
+            ev.Cancel: self._on_cancel,
+        }
 
     # --- any thread --------------------------------------------------------------------
 
@@ -54,10 +71,18 @@ class EngineWorker:
         return self
 
     def submit(self, command: ev.Command) -> None:
-        if isinstance(command, (ev.Cancel, ev.Shutdown)):
-            self._cancel.set()  # seen by the generation at its next step, without waiting for the queue
+        """Queue a command. After Shutdown, a Generate is answered with an Error event at once."""
+        if isinstance(command, ev.Generate) and self._stopping.is_set():
+            self.emit(ev.Error("Generate", "the engine is shutting down; the request was not run."))
+            return
+        if isinstance(command, ev.Cancel):
+            with self._cancel_lock:
+                self._cancelled.add(command.request_id)
+                if command.request_id == self._current:
+                    self._cancel.set()  # seen at the next step, without waiting for the queue
         if isinstance(command, ev.Shutdown):
             self._stopping.set()
+            self._cancel.set()
         self._commands.put(command)
 
     def shutdown(self, timeout: float = 5.0) -> None:
@@ -85,16 +110,33 @@ class EngineWorker:
                     continue
             if isinstance(command, ev.Shutdown):
                 break
-            self._execute(command)
             if self._stopping.is_set():
-                break
+                self._refuse_after_shutdown(command)
+                continue
+            self._execute(command)
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+        self._drain_after_shutdown()
+
+    def _refuse_after_shutdown(self, command: ev.Command) -> None:
+        """A Generate that arrived before Shutdown but never ran is answered, not dropped."""
+        if isinstance(command, ev.Generate):
+            self.emit(ev.Error("Generate", "the engine is shutting down; the request was not run."))
+
+    def _drain_after_shutdown(self) -> None:
+        for command in self._deferred:
+            self._refuse_after_shutdown(command)
+        self._deferred.clear()
+        while True:
+            try:
+                self._refuse_after_shutdown(self._commands.get_nowait())
+            except queue.Empty:
+                return
 
     def _execute(self, command: ev.Command) -> None:
         try:
-            handler = getattr(self, f"_on_{type(command).__name__.lower()}")
+            handler = self.handlers[type(command)]
             handler(command)
         except VramancerError as exc:
             self.emit(ev.Error(type(command).__name__, str(exc)))
@@ -106,7 +148,7 @@ class EngineWorker:
         options = command.options
         started = time.perf_counter()
         progress = lambda stage, fraction: self.emit(ev.LoadProgress(stage, fraction))
-        if self.engine is not None and self.engine.split.remote is not None:
+        if self.engine is not None and self.engine.connected:
             # A node serves one coordinator at a time: let ours go before asking again.
             self.engine.close()
             self.engine = None
@@ -140,12 +182,11 @@ class EngineWorker:
         self.emit(ev.MigrationStarted(command.first, command.last, command.device))
         try:
             result = engine.migrate(command.first, command.last, command.device, step=step)
-        except (MigrationRefusedError, MigrationFailed) as exc:
-            self.emit(ev.MigrationRefused(command.first, command.last, command.device, str(exc)))
+        except (MigrationRefused, MigrationFailed) as exc:
+            self.emit(ev.MigrationNotDone(command.first, command.last, command.device, str(exc)))
             return
-        except VramancerError as exc:
-            if _is_node_lost(exc):  # undone as far as it could be; the caller decides what follows
-                self.emit(ev.MigrationRefused(command.first, command.last, command.device, str(exc)))
+        except DeviceLost as exc:  # undone as far as it could be; the caller decides what follows
+            self.emit(ev.MigrationNotDone(command.first, command.last, command.device, str(exc)))
             raise
         self.emit(ev.MigrationDone(result.first_layer, result.last_layer, result.src, result.dst,
                                    result.bytes, result.seconds, step))
@@ -153,9 +194,13 @@ class EngineWorker:
 
     def _on_generate(self, command: ev.Generate) -> None:
         engine = self._require_engine()
-        self._cancel.clear()
-        if self._stopping.is_set():
-            return
+        with self._cancel_lock:
+            if command.request_id in self._cancelled:  # cancelled while it waited its turn
+                self._cancelled.discard(command.request_id)
+                self.emit(ev.GenerationDone(command.request_id, "", (), 0, 0, None, None, True))
+                return
+            self._current = command.request_id
+            self._cancel.clear()
         prompt = list(command.prompt) if isinstance(command.prompt, tuple) else command.prompt
         self._generating = True
         try:
@@ -169,6 +214,9 @@ class EngineWorker:
             )
         finally:
             self._generating = False
+            with self._cancel_lock:
+                self._current = None
+                self._cancelled.discard(command.request_id)
         self.emit(ev.GenerationDone(command.request_id, result.text, tuple(result.token_ids), result.prompt_tokens,
                                     result.new_tokens, result.ttft_s, result.decode_tokens_per_s, result.cancelled))
 
@@ -190,15 +238,15 @@ class EngineWorker:
 
     def _node_fault(self, message: str, node: str, layers: str, recovered: bool) -> None:
         """A node was lost, or its layers were re-placed (any thread may call this)."""
-        self.emit(ev.NodeLost(message, node=node, layers=layers, recovered=recovered))
+        self.emit(ev.DeviceFault(message, node=node, layers=layers, recovered=recovered))
         if recovered and threading.current_thread() is self._thread:
             self._plan_changed()
 
     def _idle_rebalance(self) -> None:
         engine = self.engine
-        if engine is not None and engine.split.remote is not None and not self._generating:
+        if engine is not None and not self._generating:
             try:
-                engine.recover_lost_nodes()  # a node lost between answers: re-place its layers now
+                engine.recover_lost_nodes()  # a device lost between answers: re-place its layers now
             except VramancerError as exc:
                 if str(exc) not in self._reported:
                     self._reported.add(str(exc))
@@ -210,7 +258,7 @@ class EngineWorker:
                 self.emit(ev.Error("Rebalance", str(exc)))
 
     def _on_cancel(self, command: ev.Cancel) -> None:
-        pass  # nothing is generating; the flag is cleared by the next Generate
+        pass  # recorded by `submit`; a Generate still to come finds its id there
 
     def _between_steps(self, step: int) -> None:
         """Runs inside generate between two decode steps: apply Migrate/Cancel, defer the rest."""
@@ -225,15 +273,11 @@ class EngineWorker:
                         self._on_migrate(command, step=step)
                     else:
                         self._on_reserve(command)  # the engine rebalances at this very step
+                except DeviceLost:
+                    raise  # the generation's recovery re-places the layers and rebuilds the cache
                 except VramancerError as exc:
-                    if _is_node_lost(exc):
-                        raise  # the generation's recovery re-places the layers and rebuilds the cache
                     self.emit(ev.Error(type(command).__name__, str(exc)))
-            elif isinstance(command, ev.Cancel):
-                self._cancel.set()
-            else:
-                if isinstance(command, ev.Shutdown):
-                    self._cancel.set()
+            elif not isinstance(command, ev.Cancel):  # a Cancel was handled by `submit`
                 self._deferred.append(command)
 
     def _plan_changed(self) -> None:
@@ -254,12 +298,6 @@ class EngineWorker:
         return engine.devices, engine.link_stats(), engine.kv_bytes_by_device()
 
 
-def _is_node_lost(exc: BaseException) -> bool:
-    from vramancer.engine.cluster.protocol import NodeLost
-
-    return isinstance(exc, NodeLost)
-
-
 def plan_snapshot(engine: Engine) -> ev.PlanSnapshot:
     placement = engine.placement
     needs = {name: need.total for name, need in engine.split.needs(placement).items()}
@@ -271,8 +309,8 @@ def plan_snapshot(engine: Engine) -> ev.PlanSnapshot:
         strategy=engine.plan.strategy,
         context=engine.context,
         needs=needs,
-        kinds={d.name: d.kind for d in engine.devices},
+        reserves={d.name: d.reserve for d in engine.devices},
         profile=engine.profile,
         layer_devices=tuple(placement.layer_devices),
-        pricing=engine.pricing,
+        timings=engine.pricing.timings if engine.pricing is not None else None,
     )

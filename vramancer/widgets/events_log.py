@@ -32,7 +32,7 @@ def describe(event: ev.Event) -> tuple[str, str] | None:
         why = f" ({event.reason})" if event.reason else ""
         return (f"moved {part_label(event.first, event.last)} {event.src} → {event.dst} · "
                 f"{format_bytes(event.bytes)} in {event.seconds * 1000:.1f} ms · {rate}{when}{why}", "green")
-    if isinstance(event, ev.MigrationRefused):
+    if isinstance(event, ev.MigrationNotDone):
         return f"refused {part_label(event.first, event.last)} → {event.device}: {event.reason}", "yellow"
     if isinstance(event, ev.GenerationDone):
         rate = f" · {event.decode_tokens_per_s:.1f} tok/s" if event.decode_tokens_per_s else ""

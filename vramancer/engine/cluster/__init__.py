@@ -4,7 +4,7 @@
 `node:HOST:PORT/DEVICE` in --devices, or finds them with zeroconf (discovery.py). Admission is
 a challenge-response on the cluster token (protocol.py); then tensors go over a two-rank gloo
 process group (client.py), layers held by a node run there (remote.py), and a node that goes
-away mid-answer is replaced by the devices left (recovery.py).
+away mid-answer is replaced by the devices left (engine/recovery.py, through DeviceLost).
 """
 
 from __future__ import annotations
@@ -12,13 +12,8 @@ from __future__ import annotations
 import logging
 import os
 
-from vramancer.engine.cluster.protocol import (
-    AdmissionRefused,
-    ClusterError,
-    NodeLost,
-    cluster_token,
-    split_remote_name,
-)
+from vramancer.engine.cluster.protocol import AdmissionRefused, ClusterError, NodeLost, cluster_token
+from vramancer.engine.devices import DeviceSpecError, split_remote_name
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +38,6 @@ def connect_devices(spec, token_file: str | None = None) -> list:
     """Admit this coordinator to every node the spec names (or discovery finds) and return their
     devices, in the order named. One connection per node; all closed again if any fails."""
     from vramancer.engine.cluster.client import NodeConnection, remote_devices
-    from vramancer.engine.devices import DeviceSpecError
 
     token = cluster_token(token_file)
     wanted: dict[tuple[str, int], dict[str, int | None] | None] = {}

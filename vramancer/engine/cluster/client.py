@@ -20,7 +20,7 @@ from datetime import timedelta
 import torch
 
 from vramancer.engine.cluster import protocol as p
-from vramancer.engine.devices import Device, DeviceReading, MemoryLedger
+from vramancer.engine.devices import Device, DeviceReading, DeviceSnapshot, DeviceSpecError, MemoryLedger, kind_class
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +163,7 @@ class NodeConnection:
             self._last_heard = time.monotonic()
             if isinstance(message.get("devices"), list):
                 self._take_samples(message["devices"])
-            kind = message.get("type")
-            if kind == "fatal":
+            if message.get("type") == "fatal":
                 self.mark_lost(f"it failed: {message.get('error', 'unknown error')}")
                 return
             if "id" in message:
@@ -239,10 +238,20 @@ class NodeConnection:
 
     def _send(self, tensors: list[torch.Tensor]) -> list:
         self._check()
-        return [self._pg.send([t], p.NODE_RANK, p.TAG) for t in tensors]
+        try:
+            return [self._pg.send([t], p.NODE_RANK, p.TAG) for t in tensors]
+        except RuntimeError as exc:  # gloo saw the peer go before our reader thread did
+            self._group_failed("sending", exc)
 
     def _recv(self, tensor: torch.Tensor):
-        return self._pg.recv([tensor], p.NODE_RANK, p.TAG)
+        try:
+            return self._pg.recv([tensor], p.NODE_RANK, p.TAG)
+        except RuntimeError as exc:
+            self._group_failed("receiving", exc)
+
+    def _group_failed(self, what: str, exc: BaseException):
+        self.mark_lost(f"{what} failed: {_first_line(exc)}")
+        raise p.NodeLost(self.label, self.lost_reason or what) from None
 
     def run(self, hidden: torch.Tensor, positions: torch.Tensor, first: int, last: int, past: int,
             use_cache: bool) -> tuple[torch.Tensor, float, float]:
@@ -328,10 +337,21 @@ class RemoteDevice(Device):
 
     node: NodeConnection | None = None
     remote_name: str = ""  # the device's name on its node: sim0, cuda:0, cpu
+    simulated_on_node: bool = False  # as the node describes it
+
+    local = False
 
     @property
-    def remote(self) -> bool:
-        return True
+    def reserve(self) -> int:  # type: ignore[override]
+        return kind_class(self.kind).reserve
+
+    @property
+    def last_resort(self) -> bool:  # type: ignore[override]
+        return kind_class(self.kind).last_resort
+
+    @property
+    def simulated(self) -> bool:
+        return self.simulated_on_node
 
     @property
     def host(self) -> str | None:
@@ -340,6 +360,18 @@ class RemoteDevice(Device):
     @property
     def lost(self) -> bool:
         return self.node is None or not self.node.alive
+
+    def mark_lost(self, reason: str) -> None:
+        if self.node is not None:
+            self.node.mark_lost(reason)
+
+    def close(self) -> None:
+        if self.node is not None:
+            self.node.close()
+
+    def watch(self, on_lost) -> None:
+        if self.node is not None:
+            self.node.on_lost = None if on_lost is None else (lambda node, reason: on_lost(node.label, reason))
 
     def _sample(self) -> dict:
         return self.node.latest.get(self.remote_name, {}) if self.node else {}
@@ -359,13 +391,18 @@ class RemoteDevice(Device):
         room = self.read().free + claims["weights"] + claims["kv"] + claims["workspace"]
         return min(room, self.cap) if self.cap is not None else room
 
-    def kv_bytes(self) -> int:
+    def shortfall(self, planned: int, held: int) -> int:
+        return planned - held - self.read().free
+
+    def squeeze(self, nbytes: int) -> None:
+        raise p.ClusterError(f"{self.name} is on {self.host}; squeeze it on that machine.")
+
+    def reported_kv(self) -> int | None:
         return int(self._sample().get("kv", 0))
 
-    def snapshot(self):
-        """The node's own reading of this device (a DeviceSnapshot), under the coordinator's name."""
-        from vramancer.engine.events import DeviceSnapshot
-
+    def snapshot(self, kv_bytes: int = 0) -> DeviceSnapshot:
+        """The node's own reading of this device, under the coordinator's name (its weights
+        and KV cache as the node holds them; `kv_bytes` is not ours to count)."""
         snap = self._sample()
         reading = self.read()
         return DeviceSnapshot(
@@ -378,14 +415,12 @@ class RemoteDevice(Device):
 
     def to_json(self) -> dict:
         data = super().to_json()
-        data.update(remote=True, host=self.host, lost=self.lost)
+        data.update(lost=self.lost)
         return data
 
 
 def remote_devices(node: NodeConnection, wanted: dict[str, int | None] | None = None) -> list[RemoteDevice]:
     """RemoteDevice objects for the node's devices named in `wanted` (name → cap), or all."""
-    from vramancer.engine.devices import DeviceSpecError
-
     offered = {d["name"]: d for d in node.devices}
     names = list(wanted) if wanted is not None else list(offered)
     devices = []
@@ -400,7 +435,8 @@ def remote_devices(node: NodeConnection, wanted: dict[str, int | None] | None = 
         label = f"{info.get('label', kind)} @ {node.host}:{node.port}"
         full = f"{node.label}/{name}"
         ledger = MemoryLedger(capacity=cap, device_name=full)
-        devices.append(RemoteDevice(full, kind, label, torch.device("cpu"), ledger, cap=cap, node=node, remote_name=name))
+        devices.append(RemoteDevice(full, kind, label, torch.device("cpu"), ledger, cap=cap, node=node, remote_name=name,
+                                    simulated_on_node=bool(info.get("simulated", False))))
     return devices
 
 

@@ -127,7 +127,7 @@ class NodeModel:
 
         for name, device in self.devices.items():
             parts = [i for i, d in sorted(self.assigned.items()) if d == name]
-            need = device_need(self.profile, parts, device.kind, self.context)
+            need = device_need(self.profile, parts, device.reserve, self.context)
             device.ledger.set_many({"weights": need.weights, "kv": need.kv, "workspace": need.workspace + need.reserve})
 
     def kv_bytes(self) -> dict[str, int]:
@@ -560,10 +560,8 @@ class NodeServer:
                 for d in self.devices.values()]
 
     def snapshots(self) -> list[dict]:
-        from vramancer.engine.telemetry import snapshot_device
-
         kv = self.model.kv_bytes() if self.model is not None else {}
-        return [asdict(snapshot_device(d, kv.get(d.name, 0))) for d in self.devices.values()]
+        return [asdict(d.snapshot(kv.get(d.name, 0))) for d in self.devices.values()]
 
     def load(self, name: str, dtype_name: str, context: int, expected: dict) -> dict:
         from vramancer.engine.models import DTYPES
@@ -607,11 +605,11 @@ class NodeServer:
             devices, measured = {}, {}
             for device in self.devices.values():
                 cache_key = profiler.profile_key(model_key, device, dtype)
-                timings = measured.get(cache_key) or profiler._read(folder / f"{cache_key}.json")
+                timings = measured.get(cache_key) or profiler.read_cached(folder / f"{cache_key}.json")
                 if timings is None:
                     label = "host CPU" if device.torch_device.type == "cpu" else f"{device.name} ({device.label})"
-                    timings = profiler._time_device(meta, config, device.torch_device, dtype, label)
-                    profiler._write(folder / f"{cache_key}.json", timings)
+                    timings = profiler.time_device(meta, config, device.torch_device, dtype, label)
+                    profiler.write_cached(folder / f"{cache_key}.json", timings)
                 measured[cache_key] = timings
                 devices[device.name] = asdict(timings)
             links = {}
@@ -620,7 +618,7 @@ class NodeServer:
             for a in self.devices.values():
                 for b in self.devices.values():
                     if a.name != b.name:
-                        timing = profiler._time_link(transfer, a, b, config.hidden_size, head_dim, dtype)
+                        timing = profiler.time_link(transfer, a, b, config.hidden_size, head_dim, dtype)
                         links[f"{a.name}>{b.name}"] = asdict(timing)
             self._profiles[key] = {"timings": devices, "links": links}
         return self._profiles[key]

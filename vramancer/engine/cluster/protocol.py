@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from vramancer.engine.devices import DeviceLost, node_label
 from vramancer.engine.errors import VramancerError
 
 PROTOCOL_VERSION = 1
@@ -66,13 +67,12 @@ class AdmissionRefused(ClusterError):
     """The node and this coordinator do not share the cluster token."""
 
 
-class NodeLost(ClusterError):
-    """A node died or stopped answering while we depended on it."""
+class NodeLost(ClusterError, DeviceLost):
+    """A node died or stopped answering while we depended on it: the engine's DeviceLost."""
 
     def __init__(self, node: str, reason: str):
-        super().__init__(f"node {node} was lost: {reason}.")
+        DeviceLost.__init__(self, node, reason)
         self.node = node
-        self.reason = reason
 
 
 # --- the shared secret -------------------------------------------------------------------
@@ -157,27 +157,3 @@ class LineChannel:
             self._reader.close()
         finally:
             self.sock.close()
-
-
-# --- names -------------------------------------------------------------------------------
-
-
-def node_label(host: str, port: int) -> str:
-    """How a node is named everywhere: node:HOST:PORT (IPv6 hosts in brackets)."""
-    shown = f"[{host}]" if ":" in host else host
-    return f"node:{shown}:{port}"
-
-
-def remote_device_name(host: str, port: int, device: str) -> str:
-    return f"{node_label(host, port)}/{device}"
-
-
-def split_remote_name(name: str) -> tuple[str, int, str]:
-    """'node:HOST:PORT/DEV' → (host, port, dev), or ClusterError with the expected form."""
-    body = name[len("node:"):] if name.startswith("node:") else None
-    location, slash, device = (body or "").partition("/")
-    host, colon, port_text = location.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if body is None or not (slash and device and colon and host and port_text.isdigit()) or not 0 < int(port_text) < 65536:
-        raise ClusterError(f"'{name}' is not a remote device; write it node:HOST:PORT/DEVICE, e.g. node:127.0.0.1:7070/sim0.")
-    return host, int(port_text), device

@@ -21,6 +21,7 @@ from torch import nn
 
 from vramancer.engine.cluster.protocol import ClusterError, NodeLost
 from vramancer.engine.planner import EMBED, HEAD, Placement
+from vramancer.engine.runtime import move_module
 
 HEADER_BYTES = 64
 
@@ -77,7 +78,8 @@ def model_reference(source) -> str:
 
 
 class RemoteBlocks:
-    """The remote half of a SplitModel: which node holds what, and how tensors get there."""
+    """The remote half of a SplitModel (its ExternalLayers): which node holds what, and how
+    tensors get there."""
 
     def __init__(self, split, model_name: str, dtype: torch.dtype, architecture: dict):
         self.split = split
@@ -92,7 +94,7 @@ class RemoteBlocks:
         return self.split.devices[name]
 
     def is_remote(self, name: str) -> bool:
-        return bool(getattr(self.split.devices.get(name), "remote", False))
+        return not self.split.is_local(name)
 
     def node_of(self, name: str):
         return self.device(name).node
@@ -215,10 +217,10 @@ class RemoteBlocks:
             if entry is not None and tokens:
                 set_shadow(cache, index, tokens)
             if not src_remote:
-                _to(split.layer_modules[index], torch.device("cpu"))  # the host copy waits for a return
+                move_module(split.layer_modules[index], torch.device("cpu"))  # the host copy waits for a return
         else:
             target = split.devices[dst].torch_device
-            _to(split.layer_modules[index], target)
+            move_module(split.layer_modules[index], target)
             if entry is not None:
                 entry.reset()
                 if kv is not None:
@@ -242,7 +244,7 @@ class RemoteBlocks:
                 node = self.node_of(name)
                 by_node.setdefault(id(node), (node, {}))[1][index] = self.device(name).remote_name
             else:
-                _to(split.layer_modules[index], split.devices[name].torch_device)
+                move_module(split.layer_modules[index], split.devices[name].torch_device)
         self.ensure_loaded([node for node, _ in by_node.values()])
         for node, assigned in by_node.values():
             node.request("assign", layers={str(k): v for k, v in assigned.items()})
@@ -250,17 +252,6 @@ class RemoteBlocks:
     def close(self) -> None:
         for node in self.nodes():
             node.close()
-
-
-def _to(module: nn.Module, device: torch.device) -> None:
-    """Move a layer's tensors in place (the same Parameter objects, new storage)."""
-    for owner in module.modules():
-        for name, param in owner._parameters.items():
-            if param is not None and param.device != device:
-                param.data = param.data.to(device)
-        for name, buffer in owner._buffers.items():
-            if buffer is not None and buffer.device != device:
-                owner._buffers[name] = buffer.to(device)
 
 
 __all__ = ["RemoteBlocks", "RemoteStub", "PassThrough", "is_shadow", "ClusterError", "NodeLost", "EMBED", "HEAD"]
