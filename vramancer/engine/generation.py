@@ -152,6 +152,7 @@ def run_generate(
                 **inputs,
                 **settings.generate_kwargs(),
                 cache=cache,
+                use_cache=True,  # the cache we budget and migrate, even where a config says otherwise (MPT)
                 streamer=streamer,
                 stopping_criteria=StoppingCriteriaList([BetweenSteps(prompt_length, cancel, on_step)]),
                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
