@@ -152,7 +152,7 @@ def plan_json(capsys, folder) -> tuple[int, dict]:
 
 
 @pytest.mark.parametrize("model_type", sorted(MATRIX))
-def test_architecture_splits_with_identical_tokens(model_type, byte_tokenizer, tmp_path, capsys):
+def test_architecture_splits_with_identical_tokens(model_type, byte_tokenizer, tmp_path, capsys, caplog):
     from vramancer.engine import Engine
     from vramancer.engine.architecture import cache_bytes, cache_tensors
 
@@ -160,6 +160,7 @@ def test_architecture_splits_with_identical_tokens(model_type, byte_tokenizer, t
     expected = plain_greedy(model, byte_tokenizer)
 
     engine = Engine.load(str(tmp_path), "sim:3x1GiB", context=64)
+    assert "could not time" not in caplog.text  # the profiler ran real layers of this architecture
     try:
         profile = engine.profile
         # Priced like the real parameters: every module is in exactly one part.
@@ -214,6 +215,95 @@ def test_unsupported_architecture_is_refused_before_loading(model_type, tmp_path
     code, plan = plan_json(capsys, tmp_path)
     assert code == 2 and plan["supported"] is False
     assert model_type in plan["reason"] and words in plan["reason"]
+
+
+def test_a_model_the_profiler_cannot_time_still_loads_priced_from_bytes(byte_tokenizer, tmp_path, monkeypatch, caplog):
+    from vramancer.engine import Engine, profiler
+
+    def cannot_time(*args, **kwargs):
+        raise RuntimeError("this layer cannot run outside its model")
+
+    monkeypatch.setattr(profiler, "_time_real_layers", cannot_time)
+    model = build("llama", {"num_hidden_layers": 3}, byte_tokenizer, tmp_path)
+    engine = Engine.load(str(tmp_path), "sim:3x1GiB", context=64, strategy="profiled", reprofile=True)
+    try:
+        assert "could not time llama" in caplog.text and "pricing it from its bytes" in caplog.text
+        timings = engine.pricing.timings.devices["sim0"]
+        assert timings.timed_as.endswith("priced from bytes") and timings.layer_decode_s > 0
+        assert engine.predict().tokens_per_s > 0
+        assert engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS).token_ids == plain_greedy(model, byte_tokenizer)
+    finally:
+        engine.close()
+
+
+def write_qwen2_gguf(path: Path, layers: int = 3) -> None:
+    """A tiny random Qwen2 as a float32 GGUF file with a byte-level tokenizer: what llama.cpp's
+    converter would write for it (architecture `qwen2`, its tensor and metadata names)."""
+    import gguf
+    import numpy as np
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    specials = ["<pad>", "<s>", "</s>"]
+    tokens = specials + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["Ġt"]
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokens), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=512, tie_word_embeddings=False,
+                                         initializer_range=0.2))
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_block_count(layers)
+    writer.add_context_length(512)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_file_type(0)  # all float32
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3] * len(specials) + [1] * (len(tokens) - len(specials)))
+    writer.add_token_merges(["Ġ t"])  # byte-level BPE needs a merge list: one will do
+    writer.add_bos_token_id(1)
+    writer.add_pad_token_id(0)
+    ends = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+    inner = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for name, tensor in model.state_dict().items():
+        stem, _, kind = name.rpartition(".")
+        if stem in ends:
+            target = ends[stem]
+        else:
+            index, rest = stem.removeprefix("model.layers.").split(".", 1)
+            target = f"blk.{index}.{inner[rest]}"
+        writer.add_tensor(f"{target}.{kind}", tensor.detach().numpy().astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_gguf_of_another_architecture_loads_through_the_weights_cache(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vramancer.engine import Engine
+    from vramancer.engine.models import gguf_cache_entry, resolve_model
+
+    path = tmp_path / "tiny-qwen2.gguf"
+    write_qwen2_gguf(path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    expected = plain_greedy(plain, tokenizer)
+    for load in ("from the GGUF", "from the weights cache"):
+        engine = Engine.load(str(path), "sim:3x1GiB", context=64)
+        try:
+            assert engine.profile.architecture == "qwen2", load
+            assert engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS).token_ids == expected, load
+        finally:
+            engine.close()
+        assert (gguf_cache_entry(resolve_model(str(path))) / "weights-float32").is_dir()
 
 
 def readme_list() -> str:
