@@ -4,8 +4,8 @@ Every other part of the engine asks this module, never a model's attribute names
 `ModuleList` is the decoder stack (the one whose layers are of the class the model names in
 `_no_split_modules`, as accelerate finds it), which modules run before it (token and position
 embeddings, rotary tables, embedding norms) and after it (final norm, output head), whether the
-head shares its weight with the embeddings, and what each layer keeps in the KV cache (all
-tokens, a sliding window of them, or nothing) and how many bytes per token that is.
+head shares its weight with the embeddings, and what each layer keeps in the cache (keys and
+values of all tokens or of a sliding window, a recurrent state, or both) and how many bytes.
 
 What cannot be split this way is refused with one sentence (`UnsupportedArchitecture`),
 before any weights are read: `describe` works on a model built on the meta device.
@@ -21,12 +21,16 @@ from torch import nn
 
 from vramancer.engine.errors import VramancerError
 
-SUPPORTED = ("decoder-only language models whose layers all use attention with a KV cache "
-             "(full, sliding-window or compressed, as Llama, Mistral, Qwen, Gemma, Phi, GPT-2, GPT-NeoX, "
-             "OPT, Falcon, Bloom, OLMo and DeepSeek have)")
+SUPPORTED = ("decoder-only language models whose layers cache keys and values (full, sliding-window or "
+             "compressed attention, as Llama, Qwen, Gemma, Phi, GPT-2, Falcon, Bloom, OLMo and DeepSeek have) "
+             "or a recurrent state (as Mamba and linear attention have)")
 # The cache layer kinds of transformers' DynamicCache (`layer_types`) that hold keys and values.
 FULL_KINDS = ("full_attention",)
 WINDOW_KINDS = ("sliding_attention", "chunked_attention")
+# Kinds that keep a recurrent or convolution state (Mamba, linear attention), alone or beside
+# keys and values: their size is read from a pass of the model on the meta device.
+STATE_KINDS = ("linear_attention", "conv", "hybrid", "hybrid_sliding")
+PROBE_TOKENS = (2, 4)  # the two prompt lengths of that pass: what grows with them is per token
 # Module names that run after the final norm (OPT's projection back to the embedding width).
 AFTER_NORM_NAMES = ("project_out",)
 
@@ -39,9 +43,10 @@ class UnsupportedArchitecture(VramancerError):
 class LayerCache:
     """What one decoder layer keeps in the KV cache."""
 
-    kind: str  # transformers' layer type: full_attention, sliding_attention, …
+    kind: str  # transformers' layer type: full_attention, sliding_attention, linear_attention, …
     bytes_per_token: int  # keys + values of one token
     window: int | None = None  # sliding and chunked layers hold at most this many tokens
+    state_bytes: int = 0  # a recurrent or convolution state, the same size whatever the length
 
     def tokens_held(self, context: int) -> int:
         if self.window is None:
@@ -49,7 +54,7 @@ class LayerCache:
         return min(context, max(self.window - 1, 1))  # transformers keeps the last window − 1 tokens
 
     def bytes_for(self, context: int) -> int:
-        return self.bytes_per_token * self.tokens_held(context)
+        return self.bytes_per_token * self.tokens_held(context) + self.state_bytes
 
 
 @dataclass
@@ -128,16 +133,16 @@ def describe(model: nn.Module, dtype: torch.dtype | None = None) -> Architecture
 
 
 def refuse_config(config) -> None:
-    """Refuse from the config alone what cannot be split: encoders, encoder-decoders, and layers
-    that keep a recurrent state instead of keys and values."""
+    """Refuse from the config alone what cannot be split: encoder-decoders, and layers whose
+    cache is of a kind VRAMancer does not know (shared between layers, indexed)."""
     name = getattr(config, "model_type", "this model")
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedArchitecture(f"{name} is an encoder-decoder model; VRAMancer splits {SUPPORTED}.")
-    kinds = sorted(set(_layer_types(config)[0]) - set(FULL_KINDS) - set(WINDOW_KINDS))
+    kinds = sorted(set(_layer_types(config)[0]) - set(FULL_KINDS + WINDOW_KINDS + STATE_KINDS))
     if kinds:
         raise UnsupportedArchitecture(
-            f"{name} has {', '.join(kinds)} layers, which keep a recurrent or shared state rather than "
-            f"keys and values; VRAMancer splits {SUPPORTED}.")
+            f"{name} has {', '.join(kinds)} layers, whose cache VRAMancer cannot place layer by layer; "
+            f"it splits {SUPPORTED}.")
 
 
 def layer_caches(config, count: int, dtype_bytes: int) -> tuple[LayerCache, ...]:
@@ -148,8 +153,44 @@ def layer_caches(config, count: int, dtype_bytes: int) -> tuple[LayerCache, ...]
             f"{getattr(config, 'model_type', 'this model')} declares {len(kinds)} layer types for {count} "
             f"layers; VRAMancer splits {SUPPORTED}.")
     per_token = attention_bytes_per_token(_text_config(config), dtype_bytes)
-    return tuple(LayerCache(kind, per_token, extra.get("sliding_window") if kind in WINDOW_KINDS else None)
-                 for kind, extra in zip(kinds, kwargs))
+    probed = _probe_states(config, dtype_bytes) if set(kinds) & set(STATE_KINDS) else None
+    caches = []
+    for index, (kind, extra) in enumerate(zip(kinds, kwargs)):
+        window = extra.get("sliding_window")
+        if kind in STATE_KINDS:
+            caches.append(LayerCache(kind, probed[index][0], window, probed[index][1]))
+        else:
+            caches.append(LayerCache(kind, per_token, window if kind in WINDOW_KINDS else None))
+    return tuple(caches)
+
+
+def _probe_states(config, dtype_bytes: int) -> list[tuple[int, int]]:
+    """(bytes per token, constant bytes) of each layer's cache, read from two passes of the
+    model on the meta device (shapes only, no memory). They run in bfloat16, which transformers'
+    grouped expert kernels need on any device; a tensor in that type is counted at
+    `dtype_bytes`, one a model keeps in float32 whatever its type (recurrent states) at 4."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    name = getattr(config, "model_type", "this model")
+    sizes = []
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        for tokens in PROBE_TOKENS:
+            cache = DynamicCache(config=model.config)
+            with torch.inference_mode():
+                model(torch.zeros(1, tokens, dtype=torch.long, device="meta"), cache=cache, use_cache=True,
+                      logits_to_keep=1)
+            sizes.append([sum(t.numel() * (dtype_bytes if t.dtype == torch.bfloat16 else t.element_size())
+                              for _, _, t in cache_tensors(entry) if t.dim() > 0) for entry in cache.layers])
+    except Exception as exc:  # noqa: BLE001 - whatever stops the pass, the state cannot be sized
+        raise UnsupportedArchitecture(
+            f"{name} keeps a recurrent state whose size VRAMancer could not read from the model "
+            f"({type(exc).__name__}); it splits {SUPPORTED}.") from None
+    short, long = sizes
+    steps = PROBE_TOKENS[1] - PROBE_TOKENS[0]
+    per_token = [(b - a) // steps for a, b in zip(short, long)]
+    return [(grow, a - grow * PROBE_TOKENS[0]) for grow, a in zip(per_token, short)]
 
 
 def attention_bytes_per_token(config, dtype_bytes: int) -> int:
@@ -196,6 +237,13 @@ def part_tensors(modules: list[nn.Module], holders: list[nn.Module] = ()) -> Ite
             yield from own_tensors(owner)
     for holder in holders:
         yield from own_tensors(holder)
+
+
+def layers_of_every_kind(config) -> int:
+    """How many first layers hold one layer of each cache kind the model has: a cut copy needs
+    as many (transformers asks an attention layer for the length of the cache)."""
+    kinds = _layer_types(config)[0]
+    return next(n for n in range(1, len(kinds) + 1) if set(kinds[:n]) == set(kinds))
 
 
 def cache_tensors(entry) -> Iterator[tuple[object, object, torch.Tensor]]:

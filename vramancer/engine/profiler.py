@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from vramancer.engine.architecture import cut_config, describe
+from vramancer.engine.architecture import cut_config, describe, layers_of_every_kind
 from vramancer.engine.devices import Device
 from vramancer.engine.transfer import TransferManager
 
@@ -150,7 +150,7 @@ def _time_real_layers(meta_model, config, torch_device: torch.device, dtype: tor
     # would sit in the CPU's cache and look several times faster than it is. So time a stack
     # of distinct layers larger than any cache, and divide.
     layer_bytes = max(sum(p.numel() for p in layer.parameters()) * size for layer in arch.layers)
-    count = max(1, min(len(arch.layers), -(-COLD_STACK_BYTES // max(layer_bytes, 1))))
+    count = max(layers_of_every_kind(config), min(len(arch.layers), -(-COLD_STACK_BYTES // max(layer_bytes, 1))))
     # The model's first `count` layers, as the model builds them (layer types, windows, dense
     # or expert MLPs), with its own embeddings, masks, positions and head around them.
     small_config = cut_config(config, count)
@@ -248,11 +248,11 @@ def _time_link(transfer: TransferManager, src: Device, dst: Device, hidden_size:
 
 def _time_step_overhead(config, dtype: torch.dtype) -> float:
     """The host's cost per generate step outside the model's forward pass (sampling, stopping,
-    cache bookkeeping), measured on a one-layer copy of the model: transformers' loop around
-    the forward pass is the same whatever the model's depth."""
+    cache bookkeeping), measured on a copy of the model with one layer of each kind:
+    transformers' loop around the forward pass is the same whatever the model's depth."""
     from transformers import AutoModelForCausalLM
 
-    small = cut_config(config, 1)
+    small = cut_config(config, layers_of_every_kind(config))
     with torch.device("cpu"):
         model = AutoModelForCausalLM.from_config(small, dtype=dtype).eval()
     model.generation_config.eos_token_id = None  # run the full length whatever the random weights say
