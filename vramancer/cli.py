@@ -223,11 +223,17 @@ def _device_text(args) -> str:
 
 
 def _plan(args) -> int:
+    from vramancer.engine.architecture import UnsupportedArchitecture
     from vramancer.engine.engine import prepare
     from vramancer.engine.units import format_bytes
 
-    prepared = prepare(args.model, _device_text(args), args.context, args.dtype, reprofile=args.reprofile,
-                       token_file=args.token_file)
+    try:
+        prepared = prepare(args.model, _device_text(args), args.context, args.dtype, reprofile=args.reprofile,
+                           token_file=args.token_file)
+    except UnsupportedArchitecture as exc:
+        if args.json:  # the refusal as data too, for scripts that ask what they can split
+            print(json.dumps({"model": args.model, "supported": False, "reason": str(exc)}, indent=2))
+        raise
     try:
         source, profile, devices, dtype, fallback = (prepared.source, prepared.profile, prepared.devices,
                                                      prepared.dtype, prepared.fallback)
@@ -244,7 +250,8 @@ def _plan(args) -> int:
     blocks = [{"device": b.device, "simulated": simulated.get(b.device, False), "first_layer": b.layers.first,
                "last_layer": b.layers.last, "bytes": sum(profile.layer_bytes[i] for i in b.layers)} for b in plan.blocks()]
     if args.json:
-        print(json.dumps({"model": source.display_name, "dtype": str(dtype).removeprefix("torch."), "strategy": plan.strategy,
+        print(json.dumps({"model": source.display_name, "supported": True, "architecture": profile.architecture,
+                          "dtype": str(dtype).removeprefix("torch."), "strategy": plan.strategy,
                           "context": plan.context, "simulated_fallback": fallback, "placement": blocks,
                           "embed_device": plan.placement.embed, "head_device": plan.placement.head, "devices": rows,
                           **prediction.to_json()}, indent=2))

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import torch
 
 from vramancer.engine import factory, recovery
+from vramancer.engine.architecture import cache_bytes
 from vramancer.engine.devices import Device, DeviceLost, DeviceSpec, close_devices, parse_device_spec, resolve_devices
 from vramancer.engine.errors import VramancerError
 from vramancer.engine.generation import (
@@ -34,7 +35,7 @@ from vramancer.engine.models import (
     load_weights,
     resolve_dtype,
     resolve_model,
-    supports_split,
+    split_refusal,
 )
 from vramancer.engine.planner import (
     EMBED,
@@ -122,8 +123,9 @@ class Engine:
             tokenizer = load_tokenizer(source)
             report("dequantising" if source.gguf_file else "reading weights", 0.4)
             weights = load_weights(source, torch_dtype)
-            if not supports_split(weights):
-                raise VramancerError(f"{source.name} has an architecture VRAMancer cannot split yet (no decoder layer stack).")
+            refusal = split_refusal(weights)
+            if refusal is not None:
+                raise VramancerError(refusal)
             report("placing", 0.8)
             profile = ModelProfile.from_model(weights, torch_dtype)
             transfer = TransferManager(device_list)
@@ -189,11 +191,10 @@ class Engine:
             if reported is not None and cache is not None:
                 totals[device.name] = reported
         for i, entry in enumerate(getattr(cache, "layers", None) or []):
-            keys, values = getattr(entry, "keys", None), getattr(entry, "values", None)
-            if keys is None or values is None or i >= len(placement.layer_devices) or keys.is_meta:
+            if i >= len(placement.layer_devices):
                 continue
             device = placement.layer_devices[i]
-            totals[device] = totals.get(device, 0) + keys.numel() * keys.element_size() + values.numel() * values.element_size()
+            totals[device] = totals.get(device, 0) + cache_bytes(entry)
         return totals
 
     def placement_json(self) -> list[dict]:

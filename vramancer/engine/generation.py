@@ -205,6 +205,7 @@ def run_generate(
                         **inputs,
                         **settings.generate_kwargs(),
                         cache=cache,
+                        use_cache=True,  # the cache we budget and migrate, even where a config says otherwise (MPT)
                         streamer=streamer,
                         stopping_criteria=StoppingCriteriaList([between]),
                         logits_processor=processors,

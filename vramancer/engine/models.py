@@ -172,8 +172,11 @@ def build_meta_model(config, dtype: torch.dtype) -> torch.nn.Module:
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except ValueError as exc:
-        raise ModelNotFoundError(f"this model is not a causal language model: {_first_line(exc)}") from None
+    except ValueError:
+        from vramancer.engine.architecture import SUPPORTED, UnsupportedArchitecture
+
+        name = getattr(config, "model_type", None) or "this model"
+        raise UnsupportedArchitecture(f"{name} is not a causal language model; VRAMancer splits {SUPPORTED}.") from None
 
 
 def load_weights(source: ModelSource, dtype: torch.dtype) -> torch.nn.Module:
@@ -239,10 +242,16 @@ def resolve_dtype(name: str, device_kinds: set[str]) -> torch.dtype:
     return torch.float16
 
 
-def supports_split(model: torch.nn.Module) -> bool:
-    """Our runtime needs the decoder-stack shape shared by Llama, Mistral, Qwen, Gemma, …"""
-    base = getattr(model, "get_decoder", lambda: None)()
-    return base is not None and all(hasattr(base, a) for a in ("layers", "norm", "embed_tokens"))
+def split_refusal(model: torch.nn.Module) -> str | None:
+    """None if VRAMancer can split `model` (real or on the meta device), else the one sentence
+    that says why not, naming the architecture and what is supported."""
+    from vramancer.engine.architecture import UnsupportedArchitecture, describe
+
+    try:
+        describe(model)
+    except UnsupportedArchitecture as exc:
+        return str(exc)
+    return None
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

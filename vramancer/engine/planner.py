@@ -17,6 +17,7 @@ from typing import Iterable, Iterator, Protocol, Sequence
 
 import torch
 
+from vramancer.engine.architecture import LayerCache, describe, part_tensors
 from vramancer.engine.devices import CUDA_RESERVE, Device
 from vramancer.engine.errors import VramancerError
 from vramancer.engine.units import format_bytes
@@ -57,44 +58,52 @@ class ModelProfile:
 
     num_layers: int
     layer_bytes: tuple[int, ...]
-    embed_bytes: int  # token embeddings (+ any rotary buffers)
-    head_bytes: int  # final norm + lm_head, counting lm_head's weight even when tied
-    tied_bytes: int  # bytes lm_head shares with the embeddings (0 when untied)
-    kv_bytes_per_token: int  # one layer, keys + values, for one token
+    embed_bytes: int  # what runs before the decoder stack: embeddings, positions, rotary tables
+    head_bytes: int  # what runs after it: final norm + output head, counting the head's weight even when tied
+    tied_bytes: int  # bytes the head shares with the embeddings (0 when untied)
+    kv_bytes_per_token: int  # one full-attention layer, keys + values, for one token
     hidden_size: int
     intermediate_size: int
     vocab_size: int
     dtype_bytes: int
+    # Each layer's cache as it really is (full, sliding window, compressed); empty: every
+    # layer caches kv_bytes_per_token for every token.
+    layer_caches: tuple[LayerCache, ...] = ()
+    architecture: str = ""
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, dtype: torch.dtype) -> "ModelProfile":
         """Works on a model built on the meta device: only shapes are read."""
-        config = model.config
-        base = model.get_decoder()
+        arch = describe(model, dtype)
         size = torch.empty((), dtype=dtype).element_size()
 
-        def nbytes(module: torch.nn.Module) -> int:
-            tensors = list(module.parameters()) + list(module.buffers())
-            return sum(t.numel() * (size if t.is_floating_point() else t.element_size()) for t in tensors)
+        def nbytes(modules: list[torch.nn.Module], holders: list[torch.nn.Module] = ()) -> int:
+            # a tensor shared by two modules counts once
+            seen = {id(t): t for _, _, t in part_tensors(modules, holders)}
+            return sum(t.numel() * (size if t.is_floating_point() else t.element_size()) for t in seen.values())
 
-        embed = base.get_input_embeddings()
-        head = model.get_output_embeddings()
-        tied = head.weight is embed.weight or bool(getattr(config, "tie_word_embeddings", False))
-        rotary = getattr(base, "rotary_emb", None)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_weight = arch.output_embeddings.weight.numel() * size
+        tied = arch.tied() or bool(getattr(model.config, "tie_word_embeddings", False))
         return cls(
-            num_layers=len(base.layers),
-            layer_bytes=tuple(nbytes(layer) for layer in base.layers),
-            embed_bytes=nbytes(embed) + (nbytes(rotary) if rotary is not None else 0),
-            head_bytes=nbytes(base.norm) + head.weight.numel() * size,
-            tied_bytes=head.weight.numel() * size if tied else 0,
-            kv_bytes_per_token=2 * kv_heads * head_dim * size,
-            hidden_size=config.hidden_size,
-            intermediate_size=getattr(config, "intermediate_size", 4 * config.hidden_size),
-            vocab_size=config.vocab_size,
+            num_layers=len(arch.layers),
+            layer_bytes=tuple(nbytes([layer]) for layer in arch.layers),
+            embed_bytes=nbytes(arch.before, arch.holders),
+            head_bytes=nbytes(arch.after),  # the head's weight counts even when tied: tied_bytes says so
+            tied_bytes=head_weight if tied else 0,
+            kv_bytes_per_token=max((c.bytes_per_token for c in arch.caches), default=0),
+            hidden_size=arch.hidden_size,
+            intermediate_size=arch.intermediate_size,
+            vocab_size=arch.vocab_size,
             dtype_bytes=size,
+            layer_caches=arch.caches,
+            architecture=arch.model_type,
         )
+
+    def kv_bytes(self, layer: int, context: int) -> int:
+        """KV cache bytes layer `layer` holds with `context` tokens."""
+        if self.layer_caches:
+            return self.layer_caches[layer].bytes_for(context)
+        return self.kv_bytes_per_token * context
 
     def parts(self) -> list[str | int]:
         return [EMBED, *range(self.num_layers), HEAD]
@@ -199,7 +208,7 @@ def device_need(profile: ModelProfile, parts: Sequence[str | int], reserve: int,
     if EMBED in parts and HEAD in parts:
         need.weights -= profile.tied_bytes  # tied weights are counted once
     layers = [p for p in parts if p not in (EMBED, HEAD)]
-    need.kv = len(layers) * profile.kv_bytes_per_token * context
+    need.kv = sum(profile.kv_bytes(int(layer), context) for layer in layers)
     # Activations of one layer at a time for a full-context prefill: the residual stream,
     # q/k/v/o and the MLP's gate/up/down. Attention scores are left out: SDPA does not
     # materialise them. The head adds one row of logits (generate keeps only the last).
@@ -350,7 +359,7 @@ def _proportional_layers(profile: ModelProfile, devices: Sequence[Device], parti
                          ends: Device, context: int, rooms) -> Placement | None:
     """Layers in contiguous segments sized to each participant's usable room, with the
     embeddings and the head both on `ends` (counted there before the layers are shared out)."""
-    costs = [profile.layer_bytes[i] + profile.kv_bytes_per_token * context for i in range(profile.num_layers)]
+    costs = [profile.layer_bytes[i] + profile.kv_bytes(i, context) for i in range(profile.num_layers)]
     usable = []
     for device in participants:
         fixed = device_need(profile, [0], device.reserve, context).total - costs[0]
@@ -463,7 +472,7 @@ def _proportional(profile: ModelProfile, devices, context: int, rooms) -> Placem
     for part in parts:
         cost = part_bytes(profile, part)
         if part not in (EMBED, HEAD):
-            cost += profile.kv_bytes_per_token * context
+            cost += profile.kv_bytes(int(part), context)
         costs.append(cost)
     fixed = [device_need(profile, [0], d.reserve, context).total - costs[1] for d in devices]
     usable = [max(rooms[d.name] - f, 0) for d, f in zip(devices, fixed)]

@@ -1,10 +1,12 @@
 """Measured costs: how long each part of a model takes on each device, and each link.
 
-Layers of one model are all of one type, so one freshly built layer per device is timed at
-decode shape (one token against a KV cache) for two cache lengths, and at prefill shape.
-Embeddings and the head are timed the same way, links with hidden-state sized hand-overs, and
-the host's own cost of one `generate` step with a one-layer copy of the model. Timing does
-not depend on weight values, so all of this runs from the config, before any weights load.
+A copy of the model cut to its first few layers (built by transformers from the real config,
+layer types and windows cut with it) is timed on each device at decode shape (one token
+against a KV cache) for two cache lengths, and at prefill shape; hooks split each pass into
+what runs before the decoder stack, the stack, and the head. Links are timed with
+hidden-state sized hand-overs, and the host's own cost of one `generate` step with a one-layer
+copy of the model. Timing does not depend on weight values, so all of this runs from the
+config, before any weights load. A model that cannot be timed is priced from its bytes.
 
 Simulated devices compute on the host CPU: they are timed as the CPU, and say so.
 Results are cached per (model, device, dtype) under the user cache directory.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -22,10 +25,13 @@ from typing import Callable, Sequence
 
 import torch
 
+from vramancer.engine.architecture import cut_config, describe, layers_of_every_kind
 from vramancer.engine.devices import Device
 from vramancer.engine.transfer import TransferManager
 
-PROFILE_VERSION = 2
+log = logging.getLogger(__name__)
+
+PROFILE_VERSION = 3
 SHORT_KV, LONG_KV = 16, 1024  # cache lengths a decode step is timed at; cost is linear between
 PREFILL_TOKENS = 64
 COLD_STACK_BYTES = 256 * 1024 * 1024  # more than any CPU cache: layers timed in a stack this big
@@ -88,61 +94,140 @@ def _syncer(device: torch.device) -> Callable[[], None]:
 
 
 def time_device(meta_model, config, torch_device: torch.device, dtype: torch.dtype, label: str) -> DeviceTimings:
-    from transformers import DynamicCache
+    """Timings of real layers of this model's architecture on one device. A model that cannot
+    be timed (an architecture whose layers refuse our probe) is priced from its bytes instead,
+    with a warning: timing only guides placement, so it never stops a load."""
+    try:
+        return _time_real_layers(meta_model, config, torch_device, dtype, label)
+    except Exception as exc:  # noqa: BLE001 - any failure to time falls back to bytes
+        log.warning("could not time %s on %s (%s: %s); pricing it from its bytes instead",
+                    getattr(config, "model_type", "the model"), label, type(exc).__name__, _first_line(exc))
+        return _priced_from_bytes(meta_model, torch_device, dtype, label)
 
-    base = meta_model.get_decoder()
+
+class _Segments:
+    """Wall time of the three parts of one forward pass, read from hooks: what runs before the
+    decoder stack, the stack, and what runs after it (final norm and head)."""
+
+    def __init__(self, model: torch.nn.Module, arch, sync: Callable[[], None]):
+        self.marks: dict[str, float] = {}
+
+        def mark(name: str):
+            def hook(*_):
+                sync()
+                self.marks[name] = time.perf_counter()
+            return hook
+
+        self.handles = [model.register_forward_pre_hook(mark("start")),
+                        arch.layers[0].register_forward_pre_hook(mark("stack")),
+                        arch.layers[-1].register_forward_hook(mark("after")),
+                        model.register_forward_hook(mark("end"))]
+
+    def run(self, fn: Callable[[], object], repeat: int, warmup: int = 2) -> tuple[float, float, float]:
+        """(before, stack, after) seconds of `fn`, each the least over `repeat` runs."""
+        for _ in range(warmup):
+            fn()
+        best = [float("inf")] * 3
+        for _ in range(repeat):
+            fn()
+            m = self.marks
+            for i, took in enumerate((m["stack"] - m["start"], m["after"] - m["stack"], m["end"] - m["after"])):
+                best[i] = min(best[i], took)
+        return best[0], best[1], best[2]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _time_real_layers(meta_model, config, torch_device: torch.device, dtype: torch.dtype, label: str) -> DeviceTimings:
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    arch = describe(meta_model)
     sync = _syncer(torch_device)
+    size = torch.empty((), dtype=dtype).element_size()
     # A real pass streams every layer's weights from memory; one layer timed over and over
     # would sit in the CPU's cache and look several times faster than it is. So time a stack
     # of distinct layers larger than any cache, and divide.
-    layer_bytes = sum(p.numel() for p in base.layers[0].parameters()) * torch.empty((), dtype=dtype).element_size()
-    count = max(2, min(len(base.layers), -(-COLD_STACK_BYTES // max(layer_bytes, 1))))
+    layer_bytes = max(sum(p.numel() for p in layer.parameters()) * size for layer in arch.layers)
+    count = max(layers_of_every_kind(config), min(len(arch.layers), -(-COLD_STACK_BYTES // max(layer_bytes, 1))))
+    # The model's first `count` layers, as the model builds them (layer types, windows, dense
+    # or expert MLPs), with its own embeddings, masks, positions and head around them.
+    small_config = cut_config(config, count)
     with torch.device(torch_device):
-        layers = [type(base.layers[0])(config, i).to(dtype).eval() for i in range(count)]
-        rotary = type(base.rotary_emb)(config=config) if getattr(base, "rotary_emb", None) is not None else None
-        norm = type(base.norm)(config.hidden_size, eps=getattr(config, "rms_norm_eps", 1e-6)).to(dtype)
-        head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
-        embed = torch.nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        model = AutoModelForCausalLM.from_config(small_config, dtype=dtype).eval()
+    small = describe(model)
+    segments = _Segments(model, small, sync)
+    vocab = small.vocab_size
+    try:
+        with torch.inference_mode():
+            def decode_cost(kv_length: int) -> tuple[float, float, float]:
+                cache = DynamicCache(config=model.config)
+                model(torch.randint(0, vocab, (1, SHORT_KV), device=torch_device), cache=cache, use_cache=True)
+                _extend_cache(cache, kv_length - SHORT_KV)
+                token = torch.randint(0, vocab, (1, 1), device=torch_device)
+                # Each step adds one token to the cache: a handful of steps barely moves its length.
+                return segments.run(lambda: model(token, cache=cache, use_cache=True), repeat=7)
 
-    def decode_cost(kv_length: int) -> float:
-        cache = DynamicCache(config=config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": count}))
-        shape = (1, kv_heads, kv_length, head_dim)
-        for i in range(count):
-            cache.layers[i].update(torch.randn(shape, dtype=dtype, device=torch_device),
-                                   torch.randn(shape, dtype=dtype, device=torch_device))
-        hidden = torch.randn(1, 1, config.hidden_size, dtype=dtype, device=torch_device)
-        positions = torch.tensor([[kv_length]], device=torch_device)
-        cos_sin = rotary(hidden, positions) if rotary is not None else None
-
-        def step():
-            for layer in layers:
-                layer(hidden, position_ids=positions, cache=cache, use_cache=True, position_embeddings=cos_sin)
-            cache.crop(-1)  # drop the token just added: the cache length stays fixed
-
-        return _median_time(step, sync, repeat=7) / count
-
-    with torch.inference_mode():
-        short, long = decode_cost(SHORT_KV), decode_cost(LONG_KV)
-        prompt = torch.randn(1, PREFILL_TOKENS, config.hidden_size, dtype=dtype, device=torch_device)
-        positions = torch.arange(PREFILL_TOKENS, device=torch_device)[None]
-        cos_sin = rotary(prompt, positions) if rotary is not None else None
-        prefill = _median_time(lambda: layers[0](prompt, position_ids=positions, position_embeddings=cos_sin), sync, repeat=5)
-        token = torch.randint(0, config.vocab_size, (1, 1), device=torch_device)
-        embed_s = _median_time(lambda: embed(token), sync)
-        one = torch.randn(1, 1, config.hidden_size, dtype=dtype, device=torch_device)
-        head_s = _median_time(lambda: head(norm(one)), sync)
-        head_prefill = _median_time(lambda: head(norm(prompt)), sync, repeat=5)
+            # Learned position tables (GPT-2, OPT) end at max_position_embeddings.
+            # (less the tokens the timed steps add to the cache).
+            long_kv = min(LONG_KV, (getattr(small_config, "max_position_embeddings", None) or 2 * LONG_KV) - SHORT_KV)
+            embed_s, short, head_s = decode_cost(SHORT_KV)
+            long = decode_cost(long_kv)[1] if long_kv > SHORT_KV else short
+            prompt = torch.randint(0, vocab, (1, min(PREFILL_TOKENS, long_kv)), device=torch_device)
+            _, prefill, head_prefill = segments.run(lambda: model(prompt, use_cache=False), repeat=3, warmup=1)
+    finally:
+        segments.remove()
     return DeviceTimings(
-        layer_decode_s=short,
-        layer_decode_per_kv_s=max(long - short, 0.0) / (LONG_KV - SHORT_KV),
-        layer_prefill_per_token_s=prefill / PREFILL_TOKENS,
+        layer_decode_s=short / count,
+        layer_decode_per_kv_s=max(long - short, 0.0) / count / max(long_kv - SHORT_KV, 1),
+        layer_prefill_per_token_s=prefill / count / prompt.shape[1],
         embed_s=embed_s,
         head_s=head_s,
-        head_prefill_per_token_s=head_prefill / PREFILL_TOKENS,
+        head_prefill_per_token_s=head_prefill / prompt.shape[1],
         timed_as=label,
     )
+
+
+def _extend_cache(cache, tokens: int) -> None:
+    """Add `tokens` random tokens to every attention layer of a filled cache, so a decode step
+    can be timed against a long cache without a long prefill. Layers of other kinds are left
+    as the prefill made them."""
+    if tokens <= 0:
+        return
+    for entry in cache.layers:
+        keys, values = getattr(entry, "keys", None), getattr(entry, "values", None)
+        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor) or keys.dim() != 4:
+            continue
+        more_keys = torch.randn(*keys.shape[:2], tokens, keys.shape[3], dtype=keys.dtype, device=keys.device)
+        more_values = torch.randn(*values.shape[:2], tokens, values.shape[3], dtype=values.dtype, device=values.device)
+        entry.update(more_keys, more_values)
+
+
+def _priced_from_bytes(meta_model, torch_device: torch.device, dtype: torch.dtype, label: str) -> DeviceTimings:
+    """Decode costs from bytes read per token over the device's measured copy rate: a decode
+    step streams each layer's weights (and its KV cache) once."""
+    from vramancer.engine.planner import ModelProfile
+
+    profile = ModelProfile.from_model(meta_model, dtype)
+    sync = _syncer(torch_device)
+    block = torch.empty(16 * 1024 * 1024, dtype=torch.uint8, device=torch_device)
+    rate = block.numel() / max(_median_time(lambda: block.clone(), sync, repeat=5, warmup=1), 1e-9)
+    layer_s = max(profile.layer_bytes) / rate
+    return DeviceTimings(
+        layer_decode_s=layer_s,
+        layer_decode_per_kv_s=profile.kv_bytes_per_token / rate,
+        layer_prefill_per_token_s=layer_s,
+        embed_s=profile.hidden_size * profile.dtype_bytes / rate,
+        head_s=profile.head_bytes / rate,
+        head_prefill_per_token_s=profile.head_bytes / rate,
+        timed_as=f"{label}, priced from bytes",
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def time_link(transfer: TransferManager, src: Device, dst: Device, hidden_size: int, head_dim: int, dtype) -> LinkTimings:
@@ -163,11 +248,11 @@ def time_link(transfer: TransferManager, src: Device, dst: Device, hidden_size: 
 
 def _time_step_overhead(config, dtype: torch.dtype) -> float:
     """The host's cost per generate step outside the model's forward pass (sampling, stopping,
-    cache bookkeeping), measured on a one-layer copy of the model: transformers' loop around
-    the forward pass is the same whatever the model's depth."""
+    cache bookkeeping), measured on a copy of the model with one layer of each kind:
+    transformers' loop around the forward pass is the same whatever the model's depth."""
     from transformers import AutoModelForCausalLM
 
-    small = config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": 1})
+    small = cut_config(config, layers_of_every_kind(config))
     with torch.device("cpu"):
         model = AutoModelForCausalLM.from_config(small, dtype=dtype).eval()
     model.generation_config.eos_token_id = None  # run the full length whatever the random weights say
@@ -175,7 +260,7 @@ def _time_step_overhead(config, dtype: torch.dtype) -> float:
     started: list[float] = []
     model.register_forward_pre_hook(lambda m, a: started.append(time.perf_counter()))
     model.register_forward_hook(lambda m, a, o: forward_s.append(time.perf_counter() - started[-1]))
-    ids = torch.randint(0, config.vocab_size, (1, 16))
+    ids = torch.randint(0, small.get_text_config(decoder=True).vocab_size, (1, 16))
     tokens = 24
     kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=0)
     with torch.inference_mode():
@@ -225,8 +310,8 @@ def measure(
         measured_here[key] = timings
         device_timings[device.name] = timings
     links = {}
-    hidden = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    arch = describe(meta_model)
+    hidden, head_dim = arch.hidden_size, arch.head_dim
     link_cache: dict[tuple[str, str], LinkTimings] = {}
     for src in devices:
         for dst in devices:
@@ -243,8 +328,13 @@ def measure(
     overhead_path = folder / f"{hashlib.sha256(f'v{PROFILE_VERSION}|{model_key}|{dtype}|step'.encode()).hexdigest()[:24]}.json"
     overhead = None if reprofile else _read_float(overhead_path)
     if overhead is None:
-        overhead = _time_step_overhead(config, dtype)
-        overhead_path.write_text(json.dumps({"step_overhead_s": overhead}))
+        try:
+            overhead = _time_step_overhead(config, dtype)
+            overhead_path.write_text(json.dumps({"step_overhead_s": overhead}))
+        except Exception as exc:  # noqa: BLE001 - a prediction without it is still a prediction
+            log.warning("could not time a generate step of %s (%s); predictions leave it out",
+                        getattr(config, "model_type", "the model"), _first_line(exc))
+            overhead = 0.0
     return Timings(device_timings, links, overhead)
 
 

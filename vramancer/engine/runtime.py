@@ -17,6 +17,7 @@ from typing import Protocol, Sequence
 import torch
 from torch import nn
 
+from vramancer.engine.architecture import cache_tensors, describe, part_tensors, replace_cache_tensor
 from vramancer.engine.devices import Device, DeviceFullError
 from vramancer.engine.planner import EMBED, HEAD, DeviceNeed, ModelProfile, Placement, device_needs
 from vramancer.engine.transfer import TransferManager
@@ -58,7 +59,9 @@ class SplitModel:
         context: int,
     ):
         self.model = model
-        self.base = model.get_decoder()
+        self.arch = describe(model)
+        self.base = self.arch.base  # the module that runs the decoder stack
+        self.stack = self.arch.layers
         self.profile = profile
         self.devices = {d.name: d for d in devices}
         self.transfer = transfer
@@ -69,7 +72,7 @@ class SplitModel:
         # last hand-over into it carried: later layers of the same block reuse those copies.
         self._carried: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         # The real decoder layers, whatever stands in the stack for the ones that are external.
-        self.layer_modules: list[nn.Module] = list(self.base.layers)
+        self.layer_modules: list[nn.Module] = list(self.stack)
         self.external: ExternalLayers | None = None  # set when some devices are not local
 
     def is_local(self, name: str) -> bool:
@@ -79,17 +82,21 @@ class SplitModel:
 
     # --- parts -------------------------------------------------------------------------
 
+    def tensors_of(self, part: str | int) -> list[tuple[nn.Module, str, torch.Tensor]]:
+        """(owner, name, tensor) for every parameter and buffer of one part."""
+        holders = self.arch.holders if part == EMBED else []
+        return list(part_tensors(self.modules_of(part), holders))
+
     def modules_of(self, part: str | int) -> list[nn.Module]:
         if part == EMBED:
-            rotary = getattr(self.base, "rotary_emb", None)
-            return [self.base.embed_tokens] + ([rotary] if rotary is not None else [])
+            return list(self.arch.before)
         if part == HEAD:
-            return [self.base.norm, self.model.get_output_embeddings()]
+            return list(self.arch.after)
         return [self.layer_modules[int(part)]]
 
     @property
     def tied(self) -> bool:
-        return self.model.get_output_embeddings().weight is self.base.embed_tokens.weight
+        return self.arch.tied()
 
     @property
     def input_device(self) -> torch.device:
@@ -104,9 +111,8 @@ class SplitModel:
         for part in self.profile.parts():
             device = self.devices[placement.device_of(part)]
             if device.torch_device.type != "cpu" and device.local:
-                for module in self.modules_of(part):
-                    for tensor_owner, name, tensor in _tensors(module):
-                        _assign(tensor_owner, name, tensor.to(device.torch_device))
+                for tensor_owner, name, tensor in self.tensors_of(part):
+                    _assign(tensor_owner, name, tensor.to(device.torch_device))
         if self.external is not None:
             self.external.place(placement)  # e.g. nodes read their layers from their own disks
         self.placement = placement
@@ -139,35 +145,40 @@ class SplitModel:
             return 0
         if part in (EMBED, HEAD) and self.tied:
             self._untie(copy=False)  # shared storage until one side moves away
-        slots = [(owner, name, t) for m in self.modules_of(part) for owner, name, t in _tensors(m)]
+        slots = self.tensors_of(part)
         moved = self.transfer.move([t for _, _, t in slots], src, dst)
         for (owner, name, _), tensor in zip(slots, moved):
             _assign(owner, name, tensor)
         return sum(t.numel() * t.element_size() for _, _, t in slots)
 
     def move_cache(self, cache, layer: int, src: str, dst: str) -> int:
-        """Move layer `layer`'s KV cache entry, if it has one yet. Returns bytes."""
+        """Move every tensor of layer `layer`'s cache entry (keys, values, and whatever else
+        its kind keeps), if it has any yet. Returns bytes."""
         entries = getattr(cache, "layers", None)
         if src == dst or entries is None or layer >= len(entries):
             return 0
         entry = entries[layer]
-        if not getattr(entry, "is_initialized", False) or entry.keys is None:
+        slots = list(cache_tensors(entry))
+        if not slots:
             return 0
-        entry.keys, entry.values = self.transfer.move((entry.keys, entry.values), src, dst)
-        entry.device = self.devices[dst].torch_device
-        return 2 * entry.keys.numel() * entry.keys.element_size()
+        moved = self.transfer.move([tensor for _, _, tensor in slots], src, dst)
+        for (container, key, _), tensor in zip(slots, moved):
+            replace_cache_tensor(container, key, tensor)
+        if hasattr(entry, "device"):
+            entry.device = self.devices[dst].torch_device
+        return sum(t.numel() * t.element_size() for t in moved)
 
     def settle_tie(self) -> None:
         """Re-tie embeddings and lm_head once both sit on one device again."""
         assert self.placement is not None
         if self.profile.tied_bytes and not self.tied and self.placement.embed == self.placement.head:
-            self.model.get_output_embeddings().weight = self.base.embed_tokens.weight
+            self.arch.output_embeddings.weight = self.arch.input_embeddings.weight
 
     def _untie(self, copy: bool) -> None:
         if not self.tied:
             return
-        weight = self.base.embed_tokens.weight.detach()
-        self.model.get_output_embeddings().weight = nn.Parameter(weight.clone() if copy else weight, requires_grad=False)
+        weight = self.arch.input_embeddings.weight.detach()
+        self.arch.output_embeddings.weight = nn.Parameter(weight.clone() if copy else weight, requires_grad=False)
 
     # --- accounting --------------------------------------------------------------------
 
@@ -204,7 +215,7 @@ class SplitModel:
             self.external.install(placement)
         self._carried.clear()
         previous = placement.embed
-        for i, layer in enumerate(self.base.layers):
+        for i, layer in enumerate(self.stack):
             current = placement.layer_devices[i]
             if current != previous and self.is_local(current):
                 self._hooks.append(layer.register_forward_pre_hook(self._boundary(previous, current), with_kwargs=True))
@@ -214,12 +225,13 @@ class SplitModel:
                 self._hooks.append(layer.register_forward_pre_hook(self._reuse_carried(current), with_kwargs=True))
             previous = current
         if placement.head != previous:
-            self._hooks.append(self.base.norm.register_forward_pre_hook(self._boundary(previous, placement.head), with_kwargs=True))
+            self._hooks.append(self.arch.head_entry.register_forward_pre_hook(self._boundary(previous, placement.head),
+                                                                              with_kwargs=True))
         if placement.head != placement.embed:
             # Logits go back to where the input ids live, for the sampler.
             src, dst = placement.head, placement.embed
             self._hooks.append(
-                self.model.get_output_embeddings().register_forward_hook(
+                self.arch.output_embeddings.register_forward_hook(
                     lambda module, args, output: self.transfer.move(output, src, dst)
                 )
             )
@@ -293,20 +305,9 @@ def _to_device(value, device: torch.device):
 
 def move_module(module: nn.Module, device: torch.device) -> None:
     """Move a module's tensors to `device` in place (the same Parameter objects, new storage)."""
-    for owner, name, tensor in _tensors(module):
+    for owner, name, tensor in part_tensors([module]):
         if tensor.device != device:
             _assign(owner, name, tensor.to(device))
-
-
-def _tensors(module: nn.Module):
-    """(owner, attribute name, tensor) for every parameter and buffer under `module`."""
-    for owner in module.modules():
-        for name, param in owner._parameters.items():
-            if param is not None:
-                yield owner, name, param
-        for name, buffer in owner._buffers.items():
-            if buffer is not None:
-                yield owner, name, buffer
 
 
 def _assign(owner: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -1,0 +1,333 @@
+"""Every decoder architecture in the matrix splits 3-way with the tokens plain transformers
+gives, keeps them through a migration mid-answer, and is priced like its real parameters and
+cache; what cannot be split is refused before loading with one sentence.
+
+The models are tiny (hidden 64, 4 layers, a byte-level vocabulary), random and built in-process
+from configs. `python -m tests.test_architectures` prints the README's list of supported
+architectures from the matrix."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+LAYERS = 4
+WINDOW = 8  # sliding windows shorter than prompt + answer, so decoding passes them
+PROMPT = "Tell me about the sea."  # 22 byte tokens
+NEW_TOKENS = 8
+MIGRATE_AT = 3
+
+COMMON = dict(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+              pad_token_id=0, bos_token_id=None, eos_token_id=None, initializer_range=0.2)
+MHA = dict(num_key_value_heads=None)  # architectures with one key/value head per query head
+MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+MLA = dict(head_dim=8, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+           n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=1, topk_group=1,
+           first_k_dense_replace=1)
+SLIDING = dict(sliding_window=WINDOW)
+ALTERNATING = dict(sliding_window=WINDOW,
+                   layer_types=["sliding_attention", "full_attention"] * (LAYERS // 2))
+
+# model_type -> what its tiny config sets beyond COMMON
+MATRIX: dict[str, dict] = {
+    "llama": {},
+    "mistral": SLIDING,
+    "mixtral": {**MOE, **SLIDING},
+    "qwen2": {},
+    "qwen2_moe": {**MOE, "shared_expert_intermediate_size": 64},
+    "qwen3": {},
+    "qwen3_moe": MOE,
+    "gemma": {},
+    "gemma2": ALTERNATING,
+    "gemma3_text": ALTERNATING,
+    "phi": MHA,
+    "phi3": {},
+    "phimoe": MOE,
+    "gpt2": MHA,
+    "gpt_neo": {**MHA, "attention_types": [[["global", "local"], LAYERS // 2]], "window_size": WINDOW},
+    "gptj": {**MHA, "rotary_dim": 8},
+    "gpt_bigcode": MHA,
+    "gpt_neox": MHA,
+    "opt": MHA,
+    "falcon": {"head_dim": None, "num_key_value_heads": None},
+    "bloom": MHA,
+    "mpt": MHA,
+    "olmo": MHA,
+    "olmo2": {},
+    "olmo3": ALTERNATING,
+    "olmoe": MOE,
+    "deepseek_v2": MLA,
+    "deepseek_v3": MLA,
+    "stablelm": {},
+    "starcoder2": SLIDING,
+    "cohere": MHA,
+    "cohere2": ALTERNATING,
+    "granite": {},
+    "granitemoe": MOE,
+    "glm4": {},
+    "smollm3": {},
+    "gpt_oss": {**ALTERNATING, "num_local_experts": 4, "num_experts_per_tok": 2},
+}
+
+# Hybrids: layers that keep a recurrent or convolution state, some beside attention.
+HYBRID = {
+    "mamba": {},
+    "lfm2": {"layer_types": ["conv", "full_attention"] * (LAYERS // 2)},
+    "falcon_h1": {"mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 16,
+                  "mamba_chunk_size": 16},
+    "qwen3_next": {**MOE, "layer_types": ["linear_attention", "full_attention"] * (LAYERS // 2),
+                   "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
+                   "linear_value_head_dim": 16},
+    "jamba": {**MOE, "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
+              "expert_layer_offset": 1, "mamba_dt_rank": 8, "use_mamba_kernels": False},
+}
+MATRIX.update(HYBRID)
+
+# model_type -> (config overrides, words the refusal must contain)
+REFUSED: dict[str, tuple[dict, str]] = {
+    "bert": ({}, "encoder model"),
+    "t5": ({}, "not a causal language model"),
+}
+
+
+def tiny_config(model_type: str, overrides: dict):
+    from transformers import AutoConfig
+
+    values = {**COMMON, **overrides}
+    values = {key: value for key, value in values.items() if value is not None or key.endswith("token_id")}
+    return AutoConfig.for_model(model_type, **values)
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    return make_byte_tokenizer()
+
+
+def make_byte_tokenizer():
+    """A real byte-level tokenizer with 256 byte tokens after three special ones: small enough
+    that the tiny models' embeddings cost nothing."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(specials + sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    assert len(tokenizer) == COMMON["vocab_size"]
+    return tokenizer
+
+
+def build(model_type: str, overrides: dict, tokenizer, folder: Path):
+    """A random tiny model of `model_type`, saved to `folder` with the tokenizer; the model too."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, overrides), dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # the whole answer, whatever random weights say
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def plain_greedy(model, tokenizer) -> list[int]:
+    inputs = tokenizer(PROMPT, return_tensors="pt")  # ids and attention mask, as the engine passes them
+    with torch.inference_mode():
+        # use_cache: MPT's config turns transformers' KV cache off by default; the split always uses one.
+        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, use_cache=True)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def unique_bytes(model) -> int:
+    tensors = {t.data_ptr(): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def plan_json(capsys, folder) -> tuple[int, dict]:
+    from vramancer.cli import main
+
+    capsys.readouterr()
+    code = main(["plan", "--json", "--model", str(folder), "--devices", "sim:3x1GiB", "--context", "64"])
+    out = capsys.readouterr()
+    return code, json.loads(out.out) if out.out.strip() else {}
+
+
+@pytest.mark.parametrize("model_type", sorted(MATRIX))
+def test_architecture_splits_with_identical_tokens(model_type, byte_tokenizer, tmp_path, capsys, caplog):
+    from vramancer.engine import Engine
+    from vramancer.engine.architecture import cache_bytes, cache_tensors
+
+    model = build(model_type, MATRIX[model_type], byte_tokenizer, tmp_path)
+    expected = plain_greedy(model, byte_tokenizer)
+    prompt_tokens = len(byte_tokenizer(PROMPT)["input_ids"])
+
+    engine = Engine.load(str(tmp_path), "sim:3x1GiB", context=64)
+    assert "could not time" not in caplog.text  # the profiler ran real layers of this architecture
+    try:
+        profile = engine.profile
+        # Priced like the real parameters: every module is in exactly one part.
+        assert abs(profile.weight_bytes() - unique_bytes(model)) <= 0.01 * unique_bytes(model)
+        assert {b.device for b in engine.placement.blocks()} == {"sim0", "sim1", "sim2"}
+
+        split = engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS).token_ids
+        assert split == expected, f"{model_type}: split tokens differ from plain transformers"
+
+        # Mid-answer, the first layer of the last block goes to the first device, with its cache;
+        # the planner's per-layer KV matches the cache the layers really hold.
+        last = engine.placement.blocks()[-1]
+        seen: dict = {}
+
+        def on_step(step: int) -> None:
+            cache = engine._cache
+            if step == MIGRATE_AT and "moved" not in seen:
+                tokens = prompt_tokens + step - 1  # the last token chosen is not in the cache yet
+                seen["kv"] = [cache_bytes(entry) for entry in cache.layers]
+                seen["planned"] = [profile.kv_bytes(i, tokens) for i in range(profile.num_layers)]
+                # every tensor the layer's cache holds moves with it, counters included
+                layer = last.layers.first
+                seen["held"] = sum(t.numel() * t.element_size() for _, _, t in cache_tensors(cache.layers[layer]))
+                seen["moved"] = engine.migrate(last.layers.first, last.layers.first, "sim0", step=step)
+
+        migrated = engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS, on_step=on_step).token_ids
+        assert migrated == expected, f"{model_type}: tokens differ after a migration mid-answer"
+        layer = last.layers.first
+        assert seen["kv"] == seen["planned"]
+        assert seen["moved"].bytes == profile.layer_bytes[layer] + seen["held"]
+        assert engine.placement.layer_devices[layer] == "sim0"
+    finally:
+        engine.close()
+
+    code, plan = plan_json(capsys, tmp_path)
+    assert code == 0 and plan["supported"] is True and plan["architecture"] == model_type
+    assert len(plan["placement"]) == 3
+
+
+@pytest.mark.parametrize("model_type", sorted(REFUSED))
+def test_unsupported_architecture_is_refused_before_loading(model_type, tmp_path, capsys):
+    from vramancer.cli import main
+
+    overrides, words = REFUSED[model_type]
+    tiny_config(model_type, overrides).save_pretrained(tmp_path)  # a config and no weights at all
+    code = main(["generate", "--model", str(tmp_path), "--devices", "sim:3x1GiB", "--prompt", "hello"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert model_type in err and words in err and "VRAMancer splits decoder-only language models" in err
+
+    code, plan = plan_json(capsys, tmp_path)
+    assert code == 2 and plan["supported"] is False
+    assert model_type in plan["reason"] and words in plan["reason"]
+
+
+def test_a_model_the_profiler_cannot_time_still_loads_priced_from_bytes(byte_tokenizer, tmp_path, monkeypatch, caplog):
+    from vramancer.engine import Engine, profiler
+
+    def cannot_time(*args, **kwargs):
+        raise RuntimeError("this layer cannot run outside its model")
+
+    monkeypatch.setattr(profiler, "_time_real_layers", cannot_time)
+    model = build("llama", {"num_hidden_layers": 3}, byte_tokenizer, tmp_path)
+    engine = Engine.load(str(tmp_path), "sim:3x1GiB", context=64, strategy="profiled", reprofile=True)
+    try:
+        assert "could not time llama" in caplog.text and "pricing it from its bytes" in caplog.text
+        timings = engine.pricing.timings.devices["sim0"]
+        assert timings.timed_as.endswith("priced from bytes") and timings.layer_decode_s > 0
+        assert engine.predict().tokens_per_s > 0
+        assert engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS).token_ids == plain_greedy(model, byte_tokenizer)
+    finally:
+        engine.close()
+
+
+def write_qwen2_gguf(path: Path, layers: int = 3) -> None:
+    """A tiny random Qwen2 as a float32 GGUF file with a byte-level tokenizer: what llama.cpp's
+    converter would write for it (architecture `qwen2`, its tensor and metadata names)."""
+    import gguf
+    import numpy as np
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    specials = ["<pad>", "<s>", "</s>"]
+    tokens = specials + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["Ġt"]
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokens), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=512, tie_word_embeddings=False,
+                                         initializer_range=0.2))
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_block_count(layers)
+    writer.add_context_length(512)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_file_type(0)  # all float32
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3] * len(specials) + [1] * (len(tokens) - len(specials)))
+    writer.add_token_merges(["Ġ t"])  # byte-level BPE needs a merge list: one will do
+    writer.add_bos_token_id(1)
+    writer.add_pad_token_id(0)
+    ends = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+    inner = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for name, tensor in model.state_dict().items():
+        stem, _, kind = name.rpartition(".")
+        if stem in ends:
+            target = ends[stem]
+        else:
+            index, rest = stem.removeprefix("model.layers.").split(".", 1)
+            target = f"blk.{index}.{inner[rest]}"
+        writer.add_tensor(f"{target}.{kind}", tensor.detach().numpy().astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_gguf_of_another_architecture_loads_through_the_weights_cache(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vramancer.engine import Engine
+    from vramancer.engine.models import gguf_cache_entry, resolve_model
+
+    path = tmp_path / "tiny-qwen2.gguf"
+    write_qwen2_gguf(path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    expected = plain_greedy(plain, tokenizer)
+    for load in ("from the GGUF", "from the weights cache"):
+        engine = Engine.load(str(path), "sim:3x1GiB", context=64)
+        try:
+            assert engine.profile.architecture == "qwen2", load
+            assert engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS).token_ids == expected, load
+        finally:
+            engine.close()
+        assert (gguf_cache_entry(resolve_model(str(path))) / "weights-float32").is_dir()
+
+
+def readme_list() -> str:
+    return ", ".join(f"`{name}`" for name in sorted(MATRIX))
+
+
+def test_readme_lists_the_architectures_the_matrix_checks():
+    text = README.read_text()
+    found = re.search(r"<!-- architectures -->\n(.*?)\n<!-- /architectures -->", text, re.S)
+    assert found, "README.md has no <!-- architectures --> list"
+    assert found.group(1).strip() == readme_list(), (
+        "README's list of supported architectures differs from tests/test_architectures.py; "
+        "regenerate it with `python -m tests.test_architectures`")
+
+
+if __name__ == "__main__":
+    print(readme_list())
