@@ -65,6 +65,14 @@ class LoadOptions:
     auto_rebalance: bool = False
     token_file: str | None = None  # the cluster token for remote devices (else VRM_CLUSTER_TOKEN)
 
+    def check(self) -> None:
+        """VramancerError for a value that is wrong on its own, before anything loads (the
+        CLI and the dashboard call this; `prepare` checks the same again)."""
+        from vramancer.engine.validation import check_context
+
+        check_context(self.context)
+        parse_device_spec(self.devices)
+
 
 class Engine:
     """A causal LM placed across devices. Build one with `Engine.load(...)`."""
@@ -446,8 +454,9 @@ def prepare(model: str, devices: str | DeviceSpec, context: int, dtype: str, rep
 
     With remote devices, their nodes are admitted here; `Prepared.close()` (or the Engine built
     from it) lets them go."""
-    if context < 1:
-        raise VramancerError(f"--context must be at least 1 token, not {context}.")
+    from vramancer.engine.validation import check_context
+
+    check_context(context)
     spec = parse_device_spec(devices) if isinstance(devices, str) else devices
     if spec.clustered and not (spec.requests or spec.auto):
         raise VramancerError("remote devices hold decoder layers only; add a device of this machine "

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import socket
+import struct
 import tempfile
 import threading
 import zlib
@@ -88,6 +89,7 @@ def resolve_model(name: str) -> ModelSource:
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise ModelNotFoundError(f"model file {name} does not exist.")
+        check_gguf_header(path, name)
         return ModelSource(name, str(path.resolve().parent), path.name)
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -130,12 +132,14 @@ def _load_config_uncached(source: ModelSource):
     try:
         return AutoConfig.from_pretrained(source.location, **kwargs)
     except OSError as exc:
+        if not source.is_hub_id:
+            raise ModelNotFoundError(f"model {source.name} cannot be read: {_first_line(exc)}") from None
         raise ModelNotFoundError(
             f"model {source.name} was not found locally and could not be downloaded "
             f"(is it in the Hugging Face cache, and is the hub reachable?): {_first_line(exc)}"
         ) from None
-    except ValueError as exc:
-        raise ModelNotFoundError(f"model {source.name} cannot be read: {_first_line(exc)}") from None
+    except PARSE_ERRORS as exc:
+        raise unreadable(source, exc) from None
 
 
 def load_tokenizer(source: ModelSource):
@@ -146,7 +150,10 @@ def load_tokenizer(source: ModelSource):
         tokenizer = _from_cache(entry, TOKENIZER_PIECE, lambda folder: AutoTokenizer.from_pretrained(str(folder)))
         if tokenizer is not None:
             return tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(source.location, **source.pretrained_kwargs())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **source.pretrained_kwargs())
+    except (OSError, *PARSE_ERRORS) as exc:
+        raise unreadable(source, exc, "tokenizer") from None
     if entry is not None:
         _store(entry, TOKENIZER_PIECE, lambda folder: tokenizer.save_pretrained(str(folder)))
     return tokenizer
@@ -243,6 +250,44 @@ def supports_split(model: torch.nn.Module) -> bool:
     """Our runtime needs the decoder-stack shape shared by Llama, Mistral, Qwen, Gemma, …"""
     base = getattr(model, "get_decoder", lambda: None)()
     return base is not None and all(hasattr(base, a) for a in ("layers", "norm", "embed_tokens"))
+
+
+# What a damaged config, tokenizer or GGUF header raises from transformers, tokenizers or
+# gguf: each becomes the one-sentence model error, never a traceback.
+PARSE_ERRORS = (ValueError, KeyError, IndexError, TypeError, AttributeError, EOFError, OverflowError,
+                struct.error, UnicodeDecodeError)
+GGUF_VERSIONS = (2, 3)
+GGUF_MIN_TENSOR_INFO = 33  # bytes: name length and one character, dims, one dim, type, offset
+GGUF_MIN_KV = 13  # bytes: key length and one character, value type
+
+
+def unreadable(source: ModelSource, exc: BaseException, what: str = "") -> ModelNotFoundError:
+    """The sentence for a model whose files exist but cannot be parsed."""
+    part = f"its {what} " if what else ""
+    if isinstance(exc, (struct.error, EOFError)):
+        return ModelNotFoundError(f"model {source.name} cannot be read: {part}file ends where more data should be; it is cut short.")
+    return ModelNotFoundError(f"model {source.name} cannot be read: {part}{type(exc).__name__}: {_first_line(exc)}")
+
+
+def check_gguf_header(path: Path, name: str) -> None:
+    """The fixed start of a GGUF file, checked before any parser trusts it: magic, version,
+    and counts a file of this size could hold (a damaged count would make a reader try to
+    walk billions of entries)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(24)
+    if len(head) < 4 or head[:4] != b"GGUF":
+        if len(head) < 4 and b"GGUF".startswith(head):
+            raise ModelNotFoundError(f"model file {name} is cut short inside its GGUF header ({size} bytes).")
+        raise ModelNotFoundError(f"model file {name} is not a GGUF file (it does not start with 'GGUF').")
+    if len(head) < 24:
+        raise ModelNotFoundError(f"model file {name} is cut short inside its GGUF header ({size} bytes).")
+    version, tensors, keys = struct.unpack("<IQQ", head[4:24])
+    if version not in GGUF_VERSIONS:
+        raise ModelNotFoundError(f"model file {name} is GGUF version {version}; this reader knows versions 2 and 3.")
+    if tensors * GGUF_MIN_TENSOR_INFO + keys * GGUF_MIN_KV > size:
+        raise ModelNotFoundError(f"model file {name} claims {tensors} tensors and {keys} metadata entries, "
+                                 f"more than its {size} bytes can hold; it is cut short or damaged.")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
