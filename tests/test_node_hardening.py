@@ -4,6 +4,7 @@ a coordinator's goodbye is bounded in time on both ends."""
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import socket
@@ -221,7 +222,9 @@ def test_a_node_with_few_descriptors_keeps_serving_and_admits_a_coordinator(tmp_
 def test_accept_failing_for_want_of_descriptors_pauses_and_goes_on(caplog):
     """EMFILE from accept() itself (this process may open only a few more descriptors): the
     node says so once, keeps serving, and admits a coordinator once descriptors are free."""
-    caplog.set_level("WARNING", logger="vramancer.node")
+    node_log = logging.getLogger("vramancer.node")
+    node_log.addHandler(caplog.handler)  # heard even where the CLI stopped it propagating
+    node_log.setLevel(logging.INFO)
     server, thread = serve(Handshakes(limit=16, seconds=60.0))
     clients = [socket.socket() for _ in range(12)]  # their descriptors exist before the limit drops
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -245,6 +248,7 @@ def test_accept_failing_for_want_of_descriptors_pauses_and_goes_on(caplog):
         finally:
             node.close()
     finally:
+        node_log.removeHandler(caplog.handler)
         for sock in clients:
             sock.close()
         server.stop()
