@@ -25,6 +25,7 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -373,9 +374,52 @@ def gguf_cache_entry(source: ModelSource) -> Path | None:
         return None
     path = Path(source.location) / source.gguf_file
     try:
-        return cache_root() / "gguf" / f"{path.stem}-{gguf_key(path)}"
+        entry = cache_root() / "gguf" / f"{path.stem}-{gguf_key(path)}"
     except OSError:
         return None  # transformers will say what is wrong with the file
+    if entry not in _SWEPT:
+        _SWEPT.add(entry)
+        remove_stale_staging(entry)
+    return entry
+
+
+# Staging folders are named .<piece>-<pid>-<random>: a writer that was killed leaves its own
+# behind, recognisable by a pid that no longer runs (or, for any name, by its age).
+STALE_STAGING_S = 24 * 3600
+_SWEPT: set[Path] = set()  # entries already swept by this process
+_DAMAGED: set[Path] = set()  # pieces found damaged by this process, to be replaced
+_WARNED: set[str] = set()  # cache warnings already given by this process
+
+
+def remove_stale_staging(entry: Path) -> list[Path]:
+    """Delete the staging folders of writers that died before renaming them into place."""
+    import psutil
+
+    removed = []
+    try:
+        children = [child for child in entry.iterdir() if child.name.startswith(".") and child.is_dir()]
+    except OSError:
+        return removed
+    for child in children:
+        pid_text = child.name.split("-")[-2] if child.name.count("-") >= 2 else ""
+        try:
+            age = time.time() - child.stat().st_mtime
+        except OSError:
+            continue
+        dead = pid_text.isdigit() and int(pid_text) != os.getpid() and not psutil.pid_exists(int(pid_text))
+        if dead or age > STALE_STAGING_S:
+            shutil.rmtree(child, ignore_errors=True)
+            if not child.exists():
+                removed.append(child)
+    if removed:
+        log.info("removed %d unfinished cache folder(s) left in %s by writers that stopped", len(removed), entry)
+    return removed
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning("%s", message)
 
 
 def _from_cache(entry: Path, piece: str, read: Callable[[Path], object]):
@@ -391,6 +435,7 @@ def _from_cache(entry: Path, piece: str, read: Callable[[Path], object]):
         return read(folder)
     except Exception as exc:  # whatever is wrong with a cached piece, the GGUF can rebuild it
         log.warning("ignoring the cached %s in %s (%s); rebuilding it", piece, entry, _first_line(exc))
+        _DAMAGED.add(folder)
         shutil.rmtree(folder, ignore_errors=True)
         return None
 
@@ -401,7 +446,7 @@ def _store(entry: Path, piece: str, write: Callable[[Path], object]) -> bool:
     staging = None
     try:
         entry.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{piece}-", dir=entry))
+        staging = Path(tempfile.mkdtemp(prefix=f".{piece}-{os.getpid()}-", dir=entry))
         write(staging)
         files = {p.name: _file_facts(p) for p in sorted(staging.iterdir()) if p.is_file()}
         (staging / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
@@ -410,11 +455,20 @@ def _store(entry: Path, piece: str, write: Callable[[Path], object]) -> bool:
         try:
             os.rename(staging, final)
         except OSError:
-            if not final.is_dir():  # else another process stored the same piece first
+            # Another process may have stored the same piece first; a damaged copy that could
+            # not be removed is no such thing.
+            if not final.is_dir() or final in _DAMAGED:
                 raise
+        _DAMAGED.discard(final)
         return True
     except Exception as exc:  # the cache only saves time; never fail a load over it
-        log.warning("could not cache the %s in %s: %s", piece, entry, _first_line(exc))
+        if (entry / piece) in _DAMAGED:
+            _warn_once(f"stuck {entry / piece}",
+                       f"the cache is stuck: the damaged {piece} in {entry} cannot be replaced ({_first_line(exc)}); "
+                       f"every load reads the GGUF again, which is slow, until that folder is deleted or can be written.")
+        else:
+            _warn_once(f"store {entry}", f"could not cache the {piece} in {entry} ({_first_line(exc)}); "
+                                         "loads go on without the cache, reading the GGUF each time.")
         return False
     finally:
         if staging is not None:

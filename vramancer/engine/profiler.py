@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -23,6 +24,8 @@ from typing import Callable, Sequence
 import torch
 
 from vramancer.engine.devices import Device
+
+log = logging.getLogger(__name__)
 from vramancer.engine.transfer import TransferManager
 
 PROFILE_VERSION = 2
@@ -206,8 +209,7 @@ def measure(
     reprofile: bool = False,
 ) -> Timings:
     """Timings for every device and link, from the cache where it has them."""
-    folder = cache_dir() / "profiles"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = profile_folder()
     transfer = TransferManager(list(devices))
     device_timings: dict[str, DeviceTimings] = {}
     measured_here: dict[str, DeviceTimings] = {}  # one timing per physical device
@@ -240,7 +242,7 @@ def measure(
     overhead = None if reprofile else _read_float(overhead_path)
     if overhead is None:
         overhead = _time_step_overhead(config, dtype)
-        overhead_path.write_text(json.dumps({"step_overhead_s": overhead}))
+        _write_text(overhead_path, json.dumps({"step_overhead_s": overhead}))
     return Timings(device_timings, links, overhead)
 
 
@@ -258,10 +260,38 @@ def _read_float(path: Path) -> float | None:
         return None
 
 
+def profile_folder() -> Path:
+    """Where timings are kept. The cache only saves time: a folder that cannot be made (the
+    cache dir is a file, or HOME cannot be written) is said once, and timings are measured."""
+    folder = cache_dir() / "profiles"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _cache_failed(folder, exc)
+    return folder
+
+
 def _write(path: Path, timings: DeviceTimings) -> None:
+    _write_text(path, json.dumps(asdict(timings)))
+
+
+def _write_text(path: Path, text: str) -> None:
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(asdict(timings)))
-    temporary.replace(path)  # atomic: a reader never sees half a file
+    try:
+        temporary.write_text(text)
+        temporary.replace(path)  # atomic: a reader never sees half a file
+    except OSError as exc:
+        _cache_failed(path.parent, exc)
+
+
+_CACHE_WARNED: set[str] = set()
+
+
+def _cache_failed(folder: Path, exc: OSError) -> None:
+    if str(folder) not in _CACHE_WARNED:
+        _CACHE_WARNED.add(str(folder))
+        log.warning("the profile cache in %s cannot be written (%s); timings are measured afresh each run.",
+                    folder, exc.strerror or exc)
 
 
 # --- prediction ------------------------------------------------------------------------

@@ -760,8 +760,7 @@ class NodeServer:
         if key not in self._profiles:
             config = load_config(resolve_model(name))
             meta = build_meta_model(config, dtype)
-            folder = profiler.cache_dir() / "profiles"
-            folder.mkdir(parents=True, exist_ok=True)
+            folder = profiler.profile_folder()
             devices, measured = {}, {}
             for device in self.devices.values():
                 cache_key = profiler.profile_key(model_key, device, dtype)
