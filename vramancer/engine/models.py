@@ -134,7 +134,7 @@ def _load_config_uncached(source: ModelSource):
         return AutoConfig.from_pretrained(source.location, **kwargs)
     except OSError as exc:
         if not source.is_hub_id:
-            raise ModelNotFoundError(f"model {source.name} cannot be read: {_first_line(exc)}") from None
+            raise ModelNotFoundError(_sentence(f"model {source.name} cannot be read: {_first_line(exc)}")) from None
         raise ModelNotFoundError(
             f"model {source.name} was not found locally and could not be downloaded "
             f"(is it in the Hugging Face cache, and is the hub reachable?): {_first_line(exc)}"
@@ -264,10 +264,15 @@ GGUF_MIN_KV = 13  # bytes: key length and one character, value type
 
 def unreadable(source: ModelSource, exc: BaseException, what: str = "") -> ModelNotFoundError:
     """The sentence for a model whose files exist but cannot be parsed."""
-    part = f"its {what} " if what else ""
+    subject = f"the {what} of model {source.name}" if what else f"model {source.name}"
     if isinstance(exc, (struct.error, EOFError)):
-        return ModelNotFoundError(f"model {source.name} cannot be read: {part}file ends where more data should be; it is cut short.")
-    return ModelNotFoundError(f"model {source.name} cannot be read: {part}{type(exc).__name__}: {_first_line(exc)}")
+        return ModelNotFoundError(f"{subject} cannot be read: the file ends where more data should be; it is cut short.")
+    return ModelNotFoundError(_sentence(f"{subject} cannot be read: {type(exc).__name__}: {_first_line(exc)}"))
+
+
+def _sentence(text: str) -> str:
+    """A library's message, quoted at the end of ours, still closes our sentence."""
+    return text if text.endswith((".", "?", "!")) else text + "."
 
 
 def check_gguf_header(path: Path, name: str) -> None:
