@@ -31,7 +31,8 @@ def parse_size(text: str) -> int:
     if value <= 0:
         raise VramancerError(f"'{text}' is not a usable size; a size must be positive.")
     if value > MAX_SIZE:
-        raise VramancerError(f"'{text}' is larger than any device; a size must be at most 1024 PiB.")
+        shown = text if len(text) <= 24 else f"{text[:12]}…{text[-8:]}"
+        raise VramancerError(f"'{shown}' is larger than any device; a size must be at most 1024 PiB.")
     return int(value)
 
 
