@@ -24,6 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _env(name: str, default: str) -> str:
+    """A text default from VRM_<name>; numeric defaults are read (and checked) after parsing."""
     return os.environ.get(f"VRM_{name}", default)
 
 
@@ -46,11 +47,11 @@ def _add_load_flags(parser: argparse.ArgumentParser, model: bool = True, inherit
     add_argument("--token-file", default=_env("TOKEN_FILE", "") or None,
                  help="file holding the cluster token for remote devices (default: VRM_CLUSTER_TOKEN)")
     add_argument("--strategy", default=_env("STRATEGY", "proportional"), help="proportional | sequential | profiled")
-    add_argument("--context", type=int, default=int(_env("CONTEXT", "2048")),
+    add_argument("--context", type=int, default=None,
                  help="tokens of KV cache to budget for (default 2048)")
     add_argument("--dtype", default=_env("DTYPE", "auto"), choices=["auto", "float32", "float16", "bfloat16"])
     add_argument("--reprofile", action="store_true", help="measure device and link timings afresh")
-    add_argument("--threads", type=int, default=int(_env("THREADS", "0")),
+    add_argument("--threads", type=int, default=None,
                  help="CPU threads for torch (default: one less than the cores, so the rest of the "
                       "program, the dashboard's UI above all, keeps a core)")
     add_argument("--auto-rebalance", action="store_true", default=_env("AUTO_REBALANCE", "") == "1",
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="list the vramancer nodes zeroconf finds, with their devices")
     devices.add_argument("--discover-bind", default=_env("DISCOVER_BIND", "127.0.0.1"),
                          help="the address to look for nodes on (default 127.0.0.1; 0.0.0.0 for every interface)")
-    devices.add_argument("--discover-seconds", type=float, default=float(_env("DISCOVER_SECONDS", "3")),
+    devices.add_argument("--discover-seconds", type=float, default=None,
                          help="how long to listen for nodes (default 3)")
     devices.add_argument("--token-file", default=_env("TOKEN_FILE", "") or None,
                          help="file holding the cluster token, for remote devices named in --devices")
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     node = sub.add_parser("node", help="serve this machine's devices to a coordinator")
     node.add_argument("--devices", default=_env("NODE_DEVICES", "auto"),
                       help="the devices to serve: auto (every accelerator, else cpu) | cuda:0,cuda:1 | sim:2x1GiB")
-    node.add_argument("--port", type=int, default=int(_env("NODE_PORT", "7070")),
+    node.add_argument("--port", type=int, default=None,
                       help="port to listen on (default 7070; 0 picks a free one)")
     node.add_argument("--bind", default=_env("NODE_BIND", "127.0.0.1"),
                       help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
@@ -119,16 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
-    if args.threads < 0:
-        print(f"vramancer: --threads must be 1 or more (0: automatic), not {args.threads}.", file=sys.stderr)
-        return EXIT_USAGE
-    # On a small machine torch's default (every core) fights the threads that stream, sample
-    # telemetry and draw the screen; one core less decodes as fast and keeps the rest responsive.
-    _set_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
     from vramancer.engine.errors import VramancerError
 
     try:
+        _check_values(args)  # before torch is even imported: a wrong value costs no time
+        _quiet_libraries()
+        # On a small machine torch's default (every core) fights the threads that stream, sample
+        # telemetry and draw the screen; one core less decodes as fast and keeps the rest responsive.
+        _set_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
         if args.command is None:
             return _dashboard(args)
         return {"devices": _devices, "plan": _plan, "generate": _generate, "bench": _bench,
@@ -143,6 +142,46 @@ def main(argv: list[str] | None = None) -> int:
         # The reader went away (`vramancer plan | head`): not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def _check_values(args) -> None:
+    """Fill the numeric defaults from VRM_* and refuse any value that is wrong on its own,
+    before anything loads: one sentence for a flag and for its environment variable alike."""
+    from vramancer.engine import validation as v
+    from vramancer.engine.errors import VramancerError
+
+    env_defaults = {"context": ("CONTEXT", 2048), "threads": ("THREADS", 0)}
+    if args.command == "node":
+        env_defaults["port"] = ("NODE_PORT", 7070)
+    for dest, (name, default) in env_defaults.items():
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, v.env_int(name, default))
+    if args.command == "devices" and args.discover_seconds is None:
+        args.discover_seconds = v.env_float("DISCOVER_SECONDS", 3.0)
+    v.check_threads(args.threads)
+    v.check_context(args.context)
+    if args.command == "node":
+        v.check_port("--port", args.port)
+    if args.command == "devices":
+        v.check_discover_seconds(args.discover_seconds)
+    for flag in ("prompt", "model", "devices"):
+        text = getattr(args, flag, None)
+        if isinstance(text, str):
+            v.check_text(f"--{flag}", text)
+    if args.command == "generate":
+        v.check_prompt(args.prompt, args.raw)
+        v.check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed,
+                         args.repetition_penalty)
+    elif args.command == "bench":
+        v.check_prompt(args.prompt, raw=False)
+        if args.max_new_tokens < 0:
+            raise VramancerError(f"--max-new-tokens must be 0 or more, not {args.max_new_tokens}.")
+        if args.rounds < 1:
+            raise VramancerError(f"--rounds must be at least 1, not {args.rounds}.")
+    if args.command in (None, "plan", "generate", "bench", "devices"):
+        from vramancer.engine.devices import parse_device_spec
+
+        parse_device_spec(_device_text(args))
 
 
 # --- commands --------------------------------------------------------------------------
@@ -204,8 +243,6 @@ def _node(args) -> int:
     from vramancer.engine.factory import serve_node
     from vramancer.lifetime import exit_now
 
-    if not 0 <= args.port < 65536:
-        raise VramancerError(f"--port must be between 0 and 65535, not {args.port}.")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("vramancer node: %(message)s"))
     node_log = logging.getLogger("vramancer.node")
@@ -369,10 +406,6 @@ def _parse_migrate(text: str) -> tuple[str, str, int]:
 
 
 def _bench(args) -> int:
-    if args.rounds < 1:
-        from vramancer.engine.errors import VramancerError
-
-        raise VramancerError(f"--rounds must be at least 1, not {args.rounds}.")
     engine = _load_engine(args, quiet=args.json)
     try:
         engine.generate(args.prompt, max_new_tokens=4)  # warm-up

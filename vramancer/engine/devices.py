@@ -355,8 +355,11 @@ def parse_device_spec(text: str) -> DeviceSpec:
     remote devices (`node:HOST:PORT/DEVICE[=SIZE]`) and `discover` among the comma-separated
     items: `cuda:0,node:10.0.0.2:7070/cuda:0`, `sim:2x1GiB,node:127.0.0.1:7070/sim0,discover`.
     The local devices are what remains once those items are taken out."""
+    from vramancer.engine.validation import check_device_count
+
     text = text.strip()
     items = [item.strip() for item in text.split(",")]
+    check_device_count(len(items))  # before any work that grows with the count
     if any(item.lower().startswith("node:") or item.lower() == "discover" for item in items):
         return _parse_clustered(items, text)
     if text in ("", "auto"):
@@ -423,6 +426,8 @@ def _parse_clustered(items: list[str], text: str) -> DeviceSpec:
 
 
 def _parse_sim_pool(body: str) -> tuple[DeviceRequest, ...]:
+    from vramancer.engine.validation import check_device_count
+
     sizes: list[int] = []
     for item in body.split(","):
         item = item.strip()
@@ -432,6 +437,7 @@ def _parse_sim_pool(body: str) -> tuple[DeviceRequest, ...]:
             count, item = int(counted.group(1)), counted.group(2)
             if count < 1:
                 raise DeviceSpecError(f"a simulated pool needs at least one device, not {count}.")
+        check_device_count(len(sizes) + count)  # before a list of that many is built
         if not item:
             raise DeviceSpecError("each simulated device needs a size, as in sim:3x2GiB or sim:4GiB,1GiB.")
         sizes.extend([parse_size(item)] * count)

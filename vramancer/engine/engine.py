@@ -434,8 +434,9 @@ def prepare(model: str, devices: str | DeviceSpec, context: int, dtype: str, rep
 
     With remote devices, their nodes are admitted here; `Prepared.close()` (or the Engine built
     from it) lets them go."""
-    if context < 1:
-        raise VramancerError(f"--context must be at least 1 token, not {context}.")
+    from vramancer.engine.validation import check_context
+
+    check_context(context)
     spec = parse_device_spec(devices) if isinstance(devices, str) else devices
     if spec.clustered and not (spec.requests or spec.auto):
         raise VramancerError("remote devices hold decoder layers only; add a device of this machine "

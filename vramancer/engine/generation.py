@@ -41,16 +41,11 @@ class SamplingSettings:
     repetition_penalty: float | None = None
 
     def check(self) -> None:
-        if self.max_new_tokens < 0:
-            raise VramancerError(f"--max-new-tokens must be 0 or more, not {self.max_new_tokens}.")
-        if self.temperature < 0:
-            raise VramancerError(f"--temperature must be 0 or more, not {self.temperature}.")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise VramancerError(f"--top-p must be in (0, 1], not {self.top_p}.")
-        if self.top_k is not None and self.top_k < 0:
-            raise VramancerError(f"--top-k must be 0 or more, not {self.top_k}.")
-        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            raise VramancerError(f"--repetition-penalty must be positive, not {self.repetition_penalty}.")
+        """Refuse any value generate could not use, nan and infinities included."""
+        from vramancer.engine.validation import check_sampling
+
+        check_sampling(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed,
+                       self.repetition_penalty)
 
     def generate_kwargs(self) -> dict:
         kwargs: dict = {"max_new_tokens": self.max_new_tokens}
@@ -158,6 +153,9 @@ class ForcedPrefix(LogitsProcessor):
 
 def encode_prompt(tokenizer, prompt: str | Messages, raw: bool) -> dict:
     """Token ids for a prompt: the chat template for instruct models unless `raw`."""
+    from vramancer.engine.validation import check_prompt
+
+    check_prompt(prompt, raw)
     if isinstance(prompt, str):
         if raw or not getattr(tokenizer, "chat_template", None):
             return dict(tokenizer(prompt, return_tensors="pt"))

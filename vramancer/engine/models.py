@@ -22,8 +22,10 @@ import logging
 import os
 import shutil
 import socket
+import struct
 import tempfile
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +90,7 @@ def resolve_model(name: str) -> ModelSource:
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise ModelNotFoundError(f"model file {name} does not exist.")
+        check_gguf_header(path, name)
         return ModelSource(name, str(path.resolve().parent), path.name)
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -130,12 +133,14 @@ def _load_config_uncached(source: ModelSource):
     try:
         return AutoConfig.from_pretrained(source.location, **kwargs)
     except OSError as exc:
+        if not source.is_hub_id:
+            raise ModelNotFoundError(_sentence(f"model {source.name} cannot be read: {_first_line(exc)}")) from None
         raise ModelNotFoundError(
             f"model {source.name} was not found locally and could not be downloaded "
             f"(is it in the Hugging Face cache, and is the hub reachable?): {_first_line(exc)}"
         ) from None
-    except ValueError as exc:
-        raise ModelNotFoundError(f"model {source.name} cannot be read: {_first_line(exc)}") from None
+    except PARSE_ERRORS as exc:
+        raise unreadable(source, exc) from None
 
 
 def load_tokenizer(source: ModelSource):
@@ -146,7 +151,10 @@ def load_tokenizer(source: ModelSource):
         tokenizer = _from_cache(entry, TOKENIZER_PIECE, lambda folder: AutoTokenizer.from_pretrained(str(folder)))
         if tokenizer is not None:
             return tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(source.location, **source.pretrained_kwargs())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **source.pretrained_kwargs())
+    except (OSError, *PARSE_ERRORS) as exc:
+        raise unreadable(source, exc, "tokenizer") from None
     if entry is not None:
         _store(entry, TOKENIZER_PIECE, lambda folder: tokenizer.save_pretrained(str(folder)))
     return tokenizer
@@ -254,6 +262,49 @@ def split_refusal(model: torch.nn.Module) -> str | None:
     return None
 
 
+# What a damaged config, tokenizer or GGUF header raises from transformers, tokenizers or
+# gguf: each becomes the one-sentence model error, never a traceback.
+PARSE_ERRORS = (ValueError, KeyError, IndexError, TypeError, AttributeError, EOFError, OverflowError,
+                struct.error, UnicodeDecodeError)
+GGUF_VERSIONS = (2, 3)
+GGUF_MIN_TENSOR_INFO = 33  # bytes: name length and one character, dims, one dim, type, offset
+GGUF_MIN_KV = 13  # bytes: key length and one character, value type
+
+
+def unreadable(source: ModelSource, exc: BaseException, what: str = "") -> ModelNotFoundError:
+    """The sentence for a model whose files exist but cannot be parsed."""
+    subject = f"the {what} of model {source.name}" if what else f"model {source.name}"
+    if isinstance(exc, (struct.error, EOFError)):
+        return ModelNotFoundError(f"{subject} cannot be read: the file ends where more data should be; it is cut short.")
+    return ModelNotFoundError(_sentence(f"{subject} cannot be read: {type(exc).__name__}: {_first_line(exc)}"))
+
+
+def _sentence(text: str) -> str:
+    """A library's message, quoted at the end of ours, still closes our sentence."""
+    return text if text.endswith((".", "?", "!")) else text + "."
+
+
+def check_gguf_header(path: Path, name: str) -> None:
+    """The fixed start of a GGUF file, checked before any parser trusts it: magic, version,
+    and counts a file of this size could hold (a damaged count would make a reader try to
+    walk billions of entries)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(24)
+    if len(head) < 4 or head[:4] != b"GGUF":
+        if len(head) < 4 and b"GGUF".startswith(head):
+            raise ModelNotFoundError(f"model file {name} is cut short inside its GGUF header ({size} bytes).")
+        raise ModelNotFoundError(f"model file {name} is not a GGUF file (it does not start with 'GGUF').")
+    if len(head) < 24:
+        raise ModelNotFoundError(f"model file {name} is cut short inside its GGUF header ({size} bytes).")
+    version, tensors, keys = struct.unpack("<IQQ", head[4:24])
+    if version not in GGUF_VERSIONS:
+        raise ModelNotFoundError(f"model file {name} is GGUF version {version}; this reader knows versions 2 and 3.")
+    if tensors * GGUF_MIN_TENSOR_INFO + keys * GGUF_MIN_KV > size:
+        raise ModelNotFoundError(f"model file {name} claims {tensors} tensors and {keys} metadata entries, "
+                                 f"more than its {size} bytes can hold; it is cut short or damaged.")
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """One quick TCP connect to the hub, instead of the client's minute of retries."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
@@ -337,9 +388,52 @@ def gguf_cache_entry(source: ModelSource) -> Path | None:
         return None
     path = Path(source.location) / source.gguf_file
     try:
-        return cache_root() / "gguf" / f"{path.stem}-{gguf_key(path)}"
+        entry = cache_root() / "gguf" / f"{path.stem}-{gguf_key(path)}"
     except OSError:
         return None  # transformers will say what is wrong with the file
+    if entry not in _SWEPT:
+        _SWEPT.add(entry)
+        remove_stale_staging(entry)
+    return entry
+
+
+# Staging folders are named .<piece>-<pid>-<random>: a writer that was killed leaves its own
+# behind, recognisable by a pid that no longer runs (or, for any name, by its age).
+STALE_STAGING_S = 24 * 3600
+_SWEPT: set[Path] = set()  # entries already swept by this process
+_DAMAGED: set[Path] = set()  # pieces found damaged by this process, to be replaced
+_WARNED: set[str] = set()  # cache warnings already given by this process
+
+
+def remove_stale_staging(entry: Path) -> list[Path]:
+    """Delete the staging folders of writers that died before renaming them into place."""
+    import psutil
+
+    removed = []
+    try:
+        children = [child for child in entry.iterdir() if child.name.startswith(".") and child.is_dir()]
+    except OSError:
+        return removed
+    for child in children:
+        pid_text = child.name.split("-")[-2] if child.name.count("-") >= 2 else ""
+        try:
+            age = time.time() - child.stat().st_mtime
+        except OSError:
+            continue
+        dead = pid_text.isdigit() and int(pid_text) != os.getpid() and not psutil.pid_exists(int(pid_text))
+        if dead or age > STALE_STAGING_S:
+            shutil.rmtree(child, ignore_errors=True)
+            if not child.exists():
+                removed.append(child)
+    if removed:
+        log.info("removed %d unfinished cache folder(s) left in %s by writers that stopped", len(removed), entry)
+    return removed
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning("%s", message)
 
 
 def _from_cache(entry: Path, piece: str, read: Callable[[Path], object]):
@@ -355,6 +449,7 @@ def _from_cache(entry: Path, piece: str, read: Callable[[Path], object]):
         return read(folder)
     except Exception as exc:  # whatever is wrong with a cached piece, the GGUF can rebuild it
         log.warning("ignoring the cached %s in %s (%s); rebuilding it", piece, entry, _first_line(exc))
+        _DAMAGED.add(folder)
         shutil.rmtree(folder, ignore_errors=True)
         return None
 
@@ -365,7 +460,7 @@ def _store(entry: Path, piece: str, write: Callable[[Path], object]) -> bool:
     staging = None
     try:
         entry.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{piece}-", dir=entry))
+        staging = Path(tempfile.mkdtemp(prefix=f".{piece}-{os.getpid()}-", dir=entry))
         write(staging)
         files = {p.name: _file_facts(p) for p in sorted(staging.iterdir()) if p.is_file()}
         (staging / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
@@ -374,11 +469,20 @@ def _store(entry: Path, piece: str, write: Callable[[Path], object]) -> bool:
         try:
             os.rename(staging, final)
         except OSError:
-            if not final.is_dir():  # else another process stored the same piece first
+            # Another process may have stored the same piece first; a damaged copy that could
+            # not be removed is no such thing.
+            if not final.is_dir() or final in _DAMAGED:
                 raise
+        _DAMAGED.discard(final)
         return True
     except Exception as exc:  # the cache only saves time; never fail a load over it
-        log.warning("could not cache the %s in %s: %s", piece, entry, _first_line(exc))
+        if (entry / piece) in _DAMAGED:
+            _warn_once(f"stuck {entry / piece}",
+                       f"the cache is stuck: the damaged {piece} in {entry} cannot be replaced ({_first_line(exc)}); "
+                       f"every load reads the GGUF again, which is slow, until that folder is deleted or can be written.")
+        else:
+            _warn_once(f"store {entry}", f"could not cache the {piece} in {entry} ({_first_line(exc)}); "
+                                         "loads go on without the cache, reading the GGUF each time.")
         return False
     finally:
         if staging is not None:

@@ -14,3 +14,12 @@ class LoadOptions:
     dtype: str = "auto"
     auto_rebalance: bool = False
     token_file: str | None = None  # the cluster token for remote devices (else VRM_CLUSTER_TOKEN)
+
+    def check(self) -> None:
+        """VramancerError for a value that is wrong on its own, before anything loads (the CLI
+        and the dashboard call this; loading checks the same again)."""
+        from vramancer.engine.devices import parse_device_spec
+        from vramancer.engine.validation import check_context
+
+        check_context(self.context)
+        parse_device_spec(self.devices)

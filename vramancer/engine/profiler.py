@@ -27,6 +27,8 @@ import torch
 
 from vramancer.engine.architecture import cut_config, describe, layers_of_every_kind
 from vramancer.engine.devices import Device
+
+log = logging.getLogger(__name__)
 from vramancer.engine.transfer import TransferManager
 
 log = logging.getLogger(__name__)
@@ -291,8 +293,7 @@ def measure(
     reprofile: bool = False,
 ) -> Timings:
     """Timings for every device and link, from the cache where it has them."""
-    folder = cache_dir() / "profiles"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = profile_folder()
     transfer = TransferManager(list(devices))
     device_timings: dict[str, DeviceTimings] = {}
     measured_here: dict[str, DeviceTimings] = {}  # one timing per physical device
@@ -330,7 +331,7 @@ def measure(
     if overhead is None:
         try:
             overhead = _time_step_overhead(config, dtype)
-            overhead_path.write_text(json.dumps({"step_overhead_s": overhead}))
+            _write_text(overhead_path, json.dumps({"step_overhead_s": overhead}))
         except Exception as exc:  # noqa: BLE001 - a prediction without it is still a prediction
             log.warning("could not time a generate step of %s (%s); predictions leave it out",
                         getattr(config, "model_type", "the model"), _first_line(exc))
@@ -353,9 +354,37 @@ def _read_float(path: Path) -> float | None:
 
 
 def write_cached(path: Path, timings: DeviceTimings) -> None:
+    _write_text(path, json.dumps(asdict(timings)))
+
+
+def profile_folder() -> Path:
+    """Where timings are kept. The cache only saves time: a folder that cannot be made (the
+    cache dir is a file, or HOME cannot be written) is said once, and timings are measured."""
+    folder = cache_dir() / "profiles"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _cache_failed(folder, exc)
+    return folder
+
+
+def _write_text(path: Path, text: str) -> None:
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(asdict(timings)))
-    temporary.replace(path)  # atomic: a reader never sees half a file
+    try:
+        temporary.write_text(text)
+        temporary.replace(path)  # atomic: a reader never sees half a file
+    except OSError as exc:
+        _cache_failed(path.parent, exc)
+
+
+_CACHE_WARNED: set[str] = set()
+
+
+def _cache_failed(folder: Path, exc: OSError) -> None:
+    if str(folder) not in _CACHE_WARNED:
+        _CACHE_WARNED.add(str(folder))
+        log.warning("the profile cache in %s cannot be written (%s); timings are measured afresh each run.",
+                    folder, exc.strerror or exc)
 
 
 # --- prediction ------------------------------------------------------------------------

@@ -10,6 +10,7 @@ KiB = 1024
 MiB = 1024**2
 GiB = 1024**3
 TiB = 1024**4
+MAX_SIZE = 1024**6  # 1 EiB: past any device, and still exact as an int64
 
 _UNITS = {
     "": 1, "b": 1,
@@ -29,6 +30,9 @@ def parse_size(text: str) -> int:
     value = float(match.group(1)) * _UNITS[match.group(2).lower()]
     if value <= 0:
         raise VramancerError(f"'{text}' is not a usable size; a size must be positive.")
+    if value > MAX_SIZE:
+        shown = text if len(text) <= 24 else f"{text[:12]}…{text[-8:]}"
+        raise VramancerError(f"'{shown}' is larger than any device; a size must be at most 1024 PiB.")
     return int(value)
 
 

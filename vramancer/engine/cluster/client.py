@@ -30,6 +30,7 @@ REQUEST_TIMEOUT_S = 120.0
 LOAD_TIMEOUT_S = 900.0  # a node's first read of a large model can take minutes
 GLOO_TIMEOUT = timedelta(days=7)  # liveness is judged by heartbeats, not by how long an operation takes
 POLL_S = 0.2
+GOODBYE_TIMEOUT_S = 5.0  # close() waits this long for each part of the goodbye, then hangs up
 
 
 class NodeConnection:
@@ -225,13 +226,17 @@ class NodeConnection:
                 box.append(exc)
             done.set()
 
-    def _wait(self, works: list, what: str) -> None:
-        """Wait for gloo operations on the helper thread, watching the node's health meanwhile."""
+    def _wait(self, works: list, what: str, timeout: float | None = None) -> None:
+        """Wait for gloo operations on the helper thread, watching the node's health meanwhile
+        (and giving up after `timeout` seconds when one is given)."""
         done, box = threading.Event(), []
         self._jobs.put((works, done, box))
+        deadline = time.monotonic() + timeout if timeout is not None else None
         while not done.wait(POLL_S):
             if not self.alive:
                 raise p.NodeLost(self.label, self.lost_reason or "it went away")
+            if deadline is not None and time.monotonic() > deadline:
+                raise p.ClusterError(f"{self.label} did not finish {what} within {timeout:.0f} s.")
         if box:
             self.mark_lost(f"{what} failed: {_first_line(box[0])}")
             raise p.NodeLost(self.label, self.lost_reason or what)
@@ -318,9 +323,11 @@ class NodeConnection:
         self._closing = True  # what follows is no loss worth a warning
         if self.alive:
             try:
+                # A tensor channel out of step (a send the node never receives) must not hang
+                # close(): after GOODBYE_TIMEOUT_S we hang up, and the node lets go on its own.
                 works = self._send([p.header(p.OP_BYE)])
-                self._wait(works, "saying goodbye")
-                self.request("bye", timeout=10.0)
+                self._wait(works, "saying goodbye", timeout=GOODBYE_TIMEOUT_S)
+                self.request("bye", timeout=GOODBYE_TIMEOUT_S)
             except p.ClusterError as exc:
                 log.info("%s: goodbye not acknowledged (%s)", self.label, exc)
         self.mark_lost("closed by this coordinator")

@@ -34,6 +34,13 @@ log = logging.getLogger("vramancer.node")
 SAMPLE_INTERVAL_S = 0.5  # telemetry, and the heartbeat a coordinator watches
 GLOO_TIMEOUT = timedelta(days=7)  # a node waits for tensors as long as its session lasts
 STORE_TIMEOUT = timedelta(seconds=20)
+MAX_PENDING = 16  # handshakes in progress at once
+HANDSHAKE_GRACE_S = 0.5  # a handshake this young is never pushed out by a newer connection
+SESSION_DESCRIPTORS = 32  # what one session needs (control socket, store, gloo pairs, event loops): ~22 measured
+ACCEPT_WARNING_S = 60.0  # say that accepting fails at most this often
+ACCEPT_POLL_S = 0.25  # how often the accept loop looks at stop() and at handshake deadlines
+ACCEPT_BACKOFF_S = (0.01, 1.0)  # after an accept error (out of descriptors…): first and longest pause
+HANDOVER_S = 2.0  # how long an ending session may take to let go (under a coordinator's 5 s read timeout)
 
 
 def node_devices(spec_text: str) -> list[Device]:
@@ -220,6 +227,7 @@ class Session:
         self.pg = None
         self._store = None
         self._store_socket: socket.socket | None = None
+        self.ending = threading.Event()  # said goodbye or hung up: a new coordinator may wait for us
 
     # --- process group -------------------------------------------------------------------
 
@@ -238,19 +246,34 @@ class Session:
 
         assert self._store_socket is not None
         port = self._store_socket.getsockname()[1]
-        # The store takes the listening socket over (and closes it when it goes): hand it the
-        # descriptor outright so it is never closed twice.
-        fd = self._store_socket.detach()
-        self._store_socket = None
+        # The store takes a descriptor of the listening socket over (and closes it when it
+        # goes); we keep our own, so that the listener can be shut once the group has formed.
+        fd = os.dup(self._store_socket.fileno())
         try:
             self._store = dist.TCPStore(self.local_address, port, 2, True, STORE_TIMEOUT, master_listen_fd=fd)
         except BaseException:
             os.close(fd)
             raise
-        options = ProcessGroupGloo._Options()
-        options._devices = [ProcessGroupGloo.create_device(hostname=self.local_address)]
-        options._timeout = GLOO_TIMEOUT
-        self.pg = ProcessGroupGloo(self._store, p.NODE_RANK, 2, options)
+        try:
+            options = ProcessGroupGloo._Options()
+            options._devices = [ProcessGroupGloo.create_device(hostname=self.local_address)]
+            options._timeout = GLOO_TIMEOUT
+            self.pg = ProcessGroupGloo(self._store, p.NODE_RANK, 2, options)
+        finally:
+            self.close_store_listener()
+
+    def close_store_listener(self) -> None:
+        """Stop the rendezvous store listening: once both ranks have met, nobody else (and
+        nobody without the token) can reach it. Shutting the socket down stops the listening
+        for every descriptor of it, the store's own included; the store keeps serving the
+        connections it already has."""
+        sock, self._store_socket = self._store_socket, None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
 
     # --- the three loops -----------------------------------------------------------------
 
@@ -263,15 +286,25 @@ class Session:
         try:
             self._control_loop()
         finally:
+            self.ending.set()
             self.closed.set()
-            with self.lock:
+            self.channel.close()
+            # The tensor thread holds the lock while it waits inside an operation; a
+            # coordinator out of step (or gone) may never send what it waits for. Wait for it a
+            # bounded time, then let go of the layers anyway: it checks `closed` before it
+            # touches the model again.
+            held = self.lock.acquire(timeout=HANDOVER_S)
+            try:
+                if not held:
+                    log.warning("the tensor channel from %s is stuck; releasing its layers anyway", self.peer)
                 if self.server.model is not None:
                     self.server.model.release_all()
-            self.channel.close()
+            finally:
+                if held:
+                    self.lock.release()
             self.pg = None
             self._store = None
-            if self._store_socket is not None:
-                self._store_socket.close()
+            self.close_store_listener()
             log.info("session with %s ended", self.peer)
 
     def _control_loop(self) -> None:
@@ -300,6 +333,7 @@ class Session:
             except OSError:
                 return
             if op in ("bye", "shutdown") and ok["ok"]:
+                self.ending.set()
                 if op == "shutdown":
                     self.server.stop()
                 return
@@ -348,7 +382,7 @@ class Session:
             while not self.closed.is_set():
                 pg.recv([head], p.COORDINATOR_RANK, p.TAG).wait()
                 op = int(head[0])
-                if op == p.OP_BYE:
+                if op == p.OP_BYE or self.closed.is_set():
                     return
                 with self.lock:
                     self._data_op(op, head.tolist())
@@ -380,6 +414,8 @@ class Session:
                 pg.recv([positions], src, p.TAG).wait()
             else:
                 positions = torch.arange(start, start + tokens, dtype=torch.int64)[None]
+            if self.closed.is_set():  # the session ended while we waited: the layers are not ours
+                return
             began = time.perf_counter()
             with torch.inference_mode():
                 out = model.run(hidden, positions, first, last, past, bool(use_cache)).contiguous()
@@ -408,6 +444,8 @@ class Session:
                     pg.recv([k], src, p.TAG).wait()
                     pg.recv([v], src, p.TAG).wait()
                     pairs.append((k, v))
+            if self.closed.is_set():
+                return
             model.set_layer_kv(first, pairs, last)
             pg.send([p.header(0)], src, p.TAG).wait()
         else:
@@ -419,6 +457,91 @@ class Session:
                 self.channel.send({"type": "sample", "devices": self.server.snapshots()})
             except OSError:
                 return
+
+
+class Handshakes:
+    """Connections that have not proved the token yet: at most `limit` at once, each given one
+    deadline for its whole handshake.
+
+    When a connection arrives and all places are taken, the oldest handshake gives way if it
+    has had HANDSHAKE_GRACE_S already, else the newcomer is closed at once. So a peer holding
+    connections open cannot keep a coordinator out (its connections are the old ones; a
+    coordinator's handshake takes milliseconds), and a flood of new connections cannot push
+    out a handshake in progress. Shutting a socket down wakes the thread reading it, which
+    then closes it."""
+
+    def __init__(self, limit: int = MAX_PENDING, seconds: float = p.HANDSHAKE_TIMEOUT_S):
+        self.limit, self.seconds = limit, seconds
+        self._deadlines: dict[socket.socket, float] = {}  # in arrival order
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._deadlines)
+
+    def add(self, conn: socket.socket) -> bool:
+        """Take `conn` in (True), or say there is no place for it (False: close it)."""
+        now = time.monotonic()
+        with self._lock:
+            if len(self._deadlines) >= self.limit:
+                oldest_since = next(iter(self._deadlines.values())) - self.seconds
+                if now - oldest_since < HANDSHAKE_GRACE_S:
+                    return False
+                self._drop_oldest()
+            self._deadlines[conn] = now + self.seconds
+            return True
+
+    def finish(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._deadlines.pop(conn, None)
+
+    def remaining(self, conn: socket.socket) -> float:
+        with self._lock:
+            deadline = self._deadlines.get(conn)
+        return max(0.0, deadline - time.monotonic()) if deadline is not None else 0.0
+
+    def expire(self) -> None:
+        """Shut down every handshake past its deadline."""
+        now = time.monotonic()
+        with self._lock:
+            late = [conn for conn, deadline in self._deadlines.items() if deadline <= now]
+            for conn in late:
+                del self._deadlines[conn]
+                _shut(conn)
+
+    def drop_oldest(self) -> bool:
+        """Shut down the oldest handshake (to free its descriptor); False if there is none."""
+        with self._lock:
+            return self._drop_oldest()
+
+    def _drop_oldest(self) -> bool:
+        if not self._deadlines:
+            return False
+        conn = next(iter(self._deadlines))
+        del self._deadlines[conn]
+        _shut(conn)
+        return True
+
+
+def pending_limit() -> int:
+    """How many handshakes may wait at once: MAX_PENDING, or fewer when the descriptors this
+    process may open would not leave room for a session beside them."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 16
+    except (ImportError, OSError):
+        return MAX_PENDING
+    if soft == resource.RLIM_INFINITY:
+        return MAX_PENDING
+    return max(1, min(MAX_PENDING, (soft - in_use - SESSION_DESCRIPTORS) // 2))
+
+
+def _shut(conn: socket.socket) -> None:
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class NodeServer:
@@ -440,6 +563,9 @@ class NodeServer:
         self._advertiser = None
         self._stopping = threading.Event()
         self._sessions_lock = threading.Lock()
+        self._session_ended = threading.Condition(self._sessions_lock)
+        self.handshakes = Handshakes(pending_limit())
+        self._accept_warned = -ACCEPT_WARNING_S
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -452,8 +578,8 @@ class NodeServer:
         except OSError as exc:
             sock.close()
             raise VramancerError(f"cannot listen on {self.bind}:{self.port}: {exc.strerror or exc}.") from None
-        sock.listen(8)
-        sock.settimeout(0.5)  # so stop() is noticed
+        sock.listen(128)
+        sock.settimeout(ACCEPT_POLL_S)  # so stop() and handshake deadlines are noticed
         self._listener = sock
         self.port = sock.getsockname()[1]
         if self.advertise:
@@ -472,15 +598,38 @@ class NodeServer:
         return self.port
 
     def serve_forever(self) -> None:
-        assert self._listener is not None
+        """Accept until stop(). Nothing a peer does ends this loop: an accept that fails (out
+        of descriptors, a connection reset before it was taken) is followed by a pause that
+        grows while the failures last, after shutting the oldest handshake to free a descriptor."""
+        listener = self._listener
+        assert listener is not None
+        pause = 0.0
         while not self._stopping.is_set():
+            self.handshakes.expire()
             try:
-                conn, address = self._listener.accept()
+                conn, address = listener.accept()
             except socket.timeout:
                 continue
-            except OSError:
-                break
-            threading.Thread(target=self._admit, args=(conn, address), name="vramancer-node-session", daemon=True).start()
+            except OSError as exc:
+                if self._stopping.is_set() or self._listener is None:
+                    break
+                if time.monotonic() - self._accept_warned >= ACCEPT_WARNING_S:
+                    self._accept_warned = time.monotonic()
+                    log.warning("accepting a connection failed (%s); pausing and going on", exc.strerror or exc)
+                self.handshakes.drop_oldest()
+                pause = min(max(pause * 2, ACCEPT_BACKOFF_S[0]), ACCEPT_BACKOFF_S[1])
+                self._stopping.wait(pause)
+                continue
+            pause = 0.0
+            if not self.handshakes.add(conn):
+                conn.close()  # too many strangers at once, all of them just arrived
+                continue
+            try:
+                threading.Thread(target=self._admit, args=(conn, address), name="vramancer-node-handshake",
+                                 daemon=True).start()
+            except RuntimeError:  # no thread to spare: this peer waits for none
+                self.handshakes.finish(conn)
+                conn.close()
         self.close()
 
     def stop(self) -> None:
@@ -499,12 +648,16 @@ class NodeServer:
 
     def _admit(self, conn: socket.socket, address) -> None:
         peer = f"{address[0]}:{address[1]}"
-        conn.settimeout(p.HANDSHAKE_TIMEOUT_S)
+        # Each read waits at most what is left of the handshake's one deadline, and the accept
+        # loop shuts the socket once the deadline passes, however slowly bytes trickle in.
+        conn.settimeout(max(self.handshakes.remaining(conn), 0.01))
         channel = p.LineChannel(conn)
         try:
             nonce = p.new_nonce()
             channel.send({"type": "hello", "version": p.PROTOCOL_VERSION, "nonce": nonce})
             auth = channel.receive()
+            if self.handshakes.remaining(conn) <= 0:
+                auth = None  # too late (or pushed out by newer connections)
             if auth is None or auth.get("type") != "auth":
                 log.warning("refused %s: it did not answer the challenge", peer)
                 channel.close()
@@ -520,7 +673,12 @@ class NodeServer:
                     p.coordinator_proof(self.token, nonce, theirs), offered):
                 self._refuse(channel, peer, "its cluster token does not match")
                 return
+            self.handshakes.finish(conn)  # proved the token: no longer a pending stranger
             with self._sessions_lock:
+                # A session that has said goodbye is let go of within HANDOVER_S: a coordinator
+                # reconnecting right after its close() waits for it instead of being refused.
+                self._session_ended.wait_for(lambda: self.session is None or not self.session.ending.is_set(),
+                                             timeout=HANDOVER_S + 1.0)
                 busy = self.session is not None
                 if not busy:
                     session = Session(self, channel, peer, conn.getsockname()[0])
@@ -541,9 +699,12 @@ class NodeServer:
             finally:
                 with self._sessions_lock:
                     self.session = None
+                    self._session_ended.notify_all()
         except (OSError, p.ClusterError, RuntimeError) as exc:
             log.warning("session with %s failed: %s", peer, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             channel.close()
+        finally:
+            self.handshakes.finish(conn)
 
     def _refuse(self, channel: p.LineChannel, peer: str, reason: str) -> None:
         log.warning("refused coordinator %s: %s; no process group formed, nothing loaded", peer, reason)
@@ -600,8 +761,7 @@ class NodeServer:
         if key not in self._profiles:
             config = load_config(resolve_model(name))
             meta = build_meta_model(config, dtype)
-            folder = profiler.cache_dir() / "profiles"
-            folder.mkdir(parents=True, exist_ok=True)
+            folder = profiler.profile_folder()
             devices, measured = {}, {}
             for device in self.devices.values():
                 cache_key = profiler.profile_key(model_key, device, dtype)

@@ -31,7 +31,8 @@ SERVICE_TYPE = "_vramancer._tcp.local."
 DEFAULT_NODE_PORT = 7070
 TOKEN_ENV = "VRM_CLUSTER_TOKEN"
 MAX_LINE = 1 << 20  # a control message longer than this is refused: nothing legitimate is near it
-HANDSHAKE_TIMEOUT_S = 10.0
+HANDSHAKE_TIMEOUT_S = 10.0  # for the whole handshake, however slowly a peer trickles bytes
+MAX_TOKEN_BYTES = 4096
 NODE_RANK, COORDINATOR_RANK = 0, 1
 TAG = 0  # one ordered stream per direction is all we need
 
@@ -83,10 +84,17 @@ def cluster_token(token_file: str | None = None) -> bytes | None:
     if token_file:
         path = Path(token_file).expanduser()
         try:
-            text = path.read_text()
+            with path.open("rb") as f:
+                data = f.read(MAX_TOKEN_BYTES + 1)  # never more: /dev/zero or a large file by mistake
         except OSError as exc:
             raise ClusterError(f"the token file {token_file} cannot be read: {exc.strerror or exc}.") from None
-        token = text.strip()
+        if len(data) > MAX_TOKEN_BYTES:
+            raise ClusterError(f"the token file {token_file} holds more than {MAX_TOKEN_BYTES} bytes; "
+                               "a cluster token is a short secret on one line.")
+        try:
+            token = data.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise ClusterError(f"the token file {token_file} is not UTF-8 text; put the cluster's secret in it.") from None
         if not token:
             raise ClusterError(f"the token file {token_file} is empty; put the cluster's secret in it.")
         return token.encode()

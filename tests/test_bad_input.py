@@ -1,0 +1,241 @@
+"""Bad input, as a new user types it: each case exits 2 with one sentence on stderr and no
+traceback. Where the value alone is wrong, the refusal comes before any model file is read
+(the loaders are replaced by tripwires for those cases); damaged model files are refused
+before any weights load. (How long each refusal takes in a fresh process:
+`python -m benchmarks.bad_input`.)
+
+The table runs in this process (`vramancer.cli.main`); a few cases run as real processes to
+show the real path: argv bytes that are not UTF-8, environment variables, a huge device count.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from vramancer.cli import main
+from vramancer.engine import engine as engine_module
+from vramancer.engine import models
+
+TOKEN_FILE_LIMIT = "more than 4096 bytes"
+
+# (case id, argv, environment, words the sentence must hold, what may be read before the refusal)
+#   "nothing": the value alone is wrong, no model file may be opened
+#   "config":  the model's config (or header) is the bad input, weights must not load
+NOTHING, CONFIG = "nothing", "config"
+MANY_SIMS = "sim:" + ",".join(["1GiB"] * 5000)
+MANY_NODES = ",".join(["cpu"] + [f"node:127.0.0.1:{7000 + i}/sim0" for i in range(3000)])
+
+CASES = [
+    # sampling flags
+    ("temperature-nan", ["generate", "--prompt", "hi", "--temperature", "nan"], {}, "--temperature must be a finite number", NOTHING),
+    ("temperature-inf", ["generate", "--prompt", "hi", "--temperature", "inf"], {}, "--temperature must be a finite number", NOTHING),
+    ("temperature-negative", ["generate", "--prompt", "hi", "--temperature", "-1"], {}, "--temperature must be 0 or more", NOTHING),
+    ("top-p-nan", ["generate", "--prompt", "hi", "--top-p", "nan"], {}, "--top-p must be a finite number", NOTHING),
+    ("top-p-zero", ["generate", "--prompt", "hi", "--top-p", "0"], {}, "--top-p must be in (0, 1]", NOTHING),
+    ("top-p-above-one", ["generate", "--prompt", "hi", "--top-p", "1.5"], {}, "--top-p must be in (0, 1]", NOTHING),
+    ("top-k-negative", ["generate", "--prompt", "hi", "--top-k", "-1"], {}, "--top-k must be 0 or more", NOTHING),
+    ("repetition-penalty-nan", ["generate", "--prompt", "hi", "--repetition-penalty", "nan"], {}, "--repetition-penalty must be a finite number", NOTHING),
+    ("repetition-penalty-zero", ["generate", "--prompt", "hi", "--repetition-penalty", "0"], {}, "--repetition-penalty must be positive", NOTHING),
+    ("seed-negative", ["generate", "--prompt", "hi", "--seed", "-1"], {}, "--seed must be between 0 and 2^64-1", NOTHING),
+    ("seed-past-2^64", ["generate", "--prompt", "hi", "--seed", str(2**64)], {}, "--seed must be between 0 and 2^64-1", NOTHING),
+    ("max-new-tokens-negative", ["generate", "--prompt", "hi", "--max-new-tokens", "-1"], {}, "--max-new-tokens must be 0 or more", NOTHING),
+    ("rounds-zero", ["bench", "--rounds", "0"], {}, "--rounds must be at least 1", NOTHING),
+    # load flags
+    ("threads-99999", ["plan", "--threads", "99999"], {}, "--threads must be between 1 and", NOTHING),
+    ("threads-negative", ["plan", "--threads", "-1"], {}, "--threads must be between 1 and", NOTHING),
+    ("context-zero", ["plan", "--context", "0"], {}, "--context must be at least 1", NOTHING),
+    ("context-huge", ["plan", "--context", str(10**15)], {}, "--context must be at most", NOTHING),
+    ("context-not-a-number", ["plan", "--context", "abc"], {}, "invalid int value", NOTHING),
+    ("dtype-unknown", ["plan", "--dtype", "float64"], {}, "invalid choice", NOTHING),
+    ("migrate-malformed", ["generate", "--prompt", "hi", "--migrate", "0-9sim2"], {}, "not of the form", NOTHING),
+    ("port-out-of-range", ["node", "--port", "70000"], {}, "--port must be between 0 and 65535", NOTHING),
+    ("discover-seconds-nan", ["devices", "--discover-seconds", "nan"], {}, "--discover-seconds must be a finite number", NOTHING),
+    ("token-file-dev-zero", ["node", "--devices", "sim:1GiB", "--no-advertise", "--token-file", "/dev/zero"], {}, TOKEN_FILE_LIMIT, NOTHING),
+    ("token-file-missing", ["node", "--devices", "sim:1GiB", "--no-advertise", "--token-file", "/no/such/token"], {}, "cannot be read", NOTHING),
+    # environment variables: the same sentence path as flags
+    ("VRM_CONTEXT=abc", ["plan"], {"VRM_CONTEXT": "abc"}, "VRM_CONTEXT must be a whole number", NOTHING),
+    ("VRM_CONTEXT=0", ["plan"], {"VRM_CONTEXT": "0"}, "--context must be at least 1", NOTHING),
+    ("VRM_THREADS=x", ["plan"], {"VRM_THREADS": "x"}, "VRM_THREADS must be a whole number", NOTHING),
+    ("VRM_THREADS=100000", ["plan"], {"VRM_THREADS": "100000"}, "--threads must be between 1 and", NOTHING),
+    ("VRM_NODE_PORT=abc", ["node"], {"VRM_NODE_PORT": "abc"}, "VRM_NODE_PORT must be a whole number", NOTHING),
+    ("VRM_DISCOVER_SECONDS=abc", ["devices"], {"VRM_DISCOVER_SECONDS": "abc"}, "VRM_DISCOVER_SECONDS must be a number", NOTHING),
+    ("VRM_DEVICES=sim:0x1GiB", ["plan"], {"VRM_DEVICES": "sim:0x1GiB"}, "at least one device", NOTHING),
+    ("VRM_DEVICES=gpu", ["plan"], {"VRM_DEVICES": "gpu"}, "not a device", NOTHING),
+    # device specs
+    ("sim-99999999999-devices", ["plan", "--devices", "sim:99999999999x1GiB"], {}, "99999999999 devices are more than", NOTHING),
+    ("sim-5000-listed", ["plan", "--devices", MANY_SIMS], {}, "5000 devices are more than", NOTHING),
+    ("3000-remote-devices", ["plan", "--devices", MANY_NODES], {}, "3001 devices are more than", NOTHING),
+    ("sim-size-overflows", ["plan", "--devices", "sim:1" + "0" * 400 + "GiB"], {}, "larger than any device", NOTHING),
+    ("sim-zero-devices", ["plan", "--devices", "sim:0x1GiB"], {}, "at least one device", NOTHING),
+    ("sim-negative-size", ["plan", "--devices", "sim:-1GiB"], {}, "must be positive", NOTHING),
+    ("sim-no-size", ["plan", "--devices", "sim:3x"], {}, "needs a size", NOTHING),
+    ("sim-unknown-unit", ["plan", "--devices", "sim:2xTB"], {}, "is not a size", NOTHING),
+    ("device-twice", ["plan", "--devices", "cpu,cpu"], {}, "listed twice", NOTHING),
+    ("remote-malformed", ["plan", "--devices", "cpu,node:host/sim0"], {}, "is not a remote device", NOTHING),
+    ("device-unknown", ["plan", "--devices", "gpu"], {}, "not a device", NOTHING),
+    # prompts
+    ("raw-empty-prompt", ["generate", "--raw", "--prompt", ""], {}, "the prompt is empty", NOTHING),
+    ("prompt-not-utf8", ["generate", "--prompt", "caf\udce9"], {}, "--prompt is not valid UTF-8", NOTHING),
+    ("bench-prompt-not-utf8", ["bench", "--prompt", "\udcff"], {}, "--prompt is not valid UTF-8", NOTHING),
+    # model files (made by the `bad_models` fixture; {name} is replaced by its path)
+    ("model-missing", ["plan", "--model", "/no/such/model.gguf"], {}, "does not exist", CONFIG),
+    ("gguf-empty", ["plan", "--model", "{empty.gguf}"], {}, "cut short inside its GGUF header", CONFIG),
+    ("gguf-cut-in-fixed-header", ["plan", "--model", "{cut-12.gguf}"], {}, "cut short inside its GGUF header", CONFIG),
+    ("gguf-cut-in-metadata", ["plan", "--model", "{cut-20000.gguf}"], {}, "it is cut short", CONFIG),
+    ("gguf-cut-in-tensor-table", ["plan", "--model", "{cut-100.gguf}"], {}, "cut short or damaged", CONFIG),
+    ("gguf-absurd-tensor-count", ["plan", "--model", "{absurd.gguf}"], {}, "claims 1000000000000000 tensors", CONFIG),
+    ("gguf-not-gguf", ["plan", "--model", "{text.gguf}"], {}, "is not a GGUF file", CONFIG),
+    ("gguf-unknown-version", ["plan", "--model", "{version-9.gguf}"], {}, "GGUF version 9", CONFIG),
+    ("config-not-json", ["plan", "--model", "{bad-json}"], {}, "cannot be read", CONFIG),
+    ("config-a-list", ["plan", "--model", "{list-json}"], {}, "cannot be read", CONFIG),
+    ("config-unknown-type", ["plan", "--model", "{unknown-type}"], {}, "cannot be read", CONFIG),
+    ("folder-without-config", ["plan", "--model", "{no-config}"], {}, "has no config.json", CONFIG),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_models(tmp_path_factory) -> dict[str, str]:
+    """Damaged copies of the bundled GGUF and broken model folders, by name."""
+    folder = tmp_path_factory.mktemp("bad-models")
+    gguf = models.bundled_model_path().read_bytes()[: 4 << 20]
+    files = {
+        "empty.gguf": b"",
+        "cut-12.gguf": gguf[:12],
+        "cut-100.gguf": gguf[:100],
+        "cut-20000.gguf": gguf[:20000],
+        "absurd.gguf": gguf[:8] + struct.pack("<Q", 10**15) + gguf[16:],
+        "text.gguf": b"hello, this is not a model\n" * 10,
+        "version-9.gguf": gguf[:4] + struct.pack("<I", 9) + gguf[8:],
+    }
+    paths = {}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+        paths[name] = str(folder / name)
+    for name, config in {"bad-json": "{oops", "list-json": "[]", "unknown-type": '{"model_type": "nonsense"}',
+                         "no-config": None}.items():
+        (folder / name).mkdir()
+        if config is not None:
+            (folder / name / "config.json").write_text(config)
+        paths[name] = str(folder / name)
+    return paths
+
+
+@pytest.fixture
+def tripwires(monkeypatch):
+    """Loaders that fail the test if called: `arm("nothing")` forbids reading any model file,
+    `arm("config")` forbids reading weights (the config and tokenizer may be read)."""
+
+    def trip(what):
+        def loader(*args, **kwargs):
+            raise AssertionError(f"{what} was read although the input was already known to be bad")
+        return loader
+
+    def arm(allowed: str) -> None:
+        if allowed == NOTHING:
+            for module in (models, engine_module):
+                monkeypatch.setattr(module, "load_config", trip("the model's config"))
+                monkeypatch.setattr(module, "resolve_model", trip("the model"), raising=False)
+            for module in (models, engine_module):
+                monkeypatch.setattr(module, "load_tokenizer", trip("the tokenizer"))
+        for module in (models, engine_module):
+            monkeypatch.setattr(module, "load_weights", trip("the weights"))
+
+    return arm
+
+
+def assert_one_sentence(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    assert lines[0].startswith("vramancer") and lines[0].rstrip().endswith("."), lines[0]
+    return lines[0]
+
+
+def test_the_table_holds_forty_cases_of_every_kind():
+    assert len(CASES) >= 40
+    assert len({case[0] for case in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case, argv, env, words, allowed", CASES, ids=[case[0] for case in CASES])
+def test_bad_input_is_one_sentence_exit_2_and_nothing_heavy_loads(case, argv, env, words, allowed, bad_models,
+                                                                   tripwires, capsys, monkeypatch):
+    for name in [n for n in os.environ if n.startswith("VRM_") and n != "VRM_CACHE_DIR"]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    argv = [bad_models[a[1:-1]] if a.startswith("{") and a.endswith("}") else a for a in argv]
+    tripwires(allowed)
+    try:
+        status = main(argv)
+    except SystemExit as exit_:  # argparse's own usage errors
+        status = exit_.code
+    err = capsys.readouterr().err
+    assert status == 2, err
+    line = assert_one_sentence(err)
+    assert words in line
+
+
+def test_a_tokenizer_that_cannot_be_parsed_is_the_model_error_before_weights_load(tiny_model_dir, tmp_path,
+                                                                                  tripwires, capsys):
+    broken = tmp_path / "broken-tokenizer"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "tokenizer.json").write_text("{broken")
+    tripwires(CONFIG)
+    status = main(["generate", "--model", str(broken), "--devices", "sim:2x1GiB", "--context", "128", "--prompt", "hi"])
+    line = assert_one_sentence(capsys.readouterr().err)
+    assert status == 2
+    assert "the tokenizer of model" in line and "cannot be read: JSONDecodeError" in line
+
+
+def test_the_python_api_refuses_the_same_values_with_vramancer_error(tiny_model_dir):
+    from vramancer.engine import Engine, LoadOptions, VramancerError
+
+    with pytest.raises(VramancerError, match="--context must be at most"):
+        LoadOptions(context=10**15).check()
+    with pytest.raises(VramancerError, match="devices are more than"):
+        LoadOptions(devices="sim:99999999999x1GiB").check()
+    engine = Engine.load(tiny_model_dir, "sim:2x1GiB", context=128)
+    try:
+        for sampling, words in [({"temperature": float("nan")}, "--temperature must be a finite number"),
+                                ({"top_p": float("nan")}, "--top-p must be a finite number"),
+                                ({"repetition_penalty": float("inf")}, "--repetition-penalty must be a finite number"),
+                                ({"seed": 2**64}, "--seed must be between")]:
+            with pytest.raises(VramancerError, match=words.replace("(", r"\(").replace(")", r"\)")):
+                engine.generate("hi", max_new_tokens=2, **sampling)
+        with pytest.raises(VramancerError, match="the prompt is empty"):
+            engine.generate("", raw=True, max_new_tokens=2)
+        with pytest.raises(VramancerError, match="not valid UTF-8"):
+            engine.generate("caf\udce9", max_new_tokens=2)
+        with pytest.raises(VramancerError, match="not valid UTF-8"):
+            engine.generate([{"role": "user", "content": "\udcff"}], max_new_tokens=2)
+        assert engine.generate("hi", max_new_tokens=2).new_tokens >= 1  # and the engine still works
+    finally:
+        engine.close()
+
+
+# --- the real path: a process, its argv bytes and its environment --------------------------------
+
+
+def run_cli(args: list, env: dict[str, str]) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("VRM_") or k == "VRM_CACHE_DIR"}
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-m", "vramancer", *args], capture_output=True, timeout=120, env=full_env)
+
+
+@pytest.mark.parametrize("args, env, words", [
+    ([b"generate", b"--prompt", b"caf\xe9"], {}, "--prompt is not valid UTF-8"),
+    (["plan"], {"VRM_CONTEXT": "abc"}, "VRM_CONTEXT must be a whole number"),
+    (["node"], {"VRM_NODE_PORT": "abc"}, "VRM_NODE_PORT must be a whole number"),
+    (["plan", "--devices", "sim:99999999999x1GiB"], {}, "devices are more than"),
+], ids=["argv-not-utf8", "VRM_CONTEXT=abc", "VRM_NODE_PORT=abc", "sim-99999999999"])
+def test_in_a_real_process(args, env, words):
+    result = run_cli(args, env)
+    stderr = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 2, stderr
+    assert words in assert_one_sentence(stderr)

@@ -1,0 +1,145 @@
+"""Caches only save time: a cache folder that cannot be written is said once and the run goes
+on with the same tokens; what a killed writer left behind is cleaned; a damaged piece that
+cannot be replaced is said once, as a stuck cache, not rebuilt in silence."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vramancer.engine import models
+
+PROMPT = "Tell me about the sea."
+
+
+def greedy_tokens(model_dir: str) -> list[int]:
+    from vramancer.engine import Engine
+
+    engine = Engine.load(model_dir, "sim:2x1GiB", context=256)
+    try:
+        return engine.generate(PROMPT, max_new_tokens=8).token_ids
+    finally:
+        engine.close()
+
+
+def profile_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "vramancer.engine.profiler" and "cannot be written" in r.getMessage()]
+
+
+@pytest.fixture
+def fresh_profile_warnings(monkeypatch):
+    """Each test starts with no profile-cache warning given yet in this process."""
+    from vramancer.engine import profiler
+
+    monkeypatch.setattr(profiler, "_CACHE_WARNED", set())
+
+
+def test_a_cache_dir_that_is_a_file_warns_once_and_gives_the_same_tokens(tiny_model_dir, tmp_path, monkeypatch,
+                                                                          caplog, fresh_profile_warnings):
+    monkeypatch.setenv("VRM_CACHE_DIR", str(tmp_path / "usable"))
+    expected = greedy_tokens(tiny_model_dir)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("VRM_CACHE_DIR", str(blocker))
+    caplog.set_level(logging.WARNING)
+    assert greedy_tokens(tiny_model_dir) == expected  # every timing it could not keep: one word
+    warnings = profile_warnings(caplog)
+    assert len(warnings) == 1 and "Not a directory" in warnings[0], warnings
+
+
+@pytest.mark.parametrize("where", ["under a file", "HOME is a file"])
+def test_an_unwritable_cache_location_only_costs_time(where, tiny_model_dir, tmp_path, monkeypatch, caplog,
+                                                      fresh_profile_warnings):
+    """As root nothing is unwritable by permission; a path through a regular file is, for anyone."""
+    from vramancer.engine.engine import prepare
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    if where == "under a file":
+        monkeypatch.setenv("VRM_CACHE_DIR", str(blocker / "cache"))
+    else:
+        monkeypatch.delenv("VRM_CACHE_DIR")
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+        monkeypatch.setenv("HOME", str(blocker))
+    caplog.set_level(logging.WARNING)
+    prepared = prepare(tiny_model_dir, "sim:2x1GiB", 256, "auto")
+    assert prepared.pricing.predict(prepared.plan("proportional").placement).tokens_per_s > 0
+    assert len(profile_warnings(caplog)) == 1, caplog.text
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_staging_folders_of_writers_that_died_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setenv("VRM_CACHE_DIR", str(tmp_path))
+    source = models.resolve_model("default")
+    entry = tmp_path / "gguf" / f"{Path(source.gguf_file).stem}-{models.gguf_key(Path(source.location) / source.gguf_file)}"
+    dead = entry / f".weights-float32-{_dead_pid()}-abc123"
+    alive = entry / f".weights-bfloat16-{os.getpid()}-def456"  # a writer still at work
+    old = entry / ".tokenizer-k9x2"  # an older name without a pid, untouched for two days
+    for folder in (dead, alive, old):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"\0" * 4096)
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(old, (two_days_ago, two_days_ago))
+    assert models.gguf_cache_entry(source) == entry
+    assert not dead.exists() and not old.exists()
+    assert alive.exists()
+
+
+@pytest.fixture
+def small_file_limit():
+    """Files may grow to 1 MiB only (as on a full disk): writing more fails with EFBIG."""
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+
+    try:
+        yield apply
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous_handler)
+
+
+def test_a_damaged_piece_that_cannot_be_replaced_is_said_once_as_a_stuck_cache(tmp_path, caplog, monkeypatch,
+                                                                               small_file_limit):
+    monkeypatch.setattr(models, "_WARNED", set())
+    monkeypatch.setattr(models, "_DAMAGED", set())
+    entry = tmp_path / "entry"
+    piece = "weights-float32"
+
+    def write(folder: Path) -> None:
+        (folder / models.WEIGHTS_FILE).write_bytes(os.urandom(2 << 20))
+
+    def read(folder: Path) -> bytes:
+        return (folder / models.WEIGHTS_FILE).read_bytes()
+
+    assert models._store(entry, piece, write)
+    weights = entry / piece / models.WEIGHTS_FILE
+    with weights.open("r+b") as f:  # one flipped byte
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 0xFF]))
+    caplog.set_level(logging.WARNING)
+    small_file_limit()
+    for _ in range(3):  # three loads, each finding the piece damaged or missing and rebuilding it
+        assert models._from_cache(entry, piece, read) is None
+        assert not models._store(entry, piece, write)
+    stuck = [r.getMessage() for r in caplog.records if "the cache is stuck" in r.getMessage()]
+    assert len(stuck) == 1, caplog.text
+    assert piece in stuck[0] and "File too large" in stuck[0]
+    assert not [p for p in entry.iterdir() if p.name.startswith(".")]  # no staging left behind
