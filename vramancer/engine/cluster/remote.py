@@ -146,14 +146,14 @@ class RemoteBlocks:
 
     def install(self, placement: Placement) -> None:
         """Put stubs where layers are remote and the real layers everywhere else."""
-        base, modules = self.split.base, self.split.layer_modules
+        stack, modules = self.split.stack, self.split.layer_modules
         devices = placement.layer_devices
         count = len(devices)
         index = 0
         while index < count:
             name = devices[index]
             if not self.is_remote(name):
-                base.layers[index] = modules[index]
+                stack[index] = modules[index]
                 index += 1
                 continue
             node = self.node_of(name)
@@ -162,9 +162,9 @@ class RemoteBlocks:
                 last += 1
             before = placement.device_of(index - 1) if index > 0 else placement.embed
             after = placement.device_of(last + 1) if last + 1 < count else placement.head
-            base.layers[index] = RemoteStub(self, node, index, last, (before, name), (devices[last], after))
+            stack[index] = RemoteStub(self, node, index, last, (before, name), (devices[last], after))
             for follower in range(index + 1, last + 1):
-                base.layers[follower] = PassThrough()
+                stack[follower] = PassThrough()
             index = last + 1
 
     # --- the data path -----------------------------------------------------------------
