@@ -227,6 +227,7 @@ class Session:
         self.pg = None
         self._store = None
         self._store_socket: socket.socket | None = None
+        self._store_fd: int | None = None  # the store's own descriptor of that socket
         self.ending = threading.Event()  # said goodbye or hung up: a new coordinator may wait for us
 
     # --- process group -------------------------------------------------------------------
@@ -247,13 +248,14 @@ class Session:
         assert self._store_socket is not None
         port = self._store_socket.getsockname()[1]
         # The store takes a descriptor of the listening socket over (and closes it when it
-        # goes); we keep our own, so that the listener can be shut once the group has formed.
+        # goes); we keep the number, so that the listener can be closed once the group formed.
         fd = os.dup(self._store_socket.fileno())
         try:
             self._store = dist.TCPStore(self.local_address, port, 2, True, STORE_TIMEOUT, master_listen_fd=fd)
         except BaseException:
             os.close(fd)
             raise
+        self._store_fd = fd
         try:
             options = ProcessGroupGloo._Options()
             options._devices = [ProcessGroupGloo.create_device(hostname=self.local_address)]
@@ -263,16 +265,24 @@ class Session:
             self.close_store_listener()
 
     def close_store_listener(self) -> None:
-        """Stop the rendezvous store listening: once both ranks have met, nobody else (and
-        nobody without the token) can reach it. Shutting the socket down stops the listening
-        for every descriptor of it, the store's own included; the store keeps serving the
-        connections it already has."""
+        """Close the rendezvous store's listening socket once both ranks have met, so that
+        nobody else (nobody without the token) can reach the store; it keeps the connections
+        it already has, which is all the process group needs.
+
+        The store's event loop owns a descriptor of that socket and offers no way to close it.
+        Pointing that descriptor at /dev/null closes the socket underneath it (the kernel then
+        drops it from the loop's watch list) while the number stays valid for the store to
+        close when it goes. (Shutting the socket down instead leaves it in the loop, which then
+        spins on accept errors.)"""
+        fd, self._store_fd = self._store_fd, None
+        if fd is not None:
+            null = os.open(os.devnull, os.O_RDONLY)
+            try:
+                os.dup2(null, fd)
+            finally:
+                os.close(null)
         sock, self._store_socket = self._store_socket, None
         if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             sock.close()
 
     # --- the three loops -----------------------------------------------------------------
