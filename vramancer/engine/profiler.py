@@ -248,21 +248,21 @@ def time_link(transfer: TransferManager, src: Device, dst: Device, hidden_size: 
     return LinkTimings(latency_s=latency, bytes_per_s=big.numel() * 4 / big_s)
 
 
-def _time_step_overhead(config, dtype: torch.dtype) -> float:
+def _time_step_overhead(config, dtype: torch.dtype, torch_device: torch.device = torch.device("cpu")) -> float:
     """The host's cost per generate step outside the model's forward pass (sampling, stopping,
     cache bookkeeping), measured on a copy of the model with one layer of each kind:
     transformers' loop around the forward pass is the same whatever the model's depth."""
     from transformers import AutoModelForCausalLM
 
     small = cut_config(config, layers_of_every_kind(config))
-    with torch.device("cpu"):
+    with torch.device(torch_device):
         model = AutoModelForCausalLM.from_config(small, dtype=dtype).eval()
     model.generation_config.eos_token_id = None  # run the full length whatever the random weights say
     forward_s = []
     started: list[float] = []
     model.register_forward_pre_hook(lambda m, a: started.append(time.perf_counter()))
     model.register_forward_hook(lambda m, a, o: forward_s.append(time.perf_counter() - started[-1]))
-    ids = torch.randint(0, small.get_text_config(decoder=True).vocab_size, (1, 16))
+    ids = torch.randint(0, small.get_text_config(decoder=True).vocab_size, (1, 16), device=torch_device)
     tokens = 24
     kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=0)
     with torch.inference_mode():
@@ -322,20 +322,25 @@ def measure(
             if pair not in link_cache:
                 link_cache[pair] = time_link(transfer, src, dst, hidden, head_dim, dtype)
             links[(src.name, dst.name)] = link_cache[pair]
-    if any(d.torch_device.type == "cuda" for d in devices):
-        # The timing runs' blocks stay in torch's cache otherwise, and the plan made next
-        # would see that much less free memory on the GPU.
-        torch.cuda.empty_cache()
-    overhead_path = folder / f"{hashlib.sha256(f'v{PROFILE_VERSION}|{model_key}|{dtype}|step'.encode()).hexdigest()[:24]}.json"
+    # The sampler runs where the logits come back to, beside the embeddings: the first device
+    # in the usual plan. On a GPU its per-step cost (kernel launches, the host waiting on the
+    # device for each token) is several times what the same loop costs on the host.
+    sampler = devices[0].torch_device
+    sampler_key = "cpu" if sampler.type == "cpu" else profile_key(model_key, devices[0], dtype)
+    overhead_path = folder / f"{hashlib.sha256(f'v{PROFILE_VERSION}|{model_key}|{dtype}|{sampler_key}|step'.encode()).hexdigest()[:24]}.json"
     overhead = None if reprofile else _read_float(overhead_path)
     if overhead is None:
         try:
-            overhead = _time_step_overhead(config, dtype)
+            overhead = _time_step_overhead(config, dtype, sampler)
             _write_text(overhead_path, json.dumps({"step_overhead_s": overhead}))
         except Exception as exc:  # noqa: BLE001 - a prediction without it is still a prediction
             log.warning("could not time a generate step of %s (%s); predictions leave it out",
                         getattr(config, "model_type", "the model"), _first_line(exc))
             overhead = 0.0
+    if any(d.torch_device.type == "cuda" for d in devices):
+        # The timing runs' blocks stay in torch's cache otherwise, and the plan made next
+        # would see that much less free memory on the GPU.
+        torch.cuda.empty_cache()
     return Timings(device_timings, links, overhead)
 
 

@@ -625,7 +625,8 @@ class NodeServer:
                     break
                 if time.monotonic() - self._accept_warned >= ACCEPT_WARNING_S:
                     self._accept_warned = time.monotonic()
-                    log.warning("accepting a connection failed (%s); pausing and going on", exc.strerror or exc)
+                    log.warning("accepting a connection on port %d failed (%s); pausing and going on",
+                                self.port, exc.strerror or exc)
                 self.handshakes.drop_oldest()
                 pause = min(max(pause * 2, ACCEPT_BACKOFF_S[0]), ACCEPT_BACKOFF_S[1])
                 self._stopping.wait(pause)
