@@ -105,12 +105,13 @@ def half_the_layers_cap(model_dir: str, dtype: torch.dtype, context: int) -> int
     """A cap on cuda:0 that holds the embeddings and half the layers, so the planner has to
     put the rest on the CPU. Priced with the planner's own memory model."""
     from vramancer.engine.models import build_meta_model, load_config, resolve_model
+    from vramancer.engine.devices import CUDA_RESERVE
     from vramancer.engine.planner import EMBED, ModelProfile, device_need
 
     meta = build_meta_model(load_config(resolve_model(model_dir)), dtype)
     profile = ModelProfile.from_model(meta, dtype)
     half = profile.num_layers // 2
-    need = device_need(profile, [EMBED, *range(half)], "cuda", context).total
+    need = device_need(profile, [EMBED, *range(half)], CUDA_RESERVE, context).total
     return need + profile.layer_bytes[half] // 2
 
 
