@@ -166,6 +166,11 @@ def test_a_cancel_names_its_request_and_reaches_queued_ones(worker_and_events):
     assert all(done[i].cancelled and done[i].new_tokens == 0 for i in range(1, 6))
     assert not done[6].cancelled and done[6].new_tokens > 0
     assert not [e for e in events.of(ev.Token) if 1 <= e.request_id <= 5]
+    # A Cancel for a request already done is spent on nothing: it cannot hit a later one.
+    worker.submit(ev.Cancel(6))
+    worker.submit(generate(tokens=4, request_id=6))
+    again = events.wait_for(ev.GenerationDone)
+    assert again.request_id == 6 and not again.cancelled and again.new_tokens > 0
 
 
 def test_a_generate_after_shutdown_is_answered_with_an_error(tiny_model_dir):

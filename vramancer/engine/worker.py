@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from typing import Callable
 
 from vramancer.engine import events as ev
@@ -43,7 +44,8 @@ class EngineWorker:
         self._deferred: list[ev.Command] = []  # commands that arrived during a generation
         self._cancel = threading.Event()  # set: the generation in progress stops at its next step
         self._cancelled: set[int] = set()  # request ids cancelled before or while they run
-        self._cancel_lock = threading.Lock()
+        self._waiting: Counter[int] = Counter()  # request ids of Generates queued, not started
+        self._cancel_lock = threading.Lock()  # guards the three above and _current
         self._current: int | None = None  # the request id generating now
         self._stopping = threading.Event()
         self._generating = False
@@ -71,17 +73,24 @@ class EngineWorker:
         return self
 
     def submit(self, command: ev.Command) -> None:
-        """Queue a command. After Shutdown, a Generate is answered with an Error event at once."""
-        if isinstance(command, ev.Generate) and self._stopping.is_set():
-            self.emit(ev.Error("Generate", "the engine is shutting down; the request was not run."))
-            return
+        """Queue a command. After Shutdown, a Generate is answered with an Error event at once.
+        A Cancel for a request that is neither queued nor running (already done) does nothing."""
+        if isinstance(command, ev.Generate):
+            with self._cancel_lock:
+                if self._stopping.is_set():
+                    self.emit(ev.Error("Generate", "the engine is shutting down; the request was not run."))
+                    return
+                self._waiting[command.request_id] += 1
         if isinstance(command, ev.Cancel):
             with self._cancel_lock:
-                self._cancelled.add(command.request_id)
                 if command.request_id == self._current:
+                    self._cancelled.add(command.request_id)
                     self._cancel.set()  # seen at the next step, without waiting for the queue
+                elif self._waiting[command.request_id] > 0:
+                    self._cancelled.add(command.request_id)
         if isinstance(command, ev.Shutdown):
-            self._stopping.set()
+            with self._cancel_lock:  # no Generate slips in behind it unanswered
+                self._stopping.set()
             self._cancel.set()
         self._commands.put(command)
 
@@ -193,17 +202,22 @@ class EngineWorker:
         self._plan_changed()
 
     def _on_generate(self, command: ev.Generate) -> None:
-        engine = self._require_engine()
         with self._cancel_lock:
-            if command.request_id in self._cancelled:  # cancelled while it waited its turn
-                self._cancelled.discard(command.request_id)
-                self.emit(ev.GenerationDone(command.request_id, "", (), 0, 0, None, None, True))
-                return
-            self._current = command.request_id
-            self._cancel.clear()
+            self._waiting[command.request_id] -= 1
+            if self._waiting[command.request_id] <= 0:
+                del self._waiting[command.request_id]
+            cancelled = command.request_id in self._cancelled  # while it waited its turn
+            self._cancelled.discard(command.request_id)
+            if not cancelled:  # from here a Cancel for it stops it at the next step
+                self._current = command.request_id
+                self._cancel.clear()
+        if cancelled:
+            self.emit(ev.GenerationDone(command.request_id, "", (), 0, 0, None, None, True))
+            return
         prompt = list(command.prompt) if isinstance(command.prompt, tuple) else command.prompt
         self._generating = True
         try:
+            engine = self._require_engine()
             result = engine.generate(
                 prompt,
                 raw=command.raw,
