@@ -7,6 +7,8 @@ what is checked is what the screen shows and what the engine did, side by side.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -110,6 +112,39 @@ async def ask(pilot, prompt: str) -> None:
     await pilot.press(*prompt, "enter")
 
 
+# --- how the App is wired ------------------------------------------------------------------
+
+
+def test_the_dashboard_draws_before_torch_is_imported():
+    """The CLI's dashboard path imports Textual and the App only; the engine comes after the first frame."""
+    code = ("import sys, vramancer.cli, vramancer.app; "
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_engine_event_has_its_handler():
+    """Tokens and telemetry come as messages of their own; every other event has one handler,
+    and an event without one is an error, never silently dropped."""
+
+    def kinds(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from kinds(sub)
+
+    app = VramancerApp()
+    handlers = app.event_handlers()
+    streamed = {ev.Token, ev.DeviceSample, ev.LinkSample}
+    assert set(kinds(ev.Event)) - streamed == set(handlers)
+
+    class Unheard(ev.Event):
+        pass
+
+    app._handlers = handlers
+    with pytest.raises(LookupError, match="no handler for Unheard"):
+        app.handler_for(Unheard)
+
+
 # --- drag to migrate ----------------------------------------------------------------------
 
 
@@ -204,6 +239,50 @@ async def test_shift_click_selects_a_sub_range_to_drag(tiny_model_dir):
         await wait_for(pilot, lambda: recorder.of(ev.MigrationDone), "the migration")
         assert app.worker.engine.placement.layer_devices == ["sim1"] * 4 + ["sim0"] * 2
         await wait_for(pilot, lambda: "L4–5 · 289 KiB" in tiles_on(app, "sim0"), "L4–5 on sim0")
+
+
+# --- a rig of many devices ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("devices, size", [("sim:4x64MiB", (120, 40)), ("sim:8x64MiB", (120, 40)),
+                                           ("sim:16x64MiB", (200, 50))])
+async def test_every_device_is_on_screen_and_a_drop_target(tiny_model_dir, devices, size):
+    app = make_app(tiny_model_dir, devices=devices)
+    recorder = Recorder(app)
+    async with app.run_test(size=size, message_hook=recorder) as pilot:
+        await loaded(pilot)
+        await wait_for(pilot, lambda: all(c.snapshot for c in app.devices_panel.cards.values()), "a reading")
+        await pilot.pause()
+        count = int(devices.split(":")[1].split("x")[0])
+        columns = list(app.placement_panel.query(DeviceColumn))
+        assert [c.device for c in columns] == [f"sim{i}" for i in range(count)]
+        panel = app.placement_panel.content_region
+        for col in columns:
+            assert app.screen.region.contains_region(col.region), f"{col.device} is off screen"
+            assert panel.contains_region(col.region), f"{col.device} is outside the placement panel"
+            inside = (col.region.x + col.region.width // 2, col.region.bottom - 2)
+            widget, _ = app.screen.get_widget_at(*inside)
+            assert col in widget.ancestors_with_self, f"{col.device} is hidden under {widget}"
+        for block in app.placement_panel.query(BlockTile):
+            shown = block.render().plain
+            label, size_text = block.caption
+            assert label in shown and size_text in shown, f"{shown!r} cuts {label} · {size_text}"
+            assert block.parent.region.contains_region(block.region)
+        cards = app.devices_panel
+        for card in cards.cards.values():
+            assert cards.content_region.contains_region(card.region), f"{card.info.name}'s card needs scrolling"
+            assert card.info.name in card.render().plain
+
+        # The last column takes a drop like any other.
+        last = columns[-1]
+        assert app.plan.layer_devices[0] != last.device
+        source = tile(app, 0, app.plan.layer_devices[0])
+        await pilot.mouse_down(source)
+        await pilot.hover(last)
+        assert last.has_class("-drop-ok")
+        await pilot.mouse_up(last)
+        await wait_for(pilot, lambda: recorder.of(ev.MigrationDone), "the migration")
+        await wait_for(pilot, lambda: any(t.first == 0 for t in last.query(BlockTile)), "L0 in the last column")
 
 
 # --- the console ----------------------------------------------------------------------------

@@ -119,18 +119,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
     if args.threads < 0:
         print(f"vramancer: --threads must be 1 or more (0: automatic), not {args.threads}.", file=sys.stderr)
         return EXIT_USAGE
     # On a small machine torch's default (every core) fights the threads that stream, sample
     # telemetry and draw the screen; one core less decodes as fast and keeps the rest responsive.
-    _set_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
+    threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
+
+    def prepare() -> None:
+        _quiet_libraries()
+        _set_threads(threads)
+
+    if args.command is not None:
+        prepare()
+    # else: the dashboard runs `prepare` after its first frame; torch is not imported before it
     from vramancer.engine.errors import VramancerError
 
     try:
         if args.command is None:
-            return _dashboard(args)
+            return _dashboard(args, prepare)
         return {"devices": _devices, "plan": _plan, "generate": _generate, "bench": _bench,
                 "node": _node}[args.command](args)
     except VramancerError as exc:
@@ -389,14 +396,14 @@ def _bench(args) -> int:
     return 0
 
 
-def _dashboard(args) -> int:
+def _dashboard(args, prepare) -> int:
+    """Textual and the App only: the engine (torch, transformers) is imported after the first
+    frame. A malformed --devices closes the screen with the usual one sentence and exit 2."""
     from vramancer.app import run_dashboard
-    from vramancer.engine.devices import parse_device_spec
-    from vramancer.engine.engine import LoadOptions
+    from vramancer.engine.options import LoadOptions
 
-    parse_device_spec(_device_text(args))  # a malformed spec is refused before the screen opens
     return run_dashboard(LoadOptions(args.model, _device_text(args), args.strategy, args.context, args.dtype,
-                                     auto_rebalance=args.auto_rebalance, token_file=args.token_file))
+                                     auto_rebalance=args.auto_rebalance, token_file=args.token_file), prepare)
 
 
 # --- helpers ---------------------------------------------------------------------------

@@ -6,10 +6,10 @@ thread; its events come back through `post_message`, which is safe from any thre
 
 from __future__ import annotations
 
-import inspect
 import threading
 from collections import deque
 from pathlib import Path
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from textual import on, work
 from textual.app import App, ComposeResult
@@ -22,22 +22,25 @@ from vramancer.app.commands import DashboardCommands
 from vramancer.app.messages import DevicesSampled, EngineEvent, LinksSampled, TokensReady
 from vramancer.app.metrics import metrics_document, write_metrics
 from vramancer.app.screens import HelpScreen, LoadModelScreen, MoveTargetScreen
-from vramancer.engine import events as ev
-from vramancer.engine.devices import parse_device_spec
-from vramancer.engine.engine import LoadOptions
-from vramancer.engine.errors import VramancerError
-from vramancer.engine.migration import part_label
+from vramancer.engine.options import LoadOptions
 from vramancer.engine.units import format_rate
-from vramancer.engine.worker import EngineWorker
 from vramancer.widgets.console import ConsolePanel
 from vramancer.widgets.devices import DevicesPanel
 from vramancer.widgets.events_log import EventsLog
 from vramancer.widgets.header import LoadBar, ModelHeader
+from vramancer.widgets.labels import part_label
 from vramancer.widgets.links import LinksPanel
 from vramancer.widgets.placement import BlockTile, PlacementPanel
 
+if TYPE_CHECKING:  # the engine (and torch) is imported after the first frame, on a thread
+    from vramancer.engine import events as ev
+    from vramancer.engine.worker import EngineWorker
+
 DEFAULT_SAMPLING = {"max_new_tokens": 256, "temperature": 0.0}
 SHUTDOWN_TIMEOUT = 5.0
+IMPORT_STAGE = "importing torch, transformers"
+
+Handler = Callable[["ev.Event"], "Awaitable[None] | None"]
 
 
 class VramancerApp(App[int]):
@@ -64,15 +67,22 @@ class VramancerApp(App[int]):
         telemetry: bool = True,
         telemetry_hz: float = 2.0,
         sampling: dict | None = None,
+        prepare: Callable[[], None] | None = None,
     ) -> None:
         """`options`: what to load at start (None: start empty, load from the palette).
         `telemetry=False` stops the periodic sampler; the App still takes one reading after each
-        plan change, so the bars follow moves and a screenshot of them is deterministic."""
+        plan change, so the bars follow moves and a screenshot of them is deterministic.
+        `prepare` runs on the start thread before the engine is imported (the CLI's torch
+        thread count and library quieting), so none of it delays the first frame."""
         super().__init__()
         self.options = options or LoadOptions()
         self._load_at_start = options is not None
         self.sampling = {**DEFAULT_SAMPLING, **(sampling or {})}
-        self.worker = EngineWorker(self._emit, telemetry_hz=telemetry_hz, telemetry=telemetry)
+        self._prepare = prepare
+        self._telemetry = (telemetry, telemetry_hz)
+        self.worker: EngineWorker | None = None  # made once the engine is imported, after the first frame
+        self.start_error: str | None = None  # why the start-up load could not even begin (CLI: exit 2)
+        self._handlers: dict[type, Handler] = {}
         self.loaded: ev.Loaded | None = None
         self.loading = False
         self.plan: ev.PlanSnapshot | None = None
@@ -105,20 +115,54 @@ class VramancerApp(App[int]):
 
     def on_mount(self) -> None:
         self.load_bar.display = False
-        self.worker.start()
         if self._load_at_start:
-            self.load(self.options)
+            self.header.show_loading(self.options.model, self.options.devices)
+            self.load_bar.start(self.options.model, IMPORT_STAGE)
         else:
             self.header.show_failed()
         self.console_panel.prompt.focus()
+        self.call_after_refresh(self._start_engine)  # the first frame first, then the heavy imports
 
     def on_unmount(self) -> None:
-        self.worker.shutdown(SHUTDOWN_TIMEOUT)
+        if self.worker is not None:
+            self.worker.shutdown(SHUTDOWN_TIMEOUT)
+
+    @work(thread=True, group="start", exit_on_error=False)
+    def _start_engine(self) -> None:
+        """Import the engine (torch, transformers: seconds) off the App thread, then start it."""
+        if self._prepare is not None:
+            self._prepare()
+        from vramancer.engine.devices import parse_device_spec
+        from vramancer.engine.errors import VramancerError
+        from vramancer.engine.worker import EngineWorker
+
+        telemetry, hz = self._telemetry
+        worker = EngineWorker(self._emit, telemetry_hz=hz, telemetry=telemetry)
+        refusal = None
+        if self._load_at_start:
+            try:
+                parse_device_spec(self.options.devices)
+            except VramancerError as exc:
+                refusal = str(exc)
+        self.call_from_thread(self._engine_started, worker, refusal)
+
+    def _engine_started(self, worker: EngineWorker, refusal: str | None) -> None:
+        if self._exit:  # quit while the engine was being imported: nothing to start
+            return
+        self.worker = worker.start()
+        self._handlers = self.event_handlers()
+        if refusal is not None:  # the command line's --devices is malformed: say so, as the CLI does
+            self.start_error = refusal
+            self.exit(2, return_code=2)
+        elif self._load_at_start:
+            self.load(self.options)
 
     # --- the engine's threads → the App ------------------------------------------------
 
     def _emit(self, event: ev.Event) -> None:
         """Called on the worker or telemetry thread: hand the event to the App thread."""
+        from vramancer.engine import events as ev
+
         if isinstance(event, ev.Token):
             with self._tokens_lock:
                 self._tokens.append(event)
@@ -148,6 +192,13 @@ class VramancerApp(App[int]):
 
     def load(self, options: LoadOptions) -> None:
         """Ask the worker to load `options`; the current model (if any) serves until it is done."""
+        if self.worker is None:
+            self.notify("The engine is still starting; try again in a moment.", severity="warning")
+            return
+        from vramancer.engine import events as ev
+        from vramancer.engine.devices import parse_device_spec
+        from vramancer.engine.errors import VramancerError
+
         try:
             parse_device_spec(options.devices)
         except VramancerError as exc:
@@ -156,7 +207,8 @@ class VramancerApp(App[int]):
         self.options = options
         self.loading = True
         self.header.show_loading(options.model, options.devices)
-        self.load_bar.start(options.model)
+        if not self.load_bar.stages:  # the start-up load carries on from its import stage
+            self.load_bar.start(options.model, "reading")
         self.console_panel.ready = False
         self.worker.submit(ev.Load(options))
 
@@ -167,6 +219,8 @@ class VramancerApp(App[int]):
         if sample is None or self.plan is None:
             self.notify(f"No reading of {device} yet.", severity="warning")
             return
+        from vramancer.engine import events as ev
+
         taken = 0 if release else sample.total - self.plan.needs.get(device, 0) // 2
         self.worker.submit(ev.Reserve(device, taken))
 
@@ -174,6 +228,8 @@ class VramancerApp(App[int]):
         if self.plan is None:
             self.notify("No model is loaded yet.", severity="warning")
             return
+        from vramancer.engine import events as ev
+
         self.worker.submit(ev.Replan(strategy))
 
     # --- events in -----------------------------------------------------------------------
@@ -183,19 +239,44 @@ class VramancerApp(App[int]):
         """False once the App is closing: an event that arrives then has nowhere to go."""
         return self.devices_panel.is_attached
 
+    def event_handlers(self) -> dict[type, Handler]:
+        """The one handler for each kind of engine event the App is sent one by one (tokens and
+        telemetry come as messages of their own). An event type missing here is an error."""
+        from vramancer.engine import events as ev
+
+        return {
+            ev.LoadProgress: self._on_load_progress,
+            ev.Loaded: self._on_loaded,
+            ev.PlanChanged: self._on_plan_changed,
+            ev.MigrationStarted: self._logged_only,
+            ev.MigrationDone: self._on_migration_done,
+            ev.MigrationRefused: self._on_migration_refused,
+            ev.GenerationDone: self._on_generation_done,
+            ev.Notice: self._logged_only,
+            ev.NodeLost: self._logged_only,
+            ev.Error: self._on_error,
+        }
+
+    def handler_for(self, event_type: type) -> Handler:
+        try:
+            return self._handlers[event_type]
+        except KeyError:
+            raise LookupError(f"the dashboard has no handler for {event_type.__name__} events") from None
+
     async def on_engine_event(self, message: EngineEvent) -> None:
         """Handled one at a time, in order: a plan is only shown once its device columns exist."""
         if not self._showing:
             return
         event = message.event
         self.events_log.show(event)
-        handler = getattr(self, f"_on_{type(event).__name__.lower()}", None)
-        if handler is not None:
-            result = handler(event)
-            if inspect.isawaitable(result):
-                await result
+        result = self.handler_for(type(event))(event)
+        if result is not None:
+            await result
 
-    def _on_loadprogress(self, event: ev.LoadProgress) -> None:
+    def _logged_only(self, event: ev.Event) -> None:
+        """Events whose whole effect on screen is their line in the events log."""
+
+    def _on_load_progress(self, event: ev.LoadProgress) -> None:
         self.load_bar.show(event)
 
     async def _on_loaded(self, event: ev.Loaded) -> None:
@@ -213,25 +294,25 @@ class VramancerApp(App[int]):
         console.stop_streaming()
         console.ready = True
 
-    async def _on_planchanged(self, event: ev.PlanChanged) -> None:
+    async def _on_plan_changed(self, event: ev.PlanChanged) -> None:
         self.plan = event.plan
         await self.placement_panel.show_plan(event.plan)
         self.header.show_strategy(event.plan.strategy)
         self.header.show_speed(predicted=event.plan.predicted_tokens_per_s)
         self.sample_now()
 
-    def _on_migrationdone(self, event: ev.MigrationDone) -> None:
+    def _on_migration_done(self, event: ev.MigrationDone) -> None:
         self.migrations.append(event)
         self.placement_panel.settle(event.first, event.last)
         self.links_panel.show_migration(event)
         self.notify(f"{part_label(event.first, event.last)} {event.src} → {event.dst} · {format_rate(event.gb_per_s * 1e9)}",
                     title="Moved")
 
-    def _on_migrationrefused(self, event: ev.MigrationRefused) -> None:
+    def _on_migration_refused(self, event: ev.MigrationRefused) -> None:
         self.placement_panel.settle(event.first, event.last)
         self.notify(event.reason, title="Move refused", severity="error")
 
-    def _on_generationdone(self, event: ev.GenerationDone) -> None:
+    def _on_generation_done(self, event: ev.GenerationDone) -> None:
         self.on_tokens_ready()  # text still buffered belongs before the end
         self.console_panel.finish(event)
         if event.decode_tokens_per_s:
@@ -284,10 +365,14 @@ class VramancerApp(App[int]):
 
     @on(ConsolePanel.Ask)
     def _ask(self, message: ConsolePanel.Ask) -> None:
+        from vramancer.engine import events as ev
+
         self.worker.submit(ev.Generate(message.messages, dict(self.sampling), request_id=message.request_id))
 
     @on(PlacementPanel.MoveRequested)
     def _move(self, message: PlacementPanel.MoveRequested) -> None:
+        from vramancer.engine import events as ev
+
         self.worker.submit(ev.Migrate(message.first, message.last, message.device))
 
     @on(BlockTile.TargetWanted)
@@ -308,14 +393,18 @@ class VramancerApp(App[int]):
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         """The App's own thread workers (a telemetry reading, an export) report failures here."""
         if event.state == WorkerState.ERROR:
-            what = "Exporting metrics" if event.worker.group == "export" else "Reading the devices"
+            what = {"export": "Exporting metrics", "start": "Starting the engine"}.get(event.worker.group,
+                                                                                     "Reading the devices")
             self.notify(f"{what} failed: {event.worker.error}", severity="error")
 
     # --- actions ---------------------------------------------------------------------------
 
     async def action_quit(self) -> None:
         """Quit at once; the worker stops within one decode step (joined on unmount)."""
-        self.worker.submit(ev.Shutdown())
+        if self.worker is not None:
+            from vramancer.engine import events as ev
+
+            self.worker.submit(ev.Shutdown())
         self.exit(0)
 
     def action_help(self) -> None:
@@ -325,6 +414,8 @@ class VramancerApp(App[int]):
     def action_cancel(self) -> None:
         console = self.console_panel
         if console.generating:
+            from vramancer.engine import events as ev
+
             self.worker.submit(ev.Cancel())
             console.stats.update("cancelling…")
         elif self.focused is console.prompt:
@@ -332,6 +423,8 @@ class VramancerApp(App[int]):
 
     def action_new_conversation(self) -> None:
         if self.console_panel.new_conversation() is not None:
+            from vramancer.engine import events as ev
+
             self.worker.submit(ev.Cancel())
 
     def action_load_model(self) -> None:
@@ -357,9 +450,15 @@ class VramancerApp(App[int]):
         self.call_from_thread(self.events_log.note, f"metrics exported to {path}", "dim")
 
 
-def run_dashboard(options: LoadOptions) -> int:
-    """Open the dashboard on `options`; returns the exit status for the CLI."""
-    app = VramancerApp(options)
+def run_dashboard(options: LoadOptions, prepare: Callable[[], None] | None = None) -> int:
+    """Open the dashboard on `options`; returns the exit status for the CLI. `prepare` runs
+    off the App thread before the engine is imported (see VramancerApp)."""
+    app = VramancerApp(options, prepare=prepare)
     code = app.run()
-    app.worker.shutdown(SHUTDOWN_TIMEOUT)
+    if app.worker is not None:
+        app.worker.shutdown(SHUTDOWN_TIMEOUT)
+    if app.start_error is not None:
+        import sys
+
+        print(f"vramancer: {app.start_error}", file=sys.stderr)
     return code if isinstance(code, int) else (app.return_code or 0)

@@ -10,8 +10,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Markdown, OptionList, Select
 from textual.widgets.option_list import Option
 
-from vramancer.engine.engine import LoadOptions
-from vramancer.engine.planner import STRATEGIES
+from vramancer.engine.options import LoadOptions
 from vramancer.widgets.placement import Verdict
 
 HELP = """\
@@ -105,6 +104,8 @@ class LoadModelScreen(ModalScreen[LoadOptions | None]):
         self.current = current
 
     def compose(self) -> ComposeResult:
+        from vramancer.engine.planner import STRATEGIES  # imported (and so quick) once the engine is up
+
         current = self.current
         with Vertical(id="load-dialog"):
             yield Label("Load a model", id="load-title")

@@ -1,6 +1,22 @@
-"""The engine: loading, planning, running, migrating. Never imports the UI."""
+"""The engine: loading, planning, running, migrating. Never imports the UI.
 
-from vramancer.engine.engine import Engine, LoadOptions
+`Engine` and `LoadOptions` are imported on first use (PEP 562), so light modules of the engine
+(units, errors, options) can be imported without torch: the dashboard draws its first frame
+before the heavy imports start.
+"""
+
 from vramancer.engine.errors import VramancerError
 
 __all__ = ["Engine", "LoadOptions", "VramancerError"]
+
+
+def __getattr__(name: str):
+    if name == "Engine":
+        from vramancer.engine.engine import Engine
+
+        return Engine
+    if name == "LoadOptions":
+        from vramancer.engine.options import LoadOptions
+
+        return LoadOptions
+    raise AttributeError(f"module 'vramancer.engine' has no attribute {name!r}")

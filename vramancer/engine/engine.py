@@ -16,6 +16,7 @@ import torch
 
 from vramancer.engine.devices import Device, DeviceSpec, close_remote_devices, parse_device_spec, resolve_devices
 from vramancer.engine.errors import VramancerError
+from vramancer.engine.options import LoadOptions
 from vramancer.engine.generation import (
     GenerationResult,
     Messages,
@@ -53,17 +54,6 @@ ProgressCallback = Callable[[str, float], None]
 # Each of the two simulated devices of the `auto` fallback holds about this share of the
 # model's split footprint, so the split is visible and both devices are needed.
 SIMULATED_SHARE = 0.6
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    model: str = "default"
-    devices: str = "auto"
-    strategy: str = "proportional"
-    context: int = 2048
-    dtype: str = "auto"
-    auto_rebalance: bool = False
-    token_file: str | None = None  # the cluster token for remote devices (else VRM_CLUSTER_TOKEN)
 
 
 class Engine:

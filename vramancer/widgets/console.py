@@ -7,6 +7,8 @@ is streaming; the App carries requests to the engine and answers back.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -14,7 +16,10 @@ from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Input, Static
 
-from vramancer.engine.events import GenerationDone
+if TYPE_CHECKING:
+    from vramancer.engine.events import GenerationDone
+
+
 
 REDRAW_INTERVAL = 0.1  # seconds between redraws of a streaming answer
 

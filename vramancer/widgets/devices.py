@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 from textual.containers import VerticalScroll
 from textual.widget import Widget
 
-from vramancer.engine.events import DeviceInfo, DeviceSnapshot
 from vramancer.engine.units import format_bytes
 from vramancer.widgets.charts import spark
 
+if TYPE_CHECKING:
+    from vramancer.engine.events import DeviceInfo, DeviceSnapshot
+
+
 UNKNOWN = "—"
 HISTORY = 240  # samples kept for the sparkline: two minutes at 2 Hz
+
+# How much a card shows, by the room the panel has for each device (lines per card).
+FULL, TWO_LINES, ONE_LINE = "full", "two", "one"
+FULL_HEIGHT = 7  # title, bar, legend (up to two lines), readings, margin
 
 
 def reading(value: float | None, unit: str, digits: int = 0) -> str:
@@ -43,6 +51,14 @@ class DeviceCard(Widget):
         self.info = info
         self.snapshot: DeviceSnapshot | None = None
         self.used_history: deque[float] = deque(maxlen=HISTORY)
+        self.mode = FULL
+        self.name_width = len(info.name)  # the longest device name, so one-line bars line up
+
+    def set_mode(self, mode: str, name_width: int) -> None:
+        if (mode, name_width) != (self.mode, self.name_width):
+            self.mode, self.name_width = mode, name_width
+            self.set_class(mode != FULL, "-compact")
+            self.refresh(layout=True)
 
     def show(self, snapshot: DeviceSnapshot) -> None:
         self.snapshot = snapshot
@@ -66,8 +82,12 @@ class DeviceCard(Widget):
         title.append(f"  {kind}", style("devicecard--kind"))
         title.append(" " * max(width - len(info.name) - 2 - len(kind) - len(total), 1))
         title.append(total)
+        if self.mode == ONE_LINE:
+            return [self._one_line(width)]
         if snap is None:
             return [title, Text("waiting for the first reading…", style("devicecard--dim"))]
+        if self.mode == TWO_LINES:
+            return [self._title_with_use(snap, width), self._bar(snap, width)]
         legend = self._legend(snap)
         if sum(len(t) for t in legend) + len(legend) - 1 <= width:
             legend_lines = [Text(" ").join(legend)]
@@ -80,6 +100,33 @@ class DeviceCard(Widget):
         status.append(spark(self.used_history, snap.total, max(width - len(readings), 0)),
                       style("devicecard--trend"))
         return [title, self._bar(snap, width), *legend_lines, status]
+
+    def _title_with_use(self, snap: DeviceSnapshot, width: int) -> Text:
+        """Name, kind, utilisation and used / total on one line (the two-line card's first)."""
+        style = self.get_component_rich_style
+        info = self.info
+        kind = "simulated" if info.simulated else info.label
+        right = f"util {reading(snap.utilization, '%')}  {format_bytes(snap.used)} / {format_bytes(snap.total)}"
+        line = Text(no_wrap=True, overflow="ellipsis")
+        line.append(info.name, style("devicecard--name"))
+        line.append(f"  {kind}", style("devicecard--kind"))
+        line.append(" " * max(width - len(info.name) - 2 - len(kind) - len(right), 1))
+        line.append(right)
+        return line
+
+    def _one_line(self, width: int) -> Text:
+        """Name, memory bar and share used: one line per device, for a rig of many devices."""
+        style = self.get_component_rich_style
+        snap = self.snapshot
+        line = Text(no_wrap=True, overflow="ellipsis")
+        line.append(self.info.name.ljust(self.name_width + 1), style("devicecard--name"))
+        if snap is None:
+            line.append("waiting…", style("devicecard--dim"))
+            return line
+        used = f" {snap.used / snap.total:4.0%} of {format_bytes(snap.total)}" if snap.total else ""
+        line.append_text(self._bar(snap, max(width - self.name_width - 1 - len(used), 4)))
+        line.append(used)
+        return line
 
     def _bar(self, snap: DeviceSnapshot, width: int) -> Text:
         """Weights, KV cache, other, free: each a run of cells in proportion to its bytes."""
@@ -109,19 +156,53 @@ class DeviceCard(Widget):
         return items
 
 
+class MemoryLegend(Widget):
+    """What the bar's colours mean, once for every card, when the cards are too short to say it."""
+
+    COMPONENT_CLASSES = {"devicecard--weights", "devicecard--kv", "devicecard--other", "devicecard--free"}
+
+    def render(self) -> Text:
+        style = self.get_component_rich_style
+        return Text(" ").join(Text.assemble(("■ ", style(component)), label) for label, component in (
+            ("weights", "devicecard--weights"), ("KV", "devicecard--kv"),
+            ("other", "devicecard--other"), ("free", "devicecard--free")))
+
+
 class DevicesPanel(VerticalScroll):
-    """Holds one DeviceCard per device of the loaded model."""
+    """Holds one DeviceCard per device of the loaded model, as large as the panel's height lets
+    every card be: full cards, two lines each, or one line each under a shared legend."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.border_title = "devices"
         self.cards: dict[str, DeviceCard] = {}
+        self.legend = MemoryLegend(classes="memory-legend")
 
     async def set_devices(self, devices: tuple[DeviceInfo, ...]) -> None:
         """A new model (and so maybe new devices): start the cards afresh."""
         await self.remove_children()
         self.cards = {d.name: DeviceCard(d) for d in devices}
-        await self.mount_all(self.cards.values())
+        self.legend = MemoryLegend(classes="memory-legend")
+        await self.mount_all([self.legend, *self.cards.values()])
+        self._fit_cards()
+
+    def on_resize(self) -> None:
+        self._fit_cards()
+
+    def _fit_cards(self) -> None:
+        count, height = len(self.cards), self.scrollable_content_region.height or self.size.height
+        if not count:
+            return
+        if count * FULL_HEIGHT <= height:
+            mode = FULL
+        elif 1 + count * 2 <= height:
+            mode = TWO_LINES
+        else:
+            mode = ONE_LINE
+        self.legend.display = mode != FULL
+        name_width = max(len(name) for name in self.cards)
+        for card in self.cards.values():
+            card.set_mode(mode, name_width)
 
     def show_sample(self, snapshots: tuple[DeviceSnapshot, ...]) -> None:
         for snap in snapshots:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.text import Text
 from textual.widgets import RichLog
 
-from vramancer.engine import events as ev
-from vramancer.engine.migration import part_label
 from vramancer.engine.units import format_bytes, format_rate
+from vramancer.widgets.labels import part_label
+
+if TYPE_CHECKING:
+    from vramancer.engine import events as ev
 
 
 def describe_plan(plan: ev.PlanSnapshot) -> str:
@@ -18,6 +22,8 @@ def describe_plan(plan: ev.PlanSnapshot) -> str:
 
 def describe(event: ev.Event) -> tuple[str, str] | None:
     """(line, style) for an event worth a line in the log; None for the ones that are not."""
+    from vramancer.engine import events as ev  # events arrive once the engine is imported
+
     if isinstance(event, ev.Loaded):
         pool = " (simulated)" if event.simulated else ""
         return (f"loaded {event.model} · {event.dtype} · context {event.context} · "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -10,10 +11,13 @@ from textual.containers import VerticalScroll
 from textual.widget import Widget
 from textual.widgets import Static
 
-from vramancer.engine.events import LinkSnapshot, MigrationDone
-from vramancer.engine.migration import part_label
 from vramancer.engine.units import format_bytes, format_rate
 from vramancer.widgets.charts import spark
+from vramancer.widgets.labels import part_label
+
+if TYPE_CHECKING:
+    from vramancer.engine.events import LinkSnapshot, MigrationDone
+
 
 HISTORY = 240
 

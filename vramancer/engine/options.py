@@ -1,0 +1,17 @@
+"""What to load and how: plain data, importable without torch (the dashboard builds these
+before its first frame, long before the engine is imported)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    model: str = "default"
+    devices: str = "auto"
+    strategy: str = "proportional"
+    context: int = 2048
+    dtype: str = "auto"
+    auto_rebalance: bool = False
+    token_file: str | None = None  # the cluster token for remote devices (else VRM_CLUSTER_TOKEN)
