@@ -52,6 +52,7 @@ class DeviceCard(Widget):
         self.snapshot: DeviceSnapshot | None = None
         self.used_history: deque[float] = deque(maxlen=HISTORY)
         self.mode = FULL
+        self._trend_width = 0  # cells of the memory trend as last drawn
         self.name_width = len(info.name)  # the longest device name, so one-line bars line up
 
     def set_mode(self, mode: str, name_width: int) -> None:
@@ -61,9 +62,18 @@ class DeviceCard(Widget):
             self.refresh(layout=True)
 
     def show(self, snapshot: DeviceSnapshot) -> None:
+        """A new reading: redraw only what it changes (a steady device costs nothing at idle
+        once its trend line is full), and lay out again only if the card's height changed."""
+        before, lines_before = self.snapshot, self._line_count()
         self.snapshot = snapshot
         self.used_history.append(float(snapshot.used))
-        self.refresh(layout=True)
+        trend_moves = self.mode == FULL and len(self.used_history) <= self._trend_width
+        if before is not None and _same_reading(before, snapshot) and not trend_moves:
+            return
+        self.refresh(layout=self._line_count() != lines_before)
+
+    def _line_count(self) -> int:
+        return len(self._lines(max(self.content_region.width, 10))) if self.is_mounted else 0
 
     def get_content_height(self, container, viewport, width: int) -> int:
         return len(self._lines(width))
@@ -97,7 +107,8 @@ class DeviceCard(Widget):
                     f"power {reading(snap.power, ' W')}  ")
         status = Text(no_wrap=True, overflow="ellipsis")
         status.append(readings, style("devicecard--dim"))
-        status.append(spark(self.used_history, snap.total, max(width - len(readings), 0)),
+        self._trend_width = max(width - len(readings), 0)
+        status.append(spark(self.used_history, snap.total, self._trend_width),
                       style("devicecard--trend"))
         return [title, self._bar(snap, width), *legend_lines, status]
 
@@ -154,6 +165,12 @@ class DeviceCard(Widget):
                                          ("free", snap.free, "devicecard--free")):
             items.append(Text.assemble(("■ ", style(component)), f"{label} {format_bytes(nbytes)}"))
         return items
+
+
+def _same_reading(a: DeviceSnapshot, b: DeviceSnapshot) -> bool:
+    """Two readings that draw the same card (only their time differs)."""
+    return (a.total, a.free, a.weights, a.kv, a.other, a.utilization, a.temperature, a.power) == \
+        (b.total, b.free, b.weights, b.kv, b.other, b.utilization, b.temperature, b.power)
 
 
 class MemoryLegend(Widget):

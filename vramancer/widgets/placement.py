@@ -276,6 +276,7 @@ class DeviceColumn(Vertical):
         self.info = info
         self.border_title = info.name
         self.summary = Static("", classes="column-summary")
+        self._summary_text = ""
         self.preview = Static("", classes="drop-preview")
 
     def compose(self) -> ComposeResult:
@@ -287,8 +288,12 @@ class DeviceColumn(Vertical):
         self.set_class(share < WARM, "-roomy")
         self.set_class(WARM <= share < FULL, "-warm")
         self.set_class(share >= FULL, "-full")
-        self.border_subtitle = f"{share:.0%} used"
-        self.summary.update(f"needs {format_bytes(need)}" if need is not None else "")
+        subtitle = f"{share:.0%} used"
+        summary = f"needs {format_bytes(need)}" if need is not None else ""
+        if (subtitle, summary) != (self.border_subtitle, self._summary_text):  # unchanged: no redraw
+            self.border_subtitle = subtitle
+            self._summary_text = summary
+            self.summary.update(summary)
 
     def show_verdict(self, verdict: Verdict | None, what: str = "") -> None:
         """Preview a drop while a tile hovers over this column; None clears it."""
