@@ -174,6 +174,16 @@ async def test_drag_tile_onto_another_column_migrates_it(tiny_model_dir):
                        "the links panel to show the weights that crossed sim1 → sim2")
         assert "last migration: L0–5 sim1 → sim2" in str(app.query_one(".last-migration").render())
 
+        # Nothing crosses the link now: the graph's latest interval reads zero, the peak stays.
+        row = app.query_one(LinkRow)
+        carried = row.last.bytes
+        for _ in range(2):
+            samples = len(row.rates)
+            app.sample_now()
+            await wait_for(pilot, lambda: len(row.rates) > samples, "another link reading")
+        assert row.last.bytes == carried and row.rate_now == 0 and row.peak > 0
+        assert "now 0 B/s" in row.render().plain and "peak 0 B/s" not in row.render().plain
+
 
 async def test_drop_on_a_device_too_small_is_refused_and_nothing_moves(tiny_model_dir):
     # sim2 has 8 MiB: room for layers, not for the 12 MiB embeddings.
