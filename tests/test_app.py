@@ -206,6 +206,7 @@ async def test_drop_on_a_device_too_small_is_refused_and_nothing_moves(tiny_mode
         assert note.severity == "error" and "embed does not fit on sim2" in note.message
         await pilot.pause(0.2)
         assert not recorder.of(ev.MigrationStarted), "a move that cannot fit never reaches the engine"
+        assert "refused embed → sim2: embed does not fit on sim2" in log_text(app), "the refusal stays in the log"
         assert app.worker.engine.placement == before
         assert tiles_on(app, "sim0") == ["embed · 12.0 MiB"] and tiles_on(app, "sim2") == []
         assert not embed.has_class("-moving")
@@ -482,6 +483,9 @@ async def test_replan_from_the_command_palette(tiny_model_dir):
         shown = {d: tiles_on(app, d) for d in ("sim0", "sim1", "sim2")}
         assert [label.split(" ·")[0] for label in shown[placement.embed]][0] == "embed"
         assert sum(len(v) for v in shown.values()) == 2 + len(placement.blocks())
+        moved = [line for line in log_text(app).splitlines() if line.startswith("re-plan moved")]
+        assert moved, "the parts the re-plan moved are in the events log"
+        assert moved[-1].removeprefix("re-plan moved ") in str(app.query_one(".last-migration").render())
 
 
 async def test_small_terminal_keeps_every_panel_reachable(tiny_model_dir):

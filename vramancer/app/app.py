@@ -23,7 +23,7 @@ from vramancer.app.messages import DevicesSampled, EngineEvent, LinksSampled, To
 from vramancer.app.metrics import metrics_document, write_metrics
 from vramancer.app.screens import HelpScreen, LoadModelScreen, MoveTargetScreen
 from vramancer.engine.options import LoadOptions
-from vramancer.engine.units import format_rate
+from vramancer.engine.units import format_bytes, format_rate
 from vramancer.widgets.console import ConsolePanel
 from vramancer.widgets.devices import DevicesPanel
 from vramancer.widgets.events_log import EventsLog
@@ -83,6 +83,7 @@ class VramancerApp(App[int]):
         self.worker: EngineWorker | None = None  # made once the engine is imported, after the first frame
         self.start_error: str | None = None  # why the start-up load could not even begin (CLI: exit 2)
         self._handlers: dict[type, Handler] = {}
+        self._moved_since_plan: list[ev.MigrationDone] = []  # reported moves the next plan includes
         self.loaded: ev.Loaded | None = None
         self.loading = False
         self.plan: ev.PlanSnapshot | None = None
@@ -295,13 +296,30 @@ class VramancerApp(App[int]):
         console.ready = True
 
     async def _on_plan_changed(self, event: ev.PlanChanged) -> None:
+        before = self.plan
+        if before is not None:
+            self._log_plan_moves(before, event.plan, self._moved_since_plan)
+        self._moved_since_plan = []
         self.plan = event.plan
         await self.placement_panel.show_plan(event.plan)
         self.header.show_strategy(event.plan.strategy)
         self.header.show_speed(predicted=event.plan.predicted_tokens_per_s)
         self.sample_now()
 
+    def _log_plan_moves(self, before: ev.PlanSnapshot, after: ev.PlanSnapshot,
+                        reported: list[ev.MigrationDone]) -> None:
+        """Moves a new plan made that no migration event reported (a re-plan moves parts in one
+        go): a line each in the events log, and the last of them in the links panel."""
+        told = {(m.first, m.last, m.dst) for m in reported}
+        for first, last, src, dst in plan_moves(before, after):
+            if any(_covers(m, first, last, dst) for m in told):
+                continue
+            size = after.part_bytes(first, last)
+            self.events_log.note(f"re-plan moved {part_label(first, last)} {src} → {dst} · {format_bytes(size)}", "green")
+            self.links_panel.show_replan_move(part_label(first, last), src, dst, size)
+
     def _on_migration_done(self, event: ev.MigrationDone) -> None:
+        self._moved_since_plan.append(event)
         self.migrations.append(event)
         self.placement_panel.settle(event.first, event.last)
         self.links_panel.show_migration(event)
@@ -368,6 +386,12 @@ class VramancerApp(App[int]):
         from vramancer.engine import events as ev
 
         self.worker.submit(ev.Generate(message.messages, dict(self.sampling), request_id=message.request_id))
+
+    @on(PlacementPanel.MoveRefused)
+    def _move_refused(self, message: PlacementPanel.MoveRefused) -> None:
+        self.events_log.note(f"refused {part_label(message.first, message.last)} → {message.device}: "
+                             f"{message.reason}", "yellow")
+        self.notify(message.reason, title="Won't fit", severity="error")
 
     @on(PlacementPanel.MoveRequested)
     def _move(self, message: PlacementPanel.MoveRequested) -> None:
@@ -448,6 +472,34 @@ class VramancerApp(App[int]):
             return
         self.call_from_thread(self.notify, f"Metrics written to {path}", title="Exported")
         self.call_from_thread(self.events_log.note, f"metrics exported to {path}", "dim")
+
+
+def plan_moves(before: ev.PlanSnapshot, after: ev.PlanSnapshot) -> list[tuple[int | str, int | str, str, str]]:
+    """(first, last, from, to) for every run of parts that sits on another device in `after`."""
+    moves: list[tuple[int | str, int | str, str, str]] = []
+    if before.embed != after.embed:
+        moves.append(("embed", "embed", before.embed, after.embed))
+    pairs = list(zip(before.layer_devices, after.layer_devices))
+    start: int | None = None  # first layer of the run of moved layers being gathered
+    for layer, pair in enumerate([*pairs, ("", "")]):  # a sentinel closes the last run
+        if start is not None and pair != pairs[start]:
+            moves.append((start, layer - 1, *pairs[start]))
+            start = None
+        if start is None and pair[0] != pair[1]:
+            start = layer
+    if before.head != after.head:
+        moves.append(("head", "head", before.head, after.head))
+    return moves
+
+
+def _covers(told: tuple, first: int | str, last: int | str, dst: str) -> bool:
+    """Whether a reported migration (first, last, dst) includes the move first..last → dst."""
+    t_first, t_last, t_dst = told
+    if t_dst != dst:
+        return False
+    if isinstance(first, str) or isinstance(t_first, str):
+        return first == t_first
+    return int(t_first) <= int(first) and int(last) <= int(t_last)
 
 
 def run_dashboard(options: LoadOptions, prepare: Callable[[], None] | None = None) -> int:

@@ -125,6 +125,10 @@ class LinksPanel(VerticalScroll):
         if links:
             self._sampled_at = max(snap.timestamp for snap in links)
 
+    def show_replan_move(self, what: str, src: str, dst: str, nbytes: int) -> None:
+        """A move a re-plan made (moved with the rest of the plan, so it has no timing of its own)."""
+        self.migration.update(f"last migration: {what} {src} → {dst} · {format_bytes(nbytes)} · by a re-plan")
+
     def show_migration(self, done: MigrationDone) -> None:
         when = f" at token {done.step}" if done.step is not None else ""
         self.migration.update(

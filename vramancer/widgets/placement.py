@@ -324,6 +324,13 @@ class PlacementPanel(Container):
             super().__init__()
             self.first, self.last, self.device = first, last, device
 
+    class MoveRefused(Message):
+        """A move the user asked for cannot fit: the App says so and logs it; nothing is sent."""
+
+        def __init__(self, first: Part, last: Part, device: str, reason: str) -> None:
+            super().__init__()
+            self.first, self.last, self.device, self.reason = first, last, device, reason
+
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.border_title = "placement"
@@ -424,7 +431,7 @@ class PlacementPanel(Container):
         first, last = tile.selection
         verdict = self.verdict(first, last, device)
         if not verdict.fits:
-            self.app.notify(verdict.reason, title="Won't fit", severity="error")
+            self.post_message(self.MoveRefused(first, last, device, verdict.reason))
             return False
         self.moving[(first, last)] = device
         tile.set_moving(device)
