@@ -53,12 +53,14 @@ class Recorder:
         self.app = app
         self.events: list[ev.Event] = []
         self.shown_while_streaming: list[str] = []
+        self.stats_while_streaming: list[str] = []
 
     def __call__(self, message) -> None:
         if isinstance(message, EngineEvent):
             self.events.append(message.event)
         elif isinstance(message, TokensReady):
             self.shown_while_streaming.append(answer_shown(self.app))
+            self.stats_while_streaming.append(str(self.app.console_panel.stats.render()))
 
     def of(self, kind: type) -> list:
         return [e for e in self.events if isinstance(e, kind)]
@@ -311,6 +313,9 @@ async def test_prompt_streams_an_answer_and_the_conversation_carries_on(tiny_mod
         partial = [text for text in recorder.shown_while_streaming if text]
         assert partial, "the answer appeared piece by piece before it was complete"
         assert all(done.text.startswith(text) and text != done.text for text in partial)
+        counts = [int(line.split(" tokens")[0].split()[-1]) for line in recorder.stats_while_streaming
+                  if line.startswith("streaming ·") and "tok/s" in line]
+        assert counts and counts == sorted(counts) and counts[-1] <= done.new_tokens, "tokens so far and tok/s"
         await pilot.pause()
         assert answer_shown(app) == done.text
         assert "› Hello there" in [str(s.render()) for s in app.query(".user-turn")]

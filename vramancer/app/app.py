@@ -377,7 +377,7 @@ class VramancerApp(App[int]):
         for token in tokens:
             pieces.setdefault(token.request_id, []).append(token.text)
         for request_id, texts in pieces.items():
-            console.add_text(request_id, "".join(texts))
+            console.add_text(request_id, "".join(texts), tokens=len(texts))
 
     # --- requests from the widgets ---------------------------------------------------------
 

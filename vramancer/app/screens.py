@@ -24,7 +24,11 @@ One language model, split across several devices. Watch the split; change it liv
 - **placement**: a column per device, a tile per run of layers on it, plus the embed and head.
   A column's border turns yellow, then red, as its device fills.
 - **links**: data that crossed between devices: GB/s over time, last and peak, bytes carried.
-- **console**: talk to the model. Each prompt is sent with the earlier turns.
+- **console**: talk to the model. Each prompt is sent with the earlier turns; while an answer
+  streams, the line under it counts its tokens and their rate.
+- **header**: *predicted* tok/s is what the engine expects from the current placement, priced
+  from measured device and link timings; *measured* is the decode speed of the last answer.
+  A drop preview shows the predicted speed after the move and its change.
 - **events**: what the engine did: loads, plans, migrations, refusals, errors.
 
 ## Moving layers

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 
 
 
+SPEED_MEANING = ("predicted: decode tokens/s the engine expects from this placement, priced from the measured "
+                 "timings of each device and link · measured: the decode speed of the last answer")
+
+
 class ModelHeader(Horizontal):
     """What is loaded and where; says plainly when the devices are simulated."""
 
@@ -26,6 +30,7 @@ class ModelHeader(Horizontal):
         self.badge = Static("simulated", id="badge")
         self.badge.display = False
         self.speed = Static("", id="speed", markup=False)
+        self.speed.tooltip = SPEED_MEANING
         self.loaded: Loaded | None = None
         self.strategy = ""
         self.predicted: float | None = None

@@ -54,10 +54,15 @@ class Verdict:
     fits: bool
     reason: str = ""
     tokens_per_s: float | None = None
+    now_tokens_per_s: float | None = None  # the current plan's prediction, for the change
 
     @property
     def speed(self) -> str:
-        return f" · ~{self.tokens_per_s:.1f} tok/s" if self.tokens_per_s else ""
+        """" · ~18.2 tok/s (+1.3)": the predicted decode speed after the move, and its change."""
+        if not self.tokens_per_s:
+            return ""
+        change = f" ({self.tokens_per_s - self.now_tokens_per_s:+.1f})" if self.now_tokens_per_s else ""
+        return f" · ~{self.tokens_per_s:.1f} tok/s{change}"
 
 
 class BlockTile(Widget, can_focus=True):
@@ -418,7 +423,7 @@ class PlacementPanel(Container):
         assert self.plan is not None
         reason = self.plan.would_fit(first, last, device, self.free_bytes())
         speed = self.plan.predict_move(first, last, device) if reason is None else None
-        return Verdict(device, reason is None, reason or "", speed)
+        return Verdict(device, reason is None, reason or "", speed, self.plan.predicted_tokens_per_s if speed else None)
 
     def targets(self, tile: BlockTile) -> list[Verdict]:
         """Every other device, with whether the tile's selection fits there."""
