@@ -213,6 +213,15 @@ async def test_drop_on_a_device_too_small_is_refused_and_nothing_moves(tiny_mode
         assert tiles_on(app, "sim0") == ["embed · 12.0 MiB"] and tiles_on(app, "sim2") == []
         assert not embed.has_class("-moving")
 
+        # The keyboard path lists sim2 too, greyed out, with how much it misses by.
+        embed.focus()
+        await pilot.press("m")
+        assert isinstance(app.screen, MoveTargetScreen)
+        options = app.screen.query_one("#move-targets")
+        shown = {options.get_option_at_index(i).id: options.get_option_at_index(i) for i in range(options.option_count)}
+        assert not shown["sim1"].disabled and shown["sim2"].disabled
+        assert "won't fit" in str(shown["sim2"].prompt) and "more" in str(shown["sim2"].prompt)
+
 
 async def test_keyboard_move_of_part_of_a_block(tiny_model_dir):
     app = make_app(tiny_model_dir)
@@ -440,6 +449,9 @@ async def test_a_failed_load_keeps_the_app_up_and_another_model_loads_from_the_p
 async def test_help_screen_and_quit(tiny_model_dir):
     app = make_app(tiny_model_dir)
     async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("question_mark")
+        assert app.console_panel.prompt.value == "?", "in the prompt, ? is typed"
+        app.console_panel.prompt.value = ""
         await pilot.press("escape")  # leave the prompt so that single keys are commands
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
@@ -449,7 +461,12 @@ async def test_help_screen_and_quit(tiny_model_dir):
         assert tiles_on(app, "sim1") == ["L0–5 · 867 KiB"]
         await pilot.press("f1")
         assert isinstance(app.screen, HelpScreen)
-        await pilot.press("escape", "escape", "q")
+        await pilot.press("escape")
+        await pilot.press("p")
+        assert isinstance(app.focused, BlockTile) and app.focused.first == 0, "p jumps to the placement"
+        await pilot.press("slash")
+        assert app.focused is app.console_panel.prompt, "/ jumps back to the prompt"
+        await pilot.press("escape", "q")
     assert app.return_code == 0
     assert not app.worker.alive, "quitting shuts the engine worker down"
 
@@ -491,6 +508,23 @@ async def test_replan_from_the_command_palette(tiny_model_dir):
         moved = [line for line in log_text(app).splitlines() if line.startswith("re-plan moved")]
         assert moved, "the parts the re-plan moved are in the events log"
         assert moved[-1].removeprefix("re-plan moved ") in str(app.query_one(".last-migration").render())
+
+
+async def test_events_log_wraps_again_when_the_terminal_shrinks(tiny_model_dir):
+    app = make_app(tiny_model_dir)
+    async with app.run_test(size=(200, 50)) as pilot:
+        await loaded(pilot)
+        log = app.query_one(EventsLog)
+        log.note("a long line of words " * 12)
+        await pilot.pause()
+        wide = len(log.lines)
+        await pilot.resize_terminal(100, 40)
+        await wait_for(pilot, lambda: len(log.lines) > wide, "the log to wrap again")
+        await pilot.pause()
+        width = log.scrollable_content_region.width
+        assert all(strip.cell_length <= width for strip in log.lines), "a line runs past the panel"
+        assert log.virtual_size.width <= width + 1 and not log.show_horizontal_scrollbar
+        assert "plan (proportional)" in log_text(app), "the earlier entries are still there"
 
 
 async def test_small_terminal_keeps_every_panel_reachable(tiny_model_dir):

@@ -58,6 +58,9 @@ class VramancerApp(App[int]):
         Binding("escape", "cancel", "Cancel / leave prompt"),
         Binding("ctrl+l", "new_conversation", "New chat"),
         Binding("ctrl+e", "export_metrics", "Export", show=False),
+        # Single keys act off the prompt (in it they type); f1 and ctrl+q work anywhere.
+        Binding("slash", "focus_prompt", "Prompt"),
+        Binding("p", "focus_placement", "Placement"),
     ]
 
     def __init__(
@@ -106,7 +109,7 @@ class VramancerApp(App[int]):
         self.console_panel = ConsolePanel(id="console")
         yield self.header
         yield self.load_bar
-        with VerticalScroll(id="main"):
+        with VerticalScroll(id="main", can_focus=False):  # a layout, not a stop: its panels are
             yield self.devices_panel
             yield self.placement_panel
             yield self.links_panel
@@ -444,6 +447,18 @@ class VramancerApp(App[int]):
             console.stats.update("cancelling…")
         elif self.focused is console.prompt:
             self.screen.focus_next(BlockTile)
+
+    def action_focus_prompt(self) -> None:
+        self.console_panel.prompt.focus()
+
+    def action_focus_placement(self) -> None:
+        """Focus the tile of the first layers (or the first tile there is)."""
+        tiles = list(self.placement_panel.query(BlockTile))
+        if not tiles:
+            self.notify("Nothing is placed yet.", severity="warning")
+            return
+        first = next((t for t in tiles if t.first == 0), tiles[0])
+        first.focus()
 
     def action_new_conversation(self) -> None:
         if self.console_panel.new_conversation() is not None:

@@ -151,13 +151,14 @@ class DeviceSnapshot:
     free: int
     weights: int  # this model's weights here
     kv: int  # this model's KV cache here, as held right now
-    other: int  # everything else in use: other processes, workspace, reservations
+    other: int  # in use by someone else: other processes (a simulated squeeze on sim devices)
     utilization: float | None = None
     temperature: float | None = None
     power: float | None = None
     pcie_rx: float | None = None
     pcie_tx: float | None = None
     timestamp: float = field(default_factory=time.time)
+    reserved: int = 0  # this model's, set aside and not yet used (KV room, workspace); a remote device's is in other
 
     @property
     def used(self) -> int:

@@ -28,9 +28,14 @@ def snapshot_device(device: Device, kv_bytes: int = 0) -> DeviceSnapshot:
     if device.remote:
         return device.snapshot()
     reading = device.read()
-    weights = device.ledger.claims["weights"]
+    claims = device.ledger.claims
+    weights = claims["weights"]
     kv = kv_bytes
-    other = max(reading.used - weights - kv, 0)
+    beyond = max(reading.used - weights - kv, 0)
+    # Of the rest, what this model set aside and has not filled yet (KV room, workspace) is
+    # ours; whatever remains belongs to other processes (or a simulated squeeze).
+    reserved = min(max(claims["kv"] + claims["workspace"] - kv, 0), beyond)
+    other = beyond - reserved
     return DeviceSnapshot(
         name=device.name,
         kind=device.kind,
@@ -41,6 +46,7 @@ def snapshot_device(device: Device, kv_bytes: int = 0) -> DeviceSnapshot:
         weights=weights,
         kv=kv,
         other=other,
+        reserved=reserved,
         utilization=reading.utilization,
         temperature=reading.temperature,
         power=reading.power,

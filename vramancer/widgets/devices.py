@@ -19,6 +19,17 @@ if TYPE_CHECKING:
 UNKNOWN = "—"
 HISTORY = 240  # samples kept for the sparkline: two minutes at 2 Hz
 
+# The parts a device's memory is split into on screen: (label, snapshot field, style).
+MEMORY_PARTS = (("weights", "weights", "devicecard--weights"), ("KV", "kv", "devicecard--kv"),
+                ("reserved", "reserved", "devicecard--reserved"),
+                ("other processes", "other", "devicecard--other"), ("free", "free", "devicecard--free"))
+
+
+def memory_parts(snap: DeviceSnapshot) -> list[tuple[str, int, str]]:
+    """Each part's label, its bytes in `snap`, and its style."""
+    return [(label, getattr(snap, field), style) for label, field, style in MEMORY_PARTS]
+
+
 # How much a card shows, by the room the panel has for each device (lines per card).
 FULL, TWO_LINES, ONE_LINE = "full", "two", "one"
 FULL_HEIGHT = 7  # title, bar, legend (up to two lines), readings, margin
@@ -40,6 +51,7 @@ class DeviceCard(Widget):
         "devicecard--kind",
         "devicecard--weights",
         "devicecard--kv",
+        "devicecard--reserved",
         "devicecard--other",
         "devicecard--free",
         "devicecard--dim",
@@ -102,7 +114,7 @@ class DeviceCard(Widget):
         if sum(len(t) for t in legend) + len(legend) - 1 <= width:
             legend_lines = [Text(" ").join(legend)]
         else:
-            legend_lines = [Text(" ").join(legend[:2]), Text(" ").join(legend[2:])]
+            legend_lines = [Text(" ").join(legend[:3]), Text(" ").join(legend[3:])]
         readings = (f"util {reading(snap.utilization, '%')}  temp {reading(snap.temperature, '°C')}  "
                     f"power {reading(snap.power, ' W')}  ")
         status = Text(no_wrap=True, overflow="ellipsis")
@@ -143,7 +155,7 @@ class DeviceCard(Widget):
         """Weights, KV cache, other, free: each a run of cells in proportion to its bytes."""
         total = max(snap.total, 1)
         parts = [(snap.weights, "devicecard--weights", "█"), (snap.kv, "devicecard--kv", "█"),
-                 (snap.other, "devicecard--other", "█")]
+                 (snap.reserved, "devicecard--reserved", "▒"), (snap.other, "devicecard--other", "█")]
         bar = Text()
         used_cells = 0
         for nbytes, component, glyph in parts:
@@ -159,30 +171,26 @@ class DeviceCard(Widget):
     def _legend(self, snap: DeviceSnapshot) -> list[Text]:
         style = self.get_component_rich_style
         items = []
-        for label, nbytes, component in (("weights", snap.weights, "devicecard--weights"),
-                                         ("KV", snap.kv, "devicecard--kv"),
-                                         ("other", snap.other, "devicecard--other"),
-                                         ("free", snap.free, "devicecard--free")):
+        for label, nbytes, component in memory_parts(snap):
             items.append(Text.assemble(("■ ", style(component)), f"{label} {format_bytes(nbytes)}"))
         return items
 
 
 def _same_reading(a: DeviceSnapshot, b: DeviceSnapshot) -> bool:
     """Two readings that draw the same card (only their time differs)."""
-    return (a.total, a.free, a.weights, a.kv, a.other, a.utilization, a.temperature, a.power) == \
-        (b.total, b.free, b.weights, b.kv, b.other, b.utilization, b.temperature, b.power)
+    return (a.total, a.free, a.weights, a.kv, a.reserved, a.other, a.utilization, a.temperature, a.power) == \
+        (b.total, b.free, b.weights, b.kv, b.reserved, b.other, b.utilization, b.temperature, b.power)
 
 
 class MemoryLegend(Widget):
     """What the bar's colours mean, once for every card, when the cards are too short to say it."""
 
-    COMPONENT_CLASSES = {"devicecard--weights", "devicecard--kv", "devicecard--other", "devicecard--free"}
+    COMPONENT_CLASSES = {"devicecard--weights", "devicecard--kv", "devicecard--reserved", "devicecard--other",
+                         "devicecard--free"}
 
     def render(self) -> Text:
         style = self.get_component_rich_style
-        return Text(" ").join(Text.assemble(("■ ", style(component)), label) for label, component in (
-            ("weights", "devicecard--weights"), ("KV", "devicecard--kv"),
-            ("other", "devicecard--other"), ("free", "devicecard--free")))
+        return Text(" ").join(Text.assemble(("■ ", style(component)), label) for label, _, component in MEMORY_PARTS)
 
 
 class DevicesPanel(VerticalScroll):

@@ -79,9 +79,20 @@ class ModelHeader(Horizontal):
         loaded = self.loaded
         if loaded is None:
             return
-        devices = ", ".join(f"{d.name} {format_bytes(d.total)}" for d in loaded.devices)
-        self.summary.update(f"{loaded.model} · {loaded.dtype} · {self.strategy} · context {loaded.context} · "
-                            f"{len(loaded.devices)} devices: {devices}")
+        # What matters first: the model, how it is split and over what; then the details.
+        sizes = {d.total for d in loaded.devices}
+        if len(sizes) == 1 and len(loaded.devices) > 1:
+            devices = f"{len(loaded.devices)} × {format_bytes(sizes.pop())} ({_names(loaded.devices)})"
+        else:
+            devices = ", ".join(f"{d.name} {format_bytes(d.total)}" for d in loaded.devices)
+        self.summary.update(f"{loaded.model} · {self.strategy} on {devices} · {loaded.dtype} · "
+                            f"context {loaded.context}")
+
+
+def _names(devices) -> str:
+    """"sim0–sim3" for a run of numbered names, else the names themselves."""
+    names = [d.name for d in devices]
+    return f"{names[0]}–{names[-1]}" if len(names) > 2 else ", ".join(names)
 
 
 class LoadBar(Horizontal):

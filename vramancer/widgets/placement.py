@@ -30,8 +30,9 @@ if TYPE_CHECKING:
 
 Part = int | str
 
-# A column turns warm, then full, as its device fills (share of its memory in use).
-WARM, FULL = 0.70, 0.90
+# A column turns warm, then full, as its device fills (share of its memory in use). A device
+# holding a model is meant to be well used: only the last tenth is worth a warning.
+WARM, FULL = 0.90, 0.97
 # The narrowest a column may be and still show a tile's label and size ("L15–25" over "54.0 MiB").
 MIN_COLUMN_WIDTH = 12
 
