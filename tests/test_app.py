@@ -548,6 +548,8 @@ async def test_squeeze_from_the_palette_rebalances_and_the_header_shows_speeds(t
         await loaded(pilot)
         await wait_for(pilot, lambda: "sim1" in app.latest_devices, "a device reading")
         assert "predicted" in str(app.header.speed.render())
+        before = app.latest_devices["sim1"]
+        assert before.reserved > 0 and before.other == 0, "KV room set aside is ours, not another process's"
         await pilot.press("ctrl+p")
         await pilot.press(*"squeeze sim1")
         await pilot.pause(0.3)
@@ -560,6 +562,10 @@ async def test_squeeze_from_the_palette_rebalances_and_the_header_shows_speeds(t
         assert engine.placement.layer_devices.count("sim1") < 6 and not pressures(engine)
         log = log_text(app)
         assert "taken by another process" in log and "short of memory" in log
+        app.sample_now()
+        await wait_for(pilot, lambda: app.latest_devices["sim1"].other > 0, "the squeeze in the sim1 reading")
+        assert "other processes" in app.devices_panel.cards["sim1"].render().plain or \
+            app.devices_panel.legend.display
         await pilot.click(ConsolePanel)
         app.console_panel.prompt.value = "Hello"
         await pilot.press("enter")
