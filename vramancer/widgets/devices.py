@@ -63,6 +63,7 @@ class DeviceCard(Widget):
         self.info = info
         self.snapshot: DeviceSnapshot | None = None
         self.used_history: deque[float] = deque(maxlen=HISTORY)
+        self.read_at: deque[float] = deque(maxlen=HISTORY)  # when each reading was taken
         self.mode = FULL
         self._trend_width = 0  # cells of the memory trend as last drawn
         self.name_width = len(info.name)  # the longest device name, so one-line bars line up
@@ -79,6 +80,7 @@ class DeviceCard(Widget):
         before, lines_before = self.snapshot, self._line_count()
         self.snapshot = snapshot
         self.used_history.append(float(snapshot.used))
+        self.read_at.append(snapshot.timestamp)
         trend_moves = self.mode == FULL and len(self.used_history) <= self._trend_width
         if before is not None and _same_reading(before, snapshot) and not trend_moves:
             return
@@ -111,25 +113,36 @@ class DeviceCard(Widget):
         if self.mode == TWO_LINES:
             return [self._title_with_use(snap, width), self._bar(snap, width)]
         legend = self._legend(snap)
-        if sum(len(t) for t in legend) + len(legend) - 1 <= width:
-            legend_lines = [Text(" ").join(legend)]
-        else:
-            legend_lines = [Text(" ").join(legend[:3]), Text(" ").join(legend[3:])]
-        readings = (f"util {reading(snap.utilization, '%')}  temp {reading(snap.temperature, '°C')}  "
-                    f"power {reading(snap.power, ' W')}  ")
+        legend_lines: list[Text] = []  # as many items on each line as fit
+        for item in legend:
+            if legend_lines and len(legend_lines[-1]) + 1 + len(item) <= width:
+                legend_lines[-1] = Text(" ").join([legend_lines[-1], item])
+            else:
+                legend_lines.append(item)
+        known = [(name, value, unit) for name, value, unit in (("util", snap.utilization, "%"),
+                 ("temp", snap.temperature, "°C"), ("power", snap.power, " W")) if value is not None]
+        readings = "".join(f"{name} {reading(value, unit)}  " for name, value, unit in known) or "memory "
         status = Text(no_wrap=True, overflow="ellipsis")
         status.append(readings, style("devicecard--dim"))
-        self._trend_width = max(width - len(readings), 0)
-        status.append(spark(self.used_history, snap.total, self._trend_width),
-                      style("devicecard--trend"))
+        # The trend's scale: empty to full is the device's size; one cell per reading.
+        scale = f" of {format_bytes(snap.total)}, {self._window_s(width):.0f} s"
+        self._trend_width = max(width - len(readings) - len(scale), 0)
+        status.append(spark(self.used_history, snap.total, self._trend_width), style("devicecard--trend"))
+        status.append(scale, style("devicecard--dim"))
         return [title, self._bar(snap, width), *legend_lines, status]
+
+    def _window_s(self, width: int) -> float:
+        """Seconds the trend covers: from the oldest reading it can show to the latest."""
+        times = list(self.read_at)[-max(self._trend_width, 1):]
+        return times[-1] - times[0] if len(times) > 1 else 0.0
 
     def _title_with_use(self, snap: DeviceSnapshot, width: int) -> Text:
         """Name, kind, utilisation and used / total on one line (the two-line card's first)."""
         style = self.get_component_rich_style
         info = self.info
         kind = "simulated" if info.simulated else info.label
-        right = f"util {reading(snap.utilization, '%')}  {format_bytes(snap.used)} / {format_bytes(snap.total)}"
+        util = f"util {reading(snap.utilization, '%')}  " if snap.utilization is not None else ""
+        right = f"{util}{format_bytes(snap.used)} / {format_bytes(snap.total)}"
         line = Text(no_wrap=True, overflow="ellipsis")
         line.append(info.name, style("devicecard--name"))
         line.append(f"  {kind}", style("devicecard--kind"))
@@ -218,9 +231,10 @@ class DevicesPanel(VerticalScroll):
         count, height = len(self.cards), self.scrollable_content_region.height or self.size.height
         if not count:
             return
+        legend = len(self.legend.render().wrap(self.app.console, max(self.scrollable_content_region.width, 1)))
         if count * FULL_HEIGHT <= height:
             mode = FULL
-        elif 1 + count * 2 <= height:
+        elif legend + count * 2 <= height:
             mode = TWO_LINES
         else:
             mode = ONE_LINE
