@@ -8,7 +8,7 @@
   to terminal output itself (and throws it away), so that cost is counted too.
 - start, idle and quit, as a person meets them (benchmarks/terminal.py): `python -m vramancer`
   in a pseudo-terminal at 120x40 and at 200x60: seconds to the first frame, CPU while loaded
-  and idle (telemetry on, 2 Hz; every thread of the process, as a share of one core), and
+  and idle (telemetry on, 1 Hz; every thread of the process, as a share of one core), and
   seconds from ctrl+q to the process having exited.
 
 The App of the key → screen figure runs in this process with torch's default thread count

@@ -39,6 +39,9 @@ if TYPE_CHECKING:  # the engine (and torch) is imported after the first frame, o
 DEFAULT_SAMPLING = {"max_new_tokens": 256, "temperature": 0.0}
 SHUTDOWN_TIMEOUT = 5.0
 IMPORT_STAGE = "importing torch, transformers"
+# Device and link readings per second. Once a second is what nvitop and btop default to (every
+# 2 s); twice cost the idle dashboard about a third more CPU for no reading a person can use.
+TELEMETRY_HZ = 1.0
 
 Handler = Callable[["ev.Event"], "Awaitable[None] | None"]
 
@@ -68,7 +71,7 @@ class VramancerApp(App[int]):
         options: LoadOptions | None = None,
         *,
         telemetry: bool = True,
-        telemetry_hz: float = 2.0,
+        telemetry_hz: float = TELEMETRY_HZ,
         sampling: dict | None = None,
         prepare: Callable[[], None] | None = None,
     ) -> None:
@@ -125,20 +128,27 @@ class VramancerApp(App[int]):
         else:
             self.header.show_failed()
         self.console_panel.prompt.focus()
-        self.call_after_refresh(self._start_engine)  # the first frame first, then the heavy imports
+        # The first frame first, then the heavy imports. On a daemon thread of its own, not a
+        # Textual thread worker: the event loop waits for those at exit, and a quit during the
+        # imports must not wait for torch.
+        self.call_after_refresh(threading.Thread(target=self._start_engine, name="vramancer-start", daemon=True).start)
 
     def on_unmount(self) -> None:
         if self.worker is not None:
             self.worker.shutdown(SHUTDOWN_TIMEOUT)
 
-    @work(thread=True, group="start", exit_on_error=False)
     def _start_engine(self) -> None:
         """Import the engine (torch, transformers: seconds) off the App thread, then start it."""
-        if self._prepare is not None:
-            self._prepare()
-        from vramancer.engine.devices import parse_device_spec
-        from vramancer.engine.errors import VramancerError
-        from vramancer.engine.worker import EngineWorker
+        try:
+            if self._prepare is not None:
+                self._prepare()
+            from vramancer.engine.devices import parse_device_spec
+            from vramancer.engine.errors import VramancerError
+            from vramancer.engine.worker import EngineWorker
+        except Exception as exc:  # a broken install: say so on screen rather than sit at "importing"
+            self._from_thread(self.notify, f"Starting the engine failed: {type(exc).__name__}: {exc}",
+                              severity="error", timeout=30)
+            return
 
         telemetry, hz = self._telemetry
         worker = EngineWorker(self._emit, telemetry_hz=hz, telemetry=telemetry)
@@ -148,7 +158,14 @@ class VramancerApp(App[int]):
                 parse_device_spec(self.options.devices)
             except VramancerError as exc:
                 refusal = str(exc)
-        self.call_from_thread(self._engine_started, worker, refusal)
+        self._from_thread(self._engine_started, worker, refusal)
+
+    def _from_thread(self, callback, *args, **kwargs) -> None:
+        """call_from_thread, unless the App has already closed (quit during the imports)."""
+        try:
+            self.call_from_thread(callback, *args, **kwargs)
+        except RuntimeError:
+            pass
 
     def _engine_started(self, worker: EngineWorker, refusal: str | None) -> None:
         if self._exit:  # quit while the engine was being imported: nothing to start
@@ -420,8 +437,7 @@ class VramancerApp(App[int]):
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         """The App's own thread workers (a telemetry reading, an export) report failures here."""
         if event.state == WorkerState.ERROR:
-            what = {"export": "Exporting metrics", "start": "Starting the engine"}.get(event.worker.group,
-                                                                                     "Reading the devices")
+            what = "Exporting metrics" if event.worker.group == "export" else "Reading the devices"
             self.notify(f"{what} failed: {event.worker.error}", severity="error")
 
     # --- actions ---------------------------------------------------------------------------

@@ -77,6 +77,7 @@ class ConsolePanel(Vertical):
         self.transcript = VerticalScroll(id="transcript")
         self.stats = Static("", id="stats")
         self.prompt = PromptInput(id="prompt", placeholder="Ask the model…  (enter send · esc cancel · ↑↓ history)")
+        self.prompt.cursor_blink = False  # a steady cursor: blinking redrew the screen twice a second at idle
         self._answer: Static | None = None
         self._redraw_pending = False
         self.streamed_tokens = 0  # pieces of the streaming answer so far (one per decoded token)

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 UNKNOWN = "—"
-HISTORY = 240  # samples kept for the sparkline: two minutes at 2 Hz
+HISTORY = 240  # samples kept for the sparkline: four minutes at the dashboard's 1 Hz
 
 # The parts a device's memory is split into on screen: (label, snapshot field, style).
 MEMORY_PARTS = (("weights", "weights", "devicecard--weights"), ("KV", "kv", "devicecard--kv"),
