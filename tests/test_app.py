@@ -446,6 +446,17 @@ async def test_a_failed_load_keeps_the_app_up_and_another_model_loads_from_the_p
         assert app.header.badge.display and "tiny-llama0" in str(app.header.summary.render())
 
 
+async def test_a_malformed_device_spec_from_the_command_line_ends_with_exit_2(tiny_model_dir):
+    """The first frame comes before the engine can read --devices; a spec it refuses then
+    closes the screen, and the CLI prints the one sentence (run_dashboard) and exits 2."""
+    app = VramancerApp(LoadOptions(tiny_model_dir, "sim:0x", "proportional", 256, "auto"), telemetry=False)
+    async with app.run_test(size=SIZE) as pilot:
+        deadline = time.monotonic() + TIMEOUT
+        while app.start_error is None and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+    assert app.return_code == 2 and "at least one device" in app.start_error
+
+
 async def test_help_screen_and_quit(tiny_model_dir):
     app = make_app(tiny_model_dir)
     async with app.run_test(size=SIZE) as pilot:

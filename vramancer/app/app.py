@@ -6,6 +6,7 @@ thread; its events come back through `post_message`, which is safe from any thre
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import deque
 from pathlib import Path
@@ -37,7 +38,9 @@ if TYPE_CHECKING:  # the engine (and torch) is imported after the first frame, o
     from vramancer.engine.worker import EngineWorker
 
 DEFAULT_SAMPLING = {"max_new_tokens": 256, "temperature": 0.0}
-SHUTDOWN_TIMEOUT = 5.0
+# How long quitting waits for the worker: it stops within one decode step (milliseconds); a
+# load in progress cannot stop part-way, and its daemon thread ends with the process.
+SHUTDOWN_TIMEOUT = 1.0
 IMPORT_STAGE = "importing torch, transformers"
 # Device and link readings per second. Once a second is what nvitop and btop default to (every
 # 2 s); twice cost the idle dashboard about a third more CPU for no reading a person can use.
@@ -112,7 +115,7 @@ class VramancerApp(App[int]):
         self.console_panel = ConsolePanel(id="console")
         yield self.header
         yield self.load_bar
-        with VerticalScroll(id="main", can_focus=False):  # a layout, not a stop: its panels are
+        with VerticalScroll(id="main", can_focus=False):  # a layout; its panels are the focus stops
             yield self.devices_panel
             yield self.placement_panel
             yield self.links_panel
@@ -537,11 +540,7 @@ def run_dashboard(options: LoadOptions, prepare: Callable[[], None] | None = Non
     """Open the dashboard on `options`; returns the exit status for the CLI. `prepare` runs
     off the App thread before the engine is imported (see VramancerApp)."""
     app = VramancerApp(options, prepare=prepare)
-    code = app.run()
-    if app.worker is not None:
-        app.worker.shutdown(SHUTDOWN_TIMEOUT)
+    code = app.run()  # the worker was stopped as the App unmounted
     if app.start_error is not None:
-        import sys
-
         print(f"vramancer: {app.start_error}", file=sys.stderr)
     return code if isinstance(code, int) else (app.return_code or 0)
