@@ -7,6 +7,8 @@ what is checked is what the screen shows and what the engine did, side by side.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -51,12 +53,14 @@ class Recorder:
         self.app = app
         self.events: list[ev.Event] = []
         self.shown_while_streaming: list[str] = []
+        self.stats_while_streaming: list[str] = []
 
     def __call__(self, message) -> None:
         if isinstance(message, EngineEvent):
             self.events.append(message.event)
         elif isinstance(message, TokensReady):
             self.shown_while_streaming.append(answer_shown(self.app))
+            self.stats_while_streaming.append(str(self.app.console_panel.stats.render()))
 
     def of(self, kind: type) -> list:
         return [e for e in self.events if isinstance(e, kind)]
@@ -110,6 +114,39 @@ async def ask(pilot, prompt: str) -> None:
     await pilot.press(*prompt, "enter")
 
 
+# --- how the App is wired ------------------------------------------------------------------
+
+
+def test_the_dashboard_draws_before_torch_is_imported():
+    """The CLI's dashboard path imports Textual and the App only; the engine comes after the first frame."""
+    code = ("import sys, vramancer.cli, vramancer.app; "
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_engine_event_has_its_handler():
+    """Tokens and telemetry come as messages of their own; every other event has one handler,
+    and an event without one is an error, never silently dropped."""
+
+    def kinds(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from kinds(sub)
+
+    app = VramancerApp()
+    handlers = app.event_handlers()
+    streamed = {ev.Token, ev.DeviceSample, ev.LinkSample}
+    assert set(kinds(ev.Event)) - streamed == set(handlers)
+
+    class Unheard(ev.Event):
+        pass
+
+    app._handlers = handlers
+    with pytest.raises(LookupError, match="no handler for Unheard"):
+        app.handler_for(Unheard)
+
+
 # --- drag to migrate ----------------------------------------------------------------------
 
 
@@ -139,6 +176,16 @@ async def test_drag_tile_onto_another_column_migrates_it(tiny_model_dir):
                        "the links panel to show the weights that crossed sim1 → sim2")
         assert "last migration: L0–5 sim1 → sim2" in str(app.query_one(".last-migration").render())
 
+        # Nothing crosses the link now: the graph's latest interval reads zero, the peak stays.
+        row = app.query_one(LinkRow)
+        carried = row.last.bytes
+        for _ in range(2):
+            samples = len(row.rates)
+            app.sample_now()
+            await wait_for(pilot, lambda: len(row.rates) > samples, "another link reading")
+        assert row.last.bytes == carried and row.rate_now == 0 and row.peak > 0
+        assert "now 0 B/s" in row.render().plain and "peak 0 B/s" not in row.render().plain
+
 
 async def test_drop_on_a_device_too_small_is_refused_and_nothing_moves(tiny_model_dir):
     # sim2 has 8 MiB: room for layers, not for the 12 MiB embeddings.
@@ -161,9 +208,19 @@ async def test_drop_on_a_device_too_small_is_refused_and_nothing_moves(tiny_mode
         assert note.severity == "error" and "embed does not fit on sim2" in note.message
         await pilot.pause(0.2)
         assert not recorder.of(ev.MigrationStarted), "a move that cannot fit never reaches the engine"
+        assert "refused embed → sim2: embed does not fit on sim2" in log_text(app), "the refusal stays in the log"
         assert app.worker.engine.placement == before
         assert tiles_on(app, "sim0") == ["embed · 12.0 MiB"] and tiles_on(app, "sim2") == []
         assert not embed.has_class("-moving")
+
+        # The keyboard path lists sim2 too, greyed out, with how much it misses by.
+        embed.focus()
+        await pilot.press("m")
+        assert isinstance(app.screen, MoveTargetScreen)
+        options = app.screen.query_one("#move-targets")
+        shown = {options.get_option_at_index(i).id: options.get_option_at_index(i) for i in range(options.option_count)}
+        assert not shown["sim1"].disabled and shown["sim2"].disabled
+        assert "won't fit" in str(shown["sim2"].prompt) and "more" in str(shown["sim2"].prompt)
 
 
 async def test_keyboard_move_of_part_of_a_block(tiny_model_dir):
@@ -206,6 +263,50 @@ async def test_shift_click_selects_a_sub_range_to_drag(tiny_model_dir):
         await wait_for(pilot, lambda: "L4–5 · 289 KiB" in tiles_on(app, "sim0"), "L4–5 on sim0")
 
 
+# --- a rig of many devices ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("devices, size", [("sim:4x64MiB", (120, 40)), ("sim:8x64MiB", (120, 40)),
+                                           ("sim:16x64MiB", (200, 50))])
+async def test_every_device_is_on_screen_and_a_drop_target(tiny_model_dir, devices, size):
+    app = make_app(tiny_model_dir, devices=devices)
+    recorder = Recorder(app)
+    async with app.run_test(size=size, message_hook=recorder) as pilot:
+        await loaded(pilot)
+        await wait_for(pilot, lambda: all(c.snapshot for c in app.devices_panel.cards.values()), "a reading")
+        await pilot.pause()
+        count = int(devices.split(":")[1].split("x")[0])
+        columns = list(app.placement_panel.query(DeviceColumn))
+        assert [c.device for c in columns] == [f"sim{i}" for i in range(count)]
+        panel = app.placement_panel.content_region
+        for col in columns:
+            assert app.screen.region.contains_region(col.region), f"{col.device} is off screen"
+            assert panel.contains_region(col.region), f"{col.device} is outside the placement panel"
+            inside = (col.region.x + col.region.width // 2, col.region.bottom - 2)
+            widget, _ = app.screen.get_widget_at(*inside)
+            assert col in widget.ancestors_with_self, f"{col.device} is hidden under {widget}"
+        for block in app.placement_panel.query(BlockTile):
+            shown = block.render().plain
+            label, size_text = block.caption
+            assert label in shown and size_text in shown, f"{shown!r} cuts {label} · {size_text}"
+            assert block.parent.region.contains_region(block.region)
+        cards = app.devices_panel
+        for card in cards.cards.values():
+            assert cards.content_region.contains_region(card.region), f"{card.info.name}'s card needs scrolling"
+            assert card.info.name in card.render().plain
+
+        # The last column takes a drop like any other.
+        last = columns[-1]
+        assert app.plan.layer_devices[0] != last.device
+        source = tile(app, 0, app.plan.layer_devices[0])
+        await pilot.mouse_down(source)
+        await pilot.hover(last)
+        assert last.has_class("-drop-ok")
+        await pilot.mouse_up(last)
+        await wait_for(pilot, lambda: recorder.of(ev.MigrationDone), "the migration")
+        await wait_for(pilot, lambda: any(t.first == 0 for t in last.query(BlockTile)), "L0 in the last column")
+
+
 # --- the console ----------------------------------------------------------------------------
 
 
@@ -221,6 +322,9 @@ async def test_prompt_streams_an_answer_and_the_conversation_carries_on(tiny_mod
         partial = [text for text in recorder.shown_while_streaming if text]
         assert partial, "the answer appeared piece by piece before it was complete"
         assert all(done.text.startswith(text) and text != done.text for text in partial)
+        counts = [int(line.split(" tokens")[0].split()[-1]) for line in recorder.stats_while_streaming
+                  if line.startswith("streaming ·") and "tok/s" in line]
+        assert counts and counts == sorted(counts) and counts[-1] <= done.new_tokens, "tokens so far and tok/s"
         await pilot.pause()
         assert answer_shown(app) == done.text
         assert "› Hello there" in [str(s.render()) for s in app.query(".user-turn")]
@@ -342,9 +446,23 @@ async def test_a_failed_load_keeps_the_app_up_and_another_model_loads_from_the_p
         assert app.header.badge.display and "tiny-llama0" in str(app.header.summary.render())
 
 
+async def test_a_malformed_device_spec_from_the_command_line_ends_with_exit_2(tiny_model_dir):
+    """The first frame comes before the engine can read --devices; a spec it refuses then
+    closes the screen, and the CLI prints the one sentence (run_dashboard) and exits 2."""
+    app = VramancerApp(LoadOptions(tiny_model_dir, "sim:0x", "proportional", 256, "auto"), telemetry=False)
+    async with app.run_test(size=SIZE) as pilot:
+        deadline = time.monotonic() + TIMEOUT
+        while app.start_error is None and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+    assert app.return_code == 2 and "at least one device" in app.start_error
+
+
 async def test_help_screen_and_quit(tiny_model_dir):
     app = make_app(tiny_model_dir)
     async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("question_mark")
+        assert app.console_panel.prompt.value == "?", "in the prompt, ? is typed"
+        app.console_panel.prompt.value = ""
         await pilot.press("escape")  # leave the prompt so that single keys are commands
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
@@ -354,7 +472,12 @@ async def test_help_screen_and_quit(tiny_model_dir):
         assert tiles_on(app, "sim1") == ["L0–5 · 867 KiB"]
         await pilot.press("f1")
         assert isinstance(app.screen, HelpScreen)
-        await pilot.press("escape", "escape", "q")
+        await pilot.press("escape")
+        await pilot.press("p")
+        assert isinstance(app.focused, BlockTile) and app.focused.first == 0, "p jumps to the placement"
+        await pilot.press("slash")
+        assert app.focused is app.console_panel.prompt, "/ jumps back to the prompt"
+        await pilot.press("escape", "q")
     assert app.return_code == 0
     assert not app.worker.alive, "quitting shuts the engine worker down"
 
@@ -393,6 +516,26 @@ async def test_replan_from_the_command_palette(tiny_model_dir):
         shown = {d: tiles_on(app, d) for d in ("sim0", "sim1", "sim2")}
         assert [label.split(" ·")[0] for label in shown[placement.embed]][0] == "embed"
         assert sum(len(v) for v in shown.values()) == 2 + len(placement.blocks())
+        moved = [line for line in log_text(app).splitlines() if line.startswith("re-plan moved")]
+        assert moved, "the parts the re-plan moved are in the events log"
+        assert moved[-1].removeprefix("re-plan moved ") in str(app.query_one(".last-migration").render())
+
+
+async def test_events_log_wraps_again_when_the_terminal_shrinks(tiny_model_dir):
+    app = make_app(tiny_model_dir)
+    async with app.run_test(size=(200, 50)) as pilot:
+        await loaded(pilot)
+        log = app.query_one(EventsLog)
+        log.note("a long line of words " * 12)
+        await pilot.pause()
+        wide = len(log.lines)
+        await pilot.resize_terminal(100, 40)
+        await wait_for(pilot, lambda: len(log.lines) > wide, "the log to wrap again")
+        await pilot.pause()
+        width = log.scrollable_content_region.width
+        assert all(strip.cell_length <= width for strip in log.lines), "a line runs past the panel"
+        assert log.virtual_size.width <= width + 1 and not log.show_horizontal_scrollbar
+        assert "plan (proportional)" in log_text(app), "the earlier entries are still there"
 
 
 async def test_small_terminal_keeps_every_panel_reachable(tiny_model_dir):
@@ -416,6 +559,8 @@ async def test_squeeze_from_the_palette_rebalances_and_the_header_shows_speeds(t
         await loaded(pilot)
         await wait_for(pilot, lambda: "sim1" in app.latest_devices, "a device reading")
         assert "predicted" in str(app.header.speed.render())
+        before = app.latest_devices["sim1"]
+        assert before.reserved > 0 and before.other == 0, "KV room set aside is ours, not another process's"
         await pilot.press("ctrl+p")
         await pilot.press(*"squeeze sim1")
         await pilot.pause(0.3)
@@ -428,6 +573,10 @@ async def test_squeeze_from_the_palette_rebalances_and_the_header_shows_speeds(t
         assert engine.placement.layer_devices.count("sim1") < 6 and not pressures(engine)
         log = log_text(app)
         assert "taken by another process" in log and "short of memory" in log
+        app.sample_now()
+        await wait_for(pilot, lambda: app.latest_devices["sim1"].other > 0, "the squeeze in the sim1 reading")
+        assert "other processes" in app.devices_panel.cards["sim1"].render().plain or \
+            app.devices_panel.legend.display
         await pilot.click(ConsolePanel)
         app.console_panel.prompt.value = "Hello"
         await pilot.press("enter")

@@ -13,7 +13,7 @@ import pytest
 
 from vramancer.app import VramancerApp
 from vramancer.engine import profiler
-from vramancer.engine.engine import LoadOptions
+from vramancer.engine.options import LoadOptions
 from vramancer.widgets.devices import DeviceCard
 
 
@@ -34,8 +34,8 @@ def frozen_timings(monkeypatch):
     monkeypatch.setattr(profiler, "measure", fixed)
 
 
-def dashboard(model_dir: str) -> VramancerApp:
-    return VramancerApp(LoadOptions(model_dir, "sim:3x64MiB", "proportional", 256, "auto"), telemetry=False)
+def dashboard(model_dir: str, devices: str = "sim:3x64MiB") -> VramancerApp:
+    return VramancerApp(LoadOptions(model_dir, devices, "proportional", 256, "auto"), telemetry=False)
 
 
 async def settled(pilot) -> None:
@@ -65,3 +65,10 @@ def test_help_screen(snap_compare, tiny_model_dir):
         await pilot.press("f1")
 
     assert snap_compare(dashboard(tiny_model_dir), terminal_size=(120, 40), run_before=open_help)
+
+
+@pytest.mark.parametrize("devices, size", [("sim:4x64MiB", (120, 40)), ("sim:8x64MiB", (120, 40)),
+                                           ("sim:16x64MiB", (200, 50))])
+def test_main_screen_of_a_rig(snap_compare, tiny_model_dir, devices, size):
+    """Every device's column, and its card, on screen at once."""
+    assert snap_compare(dashboard(tiny_model_dir, devices), terminal_size=size, run_before=settled)

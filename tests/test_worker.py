@@ -124,7 +124,7 @@ def test_telemetry_samples_devices_and_links(worker_and_events):
     assert sim1.simulated and sim1.total == 64 * 2**20
     assert sim1.weights == worker.engine.device("sim1").ledger.claims["weights"] > 0
     assert sim1.utilization is None and sim1.temperature is None and sim1.power is None
-    assert sim1.weights + sim1.kv + sim1.other + sim1.free == sim1.total
+    assert sim1.weights + sim1.kv + sim1.reserved + sim1.other + sim1.free == sim1.total
     assert len(worker.telemetry.devices["sim1"]) >= 1
 
 

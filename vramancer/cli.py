@@ -124,12 +124,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         _check_values(args)  # before torch is even imported: a wrong value costs no time
-        _quiet_libraries()
         # On a small machine torch's default (every core) fights the threads that stream, sample
         # telemetry and draw the screen; one core less decodes as fast and keeps the rest responsive.
-        _set_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
+        threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
+
+        def prepare() -> None:
+            _quiet_libraries()
+            _set_threads(threads)
+
         if args.command is None:
-            return _dashboard(args)
+            return _dashboard(args, prepare)  # it runs `prepare` after its first frame, torch after that
+        prepare()
         return {"devices": _devices, "plan": _plan, "generate": _generate, "bench": _bench,
                 "node": _node}[args.command](args)
     except VramancerError as exc:
@@ -178,7 +183,8 @@ def _check_values(args) -> None:
             raise VramancerError(f"--max-new-tokens must be 0 or more, not {args.max_new_tokens}.")
         if args.rounds < 1:
             raise VramancerError(f"--rounds must be at least 1, not {args.rounds}.")
-    if args.command in (None, "plan", "generate", "bench", "devices"):
+    if args.command in ("plan", "generate", "bench", "devices"):
+        # (The dashboard checks its spec after its first frame: parsing one imports torch.)
         from vramancer.engine.devices import parse_device_spec
 
         parse_device_spec(_device_text(args))
@@ -432,14 +438,14 @@ def _bench(args) -> int:
     return 0
 
 
-def _dashboard(args) -> int:
+def _dashboard(args, prepare) -> int:
+    """Textual and the App only: the engine (torch, transformers) is imported after the first
+    frame. A malformed --devices closes the screen with the usual one sentence and exit 2."""
     from vramancer.app import run_dashboard
-    from vramancer.engine.devices import parse_device_spec
-    from vramancer.engine.engine import LoadOptions
+    from vramancer.engine.options import LoadOptions
 
-    parse_device_spec(_device_text(args))  # a malformed spec is refused before the screen opens
     return run_dashboard(LoadOptions(args.model, _device_text(args), args.strategy, args.context, args.dtype,
-                                     auto_rebalance=args.auto_rebalance, token_file=args.token_file))
+                                     auto_rebalance=args.auto_rebalance, token_file=args.token_file), prepare)
 
 
 # --- helpers ---------------------------------------------------------------------------

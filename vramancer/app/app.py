@@ -6,10 +6,11 @@ thread; its events come back through `post_message`, which is safe from any thre
 
 from __future__ import annotations
 
-import inspect
+import sys
 import threading
 from collections import deque
 from pathlib import Path
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from textual import on, work
 from textual.app import App, ComposeResult
@@ -22,23 +23,31 @@ from vramancer.app.commands import DashboardCommands
 from vramancer.app.messages import DevicesSampled, EngineEvent, LinksSampled, TokensReady
 from vramancer.app.metrics import metrics_document, write_metrics
 from vramancer.app.screens import HelpScreen, LoadModelScreen, MoveTargetScreen
-from vramancer.engine import events as ev
-from vramancer.engine.devices import parse_device_spec
-from vramancer.engine.engine import LoadOptions
-from vramancer.engine.errors import VramancerError
-from vramancer.engine.migration import part_label
-from vramancer.engine.units import format_rate
-from vramancer.engine.worker import EngineWorker
+from vramancer.engine.options import LoadOptions
+from vramancer.engine.units import format_bytes, format_rate
 from vramancer.lifetime import Lifetime, exit_now
 from vramancer.widgets.console import ConsolePanel
 from vramancer.widgets.devices import DevicesPanel
 from vramancer.widgets.events_log import EventsLog
 from vramancer.widgets.header import LoadBar, ModelHeader
+from vramancer.widgets.labels import part_label
 from vramancer.widgets.links import LinksPanel
 from vramancer.widgets.placement import BlockTile, PlacementPanel
 
+if TYPE_CHECKING:  # the engine (and torch) is imported after the first frame, on a thread
+    from vramancer.engine import events as ev
+    from vramancer.engine.worker import EngineWorker
+
 DEFAULT_SAMPLING = {"max_new_tokens": 256, "temperature": 0.0}
-SHUTDOWN_TIMEOUT = 5.0
+# How long quitting waits for the worker: it stops within one decode step (milliseconds); a
+# load in progress cannot stop part-way, and its daemon thread ends with the process.
+SHUTDOWN_TIMEOUT = 1.0
+IMPORT_STAGE = "importing torch, transformers"
+# Device and link readings per second. Once a second is what nvitop and btop default to (every
+# 2 s); twice cost the idle dashboard about a third more CPU for no reading a person can use.
+TELEMETRY_HZ = 1.0
+
+Handler = Callable[["ev.Event"], "Awaitable[None] | None"]
 
 
 class VramancerApp(App[int]):
@@ -56,6 +65,9 @@ class VramancerApp(App[int]):
         Binding("escape", "cancel", "Cancel / leave prompt"),
         Binding("ctrl+l", "new_conversation", "New chat"),
         Binding("ctrl+e", "export_metrics", "Export", show=False),
+        # Single keys act off the prompt (in it they type); f1 and ctrl+q work anywhere.
+        Binding("slash", "focus_prompt", "Prompt"),
+        Binding("p", "focus_placement", "Placement"),
     ]
 
     def __init__(
@@ -63,17 +75,25 @@ class VramancerApp(App[int]):
         options: LoadOptions | None = None,
         *,
         telemetry: bool = True,
-        telemetry_hz: float = 2.0,
+        telemetry_hz: float = TELEMETRY_HZ,
         sampling: dict | None = None,
+        prepare: Callable[[], None] | None = None,
     ) -> None:
         """`options`: what to load at start (None: start empty, load from the palette).
         `telemetry=False` stops the periodic sampler; the App still takes one reading after each
-        plan change, so the bars follow moves and a screenshot of them is deterministic."""
+        plan change, so the bars follow moves and a screenshot of them is deterministic.
+        `prepare` runs on the start thread before the engine is imported (the CLI's torch
+        thread count and library quieting), so none of it delays the first frame."""
         super().__init__()
         self.options = options or LoadOptions()
         self._load_at_start = options is not None
         self.sampling = {**DEFAULT_SAMPLING, **(sampling or {})}
-        self.worker = EngineWorker(self._emit, telemetry_hz=telemetry_hz, telemetry=telemetry)
+        self._prepare = prepare
+        self._telemetry = (telemetry, telemetry_hz)
+        self.worker: EngineWorker | None = None  # made once the engine is imported, after the first frame
+        self.start_error: str | None = None  # why the start-up load could not even begin (CLI: exit 2)
+        self._handlers: dict[type, Handler] = {}
+        self._moved_since_plan: list[ev.MigrationDone] = []  # reported moves the next plan includes
         self.loaded: ev.Loaded | None = None
         self.loading = False
         self.plan: ev.PlanSnapshot | None = None
@@ -96,7 +116,7 @@ class VramancerApp(App[int]):
         self.console_panel = ConsolePanel(id="console")
         yield self.header
         yield self.load_bar
-        with VerticalScroll(id="main"):
+        with VerticalScroll(id="main", can_focus=False):  # a layout; its panels are the focus stops
             yield self.devices_panel
             yield self.placement_panel
             yield self.links_panel
@@ -106,20 +126,68 @@ class VramancerApp(App[int]):
 
     def on_mount(self) -> None:
         self.load_bar.display = False
-        self.worker.start()
         if self._load_at_start:
-            self.load(self.options)
+            self.header.show_loading(self.options.model, self.options.devices)
+            self.load_bar.start(self.options.model, IMPORT_STAGE)
         else:
             self.header.show_failed()
         self.console_panel.prompt.focus()
+        # The first frame first, then the heavy imports. On a daemon thread of its own, not a
+        # Textual thread worker: the event loop waits for those at exit, and a quit during the
+        # imports must not wait for torch.
+        self.call_after_refresh(threading.Thread(target=self._start_engine, name="vramancer-start", daemon=True).start)
 
     def on_unmount(self) -> None:
-        self.worker.shutdown(SHUTDOWN_TIMEOUT)
+        if self.worker is not None:
+            self.worker.shutdown(SHUTDOWN_TIMEOUT)
+
+    def _start_engine(self) -> None:
+        """Import the engine (torch, transformers: seconds) off the App thread, then start it."""
+        try:
+            if self._prepare is not None:
+                self._prepare()
+            from vramancer.engine.devices import parse_device_spec
+            from vramancer.engine.errors import VramancerError
+            from vramancer.engine.worker import EngineWorker
+        except Exception as exc:  # a broken install: say so on screen rather than sit at "importing"
+            self._from_thread(self.notify, f"Starting the engine failed: {type(exc).__name__}: {exc}",
+                              severity="error", timeout=30)
+            return
+
+        telemetry, hz = self._telemetry
+        worker = EngineWorker(self._emit, telemetry_hz=hz, telemetry=telemetry)
+        refusal = None
+        if self._load_at_start:
+            try:
+                parse_device_spec(self.options.devices)
+            except VramancerError as exc:
+                refusal = str(exc)
+        self._from_thread(self._engine_started, worker, refusal)
+
+    def _from_thread(self, callback, *args, **kwargs) -> None:
+        """call_from_thread, unless the App has already closed (quit during the imports)."""
+        try:
+            self.call_from_thread(callback, *args, **kwargs)
+        except RuntimeError:
+            pass
+
+    def _engine_started(self, worker: EngineWorker, refusal: str | None) -> None:
+        if self._exit:  # quit while the engine was being imported: nothing to start
+            return
+        self.worker = worker.start()
+        self._handlers = self.event_handlers()
+        if refusal is not None:  # the command line's --devices is malformed: say so, as the CLI does
+            self.start_error = refusal
+            self.exit(2, return_code=2)
+        elif self._load_at_start:
+            self.load(self.options)
 
     # --- the engine's threads → the App ------------------------------------------------
 
     def _emit(self, event: ev.Event) -> None:
         """Called on the worker or telemetry thread: hand the event to the App thread."""
+        from vramancer.engine import events as ev
+
         if isinstance(event, ev.Token):
             with self._tokens_lock:
                 self._tokens.append(event)
@@ -149,6 +217,13 @@ class VramancerApp(App[int]):
 
     def load(self, options: LoadOptions) -> None:
         """Ask the worker to load `options`; the current model (if any) serves until it is done."""
+        if self.worker is None:
+            self.notify("The engine is still starting; try again in a moment.", severity="warning")
+            return
+        from vramancer.engine import events as ev
+        from vramancer.engine.devices import parse_device_spec
+        from vramancer.engine.errors import VramancerError
+
         try:
             parse_device_spec(options.devices)
         except VramancerError as exc:
@@ -157,7 +232,8 @@ class VramancerApp(App[int]):
         self.options = options
         self.loading = True
         self.header.show_loading(options.model, options.devices)
-        self.load_bar.start(options.model)
+        if not self.load_bar.stages:  # the start-up load carries on from its import stage
+            self.load_bar.start(options.model, "reading")
         self.console_panel.ready = False
         self.worker.submit(ev.Load(options))
 
@@ -168,6 +244,8 @@ class VramancerApp(App[int]):
         if sample is None or self.plan is None:
             self.notify(f"No reading of {device} yet.", severity="warning")
             return
+        from vramancer.engine import events as ev
+
         taken = 0 if release else sample.total - self.plan.needs.get(device, 0) // 2
         self.worker.submit(ev.Reserve(device, taken))
 
@@ -175,6 +253,8 @@ class VramancerApp(App[int]):
         if self.plan is None:
             self.notify("No model is loaded yet.", severity="warning")
             return
+        from vramancer.engine import events as ev
+
         self.worker.submit(ev.Replan(strategy))
 
     # --- events in -----------------------------------------------------------------------
@@ -184,19 +264,44 @@ class VramancerApp(App[int]):
         """False once the App is closing: an event that arrives then has nowhere to go."""
         return self.devices_panel.is_attached
 
+    def event_handlers(self) -> dict[type, Handler]:
+        """The one handler for each kind of engine event the App is sent one by one (tokens and
+        telemetry come as messages of their own). An event type missing here is an error."""
+        from vramancer.engine import events as ev
+
+        return {
+            ev.LoadProgress: self._on_load_progress,
+            ev.Loaded: self._on_loaded,
+            ev.PlanChanged: self._on_plan_changed,
+            ev.MigrationStarted: self._logged_only,
+            ev.MigrationDone: self._on_migration_done,
+            ev.MigrationNotDone: self._on_migration_refused,
+            ev.GenerationDone: self._on_generation_done,
+            ev.Notice: self._logged_only,
+            ev.DeviceFault: self._logged_only,
+            ev.Error: self._on_error,
+        }
+
+    def handler_for(self, event_type: type) -> Handler:
+        try:
+            return self._handlers[event_type]
+        except KeyError:
+            raise LookupError(f"the dashboard has no handler for {event_type.__name__} events") from None
+
     async def on_engine_event(self, message: EngineEvent) -> None:
         """Handled one at a time, in order: a plan is only shown once its device columns exist."""
         if not self._showing:
             return
         event = message.event
         self.events_log.show(event)
-        handler = getattr(self, f"_on_{type(event).__name__.lower()}", None)
-        if handler is not None:
-            result = handler(event)
-            if inspect.isawaitable(result):
-                await result
+        result = self.handler_for(type(event))(event)
+        if result is not None:
+            await result
 
-    def _on_loadprogress(self, event: ev.LoadProgress) -> None:
+    def _logged_only(self, event: ev.Event) -> None:
+        """Events whose whole effect on screen is their line in the events log."""
+
+    def _on_load_progress(self, event: ev.LoadProgress) -> None:
         self.load_bar.show(event)
 
     async def _on_loaded(self, event: ev.Loaded) -> None:
@@ -214,25 +319,41 @@ class VramancerApp(App[int]):
         console.stop_streaming()
         console.ready = True
 
-    async def _on_planchanged(self, event: ev.PlanChanged) -> None:
+    async def _on_plan_changed(self, event: ev.PlanChanged) -> None:
+        before = self.plan
+        if before is not None:
+            self._log_plan_moves(before, event.plan, self._moved_since_plan)
+        self._moved_since_plan = []
         self.plan = event.plan
         await self.placement_panel.show_plan(event.plan)
         self.header.show_strategy(event.plan.strategy)
         self.header.show_speed(predicted=event.plan.predicted_tokens_per_s)
         self.sample_now()
 
-    def _on_migrationdone(self, event: ev.MigrationDone) -> None:
+    def _log_plan_moves(self, before: ev.PlanSnapshot, after: ev.PlanSnapshot,
+                        reported: list[ev.MigrationDone]) -> None:
+        """Moves a new plan made that no migration event reported (a re-plan moves parts in one
+        go): a line each in the events log, and the last of them in the links panel."""
+        told = {(m.first, m.last, m.dst) for m in reported}
+        for first, last, src, dst in plan_moves(before, after):
+            if any(_covers(m, first, last, dst) for m in told):
+                continue
+            size = after.part_bytes(first, last)
+            self.events_log.note(f"re-plan moved {part_label(first, last)} {src} → {dst} · {format_bytes(size)}", "green")
+            self.links_panel.show_replan_move(part_label(first, last), src, dst, size)
+
+    def _on_migration_done(self, event: ev.MigrationDone) -> None:
+        self._moved_since_plan.append(event)
         self.migrations.append(event)
         self.placement_panel.settle(event.first, event.last)
         self.links_panel.show_migration(event)
         self.notify(f"{part_label(event.first, event.last)} {event.src} → {event.dst} · {format_rate(event.gb_per_s * 1e9)}",
                     title="Moved")
 
-    def _on_migrationnotdone(self, event: ev.MigrationNotDone) -> None:
         self.placement_panel.settle(event.first, event.last)
         self.notify(event.reason, title="Move refused", severity="error")
 
-    def _on_generationdone(self, event: ev.GenerationDone) -> None:
+    def _on_generation_done(self, event: ev.GenerationDone) -> None:
         self.on_tokens_ready()  # text still buffered belongs before the end
         self.console_panel.finish(event)
         if event.decode_tokens_per_s:
@@ -279,16 +400,26 @@ class VramancerApp(App[int]):
         for token in tokens:
             pieces.setdefault(token.request_id, []).append(token.text)
         for request_id, texts in pieces.items():
-            console.add_text(request_id, "".join(texts))
+            console.add_text(request_id, "".join(texts), tokens=len(texts))
 
     # --- requests from the widgets ---------------------------------------------------------
 
     @on(ConsolePanel.Ask)
     def _ask(self, message: ConsolePanel.Ask) -> None:
+        from vramancer.engine import events as ev
+
         self.worker.submit(ev.Generate(message.messages, dict(self.sampling), request_id=message.request_id))
+
+    @on(PlacementPanel.MoveRefused)
+    def _move_refused(self, message: PlacementPanel.MoveRefused) -> None:
+        self.events_log.note(f"refused {part_label(message.first, message.last)} → {message.device}: "
+                             f"{message.reason}", "yellow")
+        self.notify(message.reason, title="Won't fit", severity="error")
 
     @on(PlacementPanel.MoveRequested)
     def _move(self, message: PlacementPanel.MoveRequested) -> None:
+        from vramancer.engine import events as ev
+
         self.worker.submit(ev.Migrate(message.first, message.last, message.device))
 
     @on(BlockTile.TargetWanted)
@@ -316,8 +447,7 @@ class VramancerApp(App[int]):
 
     async def action_quit(self) -> None:
         """Quit at once; the worker stops within one decode step (joined on unmount)."""
-        self.worker.submit(ev.Shutdown())
-        self.exit(0)
+        self._quit_now()
 
     def quit_soon(self, reason: str) -> None:
         """Quit from any thread, a signal handler included (where `call_from_thread` would wait
@@ -328,7 +458,10 @@ class VramancerApp(App[int]):
         loop.call_soon_threadsafe(self._quit_now)  # safe in a signal handler: takes no lock
 
     def _quit_now(self) -> None:
-        self.worker.submit(ev.Shutdown())
+        if self.worker is not None:
+            from vramancer.engine import events as ev
+
+            self.worker.submit(ev.Shutdown())
         self.exit(0)
 
     def action_help(self) -> None:
@@ -338,14 +471,30 @@ class VramancerApp(App[int]):
     def action_cancel(self) -> None:
         console = self.console_panel
         if console.generating:
+            from vramancer.engine import events as ev
+
             self.worker.submit(ev.Cancel(console.streaming))
             console.stats.update("cancelling…")
         elif self.focused is console.prompt:
             self.screen.focus_next(BlockTile)
 
+    def action_focus_prompt(self) -> None:
+        self.console_panel.prompt.focus()
+
+    def action_focus_placement(self) -> None:
+        """Focus the tile of the first layers (or the first tile there is)."""
+        tiles = list(self.placement_panel.query(BlockTile))
+        if not tiles:
+            self.notify("Nothing is placed yet.", severity="warning")
+            return
+        first = next((t for t in tiles if t.first == 0), tiles[0])
+        first.focus()
+
     def action_new_conversation(self) -> None:
         abandoned = self.console_panel.new_conversation()
         if abandoned is not None:
+            from vramancer.engine import events as ev
+
             self.worker.submit(ev.Cancel(abandoned))
 
     def action_load_model(self) -> None:
@@ -371,12 +520,42 @@ class VramancerApp(App[int]):
         self.call_from_thread(self.events_log.note, f"metrics exported to {path}", "dim")
 
 
-def run_dashboard(options: LoadOptions) -> int:
-    """Open the dashboard on `options`; returns the exit status for the CLI. A closed terminal,
+def plan_moves(before: ev.PlanSnapshot, after: ev.PlanSnapshot) -> list[tuple[int | str, int | str, str, str]]:
+    """(first, last, from, to) for every run of parts that sits on another device in `after`."""
+    moves: list[tuple[int | str, int | str, str, str]] = []
+    if before.embed != after.embed:
+        moves.append(("embed", "embed", before.embed, after.embed))
+    pairs = list(zip(before.layer_devices, after.layer_devices))
+    start: int | None = None  # first layer of the run of moved layers being gathered
+    for layer, pair in enumerate([*pairs, ("", "")]):  # a sentinel closes the last run
+        if start is not None and pair != pairs[start]:
+            moves.append((start, layer - 1, *pairs[start]))
+            start = None
+        if start is None and pair[0] != pair[1]:
+            start = layer
+    if before.head != after.head:
+        moves.append(("head", "head", before.head, after.head))
+    return moves
+
+
+def _covers(told: tuple, first: int | str, last: int | str, dst: str) -> bool:
+    """Whether a reported migration (first, last, dst) includes the move first..last → dst."""
+    t_first, t_last, t_dst = told
+    if t_dst != dst:
+        return False
+    if isinstance(first, str) or isinstance(t_first, str):
+        return first == t_first
+    return int(t_first) <= int(first) and int(last) <= int(t_last)
+
+
+def run_dashboard(options: LoadOptions, prepare: Callable[[], None] | None = None) -> int:
+    """Open the dashboard on `options`; returns the exit status for the CLI. `prepare` runs
+    off the App thread before the engine is imported (see VramancerApp). A closed terminal,
     SIGTERM, SIGHUP or an outside SIGINT quit it like ctrl+q, within the lifetime's deadline."""
-    app = VramancerApp(options)
+    app = VramancerApp(options, prepare=prepare)
     lifetime = Lifetime(app.quit_soon).install()
     lifetime.watch_terminal()
-    code = app.run()
-    app.worker.shutdown(SHUTDOWN_TIMEOUT)
+    code = app.run()  # the worker was stopped as the App unmounted
+    if app.start_error is not None:
+        print(f"vramancer: {app.start_error}", file=sys.stderr)
     exit_now(code if isinstance(code, int) else (app.return_code or 0))

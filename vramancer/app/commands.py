@@ -7,8 +7,6 @@ from typing import TYPE_CHECKING, Callable
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
-from vramancer.engine.planner import STRATEGIES
-
 if TYPE_CHECKING:
     from vramancer.app.app import VramancerApp
 
@@ -17,6 +15,8 @@ class DashboardCommands(Provider):
     """The dashboard's own commands, found by fuzzy search in ctrl+p."""
 
     def _commands(self) -> list[tuple[str, Callable[[], object], str]]:
+        from vramancer.engine.planner import STRATEGIES  # the palette opens once the engine is imported
+
         app: VramancerApp = self.app  # type: ignore[assignment]
         commands: list[tuple[str, Callable[[], object], str]] = [
             ("Load another model…", app.action_load_model, "Pick a model, devices, strategy and context, and load it"),

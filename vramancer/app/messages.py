@@ -8,9 +8,12 @@ kind (toolong's pattern): a busy UI handles the latest, never a backlog.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from textual.message import Message
 
-from vramancer.engine import events as ev
+if TYPE_CHECKING:
+    from vramancer.engine import events as ev
 
 
 class EngineEvent(Message):

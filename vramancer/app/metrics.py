@@ -6,8 +6,10 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from vramancer.engine import events as ev
+if TYPE_CHECKING:
+    from vramancer.engine import events as ev
 
 
 def plan_json(plan: ev.PlanSnapshot) -> dict:

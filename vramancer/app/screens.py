@@ -10,8 +10,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Markdown, OptionList, Select
 from textual.widgets.option_list import Option
 
-from vramancer.engine.engine import LoadOptions
-from vramancer.engine.planner import STRATEGIES
+from vramancer.engine.options import LoadOptions
 from vramancer.widgets.placement import Verdict
 
 HELP = """\
@@ -20,12 +19,20 @@ HELP = """\
 One language model, split across several devices. Watch the split; change it live.
 
 ## Panels
-- **devices**: memory of each device: model weights, KV cache, other, free; utilisation,
-  temperature and power where the device tells them (— where it does not); memory over time.
+- **devices**: memory of each device: model weights, KV cache, reserved (set aside by this
+  model, not yet used), other processes, free; utilisation, temperature and power where the
+  device tells them (— where it does not); memory over time. With many devices, one line each.
 - **placement**: a column per device, a tile per run of layers on it, plus the embed and head.
-  A column's border turns yellow, then red, as its device fills.
-- **links**: data that crossed between devices: GB/s over time, last and peak, bytes carried.
-- **console**: talk to the model. Each prompt is sent with the earlier turns.
+  A column's border takes the warning colour at 90 % used and red at 97 %. Many devices wrap
+  into rows of columns.
+- **links**: data that crossed between devices: bytes/s in each sampling interval over time
+  (zero when idle; the scale and the time span at its end), now, peak, the last transfers'
+  rate, bytes carried.
+- **console**: talk to the model. Each prompt is sent with the earlier turns; while an answer
+  streams, the line under it counts its tokens and their rate.
+- **header**: *predicted* tok/s is what the engine expects from the current placement, priced
+  from measured device and link timings; *measured* is the decode speed of the last answer.
+  A drop preview shows the predicted speed after the move and its change.
 - **events**: what the engine did: loads, plans, migrations, refusals, errors.
 
 ## Moving layers
@@ -37,18 +44,23 @@ One language model, split across several devices. Watch the split; change it liv
 - Moves work while an answer streams; the answer carries on unchanged.
 
 ## Keys
+The prompt has the focus at start, and there single keys type: `?`, `q`, `/`, `p` act only off
+the prompt (esc leaves it). The ctrl and function keys work anywhere.
+
 | key | does |
 |---|---|
 | enter | send the prompt |
-| esc | cancel the answer streaming; otherwise leave the prompt |
+| esc | cancel the answer streaming; otherwise leave the prompt for the placement |
 | ↑ / ↓ | earlier / later prompts |
 | ctrl+l | new conversation |
-| tab / shift+tab | move between tiles and the prompt |
+| / | back to the prompt |
+| p | to the placement (the tile of the first layers) |
+| tab / shift+tab | move between tiles, panels and the prompt |
 | m | move the focused tile to another device |
 | ctrl+p | commands: load a model, re-plan, export metrics |
 | ctrl+e | export metrics to a JSON file in the working directory |
-| ? / f1 | this help |
-| q / ctrl+q | quit |
+| f1 (? off the prompt) | this help |
+| ctrl+q (q off the prompt) | quit |
 """
 
 
@@ -82,8 +94,11 @@ class MoveTargetScreen(ModalScreen[str | None]):
             yield Label(f"Move {self.what} to…", id="move-title")
             options = []
             for verdict in self.verdicts:
-                note = f"fits{verdict.speed}" if verdict.fits else f"won't fit: {verdict.reason}"
-                options.append(Option(f"{verdict.device} · {note}", id=verdict.device))
+                if verdict.fits:
+                    options.append(Option(f"{verdict.device} · fits{verdict.speed}", id=verdict.device))
+                else:  # listed, so the user sees why, but not selectable
+                    options.append(Option(f"{verdict.device} · won't fit: {verdict.reason}", id=verdict.device,
+                                          disabled=True))
             yield OptionList(*options, id="move-targets")
             yield Label("enter moves · esc cancels", classes="dialog-hint")
 
@@ -105,6 +120,8 @@ class LoadModelScreen(ModalScreen[LoadOptions | None]):
         self.current = current
 
     def compose(self) -> ComposeResult:
+        from vramancer.engine.planner import STRATEGIES  # imported (and so quick) once the engine is up
+
         current = self.current
         with Vertical(id="load-dialog"):
             yield Label("Load a model", id="load-title")

@@ -157,13 +157,14 @@ class DeviceSnapshot:
     free: int
     weights: int  # this model's weights here
     kv: int  # this model's KV cache here, as held right now
-    other: int  # everything else in use: other processes, workspace, reservations
+    other: int  # in use by someone else: other processes (a simulated squeeze on sim devices)
     utilization: float | None = None
     temperature: float | None = None
     power: float | None = None
     pcie_rx: float | None = None
     pcie_tx: float | None = None
     timestamp: float = field(default_factory=time.time)
+    reserved: int = 0  # this model's, set aside and not yet used (KV room, workspace); a remote device's is in other
 
     @property
     def used(self) -> int:
@@ -249,11 +250,16 @@ class Device:
     def snapshot(self, kv_bytes: int = 0) -> DeviceSnapshot:
         """One reading; `kv_bytes` is the KV cache this model holds here now."""
         reading = self.read()
-        weights = self.ledger.claims["weights"]
+        claims = self.ledger.claims
+        weights = claims["weights"]
+        beyond = max(reading.used - weights - kv_bytes, 0)
+        # Of the rest, what this model set aside and has not filled yet (KV room, workspace) is
+        # ours; whatever remains belongs to other processes (or a simulated squeeze).
+        reserved = min(max(claims["kv"] + claims["workspace"] - kv_bytes, 0), beyond)
         return DeviceSnapshot(
             name=self.name, kind=self.kind, label=self.label, simulated=self.simulated,
             total=reading.total, free=reading.free, weights=weights, kv=kv_bytes,
-            other=max(reading.used - weights - kv_bytes, 0),
+            other=beyond - reserved, reserved=reserved,
             utilization=reading.utilization, temperature=reading.temperature, power=reading.power,
             pcie_rx=reading.pcie_rx, pcie_tx=reading.pcie_tx,
         )

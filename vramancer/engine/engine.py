@@ -19,6 +19,7 @@ from vramancer.engine import factory, recovery
 from vramancer.engine.architecture import cache_bytes
 from vramancer.engine.devices import Device, DeviceLost, DeviceSpec, close_devices, parse_device_spec, resolve_devices
 from vramancer.engine.errors import VramancerError
+from vramancer.engine.options import LoadOptions
 from vramancer.engine.generation import (
     GenerationResult,
     Messages,

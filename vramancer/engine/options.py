@@ -1,4 +1,5 @@
-"""What to load and where: the options a Load command and `Engine.load` share, as plain data."""
+"""What to load and how: plain data, importable without torch (the dashboard builds these
+before its first frame, long before the engine is imported)."""
 
 from __future__ import annotations
 

@@ -7,6 +7,9 @@ is streaming; the App carries requests to the engine and answers back.
 
 from __future__ import annotations
 
+import time
+from typing import TYPE_CHECKING
+
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -14,7 +17,10 @@ from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Input, Static
 
-from vramancer.engine.events import GenerationDone
+if TYPE_CHECKING:
+    from vramancer.engine.events import GenerationDone
+
+
 
 REDRAW_INTERVAL = 0.1  # seconds between redraws of a streaming answer
 
@@ -71,8 +77,11 @@ class ConsolePanel(Vertical):
         self.transcript = VerticalScroll(id="transcript")
         self.stats = Static("", id="stats")
         self.prompt = PromptInput(id="prompt", placeholder="Ask the model…  (enter send · esc cancel · ↑↓ history)")
+        self.prompt.cursor_blink = False  # a steady cursor: blinking redrew the screen twice a second at idle
         self._answer: Static | None = None
         self._redraw_pending = False
+        self.streamed_tokens = 0  # pieces of the streaming answer so far (one per decoded token)
+        self._first_token_at = 0.0
 
     def compose(self) -> ComposeResult:
         yield self.transcript
@@ -102,6 +111,7 @@ class ConsolePanel(Vertical):
         self.streaming = self.request_id
         self.messages.append({"role": "user", "content": prompt})
         self.answer_text = ""
+        self.streamed_tokens = 0
         self.transcript.mount(Static(f"› {prompt}", classes="user-turn", markup=False))
         self._answer = Static("", classes="answer", markup=False)
         self.transcript.mount(self._answer)
@@ -109,10 +119,14 @@ class ConsolePanel(Vertical):
         self.transcript.scroll_end(animate=False)
         self.post_message(self.Ask(tuple(dict(m) for m in self.messages), self.request_id))
 
-    def add_text(self, request_id: int, text: str) -> None:
-        """Append streamed text to the answer of `request_id` (stale requests are ignored)."""
+    def add_text(self, request_id: int, text: str, tokens: int = 1) -> None:
+        """Append streamed text (`tokens` pieces of it) to the answer of `request_id` (stale
+        requests are ignored)."""
         if request_id != self.streaming or self._answer is None or not text:
             return
+        if self.streamed_tokens == 0:
+            self._first_token_at = time.monotonic()
+        self.streamed_tokens += tokens
         self.answer_text += text
         if not self._redraw_pending:
             self._redraw_pending = True
@@ -125,8 +139,15 @@ class ConsolePanel(Vertical):
         if self.streaming is None or self._answer is None:
             return
         self._answer.update(self.answer_text)
-        self.stats.update("streaming…  esc cancels")
+        self.stats.update(self.streaming_stats())
         self.transcript.scroll_end(animate=False)
+
+    def streaming_stats(self, now: float | None = None) -> str:
+        """Tokens so far and the decode rate since the first of them, while the answer streams."""
+        now = time.monotonic() if now is None else now
+        elapsed = now - self._first_token_at
+        rate = f" · {(self.streamed_tokens - 1) / elapsed:.1f} tok/s" if self.streamed_tokens > 1 and elapsed > 0 else ""
+        return f"streaming · {self.streamed_tokens} tokens{rate} · esc cancels"
 
     def finish(self, done: GenerationDone) -> None:
         """The answer is complete (or was cancelled): keep it as the model's turn, show stats."""

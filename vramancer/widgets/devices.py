@@ -3,17 +3,36 @@
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 from textual.containers import VerticalScroll
 from textual.widget import Widget
 
-from vramancer.engine.events import DeviceInfo, DeviceSnapshot
 from vramancer.engine.units import format_bytes
 from vramancer.widgets.charts import spark
 
+if TYPE_CHECKING:
+    from vramancer.engine.events import DeviceInfo, DeviceSnapshot
+
+
 UNKNOWN = "—"
-HISTORY = 240  # samples kept for the sparkline: two minutes at 2 Hz
+HISTORY = 240  # samples kept for the sparkline: four minutes at the dashboard's 1 Hz
+
+# The parts a device's memory is split into on screen: (label, snapshot field, style).
+MEMORY_PARTS = (("weights", "weights", "devicecard--weights"), ("KV", "kv", "devicecard--kv"),
+                ("reserved", "reserved", "devicecard--reserved"),
+                ("other processes", "other", "devicecard--other"), ("free", "free", "devicecard--free"))
+
+
+def memory_parts(snap: DeviceSnapshot) -> list[tuple[str, int, str]]:
+    """Each part's label, its bytes in `snap`, and its style."""
+    return [(label, getattr(snap, field), style) for label, field, style in MEMORY_PARTS]
+
+
+# How much a card shows, by the room the panel has for each device (lines per card).
+FULL, TWO_LINES, ONE_LINE = "full", "two", "one"
+FULL_HEIGHT = 7  # title, bar, legend (up to two lines), readings, margin
 
 
 def reading(value: float | None, unit: str, digits: int = 0) -> str:
@@ -32,6 +51,7 @@ class DeviceCard(Widget):
         "devicecard--kind",
         "devicecard--weights",
         "devicecard--kv",
+        "devicecard--reserved",
         "devicecard--other",
         "devicecard--free",
         "devicecard--dim",
@@ -43,11 +63,31 @@ class DeviceCard(Widget):
         self.info = info
         self.snapshot: DeviceSnapshot | None = None
         self.used_history: deque[float] = deque(maxlen=HISTORY)
+        self.read_at: deque[float] = deque(maxlen=HISTORY)  # when each reading was taken
+        self.mode = FULL
+        self._trend_width = 0  # cells of the memory trend as last drawn
+        self.name_width = len(info.name)  # the longest device name, so one-line bars line up
+
+    def set_mode(self, mode: str, name_width: int) -> None:
+        if (mode, name_width) != (self.mode, self.name_width):
+            self.mode, self.name_width = mode, name_width
+            self.set_class(mode != FULL, "-compact")
+            self.refresh(layout=True)
 
     def show(self, snapshot: DeviceSnapshot) -> None:
+        """A new reading: redraw only what it changes (a steady device costs nothing at idle
+        once its trend line is full), and lay out again only if the card's height changed."""
+        before, lines_before = self.snapshot, self._line_count()
         self.snapshot = snapshot
         self.used_history.append(float(snapshot.used))
-        self.refresh(layout=True)
+        self.read_at.append(snapshot.timestamp)
+        trend_moves = self.mode == FULL and len(self.used_history) <= self._trend_width
+        if before is not None and _same_reading(before, snapshot) and not trend_moves:
+            return
+        self.refresh(layout=self._line_count() != lines_before)
+
+    def _line_count(self) -> int:
+        return len(self._lines(max(self.content_region.width, 10))) if self.is_mounted else 0
 
     def get_content_height(self, container, viewport, width: int) -> int:
         return len(self._lines(width))
@@ -66,26 +106,69 @@ class DeviceCard(Widget):
         title.append(f"  {kind}", style("devicecard--kind"))
         title.append(" " * max(width - len(info.name) - 2 - len(kind) - len(total), 1))
         title.append(total)
+        if self.mode == ONE_LINE:
+            return [self._one_line(width)]
         if snap is None:
             return [title, Text("waiting for the first reading…", style("devicecard--dim"))]
+        if self.mode == TWO_LINES:
+            return [self._title_with_use(snap, width), self._bar(snap, width)]
         legend = self._legend(snap)
-        if sum(len(t) for t in legend) + len(legend) - 1 <= width:
-            legend_lines = [Text(" ").join(legend)]
-        else:
-            legend_lines = [Text(" ").join(legend[:2]), Text(" ").join(legend[2:])]
-        readings = (f"util {reading(snap.utilization, '%')}  temp {reading(snap.temperature, '°C')}  "
-                    f"power {reading(snap.power, ' W')}  ")
+        legend_lines: list[Text] = []  # as many items on each line as fit
+        for item in legend:
+            if legend_lines and len(legend_lines[-1]) + 1 + len(item) <= width:
+                legend_lines[-1] = Text(" ").join([legend_lines[-1], item])
+            else:
+                legend_lines.append(item)
+        known = [(name, value, unit) for name, value, unit in (("util", snap.utilization, "%"),
+                 ("temp", snap.temperature, "°C"), ("power", snap.power, " W")) if value is not None]
+        readings = "".join(f"{name} {reading(value, unit)}  " for name, value, unit in known) or "memory "
         status = Text(no_wrap=True, overflow="ellipsis")
         status.append(readings, style("devicecard--dim"))
-        status.append(spark(self.used_history, snap.total, max(width - len(readings), 0)),
-                      style("devicecard--trend"))
+        # The trend's scale: empty to full is the device's size; one cell per reading.
+        scale = f" of {format_bytes(snap.total)}, {self._window_s(width):.0f} s"
+        self._trend_width = max(width - len(readings) - len(scale), 0)
+        status.append(spark(self.used_history, snap.total, self._trend_width), style("devicecard--trend"))
+        status.append(scale, style("devicecard--dim"))
         return [title, self._bar(snap, width), *legend_lines, status]
+
+    def _window_s(self, width: int) -> float:
+        """Seconds the trend covers: from the oldest reading it can show to the latest."""
+        times = list(self.read_at)[-max(self._trend_width, 1):]
+        return times[-1] - times[0] if len(times) > 1 else 0.0
+
+    def _title_with_use(self, snap: DeviceSnapshot, width: int) -> Text:
+        """Name, kind, utilisation and used / total on one line (the two-line card's first)."""
+        style = self.get_component_rich_style
+        info = self.info
+        kind = "simulated" if info.simulated else info.label
+        util = f"util {reading(snap.utilization, '%')}  " if snap.utilization is not None else ""
+        right = f"{util}{format_bytes(snap.used)} / {format_bytes(snap.total)}"
+        line = Text(no_wrap=True, overflow="ellipsis")
+        line.append(info.name, style("devicecard--name"))
+        line.append(f"  {kind}", style("devicecard--kind"))
+        line.append(" " * max(width - len(info.name) - 2 - len(kind) - len(right), 1))
+        line.append(right)
+        return line
+
+    def _one_line(self, width: int) -> Text:
+        """Name, memory bar and share used: one line per device, for a rig of many devices."""
+        style = self.get_component_rich_style
+        snap = self.snapshot
+        line = Text(no_wrap=True, overflow="ellipsis")
+        line.append(self.info.name.ljust(self.name_width + 1), style("devicecard--name"))
+        if snap is None:
+            line.append("waiting…", style("devicecard--dim"))
+            return line
+        used = f" {snap.used / snap.total:4.0%} of {format_bytes(snap.total)}" if snap.total else ""
+        line.append_text(self._bar(snap, max(width - self.name_width - 1 - len(used), 4)))
+        line.append(used)
+        return line
 
     def _bar(self, snap: DeviceSnapshot, width: int) -> Text:
         """Weights, KV cache, other, free: each a run of cells in proportion to its bytes."""
         total = max(snap.total, 1)
         parts = [(snap.weights, "devicecard--weights", "█"), (snap.kv, "devicecard--kv", "█"),
-                 (snap.other, "devicecard--other", "█")]
+                 (snap.reserved, "devicecard--reserved", "▒"), (snap.other, "devicecard--other", "█")]
         bar = Text()
         used_cells = 0
         for nbytes, component, glyph in parts:
@@ -101,27 +184,64 @@ class DeviceCard(Widget):
     def _legend(self, snap: DeviceSnapshot) -> list[Text]:
         style = self.get_component_rich_style
         items = []
-        for label, nbytes, component in (("weights", snap.weights, "devicecard--weights"),
-                                         ("KV", snap.kv, "devicecard--kv"),
-                                         ("other", snap.other, "devicecard--other"),
-                                         ("free", snap.free, "devicecard--free")):
+        for label, nbytes, component in memory_parts(snap):
             items.append(Text.assemble(("■ ", style(component)), f"{label} {format_bytes(nbytes)}"))
         return items
 
 
+def _same_reading(a: DeviceSnapshot, b: DeviceSnapshot) -> bool:
+    """Two readings that draw the same card (only their time differs)."""
+    return (a.total, a.free, a.weights, a.kv, a.reserved, a.other, a.utilization, a.temperature, a.power) == \
+        (b.total, b.free, b.weights, b.kv, b.reserved, b.other, b.utilization, b.temperature, b.power)
+
+
+class MemoryLegend(Widget):
+    """What the bar's colours mean, once for every card, when the cards are too short to say it."""
+
+    COMPONENT_CLASSES = {"devicecard--weights", "devicecard--kv", "devicecard--reserved", "devicecard--other",
+                         "devicecard--free"}
+
+    def render(self) -> Text:
+        style = self.get_component_rich_style
+        return Text(" ").join(Text.assemble(("■ ", style(component)), label) for label, _, component in MEMORY_PARTS)
+
+
 class DevicesPanel(VerticalScroll):
-    """Holds one DeviceCard per device of the loaded model."""
+    """Holds one DeviceCard per device of the loaded model, as large as the panel's height lets
+    every card be: full cards, two lines each, or one line each under a shared legend."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.border_title = "devices"
         self.cards: dict[str, DeviceCard] = {}
+        self.legend = MemoryLegend(classes="memory-legend")
 
     async def set_devices(self, devices: tuple[DeviceInfo, ...]) -> None:
         """A new model (and so maybe new devices): start the cards afresh."""
         await self.remove_children()
         self.cards = {d.name: DeviceCard(d) for d in devices}
-        await self.mount_all(self.cards.values())
+        self.legend = MemoryLegend(classes="memory-legend")
+        await self.mount_all([self.legend, *self.cards.values()])
+        self._fit_cards()
+
+    def on_resize(self) -> None:
+        self._fit_cards()
+
+    def _fit_cards(self) -> None:
+        count, height = len(self.cards), self.scrollable_content_region.height or self.size.height
+        if not count:
+            return
+        legend = len(self.legend.render().wrap(self.app.console, max(self.scrollable_content_region.width, 1)))
+        if count * FULL_HEIGHT <= height:
+            mode = FULL
+        elif legend + count * 2 <= height:
+            mode = TWO_LINES
+        else:
+            mode = ONE_LINE
+        self.legend.display = mode != FULL
+        name_width = max(len(name) for name in self.cards)
+        for card in self.cards.values():
+            card.set_mode(mode, name_width)
 
     def show_sample(self, snapshots: tuple[DeviceSnapshot, ...]) -> None:
         for snap in snapshots:

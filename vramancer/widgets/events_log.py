@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections import deque
+from typing import TYPE_CHECKING
+
 from rich.text import Text
 from textual.widgets import RichLog
 
-from vramancer.engine import events as ev
-from vramancer.engine.migration import part_label
 from vramancer.engine.units import format_bytes, format_rate
+from vramancer.widgets.labels import part_label
+
+if TYPE_CHECKING:
+    from vramancer.engine import events as ev
 
 
 def describe_plan(plan: ev.PlanSnapshot) -> str:
@@ -18,6 +23,8 @@ def describe_plan(plan: ev.PlanSnapshot) -> str:
 
 def describe(event: ev.Event) -> tuple[str, str] | None:
     """(line, style) for an event worth a line in the log; None for the ones that are not."""
+    from vramancer.engine import events as ev  # events arrive once the engine is imported
+
     if isinstance(event, ev.Loaded):
         pool = " (simulated)" if event.simulated else ""
         return (f"loaded {event.model} · {event.dtype} · context {event.context} · "
@@ -45,12 +52,20 @@ def describe(event: ev.Event) -> tuple[str, str] | None:
     return None
 
 
+MAX_ENTRIES = 1000
+
+
 class EventsLog(RichLog):
-    """Engine events as they happen, plus the dashboard's own notes (exports, refusals)."""
+    """Engine events as they happen, plus the dashboard's own notes (exports, refusals).
+
+    RichLog wraps a line once, at the width it has when written; the entries are kept so that a
+    resize wraps them all again at the new width (no lines cut mid-word, no sideways scrolling)."""
 
     def __init__(self, **kwargs) -> None:
-        super().__init__(wrap=True, markup=False, max_lines=1000, min_width=20, **kwargs)
+        super().__init__(wrap=True, markup=False, max_lines=MAX_ENTRIES, min_width=20, **kwargs)
         self.border_title = "events"
+        self.entries: deque[tuple[str, str]] = deque(maxlen=MAX_ENTRIES)
+        self._wrapped_at = 0
 
     def show(self, event: ev.Event) -> None:
         line = describe(event)
@@ -58,4 +73,15 @@ class EventsLog(RichLog):
             self.note(*line)
 
     def note(self, text: str, style: str = "") -> None:
+        self.entries.append((text, style))
         self.write(Text(text, style=style))
+
+    def on_resize(self) -> None:
+        width = self.scrollable_content_region.width
+        if width == self._wrapped_at:
+            return
+        self._wrapped_at = width
+        if self.entries:
+            self.clear()
+            for text, style in self.entries:
+                self.write(Text(text, style=style))

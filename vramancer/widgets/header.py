@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import time
+from typing import TYPE_CHECKING
+
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal
-from textual.widgets import Label, ProgressBar, Static
+from textual.widgets import Static
 
-from vramancer.engine.events import Loaded, LoadProgress
 from vramancer.engine.units import format_bytes
+
+if TYPE_CHECKING:
+    from vramancer.engine.events import Loaded, LoadProgress
+
+
+
+SPEED_MEANING = ("predicted: decode tokens/s the engine expects from this placement, priced from the measured "
+                 "timings of each device and link · measured: the decode speed of the last answer")
 
 
 class ModelHeader(Horizontal):
@@ -19,6 +30,7 @@ class ModelHeader(Horizontal):
         self.badge = Static("simulated", id="badge")
         self.badge.display = False
         self.speed = Static("", id="speed", markup=False)
+        self.speed.tooltip = SPEED_MEANING
         self.loaded: Loaded | None = None
         self.strategy = ""
         self.predicted: float | None = None
@@ -67,32 +79,82 @@ class ModelHeader(Horizontal):
         loaded = self.loaded
         if loaded is None:
             return
-        devices = ", ".join(f"{d.name} {format_bytes(d.total)}" for d in loaded.devices)
-        self.summary.update(f"{loaded.model} · {loaded.dtype} · {self.strategy} · context {loaded.context} · "
-                            f"{len(loaded.devices)} devices: {devices}")
+        # What matters first: the model, how it is split and over what; then the details.
+        sizes = {d.total for d in loaded.devices}
+        if len(sizes) == 1 and len(loaded.devices) > 1:
+            devices = f"{len(loaded.devices)} × {format_bytes(sizes.pop())} ({_names(loaded.devices)})"
+        else:
+            devices = ", ".join(f"{d.name} {format_bytes(d.total)}" for d in loaded.devices)
+        self.summary.update(f"{loaded.model} · {self.strategy} on {devices} · {loaded.dtype} · "
+                            f"context {loaded.context}")
+
+
+def _names(devices) -> str:
+    """"sim0–sim3" for a run of numbered names, else the names themselves."""
+    names = [d.name for d in devices]
+    return f"{names[0]}–{names[-1]}" if len(names) > 2 else ", ".join(names)
 
 
 class LoadBar(Horizontal):
-    """Loading's stage and progress; hidden when nothing is loading."""
+    """Loading's stages, each with the seconds it took (the current one counting), over a bar
+    that keeps moving, so a long stage never looks stuck. Hidden when nothing is loading; its
+    timer runs only while it shows."""
+
+    COMPONENT_CLASSES = {"loadbar--lit", "loadbar--unlit"}
+    TICK_S = 0.25
+    LIT = 8  # cells of the moving part of the bar
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.stage = Label("", id="load-stage")
-        self.bar = ProgressBar(total=1.0, show_eta=False, id="load-progress")
+        self.stage = Static("", id="load-stage", markup=False)
+        self.bar = Static("", id="load-progress")
+        self.what = ""
+        self.stages: list[tuple[str, float]] = []  # (stage, when it began)
+        self._ticks = 0
+        self._timer = None
 
     def compose(self) -> ComposeResult:
         yield self.stage
         yield self.bar
 
-    def start(self, model: str) -> None:
+    def start(self, what: str, stage: str = "starting") -> None:
         self.display = True
-        self.stage.update(f"loading {model}: starting")
-        self.bar.update(progress=0.0)
+        self.what = what
+        self.stages = [(stage, time.monotonic())]
+        if self._timer is None:
+            self._timer = self.set_interval(self.TICK_S, self._tick)
+        self._tick()
 
     def show(self, progress: LoadProgress) -> None:
-        self.display = True
-        self.stage.update(f"loading: {progress.stage}")
-        self.bar.update(progress=progress.fraction)
+        if not self.stages:
+            self.start(self.what)
+        if progress.stage != self.stages[-1][0]:
+            self.stages.append((progress.stage, time.monotonic()))
+            self._tick()
 
     def finish(self) -> None:
         self.display = False
+        self.stages = []
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = None
+
+    def stage_text(self, now: float | None = None) -> str:
+        """"loading default: importing torch 2.1 s · reading 0.8 s…": every stage so far."""
+        now = time.monotonic() if now is None else now
+        parts = [f"{name} {end - began:.1f} s" for (name, began), (_, end) in zip(self.stages, self.stages[1:])]
+        if self.stages:
+            name, began = self.stages[-1]
+            parts.append(f"{name} {now - began:.1f} s…")
+        return f"loading {self.what}: " + " · ".join(parts)
+
+    def _tick(self) -> None:
+        self._ticks += 1
+        self.stage.update(self.stage_text())
+        width = max(self.bar.size.width, self.LIT + 1)
+        span = width - self.LIT
+        step = self._ticks % (2 * span)
+        start = step if step < span else 2 * span - step  # back and forth
+        lit = self.get_component_rich_style("loadbar--lit")
+        unlit = self.get_component_rich_style("loadbar--unlit")
+        self.bar.update(Text.assemble(("━" * start, unlit), ("━" * self.LIT, lit), ("━" * (width - start - self.LIT), unlit)))

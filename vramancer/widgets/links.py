@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -10,37 +11,64 @@ from textual.containers import VerticalScroll
 from textual.widget import Widget
 from textual.widgets import Static
 
-from vramancer.engine.events import LinkSnapshot, MigrationDone
-from vramancer.engine.migration import part_label
 from vramancer.engine.units import format_bytes, format_rate
 from vramancer.widgets.charts import spark
+from vramancer.widgets.labels import part_label
+
+if TYPE_CHECKING:
+    from vramancer.engine.events import LinkSnapshot, MigrationDone
+
 
 HISTORY = 240
 
 
+def per_second(nbytes: float) -> str:
+    """Bytes per second of a sampling interval: small rates stay readable ("867 KiB/s", "0 B/s")."""
+    return f"{format_bytes(round(nbytes))}/s"
+
+
 class LinkRow(Widget):
-    """One link (src → dst): bandwidth over time, last and peak GB/s, bytes carried."""
+    """One link (src → dst): bytes/s in each sampling interval over time (zero when idle), on a
+    stated scale and window; the last transfers' rate and the peak; bytes carried."""
 
     COMPONENT_CLASSES = {"linkrow--name", "linkrow--dim", "linkrow--trend"}
 
-    def __init__(self, src: str, dst: str) -> None:
+    def __init__(self, src: str, dst: str, since: float) -> None:
         super().__init__(classes="link-row")
         self.src, self.dst = src, dst
-        self.rates: deque[float] = deque(maxlen=HISTORY)
+        self.rates: deque[float] = deque(maxlen=HISTORY)  # bytes/s in each interval
+        self.intervals: deque[float] = deque(maxlen=HISTORY)  # seconds each interval lasted
         self.peak = 0.0
         self.last: LinkSnapshot | None = None
+        self._since = since  # when the interval before the first sample began (nothing carried then)
+        self._trend_width = 0
 
     def show(self, snap: LinkSnapshot) -> None:
+        before_bytes, before_time = (self.last.bytes, self.last.timestamp) if self.last else (0, self._since)
+        seconds = max(snap.timestamp - before_time, 1e-3)
+        rate = max(snap.bytes - before_bytes, 0) / seconds
+        idle_before = not self.rates or self.rates[-1] == 0
         self.last = snap
-        self.rates.append(snap.gb_per_s)
-        self.peak = max(self.peak, snap.gb_per_s)
+        self.rates.append(rate)
+        self.intervals.append(seconds)
+        self.peak = max(self.peak, rate)
+        if rate == 0 and idle_before and len(self.rates) > self._trend_width:
+            return  # idle and the graph already full of idle: nothing on screen changes
         self.refresh()
+
+    @property
+    def rate_now(self) -> float:
+        return self.rates[-1] if self.rates else 0.0
+
+    def window_s(self, width: int) -> float:
+        """Seconds the graph spans at `width` cells (one cell per sample)."""
+        return sum(list(self.intervals)[-width:]) if width > 0 else 0.0
 
     def get_content_height(self, container, viewport, width: int) -> int:
         return 2
 
     def render(self) -> Text:
-        """Line one: the link and its rates. Line two: bytes carried, then GB/s over time."""
+        """Line one: the link and its rates. Line two: bytes carried, then bytes/s over time."""
         style = self.get_component_rich_style
         width = max(self.content_region.width, 10)
         rates = Text(no_wrap=True, overflow="ellipsis")
@@ -48,9 +76,14 @@ class LinkRow(Widget):
         carried = Text(no_wrap=True, overflow="ellipsis")
         if self.last is not None:
             snap = self.last
-            rates.append(f"  last {format_rate(snap.gb_per_s * 1e9)} · peak {format_rate(self.peak * 1e9)}")
+            rates.append(f"  now {per_second(self.rate_now)} · peak {per_second(self.peak)} · "
+                         f"last transfers {format_rate(snap.gb_per_s * 1e9)}")
             carried.append(f"{format_bytes(snap.bytes)} · {snap.transfers} transfers ", style("linkrow--dim"))
-        carried.append(spark(self.rates, self.peak, width - len(carried)), style("linkrow--trend"))
+        graph_width = max(width - len(carried) - 22, 0)
+        self._trend_width = graph_width
+        scale = f" 0–{per_second(self.peak)} over {self.window_s(graph_width):.0f} s" if self.peak else ""
+        carried.append(spark(self.rates, self.peak, graph_width), style("linkrow--trend"))
+        carried.append(scale, style("linkrow--dim"))
         return Text("\n").join([rates, carried])
 
 
@@ -61,6 +94,7 @@ class LinksPanel(VerticalScroll):
         super().__init__(**kwargs)
         self.border_title = "links"
         self.rows: dict[tuple[str, str], LinkRow] = {}
+        self._sampled_at: float | None = None  # when the previous sample was taken
         self.note = Static("no data has crossed a link yet", classes="links-empty")
         self.migration = Static("", classes="last-migration")
 
@@ -72,6 +106,7 @@ class LinksPanel(VerticalScroll):
         """A new model brings new links: forget the old ones."""
         await self.query(LinkRow).remove()
         self.rows = {}
+        self._sampled_at = None
         self.note.display = True
         self.migration.update("")
 
@@ -82,10 +117,17 @@ class LinksPanel(VerticalScroll):
             key = (snap.src, snap.dst)
             row = self.rows.get(key)
             if row is None:
-                row = self.rows[key] = LinkRow(snap.src, snap.dst)
+                since = self._sampled_at if self._sampled_at is not None else snap.timestamp - 0.5
+                row = self.rows[key] = LinkRow(snap.src, snap.dst, since)
                 self.mount(row, before=self.migration)
                 self.note.display = False
             row.show(snap)
+        if links:
+            self._sampled_at = max(snap.timestamp for snap in links)
+
+    def show_replan_move(self, what: str, src: str, dst: str, nbytes: int) -> None:
+        """A move a re-plan made (moved with the rest of the plan, so it has no timing of its own)."""
+        self.migration.update(f"last migration: {what} {src} → {dst} · {format_bytes(nbytes)} · by a re-plan")
 
     def show_migration(self, done: MigrationDone) -> None:
         when = f" at token {done.step}" if done.step is not None else ""

@@ -10,25 +10,40 @@ would not fit is refused here with a notification and never reaches the engine.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from rich.text import Text
-from textual import events
+from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Container, Vertical
 from textual.errors import NoWidget
 from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Static
 
-from vramancer.engine.events import DeviceInfo, DeviceSnapshot, PlanSnapshot
-from vramancer.engine.migration import part_label
 from vramancer.engine.units import format_bytes
+from vramancer.widgets.labels import part_label
+
+if TYPE_CHECKING:
+    from vramancer.engine.events import DeviceInfo, DeviceSnapshot, PlanSnapshot
 
 Part = int | str
 
-# A column turns warm, then full, as its device fills (share of its memory in use).
-WARM, FULL = 0.70, 0.90
+# A column turns warm, then full, as its device fills (share of its memory in use). A device
+# holding a model is meant to be well used: only the last tenth is worth a warning.
+WARM, FULL = 0.90, 0.97
+# The narrowest a column may be and still show a tile's label and size ("L15–25" over "54.0 MiB").
+MIN_COLUMN_WIDTH = 12
+
+
+def grid_shape(devices: int, width: int) -> tuple[int, int]:
+    """(columns, rows) of device columns for a panel `width` cells wide: one row while every
+    column gets MIN_COLUMN_WIDTH, else as few rows as keep them that wide, filled evenly."""
+    most = max(width // MIN_COLUMN_WIDTH, 1)
+    rows = -(-devices // most) if devices else 1
+    columns = -(-devices // rows) if devices else 1
+    return columns, rows
 
 
 @dataclass(frozen=True)
@@ -40,10 +55,15 @@ class Verdict:
     fits: bool
     reason: str = ""
     tokens_per_s: float | None = None
+    now_tokens_per_s: float | None = None  # the current plan's prediction, for the change
 
     @property
     def speed(self) -> str:
-        return f" · ~{self.tokens_per_s:.1f} tok/s" if self.tokens_per_s else ""
+        """" · ~18.2 tok/s (+1.3)": the predicted decode speed after the move, and its change."""
+        if not self.tokens_per_s:
+            return ""
+        change = f" ({self.tokens_per_s - self.now_tokens_per_s:+.1f})" if self.now_tokens_per_s else ""
+        return f" · ~{self.tokens_per_s:.1f} tok/s{change}"
 
 
 class BlockTile(Widget, can_focus=True):
@@ -71,6 +91,20 @@ class BlockTile(Widget, can_focus=True):
             super().__init__()
             self.tile = tile
 
+    class DragOver(Message):
+        """The dragged tile is over `column` now (None: over no column)."""
+
+        def __init__(self, tile: "BlockTile", column: "DeviceColumn | None") -> None:
+            super().__init__()
+            self.tile, self.column = tile, column
+
+    class Dropped(Message):
+        """The dragged tile was let go over `column` (None: over no column)."""
+
+        def __init__(self, tile: "BlockTile", column: "DeviceColumn | None") -> None:
+            super().__init__()
+            self.tile, self.column = tile, column
+
     def __init__(self, first: Part, last: Part, device: str, plan: PlanSnapshot) -> None:
         super().__init__(classes="block-tile")
         self.first, self.last, self.device = first, last, device
@@ -80,6 +114,7 @@ class BlockTile(Widget, can_focus=True):
         self.moving_to: str | None = None
         self._anchor: int | None = None
         self._dragging = False
+        self.compact = False  # many devices: no layer strip, so every tile of a column stays in view
         if isinstance(first, str):
             self.add_class(f"-{first}")
 
@@ -96,6 +131,11 @@ class BlockTile(Widget, can_focus=True):
     @property
     def selection(self) -> tuple[Part, Part]:
         return self.sel_first, self.sel_last
+
+    @property
+    def caption(self) -> tuple[str, str]:
+        """What the tile says it holds: its label and its size."""
+        return part_label(self.first, self.last), format_bytes(self.plan.part_bytes(self.first, self.last))
 
     @property
     def partial(self) -> bool:
@@ -122,9 +162,12 @@ class BlockTile(Widget, can_focus=True):
         return Text("\n").join(self._lines(max(self.content_region.width, 4)))
 
     def _lines(self, width: int) -> list[Text]:
-        size = format_bytes(self.plan.part_bytes(self.first, self.last))
-        lines = [Text(f"{part_label(self.first, self.last)} · {size}", no_wrap=True, overflow="ellipsis")]
-        if self.is_layers and self.count > 1:
+        label, size = self.caption
+        if len(label) + 3 + len(size) <= width:
+            lines = [Text(f"{label} · {size}", no_wrap=True, overflow="ellipsis")]
+        else:  # a narrow column: the size goes under the label rather than off the edge
+            lines = [Text(label, no_wrap=True, overflow="ellipsis"), Text(size, no_wrap=True, overflow="ellipsis")]
+        if self.is_layers and self.count > 1 and not self.compact:
             lines.append(self._strip(width))
         note = self.get_component_rich_style("blocktile--note")
         if self.moving_to is not None:
@@ -196,19 +239,19 @@ class BlockTile(Widget, can_focus=True):
 
     def on_mouse_move(self, event: events.MouseMove) -> None:
         if self._dragging:
-            self._panel.drag_over(self, self._column_at(event.screen_x, event.screen_y))
+            self.post_message(self.DragOver(self, self._column_at(event.screen_x, event.screen_y)))
 
     def on_mouse_up(self, event: events.MouseUp) -> None:
         if not self._dragging:
             return
         event.stop()
         self._end_drag()
-        self._panel.drop(self, self._column_at(event.screen_x, event.screen_y))
+        self.post_message(self.Dropped(self, self._column_at(event.screen_x, event.screen_y)))
 
     def on_hide(self) -> None:
         if self._dragging:
             self._end_drag()
-            self._panel.drag_over(self, None)
+            self.post_message(self.DragOver(self, None))
 
     def on_unmount(self) -> None:
         if self._dragging:
@@ -229,10 +272,6 @@ class BlockTile(Widget, can_focus=True):
                 return node
         return None
 
-    @property
-    def _panel(self) -> "PlacementPanel":
-        return self.query_ancestor(PlacementPanel)
-
 
 class DeviceColumn(Vertical):
     """Everything the plan put on one device, coloured by how full that device is."""
@@ -243,6 +282,7 @@ class DeviceColumn(Vertical):
         self.info = info
         self.border_title = info.name
         self.summary = Static("", classes="column-summary")
+        self._summary_text = ""
         self.preview = Static("", classes="drop-preview")
 
     def compose(self) -> ComposeResult:
@@ -254,8 +294,12 @@ class DeviceColumn(Vertical):
         self.set_class(share < WARM, "-roomy")
         self.set_class(WARM <= share < FULL, "-warm")
         self.set_class(share >= FULL, "-full")
-        self.border_subtitle = f"{share:.0%} used"
-        self.summary.update(f"needs {format_bytes(need)}" if need is not None else "")
+        subtitle = f"{share:.0%} used"
+        summary = f"needs {format_bytes(need)}" if need is not None else ""
+        if (subtitle, summary) != (self.border_subtitle, self._summary_text):  # unchanged: no redraw
+            self.border_subtitle = subtitle
+            self._summary_text = summary
+            self.summary.update(summary)
 
     def show_verdict(self, verdict: Verdict | None, what: str = "") -> None:
         """Preview a drop while a tile hovers over this column; None clears it."""
@@ -273,8 +317,11 @@ class DeviceColumn(Vertical):
         await self.mount_all(tiles, before=self.preview)
 
 
-class PlacementPanel(Horizontal):
-    """The columns, the tiles, and the drag-to-migrate rules that tie them to the plan."""
+class PlacementPanel(Container):
+    """The columns, the tiles, and the drag-to-migrate rules that tie them to the plan.
+
+    The columns sit in a grid that wraps into rows when the devices are too many for one row,
+    so every device is on screen and a drop target, at any count that leaves each a few cells."""
 
     class MoveRequested(Message):
         """The user asked for a move that fits: the App hands it to the engine."""
@@ -282,6 +329,13 @@ class PlacementPanel(Horizontal):
         def __init__(self, first: Part, last: Part, device: str) -> None:
             super().__init__()
             self.first, self.last, self.device = first, last, device
+
+    class MoveRefused(Message):
+        """A move the user asked for cannot fit: the App says so and logs it; nothing is sent."""
+
+        def __init__(self, first: Part, last: Part, device: str, reason: str) -> None:
+            super().__init__()
+            self.first, self.last, self.device, self.reason = first, last, device, reason
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -305,7 +359,23 @@ class PlacementPanel(Horizontal):
         self._hovered = None
         await self.remove_children()
         self.columns = {d.name: DeviceColumn(d) for d in devices}
+        self._fit_grid()
         await self.mount_all(self.columns.values())
+
+    def on_resize(self) -> None:
+        self._fit_grid()
+
+    def _fit_grid(self) -> None:
+        columns, rows = grid_shape(len(self.columns), self.content_region.width or self.size.width)
+        compact = rows > 1
+        if (columns, rows) != (self.styles.grid_size_columns, self.styles.grid_size_rows):
+            self.styles.grid_size_columns = columns
+            self.styles.grid_size_rows = rows
+        self.set_class(compact, "-compact")
+        for tile in self.query(BlockTile):
+            if tile.compact != compact:
+                tile.compact = compact
+                tile.refresh(layout=True)
 
     async def show_plan(self, plan: PlanSnapshot) -> None:
         """Lay the tiles out afresh for a new placement, keeping focus on the moved range."""
@@ -315,8 +385,12 @@ class PlacementPanel(Horizontal):
             self._hovered.show_verdict(None)
             self._hovered = None
         self.plan = plan
+        compact = self.has_class("-compact")
         for name, column in self.columns.items():
-            await column.set_tiles(self._tiles_for(name, plan))
+            tiles = self._tiles_for(name, plan)
+            for tile in tiles:
+                tile.compact = compact
+            await column.set_tiles(tiles)
         self.shown = plan
         self._refresh_fullness()
         if keep is not None:
@@ -350,7 +424,7 @@ class PlacementPanel(Horizontal):
         assert self.plan is not None
         reason = self.plan.would_fit(first, last, device, self.free_bytes())
         speed = self.plan.predict_move(first, last, device) if reason is None else None
-        return Verdict(device, reason is None, reason or "", speed)
+        return Verdict(device, reason is None, reason or "", speed, self.plan.predicted_tokens_per_s if speed else None)
 
     def targets(self, tile: BlockTile) -> list[Verdict]:
         """Every other device, with whether the tile's selection fits there."""
@@ -363,7 +437,7 @@ class PlacementPanel(Horizontal):
         first, last = tile.selection
         verdict = self.verdict(first, last, device)
         if not verdict.fits:
-            self.app.notify(verdict.reason, title="Won't fit", severity="error")
+            self.post_message(self.MoveRefused(first, last, device, verdict.reason))
             return False
         self.moving[(first, last)] = device
         tile.set_moving(device)
@@ -372,19 +446,27 @@ class PlacementPanel(Horizontal):
 
     # --- the drag, as the tile reports it ------------------------------------------------
 
-    def drag_over(self, tile: BlockTile, column: DeviceColumn | None) -> None:
+    @on(BlockTile.DragOver)
+    def _drag_over(self, message: BlockTile.DragOver) -> None:
+        message.stop()
+        self._hover(message.tile, message.column)
+
+    @on(BlockTile.Dropped)
+    def _dropped(self, message: BlockTile.Dropped) -> None:
+        message.stop()
+        tile, column = message.tile, message.column
+        self._hover(tile, None)
+        if column is not None and column.device != tile.device and tile.is_attached:
+            self.request_move(tile, column.device)
+
+    def _hover(self, tile: BlockTile, column: DeviceColumn | None) -> None:
         if column is self._hovered:
             return
         if self._hovered is not None:
             self._hovered.show_verdict(None)
         self._hovered = column
-        if column is not None and column.device != tile.device and self.plan is not None:
+        if column is not None and column.device != tile.device and self.plan is not None and tile.is_attached:
             column.show_verdict(self.verdict(*tile.selection, column.device), part_label(*tile.selection))
-
-    def drop(self, tile: BlockTile, column: DeviceColumn | None) -> None:
-        self.drag_over(tile, None)
-        if column is not None and column.device != tile.device:
-            self.request_move(tile, column.device)
 
     # --- helpers -------------------------------------------------------------------------
 
