@@ -10,6 +10,7 @@ show the real path: argv bytes that are not UTF-8, environment variables, a huge
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import struct
@@ -124,6 +125,16 @@ def bad_models(tmp_path_factory) -> dict[str, str]:
             (folder / name / "config.json").write_text(config)
         paths[name] = str(folder / name)
     return paths
+
+
+@pytest.fixture(autouse=True)
+def node_log_as_it_was():
+    """`vramancer node` sets up its log (its own handler, no propagation) for the process it
+    runs in; run in this process, that must not outlive the case."""
+    log = logging.getLogger("vramancer.node")
+    saved = (list(log.handlers), log.propagate, log.level)
+    yield
+    log.handlers[:], log.propagate, log.level = saved[0], saved[1], saved[2]
 
 
 @pytest.fixture

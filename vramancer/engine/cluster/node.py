@@ -580,6 +580,10 @@ class NodeServer:
     # --- lifecycle -----------------------------------------------------------------------
 
     def listen(self) -> int:
+        # Readings (and the libraries behind them) are imported now, not during the first
+        # coordinator's handshake, which they would slow past its read timeout.
+        from vramancer.engine import telemetry  # noqa: F401
+
         family = socket.AF_INET6 if ":" in self.bind else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
