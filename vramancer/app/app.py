@@ -350,6 +350,7 @@ class VramancerApp(App[int]):
         self.notify(f"{part_label(event.first, event.last)} {event.src} → {event.dst} · {format_rate(event.gb_per_s * 1e9)}",
                     title="Moved")
 
+    def _on_migration_refused(self, event: ev.MigrationNotDone) -> None:
         self.placement_panel.settle(event.first, event.last)
         self.notify(event.reason, title="Move refused", severity="error")
 
