@@ -580,9 +580,13 @@ class NodeServer:
     # --- lifecycle -----------------------------------------------------------------------
 
     def listen(self) -> int:
-        # Readings (and the libraries behind them) are imported now, not during the first
-        # coordinator's handshake, which they would slow past its read timeout.
-        from vramancer.engine import telemetry  # noqa: F401
+        # What a session needs first (the process group's library, the devices' readings and
+        # the libraries behind them) is loaded now, not during the first coordinator's
+        # handshake, which it would slow past the coordinator's read timeout.
+        import torch.distributed  # noqa: F401
+
+        for device in self.devices.values():
+            device.snapshot()
 
         family = socket.AF_INET6 if ":" in self.bind else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
