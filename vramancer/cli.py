@@ -183,9 +183,8 @@ def _check_values(args) -> None:
             raise VramancerError(f"--max-new-tokens must be 0 or more, not {args.max_new_tokens}.")
         if args.rounds < 1:
             raise VramancerError(f"--rounds must be at least 1, not {args.rounds}.")
-    if args.command in ("plan", "generate", "bench", "devices"):
-        # (The dashboard checks its spec after its first frame: parsing one imports torch.)
-        from vramancer.engine.devices import parse_device_spec
+    if args.command in (None, "plan", "generate", "bench", "devices"):
+        from vramancer.engine.device_spec import parse_device_spec  # no torch: a bad spec costs no time
 
         parse_device_spec(_device_text(args))
 

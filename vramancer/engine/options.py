@@ -19,7 +19,7 @@ class LoadOptions:
     def check(self) -> None:
         """VramancerError for a value that is wrong on its own, before anything loads (the CLI
         and the dashboard call this; loading checks the same again)."""
-        from vramancer.engine.devices import parse_device_spec
+        from vramancer.engine.device_spec import parse_device_spec
         from vramancer.engine.validation import check_context
 
         check_context(self.context)
