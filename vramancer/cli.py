@@ -167,6 +167,8 @@ def _check_values(args) -> None:
     v.check_context(args.context)
     if args.command == "node":
         v.check_port("--port", args.port)
+    if getattr(args, "token_file", None):
+        v.read_token_file(args.token_file)  # a bad token file is refused before torch loads
     if args.command == "devices":
         v.check_discover_seconds(args.discover_seconds)
     for flag in ("prompt", "model", "devices"):

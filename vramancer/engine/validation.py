@@ -141,3 +141,27 @@ def env_float(name: str, default: float) -> float:
     except ValueError:
         raise VramancerError(f"VRM_{name} must be a number, not '{text}'.") from None
     return finite(f"VRM_{name}", value)
+
+
+MAX_TOKEN_BYTES = 4096  # a cluster token is a short secret; never read more (/dev/zero, a big file)
+
+
+def read_token_file(token_file: str) -> bytes:
+    """The cluster token in `token_file`, read without torch so a bad file is refused at once."""
+    from pathlib import Path
+
+    try:
+        with Path(token_file).expanduser().open("rb") as f:
+            data = f.read(MAX_TOKEN_BYTES + 1)
+    except OSError as exc:
+        raise VramancerError(f"the token file {token_file} cannot be read: {exc.strerror or exc}.") from None
+    if len(data) > MAX_TOKEN_BYTES:
+        raise VramancerError(f"the token file {token_file} holds more than {MAX_TOKEN_BYTES} bytes; "
+                             "a cluster token is a short secret on one line.")
+    try:
+        token = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise VramancerError(f"the token file {token_file} is not UTF-8 text; put the cluster's secret in it.") from None
+    if not token:
+        raise VramancerError(f"the token file {token_file} is empty; put the cluster's secret in it.")
+    return token.encode()

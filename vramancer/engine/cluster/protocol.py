@@ -19,12 +19,12 @@ import os
 import secrets
 import socket
 import threading
-from pathlib import Path
 
 import torch
 
 from vramancer.engine.devices import DeviceLost, node_label
 from vramancer.engine.errors import VramancerError
+from vramancer.engine.validation import read_token_file
 
 PROTOCOL_VERSION = 1
 SERVICE_TYPE = "_vramancer._tcp.local."
@@ -32,7 +32,6 @@ DEFAULT_NODE_PORT = 7070
 TOKEN_ENV = "VRM_CLUSTER_TOKEN"
 MAX_LINE = 1 << 20  # a control message longer than this is refused: nothing legitimate is near it
 HANDSHAKE_TIMEOUT_S = 10.0  # for the whole handshake, however slowly a peer trickles bytes
-MAX_TOKEN_BYTES = 4096
 NODE_RANK, COORDINATOR_RANK = 0, 1
 TAG = 0  # one ordered stream per direction is all we need
 
@@ -82,22 +81,10 @@ class NodeLost(ClusterError, DeviceLost):
 def cluster_token(token_file: str | None = None) -> bytes | None:
     """The cluster's secret: the --token-file's contents, else VRM_CLUSTER_TOKEN, else None."""
     if token_file:
-        path = Path(token_file).expanduser()
         try:
-            with path.open("rb") as f:
-                data = f.read(MAX_TOKEN_BYTES + 1)  # never more: /dev/zero or a large file by mistake
-        except OSError as exc:
-            raise ClusterError(f"the token file {token_file} cannot be read: {exc.strerror or exc}.") from None
-        if len(data) > MAX_TOKEN_BYTES:
-            raise ClusterError(f"the token file {token_file} holds more than {MAX_TOKEN_BYTES} bytes; "
-                               "a cluster token is a short secret on one line.")
-        try:
-            token = data.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise ClusterError(f"the token file {token_file} is not UTF-8 text; put the cluster's secret in it.") from None
-        if not token:
-            raise ClusterError(f"the token file {token_file} is empty; put the cluster's secret in it.")
-        return token.encode()
+            return read_token_file(token_file)
+        except VramancerError as exc:
+            raise ClusterError(str(exc)) from None
     token = os.environ.get(TOKEN_ENV, "").strip()
     return token.encode() if token else None
 
