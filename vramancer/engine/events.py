@@ -53,6 +53,23 @@ class Generate(Command):
 
 
 @dataclass(frozen=True)
+class Submit(Command):
+    """A request for the continuous batch (the server's, one per HTTP request).
+
+    It waits its turn, is prefilled, then joins the sequences decoding together; between two
+    decode steps finished ones leave and waiting ones join. Answered by Token events, then
+    one GenerationDone (finish_reason set), or by one RequestRefused if it cannot be run.
+    `stop` strings end the answer where they first appear; their text is never streamed."""
+
+    request_id: str
+    prompt: str | tuple  # text, or chat messages ({"role", "content"}) for the chat template
+    sampling: dict = field(default_factory=dict)  # SamplingSettings fields
+    raw: bool = False
+    stop: tuple[str, ...] = ()
+    client: str = ""  # who asked, for the dashboard and the log ("127.0.0.1:51234")
+
+
+@dataclass(frozen=True)
 class Reserve(Command):
     """Take `bytes` of a simulated device as another process would (a squeeze, for demos)."""
 
@@ -65,7 +82,7 @@ class Cancel(Command):
     """Cancel the Generate with this `request_id`: the one streaming (within one decode step)
     or one still queued (it then finishes at once, cancelled, with no tokens)."""
 
-    request_id: int
+    request_id: int | str
 
 
 @dataclass(frozen=True)
@@ -191,12 +208,12 @@ class PlanChanged(Event):
 @dataclass(frozen=True)
 class Token(Event):
     text: str
-    request_id: int = 0
+    request_id: int | str = 0
 
 
 @dataclass(frozen=True)
 class GenerationDone(Event):
-    request_id: int
+    request_id: int | str
     text: str
     token_ids: tuple[int, ...]
     prompt_tokens: int
@@ -204,6 +221,46 @@ class GenerationDone(Event):
     ttft_s: float | None
     decode_tokens_per_s: float | None
     cancelled: bool
+    finish_reason: str = ""  # stop | length | cancelled, as OpenAI names them ("" from Generate)
+    total_s: float | None = None  # from arrival (Submit) or start (Generate) to the last token
+
+
+@dataclass(frozen=True)
+class RequestQueued(Event):
+    """A Submit was accepted and waits for room in the batch."""
+
+    request_id: str
+    client: str
+    prompt_head: str  # the prompt's first characters, for a one-line view
+    prompt_tokens: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class RequestStarted(Event):
+    """A Submit was prefilled and joined the batch; its first token is on its way."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class RequestRefused(Event):
+    """A Submit that will not run: `reason` is too_long | queue_full | bad_request | shutting_down."""
+
+    request_id: str
+    reason: str
+    message: str  # one sentence, with the numbers
+
+
+@dataclass(frozen=True)
+class BatchStatus(Event):
+    """The continuous batch after a step (coalesced: at most a few a second, and when it empties)."""
+
+    running: int
+    waiting: int
+    tokens_per_s: float  # all sequences together, over the last second or so
+    kv_tokens: int  # KV slots held by the batch (padded length x sequences)
+    kv_budget: int  # KV slots the plan budgeted (--context)
 
 
 @dataclass(frozen=True)
