@@ -28,7 +28,7 @@ from vramancer.engine.units import format_bytes, format_rate
 from vramancer.lifetime import Lifetime, exit_now
 from vramancer.widgets.console import ConsolePanel
 from vramancer.widgets.devices import DevicesPanel
-from vramancer.widgets.events_log import EventsLog
+from vramancer.widgets.events_log import EventsLog, request_outcome
 from vramancer.widgets.header import LoadBar, ModelHeader
 from vramancer.widgets.labels import part_label
 from vramancer.widgets.links import LinksPanel
@@ -280,6 +280,7 @@ class VramancerApp(App[int]):
             ev.Notice: self._logged_only,
             ev.DeviceFault: self._logged_only,
             ev.Error: self._on_error,
+            **self.server_event_handlers(),
         }
 
     def handler_for(self, event_type: type) -> Handler:
@@ -356,6 +357,9 @@ class VramancerApp(App[int]):
 
     def _on_generation_done(self, event: ev.GenerationDone) -> None:
         self.on_tokens_ready()  # text still buffered belongs before the end
+        if isinstance(event.request_id, str):  # a server request's, not the console's
+            self._on_request_done(event)
+            return
         self.console_panel.finish(event)
         if event.decode_tokens_per_s:
             self.header.show_speed(measured=event.decode_tokens_per_s)
@@ -397,11 +401,45 @@ class VramancerApp(App[int]):
         if not self._showing:
             return
         console = self.console_panel
-        pieces: dict[int, list[str]] = {}
+        pieces: dict[int | str, list[str]] = {}
         for token in tokens:
             pieces.setdefault(token.request_id, []).append(token.text)
         for request_id, texts in pieces.items():
-            console.add_text(request_id, "".join(texts), tokens=len(texts))
+            if isinstance(request_id, str):  # a server request: counted in its line, not shown in full
+                console.requests.add_tokens(request_id, len(texts))
+            else:
+                console.add_text(request_id, "".join(texts), tokens=len(texts))
+
+    # --- a server's requests (`vramancer --serve`) -------------------------------------------
+
+    def server_event_handlers(self) -> dict[type, Handler]:
+        """The continuous batch's events: each request on a line of the console, the batch in
+        the header, each outcome in the events log."""
+        from vramancer.engine import events as ev
+
+        return {
+            ev.RequestQueued: self._on_request_queued,
+            ev.RequestStarted: self._on_request_started,
+            ev.RequestRefused: self._on_request_refused,
+            ev.BatchStatus: self._on_batch_status,
+        }
+
+    def _on_request_queued(self, event: ev.RequestQueued) -> None:
+        self.console_panel.serving().queued(event)
+
+    def _on_request_started(self, event: ev.RequestStarted) -> None:
+        self.console_panel.requests.started(event.request_id)
+
+    def _on_request_done(self, event: ev.GenerationDone) -> None:
+        request = self.console_panel.serving().done(event)
+        self.events_log.note(*request_outcome(request, event.total_s))
+
+    def _on_request_refused(self, event: ev.RequestRefused) -> None:
+        request = self.console_panel.serving().refused(event)
+        self.events_log.note(*request_outcome(request))
+
+    def _on_batch_status(self, event: ev.BatchStatus) -> None:
+        self.header.show_batch(event)
 
     # --- requests from the widgets ---------------------------------------------------------
 

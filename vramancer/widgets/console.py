@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical, VerticalScroll
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Input, Static
+
+from vramancer.widgets.requests import ServerRequests
 
 if TYPE_CHECKING:
     from vramancer.engine.events import GenerationDone
@@ -56,7 +58,8 @@ class PromptInput(Input):
 
 
 class ConsolePanel(Vertical):
-    """Transcript, stats line and prompt. Streams one answer at a time."""
+    """Transcript, stats line and prompt. Streams one answer at a time. Beside the transcript,
+    once a server request arrives, the server's requests (one line each)."""
 
     class Ask(Message):
         """Send this conversation to the model (the last message is the new prompt)."""
@@ -75,6 +78,8 @@ class ConsolePanel(Vertical):
         self.streaming: int | None = None  # the request whose answer is arriving
         self.answer_text = ""
         self.transcript = VerticalScroll(id="transcript")
+        self.requests = ServerRequests(id="requests")
+        self.requests.display = False  # until a server request arrives: nothing extra without a server
         self.stats = Static("", id="stats")
         self.prompt = PromptInput(id="prompt", placeholder="Ask the model…  (enter send · esc cancel · ↑↓ history)")
         self.prompt.cursor_blink = False  # a steady cursor: blinking redrew the screen twice a second at idle
@@ -84,7 +89,9 @@ class ConsolePanel(Vertical):
         self._first_token_at = 0.0
 
     def compose(self) -> ComposeResult:
-        yield self.transcript
+        with Horizontal(id="console-body"):
+            yield self.transcript
+            yield self.requests
         yield self.stats
         yield self.prompt
 
@@ -188,6 +195,13 @@ class ConsolePanel(Vertical):
         self.transcript.remove_children()
         self.stats.update("new conversation")
         return abandoned
+
+    def serving(self) -> ServerRequests:
+        """A server request arrived: show the server's requests beside the transcript (once)."""
+        if not self.requests.display:
+            self.requests.display = True
+            self.add_class("-serving")
+        return self.requests
 
     def stop_streaming(self) -> None:
         """The model went away (a new load): nothing is streaming any more."""

@@ -13,6 +13,7 @@ from vramancer.widgets.labels import part_label
 
 if TYPE_CHECKING:
     from vramancer.engine import events as ev
+    from vramancer.widgets.requests import ServedRequest
 
 
 def describe_plan(plan: ev.PlanSnapshot) -> str:
@@ -42,6 +43,8 @@ def describe(event: ev.Event) -> tuple[str, str] | None:
     if isinstance(event, ev.MigrationNotDone):
         return f"refused {part_label(event.first, event.last)} → {event.device}: {event.reason}", "yellow"
     if isinstance(event, ev.GenerationDone):
+        if isinstance(event.request_id, str):
+            return None  # a server request: the App logs its outcome with who asked (request_outcome)
         rate = f" · {event.decode_tokens_per_s:.1f} tok/s" if event.decode_tokens_per_s else ""
         verb = "cancelled after" if event.cancelled else "answered"
         return f"{verb} {event.new_tokens} tokens{rate}", "dim"
@@ -50,6 +53,16 @@ def describe(event: ev.Event) -> tuple[str, str] | None:
     if isinstance(event, ev.Error):
         return f"{event.command} failed: {event.message}", "bold red"
     return None
+
+
+def request_outcome(request: ServedRequest, total_s: float | None = None) -> tuple[str, str]:
+    """(line, style) for how a server request ended: id, who asked, tokens, finish reason."""
+    who = f" from {request.client}" if request.client else ""
+    if request.note:  # refused
+        return f"request {request.request_id}{who} refused ({request.finish_reason}): {request.note}", "yellow"
+    took = f" in {total_s:.2f} s" if total_s is not None else ""
+    return (f"request {request.request_id}{who} · {request.tokens} tokens{took} · {request.finish_reason}",
+            "dim" if request.finish_reason != "cancelled" else "yellow")
 
 
 MAX_ENTRIES = 1000

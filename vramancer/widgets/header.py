@@ -13,10 +13,12 @@ from textual.widgets import Static
 from vramancer.engine.units import format_bytes
 
 if TYPE_CHECKING:
-    from vramancer.engine.events import Loaded, LoadProgress
+    from vramancer.engine.events import BatchStatus, Loaded, LoadProgress
 
 
 
+BATCH_MEANING = ("the server's continuous batch: sequences decoding together now, requests waiting for room, "
+                 "and tokens/s of all of them together over the last second or so")
 SPEED_MEANING = ("predicted: decode tokens/s the engine expects from this placement, priced from the measured "
                  "timings of each device and link · measured: the decode speed of the last answer")
 
@@ -31,6 +33,9 @@ class ModelHeader(Horizontal):
         self.badge.display = False
         self.speed = Static("", id="speed", markup=False)
         self.speed.tooltip = SPEED_MEANING
+        self.batch = Static("", id="batch", markup=False)
+        self.batch.tooltip = BATCH_MEANING
+        self.batch.display = False  # only while a server runs
         self.loaded: Loaded | None = None
         self.strategy = ""
         self.predicted: float | None = None
@@ -39,6 +44,7 @@ class ModelHeader(Horizontal):
     def compose(self) -> ComposeResult:
         yield Static("VRAMancer", id="app-name")
         yield self.summary
+        yield self.batch
         yield self.speed
         yield self.badge
 
@@ -54,6 +60,12 @@ class ModelHeader(Horizontal):
         if self.measured is not None:
             parts.append(f"measured {self.measured:.1f}")
         self.speed.update(f"{' · '.join(parts)} tok/s" if parts else "")
+
+    def show_batch(self, status: BatchStatus) -> None:
+        """The server's batch: running and waiting sequences and their aggregate decode speed."""
+        self.batch.display = True
+        self.batch.update(f"serving {status.running} running · {status.waiting} waiting · "
+                          f"{status.tokens_per_s:.1f} tok/s")
 
     def show_loading(self, model: str, devices: str) -> None:
         self.summary.update(f"loading {model} on {devices}…")
