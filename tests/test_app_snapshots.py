@@ -72,3 +72,56 @@ def test_help_screen(snap_compare, tiny_model_dir):
 def test_main_screen_of_a_rig(snap_compare, tiny_model_dir, devices, size):
     """Every device's column, and its card, on screen at once."""
     assert snap_compare(dashboard(tiny_model_dir, devices), terminal_size=size, run_before=settled)
+
+
+def test_main_screen_in_the_light_theme(snap_compare, tiny_model_dir):
+    """Every colour meaning (memory parts, fullness, focus, badge) on Textual's light theme."""
+
+    async def light(pilot) -> None:
+        pilot.app.theme = "textual-light"
+        await settled(pilot)
+
+    assert snap_compare(dashboard(tiny_model_dir), terminal_size=(120, 40), run_before=light)
+
+
+def test_main_screen_serving_eight_requests(snap_compare, tiny_model_dir):
+    """A server's eight requests beside the console, the batch in the header, outcomes logged.
+    The events go through the App's emit from another thread, as the engine worker sends them;
+    the requests' clock is fixed so their tok/s are the same on every run."""
+    import threading
+
+    from vramancer.engine import events as ev
+
+    def emit(app, events) -> None:
+        thread = threading.Thread(target=lambda: [app._emit(e) for e in events])
+        thread.start()
+        thread.join()
+
+    async def serving(pilot) -> None:
+        await settled(pilot)
+        app = pilot.app
+        requests = app.console_panel.requests
+        now = [100.0]
+        requests.clock = lambda: now[0]
+        prompts = ["Summarise this article", "Translate to French: good morning", "Write a haiku about rain",
+                   "What is 17 * 23?", "List three prime numbers", "Explain KV caches briefly",
+                   "Name a lighthouse in Brittany", "Say hello"]
+        emit(app, [ev.RequestQueued(f"req-{n}", f"127.0.0.1:{5100 + n}", p, 10 + n, 64)
+                   for n, p in enumerate(prompts, 1)])
+        emit(app, [ev.RequestStarted(f"req-{n}") for n in range(1, 8)]
+             + [ev.Token("a", f"req-{n}") for n in range(1, 8)])
+        tokens = lambda n: requests.requests[f"req-{n}"].tokens if f"req-{n}" in requests.requests else 0
+        while not all(tokens(n) for n in range(1, 8)):
+            await pilot.pause(0.02)
+        now[0] = 102.0
+        emit(app, [ev.Token("b", f"req-{n}") for n in range(1, 8) for _ in range(4 * n)])
+        while tokens(7) < 29:
+            await pilot.pause(0.02)
+        emit(app, [ev.GenerationDone("req-1", "a" * 5, (1,) * 5, 11, 5, 0.04, 21.0, False, "stop", 0.4),
+                   ev.GenerationDone("req-2", "a" * 9, (1,) * 9, 12, 9, 0.05, 19.5, True, "cancelled", 0.6),
+                   ev.BatchStatus(5, 1, 92.4, 640, 2048)])
+        while not app.header.batch.display or "cancelled" not in app.events_log.entries[-1][0]:
+            await pilot.pause(0.02)
+        await pilot.pause(0.3)  # the list's next redraw
+
+    assert snap_compare(dashboard(tiny_model_dir), terminal_size=(120, 40), run_before=serving)

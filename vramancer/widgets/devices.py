@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 UNKNOWN = "—"
-HISTORY = 240  # samples kept for the sparkline: four minutes at the dashboard's 1 Hz
+HISTORY = 240  # readings kept for the trends: four minutes at the dashboard's 1 Hz
 
 # The parts a device's memory is split into on screen: (label, snapshot field, style).
 MEMORY_PARTS = (("weights", "weights", "devicecard--weights"), ("KV", "kv", "devicecard--kv"),
@@ -32,7 +32,7 @@ def memory_parts(snap: DeviceSnapshot) -> list[tuple[str, int, str]]:
 
 # How much a card shows, by the room the panel has for each device (lines per card).
 FULL, TWO_LINES, ONE_LINE = "full", "two", "one"
-FULL_HEIGHT = 7  # title, bar, legend (up to two lines), readings, margin
+FULL_HEIGHT = 8  # title, bar, legend (up to two lines), memory trend, utilisation trend, margin
 
 
 def reading(value: float | None, unit: str, digits: int = 0) -> str:
@@ -56,6 +56,7 @@ class DeviceCard(Widget):
         "devicecard--free",
         "devicecard--dim",
         "devicecard--trend",
+        "devicecard--util",
     }
 
     def __init__(self, info: DeviceInfo) -> None:
@@ -63,6 +64,7 @@ class DeviceCard(Widget):
         self.info = info
         self.snapshot: DeviceSnapshot | None = None
         self.used_history: deque[float] = deque(maxlen=HISTORY)
+        self.util_history: deque[float] = deque(maxlen=HISTORY)  # empty while the device cannot tell
         self.read_at: deque[float] = deque(maxlen=HISTORY)  # when each reading was taken
         self.mode = FULL
         self._trend_width = 0  # cells of the memory trend as last drawn
@@ -80,8 +82,10 @@ class DeviceCard(Widget):
         before, lines_before = self.snapshot, self._line_count()
         self.snapshot = snapshot
         self.used_history.append(float(snapshot.used))
+        if snapshot.utilization is not None:
+            self.util_history.append(snapshot.utilization)
         self.read_at.append(snapshot.timestamp)
-        trend_moves = self.mode == FULL and len(self.used_history) <= self._trend_width
+        trend_moves = self.mode in (FULL, TWO_LINES) and len(self.used_history) <= self._trend_width
         if before is not None and _same_reading(before, snapshot) and not trend_moves:
             return
         self.refresh(layout=self._line_count() != lines_before)
@@ -110,8 +114,8 @@ class DeviceCard(Widget):
             return [self._one_line(width)]
         if snap is None:
             return [title, Text("waiting for the first reading…", style("devicecard--dim"))]
-        if self.mode == TWO_LINES:
-            return [self._title_with_use(snap, width), self._bar(snap, width)]
+        if self.mode == TWO_LINES:  # the panel's subtitle states the trends' scale and window
+            return [self._one_line(width), self._trends(snap, width)]
         legend = self._legend(snap)
         legend_lines: list[Text] = []  # as many items on each line as fit
         for item in legend:
@@ -119,36 +123,56 @@ class DeviceCard(Widget):
                 legend_lines[-1] = Text(" ").join([legend_lines[-1], item])
             else:
                 legend_lines.append(item)
-        known = [(name, value, unit) for name, value, unit in (("util", snap.utilization, "%"),
-                 ("temp", snap.temperature, "°C"), ("power", snap.power, " W")) if value is not None]
-        readings = "".join(f"{name} {reading(value, unit)}  " for name, value, unit in known) or "memory "
-        status = Text(no_wrap=True, overflow="ellipsis")
-        status.append(readings, style("devicecard--dim"))
-        # The trend's scale: empty to full is the device's size; one cell per reading.
-        scale = f" of {format_bytes(snap.total)}, {self._window_s(width):.0f} s"
-        self._trend_width = max(width - len(readings) - len(scale), 0)
-        status.append(spark(self.used_history, snap.total, self._trend_width), style("devicecard--trend"))
-        status.append(scale, style("devicecard--dim"))
-        return [title, self._bar(snap, width), *legend_lines, status]
+        return [title, self._bar(snap, width), *legend_lines, *self._trend_lines(snap, width)]
 
-    def _window_s(self, width: int) -> float:
+    def _trend_lines(self, snap: DeviceSnapshot, width: int) -> list[Text]:
+        """Memory and utilisation over time, each with its scale and window (the full card)."""
+        style = self.get_component_rich_style
+        others = [f"{name} {reading(value, unit)}" for name, value, unit in
+                  (("temp", snap.temperature, "°C"), ("power", snap.power, " W")) if value is not None]
+        extra = ("  " + "  ".join(others)) if others else ""
+        memory = Text(no_wrap=True, overflow="ellipsis")
+        memory.append("mem  ", style("devicecard--dim"))
+        top = format_bytes(snap.total)
+        self._trend_width = max(width - 5 - len(f" 0–{top} · 000 s"), 0)
+        scale = f" 0–{top} · {self._window_s():.0f} s"
+        memory.append(spark(self.used_history, snap.total, self._trend_width), style("devicecard--trend"))
+        memory.append(scale, style("devicecard--dim"))
+        util = Text(no_wrap=True, overflow="ellipsis")
+        util.append("util ", style("devicecard--dim"))
+        if snap.utilization is None:
+            util.append(self._no_utilisation(), style("devicecard--dim"))
+            util.append(extra, style("devicecard--dim"))
+        else:
+            util_scale = f" 0–100 % · now {snap.utilization:.0f} %{extra}"
+            util.append(spark(self.util_history, 100.0, max(width - 5 - len(util_scale), 0)), style("devicecard--util"))
+            util.append(util_scale, style("devicecard--dim"))
+        return [memory, util]
+
+    def _trends(self, snap: DeviceSnapshot, width: int) -> Text:
+        """Memory and utilisation over time on one line (scale and window in the panel's legend)."""
+        style = self.get_component_rich_style
+        line = Text(no_wrap=True, overflow="ellipsis")
+        no_util = f" util {self._no_utilisation()}" if snap.utilization is None else ""
+        each = (width - 4 - len(no_util)) if no_util else (width - 4 - 6) // 2
+        self._trend_width = max(each, 0)
+        line.append("mem ", style("devicecard--dim"))
+        line.append(spark(self.used_history, snap.total, self._trend_width), style("devicecard--trend"))
+        if no_util:
+            line.append(no_util, style("devicecard--dim"))
+        else:
+            line.append(" util ", style("devicecard--dim"))
+            line.append(spark(self.util_history, 100.0, self._trend_width), style("devicecard--util"))
+        return line
+
+    def _no_utilisation(self) -> str:
+        """Why there is no utilisation to draw (rather than a line of zeros)."""
+        return "n/a (simulated)" if self.info.simulated else "n/a (the device does not report it)"
+
+    def _window_s(self) -> float:
         """Seconds the trend covers: from the oldest reading it can show to the latest."""
         times = list(self.read_at)[-max(self._trend_width, 1):]
         return times[-1] - times[0] if len(times) > 1 else 0.0
-
-    def _title_with_use(self, snap: DeviceSnapshot, width: int) -> Text:
-        """Name, kind, utilisation and used / total on one line (the two-line card's first)."""
-        style = self.get_component_rich_style
-        info = self.info
-        kind = "simulated" if info.simulated else info.label
-        util = f"util {reading(snap.utilization, '%')}  " if snap.utilization is not None else ""
-        right = f"{util}{format_bytes(snap.used)} / {format_bytes(snap.total)}"
-        line = Text(no_wrap=True, overflow="ellipsis")
-        line.append(info.name, style("devicecard--name"))
-        line.append(f"  {kind}", style("devicecard--kind"))
-        line.append(" " * max(width - len(info.name) - 2 - len(kind) - len(right), 1))
-        line.append(right)
-        return line
 
     def _one_line(self, width: int) -> Text:
         """Name, memory bar and share used: one line per device, for a rig of many devices."""
@@ -242,9 +266,19 @@ class DevicesPanel(VerticalScroll):
         name_width = max(len(name) for name in self.cards)
         for card in self.cards.values():
             card.set_mode(mode, name_width)
+        self._state_trends()
 
     def show_sample(self, snapshots: tuple[DeviceSnapshot, ...]) -> None:
         for snap in snapshots:
             card = self.cards.get(snap.name)
             if card is not None:
                 card.show(snap)
+        self._state_trends()
+
+    def _state_trends(self) -> None:
+        """Two-line cards have no room for their trends' scale: the panel's border states it for all."""
+        card = next(iter(self.cards.values()), None)
+        subtitle = "" if card is None or card.mode != TWO_LINES else \
+            f"trends: {card._window_s():.0f} s · mem 0–size · util 0–100 %"
+        if subtitle != self.border_subtitle:
+            self.border_subtitle = subtitle
