@@ -185,6 +185,9 @@ async def test_drag_tile_onto_another_column_migrates_it(tiny_model_dir):
             await wait_for(pilot, lambda: len(row.rates) > samples, "another link reading")
         assert row.last.bytes == carried and row.rate_now == 0 and row.peak > 0
         assert "now 0 B/s" in row.render().plain and "peak 0 B/s" not in row.render().plain
+        graph = row.render().plain.splitlines()[1]
+        assert graph.rstrip().endswith(" s") and f" 0–{row.render().plain.split('peak ')[1].split(' ·')[0]} · " in graph
+        assert len(graph.split(" 0–")[0]) >= 10, "the bytes/s graph has room on screen"
 
 
 async def test_drop_on_a_device_too_small_is_refused_and_nothing_moves(tiny_model_dir):
@@ -582,3 +585,29 @@ async def test_squeeze_from_the_palette_rebalances_and_the_header_shows_speeds(t
         await pilot.press("enter")
         await wait_for(pilot, lambda: recorder.of(ev.GenerationDone), "the answer")
         assert "measured" in str(app.header.speed.render())
+
+
+async def test_history_of_memory_utilisation_and_decode_speed_with_their_scales(tiny_model_dir):
+    """What a monitor shows over time: memory and utilisation per device (simulated devices have
+    no utilisation, said in words, not drawn as zeros) and tokens/s, each on a stated scale."""
+    app = make_app(tiny_model_dir, devices="sim:2x64MiB", sampling={"max_new_tokens": 40})
+    recorder = Recorder(app)
+    async with app.run_test(size=(200, 60), message_hook=recorder) as pilot:
+        await loaded(pilot)
+        cards = app.devices_panel.cards
+        await wait_for(pilot, lambda: all(c.snapshot for c in cards.values()), "a reading")
+        decode = app.links_panel.decode
+        assert not decode.display, "no tok/s graph before anything is decoded"
+        app.sample_now()
+        await wait_for(pilot, lambda: all(len(c.used_history) >= 2 for c in cards.values()), "a second reading")
+        card = cards["sim0"].render().plain
+        assert "util n/a (simulated)" in card and "0–64.0 MiB" in card, card
+        await ask(pilot, "Hello")
+        done = (await wait_for(pilot, lambda: recorder.of(ev.GenerationDone), "the answer"))[0]
+        app.sample_now()
+        await wait_for(pilot, lambda: decode.rates and decode.rates[-1] > 0, "a tok/s reading")
+        await pilot.pause()
+        assert decode.display and decode.tokens == done.new_tokens
+        shown = decode.render().plain
+        assert f"peak {decode.peak:.1f} tok/s · {done.new_tokens} tokens decoded" in shown
+        assert f" 0–{decode.peak:.1f} tok/s · " in shown and shown.rstrip().endswith(" s"), "scale and window"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Awaitable, Callable
@@ -103,6 +104,8 @@ class VramancerApp(App[int]):
         self._tokens: deque[ev.Token] = deque()
         self._tokens_lock = threading.Lock()
         self._tokens_signalled = False
+        self.decoded = 0  # tokens decoded since start, every request's: the links panel's tok/s graph
+        self._pieces: dict[int | str, int] = {}  # streamed pieces per request, until its exact count comes
 
     def compose(self) -> ComposeResult:
         # Kept as attributes: App.query_one searches the active screen, which is a modal
@@ -357,6 +360,7 @@ class VramancerApp(App[int]):
 
     def _on_generation_done(self, event: ev.GenerationDone) -> None:
         self.on_tokens_ready()  # text still buffered belongs before the end
+        self._count_decoded(event.request_id, done=event.new_tokens)
         if isinstance(event.request_id, str):  # a server request's, not the console's
             self._on_request_done(event)
             return
@@ -386,6 +390,7 @@ class VramancerApp(App[int]):
         self.latest_devices = {d.name: d for d in message.sample.devices}
         self.devices_panel.show_sample(message.sample.devices)
         self.placement_panel.show_sample(message.sample.devices)
+        self.links_panel.decode.show(self.decoded, time.monotonic())
 
     def on_links_sampled(self, message: LinksSampled) -> None:
         if not self._showing:
@@ -405,10 +410,20 @@ class VramancerApp(App[int]):
         for token in tokens:
             pieces.setdefault(token.request_id, []).append(token.text)
         for request_id, texts in pieces.items():
+            self._count_decoded(request_id, len(texts))
             if isinstance(request_id, str):  # a server request: counted in its line, not shown in full
                 console.requests.add_tokens(request_id, len(texts))
             else:
                 console.add_text(request_id, "".join(texts), tokens=len(texts))
+
+    def _count_decoded(self, request_id: int | str, pieces: int = 0, done: int | None = None) -> None:
+        """Count decoded tokens for the tok/s graph. A streamed piece of text is about one token
+        (the streamer holds back partial words); the request's end brings the exact count."""
+        if done is None:
+            self._pieces[request_id] = self._pieces.get(request_id, 0) + pieces
+            self.decoded += pieces
+        else:
+            self.decoded += done - self._pieces.pop(request_id, 0)
 
     # --- a server's requests (`vramancer --serve`) -------------------------------------------
 

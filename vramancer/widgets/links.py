@@ -1,4 +1,5 @@
-"""The #links panel: every device-to-device link that has carried data, and the last migration."""
+"""The #links panel: tokens decoded per second, every device-to-device link that has carried
+data, and the last migration."""
 
 from __future__ import annotations
 
@@ -68,23 +69,74 @@ class LinkRow(Widget):
         return 2
 
     def render(self) -> Text:
-        """Line one: the link and its rates. Line two: bytes carried, then bytes/s over time."""
+        """Line one: the link, its rates and what it carried. Line two: bytes/s over time, with
+        its scale and window after it (the graph takes what the scale leaves)."""
         style = self.get_component_rich_style
         width = max(self.content_region.width, 10)
         rates = Text(no_wrap=True, overflow="ellipsis")
         rates.append(f"{self.src} → {self.dst}", style("linkrow--name"))
-        carried = Text(no_wrap=True, overflow="ellipsis")
         if self.last is not None:
             snap = self.last
-            rates.append(f"  now {per_second(self.rate_now)} · peak {per_second(self.peak)} · "
-                         f"last transfers {format_rate(snap.gb_per_s * 1e9)}")
-            carried.append(f"{format_bytes(snap.bytes)} · {snap.transfers} transfers ", style("linkrow--dim"))
-        graph_width = max(width - len(carried) - 22, 0)
-        self._trend_width = graph_width
-        scale = f" 0–{per_second(self.peak)} over {self.window_s(graph_width):.0f} s" if self.peak else ""
-        carried.append(spark(self.rates, self.peak, graph_width), style("linkrow--trend"))
-        carried.append(scale, style("linkrow--dim"))
-        return Text("\n").join([rates, carried])
+            rates.append(f"  now {per_second(self.rate_now)} · peak {per_second(self.peak)} · ")
+            rates.append(f"{format_bytes(snap.bytes)} in {snap.transfers} transfers · "
+                         f"last {format_rate(snap.gb_per_s * 1e9)}", style("linkrow--dim"))
+        graph = Text(no_wrap=True, overflow="ellipsis")
+        top = per_second(self.peak)
+        self._trend_width = max(width - len(f" 0–{top} · 000 s"), 0)
+        graph.append(spark(self.rates, self.peak, self._trend_width), style("linkrow--trend"))
+        graph.append(f" 0–{top} · {self.window_s(self._trend_width):.0f} s", style("linkrow--dim"))
+        return Text("\n").join([rates, graph])
+
+
+class DecodeRow(Widget):
+    """Tokens decoded per second over time (every answer and server request together), on a
+    stated scale and window, with now and peak; hidden until the first token."""
+
+    COMPONENT_CLASSES = {"linkrow--name", "linkrow--dim", "decoderow--trend"}
+
+    def __init__(self) -> None:
+        super().__init__(classes="link-row decode-row")
+        self.rates: deque[float] = deque(maxlen=HISTORY)  # tokens/s in each interval
+        self.intervals: deque[float] = deque(maxlen=HISTORY)
+        self.peak = 0.0
+        self.tokens = 0  # decoded since the dashboard started
+        self._counted: tuple[int, float] | None = None  # (tokens, when) at the previous reading
+        self._trend_width = 0
+
+    def show(self, tokens: int, now: float) -> None:
+        """The running count of decoded tokens at `now` (seconds): one more interval of the graph."""
+        before = self._counted
+        self._counted = (tokens, now)
+        self.tokens = tokens
+        if before is None or now <= before[1]:
+            return
+        rate = (tokens - before[0]) / (now - before[1])
+        idle_before = not self.rates or self.rates[-1] == 0
+        self.rates.append(rate)
+        self.intervals.append(now - before[1])
+        self.peak = max(self.peak, rate)
+        if tokens and not self.display:
+            self.display = True
+        if rate == 0 and idle_before and len(self.rates) > self._trend_width:
+            return  # idle, and the graph already all idle: nothing on screen changes
+        self.refresh()
+
+    def get_content_height(self, container, viewport, width: int) -> int:
+        return 2
+
+    def render(self) -> Text:
+        style = self.get_component_rich_style
+        width = max(self.content_region.width, 10)
+        now = self.rates[-1] if self.rates else 0.0
+        head = Text(no_wrap=True, overflow="ellipsis")
+        head.append("decode", style("linkrow--name"))
+        head.append(f"  now {now:.1f} tok/s · peak {self.peak:.1f} tok/s · {self.tokens} tokens decoded")
+        graph = Text(no_wrap=True, overflow="ellipsis")
+        self._trend_width = max(width - len(f" 0–{self.peak:.1f} tok/s · 000 s"), 0)
+        window = sum(list(self.intervals)[-self._trend_width:]) if self._trend_width else 0.0
+        graph.append(spark(self.rates, self.peak, self._trend_width), style("decoderow--trend"))
+        graph.append(f" 0–{self.peak:.1f} tok/s · {window:.0f} s", style("linkrow--dim"))
+        return Text("\n").join([head, graph])
 
 
 class LinksPanel(VerticalScroll):
@@ -97,8 +149,11 @@ class LinksPanel(VerticalScroll):
         self._sampled_at: float | None = None  # when the previous sample was taken
         self.note = Static("no data has crossed a link yet", classes="links-empty")
         self.migration = Static("", classes="last-migration")
+        self.decode = DecodeRow()
+        self.decode.display = False
 
     def compose(self) -> ComposeResult:
+        yield self.decode
         yield self.note
         yield self.migration
 
