@@ -99,7 +99,7 @@ async def test_each_request_shows_its_progress_and_outcome(tiny_model_dir):
         assert lines["req-2"].endswith("queued")
         assert app.console_panel.region.height > console_height, "the console makes room for the requests"
         await wait_for(pilot, lambda: app.header.batch.display, "the batch in the header")
-        assert str(app.header.batch.render()) == "serving 1 running · 1 waiting · 0.0 tok/s"
+        assert str(app.header.batch.render()) == "1 running · 1 waiting · 0.0 tok/s"
 
         emit_from_worker_thread(app, [ev.Token("a", "req-1"), ev.Token("b", "req-1"), ev.Token("c", "req-1"),
                                       ev.RequestStarted("req-2"), ev.Token("z", "req-2"),
@@ -107,7 +107,7 @@ async def test_each_request_shows_its_progress_and_outcome(tiny_model_dir):
         await wait_for(pilot, lambda: "3/64 tok" in requests_text(app), "the tokens so far")
         assert "1/64 tok" in requests_text(app)
         await wait_for(pilot, lambda: "41.5 tok/s" in str(app.header.batch.render()), "the batch's speed")
-        assert "serving 2 running · 0 waiting" in str(app.header.batch.render())
+        assert "2 running · 0 waiting" in str(app.header.batch.render())
 
         emit_from_worker_thread(app, [done(1, 3), done(2, 1, "cancelled"),
                                       ev.RequestRefused("req-3", "queue_full", "The queue is full (8 waiting)."),
@@ -123,7 +123,7 @@ async def test_each_request_shows_its_progress_and_outcome(tiny_model_dir):
         assert "request req-3 refused (queue_full): The queue is full (8 waiting)." in log
         assert "answered" not in log, "a server request is not logged as the console's answer"
         await pilot.pause()
-        assert "serving 0 running · 0 waiting" in screen_text(app), "the header on screen"
+        assert "0 running · 0 waiting · 0.0 tok/s" in screen_text(app), "the header on screen"
         assert "req-1" in screen_text(app) and "finished (stop)" in screen_text(app), "the console on screen"
 
 

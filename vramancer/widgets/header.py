@@ -64,8 +64,7 @@ class ModelHeader(Horizontal):
     def show_batch(self, status: BatchStatus) -> None:
         """The server's batch: running and waiting sequences and their aggregate decode speed."""
         self.batch.display = True
-        self.batch.update(f"serving {status.running} running · {status.waiting} waiting · "
-                          f"{status.tokens_per_s:.1f} tok/s")
+        self.batch.update(f"{status.running} running · {status.waiting} waiting · {status.tokens_per_s:.1f} tok/s")
 
     def show_loading(self, model: str, devices: str) -> None:
         self.summary.update(f"loading {model} on {devices}…")
