@@ -21,6 +21,7 @@ The App of the key → screen figure runs in this process with torch's default t
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 from benchmarks.common import PROMPT, Result, cli, compare, say
@@ -31,6 +32,7 @@ SIZE = (120, 40)
 TERMINALS = ((120, 40), (200, 60))  # the sizes the start / idle / quit figures are taken at
 GAPS = (0.03, 0.05, 0.08, 0.12)  # pauses between presses, cycled: presses land at every phase of a decode step
 WARMUP_PRESSES = 6
+SERVED_STREAMS, SERVED_RATE = 8, 20.0  # server requests streaming at once, tokens/s each
 TIMEOUT = 120.0
 
 
@@ -61,9 +63,113 @@ async def _until(condition, what: str, timeout: float = TIMEOUT, step: float = 0
     return result
 
 
-async def measure(presses: int, idle_s: float) -> dict:
+async def time_presses(app, shown: list[tuple[float, str]], presses: int) -> list[float]:
+    """Type into the prompt (a character, then backspace, ...); for each press, milliseconds until
+    the first screen update that shows its effect."""
+    prompt = app.console_panel.prompt
+    latencies: list[float] = []
+    for i in range(WARMUP_PRESSES + presses):
+        key = "x" if prompt.value == "" else "backspace"
+        expected = "x" if key == "x" else ""
+        since = len(shown)
+        start = time.perf_counter()
+        press(app, key)
+        when = await _until(lambda: next((t for t, v in shown[since:] if v == expected), None),
+                            f"the screen to show the effect of {key!r}", timeout=10)
+        if i >= WARMUP_PRESSES:
+            latencies.append((when - start) * 1000)
+        await asyncio.sleep(GAPS[i % len(GAPS)])
+    return latencies
+
+
+def record_screens(app, shown: list[tuple[float, str]]):
+    """Render every screen update as a terminal driver would, noting when and the prompt's text."""
     from textual._compositor import CompositorUpdate
 
+    display = app._display
+    prompt = app.console_panel.prompt
+
+    def display_and_render(screen, renderable) -> None:
+        display(screen, renderable)
+        if renderable is None:
+            return
+        if isinstance(renderable, CompositorUpdate):
+            renderable.render_segments(app.console)  # what a real terminal's driver would be sent
+        shown.append((time.perf_counter(), prompt.value))
+
+    app._display = display_and_render
+    return display
+
+
+class SyntheticStreams:
+    """What a server's continuous batch sends the dashboard: `streams` requests decoding at
+    `tokens_per_s` each, a batch status twice a second, and each request replaced by a new one
+    when it has its tokens. Sent through the App's emit on a thread, as the engine worker does."""
+
+    def __init__(self, app, streams: int, tokens_per_s: float, tokens_each: int = 100) -> None:
+        self.app, self.streams, self.interval, self.tokens_each = app, streams, 1 / tokens_per_s, tokens_each
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="synthetic-streams", daemon=True)
+
+    def start(self) -> "SyntheticStreams":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        from vramancer.engine import events as ev
+
+        emit = self.app._emit
+        made = 0
+        live: dict[str, int] = {}
+        next_status = time.monotonic()
+        while not self._stop.is_set():
+            while len(live) < self.streams:
+                made += 1
+                request = f"bench-{made}"
+                emit(ev.RequestQueued(request, f"127.0.0.1:{50000 + made % 10000}", "Benchmark prompt", 16,
+                                      self.tokens_each))
+                emit(ev.RequestStarted(request))
+                live[request] = 0
+            for request in list(live):
+                emit(ev.Token(" tok", request))
+                self.sent += 1
+                live[request] += 1
+                if live[request] >= self.tokens_each:
+                    del live[request]
+                    emit(ev.GenerationDone(request, "", (), 16, self.tokens_each, 0.05, 1 / self.interval, False,
+                                           "length", self.tokens_each * self.interval))
+            if time.monotonic() >= next_status:
+                next_status += 0.5
+                emit(ev.BatchStatus(len(live), 0, len(live) / self.interval, 0, 2048))
+            self._stop.wait(self.interval)
+
+
+async def measure_serving(presses: int, streams: int = 8, tokens_per_s: float = 20.0) -> dict:
+    """Key → screen while `streams` synthetic server requests stream (no model: the UI's cost only)."""
+    from vramancer.app import VramancerApp
+
+    app = VramancerApp(telemetry=False)
+    shown: list[tuple[float, str]] = []
+    async with app.run_test(size=SIZE):
+        await _until(lambda: app.worker is not None and app._handlers, "the engine to start", step=0.05)
+        display = record_screens(app, shown)
+        app.console_panel.prompt.focus()
+        synthetic = SyntheticStreams(app, streams, tokens_per_s).start()
+        await asyncio.sleep(2.0)  # the requests' list fills and settles
+        started, sent = time.perf_counter(), synthetic.sent
+        latencies = await time_presses(app, shown, presses)
+        rate = (synthetic.sent - sent) / (time.perf_counter() - started)
+        synthetic.stop()
+        app._display = display
+    return {"latencies_ms": latencies, "tokens_per_s": rate}
+
+
+async def measure(presses: int, idle_s: float) -> dict:
     from vramancer.app import VramancerApp
     from vramancer.engine.engine import LoadOptions
 
@@ -74,17 +180,7 @@ async def measure(presses: int, idle_s: float) -> dict:
     async with app.run_test(size=SIZE) as pilot:
         console = app.console_panel
         prompt = console.prompt
-        display = app._display
-
-        def display_and_render(screen, renderable) -> None:
-            display(screen, renderable)
-            if renderable is None:
-                return
-            if isinstance(renderable, CompositorUpdate):
-                renderable.render_segments(app.console)  # what a real terminal's driver would be sent
-            shown.append((time.perf_counter(), prompt.value))
-
-        app._display = display_and_render
+        display = record_screens(app, shown)
         say("dashboard: loading the bundled model")
         await _until(lambda: app.plan is not None and console.ready, "the model to load", step=0.05)
         await asyncio.sleep(2.0)  # the first telemetry readings and layout settle
@@ -93,18 +189,7 @@ async def measure(presses: int, idle_s: float) -> dict:
         await pilot.press(*PROMPT, "enter")
         await _until(lambda: len(console.answer_text) > 20, "the answer to stream", step=0.01)
         streamed_from, pressing_from = len(console.answer_text), time.perf_counter()
-        latencies: list[float] = []
-        for i in range(WARMUP_PRESSES + presses):
-            key = "x" if prompt.value == "" else "backspace"
-            expected = "x" if key == "x" else ""
-            since = len(shown)
-            start = time.perf_counter()
-            press(app, key)
-            when = await _until(lambda: next((t for t, v in shown[since:] if v == expected), None),
-                                f"the screen to show the effect of {key!r}", timeout=10)
-            if i >= WARMUP_PRESSES:
-                latencies.append((when - start) * 1000)
-            await asyncio.sleep(GAPS[i % len(GAPS)])
+        latencies = await time_presses(app, shown, presses)
         still_streaming = console.generating
         streamed = len(console.answer_text) - streamed_from
         pressing_s = time.perf_counter() - pressing_from
@@ -124,6 +209,9 @@ def bench(presses: int = 60, idle_s: float = 10.0) -> Result:
             f"idle CPU {run['idle_cpu_pct']:.2f} %, quit {run['quit_s']:.2f} s (exit status {run['exit_status']})")
     out = asyncio.run(measure(presses, idle_s))
     lat = out["latencies_ms"]
+    say(f"dashboard: key → screen with {SERVED_STREAMS} synthetic server streams at {SERVED_RATE:.0f} tok/s each")
+    served = asyncio.run(measure_serving(presses, SERVED_STREAMS, SERVED_RATE))
+    served_lat = served["latencies_ms"]
     small, large = (runs[size] for size in TERMINALS)
     result = Result(
         "dashboard", "Dashboard: key → screen while streaming (Textual Pilot), start, idle CPU and quit (real terminal)",
@@ -131,17 +219,21 @@ def bench(presses: int = 60, idle_s: float = 10.0) -> Result:
         {"p50": ("key → screen p50, ms", 1), "p95": ("key → screen p95, ms", 1), "max": ("max, ms", 1),
          "first_frame_s": ("first frame, s", 2), "quit_s": ("ctrl+q → shell, s", 2),
          "idle_small": (f"idle CPU {TERMINALS[0][0]}x{TERMINALS[0][1]}, % of a core", 2),
-         "idle_large": (f"idle CPU {TERMINALS[1][0]}x{TERMINALS[1][1]}, % of a core", 2)},
+         "idle_large": (f"idle CPU {TERMINALS[1][0]}x{TERMINALS[1][1]}, % of a core", 2),
+         "served_p95": (f"key → screen p95 with {SERVED_STREAMS} server streams, ms", 1)},
     )
     result.contenders["VRAMancer dashboard"] = {
         "p50": _one(percentile(lat, 50)), "p95": _one(percentile(lat, 95)), "max": _one(max(lat)),
         "first_frame_s": _many([r["first_frame_s"] for r in runs.values()]),
         "quit_s": _many([r["quit_s"] for r in runs.values()]),
         "idle_small": _one(small["idle_cpu_pct"]), "idle_large": _one(large["idle_cpu_pct"]),
+        "served_p95": _one(percentile(served_lat, 95)),
     }
     result.contenders["VRAMancer dashboard"]["latencies_ms"] = {"samples": lat}
     result.comparisons += [
         compare("key → screen p95, ms (absolute)", percentile(lat, 95), at_most=50),
+        compare(f"key → screen p95 with {SERVED_STREAMS} server streams, ms (absolute)",
+                percentile(served_lat, 95), at_most=50),
         compare("first frame, s (absolute, slowest terminal)", max(r["first_frame_s"] for r in runs.values()), at_most=1),
         compare("ctrl+q → shell, s (absolute, slowest terminal)", max(r["quit_s"] for r in runs.values()), at_most=0.5),
         compare("idle CPU, % of one core (absolute, largest of the sizes)",
@@ -149,6 +241,9 @@ def bench(presses: int = 60, idle_s: float = 10.0) -> Result:
     ]
     if not out["still_streaming"]:
         result.notes.append("the answer finished before the last press: some presses were not measured during streaming")
+    result.notes.append(f"server streams: {SERVED_STREAMS} synthetic requests at {SERVED_RATE:.0f} tok/s each "
+                        f"({served['tokens_per_s']:.0f} tokens/s reached the App) sent through its emit with no model "
+                        f"loaded; key → screen p50 {percentile(served_lat, 50):.1f} ms, max {max(served_lat):.1f} ms")
     result.notes.append(f"{out['chars_streamed_while_pressing']} characters of answer streamed during the "
                         f"{out['pressing_s']:.1f} s of presses")
     return result

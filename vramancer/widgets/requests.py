@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from vramancer.engine.events import GenerationDone, RequestQueued, RequestRefused
 
 KEPT = 200  # requests remembered; the screen shows as many of the latest as its lines allow
-REDRAW_INTERVAL = 0.2  # seconds between redraws while tokens stream
+REDRAW_INTERVAL = 0.5  # seconds between redraws while tokens stream: twice a second, as a monitor does
 HEAD = 28  # characters of the prompt shown
 
 QUEUED, STREAMING, FINISHED, CANCELLED, REFUSED = "queued", "streaming", "finished", "cancelled", "refused"
