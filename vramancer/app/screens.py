@@ -20,20 +20,25 @@ One language model, split across several devices. Watch the split; change it liv
 
 ## Panels
 - **devices**: memory of each device: model weights, KV cache, reserved (set aside by this
-  model, not yet used), other processes, free; utilisation, temperature and power where the
-  device tells them (— where it does not); memory over time. With many devices, one line each.
+  model, not yet used), other processes, free; memory (0 to the device's size) and utilisation
+  (0–100 %) over time, with the seconds they span ("n/a (simulated)" where a device cannot tell
+  its utilisation); temperature and power where the device tells them. With many devices, two
+  lines each (the graphs' scale on the panel's border), then one line each.
 - **placement**: a column per device, a tile per run of layers on it, plus the embed and head.
   A column's border takes the warning colour at 90 % used and red at 97 %. Many devices wrap
   into rows of columns.
-- **links**: data that crossed between devices: bytes/s in each sampling interval over time
-  (zero when idle; the scale and the time span at its end), now, peak, the last transfers'
-  rate, bytes carried.
+- **links**: tokens decoded per second over time (every answer and server request); then data
+  that crossed between devices: bytes/s in each sampling interval over time (zero when idle;
+  the scale and the time span at its end), now, peak, bytes carried, the last transfers' rate.
 - **console**: talk to the model. Each prompt is sent with the earlier turns; while an answer
-  streams, the line under it counts its tokens and their rate.
+  streams, the line under it counts its tokens and their rate. With a server running, its
+  requests show beside the conversation: who asked, the prompt's head, tokens so far, tok/s,
+  and how each ended; the header adds running and waiting sequences and their tok/s.
 - **header**: *predicted* tok/s is what the engine expects from the current placement, priced
   from measured device and link timings; *measured* is the decode speed of the last answer.
   A drop preview shows the predicted speed after the move and its change.
-- **events**: what the engine did: loads, plans, migrations, refusals, errors.
+- **events**: what the engine did: loads, plans, migrations, refusals, errors, and how each
+  server request ended.
 
 ## Moving layers
 - **Drag** a tile onto another column and let go. While you hover, the column says whether it
