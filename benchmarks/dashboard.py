@@ -11,6 +11,11 @@
   and idle (telemetry on, 1 Hz; every thread of the process, as a share of one core), and
   seconds from ctrl+q to the process having exited.
 
+- key → screen while a server streams: the same presses with no model loaded while eight
+  synthetic server requests stream at 20 tokens/s each (RequestQueued, RequestStarted, Token,
+  GenerationDone and BatchStatus events, sent through the App's emit on a thread of their own,
+  as the engine worker sends them): what showing a busy server costs the UI.
+
 The App of the key → screen figure runs in this process with torch's default thread count
 (every core), so decoding competes with the UI harder than under `vramancer`, whose
 `--threads` leaves a core free.
