@@ -108,7 +108,7 @@ class ServerRequests(Widget):
 
     def done(self, event: GenerationDone) -> ServedRequest:
         request = self.requests.get(str(event.request_id))
-        if request is None:  # its arrival was not seen (the dashboard was busy loading): a line still
+        if request is None:  # queued before the dashboard could hear of it: it still gets its line
             request = self._add(ServedRequest(str(event.request_id), "", "", event.prompt_tokens, 0))
         request.tokens = event.new_tokens
         request.tokens_per_s = event.decode_tokens_per_s
