@@ -72,15 +72,28 @@ class ModelProfile:
     architecture: str = ""
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, dtype: torch.dtype) -> "ModelProfile":
-        """Works on a model built on the meta device: only shapes are read."""
+    def from_model(cls, model: torch.nn.Module, dtype: torch.dtype, weights: str = "native") -> "ModelProfile":
+        """Works on a model built on the meta device: only shapes are read. Under quantized
+        `weights`, a meta model's linear weights count what torchao will store for them, and a
+        loaded model's quantized tensors count what they hold."""
+        from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+        from vramancer.engine.quantized import quantizable, quantized_weight_bytes, stored_bytes
+
         arch = describe(model, dtype)
         size = torch.empty((), dtype=dtype).element_size()
 
+        def tensor_bytes(owner: torch.nn.Module, name: str, t: torch.Tensor) -> int:
+            if t.is_meta and name == "weight" and quantizable(owner, weights, arch.output_embeddings):
+                return quantized_weight_bytes(owner.out_features, owner.in_features, weights, dtype)
+            if is_traceable_wrapper_subclass(t):
+                return stored_bytes(t)  # already quantized: what it really holds
+            return t.numel() * (size if t.is_floating_point() else t.element_size())
+
         def nbytes(modules: list[torch.nn.Module], holders: list[torch.nn.Module] = ()) -> int:
             # a tensor shared by two modules counts once
-            seen = {id(t): t for _, _, t in part_tensors(modules, holders)}
-            return sum(t.numel() * (size if t.is_floating_point() else t.element_size()) for t in seen.values())
+            seen = {id(t): (owner, name, t) for owner, name, t in part_tensors(modules, holders)}
+            return sum(tensor_bytes(*entry) for entry in seen.values())
 
         head_weight = arch.output_embeddings.weight.numel() * size
         tied = arch.tied() or bool(getattr(model.config, "tie_word_embeddings", False))
