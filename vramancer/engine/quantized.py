@@ -2,19 +2,20 @@
 
 - `native`: the weights in the compute dtype, as transformers loads them (the default).
 - `q8`: every linear layer's weight as int8 with one scale per output row (torchao's
-  `Int8WeightOnlyConfig`), about 1 byte per weight. Runs on CPUs and GPUs.
+  `Int8Tensor`, run by torch's `_weight_int8pack_mm` on the CPU), about 1 byte per weight.
+  Runs on CPUs and GPUs (there with torchao's own, slower, path).
 - `q4`: every linear layer's weight as 4-bit integers in groups of 32 with a bfloat16 scale and
   zero per group (torchao's `Int4OpaqueTensor`, `_weight_int4pack_mm_for_cpu`), about 0.63 bytes
   per weight. Packed for the CPU's kernel, so CPU and simulated devices only.
 - `auto`: a GGUF file keeps the width it was stored at (4-5 bits: q4, 6-8 bits: q8, 16-32
   bits: native); any other model loads native.
 
-The embedding table and the output head stay in the compute dtype: a lookup reads one row
-per token and torchao has no CPU gather over packed rows; the head is the table itself in
-tied models (SmolLM2), and GGUF files keep it at 8 bits or more too (the bundled Q4_1 file
-stores it as Q8_0): at 4 bits the bundled model's answers visibly changed. The kernels take
-bfloat16 activations: with float32 ones `_weight_int4pack_mm_for_cpu` decoded 5x slower
-here (0.9 vs 5.0 tok/s).
+The embedding table and the output head are per-row int8 under both q8 and q4
+(engine/int8_rows.py: torch's int8 kernel for the head, a gather of rows for lookups; one
+tensor when they are tied). GGUF files keep the head at 8 bits or more too (the bundled
+Q4_1 file stores it as Q8_0), and at 4 bits the bundled model's answers visibly changed.
+The kernels take bfloat16 activations: with float32 ones `_weight_int4pack_mm_for_cpu`
+decoded 5x slower here (0.9 vs 5.0 tok/s) and `_weight_int8pack_mm` 10x slower.
 """
 
 from __future__ import annotations
@@ -128,18 +129,28 @@ def quantized_weight_bytes(out_features: int, in_features: int, weights: str, dt
 
 
 def quantize_model(model: nn.Module, weights: str) -> None:
-    """Quantize `model`'s linear weights in place (it is on the CPU, in QUANTIZED_DTYPE)."""
+    """Quantize `model`'s weights in place (it is on the CPU, in QUANTIZED_DTYPE): the
+    embedding table and the output head as per-row int8 (one tensor when tied), the decoder's
+    linear layers as `weights` says."""
     if weights == "native":
         return
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from vramancer.engine.int8_rows import quantize_rows
 
-    head = model.get_output_embeddings()
+    table, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = table is not None and head is not None and head.weight is table.weight
+    if table is not None:
+        table.weight = quantize_rows(table.weight)
+    if head is not None:
+        head.weight = table.weight if tied else quantize_rows(head.weight)
     if weights == "q8":
-        config = Int8WeightOnlyConfig(set_inductor_config=False)
-    else:
-        from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+        for module in model.modules():
+            if quantizable(module, weights, head):
+                module.weight = quantize_rows(module.weight)
+        return
+    from torchao.quantization import quantize_
+    from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
 
-        config = PrototypeInt4WeightOnlyConfig(group_size=Q4_GROUP, set_inductor_config=False)
+    config = PrototypeInt4WeightOnlyConfig(group_size=Q4_GROUP, set_inductor_config=False)
     quantize_(model, config, filter_fn=lambda module, _name: quantizable(module, weights, head))
 
 
