@@ -91,3 +91,26 @@ def test_auto_keeps_a_gguf_files_width():
 def test_q4_is_refused_with_gpus_in_one_sentence():
     with pytest.raises(VramancerError, match="needs CPU or simulated devices only"):
         resolve_weights("q4", None, {"cuda", "cpu"})
+
+
+def test_auto_dtype_on_the_cpu_is_the_measured_choice_and_plan_says_why(tiny_model_dir):
+    from vramancer.engine import profiler
+
+    planned = prepare(tiny_model_dir, SPLIT, 256, "auto")
+    planned.close()
+    choice = profiler.cpu_dtype_choice(64, 128)
+    assert str(planned.dtype).removeprefix("torch.") == choice.dtype
+    assert planned.dtype_reason.startswith(choice.dtype) and "decode ×" in planned.dtype_reason
+    assert choice.dtype == "float32" or (choice.decode_speedup > 1 and choice.prompt_speedup > 1)
+
+
+def test_bfloat16_split_answers_like_bfloat16_unsplit(tiny_model_dir):
+    split = Engine.load(tiny_model_dir, SPLIT, context=256, dtype="bfloat16")
+    one = Engine.load(tiny_model_dir, "cpu", context=256, dtype="bfloat16")
+    try:
+        placement = split.placement
+        assert len({placement.embed, *placement.layer_devices, placement.head}) == 3
+        assert split.generate(PROMPT, max_new_tokens=16).token_ids == one.generate(PROMPT, max_new_tokens=16).token_ids
+    finally:
+        split.close()
+        one.close()
