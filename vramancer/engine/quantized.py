@@ -3,7 +3,7 @@
 - `native`: the weights in the compute dtype, as transformers loads them (the default).
 - `q8`: every linear layer's weight as int8 with one scale per output row (torchao's
   `Int8Tensor`, run by torch's `_weight_int8pack_mm` on the CPU), about 1 byte per weight.
-  Runs on CPUs and GPUs (there with torchao's own, slower, path).
+  Runs on CPUs and GPUs (there with torchao's own, slower, path; not yet checked on a GPU).
 - `q4`: every linear layer's weight as 4-bit integers in groups of 32 with a bfloat16 scale and
   zero per group (torchao's `Int4OpaqueTensor`, `_weight_int4pack_mm_for_cpu`), about 0.63 bytes
   per weight. Packed for the CPU's kernel, so CPU and simulated devices only.
@@ -29,6 +29,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from vramancer.engine.errors import VramancerError
 from vramancer.engine.validation import check_weights
+
 Q4_GROUP = 32  # weights per scale/zero pair: GGUF's Q4_0/Q4_1 block size
 QUANTIZED_DTYPE = torch.bfloat16  # the activations torchao's CPU kernels are fast with
 
