@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 from benchmarks.common import PROMPT, Result, alternate, cli, compare, say
