@@ -23,7 +23,7 @@ from pathlib import Path
 from benchmarks.common import Result, machine, machine_line, say
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BENCHMARKS = ("decode", "load", "transfer", "dashboard")
+BENCHMARKS = ("decode", "quantized", "load", "transfer", "dashboard")
 COMMAND = "make bench"
 
 
@@ -32,7 +32,7 @@ def run_one(name: str, rounds: int | None) -> Result:
     benchmark skews its times, its memory or its idle CPU."""
     args = []
     if rounds:
-        args = {"decode": ["--rounds", rounds], "load": ["--rounds", rounds], "transfer": ["--rounds", max(rounds, 5) * 3],
+        args = {"decode": ["--rounds", rounds], "quantized": ["--rounds", rounds], "load": ["--rounds", rounds], "transfer": ["--rounds", max(rounds, 5) * 3],
                 "dashboard": ["--presses", max(rounds * 10, 50)]}[name]
     with tempfile.TemporaryDirectory(prefix="vramancer-bench-") as scratch:
         out = Path(scratch) / "result.json"

@@ -54,6 +54,7 @@ CASES = [
     ("context-huge", ["plan", "--context", str(10**15)], {}, "--context must be at most", NOTHING),
     ("context-not-a-number", ["plan", "--context", "abc"], {}, "invalid int value", NOTHING),
     ("dtype-unknown", ["plan", "--dtype", "float64"], {}, "invalid choice", NOTHING),
+    ("weights-unknown", ["plan", "--weights", "q5"], {}, "--weights 'q5' is not a weights format", NOTHING),
     ("migrate-malformed", ["generate", "--prompt", "hi", "--migrate", "0-9sim2"], {}, "not of the form", NOTHING),
     ("port-out-of-range", ["node", "--port", "70000"], {}, "--port must be between 0 and 65535", NOTHING),
     ("discover-seconds-nan", ["devices", "--discover-seconds", "nan"], {}, "--discover-seconds must be a finite number", NOTHING),
@@ -68,6 +69,7 @@ CASES = [
     ("VRM_DISCOVER_SECONDS=abc", ["devices"], {"VRM_DISCOVER_SECONDS": "abc"}, "VRM_DISCOVER_SECONDS must be a number", NOTHING),
     ("VRM_DEVICES=sim:0x1GiB", ["plan"], {"VRM_DEVICES": "sim:0x1GiB"}, "at least one device", NOTHING),
     ("VRM_DEVICES=gpu", ["plan"], {"VRM_DEVICES": "gpu"}, "not a device", NOTHING),
+    ("VRM_WEIGHTS=int3", ["plan"], {"VRM_WEIGHTS": "int3"}, "--weights 'int3' is not a weights format", NOTHING),
     # device specs
     ("sim-99999999999-devices", ["plan", "--devices", "sim:99999999999x1GiB"], {}, "99999999999 devices are more than", NOTHING),
     ("sim-5000-listed", ["plan", "--devices", MANY_SIMS], {}, "5000 devices are more than", NOTHING),

@@ -49,7 +49,12 @@ def _add_load_flags(parser: argparse.ArgumentParser, model: bool = True, inherit
     add_argument("--strategy", default=_env("STRATEGY", "proportional"), help="proportional | sequential | profiled")
     add_argument("--context", type=int, default=None,
                  help="tokens of KV cache to budget for (default 2048)")
-    add_argument("--dtype", default=_env("DTYPE", "auto"), choices=["auto", "float32", "float16", "bfloat16"])
+    add_argument("--dtype", default=_env("DTYPE", "auto"), choices=["auto", "float32", "float16", "bfloat16"],
+                 help="auto: bfloat16 where this CPU measured it faster (or under quantized weights), "
+                      "the GPU's half type on GPUs, else float32")
+    add_argument("--weights", default=_env("WEIGHTS", "native"),
+                 help="native (the dtype) | q8 (int8) | q4 (4-bit, CPU and sim devices) | auto "
+                      "(a GGUF keeps its own width): weights stay quantized on every device")
     add_argument("--reprofile", action="store_true", help="measure device and link timings afresh")
     add_argument("--threads", type=int, default=None,
                  help="CPU threads for torch (default: one less than the cores, so the rest of the "
@@ -165,6 +170,8 @@ def _check_values(args) -> None:
         args.discover_seconds = v.env_float("DISCOVER_SECONDS", 3.0)
     v.check_threads(args.threads)
     v.check_context(args.context)
+    if getattr(args, "weights", None) is not None:
+        v.check_weights(args.weights)
     if args.command == "node":
         v.check_port("--port", args.port)
     if getattr(args, "token_file", None):
@@ -273,7 +280,7 @@ def _plan(args) -> int:
 
     try:
         prepared = prepare(args.model, _device_text(args), args.context, args.dtype, reprofile=args.reprofile,
-                           token_file=args.token_file)
+                           token_file=args.token_file, weights=args.weights)
     except UnsupportedArchitecture as exc:
         if args.json:  # the refusal as data too, for scripts that ask what they can split
             print(json.dumps({"model": args.model, "supported": False, "reason": str(exc)}, indent=2))
@@ -295,13 +302,17 @@ def _plan(args) -> int:
                "last_layer": b.layers.last, "bytes": sum(profile.layer_bytes[i] for i in b.layers)} for b in plan.blocks()]
     if args.json:
         print(json.dumps({"model": source.display_name, "supported": True, "architecture": profile.architecture,
-                          "dtype": str(dtype).removeprefix("torch."), "strategy": plan.strategy,
+                          "dtype": str(dtype).removeprefix("torch."), "dtype_reason": prepared.dtype_reason,
+                          "weights": prepared.weights, "weight_bytes": profile.weight_bytes(),
+                          "strategy": plan.strategy,
                           "context": plan.context, "simulated_fallback": fallback, "placement": blocks,
                           "embed_device": plan.placement.embed, "head_device": plan.placement.head, "devices": rows,
                           **prediction.to_json()}, indent=2))
         return 0
-    print(f"{source.display_name} · {str(dtype).removeprefix('torch.')} · {plan.strategy} · context {plan.context}"
+    print(f"{source.display_name} · {str(dtype).removeprefix('torch.')} · weights {prepared.weights} "
+          f"({format_bytes(profile.weight_bytes())}) · {plan.strategy} · context {plan.context}"
           + (" · simulated devices" if fallback or all(d.simulated for d in devices) else ""))
+    print(f"  dtype {prepared.dtype_reason}")
     width = max([8] + [len(row["device"]) for row in rows])
     for row in rows:
         parts = [f"{b.layers}" for b in plan.blocks() if b.device == row["device"]]
@@ -322,7 +333,7 @@ def _load_engine(args, quiet: bool):
             print(f"\r\x1b[2Kloading: {stage} {fraction:.0%}", end="", file=sys.stderr, flush=True)
 
     engine = Engine.load(args.model, _device_text(args), args.strategy, args.context, args.dtype, progress=progress,
-                         reprofile=args.reprofile, token_file=args.token_file)
+                         reprofile=args.reprofile, token_file=args.token_file, weights=args.weights)
     if not quiet and sys.stderr.isatty():
         print("\r\x1b[2K", end="", file=sys.stderr, flush=True)
     return engine
@@ -423,6 +434,9 @@ def _bench(args) -> int:
     ttfts = [r.ttft_s for r in runs if r.ttft_s is not None]
     summary = {
         "model": engine.source.display_name,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "weights": engine.weights,
+        "weight_bytes": engine.profile.weight_bytes(),
         "devices": [d.name for d in engine.devices],
         "placement": engine.placement_json(),
         "rounds": args.rounds,
@@ -435,7 +449,8 @@ def _bench(args) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(f"decode {summary['decode_tokens_per_s_median']:.1f} tok/s (median of {len(rates)}), "
-              f"first token {summary['ttft_s_median']:.3f} s, on {', '.join(summary['devices'])}")
+              f"first token {summary['ttft_s_median']:.3f} s, on {', '.join(summary['devices'])} "
+              f"({summary['dtype']}, weights {summary['weights']})")
     return 0
 
 
@@ -446,7 +461,8 @@ def _dashboard(args, prepare) -> int:
     from vramancer.engine.options import LoadOptions
 
     return run_dashboard(LoadOptions(args.model, _device_text(args), args.strategy, args.context, args.dtype,
-                                     auto_rebalance=args.auto_rebalance, token_file=args.token_file), prepare)
+                                     auto_rebalance=args.auto_rebalance, token_file=args.token_file,
+                                     weights=args.weights), prepare)
 
 
 # --- helpers ---------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from vramancer.engine.generation import (
 )
 from vramancer.engine.migration import MigrationRefused, MigrationResult, check_room, migrate, part_label, parts_of, relocate
 from vramancer.engine.models import (
+    DTYPES,
     ModelSource,
     build_meta_model,
     load_config,
@@ -52,6 +53,7 @@ from vramancer.engine import profiler
 from vramancer.engine.options import LoadOptions
 from vramancer.engine.profiler import Prediction, Pricing
 from vramancer.engine.rebalance import rebalance as relieve_pressure
+from vramancer.engine.quantized import compute_dtype, resolve_weights
 from vramancer.engine.runtime import SplitModel
 from vramancer.engine.transfer import LinkStats, TransferManager
 
@@ -84,6 +86,8 @@ class Engine:
         self.dtype = dtype
         self.simulated_fallback = simulated_fallback
         self.migrations: list[MigrationResult] = []
+        self.weights = "native"  # what --weights resolved to: native, q8 or q4
+        self.dtype_reason = ""
         self.pricing: Pricing | None = None  # measured timings, for predictions
         self.auto_rebalance = False
         # Told of every automatic move (result, reason) and of pressure nothing could relieve.
@@ -107,6 +111,7 @@ class Engine:
         progress: ProgressCallback | None = None,
         reprofile: bool = False,
         token_file: str | None = None,
+        weights: str = "native",
     ) -> "Engine":
         """Plan first, then read the weights: a plan that cannot fit is refused before any load.
 
@@ -114,23 +119,23 @@ class Engine:
         the cluster token from `token_file` or VRM_CLUSTER_TOKEN."""
         report = progress or (lambda stage, fraction: None)
         options = LoadOptions(model, devices if isinstance(devices, str) else "custom", strategy, context, dtype,
-                              token_file=token_file)
+                              token_file=token_file, weights=weights)
         report("reading", 0.0)
-        prepared = prepare(model, devices, context, dtype, reprofile=reprofile, token_file=token_file)
+        prepared = prepare(model, devices, context, dtype, reprofile=reprofile, token_file=token_file, weights=weights)
         try:
             source, device_list, torch_dtype, fallback = prepared.source, prepared.devices, prepared.dtype, prepared.fallback
             plan = prepared.plan(strategy)
             report("reading", 0.2)
             tokenizer = load_tokenizer(source)
             report("dequantising" if source.gguf_file else "reading weights", 0.4)
-            weights = load_weights(source, torch_dtype)
-            refusal = split_refusal(weights)
+            loaded = load_weights(source, torch_dtype, prepared.weights)
+            refusal = split_refusal(loaded)
             if refusal is not None:
                 raise VramancerError(refusal)
             report("placing", 0.8)
-            profile = ModelProfile.from_model(weights, torch_dtype)
+            profile = ModelProfile.from_model(loaded, torch_dtype, prepared.weights)
             transfer = TransferManager(device_list)
-            split = SplitModel(weights, profile, device_list, transfer, context)
+            split = SplitModel(loaded, profile, device_list, transfer, context)
             factory.attach_external_layers(split, source, torch_dtype, prepared.config)
             split.apply(plan.placement)
         except BaseException:
@@ -139,6 +144,8 @@ class Engine:
         report("placing", 1.0)
         engine = cls(options, source, tokenizer, split, plan, device_list, torch_dtype, fallback)
         engine.pricing = prepared.pricing
+        engine.weights = prepared.weights
+        engine.dtype_reason = prepared.dtype_reason
         for device in device_list:
             device.watch(engine._device_went)
         return engine
@@ -418,6 +425,8 @@ class Prepared:
     fallback: bool  # `auto` found no accelerator and made a simulated pool
     context: int
     pricing: Pricing
+    weights: str = "native"  # native, q8 or q4 (what --weights resolved to)
+    dtype_reason: str = ""  # why this dtype, for `plan`
 
     def plan(self, strategy: str) -> Plan:
         plan = make_plan(self.profile, self.devices, strategy, self.context, self.pricing)
@@ -429,7 +438,7 @@ class Prepared:
 
 
 def prepare(model: str, devices: str | DeviceSpec, context: int, dtype: str, reprofile: bool = False,
-            token_file: str | None = None) -> Prepared:
+            token_file: str | None = None, weights: str = "native") -> Prepared:
     """Everything that can be checked before weights are read: the source, the model's sizes,
     the devices, the dtype, the timings. Bad input fails here, in a second or two.
 
@@ -451,9 +460,14 @@ def prepare(model: str, devices: str | DeviceSpec, context: int, dtype: str, rep
     remote = factory.open_devices(DeviceSpec((), remotes=spec.remotes, discover=spec.discover), token_file=token_file) \
         if spec.clustered else []
     try:
-        torch_dtype = resolve_dtype(dtype, kinds | {d.kind for d in remote})
+        all_kinds = kinds | {d.kind for d in remote}
+        weights_kind = resolve_weights(weights, source.gguf_path, all_kinds)
+        if weights_kind != "native" and remote:
+            raise VramancerError(f"--weights {weights} quantizes this machine's copy of the model; remote devices "
+                                 "load theirs unquantized, so use --weights native with them.")
+        torch_dtype, dtype_reason = choose_dtype(dtype, weights_kind, all_kinds, config, reprofile)
         meta = build_meta_model(config, torch_dtype)
-        profile = ModelProfile.from_model(meta, torch_dtype)
+        profile = ModelProfile.from_model(meta, torch_dtype, weights_kind)
         size = int(split_footprint(profile, context) * SIMULATED_SHARE)
         local = resolve_devices(local_spec, simulated_size=size)
         model_key = f"{source.display_name}|{hashlib.sha256(config.to_json_string().encode()).hexdigest()}"
@@ -463,7 +477,24 @@ def prepare(model: str, devices: str | DeviceSpec, context: int, dtype: str, rep
         close_devices(remote)
         raise
     device_list = local + remote
-    return Prepared(source, config, profile, device_list, torch_dtype, fallback, context, Pricing(timings, profile))
+    return Prepared(source, config, profile, device_list, torch_dtype, fallback, context, Pricing(timings, profile),
+                    weights_kind, dtype_reason)
+
+
+def choose_dtype(dtype: str, weights: str, kinds: set[str], config, reprofile: bool) -> tuple[torch.dtype, str]:
+    """The compute dtype and the reason for it, which `plan` shows."""
+    if dtype != "auto":
+        return resolve_dtype(dtype, kinds), f"{dtype}: as asked"
+    if weights != "native":
+        chosen = compute_dtype(weights, torch.float32)
+        name = str(chosen).removeprefix("torch.")
+        return chosen, f"{name}: the activations the {weights} kernels run fast with"
+    if kinds <= {"cpu", "sim"}:
+        choice = profiler.cpu_dtype_choice(getattr(config, "hidden_size", 1024),
+                                           getattr(config, "intermediate_size", 4096), reprofile)
+        return DTYPES[choice.dtype], choice.reason
+    chosen = resolve_dtype(dtype, kinds)
+    return chosen, f"{str(chosen).removeprefix('torch.')}: the GPU's half type"
 
 
 __all__ = ["Engine", "LoadOptions", "prepare", "EMBED", "HEAD"]

@@ -63,6 +63,10 @@ class ModelSource:
     def display_name(self) -> str:
         return Path(self.gguf_file).stem if self.gguf_file else Path(self.location).name or self.location
 
+    @property
+    def gguf_path(self) -> Path | None:
+        return Path(self.location) / self.gguf_file if self.gguf_file else None
+
     def pretrained_kwargs(self) -> dict:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
@@ -187,8 +191,10 @@ def build_meta_model(config, dtype: torch.dtype) -> torch.nn.Module:
         raise UnsupportedArchitecture(f"{name} is not a causal language model; VRAMancer splits {SUPPORTED}.") from None
 
 
-def load_weights(source: ModelSource, dtype: torch.dtype) -> torch.nn.Module:
+def load_weights(source: ModelSource, dtype: torch.dtype, weights: str = "native") -> torch.nn.Module:
     """Read the weights into host memory; the runtime then sends each part to its device.
+    Under quantized `weights` (see engine/quantized.py) the linear weights are quantized
+    here, on the host, so each device only ever receives quantized tensors.
 
     GGUF files are dequantised on the host by transformers in any case, so no accelerator
     ever holds more than the parts planned for it. From the cache, the weights are
@@ -207,6 +213,10 @@ def load_weights(source: ModelSource, dtype: torch.dtype) -> torch.nn.Module:
         _KEPT_READERS.clear()  # whichever way the weights came, the config's parse is done with
     model.eval()
     model.requires_grad_(False)
+    if weights != "native":
+        from vramancer.engine.quantized import quantize_model
+
+        quantize_model(model, weights)
     head = model.get_output_embeddings()
     if head is not None:
         head.register_forward_pre_hook(_matmul_foldable_input)

@@ -15,12 +15,14 @@ class LoadOptions:
     dtype: str = "auto"
     auto_rebalance: bool = False
     token_file: str | None = None  # the cluster token for remote devices (else VRM_CLUSTER_TOKEN)
+    weights: str = "native"  # auto | native | q8 | q4: how weights are held (engine/quantized.py)
 
     def check(self) -> None:
         """VramancerError for a value that is wrong on its own, before anything loads (the CLI
         and the dashboard call this; loading checks the same again)."""
         from vramancer.engine.device_spec import parse_device_spec
-        from vramancer.engine.validation import check_context
+        from vramancer.engine.validation import check_context, check_weights
 
         check_context(self.context)
+        check_weights(self.weights)
         parse_device_spec(self.devices)

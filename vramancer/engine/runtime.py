@@ -19,6 +19,7 @@ from torch import nn
 
 from vramancer.engine.architecture import cache_tensors, describe, part_tensors, replace_cache_tensor
 from vramancer.engine.devices import Device, DeviceFullError
+from vramancer.engine.quantized import stored_bytes
 from vramancer.engine.planner import EMBED, HEAD, DeviceNeed, ModelProfile, Placement, device_needs
 from vramancer.engine.transfer import TransferManager
 
@@ -149,7 +150,7 @@ class SplitModel:
         moved = self.transfer.move([t for _, _, t in slots], src, dst)
         for (owner, name, _), tensor in zip(slots, moved):
             _assign(owner, name, tensor)
-        return sum(t.numel() * t.element_size() for _, _, t in slots)
+        return sum(stored_bytes(t) for _, _, t in slots)
 
     def move_cache(self, cache, layer: int, src: str, dst: str) -> int:
         """Move every tensor of layer `layer`'s cache entry (keys, values, and whatever else

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vramancer.engine.devices import Device
+from vramancer.engine.quantized import stored_bytes
 
 RATE_WINDOW = 64  # transfers kept per link for the rolling GB/s
 PINNED_LIMIT = 16 * 1024 * 1024  # hidden states and masks are far smaller than this
@@ -93,7 +94,7 @@ class TransferManager:
 
     def _move_tree(self, value, source: Device, target: Device) -> tuple[object, int]:
         if isinstance(value, torch.Tensor):
-            return self.copy_tensor(value, source, target), value.numel() * value.element_size()
+            return self.copy_tensor(value, source, target), stored_bytes(value)
         if isinstance(value, (tuple, list)):
             items = [self._move_tree(v, source, target) for v in value]
             return type(value)(v for v, _ in items), sum(n for _, n in items)

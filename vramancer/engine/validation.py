@@ -16,6 +16,7 @@ MAX_SEED = 2**64 - 1  # what torch.manual_seed accepts
 THREADS_PER_CORE = 4  # past a few threads per core torch only loses time (and libgomp crashes)
 MAX_CONTEXT = 1 << 24  # tokens; far past any model's trained length
 MAX_DISCOVER_SECONDS = 600.0
+WEIGHTS = ("auto", "native", "q8", "q4")  # --weights: how weights are held (engine/quantized.py)
 
 
 def finite(flag: str, value: float) -> float:
@@ -65,6 +66,11 @@ def check_threads(value: int) -> None:
     if not 0 <= value <= most:
         raise VramancerError(f"--threads must be between 1 and {most} ({THREADS_PER_CORE} per core of this "
                              f"machine's {cores}; 0: automatic), not {value}.")
+
+
+def check_weights(name: str) -> None:
+    if name not in WEIGHTS:
+        raise VramancerError(f"--weights '{name}' is not a weights format; choose auto, native, q8 or q4.")
 
 
 def check_context(value: int) -> None:

@@ -162,7 +162,7 @@ class EngineWorker:
             self.engine.close()
             self.engine = None
         engine = Engine.load(options.model, options.devices, options.strategy, options.context, options.dtype,
-                             progress=progress, token_file=options.token_file)
+                             progress=progress, token_file=options.token_file, weights=options.weights)
         if self.engine is not None:
             self.engine.close()
         self.engine = engine

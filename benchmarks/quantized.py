@@ -1,0 +1,163 @@
+"""Quantized weights (`--weights q4`) against float32 and against llama.cpp on the same GGUF.
+
+Bundled SmolLM2-135M Q4_1 GGUF, chat prompt, greedy, one thread each, contenders alternating
+A B A B after a warm-up: VRAMancer float32 2-way, VRAMancer q4 unsplit and 2-way, and
+llama.cpp (llama-cpp-python) when it is installed in another Python, named by
+VRAMANCER_LLAMA_PYTHON or found at /work/llama-venv/bin/python; it runs in a subprocess of
+that Python (it is not one of our dependencies). llama.cpp's KV cache is cleared before every
+round, so its first token includes the whole prompt, as ours does.
+
+    python -m benchmarks.quantized [--rounds 3] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from benchmarks.common import PROMPT, Result, alternate, cli, compare, say
+
+SPLIT_2 = "sim:2x1GiB"
+LLAMA_PYTHONS = (os.environ.get("VRAMANCER_LLAMA_PYTHON", ""), "/work/llama-venv/bin/python")
+LLAMA = "llama.cpp (llama-cpp-python), same GGUF"
+Q4_SPLIT, Q4_ONE, F32_SPLIT = "VRAMancer q4, 2-way (sim:2x1GiB)", "VRAMancer q4, unsplit (cpu)", "VRAMancer float32, 2-way"
+Q8_SPLIT, Q8_ONE = "VRAMancer q8, 2-way (sim:2x1GiB)", "VRAMancer q8, unsplit (cpu)"
+
+# Runs inside llama.cpp's Python: one JSON request per line in, one JSON answer per line out.
+LLAMA_SERVER = r"""
+import json, sys, time
+import llama_cpp
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_threads=1, n_threads_batch=1, n_ctx=1024, verbose=False)
+print(json.dumps({"ready": True, "model_bytes": llama_cpp.llama_model_size(llm.model)}), flush=True)
+for line in sys.stdin:
+    ask = json.loads(line)
+    llm.reset()  # no prefix reuse: the prompt is evaluated afresh every round
+    start = time.perf_counter()
+    times, ids = [], []
+    for token in llm.generate(ask["tokens"], top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        times.append(time.perf_counter())
+        ids.append(token)
+        if len(ids) >= ask["n"] or token == llm.token_eos():
+            break
+    print(json.dumps({"ids": ids, "ttft": times[0] - start,
+                      "rate": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None}), flush=True)
+"""
+
+
+def llama_python() -> str | None:
+    """A Python that can import llama_cpp, or None."""
+    for candidate in LLAMA_PYTHONS:
+        if candidate and Path(candidate).is_file():
+            done = subprocess.run([candidate, "-c", "import llama_cpp"], capture_output=True)
+            if done.returncode == 0:
+                return candidate
+    return None
+
+
+class LlamaCpp:
+    """llama.cpp in a subprocess of its own Python, kept alive across rounds."""
+
+    def __init__(self, python: str, gguf: Path):
+        self.process = subprocess.Popen([python, "-c", LLAMA_SERVER, str(gguf)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
+        hello = json.loads(self.process.stdout.readline())
+        self.model_bytes = hello["model_bytes"]
+
+    def run(self, tokens: list[int], n: int) -> dict:
+        self.process.stdin.write(json.dumps({"tokens": tokens, "n": n}) + "\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+def held_bytes(engine) -> int:
+    """Bytes the engine's weights occupy across its devices (an untied copy counts twice)."""
+    from vramancer.engine.quantized import stored_bytes
+
+    tensors = {id(t): t for t in list(engine.model.parameters()) + list(engine.model.buffers())}
+    return sum(stored_bytes(t) for t in tensors.values())
+
+
+def bench(rounds: int = 3, tokens: int = 64) -> Result:
+    import torch
+
+    from vramancer.engine import Engine
+    from vramancer.engine.generation import encode_prompt
+    from vramancer.engine.models import bundled_model_path
+
+    torch.set_num_threads(1)
+    gguf = bundled_model_path()
+    result = Result(
+        "quantized", "Quantized weights vs float32 vs llama.cpp (bundled SmolLM2-135M Q4_1 GGUF, greedy, 1 thread)",
+        {"new tokens": tokens, "rounds": rounds, "GGUF file": f"{gguf.stat().st_size / 1e6:.1f} MB"},
+        {"decode_tok_s": ("decode tok/s", 1), "ttft_ms": ("TTFT ms", 1), "weights_mb": ("resident weights MB", 1)},
+    )
+    say("quantized: loading contenders")
+    engines = {F32_SPLIT: Engine.load("default", SPLIT_2, dtype="float32"),
+               Q4_ONE: Engine.load("default", "cpu", weights="q4"),
+               Q4_SPLIT: Engine.load("default", SPLIT_2, weights="q4"),
+               Q8_ONE: Engine.load("default", "cpu", weights="q8"),
+               Q8_SPLIT: Engine.load("default", SPLIT_2, weights="q8")}
+    seen: dict[str, list[int]] = {}
+
+    def vramancer(name, engine):
+        weights_mb = held_bytes(engine) / 1e6
+
+        def run():
+            r = engine.generate(PROMPT, max_new_tokens=tokens)
+            seen.setdefault(name, r.token_ids)
+            return {"decode_tok_s": r.decode_tokens_per_s, "ttft_ms": r.ttft_s * 1000, "weights_mb": weights_mb}
+        return run
+
+    contenders = {name: vramancer(name, engine) for name, engine in engines.items()}
+    llama = None
+    python = llama_python()
+    if python is None:
+        reason = ("llama.cpp column skipped: no Python with llama_cpp (set VRAMANCER_LLAMA_PYTHON, or build "
+                  "llama-cpp-python into /work/llama-venv as the README says)")
+        say(f"quantized: {reason}")
+        result.notes.append(reason)
+    else:
+        llama = LlamaCpp(python, gguf)
+        prompt_ids = encode_prompt(engines[Q4_SPLIT].tokenizer, PROMPT, raw=False)["input_ids"][0].tolist()
+
+        def run_llama():
+            answer = llama.run(prompt_ids, tokens)
+            seen.setdefault(LLAMA, answer["ids"])
+            return {"decode_tok_s": answer["rate"], "ttft_ms": answer["ttft"] * 1000,
+                    "weights_mb": llama.model_bytes / 1e6}
+        contenders[LLAMA] = run_llama
+    try:
+        result.add(alternate(contenders, rounds))
+    finally:
+        if llama is not None:
+            llama.close()
+    result.ratio("q4 2-way ÷ q4 unsplit, decode tok/s", Q4_SPLIT, Q4_ONE, "decode_tok_s", True, at_least=0.97)
+    result.ratio("q8 2-way ÷ q8 unsplit, decode tok/s", Q8_SPLIT, Q8_ONE, "decode_tok_s", True, at_least=0.97)
+    result.ratio("q4 2-way ÷ float32 2-way, decode tok/s", Q4_SPLIT, F32_SPLIT, "decode_tok_s", True)
+    result.ratio("q8 2-way ÷ float32 2-way, decode tok/s", Q8_SPLIT, F32_SPLIT, "decode_tok_s", True)
+    file_mb = gguf.stat().st_size / 1e6
+    for name in (Q4_ONE, Q4_SPLIT):
+        # A split whose embeddings and head sit on different devices holds the tied table twice.
+        result.comparisons.append(compare(f"{name.removeprefix('VRAMancer ')}: resident weights ÷ GGUF file size",
+                                          result.median(name, "weights_mb") / file_mb, at_most=1.3))
+    if llama is not None:
+        for name in (Q4_SPLIT, Q8_SPLIT):
+            short = name.removeprefix("VRAMancer ").split(" (")[0]
+            result.ratio(f"{short} ÷ llama.cpp, decode tok/s", name, LLAMA, "decode_tok_s", True, at_least=0.8)
+            result.ratio(f"{short} TTFT ÷ llama.cpp TTFT", name, LLAMA, "ttft_ms", False, at_most=2.0)
+    same = all(seen.get(split) == seen.get(one) for split, one in ((Q4_SPLIT, Q4_ONE), (Q8_SPLIT, Q8_ONE)))
+    result.settings["q4 and q8: split = unsplit tokens"] = "yes" if same else "NO"
+    for engine in engines.values():
+        engine.close()
+    return result
+
+
+if __name__ == "__main__":
+    cli(bench, __doc__, [("--rounds", int, 3), ("--tokens", int, 64)])

@@ -1,0 +1,116 @@
+"""--weights q8/q4 on the tiny model: the split answers like the same quantized model unsplit,
+the plan counts the bytes the devices really hold, and migrations carry quantized bytes."""
+
+import pytest
+import torch
+
+from vramancer.engine import Engine
+from vramancer.engine.engine import prepare
+from vramancer.engine.errors import VramancerError
+from vramancer.engine.generation import encode_prompt
+from vramancer.engine.models import bundled_model_path
+from vramancer.engine.quantized import gguf_file_type, quantize_model, resolve_weights, stored_bytes
+
+PROMPT = "Tell me about the sea."
+SPLIT = "sim:3x64MiB"
+
+
+@pytest.fixture(scope="module", params=["q8", "q4"])
+def quantized(request, tiny_model_dir):
+    engine = Engine.load(tiny_model_dir, SPLIT, context=256, weights=request.param)
+    yield request.param, engine
+    engine.close()
+
+
+def held_bytes(modules) -> int:
+    """What the modules' tensors really occupy (a tensor shared between them once)."""
+    tensors = {id(t): t for m in modules for t in list(m.parameters()) + list(m.buffers())}
+    return sum(stored_bytes(t) for t in tensors.values())
+
+
+def test_quantized_split_answers_like_the_same_quantized_model_unsplit(quantized, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    weights, engine = quantized
+    split = engine.generate(PROMPT, max_new_tokens=16).token_ids
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    plain.requires_grad_(False)
+    quantize_model(plain, weights)
+    inputs = encode_prompt(engine.tokenizer, PROMPT, raw=False)
+    with torch.inference_mode():
+        out = plain.generate(**inputs, max_new_tokens=16, do_sample=False, temperature=None, top_p=None, top_k=None,
+                             pad_token_id=engine.tokenizer.eos_token_id)
+    assert split == out[0, inputs["input_ids"].shape[1]:].tolist()
+    placement = engine.placement
+    assert len({placement.embed, *placement.layer_devices, placement.head}) == 3  # it really was split
+
+
+def test_devices_hold_quantized_weights_and_the_plan_counts_them(quantized, tiny_model_dir):
+    weights, engine = quantized
+    layer = engine.split.layer_modules[0]
+    assert type(layer.mlp.up_proj.weight).__name__ != "Parameter"  # a torchao tensor, not floats
+    as_bfloat16 = sum(p.numel() for p in layer.parameters()) * 2  # numel: the logical count of weights
+    assert held_bytes([layer]) < 0.6 * as_bfloat16
+    # The plan made before any load (from shapes) counts what each layer holds once loaded.
+    planned = prepare(tiny_model_dir, SPLIT, 256, "auto", weights=weights)
+    planned.close()
+    assert planned.weights == weights
+    for i, module in enumerate(engine.split.layer_modules):
+        assert planned.profile.layer_bytes[i] == pytest.approx(held_bytes([module]), rel=0.02)
+        assert engine.profile.layer_bytes[i] == pytest.approx(held_bytes([module]), rel=0.02)
+    for need in engine.needs_json():
+        layers = [engine.split.layer_modules[i] for i, d in enumerate(engine.placement.layer_devices) if d == need["device"]]
+        parts = layers + (list(engine.split.arch.before) if engine.placement.embed == need["device"] else []) \
+            + (list(engine.split.arch.after) if engine.placement.head == need["device"] else [])
+        assert need["weights"] == pytest.approx(held_bytes(parts), rel=0.02)
+
+
+def test_a_migration_moves_the_quantized_bytes_and_keeps_the_answer(quantized):
+    weights, engine = quantized
+    before = engine.generate(PROMPT, max_new_tokens=12).token_ids
+    source = engine.placement.layer_devices[0]
+    target = next(d.name for d in engine.devices if d.name != source)
+    expected = held_bytes([engine.split.layer_modules[0], engine.split.layer_modules[1]])
+    result = engine.migrate(0, 1, target)
+    try:
+        assert result.bytes == expected
+        assert type(engine.split.layer_modules[0].self_attn.q_proj.weight).__name__ != "Parameter"
+        assert engine.generate(PROMPT, max_new_tokens=12).token_ids == before
+    finally:
+        engine.migrate(0, 1, source)
+
+
+def test_auto_keeps_a_gguf_files_width():
+    path = bundled_model_path()
+    assert gguf_file_type(path) == 3  # llama.cpp's MOSTLY_Q4_1
+    assert resolve_weights("auto", path, {"sim"}) == "q4"
+    assert resolve_weights("auto", path, {"cuda", "cpu"}) == "q8"  # q4 is packed for the CPU kernel
+    assert resolve_weights("auto", None, {"sim"}) == "native"
+
+
+def test_q4_is_refused_with_gpus_in_one_sentence():
+    with pytest.raises(VramancerError, match="needs CPU or simulated devices only"):
+        resolve_weights("q4", None, {"cuda", "cpu"})
+
+
+def test_auto_dtype_on_the_cpu_is_the_measured_choice_and_plan_says_why(tiny_model_dir):
+    from vramancer.engine import profiler
+
+    planned = prepare(tiny_model_dir, SPLIT, 256, "auto")
+    planned.close()
+    choice = profiler.cpu_dtype_choice(64, 128)
+    assert str(planned.dtype).removeprefix("torch.") == choice.dtype
+    assert planned.dtype_reason.startswith(choice.dtype) and "decode ×" in planned.dtype_reason
+    assert choice.dtype == "float32" or (choice.decode_speedup > 1 and choice.prompt_speedup > 1)
+
+
+def test_bfloat16_split_answers_like_bfloat16_unsplit(tiny_model_dir):
+    split = Engine.load(tiny_model_dir, SPLIT, context=256, dtype="bfloat16")
+    one = Engine.load(tiny_model_dir, "cpu", context=256, dtype="bfloat16")
+    try:
+        placement = split.placement
+        assert len({placement.embed, *placement.layer_devices, placement.head}) == 3
+        assert split.generate(PROMPT, max_new_tokens=16).token_ids == one.generate(PROMPT, max_new_tokens=16).token_ids
+    finally:
+        split.close()
+        one.close()

@@ -1,0 +1,164 @@
+"""Weights that stay quantized on their devices (`--weights`), with torchao's kernels.
+
+- `native`: the weights in the compute dtype, as transformers loads them (the default).
+- `q8`: every linear layer's weight as int8 with one scale per output row (torchao's
+  `Int8Tensor`, run by torch's `_weight_int8pack_mm` on the CPU), about 1 byte per weight.
+  Runs on CPUs and GPUs (there with torchao's own, slower, path; not yet checked on a GPU).
+- `q4`: every linear layer's weight as 4-bit integers in groups of 32 with a bfloat16 scale and
+  zero per group (torchao's `Int4OpaqueTensor`, `_weight_int4pack_mm_for_cpu`), about 0.63 bytes
+  per weight. Packed for the CPU's kernel, so CPU and simulated devices only.
+- `auto`: a GGUF file keeps the width it was stored at (4-5 bits: q4, 6-8 bits: q8, 16-32
+  bits: native); any other model loads native.
+
+The embedding table and the output head are per-row int8 under both q8 and q4
+(engine/int8_rows.py: torch's int8 kernel for the head, a gather of rows for lookups; one
+tensor when they are tied). GGUF files keep the head at 8 bits or more too (the bundled
+Q4_1 file stores it as Q8_0), and at 4 bits the bundled model's answers visibly changed.
+The kernels take bfloat16 activations: with float32 ones `_weight_int4pack_mm_for_cpu`
+decoded 5x slower here (0.9 vs 5.0 tok/s) and `_weight_int8pack_mm` 10x slower.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from vramancer.engine.errors import VramancerError
+from vramancer.engine.validation import check_weights
+
+Q4_GROUP = 32  # weights per scale/zero pair: GGUF's Q4_0/Q4_1 block size
+QUANTIZED_DTYPE = torch.bfloat16  # the activations torchao's CPU kernels are fast with
+
+# GGUF `general.file_type` (llama.cpp's LLAMA_FTYPE) → the nearest width we run.
+_GGUF_FILE_TYPES = {
+    0: "native", 1: "native", 32: "native",  # F32, F16, BF16
+    2: "q4", 3: "q4", 8: "q4", 9: "q4",  # Q4_0, Q4_1, Q5_0, Q5_1
+    12: "q4", 13: "q4", 14: "q4", 15: "q4", 16: "q4", 17: "q4",  # Q3_K_*, Q4_K_*, Q5_K_*
+    10: "q4", 11: "q4",  # Q2_K, Q3_K_S
+    7: "q8", 18: "q8",  # Q8_0, Q6_K
+}
+
+
+def resolve_weights(name: str, gguf_path: Path | None, device_kinds: set[str]) -> str:
+    """`native`, `q8` or `q4` for the --weights value, the model file and the devices."""
+    check_weights(name)
+    if name == "auto":
+        kind = _GGUF_FILE_TYPES.get(gguf_file_type(gguf_path), "native") if gguf_path else "native"
+        if kind == "q4" and not device_kinds <= {"cpu", "sim"}:
+            kind = "q8"  # q4's packing is the CPU kernel's: GPUs get the nearest width they can run
+        return kind
+    if name == "q4" and not device_kinds <= {"cpu", "sim"}:
+        raise VramancerError("--weights q4 packs weights for the CPU's int4 kernel, so it needs CPU or "
+                             "simulated devices only; use q8 with GPUs.")
+    return name
+
+
+def gguf_file_type(path: Path) -> int | None:
+    """The `general.file_type` of a GGUF file, read from its metadata without parsing the
+    tensors (gguf's reader took 11 s for the bundled file on a busy machine). None if absent."""
+    fixed = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type → bytes
+    with path.open("rb") as f:
+        def read(fmt: str):
+            size = struct.calcsize(fmt)
+            data = f.read(size)
+            if len(data) < size:
+                raise EOFError
+            return struct.unpack(fmt, data)
+
+        def skip_string() -> None:
+            (length,) = read("<Q")
+            f.seek(length, 1)
+
+        def skip_value(kind: int) -> None:
+            if kind in fixed:
+                f.seek(fixed[kind], 1)
+            elif kind == 8:
+                skip_string()
+            elif kind == 9:
+                item, count = read("<IQ")
+                if item in fixed:
+                    f.seek(fixed[item] * count, 1)
+                else:
+                    for _ in range(count):
+                        skip_value(item)
+            else:
+                raise ValueError(f"unknown GGUF value type {kind}")
+
+        try:
+            magic, _version, _tensors, keys = read("<4sIQQ")
+            if magic != b"GGUF":
+                return None
+            for _ in range(keys):
+                (length,) = read("<Q")
+                key = f.read(length)
+                (kind,) = read("<I")
+                if key == b"general.file_type" and kind in (4, 5):
+                    return read("<I" if kind == 4 else "<i")[0]
+                skip_value(kind)
+        except (EOFError, ValueError, struct.error):
+            return None
+    return None
+
+
+def compute_dtype(weights: str, dtype: torch.dtype) -> torch.dtype:
+    """The activations' dtype: bfloat16 under quantized weights, else `dtype`."""
+    return dtype if weights == "native" else QUANTIZED_DTYPE
+
+
+def quantizable(module: nn.Module, weights: str, head: nn.Module | None) -> bool:
+    """The linear layers that `weights` quantizes: all but the output head (q4 needs whole
+    groups along the input)."""
+    if weights == "native" or not isinstance(module, nn.Linear) or module is head:
+        return False
+    return weights != "q4" or module.in_features % Q4_GROUP == 0
+
+
+def quantized_weight_bytes(out_features: int, in_features: int, weights: str, dtype: torch.dtype) -> int:
+    """Bytes torchao stores for one quantized linear weight (checked against the real tensors
+    by tests/test_quantized.py): q8 keeps int8 values, a float32 scale and an int8 zero per
+    row; q4 two values per byte and a (scale, zero) pair per group in the compute dtype."""
+    if weights == "q8":
+        return out_features * in_features + out_features * (4 + 1)
+    if weights == "q4":
+        groups = in_features // Q4_GROUP
+        return out_features * in_features // 2 + groups * out_features * 2 * torch.empty((), dtype=dtype).element_size()
+    raise ValueError(weights)
+
+
+def quantize_model(model: nn.Module, weights: str) -> None:
+    """Quantize `model`'s weights in place (it is on the CPU, in QUANTIZED_DTYPE): the
+    embedding table and the output head as per-row int8 (one tensor when tied), the decoder's
+    linear layers as `weights` says."""
+    if weights == "native":
+        return
+    from vramancer.engine.int8_rows import quantize_rows
+
+    table, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = table is not None and head is not None and head.weight is table.weight
+    if table is not None:
+        table.weight = quantize_rows(table.weight)
+    if head is not None:
+        head.weight = table.weight if tied else quantize_rows(head.weight)
+    if weights == "q8":
+        for module in model.modules():
+            if quantizable(module, weights, head):
+                module.weight = quantize_rows(module.weight)
+        return
+    from torchao.quantization import quantize_
+    from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+
+    config = PrototypeInt4WeightOnlyConfig(group_size=Q4_GROUP, set_inductor_config=False)
+    quantize_(model, config, filter_fn=lambda module, _name: quantizable(module, weights, head))
+
+
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """The bytes a tensor really holds: for a quantized (wrapper subclass) tensor, the sum of
+    the plain tensors inside it, not its logical shape times its logical dtype."""
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(stored_bytes(inner) for name in names if (inner := getattr(tensor, name)) is not None)
+    return tensor.numel() * tensor.element_size()
