@@ -47,10 +47,10 @@ def resolve_weights(name: str, gguf_path: Path | None, device_kinds: set[str]) -
     """`native`, `q8` or `q4` for the --weights value, the model file and the devices."""
     check_weights(name)
     if name == "auto":
-        kind = _GGUF_FILE_TYPES.get(gguf_file_type(gguf_path), "native") if gguf_path else "native"
-        if kind == "q4" and not device_kinds <= {"cpu", "sim"}:
-            kind = "q8"  # q4's packing is the CPU kernel's: GPUs get the nearest width they can run
-        return kind
+        width = _GGUF_FILE_TYPES.get(gguf_file_type(gguf_path), "native") if gguf_path else "native"
+        if width == "q4" and not device_kinds <= {"cpu", "sim"}:
+            width = "q8"  # q4's packing is the CPU kernel's: GPUs get the nearest width they can run
+        return width
     if name == "q4" and not device_kinds <= {"cpu", "sim"}:
         raise VramancerError("--weights q4 packs weights for the CPU's int4 kernel, so it needs CPU or "
                              "simulated devices only; use q8 with GPUs.")
@@ -61,6 +61,8 @@ def gguf_file_type(path: Path) -> int | None:
     """The `general.file_type` of a GGUF file, read from its metadata without parsing the
     tensors (gguf's reader took 11 s for the bundled file on a busy machine). None if absent."""
     fixed = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type → bytes
+    from gguf import GGUFValueType
+
     with path.open("rb") as f:
         def read(fmt: str):
             size = struct.calcsize(fmt)
@@ -73,12 +75,12 @@ def gguf_file_type(path: Path) -> int | None:
             (length,) = read("<Q")
             f.seek(length, 1)
 
-        def skip_value(kind: int) -> None:
-            if kind in fixed:
-                f.seek(fixed[kind], 1)
-            elif kind == 8:
+        def skip_value(value_type: int) -> None:
+            if value_type in fixed:
+                f.seek(fixed[value_type], 1)
+            elif value_type == GGUFValueType.STRING:
                 skip_string()
-            elif kind == 9:
+            elif value_type == GGUFValueType.ARRAY:
                 item, count = read("<IQ")
                 if item in fixed:
                     f.seek(fixed[item] * count, 1)
@@ -86,7 +88,7 @@ def gguf_file_type(path: Path) -> int | None:
                     for _ in range(count):
                         skip_value(item)
             else:
-                raise ValueError(f"unknown GGUF value type {kind}")
+                raise ValueError(f"unknown GGUF value type {value_type}")
 
         try:
             magic, _version, _tensors, keys = read("<4sIQQ")
@@ -95,10 +97,10 @@ def gguf_file_type(path: Path) -> int | None:
             for _ in range(keys):
                 (length,) = read("<Q")
                 key = f.read(length)
-                (kind,) = read("<I")
-                if key == b"general.file_type" and kind in (4, 5):
-                    return read("<I" if kind == 4 else "<i")[0]
-                skip_value(kind)
+                (value_type,) = read("<I")
+                if key == b"general.file_type" and value_type in (GGUFValueType.UINT32, GGUFValueType.INT32):
+                    return read("<I" if value_type == GGUFValueType.UINT32 else "<i")[0]
+                skip_value(value_type)
         except (EOFError, ValueError, struct.error):
             return None
     return None
