@@ -47,10 +47,10 @@ def resolve_weights(name: str, gguf_path: Path | None, device_kinds: set[str]) -
     """`native`, `q8` or `q4` for the --weights value, the model file and the devices."""
     check_weights(name)
     if name == "auto":
-        kind = _GGUF_FILE_TYPES.get(gguf_file_type(gguf_path), "native") if gguf_path else "native"
-        if kind == "q4" and not device_kinds <= {"cpu", "sim"}:
-            kind = "q8"  # q4's packing is the CPU kernel's: GPUs get the nearest width they can run
-        return kind
+        width = _GGUF_FILE_TYPES.get(gguf_file_type(gguf_path), "native") if gguf_path else "native"
+        if width == "q4" and not device_kinds <= {"cpu", "sim"}:
+            width = "q8"  # q4's packing is the CPU kernel's: GPUs get the nearest width they can run
+        return width
     if name == "q4" and not device_kinds <= {"cpu", "sim"}:
         raise VramancerError("--weights q4 packs weights for the CPU's int4 kernel, so it needs CPU or "
                              "simulated devices only; use q8 with GPUs.")
@@ -73,12 +73,12 @@ def gguf_file_type(path: Path) -> int | None:
             (length,) = read("<Q")
             f.seek(length, 1)
 
-        def skip_value(kind: int) -> None:
-            if kind in fixed:
-                f.seek(fixed[kind], 1)
-            elif kind == 8:
+        def skip_value(value_type: int) -> None:
+            if value_type in fixed:
+                f.seek(fixed[value_type], 1)
+            elif value_type == 8:
                 skip_string()
-            elif kind == 9:
+            elif value_type == 9:
                 item, count = read("<IQ")
                 if item in fixed:
                     f.seek(fixed[item] * count, 1)
@@ -86,7 +86,7 @@ def gguf_file_type(path: Path) -> int | None:
                     for _ in range(count):
                         skip_value(item)
             else:
-                raise ValueError(f"unknown GGUF value type {kind}")
+                raise ValueError(f"unknown GGUF value type {value_type}")
 
         try:
             magic, _version, _tensors, keys = read("<4sIQQ")
@@ -95,10 +95,10 @@ def gguf_file_type(path: Path) -> int | None:
             for _ in range(keys):
                 (length,) = read("<Q")
                 key = f.read(length)
-                (kind,) = read("<I")
-                if key == b"general.file_type" and kind in (4, 5):
-                    return read("<I" if kind == 4 else "<i")[0]
-                skip_value(kind)
+                (value_type,) = read("<I")
+                if key == b"general.file_type" and value_type in (4, 5):
+                    return read("<I" if value_type == 4 else "<i")[0]
+                skip_value(value_type)
         except (EOFError, ValueError, struct.error):
             return None
     return None
