@@ -108,6 +108,77 @@ def engine(tiny_model_dir):
     engine.close()
 
 
+# --- the bridge: worker threads -> the server's loop ------------------------------------------
+
+
+def test_the_bridge_hands_a_requests_events_from_a_worker_thread_to_its_queue_in_order():
+    import asyncio
+
+    from vramancer.server.bridge import Bridge
+    from vramancer.server.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+    bridge = Bridge(metrics)
+
+    async def scenario() -> list:
+        mine = bridge.open("chatcmpl-1")
+        pieces = [ev.RequestQueued("chatcmpl-1", "127.0.0.1:1", "hi", 3, 5), ev.RequestStarted("chatcmpl-1")]
+        pieces += [ev.Token(t, "chatcmpl-1") for t in ("a", "b", "c")]
+        pieces += [ev.Token("not ours", 7), ev.Token("unknown", "chatcmpl-2")]  # the console's, another's
+        pieces.append(ev.GenerationDone("chatcmpl-1", "abc", (1, 2, 3), 3, 3, 0.1, 10.0, False, "length", 0.3))
+        worker = threading.Thread(target=lambda: [bridge.on_event(e) for e in pieces])
+        worker.start()
+        got = [(await asyncio.wait_for(mine.next(), 10))[1] for _ in range(6)]
+        worker.join()
+        return got
+
+    got = asyncio.run(scenario())
+    assert [type(e).__name__ for e in got] == ["RequestQueued", "RequestStarted", "Token", "Token", "Token",
+                                              "GenerationDone"]
+    assert "".join(e.text for e in got if isinstance(e, ev.Token)) == "abc"
+    assert bridge.open_requests == 0  # answered: forgotten
+    text = metrics.text().decode()
+    assert 'vramancer_requests_total{outcome="length"} 1.0' in text
+    assert "vramancer_generated_tokens_total 3.0" in text
+    assert "vramancer_inter_token_latency_seconds_count 2.0" in text
+
+
+def test_a_request_whose_client_left_is_still_counted_when_the_engine_lets_it_go():
+    import asyncio
+
+    from vramancer.server.bridge import Bridge
+    from vramancer.server.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+    bridge = Bridge(metrics)
+
+    async def open_and_leave() -> None:
+        bridge.open("cmpl-9")  # the handler then goes away without reading
+
+    asyncio.run(open_and_leave())  # its loop is closed too: nothing may be raised at it
+    bridge.on_event(ev.Token("x", "cmpl-9"))
+    bridge.on_event(ev.GenerationDone("cmpl-9", "x", (1,), 2, 1, 0.1, None, True, "cancelled", 0.2))
+    assert 'vramancer_requests_total{outcome="cancelled"} 1.0' in metrics.text().decode()
+
+
+def test_a_submit_the_worker_could_not_take_fails_the_requests_still_unanswered():
+    import asyncio
+
+    from vramancer.server.bridge import Bridge
+    from vramancer.server.metrics import ServerMetrics
+
+    bridge = Bridge(ServerMetrics())
+
+    async def scenario():
+        answered, unanswered = bridge.open("a"), bridge.open("b")
+        bridge.on_event(ev.RequestQueued("a", "", "", 1, 1))
+        bridge.on_event(ev.Error("Submit", "Submit failed: something broke."))
+        return (await asyncio.wait_for(unanswered.next(), 10))[1], answered.queue.qsize()
+
+    error, answered_count = asyncio.run(scenario())
+    assert isinstance(error, ev.Error) and answered_count == 1 and bridge.open_requests == 1
+
+
 # --- answers ---------------------------------------------------------------------------------
 
 
@@ -358,10 +429,15 @@ def test_bad_serve_flags_are_one_sentence_and_exit_2(args, words):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_a_busy_port_is_refused_before_loading(served):
-    process = _serve(["--port", str(served.open.port)])
-    out, err = process.communicate(timeout=60)
-    assert process.returncode == 2 and f"cannot listen on 127.0.0.1:{served.open.port}" in err
+def test_a_busy_port_is_refused_before_loading():
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        process = _serve(["--port", str(port)])
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in err
+    assert "Traceback" not in err
 
 
 def test_a_host_beyond_loopback_without_a_key_is_warned_about():

@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command is None:
             return _dashboard(args, prepare)  # it runs `prepare` after its first frame, torch after that
+        if args.command == "serve":
+            return _serve(args, prepare)  # it listens first: a busy port costs no torch import
         prepare()
         return {"devices": _devices, "plan": _plan, "generate": _generate, "bench": _bench,
                 "node": _node, "serve": _serve}[args.command](args)
@@ -288,7 +290,7 @@ def _node(args) -> int:
     exit_now(status)  # stopped and withdrawn: skip seconds of interpreter teardown
 
 
-def _serve(args) -> int:
+def _serve(args, prepare) -> int:
     from vramancer.engine.options import LoadOptions
     from vramancer.lifetime import exit_now
     from vramancer.server.access import is_loopback, listen
@@ -297,6 +299,7 @@ def _serve(args) -> int:
         print(f"vramancer: warning: serving on {args.host} without --api-key-file; anyone who can reach this "
               "machine can use the model.", file=sys.stderr, flush=True)
     sock = listen(args.host, args.port)  # a busy port is refused before torch is imported
+    prepare()
     from vramancer.server.service import run_serve
 
     options = LoadOptions(args.model, _device_text(args), args.strategy, args.context, args.dtype,

@@ -38,6 +38,7 @@ REFUSALS = {
     "queue_full": (429, "rate_limit_error", "queue_full"),
     "bad_request": (400, "invalid_request_error", None),
     "shutting_down": (503, "server_error", "shutting_down"),
+    "not_ready": (503, "server_error", "model_not_loaded"),
 }
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
