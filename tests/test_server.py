@@ -319,14 +319,17 @@ def test_a_prompt_too_long_for_the_context_is_400_with_the_numbers(served):
 
 def test_a_full_queue_is_429_with_retry_after(tiny_model_dir):
     s = Served(tiny_model_dir, max_batch=1, max_waiting=1)
-    body = {"model": s.model, "messages": CHAT, "max_tokens": 400, "stream": True}
+    body = {"model": s.model, "messages": CHAT, "max_tokens": 900, "stream": True}
     try:
         with httpx.Client(timeout=60) as http:
             with http.stream("POST", f"{s.url}/chat/completions", json=body) as running:
                 assert running.status_code == 200
-                next(running.iter_lines())  # it runs
+                running_lines = running.iter_lines()  # kept: a dropped iterator closes the connection
+                next(running_lines)  # it runs
                 with http.stream("POST", f"{s.url}/chat/completions", json=body) as waiting:
                     assert waiting.status_code == 200  # queued behind it
+                    waiting_lines = waiting.iter_lines()
+                    next(waiting_lines)
                     refused = http.post(f"{s.url}/chat/completions", json=body)
                     error = _error(refused, 429)
                     assert refused.headers["retry-after"] == "1" and error["code"] == "queue_full"
