@@ -286,6 +286,14 @@ class Engine:
         finally:
             self._cache = None
 
+    def batch(self, emit: Callable, max_batch: int = 8, max_waiting: int = 64):
+        """A continuous batch on this engine (engine/batching.py), driven step by step by the
+        caller's thread; its outcomes go out through `emit` as events. Run no `generate`
+        while it holds sequences: it owns the engine's KV cache until it empties."""
+        from vramancer.engine.batching import Batch
+
+        return Batch(self, emit, max_batch, max_waiting)
+
     def stream(self, prompt: str | Messages, **kwargs) -> Iterator[str]:
         """Yield the answer's text pieces as they are decoded (generation runs on a thread)."""
         pieces: queue.Queue = queue.Queue()
