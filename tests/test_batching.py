@@ -23,6 +23,18 @@ PROMPTS = [
     "Explain what a compiler does in one long sentence, please, for a beginner.",
 ]
 
+# Text to continue (raw): none of them is a question the model answers in a word and ends.
+OPENINGS = [
+    "The sea is",
+    "Once upon a time, in a small village by the mountains, there lived",
+    "The capital of France is Paris. It",
+    "One, two, three, four,",
+    "Autumn leaves fall",
+    "The sky looks blue during the day because sunlight",
+    "Red, green and",
+    "A compiler is a program that reads source code written by a person and",
+]
+
 
 class Events(list):
     """What a batch emitted, with the questions tests ask of it."""
@@ -84,7 +96,7 @@ def test_one_request_alone_is_exactly_generate(engine):
     order = [type(e).__name__ for e in events if not isinstance(e, (ev.Token, ev.BatchStatus))]
     assert order == ["RequestQueued", "RequestStarted", "GenerationDone"]
     assert done.ttft_s > 0 and done.total_s >= done.ttft_s and done.decode_tokens_per_s > 0
-    assert engine._cache is None and events.of(ev.BatchStatus)[-1].running == 0
+    assert engine.cache is None and events.of(ev.BatchStatus)[-1].running == 0
 
 
 def test_requests_joining_at_different_steps_each_get_their_own_answer(engine):
@@ -318,12 +330,12 @@ def top2_gap(engine, ids: list[int]) -> float:
 def test_bundled_eight_concurrent_requests_answer_as_alone_and_survive_a_migration(smollm_engine):
     engine = smollm_engine
     tokens = 16
-    solo = [engine.generate(p, raw=True, max_new_tokens=tokens).token_ids for p in PROMPTS]
+    solo = [engine.generate(p, raw=True, max_new_tokens=tokens).token_ids for p in OPENINGS]
     events = Events()
     batch = engine.batch(events.append)
     original = list(engine.placement.layer_devices)
     # They join at different steps: two now, the rest over the next steps.
-    for i, prompt in enumerate(PROMPTS):
+    for i, prompt in enumerate(OPENINGS):
         batch.submit(submit(str(i), prompt, tokens=tokens, raw=True))
         if i % 2 == 1:
             batch.step()
@@ -337,8 +349,9 @@ def test_bundled_eight_concurrent_requests_answer_as_alone_and_survive_a_migrati
             if engine.placement.layer_devices[index] != device:
                 engine.migrate(index, index, device)
     same = 0
-    for i, prompt in enumerate(PROMPTS):
+    for i, prompt in enumerate(OPENINGS):
         got = list(events.done(str(i)).token_ids)
+        print(f"request {i}: {len(got)} tokens, {events.done(str(i)).finish_reason}")
         if got == solo[i]:
             same += 1
             continue
@@ -348,3 +361,32 @@ def test_bundled_eight_concurrent_requests_answer_as_alone_and_survive_a_migrati
         print(f"request {i} diverges at token {at}: top-2 logit gap {gap:.2e}")
         assert gap < 1e-3
     assert same >= 7
+
+
+def test_a_device_lost_mid_batch_rebuilds_every_sequence_and_the_answers_go_on(engine, monkeypatch):
+    """DeviceLost from a layer in the middle of a step (as a node's stand-in raises it): the
+    batch re-places what was lost, prefills each sequence's prompt and tokens so far, and goes on."""
+    from vramancer.engine.devices import DeviceLost
+
+    solo = {p: engine.generate(p, max_new_tokens=20).token_ids for p in PROMPTS[:3]}
+    layer = engine.split.layer_modules[3]
+    calls = {"n": 0}
+    forward = layer.forward
+
+    def fails_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 8:  # a few decode steps in
+            raise DeviceLost("node:127.0.0.1:1", "it stopped answering")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(layer, "forward", fails_once)
+    events = Events()
+    batch = engine.batch(events.append)
+    for i, prompt in enumerate(PROMPTS[:3]):
+        batch.submit(submit(str(i), prompt, tokens=20))
+    run_to_end(batch)
+    assert calls["n"] > 8
+    for i, prompt in enumerate(PROMPTS[:3]):
+        done = events.done(str(i))
+        assert list(done.token_ids) == solo[prompt] and done.finish_reason == "length"
+        assert events.streamed(str(i)) == done.text  # nothing streamed twice

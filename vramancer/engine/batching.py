@@ -12,7 +12,7 @@ every forward pass so that Migrate, Reserve and Replan can run between two of th
 batch is built on our runtime directly.
 
 How it works (simple and exact):
-- One DynamicCache for the whole batch, so `Engine._cache` points at it and the existing
+- One DynamicCache for the whole batch, so `Engine.cache` is it and the existing
   migration, KV telemetry and auto-rebalance move and count every sequence's KV unchanged.
 - Rows are left-padded to a common width T. A joining sequence is prefilled alone (batch of
   one, its own fresh cache), its first token sampled from the prefill logits, then its keys
@@ -171,7 +171,7 @@ class Batch:
 
     `submit` a request, then call `step` while `busy`. Every outcome goes out through `emit`
     as events (RequestQueued, RequestStarted, Token, GenerationDone, RequestRefused,
-    BatchStatus). Migrations may run between two steps: the batch's cache is `engine._cache`."""
+    BatchStatus). Migrations may run between two steps: the batch's cache is `engine.cache`."""
 
     def __init__(self, engine, emit: Emit, max_batch: int = 8, max_waiting: int = 64):
         if max_batch < 1:
@@ -395,7 +395,7 @@ class Batch:
             self.cache = cache
             self.width = sequence.cached
             self.running = [sequence]
-            self.engine._cache = cache  # migrations and telemetry see the batch's KV
+            self.engine.cache = cache  # migrations and telemetry see the batch's KV
             return
         width = max(self.width, sequence.cached)
         for mine, theirs in zip(self.cache.layers, cache.layers):
@@ -486,7 +486,7 @@ class Batch:
         self.running = []
         self.cache = None
         self.width = 0
-        self.engine._cache = None
+        self.engine.cache = None
 
     def _finish(self, sequence: Sequence) -> None:
         rest = sequence.answer.finish()

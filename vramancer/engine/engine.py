@@ -177,6 +177,16 @@ class Engine:
                 return d
         raise VramancerError(f"{name} is not one of this model's devices ({', '.join(d.name for d in self.devices)}).")
 
+    @property
+    def cache(self):
+        """The KV cache of the generation or the batch in progress (None between them):
+        migrations move it with its layers, telemetry counts it."""
+        return self._cache
+
+    @cache.setter
+    def cache(self, cache) -> None:
+        self._cache = cache
+
     def link_stats(self) -> list[LinkStats]:
         return self.split.transfer.link_stats()
 
