@@ -11,7 +11,10 @@ token), TTFT from sending the request to the first text. Also the round trip of 
 
 llama.cpp: set VRAMANCER_LLAMA_PYTHON to a python with `llama_cpp` and its server extras
 (`llama_cpp.server`), or have /work/llama-venv/bin/python; otherwise its rows are skipped.
-It runs with as many threads as `vramancer serve` gives torch (cores - 1).
+It runs with as many threads as `vramancer serve` gives torch (cores - 1). llama-cpp-python's
+server answers one request at a time (the others wait behind a lock; `--interrupt_requests
+False` so a newcomer does not cut the answer streaming); llama.cpp's own `llama-server` with
+`--parallel` slots batches them, but no build of it is at hand here.
 
     python -m benchmarks.serve [--rounds 3] [--tokens 64]
 """
@@ -201,7 +204,8 @@ def bench(rounds: int = 3, tokens: int = 64) -> Result:
         servers.append(ServerProcess("llama.cpp", [python, "-m", "llama_cpp.server", "--model",
                                                    str(bundled_model_path()), "--host", "127.0.0.1", "--port",
                                                    str(llama_port), "--n_ctx", str(CONTEXT), "--n_threads",
-                                                   str(threads), "--verbose", "False"], llama_port))
+                                                   str(threads), "--verbose", "False",
+                                                   "--interrupt_requests", "False"], llama_port))
     else:
         result.notes.append("llama.cpp's server was not measured: no python with llama_cpp.server found "
                             "(set VRAMANCER_LLAMA_PYTHON).")

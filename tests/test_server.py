@@ -449,3 +449,36 @@ def test_a_host_beyond_loopback_without_a_key_is_warned_about():
     out, err = process.communicate(timeout=60)
     assert "without --api-key-file" in err and "cannot listen on 192.0.2.1" in err
     assert process.returncode == 2
+
+
+# --- the dashboard with --serve ----------------------------------------------------------------
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"  # Textual runs on asyncio
+
+
+@pytest.mark.anyio
+async def test_the_dashboard_serves_from_its_own_worker_and_stops_serving_when_it_quits(tiny_model_dir):
+    from vramancer.app.app import VramancerApp
+
+    app = VramancerApp(LoadOptions(tiny_model_dir, DEVICES, context=CONTEXT), telemetry=False, serve_port=0)
+    async with app.run_test(size=(120, 40)) as pilot:
+        async with httpx.AsyncClient(timeout=30) as http:
+            deadline = time.monotonic() + 120
+            health = None
+            while health is None or health.status_code != 200:
+                assert time.monotonic() < deadline, "the dashboard's server never answered 200"
+                await pilot.pause(0.05)
+                if app.server is not None:
+                    health = await http.get(app.server.url.removesuffix("/v1") + "/health")
+            while app.loaded is None:  # the App hears of the load on its own loop
+                assert time.monotonic() < deadline
+                await pilot.pause(0.05)
+            models = await http.get(f"{app.server.url}/models")
+            assert models.json()["data"][0]["id"] == app.loaded.model  # the dashboard's own model
+            url = app.server.url
+        await pilot.press("ctrl+q")
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url.removesuffix("/v1") + "/health", timeout=5)
