@@ -16,7 +16,7 @@ server answers one request at a time (the others wait behind a lock; `--interrup
 False` so a newcomer does not cut the answer streaming); llama.cpp's own `llama-server` with
 `--parallel` slots batches them, but no build of it is at hand here.
 
-    python -m benchmarks.serve [--rounds 3] [--tokens 64]
+    python -m benchmarks.serve [--rounds 2] [--tokens 64]
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def llama_python() -> str | None:
     return None
 
 
-def bench(rounds: int = 3, tokens: int = 64) -> Result:
+def bench(rounds: int = 2, tokens: int = 64) -> Result:
     from vramancer.engine.models import bundled_model_path
 
     threads = max(1, (os.cpu_count() or 2) - 1)
@@ -238,4 +238,4 @@ def bench(rounds: int = 3, tokens: int = 64) -> Result:
 
 
 if __name__ == "__main__":
-    cli(bench, __doc__, [("--rounds", int, 3), ("--tokens", int, 64)])
+    cli(bench, __doc__, [("--rounds", int, 2), ("--tokens", int, 64)])
