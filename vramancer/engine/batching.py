@@ -84,13 +84,16 @@ class AnswerText:
         self.text = ""  # the answer so far (cut before a stop string once one is found)
         self.stopped = False  # a stop string was found
         self._sent = 0  # characters of `text` already streamed
-        self._released: list[str] = []
+        self._released = ""  # what the streamer's rules have let out so far
         self._streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
-        self._streamer.on_finalized_text = lambda text, stream_end=False: self._released.append(text)
+        self._streamer.on_finalized_text = self._let_out
 
     def add(self, tokens: list[int]) -> str:
         """`tokens` are the answer's tokens so far, the last one new. Returns the piece to stream."""
         self._streamer.put(torch.tensor([tokens[-1]]))
+        if not self.stops:  # nothing to look for: the streamer's text is the answer so far
+            self.text = self._released
+            return self._release(len(self.text))
         full = self.tokenizer.decode(tokens, skip_special_tokens=True)
         cut = min((i for i in (full.find(s) for s in self.stops) if i >= 0), default=None)
         if cut is not None:
@@ -98,12 +101,16 @@ class AnswerText:
             self.text = full[:cut]
             return self._release(len(self.text))
         self.text = full
-        released = "".join(self._released)
-        return self._release(len(released) - self._held_back(released))
+        return self._release(len(self._released) - self._held_back(self._released))
 
-    def finish(self) -> str:
-        """The rest of the answer, held back until now."""
+    def finish(self, tokens: list[int]) -> str:
+        """The rest of the answer, held back until now (`tokens`: all of the answer's)."""
+        if not self.stopped:
+            self.text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return self._release(len(self.text))
+
+    def _let_out(self, text: str, stream_end: bool = False) -> None:
+        self._released += text
 
     def _release(self, upto: int) -> str:
         piece = self.text[self._sent:upto]
@@ -423,8 +430,11 @@ class Batch:
         self.steps += 1
         now = time.perf_counter()
         logits = output.logits[:, -1, :]
+        # Greedy rows with nothing to adjust their scores take one argmax together.
+        best = logits.argmax(dim=-1).tolist()
         for i, sequence in enumerate(rows):
-            self._accept(sequence, self._pick(sequence, logits[i:i + 1]), now)
+            plain = sequence.greedy and not sequence.processors
+            self._accept(sequence, best[i] if plain else self._pick(sequence, logits[i:i + 1]), now)
         self._stamps.append((now, len(rows)))
         if any(s.finish_reason for s in rows):
             self._leave()
@@ -489,7 +499,7 @@ class Batch:
         self.engine.cache = None
 
     def _finish(self, sequence: Sequence) -> None:
-        rest = sequence.answer.finish()
+        rest = sequence.answer.finish(sequence.tokens)
         if rest:
             self.emit(ev.Token(rest, sequence.request_id))
         times = sequence.token_times
