@@ -101,7 +101,7 @@ async def _complete(server: InferenceServer, request: Request, chat: bool) -> Re
     state = server.bridge.model
     if not state.ready:
         raise _not_ready(state)
-    if completion.model not in state.names() and completion.model.lower() != state.names()[1]:
+    if completion.model.lower() not in {name.lower() for name in state.names()}:
         raise p.ApiError(404, f"the model '{completion.model}' does not exist; this server serves "
                               f"'{state.name}'.", param="model", code="model_not_found")
     client = f"{request.client.host}:{request.client.port}" if request.client else ""
