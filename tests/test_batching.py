@@ -268,7 +268,10 @@ def test_worker_migrates_between_batch_steps_and_no_answer_changes(worker):
     start = worker.engine.placement.layer_devices[0]
     target = next(d.name for d in worker.engine.devices if d.name != start)
     worker.submit(ev.Migrate(0, 1, target))
+    worker.submit(ev.Replan("sequential"))  # between two steps too, moving the batch's KV
     moved = events.wait_for(ev.MigrationDone)
+    replanned = events.wait_for(ev.PlanChanged, lambda e: e.plan.strategy == "sequential")
+    assert replanned.plan.layer_devices == tuple(worker.engine.placement.layer_devices)
     again = {}
     for _ in names:
         done = events.wait_for(ev.GenerationDone)
@@ -276,6 +279,35 @@ def test_worker_migrates_between_batch_steps_and_no_answer_changes(worker):
     assert again == baseline
     weights = sum(worker.engine.profile.layer_bytes[i] for i in (0, 1))
     assert moved.step is not None and moved.bytes > weights  # the batch's KV moved with the layers
+
+
+def test_worker_auto_rebalances_between_batch_steps_and_no_answer_changes(tiny_model_dir):
+    events = Recorder()
+    worker = EngineWorker(events, telemetry=False).start()
+    try:
+        worker.submit(ev.Load(LoadOptions(tiny_model_dir, "sim:3x64MiB", context=512, auto_rebalance=True)))
+        events.wait_for(ev.PlanChanged)
+        worker.submit(ev.Migrate(3, 5, "sim2"))  # embed | L0–2 on sim1 | L3–5 + head on sim2
+        events.wait_for(ev.MigrationDone)
+        baseline = {}
+        for name, prompt in zip("abc", PROMPTS):
+            worker.submit(submit(name, prompt, tokens=60))
+        for _ in "abc":
+            done = events.wait_for(ev.GenerationDone)
+            baseline[done.request_id] = done.token_ids
+        for name, prompt in zip("abc", PROMPTS):
+            worker.submit(submit(name, prompt, tokens=60))
+        events.wait_for(ev.BatchStatus, lambda s: s.running == 3)
+        worker.submit(ev.Reserve("sim1", 63 * 2**20))  # another process takes nearly all of sim1
+        moved = events.wait_for(ev.MigrationDone)
+        assert moved.src == "sim1" and "short of memory" in moved.reason and moved.step is not None
+        again = {}
+        for _ in "abc":
+            done = events.wait_for(ev.GenerationDone)
+            again[done.request_id] = done.token_ids
+        assert again == baseline
+    finally:
+        worker.shutdown()
 
 
 def test_worker_cancel_by_request_id_and_shutdown_ends_every_request(tiny_model_dir):
