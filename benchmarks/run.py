@@ -23,7 +23,7 @@ from pathlib import Path
 from benchmarks.common import Result, machine, machine_line, say
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BENCHMARKS = ("decode", "load", "transfer", "dashboard")
+BENCHMARKS = ("decode", "load", "transfer", "dashboard", "batching")
 COMMAND = "make bench"
 
 
@@ -33,7 +33,7 @@ def run_one(name: str, rounds: int | None) -> Result:
     args = []
     if rounds:
         args = {"decode": ["--rounds", rounds], "load": ["--rounds", rounds], "transfer": ["--rounds", max(rounds, 5) * 3],
-                "dashboard": ["--presses", max(rounds * 10, 50)]}[name]
+                "dashboard": ["--presses", max(rounds * 10, 50)], "batching": ["--rounds", rounds]}[name]
     with tempfile.TemporaryDirectory(prefix="vramancer-bench-") as scratch:
         out = Path(scratch) / "result.json"
         argv = [sys.executable, "-m", f"benchmarks.{name}", *map(str, args), "--result", str(out)]

@@ -221,8 +221,11 @@ def test_bad_requests_are_refused_with_a_sentence(engine):
     assert "empty" in refusals[2].message
     assert batch.submit(submit("ok", "Hi", tokens=2))
     assert not batch.submit(submit("ok", "Hi again", tokens=2))  # its id is taken
+    assert batch.submit(submit("none", "Hi", tokens=0))
     run_to_end(batch)
     assert events.done("ok").new_tokens == 2
+    nothing = events.done("none")
+    assert (nothing.new_tokens, nothing.text, nothing.finish_reason) == (0, "", "length")
 
 
 # --- through the worker -------------------------------------------------------------------
