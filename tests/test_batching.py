@@ -251,9 +251,12 @@ def test_worker_runs_submits_together_and_a_generate_waits_for_the_batch(worker)
     console = next(e for e in events.seen if isinstance(e, ev.GenerationDone) and e.request_id == 9)
     answers = {e.request_id: e for e in events.seen if isinstance(e, ev.GenerationDone)}
     assert answers["r0"].token_ids == console.token_ids
+    # All three started before the first one finished: they decoded together.
+    order = [(type(e).__name__, e.request_id) for e in events.seen if isinstance(e, (ev.RequestStarted, ev.GenerationDone))]
+    first_done = next(i for i, (kind, _) in enumerate(order) if kind == "GenerationDone")
+    assert {rid for kind, rid in order[:first_done] if kind == "RequestStarted"} == {"r0", "r1", "r2"}
     statuses = events.of(ev.BatchStatus)
-    assert max(s.running for s in statuses) >= 2 and statuses[-1].running == 0
-    assert all(s.kv_budget == 512 for s in statuses)
+    assert statuses[-1].running == 0 and all(s.kv_budget == 512 for s in statuses)
 
 
 def test_worker_migrates_between_batch_steps_and_no_answer_changes(worker):
@@ -267,7 +270,7 @@ def test_worker_migrates_between_batch_steps_and_no_answer_changes(worker):
         baseline[done.request_id] = done.token_ids
     for name, prompt in zip(names, PROMPTS):
         worker.submit(submit(name, prompt, tokens=60))
-    events.wait_for(ev.BatchStatus, lambda s: s.running == 4)
+    events.wait_for(ev.RequestStarted, lambda e: e.request_id == names[-1])  # all four are decoding
     start = worker.engine.placement.layer_devices[0]
     target = next(d.name for d in worker.engine.devices if d.name != start)
     worker.submit(ev.Migrate(0, 1, target))
@@ -300,7 +303,7 @@ def test_worker_auto_rebalances_between_batch_steps_and_no_answer_changes(tiny_m
             baseline[done.request_id] = done.token_ids
         for name, prompt in zip("abc", PROMPTS):
             worker.submit(submit(name, prompt, tokens=60))
-        events.wait_for(ev.BatchStatus, lambda s: s.running == 3)
+        events.wait_for(ev.RequestStarted, lambda e: e.request_id == "c")  # all three are decoding
         worker.submit(ev.Reserve("sim1", 63 * 2**20))  # another process takes nearly all of sim1
         moved = events.wait_for(ev.MigrationDone)
         assert moved.src == "sim1" and "short of memory" in moved.reason and moved.step is not None
