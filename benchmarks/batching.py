@@ -8,7 +8,7 @@ sequence made after the last of them joined, over the time from that join to the
 the batch at full size, without the prefills. TTFT is from submitting to a request's first
 token (the prefills run one after another, so the last request waits for the others').
 
-    python -m benchmarks.batching [--rounds 3] [--tokens 64] [--threads N]
+    python -m benchmarks.batching [--rounds 3] [--tokens 48] [--threads N]
 
 `--threads` sets torch's threads (0: torch's default, one per core). On a machine other work
 shares, 1 thread is steadier: threads that wait for a busy core spin.
@@ -66,7 +66,7 @@ def generate_runner(engine, tokens: int):
     return run
 
 
-def bench(rounds: int = 3, tokens: int = 64, threads: int = 0) -> Result:
+def bench(rounds: int = 3, tokens: int = 48, threads: int = 0) -> Result:
     import torch
 
     from vramancer.engine import Engine
@@ -97,4 +97,4 @@ def bench(rounds: int = 3, tokens: int = 64, threads: int = 0) -> Result:
 
 
 if __name__ == "__main__":
-    cli(bench, __doc__, [("--rounds", int, 3), ("--tokens", int, 64), ("--threads", int, 0)])
+    cli(bench, __doc__, [("--rounds", int, 3), ("--tokens", int, 48), ("--threads", int, 0)])

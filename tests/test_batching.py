@@ -221,8 +221,11 @@ def test_bad_requests_are_refused_with_a_sentence(engine):
     assert "empty" in refusals[2].message
     assert batch.submit(submit("ok", "Hi", tokens=2))
     assert not batch.submit(submit("ok", "Hi again", tokens=2))  # its id is taken
+    assert batch.submit(submit("none", "Hi", tokens=0))
     run_to_end(batch)
     assert events.done("ok").new_tokens == 2
+    nothing = events.done("none")
+    assert (nothing.new_tokens, nothing.text, nothing.finish_reason) == (0, "", "length")
 
 
 # --- through the worker -------------------------------------------------------------------
@@ -248,9 +251,12 @@ def test_worker_runs_submits_together_and_a_generate_waits_for_the_batch(worker)
     console = next(e for e in events.seen if isinstance(e, ev.GenerationDone) and e.request_id == 9)
     answers = {e.request_id: e for e in events.seen if isinstance(e, ev.GenerationDone)}
     assert answers["r0"].token_ids == console.token_ids
+    # All three started before the first one finished: they decoded together.
+    order = [(type(e).__name__, e.request_id) for e in events.seen if isinstance(e, (ev.RequestStarted, ev.GenerationDone))]
+    first_done = next(i for i, (kind, _) in enumerate(order) if kind == "GenerationDone")
+    assert {rid for kind, rid in order[:first_done] if kind == "RequestStarted"} == {"r0", "r1", "r2"}
     statuses = events.of(ev.BatchStatus)
-    assert max(s.running for s in statuses) >= 2 and statuses[-1].running == 0
-    assert all(s.kv_budget == 512 for s in statuses)
+    assert statuses[-1].running == 0 and all(s.kv_budget == 512 for s in statuses)
 
 
 def test_worker_migrates_between_batch_steps_and_no_answer_changes(worker):
@@ -264,11 +270,14 @@ def test_worker_migrates_between_batch_steps_and_no_answer_changes(worker):
         baseline[done.request_id] = done.token_ids
     for name, prompt in zip(names, PROMPTS):
         worker.submit(submit(name, prompt, tokens=60))
-    events.wait_for(ev.BatchStatus, lambda s: s.running == 4)
+    events.wait_for(ev.RequestStarted, lambda e: e.request_id == names[-1])  # all four are decoding
     start = worker.engine.placement.layer_devices[0]
     target = next(d.name for d in worker.engine.devices if d.name != start)
     worker.submit(ev.Migrate(0, 1, target))
+    worker.submit(ev.Replan("sequential"))  # between two steps too, moving the batch's KV
     moved = events.wait_for(ev.MigrationDone)
+    replanned = events.wait_for(ev.PlanChanged, lambda e: e.plan.strategy == "sequential")
+    assert replanned.plan.layer_devices == tuple(worker.engine.placement.layer_devices)
     again = {}
     for _ in names:
         done = events.wait_for(ev.GenerationDone)
@@ -276,6 +285,35 @@ def test_worker_migrates_between_batch_steps_and_no_answer_changes(worker):
     assert again == baseline
     weights = sum(worker.engine.profile.layer_bytes[i] for i in (0, 1))
     assert moved.step is not None and moved.bytes > weights  # the batch's KV moved with the layers
+
+
+def test_worker_auto_rebalances_between_batch_steps_and_no_answer_changes(tiny_model_dir):
+    events = Recorder()
+    worker = EngineWorker(events, telemetry=False).start()
+    try:
+        worker.submit(ev.Load(LoadOptions(tiny_model_dir, "sim:3x64MiB", context=512, auto_rebalance=True)))
+        events.wait_for(ev.PlanChanged)
+        worker.submit(ev.Migrate(3, 5, "sim2"))  # embed | L0–2 on sim1 | L3–5 + head on sim2
+        events.wait_for(ev.MigrationDone)
+        baseline = {}
+        for name, prompt in zip("abc", PROMPTS):
+            worker.submit(submit(name, prompt, tokens=60))
+        for _ in "abc":
+            done = events.wait_for(ev.GenerationDone)
+            baseline[done.request_id] = done.token_ids
+        for name, prompt in zip("abc", PROMPTS):
+            worker.submit(submit(name, prompt, tokens=60))
+        events.wait_for(ev.RequestStarted, lambda e: e.request_id == "c")  # all three are decoding
+        worker.submit(ev.Reserve("sim1", 63 * 2**20))  # another process takes nearly all of sim1
+        moved = events.wait_for(ev.MigrationDone)
+        assert moved.src == "sim1" and "short of memory" in moved.reason and moved.step is not None
+        again = {}
+        for _ in "abc":
+            done = events.wait_for(ev.GenerationDone)
+            again[done.request_id] = done.token_ids
+        assert again == baseline
+    finally:
+        worker.shutdown()
 
 
 def test_worker_cancel_by_request_id_and_shutdown_ends_every_request(tiny_model_dir):

@@ -161,6 +161,22 @@ class Sequence:
         return self.settings.temperature == 0
 
 
+def score_processors(settings: SamplingSettings) -> LogitsProcessorList:
+    """What adjusts a request's scores before its token is picked: transformers' own
+    processors and warpers, in the order generate applies them."""
+    processors = LogitsProcessorList()
+    if settings.repetition_penalty is not None and settings.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
+    if settings.temperature > 0:
+        if settings.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(settings.temperature))
+        if settings.top_k:
+            processors.append(TopKLogitsWarper(settings.top_k))
+        if settings.top_p is not None and settings.top_p < 1.0:
+            processors.append(TopPLogitsWarper(settings.top_p))
+    return processors
+
+
 def single_sequence_reason(engine) -> str | None:
     """Why this model's requests cannot share a padded batch, or None when they can."""
     model = engine.model
@@ -237,7 +253,8 @@ class Batch:
             return self._refuse(request, "bad_request", f"the sampling settings are not understood: {exc}.")
         except VramancerError as exc:
             return self._refuse(request, "bad_request", str(exc))
-        if any(not isinstance(s, str) for s in request.stop):
+        stops = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop)
+        if any(not isinstance(s, str) for s in stops):
             return self._refuse(request, "bad_request", "each stop sequence must be text.")
         prompt_tokens, wanted = len(prompt_ids), settings.max_new_tokens
         if prompt_tokens + wanted > self.context:
@@ -246,20 +263,10 @@ class Batch:
                 f"all, more than the context of {self.context}; ask for fewer tokens or send a shorter prompt."))
         if len(self.waiting) - self._free_slots() >= self.max_waiting:
             return self._refuse(request, "queue_full", (
-                f"{len(self.running)} requests are running and {len(self.waiting)} waiting, the most this server "
-                f"queues; try again shortly."))
-        processors = LogitsProcessorList()
-        if settings.repetition_penalty is not None and settings.repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
-        if settings.temperature > 0:  # the warpers generate uses, in its order
-            if settings.temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(settings.temperature))
-            if settings.top_k:
-                processors.append(TopKLogitsWarper(settings.top_k))
-            if settings.top_p is not None and settings.top_p < 1.0:
-                processors.append(TopPLogitsWarper(settings.top_p))
-        sequence = Sequence(request, prompt_ids, settings, arrived, AnswerText(self.engine.tokenizer, request.stop),
-                            processors)
+                f"{len(self.running)} requests are running and {len(self.waiting)} waiting, as many as may wait; "
+                f"try again shortly."))
+        sequence = Sequence(request, prompt_ids, settings, arrived, AnswerText(self.engine.tokenizer, stops),
+                            score_processors(settings))
         head = prompt if isinstance(prompt, str) else (prompt[-1].get("content", "") if prompt else "")
         self.emit(ev.RequestQueued(request.request_id, request.client, " ".join(head.split())[:PROMPT_HEAD_CHARS],
                                    prompt_tokens, wanted))
@@ -374,6 +381,11 @@ class Batch:
         """Prefill `sequence` alone and stack its KV under the batch's. A new sequence gets its
         first token from the prefill; a rebuilt one keeps its last token as the next input."""
         model = self.engine.model
+        if not sequence.tokens and sequence.settings.max_new_tokens == 0:  # nothing asked: nothing to run
+            sequence.finish_reason = "length"
+            self.emit(ev.RequestStarted(sequence.request_id))
+            self._finish(sequence)
+            return
         ids = sequence.prompt_ids + sequence.tokens[:-1]
         device = self.engine.split.input_device
         input_ids = torch.tensor([ids], device=device)
@@ -383,11 +395,6 @@ class Batch:
             extra["position_ids"] = torch.arange(len(ids), device=device).unsqueeze(0)
         output = model(input_ids=input_ids, cache=cache, use_cache=True, **extra)
         if not sequence.tokens:
-            if sequence.settings.max_new_tokens == 0:
-                sequence.finish_reason = "length"
-                self.emit(ev.RequestStarted(sequence.request_id))
-                self._finish(sequence)
-                return
             self.emit(ev.RequestStarted(sequence.request_id))
             self._accept(sequence, self._pick(sequence, output.logits[:, -1, :]), time.perf_counter())
             if sequence.finish_reason:

@@ -3,17 +3,17 @@
 Commands arrive on a queue and run one at a time, in order. While a generation runs, the
 queue is still read between two decode steps: Migrate and Cancel take effect there, every
 other command waits its turn. A Cancel names its request: the one streaming stops at the next
-step, a queued one ends at once, cancelled.
-
-Submits (the server's requests) go to a continuous batch (engine/batching.py). While it holds
-sequences the worker loops: read the commands that arrived (Submits join the queue,
-Migrate/Reserve/Replan run there, between two steps, Cancel by request id), admit what fits,
-one decode step, then auto-rebalance. A Generate or a Load waits until the batch empties. At
-Shutdown, running requests end cancelled with the text they have and waiting ones are refused
-(shutting_down). Each command type has its handler in one table,
+step, a queued one ends at once, cancelled. Each command type has its handler in one table,
 so a command without one is a bug a test finds. Events go out through `emit`, called on the
 worker's (or the telemetry's) thread; a UI hands them to its own thread (Textual:
 `post_message`).
+
+Submits (the server's requests) go to a continuous batch (engine/batching.py). While it holds
+sequences the worker loops: read the commands that arrived (Submits join the batch's queue,
+Migrate/Reserve/Replan run there, between two steps, Cancel by request id), admit what fits,
+one decode step, then auto-rebalance. A Generate or a Load waits until the batch empties. At
+Shutdown, running requests end cancelled with the text they have and waiting ones are refused
+(shutting_down): each request gets one answer, and the ones that ran keep what they made.
 """
 
 from __future__ import annotations
@@ -289,6 +289,8 @@ class EngineWorker:
                 if engine.auto_rebalance and batch.running:
                     engine.rebalance(batch.steps)
                 self._between_batch_steps()
+        except VramancerError as exc:  # e.g. a lost device's layers fit nowhere: end them all, say why
+            batch.abort(str(exc))
         except Exception as exc:  # a bug must not leave requests unanswered: end them all, say why
             log.exception("the continuous batch failed")
             batch.abort(f"the batch failed: {type(exc).__name__}: {exc}")
