@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import logging
 from typing import TYPE_CHECKING, AsyncIterator
 
 from starlette.applications import Starlette
@@ -26,8 +25,6 @@ from vramancer.server import protocol as p
 if TYPE_CHECKING:
     from vramancer.server.bridge import RequestStream
     from vramancer.server.service import InferenceServer
-
-log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any prompt that fits a context
 RETRY_AFTER_S = 1  # a full queue drains as answers finish; a second is a fair first wait
