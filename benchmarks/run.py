@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, one JSON file and one markdown table.
 
-    python -m benchmarks.run [--only decode,load,transfer,dashboard] [--rounds N]
+    python -m benchmarks.run [--only decode,load,transfer,dashboard,batching,serve] [--rounds N]
 
 Each benchmark runs in a fresh process of its own. Writes benchmarks/results/bench-<UTC
 time>.json and .md, and copies them to latest.json and latest.md; prints the markdown on
@@ -23,7 +23,10 @@ from pathlib import Path
 from benchmarks.common import Result, machine, machine_line, say
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BENCHMARKS = ("decode", "quantized", "load", "transfer", "dashboard")
+BENCHMARKS = ("decode", "quantized", "load", "transfer", "dashboard", "batching")
+# Run only when named in --only: the server benchmark takes several minutes on two cores
+# (three server processes, 1/4/8 clients per round), past what `make bench` should add.
+ON_REQUEST = ("serve",)
 COMMAND = "make bench"
 
 
@@ -32,8 +35,9 @@ def run_one(name: str, rounds: int | None) -> Result:
     benchmark skews its times, its memory or its idle CPU."""
     args = []
     if rounds:
-        args = {"decode": ["--rounds", rounds], "quantized": ["--rounds", rounds], "load": ["--rounds", rounds], "transfer": ["--rounds", max(rounds, 5) * 3],
-                "dashboard": ["--presses", max(rounds * 10, 50)]}[name]
+        args = {"decode": ["--rounds", rounds], "quantized": ["--rounds", rounds], "load": ["--rounds", rounds],
+                "transfer": ["--rounds", max(rounds, 5) * 3], "dashboard": ["--presses", max(rounds * 10, 50)],
+                "batching": ["--rounds", rounds], "serve": ["--rounds", rounds]}[name]
     with tempfile.TemporaryDirectory(prefix="vramancer-bench-") as scratch:
         out = Path(scratch) / "result.json"
         argv = [sys.executable, "-m", f"benchmarks.{name}", *map(str, args), "--result", str(out)]
@@ -45,11 +49,12 @@ def run_one(name: str, rounds: int | None) -> Result:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run VRAMancer's benchmarks.")
-    parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {', '.join(BENCHMARKS)}")
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {', '.join(BENCHMARKS + ON_REQUEST)} "
+                             f"(default: all but {', '.join(ON_REQUEST)})")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per benchmark (default: each benchmark's own, ≥ 5)")
     args = parser.parse_args(argv)
     chosen = [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = [n for n in chosen if n not in BENCHMARKS]
+    unknown = [n for n in chosen if n not in BENCHMARKS + ON_REQUEST]
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(unknown)}")
 

@@ -1,4 +1,4 @@
-"""The command line: `vramancer` (the dashboard), `devices`, `plan`, `generate`, `bench`, `node`.
+"""The command line: `vramancer` (the dashboard), `devices`, `plan`, `generate`, `bench`, `node`, `serve`.
 
 Flags come first; `VRM_*` environment variables supply their defaults. Bad input is one
 sentence on stderr and exit status 2, never a traceback.
@@ -14,6 +14,9 @@ import sys
 import time
 
 EXIT_USAGE = 2
+DEFAULT_PORT = 8000
+DEFAULT_MAX_BATCH = 8
+MAX_BATCH = 256  # past this a batch's padded KV outgrows any context worth serving
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vramancer", description="Split one language model across several devices and steer it live.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     _add_load_flags(parser)
+    parser.add_argument("--serve", nargs="?", type=int, const=DEFAULT_PORT, default=None, metavar="PORT",
+                        help=f"also serve the OpenAI-compatible API on 127.0.0.1:PORT (default {DEFAULT_PORT}) "
+                             "from the dashboard's engine")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     devices = sub.add_parser("devices", help="list the devices a spec resolves to (and the nodes found)")
@@ -114,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
                           help="after STEP new tokens, move layers A-B (or embed/head) to DEVICE; repeatable")
     generate.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
 
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (and /metrics) for the split model")
+    _add_load_flags(serve, inherit=True)
+    serve.add_argument("--host", default=_env("HOST", "127.0.0.1"),
+                       help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface: give a key)")
+    serve.add_argument("--port", type=int, default=None, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
+    serve.add_argument("--api-key-file", default=_env("API_KEY_FILE", "") or None,
+                       help="file holding the key clients must send as 'Authorization: Bearer KEY'")
+    serve.add_argument("--max-batch", type=int, default=None,
+                       help=f"sequences decoded together at most (default {DEFAULT_MAX_BATCH})")
+
     bench = sub.add_parser("bench", help="decode speed and time to first token over a few rounds")
     _add_load_flags(bench, inherit=True)
     bench.add_argument("--prompt", default="Write a short story about a lighthouse keeper.")
@@ -139,9 +155,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command is None:
             return _dashboard(args, prepare)  # it runs `prepare` after its first frame, torch after that
+        if args.command == "serve":
+            return _serve(args, prepare)  # it listens first: a busy port costs no torch import
         prepare()
         return {"devices": _devices, "plan": _plan, "generate": _generate, "bench": _bench,
-                "node": _node}[args.command](args)
+                "node": _node, "serve": _serve}[args.command](args)
     except VramancerError as exc:
         print(f"vramancer: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -163,6 +181,9 @@ def _check_values(args) -> None:
     env_defaults = {"context": ("CONTEXT", 2048), "threads": ("THREADS", 0)}
     if args.command == "node":
         env_defaults["port"] = ("NODE_PORT", 7070)
+    if args.command == "serve":
+        env_defaults["port"] = ("PORT", DEFAULT_PORT)
+        env_defaults["max_batch"] = ("MAX_BATCH", DEFAULT_MAX_BATCH)
     for dest, (name, default) in env_defaults.items():
         if getattr(args, dest, None) is None:
             setattr(args, dest, v.env_int(name, default))
@@ -172,8 +193,16 @@ def _check_values(args) -> None:
     v.check_context(args.context)
     if getattr(args, "weights", None) is not None:
         v.check_weights(args.weights)
-    if args.command == "node":
+    if args.command in ("node", "serve"):
         v.check_port("--port", args.port)
+    if args.command is None and args.serve is not None:
+        v.check_port("--serve", args.serve)
+    if args.command == "serve":
+        if not 1 <= args.max_batch <= MAX_BATCH:
+            raise VramancerError(f"--max-batch must be between 1 and {MAX_BATCH}, not {args.max_batch}.")
+        from vramancer.server.access import read_api_key
+
+        args.api_key = read_api_key(args.api_key_file) if args.api_key_file else None
     if getattr(args, "token_file", None):
         v.read_token_file(args.token_file)  # a bad token file is refused before torch loads
     if args.command == "devices":
@@ -192,7 +221,7 @@ def _check_values(args) -> None:
             raise VramancerError(f"--max-new-tokens must be 0 or more, not {args.max_new_tokens}.")
         if args.rounds < 1:
             raise VramancerError(f"--rounds must be at least 1, not {args.rounds}.")
-    if args.command in (None, "plan", "generate", "bench", "devices"):
+    if args.command in (None, "plan", "generate", "bench", "devices", "serve"):
         from vramancer.engine.device_spec import parse_device_spec  # no torch: a bad spec costs no time
 
         parse_device_spec(_device_text(args))
@@ -266,6 +295,25 @@ def _node(args) -> int:
     status = serve_node(args.devices, args.bind, args.port, args.token_file, advertise=not args.no_advertise,
                         ready=lambda line: print(line, flush=True))
     exit_now(status)  # stopped and withdrawn: skip seconds of interpreter teardown
+
+
+def _serve(args, prepare) -> int:
+    from vramancer.engine.options import LoadOptions
+    from vramancer.lifetime import exit_now
+    from vramancer.server.access import is_loopback, listen
+
+    if not is_loopback(args.host) and args.api_key is None:
+        print(f"vramancer: warning: serving on {args.host} without --api-key-file; anyone who can reach this "
+              "machine can use the model.", file=sys.stderr, flush=True)
+    sock = listen(args.host, args.port)  # a busy port is refused before torch is imported
+    prepare()
+    from vramancer.server.service import run_serve
+
+    options = LoadOptions(args.model, _device_text(args), args.strategy, args.context, args.dtype,
+                          auto_rebalance=args.auto_rebalance, token_file=args.token_file, weights=args.weights)
+    status = run_serve(options, sock, args.host, args.api_key, args.max_batch,
+                       ready=lambda line: print(line, flush=True))
+    exit_now(status)  # stopped: skip seconds of interpreter teardown
 
 
 def _device_text(args) -> str:
@@ -462,7 +510,7 @@ def _dashboard(args, prepare) -> int:
 
     return run_dashboard(LoadOptions(args.model, _device_text(args), args.strategy, args.context, args.dtype,
                                      auto_rebalance=args.auto_rebalance, token_file=args.token_file,
-                                     weights=args.weights), prepare)
+                                     weights=args.weights), prepare, serve_port=args.serve)
 
 
 # --- helpers ---------------------------------------------------------------------------

@@ -81,12 +81,15 @@ class VramancerApp(App[int]):
         telemetry_hz: float = TELEMETRY_HZ,
         sampling: dict | None = None,
         prepare: Callable[[], None] | None = None,
+        serve_port: int | None = None,
     ) -> None:
         """`options`: what to load at start (None: start empty, load from the palette).
         `telemetry=False` stops the periodic sampler; the App still takes one reading after each
         plan change, so the bars follow moves and a screenshot of them is deterministic.
         `prepare` runs on the start thread before the engine is imported (the CLI's torch
-        thread count and library quieting), so none of it delays the first frame."""
+        thread count and library quieting), so none of it delays the first frame.
+        `serve_port`: also serve the OpenAI-compatible API on 127.0.0.1 at that port, from this
+        dashboard's worker (its events fan out to the App and to the server)."""
         super().__init__()
         self.options = options or LoadOptions()
         self._load_at_start = options is not None
@@ -94,6 +97,8 @@ class VramancerApp(App[int]):
         self._prepare = prepare
         self._telemetry = (telemetry, telemetry_hz)
         self.worker: EngineWorker | None = None  # made once the engine is imported, after the first frame
+        self._serve_port = serve_port
+        self.server = None  # the InferenceServer, with --serve
         self.start_error: str | None = None  # why the start-up load could not even begin (CLI: exit 2)
         self._handlers: dict[type, Handler] = {}
         self._moved_since_plan: list[ev.MigrationDone] = []  # reported moves the next plan includes
@@ -143,6 +148,8 @@ class VramancerApp(App[int]):
         self.call_after_refresh(threading.Thread(target=self._start_engine, name="vramancer-start", daemon=True).start)
 
     def on_unmount(self) -> None:
+        if self.server is not None:
+            self.server.stop(0.3)
         if self.worker is not None:
             self.worker.shutdown(SHUTDOWN_TIMEOUT)
 
@@ -160,11 +167,24 @@ class VramancerApp(App[int]):
             return
 
         telemetry, hz = self._telemetry
-        worker = EngineWorker(self._emit, telemetry_hz=hz, telemetry=telemetry)
+        server, emit = None, self._emit
+        if self._serve_port is not None:
+            from vramancer.server.service import InferenceServer
+
+            server = InferenceServer(quiet=True)
+            emit = _fan_out(self._emit, server.on_event)
+        worker = EngineWorker(emit, telemetry_hz=hz, telemetry=telemetry)
         refusal = None
         if self._load_at_start:
             try:
                 parse_device_spec(self.options.devices)
+            except VramancerError as exc:
+                refusal = str(exc)
+        if server is not None and refusal is None:
+            server.submit = worker.submit
+            try:
+                server.start("127.0.0.1", self._serve_port)
+                self.server = server
             except VramancerError as exc:
                 refusal = str(exc)
         self._from_thread(self._engine_started, worker, refusal)
@@ -186,6 +206,8 @@ class VramancerApp(App[int]):
             self.exit(2, return_code=2)
         elif self._load_at_start:
             self.load(self.options)
+        if self.server is not None and refusal is None:
+            self.notify(f"OpenAI-compatible API on {self.server.url}", title="Serving")
 
     # --- the engine's threads → the App ------------------------------------------------
 
@@ -604,11 +626,23 @@ def _covers(told: tuple, first: int | str, last: int | str, dst: str) -> bool:
     return int(t_first) <= int(first) and int(last) <= int(t_last)
 
 
-def run_dashboard(options: LoadOptions, prepare: Callable[[], None] | None = None) -> int:
+def _fan_out(*sinks: Callable[[ev.Event], None]) -> Callable[[ev.Event], None]:
+    """One emit for the worker that hands each event to every sink, in order."""
+
+    def emit(event: ev.Event) -> None:
+        for sink in sinks:
+            sink(event)
+
+    return emit
+
+
+def run_dashboard(options: LoadOptions, prepare: Callable[[], None] | None = None,
+                  serve_port: int | None = None) -> int:
     """Open the dashboard on `options`; returns the exit status for the CLI. `prepare` runs
     off the App thread before the engine is imported (see VramancerApp). A closed terminal,
-    SIGTERM, SIGHUP or an outside SIGINT quit it like ctrl+q, within the lifetime's deadline."""
-    app = VramancerApp(options, prepare=prepare)
+    SIGTERM, SIGHUP or an outside SIGINT quit it like ctrl+q, within the lifetime's deadline.
+    `serve_port` (--serve): the OpenAI-compatible server runs in this process too."""
+    app = VramancerApp(options, prepare=prepare, serve_port=serve_port)
     lifetime = Lifetime(app.quit_soon).install()
     lifetime.watch_terminal()
     code = app.run()  # the worker was stopped as the App unmounted

@@ -184,6 +184,16 @@ class Engine:
                 return d
         raise VramancerError(f"{name} is not one of this model's devices ({', '.join(d.name for d in self.devices)}).")
 
+    @property
+    def cache(self):
+        """The KV cache of the generation or the batch in progress (None between them):
+        migrations move it with its layers, telemetry counts it."""
+        return self._cache
+
+    @cache.setter
+    def cache(self, cache) -> None:
+        self._cache = cache
+
     def link_stats(self) -> list[LinkStats]:
         return self.split.transfer.link_stats()
 
@@ -292,6 +302,14 @@ class Engine:
             )
         finally:
             self._cache = None
+
+    def batch(self, emit: Callable, max_batch: int = 8, max_waiting: int = 64):
+        """A continuous batch on this engine (engine/batching.py), driven step by step by the
+        caller's thread; its outcomes go out through `emit` as events. Run no `generate`
+        while it holds sequences: it owns the engine's KV cache until it empties."""
+        from vramancer.engine.batching import Batch
+
+        return Batch(self, emit, max_batch, max_waiting)
 
     def stream(self, prompt: str | Messages, **kwargs) -> Iterator[str]:
         """Yield the answer's text pieces as they are decoded (generation runs on a thread)."""

@@ -245,7 +245,8 @@ class RequestStarted(Event):
 
 @dataclass(frozen=True)
 class RequestRefused(Event):
-    """A Submit that will not run: `reason` is too_long | queue_full | bad_request | shutting_down."""
+    """A Submit that will not run: `reason` is too_long | queue_full | bad_request | shutting_down |
+    not_ready (no model is loaded yet)."""
 
     request_id: str
     reason: str

@@ -7,6 +7,13 @@ step, a queued one ends at once, cancelled. Each command type has its handler in
 so a command without one is a bug a test finds. Events go out through `emit`, called on the
 worker's (or the telemetry's) thread; a UI hands them to its own thread (Textual:
 `post_message`).
+
+Submits (the server's requests) go to a continuous batch (engine/batching.py). While it holds
+sequences the worker loops: read the commands that arrived (Submits join the batch's queue,
+Migrate/Reserve/Replan run there, between two steps, Cancel by request id), admit what fits,
+one decode step, then auto-rebalance. A Generate or a Load waits until the batch empties. At
+Shutdown, running requests end cancelled with the text they have and waiting ones are refused
+(shutting_down): each request gets one answer, and the ones that ran keep what they made.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from collections import Counter
 from typing import Callable
 
 from vramancer.engine import events as ev
+from vramancer.engine.batching import Batch
 from vramancer.engine.devices import DeviceLost
 from vramancer.engine.engine import Engine
 from vramancer.engine.errors import VramancerError
@@ -37,8 +45,11 @@ class EngineWorker:
     """Owns an Engine on a thread of its own. `submit` commands; receive events via `emit`."""
 
     def __init__(self, emit: Emit, telemetry_hz: float = DEFAULT_HZ, history: int = DEFAULT_HISTORY,
-                 telemetry: bool = True):
+                 telemetry: bool = True, max_batch: int = 8, max_waiting: int = 64):
         self.emit = emit
+        self.max_batch = max_batch  # sequences decoding together at most
+        self.max_waiting = max_waiting  # Submits waiting for room at most; past that, queue_full
+        self._batch: Batch | None = None  # the continuous batch on the loaded engine
         self.engine: Engine | None = None  # touched only on the worker thread
         self._commands: queue.Queue[ev.Command] = queue.Queue()
         self._deferred: list[ev.Command] = []  # commands that arrived during a generation
@@ -47,6 +58,10 @@ class EngineWorker:
         self._waiting: Counter[int] = Counter()  # request ids of Generates queued, not started
         self._cancel_lock = threading.Lock()  # guards the three above and _current
         self._current: int | None = None  # the request id generating now
+        # Submits not answered yet (in the queue or in the batch), when each arrived, and
+        # those cancelled: guarded by _cancel_lock, like the Generate bookkeeping above.
+        self._submitted: dict[str, float] = {}
+        self._submits_cancelled: set[str] = set()
         self._stopping = threading.Event()
         self._generating = False
         self._reported: set[str] = set()  # recovery failures already told, not repeated every poll
@@ -62,6 +77,7 @@ class EngineWorker:
             ev.Generate: self._on_generate,
             ev.Reserve: self._on_reserve,
             ev.Cancel: self._on_cancel,
+            ev.Submit: self._on_submit,
         }
 
     # --- any thread --------------------------------------------------------------------
@@ -81,9 +97,18 @@ class EngineWorker:
                     self.emit(ev.Error("Generate", "the engine is shutting down; the request was not run."))
                     return
                 self._waiting[command.request_id] += 1
+        if isinstance(command, ev.Submit):
+            with self._cancel_lock:
+                if self._stopping.is_set():
+                    self.emit(ev.RequestRefused(command.request_id, "shutting_down",
+                                                "the engine is shutting down; the request was not run."))
+                    return
+                self._submitted.setdefault(command.request_id, time.perf_counter())
         if isinstance(command, ev.Cancel):
             with self._cancel_lock:
-                if command.request_id == self._current:
+                if isinstance(command.request_id, str) and command.request_id in self._submitted:
+                    self._submits_cancelled.add(command.request_id)
+                elif command.request_id == self._current:
                     self._cancelled.add(command.request_id)
                     self._cancel.set()  # seen at the next step, without waiting for the queue
                 elif self._waiting[command.request_id] > 0:
@@ -129,9 +154,12 @@ class EngineWorker:
         self._drain_after_shutdown()
 
     def _refuse_after_shutdown(self, command: ev.Command) -> None:
-        """A Generate that arrived before Shutdown but never ran is answered, not dropped."""
+        """A Generate or Submit that arrived before Shutdown but never ran is answered, not dropped."""
         if isinstance(command, ev.Generate):
             self.emit(ev.Error("Generate", "the engine is shutting down; the request was not run."))
+        if isinstance(command, ev.Submit):
+            self._batch_emit(ev.RequestRefused(command.request_id, "shutting_down",
+                                               "the engine is shutting down; the request was not run."))
 
     def _drain_after_shutdown(self) -> None:
         for command in self._deferred:
@@ -166,6 +194,7 @@ class EngineWorker:
         if self.engine is not None:
             self.engine.close()
         self.engine = engine
+        self._batch = None  # made for this engine at its first Submit
         engine.auto_rebalance = options.auto_rebalance
         engine.on_rebalance = self._rebalanced
         engine.on_fault = self._node_fault
@@ -233,6 +262,96 @@ class EngineWorker:
                 self._cancelled.discard(command.request_id)
         self.emit(ev.GenerationDone(command.request_id, result.text, tuple(result.token_ids), result.prompt_tokens,
                                     result.new_tokens, result.ttft_s, result.decode_tokens_per_s, result.cancelled))
+
+    # --- the continuous batch ------------------------------------------------------------
+
+    def _on_submit(self, command: ev.Submit) -> None:
+        """Run the batch, starting with this request, until it holds no sequence."""
+        engine = self.engine
+        if engine is None:
+            self._batch_emit(ev.RequestRefused(command.request_id, "not_ready", "no model is loaded yet."))
+            return
+        if self._batch is None or self._batch.engine is not engine:
+            self._batch = engine.batch(self._batch_emit, self.max_batch, self.max_waiting)
+        batch = self._batch
+        self._offer(command)
+        for deferred in [c for c in self._deferred if isinstance(c, ev.Submit)]:
+            self._deferred.remove(deferred)  # Submits held back by a generation join now
+            self._offer(deferred)
+        self._generating = True
+        try:
+            while batch.busy:
+                self._cancel_in_batch()
+                if self._stopping.is_set():
+                    batch.close()
+                    break
+                batch.step()
+                if engine.auto_rebalance and batch.running:
+                    engine.rebalance(batch.steps)
+                self._between_batch_steps()
+        except VramancerError as exc:  # e.g. a lost device's layers fit nowhere: end them all, say why
+            batch.abort(str(exc))
+        except Exception as exc:  # a bug must not leave requests unanswered: end them all, say why
+            log.exception("the continuous batch failed")
+            batch.abort(f"the batch failed: {type(exc).__name__}: {exc}")
+        finally:
+            self._generating = False
+
+    def _offer(self, command: ev.Submit) -> None:
+        """Hand a Submit to the batch, unless it was cancelled while it was in the queue."""
+        with self._cancel_lock:
+            cancelled = command.request_id in self._submits_cancelled
+            arrived = self._submitted.get(command.request_id)
+        if cancelled:
+            self._batch_emit(ev.GenerationDone(command.request_id, "", (), 0, 0, None, None, True,
+                                               finish_reason="cancelled"))
+            return
+        self._batch.submit(command, arrived)
+
+    def _cancel_in_batch(self) -> None:
+        with self._cancel_lock:
+            cancelled = list(self._submits_cancelled)
+        for request_id in cancelled:
+            if self._batch.holds(request_id):
+                self._batch.cancel(request_id)
+
+    def _between_batch_steps(self) -> None:
+        """Commands that arrived during a step: Submits join the batch's queue, Migrate,
+        Reserve and Replan run now, the rest waits until the batch empties."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, ev.Submit):
+                self._offer(command)
+            elif isinstance(command, (ev.Migrate, ev.Reserve, ev.Replan)):
+                try:
+                    if isinstance(command, ev.Migrate):
+                        self._on_migrate(command, step=self._batch.steps)
+                    elif isinstance(command, ev.Reserve):
+                        self._on_reserve(command)
+                        if self.engine.auto_rebalance:
+                            self.engine.rebalance(self._batch.steps)  # at this very step
+                    else:
+                        self._on_replan(command)
+                except DeviceLost as lost:
+                    self._batch.recover(lost)  # re-place the lost layers, rebuild every sequence's KV
+                except VramancerError as exc:
+                    self.emit(ev.Error(type(command).__name__, str(exc)))
+            elif not isinstance(command, ev.Cancel):  # a Cancel was recorded by `submit`
+                self._deferred.append(command)
+
+    def _batch_emit(self, event: ev.Event) -> None:
+        """The batch's events go out as they are; a request's last one ends its bookkeeping."""
+        ended = isinstance(event, ev.GenerationDone) or (
+            isinstance(event, ev.RequestRefused)  # a duplicate id refused leaves the first one be
+            and not (self._batch is not None and self._batch.holds(event.request_id)))
+        if ended and isinstance(event.request_id, str):
+            with self._cancel_lock:
+                self._submitted.pop(event.request_id, None)
+                self._submits_cancelled.discard(event.request_id)
+        self.emit(event)
 
     def _on_reserve(self, command: ev.Reserve) -> None:
         engine = self._require_engine()

@@ -1,0 +1,241 @@
+"""The OpenAI-compatible server under load: `vramancer serve` on the bundled model split over
+`sim:2x1GiB`, with 1, 4 and 8 streaming clients at once, against `vramancer generate`'s own
+decode speed on the same prompt and, where a llama-cpp-python is found, llama.cpp's server on
+the same GGUF.
+
+Each server is a process of its own on 127.0.0.1; the clients are threads here, speaking raw
+HTTP (server-sent events) so the client's own cost stays small. Per round and client count:
+aggregate decode tok/s = tokens after each answer's first / (latest last token - earliest first
+token), TTFT from sending the request to the first text. Also the round trip of a non-streamed
+1-token completion (a short prompt), the server's overhead per request.
+
+llama.cpp: set VRAMANCER_LLAMA_PYTHON to a python with `llama_cpp` and its server extras
+(`llama_cpp.server`), or have /work/llama-venv/bin/python; otherwise its rows are skipped.
+It runs with as many threads as `vramancer serve` gives torch (cores - 1). llama-cpp-python's
+server answers one request at a time (the others wait behind a lock; `--interrupt_requests
+False` so a newcomer does not cut the answer streaming); llama.cpp's own `llama-server` with
+`--parallel` slots batches them, but no build of it is at hand here.
+
+    python -m benchmarks.serve [--rounds 2] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from benchmarks.common import PROMPT, Result, alternate, cli, say
+
+DEVICES = "sim:2x1GiB"
+CONTEXT = 2048
+CLIENTS = (1, 4, 8)
+ROUND_TRIPS = 20  # 1-token completions per round
+LLAMA_DEFAULT = Path("/work/llama-venv/bin/python")
+REPO = Path(__file__).resolve().parent.parent
+MESSAGES = [{"role": "user", "content": PROMPT}]
+
+
+class ServerProcess:
+    """A server started as a process; `url` once it answers /health (or /v1/models) with 200."""
+
+    def __init__(self, name: str, argv: list[str], port: int, env: dict | None = None) -> None:
+        self.name = name
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        env={**os.environ, **(env or {})})
+        self.model = ""
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {self.process.stderr.read().decode()[-2000:]}")
+            try:
+                models = httpx.get(f"{self.url}/v1/models", timeout=5)
+                if models.status_code == 200:
+                    self.model = models.json()["data"][0]["id"]
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} did not answer within {timeout:g} s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stream_once(server: ServerProcess, tokens: int) -> dict:
+    """One streamed chat completion: send time, each text chunk's arrival, tokens reported."""
+    import httpx
+
+    body = {"model": server.model, "messages": MESSAGES, "max_tokens": tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    sent = time.perf_counter()
+    times: list[float] = []
+    usage = None
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=600) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{server.name}: {response.status_code} {response.read()[:300]!r}")
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                times.append(time.perf_counter())
+    return {"sent": sent, "times": times, "tokens": usage if usage is not None else len(times)}
+
+
+def concurrent_run(server: ServerProcess, clients: int, tokens: int):
+    def run() -> dict:
+        results: list[dict] = [{}] * clients
+        errors: list[Exception] = []
+
+        def client(i: int) -> None:
+            try:
+                results[i] = stream_once(server, tokens)
+            except Exception as exc:  # the round fails loudly below, not silently in a thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        first = min(r["times"][0] for r in results)
+        last = max(r["times"][-1] for r in results)
+        after_first = sum(r["tokens"] - 1 for r in results)
+        ttfts = sorted((r["times"][0] - r["sent"]) * 1000 for r in results)
+        return {"tok_s": after_first / (last - first), "ttft_p50": statistics.median(ttfts),
+                "ttft_p95": _percentile(ttfts, 0.95)}
+
+    return run
+
+
+def round_trips(server: ServerProcess):
+    import httpx
+
+    def run() -> dict:
+        times = []
+        with httpx.Client(timeout=60) as http:
+            for _ in range(ROUND_TRIPS):
+                start = time.perf_counter()
+                answer = http.post(f"{server.url}/v1/completions",
+                                   json={"model": server.model, "prompt": "Hi", "max_tokens": 1, "temperature": 0})
+                times.append((time.perf_counter() - start) * 1000)
+                if answer.status_code != 200:
+                    raise RuntimeError(f"{server.name}: {answer.status_code} {answer.text[:300]}")
+        return {"rt_ms": statistics.median(times)}
+
+    return run
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile: with few samples, a value that was really measured."""
+    index = max(0, min(len(sorted_values) - 1, round(q * len(sorted_values) + 0.5) - 1))
+    return sorted_values[index]
+
+
+def generate_speed(tokens: int, rounds: int) -> list[float]:
+    """`vramancer generate`'s decode tok/s on the same prompt and split (its engine.generate,
+    timed by `vramancer bench`: one load, a warm-up, then `rounds` answers)."""
+    done = subprocess.run([sys.executable, "-m", "vramancer", "bench", "--devices", DEVICES, "--context", str(CONTEXT),
+                           "--prompt", PROMPT, "--max-new-tokens", str(tokens), "--rounds", str(rounds), "--json"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"vramancer bench failed: {done.stderr[-1000:]}")
+    return json.loads(done.stdout)["decode_tokens_per_s"]
+
+
+def llama_python() -> str | None:
+    """A python that has llama_cpp and its server, or None."""
+    candidates = [os.environ.get("VRAMANCER_LLAMA_PYTHON"), str(LLAMA_DEFAULT)]
+    for python in filter(None, candidates):
+        if Path(python).exists() and subprocess.run([python, "-c", "import llama_cpp.server.app"],
+                                                    capture_output=True).returncode == 0:
+            return python
+    return None
+
+
+def bench(rounds: int = 2, tokens: int = 64) -> Result:
+    from vramancer.engine.models import bundled_model_path
+
+    threads = max(1, (os.cpu_count() or 2) - 1)
+    result = Result(
+        "serve", "The OpenAI-compatible server: concurrent streaming clients (bundled SmolLM2-135M, greedy)",
+        {"rounds": rounds, "new tokens per answer": tokens, "devices": DEVICES, "context": CONTEXT,
+         "threads": threads, "1-token round trips per round": ROUND_TRIPS},
+        {"tok_s": ("aggregate decode tok/s", 1), "ttft_p50": ("TTFT p50 ms", 0), "ttft_p95": ("TTFT p95 ms", 0),
+         "rt_ms": ("1-token completion round trip p50 ms", 1)},
+    )
+    say("  `vramancer generate` path (vramancer bench) ...")
+    generate = generate_speed(tokens, rounds)
+
+    servers = [ServerProcess("VRAMancer", [sys.executable, "-m", "vramancer", "serve", "--devices", DEVICES,
+                                           "--context", str(CONTEXT), "--port", str(port := free_port()),
+                                           "--max-batch", "8"], port)]
+    python = llama_python()
+    if python:
+        llama_port = free_port()
+        servers.append(ServerProcess("llama.cpp", [python, "-m", "llama_cpp.server", "--model",
+                                                   str(bundled_model_path()), "--host", "127.0.0.1", "--port",
+                                                   str(llama_port), "--n_ctx", str(CONTEXT), "--n_threads",
+                                                   str(threads), "--verbose", "False",
+                                                   "--interrupt_requests", "False"], llama_port))
+    else:
+        result.notes.append("llama.cpp's server was not measured: no python with llama_cpp.server found "
+                            "(set VRAMANCER_LLAMA_PYTHON).")
+    try:
+        for server in servers:
+            server.wait_ready()
+        contenders = {}
+        for server in servers:
+            for clients in CLIENTS:
+                contenders[f"{server.name} server, {clients} streaming client{'s' if clients > 1 else ''}"] = \
+                    concurrent_run(server, clients, tokens)
+            contenders[f"{server.name} server, non-streamed 1-token completions"] = round_trips(server)
+        samples = alternate(contenders, rounds)
+    finally:
+        for server in servers:
+            server.stop()
+    samples["`vramancer generate` (engine.generate, same prompt and split)"] = [{"tok_s": v} for v in generate]
+    result.add(samples)
+    one, eight = "VRAMancer server, 1 streaming client", "VRAMancer server, 8 streaming clients"
+    result.ratio("8 clients ÷ 1 client, aggregate decode tok/s", eight, one, "tok_s", True, at_least=4.0)
+    result.ratio("1 client ÷ `vramancer generate`, decode tok/s", one,
+                 "`vramancer generate` (engine.generate, same prompt and split)", "tok_s", True, at_least=0.95)
+    if python:
+        for clients in CLIENTS:
+            s = "s" if clients > 1 else ""
+            result.ratio(f"VRAMancer ÷ llama.cpp, {clients} client{s}, aggregate decode tok/s",
+                         f"VRAMancer server, {clients} streaming client{s}",
+                         f"llama.cpp server, {clients} streaming client{s}", "tok_s", True)
+    return result
+
+
+if __name__ == "__main__":
+    cli(bench, __doc__, [("--rounds", int, 2), ("--tokens", int, 64)])

@@ -1,0 +1,290 @@
+"""The HTTP routes: OpenAI's /v1 endpoints, /health and /metrics, as a Starlette app.
+
+Each completion request is checked, submitted to the engine worker as a `Submit`, and answered
+from its events: the first event decides the status (a refusal becomes an OpenAI error with its
+status), then text streams as server-sent events (`data: {...}` lines, `data: [DONE]` last) or
+is gathered into one JSON answer. A client that goes away cancels its sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from typing import TYPE_CHECKING, AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from vramancer.engine import events as ev
+from vramancer.server import protocol as p
+
+if TYPE_CHECKING:
+    from vramancer.server.bridge import RequestStream
+    from vramancer.server.service import InferenceServer
+
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any prompt that fits a context
+RETRY_AFTER_S = 1  # a full queue drains as answers finish; a second is a fair first wait
+
+# A refusal's reason -> (HTTP status, OpenAI error type, code)
+REFUSALS = {
+    "too_long": (400, "invalid_request_error", "context_length_exceeded"),
+    "queue_full": (429, "rate_limit_error", "queue_full"),
+    "bad_request": (400, "invalid_request_error", None),
+    "shutting_down": (503, "server_error", "shutting_down"),
+    "not_ready": (503, "server_error", "model_not_loaded"),
+}
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def create_app(server: InferenceServer) -> Starlette:
+    """The ASGI app of one server: its routes read and submit through `server`."""
+
+    async def models(request: Request) -> Response:
+        _authorise(server, request)
+        state = server.bridge.model
+        if not state.ready:
+            raise _not_ready(state)
+        return JSONResponse(p.models_body(state.name, server.created))
+
+    async def chat(request: Request) -> Response:
+        return await _complete(server, request, chat=True)
+
+    async def completions(request: Request) -> Response:
+        return await _complete(server, request, chat=False)
+
+    async def health(request: Request) -> Response:
+        state = server.bridge.model
+        if state.ready:
+            return JSONResponse({"status": "ok", "model": state.name})
+        body = {"status": "loading"} if state.error is None else {"status": "error", "message": state.error}
+        return JSONResponse(body, status_code=503)
+
+    async def metrics(request: Request) -> Response:
+        return Response(server.metrics.text(), media_type=PROMETHEUS_TEXT)
+
+    async def api_error(request: Request, exc: p.ApiError) -> Response:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        """Starlette's own 404 and 405, worded as OpenAI errors too."""
+        message = (f"no route {request.method} {request.url.path}." if exc.status_code == 404
+                   else f"{request.method} is not allowed on {request.url.path}.")
+        return JSONResponse(p.ApiError(exc.status_code, message).body(), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    return Starlette(
+        routes=[
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ],
+        exception_handlers={p.ApiError: api_error, HTTPException: http_error},
+    )
+
+
+# --- one completion --------------------------------------------------------------------------
+
+
+async def _complete(server: InferenceServer, request: Request, chat: bool) -> Response:
+    _authorise(server, request)
+    body = await _read_json(request)
+    completion = p.parse_chat(body) if chat else p.parse_completion(body)
+    state = server.bridge.model
+    if not state.ready:
+        raise _not_ready(state)
+    if completion.model.lower() not in {name.lower() for name in state.names()}:
+        raise p.ApiError(404, f"the model '{completion.model}' does not exist; this server serves "
+                              f"'{state.name}'.", param="model", code="model_not_found")
+    client = f"{request.client.host}:{request.client.port}" if request.client else ""
+    stream = server.bridge.open(completion.id)
+    try:
+        server.submit(ev.Submit(completion.id, completion.prompt, completion.sampling, raw=completion.raw,
+                                stop=completion.stop, client=client))
+    except Exception:
+        server.bridge.forget(completion.id)
+        raise
+    answer = _Answer(server, completion, state.name, stream)
+    if completion.stream:
+        # Wait for the engine's first word before the status line: a refusal is a real status.
+        first = await _or_disconnect(request, answer.first_event(), answer.cancel)
+        if first is None:
+            return Response(status_code=499)  # the client left before anything was sent
+        return StreamingResponse(answer.events(first), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    result = await _or_disconnect(request, answer.whole(), answer.cancel)
+    if result is None:
+        return Response(status_code=499)
+    return JSONResponse(result)
+
+
+class _Answer:
+    """One request's answer, built from its events."""
+
+    def __init__(self, server: InferenceServer, request: p.CompletionRequest, model: str,
+                 stream: RequestStream) -> None:
+        self.server = server
+        self.request = request
+        self.model = model
+        self.stream = stream
+        self.created = p.now()
+        self.finished = False
+
+    def cancel(self) -> None:
+        """The client went away: its sequence leaves the batch at the next step, its KV freed."""
+        if not self.finished:
+            self.finished = True
+            self.server.submit(ev.Cancel(self.request.id))
+
+    async def first_event(self) -> ev.Event:
+        """The engine's first word on the request (queued, usually); a refusal is raised."""
+        _, event = await self.stream.next()
+        self._raise_if_refused(event)
+        return event
+
+    def _raise_if_refused(self, event: ev.Event) -> None:
+        if isinstance(event, ev.RequestRefused):
+            self.finished = True
+            status, type_, code = REFUSALS.get(event.reason, (400, "invalid_request_error", None))
+            headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
+            param = ("messages" if self.request.chat else "prompt") if event.reason == "too_long" else None
+            raise p.ApiError(status, event.message, type_, param=param, code=code, headers=headers)
+        if isinstance(event, ev.Error):
+            self.finished = True
+            raise p.ApiError(500, event.message, "server_error")
+        if isinstance(event, ev.GenerationDone) and event.cancelled:
+            self.finished = True  # ended by a shutdown, not by its client (who is still here)
+            raise p.ApiError(503, "the server is shutting down; the answer was not finished.", "server_error",
+                             code="shutting_down")
+
+    async def whole(self) -> dict:
+        """Wait for the end; the answer as one JSON object."""
+        while True:
+            _, event = await self.stream.next()
+            self._raise_if_refused(event)
+            if isinstance(event, ev.GenerationDone):
+                self.finished = True
+                return p.completion_body(self.request, self.model, self.created, event.text,
+                                         _finish_reason(event), event.prompt_tokens, event.new_tokens)
+
+    async def events(self, first: ev.Event) -> AsyncIterator[str]:
+        """The answer as server-sent events. Cancelled (the client went away) at any await."""
+        request, model, created = self.request, self.model, self.created
+        try:
+            if request.chat:
+                yield _sse(p.chunk_body(request, model, created, first=True))
+            event = first
+            while True:
+                if isinstance(event, ev.Token):
+                    yield _sse(p.chunk_body(request, model, created, text=event.text))
+                elif isinstance(event, ev.GenerationDone):
+                    self.finished = True
+                    try:
+                        self._raise_if_refused(event)
+                    except p.ApiError as exc:
+                        yield _sse(exc.body())
+                        yield "data: [DONE]\n\n"
+                        return
+                    yield _sse(p.chunk_body(request, model, created, finish_reason=_finish_reason(event),
+                                            text=None if request.chat else ""))
+                    if request.include_usage:
+                        yield _sse(p.chunk_body(request, model, created, no_choice=True,
+                                                usage_=p.usage(event.prompt_tokens, event.new_tokens)))
+                    yield "data: [DONE]\n\n"
+                    return
+                elif isinstance(event, (ev.RequestRefused, ev.Error)):
+                    try:
+                        self._raise_if_refused(event)
+                    except p.ApiError as exc:
+                        yield _sse(exc.body())
+                        yield "data: [DONE]\n\n"
+                        return
+                _, event = await self.stream.next()
+        finally:
+            self.cancel()  # a no-op once finished; else the client left mid-answer
+
+
+def _finish_reason(done: ev.GenerationDone) -> str:
+    return done.finish_reason if done.finish_reason in ("stop", "length") else "stop"
+
+
+def _sse(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _or_disconnect(request: Request, work, on_disconnect):
+    """`work`'s result, or None (after `on_disconnect()`) if the client hangs up first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        on_disconnect()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    on_disconnect()
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up (the body has been read, so only that can arrive)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+# --- reading and checking the request ----------------------------------------------------------
+
+
+def _authorise(server: InferenceServer, request: Request) -> None:
+    """Only when the server was given a key: `Authorization: Bearer KEY`, compared in constant time."""
+    if server.api_key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise p.ApiError(401, "an API key is needed: send 'Authorization: Bearer <key>'.",
+                         code="invalid_api_key")
+    if not hmac.compare_digest(given.strip().encode(), server.api_key):
+        raise p.ApiError(401, "the API key is wrong.", code="invalid_api_key")
+
+
+async def _read_json(request: Request) -> object:
+    """The body as JSON; over 1 MiB is refused by its Content-Length and, when that is missing or
+    lies, while it is read."""
+    too_big = p.ApiError(413, f"the request body is over {MAX_BODY_BYTES // (1 << 20)} MiB.",
+                         code="request_too_large")
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.strip().isdigit():
+            raise p.ApiError(400, "the Content-Length header is not a number.")
+        if int(length) > MAX_BODY_BYTES:
+            raise too_big
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_big
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except ValueError:
+        raise p.ApiError(400, "the request body is not valid JSON.") from None
+
+
+def _not_ready(state) -> p.ApiError:
+    if state.error is not None:
+        return p.ApiError(503, f"no model is loaded: {state.error}", "server_error", code="model_not_loaded")
+    return p.ApiError(503, "the model is still loading; try again when GET /health answers 200.", "server_error",
+                      code="model_loading")
