@@ -611,3 +611,26 @@ async def test_history_of_memory_utilisation_and_decode_speed_with_their_scales(
         shown = decode.render().plain
         assert f"peak {decode.peak:.1f} tok/s · {done.new_tokens} tokens decoded" in shown
         assert f" 0–{decode.peak:.1f} tok/s · " in shown and shown.rstrip().endswith(" s"), "scale and window"
+
+
+async def test_every_focus_stop_shows_focus_in_a_colour_of_its_own(tiny_model_dir):
+    """Each panel that takes focus gets the heavy focus border (only it), a tile its cursor
+    background; the focus colour is none of the warning / error / success colours."""
+    app = make_app(tiny_model_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        panels = {name: app.query_one(name) for name in ("#devices", "#placement", "#links", "#events", "#console")}
+        first_tile = tile(app, 0, "sim1")
+        other_tile = tile(app, "embed", "sim0")
+        stops = {"#devices": panels["#devices"], "#links": panels["#links"], "#events": panels["#events"],
+                 "#placement": first_tile, "#console": app.console_panel.prompt}
+        for name, widget in stops.items():
+            widget.focus()
+            await pilot.pause()
+            assert [n for n, p in panels.items() if p.styles.border_top[0] == "heavy"] == [name], name
+            if widget is first_tile:
+                assert first_tile.styles.background != other_tile.styles.background, "the focused tile stands out"
+        focus_colour = panels["#console"].styles.border_top[1]
+        variables = app.get_css_variables()
+        for meaning in ("warning", "error", "success", "text-warning", "text-error", "text-success"):
+            assert focus_colour.hex[:7] != variables[meaning].upper()[:7], meaning
