@@ -247,6 +247,9 @@ class DevicesPanel(VerticalScroll):
         self.legend = MemoryLegend(classes="memory-legend")
         await self.mount_all([self.legend, *self.cards.values()])
         self._fit_cards()
+        # The panel's height may still be the one from before the cards were mounted: fit them
+        # again once the layout has settled (no resize event follows if its size did not change).
+        self.call_after_refresh(self._fit_cards)
 
     def on_resize(self) -> None:
         self._fit_cards()
