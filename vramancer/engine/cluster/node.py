@@ -338,12 +338,16 @@ class Session:
                 log.exception("%s failed", op)
                 ok = {"id": request_id, "ok": False, "error": f"{op} failed on the node: {type(exc).__name__}: {exc}"}
             ok["devices"] = self.server.snapshots()
+            leaving = op in ("bye", "shutdown") and ok["ok"]
+            if leaving:
+                # Ending before the reply goes out: the coordinator may reconnect the moment it
+                # reads it, and its handshake must find this session letting go, not busy.
+                self.ending.set()
             try:
                 self.channel.send(ok)
             except OSError:
                 return
-            if op in ("bye", "shutdown") and ok["ok"]:
-                self.ending.set()
+            if leaving:
                 if op == "shutdown":
                     self.server.stop()
                 return
