@@ -27,8 +27,10 @@ $(STAMP): pyproject.toml Makefile
 run: setup
 	$(VENV)/bin/vramancer
 
+# Test files spread over up to 4 processes (2 on a 2-core CI machine): most tests wait on
+# subprocesses, sockets and pseudo-terminals, so two run in about 0.6 of one's time.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile
 
 bench: setup
 	$(PY) -m benchmarks.run
