@@ -154,20 +154,26 @@ MAX_TOKEN_BYTES = 4096  # a cluster token is a short secret; never read more (/d
 
 def read_token_file(token_file: str) -> bytes:
     """The cluster token in `token_file`, read without torch so a bad file is refused at once."""
+    return read_secret_file(token_file, "token file", "a cluster token", "the cluster's secret")
+
+
+def read_secret_file(path: str, label: str, secret: str, contents: str, limit: int = MAX_TOKEN_BYTES) -> bytes:
+    """A short secret on one line from the file at `path`, never reading more than `limit`
+    bytes (/dev/zero, a big file). `label` names the file, `secret` what it holds and
+    `contents` what to put in it, for the refusals."""
     from pathlib import Path
 
     try:
-        with Path(token_file).expanduser().open("rb") as f:
-            data = f.read(MAX_TOKEN_BYTES + 1)
+        with Path(path).expanduser().open("rb") as f:
+            data = f.read(limit + 1)
     except OSError as exc:
-        raise VramancerError(f"the token file {token_file} cannot be read: {exc.strerror or exc}.") from None
-    if len(data) > MAX_TOKEN_BYTES:
-        raise VramancerError(f"the token file {token_file} holds more than {MAX_TOKEN_BYTES} bytes; "
-                             "a cluster token is a short secret on one line.")
+        raise VramancerError(f"the {label} {path} cannot be read: {exc.strerror or exc}.") from None
+    if len(data) > limit:
+        raise VramancerError(f"the {label} {path} holds more than {limit} bytes; {secret} is a short secret on one line.")
     try:
-        token = data.decode("utf-8").strip()
+        text = data.decode("utf-8").strip()
     except UnicodeDecodeError:
-        raise VramancerError(f"the token file {token_file} is not UTF-8 text; put the cluster's secret in it.") from None
-    if not token:
-        raise VramancerError(f"the token file {token_file} is empty; put the cluster's secret in it.")
-    return token.encode()
+        raise VramancerError(f"the {label} {path} is not UTF-8 text; put {contents} in it.") from None
+    if not text:
+        raise VramancerError(f"the {label} {path} is empty; put {contents} in it.")
+    return text.encode()

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from pathlib import Path
 
 from vramancer.engine.errors import VramancerError
+from vramancer.engine.validation import read_secret_file
 
 MAX_KEY_BYTES = 4096  # an API key is a short secret; never read more (/dev/zero, a big file)
 BACKLOG = 2048
@@ -43,20 +43,6 @@ def is_loopback(host: str) -> bool:
 
 def read_api_key(path: str) -> bytes:
     """The API key in `path` (one line), read before anything loads."""
-    try:
-        with Path(path).expanduser().open("rb") as f:
-            data = f.read(MAX_KEY_BYTES + 1)
-    except OSError as exc:
-        raise VramancerError(f"the API key file {path} cannot be read: {exc.strerror or exc}.") from None
-    if len(data) > MAX_KEY_BYTES:
-        raise VramancerError(f"the API key file {path} holds more than {MAX_KEY_BYTES} bytes; "
-                             "an API key is a short secret on one line.")
-    try:
-        key = data.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise VramancerError(f"the API key file {path} is not UTF-8 text.") from None
-    if not key:
-        raise VramancerError(f"the API key file {path} is empty; put the key clients must send in it.")
-    return key.encode()
+    return read_secret_file(path, "API key file", "an API key", "the key clients must send", MAX_KEY_BYTES)
 
 
