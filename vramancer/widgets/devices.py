@@ -258,7 +258,9 @@ class DevicesPanel(VerticalScroll):
         count, height = len(self.cards), self.scrollable_content_region.height or self.size.height
         if not count:
             return
-        legend = len(self.legend.render().wrap(self.app.console, max(self.scrollable_content_region.width, 1)))
+        # The width without a scrollbar: the mode chosen makes the cards fit, so none shows. (The
+        # width with one, taken while a previous mode overflowed, could flip the choice.)
+        legend = len(self.legend.render().wrap(self.app.console, max(self.content_region.width, 1)))
         if count * FULL_HEIGHT <= height:
             mode = FULL
         elif legend + count * 2 <= height:
