@@ -57,3 +57,20 @@ def smollm_engine():
     engine = Engine.load("default", "sim:3x1GiB", context=512)
     yield engine
     engine.close()
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"  # Textual and uvicorn run on asyncio
+
+
+@pytest.fixture
+def one_torch_thread():
+    """The models decode fastest on one thread on this shared 2-core machine (threads that
+    wait for a busy core spin), and the UI thread needs a core too."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-import torch
 from textual.widgets import Input
 
 from vramancer.app import VramancerApp
@@ -28,21 +27,9 @@ from vramancer.widgets.placement import BlockTile, DeviceColumn
 SIZE = (120, 40)
 TIMEOUT = 30.0
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("one_torch_thread")]
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"  # Textual runs on asyncio
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The tiny model decodes fastest on one thread, and the UI thread needs a core too."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Recorder:

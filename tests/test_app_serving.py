@@ -11,7 +11,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 from vramancer.app import VramancerApp
 from vramancer.engine import events as ev
@@ -22,20 +21,9 @@ from vramancer.widgets.requests import KEPT
 SIZE = (120, 40)
 TIMEOUT = 30.0
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("one_torch_thread")]
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 async def wait_for(pilot, condition, what: str, timeout: float = TIMEOUT):

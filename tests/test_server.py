@@ -454,10 +454,6 @@ def test_a_host_beyond_loopback_without_a_key_is_warned_about():
 # --- the dashboard with --serve ----------------------------------------------------------------
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"  # Textual runs on asyncio
-
 
 @pytest.mark.anyio
 async def test_the_dashboard_serves_from_its_own_worker_and_stops_serving_when_it_quits(tiny_model_dir):

@@ -182,26 +182,20 @@ class _Answer:
             while True:
                 if isinstance(event, ev.Token):
                     yield _sse(p.chunk_body(request, model, created, text=event.text))
-                elif isinstance(event, ev.GenerationDone):
+                elif isinstance(event, (ev.GenerationDone, ev.RequestRefused, ev.Error)):
                     self.finished = True
                     try:
                         self._raise_if_refused(event)
-                    except p.ApiError as exc:
+                    except p.ApiError as exc:  # an error mid-stream: the status line has gone out
                         yield _sse(exc.body())
                         yield "data: [DONE]\n\n"
                         return
-                    yield _sse(p.chunk_body(request, model, created, finish_reason=_finish_reason(event),
-                                            text=None if request.chat else ""))
-                    if request.include_usage:
-                        yield _sse(p.chunk_body(request, model, created, no_choice=True,
-                                                usage_=p.usage(event.prompt_tokens, event.new_tokens)))
-                    yield "data: [DONE]\n\n"
-                    return
-                elif isinstance(event, (ev.RequestRefused, ev.Error)):
-                    try:
-                        self._raise_if_refused(event)
-                    except p.ApiError as exc:
-                        yield _sse(exc.body())
+                    if isinstance(event, ev.GenerationDone):
+                        yield _sse(p.chunk_body(request, model, created, finish_reason=_finish_reason(event),
+                                                text=None if request.chat else ""))
+                        if request.include_usage:
+                            yield _sse(p.chunk_body(request, model, created, no_choice=True,
+                                                    usage_=p.usage(event.prompt_tokens, event.new_tokens)))
                         yield "data: [DONE]\n\n"
                         return
                 _, event = await self.stream.next()
