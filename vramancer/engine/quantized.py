@@ -31,7 +31,7 @@ from vramancer.engine.errors import VramancerError
 from vramancer.engine.validation import check_weights
 
 Q4_GROUP = 32  # weights per scale/zero pair: GGUF's Q4_0/Q4_1 block size
-QUANTIZED_DTYPE = torch.bfloat16  # the activations torchao's CPU kernels are fast with
+QUANTIZED_DTYPE = torch.bfloat16  # the activations torchao's kernels are fast with (our own take float32)
 
 # GGUF `general.file_type` (llama.cpp's LLAMA_FTYPE) → the nearest width we run.
 _GGUF_FILE_TYPES = {
@@ -104,9 +104,37 @@ def gguf_file_type(path: Path) -> int | None:
     return None
 
 
-def compute_dtype(weights: str, dtype: torch.dtype) -> torch.dtype:
-    """The activations' dtype: bfloat16 under quantized weights, else `dtype`."""
-    return dtype if weights == "native" else QUANTIZED_DTYPE
+def our_kernels(dtype: torch.dtype) -> bool:
+    """Whether quantized weights run on our CPU kernels (engine/cpu_kernels.py): with float32
+    activations, where they build and this CPU has AVX2/FMA. Otherwise torchao's run. The first
+    call may compile the kernels (once per machine, about a minute)."""
+    if dtype != torch.float32:
+        return False
+    from vramancer.engine.cpu_kernels import kernels
+
+    return kernels() is not None
+
+
+def compute_dtype(weights: str, dtype: torch.dtype, device_kinds: set[str] = frozenset({"cpu"})) -> torch.dtype:
+    """The activations' dtype under `weights`: float32 where our CPU kernels run (CPU and
+    simulated devices), else bfloat16 for torchao's kernels; `dtype` under native weights."""
+    if weights == "native":
+        return dtype
+    if device_kinds <= {"cpu", "sim"} and our_kernels(torch.float32):
+        return torch.float32
+    return QUANTIZED_DTYPE
+
+
+def kernel_path(weights: str, dtype: torch.dtype) -> str:
+    """One line for `plan` and `bench`: which kernels run the quantized weights, and why."""
+    if weights == "native":
+        return f"native {str(dtype).removeprefix('torch.')} weights: torch's own matmuls"
+    if our_kernels(dtype):
+        return f"{weights} weights: VRAMancer's AVX2 CPU kernels, float32 activations"
+    from vramancer.engine.cpu_kernels import unavailable_reason
+
+    why = unavailable_reason() if dtype == torch.float32 else f"{str(dtype).removeprefix('torch.')} activations"
+    return f"{weights} weights: torchao/torch kernels ({why})"
 
 
 def quantizable(module: nn.Module, weights: str, head: nn.Module | None) -> bool:
@@ -118,21 +146,24 @@ def quantizable(module: nn.Module, weights: str, head: nn.Module | None) -> bool
 
 
 def quantized_weight_bytes(out_features: int, in_features: int, weights: str, dtype: torch.dtype) -> int:
-    """Bytes torchao stores for one quantized linear weight (checked against the real tensors
-    by tests/test_quantized.py): q8 keeps int8 values, a float32 scale and an int8 zero per
-    row; q4 two values per byte and a (scale, zero) pair per group in the compute dtype."""
+    """Bytes stored for one quantized linear weight (checked against the real tensors by
+    tests/test_quantized.py): q8 keeps int8 values, a float32 scale and an int8 zero per row;
+    q4 two values per byte and a (scale, minimum) pair per group: float16 in our kernels'
+    layout, the compute dtype in torchao's."""
     if weights == "q8":
         return out_features * in_features + out_features * (4 + 1)
     if weights == "q4":
         groups = in_features // Q4_GROUP
-        return out_features * in_features // 2 + groups * out_features * 2 * torch.empty((), dtype=dtype).element_size()
+        pair = 2 * 2 if our_kernels(dtype) else 2 * torch.empty((), dtype=dtype).element_size()
+        return out_features * in_features // 2 + groups * out_features * pair
     raise ValueError(weights)
 
 
 def quantize_model(model: nn.Module, weights: str) -> None:
-    """Quantize `model`'s weights in place (it is on the CPU, in QUANTIZED_DTYPE): the
+    """Quantize `model`'s weights in place (it is on the CPU, in its compute dtype): the
     embedding table and the output head as per-row int8 (one tensor when tied), the decoder's
-    linear layers as `weights` says."""
+    linear layers as `weights` says, in our kernels' layout under float32 activations (where
+    they run), else in torchao's."""
     if weights == "native":
         return
     from vramancer.engine.int8_rows import quantize_rows
@@ -147,6 +178,13 @@ def quantize_model(model: nn.Module, weights: str) -> None:
         for module in model.modules():
             if quantizable(module, weights, head):
                 module.weight = quantize_rows(module.weight)
+        return
+    if our_kernels(model.dtype):
+        from vramancer.engine.int4_blocks import quantize_blocks
+
+        for module in model.modules():
+            if quantizable(module, weights, head):
+                module.weight = quantize_blocks(module.weight)
         return
     from torchao.quantization import quantize_
     from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
