@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchao.utils import TorchAOBaseTensor
 
+from vramancer.engine.cpu_kernels import kernels
+
 BLOCK = 32  # weights per scale/minimum pair, as GGUF's Q4_0/Q4_1
 
 
@@ -53,6 +55,17 @@ class BlockInt4Tensor(TorchAOBaseTensor):
         return cls(nibbles.reshape(rows, columns // 2).contiguous(), scale.contiguous(), minimum.contiguous(),
                    weight.shape, weight.dtype)
 
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ self.T (+ bias) on our kernel; x on the CPU, any float dtype (float32 runs as is)."""
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.dtype != torch.float32 or not rows.is_contiguous():
+            rows = rows.to(torch.float32).contiguous()
+        out = kernels().q4_linear(rows, self.qdata, self.scale, self.minimum)
+        if bias is not None:
+            out += bias
+        out = out.view(*x.shape[:-1], out.shape[-1])
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
     def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
         rows, columns = self.shape
         packed = self.qdata.reshape(rows, columns // BLOCK, BLOCK // 2)
@@ -68,14 +81,7 @@ def quantize_blocks(weight: torch.Tensor) -> nn.Parameter:
 @BlockInt4Tensor.implements(torch.ops.aten.linear.default)
 @BlockInt4Tensor.implements_torch_function(F.linear)
 def _linear(func, types, args, kwargs):
-    from vramancer.engine.cpu_kernels import kernels
-
     x, weight = args[0], args[1]
-    bias = args[2] if len(args) > 2 else kwargs.get("bias")
     if x.device.type != "cpu":
         raise RuntimeError("q4 weights run on the CPU only")
-    rows = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
-    out = kernels().q4_linear(rows, weight.qdata, weight.scale, weight.minimum)
-    if bias is not None:
-        out = out + bias
-    return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+    return weight.linear(x, args[2] if len(args) > 2 else kwargs.get("bias"))

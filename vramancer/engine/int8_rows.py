@@ -30,6 +30,16 @@ class RowInt8Tensor(Int8Tensor):
     """torchao's per-row int8 tensor, with a CPU matmul and a lookup that never dequantize
     the whole matrix."""
 
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ self.T (+ bias) on our kernel; x float32 on the CPU."""
+        rows = x.reshape(-1, x.shape[-1])
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+        out = kernels().q8_linear(rows, self.qdata, self.scale.view(-1))
+        if bias is not None:
+            out += bias
+        return out.view(*x.shape[:-1], out.shape[-1])
+
 
 def quantize_rows(weight: torch.Tensor) -> nn.Parameter:
     """`weight` (rows × columns, floats) as symmetric int8 with one float32 scale per row."""
@@ -45,12 +55,10 @@ def _linear(func, types, args, kwargs):
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     if x.device.type != "cpu" or weight.act_quant_kwargs is not None:
         return _parent_linear(func, types, args, kwargs)  # torchao's own path elsewhere
+    if x.dtype == torch.float32 and kernels() is not None:
+        return weight.linear(x, bias)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    ours = kernels() if x.dtype == torch.float32 else None
-    if ours is not None:
-        out = ours.q8_linear(rows, weight.qdata, weight.scale.reshape(-1))
-    else:
-        out = torch._weight_int8pack_mm(rows, weight.qdata, weight.scale.reshape(-1).to(x.dtype))
+    out = torch._weight_int8pack_mm(rows, weight.qdata, weight.scale.reshape(-1).to(x.dtype))
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], out.shape[-1])
