@@ -24,7 +24,6 @@ import struct
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
@@ -184,26 +183,15 @@ def quantize_model(model: nn.Module, weights: str) -> None:
             if quantizable(module, weights, head):
                 module.weight = quantize(module.weight)
         if ours:
-            for module in model.modules():
-                if type(module) is nn.Linear and hasattr(module.weight, "linear"):
-                    module.__class__ = KernelLinear
+            from vramancer.engine.kernel_modules import rewire
+
+            rewire(model)
         return
     from torchao.quantization import quantize_
     from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
 
     config = PrototypeInt4WeightOnlyConfig(group_size=Q4_GROUP, set_inductor_config=False)
     quantize_(model, config, filter_fn=lambda module, _name: quantizable(module, weights, head))
-
-
-class KernelLinear(nn.Linear):
-    """An nn.Linear whose quantized weight (int4_blocks / int8_rows) runs straight on our CPU
-    kernels: through the tensor subclass's dispatch (`__torch_function__`) each call cost
-    10-20 µs more here, 3-4 ms a token for the bundled model's 211 matmuls."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and x.device.type == "cpu":
-            return self.weight.linear(x, self.bias)
-        return F.linear(x, self.weight, self.bias)
 
 
 def stored_bytes(tensor: torch.Tensor) -> int:
