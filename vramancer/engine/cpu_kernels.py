@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from vramancer.engine.cache_dir import cache_root
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "quant_linear.cpp"
@@ -42,8 +44,6 @@ def cpu_supports_kernels() -> bool:
 
 def build_dir() -> Path:
     """The folder for this source, these flags and this torch/Python."""
-    from vramancer.engine.models import cache_root
-
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()
                          + f"{torch.__version__} {sys.version_info[:2]}".encode()).hexdigest()[:16]
     root = Path(os.environ[KERNEL_DIR_ENV]).expanduser() if os.environ.get(KERNEL_DIR_ENV) else cache_root() / "kernels"
