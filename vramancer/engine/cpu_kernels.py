@@ -52,7 +52,7 @@ def build_dir() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def kernels():
-    """The compiled module (q4_linear, q8_linear), or None where it cannot run here."""
+    """The compiled module (q4_linear, q8_linear, rms_norm), or None where it cannot run here."""
     global _reason
     if not cpu_supports_kernels():
         _reason = f"this CPU lacks AVX2/FMA (torch reports {torch.backends.cpu.get_cpu_capability()})"
@@ -71,7 +71,7 @@ def kernels():
         folder.mkdir(parents=True, exist_ok=True)
         from torch.utils.cpp_extension import load
 
-        log.info("compiling the quantized-weight CPU kernels into %s (once)", folder)
+        log.warning("compiling the CPU kernels for quantized weights into %s, once (about a minute)", folder)
         return load(name=NAME, sources=[str(SOURCE)], extra_cflags=FLAGS, build_directory=str(folder),
                     verbose=False)
     except Exception as exc:  # no compiler, no ninja, no Python headers: torchao's kernels run instead

@@ -1,21 +1,28 @@
-"""Weights that stay quantized on their devices (`--weights`), with torchao's kernels.
+"""Weights that stay quantized on their devices (`--weights`).
 
 - `native`: the weights in the compute dtype, as transformers loads them (the default).
-- `q8`: every linear layer's weight as int8 with one scale per output row (torchao's
-  `Int8Tensor`, run by torch's `_weight_int8pack_mm` on the CPU), about 1 byte per weight.
-  Runs on CPUs and GPUs (there with torchao's own, slower, path; not yet checked on a GPU).
-- `q4`: every linear layer's weight as 4-bit integers in groups of 32 with a bfloat16 scale and
-  zero per group (torchao's `Int4OpaqueTensor`, `_weight_int4pack_mm_for_cpu`), about 0.63 bytes
-  per weight. Packed for the CPU's kernel, so CPU and simulated devices only.
+- `q8`: every linear layer's weight as int8 with one float32 scale per output row (torchao's
+  `Int8Tensor` storage, engine/int8_rows.py), about 1 byte per weight.
+- `q4`: every linear layer's weight as 4-bit values in blocks of 32 along the input with a
+  float16 scale and minimum per block (GGUF's Q4_1 layout, engine/int4_blocks.py), 0.625
+  bytes per weight; a Q4_1 file's values are kept exactly. CPU and simulated devices only.
 - `auto`: a GGUF file keeps the width it was stored at (4-5 bits: q4, 6-8 bits: q8, 16-32
   bits: native); any other model loads native.
 
-The embedding table and the output head are per-row int8 under both q8 and q4
-(engine/int8_rows.py: torch's int8 kernel for the head, a gather of rows for lookups; one
-tensor when they are tied). GGUF files keep the head at 8 bits or more too (the bundled
-Q4_1 file stores it as Q8_0), and at 4 bits the bundled model's answers visibly changed.
-The kernels take bfloat16 activations: with float32 ones `_weight_int4pack_mm_for_cpu`
-decoded 5x slower here (0.9 vs 5.0 tok/s) and `_weight_int8pack_mm` 10x slower.
+The embedding table and the output head are per-row int8 under both q8 and q4 (one tensor
+when they are tied). GGUF files keep the head at 8 bits or more too (the bundled Q4_1 file
+stores it as Q8_0), and at 4 bits the bundled model's answers visibly changed.
+
+Which kernels run them (`kernel_path`, printed by `plan` and `bench`):
+- on CPU and simulated devices, our own (engine/cpu_kernels.py: AVX2 + FMA, float32
+  activations, each weight block unpacked once per batch of up to 4 rows), so the compute
+  dtype under quantized weights is float32 there. torch's and torchao's kernels ran at
+  2-3 GB/s of weights here and want bfloat16 activations, whose elementwise ops are slow
+  without AVX-512; ours keep up with memory (~4 GB/s on one thread of this machine). The
+  model's linears and RMSNorms are rewired onto them (engine/kernel_modules.py);
+- where our kernels cannot run (no AVX2/FMA, no compiler, a GPU among the devices),
+  torchao's: q8 through `torch._weight_int8pack_mm` on the CPU and torchao's path on GPUs,
+  q4 as torchao's `Int4OpaqueTensor` (`_weight_int4pack_mm_for_cpu`), in bfloat16.
 """
 
 from __future__ import annotations
