@@ -108,3 +108,12 @@ def test_a_gpu_among_the_devices_keeps_torchaos_bfloat16():
     from vramancer.engine.quantized import compute_dtype
 
     assert compute_dtype("q8", torch.float32, {"cuda", "cpu"}) == torch.bfloat16
+
+
+@pytest.mark.parametrize("heads,kv_heads,positions", [(9, 3, 1), (9, 3, 57), (4, 4, 130), (8, 2, 7)])
+def test_decode_attention_matches_sdpa(heads, kv_heads, positions):
+    torch.manual_seed(positions)
+    q = torch.randn(2, heads, 1, 64)
+    k, v = torch.randn(2, kv_heads, positions, 64), torch.randn(2, kv_heads, positions, 64)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2)
+    assert (ops.decode_attention(q, k, v, 64 ** -0.5) - expected).abs().max().item() < 1e-5

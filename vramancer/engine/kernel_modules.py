@@ -8,6 +8,9 @@ path, so a rewired model still runs everywhere the original did.
 - RMSNorm modules whose own forward our fused `rms_norm` reproduces (checked on the module
   itself, whatever its class): one call instead of five eager ops, ~40 µs each in a decode
   step here, 61 of them a token.
+- attention of a decode step (one query per sequence, no mask) as our `decode_attention`,
+  registered with transformers' `AttentionInterface`: torch's SDPA took ~50 µs a layer for
+  it here. Everything else (prompts, masks, sliding windows, soft caps) stays with SDPA.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from vramancer.engine.cpu_kernels import kernels
 
@@ -62,8 +66,37 @@ def fuse_rms_norm(module: nn.Module) -> bool:
     return True
 
 
+ATTENTION = "vramancer_cpu"  # the name our attention is registered under in transformers
+
+
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    if (query.shape[2] == 1 and attention_mask is None and query.dtype == torch.float32 and query.device.type == "cpu"
+            and dropout == 0.0 and query.shape[-1] % 8 == 0 and not kwargs.get("softcap")
+            and kwargs.get("sliding_window") is None and kwargs.get("s_aux") is None):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return kernels().decode_attention(query, key, value, scale), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def use_decode_attention(model: nn.Module) -> bool:
+    """Run `model`'s attention through `_attention` where it uses SDPA now (the same masks)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        return False
+    AttentionInterface.register(ATTENTION, _attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    model.set_attn_implementation(ATTENTION)
+    return True
+
+
 def rewire(model: nn.Module) -> None:
-    """Quantized linears and RMSNorms of `model` (on the CPU, float32) onto our kernels."""
+    """Quantized linears, RMSNorms and decode attention of `model` (on the CPU, float32) onto
+    our kernels."""
+    use_decode_attention(model)
     for module in model.modules():
         if type(module) is nn.Linear and hasattr(module.weight, "linear"):
             module.__class__ = KernelLinear

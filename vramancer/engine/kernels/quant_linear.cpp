@@ -263,7 +263,53 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   return y;
 }
 
+// Attention of one new query per sequence (a decode step): q [B, H, 1, D], k and v [B, KVH, T, D]
+// with KVH dividing H (grouped queries) → [B, 1, H, D]. No mask: every cached position counts.
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KVH = k.size(1), T = k.size(2);
+  TORCH_CHECK(q.size(2) == 1 && D % 8 == 0 && KVH > 0 && H % KVH == 0 && v.size(2) == T && k.size(3) == D,
+              "decode_attention wants one query per sequence and a head size that is a multiple of 8");
+  for (const auto* t : {&q, &k, &v})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->device().is_cpu() && t->stride(3) == 1,
+                "decode_attention wants float32 CPU tensors with contiguous heads");
+  auto out = torch::empty({B, 1, H, D}, q.options());
+  const float *qd = q.data_ptr<float>(), *kd = k.data_ptr<float>(), *vd = v.data_ptr<float>();
+  float* od = out.data_ptr<float>();
+  const int64_t group = H / KVH;
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> weights(T), acc(D);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H, g = h / group;
+      const float* qp = qd + b * q.stride(0) + h * q.stride(1);
+      const float* kp = kd + b * k.stride(0) + g * k.stride(1);
+      const float* vp = vd + b * v.stride(0) + g * v.stride(1);
+      float top = -INFINITY;
+      for (int64_t t = 0; t < T; ++t) {
+        const float* kr = kp + t * k.stride(2);
+        __m256 dot = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) dot = _mm256_fmadd_ps(_mm256_loadu_ps(qp + d), _mm256_loadu_ps(kr + d), dot);
+        weights[t] = reduce(dot, _mm256_setzero_ps()) * static_cast<float>(scale);
+        top = std::max(top, weights[t]);
+      }
+      float total = 0.0f;
+      for (int64_t t = 0; t < T; ++t) total += (weights[t] = std::exp(weights[t] - top));
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t t = 0; t < T; ++t) {
+        const float* vr = vp + t * v.stride(2);
+        const __m256 p = _mm256_set1_ps(weights[t]);
+        for (int64_t d = 0; d < D; d += 8)
+          _mm256_storeu_ps(acc.data() + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + d), _mm256_loadu_ps(acc.data() + d)));
+      }
+      float* o = od + (b * H + h) * D;
+      const __m256 inv = _mm256_set1_ps(1.0f / total);
+      for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(acc.data() + d), inv));
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention, "attention of one query per sequence over its whole KV cache");
   m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows");
   m.def("q4_linear", &q4_linear, "x @ W.T with W in 4-bit blocks of 32 (float16 scale and minimum)");
   m.def("q8_linear", &q8_linear, "x @ W.T with W in int8 rows (float32 scale per row)");
