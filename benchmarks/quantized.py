@@ -105,6 +105,10 @@ def bench(rounds: int = 3, tokens: int = 64) -> Result:
                Q8_ONE: Engine.load("default", "cpu", weights="q8"),
                Q8_SPLIT: Engine.load("default", SPLIT_2, weights="q8")}
     seen: dict[str, list[int]] = {}
+    from vramancer.engine.quantized import kernel_path
+
+    for weights in ("q4", "q8"):
+        result.settings[f"{weights} kernels"] = kernel_path(weights, engines[Q4_SPLIT if weights == "q4" else Q8_SPLIT].dtype)
 
     def vramancer(name, engine):
         weights_mb = held_bytes(engine) / 1e6

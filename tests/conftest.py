@@ -10,6 +10,14 @@ import pytest
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
+# The compiled CPU kernels (engine/cpu_kernels.py) are the ones `make setup` built into the
+# user's cache: keyed by their source and versions, they hold nothing of any test's, and a
+# fresh folder would cost a compile (a minute) per run.
+if "VRM_KERNEL_DIR" not in os.environ:
+    import platformdirs
+
+    os.environ["VRM_KERNEL_DIR"] = os.path.join(os.environ.get("VRM_CACHE_DIR") or platformdirs.user_cache_dir("vramancer"),
+                                                "kernels")
 # Caches (profiles, dequantised weights) go to a fresh folder, never the user's own.
 os.environ.setdefault("VRM_CACHE_DIR", tempfile.mkdtemp(prefix="vramancer-test-cache-"))
 

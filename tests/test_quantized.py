@@ -33,7 +33,7 @@ def test_quantized_split_answers_like_the_same_quantized_model_unsplit(quantized
 
     weights, engine = quantized
     split = engine.generate(PROMPT, max_new_tokens=16).token_ids
-    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=engine.dtype)
     plain.requires_grad_(False)
     quantize_model(plain, weights)
     inputs = encode_prompt(engine.tokenizer, PROMPT, raw=False)

@@ -324,6 +324,7 @@ def _device_text(args) -> str:
 def _plan(args) -> int:
     from vramancer.engine.architecture import UnsupportedArchitecture
     from vramancer.engine.engine import prepare
+    from vramancer.engine.quantized import kernel_path
     from vramancer.engine.units import format_bytes
 
     try:
@@ -352,7 +353,7 @@ def _plan(args) -> int:
         print(json.dumps({"model": source.display_name, "supported": True, "architecture": profile.architecture,
                           "dtype": str(dtype).removeprefix("torch."), "dtype_reason": prepared.dtype_reason,
                           "weights": prepared.weights, "weight_bytes": profile.weight_bytes(),
-                          "strategy": plan.strategy,
+                          "kernels": kernel_path(prepared.weights, dtype), "strategy": plan.strategy,
                           "context": plan.context, "simulated_fallback": fallback, "placement": blocks,
                           "embed_device": plan.placement.embed, "head_device": plan.placement.head, "devices": rows,
                           **prediction.to_json()}, indent=2))
@@ -361,6 +362,7 @@ def _plan(args) -> int:
           f"({format_bytes(profile.weight_bytes())}) · {plan.strategy} · context {plan.context}"
           + (" · simulated devices" if fallback or all(d.simulated for d in devices) else ""))
     print(f"  dtype {prepared.dtype_reason}")
+    print(f"  kernels: {kernel_path(prepared.weights, dtype)}")
     width = max([8] + [len(row["device"]) for row in rows])
     for row in rows:
         parts = [f"{b.layers}" for b in plan.blocks() if b.device == row["device"]]
@@ -472,6 +474,8 @@ def _parse_migrate(text: str) -> tuple[str, str, int]:
 
 
 def _bench(args) -> int:
+    from vramancer.engine.quantized import kernel_path
+
     engine = _load_engine(args, quiet=args.json)
     try:
         engine.generate(args.prompt, max_new_tokens=4)  # warm-up
@@ -485,6 +489,7 @@ def _bench(args) -> int:
         "dtype": str(engine.dtype).removeprefix("torch."),
         "weights": engine.weights,
         "weight_bytes": engine.profile.weight_bytes(),
+        "kernels": kernel_path(engine.weights, engine.dtype),
         "devices": [d.name for d in engine.devices],
         "placement": engine.placement_json(),
         "rounds": args.rounds,
@@ -499,6 +504,7 @@ def _bench(args) -> int:
         print(f"decode {summary['decode_tokens_per_s_median']:.1f} tok/s (median of {len(rates)}), "
               f"first token {summary['ttft_s_median']:.3f} s, on {', '.join(summary['devices'])} "
               f"({summary['dtype']}, weights {summary['weights']})")
+        print(f"kernels: {summary['kernels']}")
     return 0
 
 

@@ -504,7 +504,7 @@ def choose_dtype(dtype: str, weights: str, kinds: set[str], config, reprofile: b
     if dtype != "auto":
         return resolve_dtype(dtype, kinds), f"{dtype}: as asked"
     if weights != "native":
-        chosen = compute_dtype(weights, torch.float32)
+        chosen = compute_dtype(weights, torch.float32, kinds)
         name = str(chosen).removeprefix("torch.")
         return chosen, f"{name}: the activations the {weights} kernels run fast with"
     if kinds <= {"cpu", "sim"}:

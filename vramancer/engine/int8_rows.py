@@ -5,8 +5,10 @@ matrix back to floats on every call (its speed is meant to come from torch.compi
 made `--weights q8` decode at 2.1 tok/s where float32 ran 10. This subclass keeps torchao's
 storage, quantization and tensor plumbing (copies, moves, slicing) and runs:
 
-- a matmul (`F.linear`) on the CPU as `torch._weight_int8pack_mm`, the kernel torch ships
-  for weight-only int8: one pass over the int8 rows, no float copy of the matrix;
+- a matmul (`F.linear`) on the CPU with float32 activations as our AVX2 kernel
+  (engine/cpu_kernels.py's `q8_linear`), else as `torch._weight_int8pack_mm`, the kernel
+  torch ships for weight-only int8 (fast with bfloat16 activations): either way one pass
+  over the int8 rows, no float copy of the matrix;
 - a lookup (`F.embedding`) as a gather of the asked rows, each scaled: an embedding table
   in int8 costs a quarter of float32 and reads one row per token.
 
@@ -21,10 +23,22 @@ import torch.nn.functional as F
 from torch import nn
 from torchao.quantization import Int8Tensor, PerRow
 
+from vramancer.engine.cpu_kernels import kernels
+
 
 class RowInt8Tensor(Int8Tensor):
     """torchao's per-row int8 tensor, with a CPU matmul and a lookup that never dequantize
     the whole matrix."""
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ self.T (+ bias) on our kernel; x float32 on the CPU."""
+        rows = x.reshape(-1, x.shape[-1])
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+        out = kernels().q8_linear(rows, self.qdata, self.scale.view(-1))
+        if bias is not None:
+            out += bias
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def quantize_rows(weight: torch.Tensor) -> nn.Parameter:
@@ -41,6 +55,8 @@ def _linear(func, types, args, kwargs):
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     if x.device.type != "cpu" or weight.act_quant_kwargs is not None:
         return _parent_linear(func, types, args, kwargs)  # torchao's own path elsewhere
+    if x.dtype == torch.float32 and kernels() is not None:
+        return weight.linear(x, bias)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch._weight_int8pack_mm(rows, weight.qdata, weight.scale.reshape(-1).to(x.dtype))
     if bias is not None:

@@ -34,6 +34,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from vramancer.engine.cache_dir import CACHE_ENV, cache_root  # noqa: F401 (CACHE_ENV: re-exported)
 from vramancer.engine.errors import VramancerError
 
 log = logging.getLogger(__name__)
@@ -355,22 +356,11 @@ def _first_line(exc: BaseException) -> str:
 # rebuilt from the GGUF. Nothing here is needed for correctness: any failure to write the
 # cache is logged and the load goes on.
 
-CACHE_ENV = "VRM_CACHE_DIR"
 CACHE_FORMAT = 2  # bump when the layout or the meaning of a piece changes
 CONFIG_PIECE, TOKENIZER_PIECE = "config", "tokenizer"
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST = "manifest.json"
 KEY_SPAN = 1 << 20  # bytes hashed at each end of the file
-
-
-def cache_root() -> Path:
-    """VRM_CACHE_DIR if set, else the platform's user cache folder for vramancer."""
-    override = os.environ.get(CACHE_ENV)
-    if override:
-        return Path(override).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("vramancer"))
 
 
 def gguf_key(path: Path) -> str:

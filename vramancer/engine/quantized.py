@@ -1,21 +1,28 @@
-"""Weights that stay quantized on their devices (`--weights`), with torchao's kernels.
+"""Weights that stay quantized on their devices (`--weights`).
 
 - `native`: the weights in the compute dtype, as transformers loads them (the default).
-- `q8`: every linear layer's weight as int8 with one scale per output row (torchao's
-  `Int8Tensor`, run by torch's `_weight_int8pack_mm` on the CPU), about 1 byte per weight.
-  Runs on CPUs and GPUs (there with torchao's own, slower, path; not yet checked on a GPU).
-- `q4`: every linear layer's weight as 4-bit integers in groups of 32 with a bfloat16 scale and
-  zero per group (torchao's `Int4OpaqueTensor`, `_weight_int4pack_mm_for_cpu`), about 0.63 bytes
-  per weight. Packed for the CPU's kernel, so CPU and simulated devices only.
+- `q8`: every linear layer's weight as int8 with one float32 scale per output row (torchao's
+  `Int8Tensor` storage, engine/int8_rows.py), about 1 byte per weight.
+- `q4`: every linear layer's weight as 4-bit values in blocks of 32 along the input with a
+  float16 scale and minimum per block (GGUF's Q4_1 layout, engine/int4_blocks.py), 0.625
+  bytes per weight; a Q4_1 file's values are kept exactly. CPU and simulated devices only.
 - `auto`: a GGUF file keeps the width it was stored at (4-5 bits: q4, 6-8 bits: q8, 16-32
   bits: native); any other model loads native.
 
-The embedding table and the output head are per-row int8 under both q8 and q4
-(engine/int8_rows.py: torch's int8 kernel for the head, a gather of rows for lookups; one
-tensor when they are tied). GGUF files keep the head at 8 bits or more too (the bundled
-Q4_1 file stores it as Q8_0), and at 4 bits the bundled model's answers visibly changed.
-The kernels take bfloat16 activations: with float32 ones `_weight_int4pack_mm_for_cpu`
-decoded 5x slower here (0.9 vs 5.0 tok/s) and `_weight_int8pack_mm` 10x slower.
+The embedding table and the output head are per-row int8 under both q8 and q4 (one tensor
+when they are tied). GGUF files keep the head at 8 bits or more too (the bundled Q4_1 file
+stores it as Q8_0), and at 4 bits the bundled model's answers visibly changed.
+
+Which kernels run them (`kernel_path`, printed by `plan` and `bench`):
+- on CPU and simulated devices, our own (engine/cpu_kernels.py: AVX2 + FMA, float32
+  activations, each weight block unpacked once per batch of up to 4 rows), so the compute
+  dtype under quantized weights is float32 there. torch's and torchao's kernels ran at
+  2-3 GB/s of weights here and want bfloat16 activations, whose elementwise ops are slow
+  without AVX-512; ours keep up with memory (~4 GB/s on one thread of this machine). The
+  model's linears and RMSNorms are rewired onto them (engine/kernel_modules.py);
+- where our kernels cannot run (no AVX2/FMA, no compiler, a GPU among the devices),
+  torchao's: q8 through `torch._weight_int8pack_mm` on the CPU and torchao's path on GPUs,
+  q4 as torchao's `Int4OpaqueTensor` (`_weight_int4pack_mm_for_cpu`), in bfloat16.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from vramancer.engine.errors import VramancerError
 from vramancer.engine.validation import check_weights
 
 Q4_GROUP = 32  # weights per scale/zero pair: GGUF's Q4_0/Q4_1 block size
-QUANTIZED_DTYPE = torch.bfloat16  # the activations torchao's CPU kernels are fast with
+QUANTIZED_DTYPE = torch.bfloat16  # the activations torchao's kernels are fast with (our own take float32)
 
 # GGUF `general.file_type` (llama.cpp's LLAMA_FTYPE) → the nearest width we run.
 _GGUF_FILE_TYPES = {
@@ -104,9 +111,37 @@ def gguf_file_type(path: Path) -> int | None:
     return None
 
 
-def compute_dtype(weights: str, dtype: torch.dtype) -> torch.dtype:
-    """The activations' dtype: bfloat16 under quantized weights, else `dtype`."""
-    return dtype if weights == "native" else QUANTIZED_DTYPE
+def our_kernels(dtype: torch.dtype) -> bool:
+    """Whether quantized weights run on our CPU kernels (engine/cpu_kernels.py): with float32
+    activations, where they build and this CPU has AVX2/FMA. Otherwise torchao's run. The first
+    call may compile the kernels (once per machine, about a minute)."""
+    if dtype != torch.float32:
+        return False
+    from vramancer.engine.cpu_kernels import kernels
+
+    return kernels() is not None
+
+
+def compute_dtype(weights: str, dtype: torch.dtype, device_kinds: set[str] = frozenset({"cpu"})) -> torch.dtype:
+    """The activations' dtype under `weights`: float32 where our CPU kernels run (CPU and
+    simulated devices), else bfloat16 for torchao's kernels; `dtype` under native weights."""
+    if weights == "native":
+        return dtype
+    if device_kinds <= {"cpu", "sim"} and our_kernels(torch.float32):
+        return torch.float32
+    return QUANTIZED_DTYPE
+
+
+def kernel_path(weights: str, dtype: torch.dtype) -> str:
+    """One line for `plan` and `bench`: which kernels run the quantized weights, and why."""
+    if weights == "native":
+        return f"native {str(dtype).removeprefix('torch.')} weights: torch's own matmuls"
+    if our_kernels(dtype):
+        return f"{weights} weights: VRAMancer's AVX2 CPU kernels, float32 activations"
+    from vramancer.engine.cpu_kernels import unavailable_reason
+
+    why = unavailable_reason() if dtype == torch.float32 else f"{str(dtype).removeprefix('torch.')} activations"
+    return f"{weights} weights: torchao/torch kernels ({why})"
 
 
 def quantizable(module: nn.Module, weights: str, head: nn.Module | None) -> bool:
@@ -118,21 +153,24 @@ def quantizable(module: nn.Module, weights: str, head: nn.Module | None) -> bool
 
 
 def quantized_weight_bytes(out_features: int, in_features: int, weights: str, dtype: torch.dtype) -> int:
-    """Bytes torchao stores for one quantized linear weight (checked against the real tensors
-    by tests/test_quantized.py): q8 keeps int8 values, a float32 scale and an int8 zero per
-    row; q4 two values per byte and a (scale, zero) pair per group in the compute dtype."""
+    """Bytes stored for one quantized linear weight (checked against the real tensors by
+    tests/test_quantized.py): q8 keeps int8 values, a float32 scale and an int8 zero per row;
+    q4 two values per byte and a (scale, minimum) pair per group: float16 in our kernels'
+    layout, the compute dtype in torchao's."""
     if weights == "q8":
         return out_features * in_features + out_features * (4 + 1)
     if weights == "q4":
         groups = in_features // Q4_GROUP
-        return out_features * in_features // 2 + groups * out_features * 2 * torch.empty((), dtype=dtype).element_size()
+        pair = 2 * 2 if our_kernels(dtype) else 2 * torch.empty((), dtype=dtype).element_size()
+        return out_features * in_features // 2 + groups * out_features * pair
     raise ValueError(weights)
 
 
 def quantize_model(model: nn.Module, weights: str) -> None:
-    """Quantize `model`'s weights in place (it is on the CPU, in QUANTIZED_DTYPE): the
+    """Quantize `model`'s weights in place (it is on the CPU, in its compute dtype): the
     embedding table and the output head as per-row int8 (one tensor when tied), the decoder's
-    linear layers as `weights` says."""
+    linear layers as `weights` says, in our kernels' layout under float32 activations (where
+    they run), else in torchao's."""
     if weights == "native":
         return
     from vramancer.engine.int8_rows import quantize_rows
@@ -143,10 +181,18 @@ def quantize_model(model: nn.Module, weights: str) -> None:
         table.weight = quantize_rows(table.weight)
     if head is not None:
         head.weight = table.weight if tied else quantize_rows(head.weight)
-    if weights == "q8":
+    ours = our_kernels(model.dtype)
+    if weights == "q8" or ours:
+        from vramancer.engine.int4_blocks import quantize_blocks
+
+        quantize = quantize_rows if weights == "q8" else quantize_blocks
         for module in model.modules():
             if quantizable(module, weights, head):
-                module.weight = quantize_rows(module.weight)
+                module.weight = quantize(module.weight)
+        if ours:
+            from vramancer.engine.kernel_modules import rewire
+
+            rewire(model)
         return
     from torchao.quantization import quantize_
     from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig

@@ -1,0 +1,119 @@
+"""Our AVX2 kernels for quantized weights (engine/cpu_kernels.py) against a float32 matmul of
+the same dequantized weights: small errors for any batch and shape, and the same bits for a
+row whatever batch or thread count it runs in."""
+
+import pytest
+import torch
+
+from vramancer.engine.cpu_kernels import kernels, unavailable_reason
+from vramancer.engine.int4_blocks import BlockInt4Tensor
+
+ops = kernels()
+pytestmark = pytest.mark.skipif(ops is None, reason=f"kernels unavailable: {unavailable_reason()}")
+
+
+def q8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    scale = weight.abs().amax(1) / 127
+    values = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return values, scale.contiguous(), values.float() * scale[:, None]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9])
+@pytest.mark.parametrize("out_features,in_features", [(37, 32), (100, 800), (1536, 576), (5, 1056)])
+def test_q4_matches_a_float32_matmul_of_its_weights(rows, out_features, in_features):
+    torch.manual_seed(rows * 7 + in_features)
+    weight = BlockInt4Tensor.from_float(torch.randn(out_features, in_features))
+    x = torch.randn(rows, in_features)
+    expected = x @ weight.dequantize(torch.float32).T
+    got = ops.q4_linear(x, weight.qdata, weight.scale, weight.minimum)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < 1e-4 * expected.abs().max().item() + 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 8, 11])
+@pytest.mark.parametrize("out_features,in_features", [(37, 70), (100, 576), (3, 577), (257, 33), (9, 5)])
+def test_q8_matches_a_float32_matmul_of_its_weights(rows, out_features, in_features):
+    torch.manual_seed(rows * 5 + in_features)
+    values, scale, dequantized = q8_rows(torch.randn(out_features, in_features))
+    x = torch.randn(rows, in_features)
+    expected = x @ dequantized.T
+    got = ops.q8_linear(x, values, scale)
+    assert (got - expected).abs().max().item() < 1e-4 * expected.abs().max().item() + 1e-5
+
+
+def test_a_rows_result_does_not_depend_on_its_batch_or_the_thread_count():
+    torch.manual_seed(0)
+    weight = BlockInt4Tensor.from_float(torch.randn(203, 576))
+    values, scale, _ = q8_rows(torch.randn(203, 577))
+    x4, x8 = torch.randn(8, 576), torch.randn(8, 577)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one4 = torch.cat([ops.q4_linear(x4[i:i + 1].contiguous(), weight.qdata, weight.scale, weight.minimum)
+                          for i in range(8)])
+        one8 = torch.cat([ops.q8_linear(x8[i:i + 1].contiguous(), values, scale) for i in range(8)])
+        torch.set_num_threads(2)
+        assert torch.equal(ops.q4_linear(x4, weight.qdata, weight.scale, weight.minimum), one4)
+        assert torch.equal(ops.q4_linear(x4[:3].contiguous(), weight.qdata, weight.scale, weight.minimum), one4[:3])
+        assert torch.equal(ops.q8_linear(x8, values, scale), one8)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_q4_keeps_a_q4_1_files_values_exactly():
+    # Q4_1 blocks as a GGUF file holds them (float16 scale and minimum, nibbles 0..15 with the
+    # block's extremes at 0 and 15), dequantized as transformers does: quantizing again
+    # gives back the very same weights.
+    torch.manual_seed(1)
+    rows, blocks = 64, 18
+    scale = (torch.rand(rows, blocks, 1) * 0.05 + 1e-3).half().float()
+    minimum = (-torch.rand(rows, blocks, 1) * 0.4).half().float()
+    q = torch.randint(0, 16, (rows, blocks, 32))
+    q[..., 0], q[..., 1] = 0, 15
+    weight = (q * scale + minimum).reshape(rows, blocks * 32)
+    assert torch.equal(BlockInt4Tensor.from_float(weight).dequantize(torch.float32), weight)
+
+
+def test_q4_weights_move_and_count_their_real_bytes():
+    from vramancer.engine.quantized import quantized_weight_bytes, stored_bytes
+
+    weight = BlockInt4Tensor.from_float(torch.randn(96, 320))
+    assert stored_bytes(weight) == 96 * 320 // 2 + 96 * 10 * 4 == quantized_weight_bytes(96, 320, "q4", torch.float32)
+    copy = weight.clone()
+    assert type(copy) is BlockInt4Tensor and copy.qdata.data_ptr() != weight.qdata.data_ptr()
+    assert torch.equal(copy.dequantize(), weight.dequantize())
+
+
+def test_without_our_kernels_torchao_runs_in_bfloat16_and_plan_says_so(monkeypatch, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from vramancer.engine import cpu_kernels
+    from vramancer.engine.quantized import compute_dtype, kernel_path, quantize_model
+
+    assert compute_dtype("q4", torch.float32, {"sim"}) == torch.float32
+    assert "VRAMancer's AVX2 CPU kernels" in kernel_path("q4", torch.float32)
+    monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "_reason", "this CPU lacks AVX2/FMA (torch reports DEFAULT)")
+    assert compute_dtype("q4", torch.float32, {"sim"}) == torch.bfloat16
+    assert kernel_path("q4", torch.float32) == "q4 weights: torchao/torch kernels (this CPU lacks AVX2/FMA (torch reports DEFAULT))"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    quantize_model(model, "q4")
+    assert type(model.model.layers[0].mlp.up_proj.weight).__name__ == "Int4OpaqueTensor"
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.inference_mode():
+        assert model(ids).logits.shape[-1] == model.config.vocab_size
+
+
+def test_a_gpu_among_the_devices_keeps_torchaos_bfloat16():
+    from vramancer.engine.quantized import compute_dtype
+
+    assert compute_dtype("q8", torch.float32, {"cuda", "cpu"}) == torch.bfloat16
+
+
+@pytest.mark.parametrize("heads,kv_heads,positions", [(9, 3, 1), (9, 3, 57), (4, 4, 130), (8, 2, 7)])
+def test_decode_attention_matches_sdpa(heads, kv_heads, positions):
+    torch.manual_seed(positions)
+    q = torch.randn(2, heads, 1, 64)
+    k, v = torch.randn(2, kv_heads, positions, 64), torch.randn(2, kv_heads, positions, 64)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2)
+    assert (ops.decode_attention(q, k, v, 64 ** -0.5) - expected).abs().max().item() < 1e-5

@@ -1,0 +1,19 @@
+"""Where VRAMancer keeps what it derives once and reuses (GGUF pieces, timings, compiled
+kernels): one folder, VRM_CACHE_DIR or the platform's user cache folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CACHE_ENV = "VRM_CACHE_DIR"
+
+
+def cache_root() -> Path:
+    """VRM_CACHE_DIR if set, else the platform's user cache folder for vramancer."""
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("vramancer"))
