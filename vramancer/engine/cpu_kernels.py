@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -71,6 +72,8 @@ def kernels():
         folder.mkdir(parents=True, exist_ok=True)
         from torch.utils.cpp_extension import load
 
+        _put_ninja_on_path()
+
         log.warning("compiling the CPU kernels for quantized weights into %s, once (about a minute)", folder)
         return load(name=NAME, sources=[str(SOURCE)], extra_cflags=FLAGS, build_directory=str(folder),
                     verbose=False)
@@ -79,6 +82,17 @@ def kernels():
         _reason = f"the kernels could not be built ({type(exc).__name__}: {first})"
         log.warning("quantized-weight CPU kernels unavailable: %s", _reason)
         return None
+
+
+def _put_ninja_on_path() -> None:
+    """torch's cpp_extension runs `ninja` from PATH; the copy our `ninja` dependency installs
+    sits in the virtual environment's bin folder, on PATH only while the environment is active."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return  # the build then fails and says so; torchao's kernels run
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def unavailable_reason() -> str | None:
