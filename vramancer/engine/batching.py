@@ -57,6 +57,7 @@ from transformers import (
 from transformers.cache_utils import DynamicLayer
 
 from vramancer.engine import events as ev
+from vramancer.engine import kv_room
 from vramancer.engine import recovery
 from vramancer.engine.devices import DeviceLost
 from vramancer.engine.errors import VramancerError
@@ -68,6 +69,7 @@ Emit = Callable[[ev.Event], None]
 STATUS_INTERVAL_S = 0.25  # BatchStatus at most this often (and once when the batch empties)
 RATE_WINDOW_S = 1.0  # tokens/s is counted over about this long
 PROMPT_HEAD_CHARS = 60
+ROOM_COLUMNS = 32  # KV columns reserved ahead: one copy of the cache every 32 steps, not every step
 
 
 class AnswerText:
@@ -389,7 +391,7 @@ class Batch:
         ids = sequence.prompt_ids + sequence.tokens[:-1]
         device = self.engine.split.input_device
         input_ids = torch.tensor([ids], device=device)
-        cache = DynamicCache(config=model.config)
+        cache = kv_room.spare_room_cache(model.config)
         extra = dict(self._keep_one)
         if self._positions:
             extra["position_ids"] = torch.arange(len(ids), device=device).unsqueeze(0)
@@ -432,6 +434,10 @@ class Batch:
             extra["attention_mask"] = mask.to(device)
         if self._positions:
             extra["position_ids"] = torch.tensor([[s.cached] for s in rows], device=device)
+        # Room for this step's column and, when the cache must grow, the next few: never past
+        # the longest final length (the width never exceeds it: see `_leave`), so the KV stays
+        # within the budget the batch was admitted to.
+        kv_room.make_room(self.cache, max(1, min(ROOM_COLUMNS, max(s.final_length for s in rows) - self.width)))
         output = self.engine.model(input_ids=input_ids, cache=self.cache, use_cache=True, **extra)
         self.width += 1
         self.steps += 1
