@@ -339,7 +339,7 @@ class Batch:
 
     def recover(self, lost: DeviceLost) -> None:
         """A device went away: re-place its layers, then rebuild every running sequence's KV by
-        prefilling its prompt and its tokens so far. Greedy answers go on exactly only up to
+        prefilling their prompts and tokens so far, together. Greedy answers go on exactly only up to
         batch arithmetic: the rebuilt rows come from one prefill, not from the decode steps
         that first made them. If the layers fit nowhere, every request ends (abort)."""
         recovery.mark_lost(self.engine, lost)
@@ -354,9 +354,7 @@ class Batch:
         while True:
             try:
                 with torch.inference_mode():
-                    for sequence in rows:
-                        if sequence not in self.running:
-                            self._join([sequence])
+                    self._join([s for s in rows if s not in self.running])
                 return
             except DeviceLost as again:
                 recovery.mark_lost(self.engine, again)
@@ -385,7 +383,7 @@ class Batch:
             if not self.running:
                 self.engine.recover_lost_nodes()  # a device lost between answers: re-place its layers first
             self._join(newcomers)
-        except BaseException:  # a device lost on the way: they wait again, first in line (any with a token rejoin as rebuilt)
+        except BaseException:  # a device lost on the way: they wait again, first in line
             self.waiting.extendleft(reversed([s for s in newcomers if not s.finish_reason]))
             raise
 
