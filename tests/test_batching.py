@@ -118,6 +118,22 @@ def test_requests_joining_at_different_steps_each_get_their_own_answer(engine):
         assert events.streamed(str(i)) == events.done(str(i)).text
 
 
+def test_requests_arriving_together_are_prefilled_together_and_answer_as_alone(engine):
+    prompts = PROMPTS[:4]  # four lengths: the shorter ones are left-padded in the shared prefill
+    solo = {p: engine.generate(p, max_new_tokens=12).token_ids for p in prompts}
+    events = Events()
+    batch = engine.batch(events.append)
+    for i, prompt in enumerate(prompts):
+        batch.submit(submit(str(i), prompt, tokens=12))
+    batch.step()
+    assert len(batch.running) == 4
+    assert len({s.token_times[0] for s in batch.running}) == 1  # one prefill gave every first token
+    run_to_end(batch)
+    for i, prompt in enumerate(prompts):
+        assert list(events.done(str(i)).token_ids) == solo[prompt]  # tiny model: no near ties
+        assert events.streamed(str(i)) == events.done(str(i)).text
+
+
 def test_cancel_frees_its_rows_and_the_others_go_on_unchanged(engine):
     solo = {p: engine.generate(p, max_new_tokens=30).token_ids for p in PROMPTS[:3]}
     events = Events()
@@ -166,12 +182,14 @@ def test_requests_wait_for_kv_room_and_a_full_queue_refuses(engine):
     assert (refused.request_id, refused.reason) == ("e", "queue_full")
     batch.step()
     assert (len(batch.running), len(batch.waiting)) == (2, 2)  # a third would not fit the KV budget
-    peak = 0
+    peak = peak_bytes = 0
     while batch.busy:
         batch.step()
         peak = max(peak, batch.status().kv_tokens)
+        peak_bytes = max(peak_bytes, sum(engine.kv_bytes_by_device().values()))  # spare columns included
         assert len(batch.running) <= 2
     assert 0 < peak <= engine.context
+    assert 0 < peak_bytes <= engine.context * engine.profile.kv_bytes_per_token * len(engine.placement.layer_devices)
     assert all(events.done(name).new_tokens == 100 for name in "abcd")
 
 

@@ -14,10 +14,13 @@ batch is built on our runtime directly.
 How it works (simple and exact):
 - One DynamicCache for the whole batch, so `Engine.cache` is it and the existing
   migration, KV telemetry and auto-rebalance move and count every sequence's KV unchanged.
-- Rows are left-padded to a common width T. A joining sequence is prefilled alone (batch of
-  one, its own fresh cache), its first token sampled from the prefill logits, then its keys
-  and values are left-padded with zeros and stacked under the batch's (or the batch is padded
-  when the newcomer is longer).
+  Its layers keep spare columns (engine/kv_room.py), so a step writes one column instead of
+  copying the cache.
+- Rows are left-padded to a common width T. The requests that join between two steps are
+  prefilled together (one forward, left-padded, in a fresh cache of their own; a lone one
+  exactly as `generate` would), each one's first token sampled from its prefill logits, then
+  their keys and values, zero on padding, are stacked under the batch's (or the batch is
+  padded when the newcomers are longer).
 - A decode step feeds every row's last token with a 2D attention mask (0 on padding; left out
   when there is no padding, as generate does) and position ids = each row's real length.
 - A sequence that leaves takes its rows with it; columns that are padding for every row left
@@ -57,6 +60,7 @@ from transformers import (
 from transformers.cache_utils import DynamicLayer
 
 from vramancer.engine import events as ev
+from vramancer.engine import kv_room
 from vramancer.engine import recovery
 from vramancer.engine.devices import DeviceLost
 from vramancer.engine.errors import VramancerError
@@ -68,6 +72,7 @@ Emit = Callable[[ev.Event], None]
 STATUS_INTERVAL_S = 0.25  # BatchStatus at most this often (and once when the batch empties)
 RATE_WINDOW_S = 1.0  # tokens/s is counted over about this long
 PROMPT_HEAD_CHARS = 60
+ROOM_COLUMNS = 32  # KV columns reserved ahead: one copy of the cache every 32 steps, not every step
 
 
 class AnswerText:
@@ -319,7 +324,7 @@ class Batch:
     # --- one step ------------------------------------------------------------------------
 
     def step(self) -> None:
-        """Admit the waiting requests that fit (each prefilled alone), then one decode step
+        """Admit the waiting requests that fit (prefilled together), then one decode step
         for the batch. A device lost on the way is recovered and the batch rebuilt."""
         while True:
             try:
@@ -334,7 +339,7 @@ class Batch:
 
     def recover(self, lost: DeviceLost) -> None:
         """A device went away: re-place its layers, then rebuild every running sequence's KV by
-        prefilling its prompt and its tokens so far. Greedy answers go on exactly only up to
+        prefilling their prompts and tokens so far, together. Greedy answers go on exactly only up to
         batch arithmetic: the rebuilt rows come from one prefill, not from the decode steps
         that first made them. If the layers fit nowhere, every request ends (abort)."""
         recovery.mark_lost(self.engine, lost)
@@ -349,9 +354,7 @@ class Batch:
         while True:
             try:
                 with torch.inference_mode():
-                    for sequence in rows:
-                        if sequence not in self.running:
-                            self._join(sequence)
+                    self._join([s for s in rows if s not in self.running])
                 return
             except DeviceLost as again:
                 recovery.mark_lost(self.engine, again)
@@ -367,58 +370,101 @@ class Batch:
         return max(self.max_batch - len(self.running), 0)
 
     def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_batch:
-            newcomer = self.waiting[0]
-            finals = [s.final_length for s in self.running] + [newcomer.final_length]
+        """The waiting requests that fit join, first in line first, prefilled together."""
+        newcomers: list[Sequence] = []
+        while self.waiting and len(self.running) + len(newcomers) < self.max_batch:
+            finals = [s.final_length for s in (*self.running, *newcomers, self.waiting[0])]
             if len(finals) * max(finals) > self.context:
-                return  # it waits for KV room; the first in line goes first
+                break  # it waits for KV room; the first in line goes first
+            newcomers.append(self.waiting.popleft())
+        if not newcomers:
+            return
+        try:
             if not self.running:
                 self.engine.recover_lost_nodes()  # a device lost between answers: re-place its layers first
-            self._join(newcomer)
-            self.waiting.popleft()
+            self._join(newcomers)
+        except BaseException:  # a device lost on the way: they wait again, first in line
+            self.waiting.extendleft(reversed([s for s in newcomers if not s.finish_reason]))
+            raise
 
-    def _join(self, sequence: Sequence) -> None:
-        """Prefill `sequence` alone and stack its KV under the batch's. A new sequence gets its
-        first token from the prefill; a rebuilt one keeps its last token as the next input."""
-        model = self.engine.model
-        if not sequence.tokens and sequence.settings.max_new_tokens == 0:  # nothing asked: nothing to run
-            sequence.finish_reason = "length"
+    def _join(self, sequences: list[Sequence]) -> None:
+        """Prefill `sequences` in one forward and stack their KV under the batch's. A new
+        sequence gets its first token from the prefill; a rebuilt one keeps its last token as
+        the next input."""
+        for sequence in [s for s in sequences if not s.tokens and s.settings.max_new_tokens == 0]:
+            sequence.finish_reason = "length"  # nothing asked: nothing to run
             self.emit(ev.RequestStarted(sequence.request_id))
             self._finish(sequence)
+        sequences = [s for s in sequences if not s.finish_reason]
+        if not sequences:
             return
-        ids = sequence.prompt_ids + sequence.tokens[:-1]
-        device = self.engine.split.input_device
-        input_ids = torch.tensor([ids], device=device)
-        cache = DynamicCache(config=model.config)
-        extra = dict(self._keep_one)
-        if self._positions:
-            extra["position_ids"] = torch.arange(len(ids), device=device).unsqueeze(0)
-        output = model(input_ids=input_ids, cache=cache, use_cache=True, **extra)
-        if not sequence.tokens:
-            self.emit(ev.RequestStarted(sequence.request_id))
-            self._accept(sequence, self._pick(sequence, output.logits[:, -1, :]), time.perf_counter())
+        cache, logits = self._prefill(sequences)
+        now = time.perf_counter()
+        for i, sequence in enumerate(sequences):
+            if not sequence.tokens:
+                self.emit(ev.RequestStarted(sequence.request_id))
+                self._accept(sequence, self._pick(sequence, logits[i:i + 1]), now)
+        keep = [i for i, s in enumerate(sequences) if not s.finish_reason]
+        for sequence in sequences:
             if sequence.finish_reason:
                 self._finish(sequence)
-                return
-        self._stack(sequence, cache)
+        if not keep:
+            return
+        width = max(s.cached for s in sequences)
+        if len(keep) < len(sequences):
+            sequences = [sequences[i] for i in keep]
+            _keep_rows(cache, keep, width - max(s.cached for s in sequences))
+            width = max(s.cached for s in sequences)
+        self._stack(sequences, cache, width)
 
-    def _stack(self, sequence: Sequence, cache: DynamicCache) -> None:
-        """Add `sequence`'s prefilled cache as the batch's last row, left-padding whichever side
-        is shorter."""
+    def _prefill(self, sequences: list[Sequence]) -> tuple[DynamicCache, torch.Tensor]:
+        """One forward over each sequence's tokens so far (its prompt and its new tokens but the
+        last), left-padded to the longest: their cache and each row's last logits [rows, vocab].
+
+        One sequence alone runs exactly as `generate`'s prefill (no mask, no padding). Several
+        share the forward with a mask that hides the padding, positions counted from each
+        row's first real token, and the padding's keys and values zeroed afterwards, like the
+        padding `_stack` adds; their first tokens then equal their solo answers up to batch
+        arithmetic."""
+        device = self.engine.split.input_device
+        rows = [s.prompt_ids + s.tokens[:-1] for s in sequences]
+        width = max(len(r) for r in rows)
+        pads = [width - len(r) for r in rows]
+        # The padding's token is any valid id: the mask hides it from every real position.
+        input_ids = torch.tensor([[r[0]] * pad + r for r, pad in zip(rows, pads)], device=device)
+        extra = dict(self._keep_one)
+        if any(pads):
+            extra["attention_mask"] = torch.tensor([[0] * pad + [1] * len(r) for r, pad in zip(rows, pads)],
+                                                   device=device)
+        if self._positions:
+            extra["position_ids"] = torch.tensor([[0] * pad + list(range(len(r))) for r, pad in zip(rows, pads)],
+                                                 device=device)
+        cache = kv_room.spare_room_cache(self.engine.model.config)
+        output = self.engine.model(input_ids=input_ids, cache=cache, use_cache=True, **extra)
+        for i, pad in enumerate(pads):
+            if pad:
+                for layer in cache.layers:
+                    layer.keys[i, :, :pad] = 0
+                    layer.values[i, :, :pad] = 0
+        return cache, output.logits[:, -1, :]
+
+    def _stack(self, sequences: list[Sequence], cache: DynamicCache, width: int) -> None:
+        """Add the rows of `cache` (`width` columns, `sequences` in its row order) under the
+        batch's, left-padding whichever side is shorter."""
         if not self.running:
             self.cache = cache
-            self.width = sequence.cached
-            self.running = [sequence]
+            self.width = width
+            self.running = list(sequences)
             self.engine.cache = cache  # migrations and telemetry see the batch's KV
             return
-        width = max(self.width, sequence.cached)
+        wider = max(self.width, width)
         for mine, theirs in zip(self.cache.layers, cache.layers):
             for name in ("keys", "values"):
-                ours = _left_pad(getattr(mine, name), width - self.width)
-                new = _left_pad(getattr(theirs, name), width - sequence.cached).to(ours.device)
+                ours = _left_pad(getattr(mine, name), wider - self.width)
+                new = _left_pad(getattr(theirs, name), wider - width).to(ours.device)
                 setattr(mine, name, torch.cat([ours, new]))
-        self.width = width
-        self.running.append(sequence)
+        self.width = wider
+        self.running.extend(sequences)
 
     def _decode(self) -> None:
         device = self.engine.split.input_device
@@ -432,6 +478,10 @@ class Batch:
             extra["attention_mask"] = mask.to(device)
         if self._positions:
             extra["position_ids"] = torch.tensor([[s.cached] for s in rows], device=device)
+        # Room for this step's column and, when the cache must grow, the next few: never past
+        # the longest final length (the width never exceeds it: see `_leave`), so the KV stays
+        # within the budget the batch was admitted to.
+        kv_room.make_room(self.cache, max(1, min(ROOM_COLUMNS, max(s.final_length for s in rows) - self.width)))
         output = self.engine.model(input_ids=input_ids, cache=self.cache, use_cache=True, **extra)
         self.width += 1
         self.steps += 1
@@ -491,12 +541,7 @@ class Batch:
             return
         self.running = [self.running[i] for i in keep]
         width = max(s.cached for s in self.running)
-        drop = self.width - width
-        for layer in self.cache.layers:
-            for name in ("keys", "values"):
-                tensor = getattr(layer, name)
-                rows = torch.tensor(keep, device=tensor.device)
-                setattr(layer, name, tensor[:, :, drop:, :].index_select(0, rows))
+        _keep_rows(self.cache, keep, self.width - width)
         self.width = width
 
     def _empty(self) -> None:
@@ -555,6 +600,15 @@ class Batch:
         self._status_at = now
         self._status_sent = (status.running, status.waiting)
         self.emit(status)
+
+
+def _keep_rows(cache: DynamicCache, rows: list[int], drop: int) -> None:
+    """Keep only `rows` of every layer's keys and values, without their first `drop` columns."""
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name)
+            index = torch.tensor(rows, device=tensor.device)
+            setattr(layer, name, tensor[:, :, drop:, :].index_select(0, index))
 
 
 def _left_pad(tensor: torch.Tensor, columns: int) -> torch.Tensor:
