@@ -350,6 +350,24 @@ async def test_prompt_streams_an_answer_and_the_conversation_carries_on(tiny_mod
         assert not app.query(".user-turn") and console.messages == []
 
 
+async def test_a_prompt_longer_than_its_line_scrolls_to_keep_the_cursor_in_view():
+    """The prompt line scrolls sideways as a long prompt is typed (it keeps its size): the end
+    of what was typed, where the cursor is, stays on screen."""
+    app = VramancerApp(telemetry=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        prompt = app.console_panel.prompt
+        prompt.focus()
+        await pilot.pause()
+        region = prompt.region
+        typed = "".join(f"word{i} " for i in range(30)) + "END"
+        await pilot.press(*typed)
+        await pilot.pause()
+        shown = prompt.render_line(0).text  # the prompt's text line, as drawn
+        assert prompt.value == typed and prompt.region == region
+        assert shown.rstrip().endswith("END"), shown
+        assert prompt.scroll_x > 0
+
+
 async def test_escape_cancels_the_answer(tiny_model_dir):
     app = make_app(tiny_model_dir, context=4096, sampling={"max_new_tokens": 4000})
     recorder = Recorder(app)

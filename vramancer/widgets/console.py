@@ -14,7 +14,9 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.geometry import Size
 from textual.message import Message
+from textual.reactive import Reactive
 from textual.widgets import Input, Static
 
 from vramancer.widgets.requests import ServerRequests
@@ -29,6 +31,12 @@ REDRAW_INTERVAL = 0.1  # seconds between redraws of a streaming answer
 
 class PromptInput(Input):
     """The prompt line, with up/down recalling earlier prompts like a shell."""
+
+    # The text's width (Input sets it on every key) scrolls the line inside a box whose size the
+    # stylesheet fixes, so a new width needs a repaint, never a layout of the whole screen.
+    # Textual's default asks for one: a full layout per key press, which made key -> screen
+    # the slowest while an answer streams.
+    virtual_size = Reactive(Size(0, 0), layout=False)
 
     BINDINGS = [
         Binding("up", "history(-1)", "Earlier prompt", show=False),
