@@ -153,8 +153,8 @@ class ConsolePanel(Vertical):
         self._redraw_pending = False
         if self.streaming is None or self._answer is None:
             return
-        self._answer.update(self.answer_text)
-        self.stats.update(self.streaming_stats())
+        self._answer.update(self.answer_text)  # lays out again: the answer may have grown a line
+        self.stats.update(self.streaming_stats(), layout=False)  # one line of a fixed size
         self.transcript.scroll_end(animate=False)
 
     def streaming_stats(self, now: float | None = None) -> str:

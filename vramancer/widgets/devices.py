@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from itertools import islice
 from typing import TYPE_CHECKING
 
 from rich.text import Text
@@ -10,7 +11,7 @@ from textual.containers import VerticalScroll
 from textual.widget import Widget
 
 from vramancer.engine.units import format_bytes
-from vramancer.widgets.charts import spark
+from vramancer.widgets.charts import spark, time_axis_s
 from vramancer.widgets.lines import LineWidget
 
 if TYPE_CHECKING:
@@ -158,9 +159,9 @@ class DeviceCard(LineWidget):
         return "n/a (simulated)" if self.info.simulated else "n/a (the device does not report it)"
 
     def _window_s(self) -> float:
-        """Seconds the trend covers: from the oldest reading it can show to the latest."""
-        times = list(self.read_at)[-max(self._trend_width, 1):]
-        return times[-1] - times[0] if len(times) > 1 else 0.0
+        """Seconds the trend's width stands for (one reading per cell)."""
+        times = self.read_at
+        return time_axis_s([b - a for a, b in zip(times, islice(times, 1, None))], self._trend_width)
 
     def _one_line(self, width: int) -> Text:
         """Name, memory bar and share used: one line per device, for a rig of many devices."""

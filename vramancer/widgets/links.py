@@ -12,7 +12,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import Static
 
 from vramancer.engine.units import format_bytes, format_rate
-from vramancer.widgets.charts import spark
+from vramancer.widgets.charts import spark, time_axis_s
 from vramancer.widgets.lines import LineWidget
 from vramancer.widgets.labels import part_label
 
@@ -59,8 +59,8 @@ class LinkRow(LineWidget):
         return self.rates[-1] if self.rates else 0.0
 
     def window_s(self, width: int) -> float:
-        """Seconds the graph spans at `width` cells (one cell per sample)."""
-        return sum(list(self.intervals)[-width:]) if width > 0 else 0.0
+        """Seconds the graph stands for at `width` cells (one cell per sample)."""
+        return time_axis_s(self.intervals, width)
 
     def build_lines(self, width: int) -> list[Text]:
         """Line one: the link, its rates and what it carried. Line two: bytes/s over time, with
@@ -119,7 +119,7 @@ class DecodeRow(LineWidget):
         head.append(f"  now {now:.1f} tok/s · peak {self.peak:.1f} tok/s · {self.tokens} tokens decoded")
         graph = Text(no_wrap=True, overflow="ellipsis")
         self._trend_width = max(width - len(f" 0–{self.peak:.1f} tok/s · 000 s"), 0)
-        window = sum(list(self.intervals)[-self._trend_width:]) if self._trend_width else 0.0
+        window = time_axis_s(self.intervals, self._trend_width)
         graph.append(spark(self.rates, self.peak, self._trend_width), style("decoderow--trend"))
         graph.append(f" 0–{self.peak:.1f} tok/s · {window:.0f} s", style("linkrow--dim"))
         return [head, graph]
