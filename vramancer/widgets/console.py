@@ -153,7 +153,12 @@ class ConsolePanel(Vertical):
         self._redraw_pending = False
         if self.streaming is None or self._answer is None:
             return
-        self._answer.update(self.answer_text)  # lays out again: the answer may have grown a line
+        # Most redraws add a few words to the answer's last line: the whole screen is laid out
+        # again only when it takes another line (a layout for each redraw made the key presses
+        # that met one wait for it).
+        self._answer.update(self.answer_text, layout=False)
+        if _needs_other_height(self._answer):
+            self._answer.refresh(layout=True)
         self.stats.update(self.streaming_stats(), layout=False)  # one line of a fixed size
         self.transcript.scroll_end(animate=False)
 
@@ -216,3 +221,11 @@ class ConsolePanel(Vertical):
         if self.streaming is not None and self._answer is not None:
             self._answer.add_class("-cancelled")
         self.streaming = None
+
+
+def _needs_other_height(text: Static) -> bool:
+    """Whether `text`, given new content, needs more (or fewer) lines than it has on screen."""
+    width, height = text.size
+    if not (text.is_mounted and width):
+        return True
+    return text.get_content_height(text.size, text.size, width) != height
