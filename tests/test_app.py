@@ -337,6 +337,44 @@ async def test_prompt_streams_an_answer_and_the_conversation_carries_on(tiny_mod
         assert not app.query(".user-turn") and console.messages == []
 
 
+async def test_a_prompt_longer_than_its_line_scrolls_to_keep_the_cursor_in_view():
+    """The prompt line scrolls sideways as a long prompt is typed (it keeps its size): the end
+    of what was typed, where the cursor is, stays on screen."""
+    app = VramancerApp(telemetry=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        prompt = app.console_panel.prompt
+        prompt.focus()
+        await pilot.pause()
+        region = prompt.region
+        typed = "".join(f"word{i} " for i in range(30)) + "END"
+        await pilot.press(*typed)
+        await pilot.pause()
+        shown = prompt.render_line(0).text  # the prompt's text line, as drawn
+        assert prompt.value == typed and prompt.region == region
+        assert shown.rstrip().endswith("END"), shown
+        assert prompt.scroll_x > 0
+
+
+async def test_a_streaming_answer_that_takes_more_lines_shows_its_newest_words():
+    """Redraws that only lengthen the answer's last line skip the layout; one that needs a new
+    line lays out, so the newest words are always on the answer's last line on screen."""
+    from textual.widgets import Static
+
+    app = VramancerApp(telemetry=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        console = app.console_panel
+        console.streaming = 1  # as a prompt sent to the model leaves it
+        console._answer = Static("", classes="answer", markup=False)
+        await console.transcript.mount(console._answer)
+        for piece in range(40):
+            console.add_text(1, f" word{piece}")
+            await pilot.pause(0.12)  # one redraw per piece
+            answer = console._answer
+            last_line = answer.render_line(answer.size.height - 1).text
+            assert last_line.rstrip().endswith(f"word{piece}"), (piece, answer.size, last_line)
+        assert answer.size.height >= 3
+
+
 async def test_escape_cancels_the_answer(tiny_model_dir):
     app = make_app(tiny_model_dir, context=4096, sampling={"max_new_tokens": 4000})
     recorder = Recorder(app)

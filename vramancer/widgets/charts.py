@@ -7,6 +7,7 @@ bandwidth against its peak, so the height of a bar means the same thing from one
 
 from __future__ import annotations
 
+from statistics import median
 from typing import Sequence
 
 BARS = "▁▂▃▄▅▆▇█"
@@ -24,3 +25,11 @@ def spark(values: Sequence[float], top: float, width: int) -> str:
         share = min(max(value / top, 0.0), 1.0)
         bars.append(BARS[min(int(share * (len(BARS) - 1) + 0.5), len(BARS) - 1)])
     return " " * (width - len(bars)) + "".join(bars)
+
+
+def time_axis_s(gaps: Sequence[float], cells: int) -> float:
+    """Seconds a graph `cells` readings wide stands for: the cells times the usual gap between
+    readings (the median, so a reading taken out of turn, after a plan change, does not move it).
+    Like a monitor's time axis it is this wide from the first readings on, filling from the
+    right, so the stated window does not change (and redraw) every second while it fills."""
+    return median(gaps) * cells if gaps and cells > 0 else 0.0

@@ -14,7 +14,9 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.geometry import Size
 from textual.message import Message
+from textual.reactive import Reactive
 from textual.widgets import Input, Static
 
 from vramancer.widgets.requests import ServerRequests
@@ -29,6 +31,12 @@ REDRAW_INTERVAL = 0.1  # seconds between redraws of a streaming answer
 
 class PromptInput(Input):
     """The prompt line, with up/down recalling earlier prompts like a shell."""
+
+    # The text's width (Input sets it on every key) scrolls the line inside a box whose size the
+    # stylesheet fixes, so a new width needs a repaint, never a layout of the whole screen.
+    # Textual's default asks for one: a full layout per key press, which made key -> screen
+    # the slowest while an answer streams.
+    virtual_size = Reactive(Size(0, 0), layout=False)
 
     BINDINGS = [
         Binding("up", "history(-1)", "Earlier prompt", show=False),
@@ -145,8 +153,13 @@ class ConsolePanel(Vertical):
         self._redraw_pending = False
         if self.streaming is None or self._answer is None:
             return
-        self._answer.update(self.answer_text)
-        self.stats.update(self.streaming_stats())
+        # Most redraws add a few words to the answer's last line: the whole screen is laid out
+        # again only when it takes another line (a layout for each redraw made the key presses
+        # that met one wait for it).
+        self._answer.update(self.answer_text, layout=False)
+        if _needs_other_height(self._answer):
+            self._answer.refresh(layout=True)
+        self.stats.update(self.streaming_stats(), layout=False)  # one line of a fixed size
         self.transcript.scroll_end(animate=False)
 
     def streaming_stats(self, now: float | None = None) -> str:
@@ -208,3 +221,11 @@ class ConsolePanel(Vertical):
         if self.streaming is not None and self._answer is not None:
             self._answer.add_class("-cancelled")
         self.streaming = None
+
+
+def _needs_other_height(text: Static) -> bool:
+    """Whether `text`, given new content, needs more (or fewer) lines than it has on screen."""
+    width, height = text.size
+    if not (text.is_mounted and width):
+        return True
+    return text.get_content_height(text.size, text.size, width) != height

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from itertools import islice
 from typing import TYPE_CHECKING
 
 from rich.text import Text
@@ -10,7 +11,8 @@ from textual.containers import VerticalScroll
 from textual.widget import Widget
 
 from vramancer.engine.units import format_bytes
-from vramancer.widgets.charts import spark
+from vramancer.widgets.charts import spark, time_axis_s
+from vramancer.widgets.lines import LineWidget
 
 if TYPE_CHECKING:
     from vramancer.engine.events import DeviceInfo, DeviceSnapshot
@@ -40,11 +42,11 @@ def reading(value: float | None, unit: str, digits: int = 0) -> str:
     return UNKNOWN if value is None else f"{value:.{digits}f}{unit}"
 
 
-class DeviceCard(Widget):
+class DeviceCard(LineWidget):
     """One device: what it is, how its memory is split, how busy it is, and memory over time.
 
-    A single rendered widget rather than a tree of labels: it redraws twice a second and its
-    bar is sized to the width it is given."""
+    A single widget of lines rather than a tree of labels: it takes a reading every second, its
+    bar is sized to the width it is given, and a reading repaints only the lines it changes."""
 
     COMPONENT_CLASSES = {
         "devicecard--name",
@@ -74,34 +76,21 @@ class DeviceCard(Widget):
         if (mode, name_width) != (self.mode, self.name_width):
             self.mode, self.name_width = mode, name_width
             self.set_class(mode != FULL, "-compact")
-            self.refresh(layout=True)
+            self.rebuild()
 
     def show(self, snapshot: DeviceSnapshot) -> None:
-        """A new reading: redraw only what it changes (a steady device costs nothing at idle
-        once its trend line is full), and lay out again only if the card's height changed."""
-        before, lines_before = self.snapshot, self._line_count()
+        """A new reading: repaint only the lines it changes (a steady device costs nothing at
+        idle once its trends are full), and lay out again only if the card's height changed."""
         self.snapshot = snapshot
         self.used_history.append(float(snapshot.used))
         if snapshot.utilization is not None:
             self.util_history.append(snapshot.utilization)
         self.read_at.append(snapshot.timestamp)
-        trend_moves = self.mode in (FULL, TWO_LINES) and len(self.used_history) <= self._trend_width
-        if before is not None and _same_reading(before, snapshot) and not trend_moves:
-            return
-        self.refresh(layout=self._line_count() != lines_before)
+        self.redraw()
 
-    def _line_count(self) -> int:
-        return len(self._lines(max(self.content_region.width, 10))) if self.is_mounted else 0
-
-    def get_content_height(self, container, viewport, width: int) -> int:
-        return len(self._lines(width))
-
-    def render(self) -> Text:
-        return Text("\n").join(self._lines(max(self.content_region.width, 10)))
-
-    def _lines(self, width: int) -> list[Text]:
+    def build_lines(self, width: int) -> list[Text]:
         """The card's lines at `width` cells; the legend takes two lines when one is too narrow."""
-        style = self.get_component_rich_style
+        style = self.component_style
         info, snap = self.info, self.snapshot
         kind = "simulated" if info.simulated else info.label
         total = format_bytes(snap.total if snap else info.total)
@@ -127,7 +116,7 @@ class DeviceCard(Widget):
 
     def _trend_lines(self, snap: DeviceSnapshot, width: int) -> list[Text]:
         """Memory and utilisation over time, each with its scale and window (the full card)."""
-        style = self.get_component_rich_style
+        style = self.component_style
         others = [f"{name} {reading(value, unit)}" for name, value, unit in
                   (("temp", snap.temperature, "°C"), ("power", snap.power, " W")) if value is not None]
         extra = ("  " + "  ".join(others)) if others else ""
@@ -151,7 +140,7 @@ class DeviceCard(Widget):
 
     def _trends(self, snap: DeviceSnapshot, width: int) -> Text:
         """Memory and utilisation over time on one line (scale and window in the panel's legend)."""
-        style = self.get_component_rich_style
+        style = self.component_style
         line = Text(no_wrap=True, overflow="ellipsis")
         no_util = f" util {self._no_utilisation()}" if snap.utilization is None else ""
         each = (width - 4 - len(no_util)) if no_util else (width - 4 - 6) // 2
@@ -170,13 +159,13 @@ class DeviceCard(Widget):
         return "n/a (simulated)" if self.info.simulated else "n/a (the device does not report it)"
 
     def _window_s(self) -> float:
-        """Seconds the trend covers: from the oldest reading it can show to the latest."""
-        times = list(self.read_at)[-max(self._trend_width, 1):]
-        return times[-1] - times[0] if len(times) > 1 else 0.0
+        """Seconds the trend's width stands for (one reading per cell)."""
+        times = self.read_at
+        return time_axis_s([b - a for a, b in zip(times, islice(times, 1, None))], self._trend_width)
 
     def _one_line(self, width: int) -> Text:
         """Name, memory bar and share used: one line per device, for a rig of many devices."""
-        style = self.get_component_rich_style
+        style = self.component_style
         snap = self.snapshot
         line = Text(no_wrap=True, overflow="ellipsis")
         line.append(self.info.name.ljust(self.name_width + 1), style("devicecard--name"))
@@ -200,23 +189,17 @@ class DeviceCard(Widget):
             if nbytes > 0:
                 cells = max(cells, 1)  # a non-zero share stays visible
             cells = min(cells, width - used_cells)
-            bar.append(glyph * cells, self.get_component_rich_style(component))
+            bar.append(glyph * cells, self.component_style(component))
             used_cells += cells
-        bar.append("░" * (width - used_cells), self.get_component_rich_style("devicecard--free"))
+        bar.append("░" * (width - used_cells), self.component_style("devicecard--free"))
         return bar
 
     def _legend(self, snap: DeviceSnapshot) -> list[Text]:
-        style = self.get_component_rich_style
+        style = self.component_style
         items = []
         for label, nbytes, component in memory_parts(snap):
             items.append(Text.assemble(("■ ", style(component)), f"{label} {format_bytes(nbytes)}"))
         return items
-
-
-def _same_reading(a: DeviceSnapshot, b: DeviceSnapshot) -> bool:
-    """Two readings that draw the same card (only their time differs)."""
-    return (a.total, a.free, a.weights, a.kv, a.reserved, a.other, a.utilization, a.temperature, a.power) == \
-        (b.total, b.free, b.weights, b.kv, b.reserved, b.other, b.utilization, b.temperature, b.power)
 
 
 class MemoryLegend(Widget):

@@ -36,6 +36,7 @@ class ModelHeader(Horizontal):
         self.batch = Static("", id="batch", markup=False)
         self.batch.tooltip = BATCH_MEANING
         self.batch.display = False  # only while a server runs
+        self._batch_text = ""
         self.loaded: Loaded | None = None
         self.strategy = ""
         self.predicted: float | None = None
@@ -64,7 +65,10 @@ class ModelHeader(Horizontal):
     def show_batch(self, status: BatchStatus) -> None:
         """The server's batch: running and waiting sequences and their aggregate decode speed."""
         self.batch.display = True
-        self.batch.update(f"{status.running} running · {status.waiting} waiting · {status.tokens_per_s:.1f} tok/s")
+        text = f"{status.running} running · {status.waiting} waiting · {status.tokens_per_s:.1f} tok/s"
+        if text != self._batch_text:  # twice a second while serving; the same figures need no layout
+            self._batch_text = text
+            self.batch.update(text)
 
     def show_loading(self, model: str, devices: str) -> None:
         self.summary.update(f"loading {model} on {devices}…")

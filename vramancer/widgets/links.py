@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import VerticalScroll
-from textual.widget import Widget
 from textual.widgets import Static
 
 from vramancer.engine.units import format_bytes, format_rate
-from vramancer.widgets.charts import spark
+from vramancer.widgets.charts import spark, time_axis_s
+from vramancer.widgets.lines import LineWidget
 from vramancer.widgets.labels import part_label
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ def per_second(nbytes: float) -> str:
     return f"{format_bytes(round(nbytes))}/s"
 
 
-class LinkRow(Widget):
+class LinkRow(LineWidget):
     """One link (src → dst): bytes/s in each sampling interval over time (zero when idle), on a
     stated scale and window; the last transfers' rate and the peak; bytes carried."""
 
@@ -48,31 +48,24 @@ class LinkRow(Widget):
         before_bytes, before_time = (self.last.bytes, self.last.timestamp) if self.last else (0, self._since)
         seconds = max(snap.timestamp - before_time, 1e-3)
         rate = max(snap.bytes - before_bytes, 0) / seconds
-        idle_before = not self.rates or self.rates[-1] == 0
         self.last = snap
         self.rates.append(rate)
         self.intervals.append(seconds)
         self.peak = max(self.peak, rate)
-        if rate == 0 and idle_before and len(self.rates) > self._trend_width:
-            return  # idle and the graph already full of idle: nothing on screen changes
-        self.refresh()
+        self.redraw()
 
     @property
     def rate_now(self) -> float:
         return self.rates[-1] if self.rates else 0.0
 
     def window_s(self, width: int) -> float:
-        """Seconds the graph spans at `width` cells (one cell per sample)."""
-        return sum(list(self.intervals)[-width:]) if width > 0 else 0.0
+        """Seconds the graph stands for at `width` cells (one cell per sample)."""
+        return time_axis_s(self.intervals, width)
 
-    def get_content_height(self, container, viewport, width: int) -> int:
-        return 2
-
-    def render(self) -> Text:
+    def build_lines(self, width: int) -> list[Text]:
         """Line one: the link, its rates and what it carried. Line two: bytes/s over time, with
         its scale and window after it (the graph takes what the scale leaves)."""
-        style = self.get_component_rich_style
-        width = max(self.content_region.width, 10)
+        style = self.component_style
         rates = Text(no_wrap=True, overflow="ellipsis")
         rates.append(f"{self.src} → {self.dst}", style("linkrow--name"))
         if self.last is not None:
@@ -85,10 +78,10 @@ class LinkRow(Widget):
         self._trend_width = max(width - len(f" 0–{top} · 000 s"), 0)
         graph.append(spark(self.rates, self.peak, self._trend_width), style("linkrow--trend"))
         graph.append(f" 0–{top} · {self.window_s(self._trend_width):.0f} s", style("linkrow--dim"))
-        return Text("\n").join([rates, graph])
+        return [rates, graph]
 
 
-class DecodeRow(Widget):
+class DecodeRow(LineWidget):
     """Tokens decoded per second over time (every answer and server request together), on a
     stated scale and window, with now and peak; hidden until the first token."""
 
@@ -111,32 +104,25 @@ class DecodeRow(Widget):
         if before is None or now <= before[1]:
             return
         rate = (tokens - before[0]) / (now - before[1])
-        idle_before = not self.rates or self.rates[-1] == 0
         self.rates.append(rate)
         self.intervals.append(now - before[1])
         self.peak = max(self.peak, rate)
         if tokens and not self.display:
             self.display = True
-        if rate == 0 and idle_before and len(self.rates) > self._trend_width:
-            return  # idle, and the graph already all idle: nothing on screen changes
-        self.refresh()
+        self.redraw()
 
-    def get_content_height(self, container, viewport, width: int) -> int:
-        return 2
-
-    def render(self) -> Text:
-        style = self.get_component_rich_style
-        width = max(self.content_region.width, 10)
+    def build_lines(self, width: int) -> list[Text]:
+        style = self.component_style
         now = self.rates[-1] if self.rates else 0.0
         head = Text(no_wrap=True, overflow="ellipsis")
         head.append("decode", style("linkrow--name"))
         head.append(f"  now {now:.1f} tok/s · peak {self.peak:.1f} tok/s · {self.tokens} tokens decoded")
         graph = Text(no_wrap=True, overflow="ellipsis")
         self._trend_width = max(width - len(f" 0–{self.peak:.1f} tok/s · 000 s"), 0)
-        window = sum(list(self.intervals)[-self._trend_width:]) if self._trend_width else 0.0
+        window = time_axis_s(self.intervals, self._trend_width)
         graph.append(spark(self.rates, self.peak, self._trend_width), style("decoderow--trend"))
         graph.append(f" 0–{self.peak:.1f} tok/s · {window:.0f} s", style("linkrow--dim"))
-        return Text("\n").join([head, graph])
+        return [head, graph]
 
 
 class LinksPanel(VerticalScroll):
