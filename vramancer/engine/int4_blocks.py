@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchao.utils import TorchAOBaseTensor
 
-from vramancer.engine.cpu_kernels import kernels
+from vramancer.engine import cpu_kernels
 
 BLOCK = 32  # weights per scale/minimum pair, as GGUF's Q4_0/Q4_1
 
@@ -60,7 +60,7 @@ class BlockInt4Tensor(TorchAOBaseTensor):
         rows = x.reshape(-1, x.shape[-1])
         if rows.dtype != torch.float32 or not rows.is_contiguous():
             rows = rows.to(torch.float32).contiguous()
-        out = kernels().q4_linear(rows, self.qdata, self.scale, self.minimum)
+        out = cpu_kernels.kernels().q4_linear(rows, self.qdata, self.scale, self.minimum)
         if bias is not None:
             out += bias
         out = out.view(*x.shape[:-1], out.shape[-1])

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchao.quantization import Int8Tensor, PerRow
 
-from vramancer.engine.cpu_kernels import kernels
+from vramancer.engine import cpu_kernels
 
 
 class RowInt8Tensor(Int8Tensor):
@@ -35,7 +35,7 @@ class RowInt8Tensor(Int8Tensor):
         rows = x.reshape(-1, x.shape[-1])
         if not rows.is_contiguous():
             rows = rows.contiguous()
-        out = kernels().q8_linear(rows, self.qdata, self.scale.view(-1))
+        out = cpu_kernels.kernels().q8_linear(rows, self.qdata, self.scale.view(-1))
         if bias is not None:
             out += bias
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -55,7 +55,7 @@ def _linear(func, types, args, kwargs):
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     if x.device.type != "cpu" or weight.act_quant_kwargs is not None:
         return _parent_linear(func, types, args, kwargs)  # torchao's own path elsewhere
-    if x.dtype == torch.float32 and kernels() is not None:
+    if x.dtype == torch.float32 and cpu_kernels.kernels() is not None:
         return weight.linear(x, bias)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch._weight_int8pack_mm(rows, weight.qdata, weight.scale.reshape(-1).to(x.dtype))

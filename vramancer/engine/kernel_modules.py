@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from vramancer.engine.cpu_kernels import kernels
+from vramancer.engine import cpu_kernels
 
 
 class KernelLinear(nn.Linear):
@@ -36,7 +36,7 @@ class KernelLinear(nn.Linear):
 
 def _fused_rms_norm(self: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     if hidden.dtype == torch.float32 and hidden.device.type == "cpu" and self.weight.dtype == torch.float32:
-        return kernels().rms_norm(hidden.contiguous(), self.weight, self.vramancer_eps)
+        return cpu_kernels.kernels().rms_norm(hidden.contiguous(), self.weight, self.vramancer_eps)
     return type(self).forward(self, hidden)
 
 
@@ -58,7 +58,7 @@ def fuse_rms_norm(module: nn.Module) -> bool:
     probe = torch.randn(3, weight.numel(), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = module(probe)
-        got = kernels().rms_norm(probe, weight, eps)
+        got = cpu_kernels.kernels().rms_norm(probe, weight, eps)
     if not torch.allclose(got, expected, rtol=1e-5, atol=1e-6):
         return False
     module.vramancer_eps = eps
@@ -74,7 +74,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
             and dropout == 0.0 and query.shape[-1] % 8 == 0 and not kwargs.get("softcap")
             and kwargs.get("sliding_window") is None and kwargs.get("s_aux") is None):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return kernels().decode_attention(query, key, value, scale), None
+        return cpu_kernels.kernels().decode_attention(query, key, value, scale), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
 
