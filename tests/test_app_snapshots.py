@@ -45,7 +45,9 @@ async def settled(pilot) -> None:
     deadline = time.monotonic() + 30
     while not (app.plan is not None and app.placement_panel.shown is app.plan
                and all(card.snapshot is not None for card in app.devices_panel.query(DeviceCard))
-               and app.devices_panel.query(DeviceCard)):
+               and app.devices_panel.query(DeviceCard)
+               # and the cards fitted to the panel's final size (a layout may still be pending)
+               and all(card.mode == app.devices_panel.mode_for_size() for card in app.devices_panel.query(DeviceCard))):
         assert time.monotonic() < deadline, "the dashboard did not settle within 30 s"
         await pilot.pause(0.05)
     await pilot.pause()

@@ -237,19 +237,22 @@ class DevicesPanel(VerticalScroll):
     def on_resize(self) -> None:
         self._fit_cards()
 
-    def _fit_cards(self) -> None:
+    def mode_for_size(self) -> str:
+        """The card form that shows every card in the panel's present size."""
         count, height = len(self.cards), self.scrollable_content_region.height or self.size.height
-        if not count:
-            return
         # The width without a scrollbar: the mode chosen makes the cards fit, so none shows. (The
         # width with one, taken while a previous mode overflowed, could flip the choice.)
         legend = len(self.legend.render().wrap(self.app.console, max(self.content_region.width, 1)))
         if count * FULL_HEIGHT <= height:
-            mode = FULL
-        elif legend + count * 2 <= height:
-            mode = TWO_LINES
-        else:
-            mode = ONE_LINE
+            return FULL
+        if legend + count * 2 <= height:
+            return TWO_LINES
+        return ONE_LINE
+
+    def _fit_cards(self) -> None:
+        if not self.cards:
+            return
+        mode = self.mode_for_size()
         self.legend.display = mode != FULL
         name_width = max(len(name) for name in self.cards)
         for card in self.cards.values():
