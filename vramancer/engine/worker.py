@@ -37,6 +37,13 @@ from vramancer.engine.units import format_bytes
 log = logging.getLogger(__name__)
 
 REBALANCE_POLL_S = 0.5  # how often an idle worker looks for memory pressure (with --auto-rebalance)
+# Requests sent together reach the worker a few milliseconds apart (each is parsed and templated
+# on the server's thread first). A batch that starts waits while they keep coming, for a pause of
+# GATHER_QUIET_S (at most GATHER_MAX_S in all), so their prompts share one prefill instead of
+# the first running alone and the others one prefill later, while it decodes nothing. The same
+# idea as Triton's dynamic-batching queue delay; a lone request pays GATHER_QUIET_S once.
+GATHER_QUIET_S = 0.005
+GATHER_MAX_S = 0.05
 
 Emit = Callable[[ev.Event], None]
 
@@ -280,6 +287,7 @@ class EngineWorker:
             self._offer(deferred)
         self._generating = True
         try:
+            self._gather_arrivals()
             while batch.busy:
                 self._cancel_in_batch()
                 if self._stopping.is_set():
@@ -315,32 +323,46 @@ class EngineWorker:
             if self._batch.holds(request_id):
                 self._batch.cancel(request_id)
 
+    def _gather_arrivals(self) -> None:
+        """Before a batch's first step: take the commands that keep arriving (see GATHER_QUIET_S)."""
+        deadline = time.monotonic() + GATHER_MAX_S
+        while (wait := min(GATHER_QUIET_S, deadline - time.monotonic())) > 0:
+            try:
+                command = self._commands.get(timeout=wait)
+            except queue.Empty:
+                return
+            self._take_during_batch(command)
+
     def _between_batch_steps(self) -> None:
-        """Commands that arrived during a step: Submits join the batch's queue, Migrate,
-        Reserve and Replan run now, the rest waits until the batch empties."""
+        """The commands that arrived during a step."""
         while True:
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(command, ev.Submit):
-                self._offer(command)
-            elif isinstance(command, (ev.Migrate, ev.Reserve, ev.Replan)):
-                try:
-                    if isinstance(command, ev.Migrate):
-                        self._on_migrate(command, step=self._batch.steps)
-                    elif isinstance(command, ev.Reserve):
-                        self._on_reserve(command)
-                        if self.engine.auto_rebalance:
-                            self.engine.rebalance(self._batch.steps)  # at this very step
-                    else:
-                        self._on_replan(command)
-                except DeviceLost as lost:
-                    self._batch.recover(lost)  # re-place the lost layers, rebuild every sequence's KV
-                except VramancerError as exc:
-                    self.emit(ev.Error(type(command).__name__, str(exc)))
-            elif not isinstance(command, ev.Cancel):  # a Cancel was recorded by `submit`
-                self._deferred.append(command)
+            self._take_during_batch(command)
+
+    def _take_during_batch(self, command: ev.Command) -> None:
+        """Submits join the batch's queue, Migrate, Reserve and Replan run now, the rest waits
+        until the batch empties."""
+        if isinstance(command, ev.Submit):
+            self._offer(command)
+        elif isinstance(command, (ev.Migrate, ev.Reserve, ev.Replan)):
+            try:
+                if isinstance(command, ev.Migrate):
+                    self._on_migrate(command, step=self._batch.steps)
+                elif isinstance(command, ev.Reserve):
+                    self._on_reserve(command)
+                    if self.engine.auto_rebalance:
+                        self.engine.rebalance(self._batch.steps)  # at this very step
+                else:
+                    self._on_replan(command)
+            except DeviceLost as lost:
+                self._batch.recover(lost)  # re-place the lost layers, rebuild every sequence's KV
+            except VramancerError as exc:
+                self.emit(ev.Error(type(command).__name__, str(exc)))
+        elif not isinstance(command, ev.Cancel):  # a Cancel was recorded by `submit`
+            self._deferred.append(command)
 
     def _batch_emit(self, event: ev.Event) -> None:
         """The batch's events go out as they are; a request's last one ends its bookkeeping."""
