@@ -1,4 +1,4 @@
-"""Our CPU kernels for quantized weights (engine/kernels/quant_linear.cpp), built on first use.
+"""Our CPU kernels (engine/kernels/*.cpp: quantized matmuls, fused norms, attention), built on first use.
 
 torch's and torchao's weight-only kernels run at a fraction of memory speed on AVX2 CPUs
 (int4: ~1.9 GB/s, int8: ~3.3 GB/s on one thread here, where a float32 matmul reads 6-8 GB/s),
@@ -30,7 +30,12 @@ from vramancer.engine.cache_dir import cache_root
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels") / "quant_linear.cpp"
+SOURCE_DIR = Path(__file__).with_name("kernels")
+
+
+def sources() -> list[Path]:
+    """Every C++ source of the extension (bindings.cpp binds what kernels.h declares)."""
+    return sorted(SOURCE_DIR.glob("*.cpp"))
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17"]
 KERNEL_DIR_ENV = "VRM_KERNEL_DIR"  # where the compiled kernels live (default: <cache>/kernels)
 NAME = "vramancer_quant_linear"
@@ -45,7 +50,8 @@ def cpu_supports_kernels() -> bool:
 
 def build_dir() -> Path:
     """The folder for this source, these flags and this torch/Python."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()
+    text = b"".join(path.name.encode() + path.read_bytes() for path in sorted(SOURCE_DIR.glob("*.[ch]*")))
+    key = hashlib.sha256(text + " ".join(FLAGS).encode()
                          + f"{torch.__version__} {sys.version_info[:2]}".encode()).hexdigest()[:16]
     root = Path(os.environ[KERNEL_DIR_ENV]).expanduser() if os.environ.get(KERNEL_DIR_ENV) else cache_root() / "kernels"
     return root / key
@@ -75,7 +81,7 @@ def kernels():
         _put_ninja_on_path()
 
         log.warning("compiling the CPU kernels for quantized weights into %s, once (about a minute)", folder)
-        return load(name=NAME, sources=[str(SOURCE)], extra_cflags=FLAGS, build_directory=str(folder),
+        return load(name=NAME, sources=[str(path) for path in sources()], extra_cflags=FLAGS, build_directory=str(folder),
                     verbose=False)
     except Exception as exc:  # no compiler, no ninja, no Python headers: torchao's kernels run instead
         first = (str(exc).strip().splitlines() or [""])[0]

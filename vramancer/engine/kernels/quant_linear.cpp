@@ -10,6 +10,8 @@
 // the batch size, the tiling or the thread count (two accumulators, blocks in order, one
 // final reduction), so results are bit-identical between those.
 
+#include "kernels.h"
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -306,11 +308,4 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
     }
   });
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "attention of one query per sequence over its whole KV cache");
-  m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows");
-  m.def("q4_linear", &q4_linear, "x @ W.T with W in 4-bit blocks of 32 (float16 scale and minimum)");
-  m.def("q8_linear", &q8_linear, "x @ W.T with W in int8 rows (float32 scale per row)");
 }
