@@ -95,10 +95,15 @@ def use_decode_attention(model: nn.Module) -> bool:
 
 def rewire(model: nn.Module) -> None:
     """Quantized linears, RMSNorms and decode attention of `model` (on the CPU, float32) onto
-    our kernels."""
+    our kernels, then each decoder layer whose parts all are onto one fused decode step
+    (engine/fused_layer.py). Idempotent."""
+    from vramancer.engine import fused_layer
+
     use_decode_attention(model)
     for module in model.modules():
         if type(module) is nn.Linear and hasattr(module.weight, "linear"):
             module.__class__ = KernelLinear
-        else:
+        elif "forward" not in vars(module):
             fuse_rms_norm(module)
+    for module in model.modules():
+        fused_layer.install(module)

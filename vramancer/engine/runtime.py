@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from vramancer.engine.architecture import cache_tensors, describe, part_tensors, replace_cache_tensor
+from vramancer.engine import fused_layer
 from vramancer.engine.devices import Device, DeviceFullError
 from vramancer.engine.quantized import stored_bytes
 from vramancer.engine.planner import EMBED, HEAD, DeviceNeed, ModelProfile, Placement, device_needs
@@ -215,6 +216,8 @@ class SplitModel:
         if self.external is not None:
             self.external.install(placement)
         self._carried.clear()
+        for layer in self.layer_modules:
+            fused_layer.refresh(layer)  # its weights may be new tensors after a move
         previous = placement.embed
         for i, layer in enumerate(self.stack):
             current = placement.layer_devices[i]

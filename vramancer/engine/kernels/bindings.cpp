@@ -6,4 +6,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows");
   m.def("q4_linear", &q4_linear, "x @ W.T with W in 4-bit blocks of 32 (float16 scale and minimum)");
   m.def("q8_linear", &q8_linear, "x @ W.T with W in int8 rows (float32 scale per row)");
+  bind_decode_layer(m);  // the DecodeLayer class (decode_layer.cpp)
 }

@@ -9,3 +9,27 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& nibbles, co
 torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& scale);
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale);
+
+// decode_layer.cpp: a decoder layer's decode step (one new token per sequence) on the kernels above.
+class DecodeLayer {
+ public:
+  static constexpr size_t kProjections = 7;  // q, k, v, o, gate, up, down
+
+  // weights: per projection, (nibbles, scale, minimum) for q4 or (values, scale) for q8; biases: each or None.
+  DecodeLayer(std::vector<std::vector<torch::Tensor>> weights, std::vector<c10::optional<torch::Tensor>> biases,
+              torch::Tensor input_norm, double input_eps, torch::Tensor post_norm, double post_eps, int64_t heads,
+              int64_t kv_heads, int64_t head_dim, double scaling);
+  std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> project(const torch::Tensor& hidden, const torch::Tensor& cos,
+                                                                  const torch::Tensor& sin) const;
+  torch::Tensor finish(const torch::Tensor& hidden, const torch::Tensor& q, const torch::Tensor& keys,
+                       const torch::Tensor& values) const;
+
+ private:
+  std::vector<std::vector<torch::Tensor>> weights_;
+  std::vector<c10::optional<torch::Tensor>> biases_;
+  torch::Tensor input_norm_, post_norm_;
+  double input_eps_, post_eps_;
+  int64_t heads_, kv_heads_, head_dim_;
+  double scaling_;
+};
+void bind_decode_layer(pybind11::module_& m);
