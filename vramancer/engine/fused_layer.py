@@ -151,4 +151,5 @@ def refresh(layer: nn.Module) -> bool:
 
 
 def is_fused(layer: nn.Module) -> bool:
-    return getattr(layer, "vramancer_fused", None) is not None
+    """Whether `layer` takes the fused decode step where it can."""
+    return "forward" in vars(layer) and getattr(layer, "vramancer_fused", None) is not None

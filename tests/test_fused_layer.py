@@ -1,0 +1,111 @@
+"""A decoder layer's fused decode step (engine/fused_layer.py) gives what the layer's own
+forward gives, to the bit, on tiny random q4/q8 models (Llama, and Qwen2 with biases on q/k/v);
+prompts, masks and layers with parts it does not run keep their own forward."""
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, \
+    Qwen3ForCausalLM
+
+from vramancer.engine.cpu_kernels import kernels, unavailable_reason
+from vramancer.engine.fused_layer import is_fused
+from vramancer.engine.kernel_modules import rewire
+from vramancer.engine.quantized import quantize_model
+
+pytestmark = pytest.mark.skipif(kernels() is None, reason=f"kernels unavailable: {unavailable_reason()}")
+
+SHAPE = dict(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, initializer_range=0.2)
+MODELS = {
+    "llama": (LlamaForCausalLM, LlamaConfig(**SHAPE)),
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config(**SHAPE)),  # biases on q, k and v
+}
+
+
+def quantized_pair(kind: str, weights: str):
+    """The same random model quantized twice: one as quantize_model leaves it (fused layers),
+    one whose decoder layers run their own forward, as transformers wrote it."""
+    cls, config = MODELS[kind]
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = cls(config).eval()
+        quantize_model(model, weights)
+        models.append(model)
+    fused, own = models
+    for layer in own.model.layers:
+        del layer.forward
+    assert all(is_fused(layer) for layer in fused.model.layers)
+    assert not any(is_fused(layer) for layer in own.model.layers)
+    return fused, own
+
+
+def attention_calls(model) -> list:
+    """Counts the decoder layers' attention modules that run (the fused step runs none)."""
+    calls = []
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("kind,weights", [("llama", "q4"), ("llama", "q8"), ("qwen2", "q4")])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_decode_step_is_the_layers_own_to_the_bit(kind, weights, batch):
+    fused, own = quantized_pair(kind, weights)
+    ids = torch.randint(0, SHAPE["vocab_size"], (batch, 9), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        caches = [DynamicCache(), DynamicCache()]
+        prompt = [model(ids[:, :-1], cache=cache, use_cache=True).logits for model, cache in zip((fused, own), caches)]
+        assert torch.equal(*prompt)  # a prompt runs the layers' own forward in both
+        calls = attention_calls(fused)
+        steps = [model(ids[:, -1:], cache=cache, use_cache=True).logits for model, cache in zip((fused, own), caches)]
+    assert calls == []  # the decode step ran fused
+    # Tolerance: none. The fused step runs the same kernels in the same order with the same roundings.
+    assert torch.equal(steps[0], steps[1])
+    for mine, theirs in zip(caches[0].layers, caches[1].layers):
+        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+
+
+@pytest.mark.parametrize("kind,weights", [("llama", "q4"), ("llama", "q8"), ("qwen2", "q8")])
+def test_greedy_generation_gives_the_same_tokens_fused_or_not(kind, weights):
+    fused, own = quantized_pair(kind, weights)
+    rewire(fused)  # installing again changes nothing
+    assert all(is_fused(layer) for layer in fused.model.layers)
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        calls = attention_calls(fused)
+        tokens = [model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0)[0, 12:].tolist()
+                  for model in (fused, own)]
+    assert len(calls) == SHAPE["num_hidden_layers"]  # only the prompt ran the attention modules
+    assert len(set(tokens[0])) > 3  # tokens that vary, so a difference would show
+    assert tokens[0] == tokens[1]
+
+
+def test_masks_and_several_new_tokens_take_the_layers_own_forward():
+    fused, own = quantized_pair("llama", "q4")
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, SHAPE["vocab_size"], (2, 8), generator=gen)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0  # the second row is left-padded: the step needs its mask
+    with torch.inference_mode():
+        caches = [DynamicCache(), DynamicCache()]
+        for model, cache in zip((fused, own), caches):
+            model(ids[:, :6], attention_mask=mask[:, :6], cache=cache, use_cache=True)
+        calls = attention_calls(fused)
+        masked = [model(ids[:, 6:7], attention_mask=mask[:, :7], cache=cache, use_cache=True).logits
+                  for model, cache in zip((fused, own), caches)]
+        assert len(calls) == SHAPE["num_hidden_layers"]
+        two_tokens = [model(ids[:1, :2], cache=DynamicCache(), use_cache=True).logits for model in (fused, own)]
+        assert len(calls) == 2 * SHAPE["num_hidden_layers"]
+    assert torch.equal(*masked) and torch.equal(*two_tokens)
+
+
+def test_a_layer_with_parts_it_does_not_run_keeps_its_own_forward():
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(**SHAPE, head_dim=16)).eval()  # per-head norms on q and k
+    quantize_model(model, "q4")
+    assert not any(is_fused(layer) for layer in model.model.layers)
+    with torch.inference_mode():
+        calls = attention_calls(model)
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert len(calls) == 3 * SHAPE["num_hidden_layers"]
