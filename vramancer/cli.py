@@ -474,6 +474,7 @@ def _parse_migrate(text: str) -> tuple[str, str, int]:
 
 
 def _bench(args) -> int:
+    from vramancer.engine.fused_layer import is_fused
     from vramancer.engine.quantized import kernel_path
 
     engine = _load_engine(args, quiet=args.json)
@@ -490,6 +491,7 @@ def _bench(args) -> int:
         "weights": engine.weights,
         "weight_bytes": engine.profile.weight_bytes(),
         "kernels": kernel_path(engine.weights, engine.dtype),
+        "fused_decoder_layers": sum(is_fused(layer) for layer in engine.split.layer_modules),
         "devices": [d.name for d in engine.devices],
         "placement": engine.placement_json(),
         "rounds": args.rounds,
@@ -504,7 +506,9 @@ def _bench(args) -> int:
         print(f"decode {summary['decode_tokens_per_s_median']:.1f} tok/s (median of {len(rates)}), "
               f"first token {summary['ttft_s_median']:.3f} s, on {', '.join(summary['devices'])} "
               f"({summary['dtype']}, weights {summary['weights']})")
-        print(f"kernels: {summary['kernels']}")
+        layers = len(engine.split.layer_modules)
+        fused = f"; decode steps of {summary['fused_decoder_layers']}/{layers} decoder layers fused (2 calls each)"
+        print(f"kernels: {summary['kernels']}{fused if summary['fused_decoder_layers'] else ''}")
     return 0
 
 
