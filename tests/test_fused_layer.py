@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, \
     Qwen3ForCausalLM
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from vramancer.engine.cpu_kernels import kernels, unavailable_reason
 from vramancer.engine.fused_layer import is_fused
@@ -109,3 +110,19 @@ def test_a_layer_with_parts_it_does_not_run_keeps_its_own_forward():
         calls = attention_calls(model)
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert len(calls) == 3 * SHAPE["num_hidden_layers"]
+
+
+class HalvedLayer(LlamaDecoderLayer):
+    """A layer with Llama's parts that computes something else with them."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return super().forward(hidden_states, *args, **kwargs) * 0.5
+
+
+def test_a_layer_that_computes_otherwise_with_the_same_parts_keeps_its_own_forward():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SHAPE)).eval()
+    for layer in model.model.layers:
+        layer.__class__ = HalvedLayer
+    quantize_model(model, "q8")
+    assert not any(is_fused(layer) for layer in model.model.layers)  # the probe step differed
