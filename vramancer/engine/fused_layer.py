@@ -42,7 +42,7 @@ def _forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> t
     extra = {"position_ids": None, "use_cache": False, **kwargs}
     for name in ("attention_mask", "cache", "position_embeddings"):
         extra.pop(name, None)
-    keys, values = cache.update(key, value, self.self_attn.layer_idx, kwargs=extra)
+    keys, values = cache.update(key, value, self.vramancer_layer_idx, kwargs=extra)
     return fused.finish(hidden_states, query, keys, values)
 
 
@@ -161,6 +161,7 @@ def install(layer: nn.Module) -> bool:
     if not _probed[key]:
         return False
     layer.vramancer_fused = fused
+    layer.vramancer_layer_idx = layer.self_attn.layer_idx  # its cache entry (read each step: no module lookup)
     layer.forward = types.MethodType(_forward, layer)
     return True
 
