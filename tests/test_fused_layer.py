@@ -126,3 +126,4 @@ def test_a_layer_that_computes_otherwise_with_the_same_parts_keeps_its_own_forwa
         layer.__class__ = HalvedLayer
     quantize_model(model, "q8")
     assert not any(is_fused(layer) for layer in model.model.layers)  # the probe step differed
+

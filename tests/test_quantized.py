@@ -7,9 +7,10 @@ import torch
 from vramancer.engine import Engine
 from vramancer.engine.engine import prepare
 from vramancer.engine.errors import VramancerError
+from vramancer.engine.fused_layer import is_fused
 from vramancer.engine.generation import encode_prompt
 from vramancer.engine.models import bundled_model_path
-from vramancer.engine.quantized import gguf_file_type, quantize_model, resolve_weights, stored_bytes
+from vramancer.engine.quantized import gguf_file_type, our_kernels, quantize_model, resolve_weights, stored_bytes
 
 PROMPT = "Tell me about the sea."
 SPLIT = "sim:3x64MiB"
@@ -75,6 +76,8 @@ def test_a_migration_moves_the_quantized_bytes_and_keeps_the_answer(quantized):
     try:
         assert result.bytes == expected
         assert type(engine.split.layer_modules[0].self_attn.q_proj.weight).__name__ != "Parameter"
+        if our_kernels(engine.dtype):  # decode steps stay fused (engine/fused_layer.py)
+            assert all(is_fused(layer) for layer in engine.split.layer_modules)
         assert engine.generate(PROMPT, max_new_tokens=12).token_ids == before
     finally:
         engine.migrate(0, 1, source)
