@@ -59,7 +59,9 @@ def test_a_decode_step_is_the_layers_own_to_the_bit(kind, weights, batch):
         prompt = [model(ids[:, :-1], cache=cache, use_cache=True).logits for model, cache in zip((fused, own), caches)]
         assert torch.equal(*prompt)  # a prompt runs the layers' own forward in both
         calls = attention_calls(fused)
-        steps = [model(ids[:, -1:], cache=cache, use_cache=True).logits for model, cache in zip((fused, own), caches)]
+        positions = torch.arange(batch).view(batch, 1) + 8  # each row its own rotary angles
+        steps = [model(ids[:, -1:], position_ids=positions, cache=cache, use_cache=True).logits
+                 for model, cache in zip((fused, own), caches)]
     assert calls == []  # the decode step ran fused
     # Tolerance: none. The fused step runs the same kernels in the same order with the same roundings.
     assert torch.equal(steps[0], steps[1])
