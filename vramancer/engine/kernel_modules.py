@@ -11,6 +11,8 @@ path, so a rewired model still runs everywhere the original did.
 - attention of a decode step (one query per sequence, no mask) as our `decode_attention`,
   registered with transformers' `AttentionInterface`: torch's SDPA took ~50 µs a layer for
   it here. Everything else (prompts, masks, sliding windows, soft caps) stays with SDPA.
+- then, a decoder layer built of those parts: its whole decode step as two calls
+  (engine/fused_layer.py).
 """
 
 from __future__ import annotations
