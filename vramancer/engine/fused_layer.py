@@ -169,6 +169,12 @@ def install(layer: nn.Module) -> bool:
     return True
 
 
+def fuse_decoder_layers(model: nn.Module) -> int:
+    """`install` on every module of a model that `kernel_modules.rewire` rewired (the ones
+    that are not decoder layers are passed over at once). Returns how many are fused."""
+    return sum(install(module) for module in model.modules())
+
+
 def refresh(layer: nn.Module) -> bool:
     """Gather a fused layer's weights again (after a move: its tensors may be new ones, on
     another device); a layer that no longer qualifies runs its own forward. True if fused."""

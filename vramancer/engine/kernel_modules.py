@@ -11,8 +11,8 @@ path, so a rewired model still runs everywhere the original did.
 - attention of a decode step (one query per sequence, no mask) as our `decode_attention`,
   registered with transformers' `AttentionInterface`: torch's SDPA took ~50 µs a layer for
   it here. Everything else (prompts, masks, sliding windows, soft caps) stays with SDPA.
-- then, a decoder layer built of those parts: its whole decode step as two calls
-  (engine/fused_layer.py).
+Decoder layers built of these parts then run their whole decode step as two calls
+(engine/fused_layer.py, after `rewire`).
 """
 
 from __future__ import annotations
@@ -97,15 +97,10 @@ def use_decode_attention(model: nn.Module) -> bool:
 
 def rewire(model: nn.Module) -> None:
     """Quantized linears, RMSNorms and decode attention of `model` (on the CPU, float32) onto
-    our kernels, then each decoder layer whose parts all are onto one fused decode step
-    (engine/fused_layer.py). Idempotent."""
-    from vramancer.engine import fused_layer
-
+    our kernels. Idempotent."""
     use_decode_attention(model)
     for module in model.modules():
         if type(module) is nn.Linear and hasattr(module.weight, "linear"):
             module.__class__ = KernelLinear
         elif "forward" not in vars(module):
             fuse_rms_norm(module)
-    for module in model.modules():
-        fused_layer.install(module)

@@ -190,9 +190,11 @@ def quantize_model(model: nn.Module, weights: str) -> None:
             if quantizable(module, weights, head):
                 module.weight = quantize(module.weight)
         if ours:
+            from vramancer.engine.fused_layer import fuse_decoder_layers
             from vramancer.engine.kernel_modules import rewire
 
             rewire(model)
+            fuse_decoder_layers(model)
         return
     from torchao.quantization import quantize_
     from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
