@@ -66,16 +66,24 @@ def test_devices_hold_quantized_weights_and_the_plan_counts_them(quantized, tiny
         assert need["weights"] == pytest.approx(held_bytes(parts), rel=0.02)
 
 
+def inner_pointers(weight) -> set[int]:
+    names, _ = weight.__tensor_flatten__()
+    return {getattr(weight, name).data_ptr() for name in names}
+
+
 def test_a_migration_moves_the_quantized_bytes_and_keeps_the_answer(quantized):
     weights, engine = quantized
     before = engine.generate(PROMPT, max_new_tokens=12).token_ids
     source = engine.placement.layer_devices[0]
     target = next(d.name for d in engine.devices if d.name != source)
     expected = held_bytes([engine.split.layer_modules[0], engine.split.layer_modules[1]])
+    old_storage = inner_pointers(engine.split.layer_modules[0].self_attn.q_proj.weight)
     result = engine.migrate(0, 1, target)
     try:
         assert result.bytes == expected
-        assert type(engine.split.layer_modules[0].self_attn.q_proj.weight).__name__ != "Parameter"
+        moved = engine.split.layer_modules[0].self_attn.q_proj.weight
+        assert type(moved).__name__ != "Parameter"
+        assert not inner_pointers(moved) & old_storage  # the layer now uses the copies that crossed the link
         if our_kernels(engine.dtype):  # decode steps stay fused (engine/fused_layer.py)
             assert all(is_fused(layer) for layer in engine.split.layer_modules)
         assert engine.generate(PROMPT, max_new_tokens=12).token_ids == before

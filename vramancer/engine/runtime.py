@@ -16,6 +16,7 @@ from typing import Protocol, Sequence
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from vramancer.engine.architecture import cache_tensors, describe, part_tensors, replace_cache_tensor
 from vramancer.engine import fused_layer
@@ -316,7 +317,11 @@ def move_module(module: nn.Module, device: torch.device) -> None:
 
 def _assign(owner: nn.Module, name: str, tensor: torch.Tensor) -> None:
     current = owner._parameters.get(name)
-    if current is not None:
+    if current is not None and is_traceable_wrapper_subclass(current):
+        # A quantized weight: `.data =` would keep its inner tensors (the real bytes) where
+        # they were, so the parameter itself is replaced. Ties are undone before such moves.
+        owner._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+    elif current is not None:
         current.data = tensor.data if isinstance(tensor, nn.Parameter) else tensor
     else:
         owner._buffers[name] = tensor
