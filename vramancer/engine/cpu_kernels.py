@@ -3,7 +3,12 @@
 torch's and torchao's weight-only kernels run at a fraction of memory speed on AVX2 CPUs
 (int4: ~1.9 GB/s, int8: ~3.3 GB/s on one thread here, where a float32 matmul reads 6-8 GB/s),
 and they want bfloat16 activations, whose elementwise ops are slow without AVX-512. These
-take float32 activations and read the quantized weights once per batch of rows.
+take float32 activations, quantize each row to int16 per block of 32 (as llama.cpp does with
+int8; int16 keeps float32's answers on the bundled model, where int8 changed one), and sum
+integer products: the q8 output head and q8 layers ran ~2x faster than with float32 math, and
+`--weights q8` decoded ~1.5x faster; q4 layers, held by memory access at ~3 GB/s, gained
+little (figures and why in kernels/quant_linear.cpp; `python -m benchmarks.kernels`). They
+read the quantized weights once per batch of rows.
 
 The extension is compiled once (g++ through torch's cpp_extension and ninja, about a minute
 on two cores) into `<cache>/kernels/<key>/`, keyed by the source, the flags and the torch and
