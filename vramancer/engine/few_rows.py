@@ -24,13 +24,20 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vramancer.engine import cpu_kernels
+
 # The server's default --max-batch. Beyond it W @ x.T was no steady gain: slower at 12 and 32
 # rows (the head 55 vs 46 ms, 110 vs 88 ms), a little faster at 16 (49 vs 63 ms).
 MAX_ROWS = 8
 
+# Whether our kernel runs where it can; benchmarks.batching turns it off to compare with MKL's
+# W @ x.T in the same session.
+use_kernel = True
+
 
 class FewRowsLinear(nn.Linear):
-    """nn.Linear whose 2..MAX_ROWS-row float32 products on the CPU run as W @ x.T."""
+    """nn.Linear whose 2..MAX_ROWS-row float32 products on the CPU read each weight once: our
+    `few_rows_linear` kernel where it runs, else MKL's W @ x.T."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
@@ -39,23 +46,29 @@ class FewRowsLinear(nn.Linear):
                 and type(weight.data) is torch.Tensor and weight.dtype == torch.float32):
             return F.linear(x, weight, self.bias)
         flat = x.reshape(rows, x.shape[-1]).contiguous()
-        if self.bias is None:
-            out = torch.mm(weight, flat.t())
+        ops = cpu_kernels.kernels() if use_kernel else None
+        if ops is not None and weight.is_contiguous() and (self.bias is None or self.bias.dtype == torch.float32):
+            out = ops.few_rows_linear(flat, weight, self.bias)  # row-major rows already
         else:
-            out = torch.addmm(self.bias.unsqueeze(1), weight, flat.t())
-        # Back to row-major rows (microseconds): strided rows would send attention to its slow
-        # path, which copies the whole KV cache at every step.
-        return out.t().contiguous().reshape(*x.shape[:-1], weight.shape[0])
+            out = torch.mm(weight, flat.t()) if self.bias is None else torch.addmm(self.bias.unsqueeze(1), weight, flat.t())
+            # Back to row-major rows: strided rows would send attention to its slow path, which
+            # copies the whole KV cache at every step.
+            out = out.t().contiguous()
+        return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def use_few_rows_linear(model: nn.Module) -> int:
     """Turn every plain nn.Linear of `model` into a FewRowsLinear (same parameters, same
     hooks); returns how many. Call it on models whose weights are native, not quantized."""
+    float32 = False
     count = 0
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = FewRowsLinear
             count += 1
+            float32 = float32 or module.weight.dtype == torch.float32
+    if float32:  # built (once, about a minute) or loaded now, not in the middle of a batch's step
+        cpu_kernels.kernels()
     return count
 
 
