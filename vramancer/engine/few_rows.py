@@ -2,20 +2,25 @@
 
 A decode step of a batch of B sequences multiplies B rows by every weight. On the CPU, torch's
 float32 `linear` (x @ W.T) runs a matrix-vector product for one row but MKL's matrix product
-for 2-8 rows, which here costs about twice one row's time: the weights, too big for the cache,
-are read more than once. Asked the other way round, W @ x.T (with x.T a transposed view of
-row-major rows), the same product reads them once. Measured on the 2-core AMD EPYC machine, 1
-thread, weights out of cache (ms per layer, 1 / 2 / 4 / 8 rows):
+for 2-8 rows, which here costs two to three times one row's time: the weights, too big for
+the cache, are read more than once. MKL asked the other way round, W @ x.T, reads them once
+but at 4-6 GB/s, and its output must be copied back to row-major rows. Our `few_rows_linear`
+kernel (engine/kernels/few_rows.cpp) streams each weight row once through up to 8 rows' worth
+of accumulators and writes row-major rows. `python -m benchmarks.few_rows` on the 2-core AMD
+EPYC machine, 1 thread, weights out of cache, 12:17 UTC (load 3; ms per layer, 1 / 2 / 4 / 8
+rows; GB/s of weights read at 8 rows; reading memory alone: 10-13 GB/s):
 
-    576 x 576     linear 0.17 0.22 0.27 0.45    W @ x.T 0.17 0.17 0.17 0.26-0.42
-    1536 x 576    linear 0.40 0.58 0.76 0.82    W @ x.T 0.35 0.40 0.39 0.61
-    576 x 1536    linear 0.26 0.45 0.61 0.66    W @ x.T 0.26 0.44 0.44 0.72
-    49152 x 576   linear 12   29   33   34      W @ x.T 12   15   16   21    (the output head)
+    576 x 576     linear 0.13 0.32 0.26 0.43    W @ x.T 0.16 0.20 0.20 0.41 (3.2)    ours 0.12 0.13 0.15 0.20 (6.7)
+    1536 x 576    linear 0.44 1.57 0.78 1.03    W @ x.T 0.45 0.93 0.57 0.97 (3.6)    ours 0.33 0.53 0.46 0.56 (6.3)
+    576 x 1536    linear 0.61 0.52 0.61 0.76    W @ x.T 0.58 0.47 0.59 1.07 (3.3)    ours 0.64 0.38 0.38 0.54 (6.6)
+    49152 x 576   linear 16   44   33   35      W @ x.T 17   22   18   24   (4.7)    ours 13   13   11   14   (8.2)
 
-x.T must be a view of row-major rows: the same product with x.T made contiguous took three
-times as long (1.3 ms at 1536 x 576). One row keeps `linear` (the matrix-vector product), so a
-lone request computes exactly what `generate` does; so do prompts (many rows), other devices
-and dtypes, and quantized weights (their own kernels take several rows; engine/quantized.py).
+At 8 rows the kernel is bound by its multiply-adds more than by memory (15 GB/s with the
+weights in L2). A row's result does not depend on the others in its batch or on the thread
+count (tests/test_few_rows.py). One row keeps `linear` (the matrix-vector product), so a lone
+request computes exactly what `generate` does; so do prompts (many rows), other devices and
+dtypes, and quantized weights (their own kernels take several rows; engine/quantized.py).
+Where our kernels cannot run (`cpu_kernels.kernels()` is None), 2-8 rows take W @ x.T.
 """
 
 from __future__ import annotations
@@ -50,7 +55,10 @@ class FewRowsLinear(nn.Linear):
         if ops is not None and weight.is_contiguous() and (self.bias is None or self.bias.dtype == torch.float32):
             out = ops.few_rows_linear(flat, weight, self.bias)  # row-major rows already
         else:
-            out = torch.mm(weight, flat.t()) if self.bias is None else torch.addmm(self.bias.unsqueeze(1), weight, flat.t())
+            if self.bias is None:
+                out = torch.mm(weight, flat.t())
+            else:
+                out = torch.addmm(self.bias.unsqueeze(1), weight, flat.t())
             # Back to row-major rows: strided rows would send attention to its slow path, which
             # copies the whole KV cache at every step.
             out = out.t().contiguous()
