@@ -1,5 +1,8 @@
-"""The batch's CPU linear layers (engine/few_rows.py): the same products as torch's, one row
-bit for bit, and only where they apply."""
+"""A batch's rows on the CPU (engine/few_rows.py): linear layers, RMSNorms and decode attention
+compute what torch's do, one row bit for bit, a row's bits whoever shares its batch, and only
+where they apply."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -86,3 +89,58 @@ def test_a_sequence_gets_the_same_bits_whoever_shares_its_batch(layer):
         beside_one = layer(torch.cat([mine, others[:1]]).unsqueeze(1))[0]
         beside_seven = layer(torch.cat([mine, others]).unsqueeze(1))[0]
         assert torch.equal(beside_one, beside_seven)
+
+
+@needs_kernels
+def test_a_batchs_rms_norms_run_fused_and_one_row_keeps_torchs(tiny_model_dir):
+    from vramancer.engine.models import load_weights, resolve_model
+
+    model = load_weights(resolve_model(tiny_model_dir), torch.float32)
+    norm = model.get_decoder().norm
+    assert "forward" in vars(norm)  # rerouted on this instance
+    torch.manual_seed(2)
+    with torch.inference_mode():
+        one, batch = torch.randn(1, 1, norm.weight.numel()), torch.randn(4, 1, norm.weight.numel())
+        assert torch.equal(norm(one), type(norm).forward(norm, one))
+        assert torch.equal(norm(batch), ops.rms_norm(batch, norm.weight, norm.vramancer_eps))
+        torch.testing.assert_close(norm(batch), type(norm).forward(norm, batch))
+
+
+def padded_decode_step(rows: int = 5, length: int = 11) -> tuple:
+    """One query per sequence over a cache of `length` columns, each row's first few padding."""
+    torch.manual_seed(3)
+    query = torch.randn(rows, 6, 1, 16)  # 6 heads sharing 2 KV heads
+    key, value = torch.randn(rows, 2, length, 16), torch.randn(rows, 2, length, 16)
+    cached = torch.tensor([length - i % 4 for i in range(rows)])
+    mask = (torch.arange(length) >= (length - cached)[:, None])[:, None, None, :]
+    return SimpleNamespace(num_key_value_groups=3, is_causal=False), query, key, value, mask
+
+
+@needs_kernels
+def test_a_batchs_attention_skips_each_rows_padding_as_sdpa_does():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from vramancer.engine.few_rows import _few_rows_attention
+
+    module, query, key, value, mask = padded_decode_step()
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    got, _ = _few_rows_attention(module, query, key, value, mask, scaling=0.25)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # A row alone over its own positions gets the same bits as in the batch.
+    start = int((~mask[1, 0, 0]).sum())
+    alone = ops.decode_attention(query[1:2], key[1:2, :, start:].contiguous(), value[1:2, :, start:].contiguous(), 0.25)
+    assert torch.equal(got[1:2], alone)
+
+
+def test_a_mask_that_is_not_left_padding_and_a_lone_row_stay_with_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from vramancer.engine.few_rows import _few_rows_attention
+
+    module, query, key, value, mask = padded_decode_step()
+    holes = mask.clone()
+    holes[0, 0, 0, 5] = False  # a hole in the middle of row 0's positions
+    for q, k, v, m in ((query, key, value, holes), (query[:1], key[:1], value[:1], mask[:1])):
+        expected, _ = sdpa_attention_forward(module, q, k, v, m, scaling=0.25)
+        assert torch.equal(_few_rows_attention(module, q, k, v, m, scaling=0.25)[0], expected)

@@ -1,4 +1,4 @@
-"""Linear layers that read their weight once for a few rows at a time, on the CPU in float32.
+"""A decode batch's few rows on the CPU in float32: linear layers that read each weight once.
 
 A decode step of a batch of B sequences multiplies B rows by every weight. On the CPU, torch's
 float32 `linear` (x @ W.T) runs a matrix-vector product for one row but MKL's matrix product
@@ -21,13 +21,20 @@ count (tests/test_few_rows.py). One row keeps `linear` (the matrix-vector produc
 request computes exactly what `generate` does; so do prompts (many rows), other devices and
 dtypes, and quantized weights (their own kernels take several rows; engine/quantized.py).
 Where our kernels cannot run (`cpu_kernels.kernels()` is None), 2-8 rows take W @ x.T.
+
+The same step's RMSNorms (six eager ops each) and attention (SDPA with the batch's padding
+mask, ~0.4 ms a layer at 8 rows) run through our fused `rms_norm` and `decode_attention`
+for 2-8 rows, each row over its own unpadded positions; one row keeps torch's own.
 """
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from vramancer.engine import cpu_kernels
 
@@ -35,9 +42,10 @@ from vramancer.engine import cpu_kernels
 # rows (the head 55 vs 46 ms, 110 vs 88 ms), a little faster at 16 (49 vs 63 ms).
 MAX_ROWS = 8
 
-# Whether our kernel runs where it can; benchmarks.batching turns it off to compare with MKL's
-# W @ x.T in the same session.
-use_kernel = True
+# Which of our kernels a batch's rows run through where they can; benchmarks.batching takes
+# them out to compare with torch's own paths in the same session.
+KERNELS = ("linear", "rms_norm", "attention")
+enabled: set[str] = set(KERNELS)
 
 
 class FewRowsLinear(nn.Linear):
@@ -51,7 +59,7 @@ class FewRowsLinear(nn.Linear):
                 and type(weight.data) is torch.Tensor and weight.dtype == torch.float32):
             return F.linear(x, weight, self.bias)
         flat = x.reshape(rows, x.shape[-1]).contiguous()
-        ops = cpu_kernels.kernels() if use_kernel else None
+        ops = cpu_kernels.kernels() if "linear" in enabled else None
         if ops is not None and weight.is_contiguous() and (self.bias is None or self.bias.dtype == torch.float32):
             out = ops.few_rows_linear(flat, weight, self.bias)  # row-major rows already
         else:
@@ -80,4 +88,80 @@ def use_few_rows_linear(model: nn.Module) -> int:
     return count
 
 
-__all__ = ["FewRowsLinear", "MAX_ROWS", "use_few_rows_linear"]
+def _rms_norm_for_few_rows(self: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    rows = hidden.numel() // hidden.shape[-1] if hidden.dim() else 0
+    ops = cpu_kernels.kernels() if "rms_norm" in enabled else None
+    if (ops is not None and 2 <= rows <= MAX_ROWS and hidden.dtype == torch.float32 and hidden.device.type == "cpu"
+            and self.weight.dtype == torch.float32 and self.weight.device.type == "cpu"):
+        return ops.rms_norm(hidden.contiguous(), self.weight, self.vramancer_eps)
+    return type(self).forward(self, hidden)
+
+
+def use_few_rows_norm(model: nn.Module) -> int:
+    """Route `model`'s RMSNorms through our fused `rms_norm` kernel for 2..MAX_ROWS rows, where
+    the kernel reproduces them (engine/kernel_modules.py checks each): one call instead of six
+    eager ops in a batch's step. One row keeps the module's own forward, so a lone request
+    computes exactly what `generate` does. Returns how many."""
+    from vramancer.engine.kernel_modules import fuse_rms_norm
+
+    if cpu_kernels.kernels() is None:
+        return 0
+    count = 0
+    for module in model.modules():
+        if fuse_rms_norm(module):  # checked, and its epsilon kept; then only for a batch's rows
+            module.forward = types.MethodType(_rms_norm_for_few_rows, module)
+            count += 1
+    return count
+
+
+ATTENTION = "vramancer_few_rows"  # the name our attention is registered under in transformers
+
+
+def _valid_suffixes(mask: torch.Tensor, length: int) -> list[int] | None:
+    """Where each row's attended positions start, if a one-query boolean mask [B, 1, 1, length]
+    attends to exactly a suffix of each row (a batch's left padding masked); else None."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != length:
+        return None
+    row = mask[:, 0, -1, :]
+    starts = length - row.sum(-1)
+    if not torch.equal(row, torch.arange(length, device=mask.device) >= starts[:, None]) or bool((starts >= length).any()):
+        return None
+    return starts.tolist()
+
+
+def _few_rows_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                        **kwargs):
+    """A batch's decode step (2..MAX_ROWS sequences, one query each) through our
+    `decode_attention`, each row over its own positions; everything else through SDPA."""
+    ops = cpu_kernels.kernels() if "attention" in enabled else None
+    if (ops is not None and 2 <= query.shape[0] <= MAX_ROWS and query.shape[2] == 1 and query.dtype == torch.float32
+            and query.device.type == "cpu" and dropout == 0.0 and query.shape[-1] % 8 == 0
+            and not kwargs.get("softcap") and kwargs.get("sliding_window") is None and kwargs.get("s_aux") is None):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if attention_mask is None:  # every row attends to every cached position
+            return ops.decode_attention(query, key, value, scale), None
+        starts = _valid_suffixes(attention_mask, key.shape[2])
+        if starts is not None:  # views of each row's unpadded positions: nothing copied
+            return torch.cat([ops.decode_attention(query[b:b + 1], key[b:b + 1, :, s:], value[b:b + 1, :, s:], scale)
+                              for b, s in enumerate(starts)]), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def use_few_rows_attention(model: nn.Module) -> bool:
+    """Run `model`'s attention through `_few_rows_attention` where it uses SDPA now (the same
+    masks): SDPA with a batch's padding mask took ~0.4 ms a layer at 8 rows here."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    config = getattr(model, "config", None)
+    if (cpu_kernels.kernels() is None or getattr(config, "_attn_implementation", None) != "sdpa"
+            or not hasattr(model, "set_attn_implementation")):
+        return False
+    AttentionInterface.register(ATTENTION, _few_rows_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    model.set_attn_implementation(ATTENTION)
+    return True
+
+
+__all__ = ["FewRowsLinear", "MAX_ROWS", "use_few_rows_attention", "use_few_rows_linear", "use_few_rows_norm"]
