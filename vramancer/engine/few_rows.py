@@ -124,7 +124,8 @@ def _valid_suffixes(mask: torch.Tensor, length: int) -> list[int] | None:
         return None
     row = mask[:, 0, -1, :]
     starts = length - row.sum(-1)
-    if not torch.equal(row, torch.arange(length, device=mask.device) >= starts[:, None]) or bool((starts >= length).any()):
+    suffixes = torch.arange(length, device=mask.device) >= starts[:, None]
+    if not torch.equal(row, suffixes) or bool((starts >= length).any()):  # a hole, or a row with nothing
         return None
     return starts.tolist()
 
