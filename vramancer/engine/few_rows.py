@@ -23,8 +23,8 @@ dtypes, and quantized weights (their own kernels take several rows; engine/quant
 Where our kernels cannot run (`cpu_kernels.kernels()` is None), 2-8 rows take W @ x.T.
 
 The same step's RMSNorms (six eager ops each) and attention (SDPA with the batch's padding
-mask, ~0.4 ms a layer at 8 rows) run through our fused `rms_norm` and `decode_attention`
-for 2-8 rows, each row over its own unpadded positions; one row keeps torch's own.
+mask, ~0.4 ms a layer at 8 rows) run through our fused `rms_norm` and `masked_decode_attention`
+(~0.15 ms) for 2-8 rows, each row over its own unpadded positions; one row keeps torch's own.
 """
 
 from __future__ import annotations
@@ -117,23 +117,11 @@ def use_few_rows_norm(model: nn.Module) -> int:
 ATTENTION = "vramancer_few_rows"  # the name our attention is registered under in transformers
 
 
-def _valid_suffixes(mask: torch.Tensor, length: int) -> list[int] | None:
-    """Where each row's attended positions start, if a one-query boolean mask [B, 1, 1, length]
-    attends to exactly a suffix of each row (a batch's left padding masked); else None."""
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != length:
-        return None
-    row = mask[:, 0, -1, :]
-    starts = length - row.sum(-1)
-    suffixes = torch.arange(length, device=mask.device) >= starts[:, None]
-    if not torch.equal(row, suffixes) or bool((starts >= length).any()):  # a hole, or a row with nothing
-        return None
-    return starts.tolist()
-
-
 def _few_rows_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                         **kwargs):
     """A batch's decode step (2..MAX_ROWS sequences, one query each) through our
-    `decode_attention`, each row over its own positions; everything else through SDPA."""
+    `decode_attention` (no mask) or `masked_decode_attention` (each row's padding masked);
+    everything else through SDPA."""
     ops = cpu_kernels.kernels() if "attention" in enabled else None
     if (ops is not None and 2 <= query.shape[0] <= MAX_ROWS and query.shape[2] == 1 and query.dtype == torch.float32
             and query.device.type == "cpu" and dropout == 0.0 and query.shape[-1] % 8 == 0
@@ -141,10 +129,10 @@ def _few_rows_attention(module, query, key, value, attention_mask, dropout=0.0, 
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if attention_mask is None:  # every row attends to every cached position
             return ops.decode_attention(query, key, value, scale), None
-        starts = _valid_suffixes(attention_mask, key.shape[2])
-        if starts is not None:  # views of each row's unpadded positions: nothing copied
-            return torch.cat([ops.decode_attention(query[b:b + 1], key[b:b + 1, :, s:], value[b:b + 1, :, s:], scale)
-                              for b, s in enumerate(starts)]), None
+        mask = attention_mask
+        if (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] == query.shape[0]
+                and mask.shape[1] in (1, query.shape[1]) and mask.shape[2] == 1 and mask.shape[3] == key.shape[2]):
+            return ops.masked_decode_attention(query, key, value, mask, scale), None  # padding skipped
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
 

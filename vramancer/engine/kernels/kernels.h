@@ -12,3 +12,5 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
 
 // few_rows.cpp
 torch::Tensor few_rows_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias);
+torch::Tensor masked_decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                      const torch::Tensor& mask, double scale);
