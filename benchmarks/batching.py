@@ -8,10 +8,13 @@ sequence made after the last of them joined, over the time from that join to the
 the batch at full size, without the prefills. TTFT is from submitting to a request's first
 token (the prefills run one after another, so the last request waits for the others').
 
-    python -m benchmarks.batching [--rounds 3] [--tokens 48] [--threads N]
+    python -m benchmarks.batching [--rounds 3] [--tokens 48] [--threads N] [--compare 1]
 
 `--threads` sets torch's threads (0: torch's default, one per core). On a machine other work
-shares, 1 thread is steadier: threads that wait for a busy core spin.
+shares, 1 thread is steadier: threads that wait for a busy core spin. `--compare 1` adds, in the
+same turns, batches of 4 and 8 on torch's own paths instead of our kernels (engine/few_rows.py:
+linear layers on MKL's W @ x.T, RMSNorm eager, attention SDPA), and a batch of 8 with only our
+linear-layer kernel.
 """
 
 from __future__ import annotations
@@ -57,6 +60,21 @@ def batch_runner(engine, count: int, tokens: int):
     return run
 
 
+def without(kernels: set[str], run):
+    """`run` with a batch's rows on torch's own paths instead of these of our kernels
+    (engine/few_rows.py: linear layers on MKL's W @ x.T, RMSNorm and attention eager/SDPA)."""
+    from vramancer.engine import few_rows
+
+    def plain() -> dict:
+        few_rows.enabled.difference_update(kernels)
+        try:
+            return run()
+        finally:
+            few_rows.enabled.update(kernels)
+
+    return plain
+
+
 def generate_runner(engine, tokens: int):
     def run() -> dict:
         result = engine.generate(PROMPT, max_new_tokens=tokens)
@@ -66,10 +84,11 @@ def generate_runner(engine, tokens: int):
     return run
 
 
-def bench(rounds: int = 3, tokens: int = 48, threads: int = 0) -> Result:
+def bench(rounds: int = 3, tokens: int = 48, threads: int = 0, compare: int = 0) -> Result:
     import torch
 
     from vramancer.engine import Engine
+    from vramancer.engine.few_rows import KERNELS
 
     if threads:
         torch.set_num_threads(threads)
@@ -87,14 +106,25 @@ def bench(rounds: int = 3, tokens: int = 48, threads: int = 0) -> Result:
     contenders = {solo: generate_runner(engine, tokens)}
     for count in SIZES:
         contenders[f"batch of {count}"] = batch_runner(engine, count, tokens)
+        if compare and count > 1:
+            contenders[f"batch of {count}, torch only"] = without(set(KERNELS), batch_runner(engine, count, tokens))
+        if compare and count == 8:
+            contenders[f"batch of {count}, our linear kernel only"] = without({"rms_norm", "attention"},
+                                                                            batch_runner(engine, count, tokens))
     result.add(alternate(contenders, rounds))
     result.ratio("batch of 1 ÷ generate, decode tok/s", "batch of 1", solo, "decode_tok_s", True, at_least=0.95)
     result.ratio("batch of 4 ÷ batch of 1, aggregate decode tok/s", "batch of 4", "batch of 1", "decode_tok_s", True)
     result.ratio("batch of 8 ÷ batch of 1, aggregate decode tok/s", "batch of 8", "batch of 1", "decode_tok_s", True,
                  at_least=4.0)
+    if compare:
+        for count in SIZES[1:]:
+            result.ratio(f"batch of {count}: our kernels ÷ torch only, decode step ms", f"batch of {count}",
+                         f"batch of {count}, torch only", "step_ms", False)
+        result.ratio("batch of 8: our linear kernel only ÷ torch only, decode step ms",
+                     "batch of 8, our linear kernel only", "batch of 8, torch only", "step_ms", False)
     engine.close()
     return result
 
 
 if __name__ == "__main__":
-    cli(bench, __doc__, [("--rounds", int, 3), ("--tokens", int, 48), ("--threads", int, 0)])
+    cli(bench, __doc__, [("--rounds", int, 3), ("--tokens", int, 48), ("--threads", int, 0), ("--compare", int, 0)])

@@ -1,11 +1,15 @@
-"""The batch's CPU linear layers (engine/few_rows.py): the same products as torch's, one row
-bit for bit, and only where they apply."""
+"""A batch's rows on the CPU (engine/few_rows.py): linear layers, RMSNorms and decode attention
+compute what torch's do, one row bit for bit, a row's bits whoever shares its batch, and only
+where they apply."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vramancer.engine.cpu_kernels import kernels, unavailable_reason
 from vramancer.engine.few_rows import MAX_ROWS, FewRowsLinear, use_few_rows_linear
 
 
@@ -45,3 +49,104 @@ def test_only_plain_linear_layers_are_turned(tiny_model_dir):
     assert linears and all(type(m) is FewRowsLinear for m in linears)
     quantized = load_weights(resolve_model(tiny_model_dir), torch.bfloat16, "q8")
     assert not any(isinstance(m, FewRowsLinear) for m in quantized.modules())
+
+
+ops = kernels()
+needs_kernels = pytest.mark.skipif(ops is None, reason=f"kernels unavailable: {unavailable_reason()}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 11])
+@pytest.mark.parametrize("out_features,in_features,bias", [(160, 96, True), (37, 577, False), (5, 7, True)])
+def test_our_kernel_computes_torchs_product(rows, out_features, in_features, bias):
+    torch.manual_seed(rows + in_features)
+    weight, x = torch.randn(out_features, in_features), torch.randn(rows, in_features)
+    b = torch.randn(out_features) if bias else None
+    got = ops.few_rows_linear(x, weight, b)
+    assert got.shape == (rows, out_features) and got.is_contiguous()
+    torch.testing.assert_close(got, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_a_rows_result_does_not_depend_on_its_batch_or_the_thread_count():
+    torch.manual_seed(1)
+    weight, bias, x = torch.randn(203, 579), torch.randn(203), torch.randn(MAX_ROWS, 579)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = torch.cat([ops.few_rows_linear(x[i:i + 1], weight, bias) for i in range(MAX_ROWS)])
+        torch.set_num_threads(2)
+        for rows in range(2, MAX_ROWS + 1):
+            assert torch.equal(ops.few_rows_linear(x[:rows], weight, bias), alone[:rows])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernels
+def test_a_sequence_gets_the_same_bits_whoever_shares_its_batch(layer):
+    with torch.inference_mode():
+        mine, others = torch.randn(1, 96), torch.randn(7, 96)
+        beside_one = layer(torch.cat([mine, others[:1]]).unsqueeze(1))[0]
+        beside_seven = layer(torch.cat([mine, others]).unsqueeze(1))[0]
+        assert torch.equal(beside_one, beside_seven)
+
+
+@needs_kernels
+def test_a_batchs_rms_norms_run_fused_and_one_row_keeps_torchs(tiny_model_dir):
+    from vramancer.engine.models import load_weights, resolve_model
+
+    model = load_weights(resolve_model(tiny_model_dir), torch.float32)
+    norm = model.get_decoder().norm
+    assert "forward" in vars(norm)  # rerouted on this instance
+    torch.manual_seed(2)
+    with torch.inference_mode():
+        one, batch = torch.randn(1, 1, norm.weight.numel()), torch.randn(4, 1, norm.weight.numel())
+        assert torch.equal(norm(one), type(norm).forward(norm, one))
+        assert torch.equal(norm(batch), ops.rms_norm(batch, norm.weight, norm.vramancer_eps))
+        torch.testing.assert_close(norm(batch), type(norm).forward(norm, batch))
+
+
+def padded_decode_step(rows: int = 5, length: int = 11, head: int = 16) -> tuple:
+    """One query per sequence over a cache of `length` columns, each row's first few padding."""
+    torch.manual_seed(3)
+    query = torch.randn(rows, 6, 1, head)  # 6 heads sharing 2 KV heads
+    key, value = torch.randn(rows, 2, length, head), torch.randn(rows, 2, length, head)
+    cached = torch.tensor([length - i % 4 for i in range(rows)])
+    mask = (torch.arange(length) >= (length - cached)[:, None])[:, None, None, :]
+    return SimpleNamespace(num_key_value_groups=3, is_causal=False), query, key, value, mask
+
+
+@needs_kernels
+@pytest.mark.parametrize("head", [16, 64])
+def test_a_batchs_attention_skips_each_rows_padding_as_sdpa_does(head):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from vramancer.engine.few_rows import _few_rows_attention
+
+    module, query, key, value, mask = padded_decode_step(head=head)
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    got, _ = _few_rows_attention(module, query, key, value, mask, scaling=0.25)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # A row alone over its own positions gets the same bits as in the batch.
+    start = int((~mask[1, 0, 0]).sum())
+    alone = ops.masked_decode_attention(query[1:2], key[1:2, :, start:], value[1:2, :, start:],
+                                        mask[1:2, :, :, start:], 0.25)
+    assert torch.equal(got[1:2], alone)
+    holes = mask.clone()
+    holes[0, 0, 0, 5] = False  # any boolean mask, not only left padding
+    torch.testing.assert_close(_few_rows_attention(module, query, key, value, holes, scaling=0.25)[0],
+                               sdpa_attention_forward(module, query, key, value, holes, scaling=0.25)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_lone_row_and_an_additive_mask_stay_with_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from vramancer.engine.few_rows import _few_rows_attention
+
+    module, query, key, value, mask = padded_decode_step()
+    additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    for q, k, v, m in ((query, key, value, additive), (query[:1], key[:1], value[:1], mask[:1])):
+        expected, _ = sdpa_attention_forward(module, q, k, v, m, scaling=0.25)
+        assert torch.equal(_few_rows_attention(module, q, k, v, m, scaling=0.25)[0], expected)

@@ -1,36 +1,60 @@
-"""Linear layers that read their weight once for a few rows at a time, on the CPU in float32.
+"""A decode batch's few rows on the CPU in float32: linear layers that read each weight once.
 
 A decode step of a batch of B sequences multiplies B rows by every weight. On the CPU, torch's
 float32 `linear` (x @ W.T) runs a matrix-vector product for one row but MKL's matrix product
-for 2-8 rows, which here costs about twice one row's time: the weights, too big for the cache,
-are read more than once. Asked the other way round, W @ x.T (with x.T a transposed view of
-row-major rows), the same product reads them once. Measured on the 2-core AMD EPYC machine, 1
-thread, weights out of cache (ms per layer, 1 / 2 / 4 / 8 rows):
+for 2-8 rows, which here costs two to three times one row's time: the weights, too big for
+the cache, are read more than once. MKL asked the other way round, W @ x.T, reads them once
+but at 4-6 GB/s, and its output must be copied back to row-major rows. Our `few_rows_linear`
+kernel (engine/kernels/few_rows.cpp) streams each weight row once through up to 8 rows' worth
+of accumulators and writes row-major rows. `python -m benchmarks.few_rows` on the 2-core AMD
+EPYC machine, 1 thread, weights out of cache, 12:17 UTC (load 3; ms per layer, 1 / 2 / 4 / 8
+rows; GB/s of weights read at 8 rows; reading memory alone: 10-13 GB/s):
 
-    576 x 576     linear 0.17 0.22 0.27 0.45    W @ x.T 0.17 0.17 0.17 0.26-0.42
-    1536 x 576    linear 0.40 0.58 0.76 0.82    W @ x.T 0.35 0.40 0.39 0.61
-    576 x 1536    linear 0.26 0.45 0.61 0.66    W @ x.T 0.26 0.44 0.44 0.72
-    49152 x 576   linear 12   29   33   34      W @ x.T 12   15   16   21    (the output head)
+    576 x 576     linear 0.13 0.32 0.26 0.43    W @ x.T 0.16 0.20 0.20 0.41 (3.2)    ours 0.12 0.13 0.15 0.20 (6.7)
+    192 x 576     linear 0.06 0.12 0.18 0.18    W @ x.T 0.06 0.06 0.12 0.11 (4.2)    ours 0.05 0.04 0.11 0.07 (6.2)
+    1536 x 576    linear 0.44 1.57 0.78 1.03    W @ x.T 0.45 0.93 0.57 0.97 (3.6)    ours 0.33 0.53 0.46 0.56 (6.3)
+    576 x 1536    linear 0.61 0.52 0.61 0.76    W @ x.T 0.58 0.47 0.59 1.07 (3.3)    ours 0.64 0.38 0.38 0.54 (6.6)
+    49152 x 576   linear 16   44   33   35      W @ x.T 17   22   18   24   (4.7)    ours 13   13   11   14   (8.2)
 
-x.T must be a view of row-major rows: the same product with x.T made contiguous took three
-times as long (1.3 ms at 1536 x 576). One row keeps `linear` (the matrix-vector product), so a
-lone request computes exactly what `generate` does; so do prompts (many rows), other devices
-and dtypes, and quantized weights (their own kernels take several rows; engine/quantized.py).
+At 8 rows the kernel is bound by its multiply-adds more than by memory (15 GB/s with the
+weights in L2). A row's result does not depend on the others in its batch or on the thread
+count (tests/test_few_rows.py). One row keeps `linear` (the matrix-vector product), so a lone
+request computes exactly what `generate` does; so do prompts (many rows), other devices and
+dtypes, and quantized weights (their own kernels take several rows; engine/quantized.py).
+Where our kernels cannot run (`cpu_kernels.kernels()` is None), 2-8 rows take W @ x.T.
+
+The same step's RMSNorms (six eager ops each) and attention (SDPA with the batch's padding
+mask, ~0.4 ms a layer at 8 rows) run through our fused `rms_norm` and `masked_decode_attention`
+(~0.15 ms) for 2-8 rows, each row over its own unpadded positions; one row keeps torch's own.
+A batch-8 decode step of the bundled model, split 2-way, 1 thread (`python -m benchmarks.batching
+--threads 1 --compare 1`, 12:58 UTC, load 2): 109 ms with all three, 140 ms with the linear
+kernel alone, 197 ms on torch's paths.
 """
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from vramancer.engine import cpu_kernels
 
 # The server's default --max-batch. Beyond it W @ x.T was no steady gain: slower at 12 and 32
 # rows (the head 55 vs 46 ms, 110 vs 88 ms), a little faster at 16 (49 vs 63 ms).
 MAX_ROWS = 8
 
+# Which of our kernels a batch's rows run through where they can; benchmarks.batching takes
+# them out to compare with torch's own paths in the same session.
+KERNELS = ("linear", "rms_norm", "attention")
+enabled: set[str] = set(KERNELS)
+
 
 class FewRowsLinear(nn.Linear):
-    """nn.Linear whose 2..MAX_ROWS-row float32 products on the CPU run as W @ x.T."""
+    """nn.Linear whose 2..MAX_ROWS-row float32 products on the CPU read each weight once: our
+    `few_rows_linear` kernel where it runs, else MKL's W @ x.T."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
@@ -39,24 +63,98 @@ class FewRowsLinear(nn.Linear):
                 and type(weight.data) is torch.Tensor and weight.dtype == torch.float32):
             return F.linear(x, weight, self.bias)
         flat = x.reshape(rows, x.shape[-1]).contiguous()
-        if self.bias is None:
-            out = torch.mm(weight, flat.t())
+        ops = cpu_kernels.kernels() if "linear" in enabled else None
+        if ops is not None and weight.is_contiguous() and (self.bias is None or self.bias.dtype == torch.float32):
+            out = ops.few_rows_linear(flat, weight, self.bias)  # row-major rows already
         else:
-            out = torch.addmm(self.bias.unsqueeze(1), weight, flat.t())
-        # Back to row-major rows (microseconds): strided rows would send attention to its slow
-        # path, which copies the whole KV cache at every step.
-        return out.t().contiguous().reshape(*x.shape[:-1], weight.shape[0])
+            if self.bias is None:
+                out = torch.mm(weight, flat.t())
+            else:
+                out = torch.addmm(self.bias.unsqueeze(1), weight, flat.t())
+            # Back to row-major rows: strided rows would send attention to its slow path, which
+            # copies the whole KV cache at every step.
+            out = out.t().contiguous()
+        return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def use_few_rows_linear(model: nn.Module) -> int:
     """Turn every plain nn.Linear of `model` into a FewRowsLinear (same parameters, same
     hooks); returns how many. Call it on models whose weights are native, not quantized."""
+    float32 = False
     count = 0
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = FewRowsLinear
             count += 1
+            float32 = float32 or module.weight.dtype == torch.float32
+    if float32:  # built (once, about a minute) or loaded now, not in the middle of a batch's step
+        cpu_kernels.kernels()
     return count
 
 
-__all__ = ["FewRowsLinear", "MAX_ROWS", "use_few_rows_linear"]
+def _rms_norm_for_few_rows(self: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    rows = hidden.numel() // hidden.shape[-1] if hidden.dim() else 0
+    ops = cpu_kernels.kernels() if "rms_norm" in enabled else None
+    if (ops is not None and 2 <= rows <= MAX_ROWS and hidden.dtype == torch.float32 and hidden.device.type == "cpu"
+            and self.weight.dtype == torch.float32 and self.weight.device.type == "cpu"):
+        return ops.rms_norm(hidden.contiguous(), self.weight, self.vramancer_eps)
+    return type(self).forward(self, hidden)
+
+
+def use_few_rows_norm(model: nn.Module) -> int:
+    """Route `model`'s RMSNorms through our fused `rms_norm` kernel for 2..MAX_ROWS rows, where
+    the kernel reproduces them (engine/kernel_modules.py checks each): one call instead of six
+    eager ops in a batch's step. One row keeps the module's own forward, so a lone request
+    computes exactly what `generate` does. Returns how many."""
+    from vramancer.engine.kernel_modules import fuse_rms_norm
+
+    if cpu_kernels.kernels() is None:
+        return 0
+    count = 0
+    for module in model.modules():
+        if fuse_rms_norm(module):  # checked, and its epsilon kept; then only for a batch's rows
+            module.forward = types.MethodType(_rms_norm_for_few_rows, module)
+            count += 1
+    return count
+
+
+ATTENTION = "vramancer_few_rows"  # the name our attention is registered under in transformers
+
+
+def _few_rows_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                        **kwargs):
+    """A batch's decode step (2..MAX_ROWS sequences, one query each) through our
+    `decode_attention` (no mask) or `masked_decode_attention` (each row's padding masked);
+    everything else through SDPA."""
+    ops = cpu_kernels.kernels() if "attention" in enabled else None
+    if (ops is not None and 2 <= query.shape[0] <= MAX_ROWS and query.shape[2] == 1 and query.dtype == torch.float32
+            and query.device.type == "cpu" and dropout == 0.0 and query.shape[-1] % 8 == 0
+            and not kwargs.get("softcap") and kwargs.get("sliding_window") is None and kwargs.get("s_aux") is None):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if attention_mask is None:  # every row attends to every cached position
+            return ops.decode_attention(query, key, value, scale), None
+        mask = attention_mask
+        if (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] == query.shape[0]
+                and mask.shape[1] in (1, query.shape[1]) and mask.shape[2] == 1 and mask.shape[3] == key.shape[2]):
+            return ops.masked_decode_attention(query, key, value, mask, scale), None  # padding skipped
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def use_few_rows_attention(model: nn.Module) -> bool:
+    """Run `model`'s attention through `_few_rows_attention` where it uses SDPA now (the same
+    masks): SDPA with a batch's padding mask took ~0.4 ms a layer at 8 rows here."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    config = getattr(model, "config", None)
+    if (cpu_kernels.kernels() is None or getattr(config, "_attn_implementation", None) != "sdpa"
+            or not hasattr(model, "set_attn_implementation")):
+        return False
+    AttentionInterface.register(ATTENTION, _few_rows_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    model.set_attn_implementation(ATTENTION)
+    return True
+
+
+__all__ = ["FewRowsLinear", "MAX_ROWS", "use_few_rows_attention", "use_few_rows_linear", "use_few_rows_norm"]

@@ -36,7 +36,7 @@ import torch
 
 from vramancer.engine.cache_dir import CACHE_ENV, cache_root  # noqa: F401 (CACHE_ENV: re-exported)
 from vramancer.engine.errors import VramancerError
-from vramancer.engine.few_rows import use_few_rows_linear
+from vramancer.engine.few_rows import use_few_rows_attention, use_few_rows_linear, use_few_rows_norm
 
 log = logging.getLogger(__name__)
 # transformers imports torchao (our --weights kernels) whenever it builds a model; torchao then
@@ -226,6 +226,8 @@ def load_weights(source: ModelSource, dtype: torch.dtype, weights: str = "native
         quantize_model(model, weights)
     else:  # a decode step of a few sequences reads each weight once on the CPU (see few_rows.py)
         use_few_rows_linear(model)
+        use_few_rows_norm(model)
+        use_few_rows_attention(model)
     head = model.get_output_embeddings()
     if head is not None:
         head.register_forward_pre_hook(_matmul_foldable_input)

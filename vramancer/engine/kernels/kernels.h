@@ -33,3 +33,8 @@ class DecodeLayer {
   double scaling_;
 };
 void bind_decode_layer(pybind11::module_& m);
+
+// few_rows.cpp
+torch::Tensor few_rows_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias);
+torch::Tensor masked_decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                      const torch::Tensor& mask, double scale);
