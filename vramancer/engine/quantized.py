@@ -137,7 +137,7 @@ def kernel_path(weights: str, dtype: torch.dtype) -> str:
     if weights == "native":
         return f"native {str(dtype).removeprefix('torch.')} weights: torch's own matmuls"
     if our_kernels(dtype):
-        return f"{weights} weights: VRAMancer's AVX2 CPU kernels, float32 activations"
+        return f"{weights} weights: VRAMancer's AVX2 CPU kernels (float32 in and out, int16 dot products)"
     from vramancer.engine.cpu_kernels import unavailable_reason
 
     why = unavailable_reason() if dtype == torch.float32 else f"{str(dtype).removeprefix('torch.')} activations"
