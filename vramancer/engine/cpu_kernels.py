@@ -10,8 +10,8 @@ integer products: the q8 output head and q8 layers ran ~2x faster than with floa
 little (figures and why in kernels/quant_linear.cpp; `python -m benchmarks.kernels`). They
 read the quantized weights once per batch of rows.
 
-The extension is compiled once (g++ through torch's cpp_extension and ninja, about a minute
-on two cores) into `<cache>/kernels/<key>/`, keyed by the source, the flags and the torch and
+The extension is compiled once (g++ through torch's cpp_extension and ninja, two to three
+minutes on two cores) into `<cache>/kernels/<key>/`, keyed by the source, the flags and the torch and
 Python versions, and later loaded in milliseconds. `make setup` builds it ahead of time. The
 build is locked (torch's own lock file in that folder), so parallel test processes compile it
 once. Where the CPU lacks AVX2/FMA/F16C or the build fails, `kernels()` returns None and says
@@ -85,13 +85,13 @@ def kernels():
 
         _put_ninja_on_path()
 
-        log.warning("compiling the CPU kernels for quantized weights into %s, once (about a minute)", folder)
+        log.warning("compiling the CPU kernels into %s, once (two to three minutes)", folder)
         return load(name=NAME, sources=[str(path) for path in sources()], extra_cflags=FLAGS, build_directory=str(folder),
                     verbose=False)
     except Exception as exc:  # no compiler, no ninja, no Python headers: torchao's kernels run instead
         first = (str(exc).strip().splitlines() or [""])[0]
         _reason = f"the kernels could not be built ({type(exc).__name__}: {first})"
-        log.warning("quantized-weight CPU kernels unavailable: %s", _reason)
+        log.warning("our CPU kernels unavailable: %s", _reason)
         return None
 
 
@@ -113,4 +113,4 @@ def unavailable_reason() -> str | None:
 
 if __name__ == "__main__":  # `python -m vramancer.engine.cpu_kernels`: build now (make setup)
     module = kernels()
-    print(f"quantized-weight CPU kernels: {'ready in ' + str(build_dir()) if module else unavailable_reason()}")
+    print(f"CPU kernels (quantized weights, decode batches): {'ready in ' + str(build_dir()) if module else unavailable_reason()}")

@@ -87,7 +87,7 @@ def use_few_rows_linear(model: nn.Module) -> int:
             module.__class__ = FewRowsLinear
             count += 1
             float32 = float32 or module.weight.dtype == torch.float32
-    if float32:  # built (once, about a minute) or loaded now, not in the middle of a batch's step
+    if float32:  # built (once, two to three minutes here) or loaded now, not in the middle of a batch's step
         cpu_kernels.kernels()
     return count
 

@@ -114,7 +114,7 @@ def gguf_file_type(path: Path) -> int | None:
 def our_kernels(dtype: torch.dtype) -> bool:
     """Whether quantized weights run on our CPU kernels (engine/cpu_kernels.py): with float32
     activations, where they build and this CPU has AVX2/FMA. Otherwise torchao's run. The first
-    call may compile the kernels (once per machine, about a minute)."""
+    call may compile the kernels (once per machine, two to three minutes)."""
     if dtype != torch.float32:
         return False
     from vramancer.engine.cpu_kernels import kernels
