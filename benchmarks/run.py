@@ -23,10 +23,7 @@ from pathlib import Path
 from benchmarks.common import Result, machine, machine_line, say
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BENCHMARKS = ("decode", "quantized", "load", "transfer", "dashboard", "batching")
-# Run only when named in --only: the server benchmark takes several minutes on two cores
-# (three server processes, 1/4/8 clients per round), past what `make bench` should add.
-ON_REQUEST = ("serve",)
+BENCHMARKS = ("decode", "quantized", "load", "transfer", "dashboard", "batching", "serve")
 COMMAND = "make bench"
 
 
@@ -49,12 +46,11 @@ def run_one(name: str, rounds: int | None) -> Result:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run VRAMancer's benchmarks.")
-    parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {', '.join(BENCHMARKS + ON_REQUEST)} "
-                             f"(default: all but {', '.join(ON_REQUEST)})")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds per benchmark (default: each benchmark's own, ≥ 5)")
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {', '.join(BENCHMARKS)} (default: all)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per benchmark (default: each benchmark's own: 5 or more, 2 for serve)")
     args = parser.parse_args(argv)
     chosen = [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = [n for n in chosen if n not in BENCHMARKS + ON_REQUEST]
+    unknown = [n for n in chosen if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(unknown)}")
 
