@@ -41,6 +41,7 @@ from torch.nn import functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from vramancer.engine import cpu_kernels
+from vramancer.engine.kernel_modules import attend_through, fuse_rms_norm, one_query_on_kernels
 
 # The server's default --max-batch. Beyond it W @ x.T was no steady gain: slower at 12 and 32
 # rows (the head 55 vs 46 ms, 110 vs 88 ms), a little faster at 16 (49 vs 63 ms).
@@ -106,8 +107,6 @@ def use_few_rows_norm(model: nn.Module) -> int:
     the kernel reproduces them (engine/kernel_modules.py checks each): one call instead of six
     eager ops in a batch's step. One row keeps the module's own forward, so a lone request
     computes exactly what `generate` does. Returns how many."""
-    from vramancer.engine.kernel_modules import fuse_rms_norm
-
     if cpu_kernels.kernels() is None:
         return 0
     count = 0
@@ -127,9 +126,7 @@ def _few_rows_attention(module, query, key, value, attention_mask, dropout=0.0, 
     `decode_attention` (no mask) or `masked_decode_attention` (each row's padding masked);
     everything else through SDPA."""
     ops = cpu_kernels.kernels() if "attention" in enabled else None
-    if (ops is not None and 2 <= query.shape[0] <= MAX_ROWS and query.shape[2] == 1 and query.dtype == torch.float32
-            and query.device.type == "cpu" and dropout == 0.0 and query.shape[-1] % 8 == 0
-            and not kwargs.get("softcap") and kwargs.get("sliding_window") is None and kwargs.get("s_aux") is None):
+    if ops is not None and 2 <= query.shape[0] <= MAX_ROWS and one_query_on_kernels(query, dropout, kwargs):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if attention_mask is None:  # every row attends to every cached position
             return ops.decode_attention(query, key, value, scale), None
@@ -144,17 +141,7 @@ def _few_rows_attention(module, query, key, value, attention_mask, dropout=0.0, 
 def use_few_rows_attention(model: nn.Module) -> bool:
     """Run `model`'s attention through `_few_rows_attention` where it uses SDPA now (the same
     masks): SDPA with a batch's padding mask took ~0.4 ms a layer at 8 rows here."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    config = getattr(model, "config", None)
-    if (cpu_kernels.kernels() is None or getattr(config, "_attn_implementation", None) != "sdpa"
-            or not hasattr(model, "set_attn_implementation")):
-        return False
-    AttentionInterface.register(ATTENTION, _few_rows_attention)
-    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
-    model.set_attn_implementation(ATTENTION)
-    return True
+    return cpu_kernels.kernels() is not None and attend_through(model, ATTENTION, _few_rows_attention)
 
 
 __all__ = ["FewRowsLinear", "MAX_ROWS", "use_few_rows_attention", "use_few_rows_linear", "use_few_rows_norm"]

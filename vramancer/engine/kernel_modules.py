@@ -71,28 +71,41 @@ def fuse_rms_norm(module: nn.Module) -> bool:
 ATTENTION = "vramancer_cpu"  # the name our attention is registered under in transformers
 
 
+def one_query_on_kernels(query: torch.Tensor, dropout: float, kwargs: dict) -> bool:
+    """Whether our decode-attention kernels compute this call as SDPA would: one float32 query
+    per sequence on the CPU, no dropout, and nothing only SDPA knows (soft caps, sliding
+    windows, attention sinks)."""
+    return (query.shape[2] == 1 and query.dtype == torch.float32 and query.device.type == "cpu" and dropout == 0.0
+            and query.shape[-1] % 8 == 0 and not kwargs.get("softcap") and kwargs.get("sliding_window") is None
+            and kwargs.get("s_aux") is None)
+
+
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    if (query.shape[2] == 1 and attention_mask is None and query.dtype == torch.float32 and query.device.type == "cpu"
-            and dropout == 0.0 and query.shape[-1] % 8 == 0 and not kwargs.get("softcap")
-            and kwargs.get("sliding_window") is None and kwargs.get("s_aux") is None):
+    if attention_mask is None and one_query_on_kernels(query, dropout, kwargs):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return cpu_kernels.kernels().decode_attention(query, key, value, scale), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
 
 
-def use_decode_attention(model: nn.Module) -> bool:
-    """Run `model`'s attention through `_attention` where it uses SDPA now (the same masks)."""
+def attend_through(model: nn.Module, name: str, attention) -> bool:
+    """Register `attention` with transformers as `name` (with SDPA's masks) and run `model`'s
+    attention through it, where the model uses SDPA now."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
         return False
-    AttentionInterface.register(ATTENTION, _attention)
-    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
-    model.set_attn_implementation(ATTENTION)
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    model.set_attn_implementation(name)
     return True
+
+
+def use_decode_attention(model: nn.Module) -> bool:
+    """Run `model`'s attention through `_attention` where it uses SDPA now (the same masks)."""
+    return attend_through(model, ATTENTION, _attention)
 
 
 def rewire(model: nn.Module) -> None:
