@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, in one go: the `cuda` tests, then the GPU benchmark, on a machine with an
 # NVIDIA GPU, torch (CUDA build), transformers, accelerate, psutil, nvidia-ml-py, pytest and
-# rich, and no network. About 4 minutes on an H100; every stage has its own time limit (7 minutes at most in all).
+# rich, and no network. About 5 minutes on an H100; every stage has its own time limit (11 minutes at most in all).
 #
 #     bash benchmarks/gpu_check.sh            # from the repository root or anywhere
 #
@@ -97,6 +97,10 @@ print("vramancer.engine imports from", vramancer.engine.__file__)
 EOF
 "$PY" -m pip list > "$OUT/pip_list.txt" 2>/dev/null
 
+section "CPU kernels (the float32 tests' CPU layers use them; built once, about a minute on 16 cores)"
+timeout -k 10 240 "$PY" -m vramancer.engine.cpu_kernels
+echo "kernel build exit status: $?"
+
 section "pytest -m cuda tests/test_cuda.py"
 TIMEOUT_FLAG=()
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then TIMEOUT_FLAG=(--timeout 120); fi
@@ -109,6 +113,10 @@ section "python -m benchmarks.gpu"
 timeout -k 10 220 "$PY" -m benchmarks.gpu
 BENCH=$?
 echo "benchmark exit status: $BENCH"
+
+section "python -m benchmarks.gpu_prediction (the profiler's timings against the real decode, part by part)"
+timeout -k 10 150 "$PY" -m benchmarks.gpu_prediction
+echo "prediction breakdown exit status: $?"
 
 section "done: tests $TESTS, benchmark $BENCH; logs and results in $OUT"
 ls -la "$OUT"

@@ -143,6 +143,32 @@ def free_gpu() -> None:
 # --- tests -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("shape,dtype", [((5 * 2**20 + 3,), torch.uint8), ((1027, 4099), torch.float32),
+                                          ((4100, 2051), torch.bfloat16)], ids=["odd-bytes", "f32", "bf16"])
+def test_large_tensors_cross_both_ways_in_chunks_unchanged(shape, dtype):
+    """Above a MiB, host ⇄ GPU copies go through two pinned buffers in turn; every byte must
+    arrive, the last partial chunk included, and a later copy must not overwrite an earlier one."""
+    from vramancer.engine.device_spec import parse_device_spec
+    from vramancer.engine.devices import resolve_devices
+    from vramancer.engine.transfer import TransferManager
+
+    devices = resolve_devices(parse_device_spec(f"{GPU},cpu"))
+    transfer = TransferManager(devices)
+    gpu, cpu = devices
+    host = (torch.randint(0, 255, shape, dtype=torch.uint8) if dtype == torch.uint8
+            else torch.randn(shape, dtype=torch.float32).to(dtype))
+    up = transfer.move(host, cpu.name, gpu.name)
+    again = transfer.move(host.flip(0).contiguous(), cpu.name, gpu.name)  # reuses the buffers
+    assert up.device.type == "cuda" and torch.equal(up.cpu(), host)
+    assert torch.equal(again.cpu(), host.flip(0))
+    big = torch.cat([up.reshape(-1)] * 4)  # past the pinned limit: the chunked way down
+    down = transfer.move(big, gpu.name, cpu.name)
+    assert down.device.type == "cpu" and not down.is_pinned()
+    assert torch.equal(down, torch.cat([host.reshape(-1)] * 4))
+    link = next(l for l in transfer.link_stats() if (l.src, l.dst) == (gpu.name, cpu.name))
+    assert link.bytes == big.numel() * big.element_size()
+
+
 def test_split_decodes_the_same_tokens_as_plain_transformers_on_the_gpu(tiny_dir):
     want, reference, inputs = plain_greedy(tiny_dir, torch.float32)
     engine = load_split(tiny_dir)
@@ -282,6 +308,45 @@ def test_telemetry_reads_the_gpu_through_nvml():
     assert not missing, f"NVML reports {missing} for this GPU but the sample left them empty: {snap}"
     assert snap.temperature is None or 0 < snap.temperature < 120
     assert snap.power is None or 0 < snap.power < 2000
+
+
+def test_q8_weights_stay_int8_on_the_gpu_and_the_split_answers_like_q8_unsplit(tiny_dir):
+    """--weights q8 with a GPU: the GPU holds int8 rows (torchao's kernels there, ours or
+    torch's on the CPU), the plan counts what it holds, and half the layers moved to the CPU
+    give the unsplit q8 answer (up to a tie between the two best logits: the CPU and the GPU
+    round differently)."""
+    pytest.importorskip("torchao")
+    from vramancer.engine import Engine
+    from vramancer.engine.quantized import stored_bytes
+
+    engine = Engine.load(tiny_dir, f"{GPU},cpu", weights="q8", context=256)
+    try:
+        engine.migrate(0, len(engine.split.layer_modules) - 1, GPU)
+        engine.migrate("embed", None, GPU)
+        engine.migrate("head", None, GPU)
+        want = engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS).token_ids
+        weight = engine.split.layer_modules[0].mlp.up_proj.weight
+        assert weight.qdata.dtype == torch.int8 and weight.qdata.device.type == "cuda", type(weight)
+        on_gpu = {id(t): t for m in engine.split.model.modules() for t in m.parameters(recurse=False)
+                  if t.device.type == "cuda"}
+        need = next(n for n in engine.needs_json() if n["device"] == GPU)
+        assert need["weights"] == pytest.approx(sum(stored_bytes(t) for t in on_gpu.values()), rel=0.02)
+
+        half = len(engine.split.layer_modules) // 2
+        moved = engine.migrate(half, len(engine.split.layer_modules) - 1, "cpu")
+        assert moved.bytes > 0
+        got = engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS).token_ids
+        diverged = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+        if diverged is not None:  # the unsplit q8 model's two best logits where they part
+            engine.migrate(half, len(engine.split.layer_modules) - 1, GPU)
+            with torch.inference_mode():
+                ids = engine.tokenizer(PROMPT, return_tensors="pt")["input_ids"].to(GPU)
+                ids = torch.cat([ids, torch.tensor([want[:diverged]], device=GPU, dtype=torch.long)], dim=1)
+                top = torch.topk(engine.split.model(input_ids=ids).logits[0, -1].float(), 2).values
+            assert float(top[0] - top[1]) < 0.05, f"q8 split parts from q8 unsplit at {diverged}:\n{got}\n{want}"
+    finally:
+        engine.close()
+        free_gpu()
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["cuda0", "cuda0+cpu"])

@@ -224,7 +224,9 @@ def load_weights(source: ModelSource, dtype: torch.dtype, weights: str = "native
         from vramancer.engine.quantized import quantize_model
 
         quantize_model(model, weights)
-    else:  # a decode step of a few sequences reads each weight once on the CPU (see few_rows.py)
+    elif dtype == torch.float32:  # a decode step of a few sequences reads each weight once on the CPU (few_rows.py)
+        # Our kernels take float32 only: a bfloat16/float16 model (the GPUs' dtype) has no use
+        # for them, and must not wait minutes for their first build.
         use_few_rows_linear(model)
         use_few_rows_norm(model)
         use_few_rows_attention(model)

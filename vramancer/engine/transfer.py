@@ -17,9 +17,15 @@ import torch
 
 from vramancer.engine.devices import Device
 from vramancer.engine.quantized import stored_bytes
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 RATE_WINDOW = 64  # transfers kept per link for the rolling GB/s
 PINNED_LIMIT = 16 * 1024 * 1024  # hidden states and masks are far smaller than this
+# Tensors above this go between host and GPU in chunks through two pinned buffers, the host's
+# memcpy of one chunk overlapping the DMA of the other: one staged copy ran at 0.28 of the
+# pinned bound on an H200 (8 MiB, 13.4 GB/s), the memcpy and the DMA taking turns.
+CHUNKED_ABOVE = 1024 * 1024
+CHUNK = 2 * 1024 * 1024
 
 
 @dataclass
@@ -62,7 +68,9 @@ class TransferManager:
         self.devices = {d.name: d for d in devices}
         self.links: dict[tuple[str, str], LinkStats] = {}
         self._pinned: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self._chunk_buffers: list[torch.Tensor] = []  # two pinned CHUNK-byte buffers, made on first use
         self._lock = threading.Lock()
+        self._staging = threading.Lock()  # one chunked copy at a time owns the two buffers
 
     def add_device(self, device: Device) -> None:
         self.devices[device.name] = device
@@ -120,12 +128,17 @@ class TransferManager:
             torch.cuda.current_stream(src_t).synchronize()
             return self._upload(staged, dst_t)
         if src_t.type == "cpu" and dst_t.type == "cuda":
+            if _chunkable(tensor):
+                return self._upload_in_chunks(tensor, dst_t)
             staged = self._pinned_buffer(tensor)
             if staged is None:
                 return tensor.to(dst_t)
             staged.copy_(tensor)
             return self._upload(staged, dst_t)
-        if src_t.type == "cuda" and dst_t.type == "cpu" and tensor.numel() * tensor.element_size() <= PINNED_LIMIT:
+        if src_t.type == "cuda" and dst_t.type == "cpu" and tensor.numel() * tensor.element_size() > PINNED_LIMIT:
+            if _chunkable(tensor):  # weights in a migration: into normal (pageable) host memory
+                return self._download_in_chunks(tensor, src_t)
+        elif src_t.type == "cuda" and dst_t.type == "cpu":
             # Straight into page-locked memory (torch's caching host allocator reuses it): one
             # DMA at full speed, where a pageable destination runs at a fraction of it (H100:
             # 10.5 GB/s vs 47 GB/s for 8 MiB).
@@ -134,6 +147,54 @@ class TransferManager:
             torch.cuda.current_stream(src_t).synchronize()
             return out
         return tensor.to(dst_t)
+
+    def _chunk_pair(self) -> list[torch.Tensor]:
+        if not self._chunk_buffers:
+            with torch.inference_mode(False):  # reused by later migrations (see _pinned_buffer)
+                self._chunk_buffers = [torch.empty(CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        return self._chunk_buffers
+
+    def _upload_in_chunks(self, tensor: torch.Tensor, dst: torch.device) -> torch.Tensor:
+        """Host → GPU: the host copies chunk i into one pinned buffer while the GPU pulls
+        chunk i - 1 from the other."""
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, device=dst)
+        source, target = _bytes_of(tensor.contiguous()), _bytes_of(out)
+        stream = torch.cuda.current_stream(dst)
+        with self._staging:
+            buffers, done = self._chunk_pair(), [None, None]
+            for i, start in enumerate(range(0, source.numel(), CHUNK)):
+                size = min(CHUNK, source.numel() - start)
+                buffer = buffers[i % 2]
+                if done[i % 2] is not None:
+                    done[i % 2].synchronize()  # the DMA out of this buffer (chunk i - 2) is over
+                buffer[:size].copy_(source[start:start + size])
+                target[start:start + size].copy_(buffer[:size], non_blocking=True)
+                done[i % 2] = torch.cuda.Event()
+                done[i % 2].record(stream)
+            stream.synchronize()
+        return out
+
+    def _download_in_chunks(self, tensor: torch.Tensor, src: torch.device) -> torch.Tensor:
+        """GPU → host: the GPU pushes chunk i into one pinned buffer while the host copies
+        chunk i - 1 out of the other."""
+        out = torch.empty(tensor.shape, dtype=tensor.dtype)
+        source, target = _bytes_of(tensor.contiguous()), _bytes_of(out)
+        stream = torch.cuda.current_stream(src)
+        with self._staging:
+            buffers = self._chunk_pair()
+            pending = None  # (buffer, its DMA's event, start, size) of the chunk before
+            for i, start in enumerate(range(0, source.numel(), CHUNK)):
+                size = min(CHUNK, source.numel() - start)
+                buffer = buffers[i % 2]
+                buffer[:size].copy_(source[start:start + size], non_blocking=True)
+                arrived = torch.cuda.Event()
+                arrived.record(stream)
+                if pending is not None:
+                    _drain(pending, target)
+                pending = (buffer, arrived, start, size)
+            if pending is not None:
+                _drain(pending, target)
+        return out
 
     @staticmethod
     def _upload(staged: torch.Tensor, dst: torch.device) -> torch.Tensor:
@@ -163,3 +224,20 @@ def _synchronize(*devices: Device) -> None:
     for device in devices:
         if device.torch_device.type == "cuda":  # a remote CUDA device is host memory here
             torch.cuda.synchronize(device.torch_device)
+
+
+def _chunkable(tensor: torch.Tensor) -> bool:
+    """Plain tensors big enough to gain from chunked staging (a quantized weight is a
+    subclass of several inner tensors, moved one by one)."""
+    return (not is_traceable_wrapper_subclass(tensor) and tensor.numel() * tensor.element_size() > CHUNKED_ABOVE)
+
+
+def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's memory as a flat uint8 view."""
+    return tensor.detach().reshape(-1).view(torch.uint8)
+
+
+def _drain(pending, target: torch.Tensor) -> None:
+    buffer, arrived, start, size = pending
+    arrived.synchronize()
+    target[start:start + size].copy_(buffer[:size])
