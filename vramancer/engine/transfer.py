@@ -118,6 +118,10 @@ class TransferManager:
             # Two names for the same memory (simulated devices, or a device and its cap):
             # still a real copy, so that what is measured is what would move.
             return tensor.clone()
+        if is_traceable_wrapper_subclass(tensor):
+            # A quantized weight (several inner tensors): its own `.to` moves each of them; a
+            # plain staging buffer cannot take one with `copy_`.
+            return tensor.to(dst_t)
         if src_t.type == "cuda" and dst_t.type == "cuda":
             if torch.cuda.can_device_access_peer(src_t.index, dst_t.index):
                 return tensor.to(dst_t, non_blocking=True)
@@ -227,9 +231,8 @@ def _synchronize(*devices: Device) -> None:
 
 
 def _chunkable(tensor: torch.Tensor) -> bool:
-    """Plain tensors big enough to gain from chunked staging (a quantized weight is a
-    subclass of several inner tensors, moved one by one)."""
-    return (not is_traceable_wrapper_subclass(tensor) and tensor.numel() * tensor.element_size() > CHUNKED_ABOVE)
+    """Tensors big enough to gain from chunked staging."""
+    return tensor.numel() * tensor.element_size() > CHUNKED_ABOVE
 
 
 def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
