@@ -176,10 +176,7 @@ def _time_real_layers(meta_model, config, torch_device: torch.device, dtype: tor
                 _extend_cache(cache, kv_length - SHORT_KV)
                 token = torch.randint(0, vocab, (1, 1), device=torch_device)
                 # Each step adds one token to the cache: a handful of steps barely moves its length.
-                # A GPU first meets a longer cache with an allocator pool that has no blocks of
-                # its size yet (an H200 timed 3.4 µs more per cached token cold, ~0 warm).
-                warmup = 16 if torch_device.type == "cuda" else 2
-                return segments.run(lambda: model(token, cache=cache, use_cache=True), repeat=7, warmup=warmup)
+                return segments.run(lambda: model(token, cache=cache, use_cache=True), repeat=7)
 
             # Learned position tables (GPT-2, OPT) end at max_position_embeddings.
             # (less the tokens the timed steps add to the cache).
