@@ -104,6 +104,24 @@ def test_q4_is_refused_with_gpus_in_one_sentence():
         resolve_weights("q4", None, {"cuda", "cpu"})
 
 
+def test_a_quantized_plan_is_priced_from_layers_quantized_the_same_way(tiny_model_dir, monkeypatch):
+    """The prediction under q8/q4 comes from timing layers that hold those weights and run
+    those kernels, not from the native ones (which decode at a third of the speed here)."""
+    from vramancer.engine import quantized
+
+    timed_as: list[str] = []
+    real = quantized.quantize_model
+    monkeypatch.setattr(quantized, "quantize_model", lambda model, weights: (timed_as.append(weights),
+                                                                             real(model, weights))[1])
+    planned = prepare(tiny_model_dir, SPLIT, 256, "auto", weights="q8", reprofile=True)
+    planned.close()
+    assert timed_as == ["q8"]  # the profiler's cut model, once for the host that runs every sim device
+    native = prepare(tiny_model_dir, SPLIT, 256, "auto", reprofile=True)
+    native.close()
+    assert timed_as == ["q8"]
+    assert planned.pricing.timings.devices["sim0"] != native.pricing.timings.devices["sim0"]
+
+
 def test_auto_dtype_on_the_cpu_is_the_measured_choice_and_plan_says_why(tiny_model_dir):
     from vramancer.engine import profiler
 

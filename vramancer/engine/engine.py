@@ -489,7 +489,7 @@ def prepare(model: str, devices: str | DeviceSpec, context: int, dtype: str, rep
         size = int(split_footprint(profile, context) * SIMULATED_SHARE)
         local = resolve_devices(local_spec, simulated_size=size)
         model_key = f"{source.display_name}|{hashlib.sha256(config.to_json_string().encode()).hexdigest()}"
-        timings = profiler.measure(config, meta, local, torch_dtype, model_key, reprofile=reprofile)
+        timings = profiler.measure(config, meta, local, torch_dtype, model_key, reprofile=reprofile, weights=weights_kind)
         factory.add_external_timings(timings, config, local, remote, torch_dtype, model_key, source)
     except BaseException:
         close_devices(remote)

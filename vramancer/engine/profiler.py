@@ -99,16 +99,18 @@ def _syncer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def time_device(meta_model, config, torch_device: torch.device, dtype: torch.dtype, label: str) -> DeviceTimings:
-    """Timings of real layers of this model's architecture on one device. A model that cannot
-    be timed (an architecture whose layers refuse our probe) is priced from its bytes instead,
-    with a warning: timing only guides placement, so it never stops a load."""
+def time_device(meta_model, config, torch_device: torch.device, dtype: torch.dtype, label: str,
+                weights: str = "native") -> DeviceTimings:
+    """Timings of real layers of this model's architecture on one device, with `weights` as the
+    load will hold them (quantized weights run other kernels at other speeds). A model that
+    cannot be timed (an architecture whose layers refuse our probe) is priced from its bytes
+    instead, with a warning: timing only guides placement, so it never stops a load."""
     try:
-        return _time_real_layers(meta_model, config, torch_device, dtype, label)
+        return _time_real_layers(meta_model, config, torch_device, dtype, label, weights)
     except Exception as exc:  # noqa: BLE001 - any failure to time falls back to bytes
         log.warning("could not time %s on %s (%s: %s); pricing it from its bytes instead",
                     getattr(config, "model_type", "the model"), label, type(exc).__name__, _first_line(exc))
-        return _priced_from_bytes(meta_model, torch_device, dtype, label)
+        return _priced_from_bytes(meta_model, torch_device, dtype, label, weights)
 
 
 class _Segments:
@@ -146,22 +148,31 @@ class _Segments:
             handle.remove()
 
 
-def _time_real_layers(meta_model, config, torch_device: torch.device, dtype: torch.dtype, label: str) -> DeviceTimings:
+def _time_real_layers(meta_model, config, torch_device: torch.device, dtype: torch.dtype, label: str,
+                      weights: str = "native") -> DeviceTimings:
     from transformers import AutoModelForCausalLM, DynamicCache
+
+    from vramancer.engine.planner import ModelProfile
 
     arch = describe(meta_model)
     sync = _syncer(torch_device)
-    size = torch.empty((), dtype=dtype).element_size()
     # A real pass streams every layer's weights from memory; one layer timed over and over
     # would sit in the CPU's cache and look several times faster than it is. So time a stack
     # of distinct layers larger than any cache, and divide.
-    layer_bytes = max(sum(p.numel() for p in layer.parameters()) * size for layer in arch.layers)
+    layer_bytes = max(ModelProfile.from_model(meta_model, dtype, weights).layer_bytes)
     count = max(layers_of_every_kind(config), min(len(arch.layers), -(-COLD_STACK_BYTES // max(layer_bytes, 1))))
     # The model's first `count` layers, as the model builds them (layer types, windows, dense
     # or expert MLPs), with its own embeddings, masks, positions and head around them.
     small_config = cut_config(config, count)
-    with torch.device(torch_device):
-        model = AutoModelForCausalLM.from_config(small_config, dtype=dtype).eval()
+    if weights == "native":
+        with torch.device(torch_device):
+            model = AutoModelForCausalLM.from_config(small_config, dtype=dtype).eval()
+    else:  # quantized on the host as the load does it, with the same kernels and fused layers
+        from vramancer.engine.quantized import quantize_model
+
+        model = AutoModelForCausalLM.from_config(small_config, dtype=dtype).eval().requires_grad_(False)
+        quantize_model(model, weights)
+        model.to(torch_device)
     small = describe(model)
     segments = _Segments(model, small, sync)
     vocab = small.vocab_size
@@ -228,12 +239,13 @@ def _extend_cache(cache, tokens: int) -> None:
         entry.update(more_keys, more_values)
 
 
-def _priced_from_bytes(meta_model, torch_device: torch.device, dtype: torch.dtype, label: str) -> DeviceTimings:
+def _priced_from_bytes(meta_model, torch_device: torch.device, dtype: torch.dtype, label: str,
+                       weights: str = "native") -> DeviceTimings:
     """Decode costs from bytes read per token over the device's measured copy rate: a decode
     step streams each layer's weights (and its KV cache) once."""
     from vramancer.engine.planner import ModelProfile
 
-    profile = ModelProfile.from_model(meta_model, dtype)
+    profile = ModelProfile.from_model(meta_model, dtype, weights)
     sync = _syncer(torch_device)
     block = torch.empty(16 * 1024 * 1024, dtype=torch.uint8, device=torch_device)
     rate = block.numel() / max(_median_time(lambda: block.clone(), sync, repeat=5, warmup=1), 1e-9)
@@ -300,9 +312,9 @@ def _time_step_overhead(config, dtype: torch.dtype, torch_device: torch.device =
     return statistics.median(overheads)
 
 
-def profile_key(model_key: str, device: Device, dtype: torch.dtype) -> str:
+def profile_key(model_key: str, device: Device, dtype: torch.dtype, weights: str = "native") -> str:
     timed_as = "host-cpu" if device.torch_device.type == "cpu" else f"{device.name}-{device.label}"
-    text = f"v{PROFILE_VERSION}|{model_key}|{timed_as}|{dtype}"
+    text = f"v{PROFILE_VERSION}|{model_key}|{timed_as}|{dtype}" + ("" if weights == "native" else f"|{weights}")
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -313,14 +325,16 @@ def measure(
     dtype: torch.dtype,
     model_key: str,
     reprofile: bool = False,
+    weights: str = "native",
 ) -> Timings:
-    """Timings for every device and link, from the cache where it has them."""
+    """Timings for every device and link, from the cache where it has them, for the model
+    with `weights` as the load holds them."""
     folder = profile_folder()
     transfer = TransferManager(list(devices))
     device_timings: dict[str, DeviceTimings] = {}
     measured_here: dict[str, DeviceTimings] = {}  # one timing per physical device
     for device in devices:
-        key = profile_key(model_key, device, dtype)
+        key = profile_key(model_key, device, dtype, weights)
         path = folder / f"{key}.json"
         timings = None if reprofile else read_cached(path)
         if timings is None:
@@ -328,7 +342,7 @@ def measure(
                 timings = measured_here[key]
             else:
                 label = "host CPU" if device.torch_device.type == "cpu" else f"{device.name} ({device.label})"
-                timings = time_device(meta_model, config, device.torch_device, dtype, label)
+                timings = time_device(meta_model, config, device.torch_device, dtype, label, weights)
                 write_cached(path, timings)
         measured_here[key] = timings
         device_timings[device.name] = timings
