@@ -7,7 +7,6 @@
 torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& tiles);
 torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& scale);
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale);
 
 // decode_layer.cpp: a decoder layer's decode step (one new token per sequence) on the kernels above.
 class DecodeLayer {
@@ -35,5 +34,7 @@ void bind_decode_layer(pybind11::module_& m);
 
 // few_rows.cpp
 torch::Tensor few_rows_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias);
-torch::Tensor masked_decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                      const torch::Tensor& mask, double scale);
+
+// decode_attention.cpp: one query per sequence over its cache; mask [B, 1 or H, 1, T] (true: attended) or none.
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
+                               const c10::optional<torch::Tensor>& mask = c10::nullopt);

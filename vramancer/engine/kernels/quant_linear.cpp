@@ -305,12 +305,14 @@ void check_activations(const torch::Tensor& x, int64_t K) {
 //   rows' 16 bytes in turn: a block of 4 rows is one cache line), then the minimums (as the scales).
 // Why: a decode step reads a row and its 3 neighbours at once (`span<4, 1>`). Stored as three
 // arrays (nibbles [N, K/2], scales and minimums [N, K/32]) that is twelve streams at a time,
-// and out of cache the long rows ran at half their in-cache speed: 576x1536 at 2.3-3.0 GB/s,
-// against 4.1-5.4 GB/s in tiles, 1536x576 2.8-4.2 against 3.2-4.6 (same process, alternating,
-// 5 rounds, load 5-7 on 2 cores). GGUF's own interleaving (20-byte records of scale, minimum
-// and nibbles per block, row after row) ran like three arrays out of cache and a third slower
-// in cache (its scales cannot be loaded 8 at a time), and one run of bytes per row [scales,
-// nibbles, minimums] came between. Prefetching 1, 2, 4 or 8 KB ahead made no clear difference.
+// and out of cache the long rows (576x1536, the MLP's down_proj) ran at a third of their
+// in-cache speed. Same process, alternating, 1 thread, medians of 3-5 rounds in four runs
+// (load 4-7 on the 2 cores): 576x1536 out of cache 2.0-3.0 GB/s as three arrays, 4.3-5.4 in
+// tiles (1.7-2.2x); 1536x576 out of cache 0.98-1.17x; in cache alike within the noise.
+// GGUF's own interleaving (20-byte records of scale, minimum and nibbles per block, row after
+// row) was 0.8-1.1x out of cache and a third slower in cache (its scales cannot be loaded 8
+// at a time); one run of bytes per row [scales, nibbles, minimums] came between (1.2x on
+// 576x1536). Prefetching 1, 2, 4 or 8 KB ahead made no clear difference in tiles.
 torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& tiles) {
   TORCH_CHECK(tiles.dim() == 2 && tiles.scalar_type() == torch::kUInt8 && tiles.is_contiguous() && tiles.size(1) % 20 == 0,
               "q4 weights must be contiguous uint8 [N, K/32 * 20] (engine/int4_blocks.py's tiles)");
@@ -377,49 +379,4 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
     for (; k < H; ++k) out[k] = w[k] * (in[k] * inv);
   }
   return y;
-}
-
-// Attention of one new query per sequence (a decode step): q [B, H, 1, D], k and v [B, KVH, T, D]
-// with KVH dividing H (grouped queries) → [B, 1, H, D]. No mask: every cached position counts.
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale) {
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KVH = k.size(1), T = k.size(2);
-  TORCH_CHECK(q.size(2) == 1 && D % 8 == 0 && KVH > 0 && H % KVH == 0 && v.size(2) == T && k.size(3) == D,
-              "decode_attention wants one query per sequence and a head size that is a multiple of 8");
-  for (const auto* t : {&q, &k, &v})
-    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->device().is_cpu() && t->stride(3) == 1,
-                "decode_attention wants float32 CPU tensors with contiguous heads");
-  auto out = torch::empty({B, 1, H, D}, q.options());
-  const float *qd = q.data_ptr<float>(), *kd = k.data_ptr<float>(), *vd = v.data_ptr<float>();
-  float* od = out.data_ptr<float>();
-  const int64_t group = H / KVH;
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> weights(T), acc(D);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H, g = h / group;
-      const float* qp = qd + b * q.stride(0) + h * q.stride(1);
-      const float* kp = kd + b * k.stride(0) + g * k.stride(1);
-      const float* vp = vd + b * v.stride(0) + g * v.stride(1);
-      float top = -INFINITY;
-      for (int64_t t = 0; t < T; ++t) {
-        const float* kr = kp + t * k.stride(2);
-        __m256 dot = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 8) dot = _mm256_fmadd_ps(_mm256_loadu_ps(qp + d), _mm256_loadu_ps(kr + d), dot);
-        weights[t] = reduce(dot, _mm256_setzero_ps()) * static_cast<float>(scale);
-        top = std::max(top, weights[t]);
-      }
-      float total = 0.0f;
-      for (int64_t t = 0; t < T; ++t) total += (weights[t] = std::exp(weights[t] - top));
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t t = 0; t < T; ++t) {
-        const float* vr = vp + t * v.stride(2);
-        const __m256 p = _mm256_set1_ps(weights[t]);
-        for (int64_t d = 0; d < D; d += 8)
-          _mm256_storeu_ps(acc.data() + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + d), _mm256_loadu_ps(acc.data() + d)));
-      }
-      float* o = od + (b * H + h) * D;
-      const __m256 inv = _mm256_set1_ps(1.0f / total);
-      for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(acc.data() + d), inv));
-    }
-  });
-  return out;
 }
