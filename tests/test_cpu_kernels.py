@@ -140,4 +140,5 @@ def test_decode_attention_matches_sdpa(heads, kv_heads, positions):
     assert (ops.decode_attention(q, k, v, 64 ** -0.5) - expected).abs().max().item() < 1e-5
     # A mask that attends everywhere (a batch without padding) gives the unmasked bits.
     everywhere = torch.ones(2, 1, 1, positions, dtype=torch.bool)
-    assert torch.equal(ops.decode_attention(q, k, v, 64 ** -0.5, everywhere), ops.decode_attention(q, k, v, 64 ** -0.5))
+    unmasked = ops.decode_attention(q, k, v, 64 ** -0.5)
+    assert torch.equal(ops.decode_attention(q, k, v, 64 ** -0.5, everywhere), unmasked)
