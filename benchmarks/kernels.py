@@ -54,13 +54,15 @@ def make_weights(case: Case) -> list[tuple]:
     many copies as it takes to read ≥ 64 MB before one comes round again."""
     import torch
 
+    from vramancer.engine.int4_blocks import to_tiles
+
     copies = 1 if case.in_cache else max(2, math.ceil(OUT_OF_CACHE_BYTES / case.nbytes()))
     n, k = case.out_features, case.in_features
     made = []
     for _ in range(copies):
         if case.weights == "q4":
-            made.append((torch.randint(0, 256, (n, k // 2), dtype=torch.uint8),
-                         (torch.rand(n, k // 32) * 0.01).half(), (-torch.rand(n, k // 32) * 0.1).half()))
+            made.append((to_tiles(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8),
+                                  (torch.rand(n, k // 32) * 0.01).half(), (-torch.rand(n, k // 32) * 0.1).half()),))
         else:
             made.append((torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) * 0.01))
     return made

@@ -47,7 +47,7 @@ def test_q4_matches_torch_on_the_same_quantized_activations(rows, out_features, 
     x = torch.randn(rows, in_features)
     x[0, 32:64] = 0  # a block of zeros quantizes to zeros
     x[-1, 5] = 300.0  # an outlier takes its block's range, not the row's
-    got = ops.q4_linear(x, weight.qdata, weight.scale, weight.minimum)
+    got = ops.q4_linear(x, weight.qdata)
     assert_close_to(got, x, weight.dequantize(torch.float32))
 
 
@@ -71,12 +71,11 @@ def test_a_rows_result_does_not_depend_on_its_batch_or_the_thread_count():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one4 = torch.cat([ops.q4_linear(x4[i:i + 1].contiguous(), weight.qdata, weight.scale, weight.minimum)
-                          for i in range(8)])
+        one4 = torch.cat([ops.q4_linear(x4[i:i + 1].contiguous(), weight.qdata) for i in range(8)])
         one8 = torch.cat([ops.q8_linear(x8[i:i + 1].contiguous(), values, scale) for i in range(8)])
         torch.set_num_threads(2)
-        assert torch.equal(ops.q4_linear(x4, weight.qdata, weight.scale, weight.minimum), one4)
-        assert torch.equal(ops.q4_linear(x4[:3].contiguous(), weight.qdata, weight.scale, weight.minimum), one4[:3])
+        assert torch.equal(ops.q4_linear(x4, weight.qdata), one4)
+        assert torch.equal(ops.q4_linear(x4[:3].contiguous(), weight.qdata), one4[:3])
         assert torch.equal(ops.q8_linear(x8, values, scale), one8)
     finally:
         torch.set_num_threads(threads)
@@ -87,7 +86,7 @@ def test_q4_keeps_a_q4_1_files_values_exactly():
     # block's extremes at 0 and 15), dequantized as transformers does: quantizing again
     # gives back the very same weights.
     torch.manual_seed(1)
-    rows, blocks = 64, 18
+    rows, blocks = 66, 18  # 16 tiles of 4 rows and one of 2
     scale = (torch.rand(rows, blocks, 1) * 0.05 + 1e-3).half().float()
     minimum = (-torch.rand(rows, blocks, 1) * 0.4).half().float()
     q = torch.randint(0, 16, (rows, blocks, 32))
@@ -139,3 +138,7 @@ def test_decode_attention_matches_sdpa(heads, kv_heads, positions):
     k, v = torch.randn(2, kv_heads, positions, 64), torch.randn(2, kv_heads, positions, 64)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2)
     assert (ops.decode_attention(q, k, v, 64 ** -0.5) - expected).abs().max().item() < 1e-5
+    # A mask that attends everywhere (a batch without padding) gives the unmasked bits.
+    everywhere = torch.ones(2, 1, 1, positions, dtype=torch.bool)
+    unmasked = ops.decode_attention(q, k, v, 64 ** -0.5)
+    assert torch.equal(ops.decode_attention(q, k, v, 64 ** -0.5, everywhere), unmasked)

@@ -130,8 +130,8 @@ def test_a_batchs_attention_skips_each_rows_padding_as_sdpa_does(head):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # A row alone over its own positions gets the same bits as in the batch.
     start = int((~mask[1, 0, 0]).sum())
-    alone = ops.masked_decode_attention(query[1:2], key[1:2, :, start:], value[1:2, :, start:],
-                                        mask[1:2, :, :, start:], 0.25)
+    alone = ops.decode_attention(query[1:2], key[1:2, :, start:], value[1:2, :, start:], 0.25,
+                                 mask[1:2, :, :, start:])
     assert torch.equal(got[1:2], alone)
     holes = mask.clone()
     holes[0, 0, 0, 5] = False  # any boolean mask, not only left padding

@@ -24,7 +24,7 @@ dtypes, and quantized weights (their own kernels take several rows; engine/quant
 Where our kernels cannot run (`cpu_kernels.kernels()` is None), 2-8 rows take W @ x.T.
 
 The same step's RMSNorms (six eager ops each) and attention (SDPA with the batch's padding
-mask, ~0.4 ms a layer at 8 rows) run through our fused `rms_norm` and `masked_decode_attention`
+mask, ~0.4 ms a layer at 8 rows) run through our fused `rms_norm` and `decode_attention` with that mask
 (~0.15 ms) for 2-8 rows, each row over its own unpadded positions; one row keeps torch's own.
 A batch-8 decode step of the bundled model, split 2-way, 1 thread (`python -m benchmarks.batching
 --threads 1 --compare 1`, 12:58 UTC, load 2): 109 ms with all three, 140 ms with the linear
@@ -123,7 +123,7 @@ ATTENTION = "vramancer_few_rows"  # the name our attention is registered under i
 def _few_rows_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                         **kwargs):
     """A batch's decode step (2..MAX_ROWS sequences, one query each) through our
-    `decode_attention` (no mask) or `masked_decode_attention` (each row's padding masked);
+    `decode_attention`, without a mask or with the batch's (each row's padding masked);
     everything else through SDPA."""
     ops = cpu_kernels.kernels() if "attention" in enabled else None
     if ops is not None and 2 <= query.shape[0] <= MAX_ROWS and one_query_on_kernels(query, dropout, kwargs):
@@ -133,7 +133,7 @@ def _few_rows_attention(module, query, key, value, attention_mask, dropout=0.0, 
         mask = attention_mask
         if (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] == query.shape[0]
                 and mask.shape[1] in (1, query.shape[1]) and mask.shape[2] == 1 and mask.shape[3] == key.shape[2]):
-            return ops.masked_decode_attention(query, key, value, mask, scale), None  # padding skipped
+            return ops.decode_attention(query, key, value, scale, mask), None  # padding skipped
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
 

@@ -54,7 +54,7 @@ def _kernel_weight(weight: torch.Tensor) -> list[torch.Tensor] | None:
     if weight.device.type != "cpu":
         return None
     if isinstance(weight, BlockInt4Tensor):
-        return [weight.qdata, weight.scale, weight.minimum]
+        return [weight.qdata]
     if isinstance(weight, RowInt8Tensor) and weight.act_quant_kwargs is None:
         return [weight.qdata, weight.scale.reshape(-1)]
     return None

@@ -2,11 +2,12 @@
 #include "kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "attention of one query per sequence over its whole KV cache");
+  namespace py = pybind11;
+  m.def("decode_attention", &decode_attention, "one query per sequence over its KV cache (optional boolean mask)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("mask") = py::none());
   m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows");
-  m.def("q4_linear", &q4_linear, "x @ W.T with W in 4-bit blocks of 32 (float16 scale and minimum)");
+  m.def("q4_linear", &q4_linear, "x @ W.T with W in 4-bit blocks of 32 (float16 scale and minimum), rows in tiles of 4");
   m.def("few_rows_linear", &few_rows_linear, "x @ W.T (+ bias) for a few float32 rows, each weight read once");
-  m.def("masked_decode_attention", &masked_decode_attention, "a batch's one-query attention under a boolean mask");
   m.def("q8_linear", &q8_linear, "x @ W.T with W in int8 rows (float32 scale per row)");
   bind_decode_layer(m);  // the DecodeLayer class (decode_layer.cpp)
 }

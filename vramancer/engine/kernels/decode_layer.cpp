@@ -22,10 +22,10 @@
 
 namespace {
 
-// x [M, K] @ W.T with W as our kernels' tensors: (nibbles, scale, minimum) for q4, (values, scale) for q8.
+// x [M, K] @ W.T with W as our kernels' tensors: (tiles) for q4, (values, scale) for q8.
 torch::Tensor kernel_linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w,
                             const c10::optional<torch::Tensor>& bias) {
-  torch::Tensor y = w.size() == 3 ? q4_linear(x, w[0], w[1], w[2]) : q8_linear(x, w[0], w[1]);
+  torch::Tensor y = w.size() == 1 ? q4_linear(x, w[0]) : q8_linear(x, w[0], w[1]);
   if (bias.has_value()) y.add_(*bias);
   return y;
 }
@@ -71,7 +71,7 @@ DecodeLayer::DecodeLayer(std::vector<std::vector<torch::Tensor>> weights, std::v
       head_dim_(head_dim), scaling_(scaling) {
   TORCH_CHECK(weights_.size() == kProjections && biases_.size() == kProjections,
               "DecodeLayer wants q, k, v, o, gate, up, down: 7 weights and 7 biases");
-  for (const auto& w : weights_) TORCH_CHECK(w.size() == 2 || w.size() == 3, "a weight is 2 tensors (q8) or 3 (q4)");
+  for (const auto& w : weights_) TORCH_CHECK(w.size() == 1 || w.size() == 2, "a weight is 1 tensor (q4) or 2 (q8)");
   TORCH_CHECK(head_dim_ % 16 == 0 && heads_ % kv_heads_ == 0, "DecodeLayer wants a head size that is a multiple of 16");
 }
 

@@ -4,18 +4,16 @@
 #include <torch/extension.h>
 
 // quant_linear.cpp
-torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& nibbles, const torch::Tensor& scale,
-                        const torch::Tensor& minimum);
+torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& tiles);
 torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& scale);
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale);
 
 // decode_layer.cpp: a decoder layer's decode step (one new token per sequence) on the kernels above.
 class DecodeLayer {
  public:
   static constexpr size_t kProjections = 7;  // q, k, v, o, gate, up, down
 
-  // weights: per projection, (nibbles, scale, minimum) for q4 or (values, scale) for q8; biases: each or None.
+  // weights: per projection, (tiles) for q4 or (values, scale) for q8; biases: each or None.
   DecodeLayer(std::vector<std::vector<torch::Tensor>> weights, std::vector<c10::optional<torch::Tensor>> biases,
               torch::Tensor input_norm, double input_eps, torch::Tensor post_norm, double post_eps, int64_t heads,
               int64_t kv_heads, int64_t head_dim, double scaling);
@@ -36,5 +34,7 @@ void bind_decode_layer(pybind11::module_& m);
 
 // few_rows.cpp
 torch::Tensor few_rows_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias);
-torch::Tensor masked_decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                      const torch::Tensor& mask, double scale);
+
+// decode_attention.cpp: one query per sequence over its cache; mask [B, 1 or H, 1, T] (true: attended) or none.
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
+                               const c10::optional<torch::Tensor>& mask = c10::nullopt);

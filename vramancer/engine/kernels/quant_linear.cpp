@@ -3,7 +3,8 @@
 // y[r, n] = sum_k x[r, k] * W[n, k] with float32 activations and W kept quantized:
 //   q4: blocks of 32 weights along k, 16 bytes of nibbles (byte j holds weight j in its low
 //       nibble and weight j + 16 in its high one, as GGUF's Q4_1 does) and a float16 scale and
-//       minimum per block: w = scale * q + minimum.
+//       minimum per block: w = scale * q + minimum. Rows are stored in tiles of 4 (below, at
+//       `q4_linear`), so the 4 rows a pass reads together are one run of bytes.
 //   q8: int8 rows with one float32 scale per row: w = scale * q.
 //
 // Integer dot products, as llama.cpp's CPU path does, but with 16-bit activations. Each call
@@ -26,7 +27,8 @@
 // kernels these replace, same process, busy machine (benchmarks/kernels.py has the shapes):
 // the 49152x576 q8 head out of cache 1.9-2.8x faster, a 1536x576 q8 layer 2.0-2.4x, q4 layers
 // in cache 1.3-1.6x but out of cache only 1.0-1.3x (~3 GB/s, held by memory access, not by
-// instructions); end to end, `bench --weights q8` decoded ~1.5x faster, `--weights q4` alike.
+// instructions: see the tiles at `q4_linear`); end to end, `bench --weights q8` decoded ~1.5x
+// faster, `--weights q4` alike.
 // A row's quantization depends on that row alone and every output element is summed in the
 // same order whatever the batch size, the tiling or the thread count (blocks in order, one
 // final reduction), so results are bit-identical between those.
@@ -46,6 +48,7 @@ namespace {
 
 constexpr int64_t kBlock = 32;
 constexpr int kMaxRows = 4;       // activation rows per pass over a weight block
+constexpr int64_t kTileRows = 4;  // q4 weight rows stored together: a one-row pass reads 4 at once
 constexpr int64_t kChunk = 64;    // blocks whose scale products are formed at a time
 constexpr float kLevels = 32767;  // the largest quantized activation
 // How far ahead weight rows are prefetched, rounded up to whole tiles. Measured here, out of
@@ -142,14 +145,16 @@ inline void prefetch(const void* p, int64_t n) {
   _mm_prefetch(c + n - 1, _MM_HINT_T0);
 }
 
-// One 4-bit weight row.
+// One 4-bit weight row within its tile (see `q4_linear`).
 struct Q4Row {
-  const uint8_t* nibbles;
-  const uint16_t* scale;
-  const uint16_t* minimum;
+  const uint8_t* nibbles;   // its first block's 16 bytes
+  int64_t stride;           // from one of its blocks' nibbles to the next: 16 bytes per row of the tile
+  const uint16_t* scale;    // its scales, one per block, float16
+  const uint16_t* minimum;  // its minimums, likewise
+  const uint8_t* share;     // a row's worth of bytes of its tile (blocks * 20), to prefetch
 
   inline Block16 block(int64_t b) const {
-    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(nibbles + b * (kBlock / 2)));
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(nibbles + b * stride));
     const __m128i mask = _mm_set1_epi8(0x0F);
     return Block16{_mm256_cvtepu8_epi16(_mm_and_si128(packed, mask)),
                    _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), mask))};
@@ -162,11 +167,7 @@ struct Q4Row {
     for (; i < count; ++i) out[i] = _cvtsh_ss(scale[b0 + i]);
   }
 
-  inline void prefetch_row(const Activations& a) const {
-    prefetch(nibbles, a.K / 2);
-    prefetch(scale, a.blocks * 2);
-    prefetch(minimum, a.blocks * 2);
-  }
+  inline void prefetch_row(const Activations& a) const { prefetch(share, a.blocks * 20); }
 
   // + sum_b minimum_b * d_x sum(q_x)_b, eight blocks at a time, then the rest in order.
   inline float finish(float sum, const Activations& a, int64_t r) const {
@@ -296,25 +297,40 @@ void check_activations(const torch::Tensor& x, int64_t K) {
 
 }  // namespace
 
-// x [M, K] float32, nibbles [N, K/2] uint8, scale and minimum [N, K/32] float16 → [M, N] float32.
-torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& nibbles, const torch::Tensor& scale,
-                        const torch::Tensor& minimum) {
-  const int64_t N = nibbles.size(0), K = nibbles.size(1) * 2;
-  TORCH_CHECK(K % kBlock == 0, "q4 weights need whole blocks of 32 columns");
-  TORCH_CHECK(nibbles.scalar_type() == torch::kUInt8 && nibbles.is_contiguous(), "nibbles must be contiguous uint8");
-  for (const auto* t : {&scale, &minimum})
-    TORCH_CHECK(t->scalar_type() == torch::kFloat16 && t->is_contiguous() && t->size(0) == N && t->size(1) == K / kBlock,
-                "q4 scales and minimums must be contiguous float16 [N, K/32]");
+// x [M, K] float32, tiles [N, K/32 * 20] uint8 → [M, N] float32.
+//
+// The weight's N rows in tiles of 4 (the last holds the 1-3 left over), each tile one run of
+// 20 bytes per block per row, in the order the kernel reads them:
+//   the scales of its rows (row after row, float16), then the nibbles block after block (its
+//   rows' 16 bytes in turn: a block of 4 rows is one cache line), then the minimums (as the scales).
+// Why: a decode step reads a row and its 3 neighbours at once (`span<4, 1>`). Stored as three
+// arrays (nibbles [N, K/2], scales and minimums [N, K/32]) that is twelve streams at a time,
+// and out of cache the long rows (576x1536, the MLP's down_proj) ran at a third of their
+// in-cache speed. Same process, alternating, 1 thread, medians of 3-5 rounds in four runs
+// (load 4-7 on the 2 cores): 576x1536 out of cache 2.0-3.0 GB/s as three arrays, 4.3-5.4 in
+// tiles (1.7-2.2x); 1536x576 out of cache 0.98-1.17x; in cache alike within the noise.
+// GGUF's own interleaving (20-byte records of scale, minimum and nibbles per block, row after
+// row) was 0.8-1.1x out of cache and a third slower in cache (its scales cannot be loaded 8
+// at a time); one run of bytes per row [scales, nibbles, minimums] came between (1.2x on
+// 576x1536). Prefetching 1, 2, 4 or 8 KB ahead made no clear difference in tiles.
+torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& tiles) {
+  TORCH_CHECK(tiles.dim() == 2 && tiles.scalar_type() == torch::kUInt8 && tiles.is_contiguous() && tiles.size(1) % 20 == 0,
+              "q4 weights must be contiguous uint8 [N, K/32 * 20] (engine/int4_blocks.py's tiles)");
+  const int64_t N = tiles.size(0), row_bytes = tiles.size(1), blocks = row_bytes / 20, K = blocks * kBlock;
   check_activations(x, K);
   auto y = torch::empty({x.size(0), N}, x.options());
-  const auto* q = nibbles.data_ptr<uint8_t>();
-  const auto* d = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
-  const auto* m = reinterpret_cast<const uint16_t*>(minimum.data_ptr<at::Half>());
-  const int64_t blocks = K / kBlock;
+  const auto* base = tiles.data_ptr<uint8_t>();
   ActivationBuffers buffers;
   const Activations a = quantize_activations(x.data_ptr<float>(), x.size(0), K, buffers);
-  auto make_row = [=](int64_t n) { return Q4Row{q + n * (K / 2), d + n * blocks, m + n * blocks}; };
-  matmul(make_row, a, x.size(0), y.data_ptr<float>(), N, K / 2 + blocks * 4);
+  auto make_row = [=](int64_t n) {
+    const int64_t first = n / kTileRows * kTileRows, j = n - first, rows = std::min(kTileRows, N - first);
+    const uint8_t* tile = base + first * row_bytes;
+    const uint8_t* nibbles = tile + rows * blocks * 2;
+    const uint8_t* minimums = nibbles + rows * blocks * (kBlock / 2);
+    return Q4Row{nibbles + j * (kBlock / 2), rows * (kBlock / 2), reinterpret_cast<const uint16_t*>(tile) + j * blocks,
+                 reinterpret_cast<const uint16_t*>(minimums) + j * blocks, tile + j * row_bytes};
+  };
+  matmul(make_row, a, x.size(0), y.data_ptr<float>(), N, row_bytes);
   return y;
 }
 
@@ -363,49 +379,4 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
     for (; k < H; ++k) out[k] = w[k] * (in[k] * inv);
   }
   return y;
-}
-
-// Attention of one new query per sequence (a decode step): q [B, H, 1, D], k and v [B, KVH, T, D]
-// with KVH dividing H (grouped queries) → [B, 1, H, D]. No mask: every cached position counts.
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale) {
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KVH = k.size(1), T = k.size(2);
-  TORCH_CHECK(q.size(2) == 1 && D % 8 == 0 && KVH > 0 && H % KVH == 0 && v.size(2) == T && k.size(3) == D,
-              "decode_attention wants one query per sequence and a head size that is a multiple of 8");
-  for (const auto* t : {&q, &k, &v})
-    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->device().is_cpu() && t->stride(3) == 1,
-                "decode_attention wants float32 CPU tensors with contiguous heads");
-  auto out = torch::empty({B, 1, H, D}, q.options());
-  const float *qd = q.data_ptr<float>(), *kd = k.data_ptr<float>(), *vd = v.data_ptr<float>();
-  float* od = out.data_ptr<float>();
-  const int64_t group = H / KVH;
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> weights(T), acc(D);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H, g = h / group;
-      const float* qp = qd + b * q.stride(0) + h * q.stride(1);
-      const float* kp = kd + b * k.stride(0) + g * k.stride(1);
-      const float* vp = vd + b * v.stride(0) + g * v.stride(1);
-      float top = -INFINITY;
-      for (int64_t t = 0; t < T; ++t) {
-        const float* kr = kp + t * k.stride(2);
-        __m256 dot = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 8) dot = _mm256_fmadd_ps(_mm256_loadu_ps(qp + d), _mm256_loadu_ps(kr + d), dot);
-        weights[t] = reduce(dot, _mm256_setzero_ps()) * static_cast<float>(scale);
-        top = std::max(top, weights[t]);
-      }
-      float total = 0.0f;
-      for (int64_t t = 0; t < T; ++t) total += (weights[t] = std::exp(weights[t] - top));
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t t = 0; t < T; ++t) {
-        const float* vr = vp + t * v.stride(2);
-        const __m256 p = _mm256_set1_ps(weights[t]);
-        for (int64_t d = 0; d < D; d += 8)
-          _mm256_storeu_ps(acc.data() + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + d), _mm256_loadu_ps(acc.data() + d)));
-      }
-      float* o = od + (b * H + h) * D;
-      const __m256 inv = _mm256_set1_ps(1.0f / total);
-      for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(acc.data() + d), inv));
-    }
-  });
-  return out;
 }
