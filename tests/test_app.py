@@ -584,6 +584,28 @@ async def test_small_terminal_keeps_every_panel_reachable(tiny_model_dir):
         assert app.query_one("#console").region.bottom <= 23, "the console stays on screen"
 
 
+async def test_device_cards_take_the_form_the_small_terminal_allows_whatever_came_before(tiny_model_dir):
+    """At 80x24 the devices panel grows with its cards up to 10 rows: four devices get a line
+    each, three get two lines (bar, then memory and utilisation trends). After four devices give
+    way to three, the three get two lines, as on a fresh start: the panel, just tall enough for
+    one-line cards, is not taken as the room it has."""
+    app = make_app(tiny_model_dir, devices="sim:4x64MiB")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await loaded(pilot)
+        panel = app.devices_panel
+        await wait_for(pilot, lambda: all(c.snapshot for c in panel.cards.values()), "a reading")
+        await pilot.pause()
+        assert [len(c.render().plain.splitlines()) for c in panel.cards.values()] == [1, 1, 1, 1]
+        before = app.plan
+        app.load(LoadOptions(tiny_model_dir, "sim:3x64MiB", "proportional", 256, "auto"))
+        await wait_for(pilot, lambda: app.plan not in (None, before) and app.placement_panel.shown is app.plan
+                       and len(panel.cards) == 3 and all(c.snapshot for c in panel.cards.values()), "three devices")
+        await pilot.pause()
+        shown = [c.render().plain.splitlines() for c in panel.cards.values()]
+        assert [len(lines) for lines in shown] == [2, 2, 2], shown
+        assert all(lines[1].startswith("mem ") and "util n/a (simulated)" in lines[1] for lines in shown), shown
+
+
 async def test_squeeze_from_the_palette_rebalances_and_the_header_shows_speeds(tiny_model_dir):
     app = VramancerApp(LoadOptions(tiny_model_dir, "sim:3x64MiB", "proportional", 256, "auto", auto_rebalance=True),
                        telemetry=False)

@@ -38,17 +38,29 @@ def dashboard(model_dir: str, devices: str = "sim:3x64MiB") -> VramancerApp:
     return VramancerApp(LoadOptions(model_dir, devices, "proportional", 256, "auto"), telemetry=False)
 
 
+SETTLE_S = 120  # the first load in a process imports the engine: 17 s on a quiet 2-core machine, 30+ busy
+
+
+def waiting_for(app) -> str | None:
+    """What the dashboard has not shown yet, or None once the load, the plan's tiles, a device
+    reading and cards fitted to the panel's room are on screen."""
+    cards = app.devices_panel.query(DeviceCard)
+    if app.plan is None or app.placement_panel.shown is not app.plan:
+        return "the plan's tiles"
+    if not cards or any(card.snapshot is None for card in cards):
+        return "a device reading"
+    if any(card.mode != app.devices_panel.mode_for_size() for card in cards):
+        return "the device cards fitted to the panel"
+    return None
+
+
 async def settled(pilot) -> None:
     """Wait for the load, the plan's tiles and the first device reading to be on screen."""
     app = pilot.app
     app.console_panel.prompt.cursor_blink = False  # a blinking cursor is on or off by the clock
-    deadline = time.monotonic() + 30
-    while not (app.plan is not None and app.placement_panel.shown is app.plan
-               and all(card.snapshot is not None for card in app.devices_panel.query(DeviceCard))
-               and app.devices_panel.query(DeviceCard)
-               # and the cards fitted to the panel's final size (a layout may still be pending)
-               and all(card.mode == app.devices_panel.mode_for_size() for card in app.devices_panel.query(DeviceCard))):
-        assert time.monotonic() < deadline, "the dashboard did not settle within 30 s"
+    deadline = time.monotonic() + SETTLE_S
+    while (missing := waiting_for(app)) is not None:
+        assert time.monotonic() < deadline, f"the dashboard did not settle within {SETTLE_S} s: still waiting for {missing}"
         await pilot.pause(0.05)
     await pilot.pause()
 

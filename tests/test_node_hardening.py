@@ -120,7 +120,8 @@ def test_the_rendezvous_store_is_shut_once_the_group_has_formed(node_server):
     node = connect(node_server.port)
     try:
         store_port = node._store_port  # told to the admitted coordinator only
-        # Nothing of ours listens there any more. (A refused connection would prove less: with
+        # Nothing of ours listens there any more, as soon as connect() returns: it waits for the
+        # node's word that the store is shut (our half of the group may form before the node's). (A refused connection would prove less: with
         # test files in parallel processes, another process may already have the freed port.)
         listening = [c for c in psutil.Process().net_connections(kind="tcp")
                      if c.status == psutil.CONN_LISTEN and c.laddr.port == store_port]

@@ -238,16 +238,35 @@ class DevicesPanel(VerticalScroll):
         self._fit_cards()
 
     def mode_for_size(self) -> str:
-        """The card form that shows every card in the panel's present size."""
-        count, height = len(self.cards), self.scrollable_content_region.height or self.size.height
+        """The card form that shows every card in the room the panel has."""
+        count, height = len(self.cards), self.room_for_cards()
         # The width without a scrollbar: the mode chosen makes the cards fit, so none shows. (The
         # width with one, taken while a previous mode overflowed, could flip the choice.)
         legend = len(self.legend.render().wrap(self.app.console, max(self.content_region.width, 1)))
-        if count * FULL_HEIGHT <= height:
+        if height is None or count * FULL_HEIGHT <= height:
             return FULL
         if legend + count * 2 <= height:
             return TWO_LINES
         return ONE_LINE
+
+    def room_for_cards(self) -> int | None:
+        """Rows the cards may take; None when the panel grows with them without limit.
+
+        A panel whose height follows its content (`height: auto`, as in the narrow layout) may
+        grow up to its max-height, so that is its room. Its present height is no guide: it is
+        whatever the cards mounted or drawn last made it, and one-line cards make a panel just
+        tall enough for one-line cards, so the form chosen would depend on what was on screen
+        before (the size before the cards were laid out), not on the terminal."""
+        styles = self.styles
+        if styles.height is None or not styles.height.is_auto:
+            return self.scrollable_content_region.height or self.size.height
+        if styles.max_height is None:
+            return None
+        container = self.parent.size if isinstance(self.parent, Widget) else self.app.size
+        room = int(styles.max_height.resolve(container, self.app.size))
+        if styles.box_sizing == "border-box":
+            room -= styles.gutter.height
+        return max(room, 0)
 
     def _fit_cards(self) -> None:
         if not self.cards:

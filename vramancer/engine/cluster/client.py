@@ -71,6 +71,7 @@ class NodeConnection:
         local_address = sock.getsockname()[0]
         try:
             self._form_group(local_address)
+            self._await_formed(channel)
         except Exception as exc:
             channel.close()
             raise p.ClusterError(f"{self.label} admitted us but the process group did not form: {_first_line(exc)}.") from None
@@ -121,6 +122,17 @@ class NodeConnection:
         options._devices = [ProcessGroupGloo.create_device(hostname=local_address)]
         options._timeout = GLOO_TIMEOUT
         self._pg = ProcessGroupGloo(self._store, p.COORDINATOR_RANK, 2, options)
+
+    def _await_formed(self, channel: p.LineChannel) -> None:
+        """Wait for the node's word that its half of the group formed and its rendezvous store
+        stopped listening: our half may form first, and the store must be shut by the time
+        connect() returns."""
+        try:
+            message = channel.receive()
+        except (OSError, p.ClusterError) as exc:
+            raise p.ClusterError(f"it did not confirm the group ({exc})") from None
+        if message is None or message.get("type") != "formed":
+            raise p.ClusterError("it did not confirm the group")
 
     # --- health ----------------------------------------------------------------------------
 

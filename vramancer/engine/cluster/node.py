@@ -716,6 +716,9 @@ class NodeServer:
                               "samples": self.snapshots(),
                               "model": self.model.name if self.model else None})
                 session.form_group()
+                # The store no longer listens: say so, and the coordinator's connect() returns
+                # only now, not when its own half of the group happens to form first.
+                channel.send({"type": "formed"})
                 conn.settimeout(None)
                 log.info("admitted coordinator %s; process group formed", peer)
                 session.serve()

@@ -1,7 +1,8 @@
 """The wire between a coordinator and a node: JSON lines for control, fixed headers for tensors.
 
-Control (TCP, one JSON object per line, UTF-8): the admission handshake, then requests with an
-`id` and their replies, and the node's unsolicited telemetry samples. Nothing on this channel
+Control (TCP, one JSON object per line, UTF-8): the admission handshake, the node's word that
+the process group formed and its rendezvous store is shut, then requests with an `id` and their
+replies, and the node's unsolicited telemetry samples. Nothing on this channel
 is ever evaluated or unpickled: a message is a dict of strings, numbers, lists and dicts.
 
 Tensors (torch.distributed send/recv on a two-rank process group, node rank 0, coordinator
@@ -26,7 +27,7 @@ from vramancer.engine.devices import DeviceLost, node_label
 from vramancer.engine.errors import VramancerError
 from vramancer.engine.validation import read_token_file
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the node confirms the group formed ("formed") before anything else
 SERVICE_TYPE = "_vramancer._tcp.local."
 DEFAULT_NODE_PORT = 7070
 TOKEN_ENV = "VRM_CLUSTER_TOKEN"
