@@ -34,6 +34,7 @@ from vramancer.engine.models import (
     build_meta_model,
     load_config,
     load_tokenizer,
+    let_go_of_gguf_reader,
     load_weights,
     resolve_dtype,
     resolve_model,
@@ -451,8 +452,10 @@ class Prepared:
         return plan
 
     def close(self) -> None:
-        """Let go of the devices' connections (a no-op for this machine's)."""
+        """Let go of the devices' connections (a no-op for this machine's) and of the GGUF
+        reader kept for weights that will not be read now."""
         close_devices(self.devices)
+        let_go_of_gguf_reader()
 
 
 def prepare(model: str, devices: str | DeviceSpec, context: int, dtype: str, reprofile: bool = False,
@@ -493,6 +496,7 @@ def prepare(model: str, devices: str | DeviceSpec, context: int, dtype: str, rep
         factory.add_external_timings(timings, config, local, remote, torch_dtype, model_key, source)
     except BaseException:
         close_devices(remote)
+        let_go_of_gguf_reader()
         raise
     device_list = local + remote
     return Prepared(source, config, profile, device_list, torch_dtype, fallback, context, Pricing(timings, profile),

@@ -588,6 +588,15 @@ def _nbytes(tensor: torch.Tensor) -> int:
 # The GGUF reader of the file being loaded, kept from the config's parse for the weights'
 # (one file at a time: at most one reader, about 160 MB for the bundled model, is held).
 _KEPT_READERS: dict[str, object] = {}
+
+
+def let_go_of_gguf_reader() -> None:
+    """Drop the reader a config's parse kept for the weights, when they will not be read (a
+    plan alone, or a load refused before its weights): a later load of the same path, the
+    file perhaps replaced meanwhile, then parses it afresh."""
+    _KEPT_READERS.clear()
+
+
 # The patches below are process-wide: one thread at a time applies and undoes them.
 _PATCHING = threading.RLock()
 
