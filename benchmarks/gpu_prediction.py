@@ -15,6 +15,7 @@ prints, for a random-weight Llama (~170 M parameters, bfloat16) on cuda:0 and on
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -43,7 +44,7 @@ def per_layer_ms(engine, tokens: int) -> tuple[float, float, float]:
     def after(index):
         def hook(_module, args, output):
             sync()
-            took.append((time.perf_counter() - starts[index], args[0].shape[1] if args else 1))
+            took.append(time.perf_counter() - starts[index])
         return hook
 
     handles = []
@@ -55,12 +56,13 @@ def per_layer_ms(engine, tokens: int) -> tuple[float, float, float]:
     finally:
         for handle in handles:
             handle.remove()
-    decode = [s for s, width in took if width == 1] or [s for s, _ in took]
-    return 1000 * statistics.median(decode), 1000 * len(layers) * statistics.median(decode), result.decode_tokens_per_s
+    layer = statistics.median(took)  # the prompt's pass is one call per layer among `tokens`
+    return 1000 * layer, 1000 * len(layers) * layer, result.decode_tokens_per_s
 
 
-def unhooked_step_ms(config, device, dtype, count: int, steps: int = 20) -> float:
-    """The profiler's cut model (first `count` layers), one decode step timed whole."""
+def unhooked_step_ms(config, device, dtype, count: int, steps: int = 20) -> tuple[float, float]:
+    """The profiler's cut model (first `count` layers), decode steps timed whole: (best, median)
+    ms per layer."""
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
@@ -113,8 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     meta = build_meta_model(config, torch.bfloat16)
     devices = ["cuda:0", "cpu"] if torch.cuda.is_available() else ["cpu"]
     for spec in devices:
-        import os
-
         os.environ["VRM_CACHE_DIR"] = str(scratch / f"cache-{spec.replace(':', '')}")  # profile afresh
         start = time.perf_counter()
         engine = Engine.load(str(folder), spec, dtype="bfloat16", context=512)

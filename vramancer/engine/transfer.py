@@ -132,17 +132,14 @@ class TransferManager:
             torch.cuda.current_stream(src_t).synchronize()
             return self._upload(staged, dst_t)
         if src_t.type == "cpu" and dst_t.type == "cuda":
-            if _chunkable(tensor):
+            if _nbytes(tensor) > CHUNKED_ABOVE:
                 return self._upload_in_chunks(tensor, dst_t)
-            staged = self._pinned_buffer(tensor)
-            if staged is None:
-                return tensor.to(dst_t)
+            staged = self._pinned_buffer(tensor)  # a hand-over's few KiB: one pinned buffer, reused
             staged.copy_(tensor)
             return self._upload(staged, dst_t)
-        if src_t.type == "cuda" and dst_t.type == "cpu" and tensor.numel() * tensor.element_size() > PINNED_LIMIT:
-            if _chunkable(tensor):  # weights in a migration: into normal (pageable) host memory
-                return self._download_in_chunks(tensor, src_t)
-        elif src_t.type == "cuda" and dst_t.type == "cpu":
+        if src_t.type == "cuda" and dst_t.type == "cpu" and _nbytes(tensor) > PINNED_LIMIT:
+            return self._download_in_chunks(tensor, src_t)  # weights in a migration: into pageable memory
+        if src_t.type == "cuda" and dst_t.type == "cpu":
             # Straight into page-locked memory (torch's caching host allocator reuses it): one
             # DMA at full speed, where a pageable destination runs at a fraction of it (H100:
             # 10.5 GB/s vs 47 GB/s for 8 MiB).
@@ -210,7 +207,7 @@ class TransferManager:
     def _pinned_buffer(self, tensor: torch.Tensor) -> torch.Tensor | None:
         """A pinned host buffer shaped like `tensor`, reused across decode steps; None for
         tensors too large to keep pinned (weights in a migration go the pageable way)."""
-        if tensor.numel() * tensor.element_size() > PINNED_LIMIT:
+        if _nbytes(tensor) > PINNED_LIMIT:
             return None
         key = (tensor.numel(), tensor.dtype)
         buffer = self._pinned.get(key)
@@ -230,9 +227,8 @@ def _synchronize(*devices: Device) -> None:
             torch.cuda.synchronize(device.torch_device)
 
 
-def _chunkable(tensor: torch.Tensor) -> bool:
-    """Tensors big enough to gain from chunked staging."""
-    return tensor.numel() * tensor.element_size() > CHUNKED_ABOVE
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
