@@ -210,6 +210,57 @@ def test_architecture_splits_with_identical_tokens(model_type, byte_tokenizer, t
     assert len(plan["placement"]) == 3
 
 
+def _tensor_ids(value, keep: list) -> set[int]:
+    if isinstance(value, torch.Tensor):
+        keep.append(value)  # alive to the end of the test, so no other tensor takes its id
+        return {id(value)}
+    if isinstance(value, (tuple, list)):
+        return set().union(*(_tensor_ids(v, keep) for v in value))
+    if isinstance(value, dict):
+        return set().union(*(_tensor_ids(v, keep) for v in value.values()))
+    return set()
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+def test_layers_off_the_first_device_get_their_own_copies_of_every_kind_of_mask_and_rotary(
+        model_type, byte_tokenizer, tmp_path):
+    """Alternating models hand sliding and full layers each their own mask (and Gemma 3 its
+    own rotary tensors): a block on another device must get copies of both kinds, not only of
+    the kind its first layer got. On a GPU split the originals are on the wrong device."""
+    from vramancer.engine import Engine
+
+    model = build(model_type, ALTERNATING, byte_tokenizer, tmp_path)
+    expected = plain_greedy(model, byte_tokenizer)
+    engine = Engine.load(str(tmp_path), "sim:2x1GiB", context=64)
+    devices = engine.placement.layer_devices
+    later = [i for i, device in enumerate(devices) if device != engine.placement.embed]
+    kinds = model.config.layer_types
+    assert len({kinds[i] for i in later}) == 2, f"the test needs both kinds of layer off the first device: {devices}"
+    passes: list[dict[int, set[int]]] = []  # per forward pass: layer -> ids of the tensors it got
+    keep: list = []
+
+    def record(index):
+        def hook(module, args, kwargs):
+            if index == 0:
+                passes.append({})
+            passes[-1][index] = _tensor_ids((args[1:], kwargs), keep)
+        return hook
+
+    # Registered after the split's own hooks, so each sees what its layer really gets.
+    hooks = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(engine.split.stack)]
+    try:
+        assert engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS).token_ids == expected
+    finally:
+        for hook in hooks:
+            hook.remove()
+        engine.close()
+    assert len(passes) == NEW_TOKENS
+    for got in passes:
+        beside_embeddings = set().union(*(got[i] for i in range(len(devices)) if i not in later))
+        for i in later:
+            assert not got[i] & beside_embeddings, f"layer {i} ({kinds[i]}) got a tensor of the first device"
+
+
 @pytest.mark.parametrize("model_type", sorted(REFUSED))
 def test_unsupported_architecture_is_refused_before_loading(model_type, tmp_path, capsys):
     from vramancer.cli import main

@@ -71,9 +71,9 @@ class SplitModel:
         self.context = context
         self.placement: Placement | None = None
         self._hooks: list = []
-        # Per device, the (original, copy) pairs of the keyword tensors (positions, mask) the
-        # last hand-over into it carried: later layers of the same block reuse those copies.
-        self._carried: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        # Per device off the embeddings', this forward pass's copies of the decoder's tensors
+        # (positions, masks): every layer of the block reuses them.
+        self._carried: dict[str, _Carried] = {}
         # The real decoder layers, whatever stands in the stack for the ones that are external.
         self.layer_modules: list[nn.Module] = list(self.stack)
         self.external: ExternalLayers | None = None  # set when some devices are not local
@@ -208,7 +208,9 @@ class SplitModel:
     # --- boundary hooks ----------------------------------------------------------------
 
     def rewire(self) -> None:
-        """Install a hand-over hook at every boundary of the current placement, and no others."""
+        """Install the hooks the current placement needs, and no others: a hand-over where a
+        block starts, the decoder's positions and masks carried to every layer off the
+        embeddings' device, the hidden state into the head and the logits back."""
         assert self.placement is not None
         for hook in self._hooks:
             hook.remove()
@@ -222,12 +224,10 @@ class SplitModel:
         previous = placement.embed
         for i, layer in enumerate(self.stack):
             current = placement.layer_devices[i]
-            if current != previous and self.is_local(current):
-                self._hooks.append(layer.register_forward_pre_hook(self._boundary(previous, current), with_kwargs=True))
-            elif current != placement.embed and self.is_local(current):
-                # The decoder hands every layer the positions and mask it made beside the
-                # embeddings; past the first layer of a block they come from the block's copies.
-                self._hooks.append(layer.register_forward_pre_hook(self._reuse_carried(current), with_kwargs=True))
+            if self.is_local(current) and (current != previous or current != placement.embed):
+                entering_from = previous if current != previous else None
+                self._hooks.append(layer.register_forward_pre_hook(self._arrive(entering_from, current),
+                                                                   with_kwargs=True))
             previous = current
         if placement.head != previous:
             self._hooks.append(self.arch.head_entry.register_forward_pre_hook(self._boundary(previous, placement.head),
@@ -245,57 +245,84 @@ class SplitModel:
         """The hook for a boundary into a local device. Out of an external block, its stand-in
         already brought the hidden state back (and recorded it): the rest only needs to be on `dst`."""
         if self.is_local(src):
-            return self._hand_over(src, dst)
+            return lambda module, args, kwargs: self.transfer.move((args, kwargs), src, dst)
         target = self.devices[dst].torch_device
+        return lambda module, args, kwargs: _to_device((args, kwargs), target)
+
+    def _arrive(self, src: str | None, dst: str):
+        """The pre-hook of a local layer on `dst` that needs one.
+
+        Where a block starts (`src` given), the hidden state crosses from `src`. On any device
+        but the embeddings', the layer also needs the positions and masks the decoder made
+        beside the embeddings and hands every layer: each is carried onto `dst` once per
+        forward pass, at the block's start with the hidden state (one recorded transfer), or
+        where a later layer first gets it (models that give each kind of layer its own mask
+        and rotary tensors). The hidden state is the first positional argument; the rest are
+        the decoder's."""
+        carries = dst != self.placement.embed
+        enter = self._boundary(src, dst) if src is not None else None
 
         def hook(module, args, kwargs):
-            return _to_device((args, kwargs), target)
+            if enter is not None and not carries:
+                moved_args, _ = enter(module, args, {})
+                return moved_args, kwargs  # the decoder's tensors already live here
+            if enter is not None:
+                moved_args, moved_kwargs = enter(module, args, kwargs)
+                self._carried[dst] = _Carried(args, kwargs, moved_args, moved_kwargs)
+                return moved_args, moved_kwargs
+            carried = self._carried[dst]
+            if carried.got_the_same(args, kwargs):  # the usual case: one set for every layer
+                return (args[0], *carried.args), carried.kwargs
+            return ((args[0], *(self._carry(v, carried, dst) for v in args[1:])),
+                    {key: self._carry(value, carried, dst) for key, value in kwargs.items()})
 
         return hook
 
-    def _hand_over(self, src: str, dst: str):
-        def hook(module, args, kwargs):
-            # One recorded transfer per boundary crossing: hidden state, mask, positions.
-            # The cache object is not a tensor and passes through untouched.
-            moved_args, moved_kwargs = self.transfer.move((args, kwargs), src, dst)
-            self._carried[dst] = list(_tensor_pairs(kwargs, moved_kwargs))
-            return moved_args, moved_kwargs
-
-        return hook
-
-    def _reuse_carried(self, device: str):
-        def hook(module, args, kwargs):
-            pairs = self._carried.get(device)
-            return (args, _substitute(kwargs, pairs)) if pairs else None
-
-        return hook
+    def _carry(self, value, carried: "_Carried", dst: str):
+        """`value` as a layer on `dst` must get it: the copy already carried there in this
+        forward pass, else a new one if it holds tensors."""
+        copy = carried.copy_of(value)
+        if copy is not None or not _holds_tensors(value):
+            return value if copy is None else copy
+        copy = self.transfer.move(value, self.placement.embed, dst)
+        carried.add(value, copy)
+        return copy
 
 
-def _tensor_pairs(original, moved):
-    """(original, copy) for each tensor of a structure and its moved twin."""
-    if isinstance(original, torch.Tensor):
-        if moved is not original:
-            yield original, moved
-    elif isinstance(original, (tuple, list)):
-        for a, b in zip(original, moved):
-            yield from _tensor_pairs(a, b)
-    elif isinstance(original, dict):
-        for key, value in original.items():
-            yield from _tensor_pairs(value, moved[key])
+class _Carried:
+    """The decoder's tensors (positions, masks) and their copies on one device, for one
+    forward pass: what the block's first layer got, and every original → copy since."""
+
+    def __init__(self, args: tuple, kwargs: dict, moved_args: tuple, moved_kwargs: dict):
+        self.sent_args, self.sent_kwargs = args[1:], dict(kwargs)  # as the decoder handed them to the first layer
+        self.args, self.kwargs = tuple(moved_args[1:]), moved_kwargs
+        # By id of the original; each entry holds the original, so no other object takes its id meanwhile.
+        self.copies: dict[int, tuple[object, object]] = {}
+        for original, copy in zip((*args[1:], *kwargs.values()), (*self.args, *moved_kwargs.values())):
+            self.add(original, copy)
+
+    def got_the_same(self, args: tuple, kwargs: dict) -> bool:
+        """True when a layer got exactly the objects the first one did, under the same keywords."""
+        return (len(args) - 1 == len(self.sent_args) and kwargs.keys() == self.sent_kwargs.keys()
+                and all(a is b for a, b in zip(args[1:], self.sent_args))
+                and all(a is b for a, b in zip(kwargs.values(), self.sent_kwargs.values())))
+
+    def copy_of(self, value):
+        hit = self.copies.get(id(value))
+        return hit[1] if hit is not None and hit[0] is value else None
+
+    def add(self, original, copy) -> None:
+        self.copies[id(original)] = (original, copy)
 
 
-def _substitute(value, pairs: list[tuple[torch.Tensor, torch.Tensor]]):
-    """`value` with each tensor that has a copy in `pairs` replaced by it (matched by identity)."""
+def _holds_tensors(value) -> bool:
     if isinstance(value, torch.Tensor):
-        for original, copy in pairs:
-            if value is original:
-                return copy
-        return value
+        return True
     if isinstance(value, (tuple, list)):
-        return type(value)(_substitute(v, pairs) for v in value)
+        return any(_holds_tensors(v) for v in value)
     if isinstance(value, dict):
-        return {k: _substitute(v, pairs) for k, v in value.items()}
-    return value
+        return any(_holds_tensors(v) for v in value.values())
+    return False
 
 
 def _to_device(value, device: torch.device):
