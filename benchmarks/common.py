@@ -49,6 +49,43 @@ def alternate(contenders: dict[str, Callable[[], Sample]], rounds: int, warmup: 
     return samples
 
 
+def interleaved_steps(models: dict[str, tuple[object, object]], prompt_ids, tokens: int) -> dict[str, list[float]]:
+    """Seconds per decode step of each model, the models stepped in turn one token at a time
+    (A B, then B A, …) from the same prompt, so that the machine's drift, which moves whole
+    rounds of one contender by ±15 % here, lands on every model alike within ~50 ms.
+
+    `models`: name → (a transformers causal LM, the device its input ids go to). A step is
+    the model's forward over one new token with its KV cache, as `generate` runs it, greedy;
+    `generate`'s own loop around it is the same for every model, so it is left out. Raises
+    if the models' greedy tokens part (they are meant to be one model, placed differently)."""
+    import torch
+    from transformers import DynamicCache
+
+    caches = {name: DynamicCache(config=model.config) for name, (model, _) in models.items()}
+    ids = {name: prompt_ids.to(device) for name, (_, device) in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
+    gc.collect()
+    gc.disable()  # a collection inside one model's step would land on that model alone
+    try:
+        with torch.inference_mode():
+            for step in range(tokens + 1):  # step 0 is the prompt, not timed
+                chosen = {}
+                for name in (names if step % 2 == 0 else names[::-1]):
+                    model, device = models[name]
+                    start = time.perf_counter()
+                    out = model(input_ids=ids[name], past_key_values=caches[name], use_cache=True)
+                    chosen[name] = out.logits[:, -1:].argmax(-1)
+                    if step:
+                        times[name].append(time.perf_counter() - start)
+                    ids[name] = chosen[name].to(device)
+                if len({int(token) for token in chosen.values()}) != 1:
+                    raise RuntimeError(f"greedy tokens parted at step {step}: {chosen}")
+    finally:
+        gc.enable()
+    return times
+
+
 def _brief(sample: Sample) -> str:
     return "  ".join(f"{k} {v:.4g}" for k, v in sample.items() if isinstance(v, (int, float)))
 
