@@ -57,10 +57,13 @@ def fuse_rms_norm(module: nn.Module) -> bool:
     if not type(module).__name__.endswith("RMSNorm") or eps is None or not isinstance(weight, torch.Tensor) \
             or weight.dim() != 1 or weight.dtype != torch.float32 or weight.device.type != "cpu":
         return False
+    ops = cpu_kernels.kernels()
+    if ops is None:
+        return False
     probe = torch.randn(3, weight.numel(), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = module(probe)
-        got = cpu_kernels.kernels().rms_norm(probe, weight, eps)
+        got = ops.rms_norm(probe, weight, eps)
     if not torch.allclose(got, expected, rtol=1e-5, atol=1e-6):
         return False
     module.vramancer_eps = eps

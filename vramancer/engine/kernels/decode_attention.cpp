@@ -12,6 +12,7 @@
 // mask, so a row's result has the same bits alone or in a batch.
 
 #include "kernels.h"
+#include "simd.h"
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -23,13 +24,6 @@
 #include <vector>
 
 namespace {
-
-inline float sum_lanes(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // One (sequence, head). DV8 = head size / 8 keeps the output row in registers (0: any head
 // size, through memory); mp is null when every position counts.

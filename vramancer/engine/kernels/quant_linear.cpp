@@ -34,6 +34,7 @@
 // final reduction), so results are bit-identical between those.
 
 #include "kernels.h"
+#include "simd.h"
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -55,28 +56,6 @@ constexpr float kLevels = 32767;  // the largest quantized activation
 // cache: 1-4 KB all far better than none (the hardware prefetcher alone leaves a decode
 // step's weights at 2-3 GB/s); a few at a time as each block is read did no better than none.
 constexpr int64_t kPrefetchBytes = 2048;
-
-inline float reduce(__m256 a, __m256 b) {
-  __m256 v = _mm256_add_ps(a, b);
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline float max_of(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
-
-inline int32_t sum_of(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
-  return _mm_cvtsi128_si32(s);
-}
 
 // The activation rows as the kernels see them, quantized once per call.
 struct Activations {
@@ -179,7 +158,7 @@ struct Q4Row {
                             _mm256_loadu_ps(xs + b), acc);
     float tail = 0.0f;
     for (; b < a.blocks; ++b) tail += _cvtsh_ss(minimum[b]) * xs[b];
-    return sum + (reduce(acc, _mm256_setzero_ps()) + tail);
+    return sum + (sum_lanes(acc) + tail);
   }
 };
 
@@ -242,7 +221,7 @@ inline void tile(const Row* rows, const Activations& a, int64_t r0, float* y, in
     }
   }
   for (int j = 0; j < NT; ++j)
-    for (int r = 0; r < RT; ++r) y[r * N + j] = rows[j].finish(reduce(acc[j][r], _mm256_setzero_ps()), a, r0 + r);
+    for (int r = 0; r < RT; ++r) y[r * N + j] = rows[j].finish(sum_lanes(acc[j][r]), a, r0 + r);
 }
 
 // Weight rows [n0, n1) against activation rows [r0, r0 + RT), NT weight rows at a time,
@@ -370,7 +349,7 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
       const __m256 v = _mm256_loadu_ps(in + k);
       acc = _mm256_fmadd_ps(v, v, acc);
     }
-    float squares = reduce(acc, _mm256_setzero_ps());
+    float squares = sum_lanes(acc);
     for (; k < H; ++k) squares += in[k] * in[k];
     const float inv = 1.0f / std::sqrt(squares / static_cast<float>(H) + static_cast<float>(eps));
     const __m256 vinv = _mm256_set1_ps(inv);
