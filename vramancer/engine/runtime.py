@@ -272,7 +272,7 @@ class SplitModel:
                 return moved_args, moved_kwargs
             carried = self._carried[dst]
             if carried.got_the_same(args, kwargs):  # the usual case: one set for every layer
-                return (args[0], *carried.args), carried.kwargs
+                return (args[0], *carried.args), dict(carried.kwargs)  # each layer a dict of its own
             return ((args[0], *(self._carry(v, carried, dst) for v in args[1:])),
                     {key: self._carry(value, carried, dst) for key, value in kwargs.items()})
 
