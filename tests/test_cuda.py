@@ -255,6 +255,26 @@ def test_migration_to_the_cpu_and_back_mid_answer_keeps_the_tokens(tiny_dir):
         free_gpu()
 
 
+def test_a_block_on_the_cpu_gets_both_kinds_of_mask_and_rotary_of_an_alternating_model(tmp_path):
+    """Gemma 3 hands its sliding and full layers each their own mask and rotary tensors, made
+    beside the embeddings on the GPU: a CPU block holding both kinds needs copies of both."""
+    from tests.test_architectures import ALTERNATING, build as build_tiny, make_byte_tokenizer
+    from vramancer.engine import Engine
+
+    build_tiny("gemma3_text", ALTERNATING, make_byte_tokenizer(), tmp_path)
+    want, reference, inputs = plain_greedy(str(tmp_path), torch.float32)
+    engine = Engine.load(str(tmp_path), f"{GPU},cpu", dtype="float32", context=256)
+    try:
+        engine.migrate(2, 3, "cpu")  # one sliding and one full layer
+        assert engine.placement.layer_devices == [GPU, GPU, "cpu", "cpu"]
+        result = engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS)
+        assert_same_greedy(result.token_ids, want, reference, inputs)
+    finally:
+        engine.close()
+        del reference
+        free_gpu()
+
+
 def test_auto_dtype_is_bfloat16_on_a_gpu_that_supports_it(tiny_dir):
     from vramancer.engine import Engine
 
