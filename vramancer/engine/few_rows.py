@@ -18,9 +18,12 @@ rows; GB/s of weights read at 8 rows; reading memory alone: 10-13 GB/s):
 
 At 8 rows the kernel is bound by its multiply-adds more than by memory (15 GB/s with the
 weights in L2). A row's result does not depend on the others in its batch or on the thread
-count (tests/test_few_rows.py). One row keeps `linear` (the matrix-vector product), so a lone
-request computes exactly what `generate` does; so do prompts (many rows), other devices and
-dtypes, and quantized weights (their own kernels take several rows; engine/quantized.py).
+count (tests/test_few_rows.py). A lone sequence (one new token, or its whole prompt) keeps
+`linear`, so a lone request computes exactly what `generate` does; so do longer prompts, other
+devices and dtypes, and quantized weights (their own kernels take several rows;
+engine/quantized.py). The wrappers test for a lone sequence first, as cheaply as they can:
+they run for every projection of every step, and a fuller check before it cost float32
+decode 1-2 % (steps alternating with and without the wrappers, 1 thread).
 Where our kernels cannot run (`cpu_kernels.kernels()` is None), 2-8 rows take W @ x.T.
 
 The same step's RMSNorms (six eager ops each) and attention (SDPA with the batch's padding
@@ -59,8 +62,12 @@ class FewRowsLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        rows = x.numel() // x.shape[-1] if x.dim() else 0
-        if not (2 <= rows <= MAX_ROWS and x.device.type == "cpu" and x.dtype == torch.float32
+        # First the cheapest test that lets a lone sequence through (one token, or a prompt):
+        # this runs for every projection of every decode step.
+        if x.dim() < 2 or x.shape[0] < 2:
+            return F.linear(x, weight, self.bias)
+        rows = x.numel() // x.shape[-1]
+        if not (rows <= MAX_ROWS and x.device.type == "cpu" and x.dtype == torch.float32
                 and type(weight.data) is torch.Tensor and weight.dtype == torch.float32):
             return F.linear(x, weight, self.bias)
         flat = x.reshape(rows, x.shape[-1]).contiguous()
@@ -94,9 +101,11 @@ def use_few_rows_linear(model: nn.Module) -> int:
 
 
 def _rms_norm_for_few_rows(self: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    rows = hidden.numel() // hidden.shape[-1] if hidden.dim() else 0
+    if hidden.dim() < 2 or hidden.shape[0] < 2:  # a lone sequence: the module's own forward, at once
+        return type(self).forward(self, hidden)
+    rows = hidden.numel() // hidden.shape[-1]
     ops = cpu_kernels.kernels() if "rms_norm" in enabled else None
-    if (ops is not None and 2 <= rows <= MAX_ROWS and hidden.dtype == torch.float32 and hidden.device.type == "cpu"
+    if (ops is not None and rows <= MAX_ROWS and hidden.dtype == torch.float32 and hidden.device.type == "cpu"
             and self.weight.dtype == torch.float32 and self.weight.device.type == "cpu"):
         return ops.rms_norm(hidden.contiguous(), self.weight, self.vramancer_eps)
     return type(self).forward(self, hidden)
@@ -105,8 +114,8 @@ def _rms_norm_for_few_rows(self: nn.Module, hidden: torch.Tensor) -> torch.Tenso
 def use_few_rows_norm(model: nn.Module) -> int:
     """Route `model`'s RMSNorms through our fused `rms_norm` kernel for 2..MAX_ROWS rows, where
     the kernel reproduces them (engine/kernel_modules.py checks each): one call instead of six
-    eager ops in a batch's step. One row keeps the module's own forward, so a lone request
-    computes exactly what `generate` does. Returns how many."""
+    eager ops in a batch's step. A lone sequence keeps the module's own forward, so a lone
+    request computes exactly what `generate` does. Returns how many."""
     if cpu_kernels.kernels() is None:
         return 0
     count = 0
@@ -125,8 +134,8 @@ def _few_rows_attention(module, query, key, value, attention_mask, dropout=0.0, 
     """A batch's decode step (2..MAX_ROWS sequences, one query each) through our
     `decode_attention`, without a mask or with the batch's (each row's padding masked);
     everything else through SDPA."""
-    ops = cpu_kernels.kernels() if "attention" in enabled else None
-    if ops is not None and 2 <= query.shape[0] <= MAX_ROWS and one_query_on_kernels(query, dropout, kwargs):
+    ops = cpu_kernels.kernels() if query.shape[0] >= 2 and "attention" in enabled else None
+    if ops is not None and query.shape[0] <= MAX_ROWS and one_query_on_kernels(query, dropout, kwargs):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if attention_mask is None:  # every row attends to every cached position
             return ops.decode_attention(query, key, value, scale), None
