@@ -86,6 +86,24 @@ def interleaved_steps(models: dict[str, tuple[object, object]], prompt_ids, toke
     return times
 
 
+def stepped_ratio(what: str, a: tuple[object, object], b: tuple[object, object], prompt_ids, rounds: int,
+                  tokens: int, **target) -> "Comparison":
+    """a ÷ b in decode speed, the two stepped in turn token by token (`interleaved_steps`):
+    the median over every token of every round of (b's step time ÷ a's)."""
+    ratios: list[float] = []
+    steps: dict[str, list[float]] = {"a": [], "b": []}
+    for r in range(rounds):
+        times = interleaved_steps({"a": a, "b": b}, prompt_ids, tokens)
+        ratios += [tb / ta for ta, tb in zip(times["a"], times["b"])]
+        for side in steps:
+            steps[side] += times[side]
+        say(f"  stepped in turn, round {r + 1}/{rounds}: {what}: {1000 * statistics.median(times['a']):.2f} vs "
+            f"{1000 * statistics.median(times['b']):.2f} ms a step")
+    detail = (f" (median of {len(ratios)} per-token ratios; steps {1000 * statistics.median(steps['a']):.2f} "
+              f"vs {1000 * statistics.median(steps['b']):.2f} ms)")
+    return compare(what + detail, statistics.median(ratios), **target)
+
+
 def _brief(sample: Sample) -> str:
     return "  ".join(f"{k} {v:.4g}" for k, v in sample.items() if isinstance(v, (int, float)))
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from benchmarks.common import PROMPT, Result, alternate, cli, say
+from benchmarks.common import PROMPT, Result, alternate, cli, say, stepped_ratio
 
 SPLIT_2, SPLIT_3 = "sim:2x1GiB", "sim:3x1GiB"
 MIGRATE_EVERY = 16
@@ -157,8 +157,14 @@ def bench(rounds: int = 5, tokens: int = 128) -> Result:
     for name in engines:
         short = name.split(" (")[0]
         target = {"at_least": 0.97} if "2-way (" in name else {}
-        result.ratio(f"{short}: decode tok/s ÷ plain", name, PLAIN, "decode_tok_s", True, **target)
+        result.ratio(f"{short}: decode tok/s ÷ plain (generate rounds)", name, PLAIN, "decode_tok_s", True)
         result.ratio(f"{short}: TTFT speed (plain TTFT ÷ its TTFT)", PLAIN, name, "ttft_ms", False, **target)
+    # Rounds of `generate` spread wider than the 3 % the decode target allows; the decode step
+    # itself is held to it with the two models stepped in turn (benchmarks.common).
+    split = engines[f"VRAMancer 2-way ({SPLIT_2})"]
+    result.comparisons.append(stepped_ratio(
+        "VRAMancer 2-way: decode speed ÷ plain, stepped in turn", (split.model, split.split.input_device),
+        (plain, torch.device("cpu")), chat_inputs(tokenizer, "cpu")["input_ids"], 3, min(tokens, 64), at_least=0.97))
     _gpu_comparisons(result, gpu_runners)
     gpu_plain = next(iter(gpu_runners), None)
     same = {name: ids == tokens_seen[gpu_plain if name.startswith("GPU") else PLAIN]

@@ -22,7 +22,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from benchmarks.common import PROMPT, Result, alternate, cli, compare, interleaved_steps, say
+from benchmarks.common import PROMPT, Result, alternate, cli, compare, say, stepped_ratio
 
 SPLIT_2 = "sim:2x1GiB"
 LLAMA_PYTHONS = (os.environ.get("VRAMANCER_LLAMA_PYTHON", ""), "/work/llama-venv/bin/python")
@@ -89,26 +89,6 @@ def held_bytes(engine) -> int:
     return sum(stored_bytes(t) for t in tensors.values())
 
 
-def split_against_unsplit(weights: str, split, one, prompt, rounds: int, tokens: int):
-    """2-way ÷ unsplit decode speed, the two stepped in turn token by token: the median over
-    every token of every round of (unsplit step time ÷ split step time)."""
-    import statistics
-
-    ratios, steps = [], {"split": [], "unsplit": []}
-    for r in range(rounds):
-        times = interleaved_steps({"split": (split.model, split.split.input_device),
-                                   "unsplit": (one.model, one.split.input_device)}, prompt, tokens)
-        ratios += [a / b for a, b in zip(times["unsplit"], times["split"])]
-        for name, values in times.items():
-            steps[name] += values
-        say(f"  interleaved {weights} round {r + 1}/{rounds}: split {1000 * statistics.median(times['split']):.2f} ms, "
-            f"unsplit {1000 * statistics.median(times['unsplit']):.2f} ms a step")
-    what = (f"{weights} 2-way ÷ {weights} unsplit, decode speed, stepped in turn (median of {len(ratios)} "
-            f"per-token ratios; steps {1000 * statistics.median(steps['split']):.2f} vs "
-            f"{1000 * statistics.median(steps['unsplit']):.2f} ms)")
-    return compare(what, statistics.median(ratios), at_least=0.97)
-
-
 def bench(rounds: int = 3, tokens: int = 64) -> Result:
     import torch
 
@@ -171,7 +151,10 @@ def bench(rounds: int = 3, tokens: int = 64) -> Result:
     result.ratio("q8 2-way ÷ q8 unsplit, decode tok/s (generate rounds)", Q8_SPLIT, Q8_ONE, "decode_tok_s", True)
     prompt = encode_prompt(engines[Q4_ONE].tokenizer, PROMPT, raw=False)["input_ids"]
     for weights, split, one in (("q4", Q4_SPLIT, Q4_ONE), ("q8", Q8_SPLIT, Q8_ONE)):
-        result.comparisons.append(split_against_unsplit(weights, engines[split], engines[one], prompt, rounds, tokens))
+        result.comparisons.append(stepped_ratio(
+            f"{weights} 2-way ÷ {weights} unsplit, decode speed, stepped in turn",
+            (engines[split].model, engines[split].split.input_device),
+            (engines[one].model, engines[one].split.input_device), prompt, rounds, tokens, at_least=0.97))
     result.ratio("q4 2-way ÷ float32 2-way, decode tok/s", Q4_SPLIT, F32_SPLIT, "decode_tok_s", True)
     result.ratio("q8 2-way ÷ float32 2-way, decode tok/s", Q8_SPLIT, F32_SPLIT, "decode_tok_s", True)
     file_mb = gguf.stat().st_size / 1e6
