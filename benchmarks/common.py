@@ -57,7 +57,8 @@ def interleaved_steps(models: dict[str, tuple[object, object]], prompt_ids, toke
     `models`: name → (a transformers causal LM, the device its input ids go to). A step is
     the model's forward over one new token with its KV cache, as `generate` runs it, greedy;
     `generate`'s own loop around it is the same for every model, so it is left out. Raises
-    if the models' greedy tokens part (they are meant to be one model, placed differently)."""
+    if the models' greedy tokens part (they are meant to be one model, placed differently).
+    For CPU models: a step is timed without waiting for a GPU to finish it."""
     import torch
     from transformers import DynamicCache
 
