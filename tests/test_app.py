@@ -459,7 +459,8 @@ async def test_a_conversation_longer_than_the_context_is_refused(tiny_model_dir)
 
 async def test_a_failed_load_keeps_the_app_up_and_another_model_loads_from_the_palette(tiny_model_dir, tmp_path):
     missing = str(tmp_path / "no-such-model")
-    app = VramancerApp(LoadOptions(missing, "sim:2x64MiB", "proportional", 256, "auto"), telemetry=False)
+    app = VramancerApp(LoadOptions(missing, "sim:2x64MiB", "proportional", 256, "auto", auto_rebalance=True),
+                       telemetry=False)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: "Load failed" in log_text(app), "the load error")
         assert app.is_running and app.plan is None and not app.load_bar.display
@@ -477,6 +478,8 @@ async def test_a_failed_load_keeps_the_app_up_and_another_model_loads_from_the_p
         await loaded(pilot)
         assert [c.device for c in app.placement_panel.query(DeviceColumn)] == ["sim0", "sim1"]
         assert app.header.badge.display and "tiny-llama0" in str(app.header.summary.render())
+        assert app.options.model == tiny_model_dir
+        assert app.options.auto_rebalance, "what the dialog does not show is kept from the command line"
 
 
 async def test_a_malformed_device_spec_from_the_command_line_ends_with_exit_2(tiny_model_dir):

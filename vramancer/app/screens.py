@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -157,7 +159,9 @@ class LoadModelScreen(ModalScreen[LoadOptions | None]):
         if not context_text.isdigit() or int(context_text) < 1:
             self.notify("The context is a number of tokens, at least 1.", severity="error")
             return
-        self.dismiss(LoadOptions(
+        # What the dialog does not show (weights, cluster token, rebalancing, graphs) stays as it was.
+        self.dismiss(replace(
+            self.current,
             model=self.query_one("#load-model", Input).value.strip() or "default",
             devices=self.query_one("#load-devices", Input).value.strip() or "auto",
             strategy=str(self.query_one("#load-strategy", Select).value),
