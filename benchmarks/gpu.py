@@ -98,6 +98,8 @@ def bench(rounds: int, tokens: int, model_size: str, setup: dict, results: list[
                                                    setup)))
         dispatched = to_dispatch = None
         stage(failures, publish, "transfer", lambda: results.append(transfer_result(max(rounds, 5), engine)))
+        stage(failures, publish, "graphs",
+              lambda: results.append(graphs_result(rounds, tokens, plain, tokenizer, engine, shape.layers)))
         engine.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -157,6 +159,49 @@ def decode_result(rounds, tokens, plain, tokenizer, engine, dispatched, device_m
     # bfloat16 rounds differently on the CPU and the GPU, so a difference can be a near-tie.
     result.settings["same tokens as plain"] = "all" if not differ else ", ".join(
         f"{name} differs from token {i}" for name, i in differ.items())
+    return result
+
+
+def graphs_result(rounds, tokens, plain, tokenizer, engine, layers: int) -> Result:
+    """Every layer back on cuda:0, then VRAMancer's decode step eager and replayed from CUDA
+    graphs (--cuda-graphs), with plain transformers beside them."""
+    import torch
+
+    from benchmarks.decode import _hf_runner, vramancer_runner
+
+    engine.migrate(0, layers - 1, "cuda:0")
+    result = Result(
+        "gpu_graphs", "GPU decode, unsplit on cuda:0: eager against CUDA graphs (random Llama ~1.1 B, bfloat16)",
+        {"new tokens": tokens, "rounds": rounds},
+        {"decode_tok_s": ("decode tok/s", 1), "ttft_ms": ("TTFT ms", 1)},
+    )
+    inputs = {k: v.to("cuda:0") for k, v in tokenizer(PROMPT, return_tensors="pt").items()}
+    vram_run, _ = vramancer_runner(engine, tokens)
+    eager, graphed = "VRAMancer cuda:0, eager", "VRAMancer cuda:0, --cuda-graphs"
+    seen: dict[str, list[int]] = {}
+
+    def sampler(name, run, graphs=None):
+        def sample():
+            if graphs is not None:
+                engine.cuda_graphs = graphs
+            ids, ttft, rate = run()
+            seen.setdefault(name, ids)
+            return {"decode_tok_s": rate, "ttft_ms": ttft * 1000}
+        return sample
+
+    torch.cuda.synchronize()
+    result.add(alternate({PLAIN: sampler(PLAIN, _hf_runner(plain, inputs, tokens)),
+                          eager: sampler(eager, vram_run, graphs=False),
+                          graphed: sampler(graphed, vram_run, graphs=True)}, rounds))
+    result.ratio("CUDA graphs ÷ eager, decode tok/s", graphed, eager, "decode_tok_s", True, at_least=1.0)
+    result.ratio("CUDA graphs ÷ plain unsplit, decode tok/s", graphed, PLAIN, "decode_tok_s", True)
+    result.ratio("eager ÷ plain unsplit, decode tok/s", eager, PLAIN, "decode_tok_s", True)
+    result.notes.append("Each answer records its layers at its first decode step (part of its time to the "
+                        "first token) and replays them for every later token.")
+    engine.cuda_graphs = False
+    result.settings["same tokens, graphs and eager"] = "yes" if seen.get(graphed) == seen.get(eager) else (
+        f"differ from token {next(i for i, (a, b) in enumerate(zip(seen[graphed], seen[eager])) if a != b)}"
+        " (bfloat16; the static cache attends with a mask)")
     return result
 
 

@@ -275,6 +275,38 @@ def test_a_block_on_the_cpu_gets_both_kinds_of_mask_and_rotary_of_an_alternating
         free_gpu()
 
 
+def test_cuda_graph_replays_decode_like_plain_transformers_split_and_across_migrations(tiny_dir):
+    """engine/cuda_graphs.py: the GPU layers replay recorded graphs, the CPU layers run
+    eagerly, and a migration mid-answer has the moved layers recorded afresh."""
+    from vramancer.engine import Engine
+
+    want, reference, inputs = plain_greedy(tiny_dir, torch.float32)
+    engine = Engine.load(tiny_dir, f"{GPU},cpu", dtype="float32", context=256)
+    try:
+        engine.migrate(6, 7, "cpu")
+        engine.cuda_graphs = True
+        replayed: dict[int, list[int]] = {}
+
+        def on_step(step: int) -> None:
+            if step in (6, 14, 22):
+                replayed[step] = engine.split.graphs.replayed_layers()
+            if step == 10:
+                engine.migrate(2, 3, "cpu")
+            elif step == 18:
+                engine.migrate(2, 7, GPU)
+
+        result = engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS, on_step=on_step)
+        assert engine.split.graphs.refusals() == {}
+        assert replayed == {6: [0, 1, 2, 3, 4, 5], 14: [0, 1, 4, 5], 22: list(range(TINY.layers))}
+        assert_same_greedy(result.token_ids, want, reference, inputs)
+        again = engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS)  # a new cache: recorded anew
+        assert_same_greedy(again.token_ids, want, reference, inputs)
+    finally:
+        engine.close()
+        del reference
+        free_gpu()
+
+
 def test_auto_dtype_is_bfloat16_on_a_gpu_that_supports_it(tiny_dir):
     from vramancer.engine import Engine
 

@@ -64,6 +64,9 @@ def _add_load_flags(parser: argparse.ArgumentParser, model: bool = True, inherit
                       "program, the dashboard's UI above all, keeps a core)")
     add_argument("--auto-rebalance", action="store_true", default=_env("AUTO_REBALANCE", "") == "1",
                  help="move layers off a device by themselves when something else takes its memory")
+    add_argument("--cuda-graphs", action="store_true", default=_env("CUDA_GRAPHS", "") == "1",
+                 help="replay each CUDA layer's decode step from a CUDA graph (recorded at an answer's first "
+                      "decode step; the KV cache is then allocated for the whole context at once)")
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -310,7 +313,8 @@ def _serve(args, prepare) -> int:
     from vramancer.server.service import run_serve
 
     options = LoadOptions(args.model, _device_text(args), args.strategy, args.context, args.dtype,
-                          auto_rebalance=args.auto_rebalance, token_file=args.token_file, weights=args.weights)
+                          auto_rebalance=args.auto_rebalance, token_file=args.token_file, weights=args.weights,
+                          cuda_graphs=args.cuda_graphs)
     status = run_serve(options, sock, args.host, args.api_key, args.max_batch,
                        ready=lambda line: print(line, flush=True))
     exit_now(status)  # stopped: skip seconds of interpreter teardown
@@ -424,6 +428,7 @@ def _generate_on(engine, args, schedule, sampling) -> int:
     from vramancer.engine.migration import parse_range
 
     engine.auto_rebalance = args.auto_rebalance
+    engine.cuda_graphs = args.cuda_graphs
     faults: list[str] = []
     engine.on_fault = lambda message, node, layers, recovered: (
         faults.append(message), None if args.json else print(f"\n[{message}]", file=sys.stderr, flush=True))
@@ -474,10 +479,12 @@ def _parse_migrate(text: str) -> tuple[str, str, int]:
 
 
 def _bench(args) -> int:
+    from vramancer.engine.cuda_graphs import is_graphed
     from vramancer.engine.fused_layer import is_fused
     from vramancer.engine.quantized import kernel_path
 
     engine = _load_engine(args, quiet=args.json)
+    engine.cuda_graphs = args.cuda_graphs
     try:
         engine.generate(args.prompt, max_new_tokens=4)  # warm-up
         runs = [engine.generate(args.prompt, max_new_tokens=args.max_new_tokens) for _ in range(args.rounds)]
@@ -492,6 +499,7 @@ def _bench(args) -> int:
         "weight_bytes": engine.profile.weight_bytes(),
         "kernels": kernel_path(engine.weights, engine.dtype),
         "fused_decoder_layers": sum(is_fused(layer) for layer in engine.split.layer_modules),
+        "cuda_graph_layers": sum(is_graphed(layer) for layer in engine.split.layer_modules),
         "devices": [d.name for d in engine.devices],
         "placement": engine.placement_json(),
         "rounds": args.rounds,
@@ -509,6 +517,10 @@ def _bench(args) -> int:
         layers = len(engine.split.layer_modules)
         fused = f"; decode steps of {summary['fused_decoder_layers']}/{layers} decoder layers fused (2 calls each)"
         print(f"kernels: {summary['kernels']}{fused if summary['fused_decoder_layers'] else ''}")
+        if args.cuda_graphs:
+            graphed = summary["cuda_graph_layers"]
+            print(f"CUDA graphs: the decode steps of {graphed}/{layers} decoder layers replay recorded graphs"
+                  if graphed else "CUDA graphs: no decoder layer is on a CUDA device, so every layer runs eagerly")
     return 0
 
 
@@ -520,7 +532,8 @@ def _dashboard(args, prepare) -> int:
 
     return run_dashboard(LoadOptions(args.model, _device_text(args), args.strategy, args.context, args.dtype,
                                      auto_rebalance=args.auto_rebalance, token_file=args.token_file,
-                                     weights=args.weights), prepare, serve_port=args.serve)
+                                     weights=args.weights, cuda_graphs=args.cuda_graphs), prepare,
+                         serve_port=args.serve)
 
 
 # --- helpers ---------------------------------------------------------------------------

@@ -266,8 +266,6 @@ class Engine:
         """Generate an answer to `prompt` (text, or chat messages for a conversation).
 
         `on_step(n)` runs between decode steps after n new tokens; migrations may run there."""
-        from transformers import DynamicCache
-
         settings = SamplingSettings(**sampling)
         settings.check()
         inputs = encode_prompt(self.tokenizer, prompt, raw)
@@ -281,7 +279,7 @@ class Engine:
         settings.max_new_tokens = min(settings.max_new_tokens, self.context - prompt_tokens)
         self.recover_lost_nodes()  # a device lost between answers: re-place its layers first
         inputs = {k: v.to(self.split.input_device) for k, v in inputs.items()}
-        self._cache = DynamicCache(config=self.model.config)
+        self._cache = self._new_cache()
 
         def between_steps(step: int) -> None:
             if on_step is not None:
@@ -293,7 +291,7 @@ class Engine:
             """The guard around the generate loop: re-place what was lost, start a fresh cache."""
             recovery.mark_lost(self, lost)
             recovery.recover_lost_devices(self, replay_tokens=tokens_so_far)
-            self._cache = DynamicCache(config=self.model.config)
+            self._cache = self._new_cache()
             return self._cache
 
         try:
@@ -303,6 +301,30 @@ class Engine:
             )
         finally:
             self._cache = None
+            if self.split.graphs is not None:
+                self.split.graphs.drop()  # they read this generation's cache: let it go
+
+    def _new_cache(self):
+        """A KV cache for one generation: one that grows (DynamicCache), or under CUDA graphs
+        one allocated for the whole context at the first forward pass (StaticCache), so every
+        decode step reads and writes the same addresses."""
+        from transformers import DynamicCache, StaticCache
+
+        if self.split.graphs is not None and self.split.graphs.installed():
+            return StaticCache(config=self.model.config, max_cache_len=self.context)
+        return DynamicCache(config=self.model.config)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether decode steps of layers on CUDA devices replay CUDA graphs (engine/cuda_graphs.py)."""
+        return self.split.graphs is not None
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, on: bool) -> None:
+        if on != self.cuda_graphs:
+            from vramancer.engine.cuda_graphs import LayerGraphs
+
+            self.split.use_graphs(LayerGraphs() if on else None)
 
     def batch(self, emit: Callable, max_batch: int = 8, max_waiting: int = 64):
         """A continuous batch on this engine (engine/batching.py), driven step by step by the

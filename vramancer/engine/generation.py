@@ -204,6 +204,7 @@ def run_generate(
                         **settings.generate_kwargs(),
                         cache=cache,
                         use_cache=True,  # the cache we budget and migrate, even where a config says otherwise (MPT)
+                        disable_compile=True,  # a StaticCache would have transformers compile the model on GPUs
                         streamer=streamer,
                         stopping_criteria=StoppingCriteriaList([between]),
                         logits_processor=processors,

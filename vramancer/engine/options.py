@@ -16,6 +16,7 @@ class LoadOptions:
     auto_rebalance: bool = False
     token_file: str | None = None  # the cluster token for remote devices (else VRM_CLUSTER_TOKEN)
     weights: str = "native"  # auto | native | q8 | q4: how weights are held (engine/quantized.py)
+    cuda_graphs: bool = False  # decode steps of CUDA layers replayed from graphs (engine/cuda_graphs.py)
 
     def check(self) -> None:
         """VramancerError for a value that is wrong on its own, before anything loads (the CLI

@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from vramancer.engine.architecture import cache_tensors, describe, part_tensors, replace_cache_tensor
 from vramancer.engine import fused_layer
+from vramancer.engine.cuda_graphs import LayerGraphs
 from vramancer.engine.devices import Device, DeviceFullError
 from vramancer.engine.quantized import stored_bytes
 from vramancer.engine.planner import EMBED, HEAD, DeviceNeed, ModelProfile, Placement, device_needs
@@ -77,6 +78,17 @@ class SplitModel:
         # The real decoder layers, whatever stands in the stack for the ones that are external.
         self.layer_modules: list[nn.Module] = list(self.stack)
         self.external: ExternalLayers | None = None  # set when some devices are not local
+        self.graphs: LayerGraphs | None = None  # decode steps replayed from CUDA graphs, when on
+
+    def use_graphs(self, graphs: "LayerGraphs | None") -> None:
+        """Replay the decode steps of local CUDA layers from graphs (engine/cuda_graphs.py),
+        or, with None, run every layer eagerly again."""
+        if self.graphs is not None:
+            for layer in self.layer_modules:
+                self.graphs.remove(layer)
+        self.graphs = graphs
+        if self.placement is not None:
+            self.rewire()
 
     def is_local(self, name: str) -> bool:
         """True if `name`'s layers live in this process (or `name` is no device of ours)."""
@@ -219,8 +231,17 @@ class SplitModel:
         if self.external is not None:
             self.external.install(placement)
         self._carried.clear()
+        if self.graphs is not None:
+            self.graphs.drop()  # what they read may have moved
+            for layer in self.layer_modules:
+                self.graphs.remove(layer)
         for layer in self.layer_modules:
             fused_layer.refresh(layer)  # its weights may be new tensors after a move
+        if self.graphs is not None:
+            for i, layer in enumerate(self.layer_modules):
+                device = self.devices[placement.layer_devices[i]]
+                if device.local and self.graphs.recorder.accepts(device.torch_device):
+                    self.graphs.install(layer, i)
         previous = placement.embed
         for i, layer in enumerate(self.stack):
             current = placement.layer_devices[i]

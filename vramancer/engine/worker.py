@@ -203,6 +203,7 @@ class EngineWorker:
         self.engine = engine
         self._batch = None  # made for this engine at its first Submit
         engine.auto_rebalance = options.auto_rebalance
+        engine.cuda_graphs = options.cuda_graphs
         engine.on_rebalance = self._rebalanced
         engine.on_fault = self._node_fault
         self.emit(ev.Loaded(

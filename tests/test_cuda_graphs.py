@@ -1,0 +1,129 @@
+"""Decode steps replayed from recorded layers (engine/cuda_graphs.py), checked on the CPU.
+
+CUDA graphs exist only on NVIDIA GPUs (tests/test_cuda.py runs the real ones there). What can
+go wrong around them is ours and shows here too: an input not copied into the buffers a
+recording reads, a buffer shared wrongly between layers, the warm-up's cache write counted
+twice, a recording kept after its layer moved. So these tests record with `RerunRecorder`,
+which keeps a graph's contract on the CPU: recording runs the warm-up only (a capture
+executes nothing), and each replay recomputes the recorded call on the same input buffers
+and writes into the same output tensors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+from transformers.cache_utils import StaticCache
+
+from vramancer.engine import Engine
+from vramancer.engine.cuda_graphs import LayerGraphs, is_graphed
+
+PROMPT = "Tell me about the sea."
+TOKENS = 16
+
+
+class RerunRecorder:
+    def __init__(self, fail_on: set[int] = frozenset()):
+        self.recordings = 0
+        self.replays = 0
+        self.fail_on = fail_on  # recordings (counted from 1) that raise, as a capture can
+
+    @staticmethod
+    def accepts(device: torch.device) -> bool:
+        return True
+
+    def record(self, device, run):
+        self.recordings += 1
+        if self.recordings in self.fail_on:
+            run(warm_up=True)
+            raise RuntimeError("operation not permitted when stream is capturing")
+        outputs = pytree.tree_map(torch.clone, run(warm_up=True))
+
+        def replay() -> None:
+            self.replays += 1
+            for held, fresh in zip(pytree.tree_leaves(outputs), pytree.tree_leaves(run(warm_up=False))):
+                held.copy_(fresh)
+
+        return replay, outputs
+
+
+@pytest.fixture
+def engine(tiny_model_dir):
+    engine = Engine.load(tiny_model_dir, "sim:3x64MiB", context=256)
+    yield engine
+    engine.close()
+
+
+def greedy(engine, **kwargs) -> list[int]:
+    return engine.generate(PROMPT, max_new_tokens=TOKENS, **kwargs).token_ids
+
+
+def test_replayed_layers_decode_the_same_tokens_and_each_layer_is_recorded_once(engine):
+    expected = greedy(engine)
+    recorder = RerunRecorder()
+    engine.split.use_graphs(LayerGraphs(recorder))
+    assert all(is_graphed(layer) for layer in engine.split.layer_modules)
+    caches = []
+    assert greedy(engine, on_step=lambda step: caches.append(engine.cache)) == expected
+    assert isinstance(caches[0], StaticCache)
+    layers = len(engine.split.layer_modules)
+    # The first decode step records every layer; every later one replays them all.
+    assert recorder.recordings == layers
+    assert recorder.replays == layers * (TOKENS - 1)
+    # A second answer reads a new cache: recorded afresh, the same tokens.
+    assert greedy(engine) == expected
+    assert recorder.recordings == 2 * layers
+
+
+def test_a_migration_mid_answer_records_the_moved_layers_afresh_and_keeps_the_tokens(engine):
+    expected = greedy(engine)
+    recorder = RerunRecorder()
+    engine.split.use_graphs(LayerGraphs(recorder))
+    layers = len(engine.split.layer_modules)
+    moves = {4: (0, 2, "sim2"), 9: (3, 5, "sim0")}
+
+    def on_step(step: int) -> None:
+        if step in moves:
+            engine.migrate(*moves.pop(step), step=step)
+
+    assert greedy(engine, on_step=on_step) == expected
+    assert not moves
+    assert recorder.recordings == 3 * layers  # every rewire drops every recording
+    kv_moved = [m for m in engine.migrations if m.step == 9][0]
+    # A static cache holds the whole context from the first step: all of it moved.
+    assert kv_moved.bytes > sum(engine.profile.layer_bytes[3:6])
+
+
+def test_a_layer_that_cannot_be_recorded_runs_eagerly_and_the_others_replay(engine):
+    expected = greedy(engine)
+    recorder = RerunRecorder(fail_on={2})
+    graphs = LayerGraphs(recorder)
+    engine.split.use_graphs(graphs)
+    failed_layer = 1  # the second layer recorded in the first decode step
+    replayed = []
+    assert greedy(engine, on_step=lambda step: replayed.append(graphs.replayed_layers())) == expected
+    layers = len(engine.split.layer_modules)
+    assert recorder.recordings == layers
+    assert failed_layer not in replayed[-1] and len(replayed[-1]) == layers - 1
+    assert "could not be recorded" in graphs.refusals()[failed_layer]
+
+
+def test_turning_graphs_off_gives_every_layer_its_own_forward_back(engine):
+    expected = greedy(engine)
+    engine.split.use_graphs(LayerGraphs(RerunRecorder()))
+    engine.split.use_graphs(None)
+    assert not any(is_graphed(layer) or "forward" in vars(layer) for layer in engine.split.layer_modules)
+    caches = []
+    assert greedy(engine, on_step=lambda step: caches.append(engine.cache)) == expected
+    assert not isinstance(caches[0], StaticCache)
+
+
+def test_without_a_cuda_device_the_switch_changes_nothing(engine):
+    expected = greedy(engine)
+    engine.cuda_graphs = True
+    assert engine.cuda_graphs
+    assert not any(is_graphed(layer) for layer in engine.split.layer_modules)  # sim devices: nothing to record
+    caches = []
+    assert greedy(engine, on_step=lambda step: caches.append(engine.cache)) == expected
+    assert not isinstance(caches[0], StaticCache)  # so no whole-context cache either
