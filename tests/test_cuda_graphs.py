@@ -127,3 +127,43 @@ def test_without_a_cuda_device_the_switch_changes_nothing(engine):
     caches = []
     assert greedy(engine, on_step=lambda step: caches.append(engine.cache)) == expected
     assert not isinstance(caches[0], StaticCache)  # so no whole-context cache either
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "phi3", "gemma3_text", "gpt_oss", "lfm2"])
+def test_other_architectures_replay_their_full_attention_layers_with_the_same_tokens(model_type, tmp_path):
+    """Gemma 3 and gpt-oss hand sliding and full layers each their own mask (and Gemma 3 its
+    own rotary) through the same buffers; LFM2 has convolution layers beside attention. Only
+    full-attention layers replay; the answer stays plain transformers'."""
+    from tests.test_architectures import MATRIX, NEW_TOKENS, build, make_byte_tokenizer, plain_greedy
+
+    tokenizer = make_byte_tokenizer()
+    model = build(model_type, MATRIX[model_type], tokenizer, tmp_path)
+    expected = plain_greedy(model, tokenizer)
+    engine = Engine.load(str(tmp_path), "sim:3x1GiB", context=64)
+    try:
+        graphs = LayerGraphs(RerunRecorder())
+        engine.split.use_graphs(graphs)
+        replayed = []
+        answer = engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS,
+                                 on_step=lambda step: replayed.append(graphs.replayed_layers()))
+        assert answer.token_ids == expected
+        config = model.config.get_text_config()
+        full = [i for i, kind in enumerate(getattr(config, "layer_types", None) or ["full_attention"] * 4)
+                if kind == "full_attention"]
+        assert replayed[-1] == full and not graphs.refusals()
+    finally:
+        engine.close()
+
+
+def test_a_model_transformers_cannot_run_from_a_static_cache_is_refused_in_one_sentence(tmp_path, capsys):
+    from tests.test_architectures import MATRIX, build, make_byte_tokenizer
+    from vramancer.cli import main
+
+    build("gpt_neo", MATRIX["gpt_neo"], make_byte_tokenizer(), tmp_path)  # local attention: static cache differs
+    code = main(["generate", "--model", str(tmp_path), "--devices", "sim:2x1GiB", "--prompt", "hi", "--raw",
+                 "--max-new-tokens", "4", "--cuda-graphs"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines() == [
+        "vramancer: gpt_neo models cannot run from the static KV cache that CUDA graphs replay "
+        "(transformers does not support it for them); run without --cuda-graphs."]

@@ -484,8 +484,8 @@ def _bench(args) -> int:
     from vramancer.engine.quantized import kernel_path
 
     engine = _load_engine(args, quiet=args.json)
-    engine.cuda_graphs = args.cuda_graphs
     try:
+        engine.cuda_graphs = args.cuda_graphs
         engine.generate(args.prompt, max_new_tokens=4)  # warm-up
         runs = [engine.generate(args.prompt, max_new_tokens=args.max_new_tokens) for _ in range(args.rounds)]
     finally:

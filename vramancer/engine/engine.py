@@ -321,10 +321,18 @@ class Engine:
 
     @cuda_graphs.setter
     def cuda_graphs(self, on: bool) -> None:
-        if on != self.cuda_graphs:
-            from vramancer.engine.cuda_graphs import LayerGraphs
+        """VramancerError, graphs left off, for a model transformers cannot run from a static
+        KV cache (its `_can_compile_fullgraph` says so: GPT-Neo's local attention, MPT, Mamba)."""
+        if on == self.cuda_graphs:
+            return
+        if on and not getattr(type(self.model), "_can_compile_fullgraph", False):
+            raise VramancerError(
+                f"{self.model.config.model_type} models cannot run from the static KV cache that CUDA graphs "
+                "replay (transformers does not support it for them); run without --cuda-graphs."
+            )
+        from vramancer.engine.cuda_graphs import LayerGraphs
 
-            self.split.use_graphs(LayerGraphs() if on else None)
+        self.split.use_graphs(LayerGraphs() if on else None)
 
     def batch(self, emit: Callable, max_batch: int = 8, max_waiting: int = 64):
         """A continuous batch on this engine (engine/batching.py), driven step by step by the

@@ -203,7 +203,10 @@ class EngineWorker:
         self.engine = engine
         self._batch = None  # made for this engine at its first Submit
         engine.auto_rebalance = options.auto_rebalance
-        engine.cuda_graphs = options.cuda_graphs
+        try:
+            engine.cuda_graphs = options.cuda_graphs
+        except VramancerError as exc:  # the model loaded and runs; only the graphs are refused
+            self.emit(ev.Notice(str(exc)))
         engine.on_rebalance = self._rebalanced
         engine.on_fault = self._node_fault
         self.emit(ev.Loaded(
