@@ -38,12 +38,13 @@ class RerunRecorder:
         if self.recordings in self.fail_on:
             run(warm_up=True)
             raise RuntimeError("operation not permitted when stream is capturing")
-        outputs = pytree.tree_map(torch.clone, run(warm_up=True))
+        outputs = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, run(warm_up=True))
 
         def replay() -> None:
             self.replays += 1
             for held, fresh in zip(pytree.tree_leaves(outputs), pytree.tree_leaves(run(warm_up=False))):
-                held.copy_(fresh)
+                if isinstance(held, torch.Tensor):
+                    held.copy_(fresh)
 
         return replay, outputs
 

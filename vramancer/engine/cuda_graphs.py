@@ -157,10 +157,10 @@ class LayerGraphs:
     def call(self, layer: nn.Module, args: tuple, kwargs: dict):
         state = self._states[id(layer)]
         eager = state.inner if state.inner is not None else types.MethodType(type(layer).forward, layer)
-        entry = self._static_entry(layer, state, args, kwargs)
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        entry = self._static_entry(layer, state, leaves)
         if entry is None:
             return eager(*args, **kwargs)
-        leaves, spec = pytree.tree_flatten((args, kwargs))
         graph = state.graph
         if graph is None or not _same_call(graph, spec, leaves) or graph.cache_tensor is not entry.keys:
             graph = self._record(state, eager, entry, leaves, spec)
@@ -173,17 +173,19 @@ class LayerGraphs:
         # A copy: the graph's outputs are overwritten by its next replay.
         return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, graph.outputs)
 
-    def _static_entry(self, layer: nn.Module, state: _LayerState, args: tuple, kwargs: dict):
-        """The layer's StaticLayer cache entry if this call can be replayed, else None."""
-        from transformers.cache_utils import StaticLayer
+    def _static_entry(self, layer: nn.Module, state: _LayerState, leaves: list):
+        """The layer's StaticLayer cache entry if this call can be replayed, else None. The
+        hidden state comes first; the cache is wherever the decoder passes it (`cache`,
+        `layer_past`, or by position, as GPT-2 does)."""
+        from transformers.cache_utils import Cache, StaticLayer
 
-        if state.refused or layer.training or not args or torch.is_grad_enabled():
+        if state.refused or layer.training or not leaves or torch.is_grad_enabled():
             return None
-        hidden = args[0]
-        cache = kwargs.get("cache")
+        hidden = leaves[0]
         if (not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[:2] != (1, 1)
-                or not self.recorder.accepts(hidden.device) or cache is None):
+                or not self.recorder.accepts(hidden.device)):
             return None
+        cache = next((leaf for leaf in leaves if isinstance(leaf, Cache)), None)
         entries = getattr(cache, "layers", None)
         if entries is None or state.index >= len(entries):
             return None
