@@ -45,24 +45,28 @@ class CudaGraphRecorder:
 
     def __init__(self):
         self._pools: dict[torch.device, object] = {}
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     @staticmethod
     def accepts(device: torch.device) -> bool:
         return device.type == "cuda"
 
     def record(self, device: torch.device, run):
-        """Warm `run` up on a side stream (its real work is undone by the caller), then record
-        it; returns (replay, outputs): calling replay() recomputes outputs in place."""
+        """Warm `run` up on the device's recording stream (its real work is undone by `run`),
+        then record it on that same stream, whose cuBLAS workspace the warm-up made; returns
+        (replay, outputs): calling replay() recomputes outputs in place."""
         with torch.cuda.device(device):
-            side = torch.cuda.Stream()
+            if device not in self._streams:
+                self._streams[device] = torch.cuda.Stream()
+                self._pools[device] = torch.cuda.graph_pool_handle()
+            side = self._streams[device]
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 run(warm_up=True)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            pool = self._pools.setdefault(device, torch.cuda.graph_pool_handle())
             # thread_local: the telemetry thread may ask the driver for memory meanwhile.
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self._pools[device], stream=side, capture_error_mode="thread_local"):
                 outputs = run(warm_up=False)
 
         def replay() -> None:
