@@ -299,7 +299,12 @@ def test_cuda_graph_replays_decode_like_plain_transformers_split_and_across_migr
         assert engine.split.graphs.refusals() == {}
         assert replayed == {6: [0, 1, 2, 3, 4, 5], 14: [0, 1, 4, 5], 22: list(range(TINY.layers))}
         assert_same_greedy(result.token_ids, want, reference, inputs)
-        again = engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS)  # a new cache: recorded anew
+        # The next answer: the cache is new (a migration let the kept one go), then kept; the
+        # one after it replays from its first decode step what the one before recorded.
+        engine.generate(PROMPT, raw=True, max_new_tokens=4)
+        recorded = engine.split.graphs.recordings
+        again = engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS)
+        assert engine.split.graphs.recordings == recorded
         assert_same_greedy(again.token_ids, want, reference, inputs)
     finally:
         engine.close()

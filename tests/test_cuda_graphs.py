@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils import _pytree as pytree
-from transformers.cache_utils import StaticCache
+from transformers.cache_utils import DynamicCache, StaticCache
 
 from vramancer.engine import Engine
 from vramancer.engine.cuda_graphs import LayerGraphs, is_graphed
@@ -72,7 +72,21 @@ def test_replayed_layers_decode_the_same_tokens_and_each_layer_is_recorded_once(
     # The first decode step records every layer; every later one replays them all.
     assert recorder.recordings == layers
     assert recorder.replays == layers * (TOKENS - 1)
-    # A second answer reads a new cache: recorded afresh, the same tokens.
+    # Between answers the cache stays, held where its layers are, and counted.
+    kept = engine.split.graphs.cache
+    assert kept is caches[0]
+    assert sum(engine.kv_bytes_by_device().values()) == sum(
+        t.numel() * t.element_size() for entry in kept.layers for t in (entry.keys, entry.values))
+    # A second answer empties it in place and replays the first answer's recordings.
+    caches.clear()
+    assert greedy(engine, on_step=lambda step: caches.append(engine.cache)) == expected
+    assert caches[0] is kept
+    assert recorder.recordings == engine.split.graphs.recordings == layers
+    assert recorder.replays == 2 * layers * (TOKENS - 1)
+    # A batch's cache takes its place: the kept one and the recordings go.
+    engine.cache = DynamicCache(config=engine.model.config)
+    assert engine.split.graphs.cache is None and engine.split.graphs.replayed_layers() == []
+    engine.cache = None
     assert greedy(engine) == expected
     assert recorder.recordings == 2 * layers
 
@@ -91,6 +105,9 @@ def test_a_migration_mid_answer_records_the_moved_layers_afresh_and_keeps_the_to
     assert greedy(engine, on_step=on_step) == expected
     assert not moves
     assert recorder.recordings == 3 * layers  # every rewire drops every recording
+    # The cache of that answer went with the first move; the next answer gets a new one.
+    assert engine.split.graphs.cache is None
+    assert greedy(engine) == expected
     kv_moved = [m for m in engine.migrations if m.step == 9][0]
     # A static cache holds the whole context from the first step: all of it moved.
     assert kv_moved.bytes > sum(engine.profile.layer_bytes[3:6])

@@ -18,9 +18,10 @@ is copied into buffers the graph reads; a tensor the decoder hands every layer o
 copied once per step. A layer is replayed only for a one-token step on a plain StaticLayer;
 prompts, sliding windows and batches run eagerly.
 
-A graph is dropped when what it read may have moved (`drop`, at every rewire of the split),
-or when its layer is handed other things (another cache, other shapes); it is recorded again
-at the next step. A layer whose recording fails (an operation that waits on the host, say)
+The engine keeps that cache between answers, emptied in place, so the next answer replays
+what the first one recorded. A graph is dropped when what it read may have moved (`drop`, at
+every rewire of the split, which lets the cache go too), or when its layer is handed other
+things (another cache, other shapes); it is recorded again at the next step. A layer whose recording fails (an operation that waits on the host, say)
 or that keeps needing new recordings runs eagerly from then on.
 """
 
@@ -116,6 +117,10 @@ class LayerGraphs:
     unwraps it; `drop` forgets every recording (the runtime calls it when the split changes)."""
 
     recorder: object = field(default_factory=CudaGraphRecorder)
+    # The StaticCache the recordings write into, kept between answers by the engine (emptied
+    # in place) so that an answer replays what an earlier one recorded.
+    cache: object = None
+    recordings: int = 0  # layers recorded since these graphs were made
     _buffers: dict = field(default_factory=dict)  # (device, slot, shape, dtype) → _Buffer
     _states: dict = field(default_factory=dict)  # id(layer) → _LayerState
 
@@ -138,11 +143,13 @@ class LayerGraphs:
             layer.forward = state.inner
 
     def drop(self) -> None:
-        """Forget every recording and buffer (a layer's weights or cache may have moved)."""
+        """Forget every recording, buffer and the kept cache (a layer's weights or cache may
+        have moved, or another cache takes the memory)."""
         for state in self._states.values():
             state.graph = None
             state.short_lived = 0
         self._buffers.clear()
+        self.cache = None
 
     def installed(self) -> bool:
         """Whether any layer is wrapped (some layer sits on a device the recorder takes)."""
@@ -231,6 +238,7 @@ class LayerGraphs:
             entry.cumulative_length.copy_(position)
             state.refused = f"could not be recorded ({type(exc).__name__}: {exc})"
             return None
+        self.recordings += 1
         state.graph = _Graph(spec, [leaf for leaf in leaves if not isinstance(leaf, torch.Tensor)],
                              buffers, entry.keys, replay, outputs)
         return state.graph

@@ -194,6 +194,9 @@ class Engine:
     @cache.setter
     def cache(self, cache) -> None:
         self._cache = cache
+        graphs = self.split.graphs
+        if cache is not None and graphs is not None and graphs.cache is not None and cache is not graphs.cache:
+            graphs.drop()  # a batch's cache takes the place of the one kept for replays: let that go
 
     def link_stats(self) -> list[LinkStats]:
         return self.split.transfer.link_stats()
@@ -204,6 +207,8 @@ class Engine:
         Read from another thread by telemetry: it only reads tensor sizes, never data. A
         device that reports its own KV cache (another machine's) is taken at its word."""
         cache, placement = self._cache, self.placement
+        if cache is None and self.split.graphs is not None:
+            cache = self.split.graphs.cache  # kept between answers for the recorded layers
         totals: dict[str, int] = {}
         for device in self.devices:
             reported = device.reported_kv()
@@ -301,18 +306,24 @@ class Engine:
             )
         finally:
             self._cache = None
-            if self.split.graphs is not None:
-                self.split.graphs.drop()  # they read this generation's cache: let it go
 
     def _new_cache(self):
         """A KV cache for one generation: one that grows (DynamicCache), or under CUDA graphs
         one allocated for the whole context at the first forward pass (StaticCache), so every
-        decode step reads and writes the same addresses."""
+        decode step reads and writes the same addresses. That one is kept, emptied, for the
+        next answer, so the layers' recordings stay good until the split changes (a rewire
+        drops both)."""
         from transformers import DynamicCache, StaticCache
 
-        if self.split.graphs is not None and self.split.graphs.installed():
-            return StaticCache(config=self.model.config, max_cache_len=self.context)
-        return DynamicCache(config=self.model.config)
+        graphs = self.split.graphs
+        if graphs is None or not graphs.installed():
+            return DynamicCache(config=self.model.config)
+        if graphs.cache is None:
+            graphs.cache = StaticCache(config=self.model.config, max_cache_len=self.context)
+        else:
+            with torch.inference_mode():  # its tensors were made in the last answer's inference mode
+                graphs.cache.reset()  # in place: the same tensors at the same addresses
+        return graphs.cache
 
     @property
     def cuda_graphs(self) -> bool:
@@ -452,6 +463,8 @@ class Engine:
             d.watch(None)
         if self.split.external is not None:
             self.split.external.close()
+        if self.split.graphs is not None:
+            self.split.graphs.drop()  # recordings and the cache they replay into
         self.split.model = None  # type: ignore[assignment]
         # The split keeps the decoder and its layers too; without these the GPU memory stays
         # held until the engine itself is collected, and empty_cache would free nothing.
