@@ -37,6 +37,7 @@ import torch
 from vramancer.engine.cache_dir import CACHE_ENV, cache_root  # noqa: F401 (CACHE_ENV: re-exported)
 from vramancer.engine.errors import VramancerError
 from vramancer.engine.few_rows import use_few_rows_attention, use_few_rows_linear, use_few_rows_norm
+from vramancer.engine.host_memory import copy_mapped_weights
 
 log = logging.getLogger(__name__)
 # transformers imports torchao (our --weights kernels) whenever it builds a model; torchao then
@@ -205,7 +206,9 @@ def load_weights(source: ModelSource, dtype: torch.dtype, weights: str = "native
 
     GGUF files are dequantised on the host by transformers in any case, so no accelerator
     ever holds more than the parts planned for it. From the cache, the weights are
-    memory-mapped (copy-on-write) once the file has passed its CRC check."""
+    memory-mapped once the file has passed its CRC check. Native weights that transformers
+    left in a mapped file (ours, or a model folder's safetensors) are then copied into the
+    process's own memory (engine/host_memory.py)."""
     entry = gguf_cache_entry(source)
     if entry is None:
         model = _from_pretrained(source.location, dtype, **source.pretrained_kwargs())
@@ -218,6 +221,8 @@ def load_weights(source: ModelSource, dtype: torch.dtype, weights: str = "native
                 model = _from_pretrained(source.location, dtype, config=config, **source.pretrained_kwargs())
             _store(entry, piece, lambda folder: _write_weights(folder, model))
         _KEPT_READERS.clear()  # whichever way the weights came, the config's parse is done with
+    if weights == "native":  # (quantizing makes new tensors anyway)
+        copy_mapped_weights(model)  # matmuls over a mapped file's pages ran slower
     model.eval()
     model.requires_grad_(False)
     if weights != "native":
@@ -353,7 +358,7 @@ def _first_line(exc: BaseException) -> str:
 #   <VRM_CACHE_DIR or the user cache dir>/gguf/<file stem>-<key>/
 #       config/config.json              the model config (read in milliseconds)
 #       tokenizer/tokenizer.json, …      the fast tokenizer, chat template included
-#       weights-float32/model.safetensors   dequantised weights, memory-mapped on load,
+#       weights-float32/model.safetensors   dequantised weights, mapped and copied on load,
 #                       generation_config.json
 #
 # Each piece is a folder written under a temporary name, listed in a manifest (bytes and
