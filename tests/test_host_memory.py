@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from vramancer.engine import Engine
-from vramancer.engine.host_memory import HUGE_PAGE, _file_mappings, copy_mapped_weights
+from vramancer.engine.host_memory import HUGE_PAGE, _file_mappings, copy_mapped
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 
@@ -33,7 +33,8 @@ def test_mapped_weights_are_copied_with_their_values_identity_and_ties(tmp_path)
     assert in_a_file(model[0].weight)
 
     weight = model[0].weight
-    copied = copy_mapped_weights(model)
+    slots = [(module, "weight", module.weight) for module in model]
+    copied = copy_mapped(slots)
 
     assert copied == expected.numel() * 4
     assert model[0].weight is weight and model[1].weight is weight, "the parameter and its tie stay"

@@ -7,11 +7,13 @@ matmul over weights in a file's mapped pages measured 2-8 % slower than over the
 in the process's own memory (the bundled model's projections, alternating in one process, on
 the 2-core machine of this repository's CI), and the first answer paid the page faults.
 
-So once loaded, each such tensor is copied into memory of its own, aligned and offered to
-the kernel for transparent huge pages where it spans one (fewer page faults and TLB misses),
-and the mapped pages it came from are released at once (MADV_DONTNEED), so the peak resident
-memory stays about one copy of the weights, not two. Only pages of files are released: they
-come back from the file unchanged if anything reads them again.
+So when a plan is applied, each such tensor of a part that stays on the CPU (a `cpu` or
+simulated device; parts bound for a GPU are read straight from the mapping) is copied into
+memory of its own, aligned and offered to the kernel for transparent huge pages where it
+spans one (fewer page faults and TLB misses). The mapped pages it came from are released at
+once (MADV_DONTNEED), so the peak resident memory stays about one copy of the weights, not
+two. Only pages of files are released: they come back from the file unchanged if anything
+reads them again.
 """
 
 from __future__ import annotations
@@ -25,31 +27,30 @@ import torch
 from torch import nn
 
 
-def copy_mapped_weights(model: nn.Module) -> int:
-    """Give every parameter and buffer of `model` that lies in a memory-mapped file a copy in
-    the process's own memory (a parameter keeps its identity, so tied weights stay tied),
-    releasing the mapped pages it was read from as it goes. Tensors already in ordinary
-    memory are left alone. Linux only (elsewhere nothing is moved). Returns bytes copied."""
+def copy_mapped(slots: list[tuple[nn.Module, str, torch.Tensor]]) -> int:
+    """Give every (owner, name, tensor) slot whose tensor lies in a memory-mapped file a copy
+    in the process's own memory, releasing the mapped pages it was read from as it goes. A
+    parameter keeps its identity (so tied weights stay tied); a buffer is replaced in its
+    owner. Tensors already in ordinary memory are left alone, as is everything where the
+    mappings cannot be read (not Linux). Returns the bytes copied."""
     regions = _file_mappings()
     copied = 0
     done: set[int] = set()
-    for module in model.modules():
-        for table in (module._parameters, module._buffers):
-            for name, tensor in table.items():
-                if tensor is None or id(tensor) in done or tensor.device.type != "cpu" or not tensor.numel():
-                    continue
-                start, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
-                if not any(low <= start and start + nbytes <= high for low, high in regions):
-                    continue
-                own = _own_copy(tensor.detach())
-                if isinstance(tensor, nn.Parameter):
-                    tensor.data = own
-                    done.add(id(tensor))
-                else:
-                    table[name] = own
-                    done.add(id(own))
-                copied += nbytes
-                _release(start, nbytes)
+    for owner, name, tensor in slots:
+        if id(tensor) in done or tensor.device.type != "cpu" or not tensor.numel():
+            continue
+        start, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+        if not any(low <= start and start + nbytes <= high for low, high in regions):
+            continue
+        own = _own_copy(tensor.detach())
+        if isinstance(tensor, nn.Parameter):
+            tensor.data = own
+            done.add(id(tensor))
+        else:
+            owner._buffers[name] = own
+            done.add(id(own))
+        copied += nbytes
+        _release(start, nbytes)
     return copied
 
 

@@ -37,7 +37,6 @@ import torch
 from vramancer.engine.cache_dir import CACHE_ENV, cache_root  # noqa: F401 (CACHE_ENV: re-exported)
 from vramancer.engine.errors import VramancerError
 from vramancer.engine.few_rows import use_few_rows_attention, use_few_rows_linear, use_few_rows_norm
-from vramancer.engine.host_memory import copy_mapped_weights
 
 log = logging.getLogger(__name__)
 # transformers imports torchao (our --weights kernels) whenever it builds a model; torchao then
@@ -206,9 +205,8 @@ def load_weights(source: ModelSource, dtype: torch.dtype, weights: str = "native
 
     GGUF files are dequantised on the host by transformers in any case, so no accelerator
     ever holds more than the parts planned for it. From the cache, the weights are
-    memory-mapped once the file has passed its CRC check. Native weights that transformers
-    left in a mapped file (ours, or a model folder's safetensors) are then copied into the
-    process's own memory (engine/host_memory.py)."""
+    memory-mapped once the file has passed its CRC check (the parts placed on the CPU are
+    copied out of the mapping when the plan is applied: runtime.SplitModel.apply)."""
     entry = gguf_cache_entry(source)
     if entry is None:
         model = _from_pretrained(source.location, dtype, **source.pretrained_kwargs())
@@ -221,8 +219,6 @@ def load_weights(source: ModelSource, dtype: torch.dtype, weights: str = "native
                 model = _from_pretrained(source.location, dtype, config=config, **source.pretrained_kwargs())
             _store(entry, piece, lambda folder: _write_weights(folder, model))
         _KEPT_READERS.clear()  # whichever way the weights came, the config's parse is done with
-    if weights == "native":  # (quantizing makes new tensors anyway)
-        copy_mapped_weights(model)  # matmuls over a mapped file's pages ran slower
     model.eval()
     model.requires_grad_(False)
     if weights != "native":

@@ -22,6 +22,7 @@ from vramancer.engine.architecture import cache_tensors, describe, part_tensors,
 from vramancer.engine import fused_layer
 from vramancer.engine.cuda_graphs import LayerGraphs
 from vramancer.engine.devices import Device, DeviceFullError
+from vramancer.engine.host_memory import copy_mapped
 from vramancer.engine.quantized import stored_bytes
 from vramancer.engine.planner import EMBED, HEAD, DeviceNeed, ModelProfile, Placement, device_needs
 from vramancer.engine.transfer import TransferManager
@@ -123,11 +124,17 @@ class SplitModel:
         self.sync_ledgers(placement)
         if self.profile.tied_bytes and placement.embed != placement.head:
             self._untie(copy=True)
+        on_the_host = []
         for part in self.profile.parts():
             device = self.devices[placement.device_of(part)]
             if device.torch_device.type != "cpu" and device.local:
                 for tensor_owner, name, tensor in self.tensors_of(part):
                     _assign(tensor_owner, name, tensor.to(device.torch_device))
+            elif device.local:
+                on_the_host += self.tensors_of(part)
+        # What stays on the CPU is read at every decode step: out of any file transformers
+        # mapped it from, into our own memory (engine/host_memory.py).
+        copy_mapped(on_the_host)
         if self.external is not None:
             self.external.place(placement)  # e.g. nodes read their layers from their own disks
         self.placement = placement
