@@ -87,6 +87,45 @@ def interleaved_steps(models: dict[str, tuple[object, object]], prompt_ids, toke
     return times
 
 
+def interleaved_prefills(models: dict[str, tuple[object, object]], prompt_ids, times: int) -> dict[str, list[float]]:
+    """Seconds of each model's forward over the whole prompt into an empty KV cache (the work
+    of a first token, less `generate`'s loop around it, which is the same for every model),
+    the models in turn (A B, then B A), `times` each after one untimed pass, with the GC off.
+    For CPU models, as `interleaved_steps`."""
+    import torch
+    from transformers import DynamicCache
+
+    ids = {name: prompt_ids.to(device) for name, (_, device) in models.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.inference_mode():
+            for turn in range(times + 1):
+                for name in (names if turn % 2 == 0 else names[::-1]):
+                    model = models[name][0]
+                    cache = DynamicCache(config=model.config)
+                    start = time.perf_counter()
+                    model(input_ids=ids[name], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    if turn:
+                        seconds[name].append(time.perf_counter() - start)
+    finally:
+        gc.enable()
+    return seconds
+
+
+def prefill_ratio(what: str, a: tuple[object, object], b: tuple[object, object], prompt_ids, times: int,
+                  **target) -> "Comparison":
+    """a ÷ b in prompt speed (b's prefill time ÷ a's), prefilled in turn (`interleaved_prefills`):
+    the median of the per-turn ratios."""
+    seconds = interleaved_prefills({"a": a, "b": b}, prompt_ids, times)
+    ratios = [tb / ta for ta, tb in zip(seconds["a"], seconds["b"])]
+    detail = (f" (median of {len(ratios)} per-turn ratios; prompt of {prompt_ids.shape[-1]} tokens, "
+              f"{1000 * statistics.median(seconds['a']):.1f} vs {1000 * statistics.median(seconds['b']):.1f} ms)")
+    return compare(what + detail, statistics.median(ratios), **target)
+
+
 def stepped_ratio(what: str, a: tuple[object, object], b: tuple[object, object], prompt_ids, rounds: int,
                   tokens: int, **target) -> "Comparison":
     """a ÷ b in decode speed, the two stepped in turn token by token (`interleaved_steps`):

@@ -5,6 +5,9 @@ and 3-way, vs VRAMancer with a migration every 16 tokens, and (on real GPUs) vs 
 All contenders live in one process and take turns (A B A B …) after a warm-up; greedy, a
 fixed prompt, a fixed number of new tokens. TTFT is from the call to `generate` (prompt
 already tokenised) to the first new token; decode tok/s is over the tokens after the first.
+Rounds of `generate` spread more than the targets (≥ 0.97 of plain) allow here, so the 2-way
+split is also run in turn with plain transformers one decode step, and one prompt, at a time;
+the targets are held to the medians of those per-step and per-prompt ratios.
 
     python -m benchmarks.decode [--rounds 5] [--tokens 128]
 """
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import time
 
-from benchmarks.common import PROMPT, Result, alternate, cli, say, stepped_ratio
+from benchmarks.common import PROMPT, Result, alternate, cli, prefill_ratio, say, stepped_ratio
 
 SPLIT_2, SPLIT_3 = "sim:2x1GiB", "sim:3x1GiB"
 MIGRATE_EVERY = 16
@@ -156,15 +159,17 @@ def bench(rounds: int = 5, tokens: int = 128) -> Result:
 
     for name in engines:
         short = name.split(" (")[0]
-        target = {"at_least": 0.97} if "2-way (" in name else {}
         result.ratio(f"{short}: decode tok/s ÷ plain (generate rounds)", name, PLAIN, "decode_tok_s", True)
-        result.ratio(f"{short}: TTFT speed (plain TTFT ÷ its TTFT)", PLAIN, name, "ttft_ms", False, **target)
-    # Rounds of `generate` spread wider than the 3 % the decode target allows; the decode step
-    # itself is held to it with the two models stepped in turn (benchmarks.common).
+        result.ratio(f"{short}: TTFT speed (plain TTFT ÷ its TTFT, generate rounds)", PLAIN, name, "ttft_ms", False)
+    # Rounds of `generate` spread wider than the 3 % the targets allow; the decode step and the
+    # prompt's forward pass are held to them with the two models run in turn (benchmarks.common).
     split = engines[f"VRAMancer 2-way ({SPLIT_2})"]
-    result.comparisons.append(stepped_ratio(
-        "VRAMancer 2-way: decode speed ÷ plain, stepped in turn", (split.model, split.split.input_device),
-        (plain, torch.device("cpu")), chat_inputs(tokenizer, "cpu")["input_ids"], 3, min(tokens, 64), at_least=0.97))
+    pair = (split.model, split.split.input_device), (plain, torch.device("cpu"))
+    prompt_ids = chat_inputs(tokenizer, "cpu")["input_ids"]
+    result.comparisons.append(stepped_ratio("VRAMancer 2-way: decode speed ÷ plain, stepped in turn", *pair,
+                                            prompt_ids, 3, min(tokens, 64), at_least=0.97))
+    result.comparisons.append(prefill_ratio("VRAMancer 2-way: first-token speed ÷ plain, prompts in turn", *pair,
+                                            prompt_ids, 3 * rounds + 6, at_least=0.97))
     _gpu_comparisons(result, gpu_runners)
     gpu_plain = next(iter(gpu_runners), None)
     same = {name: ids == tokens_seen[gpu_plain if name.startswith("GPU") else PLAIN]
