@@ -25,6 +25,7 @@ import sys
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 
 def copy_mapped(slots: list[tuple[nn.Module, str, torch.Tensor]]) -> int:
@@ -42,7 +43,7 @@ def copy_mapped(slots: list[tuple[nn.Module, str, torch.Tensor]]) -> int:
         start, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
         if not any(low <= start and start + nbytes <= high for low, high in regions):
             continue
-        own = _own_copy(tensor.detach())
+        own = own_copy(tensor.detach())
         if isinstance(tensor, nn.Parameter):
             tensor.data = own
             done.add(id(tensor))
@@ -57,13 +58,14 @@ def copy_mapped(slots: list[tuple[nn.Module, str, torch.Tensor]]) -> int:
 HUGE_PAGE = 2 * 1024 * 1024
 
 
-def _own_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of `tensor`. One of a huge page or more gets memory of its own,
-    aligned to 2 MiB and offered to the kernel for transparent huge pages (Linux's default
-    `madvise` mode grants them only when asked): fewer page faults while copying, fewer TLB
-    misses while reading it every decode step."""
+def own_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of a CPU tensor in the process's own memory. A plain tensor of a
+    huge page or more gets memory of its own, aligned to 2 MiB and offered to the kernel for
+    transparent huge pages (Linux's default `madvise` mode grants them only when asked):
+    fewer page faults while copying, fewer TLB misses while reading it every decode step."""
     nbytes = tensor.numel() * tensor.element_size()
-    if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE") or not hasattr(mmap, "MAP_ANONYMOUS"):
+    if (nbytes < HUGE_PAGE or is_traceable_wrapper_subclass(tensor) or not hasattr(mmap, "MADV_HUGEPAGE")
+            or not hasattr(mmap, "MAP_ANONYMOUS")):
         return tensor.clone(memory_format=torch.contiguous_format)
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     region.madvise(mmap.MADV_HUGEPAGE)

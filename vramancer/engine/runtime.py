@@ -22,7 +22,7 @@ from vramancer.engine.architecture import cache_tensors, describe, part_tensors,
 from vramancer.engine import fused_layer
 from vramancer.engine.cuda_graphs import LayerGraphs
 from vramancer.engine.devices import Device, DeviceFullError
-from vramancer.engine.host_memory import copy_mapped
+from vramancer.engine.host_memory import copy_mapped, own_copy
 from vramancer.engine.quantized import stored_bytes
 from vramancer.engine.planner import EMBED, HEAD, DeviceNeed, ModelProfile, Placement, device_needs
 from vramancer.engine.transfer import TransferManager
@@ -200,7 +200,9 @@ class SplitModel:
         if not self.tied:
             return
         weight = self.arch.input_embeddings.weight.detach()
-        self.arch.output_embeddings.weight = nn.Parameter(weight.clone() if copy else weight, requires_grad=False)
+        if copy:  # on the host, the head's matmul reads it at every step: memory like the other weights'
+            weight = own_copy(weight) if weight.device.type == "cpu" else weight.clone()
+        self.arch.output_embeddings.weight = nn.Parameter(weight, requires_grad=False)
 
     # --- accounting --------------------------------------------------------------------
 
