@@ -134,9 +134,10 @@ class LayerGraphs:
         layer.forward = types.MethodType(_forward, layer)
 
     def remove(self, layer: nn.Module) -> None:
+        """Give `layer` back the forward it had, whichever graphs wrapped it."""
         if not _is_ours(layer):
             return
-        state = self._states.pop(id(layer))
+        state = layer.vramancer_graphs._states.pop(id(layer))
         del layer.forward
         del layer.vramancer_graphs
         if state.inner is not None:
