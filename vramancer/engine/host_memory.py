@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import mmap
 import sys
 
@@ -36,22 +37,21 @@ def copy_mapped(slots: list[tuple[nn.Module, str, torch.Tensor]]) -> int:
     mappings cannot be read (not Linux). Returns the bytes copied."""
     regions = _file_mappings()
     copied = 0
-    done: set[int] = set()
+    copies: dict[int, torch.Tensor] = {}  # by id of the original (`slots` keeps it alive)
     for owner, name, tensor in slots:
-        if id(tensor) in done or tensor.device.type != "cpu" or not tensor.numel():
-            continue
-        start, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
-        if not any(low <= start and start + nbytes <= high for low, high in regions):
-            continue
-        own = own_copy(tensor.detach())
+        own = copies.get(id(tensor))
+        if own is None:
+            start, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+            if (tensor.device.type != "cpu" or not nbytes
+                    or not any(low <= start and start + nbytes <= high for low, high in regions)):
+                continue
+            own = copies[id(tensor)] = own_copy(tensor.detach())
+            copied += nbytes
+            _release(start, nbytes)
         if isinstance(tensor, nn.Parameter):
-            tensor.data = own
-            done.add(id(tensor))
+            tensor.data = own  # every holder of the parameter sees it
         else:
             owner._buffers[name] = own
-            done.add(id(own))
-        copied += nbytes
-        _release(start, nbytes)
     return copied
 
 
@@ -104,14 +104,12 @@ def _release(address: int, nbytes: int) -> None:
         libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
 
-_LIBC: list = []
-
-
+@functools.cache
 def _libc():
-    if not _LIBC:
-        found = None
-        if sys.platform.startswith("linux") and hasattr(mmap, "MADV_DONTNEED"):
-            found = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            found.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        _LIBC.append(found)
-    return _LIBC[0]
+    """The C library, for `madvise` on an address (Python's mmap offers it only on its own
+    mappings); None off Linux."""
+    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc
