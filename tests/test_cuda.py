@@ -8,6 +8,7 @@ random-weight Llamas built in-process (benchmarks/random_llama.py): no download,
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 
@@ -126,6 +127,22 @@ def load_split(model_dir: str, dtype: str = "float32", context: int = 256):
     return engine
 
 
+@contextlib.contextmanager
+def beside_plain(model_dir: str):
+    """An engine on `cuda:0,cpu` (float32, context 256) and a check that its tokens are
+    plain transformers' greedy answer on cuda:0; both models freed afterwards."""
+    from vramancer.engine import Engine
+
+    want, reference, inputs = plain_greedy(model_dir, torch.float32)
+    engine = Engine.load(model_dir, f"{GPU},cpu", dtype="float32", context=256)
+    try:
+        yield engine, lambda token_ids: assert_same_greedy(token_ids, want, reference, inputs)
+    finally:
+        engine.close()
+        del reference
+        free_gpu()
+
+
 def expected_device(name: str, placement) -> str:
     """The plan's device for a parameter or buffer of a Llama, from its name alone."""
     if name.startswith(("model.embed_tokens", "model.rotary_emb")):
@@ -217,11 +234,7 @@ def test_every_weight_and_kv_tensor_is_on_its_planned_device(tiny_dir):
 
 
 def test_migration_to_the_cpu_and_back_mid_answer_keeps_the_tokens(tiny_dir):
-    from vramancer.engine import Engine
-
-    want, reference, inputs = plain_greedy(tiny_dir, torch.float32)
-    engine = Engine.load(tiny_dir, f"{GPU},cpu", dtype="float32", context=256)
-    try:
+    with beside_plain(tiny_dir) as (engine, same_as_plain):
         assert set(engine.placement.layer_devices) == {GPU}, engine.placement.blocks()
         first, last = 2, 5
         kv_on: dict[int, set[str]] = {}
@@ -239,7 +252,7 @@ def test_migration_to_the_cpu_and_back_mid_answer_keeps_the_tokens(tiny_dir):
         moves = engine.migrations
         assert [(m.src, m.dst) for m in moves] == [(GPU, "cpu"), ("cpu", GPU)]
         assert all(m.bytes > 0 for m in moves)
-        assert_same_greedy(result.token_ids, want, reference, inputs)
+        same_as_plain(result.token_ids)
         on_gpu = {str(p.device) for p in engine.model.parameters()}
         assert on_gpu == {GPU}, f"parameters left behind after the round trip: {on_gpu}"
 
@@ -248,41 +261,26 @@ def test_migration_to_the_cpu_and_back_mid_answer_keeps_the_tokens(tiny_dir):
         engine.migrate(first, last, "cpu")
         engine.migrate(first, last, GPU)
         again = engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS)
-        assert_same_greedy(again.token_ids, want, reference, inputs)
-    finally:
-        engine.close()
-        del reference
-        free_gpu()
+        same_as_plain(again.token_ids)
 
 
 def test_a_block_on_the_cpu_gets_both_kinds_of_mask_and_rotary_of_an_alternating_model(tmp_path):
     """Gemma 3 hands its sliding and full layers each their own mask and rotary tensors, made
     beside the embeddings on the GPU: a CPU block holding both kinds needs copies of both."""
     from tests.test_architectures import ALTERNATING, build as build_tiny, make_byte_tokenizer
-    from vramancer.engine import Engine
 
     build_tiny("gemma3_text", ALTERNATING, make_byte_tokenizer(), tmp_path)
-    want, reference, inputs = plain_greedy(str(tmp_path), torch.float32)
-    engine = Engine.load(str(tmp_path), f"{GPU},cpu", dtype="float32", context=256)
-    try:
+    with beside_plain(str(tmp_path)) as (engine, same_as_plain):
         engine.migrate(2, 3, "cpu")  # one sliding and one full layer
         assert engine.placement.layer_devices == [GPU, GPU, "cpu", "cpu"]
         result = engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS)
-        assert_same_greedy(result.token_ids, want, reference, inputs)
-    finally:
-        engine.close()
-        del reference
-        free_gpu()
+        same_as_plain(result.token_ids)
 
 
 def test_cuda_graph_replays_decode_like_plain_transformers_split_and_across_migrations(tiny_dir):
     """engine/cuda_graphs.py: the GPU layers replay recorded graphs, the CPU layers run
     eagerly, and a migration mid-answer has the moved layers recorded afresh."""
-    from vramancer.engine import Engine
-
-    want, reference, inputs = plain_greedy(tiny_dir, torch.float32)
-    engine = Engine.load(tiny_dir, f"{GPU},cpu", dtype="float32", context=256)
-    try:
+    with beside_plain(tiny_dir) as (engine, same_as_plain):
         engine.migrate(6, 7, "cpu")
         engine.cuda_graphs = True
         replayed: dict[int, list[int]] = {}
@@ -298,18 +296,14 @@ def test_cuda_graph_replays_decode_like_plain_transformers_split_and_across_migr
         result = engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS, on_step=on_step)
         assert engine.split.graphs.refusals() == {}
         assert replayed == {6: [0, 1, 2, 3, 4, 5], 14: [0, 1, 4, 5], 22: list(range(TINY.layers))}
-        assert_same_greedy(result.token_ids, want, reference, inputs)
+        same_as_plain(result.token_ids)
         # The next answer: the cache is new (a migration let the kept one go), then kept; the
         # one after it replays from its first decode step what the one before recorded.
         engine.generate(PROMPT, raw=True, max_new_tokens=4)
         recorded = engine.split.graphs.recordings
         again = engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS)
         assert engine.split.graphs.recordings == recorded
-        assert_same_greedy(again.token_ids, want, reference, inputs)
-    finally:
-        engine.close()
-        del reference
-        free_gpu()
+        same_as_plain(again.token_ids)
 
 
 def test_auto_dtype_is_bfloat16_on_a_gpu_that_supports_it(tiny_dir):
