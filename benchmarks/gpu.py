@@ -2,7 +2,8 @@
 in bfloat16 built on the device (no download), and three ways to run it.
 
 - decode tok/s and time to first token: plain transformers unsplit on cuda:0; VRAMancer
-  `cuda:0,cpu` with half the layers on each; accelerate's `dispatch_model` with the very same
+  `cuda:0,cpu` with half the layers on each, as loaded (CUDA graphs left to auto) and with
+  `--no-cuda-graphs`; accelerate's `dispatch_model` with the very same
   device map (accelerate keeps "cpu" entries' weights in host memory and streams them to the
   GPU for every forward pass, while VRAMancer computes those layers on the CPU);
 - host ⇄ device GB/s of VRAMancer's TransferManager (pinned staging) against torch's `copy_`
@@ -32,6 +33,7 @@ from benchmarks.common import PROMPT, Result, alternate, compare, machine, machi
 
 PLAIN = "plain transformers, unsplit on cuda:0"
 VRAMANCER = "VRAMancer cuda:0 + cpu, half the layers each"
+VRAMANCER_EAGER = "VRAMancer cuda:0 + cpu, --no-cuda-graphs"
 ACCELERATE = "accelerate dispatch_model, same device map"
 TRANSFER_BYTES = 8 * 2**20  # the pinned-staging path (TransferManager stages up to 16 MiB)
 TRANSFERS_PER_SAMPLE = 20
@@ -126,22 +128,20 @@ def decode_result(rounds, tokens, plain, tokenizer, engine, dispatched, device_m
     )
     inputs = dict(tokenizer(PROMPT, return_tensors="pt"))
     vram_run, _ = vramancer_runner(engine, tokens)
-    runners = {PLAIN: _hf_runner(plain, {k: v.to("cuda:0") for k, v in inputs.items()}, tokens), VRAMANCER: vram_run}
+    graphs = engine.cuda_graphs  # as loaded: --cuda-graphs left to auto
+    setup["vramancer_cuda_graphs (auto)"] = graphs
+    runners = {PLAIN: _hf_runner(plain, {k: v.to("cuda:0") for k, v in inputs.items()}, tokens),
+               VRAMANCER: switched(engine, vram_run, graphs), VRAMANCER_EAGER: switched(engine, vram_run, False)}
     if dispatched is not None:
         embed_device = device_map["model.embed_tokens"]
         runners[ACCELERATE] = _hf_runner(dispatched, {k: v.to(embed_device) for k, v in inputs.items()}, tokens)
     seen: dict[str, list[int]] = {}
-
-    def sampler(name, run):
-        def sample():
-            ids, ttft, rate = run()
-            seen.setdefault(name, ids)
-            return {"decode_tok_s": rate, "ttft_ms": ttft * 1000}
-        return sample
-
     torch.cuda.synchronize()
-    result.add(alternate({name: sampler(name, run) for name, run in runners.items()}, rounds))
+    result.add(alternate({name: sampler(seen, name, run) for name, run in runners.items()}, rounds))
+    engine.cuda_graphs = graphs
     result.ratio("VRAMancer ÷ plain unsplit, decode tok/s", VRAMANCER, PLAIN, "decode_tok_s", True)
+    result.ratio("VRAMancer as loaded ÷ --no-cuda-graphs, decode tok/s", VRAMANCER, VRAMANCER_EAGER,
+                 "decode_tok_s", True)
     if dispatched is not None:
         result.ratio("VRAMancer ÷ accelerate, decode tok/s", VRAMANCER, ACCELERATE, "decode_tok_s", True, at_least=1.0)
         result.ratio("TTFT speed, accelerate TTFT ÷ VRAMancer TTFT", ACCELERATE, VRAMANCER, "ttft_ms", False)
@@ -162,6 +162,27 @@ def decode_result(rounds, tokens, plain, tokenizer, engine, dispatched, device_m
     return result
 
 
+def sampler(seen: dict, name: str, run):
+    """One round of `run` as the table's cells; the first round's tokens go into `seen`."""
+    def sample():
+        ids, ttft, rate = run()
+        seen.setdefault(name, ids)
+        return {"decode_tok_s": rate, "ttft_ms": ttft * 1000}
+    return sample
+
+
+def switched(engine, run, graphs: bool):
+    """`run` with the engine's CUDA graphs on or off; turned on, a short answer records them
+    first, as the first answer after a load or a migration would."""
+    def switched_run():
+        if engine.cuda_graphs != graphs:
+            engine.cuda_graphs = graphs
+            if graphs:
+                engine.generate(PROMPT, max_new_tokens=4)
+        return run()
+    return switched_run
+
+
 def graphs_result(rounds, tokens, plain, tokenizer, engine, layers: int) -> Result:
     """Every layer back on cuda:0, then VRAMancer's decode step eager and replayed from CUDA
     graphs (--cuda-graphs), with plain transformers beside them."""
@@ -179,27 +200,16 @@ def graphs_result(rounds, tokens, plain, tokenizer, engine, layers: int) -> Resu
     vram_run, _ = vramancer_runner(engine, tokens)
     eager, graphed = "VRAMancer cuda:0, eager", "VRAMancer cuda:0, --cuda-graphs"
     seen: dict[str, list[int]] = {}
-
-    def sampler(name, run, graphs=None):
-        def sample():
-            if graphs is not None:
-                engine.cuda_graphs = graphs
-                engine.generate(PROMPT, max_new_tokens=4)  # with graphs: the recording answer
-            ids, ttft, rate = run()
-            seen.setdefault(name, ids)
-            return {"decode_tok_s": rate, "ttft_ms": ttft * 1000}
-        return sample
-
     torch.cuda.synchronize()
-    result.add(alternate({PLAIN: sampler(PLAIN, _hf_runner(plain, inputs, tokens)),
-                          eager: sampler(eager, vram_run, graphs=False),
-                          graphed: sampler(graphed, vram_run, graphs=True)}, rounds))
+    result.add(alternate({PLAIN: sampler(seen, PLAIN, _hf_runner(plain, inputs, tokens)),
+                          eager: sampler(seen, eager, switched(engine, vram_run, False)),
+                          graphed: sampler(seen, graphed, switched(engine, vram_run, True))}, rounds))
     result.ratio("CUDA graphs ÷ eager, decode tok/s", graphed, eager, "decode_tok_s", True, at_least=1.0)
     result.ratio("CUDA graphs ÷ plain unsplit, decode tok/s", graphed, PLAIN, "decode_tok_s", True)
     result.ratio("eager ÷ plain unsplit, decode tok/s", eager, PLAIN, "decode_tok_s", True)
-    result.notes.append("Turning graphs on (as each graphs round does) records them in the next answer's first "
-                        "decode step; they are kept, with the static KV cache, until the split changes. Each round "
-                        "first runs a 4-token answer (for graphs, the recording one), then the timed answer.")
+    result.notes.append("Turning graphs on records them in the next answer's first decode step; they are kept, with "
+                        "the static KV cache, until the split changes. Each graphs round after an eager one first "
+                        "runs a 4-token answer (the recording one), then the timed answer.")
     result.settings["layers recorded"] = engine.split.graphs.recordings if engine.split.graphs else None
     engine.cuda_graphs = False
     result.settings["same tokens, graphs and eager"] = "yes" if seen.get(graphed) == seen.get(eager) else (

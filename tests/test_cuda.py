@@ -282,7 +282,7 @@ def test_cuda_graph_replays_decode_like_plain_transformers_split_and_across_migr
     eagerly, and a migration mid-answer has the moved layers recorded afresh."""
     with beside_plain(tiny_dir) as (engine, same_as_plain):
         engine.migrate(6, 7, "cpu")
-        engine.cuda_graphs = True
+        assert engine.cuda_graphs  # --cuda-graphs left to auto: on, with a CUDA device here
         replayed: dict[int, list[int]] = {}
 
         def on_step(step: int) -> None:
@@ -376,6 +376,10 @@ def test_q8_weights_stay_int8_on_the_gpu_and_the_split_answers_like_q8_unsplit(t
         engine.migrate("embed", None, GPU)
         engine.migrate("head", None, GPU)
         want = engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS).token_ids
+        # --cuda-graphs left to auto: the int8 layers replay recorded graphs too.
+        graphs = engine.split.graphs
+        assert graphs is not None and graphs.refusals() == {}, graphs and graphs.refusals()
+        assert graphs.replayed_layers() == list(range(len(engine.split.layer_modules)))
         weight = engine.split.layer_modules[0].mlp.up_proj.weight
         assert weight.qdata.dtype == torch.int8 and weight.qdata.device.type == "cuda", type(weight)
         on_gpu = {id(t): t for m in engine.split.model.modules() for t in m.parameters(recurse=False)

@@ -16,11 +16,24 @@ import torch
 from torch.utils import _pytree as pytree
 from transformers.cache_utils import DynamicCache, StaticCache
 
+from types import SimpleNamespace
+
 from vramancer.engine import Engine
 from vramancer.engine.cuda_graphs import LayerGraphs, is_graphed
+from vramancer.engine.engine import use_graphs
+from vramancer.engine.errors import VramancerError
+from vramancer.engine.models import build_meta_model, load_config, resolve_model
+from vramancer.engine.options import LoadOptions
 
 PROMPT = "Tell me about the sea."
 TOKENS = 16
+
+
+gpu = SimpleNamespace(local=True, torch_device=torch.device("cuda:0"))  # a CUDA device as use_graphs sees one
+
+
+def meta_model(folder: str) -> torch.nn.Module:
+    return build_meta_model(load_config(resolve_model(folder)), torch.float32)
 
 
 class RerunRecorder:
@@ -184,4 +197,47 @@ def test_a_model_transformers_cannot_run_from_a_static_cache_is_refused_in_one_s
     assert code == 2
     assert err.strip().splitlines() == [
         "vramancer: gpt_neo models cannot run from the static KV cache that CUDA graphs replay "
-        "(transformers does not support it for them); run without --cuda-graphs."]
+        "(transformers does not support it for them); run with --no-cuda-graphs."]
+    # Left to choose (auto), the same model runs eagerly rather than being refused.
+    assert use_graphs("auto", meta_model(str(tmp_path)), [gpu]) is False
+
+
+def test_auto_replays_where_a_cuda_device_is_and_the_switch_and_variable_say_otherwise(tiny_model_dir, monkeypatch):
+    from vramancer.cli import main
+    from vramancer.engine.validation import env_cuda_graphs
+
+    engine = Engine.load(tiny_model_dir, "sim:2x64MiB", context=256)
+    try:
+        sims = engine.devices
+        assert not engine.cuda_graphs  # no CUDA device: nothing to replay
+        assert use_graphs("auto", engine.model, [*sims, gpu]) is True
+        assert use_graphs("auto", engine.model, sims) is False
+        assert use_graphs("off", engine.model, [*sims, gpu]) is False
+        assert use_graphs("on", engine.model, sims) is True
+    finally:
+        engine.close()
+    for text, mode in (("1", "on"), ("0", "off"), ("auto", "auto"), (" OFF ", "off")):
+        monkeypatch.setenv("VRM_CUDA_GRAPHS", text)
+        assert env_cuda_graphs() == mode
+    monkeypatch.setenv("VRM_CUDA_GRAPHS", "maybe")
+    with pytest.raises(VramancerError, match="VRM_CUDA_GRAPHS 'maybe' is not a choice; choose auto, on or off."):
+        env_cuda_graphs()
+    assert main(["plan", "--model", tiny_model_dir, "--devices", "sim:2x64MiB"]) == 2
+    with pytest.raises(VramancerError, match="--cuda-graphs 'sometimes' is not a choice"):
+        LoadOptions(cuda_graphs="sometimes").check()
+
+
+def test_the_profiler_times_decode_steps_replayed_when_graphs_will_replay_them(tiny_model_dir):
+    """A GPU layer is timed the way it will run: under graphs, from recordings on a static cache."""
+    from vramancer.engine.profiler import _time_real_layers
+
+    meta = meta_model(tiny_model_dir)
+    config = meta.config
+    recorder = RerunRecorder()
+    graphs = LayerGraphs(recorder)
+    timings = _time_real_layers(meta, config, torch.device("cpu"), torch.float32, "host CPU", graphs=graphs)
+    layers = config.num_hidden_layers
+    # Recorded once per decode measure (short and long cache), replayed at every timed step.
+    assert recorder.recordings == 2 * layers and recorder.replays >= 2 * 7 * layers
+    assert timings.timed_as == "host CPU, CUDA graphs" and timings.layer_decode_s > 0
+    assert not graphs.installed() and graphs.cache is None  # the timing model's layers let go

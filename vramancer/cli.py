@@ -64,9 +64,10 @@ def _add_load_flags(parser: argparse.ArgumentParser, model: bool = True, inherit
                       "program, the dashboard's UI above all, keeps a core)")
     add_argument("--auto-rebalance", action="store_true", default=_env("AUTO_REBALANCE", "") == "1",
                  help="move layers off a device by themselves when something else takes its memory")
-    add_argument("--cuda-graphs", action="store_true", default=_env("CUDA_GRAPHS", "") == "1",
-                 help="replay each CUDA layer's decode step from a CUDA graph (recorded at an answer's first "
-                      "decode step; the KV cache is then allocated for the whole context at once)")
+    add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                 help="replay each CUDA layer's decode step from a CUDA graph, recorded at the first decode step "
+                      "(the KV cache is then allocated for the whole context at once). Left out (or "
+                      "VRM_CUDA_GRAPHS=auto): on wherever there is a CUDA device and the model allows it")
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -196,6 +197,8 @@ def _check_values(args) -> None:
     v.check_context(args.context)
     if getattr(args, "weights", None) is not None:
         v.check_weights(args.weights)
+    if hasattr(args, "cuda_graphs"):  # the flag as on/off, else VRM_CUDA_GRAPHS (auto, on, off)
+        args.cuda_graphs = {True: "on", False: "off"}.get(args.cuda_graphs) or v.env_cuda_graphs()
     if args.command in ("node", "serve"):
         v.check_port("--port", args.port)
     if args.command is None and args.serve is not None:
@@ -333,7 +336,7 @@ def _plan(args) -> int:
 
     try:
         prepared = prepare(args.model, _device_text(args), args.context, args.dtype, reprofile=args.reprofile,
-                           token_file=args.token_file, weights=args.weights)
+                           token_file=args.token_file, weights=args.weights, cuda_graphs=args.cuda_graphs)
     except UnsupportedArchitecture as exc:
         if args.json:  # the refusal as data too, for scripts that ask what they can split
             print(json.dumps({"model": args.model, "supported": False, "reason": str(exc)}, indent=2))
@@ -357,7 +360,8 @@ def _plan(args) -> int:
         print(json.dumps({"model": source.display_name, "supported": True, "architecture": profile.architecture,
                           "dtype": str(dtype).removeprefix("torch."), "dtype_reason": prepared.dtype_reason,
                           "weights": prepared.weights, "weight_bytes": profile.weight_bytes(),
-                          "kernels": kernel_path(prepared.weights, dtype), "strategy": plan.strategy,
+                          "kernels": kernel_path(prepared.weights, dtype), "cuda_graphs": prepared.cuda_graphs,
+                          "strategy": plan.strategy,
                           "context": plan.context, "simulated_fallback": fallback, "placement": blocks,
                           "embed_device": plan.placement.embed, "head_device": plan.placement.head, "devices": rows,
                           **prediction.to_json()}, indent=2))
@@ -366,7 +370,8 @@ def _plan(args) -> int:
           f"({format_bytes(profile.weight_bytes())}) · {plan.strategy} · context {plan.context}"
           + (" · simulated devices" if fallback or all(d.simulated for d in devices) else ""))
     print(f"  dtype {prepared.dtype_reason}")
-    print(f"  kernels: {kernel_path(prepared.weights, dtype)}")
+    print(f"  kernels: {kernel_path(prepared.weights, dtype)}"
+          + ("; decode steps of CUDA layers replayed from CUDA graphs" if prepared.cuda_graphs else ""))
     width = max([8] + [len(row["device"]) for row in rows])
     for row in rows:
         parts = [f"{b.layers}" for b in plan.blocks() if b.device == row["device"]]
@@ -387,7 +392,8 @@ def _load_engine(args, quiet: bool):
             print(f"\r\x1b[2Kloading: {stage} {fraction:.0%}", end="", file=sys.stderr, flush=True)
 
     engine = Engine.load(args.model, _device_text(args), args.strategy, args.context, args.dtype, progress=progress,
-                         reprofile=args.reprofile, token_file=args.token_file, weights=args.weights)
+                         reprofile=args.reprofile, token_file=args.token_file, weights=args.weights,
+                         cuda_graphs=args.cuda_graphs)
     if not quiet and sys.stderr.isatty():
         print("\r\x1b[2K", end="", file=sys.stderr, flush=True)
     return engine
@@ -428,7 +434,6 @@ def _generate_on(engine, args, schedule, sampling) -> int:
     from vramancer.engine.migration import parse_range
 
     engine.auto_rebalance = args.auto_rebalance
-    engine.cuda_graphs = args.cuda_graphs
     faults: list[str] = []
     engine.on_fault = lambda message, node, layers, recovered: (
         faults.append(message), None if args.json else print(f"\n[{message}]", file=sys.stderr, flush=True))
@@ -485,7 +490,6 @@ def _bench(args) -> int:
 
     engine = _load_engine(args, quiet=args.json)
     try:
-        engine.cuda_graphs = args.cuda_graphs
         engine.generate(args.prompt, max_new_tokens=4)  # warm-up
         runs = [engine.generate(args.prompt, max_new_tokens=args.max_new_tokens) for _ in range(args.rounds)]
     finally:
@@ -517,7 +521,7 @@ def _bench(args) -> int:
         layers = len(engine.split.layer_modules)
         fused = f"; decode steps of {summary['fused_decoder_layers']}/{layers} decoder layers fused (2 calls each)"
         print(f"kernels: {summary['kernels']}{fused if summary['fused_decoder_layers'] else ''}")
-        if args.cuda_graphs:
+        if engine.cuda_graphs:
             graphed = summary["cuda_graph_layers"]
             print(f"CUDA graphs: the decode steps of {graphed}/{layers} decoder layers replay recorded graphs"
                   if graphed else "CUDA graphs: no decoder layer is on a CUDA device, so every layer runs eagerly")

@@ -113,16 +113,19 @@ class Engine:
         reprofile: bool = False,
         token_file: str | None = None,
         weights: str = "native",
+        cuda_graphs: str = "auto",
     ) -> "Engine":
         """Plan first, then read the weights: a plan that cannot fit is refused before any load.
 
         Remote devices in `devices` (node:HOST:PORT/DEVICE, or `discover`) are admitted with
-        the cluster token from `token_file` or VRM_CLUSTER_TOKEN."""
+        the cluster token from `token_file` or VRM_CLUSTER_TOKEN. `cuda_graphs` (auto, on,
+        off): see `prepare`."""
         report = progress or (lambda stage, fraction: None)
         options = LoadOptions(model, devices if isinstance(devices, str) else "custom", strategy, context, dtype,
-                              token_file=token_file, weights=weights)
+                              token_file=token_file, weights=weights, cuda_graphs=cuda_graphs)
         report("reading", 0.0)
-        prepared = prepare(model, devices, context, dtype, reprofile=reprofile, token_file=token_file, weights=weights)
+        prepared = prepare(model, devices, context, dtype, reprofile=reprofile, token_file=token_file, weights=weights,
+                           cuda_graphs=cuda_graphs)
         try:
             source, device_list, torch_dtype, fallback = prepared.source, prepared.devices, prepared.dtype, prepared.fallback
             plan = prepared.plan(strategy)
@@ -147,6 +150,7 @@ class Engine:
         engine.pricing = prepared.pricing
         engine.weights = prepared.weights
         engine.dtype_reason = prepared.dtype_reason
+        engine.cuda_graphs = prepared.cuda_graphs
         for device in device_list:
             device.watch(engine._device_went)
         return engine
@@ -336,11 +340,9 @@ class Engine:
         KV cache (its `_can_compile_fullgraph` says so: GPT-Neo's local attention, MPT, Mamba)."""
         if on == self.cuda_graphs:
             return
-        if on and not getattr(type(self.model), "_can_compile_fullgraph", False):
-            raise VramancerError(
-                f"{self.model.config.model_type} models cannot run from the static KV cache that CUDA graphs "
-                "replay (transformers does not support it for them); run without --cuda-graphs."
-            )
+        refusal = graphs_refusal(self.model) if on else None
+        if refusal is not None:
+            raise VramancerError(refusal)
         from vramancer.engine.cuda_graphs import LayerGraphs
 
         self.split.use_graphs(LayerGraphs() if on else None)
@@ -489,6 +491,7 @@ class Prepared:
     pricing: Pricing
     weights: str = "native"  # native, q8 or q4 (what --weights resolved to)
     dtype_reason: str = ""  # why this dtype, for `plan`
+    cuda_graphs: bool = False  # what --cuda-graphs resolved to
 
     def plan(self, strategy: str) -> Plan:
         plan = make_plan(self.profile, self.devices, strategy, self.context, self.pricing)
@@ -502,15 +505,20 @@ class Prepared:
 
 
 def prepare(model: str, devices: str | DeviceSpec, context: int, dtype: str, reprofile: bool = False,
-            token_file: str | None = None, weights: str = "native") -> Prepared:
+            token_file: str | None = None, weights: str = "native", cuda_graphs: str = "auto") -> Prepared:
     """Everything that can be checked before weights are read: the source, the model's sizes,
     the devices, the dtype, the timings. Bad input fails here, in a second or two.
 
+    `cuda_graphs`: `on` replays the decode steps of CUDA layers from graphs, `off` never,
+    `auto` (the default) does where this machine has a CUDA device and transformers can run
+    the model from a static cache. CUDA devices are timed the way they will run.
+
     With remote devices, their nodes are admitted here; `Prepared.close()` (or the Engine built
     from it) lets them go."""
-    from vramancer.engine.validation import check_context
+    from vramancer.engine.validation import check_context, check_cuda_graphs
 
     check_context(context)
+    check_cuda_graphs(cuda_graphs)
     spec = parse_device_spec(devices) if isinstance(devices, str) else devices
     if spec.clustered and not (spec.requests or spec.auto):
         raise VramancerError("remote devices hold decoder layers only; add a device of this machine "
@@ -534,16 +542,43 @@ def prepare(model: str, devices: str | DeviceSpec, context: int, dtype: str, rep
         profile = ModelProfile.from_model(meta, torch_dtype, weights_kind)
         size = int(split_footprint(profile, context) * SIMULATED_SHARE)
         local = resolve_devices(local_spec, simulated_size=size)
+        graphs = use_graphs(cuda_graphs, meta, local)
         model_key = f"{source.display_name}|{hashlib.sha256(config.to_json_string().encode()).hexdigest()}"
-        timings = profiler.measure(config, meta, local, torch_dtype, model_key, reprofile=reprofile, weights=weights_kind)
+        timings = profiler.measure(config, meta, local, torch_dtype, model_key, reprofile=reprofile, weights=weights_kind,
+                                   graphs=graphs)
         factory.add_external_timings(timings, config, local, remote, torch_dtype, model_key, source)
     except BaseException:
         close_devices(remote)
         let_go_of_gguf_reader()
         raise
     device_list = local + remote
-    return Prepared(source, config, profile, device_list, torch_dtype, fallback, context, Pricing(timings, profile),
-                    weights_kind, dtype_reason)
+    # A static cache (what graphs replay into) has every layer attend over the whole context.
+    pricing = Pricing(timings, profile, kv_length=context) if graphs else Pricing(timings, profile)
+    return Prepared(source, config, profile, device_list, torch_dtype, fallback, context, pricing,
+                    weights_kind, dtype_reason, graphs)
+
+
+def graphs_refusal(model: torch.nn.Module) -> str | None:
+    """Why CUDA graphs cannot replay this model, or None: transformers cannot run it from the
+    static KV cache they write into (its `_can_compile_fullgraph` says so: GPT-Neo's local
+    attention, MPT, Mamba)."""
+    if getattr(type(model), "_can_compile_fullgraph", False):
+        return None
+    return (f"{model.config.model_type} models cannot run from the static KV cache that CUDA graphs replay "
+            "(transformers does not support it for them); run with --no-cuda-graphs.")
+
+
+def use_graphs(mode: str, model: torch.nn.Module, devices: list[Device]) -> bool:
+    """What --cuda-graphs `mode` comes to for this model on these devices; `on` for a model
+    graphs cannot replay is refused in one sentence, `auto` quietly runs it eagerly."""
+    if mode == "off":
+        return False
+    refusal = graphs_refusal(model)
+    if mode == "on":
+        if refusal is not None:
+            raise VramancerError(refusal)
+        return True
+    return refusal is None and any(d.local and d.torch_device.type == "cuda" for d in devices)
 
 
 def choose_dtype(dtype: str, weights: str, kinds: set[str], config, reprofile: bool) -> tuple[torch.dtype, str]:

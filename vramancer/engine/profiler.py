@@ -100,13 +100,17 @@ def _syncer(device: torch.device) -> Callable[[], None]:
 
 
 def time_device(meta_model, config, torch_device: torch.device, dtype: torch.dtype, label: str,
-                weights: str = "native") -> DeviceTimings:
+                weights: str = "native", graphs: bool = False) -> DeviceTimings:
     """Timings of real layers of this model's architecture on one device, with `weights` as the
-    load will hold them (quantized weights run other kernels at other speeds). A model that
-    cannot be timed (an architecture whose layers refuse our probe) is priced from its bytes
-    instead, with a warning: timing only guides placement, so it never stops a load."""
+    load will hold them (quantized weights run other kernels at other speeds), and decode
+    steps replayed from CUDA graphs if `graphs` and the device is a GPU. A model that cannot
+    be timed (an architecture whose layers refuse our probe) is priced from its bytes instead,
+    with a warning: timing only guides placement, so it never stops a load."""
+    from vramancer.engine.cuda_graphs import CudaGraphRecorder, LayerGraphs
+
+    replay = LayerGraphs() if graphs and CudaGraphRecorder.accepts(torch_device) else None
     try:
-        return _time_real_layers(meta_model, config, torch_device, dtype, label, weights)
+        return _time_real_layers(meta_model, config, torch_device, dtype, label, weights, replay)
     except Exception as exc:  # noqa: BLE001 - any failure to time falls back to bytes
         log.warning("could not time %s on %s (%s: %s); pricing it from its bytes instead",
                     getattr(config, "model_type", "the model"), label, type(exc).__name__, _first_line(exc))
@@ -149,8 +153,9 @@ class _Segments:
 
 
 def _time_real_layers(meta_model, config, torch_device: torch.device, dtype: torch.dtype, label: str,
-                      weights: str = "native") -> DeviceTimings:
-    from transformers import AutoModelForCausalLM, DynamicCache
+                      weights: str = "native", graphs=None) -> DeviceTimings:
+    """`graphs`: a LayerGraphs that replays the timed decode steps, as the load will."""
+    from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
     from vramancer.engine.planner import ModelProfile
 
@@ -180,11 +185,18 @@ def _time_real_layers(meta_model, config, torch_device: torch.device, dtype: tor
         with torch.inference_mode():
             if torch_device.type == "cuda":
                 _keep_decoding(model, vocab, torch_device, sync, WARM_GPU_S)
+            if graphs is not None:  # after the warm-up, which is eager, as prompts are
+                for i, layer in enumerate(small.layers):
+                    graphs.install(layer, i)
 
             def decode_cost(kv_length: int) -> tuple[float, float, float]:
-                cache = DynamicCache(config=model.config)
-                model(torch.randint(0, vocab, (1, SHORT_KV), device=torch_device), cache=cache, use_cache=True)
-                _extend_cache(cache, kv_length - SHORT_KV)
+                if graphs is not None:  # a cache the recordings can write into, room for the timed steps
+                    cache = StaticCache(config=model.config, max_cache_len=kv_length + 16)
+                    model(torch.randint(0, vocab, (1, kv_length), device=torch_device), cache=cache, use_cache=True)
+                else:
+                    cache = DynamicCache(config=model.config)
+                    model(torch.randint(0, vocab, (1, SHORT_KV), device=torch_device), cache=cache, use_cache=True)
+                    _extend_cache(cache, kv_length - SHORT_KV)
                 token = torch.randint(0, vocab, (1, 1), device=torch_device)
                 # Each step adds one token to the cache: a handful of steps barely moves its length.
                 return segments.run(lambda: model(token, cache=cache, use_cache=True), repeat=7)
@@ -198,6 +210,10 @@ def _time_real_layers(meta_model, config, torch_device: torch.device, dtype: tor
             _, prefill, head_prefill = segments.run(lambda: model(prompt, use_cache=False), repeat=3, warmup=1)
     finally:
         segments.remove()
+        if graphs is not None:
+            for layer in small.layers:
+                graphs.remove(layer)
+            graphs.drop()
     return DeviceTimings(
         layer_decode_s=short / count,
         layer_decode_per_kv_s=max(long - short, 0.0) / count / max(long_kv - SHORT_KV, 1),
@@ -205,7 +221,7 @@ def _time_real_layers(meta_model, config, torch_device: torch.device, dtype: tor
         embed_s=embed_s,
         head_s=head_s,
         head_prefill_per_token_s=head_prefill / prompt.shape[1],
-        timed_as=label,
+        timed_as=label + (", CUDA graphs" if graphs is not None else ""),
     )
 
 
@@ -312,9 +328,12 @@ def _time_step_overhead(config, dtype: torch.dtype, torch_device: torch.device =
     return statistics.median(overheads)
 
 
-def profile_key(model_key: str, device: Device, dtype: torch.dtype, weights: str = "native") -> str:
+def profile_key(model_key: str, device: Device, dtype: torch.dtype, weights: str = "native",
+                graphs: bool = False) -> str:
     timed_as = "host-cpu" if device.torch_device.type == "cpu" else f"{device.name}-{device.label}"
     text = f"v{PROFILE_VERSION}|{model_key}|{timed_as}|{dtype}" + ("" if weights == "native" else f"|{weights}")
+    if graphs and device.torch_device.type == "cuda":
+        text += "|cuda-graphs"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -326,15 +345,17 @@ def measure(
     model_key: str,
     reprofile: bool = False,
     weights: str = "native",
+    graphs: bool = False,
 ) -> Timings:
     """Timings for every device and link, from the cache where it has them, for the model
-    with `weights` as the load holds them."""
+    with `weights` as the load holds them (and its GPU layers replayed from CUDA graphs if
+    `graphs`)."""
     folder = profile_folder()
     transfer = TransferManager(list(devices))
     device_timings: dict[str, DeviceTimings] = {}
     measured_here: dict[str, DeviceTimings] = {}  # one timing per physical device
     for device in devices:
-        key = profile_key(model_key, device, dtype, weights)
+        key = profile_key(model_key, device, dtype, weights, graphs)
         path = folder / f"{key}.json"
         timings = None if reprofile else read_cached(path)
         if timings is None:
@@ -342,7 +363,7 @@ def measure(
                 timings = measured_here[key]
             else:
                 label = "host CPU" if device.torch_device.type == "cpu" else f"{device.name} ({device.label})"
-                timings = time_device(meta_model, config, device.torch_device, dtype, label, weights)
+                timings = time_device(meta_model, config, device.torch_device, dtype, label, weights, graphs)
                 write_cached(path, timings)
         measured_here[key] = timings
         device_timings[device.name] = timings

@@ -17,6 +17,7 @@ THREADS_PER_CORE = 4  # past a few threads per core torch only loses time (and l
 MAX_CONTEXT = 1 << 24  # tokens; far past any model's trained length
 MAX_DISCOVER_SECONDS = 600.0
 WEIGHTS = ("auto", "native", "q8", "q4")  # --weights: how weights are held (engine/quantized.py)
+CUDA_GRAPHS = ("auto", "on", "off")  # --cuda-graphs (engine/cuda_graphs.py)
 
 
 def finite(flag: str, value: float) -> float:
@@ -71,6 +72,20 @@ def check_threads(value: int) -> None:
 def check_weights(name: str) -> None:
     if name not in WEIGHTS:
         raise VramancerError(f"--weights '{name}' is not a weights format; choose auto, native, q8 or q4.")
+
+
+def env_cuda_graphs() -> str:
+    """VRM_CUDA_GRAPHS as auto, on or off (1 and 0 as on and off)."""
+    text = os.environ.get("VRM_CUDA_GRAPHS", "auto").strip().lower()
+    mode = {"1": "on", "0": "off"}.get(text, text)
+    if mode not in CUDA_GRAPHS:
+        raise VramancerError(f"VRM_CUDA_GRAPHS '{text}' is not a choice; choose auto, on or off.")
+    return mode
+
+
+def check_cuda_graphs(mode: str) -> None:
+    if mode not in CUDA_GRAPHS:
+        raise VramancerError(f"--cuda-graphs '{mode}' is not a choice; choose auto, on or off.")
 
 
 def check_context(value: int) -> None:

@@ -197,16 +197,13 @@ class EngineWorker:
             self.engine.close()
             self.engine = None
         engine = Engine.load(options.model, options.devices, options.strategy, options.context, options.dtype,
-                             progress=progress, token_file=options.token_file, weights=options.weights)
+                             progress=progress, token_file=options.token_file, weights=options.weights,
+                             cuda_graphs=options.cuda_graphs)
         if self.engine is not None:
             self.engine.close()
         self.engine = engine
         self._batch = None  # made for this engine at its first Submit
         engine.auto_rebalance = options.auto_rebalance
-        try:
-            engine.cuda_graphs = options.cuda_graphs
-        except VramancerError as exc:  # the model loaded and runs; only the graphs are refused
-            self.emit(ev.Notice(str(exc)))
         engine.on_rebalance = self._rebalanced
         engine.on_fault = self._node_fault
         self.emit(ev.Loaded(
