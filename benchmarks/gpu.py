@@ -156,10 +156,23 @@ def decode_result(rounds, tokens, plain, tokenizer, engine, dispatched, device_m
                                           predicted / result.median(VRAMANCER, "decode_tok_s")))
     differ = {name: next(i for i, (a, b) in enumerate(zip(ids, seen[PLAIN])) if a != b)
               for name, ids in seen.items() if name != PLAIN and ids != seen[PLAIN]}
-    # bfloat16 rounds differently on the CPU and the GPU, so a difference can be a near-tie.
+    # bfloat16 rounds differently on the CPU and the GPU, so a difference can be a near-tie:
+    # say how far apart plain transformers' two best logits were where the tokens part.
     result.settings["same tokens as plain"] = "all" if not differ else ", ".join(
-        f"{name} differs from token {i}" for name, i in differ.items())
+        f"{name} differs from token {i} (plain's two best logits there {logit_gap(plain, inputs, seen[PLAIN][:i]):.3f} apart)"
+        for name, i in differ.items())
     return result
+
+
+def logit_gap(model, inputs: dict, new_tokens: list[int]) -> float:
+    """How far apart `model`'s two best logits are after the prompt and `new_tokens`."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids = torch.cat([inputs["input_ids"].to(device), torch.tensor([new_tokens], dtype=torch.long, device=device)], dim=1)
+    with torch.inference_mode():
+        top = torch.topk(model(input_ids=ids).logits[0, -1].float(), 2).values
+    return float(top[0] - top[1])
 
 
 def sampler(seen: dict, name: str, run):
