@@ -223,6 +223,7 @@ def test_auto_replays_where_a_cuda_device_is_and_the_switch_and_variable_say_oth
     with pytest.raises(VramancerError, match="VRM_CUDA_GRAPHS 'maybe' is not a choice; choose auto, on or off."):
         env_cuda_graphs()
     assert main(["plan", "--model", tiny_model_dir, "--devices", "sim:2x64MiB"]) == 2
+    monkeypatch.delenv("VRM_CUDA_GRAPHS")
     with pytest.raises(VramancerError, match="--cuda-graphs 'sometimes' is not a choice"):
         LoadOptions(cuda_graphs="sometimes").check()
 
@@ -241,3 +242,13 @@ def test_the_profiler_times_decode_steps_replayed_when_graphs_will_replay_them(t
     assert recorder.recordings == 2 * layers and recorder.replays >= 2 * 7 * layers
     assert timings.timed_as == "host CPU, CUDA graphs" and timings.layer_decode_s > 0
     assert not graphs.installed() and graphs.cache is None  # the timing model's layers let go
+
+
+@pytest.mark.parametrize("switch, on", [([], False), (["--cuda-graphs"], True), (["--no-cuda-graphs"], False)])
+def test_plan_says_whether_graphs_will_replay(tiny_model_dir, capsys, switch, on):
+    import json
+
+    from vramancer.cli import main
+
+    assert main(["plan", "--model", tiny_model_dir, "--devices", "sim:2x64MiB", "--json", *switch]) == 0
+    assert json.loads(capsys.readouterr().out)["cuda_graphs"] is on  # auto, with no CUDA device: off

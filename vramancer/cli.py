@@ -371,7 +371,7 @@ def _plan(args) -> int:
           + (" · simulated devices" if fallback or all(d.simulated for d in devices) else ""))
     print(f"  dtype {prepared.dtype_reason}")
     print(f"  kernels: {kernel_path(prepared.weights, dtype)}"
-          + ("; decode steps of CUDA layers replayed from CUDA graphs" if prepared.cuda_graphs else ""))
+          + ("; CUDA graphs on: decode steps of layers on CUDA devices replay recordings" if prepared.cuda_graphs else ""))
     width = max([8] + [len(row["device"]) for row in rows])
     for row in rows:
         parts = [f"{b.layers}" for b in plan.blocks() if b.device == row["device"]]

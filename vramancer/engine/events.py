@@ -198,6 +198,7 @@ class Loaded(Event):
     simulated: bool  # every device is simulated
     simulated_fallback: bool  # `auto` found no accelerator and made a simulated pool
     seconds: float
+    cuda_graphs: bool = False  # decode steps of CUDA layers replayed from graphs
 
 
 @dataclass(frozen=True)

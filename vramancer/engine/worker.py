@@ -216,6 +216,7 @@ class EngineWorker:
             simulated=engine.simulated,
             simulated_fallback=engine.simulated_fallback,
             seconds=time.perf_counter() - started,
+            cuda_graphs=engine.cuda_graphs,
         ))
         self._plan_changed()
 

@@ -101,7 +101,7 @@ class ModelHeader(Horizontal):
         else:
             devices = ", ".join(f"{d.name} {format_bytes(d.total)}" for d in loaded.devices)
         self.summary.update(f"{loaded.model} · {self.strategy} on {devices} · {loaded.dtype} · "
-                            f"context {loaded.context}")
+                            f"context {loaded.context}" + (" · CUDA graphs" if loaded.cuda_graphs else ""))
 
 
 def _names(devices) -> str:
