@@ -156,7 +156,7 @@ async def test_drag_tile_onto_another_column_migrates_it(tiny_model_dir):
 
         done = await wait_for(pilot, lambda: recorder.of(ev.MigrationDone), "the migration")
         assert (done[0].first, done[0].last, done[0].src, done[0].dst) == (0, 5, "sim1", "sim2")
-        await wait_for(pilot, lambda: tiles_on(app, "sim2") == ["L0–5 · 867 KiB", "head · 12.0 MiB"],
+        await wait_for(pilot, lambda: tiles_on(app, "sim2") == ["L0–5 · 867 KiB"],
                        "the tile to land in the sim2 column")
         assert tiles_on(app, "sim1") == []
         assert app.worker.engine.placement.layer_devices == ["sim2"] * 6
@@ -185,7 +185,8 @@ async def test_drop_on_a_device_too_small_is_refused_and_nothing_moves(tiny_mode
     recorder = Recorder(app)
     async with app.run_test(size=SIZE, message_hook=recorder) as pilot:
         await loaded(pilot)
-        assert tiles_on(app, "sim0") == ["embed · 12.0 MiB"]
+        # The head shares the embeddings' weight (tied) and sits beside them: only its norm is its own.
+        assert tiles_on(app, "sim0") == ["embed · 12.0 MiB", "head · 256 B"]
         before = app.worker.engine.placement.copy()
         embed, small = tile(app, "embed", "sim0"), column(app, "sim2")
 
@@ -202,7 +203,7 @@ async def test_drop_on_a_device_too_small_is_refused_and_nothing_moves(tiny_mode
         assert not recorder.of(ev.MigrationStarted), "a move that cannot fit never reaches the engine"
         assert "refused embed → sim2: embed does not fit on sim2" in log_text(app), "the refusal stays in the log"
         assert app.worker.engine.placement == before
-        assert tiles_on(app, "sim0") == ["embed · 12.0 MiB"] and tiles_on(app, "sim2") == []
+        assert tiles_on(app, "sim0") == ["embed · 12.0 MiB", "head · 256 B"] and tiles_on(app, "sim2") == []
         assert not embed.has_class("-moving")
 
         # The keyboard path lists sim2 too, greyed out, with how much it misses by.

@@ -51,7 +51,11 @@ def test_range_spanning_devices_and_several_blocks_per_device(engine):
 
 def test_embed_and_head_move_and_retie(engine):
     before = greedy(engine)
+    assert engine.placement.head == "sim0" and engine.split.tied  # planned beside the embeddings
+    engine.migrate("head", "head", "sim2")
     assert not engine.split.tied  # embed on sim0, head on sim2: separate copies
+    assert engine.device("sim2").ledger.claims["weights"] > 0
+    assert greedy(engine) == before
     engine.migrate("head", "head", "sim0")
     assert engine.placement.head == "sim0" and engine.split.tied
     assert engine.device("sim2").ledger.claims["weights"] == 0

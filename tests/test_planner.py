@@ -1,5 +1,7 @@
 """The planner's memory model and strategies, on a model profile with known sizes."""
 
+import dataclasses
+
 import pytest
 
 import torch
@@ -59,11 +61,19 @@ def test_proportional_follows_free_memory():
     plan = make_plan(PROFILE, devices("sim:400MiB,200MiB"), "proportional", CONTEXT)
     counts = layer_counts(plan)
     assert counts["sim0"] > counts["sim1"] > 0
-    assert plan.placement.embed == "sim0" and plan.placement.head == "sim1"
+    # The head's weight is the embeddings' (tied): it joins them, and the weight is held once.
+    assert plan.placement.embed == "sim0" and plan.placement.head == "sim0"
+    assert sum(need.weights for need in plan.needs.values()) == PROFILE.weight_bytes()
     # Contiguous: one block per device.
     assert [b.device for b in plan.blocks()] == ["sim0", "sim1"]
     for name, need in plan.needs.items():
         assert need.total <= plan.rooms[name]
+
+
+def test_an_untied_head_stays_after_the_last_layer():
+    untied = dataclasses.replace(PROFILE, tied_bytes=0)
+    plan = make_plan(untied, devices("sim:400MiB,200MiB"), "proportional", CONTEXT)
+    assert plan.placement.embed == "sim0" and plan.placement.head == "sim1"
 
 
 def test_equal_devices_get_equal_memory_not_equal_layer_counts():
@@ -99,7 +109,8 @@ def test_cpu_takes_only_the_overflow():
     plan = make_plan(PROFILE, tight, "proportional", CONTEXT)
     counts = layer_counts(plan)
     assert plan.placement.layer_devices[0] == "sim0" and counts["sim0"] >= 1
-    assert counts["cpu"] == 10 - counts["sim0"] and plan.placement.head == "cpu"
+    assert counts["cpu"] == 10 - counts["sim0"]
+    assert plan.placement.head == "sim0"  # tied: beside the embeddings, which costs no more weights there
 
 
 def test_unknown_strategy_is_refused():

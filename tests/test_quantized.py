@@ -43,7 +43,7 @@ def test_quantized_split_answers_like_the_same_quantized_model_unsplit(quantized
                              pad_token_id=engine.tokenizer.eos_token_id)
     assert split == out[0, inputs["input_ids"].shape[1]:].tolist()
     placement = engine.placement
-    assert len({placement.embed, *placement.layer_devices, placement.head}) == 3  # it really was split
+    assert len({placement.embed, *placement.layer_devices, placement.head}) > 1  # it really was split
 
 
 def test_devices_hold_quantized_weights_and_the_plan_counts_them(quantized, tiny_model_dir):
@@ -138,7 +138,7 @@ def test_bfloat16_split_answers_like_bfloat16_unsplit(tiny_model_dir):
     one = Engine.load(tiny_model_dir, "cpu", context=256, dtype="bfloat16")
     try:
         placement = split.placement
-        assert len({placement.embed, *placement.layer_devices, placement.head}) == 3
+        assert len({placement.embed, *placement.layer_devices, placement.head}) > 1
         assert split.generate(PROMPT, max_new_tokens=16).token_ids == one.generate(PROMPT, max_new_tokens=16).token_ids
     finally:
         split.close()

@@ -149,9 +149,13 @@ class PlanSnapshot:
         return Placement(list(self.layer_devices), self.embed, self.head)
 
     def part_bytes(self, first: int | str, last: int | str) -> int:
-        from vramancer.engine.planner import part_bytes
+        """What the parts hold where they are: beside its embeddings, a tied head holds no
+        copy of their weight."""
+        from vramancer.engine.planner import HEAD, part_bytes
 
-        return sum(part_bytes(self.profile, p) for p in parts_for_range(self.profile, first, last))
+        parts = parts_for_range(self.profile, first, last)
+        held = sum(part_bytes(self.profile, p) for p in parts)
+        return held - self.profile.tied_bytes if HEAD in parts and self.head == self.embed else held
 
     def would_fit(self, first: int | str, last: int | str, device: str, free: dict) -> str | None:
         """None if moving first..last to `device` fits the free bytes given, else the refusal.

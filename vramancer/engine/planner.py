@@ -331,7 +331,20 @@ def make_plan(
             f"model needs {format_bytes(single.total - single.reserve)} at context {context}; "
             f"free: {free}; use more or larger devices, a shorter --context, or a smaller --dtype."
         )
+    if strategy != "profiled":  # which is priced, logits and hand-overs included, as it is
+        placement = _tied_head_home(profile, devices, placement, context, rooms)
     return Plan(placement, strategy, context, device_needs(profile, placement, devices, context), rooms)
+
+
+def _tied_head_home(profile: ModelProfile, devices: Sequence[Device], placement: Placement, context: int,
+                    rooms) -> Placement:
+    """A head whose weight is the embeddings' (tied) goes where they are, if it fits there:
+    the weight is then held once instead of copied onto another device, and what crosses back
+    to the sampler each token is one hidden state instead of a row of logits."""
+    if not profile.tied_bytes or placement.head == placement.embed:
+        return placement
+    home = placement.moved([HEAD], placement.embed)
+    return home if _fits(profile, devices, home, context, rooms) else placement
 
 
 def _plan_with_nodes(profile: ModelProfile, devices: Sequence[Device], strategy: str, context: int,
@@ -370,6 +383,8 @@ def _plan_with_nodes(profile: ModelProfile, devices: Sequence[Device], strategy:
             f"model needs {format_bytes(single.total - single.reserve)} at context {context} with its embeddings "
             f"and head on this machine; free: {free}; use more or larger devices or a shorter --context."
         )
+    if strategy != "profiled":
+        placement = _tied_head_home(profile, ordered, placement, context, rooms)
     return Plan(placement, strategy, context, device_needs(profile, placement, ordered, context), rooms)
 
 
