@@ -331,7 +331,7 @@ def make_plan(
             f"model needs {format_bytes(single.total - single.reserve)} at context {context}; "
             f"free: {free}; use more or larger devices, a shorter --context, or a smaller --dtype."
         )
-    if strategy != "profiled":  # which is priced, logits and hand-overs included, as it is
+    if strategy != "profiled":  # profiled weighs logits and hand-overs itself: its choice stands
         placement = _tied_head_home(profile, devices, placement, context, rooms)
     return Plan(placement, strategy, context, device_needs(profile, placement, devices, context), rooms)
 
