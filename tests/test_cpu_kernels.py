@@ -105,32 +105,6 @@ def test_q4_weights_move_and_count_their_real_bytes():
     assert torch.equal(copy.dequantize(), weight.dequantize())
 
 
-def test_without_our_kernels_torchao_runs_in_bfloat16_and_plan_says_so(monkeypatch, tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    from vramancer.engine import cpu_kernels
-    from vramancer.engine.quantized import compute_dtype, kernel_path, quantize_model
-
-    assert compute_dtype("q4", torch.float32, {"sim"}) == torch.float32
-    assert "VRAMancer's AVX2 CPU kernels" in kernel_path("q4", torch.float32)
-    monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)
-    monkeypatch.setattr(cpu_kernels, "_reason", "this CPU lacks AVX2/FMA (torch reports DEFAULT)")
-    assert compute_dtype("q4", torch.float32, {"sim"}) == torch.bfloat16
-    assert kernel_path("q4", torch.float32) == "q4 weights: torchao/torch kernels (this CPU lacks AVX2/FMA (torch reports DEFAULT))"
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
-    quantize_model(model, "q4")
-    assert type(model.model.layers[0].mlp.up_proj.weight).__name__ == "Int4OpaqueTensor"
-    ids = torch.tensor([[1, 2, 3]])
-    with torch.inference_mode():
-        assert model(ids).logits.shape[-1] == model.config.vocab_size
-
-
-def test_a_gpu_among_the_devices_keeps_torchaos_bfloat16():
-    from vramancer.engine.quantized import compute_dtype
-
-    assert compute_dtype("q8", torch.float32, {"cuda", "cpu"}) == torch.bfloat16
-
-
 @pytest.mark.parametrize("heads,kv_heads,positions", [(9, 3, 1), (9, 3, 57), (4, 4, 130), (8, 2, 7)])
 def test_decode_attention_matches_sdpa(heads, kv_heads, positions):
     torch.manual_seed(positions)

@@ -53,8 +53,8 @@ def _add_load_flags(parser: argparse.ArgumentParser, model: bool = True, inherit
     add_argument("--context", type=int, default=None,
                  help="tokens of KV cache to budget for (default 2048)")
     add_argument("--dtype", default=_env("DTYPE", "auto"), choices=["auto", "float32", "float16", "bfloat16"],
-                 help="auto: bfloat16 where this CPU measured it faster (or under quantized weights), "
-                      "the GPU's half type on GPUs, else float32")
+                 help="auto: float32 on CPU and simulated devices (bfloat16 where torchao's kernels run "
+                      "quantized weights), the GPU's half type on GPUs; never chosen by a timing")
     add_argument("--weights", default=_env("WEIGHTS", "native"),
                  help="native (the dtype) | q8 (int8) | q4 (4-bit, CPU and sim devices) | auto "
                       "(a GGUF keeps its own width): weights stay quantized on every device")

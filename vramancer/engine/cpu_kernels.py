@@ -14,7 +14,7 @@ The extension is compiled once (g++ through torch's cpp_extension and ninja, two
 minutes on two cores) into `<cache>/kernels/<key>/`, keyed by the source, the flags and the torch and
 Python versions, and later loaded in milliseconds. `make setup` builds it ahead of time. The
 build is locked (torch's own lock file in that folder), so parallel test processes compile it
-once. Where the CPU lacks AVX2/FMA/F16C or the build fails, `kernels()` returns None and says
+once. Where the CPU lacks AVX2/FMA/F16C, the build fails or VRM_CPU_KERNELS=off turns them off, `kernels()` returns None and says
 why in `unavailable_reason()`; the engine then uses torchao's kernels.
 """
 
@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from vramancer.engine.cache_dir import cache_root
+from vramancer.engine.precision import KERNELS_ENV, kernels_turned_off
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ def build_dir() -> Path:
 def kernels():
     """The compiled module (q4_linear, q8_linear, rms_norm), or None where it cannot run here."""
     global _reason
+    if kernels_turned_off():
+        _reason = f"turned off by {KERNELS_ENV}=off"
+        return None
     if not cpu_supports_kernels():
         _reason = f"this CPU lacks AVX2/FMA (torch reports {torch.backends.cpu.get_cpu_capability()})"
         return None

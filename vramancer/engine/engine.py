@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from vramancer.engine import factory, recovery
+from vramancer.engine import factory, precision, recovery
 from vramancer.engine.architecture import cache_bytes
 from vramancer.engine.devices import Device, DeviceLost, DeviceSpec, close_devices, parse_device_spec, resolve_devices
 from vramancer.engine.errors import VramancerError
@@ -51,10 +51,9 @@ from vramancer.engine.planner import (
     split_footprint,
 )
 from vramancer.engine import profiler
-from vramancer.engine.options import LoadOptions
 from vramancer.engine.profiler import Prediction, Pricing
 from vramancer.engine.rebalance import rebalance as relieve_pressure
-from vramancer.engine.quantized import compute_dtype, resolve_weights
+from vramancer.engine.quantized import our_kernels, resolve_weights
 from vramancer.engine.runtime import SplitModel
 from vramancer.engine.transfer import LinkStats, TransferManager
 
@@ -537,7 +536,7 @@ def prepare(model: str, devices: str | DeviceSpec, context: int, dtype: str, rep
         if weights_kind != "native" and remote:
             raise VramancerError(f"--weights {weights} quantizes this machine's copy of the model; remote devices "
                                  "load theirs unquantized, so use --weights native with them.")
-        torch_dtype, dtype_reason = choose_dtype(dtype, weights_kind, all_kinds, config, reprofile)
+        torch_dtype, dtype_reason = choose_dtype(dtype, weights_kind, all_kinds)
         meta = build_meta_model(config, torch_dtype)
         profile = ModelProfile.from_model(meta, torch_dtype, weights_kind)
         size = int(split_footprint(profile, context) * SIMULATED_SHARE)
@@ -581,20 +580,16 @@ def use_graphs(mode: str, model: torch.nn.Module, devices: list[Device]) -> bool
     return refusal is None and any(d.local and d.torch_device.type == "cuda" for d in devices)
 
 
-def choose_dtype(dtype: str, weights: str, kinds: set[str], config, reprofile: bool) -> tuple[torch.dtype, str]:
-    """The compute dtype and the reason for it, which `plan` shows."""
+def choose_dtype(dtype: str, weights: str, kinds: set[str]) -> tuple[torch.dtype, str]:
+    """The compute dtype and the reason for it, which `plan` shows. `auto` follows the rule in
+    engine/precision.py: what the machine is, never a timing."""
     if dtype != "auto":
-        return resolve_dtype(dtype, kinds), f"{dtype}: as asked"
-    if weights != "native":
-        chosen = compute_dtype(weights, torch.float32, kinds)
-        name = str(chosen).removeprefix("torch.")
-        return chosen, f"{name}: the activations the {weights} kernels run fast with"
-    if kinds <= {"cpu", "sim"}:
-        choice = profiler.cpu_dtype_choice(getattr(config, "hidden_size", 1024),
-                                           getattr(config, "intermediate_size", 4096), reprofile)
-        return DTYPES[choice.dtype], choice.reason
-    chosen = resolve_dtype(dtype, kinds)
-    return chosen, f"{str(chosen).removeprefix('torch.')}: the GPU's half type"
+        return resolve_dtype(dtype), f"{dtype}: as asked"
+    on_cpus = kinds <= precision.CPU_KINDS
+    kernels = on_cpus and weights != "native" and our_kernels(torch.float32)  # may build them, once
+    cuda_bf16 = "cuda" in kinds and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    choice = precision.auto_dtype(kinds, weights, kernels, precision.cpu_flags(), cuda_bf16)
+    return DTYPES[choice.name], choice.reason
 
 
 __all__ = ["Engine", "LoadOptions", "prepare", "EMBED", "HEAD"]

@@ -261,17 +261,11 @@ def _from_pretrained(location: str, dtype: torch.dtype, **kwargs) -> torch.nn.Mo
     return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, device_map="cpu", **kwargs)
 
 
-def resolve_dtype(name: str, device_kinds: set[str]) -> torch.dtype:
-    """`auto`: float32 when everything is on the CPU or simulated, else the GPU's half type."""
-    if name != "auto":
-        if name not in DTYPES:
-            raise VramancerError(f"'{name}' is not a dtype; choose auto, float32, float16 or bfloat16.")
-        return DTYPES[name]
-    if device_kinds <= {"cpu", "sim"}:
-        return torch.float32
-    if "cuda" in device_kinds and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
+def resolve_dtype(name: str) -> torch.dtype:
+    """The torch dtype a `--dtype` name asks for (`auto` is decided by engine/precision.py)."""
+    if name not in DTYPES:
+        raise VramancerError(f"'{name}' is not a dtype; choose auto, float32, float16 or bfloat16.")
+    return DTYPES[name]
 
 
 def split_refusal(model: torch.nn.Module) -> str | None:

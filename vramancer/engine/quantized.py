@@ -38,7 +38,6 @@ from vramancer.engine.errors import VramancerError
 from vramancer.engine.validation import check_weights
 
 Q4_GROUP = 32  # weights per scale/zero pair: GGUF's Q4_0/Q4_1 block size
-QUANTIZED_DTYPE = torch.bfloat16  # the activations torchao's kernels are fast with (our own take float32)
 
 # GGUF `general.file_type` (llama.cpp's LLAMA_FTYPE) → the nearest width we run.
 _GGUF_FILE_TYPES = {
@@ -120,16 +119,6 @@ def our_kernels(dtype: torch.dtype) -> bool:
     from vramancer.engine.cpu_kernels import kernels
 
     return kernels() is not None
-
-
-def compute_dtype(weights: str, dtype: torch.dtype, device_kinds: set[str] = frozenset({"cpu"})) -> torch.dtype:
-    """The activations' dtype under `weights`: float32 where our CPU kernels run (CPU and
-    simulated devices), else bfloat16 for torchao's kernels; `dtype` under native weights."""
-    if weights == "native":
-        return dtype
-    if device_kinds <= {"cpu", "sim"} and our_kernels(torch.float32):
-        return torch.float32
-    return QUANTIZED_DTYPE
 
 
 def kernel_path(weights: str, dtype: torch.dtype) -> str:
