@@ -45,9 +45,10 @@ DEFAULT_SAMPLING = {"max_new_tokens": 256, "temperature": 0.0}
 SHUTDOWN_TIMEOUT = 1.0
 IMPORT_STAGE = "importing torch, transformers"
 # Device and link readings per second: once a second, what nvitop defaults to (btop: every 2 s).
-# The engine's own default is twice (DESIGN.md); at that rate the idle dashboard measured 1.9-3.6 %
-# of a core against 1.5-1.7 % at once a second (`vramancer --devices auto` in a pseudo-terminal,
-# 120x40 and 200x60, 2026-11-27), over the 2 % budget, for no reading a person can use.
+# The engine's own default is twice (engine/telemetry.py; docs/design/scheduling.md); at that rate
+# the idle dashboard measured 1.9-3.6 % of a core against 1.5-1.7 % at once a second (`vramancer
+# --devices auto` in a pseudo-terminal, 120x40 and 200x60), over the 2 % budget, for no reading
+# a person can use.
 TELEMETRY_HZ = 1.0
 
 Handler = Callable[["ev.Event"], "Awaitable[None] | None"]

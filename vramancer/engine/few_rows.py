@@ -6,15 +6,9 @@ for 2-8 rows, which here costs two to three times one row's time: the weights, t
 the cache, are read more than once. MKL asked the other way round, W @ x.T, reads them once
 but at 4-6 GB/s, and its output must be copied back to row-major rows. Our `few_rows_linear`
 kernel (engine/kernels/few_rows.cpp) streams each weight row once through up to 8 rows' worth
-of accumulators and writes row-major rows. `python -m benchmarks.few_rows` on the 2-core AMD
-EPYC machine, 1 thread, weights out of cache, 12:17 UTC (load 3; ms per layer, 1 / 2 / 4 / 8
-rows; GB/s of weights read at 8 rows; reading memory alone: 10-13 GB/s):
-
-    576 x 576     linear 0.13 0.32 0.26 0.43    W @ x.T 0.16 0.20 0.20 0.41 (3.2)    ours 0.12 0.13 0.15 0.20 (6.7)
-    192 x 576     linear 0.06 0.12 0.18 0.18    W @ x.T 0.06 0.06 0.12 0.11 (4.2)    ours 0.05 0.04 0.11 0.07 (6.2)
-    1536 x 576    linear 0.44 1.57 0.78 1.03    W @ x.T 0.45 0.93 0.57 0.97 (3.6)    ours 0.33 0.53 0.46 0.56 (6.3)
-    576 x 1536    linear 0.61 0.52 0.61 0.76    W @ x.T 0.58 0.47 0.59 1.07 (3.3)    ours 0.64 0.38 0.38 0.54 (6.6)
-    49152 x 576   linear 16   44   33   35      W @ x.T 17   22   18   24   (4.7)    ours 13   13   11   14   (8.2)
+of accumulators and writes row-major rows: at 8 rows it read the weights 1.5-2x as fast as
+W @ x.T, in about half of `linear`'s time (`python -m benchmarks.few_rows` times the three per
+layer shape; the figures are in docs/benchmarks.md).
 
 At 8 rows the kernel is bound by its multiply-adds more than by memory (15 GB/s with the
 weights in L2). A row's result does not depend on the others in its batch or on the thread
@@ -29,9 +23,8 @@ Where our kernels cannot run (`cpu_kernels.kernels()` is None), 2-8 rows take W 
 The same step's RMSNorms (six eager ops each) and attention (SDPA with the batch's padding
 mask, ~0.4 ms a layer at 8 rows) run through our fused `rms_norm` and `decode_attention` with that mask
 (~0.15 ms) for 2-8 rows, each row over its own unpadded positions; one row keeps torch's own.
-A batch-8 decode step of the bundled model, split 2-way, 1 thread (`python -m benchmarks.batching
---threads 1 --compare 1`, 12:58 UTC, load 2): 109 ms with all three, 140 ms with the linear
-kernel alone, 197 ms on torch's paths.
+`python -m benchmarks.batching --compare 1` times a batch step with all three, with the linear
+kernel alone, and on torch's paths.
 """
 
 from __future__ import annotations

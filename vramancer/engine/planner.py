@@ -218,7 +218,7 @@ def part_bytes(profile: ModelProfile, part: str | int) -> int:
 
 def device_need(profile: ModelProfile, parts: Sequence[str | int], reserve: int, context: int) -> DeviceNeed:
     """The memory model for one device holding `parts`, which keeps `reserve` bytes free for
-    what no tensor accounts for (`Device.reserve`; DESIGN.md, "Memory model")."""
+    what no tensor accounts for (`Device.reserve`; docs/design/memory-model.md)."""
     need = DeviceNeed()
     if not parts:
         return need
