@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 # the user's cache (two to three minutes); afterwards this only checks they are there. Never
 # fails: without a compiler or AVX2, torch's and torchao's kernels run instead, and this says why.
 kernels: $(STAMP)
-	$(PY) -m vramancer.engine.cpu_kernels
+	$(PY) -m vramancer.kernels.cpu.build
 
 run: setup
 	$(VENV)/bin/vramancer

@@ -12,7 +12,7 @@ token (the prefills run one after another, so the last request waits for the oth
 
 `--threads` sets torch's threads (0: torch's default, one per core). On a machine other work
 shares, 1 thread is steadier: threads that wait for a busy core spin. `--compare 1` adds, in the
-same turns, batches of 4 and 8 on torch's own paths instead of our kernels (engine/few_rows.py:
+same turns, batches of 4 and 8 on torch's own paths instead of our kernels (kernels/cpu/few_rows.py:
 linear layers on MKL's W @ x.T, RMSNorm eager, attention SDPA), and a batch of 8 with only our
 linear-layer kernel.
 """
@@ -62,8 +62,8 @@ def batch_runner(engine, count: int, tokens: int):
 
 def without(kernels: set[str], run):
     """`run` with a batch's rows on torch's own paths instead of these of our kernels
-    (engine/few_rows.py: linear layers on MKL's W @ x.T, RMSNorm and attention eager/SDPA)."""
-    from vramancer.engine import few_rows
+    (kernels/cpu/few_rows.py: linear layers on MKL's W @ x.T, RMSNorm and attention eager/SDPA)."""
+    from vramancer.kernels.cpu import few_rows
 
     def plain() -> dict:
         few_rows.enabled.difference_update(kernels)
@@ -88,7 +88,7 @@ def bench(rounds: int = 3, tokens: int = 48, threads: int = 0, compare: int = 0)
     import torch
 
     from vramancer.engine import Engine
-    from vramancer.engine.few_rows import KERNELS
+    from vramancer.kernels.cpu.few_rows import KERNELS
 
     if threads:
         torch.set_num_threads(threads)

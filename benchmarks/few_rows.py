@@ -1,4 +1,4 @@
-"""The float32 linear layers of a decode batch (engine/few_rows.py): our `few_rows_linear`
+"""The float32 linear layers of a decode batch (kernels/cpu/few_rows.py): our `few_rows_linear`
 kernel against torch's `F.linear` (x @ W.T) and MKL's W @ x.T (plus the copy back to
 row-major rows), per layer shape of the bundled model and rows per step, one thread.
 
@@ -35,7 +35,7 @@ def mkl_w_xt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def contenders() -> dict[str, Callable[[torch.Tensor, torch.Tensor], object]]:
-    from vramancer.engine.cpu_kernels import kernels, unavailable_reason
+    from vramancer.kernels.cpu.build import kernels, unavailable_reason
 
     ops = kernels()
     if ops is None:

@@ -235,7 +235,7 @@ def transfer_result(rounds: int, engine) -> Result:
     """TransferManager's host ⇄ cuda:0 copies against copy_ with pinned memory, and migrations."""
     import torch
 
-    from vramancer.engine.transfer import TransferManager
+    from vramancer.runtime.transfer import TransferManager
 
     result = Result(
         "gpu_transfer", "GPU transfers: host ⇄ cuda:0 and migrations",

@@ -98,7 +98,7 @@ EOF
 "$PY" -m pip list > "$OUT/pip_list.txt" 2>/dev/null
 
 section "CPU kernels (the float32 tests' CPU layers use them; built once, about a minute on 16 cores)"
-timeout -k 10 240 "$PY" -m vramancer.engine.cpu_kernels
+timeout -k 10 240 "$PY" -m vramancer.kernels.cpu.build
 echo "kernel build exit status: $?"
 
 section "pytest -m cuda tests/test_cuda.py"

@@ -1,6 +1,6 @@
 """Where a GPU prediction and the real decode step part ways, part by part.
 
-The profiler prices a decode step from timings of a cut copy of the model (engine/profiler.py);
+The profiler prices a decode step from timings of a cut copy of the model (profiling/timing.py);
 the engine then decodes. On the first GPU runs the prediction came out 2-5x pessimistic. This
 prints, for a random-weight Llama (~170 M parameters, bfloat16) on cuda:0 and on the host CPU:
 
@@ -66,7 +66,7 @@ def unhooked_step_ms(config, device, dtype, count: int, steps: int = 20) -> tupl
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from vramancer.engine.architecture import cut_config
+    from vramancer.model.architecture import cut_config
 
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cut_config(config, count), dtype=dtype).eval()
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.random_llama import MEDIUM, build, save
     from vramancer.engine import Engine
-    from vramancer.engine import profiler
-    from vramancer.engine.models import build_meta_model, load_config, resolve_model
+    from vramancer.profiling import timing as profiler
+    from vramancer.model.loading import build_meta_model, load_config, resolve_model
 
     say(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
         f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")

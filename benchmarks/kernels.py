@@ -1,4 +1,4 @@
-"""Our quantized matmul kernels (engine/cpu_kernels.py) on one thread, one activation row: the
+"""Our quantized matmul kernels (kernels/cpu/build.py) on one thread, one activation row: the
 time of one call and the weight bytes it reads per second, next to what memory gives.
 
 A decode step multiplies one row by every weight matrix once, so the number that matters is
@@ -54,7 +54,7 @@ def make_weights(case: Case) -> list[tuple]:
     many copies as it takes to read ≥ 64 MB before one comes round again."""
     import torch
 
-    from vramancer.engine.int4_blocks import to_tiles
+    from vramancer.quantization.q4_blocks import to_tiles
 
     copies = 1 if case.in_cache else max(2, math.ceil(OUT_OF_CACHE_BYTES / case.nbytes()))
     n, k = case.out_features, case.in_features
@@ -70,7 +70,7 @@ def make_weights(case: Case) -> list[tuple]:
 
 def kernel_call(weights: str) -> Callable:
     """x, weight tuple → the current `q4_linear` / `q8_linear` (looked up at call time)."""
-    from vramancer.engine.cpu_kernels import kernels
+    from vramancer.kernels.cpu.build import kernels
 
     name = f"{weights}_linear"
     return lambda x, w: getattr(kernels(), name)(x, *w)
@@ -112,7 +112,7 @@ def memory_read() -> Callable[[], Sample]:
 def bench(rounds: int = 5) -> Result:
     import torch
 
-    from vramancer.engine.cpu_kernels import kernels, unavailable_reason
+    from vramancer.kernels.cpu.build import kernels, unavailable_reason
 
     torch.set_num_threads(1)
     result = Result("kernels", "Quantized matmul kernels, 1 activation row, 1 thread (weight bytes read per second)",

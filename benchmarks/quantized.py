@@ -83,7 +83,7 @@ class LlamaCpp:
 
 def held_bytes(engine) -> int:
     """Bytes the engine's weights occupy across its devices (an untied copy counts twice)."""
-    from vramancer.engine.quantized import stored_bytes
+    from vramancer.quantization.weights import stored_bytes
 
     tensors = {id(t): t for t in list(engine.model.parameters()) + list(engine.model.buffers())}
     return sum(stored_bytes(t) for t in tensors.values())
@@ -93,8 +93,8 @@ def bench(rounds: int = 3, tokens: int = 64) -> Result:
     import torch
 
     from vramancer.engine import Engine
-    from vramancer.engine.generation import encode_prompt
-    from vramancer.engine.models import bundled_model_path
+    from vramancer.scheduling.generation import encode_prompt
+    from vramancer.model.loading import bundled_model_path
 
     torch.set_num_threads(1)
     gguf = bundled_model_path()
@@ -110,7 +110,7 @@ def bench(rounds: int = 3, tokens: int = 64) -> Result:
                Q8_ONE: Engine.load("default", "cpu", weights="q8"),
                Q8_SPLIT: Engine.load("default", SPLIT_2, weights="q8")}
     seen: dict[str, list[int]] = {}
-    from vramancer.engine.quantized import kernel_path
+    from vramancer.quantization.weights import kernel_path
 
     for weights in ("q4", "q8"):
         result.settings[f"{weights} kernels"] = kernel_path(weights, engines[Q4_SPLIT if weights == "q4" else Q8_SPLIT].dtype)

@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
-# The compiled CPU kernels (engine/cpu_kernels.py) are the ones `make setup` built into the
+# The compiled CPU kernels (kernels/cpu/build.py) are the ones `make setup` built into the
 # user's cache: keyed by their source and versions, they hold nothing of any test's, and a
 # fresh folder would cost a compile (a minute) per run.
 if "VRM_KERNEL_DIR" not in os.environ:
@@ -31,7 +31,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from vramancer.engine.models import bundled_model_path
+    from vramancer.model.loading import bundled_model_path
 
     path = bundled_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

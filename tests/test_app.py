@@ -631,7 +631,7 @@ async def test_squeeze_from_the_palette_rebalances_and_the_header_shows_speeds(t
         await pilot.press("enter")
         moved = await wait_for(pilot, lambda: recorder.of(ev.MigrationDone), "the rebalancing move")
         assert moved[0].src == "sim1" and "short of memory" in moved[0].reason
-        from vramancer.engine.rebalance import pressures
+        from vramancer.runtime.rebalance import pressures
 
         engine = app.worker.engine
         assert engine.placement.layer_devices.count("sim1") < 6 and not pressures(engine)

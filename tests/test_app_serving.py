@@ -14,7 +14,7 @@ import pytest
 
 from vramancer.app import VramancerApp
 from vramancer.engine import events as ev
-from vramancer.engine.options import LoadOptions
+from vramancer.config.options import LoadOptions
 from vramancer.widgets.events_log import EventsLog
 from vramancer.widgets.requests import KEPT
 

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from vramancer.app import VramancerApp
-from vramancer.engine import profiler
-from vramancer.engine.options import LoadOptions
+from vramancer.profiling import timing as profiler
+from vramancer.config.options import LoadOptions
 from vramancer.widgets.devices import DeviceCard
 
 

@@ -163,7 +163,7 @@ def plan_json(capsys, folder) -> tuple[int, dict]:
 @pytest.mark.parametrize("model_type", sorted(MATRIX))
 def test_architecture_splits_with_identical_tokens(model_type, byte_tokenizer, tmp_path, capsys, caplog):
     from vramancer.engine import Engine
-    from vramancer.engine.architecture import cache_bytes, cache_tensors
+    from vramancer.model.architecture import cache_bytes, cache_tensors
 
     model = build(model_type, MATRIX[model_type], byte_tokenizer, tmp_path)
     expected = plain_greedy(model, byte_tokenizer)
@@ -279,7 +279,8 @@ def test_unsupported_architecture_is_refused_before_loading(model_type, tmp_path
 
 
 def test_a_model_the_profiler_cannot_time_still_loads_priced_from_bytes(byte_tokenizer, tmp_path, monkeypatch, caplog):
-    from vramancer.engine import Engine, profiler
+    from vramancer.engine import Engine
+    from vramancer.profiling import timing as profiler
 
     def cannot_time(*args, **kwargs):
         raise RuntimeError("this layer cannot run outside its model")
@@ -350,7 +351,7 @@ def test_a_gguf_of_another_architecture_loads_through_the_weights_cache(tmp_path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vramancer.engine import Engine
-    from vramancer.engine.models import gguf_cache_entry, resolve_model
+    from vramancer.model.loading import gguf_cache_entry, resolve_model
 
     path = tmp_path / "tiny-qwen2.gguf"
     write_qwen2_gguf(path)

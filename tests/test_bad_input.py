@@ -21,7 +21,7 @@ import pytest
 
 from vramancer.cli import main
 from vramancer.engine import engine as engine_module
-from vramancer.engine import models
+from vramancer.model import loading as models
 
 TOKEN_FILE_LIMIT = "more than 4096 bytes"
 

@@ -422,7 +422,7 @@ def test_bundled_eight_concurrent_requests_answer_as_alone_and_survive_a_migrati
 def test_a_device_lost_mid_batch_rebuilds_every_sequence_and_the_answers_go_on(engine, monkeypatch):
     """DeviceLost from a layer in the middle of a step (as a node's stand-in raises it): the
     batch re-places what was lost, prefills each sequence's prompt and tokens so far, and goes on."""
-    from vramancer.engine.devices import DeviceLost
+    from vramancer.platforms.devices import DeviceLost
 
     solo = {p: engine.generate(p, max_new_tokens=20).token_ids for p in PROMPTS[:3]}
     layer = engine.split.layer_modules[3]

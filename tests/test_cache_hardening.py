@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vramancer.engine import models
+from vramancer.model import loading as models
 
 PROMPT = "Tell me about the sea."
 
@@ -32,13 +32,13 @@ def greedy_tokens(model_dir: str) -> list[int]:
 
 def profile_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.name == "vramancer.engine.profiler" and "cannot be written" in r.getMessage()]
+            if r.name == "vramancer.profiling.timing" and "cannot be written" in r.getMessage()]
 
 
 @pytest.fixture
 def fresh_profile_warnings(monkeypatch):
     """Each test starts with no profile-cache warning given yet in this process."""
-    from vramancer.engine import profiler
+    from vramancer.profiling import timing as profiler
 
     monkeypatch.setattr(profiler, "_CACHE_WARNED", set())
 

@@ -43,7 +43,7 @@ def reference_tokens():
     load also fills the GGUF cache that the nodes then read from.)"""
     import torch
 
-    from vramancer.engine.models import load_tokenizer, load_weights, resolve_model
+    from vramancer.model.loading import load_tokenizer, load_weights, resolve_model
 
     source = resolve_model("default")
     tokenizer = load_tokenizer(source)
@@ -165,8 +165,8 @@ def test_migrations_between_this_machine_and_the_nodes_keep_the_tokens(cluster_e
 
 
 def test_remote_devices_take_layers_only_and_are_squeezed_on_their_own_machine(cluster_engine, two_nodes):
-    from vramancer.engine.errors import VramancerError
-    from vramancer.engine.migration import MigrationRefused
+    from vramancer.config.errors import VramancerError
+    from vramancer.runtime.migration import MigrationRefused
 
     engine = cluster_engine
     before = list(engine.placement.layer_devices)
@@ -179,8 +179,8 @@ def test_remote_devices_take_layers_only_and_are_squeezed_on_their_own_machine(c
 
 def test_a_wrong_or_missing_token_is_refused_and_nothing_is_loaded(tmp_path, monkeypatch):
     from vramancer.engine import Engine
-    from vramancer.engine.cluster import AdmissionRefused
-    from vramancer.engine.cluster.client import NodeConnection
+    from vramancer.cluster import AdmissionRefused
+    from vramancer.cluster.client import NodeConnection
 
     (node,) = start_nodes(tmp_path, 1)
     try:
@@ -250,7 +250,7 @@ def test_a_node_killed_mid_answer_is_replaced_and_the_answer_is_unchanged(tmp_pa
 
 def test_a_lost_node_whose_layers_fit_nowhere_stops_the_answer_clearly(tmp_path, reference_tokens):
     from vramancer.engine import Engine
-    from vramancer.engine.recovery import NoRoomAfterLoss
+    from vramancer.runtime.recovery import NoRoomAfterLoss
 
     (node,) = start_nodes(tmp_path, 1)
     engine = None
@@ -285,7 +285,7 @@ def test_the_dashboard_worker_rides_out_a_node_cut_off_mid_answer(tmp_path, refe
 
     from vramancer.engine import LoadOptions
     from vramancer.engine import events as ev
-    from vramancer.engine.cluster.client import HEARTBEAT_S
+    from vramancer.cluster.client import HEARTBEAT_S
     from vramancer.engine.worker import EngineWorker
 
     nodes = start_nodes(tmp_path, 2)

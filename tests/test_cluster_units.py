@@ -13,9 +13,9 @@ import time
 import psutil
 import pytest
 
-from vramancer.engine.cluster import protocol as p
-from vramancer.engine.cluster.discovery import NodeAdvert, parse_properties
-from vramancer.engine.devices import parse_device_spec
+from vramancer.cluster import protocol as p
+from vramancer.cluster.discovery import NodeAdvert, parse_properties
+from vramancer.platforms.devices import parse_device_spec
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,7 +47,7 @@ def test_remote_devices_mix_with_local_ones_in_one_spec():
     ("cpu,node:h:7070/sim0=lots", "is not a size"),
 ])
 def test_bad_remote_specs_are_one_sentence(text, words):
-    from vramancer.engine.errors import VramancerError
+    from vramancer.config.errors import VramancerError
 
     with pytest.raises(VramancerError, match=words):
         parse_device_spec(text)
@@ -112,7 +112,7 @@ def test_an_advert_tolerates_missing_and_odd_device_lists():
 
 @pytest.fixture
 def node_server():
-    from vramancer.engine.cluster.node import NodeServer, node_devices
+    from vramancer.cluster.node import NodeServer, node_devices
 
     server = NodeServer(node_devices("sim:2x1GiB"), TOKEN.encode(), "127.0.0.1", 0, advertise=False)
     server.listen()
@@ -124,13 +124,13 @@ def node_server():
 
 
 def connect(server, token: bytes | None = TOKEN.encode()):
-    from vramancer.engine.cluster.client import NodeConnection
+    from vramancer.cluster.client import NodeConnection
 
     return NodeConnection("127.0.0.1", server.port, token).connect()
 
 
 def test_admission_forms_a_group_and_everything_listens_on_loopback_only(node_server):
-    from vramancer.engine.cluster.client import remote_devices
+    from vramancer.cluster.client import remote_devices
 
     node = connect(node_server)
     try:
@@ -162,7 +162,7 @@ def test_a_wrong_token_and_no_token_are_refused_and_logged(node_server, caplog):
     node_lines = [r.getMessage() for r in caplog.records if r.name == "vramancer.node"]
     assert any("its cluster token does not match; no process group formed" in m for m in node_lines)
     assert any("it offered no cluster token" in m for m in node_lines)
-    coordinator_lines = [r.getMessage() for r in caplog.records if r.name.startswith("vramancer.engine.cluster")]
+    coordinator_lines = [r.getMessage() for r in caplog.records if r.name.startswith("vramancer.cluster")]
     assert sum("refused this coordinator" in m for m in coordinator_lines) == 2
     assert node_server.session is None and node_server.model is None
 
@@ -212,7 +212,7 @@ def test_a_node_that_cannot_prove_the_token_is_not_used():
 
     thread = threading.Thread(target=impostor, daemon=True)
     thread.start()
-    from vramancer.engine.cluster.client import NodeConnection
+    from vramancer.cluster.client import NodeConnection
 
     with pytest.raises(p.AdmissionRefused, match="could not prove it holds the cluster token"):
         NodeConnection("127.0.0.1", port, TOKEN.encode()).connect()
@@ -241,17 +241,17 @@ def test_a_dead_node_is_noticed_and_requests_fail_clearly(node_server):
 def tiny_profile(tiny_model_dir):
     import torch
 
-    from vramancer.engine.models import build_meta_model, load_config, resolve_model
-    from vramancer.engine.planner import ModelProfile
+    from vramancer.model.loading import build_meta_model, load_config, resolve_model
+    from vramancer.planning.placement import ModelProfile
 
     config = load_config(resolve_model(tiny_model_dir))
     return ModelProfile.from_model(build_meta_model(config, torch.float32), torch.float32)
 
 
 def test_plans_keep_the_ends_local_and_give_nodes_layers_by_room(node_server, tiny_profile):
-    from vramancer.engine.cluster.client import remote_devices
-    from vramancer.engine.devices import resolve_devices
-    from vramancer.engine.planner import PlanError, make_plan
+    from vramancer.cluster.client import remote_devices
+    from vramancer.platforms.devices import resolve_devices
+    from vramancer.planning.placement import PlanError, make_plan
 
     node = connect(node_server)
     try:
@@ -301,8 +301,8 @@ def test_nodes_are_discovered_on_loopback(capsys):
     if not multicast_on_loopback():
         pytest.skip("multicast does not loop back on 127.0.0.1 here, so zeroconf cannot be tested")
     from vramancer.cli import main
-    from vramancer.engine.cluster.discovery import discover
-    from vramancer.engine.cluster.node import NodeServer, node_devices
+    from vramancer.cluster.discovery import discover
+    from vramancer.cluster.node import NodeServer, node_devices
 
     server = NodeServer(node_devices("sim:2x512MiB"), TOKEN.encode(), "127.0.0.1", 0, advertise=True)
     server.listen()
@@ -401,7 +401,7 @@ def test_tiny_model_split_with_a_node_matches_the_local_split(node_server, tiny_
 
 def test_a_plan_that_does_not_fit_lets_the_nodes_go(node_server, tiny_model_dir, monkeypatch):
     from vramancer.engine import Engine
-    from vramancer.engine.planner import PlanError
+    from vramancer.planning.placement import PlanError
 
     monkeypatch.setenv("VRM_CLUSTER_TOKEN", TOKEN)
     with pytest.raises(PlanError, match="with its embeddings and head on this machine"):

@@ -1,4 +1,4 @@
-"""Our AVX2 kernels for quantized weights (engine/cpu_kernels.py) against torch doing the
+"""Our AVX2 kernels for quantized weights (kernels/cpu/build.py) against torch doing the
 same sums: each activation row quantized to int16 per block of 32 as the kernels do, times the
 dequantized weights. Within float rounding of that for any batch and shape, within 1e-4 of the
 plain float32 matmul, and the same bits for a row whatever batch or thread count it runs in."""
@@ -6,8 +6,8 @@ plain float32 matmul, and the same bits for a row whatever batch or thread count
 import pytest
 import torch
 
-from vramancer.engine.cpu_kernels import kernels, unavailable_reason
-from vramancer.engine.int4_blocks import BlockInt4Tensor
+from vramancer.kernels.cpu.build import kernels, unavailable_reason
+from vramancer.quantization.q4_blocks import BlockInt4Tensor
 
 ops = kernels()
 pytestmark = pytest.mark.skipif(ops is None, reason=f"kernels unavailable: {unavailable_reason()}")
@@ -96,7 +96,7 @@ def test_q4_keeps_a_q4_1_files_values_exactly():
 
 
 def test_q4_weights_move_and_count_their_real_bytes():
-    from vramancer.engine.quantized import quantized_weight_bytes, stored_bytes
+    from vramancer.quantization.weights import quantized_weight_bytes, stored_bytes
 
     weight = BlockInt4Tensor.from_float(torch.randn(96, 320))
     assert stored_bytes(weight) == 96 * 320 // 2 + 96 * 10 * 4 == quantized_weight_bytes(96, 320, "q4", torch.float32)

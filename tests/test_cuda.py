@@ -105,9 +105,9 @@ def assert_same_greedy(got: list[int], want: list[int], reference, inputs: dict)
 def half_the_layers_cap(model_dir: str, dtype: torch.dtype, context: int) -> int:
     """A cap on cuda:0 that holds the embeddings and half the layers, so the planner has to
     put the rest on the CPU. Priced with the planner's own memory model."""
-    from vramancer.engine.models import build_meta_model, load_config, resolve_model
-    from vramancer.engine.devices import CUDA_RESERVE
-    from vramancer.engine.planner import EMBED, ModelProfile, device_need
+    from vramancer.model.loading import build_meta_model, load_config, resolve_model
+    from vramancer.platforms.devices import CUDA_RESERVE
+    from vramancer.planning.placement import EMBED, ModelProfile, device_need
 
     meta = build_meta_model(load_config(resolve_model(model_dir)), dtype)
     profile = ModelProfile.from_model(meta, dtype)
@@ -165,9 +165,9 @@ def free_gpu() -> None:
 def test_large_tensors_cross_both_ways_in_chunks_unchanged(shape, dtype):
     """Above a MiB, host ⇄ GPU copies go through two pinned buffers in turn; every byte must
     arrive, the last partial chunk included, and a later copy must not overwrite an earlier one."""
-    from vramancer.engine.device_spec import parse_device_spec
-    from vramancer.engine.devices import resolve_devices
-    from vramancer.engine.transfer import TransferManager
+    from vramancer.config.device_spec import parse_device_spec
+    from vramancer.platforms.devices import resolve_devices
+    from vramancer.runtime.transfer import TransferManager
 
     devices = resolve_devices(parse_device_spec(f"{GPU},cpu"))
     transfer = TransferManager(devices)
@@ -278,7 +278,7 @@ def test_a_block_on_the_cpu_gets_both_kinds_of_mask_and_rotary_of_an_alternating
 
 
 def test_cuda_graph_replays_decode_like_plain_transformers_split_and_across_migrations(tiny_dir):
-    """engine/cuda_graphs.py: the GPU layers replay recorded graphs, the CPU layers run
+    """runtime/graphs.py: the GPU layers replay recorded graphs, the CPU layers run
     eagerly, and a migration mid-answer has the moved layers recorded afresh."""
     with beside_plain(tiny_dir) as (engine, same_as_plain):
         engine.migrate(6, 7, "cpu")
@@ -324,7 +324,7 @@ def test_auto_dtype_is_bfloat16_on_a_gpu_that_supports_it(tiny_dir):
 def test_telemetry_reads_the_gpu_through_nvml():
     import pynvml
 
-    from vramancer.engine.devices import parse_device_spec, resolve_devices
+    from vramancer.platforms.devices import parse_device_spec, resolve_devices
     from vramancer.engine.telemetry import Telemetry
 
     device = resolve_devices(parse_device_spec(GPU))[0]
@@ -368,7 +368,7 @@ def test_q8_weights_stay_int8_on_the_gpu_and_the_split_answers_like_q8_unsplit(t
     round differently)."""
     pytest.importorskip("torchao")
     from vramancer.engine import Engine
-    from vramancer.engine.quantized import stored_bytes
+    from vramancer.quantization.weights import stored_bytes
 
     engine = Engine.load(tiny_dir, f"{GPU},cpu", weights="q8", context=256)
     try:

@@ -1,4 +1,4 @@
-"""Decode steps replayed from recorded layers (engine/cuda_graphs.py), checked on the CPU.
+"""Decode steps replayed from recorded layers (runtime/graphs.py), checked on the CPU.
 
 CUDA graphs exist only on NVIDIA GPUs (tests/test_cuda.py runs the real ones there). What can
 go wrong around them is ours and shows here too: an input not copied into the buffers a
@@ -19,11 +19,11 @@ from transformers.cache_utils import DynamicCache, StaticCache
 from types import SimpleNamespace
 
 from vramancer.engine import Engine
-from vramancer.engine.cuda_graphs import LayerGraphs, is_graphed
+from vramancer.runtime.graphs import LayerGraphs, is_graphed
 from vramancer.engine.engine import use_graphs
-from vramancer.engine.errors import VramancerError
-from vramancer.engine.models import build_meta_model, load_config, resolve_model
-from vramancer.engine.options import LoadOptions
+from vramancer.config.errors import VramancerError
+from vramancer.model.loading import build_meta_model, load_config, resolve_model
+from vramancer.config.options import LoadOptions
 
 PROMPT = "Tell me about the sea."
 TOKENS = 16
@@ -204,7 +204,7 @@ def test_a_model_transformers_cannot_run_from_a_static_cache_is_refused_in_one_s
 
 def test_auto_replays_where_a_cuda_device_is_and_the_switch_and_variable_say_otherwise(tiny_model_dir, monkeypatch):
     from vramancer.cli import main
-    from vramancer.engine.validation import env_cuda_graphs
+    from vramancer.config.validation import env_cuda_graphs
 
     engine = Engine.load(tiny_model_dir, "sim:2x64MiB", context=256)
     try:
@@ -230,7 +230,7 @@ def test_auto_replays_where_a_cuda_device_is_and_the_switch_and_variable_say_oth
 
 def test_the_profiler_times_decode_steps_replayed_when_graphs_will_replay_them(tiny_model_dir):
     """A GPU layer is timed the way it will run: under graphs, from recordings on a static cache."""
-    from vramancer.engine.profiler import _time_real_layers
+    from vramancer.profiling.timing import _time_real_layers
 
     meta = meta_model(tiny_model_dir)
     config = meta.config

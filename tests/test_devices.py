@@ -2,14 +2,14 @@
 
 import pytest
 
-from vramancer.engine.devices import (
+from vramancer.platforms.devices import (
     DeviceFullError,
     DeviceSpecError,
     parse_device_spec,
     resolve_devices,
 )
-from vramancer.engine.errors import VramancerError
-from vramancer.engine.units import GiB, MiB, format_bytes, parse_size
+from vramancer.config.errors import VramancerError
+from vramancer.config.units import GiB, MiB, format_bytes, parse_size
 
 
 def names_and_caps(text):

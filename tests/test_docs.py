@@ -3,7 +3,7 @@
 Read as text: README.md, CHANGELOG.md, everything under docs/, and the package's sources
 (Python, C++, styles). A relative link in a markdown file must lead to a file or folder of
 the repository (from the linking file's folder), and an anchor to a heading there. A name
-that looks like a file of the repository (`engine/planner.py`, `DESIGN.md`,
+that looks like a file of the repository (`planning/placement.py`, `DESIGN.md`,
 `kernels/few_rows.cpp`) must name one: from the repository root, from the citing file's
 folder or a folder above it, or from `vramancer/`; a bare file name may be any file of that
 name. Folders git ignores (results, build outputs) and templates (`<time>`, `*`) are not
@@ -144,10 +144,10 @@ def test_readme_links_every_page_of_the_docs():
 
 def test_the_checks_catch_what_they_are_for():
     """The patterns themselves: a missing file, a machine's path and a dated run are found."""
-    assert FILE_NAME.findall("as DESIGN.md says (see engine/planner.py, `kernels/few_rows.cpp`)") == [
-        "DESIGN.md", "engine/planner.py", "kernels/few_rows.cpp"]
+    assert FILE_NAME.findall("as DESIGN.md says (see planning/placement.py, `kernels/few_rows.cpp`)") == [
+        "DESIGN.md", "planning/placement.py", "kernels/few_rows.cpp"]
     assert not cited_file_exists("DESIGN.md", README)
-    assert cited_file_exists("engine/planner.py", ROOT / "vramancer" / "app" / "app.py")
+    assert cited_file_exists("planning/placement.py", ROOT / "vramancer" / "app" / "app.py")
     assert not FILE_NAME.findall("https://example.org/x/README.md torch.utils.cpp_extension #include <torch/extension.h>")
     for text in ("/work/llama-venv/bin/python", "cd /root/x", "/home/me/model", "/tmp/vramancer-site",
                  r"C:\Users\me"):

@@ -1,4 +1,4 @@
-"""A batch's rows on the CPU (engine/few_rows.py): linear layers, RMSNorms and decode attention
+"""A batch's rows on the CPU (kernels/cpu/few_rows.py): linear layers, RMSNorms and decode attention
 compute what torch's do, one row bit for bit, a row's bits whoever shares its batch, and only
 where they apply."""
 
@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vramancer.engine.cpu_kernels import kernels, unavailable_reason
-from vramancer.engine.few_rows import MAX_ROWS, FewRowsLinear, use_few_rows_linear
+from vramancer.kernels.cpu.build import kernels, unavailable_reason
+from vramancer.kernels.cpu.few_rows import MAX_ROWS, FewRowsLinear, use_few_rows_linear
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_many_rows_and_other_dtypes_keep_torchs_linear(layer):
 
 
 def test_only_plain_linear_layers_are_turned(tiny_model_dir):
-    from vramancer.engine.models import load_weights, resolve_model
+    from vramancer.model.loading import load_weights, resolve_model
 
     native = load_weights(resolve_model(tiny_model_dir), torch.float32)
     linears = [m for m in native.modules() if isinstance(m, nn.Linear)]
@@ -93,7 +93,7 @@ def test_a_sequence_gets_the_same_bits_whoever_shares_its_batch(layer):
 
 @needs_kernels
 def test_a_batchs_rms_norms_run_fused_and_one_row_keeps_torchs(tiny_model_dir):
-    from vramancer.engine.models import load_weights, resolve_model
+    from vramancer.model.loading import load_weights, resolve_model
 
     model = load_weights(resolve_model(tiny_model_dir), torch.float32)
     norm = model.get_decoder().norm
@@ -121,7 +121,7 @@ def padded_decode_step(rows: int = 5, length: int = 11, head: int = 16) -> tuple
 def test_a_batchs_attention_skips_each_rows_padding_as_sdpa_does(head):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from vramancer.engine.few_rows import _few_rows_attention
+    from vramancer.kernels.cpu.few_rows import _few_rows_attention
 
     module, query, key, value, mask = padded_decode_step(head=head)
     expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
@@ -143,7 +143,7 @@ def test_a_batchs_attention_skips_each_rows_padding_as_sdpa_does(head):
 def test_a_lone_row_and_an_additive_mask_stay_with_sdpa():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from vramancer.engine.few_rows import _few_rows_attention
+    from vramancer.kernels.cpu.few_rows import _few_rows_attention
 
     module, query, key, value, mask = padded_decode_step()
     additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))

@@ -1,4 +1,4 @@
-"""A decoder layer's fused decode step (engine/fused_layer.py) gives what the layer's own
+"""A decoder layer's fused decode step (kernels/cpu/fused_layer.py) gives what the layer's own
 forward gives, to the bit, on tiny random q4/q8 models (Llama, and Qwen2 with biases on q/k/v);
 prompts, masks and layers with parts it does not run keep their own forward."""
 
@@ -8,10 +8,10 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Confi
     Qwen3ForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from vramancer.engine.cpu_kernels import kernels, unavailable_reason
-from vramancer.engine.fused_layer import fuse_decoder_layers, is_fused
-from vramancer.engine.kernel_modules import rewire
-from vramancer.engine.quantized import quantize_model
+from vramancer.kernels.cpu.build import kernels, unavailable_reason
+from vramancer.kernels.cpu.fused_layer import fuse_decoder_layers, is_fused
+from vramancer.kernels.cpu.modules import rewire
+from vramancer.quantization.weights import quantize_model
 
 pytestmark = pytest.mark.skipif(kernels() is None, reason=f"kernels unavailable: {unavailable_reason()}")
 

@@ -1,5 +1,5 @@
 """Weights left in a memory-mapped file are copied into the process's own memory at load
-(engine/host_memory.py): matmuls over mapped file pages ran measurably slower."""
+(runtime/host_memory.py): matmuls over mapped file pages ran measurably slower."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from vramancer.engine import Engine
-from vramancer.engine.host_memory import HUGE_PAGE, _file_mappings, copy_mapped
+from vramancer.runtime.host_memory import HUGE_PAGE, _file_mappings, copy_mapped
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 

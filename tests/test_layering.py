@@ -15,7 +15,7 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "vramancer"
 ENGINE = "vramancer.engine"
-CLUSTER = "vramancer.engine.cluster"
+CLUSTER = "vramancer.cluster"
 FACTORY = "vramancer.engine.factory"
 UI = ("textual", "vramancer.app", "vramancer.widgets")
 # What engine/cluster may not reach for: the engine's face, its UI contract and its threads.
@@ -178,7 +178,7 @@ def test_no_module_takes_another_modules_private_names():
     # Whether a device is another machine's, or lost, is the device's answer, asked of it directly.
     (r'\.remote\b|is_remote|getattr\([^)]*"(remote|lost|node)"', (CLUSTER, FACTORY)),
     # Behaviour by kind of device lives in the Device subclasses.
-    (r"kind ==", ("vramancer.engine.devices",)),
+    (r"kind ==", ("vramancer.platforms.devices",)),
 ])
 def test_device_kinds_are_asked_of_devices(pattern, allowed):
     offenders = [
@@ -195,7 +195,7 @@ def test_importing_the_whole_engine_loads_no_textual_and_no_cluster():
     code = (
         "import sys, vramancer.engine.worker, vramancer.engine.telemetry, vramancer.engine.events; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'textual' "
-        "or m.startswith(('vramancer.app', 'vramancer.widgets', 'vramancer.engine.cluster'))))"
+        "or m.startswith(('vramancer.app', 'vramancer.widgets', 'vramancer.cluster'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

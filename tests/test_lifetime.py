@@ -174,7 +174,7 @@ def test_a_node_stops_and_withdraws_its_advertisement_on_a_signal(tmp_path, sign
 
 LIFETIME_SCRIPT = """
 import sys, threading, time
-from vramancer.lifetime import Lifetime
+from vramancer.platforms.lifetime import Lifetime
 
 stopped = threading.Event()
 graceful = sys.argv[1] == "graceful"
@@ -207,7 +207,7 @@ def test_a_stop_that_overruns_its_deadline_is_forced(graceful):
 def test_an_ignored_hangup_stays_ignored():
     """Under `nohup` a hang-up must not stop the program."""
     code = ("import signal; signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
-            "from vramancer.lifetime import Lifetime\n"
+            "from vramancer.platforms.lifetime import Lifetime\n"
             "Lifetime(lambda reason: None).install()\n"
             "print(signal.getsignal(signal.SIGHUP) is signal.SIG_IGN, signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)

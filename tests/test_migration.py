@@ -3,8 +3,8 @@
 import pytest
 
 from vramancer.engine import Engine
-from vramancer.engine.migration import MigrationFailed, MigrationRefused
-from vramancer.engine.runtime import SplitModel
+from vramancer.runtime.migration import MigrationFailed, MigrationRefused
+from vramancer.runtime.split_model import SplitModel
 
 PROMPT = "Tell me about the sea."
 

@@ -17,9 +17,9 @@ import psutil
 import pytest
 import torch
 
-from vramancer.engine.cluster import protocol as p
-from vramancer.engine.cluster.client import GOODBYE_TIMEOUT_S, NodeConnection
-from vramancer.engine.cluster.node import HANDOVER_S, HANDSHAKE_GRACE_S, Handshakes, NodeServer, node_devices
+from vramancer.cluster import protocol as p
+from vramancer.cluster.client import GOODBYE_TIMEOUT_S, NodeConnection
+from vramancer.cluster.node import HANDOVER_S, HANDSHAKE_GRACE_S, Handshakes, NodeServer, node_devices
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -6,8 +6,8 @@ import pytest
 
 import torch
 
-from vramancer.engine.devices import CudaDevice, MemoryLedger, parse_device_spec, resolve_devices
-from vramancer.engine.planner import (
+from vramancer.platforms.devices import CudaDevice, MemoryLedger, parse_device_spec, resolve_devices
+from vramancer.planning.placement import (
     EMBED,
     HEAD,
     ModelProfile,
@@ -15,7 +15,7 @@ from vramancer.engine.planner import (
     device_need,
     make_plan,
 )
-from vramancer.engine.units import MiB
+from vramancer.config.units import MiB
 
 # 10 layers of 10 MiB, 20 MiB embeddings tied to the head, 1 KiB of KV per token per layer.
 PROFILE = ModelProfile(

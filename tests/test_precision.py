@@ -1,11 +1,11 @@
-"""The rule for what is computed (engine/precision.py): the compute dtype follows what the
+"""The rule for what is computed (planning/precision.py): the compute dtype follows what the
 machine is — device kinds, CPU flags, whether our kernels are available — never a timing. The
 CPU flags are injected, so every CPU kind's row runs on any machine."""
 
 import pytest
 import torch
 
-from vramancer.engine.precision import auto_dtype
+from vramancer.planning.precision import auto_dtype
 
 AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})
 AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl"}
@@ -52,9 +52,9 @@ def test_no_timing_feeds_the_choice(tiny_model_dir, monkeypatch):
 def test_without_our_kernels_torchao_runs_in_bfloat16_and_plan_says_so(monkeypatch, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from vramancer.engine import cpu_kernels
+    from vramancer.kernels.cpu import build as cpu_kernels
     from vramancer.engine.engine import choose_dtype
-    from vramancer.engine.quantized import kernel_path, quantize_model
+    from vramancer.quantization.weights import kernel_path, quantize_model
 
     if cpu_kernels.kernels() is not None:
         assert choose_dtype("auto", "q4", {"sim"})[0] == torch.float32
@@ -72,7 +72,7 @@ def test_without_our_kernels_torchao_runs_in_bfloat16_and_plan_says_so(monkeypat
 
 
 def test_kernels_turned_off_by_the_environment_say_so(monkeypatch):
-    from vramancer.engine import cpu_kernels
+    from vramancer.kernels.cpu import build as cpu_kernels
 
     monkeypatch.setenv("VRM_CPU_KERNELS", "off")
     cpu_kernels.kernels.cache_clear()

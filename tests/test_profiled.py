@@ -7,10 +7,10 @@ import pytest
 from vramancer.cli import main
 from vramancer.engine import Engine
 from vramancer.engine import events as ev
-from vramancer.engine.devices import parse_device_spec, resolve_devices
+from vramancer.platforms.devices import parse_device_spec, resolve_devices
 from vramancer.engine.engine import LoadOptions
-from vramancer.engine.planner import make_plan
-from vramancer.engine.units import MiB
+from vramancer.planning.placement import make_plan
+from vramancer.config.units import MiB
 from vramancer.engine.worker import EngineWorker
 
 from test_planner import CONTEXT, PROFILE

@@ -6,11 +6,11 @@ import torch
 
 from vramancer.engine import Engine
 from vramancer.engine.engine import prepare
-from vramancer.engine.errors import VramancerError
-from vramancer.engine.fused_layer import is_fused
-from vramancer.engine.generation import encode_prompt
-from vramancer.engine.models import bundled_model_path
-from vramancer.engine.quantized import gguf_file_type, our_kernels, quantize_model, resolve_weights, stored_bytes
+from vramancer.config.errors import VramancerError
+from vramancer.kernels.cpu.fused_layer import is_fused
+from vramancer.scheduling.generation import encode_prompt
+from vramancer.model.loading import bundled_model_path
+from vramancer.quantization.weights import gguf_file_type, our_kernels, quantize_model, resolve_weights, stored_bytes
 
 PROMPT = "Tell me about the sea."
 SPLIT = "sim:3x64MiB"
@@ -84,7 +84,7 @@ def test_a_migration_moves_the_quantized_bytes_and_keeps_the_answer(quantized):
         moved = engine.split.layer_modules[0].self_attn.q_proj.weight
         assert type(moved).__name__ != "Parameter"
         assert not inner_pointers(moved) & old_storage  # the layer now uses the copies that crossed the link
-        if our_kernels(engine.dtype):  # decode steps stay fused (engine/fused_layer.py)
+        if our_kernels(engine.dtype):  # decode steps stay fused (kernels/cpu/fused_layer.py)
             assert all(is_fused(layer) for layer in engine.split.layer_modules)
         assert engine.generate(PROMPT, max_new_tokens=12).token_ids == before
     finally:
@@ -107,7 +107,7 @@ def test_q4_is_refused_with_gpus_in_one_sentence():
 def test_a_quantized_plan_is_priced_from_layers_quantized_the_same_way(tiny_model_dir, monkeypatch):
     """The prediction under q8/q4 comes from timing layers that hold those weights and run
     those kernels, not from the native ones (which decode at a third of the speed here)."""
-    from vramancer.engine import quantized
+    from vramancer.quantization import weights as quantized
 
     timed_as: list[str] = []
     real = quantized.quantize_model

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from vramancer.engine import events as ev
-from vramancer.engine.options import LoadOptions
+from vramancer.config.options import LoadOptions
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEVICES = "sim:2x1GiB"

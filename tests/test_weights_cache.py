@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vramancer.engine import models
+from vramancer.model import loading as models
 
 pytestmark = pytest.mark.model
 

@@ -24,9 +24,9 @@ from vramancer.app.commands import DashboardCommands
 from vramancer.app.messages import DevicesSampled, EngineEvent, LinksSampled, TokensReady
 from vramancer.app.metrics import metrics_document, write_metrics
 from vramancer.app.screens import HelpScreen, LoadModelScreen, MoveTargetScreen
-from vramancer.engine.options import LoadOptions
-from vramancer.engine.units import format_bytes, format_rate
-from vramancer.lifetime import Lifetime, exit_now
+from vramancer.config.options import LoadOptions
+from vramancer.config.units import format_bytes, format_rate
+from vramancer.platforms.lifetime import Lifetime, exit_now
 from vramancer.widgets.console import ConsolePanel
 from vramancer.widgets.devices import DevicesPanel
 from vramancer.widgets.events_log import EventsLog, request_outcome
@@ -159,8 +159,8 @@ class VramancerApp(App[int]):
         try:
             if self._prepare is not None:
                 self._prepare()
-            from vramancer.engine.devices import parse_device_spec
-            from vramancer.engine.errors import VramancerError
+            from vramancer.platforms.devices import parse_device_spec
+            from vramancer.config.errors import VramancerError
             from vramancer.engine.worker import EngineWorker
         except Exception as exc:  # a broken install: say so on screen rather than sit at "importing"
             self._from_thread(self.notify, f"Starting the engine failed: {type(exc).__name__}: {exc}",
@@ -249,8 +249,8 @@ class VramancerApp(App[int]):
             self.notify("The engine is still starting; try again in a moment.", severity="warning")
             return
         from vramancer.engine import events as ev
-        from vramancer.engine.devices import parse_device_spec
-        from vramancer.engine.errors import VramancerError
+        from vramancer.platforms.devices import parse_device_spec
+        from vramancer.config.errors import VramancerError
 
         try:
             parse_device_spec(options.devices)

@@ -12,7 +12,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Markdown, OptionList, Select
 from textual.widgets.option_list import Option
 
-from vramancer.engine.options import LoadOptions
+from vramancer.config.options import LoadOptions
 from vramancer.widgets.placement import Verdict
 
 HELP = """\
@@ -127,7 +127,7 @@ class LoadModelScreen(ModalScreen[LoadOptions | None]):
         self.current = current
 
     def compose(self) -> ComposeResult:
-        from vramancer.engine.planner import STRATEGIES  # imported (and so quick) once the engine is up
+        from vramancer.planning.placement import STRATEGIES  # imported (and so quick) once the engine is up
 
         current = self.current
         with Vertical(id="load-dialog"):

@@ -5,7 +5,7 @@
 torch import, and the dashboard draws its first frame before the heavy imports start.
 """
 
-from vramancer.engine.errors import VramancerError
+from vramancer.config.errors import VramancerError
 
 
 def __getattr__(name: str):
@@ -14,7 +14,7 @@ def __getattr__(name: str):
 
         return Engine
     if name == "LoadOptions":
-        from vramancer.engine.options import LoadOptions
+        from vramancer.config.options import LoadOptions
 
         return LoadOptions
     raise AttributeError(f"module 'vramancer.engine' has no attribute {name!r}")

@@ -15,20 +15,22 @@ from typing import Callable, Iterator
 
 import torch
 
-from vramancer.engine import factory, precision, recovery
-from vramancer.engine.architecture import cache_bytes
-from vramancer.engine.devices import Device, DeviceLost, DeviceSpec, close_devices, parse_device_spec, resolve_devices
-from vramancer.engine.errors import VramancerError
-from vramancer.engine.options import LoadOptions
-from vramancer.engine.generation import (
+from vramancer.engine import factory
+from vramancer.planning import precision
+from vramancer.runtime import recovery
+from vramancer.model.architecture import cache_bytes
+from vramancer.platforms.devices import Device, DeviceLost, DeviceSpec, close_devices, parse_device_spec, resolve_devices
+from vramancer.config.errors import VramancerError
+from vramancer.config.options import LoadOptions
+from vramancer.scheduling.generation import (
     GenerationResult,
     Messages,
     SamplingSettings,
     encode_prompt,
     run_generate,
 )
-from vramancer.engine.migration import MigrationRefused, MigrationResult, check_room, migrate, part_label, parts_of, relocate
-from vramancer.engine.models import (
+from vramancer.runtime.migration import MigrationRefused, MigrationResult, check_room, migrate, part_label, parts_of, relocate
+from vramancer.model.loading import (
     DTYPES,
     ModelSource,
     build_meta_model,
@@ -40,7 +42,7 @@ from vramancer.engine.models import (
     resolve_model,
     split_refusal,
 )
-from vramancer.engine.planner import (
+from vramancer.planning.placement import (
     EMBED,
     HEAD,
     ModelProfile,
@@ -50,12 +52,12 @@ from vramancer.engine.planner import (
     make_plan,
     split_footprint,
 )
-from vramancer.engine import profiler
-from vramancer.engine.profiler import Prediction, Pricing
-from vramancer.engine.rebalance import rebalance as relieve_pressure
-from vramancer.engine.quantized import our_kernels, resolve_weights
-from vramancer.engine.runtime import SplitModel
-from vramancer.engine.transfer import LinkStats, TransferManager
+from vramancer.profiling import timing as profiler
+from vramancer.profiling.timing import Prediction, Pricing
+from vramancer.runtime.rebalance import rebalance as relieve_pressure
+from vramancer.quantization.weights import our_kernels, resolve_weights
+from vramancer.runtime.split_model import SplitModel
+from vramancer.runtime.transfer import LinkStats, TransferManager
 
 ProgressCallback = Callable[[str, float], None]
 # Each of the two simulated devices of the `auto` fallback holds about this share of the
@@ -330,7 +332,7 @@ class Engine:
 
     @property
     def cuda_graphs(self) -> bool:
-        """Whether decode steps of layers on CUDA devices replay CUDA graphs (engine/cuda_graphs.py)."""
+        """Whether decode steps of layers on CUDA devices replay CUDA graphs (runtime/graphs.py)."""
         return self.split.graphs is not None
 
     @cuda_graphs.setter
@@ -342,15 +344,15 @@ class Engine:
         refusal = graphs_refusal(self.model) if on else None
         if refusal is not None:
             raise VramancerError(refusal)
-        from vramancer.engine.cuda_graphs import LayerGraphs
+        from vramancer.runtime.graphs import LayerGraphs
 
         self.split.use_graphs(LayerGraphs() if on else None)
 
     def batch(self, emit: Callable, max_batch: int = 8, max_waiting: int = 64):
-        """A continuous batch on this engine (engine/batching.py), driven step by step by the
+        """A continuous batch on this engine (scheduling/batching.py), driven step by step by the
         caller's thread; its outcomes go out through `emit` as events. Run no `generate`
         while it holds sequences: it owns the engine's KV cache until it empties."""
-        from vramancer.engine.batching import Batch
+        from vramancer.scheduling.batching import Batch
 
         return Batch(self, emit, max_batch, max_waiting)
 
@@ -514,7 +516,7 @@ def prepare(model: str, devices: str | DeviceSpec, context: int, dtype: str, rep
 
     With remote devices, their nodes are admitted here; `Prepared.close()` (or the Engine built
     from it) lets them go."""
-    from vramancer.engine.validation import check_context, check_cuda_graphs
+    from vramancer.config.validation import check_context, check_cuda_graphs
 
     check_context(context)
     check_cuda_graphs(cuda_graphs)
@@ -582,7 +584,7 @@ def use_graphs(mode: str, model: torch.nn.Module, devices: list[Device]) -> bool
 
 def choose_dtype(dtype: str, weights: str, kinds: set[str]) -> tuple[torch.dtype, str]:
     """The compute dtype and the reason for it, which `plan` shows. `auto` follows the rule in
-    engine/precision.py: what the machine is, never a timing."""
+    planning/precision.py: what the machine is, never a timing."""
     if dtype != "auto":
         return resolve_dtype(dtype), f"{dtype}: as asked"
     on_cpus = kinds <= precision.CPU_KINDS

@@ -9,11 +9,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from vramancer.engine.devices import DeviceSnapshot
-from vramancer.engine.options import LoadOptions
-from vramancer.engine.migration import part_label, refusal_sentence
-from vramancer.engine.planner import ModelProfile, Placement, parts_for_range, room_shortfall
-from vramancer.engine.profiler import Pricing, Timings
+from vramancer.platforms.devices import DeviceSnapshot
+from vramancer.config.options import LoadOptions
+from vramancer.runtime.migration import part_label, refusal_sentence
+from vramancer.planning.placement import ModelProfile, Placement, parts_for_range, room_shortfall
+from vramancer.profiling.timing import Pricing, Timings
 
 # --- commands (UI → worker) ---------------------------------------------------------------
 
@@ -151,7 +151,7 @@ class PlanSnapshot:
     def part_bytes(self, first: int | str, last: int | str) -> int:
         """What the parts hold where they are: beside its embeddings, a tied head holds no
         copy of their weight."""
-        from vramancer.engine.planner import HEAD, part_bytes
+        from vramancer.planning.placement import HEAD, part_bytes
 
         parts = parts_for_range(self.profile, first, last)
         held = sum(part_bytes(self.profile, p) for p in parts)

@@ -9,8 +9,8 @@ to know, and handles one loss signal, `DeviceLost`.
 
 from __future__ import annotations
 
-from vramancer.engine.devices import Device, DeviceSpec, close_devices, resolve_devices
-from vramancer.engine.runtime import SplitModel
+from vramancer.platforms.devices import Device, DeviceSpec, close_devices, resolve_devices
+from vramancer.runtime.split_model import SplitModel
 
 
 def open_devices(spec: DeviceSpec, simulated_size: int | None = None, token_file: str | None = None) -> list[Device]:
@@ -19,7 +19,7 @@ def open_devices(spec: DeviceSpec, simulated_size: int | None = None, token_file
     VRM_CLUSTER_TOKEN. The caller lets them go with `close_devices`."""
     devices = resolve_devices(spec, simulated_size)
     if spec.clustered:
-        from vramancer.engine.cluster import connect_devices
+        from vramancer.cluster import connect_devices
 
         try:
             devices += connect_devices(spec, token_file)
@@ -34,8 +34,8 @@ def attach_external_layers(split: SplitModel, source, dtype, config) -> None:
     `source` names from their own disks). Nothing to do when every device is local."""
     if all(device.local for device in split.devices.values()):
         return
-    from vramancer.engine.cluster.node import architecture
-    from vramancer.engine.cluster.remote import RemoteBlocks, model_reference
+    from vramancer.cluster.node import architecture
+    from vramancer.cluster.remote import RemoteBlocks, model_reference
 
     split.external = RemoteBlocks(split, model_reference(source), dtype, architecture(config))
 
@@ -45,21 +45,21 @@ def add_external_timings(timings, config, local: list[Device], external: list[De
     """Fill `timings` with the devices of other machines and every link that touches one."""
     if not external:
         return
-    from vramancer.engine.cluster.remote import model_reference
-    from vramancer.engine.cluster.timing import add_remote_timings
+    from vramancer.cluster.remote import model_reference
+    from vramancer.cluster.timing import add_remote_timings
 
     add_remote_timings(timings, config, local, external, dtype, model_key, model_reference(source))
 
 
 def discover_nodes(seconds: float, bind: str) -> list:
     """The nodes zeroconf finds on `bind` within `seconds` (their adverts)."""
-    from vramancer.engine.cluster.discovery import discover
+    from vramancer.cluster.discovery import discover
 
     return discover(seconds, bind)
 
 
 def serve_node(devices_text: str, bind: str, port: int, token_file: str | None, advertise: bool, ready) -> int:
     """Serve this machine's devices to a coordinator until stopped (`vramancer node`)."""
-    from vramancer.engine.cluster.node import run_node
+    from vramancer.cluster.node import run_node
 
     return run_node(devices_text, bind, port, token_file, advertise=advertise, ready=ready)

@@ -8,7 +8,7 @@ so a command without one is a bug a test finds. Events go out through `emit`, ca
 worker's (or the telemetry's) thread; a UI hands them to its own thread (Textual:
 `post_message`).
 
-Submits (the server's requests) go to a continuous batch (engine/batching.py). While it holds
+Submits (the server's requests) go to a continuous batch (scheduling/batching.py). While it holds
 sequences the worker loops: read the commands that arrived (Submits join the batch's queue,
 Migrate/Reserve/Replan run there, between two steps, Cancel by request id), admit what fits,
 one decode step, then auto-rebalance. A Generate or a Load waits until the batch empties. At
@@ -26,13 +26,13 @@ from collections import Counter
 from typing import Callable
 
 from vramancer.engine import events as ev
-from vramancer.engine.batching import Batch
-from vramancer.engine.devices import DeviceLost
+from vramancer.scheduling.batching import Batch
+from vramancer.platforms.devices import DeviceLost
 from vramancer.engine.engine import Engine
-from vramancer.engine.errors import VramancerError
-from vramancer.engine.migration import MigrationFailed, MigrationRefused
+from vramancer.config.errors import VramancerError
+from vramancer.runtime.migration import MigrationFailed, MigrationRefused
 from vramancer.engine.telemetry import DEFAULT_HISTORY, DEFAULT_HZ, Telemetry
-from vramancer.engine.units import format_bytes
+from vramancer.config.units import format_bytes
 
 log = logging.getLogger(__name__)
 

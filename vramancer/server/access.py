@@ -6,8 +6,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-from vramancer.engine.errors import VramancerError
-from vramancer.engine.validation import read_secret_file
+from vramancer.config.errors import VramancerError
+from vramancer.config.validation import read_secret_file
 
 MAX_KEY_BYTES = 4096  # an API key is a short secret; never read more (/dev/zero, a big file)
 BACKLOG = 2048

@@ -12,7 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from vramancer.engine.validation import MAX_SEED
+from vramancer.config.validation import MAX_SEED
 
 MAX_STOP_STRINGS = 4  # what OpenAI accepts
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]

@@ -10,7 +10,7 @@ from rich.text import Text
 from textual.containers import VerticalScroll
 from textual.widget import Widget
 
-from vramancer.engine.units import format_bytes
+from vramancer.config.units import format_bytes
 from vramancer.widgets.charts import spark, time_axis_s
 from vramancer.widgets.lines import LineWidget
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from rich.text import Text
 from textual.widgets import RichLog
 
-from vramancer.engine.units import format_bytes, format_rate
+from vramancer.config.units import format_bytes, format_rate
 from vramancer.widgets.labels import part_label
 
 if TYPE_CHECKING:

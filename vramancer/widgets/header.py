@@ -10,7 +10,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.widgets import Static
 
-from vramancer.engine.units import format_bytes
+from vramancer.config.units import format_bytes
 
 if TYPE_CHECKING:
     from vramancer.engine.events import BatchStatus, Loaded, LoadProgress

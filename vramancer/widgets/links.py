@@ -11,7 +11,7 @@ from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
-from vramancer.engine.units import format_bytes, format_rate
+from vramancer.config.units import format_bytes, format_rate
 from vramancer.widgets.charts import spark, time_axis_s
 from vramancer.widgets.lines import LineWidget
 from vramancer.widgets.labels import part_label

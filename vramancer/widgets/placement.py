@@ -22,7 +22,7 @@ from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Static
 
-from vramancer.engine.units import format_bytes
+from vramancer.config.units import format_bytes
 from vramancer.widgets.labels import part_label
 
 if TYPE_CHECKING:

@@ -1,0 +1,1 @@
+"""Options, validation, the device spec grammar, units and errors: plain data, no torch."""

@@ -1,0 +1,1 @@
+"""Compiled kernels and the module rewiring that puts a model on them."""

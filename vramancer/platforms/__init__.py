@@ -1,0 +1,1 @@
+"""Devices by kind (CPU, CUDA, MPS, simulated) and the process's own lifetime."""

@@ -1,0 +1,1 @@
+"""Measured timings of layers and links, and their cache."""

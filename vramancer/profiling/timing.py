@@ -1,0 +1,517 @@
+"""Measured costs: how long each part of a model takes on each device, and each link.
+
+A copy of the model cut to its first few layers (built by transformers from the real config,
+layer types and windows cut with it) is timed on each device at decode shape (one token
+against a KV cache) for two cache lengths, and at prefill shape; hooks split each pass into
+what runs before the decoder stack, the stack, and the head. Links are timed with
+hidden-state sized hand-overs, and the host's own cost of one `generate` step with a one-layer
+copy of the model. Timing does not depend on weight values, so all of this runs from the
+config, before any weights load. A model that cannot be timed is priced from its bytes.
+
+Simulated devices compute on the host CPU: they are timed as the CPU, and say so.
+Results are cached per (model, device, dtype) under the user cache directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from vramancer.model.architecture import cut_config, describe, layers_of_every_kind
+from vramancer.platforms.devices import Device
+
+log = logging.getLogger(__name__)
+from vramancer.runtime.transfer import TransferManager
+
+log = logging.getLogger(__name__)
+
+PROFILE_VERSION = 4
+SHORT_KV, LONG_KV = 16, 1024  # cache lengths a decode step is timed at; cost is linear between
+PREFILL_TOKENS = 64
+COLD_STACK_BYTES = 256 * 1024 * 1024  # more than any CPU cache: layers timed in a stack this big
+# A GPU is kept busy decoding this long before it is timed. Timed cold, an H200 took 3.5 ms a
+# layer that it decodes in 0.56 ms a few seconds later (clocks, lazily loaded kernels, the
+# allocator's pool): predictions came out 3-5x pessimistic.
+WARM_GPU_S = 1.0
+
+
+def cache_dir() -> Path:
+    """The one user cache folder (VRM_CACHE_DIR overrides it), shared with the weights cache."""
+    from vramancer.model.loading import cache_root
+
+    return cache_root()
+
+
+@dataclass(frozen=True)
+class DeviceTimings:
+    """Seconds on one device. Decode costs are `base + per_kv_token * kv_length`."""
+
+    layer_decode_s: float  # one layer, one token, KV length SHORT_KV
+    layer_decode_per_kv_s: float  # extra per token of KV cache
+    layer_prefill_per_token_s: float
+    embed_s: float
+    head_s: float  # final norm + lm_head, one token
+    head_prefill_per_token_s: float
+    timed_as: str  # "cuda:0 (NVIDIA …)", "host CPU" …
+
+    def layer_s(self, kv_length: int) -> float:
+        return self.layer_decode_s + self.layer_decode_per_kv_s * max(kv_length - SHORT_KV, 0)
+
+
+@dataclass(frozen=True)
+class LinkTimings:
+    latency_s: float  # one hand-over of a decode step's hidden state, mask and positions
+    bytes_per_s: float  # for larger transfers (logits, prefill hidden states)
+
+
+@dataclass
+class Timings:
+    devices: dict[str, DeviceTimings]
+    links: dict[tuple[str, str], LinkTimings]
+    step_overhead_s: float  # the host's per-token cost in generate: sampling, stopping, cache
+
+
+def _median_time(fn: Callable[[], object], sync: Callable[[], None], repeat: int = 15, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    # The least of several repeats: what the device can do, with the noise of other work removed.
+    return min(times)
+
+
+def _syncer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def time_device(meta_model, config, torch_device: torch.device, dtype: torch.dtype, label: str,
+                weights: str = "native", graphs: bool = False) -> DeviceTimings:
+    """Timings of real layers of this model's architecture on one device, with `weights` as the
+    load will hold them (quantized weights run other kernels at other speeds), and decode
+    steps replayed from CUDA graphs if `graphs` and the device is a GPU. A model that cannot
+    be timed (an architecture whose layers refuse our probe) is priced from its bytes instead,
+    with a warning: timing only guides placement, so it never stops a load."""
+    from vramancer.runtime.graphs import CudaGraphRecorder, LayerGraphs
+
+    replay = LayerGraphs() if graphs and CudaGraphRecorder.accepts(torch_device) else None
+    try:
+        return _time_real_layers(meta_model, config, torch_device, dtype, label, weights, replay)
+    except Exception as exc:  # noqa: BLE001 - any failure to time falls back to bytes
+        log.warning("could not time %s on %s (%s: %s); pricing it from its bytes instead",
+                    getattr(config, "model_type", "the model"), label, type(exc).__name__, _first_line(exc))
+        return _priced_from_bytes(meta_model, torch_device, dtype, label, weights)
+
+
+class _Segments:
+    """Wall time of the three parts of one forward pass, read from hooks: what runs before the
+    decoder stack, the stack, and what runs after it (final norm and head)."""
+
+    def __init__(self, model: torch.nn.Module, arch, sync: Callable[[], None]):
+        self.marks: dict[str, float] = {}
+
+        def mark(name: str):
+            def hook(*_):
+                sync()
+                self.marks[name] = time.perf_counter()
+            return hook
+
+        self.handles = [model.register_forward_pre_hook(mark("start")),
+                        arch.layers[0].register_forward_pre_hook(mark("stack")),
+                        arch.layers[-1].register_forward_hook(mark("after")),
+                        model.register_forward_hook(mark("end"))]
+
+    def run(self, fn: Callable[[], object], repeat: int, warmup: int = 2) -> tuple[float, float, float]:
+        """(before, stack, after) seconds of `fn`, each the least over `repeat` runs."""
+        for _ in range(warmup):
+            fn()
+        best = [float("inf")] * 3
+        for _ in range(repeat):
+            fn()
+            m = self.marks
+            for i, took in enumerate((m["stack"] - m["start"], m["after"] - m["stack"], m["end"] - m["after"])):
+                best[i] = min(best[i], took)
+        return best[0], best[1], best[2]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _time_real_layers(meta_model, config, torch_device: torch.device, dtype: torch.dtype, label: str,
+                      weights: str = "native", graphs=None) -> DeviceTimings:
+    """`graphs`: a LayerGraphs that replays the timed decode steps, as the load will."""
+    from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
+
+    from vramancer.planning.placement import ModelProfile
+
+    arch = describe(meta_model)
+    sync = _syncer(torch_device)
+    # A real pass streams every layer's weights from memory; one layer timed over and over
+    # would sit in the CPU's cache and look several times faster than it is. So time a stack
+    # of distinct layers larger than any cache, and divide.
+    layer_bytes = max(ModelProfile.from_model(meta_model, dtype, weights).layer_bytes)
+    count = max(layers_of_every_kind(config), min(len(arch.layers), -(-COLD_STACK_BYTES // max(layer_bytes, 1))))
+    # The model's first `count` layers, as the model builds them (layer types, windows, dense
+    # or expert MLPs), with its own embeddings, masks, positions and head around them.
+    small_config = cut_config(config, count)
+    if weights == "native":
+        with torch.device(torch_device):
+            model = AutoModelForCausalLM.from_config(small_config, dtype=dtype).eval()
+    else:  # quantized on the host as the load does it, with the same kernels and fused layers
+        from vramancer.quantization.weights import quantize_model
+
+        model = AutoModelForCausalLM.from_config(small_config, dtype=dtype).eval().requires_grad_(False)
+        quantize_model(model, weights)
+        model.to(torch_device)
+    small = describe(model)
+    segments = _Segments(model, small, sync)
+    vocab = small.vocab_size
+    try:
+        with torch.inference_mode():
+            if torch_device.type == "cuda":
+                _keep_decoding(model, vocab, torch_device, sync, WARM_GPU_S)
+            if graphs is not None:  # after the warm-up, which is eager, as prompts are
+                for i, layer in enumerate(small.layers):
+                    graphs.install(layer, i)
+
+            def decode_cost(kv_length: int) -> tuple[float, float, float]:
+                if graphs is not None:  # a cache the recordings can write into, room for the timed steps
+                    cache = StaticCache(config=model.config, max_cache_len=kv_length + 16)
+                    model(torch.randint(0, vocab, (1, kv_length), device=torch_device), cache=cache, use_cache=True)
+                else:
+                    cache = DynamicCache(config=model.config)
+                    model(torch.randint(0, vocab, (1, SHORT_KV), device=torch_device), cache=cache, use_cache=True)
+                    _extend_cache(cache, kv_length - SHORT_KV)
+                token = torch.randint(0, vocab, (1, 1), device=torch_device)
+                # Each step adds one token to the cache: a handful of steps barely moves its length.
+                return segments.run(lambda: model(token, cache=cache, use_cache=True), repeat=7)
+
+            # Learned position tables (GPT-2, OPT) end at max_position_embeddings.
+            # (less the tokens the timed steps add to the cache).
+            long_kv = min(LONG_KV, (getattr(small_config, "max_position_embeddings", None) or 2 * LONG_KV) - SHORT_KV)
+            embed_s, short, head_s = decode_cost(SHORT_KV)
+            long = decode_cost(long_kv)[1] if long_kv > SHORT_KV else short
+            prompt = torch.randint(0, vocab, (1, min(PREFILL_TOKENS, long_kv)), device=torch_device)
+            _, prefill, head_prefill = segments.run(lambda: model(prompt, use_cache=False), repeat=3, warmup=1)
+    finally:
+        segments.remove()
+        if graphs is not None:
+            for layer in small.layers:
+                graphs.remove(layer)
+            graphs.drop()
+    return DeviceTimings(
+        layer_decode_s=short / count,
+        layer_decode_per_kv_s=max(long - short, 0.0) / count / max(long_kv - SHORT_KV, 1),
+        layer_prefill_per_token_s=prefill / count / prompt.shape[1],
+        embed_s=embed_s,
+        head_s=head_s,
+        head_prefill_per_token_s=head_prefill / prompt.shape[1],
+        timed_as=label + (", CUDA graphs" if graphs is not None else ""),
+    )
+
+
+def _keep_decoding(model, vocab: int, torch_device: torch.device, sync: Callable[[], None], seconds: float) -> None:
+    """Short answers, one after another, for `seconds`: the work being timed next."""
+    from transformers import DynamicCache
+
+    prompt = torch.randint(0, vocab, (1, SHORT_KV), device=torch_device)
+    token = torch.randint(0, vocab, (1, 1), device=torch_device)
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        cache = DynamicCache(config=model.config)
+        model(prompt, cache=cache, use_cache=True)
+        for _ in range(32):
+            model(token, cache=cache, use_cache=True)
+        sync()
+
+
+def _extend_cache(cache, tokens: int) -> None:
+    """Add `tokens` random tokens to every attention layer of a filled cache, so a decode step
+    can be timed against a long cache without a long prefill. Layers of other kinds are left
+    as the prefill made them."""
+    if tokens <= 0:
+        return
+    for entry in cache.layers:
+        keys, values = getattr(entry, "keys", None), getattr(entry, "values", None)
+        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor) or keys.dim() != 4:
+            continue
+        more_keys = torch.randn(*keys.shape[:2], tokens, keys.shape[3], dtype=keys.dtype, device=keys.device)
+        more_values = torch.randn(*values.shape[:2], tokens, values.shape[3], dtype=values.dtype, device=values.device)
+        entry.update(more_keys, more_values)
+
+
+def _priced_from_bytes(meta_model, torch_device: torch.device, dtype: torch.dtype, label: str,
+                       weights: str = "native") -> DeviceTimings:
+    """Decode costs from bytes read per token over the device's measured copy rate: a decode
+    step streams each layer's weights (and its KV cache) once."""
+    from vramancer.planning.placement import ModelProfile
+
+    profile = ModelProfile.from_model(meta_model, dtype, weights)
+    sync = _syncer(torch_device)
+    block = torch.empty(16 * 1024 * 1024, dtype=torch.uint8, device=torch_device)
+    rate = block.numel() / max(_median_time(lambda: block.clone(), sync, repeat=5, warmup=1), 1e-9)
+    layer_s = max(profile.layer_bytes) / rate
+    return DeviceTimings(
+        layer_decode_s=layer_s,
+        layer_decode_per_kv_s=profile.kv_bytes_per_token / rate,
+        layer_prefill_per_token_s=layer_s,
+        embed_s=profile.hidden_size * profile.dtype_bytes / rate,
+        head_s=profile.head_bytes / rate,
+        head_prefill_per_token_s=profile.head_bytes / rate,
+        timed_as=f"{label}, priced from bytes",
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def time_link(transfer: TransferManager, src: Device, dst: Device, hidden_size: int, head_dim: int, dtype) -> LinkTimings:
+    """A decode hand-over (hidden state, cos/sin, positions) and a 4 MiB copy."""
+    def make(device):
+        t = device.torch_device
+        return ((torch.randn(1, 1, hidden_size, dtype=dtype, device=t),),
+                {"position_embeddings": (torch.randn(1, 1, head_dim, dtype=dtype, device=t),) * 2,
+                 "position_ids": torch.zeros(1, 1, dtype=torch.long, device=t)})
+
+    small = make(src)
+    big = torch.randn(1024 * 1024, dtype=torch.float32, device=src.torch_device)
+    sync = lambda: (_syncer(src.torch_device)(), _syncer(dst.torch_device)())
+    latency = _median_time(lambda: transfer.move(small, src.name, dst.name, record=False), sync, repeat=30)
+    big_s = _median_time(lambda: transfer.move(big, src.name, dst.name, record=False), sync, repeat=5)
+    return LinkTimings(latency_s=latency, bytes_per_s=big.numel() * 4 / big_s)
+
+
+def _time_step_overhead(config, dtype: torch.dtype, torch_device: torch.device = torch.device("cpu")) -> float:
+    """The host's cost per generate step outside the model's forward pass (sampling, stopping,
+    cache bookkeeping), measured on a copy of the model with one layer of each kind:
+    transformers' loop around the forward pass is the same whatever the model's depth."""
+    from transformers import AutoModelForCausalLM
+
+    small = cut_config(config, layers_of_every_kind(config))
+    with torch.device(torch_device):
+        model = AutoModelForCausalLM.from_config(small, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None  # run the full length whatever the random weights say
+    forward_s = []
+    started: list[float] = []
+    model.register_forward_pre_hook(lambda m, a: started.append(time.perf_counter()))
+    model.register_forward_hook(lambda m, a, o: forward_s.append(time.perf_counter() - started[-1]))
+    ids = torch.randint(0, small.get_text_config(decoder=True).vocab_size, (1, 16), device=torch_device)
+    tokens = 24
+    kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=4, **kwargs)  # warm-up
+        overheads = []
+        for _ in range(3):
+            forward_s.clear()
+            start = time.perf_counter()
+            model.generate(ids, max_new_tokens=tokens, **kwargs)
+            total = time.perf_counter() - start
+            # The first forward is the prefill; steps after it are what decoding repeats.
+            overheads.append((total - sum(forward_s)) / len(forward_s))
+    return statistics.median(overheads)
+
+
+def profile_key(model_key: str, device: Device, dtype: torch.dtype, weights: str = "native",
+                graphs: bool = False) -> str:
+    timed_as = "host-cpu" if device.torch_device.type == "cpu" else f"{device.name}-{device.label}"
+    text = f"v{PROFILE_VERSION}|{model_key}|{timed_as}|{dtype}" + ("" if weights == "native" else f"|{weights}")
+    if graphs and device.torch_device.type == "cuda":
+        text += "|cuda-graphs"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def measure(
+    config,
+    meta_model,
+    devices: Sequence[Device],
+    dtype: torch.dtype,
+    model_key: str,
+    reprofile: bool = False,
+    weights: str = "native",
+    graphs: bool = False,
+) -> Timings:
+    """Timings for every device and link, from the cache where it has them, for the model
+    with `weights` as the load holds them (and its GPU layers replayed from CUDA graphs if
+    `graphs`)."""
+    folder = profile_folder()
+    transfer = TransferManager(list(devices))
+    device_timings: dict[str, DeviceTimings] = {}
+    measured_here: dict[str, DeviceTimings] = {}  # one timing per physical device
+    for device in devices:
+        key = profile_key(model_key, device, dtype, weights, graphs)
+        path = folder / f"{key}.json"
+        timings = None if reprofile else read_cached(path)
+        if timings is None:
+            if key in measured_here:
+                timings = measured_here[key]
+            else:
+                label = "host CPU" if device.torch_device.type == "cpu" else f"{device.name} ({device.label})"
+                timings = time_device(meta_model, config, device.torch_device, dtype, label, weights, graphs)
+                write_cached(path, timings)
+        measured_here[key] = timings
+        device_timings[device.name] = timings
+    links = {}
+    arch = describe(meta_model)
+    hidden, head_dim = arch.hidden_size, arch.head_dim
+    link_cache: dict[tuple[str, str], LinkTimings] = {}
+    for src in devices:
+        for dst in devices:
+            if src.name == dst.name:
+                continue
+            pair = (str(src.torch_device), str(dst.torch_device))
+            if pair not in link_cache:
+                link_cache[pair] = time_link(transfer, src, dst, hidden, head_dim, dtype)
+            links[(src.name, dst.name)] = link_cache[pair]
+    # The sampler runs where the logits come back to, beside the embeddings: the first device
+    # in the usual plan. On a GPU its per-step cost (kernel launches, the host waiting on the
+    # device for each token) is several times what the same loop costs on the host.
+    sampler = devices[0].torch_device
+    sampler_key = "cpu" if sampler.type == "cpu" else profile_key(model_key, devices[0], dtype)
+    overhead_path = folder / f"{hashlib.sha256(f'v{PROFILE_VERSION}|{model_key}|{dtype}|{sampler_key}|step'.encode()).hexdigest()[:24]}.json"
+    overhead = None if reprofile else _read_float(overhead_path)
+    if overhead is None:
+        try:
+            overhead = _time_step_overhead(config, dtype, sampler)
+            _write_text(overhead_path, json.dumps({"step_overhead_s": overhead}))
+        except Exception as exc:  # noqa: BLE001 - a prediction without it is still a prediction
+            log.warning("could not time a generate step of %s (%s); predictions leave it out",
+                        getattr(config, "model_type", "the model"), _first_line(exc))
+            overhead = 0.0
+    if any(d.torch_device.type == "cuda" for d in devices):
+        # The timing runs' blocks stay in torch's cache otherwise, and the plan made next
+        # would see that much less free memory on the GPU.
+        torch.cuda.empty_cache()
+    return Timings(device_timings, links, overhead)
+
+
+def read_cached(path: Path) -> DeviceTimings | None:
+    try:
+        return DeviceTimings(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None  # missing or unreadable: measure again
+
+
+def _read_float(path: Path) -> float | None:
+    try:
+        return float(json.loads(path.read_text())["step_overhead_s"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def write_cached(path: Path, timings: DeviceTimings) -> None:
+    _write_text(path, json.dumps(asdict(timings)))
+
+
+def profile_folder() -> Path:
+    """Where timings are kept. The cache only saves time: a folder that cannot be made (the
+    cache dir is a file, or HOME cannot be written) is said once, and timings are measured."""
+    folder = cache_dir() / "profiles"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _cache_failed(folder, exc)
+    return folder
+
+
+def _write_text(path: Path, text: str) -> None:
+    temporary = path.with_suffix(".tmp")
+    try:
+        temporary.write_text(text)
+        temporary.replace(path)  # atomic: a reader never sees half a file
+    except OSError as exc:
+        _cache_failed(path.parent, exc)
+
+
+_CACHE_WARNED: set[str] = set()
+
+
+def _cache_failed(folder: Path, exc: OSError) -> None:
+    if str(folder) not in _CACHE_WARNED:
+        _CACHE_WARNED.add(str(folder))
+        log.warning("the profile cache in %s cannot be written (%s); timings are measured afresh each run.",
+                    folder, exc.strerror or exc)
+
+
+# --- prediction ------------------------------------------------------------------------
+
+PREDICTION_KV = 128  # predictions are for a decode step with this many tokens already cached
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What a placement should cost, from measured timings, before it is applied."""
+
+    step_s: float  # one decode step, all parts and hand-overs
+    tokens_per_s: float
+    block_ms: tuple[tuple[int, int, str, float], ...]  # (first, last, device, ms per step)
+    transfer_ms: float  # all boundary hand-overs in one step
+    kv_length: int
+
+    def to_json(self) -> dict:
+        return {
+            "predicted_tokens_per_s": round(self.tokens_per_s, 2),
+            "predicted_step_ms": round(self.step_s * 1000, 3),
+            "predicted_transfer_ms": round(self.transfer_ms, 3),
+            "predicted_at_kv_length": self.kv_length,
+            "blocks": [{"first_layer": f, "last_layer": l, "device": d, "predicted_ms": round(ms, 3)}
+                       for f, l, d, ms in self.block_ms],
+        }
+
+
+class Pricing:
+    """Per-part and per-boundary seconds of one decode step; what the profiled planner minimises."""
+
+    def __init__(self, timings: Timings, profile, kv_length: int = PREDICTION_KV):
+        self.timings = timings
+        self.profile = profile
+        self.kv_length = kv_length
+
+    def part_s(self, part, device: str) -> float:
+        t = self.timings.devices[device]
+        if part == "embed":
+            return t.embed_s
+        if part == "head":
+            return t.head_s
+        return t.layer_s(self.kv_length)
+
+    def hand_over_s(self, src: str, dst: str) -> float:
+        if src == dst:
+            return 0.0
+        return self.timings.links[(src, dst)].latency_s
+
+    def logits_s(self, head: str, embed: str) -> float:
+        """Logits go back from the head's device to the sampler beside the embeddings."""
+        if head == embed:
+            return 0.0
+        link = self.timings.links[(head, embed)]
+        return link.latency_s + self.profile.vocab_size * 4 / link.bytes_per_s
+
+    def predict(self, placement) -> Prediction:
+        parts = self.profile.parts()
+        devices = [placement.device_of(p) for p in parts]
+        compute = sum(self.part_s(p, d) for p, d in zip(parts, devices))
+        transfers = sum(self.hand_over_s(a, b) for a, b in zip(devices, devices[1:]))
+        transfers += self.logits_s(placement.head, placement.embed)
+        step = compute + transfers + self.timings.step_overhead_s
+        blocks = tuple(
+            (b.layers.first, b.layers.last, b.device, 1000 * sum(self.part_s(i, b.device) for i in b.layers))
+            for b in placement.blocks()
+        )
+        return Prediction(step, 1.0 / step, blocks, transfers * 1000, self.kv_length)

@@ -1,0 +1,201 @@
+"""Weights that stay quantized on their devices (`--weights`).
+
+- `native`: the weights in the compute dtype, as transformers loads them (the default).
+- `q8`: every linear layer's weight as int8 with one float32 scale per output row (torchao's
+  `Int8Tensor` storage, quantization/q8_rows.py), about 1 byte per weight.
+- `q4`: every linear layer's weight as 4-bit values in blocks of 32 along the input with a
+  float16 scale and minimum per block (GGUF's Q4_1 layout, quantization/q4_blocks.py), 0.625
+  bytes per weight; a Q4_1 file's values are kept exactly. CPU and simulated devices only.
+- `auto`: a GGUF file keeps the width it was stored at (4-5 bits: q4, 6-8 bits: q8, 16-32
+  bits: native); any other model loads native.
+
+The embedding table and the output head are per-row int8 under both q8 and q4 (one tensor
+when they are tied). GGUF files keep the head at 8 bits or more too (the bundled Q4_1 file
+stores it as Q8_0), and at 4 bits the bundled model's answers visibly changed.
+
+Which kernels run them (`kernel_path`, printed by `plan` and `bench`):
+- on CPU and simulated devices, our own (kernels/cpu/build.py: AVX2 + FMA, float32
+  activations, each weight block unpacked once per batch of up to 4 rows), so the compute
+  dtype under quantized weights is float32 there. torch's and torchao's kernels ran at
+  2-3 GB/s of weights here and want bfloat16 activations, whose elementwise ops are slow
+  without AVX-512; ours keep up with memory (~4 GB/s on one thread of this machine). The
+  model's linears and RMSNorms are rewired onto them (kernels/cpu/modules.py);
+- where our kernels cannot run (no AVX2/FMA, no compiler, a GPU among the devices),
+  torchao's: q8 through `torch._weight_int8pack_mm` on the CPU and torchao's path on GPUs,
+  q4 as torchao's `Int4OpaqueTensor` (`_weight_int4pack_mm_for_cpu`), in bfloat16.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from vramancer.config.errors import VramancerError
+from vramancer.config.validation import check_weights
+
+Q4_GROUP = 32  # weights per scale/zero pair: GGUF's Q4_0/Q4_1 block size
+
+# GGUF `general.file_type` (llama.cpp's LLAMA_FTYPE) → the nearest width we run.
+_GGUF_FILE_TYPES = {
+    0: "native", 1: "native", 32: "native",  # F32, F16, BF16
+    2: "q4", 3: "q4", 8: "q4", 9: "q4",  # Q4_0, Q4_1, Q5_0, Q5_1
+    12: "q4", 13: "q4", 14: "q4", 15: "q4", 16: "q4", 17: "q4",  # Q3_K_*, Q4_K_*, Q5_K_*
+    10: "q4", 11: "q4",  # Q2_K, Q3_K_S
+    7: "q8", 18: "q8",  # Q8_0, Q6_K
+}
+
+
+def resolve_weights(name: str, gguf_path: Path | None, device_kinds: set[str]) -> str:
+    """`native`, `q8` or `q4` for the --weights value, the model file and the devices."""
+    check_weights(name)
+    if name == "auto":
+        width = _GGUF_FILE_TYPES.get(gguf_file_type(gguf_path), "native") if gguf_path else "native"
+        if width == "q4" and not device_kinds <= {"cpu", "sim"}:
+            width = "q8"  # q4's packing is the CPU kernel's: GPUs get the nearest width they can run
+        return width
+    if name == "q4" and not device_kinds <= {"cpu", "sim"}:
+        raise VramancerError("--weights q4 packs weights for the CPU's int4 kernel, so it needs CPU or "
+                             "simulated devices only; use q8 with GPUs.")
+    return name
+
+
+def gguf_file_type(path: Path) -> int | None:
+    """The `general.file_type` of a GGUF file, read from its metadata without parsing the
+    tensors (gguf's reader took 11 s for the bundled file on a busy machine). None if absent."""
+    fixed = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type → bytes
+    with path.open("rb") as f:
+        def read(fmt: str):
+            size = struct.calcsize(fmt)
+            data = f.read(size)
+            if len(data) < size:
+                raise EOFError
+            return struct.unpack(fmt, data)
+
+        def skip_string() -> None:
+            (length,) = read("<Q")
+            f.seek(length, 1)
+
+        def skip_value(value_type: int) -> None:
+            if value_type in fixed:
+                f.seek(fixed[value_type], 1)
+            elif value_type == 8:
+                skip_string()
+            elif value_type == 9:
+                item, count = read("<IQ")
+                if item in fixed:
+                    f.seek(fixed[item] * count, 1)
+                else:
+                    for _ in range(count):
+                        skip_value(item)
+            else:
+                raise ValueError(f"unknown GGUF value type {value_type}")
+
+        try:
+            magic, _version, _tensors, keys = read("<4sIQQ")
+            if magic != b"GGUF":
+                return None
+            for _ in range(keys):
+                (length,) = read("<Q")
+                key = f.read(length)
+                (value_type,) = read("<I")
+                if key == b"general.file_type" and value_type in (4, 5):
+                    return read("<I" if value_type == 4 else "<i")[0]
+                skip_value(value_type)
+        except (EOFError, ValueError, struct.error):
+            return None
+    return None
+
+
+def our_kernels(dtype: torch.dtype) -> bool:
+    """Whether quantized weights run on our CPU kernels (kernels/cpu/build.py): with float32
+    activations, where they build and this CPU has AVX2/FMA. Otherwise torchao's run. The first
+    call may compile the kernels (once per machine, two to three minutes)."""
+    if dtype != torch.float32:
+        return False
+    from vramancer.kernels.cpu.build import kernels
+
+    return kernels() is not None
+
+
+def kernel_path(weights: str, dtype: torch.dtype) -> str:
+    """One line for `plan` and `bench`: which kernels run the quantized weights, and why."""
+    if weights == "native":
+        return f"native {str(dtype).removeprefix('torch.')} weights: torch's own matmuls"
+    if our_kernels(dtype):
+        return f"{weights} weights: VRAMancer's AVX2 CPU kernels (float32 in and out, int16 dot products)"
+    from vramancer.kernels.cpu.build import unavailable_reason
+
+    why = unavailable_reason() if dtype == torch.float32 else f"{str(dtype).removeprefix('torch.')} activations"
+    return f"{weights} weights: torchao/torch kernels ({why})"
+
+
+def quantizable(module: nn.Module, weights: str, head: nn.Module | None) -> bool:
+    """The linear layers that `weights` quantizes: all but the output head (q4 needs whole
+    groups along the input)."""
+    if weights == "native" or not isinstance(module, nn.Linear) or module is head:
+        return False
+    return weights != "q4" or module.in_features % Q4_GROUP == 0
+
+
+def quantized_weight_bytes(out_features: int, in_features: int, weights: str, dtype: torch.dtype) -> int:
+    """Bytes stored for one quantized linear weight (checked against the real tensors by
+    tests/test_quantized.py): q8 keeps int8 values, a float32 scale and an int8 zero per row;
+    q4 two values per byte and a (scale, minimum) pair per group: float16 in our kernels'
+    layout, the compute dtype in torchao's."""
+    if weights == "q8":
+        return out_features * in_features + out_features * (4 + 1)
+    if weights == "q4":
+        groups = in_features // Q4_GROUP
+        pair = 2 * 2 if our_kernels(dtype) else 2 * torch.empty((), dtype=dtype).element_size()
+        return out_features * in_features // 2 + groups * out_features * pair
+    raise ValueError(weights)
+
+
+def quantize_model(model: nn.Module, weights: str) -> None:
+    """Quantize `model`'s weights in place (it is on the CPU, in its compute dtype): the
+    embedding table and the output head as per-row int8 (one tensor when tied), the decoder's
+    linear layers as `weights` says, in our kernels' layout under float32 activations (where
+    they run), else in torchao's."""
+    if weights == "native":
+        return
+    from vramancer.quantization.q8_rows import quantize_rows
+
+    table, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = table is not None and head is not None and head.weight is table.weight
+    if table is not None:
+        table.weight = quantize_rows(table.weight)
+    if head is not None:
+        head.weight = table.weight if tied else quantize_rows(head.weight)
+    ours = our_kernels(model.dtype)
+    if weights == "q8" or ours:
+        from vramancer.quantization.q4_blocks import quantize_blocks
+
+        quantize = quantize_rows if weights == "q8" else quantize_blocks
+        for module in model.modules():
+            if quantizable(module, weights, head):
+                module.weight = quantize(module.weight)
+        if ours:
+            from vramancer.kernels.cpu.fused_layer import fuse_decoder_layers
+            from vramancer.kernels.cpu.modules import rewire
+
+            rewire(model)
+            fuse_decoder_layers(model)
+        return
+    from torchao.quantization import quantize_
+    from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+
+    config = PrototypeInt4WeightOnlyConfig(group_size=Q4_GROUP, set_inductor_config=False)
+    quantize_(model, config, filter_fn=lambda module, _name: quantizable(module, weights, head))
+
+
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """The bytes a tensor really holds: for a quantized (wrapper subclass) tensor, the sum of
+    the plain tensors inside it, not its logical shape times its logical dtype."""
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(stored_bytes(inner) for name in names if (inner := getattr(tensor, name)) is not None)
+    return tensor.numel() * tensor.element_size()

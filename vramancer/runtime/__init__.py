@@ -1,0 +1,1 @@
+"""Running a split model: the split itself, hand-overs, migration, rebalancing, recovery, graphs."""

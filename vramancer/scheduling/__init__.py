@@ -1,0 +1,1 @@
+"""Turning requests into decode steps: generation, the server's batch, KV room."""

@@ -1,0 +1,619 @@
+"""Continuous batching on the split model: requests decode together, joining and leaving
+between two decode steps.
+
+Why not transformers' own continuous-batching manager (`generate_batch`,
+`init_continuous_batching`, in transformers/generation/continuous_batching/): its
+`PagedAttentionCache` keeps the KV of every layer in one flat tensor allocated on
+`model.device` (a single device), it switches the model to its paged attention kernels, and
+its `ContinuousBatchingManager` runs the decode loop on a thread of its own. Our split keeps
+each layer's KV beside its layer, on that layer's device, moves it with the layer when a
+migration runs between two steps, and counts it per device; and our worker thread must own
+every forward pass so that Migrate, Reserve and Replan can run between two of them. So the
+batch is built on our runtime directly.
+
+How it works (simple and exact):
+- One DynamicCache for the whole batch, so `Engine.cache` is it and the existing
+  migration, KV telemetry and auto-rebalance move and count every sequence's KV unchanged.
+  Its layers keep spare columns (scheduling/kv_room.py), so a step writes one column instead of
+  copying the cache.
+- Rows are left-padded to a common width T. The requests that join between two steps are
+  prefilled together (one forward, left-padded, in a fresh cache of their own; a lone one
+  exactly as `generate` would), each one's first token sampled from its prefill logits, then
+  their keys and values, zero on padding, are stacked under the batch's (or the batch is
+  padded when the newcomers are longer).
+- A decode step feeds every row's last token with a 2D attention mask (0 on padding; left out
+  when there is no padding, as generate does) and position ids = each row's real length.
+- A sequence that leaves takes its rows with it; columns that are padding for every row left
+  are dropped.
+
+Models whose cache is not plain full attention in every layer (sliding windows, recurrent
+states), that take no position ids, or whose layers partly run on other machines, run one
+sequence at a time through the same loop: their caches cannot be padded and stacked row by
+row here. The batch says so once, with a Notice, at its first request.
+
+Memory: the plan budgets KV for `context` tokens, shared by the batch (llama.cpp's meaning of
+--context). A request needs prompt + max_tokens <= context; it joins only when the padded
+batch after it fits at every sequence's final length: (running + 1) x max(final lengths) <=
+context. Until then it waits; past `max_waiting` waiting ones, it is refused.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.nn import functional as F
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TextStreamer,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.cache_utils import DynamicLayer
+
+from vramancer.engine import events as ev
+from vramancer.scheduling import kv_room
+from vramancer.runtime import recovery
+from vramancer.platforms.devices import DeviceLost
+from vramancer.config.errors import VramancerError
+from vramancer.scheduling.generation import SamplingSettings, encode_prompt
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[ev.Event], None]
+STATUS_INTERVAL_S = 0.25  # BatchStatus at most this often (and once when the batch empties)
+RATE_WINDOW_S = 1.0  # tokens/s is counted over about this long
+PROMPT_HEAD_CHARS = 60
+ROOM_COLUMNS = 32  # KV columns reserved ahead: one copy of the cache every 32 steps, not every step
+
+
+class AnswerText:
+    """One answer's text as it streams.
+
+    Pieces are released by transformers' TextStreamer rules (the same as `generate`'s
+    stream: special tokens skipped, a word is held until it is complete). Stop strings are
+    looked for in the whole decoded answer after every token; text that could still become
+    the start of one is held back, so a stop string is never streamed."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.stops = tuple(s for s in stops if s)
+        self.text = ""  # the answer so far (cut before a stop string once one is found)
+        self.stopped = False  # a stop string was found
+        self._sent = 0  # characters of `text` already streamed
+        self._released = ""  # what the streamer's rules have let out so far
+        self._streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
+        self._streamer.on_finalized_text = self._let_out
+
+    def add(self, tokens: list[int]) -> str:
+        """`tokens` are the answer's tokens so far, the last one new. Returns the piece to stream."""
+        self._streamer.put(torch.tensor([tokens[-1]]))
+        if not self.stops:  # nothing to look for: the streamer's text is the answer so far
+            self.text = self._released
+            return self._release(len(self.text))
+        full = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        cut = min((i for i in (full.find(s) for s in self.stops) if i >= 0), default=None)
+        if cut is not None:
+            self.stopped = True
+            self.text = full[:cut]
+            return self._release(len(self.text))
+        self.text = full
+        return self._release(len(self._released) - self._held_back(self._released))
+
+    def finish(self, tokens: list[int]) -> str:
+        """The rest of the answer, held back until now (`tokens`: all of the answer's)."""
+        if not self.stopped:
+            self.text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return self._release(len(self.text))
+
+    def _let_out(self, text: str, stream_end: bool = False) -> None:
+        self._released += text
+
+    def _release(self, upto: int) -> str:
+        piece = self.text[self._sent:upto]
+        self._sent = max(self._sent, upto)
+        return piece
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest end of `text` that a stop string starts with."""
+        longest = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:k]):
+                    longest = k
+                    break
+        return longest
+
+
+@dataclass(eq=False)  # compared by identity: each one is a request of its own
+class Sequence:
+    """One request in the batch: what was asked, and what it has produced so far."""
+
+    request: ev.Submit
+    prompt_ids: list[int]
+    settings: SamplingSettings
+    arrived: float  # time.perf_counter() when the request arrived
+    answer: AnswerText
+    processors: LogitsProcessorList
+    tokens: list[int] = field(default_factory=list)  # new tokens; the last one is the next input
+    token_times: list[float] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    finish_reason: str = ""  # stop | length | cancelled, once it is done
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def cached(self) -> int:
+        """Tokens in this sequence's KV cache: the prompt and every new token but the last."""
+        return len(self.prompt_ids) + max(len(self.tokens) - 1, 0)
+
+    @property
+    def final_length(self) -> int:
+        return len(self.prompt_ids) + self.settings.max_new_tokens
+
+    @property
+    def greedy(self) -> bool:
+        return self.settings.temperature == 0
+
+
+def score_processors(settings: SamplingSettings) -> LogitsProcessorList:
+    """What adjusts a request's scores before its token is picked: transformers' own
+    processors and warpers, in the order generate applies them."""
+    processors = LogitsProcessorList()
+    if settings.repetition_penalty is not None and settings.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
+    if settings.temperature > 0:
+        if settings.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(settings.temperature))
+        if settings.top_k:
+            processors.append(TopKLogitsWarper(settings.top_k))
+        if settings.top_p is not None and settings.top_p < 1.0:
+            processors.append(TopPLogitsWarper(settings.top_p))
+    return processors
+
+
+def single_sequence_reason(engine) -> str | None:
+    """Why this model's requests cannot share a padded batch, or None when they can."""
+    model = engine.model
+    if engine.connected:
+        return "some of its layers run on other machines, whose caches are not padded row by row"
+    if any(type(layer) is not DynamicLayer for layer in DynamicCache(config=model.config).layers):
+        return "not every layer keeps a plain full-attention cache (sliding windows or recurrent states)"
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return "it takes no position ids, so left-padded rows would get the wrong positions"
+    return None
+
+
+class Batch:
+    """The sequences decoding together on one engine, driven step by step from one thread.
+
+    `submit` a request, then call `step` while `busy`. Every outcome goes out through `emit`
+    as events (RequestQueued, RequestStarted, Token, GenerationDone, RequestRefused,
+    BatchStatus). Migrations may run between two steps: the batch's cache is `engine.cache`."""
+
+    def __init__(self, engine, emit: Emit, max_batch: int = 8, max_waiting: int = 64):
+        if max_batch < 1:
+            raise VramancerError(f"--max-batch must be at least 1, not {max_batch}.")
+        if max_waiting < 0:
+            raise VramancerError(f"the waiting queue must hold 0 requests or more, not {max_waiting}.")
+        self.engine = engine
+        self.emit = emit
+        self.max_waiting = max_waiting
+        self.single_reason = single_sequence_reason(engine)
+        self.max_batch = 1 if self.single_reason else max_batch
+        self.running: list[Sequence] = []  # in the order of the cache's rows
+        self.waiting: deque[Sequence] = deque()
+        self.cache: DynamicCache | None = None
+        self.width = 0  # columns of every row of the cache (the padded length T)
+        self.steps = 0  # decode steps run, for MigrationDone.step
+        self._told_single = False
+        takes = inspect.signature(engine.model.forward).parameters
+        self._keep_one = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}
+        self._positions = "position_ids" in takes
+        config = engine.model.generation_config
+        eos = config.eos_token_id if config.eos_token_id is not None else engine.tokenizer.eos_token_id
+        self.eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        self._stamps: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
+        self._status_at = 0.0
+        self._status_sent = (0, 0)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    @property
+    def context(self) -> int:
+        return self.engine.context
+
+    def holds(self, request_id: str) -> bool:
+        return any(s.request_id == request_id for s in (*self.running, *self.waiting))
+
+    # --- requests in ---------------------------------------------------------------------
+
+    def submit(self, request: ev.Submit, arrived: float | None = None) -> bool:
+        """Queue a request (RequestQueued), or refuse it (RequestRefused). True if queued."""
+        arrived = time.perf_counter() if arrived is None else arrived
+        if self.single_reason and not self._told_single:
+            self._told_single = True
+            self.emit(ev.Notice(f"{self.engine.source.display_name} answers one request at a time: "
+                                f"{self.single_reason}."))
+        if not isinstance(request.request_id, str) or not request.request_id or self.holds(request.request_id):
+            return self._refuse(request, "bad_request", f"request id {request.request_id!r} is empty or already in use.")
+        try:
+            settings = SamplingSettings(**request.sampling)
+            settings.check()
+            prompt = list(request.prompt) if isinstance(request.prompt, tuple) else request.prompt
+            prompt_ids = encode_prompt(self.engine.tokenizer, prompt, request.raw)["input_ids"][0].tolist()
+        except TypeError as exc:
+            return self._refuse(request, "bad_request", f"the sampling settings are not understood: {exc}.")
+        except VramancerError as exc:
+            return self._refuse(request, "bad_request", str(exc))
+        stops = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop)
+        if any(not isinstance(s, str) for s in stops):
+            return self._refuse(request, "bad_request", "each stop sequence must be text.")
+        prompt_tokens, wanted = len(prompt_ids), settings.max_new_tokens
+        if prompt_tokens + wanted > self.context:
+            return self._refuse(request, "too_long", (
+                f"the prompt is {prompt_tokens} tokens and {wanted} more were asked for, {prompt_tokens + wanted} in "
+                f"all, more than the context of {self.context}; ask for fewer tokens or send a shorter prompt."))
+        if len(self.waiting) - self._free_slots() >= self.max_waiting:
+            return self._refuse(request, "queue_full", (
+                f"{len(self.running)} requests are running and {len(self.waiting)} waiting, as many as may wait; "
+                f"try again shortly."))
+        sequence = Sequence(request, prompt_ids, settings, arrived, AnswerText(self.engine.tokenizer, stops),
+                            score_processors(settings))
+        head = prompt if isinstance(prompt, str) else (prompt[-1].get("content", "") if prompt else "")
+        self.emit(ev.RequestQueued(request.request_id, request.client, " ".join(head.split())[:PROMPT_HEAD_CHARS],
+                                   prompt_tokens, wanted))
+        self.waiting.append(sequence)
+        return True
+
+    def cancel(self, request_id: str) -> bool:
+        """End a request now (between two steps): a running one leaves the batch with its KV,
+        a waiting one ends with no tokens. False if the batch does not hold it."""
+        for sequence in self.waiting:
+            if sequence.request_id == request_id:
+                self.waiting.remove(sequence)
+                sequence.finish_reason = "cancelled"
+                self._finish(sequence)
+                self._report()
+                return True
+        for sequence in self.running:
+            if sequence.request_id == request_id:
+                sequence.finish_reason = "cancelled"
+                self._leave()
+                self._report()
+                return True
+        return False
+
+    def close(self) -> None:
+        """Shutting down: running requests end cancelled (with the text they have), waiting
+        ones are refused (shutting_down)."""
+        for sequence in self.running:
+            sequence.finish_reason = "cancelled"
+        self._leave()
+        while self.waiting:
+            sequence = self.waiting.popleft()
+            self.emit(ev.RequestRefused(sequence.request_id, "shutting_down",
+                                        "the engine is shutting down; the request was not run."))
+        self._report(force=True)
+
+    def abort(self, message: str) -> None:
+        """Something broke that the batch cannot go on from: every request ends, cancelled,
+        and the reason goes out as one Error."""
+        self.emit(ev.Error("Submit", message))
+        for sequence in self.running:
+            sequence.finish_reason = "cancelled"
+        self._leave()
+        while self.waiting:
+            sequence = self.waiting.popleft()
+            sequence.finish_reason = "cancelled"
+            self._finish(sequence)
+        self._report(force=True)
+
+    # --- one step ------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Admit the waiting requests that fit (prefilled together), then one decode step
+        for the batch. A device lost on the way is recovered and the batch rebuilt."""
+        while True:
+            try:
+                with torch.inference_mode():
+                    self._admit()
+                    if self.running:
+                        self._decode()
+                break
+            except DeviceLost as lost:
+                self.recover(lost)
+        self._report()
+
+    def recover(self, lost: DeviceLost) -> None:
+        """A device went away: re-place its layers, then rebuild every running sequence's KV by
+        prefilling their prompts and tokens so far, together. Greedy answers go on exactly only up to
+        batch arithmetic: the rebuilt rows come from one prefill, not from the decode steps
+        that first made them. If the layers fit nowhere, every request ends (abort)."""
+        recovery.mark_lost(self.engine, lost)
+        try:
+            recovery.recover_lost_devices(self.engine, replay_tokens=max((len(s.tokens) for s in self.running),
+                                                                        default=0))
+        except VramancerError as exc:
+            self.abort(str(exc))
+            return
+        rows = self.running
+        self._empty()
+        while True:
+            try:
+                with torch.inference_mode():
+                    self._join([s for s in rows if s not in self.running])
+                return
+            except DeviceLost as again:
+                recovery.mark_lost(self.engine, again)
+                try:
+                    recovery.recover_lost_devices(self.engine)
+                except VramancerError as exc:
+                    self.running = rows
+                    self.abort(str(exc))
+                    return
+                self._empty()
+
+    def _free_slots(self) -> int:
+        return max(self.max_batch - len(self.running), 0)
+
+    def _admit(self) -> None:
+        """The waiting requests that fit join, first in line first, prefilled together."""
+        newcomers: list[Sequence] = []
+        while self.waiting and len(self.running) + len(newcomers) < self.max_batch:
+            finals = [s.final_length for s in (*self.running, *newcomers, self.waiting[0])]
+            if len(finals) * max(finals) > self.context:
+                break  # it waits for KV room; the first in line goes first
+            newcomers.append(self.waiting.popleft())
+        if not newcomers:
+            return
+        try:
+            if not self.running:
+                self.engine.recover_lost_nodes()  # a device lost between answers: re-place its layers first
+            self._join(newcomers)
+        except BaseException:  # a device lost on the way: they wait again, first in line
+            self.waiting.extendleft(reversed([s for s in newcomers if not s.finish_reason]))
+            raise
+
+    def _join(self, sequences: list[Sequence]) -> None:
+        """Prefill `sequences` in one forward and stack their KV under the batch's. A new
+        sequence gets its first token from the prefill; a rebuilt one keeps its last token as
+        the next input."""
+        for sequence in [s for s in sequences if not s.tokens and s.settings.max_new_tokens == 0]:
+            sequence.finish_reason = "length"  # nothing asked: nothing to run
+            self.emit(ev.RequestStarted(sequence.request_id))
+            self._finish(sequence)
+        sequences = [s for s in sequences if not s.finish_reason]
+        if not sequences:
+            return
+        cache, logits = self._prefill(sequences)
+        now = time.perf_counter()
+        for i, sequence in enumerate(sequences):
+            if not sequence.tokens:
+                self.emit(ev.RequestStarted(sequence.request_id))
+                self._accept(sequence, self._pick(sequence, logits[i:i + 1]), now)
+        keep = [i for i, s in enumerate(sequences) if not s.finish_reason]
+        for sequence in sequences:
+            if sequence.finish_reason:
+                self._finish(sequence)
+        if not keep:
+            return
+        width = max(s.cached for s in sequences)
+        if len(keep) < len(sequences):
+            sequences = [sequences[i] for i in keep]
+            _keep_rows(cache, keep, width - max(s.cached for s in sequences))
+            width = max(s.cached for s in sequences)
+        self._stack(sequences, cache, width)
+
+    def _prefill(self, sequences: list[Sequence]) -> tuple[DynamicCache, torch.Tensor]:
+        """One forward over each sequence's tokens so far (its prompt and its new tokens but the
+        last), left-padded to the longest: their cache and each row's last logits [rows, vocab].
+
+        One sequence alone runs exactly as `generate`'s prefill (no mask, no padding). Several
+        share the forward with a mask that hides the padding, positions counted from each
+        row's first real token, and the padding's keys and values zeroed afterwards, like the
+        padding `_stack` adds; their first tokens then equal their solo answers up to batch
+        arithmetic."""
+        device = self.engine.split.input_device
+        rows = [s.prompt_ids + s.tokens[:-1] for s in sequences]
+        width = max(len(r) for r in rows)
+        pads = [width - len(r) for r in rows]
+        # The padding's token is any valid id: the mask hides it from every real position.
+        input_ids = torch.tensor([[r[0]] * pad + r for r, pad in zip(rows, pads)], device=device)
+        extra = dict(self._keep_one)
+        if any(pads):
+            extra["attention_mask"] = torch.tensor([[0] * pad + [1] * len(r) for r, pad in zip(rows, pads)],
+                                                   device=device)
+        if self._positions:
+            extra["position_ids"] = torch.tensor([[0] * pad + list(range(len(r))) for r, pad in zip(rows, pads)],
+                                                 device=device)
+        cache = kv_room.spare_room_cache(self.engine.model.config)
+        output = self.engine.model(input_ids=input_ids, cache=cache, use_cache=True, **extra)
+        for i, pad in enumerate(pads):
+            if pad:
+                for layer in cache.layers:
+                    layer.keys[i, :, :pad] = 0
+                    layer.values[i, :, :pad] = 0
+        return cache, output.logits[:, -1, :]
+
+    def _stack(self, sequences: list[Sequence], cache: DynamicCache, width: int) -> None:
+        """Add the rows of `cache` (`width` columns, `sequences` in its row order) under the
+        batch's, left-padding whichever side is shorter."""
+        if not self.running:
+            self.cache = cache
+            self.width = width
+            self.running = list(sequences)
+            self.engine.cache = cache  # migrations and telemetry see the batch's KV
+            return
+        wider = max(self.width, width)
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            for name in ("keys", "values"):
+                ours = _left_pad(getattr(mine, name), wider - self.width)
+                new = _left_pad(getattr(theirs, name), wider - width).to(ours.device)
+                setattr(mine, name, torch.cat([ours, new]))
+        self.width = wider
+        self.running.extend(sequences)
+
+    def _decode(self) -> None:
+        device = self.engine.split.input_device
+        rows = self.running
+        input_ids = torch.tensor([[s.tokens[-1]] for s in rows], device=device)
+        extra = dict(self._keep_one)
+        if any(s.cached != self.width for s in rows):
+            mask = torch.zeros(len(rows), self.width + 1, dtype=torch.long)
+            for i, sequence in enumerate(rows):
+                mask[i, self.width - sequence.cached:] = 1
+            extra["attention_mask"] = mask.to(device)
+        if self._positions:
+            extra["position_ids"] = torch.tensor([[s.cached] for s in rows], device=device)
+        # Room for this step's column and, when the cache must grow, the next few: never past
+        # the longest final length (the width never exceeds it: see `_leave`), so the KV stays
+        # within the budget the batch was admitted to.
+        kv_room.make_room(self.cache, max(1, min(ROOM_COLUMNS, max(s.final_length for s in rows) - self.width)))
+        output = self.engine.model(input_ids=input_ids, cache=self.cache, use_cache=True, **extra)
+        self.width += 1
+        self.steps += 1
+        now = time.perf_counter()
+        logits = output.logits[:, -1, :]
+        # Greedy rows with nothing to adjust their scores take one argmax together.
+        best = logits.argmax(dim=-1).tolist()
+        for i, sequence in enumerate(rows):
+            plain = sequence.greedy and not sequence.processors
+            self._accept(sequence, best[i] if plain else self._pick(sequence, logits[i:i + 1]), now)
+        self._stamps.append((now, len(rows)))
+        if any(s.finish_reason for s in rows):
+            self._leave()
+
+    def _pick(self, sequence: Sequence, logits: torch.Tensor) -> int:
+        """The next token from one row's logits [1, vocab]: greedy, or sampled with the
+        request's own generator (so a seed gives the same answer whatever else runs)."""
+        scores = logits.to(dtype=torch.float32)
+        if sequence.processors:
+            so_far = torch.tensor([sequence.prompt_ids + sequence.tokens], device=scores.device)
+            scores = sequence.processors(so_far, scores)
+        if sequence.greedy:
+            return int(scores.argmax(dim=-1))
+        if sequence.generator is None:
+            sequence.generator = torch.Generator(device=scores.device)
+            if sequence.settings.seed is not None:
+                sequence.generator.manual_seed(sequence.settings.seed)
+            else:
+                sequence.generator.seed()
+        probabilities = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probabilities, 1, generator=sequence.generator))
+
+    def _accept(self, sequence: Sequence, token: int, now: float) -> None:
+        sequence.tokens.append(token)
+        sequence.token_times.append(now)
+        piece = sequence.answer.add(sequence.tokens)
+        if piece:
+            self.emit(ev.Token(piece, sequence.request_id))
+        if token in self.eos or sequence.answer.stopped:
+            sequence.finish_reason = "stop"
+        elif len(sequence.tokens) >= sequence.settings.max_new_tokens:
+            sequence.finish_reason = "length"
+
+    # --- leaving -------------------------------------------------------------------------
+
+    def _leave(self) -> None:
+        """Finished sequences leave: their rows go, and columns that are padding for every row
+        left are dropped."""
+        keep = [i for i, s in enumerate(self.running) if not s.finish_reason]
+        for sequence in self.running:
+            if sequence.finish_reason:
+                self._finish(sequence)
+        if not keep:
+            self._empty()
+            return
+        if len(keep) == len(self.running):
+            return
+        self.running = [self.running[i] for i in keep]
+        width = max(s.cached for s in self.running)
+        _keep_rows(self.cache, keep, self.width - width)
+        self.width = width
+
+    def _empty(self) -> None:
+        self.running = []
+        self.cache = None
+        self.width = 0
+        self.engine.cache = None
+
+    def _finish(self, sequence: Sequence) -> None:
+        rest = sequence.answer.finish(sequence.tokens)
+        if rest:
+            self.emit(ev.Token(rest, sequence.request_id))
+        times = sequence.token_times
+        now = time.perf_counter()
+        rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
+        self.emit(ev.GenerationDone(
+            request_id=sequence.request_id,
+            text=sequence.answer.text,
+            token_ids=tuple(sequence.tokens),
+            prompt_tokens=len(sequence.prompt_ids),
+            new_tokens=len(sequence.tokens),
+            ttft_s=times[0] - sequence.arrived if times else None,
+            decode_tokens_per_s=rate,
+            cancelled=sequence.finish_reason == "cancelled",
+            finish_reason=sequence.finish_reason,
+            total_s=(times[-1] if times and sequence.finish_reason != "cancelled" else now) - sequence.arrived,
+        ))
+
+    def _refuse(self, request: ev.Submit, reason: str, message: str) -> bool:
+        self.emit(ev.RequestRefused(request.request_id, reason, message))
+        return False
+
+    # --- status --------------------------------------------------------------------------
+
+    def tokens_per_s(self, now: float | None = None) -> float:
+        """All sequences together, over the last second or so."""
+        now = time.perf_counter() if now is None else now
+        while self._stamps and now - self._stamps[0][0] > RATE_WINDOW_S:
+            self._stamps.popleft()
+        if len(self._stamps) < 2:
+            return 0.0
+        span = self._stamps[-1][0] - self._stamps[0][0]
+        return sum(n for _, n in list(self._stamps)[1:]) / span if span > 0 else 0.0
+
+    def status(self) -> ev.BatchStatus:
+        return ev.BatchStatus(len(self.running), len(self.waiting), self.tokens_per_s(),
+                              len(self.running) * self.width, self.context)
+
+    def _report(self, force: bool = False) -> None:
+        """BatchStatus, coalesced: at most every STATUS_INTERVAL_S, and once when the batch empties."""
+        now = time.perf_counter()
+        emptied = not self.busy and self._status_sent != (0, 0)
+        if not (force or emptied or now - self._status_at >= STATUS_INTERVAL_S):
+            return
+        status = self.status()
+        self._status_at = now
+        self._status_sent = (status.running, status.waiting)
+        self.emit(status)
+
+
+def _keep_rows(cache: DynamicCache, rows: list[int], drop: int) -> None:
+    """Keep only `rows` of every layer's keys and values, without their first `drop` columns."""
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name)
+            index = torch.tensor(rows, device=tensor.device)
+            setattr(layer, name, tensor[:, :, drop:, :].index_select(0, index))
+
+
+def _left_pad(tensor: torch.Tensor, columns: int) -> torch.Tensor:
+    """`tensor` [batch, heads, length, dim] with `columns` zero columns before its first."""
+    return F.pad(tensor, (0, 0, columns, 0)) if columns > 0 else tensor
+
+
+__all__ = ["AnswerText", "Batch", "Sequence", "single_sequence_reason"]
