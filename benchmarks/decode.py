@@ -16,7 +16,15 @@ from __future__ import annotations
 
 import time
 
-from benchmarks.common import PROMPT, Result, alternate, cli, prefill_ratio, say, stepped_ratio
+from benchmarks.common import (
+    PROMPT,
+    Result,
+    alternate,
+    cli,
+    prefill_ratio,
+    say,
+    stepped_ratio,
+)
 
 SPLIT_2, SPLIT_3 = "sim:2x1GiB", "sim:3x1GiB"
 MIGRATE_EVERY = 16

@@ -29,7 +29,15 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.common import PROMPT, Result, alternate, compare, machine, machine_line, say
+from benchmarks.common import (
+    PROMPT,
+    Result,
+    alternate,
+    compare,
+    machine,
+    machine_line,
+    say,
+)
 
 PLAIN = "plain transformers, unsplit on cuda:0"
 VRAMANCER = "VRAMancer cuda:0 + cpu, half the layers each"

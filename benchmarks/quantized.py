@@ -22,7 +22,15 @@ import os
 import subprocess
 from pathlib import Path
 
-from benchmarks.common import PROMPT, Result, alternate, cli, compare, say, stepped_ratio
+from benchmarks.common import (
+    PROMPT,
+    Result,
+    alternate,
+    cli,
+    compare,
+    say,
+    stepped_ratio,
+)
 
 SPLIT_2 = "sim:2x1GiB"
 LLAMA_PYTHONS = (os.environ.get("VRAMANCER_LLAMA_PYTHON", ""), "/work/llama-venv/bin/python")
@@ -93,8 +101,8 @@ def bench(rounds: int = 3, tokens: int = 64) -> Result:
     import torch
 
     from vramancer.engine import Engine
-    from vramancer.scheduling.generation import encode_prompt
     from vramancer.model.loading import bundled_model_path
+    from vramancer.scheduling.generation import encode_prompt
 
     torch.set_num_threads(1)
     gguf = bundled_model_path()

@@ -7,7 +7,6 @@ what is checked is what the screen shows and what the engine did, side by side.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import subprocess
 import sys

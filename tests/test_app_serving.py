@@ -13,8 +13,8 @@ import time
 import pytest
 
 from vramancer.app import VramancerApp
-from vramancer.engine import events as ev
 from vramancer.config.options import LoadOptions
+from vramancer.engine import events as ev
 from vramancer.widgets.events_log import EventsLog
 from vramancer.widgets.requests import KEPT
 

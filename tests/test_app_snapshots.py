@@ -12,8 +12,9 @@ import time
 import pytest
 
 from vramancer.app import VramancerApp
-from vramancer.profiling import timing as profiler
 from vramancer.config.options import LoadOptions
+from vramancer.planning import pricing
+from vramancer.profiling import timing as profiler
 from vramancer.widgets.devices import DeviceCard
 
 
@@ -23,9 +24,9 @@ def frozen_timings(monkeypatch):
     made from them. Freeze them for the screenshot, as the sampler is frozen."""
 
     def fixed(config, meta_model, devices, dtype, model_key, reprofile=False, weights="native", graphs=False):
-        device = profiler.DeviceTimings(0.0002, 0.0, 0.0004, 0.00001, 0.001, 0.0001, "host CPU")
-        link = profiler.LinkTimings(latency_s=0.00001, bytes_per_s=10e9)
-        return profiler.Timings(
+        device = pricing.DeviceTimings(0.0002, 0.0, 0.0004, 0.00001, 0.001, 0.0001, "host CPU")
+        link = pricing.LinkTimings(latency_s=0.00001, bytes_per_s=10e9)
+        return pricing.Timings(
             devices={d.name: device for d in devices},
             links={(a.name, b.name): link for a in devices for b in devices if a is not b},
             step_overhead_s=0.002,

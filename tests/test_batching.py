@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_worker import Recorder
 
 from vramancer.engine import events as ev
 from vramancer.engine.engine import Engine, LoadOptions
 from vramancer.engine.worker import EngineWorker
-
-from test_worker import Recorder
 
 PROMPTS = [
     "Tell me about the sea.",

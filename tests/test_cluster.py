@@ -15,7 +15,6 @@ import time
 
 import psutil
 import pytest
-
 from cluster_nodes import TOKEN, start_nodes
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(180)]
@@ -178,9 +177,9 @@ def test_remote_devices_take_layers_only_and_are_squeezed_on_their_own_machine(c
 
 
 def test_a_wrong_or_missing_token_is_refused_and_nothing_is_loaded(tmp_path, monkeypatch):
-    from vramancer.engine import Engine
     from vramancer.cluster import AdmissionRefused
     from vramancer.cluster.client import NodeConnection
+    from vramancer.engine import Engine
 
     (node,) = start_nodes(tmp_path, 1)
     try:
@@ -283,9 +282,9 @@ def test_the_dashboard_worker_rides_out_a_node_cut_off_mid_answer(tmp_path, refe
     its silence is noticed by heartbeat, its layers come home, the answer is unchanged."""
     import queue
 
+    from vramancer.cluster.client import HEARTBEAT_S
     from vramancer.engine import LoadOptions
     from vramancer.engine import events as ev
-    from vramancer.cluster.client import HEARTBEAT_S
     from vramancer.engine.worker import EngineWorker
 
     nodes = start_nodes(tmp_path, 2)

@@ -15,7 +15,7 @@ import pytest
 
 from vramancer.cluster import protocol as p
 from vramancer.cluster.discovery import NodeAdvert, parse_properties
-from vramancer.platforms.devices import parse_device_spec
+from vramancer.config.device_spec import parse_device_spec
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -241,17 +241,17 @@ def test_a_dead_node_is_noticed_and_requests_fail_clearly(node_server):
 def tiny_profile(tiny_model_dir):
     import torch
 
+    from vramancer.model.description import profile_model
     from vramancer.model.loading import build_meta_model, load_config, resolve_model
-    from vramancer.planning.placement import ModelProfile
 
     config = load_config(resolve_model(tiny_model_dir))
-    return ModelProfile.from_model(build_meta_model(config, torch.float32), torch.float32)
+    return profile_model(build_meta_model(config, torch.float32), torch.float32)
 
 
 def test_plans_keep_the_ends_local_and_give_nodes_layers_by_room(node_server, tiny_profile):
     from vramancer.cluster.client import remote_devices
-    from vramancer.platforms.devices import resolve_devices
     from vramancer.planning.placement import PlanError, make_plan
+    from vramancer.platforms.devices import resolve_devices
 
     node = connect(node_server)
     try:

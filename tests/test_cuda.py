@@ -105,12 +105,13 @@ def assert_same_greedy(got: list[int], want: list[int], reference, inputs: dict)
 def half_the_layers_cap(model_dir: str, dtype: torch.dtype, context: int) -> int:
     """A cap on cuda:0 that holds the embeddings and half the layers, so the planner has to
     put the rest on the CPU. Priced with the planner's own memory model."""
+    from vramancer.model.description import profile_model
     from vramancer.model.loading import build_meta_model, load_config, resolve_model
+    from vramancer.planning.placement import EMBED, device_need
     from vramancer.platforms.devices import CUDA_RESERVE
-    from vramancer.planning.placement import EMBED, ModelProfile, device_need
 
     meta = build_meta_model(load_config(resolve_model(model_dir)), dtype)
-    profile = ModelProfile.from_model(meta, dtype)
+    profile = profile_model(meta, dtype)
     half = profile.num_layers // 2
     need = device_need(profile, [EMBED, *range(half)], CUDA_RESERVE, context).total
     return need + profile.layer_bytes[half] // 2
@@ -267,7 +268,8 @@ def test_migration_to_the_cpu_and_back_mid_answer_keeps_the_tokens(tiny_dir):
 def test_a_block_on_the_cpu_gets_both_kinds_of_mask_and_rotary_of_an_alternating_model(tmp_path):
     """Gemma 3 hands its sliding and full layers each their own mask and rotary tensors, made
     beside the embeddings on the GPU: a CPU block holding both kinds needs copies of both."""
-    from tests.test_architectures import ALTERNATING, build as build_tiny, make_byte_tokenizer
+    from tests.test_architectures import ALTERNATING, make_byte_tokenizer
+    from tests.test_architectures import build as build_tiny
 
     build_tiny("gemma3_text", ALTERNATING, make_byte_tokenizer(), tmp_path)
     with beside_plain(str(tmp_path)) as (engine, same_as_plain):
@@ -324,8 +326,9 @@ def test_auto_dtype_is_bfloat16_on_a_gpu_that_supports_it(tiny_dir):
 def test_telemetry_reads_the_gpu_through_nvml():
     import pynvml
 
-    from vramancer.platforms.devices import parse_device_spec, resolve_devices
+    from vramancer.config.device_spec import parse_device_spec
     from vramancer.engine.telemetry import Telemetry
+    from vramancer.platforms.devices import resolve_devices
 
     device = resolve_devices(parse_device_spec(GPU))[0]
     telemetry = Telemetry(lambda: ([device], [], {}), emit=lambda event: None)

@@ -11,19 +11,19 @@ and writes into the same output tensors.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch.utils import _pytree as pytree
 from transformers.cache_utils import DynamicCache, StaticCache
 
-from types import SimpleNamespace
-
-from vramancer.engine import Engine
-from vramancer.runtime.graphs import LayerGraphs, is_graphed
-from vramancer.engine.engine import use_graphs
 from vramancer.config.errors import VramancerError
-from vramancer.model.loading import build_meta_model, load_config, resolve_model
 from vramancer.config.options import LoadOptions
+from vramancer.engine import Engine
+from vramancer.engine.engine import use_graphs
+from vramancer.model.loading import build_meta_model, load_config, resolve_model
+from vramancer.runtime.graphs import LayerGraphs, is_graphed
 
 PROMPT = "Tell me about the sea."
 TOKENS = 16
@@ -165,7 +165,13 @@ def test_other_architectures_replay_their_full_attention_layers_with_the_same_to
     """Gemma 3 and gpt-oss hand sliding and full layers each their own mask (and Gemma 3 its
     own rotary) through the same buffers; LFM2 has convolution layers beside attention. Only
     full-attention layers replay; the answer stays plain transformers'."""
-    from tests.test_architectures import MATRIX, NEW_TOKENS, build, make_byte_tokenizer, plain_greedy
+    from tests.test_architectures import (
+        MATRIX,
+        NEW_TOKENS,
+        build,
+        make_byte_tokenizer,
+        plain_greedy,
+    )
 
     tokenizer = make_byte_tokenizer()
     model = build(model_type, MATRIX[model_type], tokenizer, tmp_path)

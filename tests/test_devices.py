@@ -2,14 +2,10 @@
 
 import pytest
 
-from vramancer.platforms.devices import (
-    DeviceFullError,
-    DeviceSpecError,
-    parse_device_spec,
-    resolve_devices,
-)
+from vramancer.config.device_spec import DeviceSpecError, parse_device_spec
 from vramancer.config.errors import VramancerError
 from vramancer.config.units import GiB, MiB, format_bytes, parse_size
+from vramancer.platforms.devices import DeviceFullError, resolve_devices
 
 
 def names_and_caps(text):

@@ -4,7 +4,6 @@ a coordinator's goodbye is bounded in time on both ends."""
 
 from __future__ import annotations
 
-import logging
 import os
 import resource
 import socket
@@ -19,7 +18,13 @@ import torch
 
 from vramancer.cluster import protocol as p
 from vramancer.cluster.client import GOODBYE_TIMEOUT_S, NodeConnection
-from vramancer.cluster.node import HANDOVER_S, HANDSHAKE_GRACE_S, Handshakes, NodeServer, node_devices
+from vramancer.cluster.node import (
+    HANDOVER_S,
+    HANDSHAKE_GRACE_S,
+    Handshakes,
+    NodeServer,
+    node_devices,
+)
 
 pytestmark = pytest.mark.timeout(180)
 

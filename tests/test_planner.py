@@ -3,10 +3,10 @@
 import dataclasses
 
 import pytest
-
 import torch
 
-from vramancer.platforms.devices import CudaDevice, MemoryLedger, parse_device_spec, resolve_devices
+from vramancer.config.device_spec import parse_device_spec
+from vramancer.config.units import MiB
 from vramancer.planning.placement import (
     EMBED,
     HEAD,
@@ -15,7 +15,7 @@ from vramancer.planning.placement import (
     device_need,
     make_plan,
 )
-from vramancer.config.units import MiB
+from vramancer.platforms.devices import CudaDevice, MemoryLedger, resolve_devices
 
 # 10 layers of 10 MiB, 20 MiB embeddings tied to the head, 1 KiB of KV per token per layer.
 PROFILE = ModelProfile(

@@ -52,8 +52,8 @@ def test_no_timing_feeds_the_choice(tiny_model_dir, monkeypatch):
 def test_without_our_kernels_torchao_runs_in_bfloat16_and_plan_says_so(monkeypatch, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from vramancer.kernels.cpu import build as cpu_kernels
     from vramancer.engine.engine import choose_dtype
+    from vramancer.kernels.cpu import build as cpu_kernels
     from vramancer.quantization.weights import kernel_path, quantize_model
 
     if cpu_kernels.kernels() is not None:

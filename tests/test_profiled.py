@@ -3,18 +3,18 @@
 import json
 
 import pytest
-
-from vramancer.cli import main
-from vramancer.engine import Engine
-from vramancer.engine import events as ev
-from vramancer.platforms.devices import parse_device_spec, resolve_devices
-from vramancer.engine.engine import LoadOptions
-from vramancer.planning.placement import make_plan
-from vramancer.config.units import MiB
-from vramancer.engine.worker import EngineWorker
-
 from test_planner import CONTEXT, PROFILE
 from test_worker import Recorder
+
+from vramancer.cli import main
+from vramancer.config.device_spec import parse_device_spec
+from vramancer.config.units import MiB
+from vramancer.engine import Engine
+from vramancer.engine import events as ev
+from vramancer.engine.engine import LoadOptions
+from vramancer.engine.worker import EngineWorker
+from vramancer.planning.placement import make_plan
+from vramancer.platforms.devices import resolve_devices
 
 PROMPT = "Tell me about the sea."
 

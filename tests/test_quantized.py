@@ -4,13 +4,19 @@ the plan counts the bytes the devices really hold, and migrations carry quantize
 import pytest
 import torch
 
+from vramancer.config.errors import VramancerError
 from vramancer.engine import Engine
 from vramancer.engine.engine import prepare
-from vramancer.config.errors import VramancerError
 from vramancer.kernels.cpu.fused_layer import is_fused
-from vramancer.scheduling.generation import encode_prompt
 from vramancer.model.loading import bundled_model_path
-from vramancer.quantization.weights import gguf_file_type, our_kernels, quantize_model, resolve_weights, stored_bytes
+from vramancer.quantization.weights import (
+    gguf_file_type,
+    our_kernels,
+    quantize_model,
+    resolve_weights,
+    stored_bytes,
+)
+from vramancer.scheduling.generation import encode_prompt
 
 PROMPT = "Tell me about the sea."
 SPLIT = "sim:3x64MiB"

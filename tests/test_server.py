@@ -17,8 +17,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from vramancer.engine import events as ev
 from vramancer.config.options import LoadOptions
+from vramancer.engine import events as ev
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEVICES = "sim:2x1GiB"

@@ -21,7 +21,12 @@ from textual.widgets import Footer
 from textual.worker import Worker, WorkerState
 
 from vramancer.app.commands import DashboardCommands
-from vramancer.app.messages import DevicesSampled, EngineEvent, LinksSampled, TokensReady
+from vramancer.app.messages import (
+    DevicesSampled,
+    EngineEvent,
+    LinksSampled,
+    TokensReady,
+)
 from vramancer.app.metrics import metrics_document, write_metrics
 from vramancer.app.screens import HelpScreen, LoadModelScreen, MoveTargetScreen
 from vramancer.config.options import LoadOptions
@@ -159,7 +164,7 @@ class VramancerApp(App[int]):
         try:
             if self._prepare is not None:
                 self._prepare()
-            from vramancer.platforms.devices import parse_device_spec
+            from vramancer.config.device_spec import parse_device_spec
             from vramancer.config.errors import VramancerError
             from vramancer.engine.worker import EngineWorker
         except Exception as exc:  # a broken install: say so on screen rather than sit at "importing"
@@ -248,9 +253,9 @@ class VramancerApp(App[int]):
         if self.worker is None:
             self.notify("The engine is still starting; try again in a moment.", severity="warning")
             return
-        from vramancer.engine import events as ev
-        from vramancer.platforms.devices import parse_device_spec
+        from vramancer.config.device_spec import parse_device_spec
         from vramancer.config.errors import VramancerError
+        from vramancer.engine import events as ev
 
         try:
             parse_device_spec(options.devices)

@@ -15,7 +15,9 @@ class DashboardCommands(Provider):
     """The dashboard's own commands, found by fuzzy search in ctrl+p."""
 
     def _commands(self) -> list[tuple[str, Callable[[], object], str]]:
-        from vramancer.planning.placement import STRATEGIES  # the palette opens once the engine is imported
+        from vramancer.planning.placement import (
+            STRATEGIES,  # the palette opens once the engine is imported
+        )
 
         app: VramancerApp = self.app  # type: ignore[assignment]
         commands: list[tuple[str, Callable[[], object], str]] = [

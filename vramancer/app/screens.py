@@ -127,7 +127,9 @@ class LoadModelScreen(ModalScreen[LoadOptions | None]):
         self.current = current
 
     def compose(self) -> ComposeResult:
-        from vramancer.planning.placement import STRATEGIES  # imported (and so quick) once the engine is up
+        from vramancer.planning.placement import (
+            STRATEGIES,  # imported (and so quick) once the engine is up
+        )
 
         current = self.current
         with Vertical(id="load-dialog"):

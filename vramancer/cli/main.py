@@ -11,7 +11,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 EXIT_USAGE = 2
 DEFAULT_PORT = 8000
@@ -228,7 +227,9 @@ def _check_values(args) -> None:
         if args.rounds < 1:
             raise VramancerError(f"--rounds must be at least 1, not {args.rounds}.")
     if args.command in (None, "plan", "generate", "bench", "devices", "serve"):
-        from vramancer.config.device_spec import parse_device_spec  # no torch: a bad spec costs no time
+        from vramancer.config.device_spec import (
+            parse_device_spec,  # no torch: a bad spec costs no time
+        )
 
         parse_device_spec(_device_text(args))
 
@@ -237,8 +238,9 @@ def _check_values(args) -> None:
 
 
 def _devices(args) -> int:
-    from vramancer.platforms.devices import DeviceSpec, close_devices, parse_device_spec
+    from vramancer.config.device_spec import DeviceSpec, parse_device_spec
     from vramancer.engine.factory import open_devices
+    from vramancer.platforms.devices import close_devices
 
     spec = parse_device_spec(args.devices)
     if spec.discover:
@@ -288,7 +290,6 @@ def _discover_nodes(args):
 def _node(args) -> int:
     import logging
 
-    from vramancer.config.errors import VramancerError
     from vramancer.engine.factory import serve_node
     from vramancer.platforms.lifetime import exit_now
 
@@ -329,10 +330,10 @@ def _device_text(args) -> str:
 
 
 def _plan(args) -> int:
-    from vramancer.model.architecture import UnsupportedArchitecture
-    from vramancer.engine.engine import prepare
-    from vramancer.quantization.weights import kernel_path
     from vramancer.config.units import format_bytes
+    from vramancer.engine.engine import prepare
+    from vramancer.model.architecture import UnsupportedArchitecture
+    from vramancer.quantization.weights import kernel_path
 
     try:
         prepared = prepare(args.model, _device_text(args), args.context, args.dtype, reprofile=args.reprofile,
@@ -409,7 +410,7 @@ def _sampling(args) -> dict:
 
 
 def _generate(args) -> int:
-    from vramancer.platforms.devices import parse_device_spec
+    from vramancer.config.device_spec import parse_device_spec
     from vramancer.runtime.migration import parse_range
 
     sampling = _sampling(args)
@@ -484,9 +485,9 @@ def _parse_migrate(text: str) -> tuple[str, str, int]:
 
 
 def _bench(args) -> int:
-    from vramancer.runtime.graphs import is_graphed
     from vramancer.kernels.cpu.fused_layer import is_fused
     from vramancer.quantization.weights import kernel_path
+    from vramancer.runtime.graphs import is_graphed
 
     engine = _load_engine(args, quiet=args.json)
     try:

@@ -12,8 +12,13 @@ from __future__ import annotations
 import logging
 import os
 
-from vramancer.cluster.protocol import AdmissionRefused, ClusterError, NodeLost, cluster_token
-from vramancer.platforms.devices import DeviceSpecError, split_remote_name
+from vramancer.cluster.protocol import (
+    AdmissionRefused,
+    ClusterError,
+    NodeLost,
+    cluster_token,
+)
+from vramancer.config.device_spec import DeviceSpecError, split_remote_name
 
 log = logging.getLogger(__name__)
 

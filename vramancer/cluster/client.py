@@ -20,7 +20,9 @@ from datetime import timedelta
 import torch
 
 from vramancer.cluster import protocol as p
-from vramancer.platforms.devices import Device, DeviceReading, DeviceSnapshot, DeviceSpecError, MemoryLedger, kind_class
+from vramancer.config.device_spec import DeviceSpecError, node_label
+from vramancer.platforms.devices import Device, MemoryLedger, kind_class
+from vramancer.platforms.readings import DeviceReading, DeviceSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ class NodeConnection:
 
     def __init__(self, host: str, port: int, token: bytes | None):
         self.host, self.port = host, port
-        self.label = p.node_label(host, port)
+        self.label = node_label(host, port)
         self._token = token
         self.devices: list[dict] = []
         self.latest: dict[str, dict] = {}  # device name on the node → its latest snapshot

@@ -18,7 +18,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from vramancer.cluster.protocol import PROTOCOL_VERSION, SERVICE_TYPE, ClusterError, node_label
+from vramancer.cluster.protocol import PROTOCOL_VERSION, SERVICE_TYPE, ClusterError
+from vramancer.config.device_spec import node_label
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,10 @@ from datetime import timedelta
 import torch
 
 from vramancer.cluster import protocol as p
-from vramancer.platforms.devices import Device, DeviceFullError, DeviceSpec, parse_device_spec, resolve_devices
+from vramancer.config.device_spec import node_label, parse_device_spec
 from vramancer.config.errors import VramancerError
 from vramancer.config.units import format_bytes
+from vramancer.platforms.devices import Device, DeviceFullError, resolve_devices
 from vramancer.platforms.lifetime import Lifetime
 
 log = logging.getLogger("vramancer.node")
@@ -70,8 +71,8 @@ class NodeModel:
     GGUF cache allows), the assigned layers on their devices, and their KV cache."""
 
     def __init__(self, name: str, dtype: torch.dtype, context: int, devices: dict[str, Device]):
+        from vramancer.model.description import profile_model
         from vramancer.model.loading import load_config, load_weights, resolve_model
-        from vramancer.planning.placement import ModelProfile
 
         self.name, self.dtype, self.context = name, dtype, context
         self.devices = devices
@@ -80,7 +81,7 @@ class NodeModel:
         self.model = load_weights(source, dtype)
         self.base = self.model.get_decoder()
         self.rotary = getattr(self.base, "rotary_emb", None)
-        self.profile = ModelProfile.from_model(self.model, dtype)
+        self.profile = profile_model(self.model, dtype)
         self.assigned: dict[int, str] = {}
         self.cache = None
 
@@ -778,8 +779,13 @@ class NodeServer:
 
     def profile(self, name: str, dtype_name: str, model_key: str) -> dict:
         """Timings of this node's devices (and the links between them) for a model's layers."""
+        from vramancer.model.loading import (
+            DTYPES,
+            build_meta_model,
+            load_config,
+            resolve_model,
+        )
         from vramancer.profiling import timing as profiler
-        from vramancer.model.loading import DTYPES, build_meta_model, load_config, resolve_model
         from vramancer.runtime.transfer import TransferManager
 
         dtype = DTYPES.get(dtype_name, torch.float32)
@@ -831,7 +837,7 @@ def run_node(devices_text: str, bind: str, port: int, token_file: str | None, ad
     shown = ", ".join(f"{d.name} ({d.label}, {format_bytes(d.read().total)})" for d in devices)
     # `kill`, a hang-up or Ctrl-C end the node the same way: the advertisement is withdrawn.
     lifetime = Lifetime(lambda reason: server.stop()).install()
-    ready(f"vramancer node: serving {shown} on {p.node_label(bind, actual)}")
+    ready(f"vramancer node: serving {shown} on {node_label(bind, actual)}")
     try:
         server.serve_forever()
     finally:

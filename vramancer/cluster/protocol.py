@@ -23,9 +23,9 @@ import threading
 
 import torch
 
-from vramancer.platforms.devices import DeviceLost, node_label
 from vramancer.config.errors import VramancerError
 from vramancer.config.validation import read_token_file
+from vramancer.platforms.devices import DeviceLost
 
 PROTOCOL_VERSION = 2  # 2: the node confirms the group formed ("formed") before anything else
 SERVICE_TYPE = "_vramancer._tcp.local."

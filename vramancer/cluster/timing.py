@@ -9,7 +9,7 @@ link between them costs both legs.
 
 from __future__ import annotations
 
-from vramancer.profiling.timing import DeviceTimings, LinkTimings, Timings
+from vramancer.planning.pricing import DeviceTimings, LinkTimings, Timings
 
 SMALL_ROUNDS, BIG_ROUNDS = 20, 3
 BIG_NUMEL = 1 << 20  # float32 values: 4 MiB

@@ -24,7 +24,11 @@ class LoadOptions:
         """VramancerError for a value that is wrong on its own, before anything loads (the CLI
         and the dashboard call this; loading checks the same again)."""
         from vramancer.config.device_spec import parse_device_spec
-        from vramancer.config.validation import check_context, check_cuda_graphs, check_weights
+        from vramancer.config.validation import (
+            check_context,
+            check_cuda_graphs,
+            check_weights,
+        )
 
         check_context(self.context)
         check_weights(self.weights)

@@ -15,33 +15,25 @@ from typing import Callable, Iterator
 
 import torch
 
-from vramancer.engine import factory
-from vramancer.planning import precision
-from vramancer.runtime import recovery
-from vramancer.model.architecture import cache_bytes
-from vramancer.platforms.devices import Device, DeviceLost, DeviceSpec, close_devices, parse_device_spec, resolve_devices
+from vramancer.config.device_spec import DeviceSpec, parse_device_spec
 from vramancer.config.errors import VramancerError
 from vramancer.config.options import LoadOptions
-from vramancer.scheduling.generation import (
-    GenerationResult,
-    Messages,
-    SamplingSettings,
-    encode_prompt,
-    run_generate,
-)
-from vramancer.runtime.migration import MigrationRefused, MigrationResult, check_room, migrate, part_label, parts_of, relocate
+from vramancer.engine import factory
+from vramancer.model.architecture import cache_bytes
+from vramancer.model.description import profile_model
 from vramancer.model.loading import (
     DTYPES,
     ModelSource,
     build_meta_model,
+    let_go_of_gguf_reader,
     load_config,
     load_tokenizer,
-    let_go_of_gguf_reader,
     load_weights,
     resolve_dtype,
     resolve_model,
     split_refusal,
 )
+from vramancer.planning import precision
 from vramancer.planning.placement import (
     EMBED,
     HEAD,
@@ -50,14 +42,37 @@ from vramancer.planning.placement import (
     Plan,
     device_needs,
     make_plan,
+    part_label,
     split_footprint,
 )
+from vramancer.planning.pricing import Prediction, Pricing
+from vramancer.platforms.devices import (
+    Device,
+    DeviceLost,
+    close_devices,
+    resolve_devices,
+)
 from vramancer.profiling import timing as profiler
-from vramancer.profiling.timing import Prediction, Pricing
-from vramancer.runtime.rebalance import rebalance as relieve_pressure
 from vramancer.quantization.weights import our_kernels, resolve_weights
+from vramancer.runtime import recovery
+from vramancer.runtime.migration import (
+    MigrationRefused,
+    MigrationResult,
+    check_room,
+    migrate,
+    parts_of,
+    relocate,
+)
+from vramancer.runtime.rebalance import rebalance as relieve_pressure
 from vramancer.runtime.split_model import SplitModel
 from vramancer.runtime.transfer import LinkStats, TransferManager
+from vramancer.scheduling.generation import (
+    GenerationResult,
+    Messages,
+    SamplingSettings,
+    encode_prompt,
+    run_generate,
+)
 
 ProgressCallback = Callable[[str, float], None]
 # Each of the two simulated devices of the `auto` fallback holds about this share of the
@@ -138,7 +153,7 @@ class Engine:
             if refusal is not None:
                 raise VramancerError(refusal)
             report("placing", 0.8)
-            profile = ModelProfile.from_model(loaded, torch_dtype, prepared.weights)
+            profile = profile_model(loaded, torch_dtype, prepared.weights)
             transfer = TransferManager(device_list)
             split = SplitModel(loaded, profile, device_list, transfer, context)
             factory.attach_external_layers(split, source, torch_dtype, prepared.config)
@@ -540,7 +555,7 @@ def prepare(model: str, devices: str | DeviceSpec, context: int, dtype: str, rep
                                  "load theirs unquantized, so use --weights native with them.")
         torch_dtype, dtype_reason = choose_dtype(dtype, weights_kind, all_kinds)
         meta = build_meta_model(config, torch_dtype)
-        profile = ModelProfile.from_model(meta, torch_dtype, weights_kind)
+        profile = profile_model(meta, torch_dtype, weights_kind)
         size = int(split_footprint(profile, context) * SIMULATED_SHARE)
         local = resolve_devices(local_spec, simulated_size=size)
         graphs = use_graphs(cuda_graphs, meta, local)

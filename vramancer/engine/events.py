@@ -9,11 +9,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from vramancer.platforms.devices import DeviceSnapshot
 from vramancer.config.options import LoadOptions
-from vramancer.runtime.migration import part_label, refusal_sentence
-from vramancer.planning.placement import ModelProfile, Placement, parts_for_range, room_shortfall
-from vramancer.profiling.timing import Pricing, Timings
+from vramancer.planning.placement import (
+    ModelProfile,
+    Placement,
+    part_label,
+    parts_for_range,
+    refusal_sentence,
+    room_shortfall,
+)
+from vramancer.planning.pricing import Pricing, Timings
+from vramancer.platforms.readings import DeviceSnapshot
 
 # --- commands (UI → worker) ---------------------------------------------------------------
 

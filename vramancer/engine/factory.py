@@ -9,7 +9,8 @@ to know, and handles one loss signal, `DeviceLost`.
 
 from __future__ import annotations
 
-from vramancer.platforms.devices import Device, DeviceSpec, close_devices, resolve_devices
+from vramancer.config.device_spec import DeviceSpec
+from vramancer.platforms.devices import Device, close_devices, resolve_devices
 from vramancer.runtime.split_model import SplitModel
 
 

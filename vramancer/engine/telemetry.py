@@ -13,7 +13,12 @@ import time
 from collections import deque
 from typing import Callable
 
-from vramancer.engine.events import DeviceSample, DeviceSnapshot, LinkSample, LinkSnapshot
+from vramancer.engine.events import (
+    DeviceSample,
+    DeviceSnapshot,
+    LinkSample,
+    LinkSnapshot,
+)
 
 log = logging.getLogger(__name__)
 

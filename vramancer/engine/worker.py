@@ -25,14 +25,14 @@ import time
 from collections import Counter
 from typing import Callable
 
-from vramancer.engine import events as ev
-from vramancer.scheduling.batching import Batch
-from vramancer.platforms.devices import DeviceLost
-from vramancer.engine.engine import Engine
 from vramancer.config.errors import VramancerError
-from vramancer.runtime.migration import MigrationFailed, MigrationRefused
-from vramancer.engine.telemetry import DEFAULT_HISTORY, DEFAULT_HZ, Telemetry
 from vramancer.config.units import format_bytes
+from vramancer.engine import events as ev
+from vramancer.engine.engine import Engine
+from vramancer.engine.telemetry import DEFAULT_HISTORY, DEFAULT_HZ, Telemetry
+from vramancer.platforms.devices import DeviceLost
+from vramancer.runtime.migration import MigrationFailed, MigrationRefused
+from vramancer.scheduling.batching import Batch
 
 log = logging.getLogger(__name__)
 

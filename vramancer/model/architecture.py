@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vramancer.config.errors import VramancerError
+from vramancer.planning.memory import LayerCache
 
 SUPPORTED = ("decoder-only language models whose layers cache keys and values (full, sliding-window or "
              "compressed attention, as Llama, Qwen, Gemma, Phi, GPT-2, Falcon, Bloom, OLMo and DeepSeek have) "
@@ -37,24 +38,6 @@ AFTER_NORM_NAMES = ("project_out",)
 
 class UnsupportedArchitecture(VramancerError):
     """The model is not a decoder stack VRAMancer can split."""
-
-
-@dataclass(frozen=True)
-class LayerCache:
-    """What one decoder layer keeps in the KV cache."""
-
-    kind: str  # transformers' layer type: full_attention, sliding_attention, linear_attention, …
-    bytes_per_token: int  # keys + values of one token
-    window: int | None = None  # sliding and chunked layers hold at most this many tokens
-    state_bytes: int = 0  # a recurrent or convolution state, the same size whatever the length
-
-    def tokens_held(self, context: int) -> int:
-        if self.window is None:
-            return context
-        return min(context, max(self.window - 1, 1))  # transformers keeps the last window − 1 tokens
-
-    def bytes_for(self, context: int) -> int:
-        return self.bytes_per_token * self.tokens_held(context) + self.state_bytes
 
 
 @dataclass

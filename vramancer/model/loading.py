@@ -34,9 +34,13 @@ from urllib.parse import urlparse
 
 import torch
 
-from vramancer.config.paths import CACHE_ENV, cache_root  # noqa: F401 (CACHE_ENV: re-exported)
 from vramancer.config.errors import VramancerError
-from vramancer.kernels.cpu.few_rows import use_few_rows_attention, use_few_rows_linear, use_few_rows_norm
+from vramancer.config.paths import CACHE_ENV, cache_root  # noqa: F401 (CACHE_ENV: re-exported)
+from vramancer.kernels.cpu.few_rows import (
+    use_few_rows_attention,
+    use_few_rows_linear,
+    use_few_rows_norm,
+)
 
 log = logging.getLogger(__name__)
 # transformers imports torchao (our --weights kernels) whenever it builds a model; torchao then

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
@@ -27,23 +26,16 @@ from vramancer.config.device_spec import (
     DeviceRequest,
     DeviceSpec,
     DeviceSpecError,
-    node_label,
-    parse_device_spec,
-    remote_device_name,
-    split_remote_name,
 )
 from vramancer.config.errors import VramancerError
-from vramancer.config.units import MiB, format_bytes
+from vramancer.config.units import format_bytes
+from vramancer.planning.memory import CUDA_RESERVE
+from vramancer.platforms.readings import DeviceReading, DeviceSnapshot
 
 log = logging.getLogger(__name__)
 
 LEDGER_CATEGORIES = ("weights", "kv", "workspace", "other")
 
-# Room kept free on a CUDA device for its context and allocator slack, which no tensor of
-# ours accounts for (accelerate's users lose this to OOMs; llama.cpp's see it as "uneven").
-# Measured on an H100 (CUDA 13, torch 2.11): 694 MiB beside torch's own memory once cuBLAS
-# had loaded; 384 MiB, the figure before, left the memory model 30 % short.
-CUDA_RESERVE = 768 * MiB
 
 
 class DeviceFullError(VramancerError):
@@ -94,49 +86,6 @@ class MemoryLedger:
                     f"its capacity is {format_bytes(self.capacity)}."
                 )
             self.claims.update(claims)
-
-
-@dataclass
-class DeviceReading:
-    """One look at a device. A field the device cannot give is None, never a guess."""
-
-    total: int
-    free: int
-    utilization: float | None = None  # percent
-    temperature: float | None = None  # degrees C
-    power: float | None = None  # watts
-    pcie_rx: float | None = None  # bytes/s
-    pcie_tx: float | None = None  # bytes/s
-
-    @property
-    def used(self) -> int:
-        return self.total - self.free
-
-
-@dataclass(frozen=True)
-class DeviceSnapshot:
-    """One telemetry reading of one device, as plain data. None means the device cannot tell."""
-
-    name: str
-    kind: str
-    label: str
-    simulated: bool
-    total: int
-    free: int
-    weights: int  # this model's weights here
-    kv: int  # this model's KV cache here, as held right now
-    other: int  # in use by someone else: other processes (a simulated squeeze on sim devices)
-    utilization: float | None = None
-    temperature: float | None = None
-    power: float | None = None
-    pcie_rx: float | None = None
-    pcie_tx: float | None = None
-    timestamp: float = field(default_factory=time.time)
-    reserved: int = 0  # this model's, set aside and not yet used (KV room, workspace); a remote device's is in other
-
-    @property
-    def used(self) -> int:
-        return self.total - self.free
 
 
 @dataclass(eq=False)

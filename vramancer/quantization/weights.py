@@ -185,8 +185,10 @@ def quantize_model(model: nn.Module, weights: str) -> None:
             rewire(model)
             fuse_decoder_layers(model)
         return
+    from torchao.prototype.quantization.int4.inference_workflow import (
+        PrototypeInt4WeightOnlyConfig,
+    )
     from torchao.quantization import quantize_
-    from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
 
     config = PrototypeInt4WeightOnlyConfig(group_size=Q4_GROUP, set_inductor_config=False)
     quantize_(model, config, filter_fn=lambda module, _name: quantizable(module, weights, head))

@@ -17,11 +17,19 @@ import re
 import time
 from dataclasses import dataclass
 
-from vramancer.platforms.devices import DeviceLost
 from vramancer.config.errors import VramancerError
-from vramancer.planning.placement import EMBED, HEAD, LayerRange, Placement, parts_for_range, room_shortfall
-from vramancer.runtime.split_model import SplitModel, move_module
 from vramancer.config.units import format_bytes, format_rate
+from vramancer.planning.placement import (
+    EMBED,
+    HEAD,
+    Placement,
+    part_label,
+    parts_for_range,
+    refusal_sentence,
+    room_shortfall,
+)
+from vramancer.platforms.devices import DeviceLost
+from vramancer.runtime.split_model import SplitModel, move_module
 
 Part = str | int
 
@@ -69,12 +77,6 @@ class MigrationResult:
         }
 
 
-def part_label(first: int | str, last: int | str) -> str:
-    if isinstance(first, str):
-        return first
-    return str(LayerRange(int(first), int(last)))
-
-
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*$")
 
 
@@ -106,13 +108,6 @@ def check_room(split: SplitModel, new: Placement, what: str) -> None:
     short = room_shortfall(split.profile, split.placement, new, reserves, free, split.context)
     if short is not None:
         raise MigrationRefused(refusal_sentence(what, *short, split.context))
-
-
-def refusal_sentence(what: str, device: str, grow: int, free: int, context: int) -> str:
-    return (
-        f"{what} does not fit on {device}: it needs {format_bytes(grow)} more "
-        f"(weights, KV cache for {context} tokens, workspace) and {device} has {format_bytes(free)} free."
-    )
 
 
 def migrate(split: SplitModel, first: int | str, last: int | str, dst: str, cache=None) -> MigrationResult:

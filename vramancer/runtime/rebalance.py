@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vramancer.runtime.migration import MigrationRefused, MigrationResult
-from vramancer.planning.placement import EMBED, HEAD, device_need
 from vramancer.config.units import format_bytes
+from vramancer.planning.placement import EMBED, HEAD, device_need
+from vramancer.runtime.migration import MigrationRefused, MigrationResult
 
 
 @dataclass(frozen=True)

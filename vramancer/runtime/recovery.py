@@ -10,10 +10,16 @@ the layers that move.
 
 from __future__ import annotations
 
-from vramancer.platforms.devices import DeviceLost
 from vramancer.config.errors import VramancerError
-from vramancer.planning.placement import LayerRange, Placement, Plan, device_needs, room_shortfall
 from vramancer.config.units import format_bytes
+from vramancer.planning.placement import (
+    LayerRange,
+    Placement,
+    Plan,
+    device_needs,
+    room_shortfall,
+)
+from vramancer.platforms.devices import DeviceLost
 
 
 class NoRoomAfterLoss(VramancerError):

@@ -18,13 +18,25 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from vramancer.model.architecture import cache_tensors, describe, part_tensors, replace_cache_tensor
 from vramancer.kernels.cpu import fused_layer
-from vramancer.runtime.graphs import LayerGraphs
+from vramancer.model.architecture import (
+    cache_tensors,
+    describe,
+    part_tensors,
+    replace_cache_tensor,
+)
+from vramancer.planning.placement import (
+    EMBED,
+    HEAD,
+    DeviceNeed,
+    ModelProfile,
+    Placement,
+    device_needs,
+)
 from vramancer.platforms.devices import Device, DeviceFullError
-from vramancer.runtime.host_memory import copy_mapped, own_copy
 from vramancer.quantization.weights import stored_bytes
-from vramancer.planning.placement import EMBED, HEAD, DeviceNeed, ModelProfile, Placement, device_needs
+from vramancer.runtime.graphs import LayerGraphs
+from vramancer.runtime.host_memory import copy_mapped, own_copy
 from vramancer.runtime.transfer import TransferManager
 
 

@@ -14,10 +14,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from vramancer.platforms.devices import Device
 from vramancer.quantization.weights import stored_bytes
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 RATE_WINDOW = 64  # transfers kept per link for the rolling GB/s
 PINNED_LIMIT = 16 * 1024 * 1024  # hidden states and masks are far smaller than this

@@ -59,11 +59,11 @@ from transformers import (
 )
 from transformers.cache_utils import DynamicLayer
 
-from vramancer.engine import events as ev
-from vramancer.scheduling import kv_room
-from vramancer.runtime import recovery
-from vramancer.platforms.devices import DeviceLost
 from vramancer.config.errors import VramancerError
+from vramancer.engine import events as ev
+from vramancer.platforms.devices import DeviceLost
+from vramancer.runtime import recovery
+from vramancer.scheduling import kv_room
 from vramancer.scheduling.generation import SamplingSettings, encode_prompt
 
 log = logging.getLogger(__name__)

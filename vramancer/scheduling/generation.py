@@ -21,10 +21,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextStreamer,
+)
 
-from vramancer.platforms.devices import DeviceLost
 from vramancer.config.errors import VramancerError
+from vramancer.platforms.devices import DeviceLost
 
 Messages = list[dict[str, str]]
 

@@ -17,8 +17,8 @@ import threading
 import time
 from typing import Callable
 
-from vramancer.engine import events as ev
 from vramancer.config.errors import VramancerError
+from vramancer.engine import events as ev
 from vramancer.server.access import listen
 from vramancer.server.bridge import Bridge
 from vramancer.server.metrics import ServerMetrics
@@ -99,9 +99,8 @@ def run_serve(options, sock: socket.socket, host: str, api_key: bytes | None, ma
     """`vramancer serve`: listen at once (GET /health answers 503 while the model loads), load,
     say so in one line, and serve until SIGTERM, SIGINT, SIGHUP or a closed terminal. A model
     that cannot load ends it with the load's one sentence and status 2."""
-    from vramancer.platforms.lifetime import Lifetime
-
     from vramancer.engine.worker import EngineWorker
+    from vramancer.platforms.lifetime import Lifetime
 
     server = InferenceServer(api_key=api_key)
     server.start(host, sock.getsockname()[1], sock)

@@ -24,7 +24,9 @@ def describe_plan(plan: ev.PlanSnapshot) -> str:
 
 def describe(event: ev.Event) -> tuple[str, str] | None:
     """(line, style) for an event worth a line in the log; None for the ones that are not."""
-    from vramancer.engine import events as ev  # events arrive once the engine is imported
+    from vramancer.engine import (
+        events as ev,  # events arrive once the engine is imported
+    )
 
     if isinstance(event, ev.Loaded):
         pool = " (simulated)" if event.simulated else ""

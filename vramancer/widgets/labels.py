@@ -10,6 +10,6 @@ from __future__ import annotations
 
 def part_label(first: int | str, last: int | str) -> str:
     """"L0–5", "L7", "embed", "head"."""
-    from vramancer.runtime.migration import part_label as engine_label
+    from vramancer.planning.placement import part_label as engine_label
 
     return engine_label(first, last)

@@ -13,8 +13,8 @@ from textual.widgets import Static
 
 from vramancer.config.units import format_bytes, format_rate
 from vramancer.widgets.charts import spark, time_axis_s
-from vramancer.widgets.lines import LineWidget
 from vramancer.widgets.labels import part_label
+from vramancer.widgets.lines import LineWidget
 
 if TYPE_CHECKING:
     from vramancer.engine.events import LinkSnapshot, MigrationDone

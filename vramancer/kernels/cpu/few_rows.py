@@ -37,7 +37,11 @@ from torch.nn import functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from vramancer.kernels.cpu import build as cpu_kernels
-from vramancer.kernels.cpu.modules import attend_through, fuse_rms_norm, one_query_on_kernels
+from vramancer.kernels.cpu.modules import (
+    attend_through,
+    fuse_rms_norm,
+    one_query_on_kernels,
+)
 
 # The server's default --max-batch. Beyond it W @ x.T was no steady gain: slower at 12 and 32
 # rows (the head 55 vs 46 ms, 110 vs 88 ms), a little faster at 16 (49 vs 63 ms).
