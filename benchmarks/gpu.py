@@ -159,7 +159,7 @@ def decode_result(rounds, tokens, plain, tokenizer, engine, dispatched, device_m
         result.notes.append("accelerate dispatch_model could not be set up (see the failures)")
     predicted = setup.get("predicted_tok_s")
     if predicted:
-        # Informative here; tests/test_cuda.py holds predictions to within 25 %.
+        # Informative here; tests/integration/test_cuda.py holds predictions to within 25 %.
         result.comparisons.append(compare("VRAMancer predicted ÷ measured decode tok/s",
                                           predicted / result.median(VRAMANCER, "decode_tok_s")))
     differ = {name: next(i for i, (a, b) in enumerate(zip(ids, seen[PLAIN])) if a != b)

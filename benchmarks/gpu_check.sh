@@ -101,10 +101,10 @@ section "CPU kernels (the float32 tests' CPU layers use them; built once, about 
 timeout -k 10 240 "$PY" -m vramancer.kernels.cpu.build
 echo "kernel build exit status: $?"
 
-section "pytest -m cuda tests/test_cuda.py"
+section "pytest -m cuda tests/integration/test_cuda.py"
 TIMEOUT_FLAG=()
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then TIMEOUT_FLAG=(--timeout 120); fi
-timeout -k 10 180 "$PY" -m pytest -m cuda tests/test_cuda.py -v -s -p no:cacheprovider "${TIMEOUT_FLAG[@]}" \
+timeout -k 10 180 "$PY" -m pytest -m cuda tests/integration/test_cuda.py -v -s -p no:cacheprovider "${TIMEOUT_FLAG[@]}" \
     --junitxml "$OUT/test_cuda.xml"
 TESTS=$?
 echo "pytest exit status: $TESTS"

@@ -143,7 +143,7 @@ def quantizable(module: nn.Module, weights: str, head: nn.Module | None) -> bool
 
 def quantized_weight_bytes(out_features: int, in_features: int, weights: str, dtype: torch.dtype) -> int:
     """Bytes stored for one quantized linear weight (checked against the real tensors by
-    tests/test_quantized.py): q8 keeps int8 values, a float32 scale and an int8 zero per row;
+    tests/unit/test_quantized.py): q8 keeps int8 values, a float32 scale and an int8 zero per row;
     q4 two values per byte and a (scale, minimum) pair per group: float16 in our kernels'
     layout, the compute dtype in torchao's."""
     if weights == "q8":

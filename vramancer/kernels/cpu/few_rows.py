@@ -12,7 +12,7 @@ layer shape; the figures are in docs/benchmarks.md).
 
 At 8 rows the kernel is bound by its multiply-adds more than by memory (15 GB/s with the
 weights in L2). A row's result does not depend on the others in its batch or on the thread
-count (tests/test_few_rows.py). A lone sequence (one new token, or its whole prompt) keeps
+count (tests/unit/test_few_rows.py). A lone sequence (one new token, or its whole prompt) keeps
 `linear`, so a lone request computes exactly what `generate` does; so do longer prompts, other
 devices and dtypes, and quantized weights (their own kernels take several rows;
 quantization/weights.py). The wrappers test for a lone sequence first, as cheaply as they can:

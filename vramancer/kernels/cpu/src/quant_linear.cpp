@@ -72,7 +72,7 @@ struct ActivationBuffers {
 };
 
 // q = round-half-even(x * (1 / (max|x| / 32767))) per row and block of 32: the same float
-// operations as the torch reference in tests/test_cpu_kernels.py, so the integers agree.
+// operations as the torch reference in tests/unit/test_cpu_kernels.py, so the integers agree.
 Activations quantize_activations(const float* x, int64_t M, int64_t K, ActivationBuffers& buf) {
   const int64_t blocks = K / kBlock;
   buf.q.resize(M * blocks * kBlock);

@@ -12,7 +12,7 @@ only and is refused anywhere; so are dated runs in the package's comments (their
 belong in docs/benchmarks.md). README.md stays a page for users: at most 150 lines, and it
 links every page under docs/.
 
-Nothing here imports torch: `python -m pytest tests/test_docs.py` takes a second.
+Nothing here imports torch: `python -m pytest tests/unit/test_docs.py` takes a second.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 README_MAX_LINES = 150
 

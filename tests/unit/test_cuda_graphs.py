@@ -1,6 +1,6 @@
 """Decode steps replayed from recorded layers (runtime/graphs.py), checked on the CPU.
 
-CUDA graphs exist only on NVIDIA GPUs (tests/test_cuda.py runs the real ones there). What can
+CUDA graphs exist only on NVIDIA GPUs (tests/integration/test_cuda.py runs the real ones there). What can
 go wrong around them is ours and shows here too: an input not copied into the buffers a
 recording reads, a buffer shared wrongly between layers, the warm-up's cache write counted
 twice, a recording kept after its layer moved. So these tests record with `RerunRecorder`,
@@ -165,7 +165,7 @@ def test_other_architectures_replay_their_full_attention_layers_with_the_same_to
     """Gemma 3 and gpt-oss hand sliding and full layers each their own mask (and Gemma 3 its
     own rotary) through the same buffers; LFM2 has convolution layers beside attention. Only
     full-attention layers replay; the answer stays plain transformers'."""
-    from tests.test_architectures import (
+    from tests.integration.test_architectures import (
         MATRIX,
         NEW_TOKENS,
         build,
@@ -193,7 +193,7 @@ def test_other_architectures_replay_their_full_attention_layers_with_the_same_to
 
 
 def test_a_model_transformers_cannot_run_from_a_static_cache_is_refused_in_one_sentence(tmp_path, capsys):
-    from tests.test_architectures import MATRIX, build, make_byte_tokenizer
+    from tests.integration.test_architectures import MATRIX, build, make_byte_tokenizer
     from vramancer.cli import main
 
     build("gpt_neo", MATRIX["gpt_neo"], make_byte_tokenizer(), tmp_path)  # local attention: static cache differs

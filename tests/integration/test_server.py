@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from vramancer.config.options import LoadOptions
 from vramancer.engine import events as ev
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 DEVICES = "sim:2x1GiB"
 CONTEXT = 1024
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]

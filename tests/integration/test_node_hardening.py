@@ -275,7 +275,7 @@ def test_accept_failing_for_want_of_descriptors_pauses_and_goes_on(tmp_path):
     import json
 
     out = subprocess.run([sys.executable, "-c", ACCEPT_STARVED], capture_output=True, text=True, timeout=120,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["alive"]

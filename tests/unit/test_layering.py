@@ -1,4 +1,8 @@
-"""The shape of the import graph: the engine is a library with one seam for devices.
+"""The shape of the import graph: packages by role, each importing only those below it.
+
+The order (docs/design/architecture.md): config < planning < platforms, quantization, kernels
+< model < runtime < scheduling, profiling < cluster < engine < server, app, widgets < cli. The
+one way up is the engine's factory, which opens the cluster lazily (vLLM's executor seam).
 
 Every import is read from the sources, function-level ones included (an import inside a
 function still ties two modules together; it only hides the tie from a glance at the top).
@@ -13,8 +17,24 @@ from dataclasses import dataclass
 
 import pytest
 
-PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "vramancer"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "vramancer"
 ENGINE = "vramancer.engine"
+RANKS = {
+    "vramancer.config": 0,
+    "vramancer.planning": 1,
+    "vramancer.platforms": 2, "vramancer.quantization": 2, "vramancer.kernels": 2,
+    "vramancer.model": 3,
+    "vramancer.runtime": 4,
+    "vramancer.scheduling": 5, "vramancer.profiling": 5,
+    "vramancer.cluster": 6,
+    "vramancer.engine": 7,
+    # The UI contract is plain data (the scheduler emits it, the UI and server read it).
+    "vramancer.engine.events": 2,
+    "vramancer.server": 8, "vramancer.app": 8, "vramancer.widgets": 8,
+    "vramancer.cli": 9, "vramancer": 9,
+}
+# Packages a UI process imports to draw its first frame, before torch: they must not pull it in.
+TORCH_FREE = ("vramancer.config", "vramancer.planning", "vramancer.engine.events", "vramancer.platforms.readings")
 CLUSTER = "vramancer.cluster"
 FACTORY = "vramancer.engine.factory"
 UI = ("textual", "vramancer.app", "vramancer.widgets")
@@ -61,6 +81,8 @@ def imports_of(module: str) -> list[Import]:
 
     def visit(node: ast.AST, nested: bool) -> None:
         for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and isinstance(child.test, ast.Name) and child.test.id == "TYPE_CHECKING":
+                continue  # names for annotations only: no import at run time
             inner = nested or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))
             if isinstance(child, ast.Import):
                 found.extend(Import(module, alias.name, None, child.lineno, nested) for alias in child.names)
@@ -113,19 +135,52 @@ def test_the_walk_sees_function_level_imports():
     assert nested, "the factory opens engine/cluster lazily, inside its functions"
 
 
-def test_engine_sources_do_not_import_the_ui():
+def rank(module: str) -> int:
+    """The rank of the package `module` belongs to (its longest listed prefix)."""
+    owner = max((package for package in RANKS if within(module, package)), key=len)
+    return RANKS[owner]
+
+
+def test_every_module_has_a_package_with_a_rank():
+    assert all(any(within(module, package) for package in RANKS) for module in SOURCES)
+    top_level = [module for module in SOURCES if module.count(".") == 1 and not is_package(module)]
+    assert sorted(top_level) == ["vramancer.__main__"], "modules belong in a package by role"
+
+
+def test_no_package_imports_one_above_it():
     offenders = [
         f"{imp.importer}:{imp.line} {imp.target}"
         for imp in ALL
-        if within(imp.importer, ENGINE) and any(within(imp.target, ui) for ui in UI)
+        if within(imp.target, "vramancer") and imp.target != "vramancer"
+        and rank(imp.target) > rank(imp.importer) and imp.importer != FACTORY
     ]
     assert offenders == []
 
 
-def test_no_circle_in_the_engine():
+def test_below_the_ui_nothing_imports_the_ui():
+    offenders = [
+        f"{imp.importer}:{imp.line} {imp.target}"
+        for imp in ALL
+        if rank(imp.importer) < RANKS["vramancer.app"] and any(within(imp.target, ui) for ui in UI)
+    ]
+    assert offenders == []
+
+
+def test_plain_data_packages_import_no_torch():
+    heavy = ("torch", "transformers", "torchao", "accelerate", "gguf", "safetensors", "numpy")
+    code = (
+        f"import sys; import {', '.join(TORCH_FREE)}; "
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(heavy)!r}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_no_circle_between_modules():
     graph: dict[str, set[str]] = {}
     for imp in ALL:
-        if within(imp.importer, ENGINE) and within(imp.target, ENGINE) and imp.target != imp.importer:
+        if within(imp.importer, "vramancer") and within(imp.target, "vramancer") and imp.target != imp.importer \
+                and imp.target in SOURCES and not is_package(imp.target):
             graph.setdefault(imp.importer, set()).add(imp.target)
     # Depth-first search; a grey node met again closes a circle.
     state: dict[str, str] = {}

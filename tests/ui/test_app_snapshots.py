@@ -1,4 +1,4 @@
-"""Screenshots of the dashboard, compared with the accepted ones in tests/__snapshots__.
+"""Screenshots of the dashboard, compared with the accepted ones in tests/ui/__snapshots__.
 
 Deterministic by construction: the tiny model on simulated devices (whose memory is exact byte
 accounting), the periodic sampler off (the App still takes its one reading after the plan is

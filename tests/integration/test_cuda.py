@@ -2,7 +2,7 @@
 the memory model, checked against plain transformers and torch's own counters.
 
 Every test here is marked `cuda` and skipped where torch sees no CUDA device; run them with
-`python -m pytest -m cuda tests/test_cuda.py` (benchmarks/gpu_check.sh does). The models are
+`python -m pytest -m cuda tests/integration/test_cuda.py` (benchmarks/gpu_check.sh does). The models are
 random-weight Llamas built in-process (benchmarks/random_llama.py): no download, no GGUF.
 """
 
@@ -268,8 +268,8 @@ def test_migration_to_the_cpu_and_back_mid_answer_keeps_the_tokens(tiny_dir):
 def test_a_block_on_the_cpu_gets_both_kinds_of_mask_and_rotary_of_an_alternating_model(tmp_path):
     """Gemma 3 hands its sliding and full layers each their own mask and rotary tensors, made
     beside the embeddings on the GPU: a CPU block holding both kinds needs copies of both."""
-    from tests.test_architectures import ALTERNATING, make_byte_tokenizer
-    from tests.test_architectures import build as build_tiny
+    from tests.integration.test_architectures import ALTERNATING, make_byte_tokenizer
+    from tests.integration.test_architectures import build as build_tiny
 
     build_tiny("gemma3_text", ALTERNATING, make_byte_tokenizer(), tmp_path)
     with beside_plain(str(tmp_path)) as (engine, same_as_plain):

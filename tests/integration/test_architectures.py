@@ -3,7 +3,7 @@ gives, keeps them through a migration mid-answer, and is priced like its real pa
 cache; what cannot be split is refused before loading with one sentence.
 
 The models are tiny (hidden 64, 4 layers, a byte-level vocabulary), random and built in-process
-from configs. `python -m tests.test_architectures` prints the README's list of supported
+from configs. `python -m tests.integration.test_architectures` prints the README's list of supported
 architectures from the matrix."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 LAYERS = 4
 WINDOW = 8  # sliding windows shorter than prompt + answer, so decoding passes them
 PROMPT = "Tell me about the sea."  # 22 byte tokens
@@ -377,8 +377,8 @@ def test_readme_lists_the_architectures_the_matrix_checks():
     found = re.search(r"<!-- architectures -->\n(.*?)\n<!-- /architectures -->", text, re.S)
     assert found, "README.md has no <!-- architectures --> list"
     assert found.group(1).strip() == readme_list(), (
-        "README's list of supported architectures differs from tests/test_architectures.py; "
-        "regenerate it with `python -m tests.test_architectures`")
+        "README's list of supported architectures differs from tests/integration/test_architectures.py; "
+        "regenerate it with `python -m tests.integration.test_architectures`")
 
 
 if __name__ == "__main__":
