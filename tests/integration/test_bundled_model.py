@@ -2,6 +2,7 @@
 token for token what plain transformers gives unsplit, and migrations do not change it."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -33,10 +34,10 @@ def reference_tokens():
     return tokens
 
 
-def generate_json(*args):
+def generate_json(*args, env=None):
     command = [sys.executable, "-m", "vramancer", "generate", "--model", "default", "--prompt", PROMPT,
                "--max-new-tokens", str(TOKENS), "--json", *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     return result.returncode, (json.loads(result.stdout) if result.returncode == 0 else None), result.stderr
 
 
@@ -54,6 +55,15 @@ def test_two_way_split_matches_plain_transformers(reference_tokens):
     # One hand-over per forward pass (prefill + each decode step), each carrying real bytes.
     assert boundary["transfers"] >= TOKENS and boundary["bytes"] > 0 and boundary["seconds"] > 0
     assert out["new_tokens"] == TOKENS and out["decode_tokens_per_s"] > 0 and out["ttft_s"] > 0
+
+
+def test_without_our_cpu_kernels_the_split_still_matches_plain_transformers(reference_tokens):
+    """VRM_CPU_KERNELS=off: torch's own matmuls run every layer (the path of CPUs without AVX2
+    or a compiler); the answer is the same, and `auto` still computes in float32."""
+    status, out, err = generate_json("--devices", "sim:2x1GiB", env={**os.environ, "VRM_CPU_KERNELS": "off"})
+    assert status == 0, err
+    assert out["dtype"] == "float32"
+    assert out["token_ids"] == reference_tokens
 
 
 def test_three_way_and_uneven_splits_match(reference_tokens):

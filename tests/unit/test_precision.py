@@ -82,3 +82,4 @@ def test_kernels_turned_off_by_the_environment_say_so(monkeypatch):
     finally:
         monkeypatch.delenv("VRM_CPU_KERNELS")
         cpu_kernels.kernels.cache_clear()
+
