@@ -176,7 +176,7 @@ async def measure_serving(presses: int, streams: int = 8, tokens_per_s: float = 
 
 async def measure(presses: int, idle_s: float) -> dict:
     from vramancer.app import VramancerApp
-    from vramancer.engine.engine import LoadOptions
+    from vramancer.config.options import LoadOptions
 
     app = VramancerApp(LoadOptions("default", DEVICES, "proportional", 2048, "auto"), telemetry=True,
                        sampling={"max_new_tokens": 1500})

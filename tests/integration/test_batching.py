@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_worker import Recorder
+from recorder import Recorder
 
+from vramancer.config.options import LoadOptions
 from vramancer.engine import events as ev
-from vramancer.engine.engine import Engine, LoadOptions
+from vramancer.engine.engine import Engine
 from vramancer.engine.worker import EngineWorker
 
 PROMPTS = [

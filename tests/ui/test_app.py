@@ -18,8 +18,8 @@ from textual.widgets import Input
 from vramancer.app import VramancerApp
 from vramancer.app.messages import EngineEvent, TokensReady
 from vramancer.app.screens import HelpScreen, LoadModelScreen, MoveTargetScreen
+from vramancer.config.options import LoadOptions
 from vramancer.engine import events as ev
-from vramancer.engine.engine import LoadOptions
 from vramancer.widgets.console import ConsolePanel
 from vramancer.widgets.events_log import EventsLog
 from vramancer.widgets.links import LinkRow

@@ -60,7 +60,8 @@ def test_a_cache_dir_that_is_a_file_warns_once_and_gives_the_same_tokens(tiny_mo
 def test_an_unwritable_cache_location_only_costs_time(where, tiny_model_dir, tmp_path, monkeypatch, caplog,
                                                       fresh_profile_warnings):
     """As root nothing is unwritable by permission; a path through a regular file is, for anyone."""
-    from vramancer.engine.engine import prepare
+    from vramancer.config.options import LoadOptions
+    from vramancer.engine.loader import prepare
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -71,7 +72,7 @@ def test_an_unwritable_cache_location_only_costs_time(where, tiny_model_dir, tmp
         monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
         monkeypatch.setenv("HOME", str(blocker))
     caplog.set_level(logging.WARNING)
-    prepared = prepare(tiny_model_dir, "sim:2x1GiB", 256, "auto")
+    prepared = prepare(LoadOptions(tiny_model_dir, "sim:2x1GiB", context=256))
     assert prepared.pricing.predict(prepared.plan("proportional").placement).tokens_per_s > 0
     assert len(profile_warnings(caplog)) == 1, caplog.text
 

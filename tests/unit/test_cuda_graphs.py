@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicCache, StaticCache
 from vramancer.config.errors import VramancerError
 from vramancer.config.options import LoadOptions
 from vramancer.engine import Engine
-from vramancer.engine.engine import use_graphs
+from vramancer.engine.loader import use_graphs
 from vramancer.model.loading import build_meta_model, load_config, resolve_model
 from vramancer.runtime.graphs import LayerGraphs, is_graphed
 

@@ -39,7 +39,7 @@ def test_no_timing_feeds_the_choice(tiny_model_dir, monkeypatch):
     """The choice is made without timing anything: a clock that fails stops nothing."""
     import time
 
-    from vramancer.engine.engine import choose_dtype
+    from vramancer.engine.loader import choose_dtype
 
     def no_clock():
         raise AssertionError("the dtype choice read a clock")
@@ -52,7 +52,7 @@ def test_no_timing_feeds_the_choice(tiny_model_dir, monkeypatch):
 def test_without_our_kernels_torchao_runs_in_bfloat16_and_plan_says_so(monkeypatch, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from vramancer.engine.engine import choose_dtype
+    from vramancer.engine.loader import choose_dtype
     from vramancer.kernels.cpu import build as cpu_kernels
     from vramancer.quantization.weights import kernel_path, quantize_model
 

@@ -3,15 +3,15 @@
 import json
 
 import pytest
+from recorder import Recorder
 from test_planner import CONTEXT, PROFILE
-from test_worker import Recorder
 
 from vramancer.cli import main
 from vramancer.config.device_spec import parse_device_spec
+from vramancer.config.options import LoadOptions
 from vramancer.config.units import MiB
 from vramancer.engine import Engine
 from vramancer.engine import events as ev
-from vramancer.engine.engine import LoadOptions
 from vramancer.engine.worker import EngineWorker
 from vramancer.planning.placement import make_plan
 from vramancer.platforms.devices import resolve_devices
@@ -99,17 +99,17 @@ def test_plan_json_carries_the_prediction(tiny_model_dir, capsys):
 
 
 def test_timings_are_cached_and_a_corrupt_cache_is_measured_again(tiny_model_dir, tmp_path, monkeypatch):
-    from vramancer.engine.engine import prepare
+    from vramancer.engine.loader import prepare
 
     monkeypatch.setenv("VRM_CACHE_DIR", str(tmp_path))
-    first = prepare(tiny_model_dir, "sim:2x64MiB", 256, "auto").pricing.timings
+    first = prepare(LoadOptions(tiny_model_dir, "sim:2x64MiB", context=256)).pricing.timings
     files = sorted((tmp_path / "profiles").glob("*.json"))
     assert files
-    again = prepare(tiny_model_dir, "sim:2x64MiB", 256, "auto").pricing.timings
+    again = prepare(LoadOptions(tiny_model_dir, "sim:2x64MiB", context=256)).pricing.timings
     assert again.devices == first.devices  # read back, not measured anew
     for path in files:
         path.write_text("{not json")
-    rebuilt = prepare(tiny_model_dir, "sim:2x64MiB", 256, "auto").pricing.timings
+    rebuilt = prepare(LoadOptions(tiny_model_dir, "sim:2x64MiB", context=256)).pricing.timings
     assert rebuilt.devices["sim0"].layer_decode_s > 0
     assert all(json.loads(path.read_text()) for path in files)
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from vramancer.config.errors import VramancerError
+from vramancer.config.options import LoadOptions
 from vramancer.engine import Engine
-from vramancer.engine.engine import prepare
+from vramancer.engine.loader import prepare
 from vramancer.kernels.cpu.fused_layer import is_fused
 from vramancer.model.loading import bundled_model_path
 from vramancer.quantization.weights import (
@@ -59,7 +60,7 @@ def test_devices_hold_quantized_weights_and_the_plan_counts_them(quantized, tiny
     as_bfloat16 = sum(p.numel() for p in layer.parameters()) * 2  # numel: the logical count of weights
     assert held_bytes([layer]) < 0.6 * as_bfloat16
     # The plan made before any load (from shapes) counts what each layer holds once loaded.
-    planned = prepare(tiny_model_dir, SPLIT, 256, "auto", weights=weights)
+    planned = prepare(LoadOptions(tiny_model_dir, SPLIT, context=256, weights=weights))
     planned.close()
     assert planned.weights == weights
     for i, module in enumerate(engine.split.layer_modules):
@@ -119,17 +120,17 @@ def test_a_quantized_plan_is_priced_from_layers_quantized_the_same_way(tiny_mode
     real = quantized.quantize_model
     monkeypatch.setattr(quantized, "quantize_model", lambda model, weights: (timed_as.append(weights),
                                                                              real(model, weights))[1])
-    planned = prepare(tiny_model_dir, SPLIT, 256, "auto", weights="q8", reprofile=True)
+    planned = prepare(LoadOptions(tiny_model_dir, SPLIT, context=256, weights="q8"), reprofile=True)
     planned.close()
     assert timed_as == ["q8"]  # the profiler's cut model, once for the host that runs every sim device
-    native = prepare(tiny_model_dir, SPLIT, 256, "auto", reprofile=True)
+    native = prepare(LoadOptions(tiny_model_dir, SPLIT, context=256), reprofile=True)
     native.close()
     assert timed_as == ["q8"]
     assert planned.pricing.timings.devices["sim0"] != native.pricing.timings.devices["sim0"]
 
 
 def test_auto_dtype_on_the_cpu_is_float32_and_plan_says_why(tiny_model_dir):
-    planned = prepare(tiny_model_dir, SPLIT, 256, "auto")
+    planned = prepare(LoadOptions(tiny_model_dir, SPLIT, context=256))
     planned.close()
     assert planned.dtype == torch.float32
     assert planned.dtype_reason.startswith("float32: on every CPU")

@@ -305,7 +305,6 @@ def _node(args) -> int:
 
 
 def _serve(args, prepare) -> int:
-    from vramancer.config.options import LoadOptions
     from vramancer.platforms.lifetime import exit_now
     from vramancer.server.access import is_loopback, listen
 
@@ -316,10 +315,7 @@ def _serve(args, prepare) -> int:
     prepare()
     from vramancer.server.service import run_serve
 
-    options = LoadOptions(args.model, _device_text(args), args.strategy, args.context, args.dtype,
-                          auto_rebalance=args.auto_rebalance, token_file=args.token_file, weights=args.weights,
-                          cuda_graphs=args.cuda_graphs)
-    status = run_serve(options, sock, args.host, args.api_key, args.max_batch,
+    status = run_serve(_load_options(args), sock, args.host, args.api_key, args.max_batch,
                        ready=lambda line: print(line, flush=True))
     exit_now(status)  # stopped: skip seconds of interpreter teardown
 
@@ -329,15 +325,23 @@ def _device_text(args) -> str:
     return f"{args.devices},discover" if getattr(args, "discover", False) else args.devices
 
 
+def _load_options(args):
+    """The one LoadOptions every command that loads a model builds from its flags."""
+    from vramancer.config.options import LoadOptions
+
+    return LoadOptions(args.model, _device_text(args), args.strategy, args.context, args.dtype,
+                       auto_rebalance=getattr(args, "auto_rebalance", False), token_file=args.token_file,
+                       weights=args.weights, cuda_graphs=args.cuda_graphs)
+
+
 def _plan(args) -> int:
     from vramancer.config.units import format_bytes
-    from vramancer.engine.engine import prepare
+    from vramancer.engine.loader import prepare
     from vramancer.model.architecture import UnsupportedArchitecture
     from vramancer.quantization.weights import kernel_path
 
     try:
-        prepared = prepare(args.model, _device_text(args), args.context, args.dtype, reprofile=args.reprofile,
-                           token_file=args.token_file, weights=args.weights, cuda_graphs=args.cuda_graphs)
+        prepared = prepare(_load_options(args), reprofile=args.reprofile)
     except UnsupportedArchitecture as exc:
         if args.json:  # the refusal as data too, for scripts that ask what they can split
             print(json.dumps({"model": args.model, "supported": False, "reason": str(exc)}, indent=2))
@@ -392,9 +396,7 @@ def _load_engine(args, quiet: bool):
         if not quiet and sys.stderr.isatty():
             print(f"\r\x1b[2Kloading: {stage} {fraction:.0%}", end="", file=sys.stderr, flush=True)
 
-    engine = Engine.load(args.model, _device_text(args), args.strategy, args.context, args.dtype, progress=progress,
-                         reprofile=args.reprofile, token_file=args.token_file, weights=args.weights,
-                         cuda_graphs=args.cuda_graphs)
+    engine = Engine.load(_load_options(args), progress=progress, reprofile=args.reprofile)
     if not quiet and sys.stderr.isatty():
         print("\r\x1b[2K", end="", file=sys.stderr, flush=True)
     return engine
@@ -533,12 +535,8 @@ def _dashboard(args, prepare) -> int:
     """Textual and the App only: the engine (torch, transformers) is imported after the first
     frame. A malformed --devices closes the screen with the usual one sentence and exit 2."""
     from vramancer.app import run_dashboard
-    from vramancer.config.options import LoadOptions
 
-    return run_dashboard(LoadOptions(args.model, _device_text(args), args.strategy, args.context, args.dtype,
-                                     auto_rebalance=args.auto_rebalance, token_file=args.token_file,
-                                     weights=args.weights, cuda_graphs=args.cuda_graphs), prepare,
-                         serve_port=args.serve)
+    return run_dashboard(_load_options(args), prepare, serve_port=args.serve)
 
 
 # --- helpers ---------------------------------------------------------------------------

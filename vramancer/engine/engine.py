@@ -7,33 +7,24 @@ It is not thread-safe by itself; one thread (the EngineWorker, or a script) owns
 from __future__ import annotations
 
 import gc
-import hashlib
 import queue
 import threading
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
-from vramancer.config.device_spec import DeviceSpec, parse_device_spec
 from vramancer.config.errors import VramancerError
 from vramancer.config.options import LoadOptions
 from vramancer.engine import factory
+from vramancer.engine.loader import graphs_refusal, prepare
 from vramancer.model.architecture import cache_bytes
 from vramancer.model.description import profile_model
 from vramancer.model.loading import (
-    DTYPES,
     ModelSource,
-    build_meta_model,
-    let_go_of_gguf_reader,
-    load_config,
     load_tokenizer,
     load_weights,
-    resolve_dtype,
-    resolve_model,
     split_refusal,
 )
-from vramancer.planning import precision
 from vramancer.planning.placement import (
     EMBED,
     HEAD,
@@ -43,17 +34,12 @@ from vramancer.planning.placement import (
     device_needs,
     make_plan,
     part_label,
-    split_footprint,
 )
 from vramancer.planning.pricing import Prediction, Pricing
 from vramancer.platforms.devices import (
     Device,
     DeviceLost,
-    close_devices,
-    resolve_devices,
 )
-from vramancer.profiling import timing as profiler
-from vramancer.quantization.weights import our_kernels, resolve_weights
 from vramancer.runtime import recovery
 from vramancer.runtime.migration import (
     MigrationRefused,
@@ -75,9 +61,6 @@ from vramancer.scheduling.generation import (
 )
 
 ProgressCallback = Callable[[str, float], None]
-# Each of the two simulated devices of the `auto` fallback holds about this share of the
-# model's split footprint, so the split is visible and both devices are needed.
-SIMULATED_SHARE = 0.6
 
 
 class Engine:
@@ -120,8 +103,8 @@ class Engine:
     @classmethod
     def load(
         cls,
-        model: str = "default",
-        devices: str | DeviceSpec = "auto",
+        options: LoadOptions | str = "default",
+        devices: str = "auto",
         strategy: str = "proportional",
         context: int = 2048,
         dtype: str = "auto",
@@ -133,18 +116,20 @@ class Engine:
     ) -> "Engine":
         """Plan first, then read the weights: a plan that cannot fit is refused before any load.
 
-        Remote devices in `devices` (node:HOST:PORT/DEVICE, or `discover`) are admitted with
-        the cluster token from `token_file` or VRM_CLUSTER_TOKEN. `cuda_graphs` (auto, on,
-        off): see `prepare`."""
+        `options` is one LoadOptions (what the CLI, the dashboard and the server pass), or a
+        model name with the other options as keywords (`Engine.load("default", "sim:2x1GiB")`).
+        Remote devices (node:HOST:PORT/DEVICE, or `discover`) are admitted with the cluster
+        token from `token_file` or VRM_CLUSTER_TOKEN. `cuda_graphs` (auto, on, off): see
+        `engine/loader.prepare`."""
+        if not isinstance(options, LoadOptions):
+            options = LoadOptions(options, devices, strategy, context, dtype, token_file=token_file, weights=weights,
+                                  cuda_graphs=cuda_graphs)
         report = progress or (lambda stage, fraction: None)
-        options = LoadOptions(model, devices if isinstance(devices, str) else "custom", strategy, context, dtype,
-                              token_file=token_file, weights=weights, cuda_graphs=cuda_graphs)
         report("reading", 0.0)
-        prepared = prepare(model, devices, context, dtype, reprofile=reprofile, token_file=token_file, weights=weights,
-                           cuda_graphs=cuda_graphs)
+        prepared = prepare(options, reprofile=reprofile)
         try:
             source, device_list, torch_dtype, fallback = prepared.source, prepared.devices, prepared.dtype, prepared.fallback
-            plan = prepared.plan(strategy)
+            plan = prepared.plan(options.strategy)
             report("reading", 0.2)
             tokenizer = load_tokenizer(source)
             report("dequantising" if source.gguf_file else "reading weights", 0.4)
@@ -491,122 +476,6 @@ class Engine:
         if torch.cuda.is_available():
             gc.collect()  # modules and their boundary hooks refer to each other
             torch.cuda.empty_cache()
-
-
-@dataclass
-class Prepared:
-    """Everything known before weights are read: enough to plan and to price a plan."""
-
-    source: ModelSource
-    config: object
-    profile: ModelProfile
-    devices: list[Device]
-    dtype: torch.dtype
-    fallback: bool  # `auto` found no accelerator and made a simulated pool
-    context: int
-    pricing: Pricing
-    weights: str = "native"  # native, q8 or q4 (what --weights resolved to)
-    dtype_reason: str = ""  # why this dtype, for `plan`
-    cuda_graphs: bool = False  # what --cuda-graphs resolved to
-
-    def plan(self, strategy: str) -> Plan:
-        plan = make_plan(self.profile, self.devices, strategy, self.context, self.pricing)
-        return plan
-
-    def close(self) -> None:
-        """Let go of the devices' connections (a no-op for this machine's) and of the GGUF
-        reader kept for weights that will not be read now."""
-        close_devices(self.devices)
-        let_go_of_gguf_reader()
-
-
-def prepare(model: str, devices: str | DeviceSpec, context: int, dtype: str, reprofile: bool = False,
-            token_file: str | None = None, weights: str = "native", cuda_graphs: str = "auto") -> Prepared:
-    """Everything that can be checked before weights are read: the source, the model's sizes,
-    the devices, the dtype, the timings. Bad input fails here, in a second or two.
-
-    `cuda_graphs`: `on` replays the decode steps of CUDA layers from graphs, `off` never,
-    `auto` (the default) does where this machine has a CUDA device and transformers can run
-    the model from a static cache. CUDA devices are timed the way they will run.
-
-    With remote devices, their nodes are admitted here; `Prepared.close()` (or the Engine built
-    from it) lets them go."""
-    from vramancer.config.validation import check_context, check_cuda_graphs
-
-    check_context(context)
-    check_cuda_graphs(cuda_graphs)
-    spec = parse_device_spec(devices) if isinstance(devices, str) else devices
-    if spec.clustered and not (spec.requests or spec.auto):
-        raise VramancerError("remote devices hold decoder layers only; add a device of this machine "
-                             "(cpu, cuda:N or a sim pool) for the embeddings and the head, e.g. cpu,node:HOST:PORT/sim0.")
-    local_spec = spec.local()
-    source = resolve_model(model)
-    config = load_config(source)
-    probe = resolve_devices(local_spec, simulated_size=1) if spec.auto else None
-    fallback = bool(spec.auto and probe and probe[0].simulated)
-    kinds = {d.kind for d in probe} if probe else {r.kind for r in spec.requests}
-    remote = factory.open_devices(DeviceSpec((), remotes=spec.remotes, discover=spec.discover), token_file=token_file) \
-        if spec.clustered else []
-    try:
-        all_kinds = kinds | {d.kind for d in remote}
-        weights_kind = resolve_weights(weights, source.gguf_path, all_kinds)
-        if weights_kind != "native" and remote:
-            raise VramancerError(f"--weights {weights} quantizes this machine's copy of the model; remote devices "
-                                 "load theirs unquantized, so use --weights native with them.")
-        torch_dtype, dtype_reason = choose_dtype(dtype, weights_kind, all_kinds)
-        meta = build_meta_model(config, torch_dtype)
-        profile = profile_model(meta, torch_dtype, weights_kind)
-        size = int(split_footprint(profile, context) * SIMULATED_SHARE)
-        local = resolve_devices(local_spec, simulated_size=size)
-        graphs = use_graphs(cuda_graphs, meta, local)
-        model_key = f"{source.display_name}|{hashlib.sha256(config.to_json_string().encode()).hexdigest()}"
-        timings = profiler.measure(config, meta, local, torch_dtype, model_key, reprofile=reprofile, weights=weights_kind,
-                                   graphs=graphs)
-        factory.add_external_timings(timings, config, local, remote, torch_dtype, model_key, source)
-    except BaseException:
-        close_devices(remote)
-        let_go_of_gguf_reader()
-        raise
-    device_list = local + remote
-    # A static cache (what graphs replay into) has every layer attend over the whole context.
-    pricing = Pricing(timings, profile, kv_length=context) if graphs else Pricing(timings, profile)
-    return Prepared(source, config, profile, device_list, torch_dtype, fallback, context, pricing,
-                    weights_kind, dtype_reason, graphs)
-
-
-def graphs_refusal(model: torch.nn.Module) -> str | None:
-    """Why CUDA graphs cannot replay this model, or None: transformers cannot run it from the
-    static KV cache they write into (its `_can_compile_fullgraph` says so: GPT-Neo's local
-    attention, MPT, Mamba)."""
-    if getattr(type(model), "_can_compile_fullgraph", False):
-        return None
-    return (f"{model.config.model_type} models cannot run from the static KV cache that CUDA graphs replay "
-            "(transformers does not support it for them); run with --no-cuda-graphs.")
-
-
-def use_graphs(mode: str, model: torch.nn.Module, devices: list[Device]) -> bool:
-    """What --cuda-graphs `mode` comes to for this model on these devices; `on` for a model
-    graphs cannot replay is refused in one sentence, `auto` quietly runs it eagerly."""
-    if mode == "off":
-        return False
-    refusal = graphs_refusal(model)
-    if mode == "on":
-        if refusal is not None:
-            raise VramancerError(refusal)
-        return True
-    return refusal is None and any(d.local and d.torch_device.type == "cuda" for d in devices)
-
-
-def choose_dtype(dtype: str, weights: str, kinds: set[str]) -> tuple[torch.dtype, str]:
-    """The compute dtype and the reason for it, which `plan` shows. `auto` follows the rule in
-    planning/precision.py: what the machine is, never a timing."""
-    if dtype != "auto":
-        return resolve_dtype(dtype), f"{dtype}: as asked"
-    on_cpus = kinds <= precision.CPU_KINDS
-    kernels = on_cpus and weights != "native" and our_kernels(torch.float32)  # may build them, once
-    cuda_bf16 = "cuda" in kinds and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    choice = precision.auto_dtype(kinds, weights, kernels, precision.cpu_flags(), cuda_bf16)
-    return DTYPES[choice.name], choice.reason
 
 
 __all__ = ["Engine", "LoadOptions", "prepare", "EMBED", "HEAD"]

@@ -196,9 +196,7 @@ class EngineWorker:
             # A node serves one coordinator at a time: let ours go before asking again.
             self.engine.close()
             self.engine = None
-        engine = Engine.load(options.model, options.devices, options.strategy, options.context, options.dtype,
-                             progress=progress, token_file=options.token_file, weights=options.weights,
-                             cuda_graphs=options.cuda_graphs)
+        engine = Engine.load(options, progress=progress)
         if self.engine is not None:
             self.engine.close()
         self.engine = engine
