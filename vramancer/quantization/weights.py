@@ -127,9 +127,10 @@ def kernel_path(weights: str, dtype: torch.dtype) -> str:
         return f"native {str(dtype).removeprefix('torch.')} weights: torch's own matmuls"
     if our_kernels(dtype):
         return f"{weights} weights: VRAMancer's AVX2 CPU kernels (float32 in and out, int16 dot products)"
-    from vramancer.kernels.cpu.build import unavailable_reason
+    from vramancer.kernels.cpu.build import kernels, unavailable_reason
 
-    why = unavailable_reason() if dtype == torch.float32 else f"{str(dtype).removeprefix('torch.')} activations"
+    # Ours are unavailable (and say why), or they are there but take float32 only.
+    why = unavailable_reason() if kernels() is None else f"{str(dtype).removeprefix('torch.')} activations"
     return f"{weights} weights: torchao/torch kernels ({why})"
 
 
