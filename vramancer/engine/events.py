@@ -67,6 +67,7 @@ class Submit(Command):
     raw: bool = False
     stop: tuple[str, ...] = ()
     client: str = ""  # who asked, for the dashboard and the log ("127.0.0.1:51234")
+    logprobs: int | None = None  # each token's log probability, with this many likeliest alternatives
 
 
 @dataclass(frozen=True)
@@ -211,9 +212,20 @@ class PlanChanged(Event):
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One answer token's log probability under the model (its own softmax, before any
+    sampling adjustment), and the likeliest tokens at that step with theirs."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Token(Event):
     text: str
     request_id: int | str = 0
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens behind this text, when a Submit asked
 
 
 @dataclass(frozen=True)
