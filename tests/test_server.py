@@ -372,9 +372,7 @@ UNSERVED = [
     ("chat", "parallel_tool_calls", True),
     ("chat", "functions", [A_TOOL["function"]]),
     ("chat", "function_call", "auto"),
-    ("chat", "response_format", {"type": "json_object"}),
-    ("chat", "response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
-    ("chat", "response_format", {"type": "bogus"}),
+    ("completions", "response_format", {"type": "json_object"}),  # chat's field, not completions'
     ("chat", "audio", {"voice": "alloy", "format": "wav"}),
     ("chat", "modalities", ["text", "audio"]),
     ("chat", "prediction", {"type": "content", "content": "x"}),
@@ -423,6 +421,13 @@ def test_fields_that_ask_for_what_is_done_anyway_or_are_null_pass(client, served
     assert text.choices[0].finish_reason == "length"
 
 
+def _nested(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
 @pytest.mark.parametrize("body, param", [
     ({"logprobs": "yes"}, "logprobs"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
@@ -433,6 +438,10 @@ def test_fields_that_ask_for_what_is_done_anyway_or_are_null_pass(client, served
     ({"min_p": 1.5}, "min_p"),
     ({"logit_bias": {"abc": 1}}, "logit_bias"),
     ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"response_format": {"type": "bogus"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "deep", "schema": _nested(40)}}},
+     "response_format.json_schema.schema"),
 ])
 def test_a_bad_sampling_value_is_400_naming_it(served, body, param):
     full = {"model": served.model, "messages": CHAT, **body}
@@ -553,6 +562,37 @@ def test_an_assistant_prefill_is_continued_not_closed(client, served, engine):
     answer = client.chat.completions.create(model=served.model, max_tokens=8,
                                             messages=[*CHAT, {"role": "assistant", "content": prefill}])
     assert answer.choices[0].message.content == expected
+
+
+CITY = {"type": "object", "additionalProperties": False, "required": ["city", "population", "tags"],
+        "properties": {"city": {"type": "string", "maxLength": 24}, "population": {"type": "integer", "minimum": 0},
+                       "tags": {"type": "array", "maxItems": 3, "items": {"enum": ["big", "old", "coastal"]}}}}
+
+
+def test_a_json_schema_answer_always_parses_and_validates(client, served):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
+    for seed in range(20):
+        answer = client.chat.completions.create(model=served.model, messages=CHAT, max_tokens=200, temperature=1.0,
+                                                seed=seed, response_format=fmt)
+        jsonschema.validate(json.loads(answer.choices[0].message.content), CITY)
+        assert answer.choices[0].finish_reason == "stop"
+    body = dict(model=served.model, messages=CHAT, max_tokens=200, temperature=1.0, seed=3, response_format=fmt)
+    whole = client.chat.completions.create(**body).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**body, stream=True)
+                       if c.choices)
+    assert streamed == whole
+    anything = client.chat.completions.create(model=served.model, messages=CHAT, max_tokens=200,
+                                              response_format={"type": "json_object"})
+    assert isinstance(json.loads(anything.choices[0].message.content), dict)
+
+
+def test_a_schema_that_cannot_be_followed_is_400(served):
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 5,
+                                                                          "maximum": 1, "$ref": "#/nowhere"}}}
+    body = {"model": served.model, "messages": CHAT, "response_format": fmt}
+    assert "schema" in _error(served.post("/v1/chat/completions", json=body), 400)["message"]
 
 
 # --- routes beyond completions ---------------------------------------------------------------------

@@ -62,6 +62,7 @@ from transformers.cache_utils import DynamicLayer
 from vramancer.engine import events as ev
 from vramancer.engine import kv_room
 from vramancer.engine import recovery
+from vramancer.engine.constrained import JsonConstraint
 from vramancer.engine.devices import DeviceLost
 from vramancer.engine.errors import VramancerError
 from vramancer.engine.generation import SamplingSettings, encode_prompt
@@ -148,6 +149,7 @@ class Sequence:
     generator: torch.Generator | None = None
     finish_reason: str = ""  # stop | length | cancelled, once it is done
     logprobs: list[ev.TokenLogprob] = field(default_factory=list)  # tokens not yet sent with a Token event
+    constraint: JsonConstraint | None = None  # response_format: the JSON it must follow
 
     @property
     def request_id(self) -> str:
@@ -276,8 +278,14 @@ class Batch:
             return self._refuse(request, "queue_full", (
                 f"{len(self.running)} requests are running and {len(self.waiting)} waiting, as many as may wait; "
                 f"try again shortly."))
+        constraint = None
+        if request.json_schema is not None:
+            try:
+                constraint = JsonConstraint(request.json_schema, self.engine.tokenizer, vocabulary, sorted(self.eos))
+            except VramancerError as exc:
+                return self._refuse(request, "bad_request", str(exc))
         sequence = Sequence(request, prompt_ids, settings, arrived, AnswerText(self.engine.tokenizer, stops),
-                            score_processors(settings, len(prompt_ids)))
+                            score_processors(settings, len(prompt_ids)), constraint=constraint)
         head = prompt if isinstance(prompt, str) else (prompt[-1].get("content", "") if prompt else "")
         self.emit(ev.RequestQueued(request.request_id, request.client, " ".join(head.split())[:PROMPT_HEAD_CHARS],
                                    prompt_tokens, wanted))
@@ -497,7 +505,7 @@ class Batch:
         # Greedy rows with nothing to adjust their scores take one argmax together.
         best = logits.argmax(dim=-1).tolist()
         for i, sequence in enumerate(rows):
-            plain = sequence.greedy and not sequence.processors
+            plain = sequence.greedy and not sequence.processors and sequence.constraint is None
             token = best[i] if plain else self._pick(sequence, logits[i:i + 1])
             self._accept(sequence, token, now, self._logprob(sequence, logits[i], token))
         self._stamps.append((now, len(rows)))
@@ -511,6 +519,8 @@ class Batch:
         if sequence.processors:
             so_far = torch.tensor([sequence.prompt_ids + sequence.tokens], device=scores.device)
             scores = sequence.processors(so_far, scores)
+        if sequence.constraint is not None:
+            scores = sequence.constraint.restrict(scores)
         if sequence.greedy:
             return int(scores.argmax(dim=-1))
         if sequence.generator is None:
@@ -542,10 +552,12 @@ class Batch:
         sequence.token_times.append(now)
         if logprob is not None:
             sequence.logprobs.append(logprob)
+        if sequence.constraint is not None and token not in self.eos:
+            sequence.constraint.accept(token)
         piece = sequence.answer.add(sequence.tokens)
         if piece:
             self.emit(ev.Token(piece, sequence.request_id, self._take_logprobs(sequence)))
-        if token in self.eos or sequence.answer.stopped:
+        if token in self.eos or sequence.answer.stopped or (sequence.constraint and sequence.constraint.done):
             sequence.finish_reason = "stop"
         elif len(sequence.tokens) >= sequence.settings.max_new_tokens:
             sequence.finish_reason = "length"

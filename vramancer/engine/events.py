@@ -68,6 +68,7 @@ class Submit(Command):
     stop: tuple[str, ...] = ()
     client: str = ""  # who asked, for the dashboard and the log ("127.0.0.1:51234")
     logprobs: int | None = None  # each token's log probability, with this many likeliest alternatives
+    json_schema: str | None = None  # the answer must be a JSON document valid under this schema (JSON text)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ reference for chat completions, legacy completions and models, so its clients re
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -26,7 +27,8 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stream",
                    "stream_options", "n", "logprobs", "presence_penalty", "frequency_penalty",
                    "repetition_penalty", "logit_bias", "user"}
-CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format"}
+MAX_SCHEMA_DEPTH = 32  # nesting of a response_format schema; real ones stay far below
 COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt"}
 MESSAGE_FIELDS = {"role", "content"}
 # OpenAI fields this server does not serve -> what they are, for the refusal. They pass only
@@ -34,7 +36,6 @@ MESSAGE_FIELDS = {"role", "content"}
 NOT_SERVED = {
     "tools": "tool calling", "tool_choice": "tool calling", "parallel_tool_calls": "tool calling",
     "functions": "function calling", "function_call": "function calling",
-    "response_format": "structured output (JSON mode and JSON schemas)",
     "echo": "echoing the prompt", "suffix": "text after the insertion point", "best_of": "best-of sampling",
     "audio": "audio output", "modalities": "other outputs than text", "prediction": "predicted outputs",
     "web_search_options": "web search", "store": "stored answers", "metadata": "stored answers",
@@ -43,7 +44,7 @@ NOT_SERVED = {
     "tool_calls": "tool calling", "tool_call_id": "tool calling", "name": "participant names",
     "function_call_id": "function calling",
 }
-NO_OP = {"tool_choice": ("none",), "tools": ([],), "response_format": ({"type": "text"},), "echo": (False,),
+NO_OP = {"tool_choice": ("none",), "tools": ([],), "echo": (False,),
          "suffix": ("",), "best_of": (1,), "modalities": (["text"],), "store": (False,), "refusal": (None,),
          "tool_calls": ([],)}
 
@@ -79,6 +80,7 @@ class CompletionRequest:
     id: str = field(default="")
     logprobs: int | None = None  # alternatives per token (0: the chosen token's alone); None: none asked
     user: str = ""
+    json_schema: str | None = None  # response_format: the schema the answer must follow, as JSON text
 
     @property
     def raw(self) -> bool:
@@ -171,7 +173,45 @@ def _request(body: dict, prompt, max_tokens: int | None, chat: bool) -> Completi
     if user is not None and not isinstance(user, str):
         raise ApiError(400, f"'user' must be a string, not {user!r}.", param="user")
     return CompletionRequest(model, prompt, sampling, _stop(body.get("stop")), stream, include_usage, chat,
-                             new_id(chat), _logprobs(body, chat), (user or "")[:64])
+                             new_id(chat), _logprobs(body, chat), (user or "")[:64], _response_format(body))
+
+
+def _response_format(body: dict) -> str | None:
+    """OpenAI's response_format as a JSON schema (text), or None for plain text: json_object is
+    any JSON object; json_schema's `schema` is followed whether `strict` is set or not."""
+    value = body.get("response_format")
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json.dumps({"type": "object"})
+    if kind != "json_schema":
+        raise ApiError(400, f"'response_format.type' must be text, json_object or json_schema, not {kind!r}.",
+                       param="response_format")
+    spec = value.get("json_schema")
+    schema = spec.get("schema", {}) if isinstance(spec, dict) else None
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(schema, dict):
+        raise ApiError(400, "'response_format.json_schema' must be an object with a 'name' and a 'schema' object.",
+                       param="response_format.json_schema")
+    if _depth(schema) > MAX_SCHEMA_DEPTH:
+        raise ApiError(400, f"'response_format.json_schema.schema' nests deeper than {MAX_SCHEMA_DEPTH} levels.",
+                       param="response_format.json_schema.schema")
+    return json.dumps(schema)
+
+
+def _depth(value: object) -> int:
+    """How deeply arrays and objects nest in `value`, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                deepest = max(deepest, depth + 1)
+                stack.append((child, depth + 1))
+    return deepest
 
 
 def only_fields(fields: dict, allowed: set[str], where: str) -> None:

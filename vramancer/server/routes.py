@@ -174,7 +174,8 @@ async def _complete(server: InferenceServer, request: Request, chat: bool) -> Re
     stream = server.bridge.open(completion.id)
     try:
         server.submit(ev.Submit(completion.id, completion.prompt, completion.sampling, raw=completion.raw,
-                                stop=completion.stop, client=client, logprobs=completion.logprobs))
+                                stop=completion.stop, client=client, logprobs=completion.logprobs,
+                                json_schema=completion.json_schema))
     except Exception:
         server.bridge.forget(completion.id)
         raise
