@@ -26,7 +26,7 @@ def run(engine, rows: int, tokens: int, schema: str | None) -> tuple[float, floa
     from vramancer.engine.batching import Batch
 
     mask_s: list[float] = []
-    restrict = constrained.JsonConstraint.restrict
+    restrict = constrained.Constraint.restrict
 
     def timed(self, scores):
         started = time.perf_counter()
@@ -34,11 +34,12 @@ def run(engine, rows: int, tokens: int, schema: str | None) -> tuple[float, floa
         mask_s.append(time.perf_counter() - started)
         return out
 
-    constrained.JsonConstraint.restrict = timed
+    constrained.Constraint.restrict = timed
     try:
         batch = Batch(engine, lambda event: None, max_batch=rows)
         for i in range(rows):
-            batch.submit(ev.Submit(f"r{i}", PROMPT, {"max_new_tokens": tokens}, json_schema=schema))
+            held = ("json_schema", schema) if schema else None
+            batch.submit(ev.Submit(f"r{i}", PROMPT, {"max_new_tokens": tokens}, constraint=held))
         batch.step()  # prefill (and the grammar's first mask): not a decode step
         steps, started = 0, time.perf_counter()
         while batch.busy:
@@ -46,7 +47,7 @@ def run(engine, rows: int, tokens: int, schema: str | None) -> tuple[float, floa
             steps += 1
         elapsed = time.perf_counter() - started
     finally:
-        constrained.JsonConstraint.restrict = restrict
+        constrained.Constraint.restrict = restrict
     return 1000 * elapsed / max(steps, 1), 1000 * statistics.median(mask_s) if mask_s else 0.0
 
 

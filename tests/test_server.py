@@ -366,10 +366,6 @@ def test_a_client_that_leaves_mid_stream_cancels_its_sequence(served):
 # must be a 400 naming it, never silently ignored. Add a row when a field is found that slips by.
 A_TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
 UNSERVED = [
-    ("chat", "tools", [A_TOOL]),
-    ("chat", "tool_choice", "required"),
-    ("chat", "tool_choice", {"type": "function", "function": {"name": "weather"}}),
-    ("chat", "parallel_tool_calls", True),
     ("chat", "functions", [A_TOOL["function"]]),
     ("chat", "function_call", "auto"),
     ("completions", "response_format", {"type": "json_object"}),  # chat's field, not completions'
@@ -401,11 +397,10 @@ def test_a_field_this_server_does_not_serve_is_400_naming_it(served, endpoint, n
 
 
 @pytest.mark.parametrize("message, param", [
-    ({"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function",
-                                                             "function": {"name": "f", "arguments": "{}"}}]},
-     "messages[1].tool_calls"),
     ({"role": "user", "content": "hi", "name": "alice"}, "messages[1].name"),
-    ({"role": "tool", "content": "42", "tool_call_id": "c"}, "messages[1].tool_call_id"),
+    ({"role": "user", "content": "hi", "tool_call_id": "c"}, "messages[1].tool_call_id"),  # a tool message's
+    ({"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]},
+     "messages[1].tool_calls[0]"),
 ])
 def test_a_message_field_this_server_does_not_serve_is_400_naming_it(served, message, param):
     body = {"model": served.model, "max_tokens": 1, "messages": [CHAT[0], message]}
@@ -414,8 +409,8 @@ def test_a_message_field_this_server_does_not_serve_is_400_naming_it(served, mes
 
 def test_fields_that_ask_for_what_is_done_anyway_or_are_null_pass(client, served):
     answer = client.chat.completions.create(
-        model=served.model, messages=CHAT, max_tokens=2, tool_choice="none", response_format={"type": "text"},
-        extra_body={"tools": [], "store": False, "top_k": None, "user": "alice"})
+        model=served.model, messages=CHAT, max_tokens=2, response_format={"type": "text"},
+        extra_body={"store": False, "top_k": None, "user": "alice"})
     assert answer.choices[0].finish_reason == "length"
     text = client.completions.create(model=served.model, prompt="Hi", max_tokens=2, echo=False, best_of=1)
     assert text.choices[0].finish_reason == "length"
@@ -592,7 +587,116 @@ def test_a_schema_that_cannot_be_followed_is_400(served):
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 5,
                                                                           "maximum": 1, "$ref": "#/nowhere"}}}
     body = {"model": served.model, "messages": CHAT, "response_format": fmt}
-    assert "schema" in _error(served.post("/v1/chat/completions", json=body), 400)["message"]
+    assert "cannot be followed" in _error(served.post("/v1/chat/completions", json=body), 400)["message"]
+
+
+# --- tool calls -------------------------------------------------------------------------------
+
+# The Hermes / Qwen2.5 way of showing tools and writing calls, as a tiny model's own template.
+HERMES_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nYou may call functions. Their signatures:\n<tools>"
+    "{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools>\nFor each call, write "
+    "<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant"
+    "{%- if message.content %}\n{{ message.content }}{%- endif %}"
+    "{%- for call in message.tool_calls %}\n<tool_call>\n{\"name\": \"{{ call.function.name }}\", "
+    "\"arguments\": {{ call.function.arguments | tojson }}}\n</tool_call>{%- endfor %}<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+WEATHER = {"type": "function", "function": {
+    "name": "weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"type": "string", "maxLength": 16}}}}}
+CLOCK = {"type": "function", "function": {"name": "clock", "parameters": {"type": "object", "properties": {},
+                                                                           "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def tool_served(tiny_model_dir, tmp_path_factory):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-tools")
+    shutil.copytree(tiny_model_dir, folder, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = HERMES_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    s = Served(str(folder))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def tool_client(tool_served):
+    import openai
+
+    return openai.OpenAI(base_url=tool_served.url, api_key="unused", max_retries=0, timeout=60)
+
+
+def test_tools_for_a_template_without_them_are_400(served):
+    body = {"model": served.model, "messages": CHAT, "tools": [WEATHER]}
+    error = _error(served.post("/v1/chat/completions", json=body), 400)
+    assert error["param"] == "tools" and error["code"] == "tools_not_supported"
+
+
+@pytest.mark.parametrize("choice, param", [("sometimes", "tool_choice"), ({"type": "function", "function": {"name": "x"}},
+                                                                           "tool_choice"), ("required", "tool_choice")])
+def test_a_bad_tool_choice_is_400(tool_served, choice, param):
+    body = {"model": tool_served.model, "messages": CHAT, "tool_choice": choice}
+    if choice != "required":
+        body["tools"] = [WEATHER]
+    assert _error(tool_served.post("/v1/chat/completions", json=body), 400)["param"] == param
+
+
+def test_a_required_tool_call_round_trip(tool_client, tool_served):
+    import jsonschema
+
+    first = tool_client.chat.completions.create(model=tool_served.model, messages=CHAT, tools=[WEATHER, CLOCK],
+                                                tool_choice={"type": "function", "function": {"name": "weather"}},
+                                                parallel_tool_calls=False, max_tokens=100)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+
+    chunks = list(tool_client.chat.completions.create(
+        model=tool_served.model, messages=CHAT, tools=[WEATHER, CLOCK], tool_choice="required",
+        parallel_tool_calls=False, max_tokens=100, stream=True))
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert len(deltas) == 1 and deltas[0].index == 0 and deltas[0].function.name in ("weather", "clock")
+    json.loads(deltas[0].function.arguments)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+
+    # The call and its result go back; the template shows both to the model.
+    conversation = [*CHAT, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                    {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"}]
+    second = tool_client.chat.completions.create(model=tool_served.model, messages=conversation, tools=[WEATHER],
+                                                 tool_choice="none", max_tokens=4)
+    assert second.choices[0].message.content is not None and second.choices[0].finish_reason == "length"
+    tokenizer = tool_served.worker.engine.tokenizer
+    shown = [*CHAT, {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "weather", "arguments": json.loads(call.function.arguments)}}]},
+             {"role": "tool", "content": "Sunny, 21 C"}]
+    text = tokenizer.apply_chat_template(shown, add_generation_prompt=True, tokenize=False)
+    assert "Sunny, 21 C" in text and call.function.arguments.replace(" ", "") in text.replace(" ", "")
+    assert second.usage.prompt_tokens == len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_calls_written_in_text_are_read_into_tool_calls():
+    from vramancer.server.tools import read_calls
+
+    content, calls = read_calls('Let me look.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n'
+                                '</tool_call>\n<tool_call>\n{"name": "clock", "arguments": {}}\n</tool_call>')
+    assert content == "Let me look.\n" and [c["function"]["name"] for c in calls] == ["weather", "clock"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    assert read_calls("<tool_call>\n{not json}\n</tool_call>") == ("<tool_call>\n{not json}\n</tool_call>", [])
+    assert read_calls("no calls here") == ("no calls here", [])
 
 
 # --- routes beyond completions ---------------------------------------------------------------------

@@ -62,7 +62,7 @@ from transformers.cache_utils import DynamicLayer
 from vramancer.engine import events as ev
 from vramancer.engine import kv_room
 from vramancer.engine import recovery
-from vramancer.engine.constrained import JsonConstraint
+from vramancer.engine.constrained import Constraint
 from vramancer.engine.devices import DeviceLost
 from vramancer.engine.errors import VramancerError
 from vramancer.engine.generation import SamplingSettings, encode_prompt
@@ -149,7 +149,7 @@ class Sequence:
     generator: torch.Generator | None = None
     finish_reason: str = ""  # stop | length | cancelled, once it is done
     logprobs: list[ev.TokenLogprob] = field(default_factory=list)  # tokens not yet sent with a Token event
-    constraint: JsonConstraint | None = None  # response_format: the JSON it must follow
+    constraint: Constraint | None = None  # response_format or a required tool call: what it must follow
 
     @property
     def request_id(self) -> str:
@@ -256,7 +256,8 @@ class Batch:
             settings = SamplingSettings(**request.sampling)
             settings.check()
             prompt = list(request.prompt) if isinstance(request.prompt, tuple) else request.prompt
-            prompt_ids = encode_prompt(self.engine.tokenizer, prompt, request.raw)["input_ids"][0].tolist()
+            prompt_ids = encode_prompt(self.engine.tokenizer, prompt, request.raw,
+                                       tools=list(request.tools) or None)["input_ids"][0].tolist()
         except TypeError as exc:
             return self._refuse(request, "bad_request", f"the sampling settings are not understood: {exc}.")
         except VramancerError as exc:
@@ -279,9 +280,9 @@ class Batch:
                 f"{len(self.running)} requests are running and {len(self.waiting)} waiting, as many as may wait; "
                 f"try again shortly."))
         constraint = None
-        if request.json_schema is not None:
+        if request.constraint is not None:
             try:
-                constraint = JsonConstraint(request.json_schema, self.engine.tokenizer, vocabulary, sorted(self.eos))
+                constraint = Constraint(*request.constraint, self.engine.tokenizer, vocabulary, sorted(self.eos))
             except VramancerError as exc:
                 return self._refuse(request, "bad_request", str(exc))
         sequence = Sequence(request, prompt_ids, settings, arrived, AnswerText(self.engine.tokenizer, stops),

@@ -34,23 +34,35 @@ def _ll_tokenizer(tokenizer, vocabulary: int, eos: list[int]):
         return known[1]
 
 
-class JsonConstraint:
+def grammar_for(kind: str, text: str) -> str:
+    """llguidance's grammar for a constraint given as ("json_schema", schema as JSON text) or
+    ("lark", a Lark grammar, which may embed JSON schemas with %json)."""
+    import llguidance
+
+    if kind == "lark":
+        return llguidance.LLMatcher.grammar_from_lark(text)
+    if kind != "json_schema":
+        raise VramancerError(f"a constraint is a json_schema or a lark grammar, not {kind!r}.")
+    try:
+        schema = json.loads(text)
+    except ValueError:
+        raise VramancerError("the JSON schema is not valid JSON.") from None
+    # Compact JSON: with whitespace allowed anywhere a model may fill its budget with it.
+    return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+
+
+class Constraint:
     """One answer's constraint: which tokens may come next, and the tokens taken so far."""
 
-    def __init__(self, schema_text: str, tokenizer, vocabulary: int, eos: list[int]):
+    def __init__(self, kind: str, text: str, tokenizer, vocabulary: int, eos: list[int]):
         import llguidance
 
-        try:
-            schema = json.loads(schema_text)
-        except ValueError:
-            raise VramancerError("the JSON schema is not valid JSON.") from None
-        # Compact JSON: with whitespace allowed anywhere a model may fill its budget with it.
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+        grammar = grammar_for(kind, text)
         self.tokenizer = _ll_tokenizer(tokenizer, vocabulary, eos)
         self.matcher = llguidance.LLMatcher(self.tokenizer, grammar)
         if self.matcher.is_error():
             reason = self.matcher.get_error().strip().rstrip(".")
-            raise VramancerError(f"response_format's schema cannot be followed: {reason}.")
+            raise VramancerError(f"the answer's required format cannot be followed: {reason}.")
         self.vocabulary = vocabulary
         self._mask = None
 

@@ -68,7 +68,9 @@ class Submit(Command):
     stop: tuple[str, ...] = ()
     client: str = ""  # who asked, for the dashboard and the log ("127.0.0.1:51234")
     logprobs: int | None = None  # each token's log probability, with this many likeliest alternatives
-    json_schema: str | None = None  # the answer must be a JSON document valid under this schema (JSON text)
+    # The answer must follow ("json_schema", schema as JSON text) or ("lark", grammar): engine/constrained.py
+    constraint: tuple[str, str] | None = None
+    tools: tuple = ()  # function tools (OpenAI's JSON) for the chat template to show the model
 
 
 @dataclass(frozen=True)

@@ -197,8 +197,9 @@ class ForcedPrefix(LogitsProcessor):
         return scores
 
 
-def encode_prompt(tokenizer, prompt: str | Messages, raw: bool) -> dict:
-    """Token ids for a prompt: the chat template for instruct models unless `raw`."""
+def encode_prompt(tokenizer, prompt: str | Messages, raw: bool, tools: list[dict] | None = None) -> dict:
+    """Token ids for a prompt: the chat template for instruct models unless `raw`, showing the
+    model `tools` (OpenAI's function definitions) where its template takes them."""
     from vramancer.engine.validation import check_prompt
 
     check_prompt(prompt, raw)
@@ -212,8 +213,10 @@ def encode_prompt(tokenizer, prompt: str | Messages, raw: bool) -> dict:
     # them, in the same turn, rather than the template closing that turn and opening another.
     last = prompt[-1]
     prefill = last.get("role") == "assistant" and bool(str(last.get("content") or "").strip())
-    encoded = tokenizer.apply_chat_template(prompt, add_generation_prompt=not prefill, continue_final_message=prefill,
-                                            return_tensors="pt", return_dict=True)
+    if tools and "tools" not in tokenizer.chat_template:
+        raise VramancerError("this model's chat template takes no tools, so tool calling cannot be served for it.")
+    encoded = tokenizer.apply_chat_template(prompt, tools=tools or None, add_generation_prompt=not prefill,
+                                            continue_final_message=prefill, return_tensors="pt", return_dict=True)
     return dict(encoded)
 
 

@@ -11,7 +11,7 @@ import json
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from vramancer.engine.validation import MAX_SEED
 
@@ -27,26 +27,26 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stream",
                    "stream_options", "n", "logprobs", "presence_penalty", "frequency_penalty",
                    "repetition_penalty", "logit_bias", "user"}
-CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format"}
+CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
+                                 "tool_choice", "parallel_tool_calls"}
 MAX_SCHEMA_DEPTH = 32  # nesting of a response_format schema; real ones stay far below
 COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt"}
-MESSAGE_FIELDS = {"role", "content"}
+MESSAGE_FIELDS = {"role", "content", "tool_calls", "tool_call_id"}
 # OpenAI fields this server does not serve -> what they are, for the refusal. They pass only
 # when they ask for what the server does anyway (NO_OP).
 NOT_SERVED = {
-    "tools": "tool calling", "tool_choice": "tool calling", "parallel_tool_calls": "tool calling",
     "functions": "function calling", "function_call": "function calling",
     "echo": "echoing the prompt", "suffix": "text after the insertion point", "best_of": "best-of sampling",
     "audio": "audio output", "modalities": "other outputs than text", "prediction": "predicted outputs",
     "web_search_options": "web search", "store": "stored answers", "metadata": "stored answers",
     "service_tier": "service tiers", "reasoning_effort": "reasoning settings", "verbosity": "verbosity settings",
     "prompt_cache_key": "prompt cache keys", "safety_identifier": "safety identifiers",
-    "tool_calls": "tool calling", "tool_call_id": "tool calling", "name": "participant names",
+    "name": "participant names",
     "function_call_id": "function calling",
 }
-NO_OP = {"tool_choice": ("none",), "tools": ([],), "echo": (False,),
+NO_OP = {"echo": (False,),
          "suffix": ("",), "best_of": (1,), "modalities": (["text"],), "store": (False,), "refusal": (None,),
-         "tool_calls": ([],)}
+         }
 
 
 class ApiError(Exception):
@@ -81,6 +81,7 @@ class CompletionRequest:
     logprobs: int | None = None  # alternatives per token (0: the chosen token's alone); None: none asked
     user: str = ""
     json_schema: str | None = None  # response_format: the schema the answer must follow, as JSON text
+    tools: object = None  # tools.ToolRequest when tools may be called
 
     @property
     def raw(self) -> bool:
@@ -100,11 +101,18 @@ def parse_chat(body: object) -> CompletionRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty array of messages.", param="messages")
+    from vramancer.server.tools import parse_tools
+
     prompt = tuple(_message(m, i) for i, m in enumerate(messages))
     most = _max_tokens(body, "max_completion_tokens")
     if most is None:
         most = _max_tokens(body, "max_tokens")
-    return _request(body, prompt, most, chat=True)
+    request = _request(body, prompt, most, chat=True)
+    tools = parse_tools(body)
+    if tools is not None and request.json_schema is not None and tools.mode != "auto":
+        raise ApiError(400, "'response_format' and a required 'tool_choice' ask for two formats at once.",
+                       param="response_format")
+    return replace(request, tools=tools)
 
 
 def parse_completion(body: object) -> CompletionRequest:
@@ -195,13 +203,13 @@ def _response_format(body: dict) -> str | None:
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(schema, dict):
         raise ApiError(400, "'response_format.json_schema' must be an object with a 'name' and a 'schema' object.",
                        param="response_format.json_schema")
-    if _depth(schema) > MAX_SCHEMA_DEPTH:
+    if depth(schema) > MAX_SCHEMA_DEPTH:
         raise ApiError(400, f"'response_format.json_schema.schema' nests deeper than {MAX_SCHEMA_DEPTH} levels.",
                        param="response_format.json_schema.schema")
     return json.dumps(schema)
 
 
-def _depth(value: object) -> int:
+def depth(value: object) -> int:
     """How deeply arrays and objects nest in `value`, counted without recursion."""
     deepest, stack = 0, [(value, 1)]
     while stack:
@@ -314,7 +322,31 @@ def _message(message: object, index: int) -> dict:
         content = ""  # an assistant turn that only called tools
     if not isinstance(content, str):
         raise ApiError(400, f"{param}.content must be a string or an array of text parts.", param=f"{param}.content")
-    return {"role": "system" if role == "developer" else role, "content": content}
+    out = {"role": "system" if role == "developer" else role, "content": content}
+    calls = message.get("tool_calls")
+    if calls:
+        if role != "assistant" or not isinstance(calls, list):
+            raise ApiError(400, f"{param}.tool_calls belongs to assistant messages, as an array.",
+                           param=f"{param}.tool_calls")
+        for j, call in enumerate(calls):
+            function = call.get("function") if isinstance(call, dict) else None
+            try:
+                arguments = json.loads(function["arguments"])
+                ok = isinstance(function["name"], str) and isinstance(arguments, dict)
+            except (TypeError, KeyError, ValueError):
+                ok = False
+            if not ok:
+                raise ApiError(400, f"{param}.tool_calls[{j}] must have a function with a name and its arguments "
+                                    f"as a JSON object in text.", param=f"{param}.tool_calls[{j}]")
+        out["tool_calls"] = [{"id": c.get("id"), "type": "function", "function": {
+            "name": c["function"]["name"], "arguments": c["function"]["arguments"]}} for c in calls]
+    call_id = message.get("tool_call_id")
+    if call_id is not None:
+        if role != "tool" or not isinstance(call_id, str):
+            raise ApiError(400, f"{param}.tool_call_id belongs to tool messages, as a string.",
+                           param=f"{param}.tool_call_id")
+        out["tool_call_id"] = call_id
+    return out
 
 
 def _max_tokens(body: dict, name: str) -> int | None:
@@ -378,11 +410,14 @@ def logprobs_body(request: CompletionRequest, entries, offset: int = 0) -> dict 
             "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
 
 
-def completion_body(request: CompletionRequest, model: str, created: int, text: str, finish_reason: str,
-                    prompt_tokens: int, completion_tokens: int, logprobs=()) -> dict:
+def completion_body(request: CompletionRequest, model: str, created: int, text: str | None, finish_reason: str,
+                    prompt_tokens: int, completion_tokens: int, logprobs=(), tool_calls: list | None = None) -> dict:
     """The whole answer of a non-streamed request (`logprobs`: every answer token's)."""
     if request.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+        message = {"role": "assistant", "content": text, "refusal": None}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        choice = {"index": 0, "message": message,
                   "logprobs": logprobs_body(request, logprobs), "finish_reason": finish_reason}
     else:
         choice = {"index": 0, "text": text, "logprobs": logprobs_body(request, logprobs),
@@ -394,7 +429,7 @@ def completion_body(request: CompletionRequest, model: str, created: int, text: 
 
 def chunk_body(request: CompletionRequest, model: str, created: int, text: str | None = None,
                finish_reason: str | None = None, first: bool = False, usage_: dict | None = None,
-               no_choice: bool = False, logprobs: dict | None = None) -> dict:
+               no_choice: bool = False, logprobs: dict | None = None, tool_calls: list | None = None) -> dict:
     """One streamed chunk. The chat stream's first chunk carries the role; with
     `include_usage` every chunk has "usage": null and a last one, without choices, has it."""
     if no_choice:
@@ -403,6 +438,8 @@ def chunk_body(request: CompletionRequest, model: str, created: int, text: str |
         delta: dict = {"role": "assistant", "content": ""} if first else {}
         if text is not None:
             delta["content"] = text
+        if tool_calls:
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls)]
         choices = [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
     else:
         choices = [{"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}]

@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from vramancer.engine import events as ev
 from vramancer.server import protocol as p
+from vramancer.server import tools as t
 from vramancer.server.guard import BrowserGuard, CountRequests, NoTrailingSlash
 
 if TYPE_CHECKING:
@@ -168,14 +169,23 @@ async def _complete(server: InferenceServer, request: Request, chat: bool) -> Re
     if completion.model.lower() not in {name.lower() for name in state.names()}:
         raise p.ApiError(404, f"the model '{completion.model}' does not exist; this server serves "
                               f"'{state.name}'.", param="model", code="model_not_found")
+    prompt = completion.prompt
+    constraint = ("json_schema", completion.json_schema) if completion.json_schema is not None else None
+    calls_before = completion.chat and any(m.get("tool_calls") or m["role"] == "tool" for m in prompt)
+    if completion.tools is not None or calls_before:
+        t.check_template((await _tokenizer(server)).chat_template)
+        prompt = tuple(t.template_messages(list(prompt)))
+        grammar = t.grammar(completion.tools) if completion.tools is not None else None
+        if grammar is not None:
+            constraint = ("lark", grammar)
     client = f"{request.client.host}:{request.client.port}" if request.client else ""
     if completion.user:
         client = f"{client} ({completion.user})"
     stream = server.bridge.open(completion.id)
     try:
-        server.submit(ev.Submit(completion.id, completion.prompt, completion.sampling, raw=completion.raw,
+        server.submit(ev.Submit(completion.id, prompt, completion.sampling, raw=completion.raw,
                                 stop=completion.stop, client=client, logprobs=completion.logprobs,
-                                json_schema=completion.json_schema))
+                                constraint=constraint, tools=completion.tools.tools if completion.tools else ()))
     except Exception:
         server.bridge.forget(completion.id)
         raise
@@ -243,8 +253,16 @@ class _Answer:
                 logprobs.extend(event.logprobs)
             elif isinstance(event, ev.GenerationDone):
                 self.finished = True
-                return p.completion_body(self.request, self.model, self.created, event.text,
-                                         _finish_reason(event), event.prompt_tokens, event.new_tokens, logprobs)
+                text, calls, finish = self._read(event)
+                return p.completion_body(self.request, self.model, self.created, text, finish,
+                                         event.prompt_tokens, event.new_tokens, logprobs, calls)
+
+    def _read(self, done: ev.GenerationDone) -> tuple[str | None, list, str]:
+        """(content, tool calls, finish reason) of a finished answer."""
+        if self.request.tools is None:
+            return done.text, [], _finish_reason(done)
+        content, calls = t.read_calls(done.text)
+        return content, calls, "tool_calls" if calls else _finish_reason(done)
 
     async def events(self, first: ev.Event) -> AsyncIterator[str]:
         """The answer as server-sent events. Cancelled (the client went away) at any await."""
@@ -254,11 +272,18 @@ class _Answer:
                 yield _sse(p.chunk_body(request, model, created, first=True))
             event = first
             offset = 0  # characters of the answer's tokens so far, for completions' text_offset
+            so_far, said = "", 0  # with tools: the answer's text, and how much of it went out as content
             while True:
                 if isinstance(event, ev.Token):
                     logprobs = p.logprobs_body(request, event.logprobs, offset)
                     offset += sum(len(e.token) for e in event.logprobs)
-                    yield _sse(p.chunk_body(request, model, created, text=event.text, logprobs=logprobs))
+                    piece = event.text
+                    if request.tools is not None:  # text that may begin a tool call waits
+                        so_far += event.text
+                        upto = said if t.OPEN in so_far else len(so_far) - t.held_back(so_far)
+                        piece, said = so_far[said:max(upto, said)], max(upto, said)
+                    if piece or logprobs is not None:
+                        yield _sse(p.chunk_body(request, model, created, text=piece, logprobs=logprobs))
                 elif isinstance(event, (ev.GenerationDone, ev.RequestRefused, ev.Error)):
                     self.finished = True
                     try:
@@ -268,7 +293,12 @@ class _Answer:
                         yield "data: [DONE]\n\n"
                         return
                     if isinstance(event, ev.GenerationDone):
-                        yield _sse(p.chunk_body(request, model, created, finish_reason=_finish_reason(event),
+                        content, calls, finish = self._read(event)
+                        if request.tools is not None and not calls and event.text[said:]:
+                            yield _sse(p.chunk_body(request, model, created, text=event.text[said:]))
+                        if calls:
+                            yield _sse(p.chunk_body(request, model, created, tool_calls=calls))
+                        yield _sse(p.chunk_body(request, model, created, finish_reason=finish,
                                                 text=None if request.chat else ""))
                         if request.include_usage:
                             yield _sse(p.chunk_body(request, model, created, no_choice=True,
