@@ -21,8 +21,8 @@ PROMPT = ({"role": "user", "content": "Describe Paris as JSON with its populatio
 
 def run(engine, rows: int, tokens: int, schema: str | None) -> tuple[float, float]:
     """(ms per decode step, mask ms per token) for `rows` answers decoded together."""
-    from vramancer.engine import events as ev
     from vramancer.engine import constrained
+    from vramancer.engine import events as ev
     from vramancer.engine.batching import Batch
 
     mask_s: list[float] = []

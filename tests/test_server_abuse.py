@@ -44,7 +44,7 @@ def _closed_by_server(sock: socket.socket) -> bool:
         while sock.recv(4096):
             pass
         return True
-    except (socket.timeout, BlockingIOError):
+    except (TimeoutError, BlockingIOError):
         return False
     except OSError:
         return True

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from starlette.middleware.cors import CORSMiddleware

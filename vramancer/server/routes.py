@@ -98,7 +98,7 @@ def create_app(server: InferenceServer):
         tokenizer = await _tokenizer(server)
         size = len(tokenizer)
         if (not isinstance(tokens, list) or len(tokens) > MAX_TOKENS_TO_DETOKENIZE
-                or not all(p.is_int(t) and 0 <= t < size for t in tokens)):
+                or not all(p.is_int(i) and 0 <= i < size for i in tokens)):
             raise p.ApiError(400, f"'tokens' must be an array of token ids from 0 to {size - 1}.", param="tokens")
 
         def work() -> str:
@@ -293,7 +293,7 @@ class _Answer:
                         yield "data: [DONE]\n\n"
                         return
                     if isinstance(event, ev.GenerationDone):
-                        content, calls, finish = self._read(event)
+                        _, calls, finish = self._read(event)
                         if request.tools is not None and not calls and event.text[said:]:
                             yield _sse(p.chunk_body(request, model, created, text=event.text[said:]))
                         if calls:

@@ -39,7 +39,7 @@ class InferenceServer:
 
     def __init__(self, submit: Callable[[ev.Command], None] | None = None, api_key: bytes | None = None,
                  quiet: bool = False, cors_origins: tuple[str, ...] = (), allowed_hosts: tuple[str, ...] = (),
-                 limits: Limits = Limits(), tokenizer_source: Callable[[], object | None] | None = None) -> None:
+                 limits: Limits | None = None, tokenizer_source: Callable[[], object | None] | None = None) -> None:
         """`submit` sends a command to the worker (settable later, once the worker exists);
         `api_key`: requests to /v1 must carry it as a bearer token; `quiet`: log nothing to the
         terminal (the dashboard owns it); `cors_origins`: web pages allowed to call it;
@@ -51,7 +51,7 @@ class InferenceServer:
         self.quiet = quiet
         self.cors_origins = tuple(cors_origins)
         self.allowed_hosts = tuple(allowed_hosts)
-        self.limits = limits
+        self.limits = limits or Limits()
         self.tokenizer_source = tokenizer_source or (lambda: None)
         self.tokenizer_lock = threading.Lock()  # one tokenizing request at a time on the server's copy
         self._tokenizer: tuple[object, object] | None = None  # (the engine's, our copy of it)
@@ -62,7 +62,7 @@ class InferenceServer:
         self.app = None
         self.host = ""
         self.port = 0
-        self.max_connections = limits.max_connections
+        self.max_connections = self.limits.max_connections
         self._uvicorn = None
         self._thread: threading.Thread | None = None
 
@@ -132,7 +132,7 @@ class InferenceServer:
 
 def run_serve(options, sock: socket.socket, host: str, api_key: bytes | None, max_batch: int,
               ready: Callable[[str], None] = print, cors_origins: tuple[str, ...] = (),
-              allowed_hosts: tuple[str, ...] = (), limits: Limits = Limits()) -> int:
+              allowed_hosts: tuple[str, ...] = (), limits: Limits | None = None) -> int:
     """`vramancer serve`: listen at once (GET /health answers 503 while the model loads), load,
     say so in one line, and serve until SIGTERM, SIGINT, SIGHUP or a closed terminal. A model
     that cannot load ends it with the load's one sentence and status 2."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from vramancer.server.protocol import MAX_SCHEMA_DEPTH, ApiError, depth
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-_CALL = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CLOSE) + r"|$)", re.S)
+_CALL = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CLOSE) + r"|$)", re.DOTALL)
 MAX_TOOLS = 128
 
 
