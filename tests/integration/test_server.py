@@ -5,6 +5,7 @@ in a process of its own for the command line and its signals. Everything on 127.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import signal
@@ -58,13 +59,14 @@ class Served:
         self.worker = EngineWorker(emit, telemetry_hz=5.0, max_batch=max_batch, max_waiting=max_waiting)
         for server in (self.open, self.keyed):
             server.submit = self.worker.submit
+            server.tokenizer_source = lambda: getattr(self.worker.engine, "tokenizer", None)
             server.start("127.0.0.1", 0)
         self.url = self.open.url
         self.health_before_load = httpx.get(f"http://127.0.0.1:{self.open.port}/health")
         self.worker.start()
         self.worker.submit(ev.Load(LoadOptions(model_dir, DEVICES, context=CONTEXT)))
         wait_for(lambda: httpx.get(f"http://127.0.0.1:{self.open.port}/health").status_code == 200,
-                 what="the model loading")
+                 timeout=240, what="the model loading")  # a shared, busy machine loads slowly
         self.model = self.open.bridge.model.name
 
     def get(self, path: str, **kwargs) -> httpx.Response:
@@ -290,13 +292,14 @@ def test_an_unknown_model_is_404(served):
 
 def test_a_body_over_one_mib_is_413_by_its_length_and_while_read(served):
     big = json.dumps({"model": served.model, "messages": [{"role": "user", "content": "x" * (1 << 20)}]}).encode()
-    _error(served.post("/v1/chat/completions", content=big), 413)
+    json_body = {"content-type": "application/json"}
+    _error(served.post("/v1/chat/completions", content=big, headers=json_body), 413)
 
     def chunks():  # no Content-Length: the body is counted as it arrives
         for start in range(0, len(big), 65536):
             yield big[start:start + 65536]
 
-    _error(served.post("/v1/chat/completions", content=chunks()), 413)
+    _error(served.post("/v1/chat/completions", content=chunks(), headers=json_body), 413)
 
 
 def test_a_missing_or_wrong_key_is_401_only_where_a_key_was_given(served):
@@ -357,6 +360,501 @@ def test_a_client_that_leaves_mid_stream_cancels_its_sequence(served):
              what="the batch emptying")
 
 
+# --- fields: each honoured or refused by name ---------------------------------------------------
+
+# Every field a client may send that this server does not serve, and fields no API has: each
+# must be a 400 naming it, never silently ignored. Add a row when a field is found that slips by.
+A_TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
+UNSERVED = [
+    ("chat", "functions", [A_TOOL["function"]]),
+    ("chat", "function_call", "auto"),
+    ("completions", "response_format", {"type": "json_object"}),  # chat's field, not completions'
+    ("chat", "audio", {"voice": "alloy", "format": "wav"}),
+    ("chat", "modalities", ["text", "audio"]),
+    ("chat", "prediction", {"type": "content", "content": "x"}),
+    ("chat", "web_search_options", {}),
+    ("chat", "store", True),
+    ("chat", "metadata", {"k": "v"}),
+    ("chat", "service_tier", "flex"),
+    ("chat", "reasoning_effort", "low"),
+    ("chat", "frobnicate", 1),
+    ("completions", "echo", True),
+    ("completions", "suffix", "and so on"),
+    ("completions", "best_of", 2),
+    ("completions", "top_logprobs", 2),  # chat's field, not completions'
+    ("completions", "frobnicate", 1),
+]
+
+
+@pytest.mark.parametrize("endpoint, name, value", UNSERVED)
+def test_a_field_this_server_does_not_serve_is_400_naming_it(served, endpoint, name, value):
+    body = {"model": served.model, "max_tokens": 1, name: value}
+    body.update({"messages": CHAT} if endpoint == "chat" else {"prompt": "Hi"})
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    error = _error(served.post(path, json=body), 400)
+    assert error["param"] == name and f"'{name}'" in error["message"]
+    assert error["code"] in ("unsupported_parameter", "unknown_parameter")
+
+
+@pytest.mark.parametrize("message, param", [
+    ({"role": "user", "content": "hi", "name": "alice"}, "messages[1].name"),
+    ({"role": "user", "content": "hi", "tool_call_id": "c"}, "messages[1].tool_call_id"),  # a tool message's
+    ({"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]},
+     "messages[1].tool_calls[0]"),
+])
+def test_a_message_field_this_server_does_not_serve_is_400_naming_it(served, message, param):
+    body = {"model": served.model, "max_tokens": 1, "messages": [CHAT[0], message]}
+    assert _error(served.post("/v1/chat/completions", json=body), 400)["param"] == param
+
+
+def test_fields_that_ask_for_what_is_done_anyway_or_are_null_pass(client, served):
+    answer = client.chat.completions.create(
+        model=served.model, messages=CHAT, max_tokens=2, response_format={"type": "text"},
+        extra_body={"store": False, "top_k": None, "user": "alice"})
+    assert answer.choices[0].finish_reason == "length"
+    text = client.completions.create(model=served.model, prompt="Hi", max_tokens=2, echo=False, best_of=1)
+    assert text.choices[0].finish_reason == "length"
+
+
+def _nested(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"logprobs": "yes"}, "logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"response_format": {"type": "bogus"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "deep", "schema": _nested(40)}}},
+     "response_format.json_schema.schema"),
+])
+def test_a_bad_sampling_value_is_400_naming_it(served, body, param):
+    full = {"model": served.model, "messages": CHAT, **body}
+    assert _error(served.post("/v1/chat/completions", json=full), 400)["param"] == param
+
+
+def test_a_logit_bias_on_a_token_the_model_lacks_is_400(served):
+    body = {"model": served.model, "messages": CHAT, "logit_bias": {"999999999": 5}}
+    assert "999999999" in _error(served.post("/v1/chat/completions", json=body), 400)["message"]
+
+
+# --- sampling fields, the same streamed, whole, batched and alone ---------------------------------
+
+
+def _content_logprobs(choice_logprobs) -> list[tuple[str, float, list]]:
+    return [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in choice_logprobs.content]
+
+
+def test_chat_logprobs_are_the_models_own_softmax(client, served, engine):
+    import torch
+
+    answer = client.chat.completions.create(model=served.model, messages=CHAT, max_tokens=6, logprobs=True,
+                                            top_logprobs=20)
+    entries = answer.choices[0].logprobs.content
+    assert "".join(e.token for e in entries) == answer.choices[0].message.content
+    ids = engine.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)["input_ids"]
+    with torch.inference_mode():
+        logits = engine.model(input_ids=ids.to(engine.split.input_device)).logits[0, -1].float()
+    expected = torch.log_softmax(logits, dim=-1)
+    values, top_ids = torch.topk(expected, 20)
+    first = entries[0]
+    assert [t.token for t in first.top_logprobs] == [engine.tokenizer.decode([i]) for i in top_ids.tolist()]
+    assert [t.logprob for t in first.top_logprobs] == pytest.approx(values.tolist(), abs=1e-4)
+    assert first.logprob == pytest.approx(values[0].item(), abs=1e-4)  # greedy: the likeliest
+    for e in entries:
+        mass = sum(math.exp(t.logprob) for t in e.top_logprobs)
+        assert mass <= 1 + 1e-5 and e.logprob <= 0
+        assert e.bytes == list(e.token.encode())
+
+
+def test_logprobs_are_the_same_streamed_and_whole(client, served):
+    body = dict(model=served.model, messages=CHAT, max_tokens=10, logprobs=True, top_logprobs=3)
+    whole = _content_logprobs(client.chat.completions.create(**body).choices[0].logprobs)
+    chunks = list(client.chat.completions.create(**body, stream=True))
+    streamed = [x for c in chunks if c.choices and c.choices[0].logprobs for x in
+                _content_logprobs(c.choices[0].logprobs)]
+    assert [t for t, _, _ in streamed] == [t for t, _, _ in whole]
+    assert [lp for _, lp, _ in streamed] == pytest.approx([lp for _, lp, _ in whole], abs=1e-6)
+
+    text = client.completions.create(model=served.model, prompt="Once upon a time", max_tokens=8, logprobs=2)
+    lp = text.choices[0].logprobs
+    assert "".join(lp.tokens) == text.choices[0].text and len(lp.top_logprobs[0]) == 2
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    pieces = list(client.completions.create(model=served.model, prompt="Once upon a time", max_tokens=8, logprobs=2,
+                                            stream=True))
+    streamed_tokens = [t for c in pieces if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    streamed_offsets = [o for c in pieces if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert streamed_tokens == lp.tokens and streamed_offsets == lp.text_offset
+
+
+ADJUSTED = {"presence_penalty": 1.5, "frequency_penalty": 1.0, "repetition_penalty": 1.3}
+
+
+def test_penalties_and_bias_answer_as_generate_does_with_the_same_settings(client, served, engine):
+    token = engine.tokenizer.encode(" Paris")[0]
+    biased = client.chat.completions.create(model=served.model, messages=CHAT, max_tokens=4, logit_bias={str(token): 100})
+    assert biased.choices[0].message.content == engine.tokenizer.decode([token] * 4)
+
+    # A bias of 6 makes " Paris" the likeliest token every time; the penalties grow with each
+    # time it is said, until another token wins: an answer that shows both at work.
+    bias = {token: 6.0}
+    repeated = engine.generate(CHAT, max_new_tokens=16, logit_bias=bias).text
+    expected = engine.generate(CHAT, max_new_tokens=16, logit_bias=bias, **ADJUSTED).text
+    assert expected.count(" Paris") < repeated.count(" Paris")
+    body = dict(model=served.model, messages=CHAT, max_tokens=16, logit_bias={str(token): 6.0}, presence_penalty=1.5,
+                frequency_penalty=1.0, extra_body={"repetition_penalty": 1.3})
+    assert client.chat.completions.create(**body).choices[0].message.content == expected
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**body, stream=True)
+                       if c.choices)
+    assert streamed == expected
+
+
+def test_min_p_of_one_samples_only_the_likeliest_token(client, served, engine):
+    greedy = engine.generate(CHAT, max_new_tokens=12).text
+    answer = client.chat.completions.create(model=served.model, messages=CHAT, max_tokens=12, temperature=2.0,
+                                            seed=7, extra_body={"min_p": 1.0})
+    assert answer.choices[0].message.content == greedy
+
+
+def test_requests_answer_the_same_inside_a_batch_as_alone(client, served):
+    asks = [dict(logprobs=True, top_logprobs=2), dict(extra_body=ADJUSTED), dict(logit_bias={"28": 8}),
+            dict(temperature=0.9, seed=11, extra_body={"min_p": 0.05, "repetition_penalty": 1.2})]
+
+    def ask(kwargs):
+        a = client.chat.completions.create(model=served.model, messages=CHAT, max_tokens=12, **kwargs)
+        lp = a.choices[0].logprobs
+        return a.choices[0].message.content, (_content_logprobs(lp) if lp else None)
+
+    alone = [ask(k) for k in asks]
+    together: list = [None] * len(asks)
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(asks[i]))) for i in range(len(asks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (text, lp), (text_b, lp_b) in zip(alone, together):
+        assert text_b == text
+        if lp is not None:
+            assert [t for t, _, _ in lp_b] == [t for t, _, _ in lp]
+            assert [v for _, v, _ in lp_b] == pytest.approx([v for _, v, _ in lp], abs=1e-3)
+
+
+def test_an_assistant_prefill_is_continued_not_closed(client, served, engine):
+    prefill = "The capital of France is"
+    text = engine.tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False) + prefill
+    expected = client.completions.create(model=served.model, prompt=text, max_tokens=8).choices[0].text
+    answer = client.chat.completions.create(model=served.model, max_tokens=8,
+                                            messages=[*CHAT, {"role": "assistant", "content": prefill}])
+    assert answer.choices[0].message.content == expected
+
+
+CITY = {"type": "object", "additionalProperties": False, "required": ["city", "population", "tags"],
+        "properties": {"city": {"type": "string", "maxLength": 24}, "population": {"type": "integer", "minimum": 0},
+                       "tags": {"type": "array", "maxItems": 3, "items": {"enum": ["big", "old", "coastal"]}}}}
+
+
+def test_a_json_schema_answer_always_parses_and_validates(client, served):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
+    for seed in range(20):
+        answer = client.chat.completions.create(model=served.model, messages=CHAT, max_tokens=200, temperature=1.0,
+                                                seed=seed, response_format=fmt)
+        jsonschema.validate(json.loads(answer.choices[0].message.content), CITY)
+        assert answer.choices[0].finish_reason == "stop"
+    body = dict(model=served.model, messages=CHAT, max_tokens=200, temperature=1.0, seed=3, response_format=fmt)
+    whole = client.chat.completions.create(**body).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**body, stream=True)
+                       if c.choices)
+    assert streamed == whole
+    anything = client.chat.completions.create(model=served.model, messages=CHAT, max_tokens=200,
+                                              response_format={"type": "json_object"})
+    assert isinstance(json.loads(anything.choices[0].message.content), dict)
+
+
+def test_a_schema_that_cannot_be_followed_is_400(served):
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 5,
+                                                                          "maximum": 1, "$ref": "#/nowhere"}}}
+    body = {"model": served.model, "messages": CHAT, "response_format": fmt}
+    assert "cannot be followed" in _error(served.post("/v1/chat/completions", json=body), 400)["message"]
+
+
+# --- tool calls -------------------------------------------------------------------------------
+
+# The Hermes / Qwen2.5 way of showing tools and writing calls, as a tiny model's own template.
+HERMES_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nYou may call functions. Their signatures:\n<tools>"
+    "{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools>\nFor each call, write "
+    "<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant"
+    "{%- if message.content %}\n{{ message.content }}{%- endif %}"
+    "{%- for call in message.tool_calls %}\n<tool_call>\n{\"name\": \"{{ call.function.name }}\", "
+    "\"arguments\": {{ call.function.arguments | tojson }}}\n</tool_call>{%- endfor %}<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+WEATHER = {"type": "function", "function": {
+    "name": "weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"type": "string", "maxLength": 16}}}}}
+CLOCK = {"type": "function", "function": {"name": "clock", "parameters": {"type": "object", "properties": {},
+                                                                           "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def tool_served(tiny_model_dir, tmp_path_factory):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-tools")
+    shutil.copytree(tiny_model_dir, folder, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = HERMES_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    s = Served(str(folder))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def tool_client(tool_served):
+    import openai
+
+    return openai.OpenAI(base_url=tool_served.url, api_key="unused", max_retries=0, timeout=60)
+
+
+def test_tools_for_a_template_without_them_are_400(served):
+    body = {"model": served.model, "messages": CHAT, "tools": [WEATHER]}
+    error = _error(served.post("/v1/chat/completions", json=body), 400)
+    assert error["param"] == "tools" and error["code"] == "tools_not_supported"
+
+
+@pytest.mark.parametrize("choice, param", [("sometimes", "tool_choice"), ({"type": "function", "function": {"name": "x"}},
+                                                                           "tool_choice"), ("required", "tool_choice")])
+def test_a_bad_tool_choice_is_400(tool_served, choice, param):
+    body = {"model": tool_served.model, "messages": CHAT, "tool_choice": choice}
+    if choice != "required":
+        body["tools"] = [WEATHER]
+    assert _error(tool_served.post("/v1/chat/completions", json=body), 400)["param"] == param
+
+
+def test_a_required_tool_call_round_trip(tool_client, tool_served):
+    import jsonschema
+
+    first = tool_client.chat.completions.create(model=tool_served.model, messages=CHAT, tools=[WEATHER, CLOCK],
+                                                tool_choice={"type": "function", "function": {"name": "weather"}},
+                                                parallel_tool_calls=False, max_tokens=100)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+
+    chunks = list(tool_client.chat.completions.create(
+        model=tool_served.model, messages=CHAT, tools=[WEATHER, CLOCK], tool_choice="required",
+        parallel_tool_calls=False, max_tokens=100, stream=True))
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert len(deltas) == 1 and deltas[0].index == 0 and deltas[0].function.name in ("weather", "clock")
+    json.loads(deltas[0].function.arguments)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+
+    # The call and its result go back; the template shows both to the model.
+    conversation = [*CHAT, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                    {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"}]
+    second = tool_client.chat.completions.create(model=tool_served.model, messages=conversation, tools=[WEATHER],
+                                                 tool_choice="none", max_tokens=4)
+    assert second.choices[0].message.content is not None and second.choices[0].finish_reason == "length"
+    tokenizer = tool_served.worker.engine.tokenizer
+    shown = [*CHAT, {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "weather", "arguments": json.loads(call.function.arguments)}}]},
+             {"role": "tool", "content": "Sunny, 21 C"}]
+    text = tokenizer.apply_chat_template(shown, add_generation_prompt=True, tokenize=False)
+    assert "Sunny, 21 C" in text and call.function.arguments.replace(" ", "") in text.replace(" ", "")
+    assert second.usage.prompt_tokens == len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_calls_written_in_text_are_read_into_tool_calls():
+    from vramancer.server.tools import read_calls
+
+    content, calls = read_calls('Let me look.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n'
+                                '</tool_call>\n<tool_call>\n{"name": "clock", "arguments": {}}\n</tool_call>')
+    assert content == "Let me look.\n" and [c["function"]["name"] for c in calls] == ["weather", "clock"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    assert read_calls("<tool_call>\n{not json}\n</tool_call>") == ("<tool_call>\n{not json}\n</tool_call>", [])
+    assert read_calls("no calls here") == ("no calls here", [])
+
+
+# --- routes beyond completions ---------------------------------------------------------------------
+
+
+def test_a_model_is_retrieved_by_its_names_and_an_unknown_one_is_404(client, served):
+    import openai
+
+    from vramancer.server.bridge import short_id
+
+    assert client.models.retrieve(served.model).id == served.model
+    assert client.models.retrieve(short_id(served.model)).id == served.model
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
+
+
+def test_trailing_slashes_are_served_not_redirected(served):
+    body = {"model": served.model, "messages": CHAT, "max_tokens": 1}
+    answer = served.post("/v1/chat/completions/", json=body, follow_redirects=False)
+    assert answer.status_code == 200 and answer.json()["object"] == "chat.completion"
+    assert served.get("/v1/models/", follow_redirects=False).status_code == 200
+
+
+def test_tokenize_and_detokenize_in_llama_servers_shapes(served, engine):
+    text = "Hello, VRAMancer!"
+    ids = served.post("/tokenize", json={"content": text}).json()["tokens"]
+    assert ids == engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces = served.post("/tokenize", json={"content": text, "with_pieces": True}).json()["tokens"]
+    assert [p["id"] for p in pieces] == ids and "".join(p["piece"] for p in pieces) == text
+    assert served.post("/detokenize", json={"tokens": ids}).json() == {"content": text}
+    assert _error(served.post("/detokenize", json={"tokens": [-1]}), 400)["param"] == "tokens"
+    assert _error(served.post("/tokenize", json={"text": text}), 400)["param"] == "text"
+
+
+# --- malformed requests and browsers ---------------------------------------------------------------
+
+
+def _raw(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """What the server answers to `data` sent as is, up to its closing the connection."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def _raw_error(answer: bytes, status: int) -> dict:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode()), head
+    assert b"content-type: application/json" in head.lower()
+    return json.loads(body)["error"]
+
+
+def test_a_nested_json_bomb_is_400(served):
+    bomb = b"[" * 200_000 + b"]" * 200_000
+    response = served.post("/v1/chat/completions", content=bomb, headers={"content-type": "application/json"})
+    assert "too deeply" in _error(response, 400)["message"]
+
+
+def test_malformed_http_and_oversized_headers_get_openai_errors(served):
+    assert "not valid HTTP" in _raw_error(_raw(served.open.port, b"GARBAGE\x00 / HTTP/9\r\n\r\n"), 400)["message"]
+    huge = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20_000  # still going past 16 KiB
+    _raw_error(_raw(served.open.port, huge), 400)
+
+
+@pytest.mark.parametrize("headers, status, code", [
+    ({"content-type": "text/plain"}, 415, "unsupported_media_type"),
+    ({"content-type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type"),
+    ({"content-type": ""}, 415, "unsupported_media_type"),
+    ({"content-type": "application/json", "host": "evil.example:8000"}, 403, "host_not_allowed"),
+    ({"content-type": "application/json", "origin": "https://evil.example"}, 403, "origin_not_allowed"),
+])
+def test_what_a_web_page_could_send_is_refused(served, headers, status, code):
+    body = json.dumps({"model": served.model, "messages": CHAT, "max_tokens": 1}).encode()
+    response = served.post("/v1/chat/completions", content=body, headers=headers)
+    assert _error(response, status)["code"] == code
+
+
+def test_cors_origins_given_get_preflight_answers_and_others_do_not():
+    from vramancer.server.service import InferenceServer
+
+    server = InferenceServer(cors_origins=("https://chat.example",), allowed_hosts=("myhost.lan",))
+    port = server.start("127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        preflight = {"Origin": "https://chat.example", "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization, content-type"}
+        answer = httpx.options(f"{url}/v1/chat/completions", headers=preflight)
+        assert answer.status_code == 200
+        assert answer.headers["access-control-allow-origin"] == "https://chat.example"
+        assert "POST" in answer.headers["access-control-allow-methods"]
+        other = httpx.options(f"{url}/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"})
+        assert other.status_code == 403 and other.json()["error"]["code"] == "origin_not_allowed"
+        scrape = httpx.get(f"{url}/metrics", headers={"Origin": "https://chat.example", "Host": "myhost.lan:1"})
+        assert scrape.status_code == 200 and scrape.headers["access-control-allow-origin"] == "https://chat.example"
+    finally:
+        server.stop()
+
+
+def test_a_client_that_hangs_up_mid_upload_costs_one_log_line(served):
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    try:
+        import socket
+
+        with socket.create_connection(("127.0.0.1", served.open.port)) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 5000\r\n\r\n{\"model\": ")
+            time.sleep(0.3)
+        wait_for(lambda: records, timeout=10, what="a log line")
+        time.sleep(0.3)
+    finally:
+        logger.removeHandler(handler)
+    assert len(records) == 1 and records[0].exc_info is None
+    assert "hung up" in records[0].getMessage()
+
+
+# --- connection deadlines and the cap (the abuse test proper is test_server_abuse.py) --------------
+
+
+def test_idle_slow_and_excess_connections_are_closed_or_refused_with_json():
+    import socket
+
+    from vramancer.server.connections import Limits
+    from vramancer.server.service import InferenceServer
+
+    server = InferenceServer(quiet=True, limits=Limits(max_connections=4, keep_alive_s=0.5, header_s=1.0, body_s=1.0))
+    port = server.start("127.0.0.1", 0)
+    try:
+        started = time.monotonic()
+        idle = socket.create_connection(("127.0.0.1", port))
+        assert idle.recv(100) == b"" and time.monotonic() - started < 3  # closed, nothing said
+        slow = _raw(port, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: 1")  # headers never end
+        assert _raw_error(slow, 408)["code"] == "request_timeout"
+        stalled = _raw(port, b"POST /tokenize HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 100\r\n\r\n{")
+        assert _raw_error(stalled, 408)["code"] == "request_timeout"
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+        time.sleep(0.2)
+        # Answered at once, before a word is sent (a client that sends first may see a reset instead).
+        refused = _raw(port, b"")
+        assert _raw_error(refused, 503)["code"] == "too_many_connections"
+        for sock in held:
+            sock.close()
+        time.sleep(0.2)
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 200
+    finally:
+        server.stop()
+
+
 # --- metrics ---------------------------------------------------------------------------------
 
 
@@ -386,6 +884,24 @@ def test_metrics_show_devices_links_requests_and_latencies(client, served):
     assert m[("vramancer_inter_token_latency_seconds_count", frozenset())] >= 7
     assert m[("vramancer_request_duration_seconds_count", frozenset())] >= 1
     assert ("vramancer_waiting_sequences", frozenset()) in m
+    assert m[("vramancer_prompt_tokens_total", frozenset())] >= 1
+
+
+def test_every_request_is_counted_by_route_method_and_status(served):
+    def count(route, method, status) -> float:
+        labels = frozenset({("route", route), ("method", method), ("status", str(status))})
+        return served.metrics().get(("vramancer_http_requests_total", labels), 0.0)
+
+    cases = [("/v1/chat/completions", "POST", 415, lambda: served.post("/v1/chat/completions", content=b"{}")),
+             ("/v1/chat/completions", "POST", 404,
+              lambda: served.post("/v1/chat/completions", json={"model": "gpt-9", "messages": CHAT})),
+             ("/v1/chat/completions", "GET", 405, lambda: served.get("/v1/chat/completions")),
+             ("unmatched", "GET", 404, lambda: served.get("/nowhere/at/all")),
+             ("/v1/models/{model:path}", "GET", 200, lambda: served.get(f"/v1/models/{served.model}"))]
+    for route, method, status, send in cases:
+        before = count(route, method, status)
+        assert send().status_code == status
+        assert count(route, method, status) == before + 1, (route, method, status)
 
 
 # --- the command line --------------------------------------------------------------------------
@@ -430,6 +946,19 @@ def test_bad_serve_flags_are_one_sentence_and_exit_2(args, words):
     out, err = process.communicate(timeout=60)
     assert process.returncode == 2 and words in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_no_flag_is_abbreviated_and_a_key_on_the_command_line_is_never_echoed():
+    process = _serve(["--api-key", "sk-secret-4711"])
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 2 and "--api-key-file" in err
+    assert "sk-secret-4711" not in err + out and len(err.strip().splitlines()) == 1
+    process = _serve(["--api-key=sk-secret-4711"])
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 2 and "sk-secret-4711" not in err + out
+    process = _serve(["--max-bat", "3"])  # --max-batch, abbreviated
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 2 and "unknown flag --max-bat" in err
 
 
 def test_a_busy_port_is_refused_before_loading():

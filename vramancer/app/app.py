@@ -188,6 +188,7 @@ class VramancerApp(App[int]):
                 refusal = str(exc)
         if server is not None and refusal is None:
             server.submit = worker.submit
+            server.tokenizer_source = lambda: getattr(worker.engine, "tokenizer", None)
             try:
                 server.start("127.0.0.1", self._serve_port)
                 self.server = server

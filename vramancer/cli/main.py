@@ -15,14 +15,38 @@ import sys
 EXIT_USAGE = 2
 DEFAULT_PORT = 8000
 DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_CONNECTIONS = 1024
 MAX_BATCH = 256  # past this a batch's padded KV outgrows any context worth serving
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line, not the whole usage block."""
+    """argparse, but a usage error is one line, not the whole usage block; flags are never
+    abbreviated (`--api-key X` would otherwise be taken for `--api-key-file X`); and what was
+    not understood is named by its flags only, since a stray value may be a secret."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        known, extras = self.parse_known_args(args, namespace)
+        if extras:
+            flags = [arg.split("=", 1)[0] for arg in extras if arg.startswith("-")]
+            if "--api-key" in flags:
+                self.error("there is no --api-key flag (a key on the command line shows in `ps`); put the key "
+                           "in a file and pass --api-key-file FILE")
+            if flags:
+                self.error(f"unknown flag{'s' if len(flags) > 1 else ''} {' '.join(flags)}")
+            self.error(f"{len(extras)} unexpected argument{'s' if len(extras) > 1 else ''} (not shown)")
+        return known
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: {message}; see `{self.prog} --help`.\n")
+
+
+def _env_list(name: str) -> list[str]:
+    """A comma-separated VRM_<name>, as the starting list of a repeatable flag."""
+    return [item.strip() for item in os.environ.get(f"VRM_{name}", "").split(",") if item.strip()]
 
 
 def _env(name: str, default: str) -> str:
@@ -132,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="file holding the key clients must send as 'Authorization: Bearer KEY'")
     serve.add_argument("--max-batch", type=int, default=None,
                        help=f"sequences decoded together at most (default {DEFAULT_MAX_BATCH})")
+    serve.add_argument("--cors-origin", action="append", default=_env_list("CORS_ORIGINS"), metavar="ORIGIN",
+                       help="a web page origin (https://chat.example) whose scripts may call the API; repeat "
+                            "for more; none by default")
+    serve.add_argument("--allow-host", action="append", default=_env_list("ALLOW_HOSTS"), metavar="NAME",
+                       help="a Host name clients may use besides loopback names and --host (guards against DNS "
+                            "rebinding); repeat for more; '*' allows any")
+    serve.add_argument("--max-connections", type=int, default=None,
+                       help=f"open connections at most; more are refused at once (default {DEFAULT_MAX_CONNECTIONS})")
 
     bench = sub.add_parser("bench", help="decode speed and time to first token over a few rounds")
     _add_load_flags(bench, inherit=True)
@@ -187,6 +219,7 @@ def _check_values(args) -> None:
     if args.command == "serve":
         env_defaults["port"] = ("PORT", DEFAULT_PORT)
         env_defaults["max_batch"] = ("MAX_BATCH", DEFAULT_MAX_BATCH)
+        env_defaults["max_connections"] = ("MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS)
     for dest, (name, default) in env_defaults.items():
         if getattr(args, dest, None) is None:
             setattr(args, dest, v.env_int(name, default))
@@ -205,6 +238,12 @@ def _check_values(args) -> None:
     if args.command == "serve":
         if not 1 <= args.max_batch <= MAX_BATCH:
             raise VramancerError(f"--max-batch must be between 1 and {MAX_BATCH}, not {args.max_batch}.")
+        if args.max_connections < 1:
+            raise VramancerError(f"--max-connections must be at least 1, not {args.max_connections}.")
+        from vramancer.server.guard import check_origin
+
+        for origin in args.cors_origin:
+            check_origin(origin)
         from vramancer.server.access import read_api_key
 
         args.api_key = read_api_key(args.api_key_file) if args.api_key_file else None
@@ -313,10 +352,12 @@ def _serve(args, prepare) -> int:
               "machine can use the model.", file=sys.stderr, flush=True)
     sock = listen(args.host, args.port)  # a busy port is refused before torch is imported
     prepare()
+    from vramancer.server.connections import Limits
     from vramancer.server.service import run_serve
 
     status = run_serve(_load_options(args), sock, args.host, args.api_key, args.max_batch,
-                       ready=lambda line: print(line, flush=True))
+                       ready=lambda line: print(line, flush=True), cors_origins=tuple(args.cors_origin),
+                       allowed_hosts=tuple(args.allow_host), limits=Limits(max_connections=args.max_connections))
     exit_now(status)  # stopped: skip seconds of interpreter teardown
 
 

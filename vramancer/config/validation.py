@@ -40,6 +40,24 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float | None,
     check_repetition_penalty(repetition_penalty)
 
 
+MAX_PENALTY = 2.0  # OpenAI's range for presence and frequency penalties is [-2, 2]
+MAX_BIAS = 100.0  # and for a logit bias [-100, 100]
+
+
+def check_adjustments(presence: float, frequency: float, min_p: float | None,
+                      logit_bias: dict[int, float] | None) -> None:
+    for name, value in (("presence_penalty", presence), ("frequency_penalty", frequency)):
+        if not -MAX_PENALTY <= finite(name, value) <= MAX_PENALTY:
+            raise VramancerError(f"{name} must be between -2 and 2, not {value:g}.")
+    if min_p is not None and not 0 <= finite("min_p", min_p) <= 1:
+        raise VramancerError(f"min_p must be between 0 and 1, not {min_p:g}.")
+    for token, bias in (logit_bias or {}).items():
+        if not isinstance(token, int) or token < 0:
+            raise VramancerError(f"a logit_bias key must be a token id (a whole number, 0 or more), not {token!r}.")
+        if not -MAX_BIAS <= finite("a logit_bias value", bias) <= MAX_BIAS:
+            raise VramancerError(f"the logit_bias of token {token} must be between -100 and 100, not {bias:g}.")
+
+
 def check_temperature(value: float) -> None:
     if finite("--temperature", value) < 0:
         raise VramancerError(f"--temperature must be 0 or more, not {value:g}.")

@@ -73,6 +73,10 @@ class Submit(Command):
     raw: bool = False
     stop: tuple[str, ...] = ()
     client: str = ""  # who asked, for the dashboard and the log ("127.0.0.1:51234")
+    logprobs: int | None = None  # each token's log probability, with this many likeliest alternatives
+    # The answer must follow ("json_schema", schema as JSON text) or ("lark", grammar): scheduling/constrained.py
+    constraint: tuple[str, str] | None = None
+    tools: tuple = ()  # function tools (OpenAI's JSON) for the chat template to show the model
 
 
 @dataclass(frozen=True)
@@ -217,9 +221,20 @@ class PlanChanged(Event):
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One answer token's log probability under the model (its own softmax, before any
+    sampling adjustment), and the likeliest tokens at that step with theirs."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Token(Event):
     text: str
     request_id: int | str = 0
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens behind this text, when a Submit asked
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ from torch.nn import functional as F
 from transformers import (
     DynamicCache,
     LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
+    MinPLogitsWarper,
     TemperatureLogitsWarper,
     TextStreamer,
     TopKLogitsWarper,
@@ -64,6 +64,7 @@ from vramancer.engine import events as ev
 from vramancer.platforms.devices import DeviceLost
 from vramancer.runtime import recovery
 from vramancer.scheduling import kv_room
+from vramancer.scheduling.constrained import Constraint
 from vramancer.scheduling.generation import SamplingSettings, encode_prompt
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,8 @@ class Sequence:
     token_times: list[float] = field(default_factory=list)
     generator: torch.Generator | None = None
     finish_reason: str = ""  # stop | length | cancelled, once it is done
+    logprobs: list[ev.TokenLogprob] = field(default_factory=list)  # tokens not yet sent with a Token event
+    constraint: Constraint | None = None  # response_format or a required tool call: what it must follow
 
     @property
     def request_id(self) -> str:
@@ -166,12 +169,10 @@ class Sequence:
         return self.settings.temperature == 0
 
 
-def score_processors(settings: SamplingSettings) -> LogitsProcessorList:
+def score_processors(settings: SamplingSettings, prompt_length: int) -> LogitsProcessorList:
     """What adjusts a request's scores before its token is picked: transformers' own
-    processors and warpers, in the order generate applies them."""
-    processors = LogitsProcessorList()
-    if settings.repetition_penalty is not None and settings.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
+    processors and warpers, in the order generate applies them (ours for OpenAI's penalties)."""
+    processors = LogitsProcessorList(settings.adjusting_processors(prompt_length))
     if settings.temperature > 0:
         if settings.temperature != 1.0:
             processors.append(TemperatureLogitsWarper(settings.temperature))
@@ -179,6 +180,8 @@ def score_processors(settings: SamplingSettings) -> LogitsProcessorList:
             processors.append(TopKLogitsWarper(settings.top_k))
         if settings.top_p is not None and settings.top_p < 1.0:
             processors.append(TopPLogitsWarper(settings.top_p))
+        if settings.min_p:
+            processors.append(MinPLogitsWarper(settings.min_p))
     return processors
 
 
@@ -253,11 +256,17 @@ class Batch:
             settings = SamplingSettings(**request.sampling)
             settings.check()
             prompt = list(request.prompt) if isinstance(request.prompt, tuple) else request.prompt
-            prompt_ids = encode_prompt(self.engine.tokenizer, prompt, request.raw)["input_ids"][0].tolist()
+            prompt_ids = encode_prompt(self.engine.tokenizer, prompt, request.raw,
+                                       tools=list(request.tools) or None)["input_ids"][0].tolist()
         except TypeError as exc:
             return self._refuse(request, "bad_request", f"the sampling settings are not understood: {exc}.")
         except VramancerError as exc:
             return self._refuse(request, "bad_request", str(exc))
+        vocabulary = self.engine.model.config.vocab_size
+        outside = sorted(t for t in (settings.logit_bias or {}) if t >= vocabulary)
+        if outside:
+            return self._refuse(request, "bad_request", f"logit_bias names token {outside[0]}, but this model's "
+                                                        f"tokens are numbered 0 to {vocabulary - 1}.")
         stops = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop)
         if any(not isinstance(s, str) for s in stops):
             return self._refuse(request, "bad_request", "each stop sequence must be text.")
@@ -270,8 +279,14 @@ class Batch:
             return self._refuse(request, "queue_full", (
                 f"{len(self.running)} requests are running and {len(self.waiting)} waiting, as many as may wait; "
                 f"try again shortly."))
+        constraint = None
+        if request.constraint is not None:
+            try:
+                constraint = Constraint(*request.constraint, self.engine.tokenizer, vocabulary, sorted(self.eos))
+            except VramancerError as exc:
+                return self._refuse(request, "bad_request", str(exc))
         sequence = Sequence(request, prompt_ids, settings, arrived, AnswerText(self.engine.tokenizer, stops),
-                            score_processors(settings))
+                            score_processors(settings, len(prompt_ids)), constraint=constraint)
         head = prompt if isinstance(prompt, str) else (prompt[-1].get("content", "") if prompt else "")
         self.emit(ev.RequestQueued(request.request_id, request.client, " ".join(head.split())[:PROMPT_HEAD_CHARS],
                                    prompt_tokens, wanted))
@@ -403,7 +418,8 @@ class Batch:
         for i, sequence in enumerate(sequences):
             if not sequence.tokens:
                 self.emit(ev.RequestStarted(sequence.request_id))
-                self._accept(sequence, self._pick(sequence, logits[i:i + 1]), now)
+                token = self._pick(sequence, logits[i:i + 1])
+                self._accept(sequence, token, now, self._logprob(sequence, logits[i], token))
         keep = [i for i, s in enumerate(sequences) if not s.finish_reason]
         for sequence in sequences:
             if sequence.finish_reason:
@@ -490,8 +506,9 @@ class Batch:
         # Greedy rows with nothing to adjust their scores take one argmax together.
         best = logits.argmax(dim=-1).tolist()
         for i, sequence in enumerate(rows):
-            plain = sequence.greedy and not sequence.processors
-            self._accept(sequence, best[i] if plain else self._pick(sequence, logits[i:i + 1]), now)
+            plain = sequence.greedy and not sequence.processors and sequence.constraint is None
+            token = best[i] if plain else self._pick(sequence, logits[i:i + 1])
+            self._accept(sequence, token, now, self._logprob(sequence, logits[i], token))
         self._stamps.append((now, len(rows)))
         if any(s.finish_reason for s in rows):
             self._leave()
@@ -503,6 +520,8 @@ class Batch:
         if sequence.processors:
             so_far = torch.tensor([sequence.prompt_ids + sequence.tokens], device=scores.device)
             scores = sequence.processors(so_far, scores)
+        if sequence.constraint is not None:
+            scores = sequence.constraint.restrict(scores)
         if sequence.greedy:
             return int(scores.argmax(dim=-1))
         if sequence.generator is None:
@@ -514,13 +533,32 @@ class Batch:
         probabilities = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probabilities, 1, generator=sequence.generator))
 
-    def _accept(self, sequence: Sequence, token: int, now: float) -> None:
+    def _logprob(self, sequence: Sequence, logits: torch.Tensor, token: int) -> ev.TokenLogprob | None:
+        """`token`'s log probability under the model's own softmax over one row's raw logits
+        [vocab] (before penalties and warpers: what the model thinks, not what the sampler
+        was allowed to pick), with the request's number of likeliest alternatives."""
+        wanted = sequence.request.logprobs
+        if wanted is None or token in self.eos:
+            return None  # the end-of-text token is not part of the answer's text
+        logprobs = torch.log_softmax(logits.to(torch.float32), dim=-1)
+        decode = self.engine.tokenizer.decode
+        top = ()
+        if wanted:
+            values, ids = torch.topk(logprobs, wanted)
+            top = tuple((decode([i]), v) for i, v in zip(ids.tolist(), values.tolist()))
+        return ev.TokenLogprob(decode([token]), float(logprobs[token]), top)
+
+    def _accept(self, sequence: Sequence, token: int, now: float, logprob: ev.TokenLogprob | None = None) -> None:
         sequence.tokens.append(token)
         sequence.token_times.append(now)
+        if logprob is not None:
+            sequence.logprobs.append(logprob)
+        if sequence.constraint is not None and token not in self.eos:
+            sequence.constraint.accept(token)
         piece = sequence.answer.add(sequence.tokens)
         if piece:
-            self.emit(ev.Token(piece, sequence.request_id))
-        if token in self.eos or sequence.answer.stopped:
+            self.emit(ev.Token(piece, sequence.request_id, self._take_logprobs(sequence)))
+        if token in self.eos or sequence.answer.stopped or (sequence.constraint and sequence.constraint.done):
             sequence.finish_reason = "stop"
         elif len(sequence.tokens) >= sequence.settings.max_new_tokens:
             sequence.finish_reason = "length"
@@ -550,10 +588,16 @@ class Batch:
         self.width = 0
         self.engine.cache = None
 
+    @staticmethod
+    def _take_logprobs(sequence: Sequence) -> tuple[ev.TokenLogprob, ...]:
+        taken = tuple(sequence.logprobs)
+        sequence.logprobs.clear()
+        return taken
+
     def _finish(self, sequence: Sequence) -> None:
         rest = sequence.answer.finish(sequence.tokens)
-        if rest:
-            self.emit(ev.Token(rest, sequence.request_id))
+        if rest or sequence.logprobs:  # tokens held back until now go out with the last text
+            self.emit(ev.Token(rest, sequence.request_id, self._take_logprobs(sequence)))
         times = sequence.token_times
         now = time.perf_counter()
         rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None

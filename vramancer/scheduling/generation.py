@@ -24,6 +24,8 @@ import torch
 from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
     StoppingCriteria,
     StoppingCriteriaList,
     TextStreamer,
@@ -45,13 +47,32 @@ class SamplingSettings:
     top_k: int | None = None
     seed: int | None = None
     repetition_penalty: float | None = None
+    # OpenAI's penalties on the answer's own tokens: each token already in the answer loses
+    # `presence_penalty` once and `frequency_penalty` per time it appears.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_p: float | None = None  # sampling keeps tokens at least this fraction of the likeliest one
+    logit_bias: dict[int, float] | None = None  # token id -> added to its score, every step
 
     def check(self) -> None:
         """Refuse any value generate could not use, nan and infinities included."""
-        from vramancer.config.validation import check_sampling
+        from vramancer.config.validation import check_adjustments, check_sampling
 
         check_sampling(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed,
                        self.repetition_penalty)
+        check_adjustments(self.presence_penalty, self.frequency_penalty, self.min_p, self.logit_bias)
+
+    def adjusting_processors(self, prompt_length: int) -> list[LogitsProcessor]:
+        """What changes the scores before any warper, in generate's order for the built-in ones:
+        the repetition penalty, then the answer's own penalties, then the bias."""
+        processors: list[LogitsProcessor] = []
+        if self.repetition_penalty is not None and self.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if self.presence_penalty or self.frequency_penalty:
+            processors.append(OccurrencePenalty(prompt_length, self.presence_penalty, self.frequency_penalty))
+        if self.logit_bias:
+            processors.append(SequenceBiasLogitsProcessor([[[token], bias] for token, bias in self.logit_bias.items()]))
+        return processors
 
     def generate_kwargs(self) -> dict:
         kwargs: dict = {"max_new_tokens": self.max_new_tokens}
@@ -65,7 +86,26 @@ class SamplingSettings:
             kwargs["top_k"] = self.top_k if self.top_k is not None else 0
         if self.repetition_penalty is not None:
             kwargs["repetition_penalty"] = self.repetition_penalty
+        if self.min_p is not None and self.temperature > 0:
+            kwargs["min_p"] = self.min_p
         return kwargs
+
+
+class OccurrencePenalty(LogitsProcessor):
+    """OpenAI's presence and frequency penalties (transformers has none): counted over the
+    answer only, not the prompt, as OpenAI and vLLM count them."""
+
+    def __init__(self, prompt_length: int, presence: float, frequency: float):
+        self.prompt_length = prompt_length
+        self.presence = presence
+        self.frequency = frequency
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        answer = input_ids[:, self.prompt_length:]
+        if answer.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, answer, torch.ones_like(answer, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
 @dataclass
@@ -157,8 +197,9 @@ class ForcedPrefix(LogitsProcessor):
         return scores
 
 
-def encode_prompt(tokenizer, prompt: str | Messages, raw: bool) -> dict:
-    """Token ids for a prompt: the chat template for instruct models unless `raw`."""
+def encode_prompt(tokenizer, prompt: str | Messages, raw: bool, tools: list[dict] | None = None) -> dict:
+    """Token ids for a prompt: the chat template for instruct models unless `raw`, showing the
+    model `tools` (OpenAI's function definitions) where its template takes them."""
     from vramancer.config.validation import check_prompt
 
     check_prompt(prompt, raw)
@@ -168,7 +209,14 @@ def encode_prompt(tokenizer, prompt: str | Messages, raw: bool) -> dict:
         prompt = [{"role": "user", "content": prompt}]
     if not getattr(tokenizer, "chat_template", None):
         raise VramancerError("this model has no chat template, so a conversation cannot be encoded; use --raw.")
-    encoded = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    # A conversation that ends with the assistant's words is a prefill: the answer goes on from
+    # them, in the same turn, rather than the template closing that turn and opening another.
+    last = prompt[-1]
+    prefill = last.get("role") == "assistant" and bool(str(last.get("content") or "").strip())
+    if tools and "tools" not in tokenizer.chat_template:
+        raise VramancerError("this model's chat template takes no tools, so tool calling cannot be served for it.")
+    encoded = tokenizer.apply_chat_template(prompt, tools=tools or None, add_generation_prompt=not prefill,
+                                            continue_final_message=prefill, return_tensors="pt", return_dict=True)
     return dict(encoded)
 
 
@@ -203,6 +251,9 @@ def run_generate(
     else:
         while True:
             processors = LogitsProcessorList([ForcedPrefix(prompt_length, forced)] if forced else [])
+            # generate takes the repetition penalty itself; the rest of the adjustments as processors
+            processors.extend(p for p in settings.adjusting_processors(prompt_length)
+                              if not isinstance(p, RepetitionPenaltyLogitsProcessor))
             try:
                 with torch.inference_mode():
                     output = model.generate(

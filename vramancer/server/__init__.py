@@ -7,8 +7,10 @@ import's worth of start-up time for nothing we use. uvicorn serves it; streaming
 StreamingResponse writing server-sent events (`data: {...}`, then `data: [DONE]`), which also
 cancels the stream when the client hangs up; prometheus_client formats /metrics.
 
-Modules: protocol (OpenAI shapes, checks), bridge (worker events -> per-request asyncio queues),
-metrics (the Prometheus registry), routes (the Starlette app), service (InferenceServer: uvicorn
-on a thread; `vramancer serve`). Neither this package nor the dashboard imports the other; the
+Modules: protocol (OpenAI shapes, checks), tools (tool calls in and out), bridge (worker events
+-> per-request asyncio queues), metrics (the Prometheus registry), guard (request counting,
+trailing slashes, Origin/Host/Content-Type), connections (deadlines and the connection cap on
+uvicorn's h11 protocol), routes (the Starlette app), service (InferenceServer: uvicorn on a
+thread; `vramancer serve`). Neither this package nor the dashboard imports the other; the
 engine imports neither.
 """

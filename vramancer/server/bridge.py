@@ -123,6 +123,7 @@ class Bridge:
         elif isinstance(event, ev.GenerationDone):
             m.requests.labels(event.finish_reason or ("cancelled" if event.cancelled else "stop")).inc()
             m.tokens.inc(event.new_tokens)
+            m.prompt_tokens.inc(event.prompt_tokens)
             m.duration.observe(at - stream.started)
         elif isinstance(event, ev.RequestRefused):
             m.requests.labels(event.reason).inc()

@@ -84,6 +84,11 @@ class ServerMetrics:
         self.registry.register(self.readings)
         r = self.registry
         self.tokens = Counter("vramancer_generated_tokens", "Tokens generated for HTTP requests.", registry=r)
+        self.prompt_tokens = Counter("vramancer_prompt_tokens", "Prompt tokens of HTTP requests the engine took.",
+                                     registry=r)
+        self.http = Counter("vramancer_http_requests", "Every HTTP request, by route (its template; 'unmatched' "
+                            "for paths no route serves), method and the status it was answered with (499: the "
+                            "client left first).", ["route", "method", "status"], registry=r)
         self.requests = Counter("vramancer_requests", "HTTP completion requests by outcome: stop, length, "
                                 "cancelled, too_long, queue_full, bad_request, shutting_down, error.",
                                 ["outcome"], registry=r)
@@ -122,6 +127,9 @@ class ServerMetrics:
         elif isinstance(event, ev.Loaded):
             self.readings.simulated = {d.name: d.simulated for d in event.devices}
             self.ready.set(1)
+
+    def count_http(self, route: str, method: str, status: int) -> None:
+        self.http.labels(route, method, str(status)).inc()
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

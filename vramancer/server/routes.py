@@ -11,16 +11,19 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 from typing import TYPE_CHECKING, AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from vramancer.engine import events as ev
 from vramancer.server import protocol as p
+from vramancer.server import tools as t
+from vramancer.server.guard import BrowserGuard, CountRequests, NoTrailingSlash
 
 if TYPE_CHECKING:
     from vramancer.server.bridge import RequestStream
@@ -38,10 +41,17 @@ REFUSALS = {
     "not_ready": (503, "server_error", "model_not_loaded"),
 }
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+MAX_TOKENS_TO_DETOKENIZE = 1 << 18
+log = logging.getLogger("uvicorn.error")
 
 
-def create_app(server: InferenceServer) -> Starlette:
-    """The ASGI app of one server: its routes read and submit through `server`."""
+class ClientGone(Exception):
+    """The client hung up while its request was still being read: nobody to answer."""
+
+
+def create_app(server: InferenceServer):
+    """The ASGI app of one server: its routes read and submit through `server`, behind the
+    request counter, the trailing-slash rule and the browser guard (guard.py)."""
 
     async def models(request: Request) -> Response:
         _authorise(server, request)
@@ -49,6 +59,53 @@ def create_app(server: InferenceServer) -> Starlette:
         if not state.ready:
             raise _not_ready(state)
         return JSONResponse(p.models_body(state.name, server.created))
+
+    async def model(request: Request) -> Response:
+        _authorise(server, request)
+        state = server.bridge.model
+        if not state.ready:
+            raise _not_ready(state)
+        asked = request.path_params["model"]
+        if asked.lower() not in {name.lower() for name in state.names()}:
+            raise p.ApiError(404, f"the model '{asked}' does not exist; this server serves '{state.name}'.",
+                             param="model", code="model_not_found")
+        return JSONResponse(p.model_body(state.name, server.created))
+
+    async def tokenize(request: Request) -> Response:
+        """llama-server's shape: {"content", "add_special", "with_pieces"} -> {"tokens": [...]}."""
+        _authorise(server, request)
+        body = _fields(await _read_json(request, server.limits.body_s), {"content", "add_special", "with_pieces"})
+        content = body.get("content")
+        if not isinstance(content, str):
+            raise p.ApiError(400, "'content' must be the text to tokenize.", param="content")
+        add_special, with_pieces = _flag(body, "add_special"), _flag(body, "with_pieces")
+        tokenizer = await _tokenizer(server)
+
+        def work() -> list:
+            with server.tokenizer_lock:
+                ids = tokenizer(content, add_special_tokens=add_special)["input_ids"]
+                if not with_pieces:
+                    return ids
+                return [{"id": i, "piece": tokenizer.decode([i])} for i in ids]
+
+        return JSONResponse({"tokens": await asyncio.to_thread(work)})
+
+    async def detokenize(request: Request) -> Response:
+        """llama-server's shape: {"tokens": [ids]} -> {"content": text}."""
+        _authorise(server, request)
+        body = _fields(await _read_json(request, server.limits.body_s), {"tokens"})
+        tokens = body.get("tokens")
+        tokenizer = await _tokenizer(server)
+        size = len(tokenizer)
+        if (not isinstance(tokens, list) or len(tokens) > MAX_TOKENS_TO_DETOKENIZE
+                or not all(p.is_int(i) and 0 <= i < size for i in tokens)):
+            raise p.ApiError(400, f"'tokens' must be an array of token ids from 0 to {size - 1}.", param="tokens")
+
+        def work() -> str:
+            with server.tokenizer_lock:
+                return tokenizer.decode(tokens)
+
+        return JSONResponse({"content": await asyncio.to_thread(work)})
 
     async def chat(request: Request) -> Response:
         return await _complete(server, request, chat=True)
@@ -76,16 +133,27 @@ def create_app(server: InferenceServer) -> Starlette:
         return JSONResponse(p.ApiError(exc.status_code, message).body(), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
-    return Starlette(
+    async def client_gone(request: Request, exc: ClientGone) -> Response:
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        log.warning("%s hung up while sending %s %s; nothing was run.", client, request.method, request.url.path)
+        return Response(status_code=499)  # never sent: the connection is gone
+
+    app = Starlette(
         routes=[
             Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/models/{model:path}", model, methods=["GET"]),
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
+            Route("/tokenize", tokenize, methods=["POST"]),
+            Route("/detokenize", detokenize, methods=["POST"]),
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
         ],
-        exception_handlers={p.ApiError: api_error, HTTPException: http_error},
+        exception_handlers={p.ApiError: api_error, HTTPException: http_error, ClientGone: client_gone},
     )
+    app.router.redirect_slashes = False  # NoTrailingSlash serves them instead
+    guarded = BrowserGuard(app, server.cors_origins, server.allowed_hosts, server.own_host)
+    return CountRequests(NoTrailingSlash(guarded), app.routes, server.metrics.count_http)
 
 
 # --- one completion --------------------------------------------------------------------------
@@ -93,7 +161,7 @@ def create_app(server: InferenceServer) -> Starlette:
 
 async def _complete(server: InferenceServer, request: Request, chat: bool) -> Response:
     _authorise(server, request)
-    body = await _read_json(request)
+    body = await _read_json(request, server.limits.body_s)
     completion = p.parse_chat(body) if chat else p.parse_completion(body)
     state = server.bridge.model
     if not state.ready:
@@ -101,11 +169,23 @@ async def _complete(server: InferenceServer, request: Request, chat: bool) -> Re
     if completion.model.lower() not in {name.lower() for name in state.names()}:
         raise p.ApiError(404, f"the model '{completion.model}' does not exist; this server serves "
                               f"'{state.name}'.", param="model", code="model_not_found")
+    prompt = completion.prompt
+    constraint = ("json_schema", completion.json_schema) if completion.json_schema is not None else None
+    calls_before = completion.chat and any(m.get("tool_calls") or m["role"] == "tool" for m in prompt)
+    if completion.tools is not None or calls_before:
+        t.check_template((await _tokenizer(server)).chat_template)
+        prompt = tuple(t.template_messages(list(prompt)))
+        grammar = t.grammar(completion.tools) if completion.tools is not None else None
+        if grammar is not None:
+            constraint = ("lark", grammar)
     client = f"{request.client.host}:{request.client.port}" if request.client else ""
+    if completion.user:
+        client = f"{client} ({completion.user})"
     stream = server.bridge.open(completion.id)
     try:
-        server.submit(ev.Submit(completion.id, completion.prompt, completion.sampling, raw=completion.raw,
-                                stop=completion.stop, client=client))
+        server.submit(ev.Submit(completion.id, prompt, completion.sampling, raw=completion.raw,
+                                stop=completion.stop, client=client, logprobs=completion.logprobs,
+                                constraint=constraint, tools=completion.tools.tools if completion.tools else ()))
     except Exception:
         server.bridge.forget(completion.id)
         raise
@@ -163,14 +243,26 @@ class _Answer:
                              code="shutting_down")
 
     async def whole(self) -> dict:
-        """Wait for the end; the answer as one JSON object."""
+        """Wait for the end; the answer as one JSON object. Its logprobs are gathered from the
+        same Token events a stream sends, so both carry the same ones."""
+        logprobs: list[ev.TokenLogprob] = []
         while True:
             _, event = await self.stream.next()
             self._raise_if_refused(event)
-            if isinstance(event, ev.GenerationDone):
+            if isinstance(event, ev.Token):
+                logprobs.extend(event.logprobs)
+            elif isinstance(event, ev.GenerationDone):
                 self.finished = True
-                return p.completion_body(self.request, self.model, self.created, event.text,
-                                         _finish_reason(event), event.prompt_tokens, event.new_tokens)
+                text, calls, finish = self._read(event)
+                return p.completion_body(self.request, self.model, self.created, text, finish,
+                                         event.prompt_tokens, event.new_tokens, logprobs, calls)
+
+    def _read(self, done: ev.GenerationDone) -> tuple[str | None, list, str]:
+        """(content, tool calls, finish reason) of a finished answer."""
+        if self.request.tools is None:
+            return done.text, [], _finish_reason(done)
+        content, calls = t.read_calls(done.text)
+        return content, calls, "tool_calls" if calls else _finish_reason(done)
 
     async def events(self, first: ev.Event) -> AsyncIterator[str]:
         """The answer as server-sent events. Cancelled (the client went away) at any await."""
@@ -179,9 +271,19 @@ class _Answer:
             if request.chat:
                 yield _sse(p.chunk_body(request, model, created, first=True))
             event = first
+            offset = 0  # characters of the answer's tokens so far, for completions' text_offset
+            so_far, said = "", 0  # with tools: the answer's text, and how much of it went out as content
             while True:
                 if isinstance(event, ev.Token):
-                    yield _sse(p.chunk_body(request, model, created, text=event.text))
+                    logprobs = p.logprobs_body(request, event.logprobs, offset)
+                    offset += sum(len(e.token) for e in event.logprobs)
+                    piece = event.text
+                    if request.tools is not None:  # text that may begin a tool call waits
+                        so_far += event.text
+                        upto = said if t.OPEN in so_far else len(so_far) - t.held_back(so_far)
+                        piece, said = so_far[said:max(upto, said)], max(upto, said)
+                    if piece or logprobs is not None:
+                        yield _sse(p.chunk_body(request, model, created, text=piece, logprobs=logprobs))
                 elif isinstance(event, (ev.GenerationDone, ev.RequestRefused, ev.Error)):
                     self.finished = True
                     try:
@@ -191,7 +293,12 @@ class _Answer:
                         yield "data: [DONE]\n\n"
                         return
                     if isinstance(event, ev.GenerationDone):
-                        yield _sse(p.chunk_body(request, model, created, finish_reason=_finish_reason(event),
+                        _, calls, finish = self._read(event)
+                        if request.tools is not None and not calls and event.text[said:]:
+                            yield _sse(p.chunk_body(request, model, created, text=event.text[said:]))
+                        if calls:
+                            yield _sse(p.chunk_body(request, model, created, tool_calls=calls))
+                        yield _sse(p.chunk_body(request, model, created, finish_reason=finish,
                                                 text=None if request.chat else ""))
                         if request.include_usage:
                             yield _sse(p.chunk_body(request, model, created, no_choice=True,
@@ -253,9 +360,20 @@ def _authorise(server: InferenceServer, request: Request) -> None:
         raise p.ApiError(401, "the API key is wrong.", code="invalid_api_key")
 
 
-async def _read_json(request: Request) -> object:
+async def _read_json(request: Request, deadline_s: float) -> object:
     """The body as JSON; over 1 MiB is refused by its Content-Length and, when that is missing or
-    lies, while it is read."""
+    lies, while it is read; a body still arriving after `deadline_s` is refused with a 408."""
+    try:
+        async with asyncio.timeout(deadline_s):
+            return await _read_json_now(request)
+    except TimeoutError:
+        raise p.ApiError(408, f"the request body did not arrive within {deadline_s:g} s.", code="request_timeout",
+                         headers={"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise ClientGone() from None
+
+
+async def _read_json_now(request: Request) -> object:
     too_big = p.ApiError(413, f"the request body is over {MAX_BODY_BYTES // (1 << 20)} MiB.",
                          code="request_too_large")
     length = request.headers.get("content-length")
@@ -275,6 +393,31 @@ async def _read_json(request: Request) -> object:
         return json.loads(b"".join(chunks))
     except ValueError:
         raise p.ApiError(400, "the request body is not valid JSON.") from None
+    except RecursionError:  # a nesting bomb ([[[[...): Python's parser gives up at its stack's depth
+        raise p.ApiError(400, "the request body nests arrays or objects too deeply.") from None
+
+
+def _fields(body: object, allowed: set[str]) -> dict:
+    body = p.as_object(body)
+    p.only_fields(body, allowed, "")
+    return body
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise p.ApiError(400, f"'{name}' must be true or false, not {value!r}.", param=name)
+    return value
+
+
+async def _tokenizer(server: InferenceServer):
+    state = server.bridge.model
+    tokenizer = await asyncio.to_thread(server.tokenizer) if state.ready else None
+    if tokenizer is None:
+        raise _not_ready(state)
+    return tokenizer
 
 
 def _not_ready(state) -> p.ApiError:

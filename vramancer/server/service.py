@@ -9,6 +9,7 @@ the CLI's main thread (which keeps the signals) is taken by it.
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import socket
@@ -21,6 +22,12 @@ from vramancer.config.errors import VramancerError
 from vramancer.engine import events as ev
 from vramancer.server.access import listen
 from vramancer.server.bridge import Bridge
+from vramancer.server.connections import (
+    Limits,
+    install_log_filter,
+    protocol_class,
+    room_for_connections,
+)
 from vramancer.server.metrics import ServerMetrics
 from vramancer.server.routes import create_app
 
@@ -36,21 +43,45 @@ class InferenceServer:
     """An OpenAI-compatible server over an engine worker's commands and events."""
 
     def __init__(self, submit: Callable[[ev.Command], None] | None = None, api_key: bytes | None = None,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, cors_origins: tuple[str, ...] = (), allowed_hosts: tuple[str, ...] = (),
+                 limits: Limits | None = None, tokenizer_source: Callable[[], object | None] | None = None) -> None:
         """`submit` sends a command to the worker (settable later, once the worker exists);
         `api_key`: requests to /v1 must carry it as a bearer token; `quiet`: log nothing to the
-        terminal (the dashboard owns it)."""
+        terminal (the dashboard owns it); `cors_origins`: web pages allowed to call it;
+        `allowed_hosts`: Host names it answers to besides loopback ones and its own address;
+        `limits`: connection deadlines and cap; `tokenizer_source`: the loaded engine's
+        tokenizer, for /tokenize (settable later, like `submit`)."""
         self.submit = submit or _refuse_until_started
         self.api_key = api_key
         self.quiet = quiet
+        self.cors_origins = tuple(cors_origins)
+        self.allowed_hosts = tuple(allowed_hosts)
+        self.limits = limits or Limits()
+        self.tokenizer_source = tokenizer_source or (lambda: None)
+        self.tokenizer_lock = threading.Lock()  # one tokenizing request at a time on the server's copy
+        self._tokenizer: tuple[object, object] | None = None  # (the engine's, our copy of it)
         self.metrics = ServerMetrics()
         self.bridge = Bridge(self.metrics)
         self.created = int(time.time())
-        self.app = create_app(self)
+        self.own_host = ""  # set by start: the address it listens on is a Host it answers to
+        self.app = None
         self.host = ""
         self.port = 0
+        self.max_connections = self.limits.max_connections
         self._uvicorn = None
         self._thread: threading.Thread | None = None
+
+    def tokenizer(self):
+        """A copy of the loaded engine's tokenizer, for the routes' own use: the worker's thread
+        encodes and decodes with the original at the same time, and a fast tokenizer changes
+        state as it is used. Copied once per loaded model; None before a load."""
+        original = self.tokenizer_source()
+        if original is None:
+            return None
+        with self.tokenizer_lock:
+            if self._tokenizer is None or self._tokenizer[0] is not original:
+                self._tokenizer = (original, copy.deepcopy(original))
+            return self._tokenizer[1]
 
     def on_event(self, event: ev.Event) -> None:
         """The server's event sink: call it with every event the worker emits (any thread)."""
@@ -68,9 +99,19 @@ class InferenceServer:
 
         sock = sock or listen(host, port)
         self.host, self.port = host, sock.getsockname()[1]
+        self.own_host = host
+        self.app = create_app(self)
+        limits = self.limits
+        self.max_connections = room_for_connections(limits.max_connections)
+        if self.max_connections < limits.max_connections and not self.quiet:
+            print(f"vramancer: warning: this process may open too few files for {limits.max_connections} connections; "
+                  f"taking at most {self.max_connections}.", file=sys.stderr, flush=True)
+        install_log_filter(limits.log_interval_s)
         config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=GRACEFUL_S, log_config=None if self.quiet else
-                                uvicorn.config.LOGGING_CONFIG)
+                                uvicorn.config.LOGGING_CONFIG, http=protocol_class(limits, self.max_connections),
+                                timeout_keep_alive=limits.keep_alive_s,
+                                h11_max_incomplete_event_size=limits.max_header_bytes)
         if self.quiet:  # uvicorn's own messages would draw over the dashboard
             logging.getLogger("uvicorn").addHandler(logging.NullHandler())
             logging.getLogger("uvicorn").propagate = False
@@ -95,14 +136,15 @@ class InferenceServer:
 
 
 def run_serve(options, sock: socket.socket, host: str, api_key: bytes | None, max_batch: int,
-              ready: Callable[[str], None] = print) -> int:
+              ready: Callable[[str], None] = print, cors_origins: tuple[str, ...] = (),
+              allowed_hosts: tuple[str, ...] = (), limits: Limits | None = None) -> int:
     """`vramancer serve`: listen at once (GET /health answers 503 while the model loads), load,
     say so in one line, and serve until SIGTERM, SIGINT, SIGHUP or a closed terminal. A model
     that cannot load ends it with the load's one sentence and status 2."""
     from vramancer.engine.worker import EngineWorker
     from vramancer.platforms.lifetime import Lifetime
 
-    server = InferenceServer(api_key=api_key)
+    server = InferenceServer(api_key=api_key, cors_origins=cors_origins, allowed_hosts=allowed_hosts, limits=limits)
     server.start(host, sock.getsockname()[1], sock)
 
     happenings: queue.Queue = queue.Queue()  # Loaded, or a failed Load
@@ -114,6 +156,7 @@ def run_serve(options, sock: socket.socket, host: str, api_key: bytes | None, ma
 
     worker = EngineWorker(emit, max_batch=max_batch)
     server.submit = worker.submit
+    server.tokenizer_source = lambda: getattr(worker.engine, "tokenizer", None)
     stop_reasons: list[str] = []  # a signal handler only appends (takes no lock a waiting thread could hold)
     lifetime = Lifetime(stop_reasons.append).install()
     lifetime.watch_terminal()
