@@ -21,6 +21,7 @@ import pytest
 
 from vramancer.cli import main
 from vramancer.engine import engine as engine_module
+from vramancer.engine import loader as loader_module
 from vramancer.model import loading as models
 
 TOKEN_FILE_LIMIT = "more than 4096 bytes"
@@ -151,7 +152,7 @@ def tripwires(monkeypatch):
 
     def arm(allowed: str) -> None:
         if allowed == NOTHING:
-            for module in (models, engine_module):
+            for module in (models, loader_module):
                 monkeypatch.setattr(module, "load_config", trip("the model's config"))
                 monkeypatch.setattr(module, "resolve_model", trip("the model"), raising=False)
             for module in (models, engine_module):

@@ -235,7 +235,7 @@ def test_a_node_with_few_descriptors_keeps_serving_and_admits_a_coordinator(tmp_
 
 ACCEPT_STARVED = """
 import json, logging, os, resource, socket, sys, time
-sys.path.insert(0, "tests")
+sys.path.insert(0, "tests/integration")
 from test_node_hardening import Handshakes, connect, serve
 
 warnings = []

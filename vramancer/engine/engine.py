@@ -140,7 +140,7 @@ class Engine:
             report("placing", 0.8)
             profile = profile_model(loaded, torch_dtype, prepared.weights)
             transfer = TransferManager(device_list)
-            split = SplitModel(loaded, profile, device_list, transfer, context)
+            split = SplitModel(loaded, profile, device_list, transfer, prepared.context)
             factory.attach_external_layers(split, source, torch_dtype, prepared.config)
             split.apply(plan.placement)
         except BaseException:
