@@ -29,8 +29,6 @@ kernel alone, and on torch's paths.
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -42,6 +40,7 @@ from vramancer.kernels.cpu.modules import (
     fuse_rms_norm,
     one_query_on_kernels,
 )
+from vramancer.kernels.cpu.rewiring import swap_class, swap_forward
 
 # The server's default --max-batch. Beyond it W @ x.T was no steady gain: slower at 12 and 32
 # rows (the head 55 vs 46 ms, 110 vs 88 ms), a little faster at 16 (49 vs 63 ms).
@@ -89,7 +88,7 @@ def use_few_rows_linear(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if type(module) is nn.Linear:
-            module.__class__ = FewRowsLinear
+            swap_class(module, FewRowsLinear)
             count += 1
             float32 = float32 or module.weight.dtype == torch.float32
     if float32:  # built (once, two to three minutes here) or loaded now, not in the middle of a batch's step
@@ -118,7 +117,7 @@ def use_few_rows_norm(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if fuse_rms_norm(module):  # checked, and its epsilon kept; then only for a batch's rows
-            module.forward = types.MethodType(_rms_norm_for_few_rows, module)
+            swap_forward(module, _rms_norm_for_few_rows)
             count += 1
     return count
 

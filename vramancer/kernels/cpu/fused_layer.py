@@ -17,12 +17,11 @@ gathered once per layer and gathered again by `refresh` when they may have moved
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 
 from vramancer.kernels.cpu import build as cpu_kernels
+from vramancer.kernels.cpu.rewiring import swap_forward
 
 ATTENTION_PARTS = {"q_proj", "k_proj", "v_proj", "o_proj"}
 MLP_PARTS = {"gate_proj", "up_proj", "down_proj", "act_fn"}
@@ -165,7 +164,7 @@ def install(layer: nn.Module) -> bool:
         return False
     layer.vramancer_fused = fused
     layer.vramancer_layer_idx = layer.self_attn.layer_idx  # its cache entry (read each step: no module lookup)
-    layer.forward = types.MethodType(_forward, layer)
+    swap_forward(layer, _forward)
     return True
 
 

@@ -17,14 +17,13 @@ Decoder layers built of these parts then run their whole decode step as two call
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from vramancer.kernels.cpu import build as cpu_kernels
+from vramancer.kernels.cpu.rewiring import route_attention, swap_class, swap_forward
 
 
 class KernelLinear(nn.Linear):
@@ -67,7 +66,7 @@ def fuse_rms_norm(module: nn.Module) -> bool:
     if not torch.allclose(got, expected, rtol=1e-5, atol=1e-6):
         return False
     module.vramancer_eps = eps
-    module.forward = types.MethodType(_fused_rms_norm, module)
+    swap_forward(module, _fused_rms_norm)
     return True
 
 
@@ -102,7 +101,7 @@ def attend_through(model: nn.Module, name: str, attention) -> bool:
         return False
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, sdpa_mask)
-    model.set_attn_implementation(name)
+    route_attention(model, name)
     return True
 
 
@@ -117,6 +116,6 @@ def rewire(model: nn.Module) -> None:
     use_decode_attention(model)
     for module in model.modules():
         if type(module) is nn.Linear and hasattr(module.weight, "linear"):
-            module.__class__ = KernelLinear
+            swap_class(module, KernelLinear)
         elif "forward" not in vars(module):
             fuse_rms_norm(module)
