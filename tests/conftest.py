@@ -18,6 +18,8 @@ if "VRM_KERNEL_DIR" not in os.environ:
 
     os.environ["VRM_KERNEL_DIR"] = os.path.join(os.environ.get("VRM_CACHE_DIR") or platformdirs.user_cache_dir("vramancer"),
                                                 "kernels")
+# The user's own config file (config.toml) never steers a test: point at one that is not there.
+os.environ["VRM_CONFIG"] = os.path.join(tempfile.mkdtemp(prefix="vramancer-test-config-"), "config.toml")
 # Caches (profiles, dequantised weights) go to a fresh folder, never the user's own.
 os.environ.setdefault("VRM_CACHE_DIR", tempfile.mkdtemp(prefix="vramancer-test-cache-"))
 

@@ -45,13 +45,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _env_list(name: str) -> list[str]:
-    """A comma-separated VRM_<name>, as the starting list of a repeatable flag."""
-    return [item.strip() for item in os.environ.get(f"VRM_{name}", "").split(",") if item.strip()]
+    """A comma-separated VRM_<name> (or config file list), as the starting list of a repeatable flag."""
+    return [item.strip() for item in _env(name, "").split(",") if item.strip()]
 
 
 def _env(name: str, default: str) -> str:
-    """A text default from VRM_<name>; numeric defaults are read (and checked) after parsing."""
-    return os.environ.get(f"VRM_{name}", default)
+    """A text default from VRM_<name>, else the config file; numeric defaults are read (and
+    checked) after parsing."""
+    from vramancer.config.validation import env_text
+
+    return env_text(name, default)
 
 
 def _add_load_flags(parser: argparse.ArgumentParser, model: bool = True, inherit: bool = False) -> None:
@@ -165,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-connections", type=int, default=None,
                        help=f"open connections at most; more are refused at once (default {DEFAULT_MAX_CONNECTIONS})")
 
+    config = sub.add_parser("config", help="print every setting's value and where it came from "
+                                           "(flag > VRM_* variable > config file > default)")
+    config.add_argument("--json", action="store_true")
+
     bench = sub.add_parser("bench", help="decode speed and time to first token over a few rounds")
     _add_load_flags(bench, inherit=True)
     bench.add_argument("--prompt", default="Write a short story about a lighthouse keeper.")
@@ -175,9 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     from vramancer.config.errors import VramancerError
 
+    try:  # the parser's defaults come from VRM_* and the config file, which may be wrong
+        args = build_parser().parse_args(argv)
+    except VramancerError as exc:
+        print(f"vramancer: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         _check_values(args)  # before torch is even imported: a wrong value costs no time
         # On a small machine torch's default (every core) fights the threads that stream, sample
@@ -193,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args, prepare)  # it listens first: a busy port costs no torch import
         prepare()
-        return {"devices": _devices, "plan": _plan, "generate": _generate, "bench": _bench,
+        return {"config": _config, "devices": _devices, "plan": _plan, "generate": _generate, "bench": _bench,
                 "node": _node, "serve": _serve}[args.command](args)
     except VramancerError as exc:
         print(f"vramancer: {exc}", file=sys.stderr)
@@ -359,6 +370,23 @@ def _serve(args, prepare) -> int:
                        ready=lambda line: print(line, flush=True), cors_origins=tuple(args.cors_origin),
                        allowed_hosts=tuple(args.allow_host), limits=Limits(max_connections=args.max_connections))
     exit_now(status)  # stopped: skip seconds of interpreter teardown
+
+
+def _config(args) -> int:
+    """`vramancer config`: each setting's effective value and its source, without torch."""
+    from vramancer.config.settings import config_path, every_setting
+
+    path = config_path()
+    found = every_setting()
+    if args.json:
+        print(json.dumps({"config_file": str(path), "config_file_exists": path.is_file(),
+                          "settings": {s.name: {"value": s.value, "source": s.source} for s in found}}, indent=2))
+        return 0
+    print(f"config file: {path}{'' if path.is_file() else ' (none)'}")
+    width = max(len(s.name) for s in found)
+    for setting in found:
+        print(f"  {setting.name:<{width}}  {setting.value or '-':<24} {setting.source}")
+    return 0
 
 
 def _device_text(args) -> str:

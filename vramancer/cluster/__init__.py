@@ -10,7 +10,6 @@ away mid-answer is replaced by the devices left (runtime/recovery.py, through De
 from __future__ import annotations
 
 import logging
-import os
 
 from vramancer.cluster.protocol import (
     AdmissionRefused,
@@ -18,6 +17,7 @@ from vramancer.cluster.protocol import (
     NodeLost,
     cluster_token,
 )
+from vramancer.config import settings
 from vramancer.config.device_spec import DeviceSpecError, split_remote_name
 
 log = logging.getLogger(__name__)
@@ -31,11 +31,11 @@ def discover_settings() -> tuple[str, float]:
     VRM_DISCOVER_SECONDS (3)."""
     from vramancer.cluster.discovery import DEFAULT_DISCOVER_SECONDS
 
-    bind = os.environ.get(DISCOVER_BIND_ENV, "127.0.0.1") or "127.0.0.1"
+    bind = settings.value("discover_bind") or "127.0.0.1"
     try:
-        seconds = float(os.environ.get(DISCOVER_SECONDS_ENV, DEFAULT_DISCOVER_SECONDS))
+        seconds = float(settings.value("discover_seconds") or DEFAULT_DISCOVER_SECONDS)
     except ValueError:
-        raise ClusterError(f"{DISCOVER_SECONDS_ENV} must be a number of seconds.") from None
+        raise ClusterError(f"{settings.where('discover_seconds')} must be a number of seconds.") from None
     return bind, seconds
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 
+from vramancer.config import settings
 from vramancer.config.errors import VramancerError
 
 MAX_DEVICES = 64  # the link table and the planner grow with the square of this
@@ -93,11 +94,11 @@ def check_weights(name: str) -> None:
 
 
 def env_cuda_graphs() -> str:
-    """VRM_CUDA_GRAPHS as auto, on or off (1 and 0 as on and off)."""
-    text = os.environ.get("VRM_CUDA_GRAPHS", "auto").strip().lower()
+    """VRM_CUDA_GRAPHS (or the config file's cuda_graphs) as auto, on or off (1 and 0 as on and off)."""
+    text = settings.value("cuda_graphs").strip().lower()
     mode = {"1": "on", "0": "off"}.get(text, text)
     if mode not in CUDA_GRAPHS:
-        raise VramancerError(f"VRM_CUDA_GRAPHS '{text}' is not a choice; choose auto, on or off.")
+        raise VramancerError(f"{settings.where('cuda_graphs')} '{text}' is not a choice; choose auto, on or off.")
     return mode
 
 
@@ -156,30 +157,32 @@ def check_prompt(prompt, raw: bool) -> None:
 
 
 def env_text(name: str, default: str) -> str:
-    """VRM_<name>, or `default` when unset."""
-    return os.environ.get(f"VRM_{name}", default)
+    """VRM_<name> (or the config file's key), or `default` when neither sets it."""
+    setting = settings.lookup(name.lower())
+    return default if setting.source == "default" else setting.value
 
 
 def env_int(name: str, default: int) -> int:
-    """VRM_<name> as a whole number, else `default`; a refusal names the variable."""
-    text = os.environ.get(f"VRM_{name}")
-    if text is None or not text.strip():
+    """VRM_<name> (or the config file's key) as a whole number, else `default`; a refusal
+    names where the value came from."""
+    text = env_text(name, "")
+    if not text.strip():
         return default
     try:
         return int(text.strip())
     except ValueError:
-        raise VramancerError(f"VRM_{name} must be a whole number, not '{text}'.") from None
+        raise VramancerError(f"{settings.where(name.lower())} must be a whole number, not '{text}'.") from None
 
 
 def env_float(name: str, default: float) -> float:
-    text = os.environ.get(f"VRM_{name}")
-    if text is None or not text.strip():
+    text = env_text(name, "")
+    if not text.strip():
         return default
     try:
         value = float(text.strip())
     except ValueError:
-        raise VramancerError(f"VRM_{name} must be a number, not '{text}'.") from None
-    return finite(f"VRM_{name}", value)
+        raise VramancerError(f"{settings.where(name.lower())} must be a number, not '{text}'.") from None
+    return finite(settings.where(name.lower()), value)
 
 
 MAX_TOKEN_BYTES = 4096  # a cluster token is a short secret; never read more (/dev/zero, a big file)

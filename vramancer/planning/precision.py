@@ -21,8 +21,9 @@ and in every process of a cluster (the coordinator sends its choice to the nodes
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+
+from vramancer.config import settings
 
 KERNELS_ENV = "VRM_CPU_KERNELS"  # `off` turns our compiled CPU kernels off (torch's/torchao's run)
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
@@ -39,7 +40,7 @@ class DtypeChoice:
 
 def kernels_turned_off() -> bool:
     """Whether the user (or a test run) turned our CPU kernels off with VRM_CPU_KERNELS=off."""
-    return os.environ.get(KERNELS_ENV, "").strip().lower() in ("off", "0", "no", "false")
+    return settings.value("cpu_kernels").strip().lower() in ("off", "0", "no", "false")
 
 
 def cpu_flags() -> frozenset[str]:

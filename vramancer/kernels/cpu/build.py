@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
+from vramancer.config import settings
 from vramancer.config.paths import cache_root
-from vramancer.planning.precision import KERNELS_ENV, kernels_turned_off
+from vramancer.planning.precision import kernels_turned_off
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ def build_dir() -> Path:
     text = b"".join(path.name.encode() + path.read_bytes() for path in sorted(SOURCE_DIR.glob("*.[ch]*")))
     key = hashlib.sha256(text + " ".join(FLAGS).encode()
                          + f"{torch.__version__} {sys.version_info[:2]}".encode()).hexdigest()[:16]
-    root = Path(os.environ[KERNEL_DIR_ENV]).expanduser() if os.environ.get(KERNEL_DIR_ENV) else cache_root() / "kernels"
+    chosen = settings.value("kernel_dir")
+    root = Path(chosen).expanduser() if chosen else cache_root() / "kernels"
     return root / key
 
 
@@ -68,7 +70,8 @@ def kernels():
     """The compiled module (q4_linear, q8_linear, rms_norm), or None where it cannot run here."""
     global _reason
     if kernels_turned_off():
-        _reason = f"turned off by {KERNELS_ENV}=off"
+        source = settings.where("cpu_kernels")
+        _reason = f"turned off by {source}=off" if source.startswith("VRM_") else f"turned off by {source}"
         return None
     if not cpu_supports_kernels():
         _reason = f"this CPU lacks AVX2/FMA (torch reports {torch.backends.cpu.get_cpu_capability()})"
