@@ -33,7 +33,7 @@ CODE = sorted(p for p in (ROOT / "vramancer").rglob("*") if p.suffix in CODE_SUF
 # running something); a path under one of them is an output, not a citation.
 NOT_OURS = {".git", ".venv", "__pycache__", ".pytest_cache", "build", "dist", ".whl", "results"}
 # Names that look like files but are the names of projects.
-NOT_FILES = {"llama.cpp"}
+NOT_FILES = {"llama.cpp", "config.toml"}  # a project, and the user's own config file (not ours)
 
 EXTENSIONS = "py|md|cpp|h|sh|txt|toml|tcss|cfg|ini"
 # A path-like name: optional folders, then a file name with one of our extensions. It may
