@@ -23,16 +23,18 @@ from vramancer.model.architecture import cache_bytes
 from vramancer.model.description import profile_model
 from vramancer.model.loading import (
     DTYPES,
-    ModelSource,
     build_meta_model,
-    let_go_of_gguf_reader,
-    load_config,
-    load_tokenizer,
     load_weights,
     resolve_dtype,
-    resolve_model,
     split_refusal,
 )
+from vramancer.model.source import (
+    ModelSource,
+    load_config,
+    load_tokenizer,
+    resolve_model,
+)
+from vramancer.model.weights_cache import let_go_of_gguf_reader
 from vramancer.planning import precision
 from vramancer.planning.placement import (
     EMBED,
