@@ -3,6 +3,8 @@ module tree built on the meta device for sizing before any weight is read."""
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from pathlib import Path
 
@@ -13,6 +15,13 @@ from vramancer.kernels.cpu.few_rows import (
     use_few_rows_attention,
     use_few_rows_linear,
     use_few_rows_norm,
+)
+from vramancer.model.checkpoint import (
+    GgufTensors,
+    SafetensorsFile,
+    safetensors_files,
+    safetensors_names,
+    safetensors_tensors,
 )
 from vramancer.model.source import ModelSource, load_config
 from vramancer.model.weights_cache import (
@@ -31,6 +40,7 @@ from vramancer.model.weights_cache import (
 logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -49,32 +59,46 @@ def build_meta_model(config, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def load_weights(source: ModelSource, dtype: torch.dtype, weights: str = "native") -> torch.nn.Module:
-    """Read the weights into host memory; the runtime then sends each part to its device.
-    Under quantized `weights` (see quantization/weights.py) the linear weights are quantized
-    here, on the host, so each device only ever receives quantized tensors.
+    """Read the weights into host memory, each in the form it will run in; the runtime then
+    sends each part to its device.
 
-    GGUF files are dequantised on the host by transformers in any case, so no accelerator
-    ever holds more than the parts planned for it. From the cache, the weights are
-    memory-mapped once the file has passed its CRC check (the parts placed on the CPU are
-    copied out of the mapping when the plan is applied: runtime.SplitModel.apply)."""
+    The model is built on the meta device and its weights are read from the memory-mapped
+    file one tensor at a time, each converted to the compute dtype or quantized (see
+    quantization/weights.py) before the next is read: host memory holds the model as it will
+    run plus one tensor in flight, never the whole model in float32. A GGUF's Q4_0/Q4_1
+    blocks become q4 weights as they are. What a GGUF gave is kept in the weights cache as
+    it runs (quantized under q8 and q4), and read from there the next time.
+
+    A checkpoint whose tensors do not match the model's names (a hub id not on disk, an
+    architecture transformers renames on load) and q4 in torchao's layout load the whole
+    model through transformers and quantize it after, as before."""
+    from vramancer.quantization.weights import quantize_model, streams
+
+    kind = weights if streams(weights, dtype) else "native"  # what the stream (and the cache) holds
     entry = gguf_cache_entry(source.gguf_path)
-    if entry is None:
-        model = _from_pretrained(source.location, dtype, **source.pretrained_kwargs())
-    else:
+    if entry is not None:
         config = load_config(source)  # from the cache: no third parse of the GGUF
-        piece = f"weights-{str(dtype).removeprefix('torch.')}"
-        model = from_cache(entry, piece, lambda folder: _read_weights(folder, config, dtype))
+        piece = f"weights-{str(dtype).removeprefix('torch.')}-{kind}"
+        model = from_cache(entry, piece, lambda folder: _read_cached(folder, config, dtype, kind))
         if model is None:
             with gguf_parsed_once():
-                model = _from_pretrained(source.location, dtype, config=config, **source.pretrained_kwargs())
-            store(entry, piece, lambda folder: _write_weights(folder, model))
+                model = _stream_gguf(source, config, dtype, kind)
+            store(entry, piece, lambda folder: _write_cached(folder, model, kind))
         let_go_of_gguf_reader()  # whichever way the weights came, the config's parse is done with
+    else:
+        files = [] if source.is_hub_id else safetensors_files(Path(source.location))
+        model = _stream_safetensors(files, load_config(source), dtype, kind) if files else None
+        if model is None:
+            model = _from_pretrained(source.location, dtype, **source.pretrained_kwargs())
+            kind = "native"
     model.eval()
     model.requires_grad_(False)
-    if weights != "native":
-        from vramancer.quantization.weights import quantize_model
-
+    if weights != kind:
         quantize_model(model, weights)
+    elif weights != "native":
+        from vramancer.quantization.weights import finish_quantized
+
+        finish_quantized(model, weights)
     elif dtype == torch.float32:  # a decode step of a few sequences reads each weight once on the CPU (few_rows.py)
         # Our kernels take float32 only: a bfloat16/float16 model (the GPUs' dtype) has no use
         # for them, and must not wait minutes for their first build.
@@ -85,6 +109,145 @@ def load_weights(source: ModelSource, dtype: torch.dtype, weights: str = "native
     if head is not None:
         head.register_forward_pre_hook(_matmul_foldable_input)
     return model
+
+
+def _empty_model(config, dtype: torch.dtype) -> torch.nn.Module:
+    """The model with its parameters on the meta device; buffers (rotary tables) are real,
+    computed from the config as transformers would."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # from_pretrained ties once loaded; the slots to fill must know it first
+    return model
+
+
+def _slots(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """What a checkpoint must fill: each parameter once (a tied head is the table) and each
+    buffer that is part of the state dict, with its shape."""
+    saved = set(model.state_dict())
+    slots = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    slots.update({name: tuple(b.shape) for name, b in model.named_buffers() if name in saved})
+    return slots
+
+
+def _fits(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], what: str) -> bool:
+    """Whether the file's tensors fill the model's slots one for one (extra names may be the
+    tied head or buffers the model computes itself). Logs why not."""
+    slots = _slots(model)
+    known = set(model.state_dict()) | {name for name, _ in model.named_buffers()}
+    missing = [name for name in slots if name not in shapes]
+    wrong = [name for name in slots if name in shapes and shapes[name] != slots[name]]
+    extra = [name for name in shapes if name not in known]
+    if missing or wrong or extra:
+        log.info("%s does not match the model's tensors one for one (missing %s, other shapes %s, unknown %s); "
+                 "loading it whole through transformers", what, missing[:3], wrong[:3], extra[:3])
+        return False
+    return True
+
+
+def _fill(model: torch.nn.Module, stored, dtype: torch.dtype, formats: dict[str, str]) -> None:
+    """Put each stored tensor in its slot, converted to its format, one at a time."""
+    from vramancer.quantization.q4_blocks import BlockInt4Tensor
+    from vramancer.quantization.weights import convert_weight
+
+    slots = _slots(model)
+    tied = _tied(model)
+    for item in stored:
+        if item.name not in slots:
+            continue  # the tied head's copy, or a buffer the model computed itself
+        fmt = formats.get(item.name, "native")
+        if fmt == "q4" and item.blocks is not None:
+            value = BlockInt4Tensor.from_gguf_blocks(item.blocks(), item.kind, item.shape, dtype)
+        else:
+            value = convert_weight(item.rows, item.shape, fmt, dtype)
+        _set_tensor(model, item.name, value)
+        del value
+        give_back_freed_memory()
+    if tied:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    _check_filled(model)
+
+
+def _tied(model: torch.nn.Module) -> bool:
+    table, head = model.get_input_embeddings(), model.get_output_embeddings()
+    return table is not None and head is not None and head.weight is table.weight
+
+
+def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """accelerate's `set_module_tensor_to_device`, for our quantized tensors too: a new
+    parameter (or buffer) in the slot, holding `value` itself, no copy and no cast."""
+    path, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(path) if path else model
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[leaf] = value
+
+
+def give_back_freed_memory() -> None:
+    """Return the C heap's free pages to the system (glibc's malloc_trim). Each tensor's
+    float rows are freed once converted, but glibc keeps freed blocks of up to 32 MiB in its
+    heap, between the weights that stay: a 0.5B model's q4 load held 0.8 GB of such holes."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc: nothing to ask
+
+
+def _check_filled(model: torch.nn.Module) -> None:
+    left = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if left:
+        raise ValueError(f"the file left {len(left)} weights unread, {left[0]} first")
+
+
+def _stream_safetensors(files: list[Path], config, dtype: torch.dtype, weights: str) -> torch.nn.Module | None:
+    """A model folder's safetensors, streamed; None if its names are not the model's."""
+    from vramancer.quantization.weights import weight_formats
+
+    model = _empty_model(config, dtype)
+    if not _fits(model, safetensors_names(files), f"{files[0].parent}"):
+        return None
+    _fill(model, safetensors_tensors(files), dtype, weight_formats(model, weights))
+    _read_generation_config(model, files[0].parent)
+    return model
+
+
+def _stream_gguf(source: ModelSource, config, dtype: torch.dtype, weights: str) -> torch.nn.Module:
+    """A GGUF's tensors, streamed (Q4_0/Q4_1 blocks kept under q4); transformers' whole-file
+    load if its names are not the model's."""
+    from vramancer.quantization.weights import weight_formats
+
+    model = _empty_model(config, dtype)
+    tensors = GgufTensors(source.gguf_path, model, config)
+    if not _fits(model, tensors.shapes(), source.name):
+        model = _from_pretrained(source.location, dtype, config=config, **source.pretrained_kwargs())
+        if weights != "native":
+            from vramancer.quantization.weights import quantize_model
+
+            quantize_model(model, weights)
+        return model
+    formats = weight_formats(model, weights)
+    _fill(model, tensors.tensors(lambda name: formats.get(name) == "q4"), dtype, formats)
+    return model
+
+
+def _read_generation_config(model: torch.nn.Module, folder: Path) -> None:
+    from transformers import GenerationConfig
+
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
 
 
 def _matmul_foldable_input(module: torch.nn.Module, args: tuple):
@@ -129,24 +292,66 @@ def split_refusal(model: torch.nn.Module) -> str | None:
         return str(exc)
     return None
 
-def _read_weights(folder: Path, config, dtype: torch.dtype) -> torch.nn.Module:
-    model, info = _from_pretrained(str(folder), dtype, config=config, output_loading_info=True)
-    wrong = {kind: names for kind, names in info.items() if kind in ("missing_keys", "unexpected_keys", "mismatched_keys") and names}
-    if wrong:
-        raise ValueError(f"the weights do not fit the model: {wrong}")
-    return model
+# --- the weights cache's piece: the model as it runs --------------------------------------
+#
+# One safetensors file: plain tensors under their names; a quantized weight as the plain
+# tensors inside it, under `<name>#<part>` (q8: qdata, scale, zero_point; q4: qdata), with
+# each weight's format in the file's metadata.
+
+FORMATS_KEY = "vramancer.formats"
 
 
-def _write_weights(folder: Path, model: torch.nn.Module) -> None:
-    """The state dict as safetensors, tied weights once (loading ties them again), and the
-    generation config (transformers fails on a model folder without one)."""
+def _write_cached(folder: Path, model: torch.nn.Module, weights: str) -> None:
+    """The weights as they run, each tensor once, and the generation config."""
+    from vramancer.quantization.q4_blocks import BlockInt4Tensor
+    from vramancer.quantization.q8_rows import RowInt8Tensor
+
     tensors: dict[str, torch.Tensor] = {}
-    seen: set[tuple] = set()
-    for name, tensor in model.state_dict().items():
-        identity = (tensor.data_ptr(), tensor.numel(), tensor.dtype)
-        if tensor.numel() and identity in seen:
-            continue
-        seen.add(identity)
-        tensors[name] = tensor
-    write_safetensors(folder / WEIGHTS_FILE, tensors)
+    formats: dict[str, str] = {}
+    state = dict(model.named_parameters())
+    state.update({name: b for name, b in model.named_buffers() if name in _slots(model)})
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.nn.Parameter):
+            tensor = tensor.data
+        if isinstance(tensor, BlockInt4Tensor):
+            formats[name] = "q4"
+            tensors[f"{name}#qdata"] = tensor.qdata
+        elif isinstance(tensor, RowInt8Tensor):
+            formats[name] = "q8"
+            for part in ("qdata", "scale", "zero_point"):
+                tensors[f"{name}#{part}"] = getattr(tensor, part)
+        else:
+            tensors[name] = tensor
+    write_safetensors(folder / WEIGHTS_FILE, tensors, {FORMATS_KEY: json.dumps(formats)})
     model.generation_config.save_pretrained(str(folder))
+
+
+def _read_cached(folder: Path, config, dtype: torch.dtype, weights: str) -> torch.nn.Module:
+    """The model from a cached piece, one tensor at a time; any mismatch raises (the piece is
+    then rebuilt from the GGUF)."""
+    from vramancer.quantization.q4_blocks import BlockInt4Tensor
+    from vramancer.quantization.q8_rows import RowInt8Tensor
+
+    model = _empty_model(config, dtype)
+    slots, tied = _slots(model), _tied(model)
+    f = SafetensorsFile(folder / WEIGHTS_FILE)
+    formats = json.loads(f.metadata.get(FORMATS_KEY, "{}"))
+    for name, shape in slots.items():  # one tensor at a time, each read into memory of its own
+        fmt = formats.get(name, "native")
+        if fmt == "q4":
+            value = BlockInt4Tensor(f.tensor(f"{name}#qdata"), torch.Size(shape), dtype)
+        elif fmt == "q8":
+            qdata, scale, zero = (f.tensor(f"{name}#{part}") for part in ("qdata", "scale", "zero_point"))
+            value = RowInt8Tensor(qdata, scale, [1, shape[1]], dtype, zero_point=zero)
+        else:
+            value = f.tensor(name)
+            if value.dtype != dtype and value.is_floating_point() and name not in dict(model.named_buffers()):
+                raise ValueError(f"{name} is cached as {value.dtype}, not {dtype}")
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{name} is cached with shape {tuple(value.shape)}, not {shape}")
+        _set_tensor(model, name, value)
+    if tied:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    _check_filled(model)
+    _read_generation_config(model, folder)
+    return model

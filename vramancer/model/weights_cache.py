@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 #   <VRM_CACHE_DIR or the user cache dir>/gguf/<file stem>-<key>/
 #       config/config.json              the model config (read in milliseconds)
 #       tokenizer/tokenizer.json, …      the fast tokenizer, chat template included
-#       weights-float32/model.safetensors   dequantised weights, mapped and copied on load,
+#       weights-<dtype>-<weights>/model.safetensors   the weights as they run (float, or q8/q4
+#                       tensors flattened: model/loading.py), read tensor by tensor,
 #                       generation_config.json
 #
 # Each piece is a folder written under a temporary name, listed in a manifest (bytes and
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 # rebuilt from the GGUF. Nothing here is needed for correctness: any failure to write the
 # cache is logged and the load goes on.
 
-CACHE_FORMAT = 2  # bump when the layout or the meaning of a piece changes
+CACHE_FORMAT = 3  # bump when the layout or the meaning of a piece changes
 CONFIG_PIECE, TOKENIZER_PIECE = "config", "tokenizer"
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST = "manifest.json"
@@ -203,7 +204,7 @@ SAFETENSORS_DTYPES = {
 ALIGN = 64  # bytes: a cache line, and what SIMD loads want
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """A safetensors file whose tensors start on 64-byte boundaries once memory-mapped.
 
     `safetensors.save_file` starts the data 8-byte aligned, so every tensor of a mapped file
@@ -215,7 +216,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     import numpy as np
 
     order = sorted(tensors, key=lambda name: _nbytes(tensors[name]) % ALIGN != 0)
-    header: dict = {"__metadata__": {"format": "pt"}}
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for name in order:
         tensor = tensors[name]
