@@ -102,7 +102,7 @@ def test_first_load_stores_every_piece(first_load, source, cache_dir):
     entry = cache.gguf_cache_entry(source.gguf_path)
     assert entry.parent.parent == cache_dir
     for name, files in {"config": {"config.json"}, "tokenizer": {"tokenizer.json"},
-                        "weights-float32": {"model.safetensors", "generation_config.json"}}.items():
+                        "weights-float32-native": {"model.safetensors", "generation_config.json"}}.items():
         present = {p.name for p in (entry / name).iterdir()}
         assert files | {cache.MANIFEST} <= present, name
     assert not [p for p in entry.iterdir() if p.name.startswith(".")], "staging folders were left behind"
@@ -152,7 +152,7 @@ def test_split_engine_from_the_cache_answers_the_same(first_load, no_gguf_parsin
 
 def test_corrupt_weights_are_rebuilt(first_load, source, caplog):
     _, _, model = first_load
-    weights = piece(source, "weights-float32") / cache.WEIGHTS_FILE
+    weights = piece(source, "weights-float32-native") / cache.WEIGHTS_FILE
     data = bytearray(weights.read_bytes())
     middle = len(data) // 2
     data[middle:middle + 64] = bytes(64)  # a zeroed run inside some layer's weights
@@ -160,7 +160,7 @@ def test_corrupt_weights_are_rebuilt(first_load, source, caplog):
     del data
     with caplog.at_level(logging.WARNING, logger=cache.log.name):
         rebuilt = loading.load_weights(source, torch.float32)
-    assert "ignoring the cached weights-float32" in caplog.text
+    assert "ignoring the cached weights-float32-native" in caplog.text
     assert_same_weights(model, rebuilt)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger=cache.log.name):
@@ -230,3 +230,39 @@ def test_prefill_runs_the_head_as_one_matrix_product(first_load, source):
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
         model(**inputs, logits_to_keep=1)
     assert "aten::bmm" not in {event.key for event in prof.key_averages()}
+
+
+def test_q4_keeps_the_files_blocks_and_the_cache_holds_them_quantized(first_load, source):
+    """Under q4 the GGUF's Q4_1 blocks become our q4 weights as they are: the same bytes as
+    quantizing its dequantized values again; the cache keeps those bytes, about the GGUF's
+    size, not float32 (5.3 times it), and gives back the same answer."""
+    from torchao.quantization import PerRow
+
+    from vramancer.quantization.q4_blocks import BlockInt4Tensor
+    from vramancer.quantization.q8_rows import RowInt8Tensor
+    from vramancer.quantization.weights import our_kernels, stored_bytes
+
+    if not our_kernels(torch.float32):
+        pytest.skip("q4 in our kernels' layout needs them")
+    _, tokenizer, model = first_load
+    streamed = loading.load_weights(source, torch.float32, "q4")
+    floats = dict(model.named_parameters())
+    formats = {}
+    for name, weight in streamed.named_parameters():
+        weight = weight.data
+        formats[type(weight).__name__] = formats.get(type(weight).__name__, 0) + 1
+        if isinstance(weight, BlockInt4Tensor):
+            assert torch.equal(weight.qdata, BlockInt4Tensor.from_float(floats[name]).qdata), name
+        elif isinstance(weight, RowInt8Tensor):
+            again = RowInt8Tensor.from_hp(floats[name], PerRow())
+            assert torch.equal(weight.qdata, again.qdata) and torch.equal(weight.scale, again.scale), name
+        else:
+            assert torch.equal(weight, floats[name]), name
+    assert (formats["BlockInt4Tensor"], formats["RowInt8Tensor"]) == (210, 1), formats  # every Q4_1 tensor; the tied table
+    held = sum(stored_bytes(p) for p in streamed.parameters())
+    cached = piece(source, "weights-float32-q4") / cache.WEIGHTS_FILE
+    gguf_bytes = (Path(source.location) / source.gguf_file).stat().st_size
+    assert held <= cached.stat().st_size <= held * 1.02 + 65536
+    assert cached.stat().st_size <= 1.1 * gguf_bytes
+    again = loading.load_weights(source, torch.float32, "q4")  # from the cache
+    assert greedy(tokenizer, again) == greedy(tokenizer, streamed)
