@@ -69,7 +69,7 @@ def plain_model(device: str, dtype):
     """The bundled model as a transformers user loads it: straight from the GGUF."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vramancer.model.loading import bundled_model_path
+    from vramancer.model.source import bundled_model_path
 
     path = bundled_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

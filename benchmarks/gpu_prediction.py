@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.random_llama import MEDIUM, build, save
     from vramancer.engine import Engine
-    from vramancer.model.loading import build_meta_model, load_config, resolve_model
+    from vramancer.model.loading import build_meta_model
+    from vramancer.model.source import load_config, resolve_model
     from vramancer.profiling import timing as profiler
 
     say(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "

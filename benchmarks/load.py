@@ -72,8 +72,9 @@ def vramancer_argv() -> list[str]:
 
 
 def bench(rounds: int = 5) -> Result:
+    from vramancer.config.paths import CACHE_ENV
     from vramancer.kernels.cpu import build as cpu_kernels
-    from vramancer.model.loading import CACHE_ENV, bundled_model_path
+    from vramancer.model.source import bundled_model_path
 
     result = Result(
         "load", "Start-up: process start → first token, and peak RSS (fresh process per run)",

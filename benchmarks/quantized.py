@@ -101,7 +101,7 @@ def bench(rounds: int = 3, tokens: int = 64) -> Result:
     import torch
 
     from vramancer.engine import Engine
-    from vramancer.model.loading import bundled_model_path
+    from vramancer.model.source import bundled_model_path
     from vramancer.scheduling.generation import encode_prompt
 
     torch.set_num_threads(1)

@@ -182,7 +182,7 @@ def llama_python() -> str | None:
 
 
 def bench(rounds: int = 2, tokens: int = 64) -> Result:
-    from vramancer.model.loading import bundled_model_path
+    from vramancer.model.source import bundled_model_path
 
     threads = max(1, (os.cpu_count() or 2) - 1)
     result = Result(

@@ -33,7 +33,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from vramancer.model.loading import bundled_model_path
+    from vramancer.model.source import bundled_model_path
 
     path = bundled_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -351,7 +351,8 @@ def test_a_gguf_of_another_architecture_loads_through_the_weights_cache(tmp_path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vramancer.engine import Engine
-    from vramancer.model.loading import gguf_cache_entry, resolve_model
+    from vramancer.model.source import resolve_model
+    from vramancer.model.weights_cache import gguf_cache_entry
 
     path = tmp_path / "tiny-qwen2.gguf"
     write_qwen2_gguf(path)

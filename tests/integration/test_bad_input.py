@@ -22,7 +22,8 @@ import pytest
 from vramancer.cli import main
 from vramancer.engine import engine as engine_module
 from vramancer.engine import loader as loader_module
-from vramancer.model import loading as models
+from vramancer.model import loading
+from vramancer.model import source as sources
 
 TOKEN_FILE_LIMIT = "more than 4096 bytes"
 
@@ -107,7 +108,7 @@ CASES = [
 def bad_models(tmp_path_factory) -> dict[str, str]:
     """Damaged copies of the bundled GGUF and broken model folders, by name."""
     folder = tmp_path_factory.mktemp("bad-models")
-    gguf = models.bundled_model_path().read_bytes()[: 4 << 20]
+    gguf = sources.bundled_model_path().read_bytes()[: 4 << 20]
     files = {
         "empty.gguf": b"",
         "cut-12.gguf": gguf[:12],
@@ -152,12 +153,12 @@ def tripwires(monkeypatch):
 
     def arm(allowed: str) -> None:
         if allowed == NOTHING:
-            for module in (models, loader_module):
-                monkeypatch.setattr(module, "load_config", trip("the model's config"))
+            for module in (sources, loading, loader_module, engine_module):
+                monkeypatch.setattr(module, "load_config", trip("the model's config"), raising=False)
                 monkeypatch.setattr(module, "resolve_model", trip("the model"), raising=False)
-            for module in (models, engine_module):
+            for module in (sources, engine_module):
                 monkeypatch.setattr(module, "load_tokenizer", trip("the tokenizer"))
-        for module in (models, engine_module):
+        for module in (loading, engine_module):
             monkeypatch.setattr(module, "load_weights", trip("the weights"))
 
     return arm

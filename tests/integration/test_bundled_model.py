@@ -20,7 +20,7 @@ def reference_tokens():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vramancer.model.loading import bundled_model_path
+    from vramancer.model.source import bundled_model_path
 
     path = bundled_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -42,7 +42,8 @@ def reference_tokens():
     load also fills the GGUF cache that the nodes then read from.)"""
     import torch
 
-    from vramancer.model.loading import load_tokenizer, load_weights, resolve_model
+    from vramancer.model.loading import load_weights
+    from vramancer.model.source import load_tokenizer, resolve_model
 
     source = resolve_model("default")
     tokenizer = load_tokenizer(source)

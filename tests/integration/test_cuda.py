@@ -106,7 +106,8 @@ def half_the_layers_cap(model_dir: str, dtype: torch.dtype, context: int) -> int
     """A cap on cuda:0 that holds the embeddings and half the layers, so the planner has to
     put the rest on the CPU. Priced with the planner's own memory model."""
     from vramancer.model.description import profile_model
-    from vramancer.model.loading import build_meta_model, load_config, resolve_model
+    from vramancer.model.loading import build_meta_model
+    from vramancer.model.source import load_config, resolve_model
     from vramancer.planning.placement import EMBED, device_need
     from vramancer.platforms.devices import CUDA_RESERVE
 

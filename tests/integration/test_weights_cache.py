@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from vramancer.model import loading as models
+from vramancer.config.paths import CACHE_ENV
+from vramancer.model import loading
+from vramancer.model import source as sources
+from vramancer.model import weights_cache as cache
 
 pytestmark = pytest.mark.model
 
@@ -27,13 +30,13 @@ PARSES: list = []  # GGUF files parsed by the first load
 def cache_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("weights-cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(models.CACHE_ENV, str(folder))
+        mp.setenv(CACHE_ENV, str(folder))
         yield folder
 
 
 @pytest.fixture(scope="module")
 def source():
-    return models.resolve_model("default")
+    return sources.resolve_model("default")
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +56,9 @@ def first_load(cache_dir, source):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(reader, "__init__", counted)
-        config = models.load_config(source)
-        models.load_tokenizer(source)
-        model = models.load_weights(source, torch.float32)
+        config = sources.load_config(source)
+        sources.load_tokenizer(source)
+        model = loading.load_weights(source, torch.float32)
     return config, AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file), model
 
 
@@ -92,16 +95,16 @@ def replace_file(path: Path, data: bytes) -> None:
 
 
 def piece(source, name: str) -> Path:
-    return models.gguf_cache_entry(source) / name
+    return cache.gguf_cache_entry(source.gguf_path) / name
 
 
 def test_first_load_stores_every_piece(first_load, source, cache_dir):
-    entry = models.gguf_cache_entry(source)
+    entry = cache.gguf_cache_entry(source.gguf_path)
     assert entry.parent.parent == cache_dir
     for name, files in {"config": {"config.json"}, "tokenizer": {"tokenizer.json"},
-                        "weights-float32": {"model.safetensors", "generation_config.json"}}.items():
+                        "weights-float32-native": {"model.safetensors", "generation_config.json"}}.items():
         present = {p.name for p in (entry / name).iterdir()}
-        assert files | {models.MANIFEST} <= present, name
+        assert files | {cache.MANIFEST} <= present, name
     assert not [p for p in entry.iterdir() if p.name.startswith(".")], "staging folders were left behind"
 
 
@@ -113,19 +116,19 @@ def test_first_load_parses_the_gguf_once_and_leaves_libraries_as_they_were(first
     assert gguf.GGUFReader is gguf.gguf_reader.GGUFReader
     assert gguf.get_tensor_name_map is gguf.tensor_mapping.get_tensor_name_map
     assert hf_gguf.load_gguf_checkpoint.__module__ == hf_gguf.__name__
-    assert not models._KEPT_READERS
+    assert not cache._KEPT_READERS
 
 
 def test_second_load_is_identical_and_skips_the_gguf(first_load, source, no_gguf_parsing):
     config, tokenizer, model = first_load
-    cached_config = models.load_config(source)
-    cached_tokenizer = models.load_tokenizer(source)
-    cached_model = models.load_weights(source, torch.float32)
+    cached_config = sources.load_config(source)
+    cached_tokenizer = sources.load_tokenizer(source)
+    cached_model = loading.load_weights(source, torch.float32)
     assert cached_config.to_diff_dict() == config.to_diff_dict()
     assert_same_weights(model, cached_model)
     assert cached_model.get_output_embeddings().weight is cached_model.get_input_embeddings().weight
     # Mapped weights start on cache lines, as freshly allocated ones do (else matmuls run slower).
-    assert {p.data_ptr() % models.ALIGN for p in cached_model.parameters()} == {0}
+    assert {p.data_ptr() % cache.ALIGN for p in cached_model.parameters()} == {0}
     text = "Ünïcode, spaces  and <|im_start|> specials\n\tdone."
     assert cached_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert cached_tokenizer.apply_chat_template(PROMPT, tokenize=False) == tokenizer.apply_chat_template(PROMPT, tokenize=False)
@@ -149,19 +152,19 @@ def test_split_engine_from_the_cache_answers_the_same(first_load, no_gguf_parsin
 
 def test_corrupt_weights_are_rebuilt(first_load, source, caplog):
     _, _, model = first_load
-    weights = piece(source, "weights-float32") / models.WEIGHTS_FILE
+    weights = piece(source, "weights-float32-native") / cache.WEIGHTS_FILE
     data = bytearray(weights.read_bytes())
     middle = len(data) // 2
     data[middle:middle + 64] = bytes(64)  # a zeroed run inside some layer's weights
     replace_file(weights, bytes(data))
     del data
-    with caplog.at_level(logging.WARNING, logger=models.log.name):
-        rebuilt = models.load_weights(source, torch.float32)
-    assert "ignoring the cached weights-float32" in caplog.text
+    with caplog.at_level(logging.WARNING, logger=cache.log.name):
+        rebuilt = loading.load_weights(source, torch.float32)
+    assert "ignoring the cached weights-float32-native" in caplog.text
     assert_same_weights(model, rebuilt)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger=models.log.name):
-        again = models.load_weights(source, torch.float32)  # the rebuilt piece is whole
+    with caplog.at_level(logging.WARNING, logger=cache.log.name):
+        again = loading.load_weights(source, torch.float32)  # the rebuilt piece is whole
     assert caplog.text == ""
     assert_same_weights(model, again)
 
@@ -170,8 +173,8 @@ def test_truncated_tokenizer_is_rebuilt(first_load, source, caplog):
     _, tokenizer, _ = first_load
     tokenizer_json = piece(source, "tokenizer") / "tokenizer.json"
     replace_file(tokenizer_json, tokenizer_json.read_bytes()[:1000])
-    with caplog.at_level(logging.WARNING, logger=models.log.name):
-        rebuilt = models.load_tokenizer(source)
+    with caplog.at_level(logging.WARNING, logger=cache.log.name):
+        rebuilt = sources.load_tokenizer(source)
     assert "ignoring the cached tokenizer" in caplog.text
     assert rebuilt("Paris is lovely")["input_ids"] == tokenizer("Paris is lovely")["input_ids"]
     assert tokenizer_json.stat().st_size > 1000
@@ -180,38 +183,38 @@ def test_truncated_tokenizer_is_rebuilt(first_load, source, caplog):
 def test_piece_without_manifest_is_not_trusted(first_load, source):
     """A crash between writing a piece and listing it leaves a folder we must not read."""
     config_piece = piece(source, "config")
-    (config_piece / models.MANIFEST).unlink()
+    (config_piece / cache.MANIFEST).unlink()
     (config_piece / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 1}')
-    config = models.load_config(source)
+    config = sources.load_config(source)
     assert config.num_hidden_layers == 30
-    assert (config_piece / models.MANIFEST).is_file()
+    assert (config_piece / cache.MANIFEST).is_file()
 
 
 def test_a_different_file_gets_a_different_key(tmp_path, source):
     original = Path(source.location) / source.gguf_file
     copy = tmp_path / original.name
     shutil.copy2(original, copy)  # same bytes, same mtime: the same model
-    assert models.gguf_key(copy) == models.gguf_key(original)
+    assert cache.gguf_key(copy) == cache.gguf_key(original)
     stat = copy.stat()
     with copy.open("r+b") as f:  # another file of the same size and mtime: its tail differs
         f.seek(stat.st_size - 10)
         f.write(b"\x00" * 10)
     os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert models.gguf_key(copy) != models.gguf_key(original)
+    assert cache.gguf_key(copy) != cache.gguf_key(original)
     shutil.copy2(original, copy)
     os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # rewritten in place
-    assert models.gguf_key(copy) != models.gguf_key(original)
-    other = models.resolve_model(str(copy))
-    assert models.gguf_cache_entry(other) != models.gguf_cache_entry(source)
-    assert not models.gguf_cache_entry(other).exists()
+    assert cache.gguf_key(copy) != cache.gguf_key(original)
+    other = sources.resolve_model(str(copy))
+    assert cache.gguf_cache_entry(other.gguf_path) != cache.gguf_cache_entry(source.gguf_path)
+    assert not cache.gguf_cache_entry(other.gguf_path).exists()
 
 
 def test_unwritable_cache_does_not_stop_a_load(tmp_path, source, monkeypatch, caplog):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
-    monkeypatch.setenv(models.CACHE_ENV, str(blocker))
-    with caplog.at_level(logging.WARNING, logger=models.log.name):
-        config = models.load_config(source)
+    monkeypatch.setenv(CACHE_ENV, str(blocker))
+    with caplog.at_level(logging.WARNING, logger=cache.log.name):
+        config = sources.load_config(source)
     assert config.num_hidden_layers == 30
     assert "could not cache the config" in caplog.text
 
@@ -222,8 +225,44 @@ def test_prefill_runs_the_head_as_one_matrix_product(first_load, source):
     from torch.profiler import ProfilerActivity, profile
 
     _, tokenizer, _ = first_load
-    model = models.load_weights(source, torch.float32)
+    model = loading.load_weights(source, torch.float32)
     inputs = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
         model(**inputs, logits_to_keep=1)
     assert "aten::bmm" not in {event.key for event in prof.key_averages()}
+
+
+def test_q4_keeps_the_files_blocks_and_the_cache_holds_them_quantized(first_load, source):
+    """Under q4 the GGUF's Q4_1 blocks become our q4 weights as they are: the same bytes as
+    quantizing its dequantized values again; the cache keeps those bytes, about the GGUF's
+    size, not float32 (5.3 times it), and gives back the same answer."""
+    from torchao.quantization import PerRow
+
+    from vramancer.quantization.q4_blocks import BlockInt4Tensor
+    from vramancer.quantization.q8_rows import RowInt8Tensor
+    from vramancer.quantization.weights import our_kernels, stored_bytes
+
+    if not our_kernels(torch.float32):
+        pytest.skip("q4 in our kernels' layout needs them")
+    _, tokenizer, model = first_load
+    streamed = loading.load_weights(source, torch.float32, "q4")
+    floats = dict(model.named_parameters())
+    formats = {}
+    for name, weight in streamed.named_parameters():
+        weight = weight.data
+        formats[type(weight).__name__] = formats.get(type(weight).__name__, 0) + 1
+        if isinstance(weight, BlockInt4Tensor):
+            assert torch.equal(weight.qdata, BlockInt4Tensor.from_float(floats[name]).qdata), name
+        elif isinstance(weight, RowInt8Tensor):
+            again = RowInt8Tensor.from_hp(floats[name], PerRow())
+            assert torch.equal(weight.qdata, again.qdata) and torch.equal(weight.scale, again.scale), name
+        else:
+            assert torch.equal(weight, floats[name]), name
+    assert (formats["BlockInt4Tensor"], formats["RowInt8Tensor"]) == (210, 1), formats  # every Q4_1 tensor; the tied table
+    held = sum(stored_bytes(p) for p in streamed.parameters())
+    cached = piece(source, "weights-float32-q4") / cache.WEIGHTS_FILE
+    gguf_bytes = (Path(source.location) / source.gguf_file).stat().st_size
+    assert held <= cached.stat().st_size <= held * 1.02 + 65536
+    assert cached.stat().st_size <= 1.1 * gguf_bytes
+    again = loading.load_weights(source, torch.float32, "q4")  # from the cache
+    assert greedy(tokenizer, again) == greedy(tokenizer, streamed)

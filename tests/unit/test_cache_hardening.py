@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from vramancer.model import loading as models
+from vramancer.model import source as sources
+from vramancer.model import weights_cache as cache
 
 PROMPT = "Tell me about the sea."
 
@@ -85,8 +86,8 @@ def _dead_pid() -> int:
 
 def test_staging_folders_of_writers_that_died_are_removed(tmp_path, monkeypatch):
     monkeypatch.setenv("VRM_CACHE_DIR", str(tmp_path))
-    source = models.resolve_model("default")
-    entry = tmp_path / "gguf" / f"{Path(source.gguf_file).stem}-{models.gguf_key(Path(source.location) / source.gguf_file)}"
+    source = sources.resolve_model("default")
+    entry = tmp_path / "gguf" / f"{Path(source.gguf_file).stem}-{cache.gguf_key(Path(source.location) / source.gguf_file)}"
     dead = entry / f".weights-float32-{_dead_pid()}-abc123"
     alive = entry / f".weights-bfloat16-{os.getpid()}-def456"  # a writer still at work
     old = entry / ".tokenizer-k9x2"  # an older name without a pid, untouched for two days
@@ -95,7 +96,7 @@ def test_staging_folders_of_writers_that_died_are_removed(tmp_path, monkeypatch)
         (folder / "model.safetensors").write_bytes(b"\0" * 4096)
     two_days_ago = time.time() - 2 * 24 * 3600
     os.utime(old, (two_days_ago, two_days_ago))
-    assert models.gguf_cache_entry(source) == entry
+    assert cache.gguf_cache_entry(source.gguf_path) == entry
     assert not dead.exists() and not old.exists()
     assert alive.exists()
 
@@ -118,19 +119,19 @@ def small_file_limit():
 
 def test_a_damaged_piece_that_cannot_be_replaced_is_said_once_as_a_stuck_cache(tmp_path, caplog, monkeypatch,
                                                                                small_file_limit):
-    monkeypatch.setattr(models, "_WARNED", set())
-    monkeypatch.setattr(models, "_DAMAGED", set())
+    monkeypatch.setattr(cache, "_WARNED", set())
+    monkeypatch.setattr(cache, "_DAMAGED", set())
     entry = tmp_path / "entry"
     piece = "weights-float32"
 
     def write(folder: Path) -> None:
-        (folder / models.WEIGHTS_FILE).write_bytes(os.urandom(2 << 20))
+        (folder / cache.WEIGHTS_FILE).write_bytes(os.urandom(2 << 20))
 
     def read(folder: Path) -> bytes:
-        return (folder / models.WEIGHTS_FILE).read_bytes()
+        return (folder / cache.WEIGHTS_FILE).read_bytes()
 
-    assert models._store(entry, piece, write)
-    weights = entry / piece / models.WEIGHTS_FILE
+    assert cache.store(entry, piece, write)
+    weights = entry / piece / cache.WEIGHTS_FILE
     with weights.open("r+b") as f:  # one flipped byte
         first = f.read(1)
         f.seek(0)
@@ -138,8 +139,8 @@ def test_a_damaged_piece_that_cannot_be_replaced_is_said_once_as_a_stuck_cache(t
     caplog.set_level(logging.WARNING)
     small_file_limit()
     for _ in range(3):  # three loads, each finding the piece damaged or missing and rebuilding it
-        assert models._from_cache(entry, piece, read) is None
-        assert not models._store(entry, piece, write)
+        assert cache.from_cache(entry, piece, read) is None
+        assert not cache.store(entry, piece, write)
     stuck = [r.getMessage() for r in caplog.records if "the cache is stuck" in r.getMessage()]
     assert len(stuck) == 1, caplog.text
     assert piece in stuck[0] and "File too large" in stuck[0]

@@ -242,7 +242,8 @@ def tiny_profile(tiny_model_dir):
     import torch
 
     from vramancer.model.description import profile_model
-    from vramancer.model.loading import build_meta_model, load_config, resolve_model
+    from vramancer.model.loading import build_meta_model
+    from vramancer.model.source import load_config, resolve_model
 
     config = load_config(resolve_model(tiny_model_dir))
     return profile_model(build_meta_model(config, torch.float32), torch.float32)

@@ -22,7 +22,8 @@ from vramancer.config.errors import VramancerError
 from vramancer.config.options import LoadOptions
 from vramancer.engine import Engine
 from vramancer.engine.loader import use_graphs
-from vramancer.model.loading import build_meta_model, load_config, resolve_model
+from vramancer.model.loading import build_meta_model
+from vramancer.model.source import load_config, resolve_model
 from vramancer.runtime.graphs import LayerGraphs, is_graphed
 
 PROMPT = "Tell me about the sea."

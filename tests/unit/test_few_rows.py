@@ -42,7 +42,8 @@ def test_many_rows_and_other_dtypes_keep_torchs_linear(layer):
 
 
 def test_only_plain_linear_layers_are_turned(tiny_model_dir):
-    from vramancer.model.loading import load_weights, resolve_model
+    from vramancer.model.loading import load_weights
+    from vramancer.model.source import resolve_model
 
     native = load_weights(resolve_model(tiny_model_dir), torch.float32)
     linears = [m for m in native.modules() if isinstance(m, nn.Linear)]
@@ -93,7 +94,8 @@ def test_a_sequence_gets_the_same_bits_whoever_shares_its_batch(layer):
 
 @needs_kernels
 def test_a_batchs_rms_norms_run_fused_and_one_row_keeps_torchs(tiny_model_dir):
-    from vramancer.model.loading import load_weights, resolve_model
+    from vramancer.model.loading import load_weights
+    from vramancer.model.source import resolve_model
 
     model = load_weights(resolve_model(tiny_model_dir), torch.float32)
     norm = model.get_decoder().norm

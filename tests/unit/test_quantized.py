@@ -9,7 +9,7 @@ from vramancer.config.options import LoadOptions
 from vramancer.engine import Engine
 from vramancer.engine.loader import prepare
 from vramancer.kernels.cpu.fused_layer import is_fused
-from vramancer.model.loading import bundled_model_path
+from vramancer.model.source import bundled_model_path
 from vramancer.quantization.weights import (
     gguf_file_type,
     our_kernels,

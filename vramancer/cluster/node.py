@@ -72,7 +72,8 @@ class NodeModel:
 
     def __init__(self, name: str, dtype: torch.dtype, context: int, devices: dict[str, Device]):
         from vramancer.model.description import profile_model
-        from vramancer.model.loading import load_config, load_weights, resolve_model
+        from vramancer.model.loading import load_weights
+        from vramancer.model.source import load_config, resolve_model
 
         self.name, self.dtype, self.context = name, dtype, context
         self.devices = devices
@@ -779,12 +780,8 @@ class NodeServer:
 
     def profile(self, name: str, dtype_name: str, model_key: str) -> dict:
         """Timings of this node's devices (and the links between them) for a model's layers."""
-        from vramancer.model.loading import (
-            DTYPES,
-            build_meta_model,
-            load_config,
-            resolve_model,
-        )
+        from vramancer.model.loading import DTYPES, build_meta_model
+        from vramancer.model.source import load_config, resolve_model
         from vramancer.profiling import timing as profiler
         from vramancer.runtime.transfer import TransferManager
 

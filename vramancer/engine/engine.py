@@ -19,12 +19,8 @@ from vramancer.engine import factory
 from vramancer.engine.loader import graphs_refusal, prepare
 from vramancer.model.architecture import cache_bytes
 from vramancer.model.description import profile_model
-from vramancer.model.loading import (
-    ModelSource,
-    load_tokenizer,
-    load_weights,
-    split_refusal,
-)
+from vramancer.model.loading import load_weights, split_refusal
+from vramancer.model.source import ModelSource, load_tokenizer
 from vramancer.planning.placement import (
     EMBED,
     HEAD,

@@ -13,15 +13,9 @@ from vramancer.config.errors import VramancerError
 from vramancer.config.options import LoadOptions
 from vramancer.engine import factory
 from vramancer.model.description import profile_model
-from vramancer.model.loading import (
-    DTYPES,
-    ModelSource,
-    build_meta_model,
-    let_go_of_gguf_reader,
-    load_config,
-    resolve_dtype,
-    resolve_model,
-)
+from vramancer.model.loading import DTYPES, build_meta_model, resolve_dtype
+from vramancer.model.source import ModelSource, load_config, resolve_model
+from vramancer.model.weights_cache import let_go_of_gguf_reader
 from vramancer.planning import precision
 from vramancer.planning.placement import (
     ModelProfile,

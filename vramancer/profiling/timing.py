@@ -51,7 +51,7 @@ WARM_GPU_S = 1.0
 
 def cache_dir() -> Path:
     """The one user cache folder (VRM_CACHE_DIR overrides it), shared with the weights cache."""
-    from vramancer.model.loading import cache_root
+    from vramancer.config.paths import cache_root
 
     return cache_root()
 

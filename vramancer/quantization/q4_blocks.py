@@ -97,6 +97,28 @@ class BlockInt4Tensor(TorchAOBaseTensor):
         nibbles = q[..., : BLOCK // 2] | (q[..., BLOCK // 2:] << 4)
         return cls(to_tiles(nibbles.reshape(rows, columns // 2), scale, minimum), weight.shape, weight.dtype)
 
+    @classmethod
+    def from_gguf_blocks(cls, raw: torch.Tensor, block_type: str, shape, dtype: torch.dtype) -> "BlockInt4Tensor":
+        """A GGUF Q4_0 or Q4_1 weight, `raw` its bytes as [N, K/32 * block bytes] uint8, taken
+        as it is stored: no dequantizing, so no rounding. Q4_1 blocks are (scale, minimum,
+        16 bytes of nibbles), our layout already; a Q4_0 block (scale, nibbles) means
+        w = scale * (q - 8), which is minimum = -8 * scale, exact in float16."""
+        rows, columns = shape
+        blocks = columns // BLOCK
+        if block_type == "Q4_1":
+            cells = raw.reshape(rows, blocks, 20)
+            scale = cells[..., 0:2].contiguous().view(torch.float16).reshape(rows, blocks)
+            minimum = cells[..., 2:4].contiguous().view(torch.float16).reshape(rows, blocks)
+            nibbles = cells[..., 4:20]
+        elif block_type == "Q4_0":
+            cells = raw.reshape(rows, blocks, 18)
+            scale = cells[..., 0:2].contiguous().view(torch.float16).reshape(rows, blocks)
+            minimum = scale * -8
+            nibbles = cells[..., 2:18]
+        else:
+            raise ValueError(f"{block_type} blocks are not q4 blocks")
+        return cls(to_tiles(nibbles.reshape(rows, columns // 2), scale, minimum), torch.Size(shape), dtype)
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ self.T (+ bias) on our kernel; x on the CPU, any float dtype (float32 runs as is)."""
         rows = x.reshape(-1, x.shape[-1])

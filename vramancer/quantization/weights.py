@@ -27,8 +27,10 @@ Which kernels run them (`kernel_path`, printed by `plan` and `bench`):
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -156,12 +158,97 @@ def quantized_weight_bytes(out_features: int, in_features: int, weights: str, dt
     raise ValueError(weights)
 
 
+def weight_formats(model: nn.Module, weights: str) -> dict[str, str]:
+    """What `weights` makes of each weight of `model` (a real or meta-device model), by its
+    parameter name: "q8" (per-row int8) or "q4" (blocks); a name not listed stays in the
+    compute dtype. The embedding table and the output head are q8 under both (the tied head
+    is listed under the table's name only, as `named_parameters` lists it)."""
+    if weights == "native":
+        return {}
+    table, head = model.get_input_embeddings(), model.get_output_embeddings()
+    wide = {id(m.weight) for m in (table, head) if m is not None}
+    formats = {}
+    for name, param in model.named_parameters():
+        if id(param) in wide:
+            formats[name] = "q8"
+    for module_name, module in model.named_modules():
+        if quantizable(module, weights, head) and id(module.weight) not in wide:
+            formats[f"{module_name}.weight" if module_name else "weight"] = weights
+    return formats
+
+
+def streams(weights: str, dtype: torch.dtype) -> bool:
+    """Whether `weights` can be made one tensor at a time as a file is read (`convert_weight`):
+    native and q8 always; q4 where our kernels' layout is used (torchao's int4 layout is made
+    by its own whole-model pass)."""
+    return weights != "q4" or our_kernels(dtype)
+
+
+CHUNK_BYTES = 32 << 20  # float32 rows converted at a time (a 150k-token embedding table is 0.9 GB whole)
+
+
+def convert_weight(read: Callable[[int, int], torch.Tensor], shape: tuple[int, ...], fmt: str,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """One weight of `shape` as `fmt` ("native" for the compute dtype, "q8", "q4"), built from
+    `read(first, end)`, which returns its rows first..end-1 as floats. Rows are read and
+    converted a few tens of MB at a time, so a large table never exists whole in float32;
+    each row's result does not depend on the chunking (q8 scales rows, q4 packs tiles of 4
+    rows and chunks are whole tiles)."""
+    rows = shape[0] if shape else 1
+    row_bytes = 4 * math.prod(shape[1:]) if len(shape) > 1 else 4 * rows
+    step = rows if len(shape) < 2 else max(TILE_ROWS, CHUNK_BYTES // max(row_bytes, 1) // TILE_ROWS * TILE_ROWS)
+    spans = [(first, min(first + step, rows)) for first in range(0, rows, step)] or [(0, 0)]
+    if fmt == "native":
+        if len(spans) == 1:
+            return read(0, rows).to(dtype).contiguous()
+        out = torch.empty(shape, dtype=dtype)
+        for first, end in spans:
+            out[first:end] = read(first, end)
+        return out
+    if fmt == "q8":
+        from torchao.quantization import PerRow
+
+        from vramancer.quantization.q8_rows import RowInt8Tensor
+
+        parts = [RowInt8Tensor.from_hp(read(first, end), PerRow()) for first, end in spans]
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        return RowInt8Tensor(torch.cat([p.qdata for p in parts]), torch.cat([p.scale for p in parts]),
+                             list(first.block_size), dtype,
+                             zero_point=torch.cat([p.zero_point for p in parts]))
+    if fmt == "q4":
+        from vramancer.quantization.q4_blocks import BlockInt4Tensor
+
+        parts = [BlockInt4Tensor.from_float(read(first, end)) for first, end in spans]
+        if len(parts) == 1:
+            return BlockInt4Tensor(parts[0].qdata, torch.Size(shape), dtype)
+        return BlockInt4Tensor(torch.cat([p.qdata for p in parts]), torch.Size(shape), dtype)
+    raise ValueError(fmt)
+
+
+TILE_ROWS = 4  # q4's tile height (quantization/q4_blocks.py): chunks are whole tiles
+
+
 def quantize_model(model: nn.Module, weights: str) -> None:
     """Quantize `model`'s weights in place (it is on the CPU, in its compute dtype): the
     embedding table and the output head as per-row int8 (one tensor when tied), the decoder's
     linear layers as `weights` says, in our kernels' layout under float32 activations (where
     they run), else in torchao's."""
     if weights == "native":
+        return
+    if streams(weights, model.dtype):
+        table, head = model.get_input_embeddings(), model.get_output_embeddings()
+        tied = table is not None and head is not None and head.weight is table.weight
+        for name, fmt in weight_formats(model, weights).items():
+            owner, leaf = _owner(model, name)
+            weight = getattr(owner, leaf)
+            setattr(owner, leaf, nn.Parameter(
+                convert_weight(lambda a, b, w=weight: w[a:b], tuple(weight.shape), fmt, model.dtype),
+                requires_grad=False))
+        if tied:
+            head.weight = table.weight
+        finish_quantized(model, weights)
         return
     from vramancer.quantization.q8_rows import quantize_rows
 
@@ -171,21 +258,6 @@ def quantize_model(model: nn.Module, weights: str) -> None:
         table.weight = quantize_rows(table.weight)
     if head is not None:
         head.weight = table.weight if tied else quantize_rows(head.weight)
-    ours = our_kernels(model.dtype)
-    if weights == "q8" or ours:
-        from vramancer.quantization.q4_blocks import quantize_blocks
-
-        quantize = quantize_rows if weights == "q8" else quantize_blocks
-        for module in model.modules():
-            if quantizable(module, weights, head):
-                module.weight = quantize(module.weight)
-        if ours:
-            from vramancer.kernels.cpu.fused_layer import fuse_decoder_layers
-            from vramancer.kernels.cpu.modules import rewire
-
-            rewire(model)
-            fuse_decoder_layers(model)
-        return
     from torchao.prototype.quantization.int4.inference_workflow import (
         PrototypeInt4WeightOnlyConfig,
     )
@@ -193,6 +265,22 @@ def quantize_model(model: nn.Module, weights: str) -> None:
 
     config = PrototypeInt4WeightOnlyConfig(group_size=Q4_GROUP, set_inductor_config=False)
     quantize_(model, config, filter_fn=lambda module, _name: quantizable(module, weights, head))
+
+
+def finish_quantized(model: nn.Module, weights: str) -> None:
+    """Once every weight holds its format: where our kernels run them, the modules are rewired
+    onto them and the decoder layers fused (kernels/cpu/)."""
+    if weights != "native" and our_kernels(model.dtype):
+        from vramancer.kernels.cpu.fused_layer import fuse_decoder_layers
+        from vramancer.kernels.cpu.modules import rewire
+
+        rewire(model)
+        fuse_decoder_layers(model)
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, leaf = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), leaf
 
 
 def stored_bytes(tensor: torch.Tensor) -> int:
