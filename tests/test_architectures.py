@@ -210,6 +210,55 @@ def test_architecture_splits_with_identical_tokens(model_type, byte_tokenizer, t
     assert len(plan["placement"]) == 3
 
 
+def test_a_model_without_attention_plans_splits_migrates_and_answers_from_the_command_line(
+        byte_tokenizer, tmp_path, capsys):
+    """Issue 36: a pure state-space model, whose config names no attention heads at all, as a
+    user saves it from transformers' own MambaConfig."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from vramancer.cli import main
+
+    torch.manual_seed(0)
+    config = MambaConfig(hidden_size=64, num_hidden_layers=6, state_size=8, expand=2, intermediate_size=128,
+                         vocab_size=512, initializer_range=0.2)
+    assert not hasattr(config, "num_attention_heads")
+    model = MambaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(tmp_path)
+    expected = plain_greedy(model, byte_tokenizer)
+    assert len(set(expected)) > 2, "the random model should not repeat one token: the comparison would prove little"
+    generate = ["generate", "--model", str(tmp_path), "--devices", "sim:3x1GiB", "--dtype", "float32", "--raw",
+                "--prompt", PROMPT, "--max-new-tokens", str(NEW_TOKENS), "--migrate", f"4-5:sim0@{MIGRATE_AT}", "--json"]
+
+    capsys.readouterr()
+    assert main(["plan", "--model", str(tmp_path), "--devices", "sim:3x1GiB", "--dtype", "float32"]) == 0
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err
+    assert [line.split()[:2] for line in out.out.splitlines() if line.strip().startswith("sim")] == [
+        ["sim0", "embed,"], ["sim1", "L2–3"], ["sim2", "L4–5"]]
+
+    # As saved so far the folder has no tokenizer; transformers then hands an empty one, and
+    # every prompt encodes to nothing: one sentence says so, not a traceback from the first layer.
+    assert main(generate) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the prompt encodes to no tokens" in err and "tokenizer files" in err
+
+    byte_tokenizer.save_pretrained(tmp_path)
+    code = main(generate)
+    answer = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert answer["token_ids"] == expected
+    [moved] = answer["migrations"]
+    assert (moved["first_layer"], moved["last_layer"], moved["src"], moved["dst"]) == (4, 5, "sim2", "sim0")
+    # Two layers' weights and their convolution (128 channels × kernel 4) and recurrent (128 × state 8)
+    # states in float32, plus the 8-byte token counter transformers keeps beside them (5.x).
+    weights = 2 * sum(p.numel() * 4 for p in model.backbone.layers[0].parameters())
+    states = 2 * (128 * 4 + 128 * 8) * 4
+    assert 0 <= moved["bytes"] - (weights + states) <= 2 * 8
+    assert [(b["device"], b["first_layer"], b["last_layer"]) for b in answer["placement"]] == [
+        ("sim0", 0, 1), ("sim1", 2, 3), ("sim0", 4, 5)]
+
+
 def _tensor_ids(value, keep: list) -> set[int]:
     if isinstance(value, torch.Tensor):
         keep.append(value)  # alive to the end of the test, so no other tensor takes its id

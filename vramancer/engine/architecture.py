@@ -128,7 +128,7 @@ def describe(model: nn.Module, dtype: torch.dtype | None = None) -> Architecture
         hidden_size=hidden,
         intermediate_size=getattr(text, "intermediate_size", None) or 4 * hidden,
         vocab_size=text.vocab_size,
-        head_dim=getattr(text, "head_dim", None) or hidden // text.num_attention_heads,
+        head_dim=attention_head_dim(text),
     )
 
 
@@ -152,12 +152,16 @@ def layer_caches(config, count: int, dtype_bytes: int) -> tuple[LayerCache, ...]
         raise UnsupportedArchitecture(
             f"{getattr(config, 'model_type', 'this model')} declares {len(kinds)} layer types for {count} "
             f"layers; VRAMancer splits {SUPPORTED}.")
-    per_token = attention_bytes_per_token(_text_config(config), dtype_bytes)
-    probed = _probe_states(config, dtype_bytes) if set(kinds) & set(STATE_KINDS) else None
+    # Keys and values are priced from the config only where some layer holds them, and only
+    # if the config names its heads the usual way; anything else is measured on the meta model.
+    attention = set(kinds) & set(FULL_KINDS + WINDOW_KINDS)
+    per_token = attention_bytes_per_token(_text_config(config), dtype_bytes) if attention else 0
+    probe = bool(set(kinds) & set(STATE_KINDS)) or (bool(attention) and per_token is None)
+    probed = _probe_states(config, dtype_bytes) if probe else None
     caches = []
     for index, (kind, extra) in enumerate(zip(kinds, kwargs)):
         window = extra.get("sliding_window")
-        if kind in STATE_KINDS:
+        if kind in STATE_KINDS or per_token is None:
             caches.append(LayerCache(kind, probed[index][0], window, probed[index][1]))
         else:
             caches.append(LayerCache(kind, per_token, window if kind in WINDOW_KINDS else None))
@@ -193,9 +197,19 @@ def _probe_states(config, dtype_bytes: int) -> list[tuple[int, int]]:
     return [(grow, a - grow * PROBE_TOKENS[0]) for grow, a in zip(per_token, short)]
 
 
-def attention_bytes_per_token(config, dtype_bytes: int) -> int:
-    """Keys + values one attention layer caches per token, as transformers stores them."""
-    heads = config.num_attention_heads
+def attention_head_dim(config) -> int:
+    """The size of one attention head (of the rotary tables handed across a boundary), or 0
+    for a config without attention heads: such a model hands none across."""
+    heads = getattr(config, "num_attention_heads", None)
+    return getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else 0)
+
+
+def attention_bytes_per_token(config, dtype_bytes: int) -> int | None:
+    """Keys + values one attention layer caches per token, as transformers stores them; None
+    when the config does not name its attention heads (the cache is then measured instead)."""
+    heads = getattr(config, "num_attention_heads", None)
+    if not heads:
+        return None
     if getattr(config, "kv_lora_rank", None) and getattr(config, "qk_rope_head_dim", None):
         # Compressed (multi-head latent) attention, as in DeepSeek V2/V3: transformers caches
         # the compressed latent and the shared rotary part of the key, one "head" of each.

@@ -156,14 +156,21 @@ def encode_prompt(tokenizer, prompt: str | Messages, raw: bool) -> dict:
     from vramancer.engine.validation import check_prompt
 
     check_prompt(prompt, raw)
-    if isinstance(prompt, str):
-        if raw or not getattr(tokenizer, "chat_template", None):
-            return dict(tokenizer(prompt, return_tensors="pt"))
-        prompt = [{"role": "user", "content": prompt}]
-    if not getattr(tokenizer, "chat_template", None):
-        raise VramancerError("this model has no chat template, so a conversation cannot be encoded; use --raw.")
-    encoded = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    return dict(encoded)
+    if isinstance(prompt, str) and (raw or not getattr(tokenizer, "chat_template", None)):
+        encoded = dict(tokenizer(prompt, return_tensors="pt"))
+    else:
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        if not getattr(tokenizer, "chat_template", None):
+            raise VramancerError("this model has no chat template, so a conversation cannot be encoded; use --raw.")
+        encoded = dict(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
+                                                     return_dict=True))
+    if encoded["input_ids"].shape[-1] == 0:
+        # transformers hands an empty tokenizer for a folder that holds none: every prompt
+        # then encodes to nothing, and the model would fail deep inside its first layer.
+        raise VramancerError("the prompt encodes to no tokens: this model's tokenizer has no vocabulary "
+                             "(does the model's folder hold its tokenizer files?).")
+    return encoded
 
 
 def run_generate(
