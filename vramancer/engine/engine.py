@@ -590,8 +590,11 @@ def choose_dtype(dtype: str, weights: str, kinds: set[str], config, reprofile: b
         name = str(chosen).removeprefix("torch.")
         return chosen, f"{name}: the activations the {weights} kernels run fast with"
     if kinds <= {"cpu", "sim"}:
-        choice = profiler.cpu_dtype_choice(getattr(config, "hidden_size", 1024),
-                                           getattr(config, "intermediate_size", 4096), reprofile)
+        text = config.get_text_config(decoder=True)
+        hidden = getattr(text, "hidden_size", None) or 1024
+        # A config may hold the field with None (GPT-Neo's): the model then uses 4 × hidden.
+        inner = getattr(text, "intermediate_size", None) or 4 * hidden
+        choice = profiler.cpu_dtype_choice(hidden, inner, reprofile)
         return DTYPES[choice.dtype], choice.reason
     chosen = resolve_dtype(dtype, kinds)
     return chosen, f"{str(chosen).removeprefix('torch.')}: the GPU's half type"
