@@ -2,12 +2,15 @@
 gives, keeps them through a migration mid-answer, and is priced like its real parameters and
 cache; what cannot be split is refused before loading with one sentence.
 
-The models are tiny (hidden 64, 4 layers, a byte-level vocabulary), random and built in-process
-from configs. `python -m tests.test_architectures` prints the README's list of supported
-architectures from the matrix."""
+The models are random and built in-process from each family's own default config, shrunk only
+in its sizes (hidden 64, 4 layers, a byte-level vocabulary: `tiny_config`), so a family whose
+config lacks a field the others have is tested as it is. `python -m tests.test_architectures`
+prints the README's list of supported architectures from the matrix."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import re
 from pathlib import Path
@@ -22,70 +25,81 @@ PROMPT = "Tell me about the sea."  # 22 byte tokens
 NEW_TOKENS = 8
 MIGRATE_AT = 3
 
-COMMON = dict(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-              pad_token_id=0, bos_token_id=None, eos_token_id=None, initializer_range=0.2)
-MHA = dict(num_key_value_heads=None)  # architectures with one key/value head per query head
-MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
-MLA = dict(head_dim=8, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
-           n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=1, topk_group=1,
-           first_k_dense_replace=1)
-SLIDING = dict(sliding_window=WINDOW)
-ALTERNATING = dict(sliding_window=WINDOW,
-                   layer_types=["sliding_attention", "full_attention"] * (LAYERS // 2))
+# Every family starts from its config class's defaults, and only these sizes change, and only
+# where the defaults hold a value: a field a config lacks is never added (that hid issue 36:
+# Mamba was given attention heads it does not have), and one left None (derived from others, or
+# switched off) stays None.
+SIZES = dict(
+    vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+    initializer_range=0.2,  # random weights large enough that greedy output varies token to token
+    # experts
+    num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+    shared_expert_intermediate_size=64, n_group=1, topk_group=1,
+    # compressed (latent) attention
+    kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+    # windows shorter than prompt + answer, so decoding passes them; rotary over part of a head
+    sliding_window=WINDOW, window_size=WINDOW, rotary_dim=8,
+    # state-space and linear-attention layers
+    state_size=8, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16,
+    mamba_dt_rank=8, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+    linear_value_head_dim=16,
+)
+# Token ids inside the byte vocabulary, and no end of sequence: every answer runs its full length.
+TOKENS = dict(pad_token_id=0, bos_token_id=None, eos_token_id=None)
+ALTERNATING = dict(layer_types=["sliding_attention", "full_attention"] * (LAYERS // 2))
 
-# model_type -> what its tiny config sets beyond COMMON
+# model_type -> what must change beyond SIZES, each a field its config has: per-layer patterns
+# cut to LAYERS, and switches the CPU needs
 MATRIX: dict[str, dict] = {
     "llama": {},
-    "mistral": SLIDING,
-    "mixtral": {**MOE, **SLIDING},
+    "mistral": {},
+    "mixtral": {},
     "qwen2": {},
-    "qwen2_moe": {**MOE, "shared_expert_intermediate_size": 64},
+    "qwen2_moe": {},
     "qwen3": {},
-    "qwen3_moe": MOE,
+    "qwen3_moe": {},
     "gemma": {},
-    "gemma2": ALTERNATING,
-    "gemma3_text": ALTERNATING,
-    "phi": MHA,
+    "gemma2": {},
+    "gemma3_text": ALTERNATING,  # its default pattern (5 sliding, 1 full) cut to 4 layers has no full one
+    "phi": {},
     "phi3": {},
-    "phimoe": MOE,
-    "gpt2": MHA,
-    "gpt_neo": {**MHA, "attention_types": [[["global", "local"], LAYERS // 2]], "window_size": WINDOW},
-    "gptj": {**MHA, "rotary_dim": 8},
-    "gpt_bigcode": MHA,
-    "gpt_neox": MHA,
-    "opt": MHA,
-    "falcon": {"head_dim": None, "num_key_value_heads": None},
-    "bloom": MHA,
-    "mpt": MHA,
-    "olmo": MHA,
+    "phimoe": {},
+    "gpt2": {},
+    "gpt_neo": {"attention_types": [[["global", "local"], LAYERS // 2]]},
+    "gptj": {},
+    "gpt_bigcode": {},
+    "gpt_neox": {},
+    "opt": {},
+    "falcon": {},
+    "bloom": {},
+    "mpt": {},
+    "olmo": {},
     "olmo2": {},
-    "olmo3": ALTERNATING,
-    "olmoe": MOE,
-    "deepseek_v2": MLA,
-    "deepseek_v3": MLA,
+    "olmo3": {},
+    "olmoe": {},
+    # head_dim is the rotary part's here; its router needs a count of experts per token, None by default
+    "deepseek_v2": {"head_dim": 8, "first_k_dense_replace": 1, "num_experts_per_tok": 2},
+    "deepseek_v3": {"first_k_dense_replace": 1},
     "stablelm": {},
-    "starcoder2": SLIDING,
-    "cohere": MHA,
-    "cohere2": ALTERNATING,
+    "starcoder2": {},
+    "cohere": {},
+    "cohere2": {},
     "granite": {},
-    "granitemoe": MOE,
+    "granitemoe": {},
     "glm4": {},
     "smollm3": {},
-    "gpt_oss": {**ALTERNATING, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "gpt_oss": {},
 }
 
 # Hybrids: layers that keep a recurrent or convolution state, some beside attention.
 HYBRID = {
     "mamba": {},
-    "lfm2": {"layer_types": ["conv", "full_attention"] * (LAYERS // 2)},
-    "falcon_h1": {"mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 16,
-                  "mamba_chunk_size": 16},
-    "qwen3_next": {**MOE, "layer_types": ["linear_attention", "full_attention"] * (LAYERS // 2),
-                   "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
-                   "linear_value_head_dim": 16},
-    "jamba": {**MOE, "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
-              "expert_layer_offset": 1, "mamba_dt_rank": 8, "use_mamba_kernels": False},
+    "lfm2": {"layer_types": ["conv", "full_attention"] * (LAYERS // 2)},  # by default every layer attends
+    "falcon_h1": {},
+    "qwen3_next": {},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1,
+              "use_mamba_kernels": False},
 }
 MATRIX.update(HYBRID)
 
@@ -96,12 +110,28 @@ REFUSED: dict[str, tuple[dict, str]] = {
 }
 
 
+def config_fields(config_class) -> set[str]:
+    """The fields a config class declares (its dataclass fields; before transformers 5, its
+    `__init__` parameters), also under the names its attribute_map gives them. What it derives
+    from them afterwards (Mamba's intermediate size, Falcon's head size) is not a field."""
+    if dataclasses.is_dataclass(config_class):
+        names = {field.name for field in dataclasses.fields(config_class)}
+    else:
+        names = set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
+    return names | {alias for alias, name in getattr(config_class, "attribute_map", {}).items() if name in names}
+
+
 def tiny_config(model_type: str, overrides: dict):
+    """`model_type`'s default config with SIZES, TOKENS and `overrides` applied to its own fields."""
     from transformers import AutoConfig
 
-    values = {**COMMON, **overrides}
-    values = {key: value for key, value in values.items() if value is not None or key.endswith("token_id")}
-    return AutoConfig.for_model(model_type, **values)
+    defaults = AutoConfig.for_model(model_type)
+    fields = config_fields(type(defaults))
+    invented = sorted(set(overrides) - fields)
+    assert not invented, f"{model_type}'s config has no field {', '.join(invented)}: the test would invent it"
+    values = {key: value for key, value in SIZES.items() if key in fields and getattr(defaults, key) is not None}
+    values.update({key: value for key, value in TOKENS.items() if key in fields})
+    return AutoConfig.for_model(model_type, **{**values, **overrides})
 
 
 @pytest.fixture(scope="session")
@@ -122,7 +152,7 @@ def make_byte_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    assert len(tokenizer) == COMMON["vocab_size"]
+    assert len(tokenizer) == SIZES["vocab_size"]
     return tokenizer
 
 
