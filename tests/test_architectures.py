@@ -43,7 +43,8 @@ SIZES = dict(
     # state-space and linear-attention layers
     state_size=8, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16,
     mamba_dt_rank=8, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
-    linear_value_head_dim=16,
+    linear_value_head_dim=16, ssm_state_size=8, mamba_num_heads=4, mamba_head_dim=16, n_groups=1, chunk_size=16,
+    moe_shared_expert_intermediate_size=64,
 )
 # Token ids inside the byte vocabulary, and no end of sequence: every answer runs its full length.
 TOKENS = dict(pad_token_id=0, bos_token_id=None, eos_token_id=None)
@@ -98,6 +99,8 @@ HYBRID = {
     "lfm2": {"layer_types": ["conv", "full_attention"] * (LAYERS // 2)},  # by default every layer attends
     "falcon_h1": {},
     "qwen3_next": {},
+    # Mamba, attention, MLP and expert layers; the last two keep no cache at all
+    "nemotron_h": {"layer_types": ["linear_attention", "moe", "full_attention", "mlp"], "use_mamba_kernels": False},
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1,
               "use_mamba_kernels": False},
 }
@@ -106,7 +109,9 @@ MATRIX.update(HYBRID)
 # model_type -> (config overrides, words the refusal must contain)
 REFUSED: dict[str, tuple[dict, str]] = {
     "bert": ({}, "encoder model"),
-    "t5": ({}, "not a causal language model"),
+    "t5": ({}, "encoder-decoder model"),
+    # its later layers read the keys and values of earlier ones (at its own depth: the pattern needs it)
+    "gemma3n_text": ({"num_hidden_layers": 35}, "shared-cache layers"),
 }
 
 
@@ -350,7 +355,7 @@ def test_unsupported_architecture_is_refused_before_loading(model_type, tmp_path
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert model_type in err and words in err and "VRAMancer splits decoder-only language models" in err
+    assert model_type in err and words in err and "splits decoder-only language models" in err
 
     code, plan = plan_json(capsys, tmp_path)
     assert code == 2 and plan["supported"] is False

@@ -5,7 +5,7 @@ Every other part of the engine asks this module, never a model's attribute names
 `_no_split_modules`, as accelerate finds it), which modules run before it (token and position
 embeddings, rotary tables, embedding norms) and after it (final norm, output head), whether the
 head shares its weight with the embeddings, and what each layer keeps in the cache (keys and
-values of all tokens or of a sliding window, a recurrent state, or both) and how many bytes.
+values of all tokens or of a sliding window, a recurrent state, both, or nothing) and how many bytes.
 
 What cannot be split this way is refused with one sentence (`UnsupportedArchitecture`),
 before any weights are read: `describe` works on a model built on the meta device.
@@ -30,6 +30,9 @@ WINDOW_KINDS = ("sliding_attention", "chunked_attention")
 # Kinds that keep a recurrent or convolution state (Mamba, linear attention), alone or beside
 # keys and values: their size is read from a pass of the model on the meta device.
 STATE_KINDS = ("linear_attention", "conv", "hybrid", "hybrid_sliding")
+# Layers that keep nothing: transformers' `dummy`, which it gives the MLP and expert layers of
+# Nemotron-H (and, below, layers that read another layer's cache, which are refused).
+NONE_KINDS = ("dummy",)
 PROBE_TOKENS = (2, 4)  # the two prompt lengths of that pass: what grows with them is per token
 # Module names that run after the final norm (OPT's projection back to the embedding width).
 AFTER_NORM_NAMES = ("project_out",)
@@ -138,7 +141,9 @@ def refuse_config(config) -> None:
     name = getattr(config, "model_type", "this model")
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedArchitecture(f"{name} is an encoder-decoder model; VRAMancer splits {SUPPORTED}.")
-    kinds = sorted(set(_layer_types(config)[0]) - set(FULL_KINDS + WINDOW_KINDS + STATE_KINDS))
+    kinds = sorted(set(_layer_types(config)[0]) - set(FULL_KINDS + WINDOW_KINDS + STATE_KINDS + NONE_KINDS))
+    if "reuse" in (getattr(_text_config(config), "kv_sharing_modes", None) or ()):
+        kinds.append("shared-cache")  # a `dummy` layer that reads another layer's keys and values (Gemma 4)
     if kinds:
         raise UnsupportedArchitecture(
             f"{name} has {', '.join(kinds)} layers, whose cache VRAMancer cannot place layer by layer; "
@@ -161,7 +166,9 @@ def layer_caches(config, count: int, dtype_bytes: int) -> tuple[LayerCache, ...]
     caches = []
     for index, (kind, extra) in enumerate(zip(kinds, kwargs)):
         window = extra.get("sliding_window")
-        if kind in STATE_KINDS or per_token is None:
+        if kind in NONE_KINDS:
+            caches.append(LayerCache(kind, 0))
+        elif kind in STATE_KINDS or per_token is None:
             caches.append(LayerCache(kind, probed[index][0], window, probed[index][1]))
         else:
             caches.append(LayerCache(kind, per_token, window if kind in WINDOW_KINDS else None))

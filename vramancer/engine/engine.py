@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 
 from vramancer.engine import factory, recovery
-from vramancer.engine.architecture import cache_bytes
+from vramancer.engine.architecture import cache_bytes, refuse_config
 from vramancer.engine.devices import Device, DeviceLost, DeviceSpec, close_devices, parse_device_spec, resolve_devices
 from vramancer.engine.errors import VramancerError
 from vramancer.engine.options import LoadOptions
@@ -526,6 +526,7 @@ def prepare(model: str, devices: str | DeviceSpec, context: int, dtype: str, rep
     local_spec = spec.local()
     source = resolve_model(model)
     config = load_config(source)
+    refuse_config(config)  # what the config alone shows cannot be split is refused before anything else
     probe = resolve_devices(local_spec, simulated_size=1) if spec.auto else None
     fallback = bool(spec.auto and probe and probe[0].simulated)
     kinds = {d.kind for d in probe} if probe else {r.kind for r in spec.requests}
