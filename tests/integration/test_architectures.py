@@ -2,12 +2,15 @@
 gives, keeps them through a migration mid-answer, and is priced like its real parameters and
 cache; what cannot be split is refused before loading with one sentence.
 
-The models are tiny (hidden 64, 4 layers, a byte-level vocabulary), random and built in-process
-from configs. `python -m tests.integration.test_architectures` prints the README's list of supported
-architectures from the matrix."""
+The models are random and built in-process from each family's own default config, shrunk only
+in its sizes (hidden 64, 4 layers, a byte-level vocabulary: `tiny_config`), so a family whose
+config lacks a field the others have is tested as it is. `python -m tests.integration.test_architectures`
+prints the README's list of supported architectures from the matrix."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import re
 from pathlib import Path
@@ -22,86 +25,118 @@ PROMPT = "Tell me about the sea."  # 22 byte tokens
 NEW_TOKENS = 8
 MIGRATE_AT = 3
 
-COMMON = dict(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-              pad_token_id=0, bos_token_id=None, eos_token_id=None, initializer_range=0.2)
-MHA = dict(num_key_value_heads=None)  # architectures with one key/value head per query head
-MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
-MLA = dict(head_dim=8, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
-           n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=1, topk_group=1,
-           first_k_dense_replace=1)
-SLIDING = dict(sliding_window=WINDOW)
-ALTERNATING = dict(sliding_window=WINDOW,
-                   layer_types=["sliding_attention", "full_attention"] * (LAYERS // 2))
+# Every family starts from its config class's defaults, and only these sizes change, and only
+# where the defaults hold a value: a field a config lacks is never added (that hid issue 36:
+# Mamba was given attention heads it does not have), and one left None (derived from others, or
+# switched off) stays None.
+SIZES = dict(
+    vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+    initializer_range=0.2,  # random weights large enough that greedy output varies token to token
+    # experts
+    num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+    shared_expert_intermediate_size=64, n_group=1, topk_group=1,
+    # compressed (latent) attention
+    kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+    # windows shorter than prompt + answer, so decoding passes them; rotary over part of a head
+    sliding_window=WINDOW, window_size=WINDOW, rotary_dim=8,
+    # state-space and linear-attention layers
+    state_size=8, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16,
+    mamba_dt_rank=8, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+    linear_value_head_dim=16, ssm_state_size=8, mamba_num_heads=4, mamba_head_dim=16, n_groups=1, chunk_size=16,
+    moe_shared_expert_intermediate_size=64,
+)
+# Token ids inside the byte vocabulary, and no end of sequence: every answer runs its full length.
+TOKENS = dict(pad_token_id=0, bos_token_id=None, eos_token_id=None)
+ALTERNATING = dict(layer_types=["sliding_attention", "full_attention"] * (LAYERS // 2))
 
-# model_type -> what its tiny config sets beyond COMMON
+# model_type -> what must change beyond SIZES, each a field its config has: per-layer patterns
+# cut to LAYERS, and switches the CPU needs
 MATRIX: dict[str, dict] = {
     "llama": {},
-    "mistral": SLIDING,
-    "mixtral": {**MOE, **SLIDING},
+    "mistral": {},
+    "mixtral": {},
     "qwen2": {},
-    "qwen2_moe": {**MOE, "shared_expert_intermediate_size": 64},
+    "qwen2_moe": {},
     "qwen3": {},
-    "qwen3_moe": MOE,
+    "qwen3_moe": {},
     "gemma": {},
-    "gemma2": ALTERNATING,
-    "gemma3_text": ALTERNATING,
-    "phi": MHA,
+    "gemma2": {},
+    "gemma3_text": ALTERNATING,  # its default pattern (5 sliding, 1 full) cut to 4 layers has no full one
+    "phi": {},
     "phi3": {},
-    "phimoe": MOE,
-    "gpt2": MHA,
-    "gpt_neo": {**MHA, "attention_types": [[["global", "local"], LAYERS // 2]], "window_size": WINDOW},
-    "gptj": {**MHA, "rotary_dim": 8},
-    "gpt_bigcode": MHA,
-    "gpt_neox": MHA,
-    "opt": MHA,
-    "falcon": {"head_dim": None, "num_key_value_heads": None},
-    "bloom": MHA,
-    "mpt": MHA,
-    "olmo": MHA,
+    "phimoe": {},
+    "gpt2": {},
+    "gpt_neo": {"attention_types": [[["global", "local"], LAYERS // 2]]},
+    "gptj": {},
+    "gpt_bigcode": {},
+    "gpt_neox": {},
+    "opt": {},
+    "falcon": {},
+    "bloom": {},
+    "mpt": {},
+    "olmo": {},
     "olmo2": {},
-    "olmo3": ALTERNATING,
-    "olmoe": MOE,
-    "deepseek_v2": MLA,
-    "deepseek_v3": MLA,
+    "olmo3": {},
+    "olmoe": {},
+    # head_dim is the rotary part's here; its router needs a count of experts per token, None by default
+    "deepseek_v2": {"head_dim": 8, "first_k_dense_replace": 1, "num_experts_per_tok": 2},
+    "deepseek_v3": {"first_k_dense_replace": 1},
     "stablelm": {},
-    "starcoder2": SLIDING,
-    "cohere": MHA,
-    "cohere2": ALTERNATING,
+    "starcoder2": {},
+    "cohere": {},
+    "cohere2": {},
     "granite": {},
-    "granitemoe": MOE,
+    "granitemoe": {},
     "glm4": {},
     "smollm3": {},
-    "gpt_oss": {**ALTERNATING, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "gpt_oss": {},
 }
 
 # Hybrids: layers that keep a recurrent or convolution state, some beside attention.
 HYBRID = {
     "mamba": {},
-    "lfm2": {"layer_types": ["conv", "full_attention"] * (LAYERS // 2)},
-    "falcon_h1": {"mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 16,
-                  "mamba_chunk_size": 16},
-    "qwen3_next": {**MOE, "layer_types": ["linear_attention", "full_attention"] * (LAYERS // 2),
-                   "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
-                   "linear_value_head_dim": 16},
-    "jamba": {**MOE, "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
-              "expert_layer_offset": 1, "mamba_dt_rank": 8, "use_mamba_kernels": False},
+    "lfm2": {"layer_types": ["conv", "full_attention"] * (LAYERS // 2)},  # by default every layer attends
+    "falcon_h1": {},
+    "qwen3_next": {},
+    # Mamba, attention, MLP and expert layers; the last two keep no cache at all
+    "nemotron_h": {"layer_types": ["linear_attention", "moe", "full_attention", "mlp"], "use_mamba_kernels": False},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1,
+              "use_mamba_kernels": False},
 }
 MATRIX.update(HYBRID)
 
 # model_type -> (config overrides, words the refusal must contain)
 REFUSED: dict[str, tuple[dict, str]] = {
     "bert": ({}, "encoder model"),
-    "t5": ({}, "not a causal language model"),
+    "t5": ({}, "encoder-decoder model"),
+    # its later layers read the keys and values of earlier ones (at its own depth: the pattern needs it)
+    "gemma3n_text": ({"num_hidden_layers": 35}, "shared-cache layers"),
 }
 
 
+def config_fields(config_class) -> set[str]:
+    """The fields a config class declares (its dataclass fields; before transformers 5, its
+    `__init__` parameters), also under the names its attribute_map gives them. What it derives
+    from them afterwards (Mamba's intermediate size, Falcon's head size) is not a field."""
+    if dataclasses.is_dataclass(config_class):
+        names = {field.name for field in dataclasses.fields(config_class)}
+    else:
+        names = set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
+    return names | {alias for alias, name in getattr(config_class, "attribute_map", {}).items() if name in names}
+
+
 def tiny_config(model_type: str, overrides: dict):
+    """`model_type`'s default config with SIZES, TOKENS and `overrides` applied to its own fields."""
     from transformers import AutoConfig
 
-    values = {**COMMON, **overrides}
-    values = {key: value for key, value in values.items() if value is not None or key.endswith("token_id")}
-    return AutoConfig.for_model(model_type, **values)
+    defaults = AutoConfig.for_model(model_type)
+    fields = config_fields(type(defaults))
+    invented = sorted(set(overrides) - fields)
+    assert not invented, f"{model_type}'s config has no field {', '.join(invented)}: the test would invent it"
+    values = {key: value for key, value in SIZES.items() if key in fields and getattr(defaults, key) is not None}
+    values.update({key: value for key, value in TOKENS.items() if key in fields})
+    return AutoConfig.for_model(model_type, **{**values, **overrides})
 
 
 @pytest.fixture(scope="session")
@@ -122,7 +157,7 @@ def make_byte_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    assert len(tokenizer) == COMMON["vocab_size"]
+    assert len(tokenizer) == SIZES["vocab_size"]
     return tokenizer
 
 
@@ -162,6 +197,8 @@ def plan_json(capsys, folder) -> tuple[int, dict]:
 
 @pytest.mark.parametrize("model_type", sorted(MATRIX))
 def test_architecture_splits_with_identical_tokens(model_type, byte_tokenizer, tmp_path, capsys, caplog):
+    import transformers
+
     from vramancer.engine import Engine
     from vramancer.model.architecture import cache_bytes, cache_tensors
 
@@ -199,7 +236,9 @@ def test_architecture_splits_with_identical_tokens(model_type, byte_tokenizer, t
         migrated = engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS, on_step=on_step).token_ids
         assert migrated == expected, f"{model_type}: tokens differ after a migration mid-answer"
         layer = last.layers.first
-        assert seen["kv"] == seen["planned"]
+        assert seen["kv"] == seen["planned"], (
+            f"{model_type}: transformers {transformers.__version__}'s cache holds {seen['kv']} bytes per layer where "
+            f"vramancer/model/architecture.py plans {seen['planned']}: the cache or config class changed")
         assert seen["moved"].bytes == profile.layer_bytes[layer] + seen["held"]
         assert engine.placement.layer_devices[layer] == "sim0"
     finally:
@@ -208,6 +247,55 @@ def test_architecture_splits_with_identical_tokens(model_type, byte_tokenizer, t
     code, plan = plan_json(capsys, tmp_path)
     assert code == 0 and plan["supported"] is True and plan["architecture"] == model_type
     assert len(plan["placement"]) == 3
+
+
+def test_a_model_without_attention_plans_splits_migrates_and_answers_from_the_command_line(
+        byte_tokenizer, tmp_path, capsys):
+    """Issue 36: a pure state-space model, whose config names no attention heads at all, as a
+    user saves it from transformers' own MambaConfig."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from vramancer.cli import main
+
+    torch.manual_seed(0)
+    config = MambaConfig(hidden_size=64, num_hidden_layers=6, state_size=8, expand=2, intermediate_size=128,
+                         vocab_size=512, initializer_range=0.2)
+    assert not hasattr(config, "num_attention_heads")
+    model = MambaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(tmp_path)
+    expected = plain_greedy(model, byte_tokenizer)
+    assert len(set(expected)) > 2, "the random model should not repeat one token: the comparison would prove little"
+    generate = ["generate", "--model", str(tmp_path), "--devices", "sim:3x1GiB", "--dtype", "float32", "--raw",
+                "--prompt", PROMPT, "--max-new-tokens", str(NEW_TOKENS), "--migrate", f"4-5:sim0@{MIGRATE_AT}", "--json"]
+
+    capsys.readouterr()
+    assert main(["plan", "--model", str(tmp_path), "--devices", "sim:3x1GiB", "--dtype", "float32"]) == 0
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err
+    assert [line.split()[:2] for line in out.out.splitlines() if line.strip().startswith("sim")] == [
+        ["sim0", "embed,"], ["sim1", "L2–3"], ["sim2", "L4–5"]]
+
+    # As saved so far the folder has no tokenizer; transformers then hands an empty one, and
+    # every prompt encodes to nothing: one sentence says so, not a traceback from the first layer.
+    assert main(generate) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the prompt encodes to no tokens" in err and "tokenizer files" in err
+
+    byte_tokenizer.save_pretrained(tmp_path)
+    code = main(generate)
+    answer = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert answer["token_ids"] == expected
+    [moved] = answer["migrations"]
+    assert (moved["first_layer"], moved["last_layer"], moved["src"], moved["dst"]) == (4, 5, "sim2", "sim0")
+    # Two layers' weights and their convolution (128 channels × kernel 4) and recurrent (128 × state 8)
+    # states in float32, plus the 8-byte token counter transformers keeps beside them (5.x).
+    weights = 2 * sum(p.numel() * 4 for p in model.backbone.layers[0].parameters())
+    states = 2 * (128 * 4 + 128 * 8) * 4
+    assert 0 <= moved["bytes"] - (weights + states) <= 2 * 8
+    assert [(b["device"], b["first_layer"], b["last_layer"]) for b in answer["placement"]] == [
+        ("sim0", 0, 1), ("sim1", 2, 3), ("sim0", 4, 5)]
 
 
 def _tensor_ids(value, keep: list) -> set[int]:
@@ -271,7 +359,7 @@ def test_unsupported_architecture_is_refused_before_loading(model_type, tmp_path
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert model_type in err and words in err and "VRAMancer splits decoder-only language models" in err
+    assert model_type in err and words in err and "splits decoder-only language models" in err
 
     code, plan = plan_json(capsys, tmp_path)
     assert code == 2 and plan["supported"] is False

@@ -780,6 +780,7 @@ class NodeServer:
 
     def profile(self, name: str, dtype_name: str, model_key: str) -> dict:
         """Timings of this node's devices (and the links between them) for a model's layers."""
+        from vramancer.model.architecture import describe
         from vramancer.model.loading import DTYPES, build_meta_model
         from vramancer.model.source import load_config, resolve_model
         from vramancer.profiling import timing as profiler
@@ -803,11 +804,11 @@ class NodeServer:
                 devices[device.name] = asdict(timings)
             links = {}
             transfer = TransferManager(list(self.devices.values()))
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            arch = describe(meta)  # what a hand-over carries: the hidden state, rotary tables if any
             for a in self.devices.values():
                 for b in self.devices.values():
                     if a.name != b.name:
-                        timing = profiler.time_link(transfer, a, b, config.hidden_size, head_dim, dtype)
+                        timing = profiler.time_link(transfer, a, b, arch.hidden_size, arch.head_dim, dtype)
                         links[f"{a.name}>{b.name}"] = asdict(timing)
             self._profiles[key] = {"timings": devices, "links": links}
         return self._profiles[key]

@@ -12,6 +12,7 @@ from vramancer.config.device_spec import DeviceSpec, parse_device_spec
 from vramancer.config.errors import VramancerError
 from vramancer.config.options import LoadOptions
 from vramancer.engine import factory
+from vramancer.model.architecture import refuse_config
 from vramancer.model.description import profile_model
 from vramancer.model.loading import DTYPES, build_meta_model, resolve_dtype
 from vramancer.model.source import ModelSource, load_config, resolve_model
@@ -87,6 +88,7 @@ def prepare(options: LoadOptions, reprofile: bool = False) -> Prepared:
     local_spec = spec.local()
     source = resolve_model(model)
     config = load_config(source)
+    refuse_config(config)  # what the config alone shows cannot be split is refused before anything else
     probe = resolve_devices(local_spec, simulated_size=1) if spec.auto else None
     fallback = bool(spec.auto and probe and probe[0].simulated)
     kinds = {d.kind for d in probe} if probe else {r.kind for r in spec.requests}

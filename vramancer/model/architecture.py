@@ -5,7 +5,7 @@ Every other part of the engine asks this module, never a model's attribute names
 `_no_split_modules`, as accelerate finds it), which modules run before it (token and position
 embeddings, rotary tables, embedding norms) and after it (final norm, output head), whether the
 head shares its weight with the embeddings, and what each layer keeps in the cache (keys and
-values of all tokens or of a sliding window, a recurrent state, or both) and how many bytes.
+values of all tokens or of a sliding window, a recurrent state, both, or nothing) and how many bytes.
 
 What cannot be split this way is refused with one sentence (`UnsupportedArchitecture`),
 before any weights are read: `describe` works on a model built on the meta device.
@@ -31,6 +31,9 @@ WINDOW_KINDS = ("sliding_attention", "chunked_attention")
 # Kinds that keep a recurrent or convolution state (Mamba, linear attention), alone or beside
 # keys and values: their size is read from a pass of the model on the meta device.
 STATE_KINDS = ("linear_attention", "conv", "hybrid", "hybrid_sliding")
+# Layers that keep nothing: transformers' `dummy`, which it gives the MLP and expert layers of
+# Nemotron-H (and, below, layers that read another layer's cache, which are refused).
+NONE_KINDS = ("dummy",)
 PROBE_TOKENS = (2, 4)  # the two prompt lengths of that pass: what grows with them is per token
 # Module names that run after the final norm (OPT's projection back to the embedding width).
 AFTER_NORM_NAMES = ("project_out",)
@@ -111,7 +114,7 @@ def describe(model: nn.Module, dtype: torch.dtype | None = None) -> Architecture
         hidden_size=hidden,
         intermediate_size=getattr(text, "intermediate_size", None) or 4 * hidden,
         vocab_size=text.vocab_size,
-        head_dim=getattr(text, "head_dim", None) or hidden // text.num_attention_heads,
+        head_dim=attention_head_dim(text),
     )
 
 
@@ -121,7 +124,9 @@ def refuse_config(config) -> None:
     name = getattr(config, "model_type", "this model")
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedArchitecture(f"{name} is an encoder-decoder model; VRAMancer splits {SUPPORTED}.")
-    kinds = sorted(set(_layer_types(config)[0]) - set(FULL_KINDS + WINDOW_KINDS + STATE_KINDS))
+    kinds = sorted(set(_layer_types(config)[0]) - set(FULL_KINDS + WINDOW_KINDS + STATE_KINDS + NONE_KINDS))
+    if "reuse" in (getattr(_text_config(config), "kv_sharing_modes", None) or ()):
+        kinds.append("shared-cache")  # a `dummy` layer that reads another layer's keys and values (Gemma 4)
     if kinds:
         raise UnsupportedArchitecture(
             f"{name} has {', '.join(kinds)} layers, whose cache VRAMancer cannot place layer by layer; "
@@ -135,12 +140,18 @@ def layer_caches(config, count: int, dtype_bytes: int) -> tuple[LayerCache, ...]
         raise UnsupportedArchitecture(
             f"{getattr(config, 'model_type', 'this model')} declares {len(kinds)} layer types for {count} "
             f"layers; VRAMancer splits {SUPPORTED}.")
-    per_token = attention_bytes_per_token(_text_config(config), dtype_bytes)
-    probed = _probe_states(config, dtype_bytes) if set(kinds) & set(STATE_KINDS) else None
+    # Keys and values are priced from the config only where some layer holds them, and only
+    # if the config names its heads the usual way; anything else is measured on the meta model.
+    attention = set(kinds) & set(FULL_KINDS + WINDOW_KINDS)
+    per_token = attention_bytes_per_token(_text_config(config), dtype_bytes) if attention else 0
+    probe = bool(set(kinds) & set(STATE_KINDS)) or (bool(attention) and per_token is None)
+    probed = _probe_states(config, dtype_bytes) if probe else None
     caches = []
     for index, (kind, extra) in enumerate(zip(kinds, kwargs)):
         window = extra.get("sliding_window")
-        if kind in STATE_KINDS:
+        if kind in NONE_KINDS:
+            caches.append(LayerCache(kind, 0))
+        elif kind in STATE_KINDS or per_token is None:
             caches.append(LayerCache(kind, probed[index][0], window, probed[index][1]))
         else:
             caches.append(LayerCache(kind, per_token, window if kind in WINDOW_KINDS else None))
@@ -176,9 +187,19 @@ def _probe_states(config, dtype_bytes: int) -> list[tuple[int, int]]:
     return [(grow, a - grow * PROBE_TOKENS[0]) for grow, a in zip(per_token, short)]
 
 
-def attention_bytes_per_token(config, dtype_bytes: int) -> int:
-    """Keys + values one attention layer caches per token, as transformers stores them."""
-    heads = config.num_attention_heads
+def attention_head_dim(config) -> int:
+    """The size of one attention head (of the rotary tables handed across a boundary), or 0
+    for a config without attention heads: such a model hands none across."""
+    heads = getattr(config, "num_attention_heads", None)
+    return getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else 0)
+
+
+def attention_bytes_per_token(config, dtype_bytes: int) -> int | None:
+    """Keys + values one attention layer caches per token, as transformers stores them; None
+    when the config does not name its attention heads (the cache is then measured instead)."""
+    heads = getattr(config, "num_attention_heads", None)
+    if not heads:
+        return None
     if getattr(config, "kv_lora_rank", None) and getattr(config, "qk_rope_head_dim", None):
         # Compressed (multi-head latent) attention, as in DeepSeek V2/V3: transformers caches
         # the compressed latent and the shared rotary part of the key, one "head" of each.

@@ -260,12 +260,13 @@ def _first_line(exc: BaseException) -> str:
 
 
 def time_link(transfer: TransferManager, src: Device, dst: Device, hidden_size: int, head_dim: int, dtype) -> LinkTimings:
-    """A decode hand-over (hidden state, cos/sin, positions) and a 4 MiB copy."""
+    """A decode hand-over (hidden state, cos/sin where the model has attention heads, positions)
+    and a 4 MiB copy."""
     def make(device):
         t = device.torch_device
+        extra = {"position_embeddings": (torch.randn(1, 1, head_dim, dtype=dtype, device=t),) * 2} if head_dim else {}
         return ((torch.randn(1, 1, hidden_size, dtype=dtype, device=t),),
-                {"position_embeddings": (torch.randn(1, 1, head_dim, dtype=dtype, device=t),) * 2,
-                 "position_ids": torch.zeros(1, 1, dtype=torch.long, device=t)})
+                {**extra, "position_ids": torch.zeros(1, 1, dtype=torch.long, device=t)})
 
     small = make(src)
     big = torch.randn(1024 * 1024, dtype=torch.float32, device=src.torch_device)

@@ -197,6 +197,15 @@ class ForcedPrefix(LogitsProcessor):
         return scores
 
 
+def _not_empty(encoded: dict) -> dict:
+    if encoded["input_ids"].shape[-1] == 0:
+        # transformers hands an empty tokenizer for a folder that holds none: every prompt
+        # then encodes to nothing, and the model would fail deep inside its first layer.
+        raise VramancerError("the prompt encodes to no tokens: this model's tokenizer has no vocabulary "
+                             "(does the model's folder hold its tokenizer files?).")
+    return encoded
+
+
 def encode_prompt(tokenizer, prompt: str | Messages, raw: bool, tools: list[dict] | None = None) -> dict:
     """Token ids for a prompt: the chat template for instruct models unless `raw`, showing the
     model `tools` (OpenAI's function definitions) where its template takes them."""
@@ -205,7 +214,7 @@ def encode_prompt(tokenizer, prompt: str | Messages, raw: bool, tools: list[dict
     check_prompt(prompt, raw)
     if isinstance(prompt, str):
         if raw or not getattr(tokenizer, "chat_template", None):
-            return dict(tokenizer(prompt, return_tensors="pt"))
+            return _not_empty(dict(tokenizer(prompt, return_tensors="pt")))
         prompt = [{"role": "user", "content": prompt}]
     if not getattr(tokenizer, "chat_template", None):
         raise VramancerError("this model has no chat template, so a conversation cannot be encoded; use --raw.")
@@ -217,7 +226,7 @@ def encode_prompt(tokenizer, prompt: str | Messages, raw: bool, tools: list[dict
         raise VramancerError("this model's chat template takes no tools, so tool calling cannot be served for it.")
     encoded = tokenizer.apply_chat_template(prompt, tools=tools or None, add_generation_prompt=not prefill,
                                             continue_final_message=prefill, return_tensors="pt", return_dict=True)
-    return dict(encoded)
+    return _not_empty(dict(encoded))
 
 
 def run_generate(
