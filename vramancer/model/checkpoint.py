@@ -9,7 +9,7 @@ memory until it is closed, and reading a 1.5B model through safetensors' `safe_o
 
 A GGUF's tensors carry llama.cpp's names and, for Llama-family models, query and key rows
 in llama.cpp's order: both are undone with transformers' own name map and tensor
-processors (transformers/modeling_gguf_pytorch_utils.py), as its loader does.
+processors (`transformers.modeling_gguf_pytorch_utils`), as its loader does.
 """
 
 from __future__ import annotations
