@@ -37,7 +37,7 @@ from vramancer.widgets.devices import DevicesPanel
 from vramancer.widgets.events_log import EventsLog, request_outcome
 from vramancer.widgets.header import LoadBar, ModelHeader
 from vramancer.widgets.labels import part_label
-from vramancer.widgets.links import LinksPanel
+from vramancer.widgets.links import DECODE_BIN_S, LinksPanel
 from vramancer.widgets.placement import BlockTile, PlacementPanel
 
 if TYPE_CHECKING:  # the engine (and torch) is imported after the first frame, on a thread
@@ -117,8 +117,6 @@ class VramancerApp(App[int]):
         self._tokens: deque[ev.Token] = deque()
         self._tokens_lock = threading.Lock()
         self._tokens_signalled = False
-        self.decoded = 0  # tokens decoded since start, every request's: the links panel's tok/s graph
-        self._pieces: dict[int | str, int] = {}  # streamed pieces per request, until its exact count comes
 
     def compose(self) -> ComposeResult:
         # Kept as attributes: App.query_one searches the active screen, which is a modal
@@ -390,7 +388,9 @@ class VramancerApp(App[int]):
 
     def _on_generation_done(self, event: ev.GenerationDone) -> None:
         self.on_tokens_ready()  # text still buffered belongs before the end
-        self._count_decoded(event.request_id, done=event.new_tokens)
+        self.links_panel.decode.finish(event.request_id, event.new_tokens)
+        self.links_panel.decode.show(time.monotonic())
+        self._close_decode_seconds()
         if isinstance(event.request_id, str):  # a server request's, not the console's
             self._on_request_done(event)
             return
@@ -420,7 +420,7 @@ class VramancerApp(App[int]):
         self.latest_devices = {d.name: d for d in message.sample.devices}
         self.devices_panel.show_sample(message.sample.devices)
         self.placement_panel.show_sample(message.sample.devices)
-        self.links_panel.decode.show(self.decoded, time.monotonic())
+        self.links_panel.decode.show(time.monotonic())
 
     def on_links_sampled(self, message: LinksSampled) -> None:
         if not self._showing:
@@ -436,24 +436,24 @@ class VramancerApp(App[int]):
         if not self._showing:
             return
         console = self.console_panel
-        pieces: dict[int | str, list[str]] = {}
+        decode = self.links_panel.decode
+        answers: dict[int | str, list[ev.Token]] = {}
         for token in tokens:
-            pieces.setdefault(token.request_id, []).append(token.text)
-        for request_id, texts in pieces.items():
-            self._count_decoded(request_id, len(texts))
+            answers.setdefault(token.request_id, []).append(token)
+            decode.add(token.request_id, token.step, token.at)
+        for request_id, told in answers.items():
+            text = "".join(t.text for t in told)
             if isinstance(request_id, str):  # a server request: counted in its line, not shown in full
-                console.requests.add_tokens(request_id, len(texts))
+                console.requests.add_tokens(request_id, len(told))
             else:
-                console.add_text(request_id, "".join(texts), tokens=len(texts))
+                console.add_text(request_id, text, step=told[-1].step, at=told[-1].at)
+        if tokens:
+            decode.show(time.monotonic())
 
-    def _count_decoded(self, request_id: int | str, pieces: int = 0, done: int | None = None) -> None:
-        """Count decoded tokens for the tok/s graph. A streamed piece of text is about one token
-        (the streamer holds back partial words); the request's end brings the exact count."""
-        if done is None:
-            self._pieces[request_id] = self._pieces.get(request_id, 0) + pieces
-            self.decoded += pieces
-        else:
-            self.decoded += done - self._pieces.pop(request_id, 0)
+    def _close_decode_seconds(self) -> None:
+        """The tok/s graph draws whole seconds: a second after an answer ends, its last second
+        is whole, so draw it then rather than wait for the next device reading."""
+        self.set_timer(1.05 * DECODE_BIN_S, lambda: self.links_panel.decode.show(time.monotonic()))
 
     # --- a server's requests (`vramancer --serve`) -------------------------------------------
 

@@ -253,17 +253,32 @@ class EngineWorker:
             self.emit(ev.GenerationDone(command.request_id, "", (), 0, 0, None, None, True))
             return
         prompt = list(command.prompt) if isinstance(command.prompt, tuple) else command.prompt
+        # Text is sent once per decode step, from `on_step`, which runs right after each token
+        # (after the streamer got it): each Token then says how many tokens the answer has, and
+        # leaves before any migration that step runs.
+        held: list[str] = []
+
+        def send(step: int) -> None:
+            if held:
+                self.emit(ev.Token("".join(held), command.request_id, step=step))
+                held.clear()
+
+        def on_step(step: int) -> None:
+            send(step)
+            self._between_steps(step)
+
         self._generating = True
         try:
             engine = self._require_engine()
             result = engine.generate(
                 prompt,
                 raw=command.raw,
-                on_text=lambda text: self.emit(ev.Token(text, command.request_id)),
-                on_step=self._between_steps,
+                on_text=held.append,
+                on_step=on_step,
                 cancel=self._cancel,
                 **command.sampling,
             )
+            send(result.new_tokens)  # what the streamer let out at the end
         finally:
             self._generating = False
             with self._cancel_lock:
