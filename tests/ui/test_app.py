@@ -271,7 +271,7 @@ async def test_shift_click_selects_a_sub_range_to_drag(tiny_model_dir):
 
 
 @pytest.mark.parametrize("devices, size", [("sim:4x64MiB", (120, 40)), ("sim:8x64MiB", (120, 40)),
-                                           ("sim:16x64MiB", (200, 50))])
+                                           ("sim:16x64MiB", (120, 40)), ("sim:32x64MiB", (200, 50))])
 async def test_every_device_is_on_screen_and_a_drop_target(tiny_model_dir, devices, size):
     app = make_app(tiny_model_dir, devices=devices)
     recorder = Recorder(app)
@@ -286,7 +286,7 @@ async def test_every_device_is_on_screen_and_a_drop_target(tiny_model_dir, devic
         for col in columns:
             assert app.screen.region.contains_region(col.region), f"{col.device} is off screen"
             assert panel.contains_region(col.region), f"{col.device} is outside the placement panel"
-            inside = (col.region.x + col.region.width // 2, col.region.bottom - 2)
+            inside = (col.region.x + col.region.width // 2, col.region.bottom - min(2, col.region.height))
             widget, _ = app.screen.get_widget_at(*inside)
             assert col in widget.ancestors_with_self, f"{col.device} is hidden under {widget}"
         for block in app.placement_panel.query(BlockTile):
@@ -298,6 +298,9 @@ async def test_every_device_is_on_screen_and_a_drop_target(tiny_model_dir, devic
         for card in cards.cards.values():
             assert cards.content_region.contains_region(card.region), f"{card.info.name}'s card needs scrolling"
             assert card.info.name in card.render().plain
+            assert "% of 64.0 MiB" in card.render().plain
+        if size == (120, 40):
+            assert app.console_panel.region.area * 3 >= app.screen.region.area, "the conversation's third of the screen"
 
         # The last column takes a drop like any other.
         last = columns[-1]
@@ -596,6 +599,43 @@ async def test_help_screen_and_quit(tiny_model_dir):
         await pilot.press("escape", "q")
     assert app.return_code == 0
     assert not app.worker.alive, "quitting shuts the engine worker down"
+
+
+async def test_any_panel_zooms_to_the_whole_screen_and_back(tiny_model_dir):
+    """z zooms the panel holding the focus over the screen and back (esc too); f2 from the prompt."""
+    app = make_app(tiny_model_dir, devices="sim:8x64MiB")
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        screen = app.screen
+        placement = app.placement_panel
+        before = placement.region
+        tile(app, 0, app.plan.layer_devices[0]).focus()
+        await pilot.press("z")
+        await pilot.pause()
+        assert screen.maximized is placement
+        assert placement.region.height >= SIZE[1] - 2 and placement.region.width == SIZE[0]
+        assert not app.devices_panel.region or not screen.region.overlaps(app.devices_panel.region) \
+            or app.devices_panel not in screen.visible_widgets
+        await pilot.press("z")
+        await pilot.pause()
+        assert screen.maximized is None and placement.region == before
+
+        app.events_log.focus()
+        await pilot.press("z")
+        await pilot.pause()
+        assert screen.maximized is app.events_log and app.events_log.region.width == SIZE[0]
+        await pilot.press("escape")
+        await pilot.pause()
+        assert screen.maximized is None
+
+        app.console_panel.prompt.focus()
+        await pilot.press("z", "f2")  # z types in the prompt; f2 zooms from there
+        await pilot.pause()
+        assert app.console_panel.prompt.value == "z"
+        assert screen.maximized is app.console_panel and app.console_panel.region.height >= SIZE[1] - 2
+        await pilot.press("f2")
+        await pilot.pause()
+        assert screen.maximized is None and app.console_panel.region.height == 14
 
 
 async def test_export_metrics_from_the_command_palette(tiny_model_dir, tmp_path, monkeypatch):

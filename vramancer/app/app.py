@@ -77,7 +77,10 @@ class VramancerApp(App[int]):
         # Single keys act off the prompt (in it they type); f1 and ctrl+q work anywhere.
         Binding("slash", "focus_prompt", "Prompt"),
         Binding("p", "focus_placement", "Placement"),
+        Binding("z", "zoom", "Zoom"),
+        Binding("f2", "zoom", "Zoom", show=False),  # from the prompt too, where z types
     ]
+    PANELS = ("#devices", "#placement", "#links", "#events", "#console")
 
     def __init__(
         self,
@@ -561,6 +564,22 @@ class VramancerApp(App[int]):
             console.stats.update("cancelling…")
         elif self.focused is console.prompt:
             self.screen.focus_next(BlockTile)
+
+    def action_zoom(self) -> None:
+        """The panel holding the focus over the whole screen, or, zoomed, back in its place."""
+        screen = self.screen
+        if screen is not self.screen_stack[0]:
+            return  # a dialog is open
+        if screen.maximized is not None:
+            screen.minimize()
+            return
+        focused = self.focused
+        panels = [self.query_one(selector) for selector in self.PANELS]
+        panel = next((p for p in panels if focused is not None and focused in (p, *p.walk_children())), None)
+        if panel is None:
+            self.notify("Focus a panel first (tab), then press z.", severity="warning")
+            return
+        screen.maximized = panel
 
     def action_focus_prompt(self) -> None:
         self.console_panel.prompt.focus()

@@ -35,6 +35,9 @@ def memory_parts(snap: DeviceSnapshot) -> list[tuple[str, int, str]]:
 # How much a card shows, by the room the panel has for each device (lines per card).
 FULL, TWO_LINES, ONE_LINE = "full", "two", "one"
 FULL_HEIGHT = 8  # title, bar, legend (up to two lines), memory trend, utilisation trend, margin
+# One-line cards go two to a line where more devices than lines would otherwise scroll and each
+# half of the panel still holds a name, a bar of a few cells and "100% of 64.0 MiB".
+TWO_UP_WIDTH = 2 * 28 + 2
 
 
 def reading(value: float | None, unit: str, digits: int = 0) -> str:
@@ -268,10 +271,17 @@ class DevicesPanel(VerticalScroll):
             room -= styles.gutter.height
         return max(room, 0)
 
+    def two_up(self, mode: str) -> bool:
+        """Whether one-line cards go two to a line: one each would not all fit, and two do."""
+        room = self.room_for_cards()
+        return (mode == ONE_LINE and room is not None and len(self.cards) + 2 > room
+                and self.content_region.width >= TWO_UP_WIDTH)
+
     def _fit_cards(self) -> None:
         if not self.cards:
             return
         mode = self.mode_for_size()
+        self.set_class(self.two_up(mode), "-two-up")
         self.legend.display = mode != FULL
         name_width = max(len(name) for name in self.cards)
         for card in self.cards.values():

@@ -37,6 +37,12 @@ WARM, FULL = 0.90, 0.97
 MIN_COLUMN_WIDTH = 12
 
 
+def fits_as_columns(columns: int, rows: int, tiles: int, height: int) -> bool:
+    """Whether `rows` rows of device columns, each with up to `tiles` one-line tiles, a border
+    and a summary, fit `height` lines; else every device takes one line of its own."""
+    return rows == 1 or rows * (tiles + 3) <= height
+
+
 def grid_shape(devices: int, width: int) -> tuple[int, int]:
     """(columns, rows) of device columns for a panel `width` cells wide: one row while every
     column gets MIN_COLUMN_WIDTH, else as few rows as keep them that wide, filled evenly."""
@@ -115,6 +121,7 @@ class BlockTile(Widget, can_focus=True):
         self._anchor: int | None = None
         self._dragging = False
         self.compact = False  # many devices: no layer strip, so every tile of a column stays in view
+        self.one_line = False  # a line per device: the tile is its label and size, side by side
         if isinstance(first, str):
             self.add_class(f"-{first}")
 
@@ -158,11 +165,18 @@ class BlockTile(Widget, can_focus=True):
     def get_content_height(self, container, viewport, width: int) -> int:
         return len(self._lines(width))
 
+    def get_content_width(self, container, viewport) -> int:
+        return max(len(line) for line in self._lines(container.width))
+
     def render(self) -> Text:
         return Text("\n").join(self._lines(max(self.content_region.width, 4)))
 
     def _lines(self, width: int) -> list[Text]:
         label, size = self.caption
+        if self.one_line:
+            note = f" → {self.moving_to}…" if self.moving_to is not None else (
+                f" [{part_label(*self.selection)}]" if self.partial else "")
+            return [Text(f"{label} {size}{note}", no_wrap=True)]
         if len(label) + 3 + len(size) <= width:
             lines = [Text(f"{label} · {size}", no_wrap=True, overflow="ellipsis")]
         else:  # a narrow column: the size goes under the label rather than off the edge
@@ -283,9 +297,12 @@ class DeviceColumn(Vertical):
         self.border_title = info.name
         self.summary = Static("", classes="column-summary")
         self._summary_text = ""
+        self.title = Static(info.name, classes="column-name", markup=False)  # shown as a line per device
+        self.name_width = len(info.name)  # the panel's longest name, so the lines of devices align
         self.preview = Static("", classes="drop-preview")
 
     def compose(self) -> ComposeResult:
+        yield self.title
         yield self.summary
         yield self.preview
 
@@ -300,6 +317,7 @@ class DeviceColumn(Vertical):
             self.border_subtitle = subtitle
             self._summary_text = summary
             self.summary.update(summary)
+            self.title.update(f"{self.device:<{self.name_width}} {share:4.0%}")
 
     def show_verdict(self, verdict: Verdict | None, what: str = "") -> None:
         """Preview a drop while a tile hovers over this column; None clears it."""
@@ -359,6 +377,8 @@ class PlacementPanel(Container):
         self._hovered = None
         await self.remove_children()
         self.columns = {d.name: DeviceColumn(d) for d in devices}
+        for column in self.columns.values():
+            column.name_width = max(len(d.name) for d in devices)
         self._fit_grid()
         await self.mount_all(self.columns.values())
 
@@ -367,14 +387,20 @@ class PlacementPanel(Container):
 
     def _fit_grid(self) -> None:
         columns, rows = grid_shape(len(self.columns), self.content_region.width or self.size.width)
+        tiles = max(_tile_counts(self.plan).values(), default=1) if self.plan else 1
+        height = self.content_region.height or self.size.height
+        as_rows = bool(height) and not fits_as_columns(columns, rows, tiles, height)
+        if as_rows:
+            columns, rows = 1, len(self.columns)
         compact = rows > 1
         if (columns, rows) != (self.styles.grid_size_columns, self.styles.grid_size_rows):
             self.styles.grid_size_columns = columns
             self.styles.grid_size_rows = rows
+        self.set_class(as_rows, "-rows")
         self.set_class(compact, "-compact")
         for tile in self.query(BlockTile):
-            if tile.compact != compact:
-                tile.compact = compact
+            if (tile.compact, tile.one_line) != (compact, as_rows):
+                tile.compact, tile.one_line = compact, as_rows
                 tile.refresh(layout=True)
 
     async def show_plan(self, plan: PlanSnapshot) -> None:
@@ -385,13 +411,14 @@ class PlacementPanel(Container):
             self._hovered.show_verdict(None)
             self._hovered = None
         self.plan = plan
-        compact = self.has_class("-compact")
+        compact, one_line = self.has_class("-compact"), self.has_class("-rows")
         for name, column in self.columns.items():
             tiles = self._tiles_for(name, plan)
             for tile in tiles:
-                tile.compact = compact
+                tile.compact, tile.one_line = compact, one_line
             await column.set_tiles(tiles)
         self.shown = plan
+        self._fit_grid()  # the tiles per device decide whether columns have room for them
         self._refresh_fullness()
         if keep is not None:
             self.call_after_refresh(self._focus_range, keep)
@@ -502,6 +529,14 @@ class PlacementPanel(Container):
             if _within(*selection, tile.first, tile.last):
                 tile.focus()
                 return
+
+
+def _tile_counts(plan: PlanSnapshot) -> dict[str, int]:
+    """How many tiles each device's column holds under `plan`."""
+    counts: dict[str, int] = {}
+    for device in (plan.embed, plan.head, *(b.device for b in plan.blocks)):
+        counts[device] = counts.get(device, 0) + 1
+    return counts
 
 
 def _within(first: Part, last: Part, block_first: Part, block_last: Part) -> bool:
