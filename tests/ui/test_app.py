@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from textual.widgets import Input
 
 from vramancer.app import VramancerApp
 from vramancer.app.messages import EngineEvent, TokensReady
-from vramancer.app.screens import HelpScreen, LoadModelScreen, MoveTargetScreen
+from vramancer.app.screens import DeviceDetailScreen, HelpScreen, LoadModelScreen, MoveTargetScreen
 from vramancer.config.units import format_bytes
 from vramancer.engine import events as ev
 from vramancer.engine.engine import LoadOptions
@@ -94,7 +95,8 @@ def tile(app, first, device: str) -> BlockTile:
 
 
 def log_text(app) -> str:
-    return "\n".join(strip.text for strip in app.query_one(EventsLog).lines)
+    """The events log's lines as written (on screen they wrap to the panel's width)."""
+    return "\n".join(text for text, _ in app.query_one(EventsLog).entries)
 
 
 def answer_shown(app) -> str:
@@ -179,15 +181,17 @@ async def test_drag_tile_onto_another_column_migrates_it(tiny_model_dir):
         assert row.last.bytes == carried and row.rate_now == 0 and row.peak() > 0
         assert "now 0 B/s" in row.render().plain and "peak 0 B/s" not in row.render().plain
         shown = row.render().plain
-        assert f"{format_bytes(carried)} in {row.last.transfers} transfers · last " in shown, "carried, in full"
-        graph = shown.splitlines()[-1]
-        peak_shown = shown.split("peak ")[1].split(" ·")[0].splitlines()[0]
-        assert graph.rstrip().endswith(" s") and f" 0–{peak_shown} · " in graph
+        assert f"{format_bytes(carried)} in {row.last.transfers} transfers" in shown, "carried, in full"
+        assert re.search(r"last \d+(\.\d+)? [MG]B/s", shown), "the last transfers' rate, in full"
+        peak_shown = re.search(r"peak (\S+ \S+/s)", shown).group(1)
+        assert shown.rstrip().endswith(" s") and f"0–{peak_shown} · " in shown, "the graph's scale and window"
+        graph = next(line for line in shown.splitlines() if "█" in line or "▁" in line)
         # The peak drawn is the migration's own rate, as logged: its bytes over its time.
         logged = done[0].bytes / done[0].seconds
         assert abs(row.peak() - logged) <= 0.1 * logged, (row.peak(), logged)
         assert peak_shown == per_second(row.peak())
-        assert len(graph.split(" 0–")[0]) >= 10, "the bytes/s graph has room on screen"
+        assert len(graph.split(" 0–")[0].strip()) >= 3 and len(graph.split(" 0–")[0]) >= 10, \
+            "the bytes/s graph has room on screen"
 
 
 async def test_drop_on_a_device_too_small_is_refused_and_nothing_moves(tiny_model_dir):
@@ -298,7 +302,7 @@ async def test_every_device_is_on_screen_and_a_drop_target(tiny_model_dir, devic
         for card in cards.cards.values():
             assert cards.content_region.contains_region(card.region), f"{card.info.name}'s card needs scrolling"
             assert card.info.name in card.render().plain
-            assert "% of 64.0 MiB" in card.render().plain
+            assert re.search(r"\d+%", card.render().plain), "how full it is"
         if size == (120, 40):
             assert app.console_panel.region.area * 3 >= app.screen.region.area, "the conversation's third of the screen"
 
@@ -389,7 +393,7 @@ async def test_an_answer_without_spaces_streams_as_it_is_decoded(tiny_model_dir)
     recorder = Recorder(app)
     async with app.run_test(size=SIZE, message_hook=recorder) as pilot:
         await loaded(pilot)
-        decoded = force_answer(app.worker.engine, payload, step_s=0.2)
+        decoded = force_answer(app.worker.engine, payload, step_s=0.25)
         tokens: list[ev.Token] = []  # as the engine sent them (the App drains them in batches)
         emit = app.worker.emit
         app.worker.emit = lambda event: (tokens.append(event) if isinstance(event, ev.Token) else None, emit(event))
@@ -397,7 +401,8 @@ async def test_an_answer_without_spaces_streams_as_it_is_decoded(tiny_model_dir)
         await wait_for(pilot, lambda: answer_shown(app), "the first text")
         shown_at = time.monotonic()
         assert decoded, "text before any token was decoded"
-        assert shown_at - decoded[0] < 1.0, f"first text {shown_at - decoded[0]:.2f} s after the first token"
+        assert shown_at - decoded[0] < 1.0, (f"first text {shown_at - decoded[0]:.2f} s after the first token, "
+                                             f"sent {tokens[0].at - decoded[0]:.2f} s after it (step {tokens[0].step})")
         assert payload.startswith(answer_shown(app)) and answer_shown(app) != payload.replace("🏽", "")
         done = (await wait_for(pilot, lambda: recorder.of(ev.GenerationDone), "the answer"))[0]
         assert done.text == payload and done.decode_tokens_per_s
@@ -638,6 +643,62 @@ async def test_any_panel_zooms_to_the_whole_screen_and_back(tiny_model_dir):
         assert screen.maximized is None and app.console_panel.region.height == 14
 
 
+async def test_arrows_and_vi_keys_move_between_tiles_and_devices_and_enter_opens_a_device(tiny_model_dir):
+    """h/l and the arrows go to the tile on the next device, j/k to the tile under or over; in
+    the devices panel j/k move its cursor; Enter on either opens the device's detail: its
+    memory parts over time, what the plan put on it (or why nothing), its links."""
+    app = make_app(tiny_model_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        await wait_for(pilot, lambda: all(c.snapshot for c in app.devices_panel.cards.values()), "a reading")
+        embed, head, layers = tile(app, "embed", "sim0"), tile(app, "head", "sim0"), tile(app, 0, "sim1")
+        embed.focus()
+        await pilot.press("l")
+        assert app.focused is layers
+        await pilot.press("left")
+        assert app.focused in (embed, head)
+        embed.focus()
+        await pilot.press("j")
+        assert app.focused is head
+        await pilot.press("up")
+        assert app.focused is embed
+
+        layers.focus()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, DeviceDetailScreen), "the detail of sim1")
+        shown = str(app.screen.body.render())
+        assert shown.startswith("sim1") and "memory over time" in shown
+        for label in ("weights", "KV", "reserved", "other processes", "free"):
+            assert label in shown, label
+        assert "L0–5" in shown and "867 KiB" in shown, "the layers placed there, with their size"
+        await pilot.press("escape")
+        assert not isinstance(app.screen, DeviceDetailScreen) and app.focused is layers
+
+        app.devices_panel.focus()
+        await pilot.press("j", "j")
+        assert app.devices_panel.cards["sim2"].has_class("-cursor")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, DeviceDetailScreen), "the detail of sim2")
+        shown = str(app.screen.body.render())
+        assert shown.startswith("sim2") and "nothing · empty: " in shown, "why it holds nothing"
+        await pilot.press("escape")
+
+
+async def test_the_load_dialog_offers_weights(tiny_model_dir):
+    app = make_app(tiny_model_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        app.action_load_model()
+        await wait_for(pilot, lambda: isinstance(app.screen, LoadModelScreen) and app.screen.query("#load-weights"),
+                       "the load dialog")
+        weights = app.screen.query_one("#load-weights")
+        assert {"native", "q8", "q4"} <= {str(value) for _, value in weights._options}
+        weights.value = "q4"
+        await pilot.click("#load-go")
+        await wait_for(pilot, lambda: not isinstance(app.screen, LoadModelScreen), "the dialog to close")
+        assert app.options.weights == "q4", "the load asked for 4-bit weights"
+
+
 async def test_export_metrics_from_the_command_palette(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     app = make_app(tiny_model_dir)
@@ -675,6 +736,8 @@ async def test_replan_from_the_command_palette(tiny_model_dir):
         moved = [line for line in log_text(app).splitlines() if line.startswith("re-plan moved")]
         assert moved, "the parts the re-plan moved are in the events log"
         assert moved[-1].removeprefix("re-plan moved ") in str(app.query_one(".last-migration").render())
+        assert re.search(r"re-plan: \d+ moves?, .+ in \d+\.\d ms · \d+(\.\d+)? [MG]B/s", log_text(app)), \
+            "the re-plan's moves with their time and rate"
 
 
 async def test_events_log_wraps_again_when_the_terminal_shrinks(tiny_model_dir):
@@ -784,8 +847,8 @@ async def test_history_of_memory_utilisation_and_decode_speed_with_their_scales(
         await pilot.pause()
         assert decode.display and decode.tokens == done.new_tokens
         shown = decode.render().plain
-        assert f"peak {decode.peak():.1f} tok/s · {done.new_tokens} tokens decoded" in shown
-        assert f" 0–{decode.peak():.1f} tok/s · " in shown and shown.rstrip().endswith(" s"), "scale and window"
+        assert f"peak {decode.peak():.1f} tok/s" in shown and f"{done.new_tokens} tokens decoded" in shown
+        assert f"0–{decode.peak():.1f} tok/s · " in shown and shown.rstrip().endswith(" s"), "scale and window"
 
 
 async def test_every_focus_stop_shows_focus_in_a_colour_of_its_own(tiny_model_dir):

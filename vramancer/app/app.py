@@ -13,6 +13,7 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Awaitable, Callable
 
+from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -28,23 +29,25 @@ from vramancer.app.messages import (
     TokensReady,
 )
 from vramancer.app.metrics import metrics_document, write_metrics
-from vramancer.app.screens import HelpScreen, LoadModelScreen, MoveTargetScreen
+from vramancer.app.screens import DeviceDetailScreen, HelpScreen, LoadModelScreen, MoveTargetScreen
 from vramancer.config.options import LoadOptions
 from vramancer.config.units import format_bytes, format_rate
 from vramancer.platforms.lifetime import Lifetime, exit_now
 from vramancer.widgets.console import ConsolePanel
-from vramancer.widgets.devices import DevicesPanel
+from vramancer.widgets.devices import MEMORY_PARTS, DevicesPanel
 from vramancer.widgets.events_log import EventsLog, request_outcome
 from vramancer.widgets.header import LoadBar, ModelHeader
 from vramancer.widgets.labels import part_label
-from vramancer.widgets.links import DECODE_BIN_S, LinksPanel
-from vramancer.widgets.placement import BlockTile, PlacementPanel
+from vramancer.widgets.charts import spark
+from vramancer.widgets.links import DECODE_BIN_S, LinksPanel, per_second
+from vramancer.widgets.placement import BlockTile, PlacementPanel, why_empty
 
 if TYPE_CHECKING:  # the engine (and torch) is imported after the first frame, on a thread
     from vramancer.engine import events as ev
     from vramancer.engine.worker import EngineWorker
 
 DEFAULT_SAMPLING = {"max_new_tokens": 256, "temperature": 0.0}
+_PART_STYLE = {label: style for label, _, style in MEMORY_PARTS}
 # How long quitting waits for the worker: it stops within one decode step (milliseconds); a
 # load in progress cannot stop part-way, and its daemon thread ends with the process.
 SHUTDOWN_TIMEOUT = 1.0
@@ -357,7 +360,7 @@ class VramancerApp(App[int]):
     async def _on_plan_changed(self, event: ev.PlanChanged) -> None:
         before = self.plan
         if before is not None:
-            self._log_plan_moves(before, event.plan, self._moved_since_plan)
+            self._log_plan_moves(before, event.plan, self._moved_since_plan, event.seconds)
         self._moved_since_plan = []
         self.plan = event.plan
         await self.placement_panel.show_plan(event.plan)
@@ -366,16 +369,25 @@ class VramancerApp(App[int]):
         self.sample_now()
 
     def _log_plan_moves(self, before: ev.PlanSnapshot, after: ev.PlanSnapshot,
-                        reported: list[ev.MigrationDone]) -> None:
+                        reported: list[ev.MigrationDone], seconds: float | None = None) -> None:
         """Moves a new plan made that no migration event reported (a re-plan moves parts in one
-        go): a line each in the events log, and the last of them in the links panel."""
+        go): a line each in the events log, and the last of them in the links panel; then, with
+        the re-plan's time, all of them together with their GB/s (the engine times the re-plan
+        as a whole, not each part)."""
         told = {(m.first, m.last, m.dst) for m in reported}
+        moved = 0
+        count = 0
         for first, last, src, dst in plan_moves(before, after):
             if any(_covers(m, first, last, dst) for m in told):
                 continue
             size = after.part_bytes(first, last)
+            moved += size
+            count += 1
             self.events_log.note(f"re-plan moved {part_label(first, last)} {src} → {dst} · {format_bytes(size)}", "green")
             self.links_panel.show_replan_move(part_label(first, last), src, dst, size)
+        if count and seconds:
+            self.events_log.note(f"re-plan: {count} move{'s' if count > 1 else ''}, {format_bytes(moved)} in "
+                                 f"{seconds * 1000:.1f} ms · {format_rate(moved / seconds)}", "green")
 
     def _on_migration_done(self, event: ev.MigrationDone) -> None:
         self._moved_since_plan.append(event)
@@ -508,6 +520,53 @@ class VramancerApp(App[int]):
         from vramancer.engine import events as ev
 
         self.worker.submit(ev.Migrate(message.first, message.last, message.device))
+
+    @on(BlockTile.DetailWanted)
+    @on(DevicesPanel.DetailWanted)
+    def _open_detail(self, message: BlockTile.DetailWanted | DevicesPanel.DetailWanted) -> None:
+        if message.device in self.devices_panel.cards and not isinstance(self.screen, DeviceDetailScreen):
+            self.push_screen(DeviceDetailScreen(message.device, self.device_detail))
+
+    def device_detail(self, device: str) -> Text:
+        """What the detail of `device` shows: each memory part over time (on the device's size),
+        the parts the plan put there, and the links that carried data to or from it."""
+        card = self.devices_panel.cards[device]
+        info, snap = card.info, card.snapshot
+        text = Text()
+        kind = "simulated" if info.simulated else info.label
+        text.append(f"{device}", "bold")
+        text.append(f"  {kind} · {format_bytes(info.total)}" + (f" · {info.host}" if info.host else "") + "\n\n")
+        text.append("memory over time", "bold")
+        text.append(f"  (0–{format_bytes(info.total)} · a reading a cell · {card._window_s():.0f} s)\n")
+        width = max(self.size.width - 50, 10)
+        for label, history in card.part_history.items():
+            now = format_bytes(history[-1]) if history else "—"
+            text.append(f"  {label:<16}")
+            text.append(spark(history, info.total, width), card.component_style(_PART_STYLE[label]))
+            text.append(f" {now}\n")
+        text.append("\nplaced here\n", "bold")
+        plan = self.plan
+        if plan is not None:
+            parts = ([("embed", "embed")] if plan.embed == device else []) + \
+                [(b.first_layer, b.last_layer) for b in plan.blocks if b.device == device] + \
+                ([("head", "head")] if plan.head == device else [])
+            for first, last in parts:
+                text.append(f"  {part_label(first, last):<16}{format_bytes(plan.part_bytes(first, last))}\n")
+            if not parts:
+                text.append(f"  nothing · {why_empty(plan, device, len(self.devices_panel.cards))}\n")
+            need = plan.needs.get(device)
+            if need is not None:
+                text.append(f"  needs {format_bytes(need)} in all (weights, KV cache for {plan.context} tokens, "
+                            f"workspace, reserve)\n")
+        text.append("\nlinks\n", "bold")
+        rows = [r for (src, dst), r in self.links_panel.rows.items() if device in (src, dst)]
+        for row in rows:
+            last = row.last
+            text.append(f"  {row.src} → {row.dst}  now {per_second(row.rate_now)} · peak {per_second(row.peak())} · "
+                        f"{format_bytes(last.bytes)} in {last.transfers} transfers\n")
+        if not rows:
+            text.append("  no data has crossed a link to or from it yet\n")
+        return text
 
     @on(BlockTile.TargetWanted)
     def _choose_target(self, message: BlockTile.TargetWanted) -> None:

@@ -214,6 +214,7 @@ class Loaded(Event):
 @dataclass(frozen=True)
 class PlanChanged(Event):
     plan: PlanSnapshot
+    seconds: float | None = None  # how long a re-plan took to move its parts (None: no re-plan)
 
 
 @dataclass(frozen=True)

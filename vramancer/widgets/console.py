@@ -145,10 +145,11 @@ class ConsolePanel(Vertical):
         at = time.monotonic() if at is None else at
         self.streamed_tokens = step or self.streamed_tokens + 1
         self._last_told = (self.streamed_tokens, at)
-        if self._first_told is None:
-            self._first_told = self._last_told
         self.answer_text += text
-        if not self._redraw_pending:
+        if self._first_told is None:  # the first text replaces "thinking…" at once, unpaced
+            self._first_told = self._last_told
+            self._redraw()
+        elif not self._redraw_pending:
             self._redraw_pending = True
             self.set_timer(REDRAW_INTERVAL, self._redraw)
 

@@ -96,30 +96,63 @@ class LinkRow(LineWidget):
         scale leaves)."""
         style = self.component_style
         scale_room = len(" 0–0000.0 MiB/s · 000 s")
-        graph_width = max(width - scale_room, 0)
+        graph_width = width - scale_room if width - scale_room >= MIN_GRAPH else width
         peak = self.peak(graph_width)
-        head = Text(no_wrap=True, overflow="ellipsis")
+        head = Text()
         head.append(f"{self.src} → {self.dst}", style("linkrow--name"))
-        lines = [head]
+        items = [head]
         if self.last is not None:
             snap = self.last
-            head.append(f"  now {per_second(self.rate_now)} · peak {per_second(peak)}")
-            carried = (f"{format_bytes(snap.bytes)} in {snap.transfers} transfers · "
-                       f"last {format_rate(snap.gb_per_s * 1e9)}")
-            if len(head) + 3 + len(carried) <= width:
-                head.append(" · ")
-                head.append(carried, style("linkrow--dim"))
-            else:  # a second line rather than cut off what it carried
-                lines.append(Text(carried, style("linkrow--dim"), no_wrap=True, overflow="ellipsis"))
-        graph = Text(no_wrap=True, overflow="ellipsis")
+            dim = style("linkrow--dim")
+            head.append(f"  now {per_second(self.rate_now)}")
+            items += [Text(f"peak {per_second(peak)}"),
+                      Text(f"{format_bytes(snap.bytes)} in {snap.transfers} transfers", dim),
+                      Text(f"last {format_rate(snap.gb_per_s * 1e9)}", dim)]
+        lines = fold(items, width)
         top = per_second(peak)
-        self._trend_width = max(width - len(f" 0–{top} · 000 s"), 0)
-        graph.append(spark(self.rates, peak, self._trend_width), style("linkrow--trend"))
-        graph.append(f" 0–{top} · {self.window_s(self._trend_width):.0f} s", style("linkrow--dim"))
-        return [*lines, graph]
+        return [*lines, *trend_lines(width, len(f" 0–{top} · 000 s"),
+                                     lambda cells: spark(self.rates, peak, cells), style("linkrow--trend"),
+                                     lambda cells: f" 0–{top} · {self.window_s(cells):.0f} s", style("linkrow--dim"),
+                                     self._keep_width)]
+
+    def _keep_width(self, cells: int) -> None:
+        self._trend_width = cells
 
 
 DECODE_BIN_S = 1.0  # the tok/s graph's cell: tokens decoded in each second
+MIN_GRAPH = 10  # cells a graph needs beside its scale; fewer, and the scale goes on its own line
+
+
+def fold(items: list[Text], width: int) -> list[Text]:
+    """`items` joined by " · ", as many on each line as fit `width`: a narrow panel gets more
+    lines rather than figures cut off."""
+    lines: list[Text] = []
+    for item in items:
+        if lines and len(lines[-1]) + 3 + len(item) <= width:
+            lines[-1].append(" · ")
+            lines[-1].append_text(item)
+        else:
+            lines.append(item.copy())
+    for line in lines:
+        line.no_wrap, line.overflow = True, "ellipsis"
+    return lines
+
+
+def trend_lines(width: int, scale_width: int, graph, graph_style, scale, scale_style, keep=None) -> list[Text]:
+    """A graph and its scale: on one line where the graph keeps MIN_GRAPH cells beside the
+    scale, else the graph over the whole width and the scale under it. `graph(cells)` and
+    `scale(cells)` draw them for a graph `cells` wide; `keep(cells)` is told the width chosen."""
+    cells = width - scale_width
+    beside = cells >= MIN_GRAPH
+    cells = cells if beside else width
+    if keep is not None:
+        keep(max(cells, 0))
+    line = Text(no_wrap=True, overflow="ellipsis")
+    line.append(graph(max(cells, 0)), graph_style)
+    if beside:
+        line.append(scale(cells), scale_style)
+        return [line]
+    return [line, Text(scale(cells).strip(), scale_style, no_wrap=True, overflow="ellipsis")]
 
 
 class DecodeRow(LineWidget):
@@ -190,18 +223,17 @@ class DecodeRow(LineWidget):
 
     def build_lines(self, width: int) -> list[Text]:
         style = self.component_style
-        self._trend_width = max(width - len(" 0–000.0 tok/s · 000 s"), 0)
+        scale = len(" 0–000.0 tok/s · 000 s")
+        self._trend_width = width - scale if width - scale >= MIN_GRAPH else width  # as trend_lines lays it out
         rates = self.rates(max(self._trend_width, 1), self._now)
         now, peak = rates[-1], max(rates)
-        head = Text(no_wrap=True, overflow="ellipsis")
+        head = Text()
         head.append("decode", style("linkrow--name"))
-        head.append(f"  now {now:.1f} tok/s · peak {peak:.1f} tok/s · {self.tokens} tokens decoded")
-        graph = Text(no_wrap=True, overflow="ellipsis")
-        window = self._trend_width * DECODE_BIN_S
-        graph.append(spark(rates[-self._trend_width:] if self._trend_width else [], peak, self._trend_width),
-                     style("decoderow--trend"))
-        graph.append(f" 0–{peak:.1f} tok/s · {window:.0f} s", style("linkrow--dim"))
-        return [head, graph]
+        head.append(f"  now {now:.1f} tok/s")
+        items = [head, Text(f"peak {peak:.1f} tok/s"), Text(f"{self.tokens} tokens decoded")]
+        return [*fold(items, width), *trend_lines(width, scale, lambda n: spark(rates[-n:] if n else [], peak, n),
+                                   style("decoderow--trend"),
+                                   lambda n: f" 0–{peak:.1f} tok/s · {n * DECODE_BIN_S:.0f} s", style("linkrow--dim"))]
 
 
 class LinksPanel(VerticalScroll):

@@ -83,12 +83,26 @@ class BlockTile(Widget, can_focus=True):
 
     BINDINGS = [
         Binding("m", "choose_target", "Move to…"),
+        Binding("enter", "detail", "Device detail"),
+        # As in nvitop and btop: arrows or vi keys go to the nearest tile that way, whichever
+        # way the devices are laid out (columns side by side, rows of columns, a line each).
+        Binding("left,h", "step('left')", "Tile left", show=False),
+        Binding("right,l", "step('right')", "Tile right", show=False),
+        Binding("up,k", "step('up')", "Tile up", show=False),
+        Binding("down,j", "step('down')", "Tile down", show=False),
         Binding("left_square_bracket", "shrink_front", "Drop first layer", show=False),
         Binding("right_square_bracket", "shrink_back", "Drop last layer", show=False),
         Binding("a", "select_all", "Whole block", show=False),
     ]
 
     COMPONENT_CLASSES = {"blocktile--selected", "blocktile--unselected", "blocktile--note"}
+
+    class DetailWanted(Message):
+        """Enter on a tile: open its device's detail."""
+
+        def __init__(self, device: str) -> None:
+            super().__init__()
+            self.device = device
 
     class TargetWanted(Message):
         """The keyboard path: the user pressed `m` on this tile and must now pick a device."""
@@ -210,6 +224,14 @@ class BlockTile(Widget, can_focus=True):
 
     # --- keyboard ----------------------------------------------------------------------
 
+    def action_detail(self) -> None:
+        self.post_message(self.DetailWanted(self.device))
+
+    def action_step(self, direction: str) -> None:
+        target = nearest(self, [t for t in self.screen.query(BlockTile) if t is not self and t.display], direction)
+        if target is not None:
+            target.focus()
+
     def action_choose_target(self) -> None:
         if self.moving_to is None:
             self.post_message(self.TargetWanted(self))
@@ -306,13 +328,21 @@ class DeviceColumn(Vertical):
         yield self.summary
         yield self.preview
 
-    def show_fullness(self, used: int, total: int, need: int | None) -> None:
-        share = used / total if total else 0.0
+    def show_fullness(self, used: int, total: int, need: int | None, empty_because: str = "") -> None:
+        """How full the device is; why it holds nothing (`empty_because`), or what to do when
+        it is over-committed."""
+        # Levels by the share as shown: a device that reads "97%" is in the error colour.
+        share = round(used / total, 2) if total else 0.0
         self.set_class(share < WARM, "-roomy")
         self.set_class(WARM <= share < FULL, "-warm")
         self.set_class(share >= FULL, "-full")
+        self.set_class(bool(empty_because), "-empty")
         subtitle = f"{share:.0%} used"
         summary = f"needs {format_bytes(need)}" if need is not None else ""
+        if empty_because:
+            summary = empty_because
+        elif share >= FULL and need is not None:
+            summary = "over-committed: m moves a tile off, ctrl+p re-plans"
         if (subtitle, summary) != (self.border_subtitle, self._summary_text):  # unchanged: no redraw
             self.border_subtitle = subtitle
             self._summary_text = summary
@@ -522,13 +552,48 @@ class PlacementPanel(Container):
                 continue
             need = self.plan.needs.get(d.name) if self.plan else None
             used = self.used.get(d.name, need or 0)
-            column.show_fullness(used, d.total, need)
+            column.show_fullness(used, d.total, need, why_empty(self.plan, d.name, len(self.devices)))
 
     def _focus_range(self, selection: tuple[Part, Part]) -> None:
         for tile in self.query(BlockTile):
             if _within(*selection, tile.first, tile.last):
                 tile.focus()
                 return
+
+
+def nearest(origin: Widget, others: list, direction: str):
+    """The widget of `others` nearest to `origin` in `direction` (left, right, up, down) on
+    screen, None when there is none that way. Distance along the direction counts once, across
+    it twice, so the one straight ahead wins over one diagonally closer."""
+    ox, oy = origin.region.center
+    best, best_cost = None, None
+    for other in others:
+        x, y = other.region.center
+        along, across = {"left": (ox - x, y - oy), "right": (x - ox, y - oy),
+                         "up": (oy - y, x - ox), "down": (y - oy, x - ox)}[direction]
+        if along <= 0:
+            continue
+        cost = along + 2 * abs(across)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = other, cost
+    return best
+
+
+def why_empty(plan: PlanSnapshot | None, device: str, devices: int) -> str:
+    """Why the plan put nothing on `device` ("" when it holds something), in the plan's terms:
+    layers stay whole, so fewer layers than devices leaves some empty; sequential fills the
+    devices in order; the other strategies hand out whole layers by room or by priced time."""
+    if plan is None or _tile_counts(plan).get(device):
+        return ""
+    layers = plan.profile.num_layers
+    if layers + 1 < devices:  # the ends share a device with some layers or each other
+        return f"empty: {layers} layers, {devices} devices"
+    if plan.strategy == "sequential":
+        return "empty: sequential filled the devices before it"
+    largest = format_bytes(max(plan.profile.layer_bytes, default=0))
+    if plan.strategy == "profiled":
+        return "empty: priced faster without it"
+    return f"empty: its share < a layer ({largest})"
 
 
 def _tile_counts(plan: PlanSnapshot) -> dict[str, int]:
