@@ -851,6 +851,33 @@ async def test_history_of_memory_utilisation_and_decode_speed_with_their_scales(
         assert f"0–{decode.peak():.1f} tok/s · " in shown and shown.rstrip().endswith(" s"), "scale and window"
 
 
+async def test_each_meaning_has_its_own_colour_in_both_themes_and_97_percent_is_an_error(tiny_model_dir):
+    """Weights, KV, reserved, other processes and free each in a colour of their own, none of
+    them the warning or error level's, on the dark and the light theme; a device that reads
+    97 % used is drawn at the error level and says what to do."""
+    app = make_app(tiny_model_dir)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        card = app.devices_panel.cards["sim0"]
+        sim1 = column(app, "sim1")
+        for theme in ("textual-dark", "textual-light"):
+            app.theme = theme
+            await pilot.pause()
+            parts = {c: card.get_component_rich_style(c).color for c in
+                     ("devicecard--weights", "devicecard--kv", "devicecard--reserved", "devicecard--other",
+                      "devicecard--free")}
+            assert len(set(parts.values())) == len(parts), (theme, parts)
+            sim1.show_fullness(91, 100, 50)
+            await pilot.pause()
+            warm = sim1.styles.border_top[1].rich_color
+            assert warm not in parts.values(), (theme, "a memory part shares the warning colour")
+        sim1.show_fullness(966, 1000, 900)  # reads "97% used"
+        await pilot.pause()
+        assert sim1.has_class("-full") and sim1.border_subtitle == "97% used"
+        assert sim1.styles.border_top[1].rich_color != warm, "the error level, not the warning"
+        assert "over-committed" in str(sim1.summary.render())
+
+
 async def test_every_focus_stop_shows_focus_in_a_colour_of_its_own(tiny_model_dir):
     """Each panel that takes focus gets the heavy focus border (only it), a tile its cursor
     background; the focus colour is none of the warning / error / success colours."""

@@ -40,6 +40,9 @@ FULL_HEIGHT = 8  # title, bar, legend (up to two lines), memory trend, utilisati
 # One-line cards go two to a line where more devices than lines would otherwise scroll and each
 # half of the panel still holds a name, a bar of a few cells and "100%".
 TWO_UP_WIDTH = 2 * 22 + 2
+# Two-line cards draw memory and utilisation side by side: narrower, each graph is a cell or
+# two, and one line per device (bar and share) says more.
+TWO_LINE_WIDTH = 40
 
 
 def reading(value: float | None, unit: str, digits: int = 0) -> str:
@@ -299,7 +302,7 @@ class DevicesPanel(VerticalScroll):
         legend = len(self.legend.render().wrap(self.app.console, max(self.content_region.width, 1)))
         if height is None or count * FULL_HEIGHT <= height:
             return FULL
-        if legend + count * 2 <= height:
+        if legend + count * 2 <= height and self.content_region.width >= TWO_LINE_WIDTH:
             return TWO_LINES
         return ONE_LINE
 
