@@ -173,6 +173,7 @@ class DecodeRow(LineWidget):
         self.tokens = 0  # decoded since the dashboard started
         self._answers: dict[int | str, tuple[int, float]] = {}  # request → (tokens so far, when)
         self._now = 0.0  # the latest time the row was told of
+        self._drawn_second: int | None = None  # the second the graph was last drawn in
         self._trend_width = 0
 
     def add(self, request_id: int | str, step: int, at: float) -> None:
@@ -186,7 +187,6 @@ class DecodeRow(LineWidget):
         self._answers[request_id] = (step if step else (before[0] if before else 0) + 1, at)
         if before is not None and at > before[1]:
             self._spread(count, before[1], at)
-        self._now = max(self._now, at)
         if not self.display:
             self.display = True
 
@@ -194,6 +194,7 @@ class DecodeRow(LineWidget):
         """The answer is complete with `new_tokens`: count any not yet told (the batch's)."""
         before = self._answers.pop(request_id, None)
         self.tokens += max(new_tokens - (before[0] if before else 0), 0)
+        self._drawn_second = None  # the count is final: shown at the next `show`, whatever the second
 
     def _spread(self, count: int, start: float, end: float) -> None:
         span = end - start
@@ -213,9 +214,14 @@ class DecodeRow(LineWidget):
         return [self.bins.get(cell, 0.0) / DECODE_BIN_S for cell in range(last - width + 1, last + 1)]
 
     def show(self, now: float) -> None:
-        """Time has moved on to `now` (time.monotonic): the graph moves with it."""
+        """Time has moved on to `now` (time.monotonic): the graph moves with it. It draws whole
+        seconds, so it is drawn again once a second at most, however often tokens arrive (a
+        redraw for each batch of a busy server's tokens took the time key presses wait on)."""
         self._now = max(self._now, now)
-        self.redraw()
+        second = int(self._now // DECODE_BIN_S)
+        if second != self._drawn_second:
+            self._drawn_second = second
+            self.redraw()
 
     def peak(self, width: int | None = None, now: float | None = None) -> float:
         width = self._trend_width if width is None else width
