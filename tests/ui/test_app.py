@@ -397,7 +397,9 @@ async def test_an_answer_without_spaces_streams_as_it_is_decoded(tiny_model_dir)
         tokens: list[ev.Token] = []  # as the engine sent them (the App drains them in batches)
         emit = app.worker.emit
         app.worker.emit = lambda event: (tokens.append(event) if isinstance(event, ev.Token) else None, emit(event))
-        await ask(pilot, EMOJI_PROMPT)
+        app.console_panel.prompt.focus()
+        app.console_panel.prompt.value = EMOJI_PROMPT  # the pilot cannot type «, — or 👍🏽 as keys
+        await pilot.press("enter")
         await wait_for(pilot, lambda: answer_shown(app), "the first text")
         shown_at = time.monotonic()
         assert decoded, "text before any token was decoded"
@@ -418,6 +420,7 @@ async def test_an_answer_without_spaces_streams_as_it_is_decoded(tiny_model_dir)
         assert f"peak {decode.peak():.1f} tok/s" in decode.render().plain
 
         assert answer_shown(app) == payload.replace("🏽", "")
+        assert str(app.query(".user-turn").last().render()) == "› " + EMOJI_PROMPT.replace("🏽", ""), "the prompt too"
         assert app.console_panel.messages[-1]["content"] == payload, "the conversation keeps what was decoded"
         assert f"{done.new_tokens} new tokens" in str(app.console_panel.stats.render())
 

@@ -19,6 +19,7 @@ from textual.message import Message
 from textual.reactive import Reactive
 from textual.widgets import Input, Static
 
+from vramancer.widgets.labels import terminal_safe
 from vramancer.widgets.requests import ServerRequests
 
 if TYPE_CHECKING:
@@ -129,7 +130,7 @@ class ConsolePanel(Vertical):
         self.answer_text = ""
         self.streamed_tokens = 0
         self._first_told = self._last_told = None
-        self.transcript.mount(Static(f"› {prompt}", classes="user-turn", markup=False))
+        self.transcript.mount(Static(f"› {terminal_safe(prompt)}", classes="user-turn", markup=False))
         self._answer = Static("", classes="answer", markup=False)
         self.transcript.mount(self._answer)
         self.stats.update("thinking…")
@@ -230,19 +231,6 @@ class ConsolePanel(Vertical):
         if self.streaming is not None and self._answer is not None:
             self._answer.add_class("-cancelled")
         self.streaming = None
-
-
-# Characters whose width terminals and Rich disagree on: a skin-tone modifier, the joiner of an
-# emoji sequence and the emoji-presentation selector. Rich counts 👍🏽 as four cells, a terminal
-# draws two, so every cell after it on the line lands two to the left and the panel's right
-# border breaks until the screen is redrawn. Without them each character is drawn alone, at the
-# width both agree on (👍🏽 shows as 👍).
-_WIDTH_AMBIGUOUS = dict.fromkeys([*range(0x1F3FB, 0x1F400), 0x200D, 0xFE0F])
-
-
-def terminal_safe(text: str) -> str:
-    """`text` as the console draws it: what a terminal and Rich agree on the width of."""
-    return text.translate(_WIDTH_AMBIGUOUS)
 
 
 def _needs_other_height(text: Static) -> bool:

@@ -38,9 +38,10 @@ MIN_COLUMN_WIDTH = 12
 
 
 def fits_as_columns(columns: int, rows: int, tiles: int, height: int) -> bool:
-    """Whether `rows` rows of device columns, each with up to `tiles` one-line tiles, a border
-    and a summary, fit `height` lines; else every device takes one line of its own."""
-    return rows == 1 or rows * (tiles + 3) <= height
+    """Whether `rows` rows of device columns, each with up to `tiles` tiles (two lines each
+    where a narrow column puts the size under the label) and a border, fit `height` lines;
+    else every device takes one line of its own."""
+    return rows == 1 or rows * (2 * tiles + 2) <= height
 
 
 def grid_shape(devices: int, width: int) -> tuple[int, int]:
