@@ -56,7 +56,8 @@ def requests_text(app) -> str:
 
 
 def log_text(app) -> str:
-    return "\n".join(strip.text for strip in app.query_one(EventsLog).lines)
+    """The events log's lines as written (on screen they wrap to the panel's width)."""
+    return "\n".join(text for text, _ in app.query_one(EventsLog).entries)
 
 
 def queued(n: int, client: str = "127.0.0.1:5100", prompt: str = "Tell me about lighthouses") -> ev.RequestQueued:

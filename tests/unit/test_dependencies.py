@@ -63,6 +63,7 @@ REFUSED_KINDS = {"indexed_attention"}
 def test_every_cache_kind_transformers_builds_is_split_or_refused_on_purpose():
     import transformers
     from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING
+
     from vramancer.model.architecture import (
         FULL_KINDS,
         NONE_KINDS,

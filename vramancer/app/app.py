@@ -13,6 +13,7 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Awaitable, Callable
 
+from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -28,23 +29,30 @@ from vramancer.app.messages import (
     TokensReady,
 )
 from vramancer.app.metrics import metrics_document, write_metrics
-from vramancer.app.screens import HelpScreen, LoadModelScreen, MoveTargetScreen
+from vramancer.app.screens import (
+    DeviceDetailScreen,
+    HelpScreen,
+    LoadModelScreen,
+    MoveTargetScreen,
+)
 from vramancer.config.options import LoadOptions
 from vramancer.config.units import format_bytes, format_rate
 from vramancer.platforms.lifetime import Lifetime, exit_now
+from vramancer.widgets.charts import spark
 from vramancer.widgets.console import ConsolePanel
-from vramancer.widgets.devices import DevicesPanel
+from vramancer.widgets.devices import MEMORY_PARTS, DevicesPanel
 from vramancer.widgets.events_log import EventsLog, request_outcome
 from vramancer.widgets.header import LoadBar, ModelHeader
 from vramancer.widgets.labels import part_label
-from vramancer.widgets.links import LinksPanel
-from vramancer.widgets.placement import BlockTile, PlacementPanel
+from vramancer.widgets.links import DECODE_BIN_S, LinksPanel, per_second
+from vramancer.widgets.placement import BlockTile, PlacementPanel, why_empty
 
 if TYPE_CHECKING:  # the engine (and torch) is imported after the first frame, on a thread
     from vramancer.engine import events as ev
     from vramancer.engine.worker import EngineWorker
 
 DEFAULT_SAMPLING = {"max_new_tokens": 256, "temperature": 0.0}
+_PART_STYLE = {label: style for label, _, style in MEMORY_PARTS}
 # How long quitting waits for the worker: it stops within one decode step (milliseconds); a
 # load in progress cannot stop part-way, and its daemon thread ends with the process.
 SHUTDOWN_TIMEOUT = 1.0
@@ -77,7 +85,10 @@ class VramancerApp(App[int]):
         # Single keys act off the prompt (in it they type); f1 and ctrl+q work anywhere.
         Binding("slash", "focus_prompt", "Prompt"),
         Binding("p", "focus_placement", "Placement"),
+        Binding("z", "zoom", "Zoom"),
+        Binding("f2", "zoom", "Zoom", show=False),  # from the prompt too, where z types
     ]
+    PANELS = ("#devices", "#placement", "#links", "#events", "#console")
 
     def __init__(
         self,
@@ -117,8 +128,6 @@ class VramancerApp(App[int]):
         self._tokens: deque[ev.Token] = deque()
         self._tokens_lock = threading.Lock()
         self._tokens_signalled = False
-        self.decoded = 0  # tokens decoded since start, every request's: the links panel's tok/s graph
-        self._pieces: dict[int | str, int] = {}  # streamed pieces per request, until its exact count comes
 
     def compose(self) -> ComposeResult:
         # Kept as attributes: App.query_one searches the active screen, which is a modal
@@ -357,7 +366,7 @@ class VramancerApp(App[int]):
     async def _on_plan_changed(self, event: ev.PlanChanged) -> None:
         before = self.plan
         if before is not None:
-            self._log_plan_moves(before, event.plan, self._moved_since_plan)
+            self._log_plan_moves(before, event.plan, self._moved_since_plan, event.seconds)
         self._moved_since_plan = []
         self.plan = event.plan
         await self.placement_panel.show_plan(event.plan)
@@ -366,16 +375,25 @@ class VramancerApp(App[int]):
         self.sample_now()
 
     def _log_plan_moves(self, before: ev.PlanSnapshot, after: ev.PlanSnapshot,
-                        reported: list[ev.MigrationDone]) -> None:
+                        reported: list[ev.MigrationDone], seconds: float | None = None) -> None:
         """Moves a new plan made that no migration event reported (a re-plan moves parts in one
-        go): a line each in the events log, and the last of them in the links panel."""
+        go): a line each in the events log, and the last of them in the links panel; then, with
+        the re-plan's time, all of them together with their GB/s (the engine times the re-plan
+        as a whole, not each part)."""
         told = {(m.first, m.last, m.dst) for m in reported}
+        moved = 0
+        count = 0
         for first, last, src, dst in plan_moves(before, after):
             if any(_covers(m, first, last, dst) for m in told):
                 continue
             size = after.part_bytes(first, last)
+            moved += size
+            count += 1
             self.events_log.note(f"re-plan moved {part_label(first, last)} {src} → {dst} · {format_bytes(size)}", "green")
             self.links_panel.show_replan_move(part_label(first, last), src, dst, size)
+        if count and seconds:
+            self.events_log.note(f"re-plan: {count} move{'s' if count > 1 else ''}, {format_bytes(moved)} in "
+                                 f"{seconds * 1000:.1f} ms · {format_rate(moved / seconds)}", "green")
 
     def _on_migration_done(self, event: ev.MigrationDone) -> None:
         self._moved_since_plan.append(event)
@@ -391,7 +409,9 @@ class VramancerApp(App[int]):
 
     def _on_generation_done(self, event: ev.GenerationDone) -> None:
         self.on_tokens_ready()  # text still buffered belongs before the end
-        self._count_decoded(event.request_id, done=event.new_tokens)
+        self.links_panel.decode.finish(event.request_id, event.new_tokens)
+        self.links_panel.decode.show(time.monotonic())
+        self._close_decode_seconds()
         if isinstance(event.request_id, str):  # a server request's, not the console's
             self._on_request_done(event)
             return
@@ -421,7 +441,7 @@ class VramancerApp(App[int]):
         self.latest_devices = {d.name: d for d in message.sample.devices}
         self.devices_panel.show_sample(message.sample.devices)
         self.placement_panel.show_sample(message.sample.devices)
-        self.links_panel.decode.show(self.decoded, time.monotonic())
+        self.links_panel.decode.show(time.monotonic())
 
     def on_links_sampled(self, message: LinksSampled) -> None:
         if not self._showing:
@@ -437,24 +457,24 @@ class VramancerApp(App[int]):
         if not self._showing:
             return
         console = self.console_panel
-        pieces: dict[int | str, list[str]] = {}
+        decode = self.links_panel.decode
+        answers: dict[int | str, list[ev.Token]] = {}
         for token in tokens:
-            pieces.setdefault(token.request_id, []).append(token.text)
-        for request_id, texts in pieces.items():
-            self._count_decoded(request_id, len(texts))
+            answers.setdefault(token.request_id, []).append(token)
+            decode.add(token.request_id, token.step, token.at)
+        for request_id, told in answers.items():
+            text = "".join(t.text for t in told)
             if isinstance(request_id, str):  # a server request: counted in its line, not shown in full
-                console.requests.add_tokens(request_id, len(texts))
+                console.requests.add_tokens(request_id, len(told))
             else:
-                console.add_text(request_id, "".join(texts), tokens=len(texts))
+                console.add_text(request_id, text, step=told[-1].step, at=told[-1].at)
+        if tokens:
+            decode.show(time.monotonic())
 
-    def _count_decoded(self, request_id: int | str, pieces: int = 0, done: int | None = None) -> None:
-        """Count decoded tokens for the tok/s graph. A streamed piece of text is about one token
-        (the streamer holds back partial words); the request's end brings the exact count."""
-        if done is None:
-            self._pieces[request_id] = self._pieces.get(request_id, 0) + pieces
-            self.decoded += pieces
-        else:
-            self.decoded += done - self._pieces.pop(request_id, 0)
+    def _close_decode_seconds(self) -> None:
+        """The tok/s graph draws whole seconds: a second after an answer ends, its last second
+        is whole, so draw it then rather than wait for the next device reading."""
+        self.set_timer(1.05 * DECODE_BIN_S, lambda: self.links_panel.decode.show(time.monotonic()))
 
     # --- a server's requests (`vramancer --serve`) -------------------------------------------
 
@@ -506,6 +526,53 @@ class VramancerApp(App[int]):
         from vramancer.engine import events as ev
 
         self.worker.submit(ev.Migrate(message.first, message.last, message.device))
+
+    @on(BlockTile.DetailWanted)
+    @on(DevicesPanel.DetailWanted)
+    def _open_detail(self, message: BlockTile.DetailWanted | DevicesPanel.DetailWanted) -> None:
+        if message.device in self.devices_panel.cards and not isinstance(self.screen, DeviceDetailScreen):
+            self.push_screen(DeviceDetailScreen(message.device, self.device_detail))
+
+    def device_detail(self, device: str) -> Text:
+        """What the detail of `device` shows: each memory part over time (on the device's size),
+        the parts the plan put there, and the links that carried data to or from it."""
+        card = self.devices_panel.cards[device]
+        info = card.info
+        text = Text()
+        kind = "simulated" if info.simulated else info.label
+        text.append(f"{device}", "bold")
+        text.append(f"  {kind} · {format_bytes(info.total)}" + (f" · {info.host}" if info.host else "") + "\n\n")
+        text.append("memory over time", "bold")
+        text.append(f"  (0–{format_bytes(info.total)} · a reading a cell · {card._window_s():.0f} s)\n")
+        width = max(self.size.width - 50, 10)
+        for label, history in card.part_history.items():
+            now = format_bytes(history[-1]) if history else "—"
+            text.append(f"  {label:<16}")
+            text.append(spark(history, info.total, width), card.component_style(_PART_STYLE[label]))
+            text.append(f" {now}\n")
+        text.append("\nplaced here\n", "bold")
+        plan = self.plan
+        if plan is not None:
+            parts = ([("embed", "embed")] if plan.embed == device else []) + \
+                [(b.first_layer, b.last_layer) for b in plan.blocks if b.device == device] + \
+                ([("head", "head")] if plan.head == device else [])
+            for first, last in parts:
+                text.append(f"  {part_label(first, last):<16}{format_bytes(plan.part_bytes(first, last))}\n")
+            if not parts:
+                text.append(f"  nothing · {why_empty(plan, device, len(self.devices_panel.cards))}\n")
+            need = plan.needs.get(device)
+            if need is not None:
+                text.append(f"  needs {format_bytes(need)} in all (weights, KV cache for {plan.context} tokens, "
+                            f"workspace, reserve)\n")
+        text.append("\nlinks\n", "bold")
+        rows = [r for (src, dst), r in self.links_panel.rows.items() if device in (src, dst)]
+        for row in rows:
+            last = row.last
+            text.append(f"  {row.src} → {row.dst}  now {per_second(row.rate_now)} · peak {per_second(row.peak())} · "
+                        f"{format_bytes(last.bytes)} in {last.transfers} transfers\n")
+        if not rows:
+            text.append("  no data has crossed a link to or from it yet\n")
+        return text
 
     @on(BlockTile.TargetWanted)
     def _choose_target(self, message: BlockTile.TargetWanted) -> None:
@@ -562,6 +629,22 @@ class VramancerApp(App[int]):
             console.stats.update("cancelling…")
         elif self.focused is console.prompt:
             self.screen.focus_next(BlockTile)
+
+    def action_zoom(self) -> None:
+        """The panel holding the focus over the whole screen, or, zoomed, back in its place."""
+        screen = self.screen
+        if screen is not self.screen_stack[0]:
+            return  # a dialog is open
+        if screen.maximized is not None:
+            screen.minimize()
+            return
+        focused = self.focused
+        panels = [self.query_one(selector) for selector in self.PANELS]
+        panel = next((p for p in panels if focused is not None and focused in (p, *p.walk_children())), None)
+        if panel is None:
+            self.notify("Focus a panel first (tab), then press z.", severity="warning")
+            return
+        screen.maximized = panel
 
     def action_focus_prompt(self) -> None:
         self.console_panel.prompt.focus()

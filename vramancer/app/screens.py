@@ -9,10 +9,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Markdown, OptionList, Select
+from textual.widgets import Button, Input, Label, Markdown, OptionList, Select, Static
 from textual.widgets.option_list import Option
 
 from vramancer.config.options import LoadOptions
+from vramancer.config.validation import WEIGHTS
 from vramancer.widgets.placement import Verdict
 
 HELP = """\
@@ -27,11 +28,13 @@ One language model, split across several devices. Watch the split; change it liv
   its utilisation); temperature and power where the device tells them. With many devices, two
   lines each (the graphs' scale on the panel's border), then one line each.
 - **placement**: a column per device, a tile per run of layers on it, plus the embed and head.
-  A column's border takes the warning colour at 90 % used and red at 97 %. Many devices wrap
-  into rows of columns.
+  A column's border takes the warning colour at 90 % used and the error colour at 97 %, with
+  what to do about it; an empty device says why. Many devices wrap into rows of columns, then
+  one line each.
 - **links**: tokens decoded per second over time (every answer and server request); then data
-  that crossed between devices: bytes/s in each sampling interval over time (zero when idle;
-  the scale and the time span at its end), now, peak, bytes carried, the last transfers' rate.
+  that crossed between devices: bytes/s over time (bytes over the time the transfers took, or
+  a migration's own time; zero when idle; the scale and the time span at its end), now, the
+  peak over the graph's window, bytes carried, the last transfers' rate.
 - **console**: talk to the model. Each prompt is sent with the earlier turns; while an answer
   streams, the line under it counts its tokens and their rate. With a server running, its
   requests show beside the conversation: who asked, the prompt's head, tokens so far, tok/s,
@@ -51,12 +54,15 @@ One language model, split across several devices. Watch the split; change it liv
 - Moves work while an answer streams; the answer carries on unchanged.
 
 ## Keys
-The prompt has the focus at start, and there single keys type: `?`, `q`, `/`, `p` act only off
-the prompt (esc leaves it). The ctrl and function keys work anywhere.
+esc closes this help. The prompt has the focus at start, and there single keys type: `?`, `q`,
+`/`, `p`, `z` act only off the prompt (esc leaves it). The ctrl and function keys work anywhere.
 
 | key | does |
 |---|---|
-| enter | send the prompt |
+| z (f2 anywhere) | zoom the panel holding the focus to the whole screen, and back (esc too) |
+| ←↓↑→ / h j k l | on a tile: the nearest tile that way; on devices: the next device |
+| enter | on a tile or a device: its detail (memory over time, layers, links) |
+| enter (prompt) | send the prompt |
 | esc | cancel the answer streaming; otherwise leave the prompt for the placement |
 | ↑ / ↓ | earlier / later prompts |
 | ctrl+l | new conversation |
@@ -81,6 +87,37 @@ class HelpScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help-body"):
             yield Markdown(HELP)
+
+    def action_dismiss(self) -> None:  # type: ignore[override]
+        self.dismiss(None)
+
+
+class DeviceDetailScreen(ModalScreen[None]):
+    """One device over the whole screen: its memory parts over time, what the plan put on it,
+    the links it sends and receives on. Drawn by `describe()` (the App's, from what the panels
+    hold), again every second while it is open."""
+
+    BINDINGS = [Binding("escape,enter,q", "dismiss", "Close")]
+    REFRESH_S = 1.0
+
+    def __init__(self, device: str, describe) -> None:
+        super().__init__()
+        self.device = device
+        self.describe = describe
+        self.body = Static("", id="detail-text")
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="detail-body"):
+            yield self.body
+            yield Label("esc or enter closes", classes="dialog-hint")
+
+    def on_mount(self) -> None:
+        self.query_one("#detail-body").border_title = self.device
+        self._draw()
+        self.set_interval(self.REFRESH_S, self._draw)
+
+    def _draw(self) -> None:
+        self.body.update(self.describe(self.device))
 
     def action_dismiss(self) -> None:  # type: ignore[override]
         self.dismiss(None)
@@ -150,6 +187,10 @@ class LoadModelScreen(ModalScreen[LoadOptions | None]):
                     yield Label("dtype")
                     yield Select([(d, d) for d in ("auto", "float32", "float16", "bfloat16")],
                                  value=current.dtype, allow_blank=False, id="load-dtype")
+                with Vertical():
+                    yield Label("weights")
+                    yield Select([(w, w) for w in WEIGHTS], value=current.weights, allow_blank=False,
+                                 id="load-weights")
             with Horizontal(classes="load-row"):
                 yield Button("Load", variant="primary", id="load-go")
                 yield Button("Cancel", id="load-cancel")
@@ -161,7 +202,7 @@ class LoadModelScreen(ModalScreen[LoadOptions | None]):
         if not context_text.isdigit() or int(context_text) < 1:
             self.notify("The context is a number of tokens, at least 1.", severity="error")
             return
-        # What the dialog does not show (weights, cluster token, rebalancing, graphs) stays as it was.
+        # What the dialog does not show (cluster token, rebalancing, graphs) stays as it was.
         self.dismiss(replace(
             self.current,
             model=self.query_one("#load-model", Input).value.strip() or "default",
@@ -169,6 +210,7 @@ class LoadModelScreen(ModalScreen[LoadOptions | None]):
             strategy=str(self.query_one("#load-strategy", Select).value),
             context=int(context_text),
             dtype=str(self.query_one("#load-dtype", Select).value),
+            weights=str(self.query_one("#load-weights", Select).value),
         ))
 
     @on(Button.Pressed, "#load-cancel")

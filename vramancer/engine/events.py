@@ -218,6 +218,7 @@ class Loaded(Event):
 @dataclass(frozen=True)
 class PlanChanged(Event):
     plan: PlanSnapshot
+    seconds: float | None = None  # how long a re-plan took to move its parts (None: no re-plan)
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,11 @@ class Token(Event):
     text: str
     request_id: int | str = 0
     logprobs: tuple[TokenLogprob, ...] = ()  # the tokens behind this text, when a Submit asked
+    # The answer's tokens decoded when this text was sent (0: not counted, as the batch's
+    # are), and when (time.monotonic, on the engine's thread): a UI's tok/s comes from these,
+    # never from when it got round to drawing them.
+    step: int = 0
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True)
@@ -307,6 +313,7 @@ class MigrationDone(Event):
     seconds: float
     step: int | None  # new tokens so far when it ran during a generation, else None
     reason: str = ""  # why it happened, when the engine decided it (auto-rebalance)
+    at: float = field(default_factory=time.time)  # when it ended (wall clock, as LinkSnapshot's)
 
     @property
     def gb_per_s(self) -> float:

@@ -219,8 +219,9 @@ class EngineWorker:
         self._plan_changed()
 
     def _on_replan(self, command: ev.Replan) -> None:
+        started = time.perf_counter()
         self._require_engine().replan(command.strategy)
-        self._plan_changed()
+        self._plan_changed(seconds=time.perf_counter() - started)  # its moves' time, for their GB/s
 
     def _on_migrate(self, command: ev.Migrate, step: int | None = None) -> None:
         engine = self._require_engine()
@@ -251,14 +252,26 @@ class EngineWorker:
             self.emit(ev.GenerationDone(command.request_id, "", (), 0, 0, None, None, True))
             return
         prompt = list(command.prompt) if isinstance(command.prompt, tuple) else command.prompt
+        # Each piece of text goes out the moment the streamer lets it go, with the answer's
+        # tokens so far: transformers hands a token to the streamer after the stopping
+        # criteria, where `on_step` has just told its number.
+        decoded = [0]
+
+        def on_step(step: int) -> None:
+            decoded[0] = step
+            self._between_steps(step)
+
+        def on_text(text: str) -> None:
+            self.emit(ev.Token(text, command.request_id, step=decoded[0]))
+
         self._generating = True
         try:
             engine = self._require_engine()
             result = engine.generate(
                 prompt,
                 raw=command.raw,
-                on_text=lambda text: self.emit(ev.Token(text, command.request_id)),
-                on_step=self._between_steps,
+                on_text=on_text,
+                on_step=on_step,
                 cancel=self._cancel,
                 **command.sampling,
             )
@@ -435,9 +448,9 @@ class EngineWorker:
             elif not isinstance(command, ev.Cancel):  # a Cancel was handled by `submit`
                 self._deferred.append(command)
 
-    def _plan_changed(self) -> None:
+    def _plan_changed(self, seconds: float | None = None) -> None:
         engine = self._require_engine()
-        self.emit(ev.PlanChanged(plan_snapshot(engine)))
+        self.emit(ev.PlanChanged(plan_snapshot(engine), seconds))
 
     def _require_engine(self) -> Engine:
         if self.engine is None:

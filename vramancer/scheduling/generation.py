@@ -127,7 +127,11 @@ class GenerationResult:
 
 
 class CallbackStreamer(TextStreamer):
-    """transformers' TextStreamer, handing each finished piece of text to a callback.
+    """transformers' TextStreamer, handing the text of each token to a callback as soon as it
+    is decoded. TextStreamer itself releases text only at a space, a newline or a CJK
+    character, so an answer without spaces (emoji, code, most scripts) arrived all at once at
+    the end. Here only an incomplete character is held back: a byte-level token that ends
+    part-way through a character's UTF-8 bytes decodes to U+FFFD until the rest arrives.
 
     It can start over: after `resume(n)` it skips the prompt and the n tokens already shown."""
 
@@ -138,12 +142,25 @@ class CallbackStreamer(TextStreamer):
         self.skip = 0
 
     def put(self, value: torch.Tensor) -> None:
-        if not self.next_tokens_are_prompt:
-            if self.skip > 0:
-                self.skip -= 1
-                return
-            self.token_times.append(time.perf_counter())
-        super().put(value)
+        if self.next_tokens_are_prompt:
+            self.next_tokens_are_prompt = False
+            return
+        if self.skip > 0:
+            self.skip -= 1
+            return
+        self.token_times.append(time.perf_counter())
+        self.token_cache.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+        complete = len(text.rstrip("\ufffd"))
+        piece = text[self.print_len:complete]
+        if complete == len(text) and text.endswith("\n"):
+            # Decoding starts afresh after a line, as TextStreamer's does, so each token
+            # decodes the current line only, not the whole answer again.
+            self.token_cache = []
+            self.print_len = 0
+        else:
+            self.print_len = max(self.print_len, complete)
+        self.on_finalized_text(piece)
 
     def resume(self, skip: int) -> None:
         self.next_tokens_are_prompt = True

@@ -19,6 +19,7 @@ from textual.message import Message
 from textual.reactive import Reactive
 from textual.widgets import Input, Static
 
+from vramancer.widgets.labels import terminal_safe
 from vramancer.widgets.requests import ServerRequests
 
 if TYPE_CHECKING:
@@ -93,8 +94,9 @@ class ConsolePanel(Vertical):
         self.prompt.cursor_blink = False  # a steady cursor: blinking redrew the screen twice a second at idle
         self._answer: Static | None = None
         self._redraw_pending = False
-        self.streamed_tokens = 0  # pieces of the streaming answer so far (one per decoded token)
-        self._first_token_at = 0.0
+        self.streamed_tokens = 0  # tokens of the streaming answer so far, as the engine counts them
+        self._first_told: tuple[int, float] | None = None  # (tokens, engine time) of its first text
+        self._last_told: tuple[int, float] | None = None  # and of its latest
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="console-body"):
@@ -127,23 +129,28 @@ class ConsolePanel(Vertical):
         self.messages.append({"role": "user", "content": prompt})
         self.answer_text = ""
         self.streamed_tokens = 0
-        self.transcript.mount(Static(f"› {prompt}", classes="user-turn", markup=False))
+        self._first_told = self._last_told = None
+        self.transcript.mount(Static(f"› {terminal_safe(prompt)}", classes="user-turn", markup=False))
         self._answer = Static("", classes="answer", markup=False)
         self.transcript.mount(self._answer)
         self.stats.update("thinking…")
         self.transcript.scroll_end(animate=False)
         self.post_message(self.Ask(tuple(dict(m) for m in self.messages), self.request_id))
 
-    def add_text(self, request_id: int, text: str, tokens: int = 1) -> None:
-        """Append streamed text (`tokens` pieces of it) to the answer of `request_id` (stale
-        requests are ignored)."""
+    def add_text(self, request_id: int, text: str, step: int = 0, at: float | None = None) -> None:
+        """Append streamed text to the answer of `request_id` (stale requests are ignored).
+        `step`: the answer's tokens when the engine sent it (0: count it as one), `at`: when
+        (time.monotonic on the engine's thread)."""
         if request_id != self.streaming or self._answer is None or not text:
             return
-        if self.streamed_tokens == 0:
-            self._first_token_at = time.monotonic()
-        self.streamed_tokens += tokens
+        at = time.monotonic() if at is None else at
+        self.streamed_tokens = step or self.streamed_tokens + 1
+        self._last_told = (self.streamed_tokens, at)
         self.answer_text += text
-        if not self._redraw_pending:
+        if self._first_told is None:  # the first text replaces "thinking…" at once, unpaced
+            self._first_told = self._last_told
+            self._redraw()
+        elif not self._redraw_pending:
             self._redraw_pending = True
             self.set_timer(REDRAW_INTERVAL, self._redraw)
 
@@ -156,17 +163,20 @@ class ConsolePanel(Vertical):
         # Most redraws add a few words to the answer's last line: the whole screen is laid out
         # again only when it takes another line (a layout for each redraw made the key presses
         # that met one wait for it).
-        self._answer.update(self.answer_text, layout=False)
+        self._answer.update(terminal_safe(self.answer_text), layout=False)
         if _needs_other_height(self._answer):
             self._answer.refresh(layout=True)
         self.stats.update(self.streaming_stats(), layout=False)  # one line of a fixed size
         self.transcript.scroll_end(animate=False)
 
-    def streaming_stats(self, now: float | None = None) -> str:
-        """Tokens so far and the decode rate since the first of them, while the answer streams."""
-        now = time.monotonic() if now is None else now
-        elapsed = now - self._first_token_at
-        rate = f" · {(self.streamed_tokens - 1) / elapsed:.1f} tok/s" if self.streamed_tokens > 1 and elapsed > 0 else ""
+    def streaming_stats(self) -> str:
+        """Tokens so far and the decode rate between the first text and the latest, both as the
+        engine timed them."""
+        rate = ""
+        if self._first_told is not None and self._last_told is not None:
+            (tokens0, t0), (tokens1, t1) = self._first_told, self._last_told
+            if tokens1 > tokens0 and t1 > t0:
+                rate = f" · {(tokens1 - tokens0) / (t1 - t0):.1f} tok/s"
         return f"streaming · {self.streamed_tokens} tokens{rate} · esc cancels"
 
     def finish(self, done: GenerationDone) -> None:
@@ -176,7 +186,7 @@ class ConsolePanel(Vertical):
         self.streaming = None
         self.answer_text = done.text
         if self._answer is not None:
-            self._answer.update(done.text or "(no text)")
+            self._answer.update(terminal_safe(done.text) or "(no text)")
             self._answer.set_class(done.cancelled, "-cancelled")
         self.messages.append({"role": "assistant", "content": done.text})
         ttft = f"{done.ttft_s:.2f} s" if done.ttft_s is not None else "—"

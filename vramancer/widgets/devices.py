@@ -7,7 +7,9 @@ from itertools import islice
 from typing import TYPE_CHECKING
 
 from rich.text import Text
+from textual.binding import Binding
 from textual.containers import VerticalScroll
+from textual.message import Message
 from textual.widget import Widget
 
 from vramancer.config.units import format_bytes
@@ -35,6 +37,12 @@ def memory_parts(snap: DeviceSnapshot) -> list[tuple[str, int, str]]:
 # How much a card shows, by the room the panel has for each device (lines per card).
 FULL, TWO_LINES, ONE_LINE = "full", "two", "one"
 FULL_HEIGHT = 8  # title, bar, legend (up to two lines), memory trend, utilisation trend, margin
+# One-line cards go two to a line where more devices than lines would otherwise scroll and each
+# half of the panel still holds a name, a bar of a few cells and "100%".
+TWO_UP_WIDTH = 2 * 22 + 2
+# Two-line cards draw memory and utilisation side by side: narrower, each graph is a cell or
+# two, and one line per device (bar and share) says more.
+TWO_LINE_WIDTH = 40
 
 
 def reading(value: float | None, unit: str, digits: int = 0) -> str:
@@ -66,6 +74,8 @@ class DeviceCard(LineWidget):
         self.info = info
         self.snapshot: DeviceSnapshot | None = None
         self.used_history: deque[float] = deque(maxlen=HISTORY)
+        # Each memory part over time, for the device's detail (label → bytes per reading).
+        self.part_history: dict[str, deque[int]] = {label: deque(maxlen=HISTORY) for label, _, _ in MEMORY_PARTS}
         self.util_history: deque[float] = deque(maxlen=HISTORY)  # empty while the device cannot tell
         self.read_at: deque[float] = deque(maxlen=HISTORY)  # when each reading was taken
         self.mode = FULL
@@ -83,6 +93,8 @@ class DeviceCard(LineWidget):
         idle once its trends are full), and lay out again only if the card's height changed."""
         self.snapshot = snapshot
         self.used_history.append(float(snapshot.used))
+        for label, nbytes, _ in memory_parts(snapshot):
+            self.part_history[label].append(nbytes)
         if snapshot.utilization is not None:
             self.util_history.append(snapshot.utilization)
         self.read_at.append(snapshot.timestamp)
@@ -172,7 +184,10 @@ class DeviceCard(LineWidget):
         if snap is None:
             line.append("waiting…", style("devicecard--dim"))
             return line
-        used = f" {snap.used / snap.total:4.0%} of {format_bytes(snap.total)}" if snap.total else ""
+        used = f" {snap.used / snap.total:4.0%}" if snap.total else ""
+        size = f" of {format_bytes(snap.total)}"
+        if snap.total and width - self.name_width - 1 - len(used) - len(size) >= 8:
+            used += size  # where a bar of 8 cells is left; else the full card and detail say it
         line.append_text(self._bar(snap, max(width - self.name_width - 1 - len(used), 4)))
         line.append(used)
         return line
@@ -215,13 +230,32 @@ class MemoryLegend(Widget):
 
 class DevicesPanel(VerticalScroll):
     """Holds one DeviceCard per device of the loaded model, as large as the panel's height lets
-    every card be: full cards, two lines each, or one line each under a shared legend."""
+    every card be: full cards, two lines each, or one line each under a shared legend.
+
+    Focused, it has a cursor on one card: arrows or j/k (h/l across two-up lines) move it, Enter
+    opens that device's detail. One focus stop for the whole rig, not one per device."""
+
+    BINDINGS = [
+        Binding("up,k", "line(-1)", "Device up", show=False),
+        Binding("down,j", "line(1)", "Device down", show=False),
+        Binding("left,h", "cursor(-1)", "Device left", show=False),
+        Binding("right,l", "cursor(1)", "Device right", show=False),
+        Binding("enter", "detail", "Device detail"),
+    ]
+
+    class DetailWanted(Message):
+        """Enter on a device: open its detail."""
+
+        def __init__(self, device: str) -> None:
+            super().__init__()
+            self.device = device
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.border_title = "devices"
         self.cards: dict[str, DeviceCard] = {}
         self.legend = MemoryLegend(classes="memory-legend")
+        self.cursor = 0  # the card Enter opens, marked while the panel has the focus
 
     async def set_devices(self, devices: tuple[DeviceInfo, ...]) -> None:
         """A new model (and so maybe new devices): start the cards afresh."""
@@ -229,6 +263,8 @@ class DevicesPanel(VerticalScroll):
         self.cards = {d.name: DeviceCard(d) for d in devices}
         self.legend = MemoryLegend(classes="memory-legend")
         await self.mount_all([self.legend, *self.cards.values()])
+        self.cursor = 0
+        self._mark_cursor()
         self._fit_cards()
         # The panel's height may still be the one from before the cards were mounted: fit them
         # again once the layout has settled (no resize event follows if its size did not change).
@@ -236,6 +272,27 @@ class DevicesPanel(VerticalScroll):
 
     def on_resize(self) -> None:
         self._fit_cards()
+
+    def action_line(self, step: int) -> None:
+        """A line up or down: two devices where they go two to a line."""
+        self.action_cursor(step * (2 if self.has_class("-two-up") else 1))
+
+    def action_cursor(self, step: int) -> None:
+        if not self.cards:
+            return
+        self.cursor = max(0, min(self.cursor + step, len(self.cards) - 1))
+        self._mark_cursor()
+
+    def action_detail(self) -> None:
+        if self.cards:
+            self.post_message(self.DetailWanted(list(self.cards)[self.cursor]))
+
+    def _mark_cursor(self) -> None:
+        for index, card in enumerate(self.cards.values()):
+            card.set_class(index == self.cursor, "-cursor")
+        cards = list(self.cards.values())
+        if cards:
+            self.scroll_to_widget(cards[self.cursor], animate=False)
 
     def mode_for_size(self) -> str:
         """The card form that shows every card in the room the panel has."""
@@ -245,7 +302,7 @@ class DevicesPanel(VerticalScroll):
         legend = len(self.legend.render().wrap(self.app.console, max(self.content_region.width, 1)))
         if height is None or count * FULL_HEIGHT <= height:
             return FULL
-        if legend + count * 2 <= height:
+        if legend + count * 2 <= height and self.content_region.width >= TWO_LINE_WIDTH:
             return TWO_LINES
         return ONE_LINE
 
@@ -268,10 +325,17 @@ class DevicesPanel(VerticalScroll):
             room -= styles.gutter.height
         return max(room, 0)
 
+    def two_up(self, mode: str) -> bool:
+        """Whether one-line cards go two to a line: one each would not all fit, and two do."""
+        room = self.room_for_cards()
+        return (mode == ONE_LINE and room is not None and len(self.cards) + 2 > room
+                and self.content_region.width >= TWO_UP_WIDTH)
+
     def _fit_cards(self) -> None:
         if not self.cards:
             return
         mode = self.mode_for_size()
+        self.set_class(self.two_up(mode), "-two-up")
         self.legend.display = mode != FULL
         name_width = max(len(name) for name in self.cards)
         for card in self.cards.values():

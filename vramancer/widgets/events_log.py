@@ -77,7 +77,7 @@ class EventsLog(RichLog):
     resize wraps them all again at the new width (no lines cut mid-word, no sideways scrolling)."""
 
     def __init__(self, **kwargs) -> None:
-        super().__init__(wrap=True, markup=False, max_lines=MAX_ENTRIES, min_width=20, **kwargs)
+        super().__init__(wrap=True, markup=False, max_lines=MAX_ENTRIES, min_width=10, **kwargs)
         self.border_title = "events"
         self.entries: deque[tuple[str, str]] = deque(maxlen=MAX_ENTRIES)
         self._wrapped_at = 0

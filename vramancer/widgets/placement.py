@@ -37,6 +37,13 @@ WARM, FULL = 0.90, 0.97
 MIN_COLUMN_WIDTH = 12
 
 
+def fits_as_columns(columns: int, rows: int, tiles: int, height: int) -> bool:
+    """Whether `rows` rows of device columns, each with up to `tiles` tiles (two lines each
+    where a narrow column puts the size under the label) and a border, fit `height` lines;
+    else every device takes one line of its own."""
+    return rows == 1 or rows * (2 * tiles + 2) <= height
+
+
 def grid_shape(devices: int, width: int) -> tuple[int, int]:
     """(columns, rows) of device columns for a panel `width` cells wide: one row while every
     column gets MIN_COLUMN_WIDTH, else as few rows as keep them that wide, filled evenly."""
@@ -77,12 +84,26 @@ class BlockTile(Widget, can_focus=True):
 
     BINDINGS = [
         Binding("m", "choose_target", "Move to…"),
+        Binding("enter", "detail", "Device detail"),
+        # As in nvitop and btop: arrows or vi keys go to the nearest tile that way, whichever
+        # way the devices are laid out (columns side by side, rows of columns, a line each).
+        Binding("left,h", "step('left')", "Tile left", show=False),
+        Binding("right,l", "step('right')", "Tile right", show=False),
+        Binding("up,k", "step('up')", "Tile up", show=False),
+        Binding("down,j", "step('down')", "Tile down", show=False),
         Binding("left_square_bracket", "shrink_front", "Drop first layer", show=False),
         Binding("right_square_bracket", "shrink_back", "Drop last layer", show=False),
         Binding("a", "select_all", "Whole block", show=False),
     ]
 
     COMPONENT_CLASSES = {"blocktile--selected", "blocktile--unselected", "blocktile--note"}
+
+    class DetailWanted(Message):
+        """Enter on a tile: open its device's detail."""
+
+        def __init__(self, device: str) -> None:
+            super().__init__()
+            self.device = device
 
     class TargetWanted(Message):
         """The keyboard path: the user pressed `m` on this tile and must now pick a device."""
@@ -115,6 +136,7 @@ class BlockTile(Widget, can_focus=True):
         self._anchor: int | None = None
         self._dragging = False
         self.compact = False  # many devices: no layer strip, so every tile of a column stays in view
+        self.one_line = False  # a line per device: the tile is its label and size, side by side
         if isinstance(first, str):
             self.add_class(f"-{first}")
 
@@ -158,11 +180,18 @@ class BlockTile(Widget, can_focus=True):
     def get_content_height(self, container, viewport, width: int) -> int:
         return len(self._lines(width))
 
+    def get_content_width(self, container, viewport) -> int:
+        return max(len(line) for line in self._lines(container.width))
+
     def render(self) -> Text:
         return Text("\n").join(self._lines(max(self.content_region.width, 4)))
 
     def _lines(self, width: int) -> list[Text]:
         label, size = self.caption
+        if self.one_line:
+            note = f" → {self.moving_to}…" if self.moving_to is not None else (
+                f" [{part_label(*self.selection)}]" if self.partial else "")
+            return [Text(f"{label} {size}{note}", no_wrap=True)]
         if len(label) + 3 + len(size) <= width:
             lines = [Text(f"{label} · {size}", no_wrap=True, overflow="ellipsis")]
         else:  # a narrow column: the size goes under the label rather than off the edge
@@ -195,6 +224,14 @@ class BlockTile(Widget, can_focus=True):
         return int(self.first) + min(self.count - 1, max(x, 0) * self.count // width)
 
     # --- keyboard ----------------------------------------------------------------------
+
+    def action_detail(self) -> None:
+        self.post_message(self.DetailWanted(self.device))
+
+    def action_step(self, direction: str) -> None:
+        target = nearest(self, [t for t in self.screen.query(BlockTile) if t is not self and t.display], direction)
+        if target is not None:
+            target.focus()
 
     def action_choose_target(self) -> None:
         if self.moving_to is None:
@@ -283,23 +320,35 @@ class DeviceColumn(Vertical):
         self.border_title = info.name
         self.summary = Static("", classes="column-summary")
         self._summary_text = ""
+        self.title = Static(info.name, classes="column-name", markup=False)  # shown as a line per device
+        self.name_width = len(info.name)  # the panel's longest name, so the lines of devices align
         self.preview = Static("", classes="drop-preview")
 
     def compose(self) -> ComposeResult:
+        yield self.title
         yield self.summary
         yield self.preview
 
-    def show_fullness(self, used: int, total: int, need: int | None) -> None:
-        share = used / total if total else 0.0
+    def show_fullness(self, used: int, total: int, need: int | None, empty_because: str = "") -> None:
+        """How full the device is; why it holds nothing (`empty_because`), or what to do when
+        it is over-committed."""
+        # Levels by the share as shown: a device that reads "97%" is in the error colour.
+        share = round(used / total, 2) if total else 0.0
         self.set_class(share < WARM, "-roomy")
         self.set_class(WARM <= share < FULL, "-warm")
         self.set_class(share >= FULL, "-full")
+        self.set_class(bool(empty_because), "-empty")
         subtitle = f"{share:.0%} used"
         summary = f"needs {format_bytes(need)}" if need is not None else ""
+        if empty_because:
+            summary = empty_because
+        elif share >= FULL and need is not None:
+            summary = "over-committed: m moves a tile off, ctrl+p re-plans"
         if (subtitle, summary) != (self.border_subtitle, self._summary_text):  # unchanged: no redraw
             self.border_subtitle = subtitle
             self._summary_text = summary
             self.summary.update(summary)
+            self.title.update(f"{self.device:<{self.name_width}} {share:4.0%}")
 
     def show_verdict(self, verdict: Verdict | None, what: str = "") -> None:
         """Preview a drop while a tile hovers over this column; None clears it."""
@@ -359,6 +408,8 @@ class PlacementPanel(Container):
         self._hovered = None
         await self.remove_children()
         self.columns = {d.name: DeviceColumn(d) for d in devices}
+        for column in self.columns.values():
+            column.name_width = max(len(d.name) for d in devices)
         self._fit_grid()
         await self.mount_all(self.columns.values())
 
@@ -367,14 +418,20 @@ class PlacementPanel(Container):
 
     def _fit_grid(self) -> None:
         columns, rows = grid_shape(len(self.columns), self.content_region.width or self.size.width)
+        tiles = max(_tile_counts(self.plan).values(), default=1) if self.plan else 1
+        height = self.content_region.height or self.size.height
+        as_rows = bool(height) and not fits_as_columns(columns, rows, tiles, height)
+        if as_rows:
+            columns, rows = 1, len(self.columns)
         compact = rows > 1
         if (columns, rows) != (self.styles.grid_size_columns, self.styles.grid_size_rows):
             self.styles.grid_size_columns = columns
             self.styles.grid_size_rows = rows
+        self.set_class(as_rows, "-rows")
         self.set_class(compact, "-compact")
         for tile in self.query(BlockTile):
-            if tile.compact != compact:
-                tile.compact = compact
+            if (tile.compact, tile.one_line) != (compact, as_rows):
+                tile.compact, tile.one_line = compact, as_rows
                 tile.refresh(layout=True)
 
     async def show_plan(self, plan: PlanSnapshot) -> None:
@@ -385,13 +442,14 @@ class PlacementPanel(Container):
             self._hovered.show_verdict(None)
             self._hovered = None
         self.plan = plan
-        compact = self.has_class("-compact")
+        compact, one_line = self.has_class("-compact"), self.has_class("-rows")
         for name, column in self.columns.items():
             tiles = self._tiles_for(name, plan)
             for tile in tiles:
-                tile.compact = compact
+                tile.compact, tile.one_line = compact, one_line
             await column.set_tiles(tiles)
         self.shown = plan
+        self._fit_grid()  # the tiles per device decide whether columns have room for them
         self._refresh_fullness()
         if keep is not None:
             self.call_after_refresh(self._focus_range, keep)
@@ -495,13 +553,56 @@ class PlacementPanel(Container):
                 continue
             need = self.plan.needs.get(d.name) if self.plan else None
             used = self.used.get(d.name, need or 0)
-            column.show_fullness(used, d.total, need)
+            column.show_fullness(used, d.total, need, why_empty(self.plan, d.name, len(self.devices)))
 
     def _focus_range(self, selection: tuple[Part, Part]) -> None:
         for tile in self.query(BlockTile):
             if _within(*selection, tile.first, tile.last):
                 tile.focus()
                 return
+
+
+def nearest(origin: Widget, others: list, direction: str):
+    """The widget of `others` nearest to `origin` in `direction` (left, right, up, down) on
+    screen, None when there is none that way. Distance along the direction counts once, across
+    it twice, so the one straight ahead wins over one diagonally closer."""
+    ox, oy = origin.region.center
+    best, best_cost = None, None
+    for other in others:
+        x, y = other.region.center
+        along, across = {"left": (ox - x, y - oy), "right": (x - ox, y - oy),
+                         "up": (oy - y, x - ox), "down": (y - oy, x - ox)}[direction]
+        if along <= 0:
+            continue
+        cost = along + 2 * abs(across)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = other, cost
+    return best
+
+
+def why_empty(plan: PlanSnapshot | None, device: str, devices: int) -> str:
+    """Why the plan put nothing on `device` ("" when it holds something), in the plan's terms:
+    layers stay whole, so fewer layers than devices leaves some empty; sequential fills the
+    devices in order; the other strategies hand out whole layers by room or by priced time."""
+    if plan is None or _tile_counts(plan).get(device):
+        return ""
+    layers = plan.profile.num_layers
+    if layers + 1 < devices:  # the ends share a device with some layers or each other
+        return f"empty: {layers} layers, {devices} devices"
+    if plan.strategy == "sequential":
+        return "empty: sequential filled the devices before it"
+    largest = format_bytes(max(plan.profile.layer_bytes, default=0))
+    if plan.strategy == "profiled":
+        return "empty: priced faster without it"
+    return f"empty: its share < a layer ({largest})"
+
+
+def _tile_counts(plan: PlanSnapshot) -> dict[str, int]:
+    """How many tiles each device's column holds under `plan`."""
+    counts: dict[str, int] = {}
+    for device in (plan.embed, plan.head, *(b.device for b in plan.blocks)):
+        counts[device] = counts.get(device, 0) + 1
+    return counts
 
 
 def _within(first: Part, last: Part, block_first: Part, block_last: Part) -> bool:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Callable
 from rich.text import Text
 from textual.widget import Widget
 
+from vramancer.widgets.labels import terminal_safe
+
 if TYPE_CHECKING:
     from vramancer.engine.events import GenerationDone, RequestQueued, RequestRefused
 
@@ -173,7 +175,7 @@ class ServerRequests(Widget):
                   FINISHED: f"finished ({request.finish_reason})", CANCELLED: "cancelled"}[request.state]
         ending_style = {QUEUED: "requests--dim", STREAMING: "requests--active", FINISHED: "requests--done",
                         CANCELLED: "requests--cancelled"}[request.state]
-        head = request.prompt_head.replace("\n", " ")
+        head = terminal_safe(request.prompt_head.replace("\n", " "))
         head = head if len(head) <= HEAD else head[:HEAD - 1] + "…"
         room = width - len(line) - len(figures) - len(ending) - 6
         if room > 6:
