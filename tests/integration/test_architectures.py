@@ -454,7 +454,7 @@ def test_a_gguf_of_another_architecture_loads_through_the_weights_cache(tmp_path
             assert engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS).token_ids == expected, load
         finally:
             engine.close()
-        assert (gguf_cache_entry(resolve_model(str(path))) / "weights-float32").is_dir()
+        assert (gguf_cache_entry(resolve_model(str(path)).gguf_path) / "weights-float32-native").is_dir()
 
 
 def readme_list() -> str:

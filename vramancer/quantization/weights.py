@@ -210,7 +210,9 @@ def convert_weight(read: Callable[[int, int], torch.Tensor], shape: tuple[int, .
 
         from vramancer.quantization.q8_rows import RowInt8Tensor
 
-        parts = [RowInt8Tensor.from_hp(read(first, end), PerRow()) for first, end in spans]
+        # Rows rounded to the compute dtype first, as a model loaded in it holds them: the
+        # scales and values are then those of quantizing that model (bfloat16 under torchao).
+        parts = [RowInt8Tensor.from_hp(read(first, end).to(dtype), PerRow()) for first, end in spans]
         if len(parts) == 1:
             return parts[0]
         first = parts[0]
