@@ -831,6 +831,9 @@ async def test_squeeze_from_the_palette_rebalances_and_the_header_shows_speeds(t
         await pilot.press("enter")
         await wait_for(pilot, lambda: recorder.of(ev.GenerationDone), "the answer")
         assert "measured" in str(app.header.speed.render())
+        app.squeeze("sim1", release=True)  # the palette's "Release sim1"
+        await wait_for(pilot, lambda: "memory given back" in log_text(app), "the release in the log")
+        assert "0 B taken" not in log_text(app)
 
 
 async def test_history_of_memory_utilisation_and_decode_speed_with_their_scales(tiny_model_dir):

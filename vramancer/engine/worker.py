@@ -391,7 +391,10 @@ class EngineWorker:
     def _on_reserve(self, command: ev.Reserve) -> None:
         engine = self._require_engine()
         engine.reserve(command.device, command.bytes)
-        self.emit(ev.Notice(f"{command.device}: {format_bytes(command.bytes)} taken by another process (simulated)."))
+        if command.bytes:
+            self.emit(ev.Notice(f"{command.device}: {format_bytes(command.bytes)} taken by another process (simulated)."))
+        else:  # a release: the simulated other process gives its memory back
+            self.emit(ev.Notice(f"{command.device}: the other process's memory given back (simulated)."))
         if engine.auto_rebalance and not self._generating:
             engine.rebalance()
 
