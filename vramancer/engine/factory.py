@@ -1,6 +1,6 @@
-"""The one place outside engine/cluster that knows devices of other machines exist.
+"""The one place outside cluster/ that knows devices of other machines exist.
 
-Like vLLM's executor factory, this module alone imports engine/cluster (lazily, so a run on
+Like vLLM's executor factory, this module alone imports cluster/ (lazily, so a run on
 this machine's devices never loads it): it opens the devices a spec names, attaches the
 adapter that places, runs and moves layers on another machine's devices, times them, and
 serves or finds nodes for the command line. Everything else asks a `Device` what it needs

@@ -4,7 +4,7 @@ A model is a sequence of parts: `embed`, layers 0..n-1, `head` (final norm + lm_
 `Placement` gives each part a device. The memory model (`device_needs`) prices a placement
 per device; the strategies search for a placement whose needs fit every device's room.
 
-Devices that are not `local` (another machine's, see engine/cluster) take decoder layers
+Devices that are not `local` (another machine's, see cluster/) take decoder layers
 only: the embeddings and the head stay on this machine, where the sampler is. They come after
 the local devices in the pipeline; their room is what their machine reports. Everything the
 planner asks of a device (room, reserve, whether it is a last resort) is the device's answer.

@@ -91,7 +91,7 @@ class MemoryLedger:
 @dataclass(eq=False)
 class Device:
     """A place layers can live. Subclasses: this machine's CPU, CUDA and MPS devices, a
-    simulated device in host memory, and (engine/cluster) a device of another machine."""
+    simulated device in host memory, and (cluster/) a device of another machine."""
 
     name: str
     kind: str  # "cuda" | "mps" | "cpu" | "sim": for people and JSON; behaviour is the subclass's

@@ -6,7 +6,7 @@ records the link. Each layer's KV cache entry is created on that layer's device,
 cache allocates it from the key states the layer itself produced.
 
 Layers on a device that is not `local` (another machine's) are placed, run and moved by an
-`ExternalLayers` adapter (engine/factory attaches one; engine/cluster implements it): the
+`ExternalLayers` adapter (engine/factory attaches one; cluster/ implements it): the
 stack holds stand-ins for them, and only the adapter knows where they really run.
 """
 
