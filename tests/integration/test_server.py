@@ -607,6 +607,18 @@ HERMES_TEMPLATE = (
     "</tool_response><|im_end|>\n"
     "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endif %}"
     "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+# Llama 3's way: the calls are bare JSON with "parameters", taught in the system turn.
+LLAMA3_TEMPLATE = (
+    "{%- if tools %}<|start_header_id|>system<|end_header_id|>Respond in the format {\"name\": function name, "
+    "\"parameters\": dictionary of argument name and its value}. Functions:"
+    "{%- for tool in tools %} {{ tool | tojson }}{%- endfor %}<|eot_id|>{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}<|start_header_id|>assistant<|end_header_id|>"
+    "{%- for call in message.tool_calls %}{\"name\": \"{{ call.function.name }}\", \"parameters\": "
+    "{{ call.function.arguments | tojson }}}{%- endfor %}<|eot_id|>"
+    "{%- elif message.role == 'tool' %}<|start_header_id|>ipython<|end_header_id|>{{ message.content }}<|eot_id|>"
+    "{%- else %}<|start_header_id|>{{ message.role }}<|end_header_id|>{{ message.content }}<|eot_id|>{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>{%- endif %}")
 WEATHER = {"type": "function", "function": {
     "name": "weather", "description": "The weather in a city.",
     "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
@@ -615,8 +627,8 @@ CLOCK = {"type": "function", "function": {"name": "clock", "parameters": {"type"
                                                                            "additionalProperties": False}}}
 
 
-@pytest.fixture(scope="module")
-def tool_served(tiny_model_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=[HERMES_TEMPLATE, LLAMA3_TEMPLATE], ids=["hermes", "llama3"])
+def tool_served(tiny_model_dir, tmp_path_factory, request):
     import shutil
 
     from transformers import AutoTokenizer
@@ -624,7 +636,7 @@ def tool_served(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-tools")
     shutil.copytree(tiny_model_dir, folder, dirs_exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = HERMES_TEMPLATE
+    tokenizer.chat_template = request.param
     tokenizer.save_pretrained(folder)
     s = Served(str(folder))
     yield s
@@ -666,11 +678,14 @@ def test_a_required_tool_call_round_trip(tool_client, tool_served):
     jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
 
     chunks = list(tool_client.chat.completions.create(
-        model=tool_served.model, messages=CHAT, tools=[WEATHER, CLOCK], tool_choice="required",
-        parallel_tool_calls=False, max_tokens=100, stream=True))
+        model=tool_served.model, messages=CHAT, tools=[WEATHER, CLOCK],
+        tool_choice={"type": "function", "function": {"name": "weather"}}, parallel_tool_calls=False,
+        max_tokens=100, stream=True))
     deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
-    assert len(deltas) == 1 and deltas[0].index == 0 and deltas[0].function.name in ("weather", "clock")
-    json.loads(deltas[0].function.arguments)
+    # The call is announced with its id and name, then its arguments come in pieces.
+    assert deltas[0].index == 0 and deltas[0].id.startswith("call_") and deltas[0].function.name == "weather"
+    assert all(d.index == 0 and d.id is None for d in deltas[1:]) and len(deltas) > 2
+    json.loads("".join(d.function.arguments for d in deltas))
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
 
     # The call and its result go back; the template shows both to the model.
@@ -686,17 +701,6 @@ def test_a_required_tool_call_round_trip(tool_client, tool_served):
     text = tokenizer.apply_chat_template(shown, add_generation_prompt=True, tokenize=False)
     assert "Sunny, 21 C" in text and call.function.arguments.replace(" ", "") in text.replace(" ", "")
     assert second.usage.prompt_tokens == len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def test_calls_written_in_text_are_read_into_tool_calls():
-    from vramancer.server.tools import read_calls
-
-    content, calls = read_calls('Let me look.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n'
-                                '</tool_call>\n<tool_call>\n{"name": "clock", "arguments": {}}\n</tool_call>')
-    assert content == "Let me look.\n" and [c["function"]["name"] for c in calls] == ["weather", "clock"]
-    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
-    assert read_calls("<tool_call>\n{not json}\n</tool_call>") == ("<tool_call>\n{not json}\n</tool_call>", [])
-    assert read_calls("no calls here") == ("no calls here", [])
 
 
 # --- routes beyond completions ---------------------------------------------------------------------

@@ -407,8 +407,8 @@ def chunk_body(request: CompletionRequest, model: str, created: int, text: str |
         delta: dict = {"role": "assistant", "content": ""} if first else {}
         if text is not None:
             delta["content"] = text
-        if tool_calls:
-            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls)]
+        if tool_calls:  # deltas, each with the index of the call it continues
+            delta["tool_calls"] = tool_calls
         choices = [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
     else:
         choices = [{"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}]

@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from vramancer.engine import events as ev
 from vramancer.server import protocol as p
+from vramancer.server import tool_calls as calls_
 from vramancer.server import tools as t
 from vramancer.server.guard import BrowserGuard, CountRequests, NoTrailingSlash
 
@@ -172,10 +173,11 @@ async def _complete(server: InferenceServer, request: Request, chat: bool) -> Re
     prompt = completion.prompt
     constraint = ("json_schema", completion.json_schema) if completion.json_schema is not None else None
     calls_before = completion.chat and any(m.get("tool_calls") or m["role"] == "tool" for m in prompt)
+    call_format = calls_.HERMES
     if completion.tools is not None or calls_before:
-        t.check_template((await _tokenizer(server)).chat_template)
+        call_format = calls_.format_of((await _tokenizer(server)).chat_template)
         prompt = tuple(t.template_messages(list(prompt)))
-        grammar = t.grammar(completion.tools) if completion.tools is not None else None
+        grammar = calls_.grammar(completion.tools, call_format) if completion.tools is not None else None
         if grammar is not None:
             constraint = ("lark", grammar)
     client = f"{request.client.host}:{request.client.port}" if request.client else ""
@@ -189,7 +191,7 @@ async def _complete(server: InferenceServer, request: Request, chat: bool) -> Re
     except Exception:
         server.bridge.forget(completion.id)
         raise
-    answer = _Answer(server, completion, state.name, stream)
+    answer = _Answer(server, completion, state.name, stream, call_format)
     if completion.stream:
         # Wait for the engine's first word before the status line: a refusal is a real status.
         first = await _or_disconnect(request, answer.first_event(), answer.cancel)
@@ -207,11 +209,12 @@ class _Answer:
     """One request's answer, built from its events."""
 
     def __init__(self, server: InferenceServer, request: p.CompletionRequest, model: str,
-                 stream: RequestStream) -> None:
+                 stream: RequestStream, call_format: calls_.CallFormat = calls_.HERMES) -> None:
         self.server = server
         self.request = request
         self.model = model
         self.stream = stream
+        self.call_format = call_format  # how the model writes tool calls, when it may
         self.created = p.now()
         self.finished = False
 
@@ -261,7 +264,7 @@ class _Answer:
         """(content, tool calls, finish reason) of a finished answer."""
         if self.request.tools is None:
             return done.text, [], _finish_reason(done)
-        content, calls = t.read_calls(done.text)
+        content, calls = calls_.read_calls(done.text, self.call_format)
         return content, calls, "tool_calls" if calls else _finish_reason(done)
 
     async def events(self, first: ev.Event) -> AsyncIterator[str]:
@@ -272,18 +275,18 @@ class _Answer:
                 yield _sse(p.chunk_body(request, model, created, first=True))
             event = first
             offset = 0  # characters of the answer's tokens so far, for completions' text_offset
-            so_far, said = "", 0  # with tools: the answer's text, and how much of it went out as content
+            reader = calls_.CallStream(self.call_format) if request.tools is not None else None
             while True:
                 if isinstance(event, ev.Token):
                     logprobs = p.logprobs_body(request, event.logprobs, offset)
                     offset += sum(len(e.token) for e in event.logprobs)
-                    piece = event.text
-                    if request.tools is not None:  # text that may begin a tool call waits
-                        so_far += event.text
-                        upto = said if t.OPEN in so_far else len(so_far) - t.held_back(so_far)
-                        piece, said = so_far[said:max(upto, said)], max(upto, said)
+                    piece, deltas = event.text, []
+                    if reader is not None:  # text that may begin a tool call waits
+                        piece, deltas = reader.feed(event.text)
                     if piece or logprobs is not None:
                         yield _sse(p.chunk_body(request, model, created, text=piece, logprobs=logprobs))
+                    if deltas:
+                        yield _sse(p.chunk_body(request, model, created, tool_calls=deltas))
                 elif isinstance(event, (ev.GenerationDone, ev.RequestRefused, ev.Error)):
                     self.finished = True
                     try:
@@ -293,11 +296,14 @@ class _Answer:
                         yield "data: [DONE]\n\n"
                         return
                     if isinstance(event, ev.GenerationDone):
-                        _, calls, finish = self._read(event)
-                        if request.tools is not None and not calls and event.text[said:]:
-                            yield _sse(p.chunk_body(request, model, created, text=event.text[said:]))
-                        if calls:
-                            yield _sse(p.chunk_body(request, model, created, tool_calls=calls))
+                        finish = _finish_reason(event)
+                        if reader is not None:
+                            rest, deltas, calls = reader.finish(event.text)
+                            if rest:
+                                yield _sse(p.chunk_body(request, model, created, text=rest))
+                            if deltas:
+                                yield _sse(p.chunk_body(request, model, created, tool_calls=deltas))
+                            finish = "tool_calls" if calls else finish
                         yield _sse(p.chunk_body(request, model, created, finish_reason=finish,
                                                 text=None if request.chat else ""))
                         if request.include_usage:

@@ -1,26 +1,16 @@
-"""Tool calling: OpenAI's `tools` and `tool_choice` through the model's own chat template, and
-the model's tool calls read back out of its text into `tool_calls`.
-
-A chat template decides how tools are shown to the model and how it is taught to call them;
-the server reads calls in the format of the Hermes / Qwen templates, the common one among open
-models: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, one block per call. A
-template that takes tools but teaches another format is refused (400) rather than read wrong.
-`tool_choice` "required" or a named function holds the answer to that format with a grammar
-(scheduling/constrained.py: the calls' JSON follows each function's parameter schema); "auto" lets
-the model choose and reads whatever calls it writes; "none" shows it no tools.
+"""Tool calling, the request's side: OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`
+checked, and earlier calls given to the chat template as templates take them. The calls the model
+writes are read back by tool_calls.py.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import uuid
 from dataclasses import dataclass
 
 from vramancer.server.errors import MAX_SCHEMA_DEPTH, ApiError, depth
 
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
-_CALL = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CLOSE) + r"|$)", re.DOTALL)
 MAX_TOOLS = 128
 
 
@@ -72,61 +62,6 @@ def parse_tools(body: dict) -> ToolRequest | None:
     if not tools:
         raise ApiError(400, f"'tool_choice' {choice!r} needs 'tools'.", param="tool_choice")
     return ToolRequest(tuple(tools), mode, name, parallel is not False)
-
-
-def check_template(template: str | None) -> None:
-    """Refuse tools for a template that takes none, or teaches calls in a format not read here."""
-    if not template or "tools" not in template:
-        raise ApiError(400, "this model's chat template takes no tools, so tool calling cannot be served for it.",
-                       param="tools", code="tools_not_supported")
-    if OPEN not in template:
-        raise ApiError(400, f"this model's chat template writes tool calls in a format this server does not read "
-                            f"(it reads {OPEN} blocks).", param="tools", code="tools_not_supported")
-
-
-def grammar(request: ToolRequest) -> str | None:
-    """The Lark grammar (llguidance's, with %json schemas) that holds a required or named
-    answer to tool calls; None for auto."""
-    if request.mode == "auto":
-        return None
-    functions = [t["function"] for t in request.tools if request.mode == "required"
-                 or t["function"]["name"] == request.name]
-    calls = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-              "properties": {"name": {"const": f["name"]},
-                             "arguments": f.get("parameters") or {"type": "object"}}} for f in functions]
-    schema = {"anyOf": calls, "x-guidance": {"whitespace_flexible": False}}
-    repeat = ' ("\\n" call)*' if request.parallel else ""
-    return f'start: call{repeat}\ncall: "{OPEN}\\n" %json {json.dumps(schema)} "\\n{CLOSE}"\n'
-
-
-def read_calls(text: str) -> tuple[str | None, list[dict]]:
-    """(content, tool_calls) from an answer's text: the text before the first call, and each
-    call that parses as {"name", "arguments"}. When a block does not parse, nothing is read as
-    a call and the whole text is the content."""
-    start = text.find(OPEN)
-    if start < 0:
-        return text, []
-    calls = []
-    for block in _CALL.findall(text[start:]):
-        try:
-            call = json.loads(block)
-        except ValueError:
-            return text, []
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            return text, []
-        arguments = call.get("arguments", call.get("parameters", {}))
-        calls.append({"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                      "function": {"name": call["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}})
-    content = text[:start]
-    return (content if content.strip() else None), calls
-
-
-def held_back(text: str) -> int:
-    """How much of the end of `text` could be the start of a tool call, not to stream yet."""
-    for k in range(min(len(OPEN) - 1, len(text)), 0, -1):
-        if text.endswith(OPEN[:k]):
-            return k
-    return 0
 
 
 def template_messages(messages: list[dict]) -> list[dict]:
