@@ -40,6 +40,10 @@ def test_a_plan_that_does_not_fit_exits_2_with_need_and_room():
         (["plan", "--context", "0"], "--context must be at least 1"),
         (["generate"], "required: --prompt"),
         (["plan", "--devices", "gpu"], "not a device"),
+        (["serve", "--keep-alive-seconds", "0"], "--keep-alive-seconds must be more than 0"),
+        (["serve", "--body-seconds", "inf"], "--body-seconds must be a finite number"),
+        (["--serve", "0", "--header-seconds", "99999"], "--header-seconds must be more than 0 and at most 3600"),
+        (["--serve", "0", "--max-batch", "0"], "--max-batch must be between 1 and 256"),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_2(args, words, capsys):

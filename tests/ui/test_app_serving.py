@@ -154,3 +154,29 @@ async def test_the_console_answers_beside_the_server_requests(tiny_model_dir):
         assert str(app.query(".answer").last().render()) == answer.text and answer.new_tokens > 0
         assert "req-1" in requests_text(app) and "streaming" in requests_text(app), "the request line stays"
         assert f"answered {answer.new_tokens} tokens" in log_text(app)
+
+
+async def test_the_dashboards_server_takes_the_serve_flags(tmp_path):
+    """`vramancer --serve` with the flags `vramancer serve` takes: the key, the batch size, the
+    connection deadlines reach the server and the worker the dashboard starts."""
+    import httpx
+
+    from vramancer.cli.main import _check_values, _limits, build_parser
+
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-dashboard\n")
+    args = build_parser().parse_args(["--serve", "0", "--api-key-file", str(key_file), "--max-batch", "3",
+                                      "--keep-alive-seconds", "2.5", "--body-seconds", "7"])
+    _check_values(args)
+    settings = {"api_key": args.api_key, "max_batch": args.max_batch, "limits": _limits(args)}
+    app = VramancerApp(telemetry=False, serve_port=0, serve_settings=settings)
+    async with app.run_test(size=SIZE) as pilot:
+        await engine_started(pilot)
+        await wait_for(pilot, lambda: app.server is not None and app.server.port, "the server")
+        assert app.worker.max_batch == 3
+        assert (app.server.limits.keep_alive_s, app.server.limits.body_s, app.server.limits.header_s) == (2.5, 7.0, 10.0)
+        url = f"http://127.0.0.1:{app.server.port}/v1/models"
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(url)).status_code == 401
+            answered = await client.get(url, headers={"Authorization": "Bearer sk-dashboard"})
+        assert answered.status_code != 401

@@ -99,6 +99,7 @@ class VramancerApp(App[int]):
         sampling: dict | None = None,
         prepare: Callable[[], None] | None = None,
         serve_port: int | None = None,
+        serve_settings: dict | None = None,
     ) -> None:
         """`options`: what to load at start (None: start empty, load from the palette).
         `telemetry=False` stops the periodic sampler; the App still takes one reading after each
@@ -106,7 +107,9 @@ class VramancerApp(App[int]):
         `prepare` runs on the start thread before the engine is imported (the CLI's torch
         thread count and library quieting), so none of it delays the first frame.
         `serve_port`: also serve the OpenAI-compatible API on 127.0.0.1 at that port, from this
-        dashboard's worker (its events fan out to the App and to the server)."""
+        dashboard's worker (its events fan out to the App and to the server); `serve_settings`:
+        the server's own (InferenceServer's keywords: api_key, limits, cors_origins,
+        allowed_hosts) and the batch's size (max_batch), as `vramancer serve` takes them."""
         super().__init__()
         self.options = options or LoadOptions()
         self._load_at_start = options is not None
@@ -115,6 +118,7 @@ class VramancerApp(App[int]):
         self._telemetry = (telemetry, telemetry_hz)
         self.worker: EngineWorker | None = None  # made once the engine is imported, after the first frame
         self._serve_port = serve_port
+        self._serve_settings = dict(serve_settings or {})
         self.server = None  # the InferenceServer, with --serve
         self.start_error: str | None = None  # why the start-up load could not even begin (CLI: exit 2)
         self._handlers: dict[type, Handler] = {}
@@ -186,9 +190,11 @@ class VramancerApp(App[int]):
         if self._serve_port is not None:
             from vramancer.server.service import InferenceServer
 
-            server = InferenceServer(quiet=True)
+            settings = {k: v for k, v in self._serve_settings.items() if k != "max_batch"}
+            server = InferenceServer(quiet=True, **settings)
             emit = _fan_out(self._emit, server.on_event)
-        worker = EngineWorker(emit, telemetry_hz=hz, telemetry=telemetry)
+        batch = {"max_batch": self._serve_settings["max_batch"]} if "max_batch" in self._serve_settings else {}
+        worker = EngineWorker(emit, telemetry_hz=hz, telemetry=telemetry, **batch)
         refusal = None
         if self._load_at_start:
             try:
@@ -727,12 +733,13 @@ def _fan_out(*sinks: Callable[[ev.Event], None]) -> Callable[[ev.Event], None]:
 
 
 def run_dashboard(options: LoadOptions, prepare: Callable[[], None] | None = None,
-                  serve_port: int | None = None) -> int:
+                  serve_port: int | None = None, serve_settings: dict | None = None) -> int:
     """Open the dashboard on `options`; returns the exit status for the CLI. `prepare` runs
     off the App thread before the engine is imported (see VramancerApp). A closed terminal,
     SIGTERM, SIGHUP or an outside SIGINT quit it like ctrl+q, within the lifetime's deadline.
-    `serve_port` (--serve): the OpenAI-compatible server runs in this process too."""
-    app = VramancerApp(options, prepare=prepare, serve_port=serve_port)
+    `serve_port` (--serve): the OpenAI-compatible server runs in this process too, with
+    `serve_settings` (see VramancerApp)."""
+    app = VramancerApp(options, prepare=prepare, serve_port=serve_port, serve_settings=serve_settings)
     lifetime = Lifetime(app.quit_soon).install()
     lifetime.watch_terminal()
     code = app.run()  # the worker was stopped as the App unmounted

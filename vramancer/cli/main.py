@@ -17,6 +17,14 @@ DEFAULT_PORT = 8000
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_CONNECTIONS = 1024
 MAX_BATCH = 256  # past this a batch's padded KV outgrows any context worth serving
+# A connection's deadlines: flag -> (VRM_ name, default seconds, what it bounds). The defaults
+# let a slow client on a slow link through and close what an idle or stalled one holds.
+DEADLINES = {
+    "--keep-alive-seconds": ("KEEP_ALIVE_SECONDS", 5.0, "how long an idle connection stays open between requests"),
+    "--header-seconds": ("HEADER_SECONDS", 10.0, "how long a client may take to send a request's headers"),
+    "--body-seconds": ("BODY_SECONDS", 30.0, "how long a client may take to send a request's body"),
+}
+MAX_DEADLINE_S = 3600.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,6 +104,30 @@ def _add_load_flags(parser: argparse.ArgumentParser, model: bool = True, inherit
                       "VRM_CUDA_GRAPHS=auto): on wherever there is a CUDA device and the model allows it")
 
 
+def _add_serve_flags(parser: argparse.ArgumentParser, inherit: bool = False) -> None:
+    """The server's flags, for `serve` and for the dashboard's `--serve` alike; on `serve`
+    (`inherit`) a flag left out keeps what was given before the subcommand."""
+    add_argument = parser.add_argument
+    if inherit:
+        def add_argument(*names, **options):
+            return parser.add_argument(*names, **{**options, "default": argparse.SUPPRESS})
+
+    add_argument("--api-key-file", default=_env("API_KEY_FILE", "") or None,
+                 help="file holding the key clients must send as 'Authorization: Bearer KEY'")
+    add_argument("--max-batch", type=int, default=None,
+                 help=f"sequences decoded together at most (default {DEFAULT_MAX_BATCH})")
+    add_argument("--cors-origin", action="append", default=_env_list("CORS_ORIGINS"), metavar="ORIGIN",
+                 help="a web page origin (https://chat.example) whose scripts may call the API; repeat "
+                      "for more; none by default")
+    add_argument("--allow-host", action="append", default=_env_list("ALLOW_HOSTS"), metavar="NAME",
+                 help="a Host name clients may use besides loopback names and --host (guards against DNS "
+                      "rebinding); repeat for more; '*' allows any")
+    add_argument("--max-connections", type=int, default=None,
+                 help=f"open connections at most; more are refused at once (default {DEFAULT_MAX_CONNECTIONS})")
+    for flag, (_, default, what) in DEADLINES.items():
+        add_argument(flag, type=float, default=None, metavar="SECONDS", help=f"{what} (default {default:g})")
+
+
 def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
@@ -112,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_flags(parser)
     parser.add_argument("--serve", nargs="?", type=int, const=DEFAULT_PORT, default=None, metavar="PORT",
                         help=f"also serve the OpenAI-compatible API on 127.0.0.1:PORT (default {DEFAULT_PORT}) "
-                             "from the dashboard's engine")
+                             "from the dashboard's engine, with the serve flags below")
+    _add_serve_flags(parser)
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     devices = sub.add_parser("devices", help="list the devices a spec resolves to (and the nodes found)")
@@ -155,18 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=_env("HOST", "127.0.0.1"),
                        help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface: give a key)")
     serve.add_argument("--port", type=int, default=None, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
-    serve.add_argument("--api-key-file", default=_env("API_KEY_FILE", "") or None,
-                       help="file holding the key clients must send as 'Authorization: Bearer KEY'")
-    serve.add_argument("--max-batch", type=int, default=None,
-                       help=f"sequences decoded together at most (default {DEFAULT_MAX_BATCH})")
-    serve.add_argument("--cors-origin", action="append", default=_env_list("CORS_ORIGINS"), metavar="ORIGIN",
-                       help="a web page origin (https://chat.example) whose scripts may call the API; repeat "
-                            "for more; none by default")
-    serve.add_argument("--allow-host", action="append", default=_env_list("ALLOW_HOSTS"), metavar="NAME",
-                       help="a Host name clients may use besides loopback names and --host (guards against DNS "
-                            "rebinding); repeat for more; '*' allows any")
-    serve.add_argument("--max-connections", type=int, default=None,
-                       help=f"open connections at most; more are refused at once (default {DEFAULT_MAX_CONNECTIONS})")
+    _add_serve_flags(serve, inherit=True)
 
     config = sub.add_parser("config", help="print every setting's value and where it came from "
                                            "(flag > VRM_* variable > config file > default)")
@@ -227,13 +249,23 @@ def _check_values(args) -> None:
     env_defaults = {"context": ("CONTEXT", 2048), "threads": ("THREADS", 0)}
     if args.command == "node":
         env_defaults["port"] = ("NODE_PORT", 7070)
+    serving = args.command == "serve" or (args.command is None and args.serve is not None)
     if args.command == "serve":
         env_defaults["port"] = ("PORT", DEFAULT_PORT)
+    if serving:
         env_defaults["max_batch"] = ("MAX_BATCH", DEFAULT_MAX_BATCH)
         env_defaults["max_connections"] = ("MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS)
     for dest, (name, default) in env_defaults.items():
         if getattr(args, dest, None) is None:
             setattr(args, dest, v.env_int(name, default))
+    if serving:
+        for flag, (name, default, _) in DEADLINES.items():
+            dest = flag[2:].replace("-", "_")
+            if getattr(args, dest, None) is None:
+                setattr(args, dest, v.env_float(name, default))
+            if not 0 < v.finite(flag, getattr(args, dest)) <= MAX_DEADLINE_S:
+                raise VramancerError(f"{flag} must be more than 0 and at most {MAX_DEADLINE_S:g}, "
+                                     f"not {getattr(args, dest):g}.")
     if args.command == "devices" and args.discover_seconds is None:
         args.discover_seconds = v.env_float("DISCOVER_SECONDS", 3.0)
     v.check_threads(args.threads)
@@ -246,7 +278,7 @@ def _check_values(args) -> None:
         v.check_port("--port", args.port)
     if args.command is None and args.serve is not None:
         v.check_port("--serve", args.serve)
-    if args.command == "serve":
+    if serving:
         if not 1 <= args.max_batch <= MAX_BATCH:
             raise VramancerError(f"--max-batch must be between 1 and {MAX_BATCH}, not {args.max_batch}.")
         if args.max_connections < 1:
@@ -363,13 +395,20 @@ def _serve(args, prepare) -> int:
               "machine can use the model.", file=sys.stderr, flush=True)
     sock = listen(args.host, args.port)  # a busy port is refused before torch is imported
     prepare()
-    from vramancer.server.connections import Limits
     from vramancer.server.service import run_serve
 
     status = run_serve(_load_options(args), sock, args.host, args.api_key, args.max_batch,
                        ready=lambda line: print(line, flush=True), cors_origins=tuple(args.cors_origin),
-                       allowed_hosts=tuple(args.allow_host), limits=Limits(max_connections=args.max_connections))
+                       allowed_hosts=tuple(args.allow_host), limits=_limits(args))
     exit_now(status)  # stopped: skip seconds of interpreter teardown
+
+
+def _limits(args):
+    """The connection cap and deadlines the flags (or VRM_*, or the config file) set."""
+    from vramancer.server.connections import Limits
+
+    return Limits(max_connections=args.max_connections, keep_alive_s=args.keep_alive_seconds,
+                  header_s=args.header_seconds, body_s=args.body_seconds)
 
 
 def _config(args) -> int:
@@ -605,7 +644,11 @@ def _dashboard(args, prepare) -> int:
     frame. A malformed --devices closes the screen with the usual one sentence and exit 2."""
     from vramancer.app import run_dashboard
 
-    return run_dashboard(_load_options(args), prepare, serve_port=args.serve)
+    settings = None
+    if args.serve is not None:  # the server's flags, as `vramancer serve` takes them
+        settings = {"api_key": args.api_key, "cors_origins": tuple(args.cors_origin),
+                    "allowed_hosts": tuple(args.allow_host), "limits": _limits(args), "max_batch": args.max_batch}
+    return run_dashboard(_load_options(args), prepare, serve_port=args.serve, serve_settings=settings)
 
 
 # --- helpers ---------------------------------------------------------------------------
