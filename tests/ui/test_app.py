@@ -234,6 +234,9 @@ async def test_drop_on_a_device_too_small_is_refused_and_nothing_moves(tiny_mode
         shown = {options.get_option_at_index(i).id: options.get_option_at_index(i) for i in range(options.option_count)}
         assert not shown["sim1"].disabled and shown["sim2"].disabled
         assert "won't fit" in str(shown["sim2"].prompt) and "more" in str(shown["sim2"].prompt)
+        # What the move would do is said: the tied head keeps a copy of the table behind.
+        assert "takes 12.0 MiB on sim1" in str(shown["sim1"].prompt)
+        assert "the head then holds its own copy of the tied embeddings" in str(shown["sim1"].prompt)
 
 
 async def test_keyboard_move_of_part_of_a_block(tiny_model_dir):

@@ -120,3 +120,24 @@ def test_unknown_strategy_is_refused():
 
 def test_parts_are_embed_layers_head():
     assert PROFILE.parts() == [EMBED, *range(10), HEAD]
+
+
+def test_a_move_says_what_it_frees_and_takes_and_when_a_tied_head_gets_its_own_copy():
+    from vramancer.engine.events import PlanSnapshot
+    from vramancer.planning.placement import Placement
+
+    placement = Placement(["sim0"] * 5 + ["sim1"] * 5, "sim0", "sim0")
+    reserves = {"sim0": 0, "sim1": 0}
+    snapshot = PlanSnapshot((), "sim0", "sim0", "proportional", CONTEXT, {}, reserves, PROFILE,
+                            tuple(placement.layer_devices))
+    # Two layers: 10 MiB of weights and 1 MiB of KV cache (1 KiB a token, 1024 tokens) each.
+    assert snapshot.move_effect(0, 1, "sim1") == "frees 22.0 MiB on sim0 · takes 22.0 MiB on sim1"
+    # Moving the tied embeddings away frees next to nothing on sim0 (the head keeps their weight
+    # there) and takes the table on sim1: said, not left for the user to find out.
+    effect = snapshot.move_effect(EMBED, EMBED, "sim1")
+    assert "takes 20.0 MiB on sim1" in effect and "own copy of the tied embeddings (20.0 MiB)" in effect
+    assert "frees 20.0 MiB" not in effect
+    apart = PlanSnapshot((), "sim1", "sim0", "proportional", CONTEXT, {}, reserves, PROFILE,
+                         tuple(placement.layer_devices))
+    assert "is given back" in apart.move_effect(HEAD, HEAD, "sim1")
+    assert snapshot.move_effect(0, 0, "sim0") == "changes no device's memory"

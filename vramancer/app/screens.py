@@ -41,7 +41,8 @@ One language model, split across several devices. Watch the split; change it liv
   and how each ended; the header adds running and waiting sequences and their tok/s.
 - **header**: *predicted* tok/s is what the engine expects from the current placement, priced
   from measured device and link timings; *measured* is the decode speed of the last answer.
-  A drop preview shows the predicted speed after the move and its change.
+  A drop preview shows the predicted speed after the move and its change, and what the move
+  frees and takes on each device (tied embeddings and head: the head's own copy of the table).
 - **events**: what the engine did: loads, plans, migrations, refusals, errors, and how each
   server request ended.
 
@@ -139,7 +140,8 @@ class MoveTargetScreen(ModalScreen[str | None]):
             options = []
             for verdict in self.verdicts:
                 if verdict.fits:
-                    options.append(Option(f"{verdict.device} · fits{verdict.speed}", id=verdict.device))
+                    effect = f"\n  {verdict.effect}" if verdict.effect else ""
+                    options.append(Option(f"{verdict.device} · fits{verdict.speed}{effect}", id=verdict.device))
                 else:  # listed, so the user sees why, but not selectable
                     options.append(Option(f"{verdict.device} · won't fit: {verdict.reason}", id=verdict.device,
                                           disabled=True))

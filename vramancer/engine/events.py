@@ -10,9 +10,11 @@ import time
 from dataclasses import dataclass, field
 
 from vramancer.config.options import LoadOptions
+from vramancer.config.units import format_bytes
 from vramancer.planning.placement import (
     ModelProfile,
     Placement,
+    need_changes,
     part_label,
     parts_for_range,
     refusal_sentence,
@@ -166,6 +168,22 @@ class PlanSnapshot:
         parts = parts_for_range(self.profile, first, last)
         held = sum(part_bytes(self.profile, p) for p in parts)
         return held - self.profile.tied_bytes if HEAD in parts and self.head == self.embed else held
+
+    def move_effect(self, first: int | str, last: int | str, device: str) -> str:
+        """What moving first..last to `device` frees and takes, device by device: "frees 54 MiB
+        on sim0 · takes 54 MiB on sim1". Moving tied embeddings or head away from the other adds
+        a copy of their weight (the head then holds its own) and says so; joining them frees it."""
+        current = self.placement
+        proposed = current.moved(parts_for_range(self.profile, first, last), device)
+        changes = need_changes(self.profile, current, proposed, self.reserves, self.context)
+        said = [f"frees {format_bytes(-delta)} on {name}" for name, delta in changes.items() if delta < 0]
+        said += [f"takes {format_bytes(delta)} on {name}" for name, delta in changes.items() if delta > 0]
+        tied = self.profile.tied_bytes
+        if tied and current.embed == current.head and proposed.embed != proposed.head:
+            said.append(f"the head then holds its own copy of the tied embeddings ({format_bytes(tied)})")
+        elif tied and current.embed != current.head and proposed.embed == proposed.head:
+            said.append(f"the head's copy of the tied embeddings ({format_bytes(tied)}) is given back")
+        return " · ".join(said) or "changes no device's memory"
 
     def would_fit(self, first: int | str, last: int | str, device: str, free: dict) -> str | None:
         """None if moving first..last to `device` fits the free bytes given, else the refusal.

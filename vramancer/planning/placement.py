@@ -232,6 +232,20 @@ def room_shortfall(
     return None
 
 
+def need_changes(profile: ModelProfile, current: Placement, proposed: Placement, reserves: dict[str, int],
+                 context: int) -> dict[str, int]:
+    """Bytes each device would need more (+) or less (-) under `proposed` than under `current`,
+    for the devices whose need changes. Pure, like room_shortfall: what a drop preview says a
+    move frees and takes, a tied head's own copy of the embeddings included."""
+    changes = {}
+    for name, reserve in reserves.items():
+        delta = (device_need(profile, proposed.parts_on(name), reserve, context).total
+                 - device_need(profile, current.parts_on(name), reserve, context).total)
+        if delta:
+            changes[name] = delta
+    return changes
+
+
 def split_footprint(profile: ModelProfile, context: int) -> int:
     """What the model needs in all when split in two: the head keeps its own copy of tied
     weights and each side has its own workspace. Sizes the fallback simulated pool."""

@@ -63,6 +63,7 @@ class Verdict:
     reason: str = ""
     tokens_per_s: float | None = None
     now_tokens_per_s: float | None = None  # the current plan's prediction, for the change
+    effect: str = ""  # what the move frees and takes, device by device (PlanSnapshot.move_effect)
 
     @property
     def speed(self) -> str:
@@ -357,7 +358,8 @@ class DeviceColumn(Vertical):
         if verdict is None:
             self.preview.update("")
         elif verdict.fits:
-            self.preview.update(f"✓ {what} fits here{verdict.speed}")
+            effect = f"\n{verdict.effect}" if verdict.effect else ""
+            self.preview.update(f"✓ {what} fits here{verdict.speed}{effect}")
         else:
             self.preview.update(f"✗ {what} won't fit")
 
@@ -482,7 +484,9 @@ class PlacementPanel(Container):
         assert self.plan is not None
         reason = self.plan.would_fit(first, last, device, self.free_bytes())
         speed = self.plan.predict_move(first, last, device) if reason is None else None
-        return Verdict(device, reason is None, reason or "", speed, self.plan.predicted_tokens_per_s if speed else None)
+        effect = self.plan.move_effect(first, last, device) if reason is None else ""
+        return Verdict(device, reason is None, reason or "", speed, self.plan.predicted_tokens_per_s if speed else None,
+                       effect)
 
     def targets(self, tile: BlockTile) -> list[Verdict]:
         """Every other device, with whether the tile's selection fits there."""
