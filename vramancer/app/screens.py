@@ -60,21 +60,20 @@ esc closes this help. The prompt has the focus at start, and there single keys t
 
 | key | does |
 |---|---|
-| z (f2 anywhere) | zoom the panel holding the focus to the whole screen, and back (esc too) |
-| ←↓↑→ / h j k l | on a tile: the nearest tile that way; on devices: the next device |
-| enter | on a tile or a device: its detail (memory over time, layers, links) |
-| enter (prompt) | send the prompt |
+| z/f2 | zoom the panel holding the focus to the whole screen, and back (esc too); f2 works anywhere |
+| ←↓↑→/hjkl | on a tile: the nearest tile that way; on devices: the next device |
+| enter | on a tile or a device: its detail (memory over time, layers, links); on the prompt: send it |
 | esc | cancel the answer streaming; otherwise leave the prompt for the placement |
-| ↑ / ↓ | earlier / later prompts |
+| ↑/↓ | on the prompt: earlier / later prompts |
 | ctrl+l | new conversation |
 | / | back to the prompt |
 | p | to the placement (the tile of the first layers) |
-| tab / shift+tab | move between tiles, panels and the prompt |
+| tab/⇧tab | move between tiles, panels and the prompt |
 | m | move the focused tile to another device |
 | ctrl+p | commands: load a model, re-plan, export metrics |
 | ctrl+e | export metrics to a JSON file in the working directory |
-| f1 (? off the prompt) | this help |
-| ctrl+q (q off the prompt) | quit |
+| f1/? | this help (? only off the prompt) |
+| ctrl+q/q | quit (q only off the prompt) |
 """
 
 
