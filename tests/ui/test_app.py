@@ -580,6 +580,18 @@ async def test_a_failed_load_keeps_the_app_up_and_another_model_loads_from_the_p
         assert app.options.model == tiny_model_dir
         assert app.options.auto_rebalance, "what the dialog does not show is kept from the command line"
 
+        # Another load that fails leaves the loaded model's header as it was (its plan's strategy,
+        # its speeds) and the dialog offering what is loaded, not the path that failed.
+        app.worker.submit(ev.Replan("sequential"))
+        await wait_for(pilot, lambda: "sequential" in str(app.header.summary.render()), "the re-plan")
+        app.header.show_speed(measured=12.3)
+        before = str(app.header.summary.render()), str(app.header.speed.render())
+        assert "sequential" in before[0] and "measured 12.3" in before[1]
+        app.load(dataclasses.replace(app.options, model=missing))
+        await wait_for(pilot, lambda: log_text(app).count("Load failed") == 2, "the second load error")
+        assert (str(app.header.summary.render()), str(app.header.speed.render())) == before
+        assert app.options.model == tiny_model_dir and app.console_panel.ready
+
 
 async def test_a_malformed_device_spec_from_the_command_line_ends_with_exit_2(tiny_model_dir):
     """The first frame comes before the engine can read --devices; a spec it refuses then

@@ -124,6 +124,7 @@ class VramancerApp(App[int]):
         self._handlers: dict[type, Handler] = {}
         self._moved_since_plan: list[ev.MigrationDone] = []  # reported moves the next plan includes
         self.loaded: ev.Loaded | None = None
+        self._loaded_options: LoadOptions | None = None  # what `loaded` was loaded with
         self.loading = False
         self.plan: ev.PlanSnapshot | None = None
         self.links: tuple[ev.LinkSnapshot, ...] = ()
@@ -356,6 +357,7 @@ class VramancerApp(App[int]):
 
     async def _on_loaded(self, event: ev.Loaded) -> None:
         self.loaded = event
+        self._loaded_options = self.options
         self.loading = False
         self.plan = None
         self.links = ()
@@ -430,11 +432,11 @@ class VramancerApp(App[int]):
         if event.command == "Load":
             self.loading = False
             self.load_bar.finish()
-            header = self.header
             if self.loaded is None:
-                header.show_failed()
-            else:
-                header.show_loaded(self.loaded)
+                self.header.show_failed()
+            else:  # the model loaded before still runs, as it was; the dialog offers its options again
+                self.header.show_still_loaded()
+                self.options = self._loaded_options or self.options
             self.console_panel.ready = self.loaded is not None
         elif event.command == "Generate":
             self.console_panel.fail(event.message)

@@ -65,13 +65,21 @@ class ModelHeader(Horizontal):
     def show_batch(self, status: BatchStatus) -> None:
         """The server's batch: running and waiting sequences and their aggregate decode speed."""
         self.batch.display = True
-        text = f"{status.running} running · {status.waiting} waiting · {status.tokens_per_s:.1f} tok/s"
+        text = f"{status.running} running · {status.waiting} waiting"
+        if status.running or status.waiting:  # a rate of nothing running is a stale one: not shown
+            text += f" · {status.tokens_per_s:.1f} tok/s"
         if text != self._batch_text:  # twice a second while serving; the same figures need no layout
             self._batch_text = text
             self.batch.update(text)
 
     def show_loading(self, model: str, devices: str) -> None:
         self.summary.update(f"loading {model} on {devices}…")
+
+    def show_still_loaded(self) -> None:
+        """Back to what is loaded, as it was, after another load failed: its strategy and its
+        speeds, not the ones it was loaded with."""
+        self._render_summary()
+        self.show_speed()
 
     def show_failed(self) -> None:
         self.summary.update("no model loaded · ctrl+p → Load model")
