@@ -706,6 +706,22 @@ async def test_arrows_and_vi_keys_move_between_tiles_and_devices_and_enter_opens
         assert shown.startswith("sim2") and "nothing · empty: " in shown, "why it holds nothing"
         await pilot.press("escape")
 
+        # `s` sorts the devices, fullest first then most free first; the cursor stays on its device.
+        panel = app.devices_panel
+        panel.focus()
+        fullness = {c.info.name: 1 - c.snapshot.free / c.snapshot.total for c in panel.cards.values()}
+        await pilot.press("s")
+        names = [card.info.name for card in panel.shown()]
+        assert names == sorted(fullness, key=fullness.get, reverse=True) and "fullest first" in panel.border_title
+        assert names[-1] == "sim2" and panel.shown()[panel.cursor].info.name == "sim2"
+        await pilot.press("s")
+        assert [card.info.name for card in panel.shown()][0] == "sim2", "the empty device has the most free"
+        await pilot.press("s")
+        assert [card.info.name for card in panel.shown()] == ["sim0", "sim1", "sim2"] and panel.border_title == "devices"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, DeviceDetailScreen), "the detail under the cursor")
+        assert str(app.screen.body.render()).startswith("sim2")
+
 
 async def test_the_load_dialog_offers_weights(tiny_model_dir):
     app = make_app(tiny_model_dir)

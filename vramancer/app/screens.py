@@ -63,6 +63,7 @@ esc closes this help. The prompt has the focus at start, and there single keys t
 | z/f2 | zoom the panel holding the focus to the whole screen, and back (esc too); f2 works anywhere |
 | ←↓↑→/hjkl | on a tile: the nearest tile that way; on devices: the next device |
 | enter | on a tile or a device: its detail (memory over time, layers, links); on the prompt: send it |
+| s | on devices: sort them (as planned, fullest first, most free first) |
 | esc | cancel the answer streaming; otherwise leave the prompt for the placement |
 | ↑/↓ | on the prompt: earlier / later prompts |
 | ctrl+l | new conversation |

@@ -233,7 +233,9 @@ class DevicesPanel(VerticalScroll):
     every card be: full cards, two lines each, or one line each under a shared legend.
 
     Focused, it has a cursor on one card: arrows or j/k (h/l across two-up lines) move it, Enter
-    opens that device's detail. One focus stop for the whole rig, not one per device."""
+    opens that device's detail, `s` sorts the cards (as planned, fullest first, most free first;
+    re-sorted as readings come, like a process list). One focus stop for the whole rig, not one
+    per device."""
 
     BINDINGS = [
         Binding("up,k", "line(-1)", "Device up", show=False),
@@ -241,7 +243,9 @@ class DevicesPanel(VerticalScroll):
         Binding("left,h", "cursor(-1)", "Device left", show=False),
         Binding("right,l", "cursor(1)", "Device right", show=False),
         Binding("enter", "detail", "Device detail"),
+        Binding("s", "sort", "Sort devices"),
     ]
+    SORTS = ("as planned", "fullest first", "most free first")
 
     class DetailWanted(Message):
         """Enter on a device: open its detail."""
@@ -255,7 +259,8 @@ class DevicesPanel(VerticalScroll):
         self.border_title = "devices"
         self.cards: dict[str, DeviceCard] = {}
         self.legend = MemoryLegend(classes="memory-legend")
-        self.cursor = 0  # the card Enter opens, marked while the panel has the focus
+        self.cursor = 0  # the card Enter opens (its place in the order shown), marked while focused
+        self.sort = self.SORTS[0]
 
     async def set_devices(self, devices: tuple[DeviceInfo, ...]) -> None:
         """A new model (and so maybe new devices): start the cards afresh."""
@@ -264,6 +269,7 @@ class DevicesPanel(VerticalScroll):
         self.legend = MemoryLegend(classes="memory-legend")
         await self.mount_all([self.legend, *self.cards.values()])
         self.cursor = 0
+        self._apply_sort()
         self._mark_cursor()
         self._fit_cards()
         # The panel's height may still be the one from before the cards were mounted: fit them
@@ -285,12 +291,43 @@ class DevicesPanel(VerticalScroll):
 
     def action_detail(self) -> None:
         if self.cards:
-            self.post_message(self.DetailWanted(list(self.cards)[self.cursor]))
+            self.post_message(self.DetailWanted(self.shown()[self.cursor].info.name))
+
+    def action_sort(self) -> None:
+        """The next order of the cards; the cursor stays on its device."""
+        self.sort = self.SORTS[(self.SORTS.index(self.sort) + 1) % len(self.SORTS)]
+        self.border_title = "devices" if self.sort == self.SORTS[0] else f"devices · {self.sort}"
+        self._apply_sort()
+
+    def shown(self) -> list[DeviceCard]:
+        """The cards in the order they are shown."""
+        return [child for child in self.children if isinstance(child, DeviceCard)]
+
+    def _apply_sort(self) -> None:
+        cards = list(self.cards.values())  # as planned: the devices' own order
+        if self.sort != self.SORTS[0]:
+            def fullness(card: DeviceCard) -> float:
+                snap = card.snapshot
+                return (snap.total - snap.free) / snap.total if snap is not None and snap.total else 0.0
+
+            def free(card: DeviceCard) -> int:
+                return card.snapshot.free if card.snapshot is not None else 0
+
+            cards.sort(key=fullness if self.sort == "fullest first" else free, reverse=True)
+        shown = self.shown()
+        if cards == shown:
+            return  # the same order: no layout
+        under_cursor = shown[self.cursor] if shown else None
+        for card in cards:
+            if card is not self.children[-1]:
+                self.move_child(card, after=self.children[-1])
+        self.cursor = cards.index(under_cursor) if under_cursor in cards else 0
+        self._mark_cursor()
 
     def _mark_cursor(self) -> None:
-        for index, card in enumerate(self.cards.values()):
+        cards = self.shown()
+        for index, card in enumerate(cards):
             card.set_class(index == self.cursor, "-cursor")
-        cards = list(self.cards.values())
         if cards:
             self.scroll_to_widget(cards[self.cursor], animate=False)
 
@@ -347,6 +384,8 @@ class DevicesPanel(VerticalScroll):
             card = self.cards.get(snap.name)
             if card is not None:
                 card.show(snap)
+        if self.sort != self.SORTS[0]:
+            self._apply_sort()
         self._state_trends()
 
     def _state_trends(self) -> None:
