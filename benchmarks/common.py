@@ -310,6 +310,11 @@ def cli(bench: Callable[..., Result], doc: str, options: list[tuple[str, type, o
     if out:
         Path(out).write_text(json.dumps(result.to_json(), ensure_ascii=False))
         return
-    print(json.dumps({"machine": machine(), result.name: result.to_json()}, indent=2, ensure_ascii=False))
+    info = machine()
+    print(json.dumps({"machine": info, result.name: result.to_json()}, indent=2, ensure_ascii=False))
     print()
     print(result.markdown())
+    from benchmarks.report import record, write_doc  # the run is kept, and the doc's table follows it
+
+    command = " ".join(["python -m", f"benchmarks.{result.name}", *sys.argv[1:]])
+    say(f"recorded in {record(result, command, info).name}; updated {write_doc().name}")

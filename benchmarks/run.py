@@ -74,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
     report["duration_s"] = round((datetime.now(timezone.utc) - started).total_seconds(), 1)
 
+    from benchmarks.report import record, write_doc  # each run kept (history in git), the doc's tables follow
+
+    for result in results:
+        rounds = f" --rounds {args.rounds}" if args.rounds else ""
+        record(result, f"python -m benchmarks.run --only {result.name}{rounds}", info)
+    write_doc()
     markdown = render(report, results)
     RESULTS.mkdir(exist_ok=True)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")

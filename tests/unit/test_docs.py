@@ -157,3 +157,31 @@ def test_the_checks_catch_what_they_are_for():
     for text in ("measured 2026-11-27", "at 12:17 UTC", "(20:49-20:57 UTC)"):
         assert DATED_RUN.search(text), text
     assert not DATED_RUN.search("127.0.0.1:7070, 2 cores, 10:1 ratio")
+
+
+def test_each_recorded_benchmark_run_is_the_table_the_doc_shows():
+    """docs/benchmarks.md shows each benchmarks/results/<name>.json as generated from it: a
+    table edited by hand, or a result recorded without the doc regenerated, fails here."""
+    from benchmarks.report import DOC, block, recorded, render
+
+    doc = DOC.read_text()
+    for name, data in recorded().items():
+        assert block(name, render(data)) in doc, f"regenerate with `python -m benchmarks.report` ({name})"
+
+
+def test_a_recorded_run_replaces_the_tables_written_by_hand_and_keeps_what_the_benchmark_measures():
+    from benchmarks.common import Result
+    from benchmarks.report import block, render, updated
+
+    result = Result("decode", "Decode", {"rounds": 3}, {"tok_s": ("tok/s", 1)},
+                    {"plain": {"tok_s": {"median": 17.5, "min": 17.0, "max": 18.0, "n": 3, "samples": [17.0, 17.5, 18.0]}}})
+    data = {"name": "decode", "measured": "2026-12-07 22:50 UTC", "command": "python -m benchmarks.decode",
+            "machine": {"cpu": "A CPU", "cores": 2, "memory_gib": 23.0, "gpus": [], "os": "Linux", "python": "3.11",
+                        "torch": "2.13.0", "transformers": "5.25.0"}, "result": result.to_json()}
+    doc = "# Benchmarks\n\n## decode\n\nWhat it measures.\nSecond line.\n\nAn old table.\n\n| a | b |\n\n## load\n\nLoads.\n"
+    once = updated(doc, {"decode": data})
+    assert once.startswith("# Benchmarks\n\n## decode\n\nWhat it measures.\nSecond line.\n\n" + block("decode", render(data)))
+    assert "An old table" not in once and once.endswith("## load\n\nLoads.\n")
+    assert "| plain | 17.5 (17.0–18.0) |" in once and "Measured 2026-12-07 22:50 UTC on A CPU" in once
+    assert updated(once, {"decode": data}) == once, "regenerating changes nothing"
+    assert updated(doc, {"new": dict(data, name="new")}).endswith(block("new", render(dict(data, name="new"))) + "\n")
