@@ -780,7 +780,7 @@ class NodeServer:
 
     def profile(self, name: str, dtype_name: str, model_key: str) -> dict:
         """Timings of this node's devices (and the links between them) for a model's layers."""
-        from vramancer.model.architecture import describe
+        from vramancer.model.description import describe_model
         from vramancer.model.loading import DTYPES, build_meta_model
         from vramancer.model.source import load_config, resolve_model
         from vramancer.profiling import timing as profiler
@@ -790,7 +790,7 @@ class NodeServer:
         key = (name, dtype_name, model_key)
         if key not in self._profiles:
             config = load_config(resolve_model(name))
-            meta = build_meta_model(config, dtype)
+            description = describe_model(build_meta_model(config, dtype), dtype)
             folder = profiler.profile_folder()
             devices, measured = {}, {}
             for device in self.devices.values():
@@ -798,13 +798,13 @@ class NodeServer:
                 timings = measured.get(cache_key) or profiler.read_cached(folder / f"{cache_key}.json")
                 if timings is None:
                     label = "host CPU" if device.torch_device.type == "cpu" else f"{device.name} ({device.label})"
-                    timings = profiler.time_device(meta, config, device.torch_device, dtype, label)
+                    timings = profiler.time_device(description, device.torch_device, dtype, label)
                     profiler.write_cached(folder / f"{cache_key}.json", timings)
                 measured[cache_key] = timings
                 devices[device.name] = asdict(timings)
             links = {}
             transfer = TransferManager(list(self.devices.values()))
-            arch = describe(meta)  # what a hand-over carries: the hidden state, rotary tables if any
+            arch = description.architecture  # what a hand-over carries: the hidden state, rotary tables if any
             for a in self.devices.values():
                 for b in self.devices.values():
                     if a.name != b.name:

@@ -1,14 +1,21 @@
-"""A model described for planning: the sizes of its parts and caches, read from its modules.
+"""A model described once per load: its config, architecture, caches and profile (the sizes
+of its parts), read from its modules.
 
-Works on a model built on the meta device (only shapes are read) as on a loaded one.
+`describe_model` reads a model built on the meta device (only shapes are read); the planner,
+the profiler, the runtime and the nodes are handed that one description, and `bound_to` finds
+the same parts in the loaded (or cut, or partly loaded) copy by their module names instead
+of describing it again.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from vramancer.model.architecture import describe, part_tensors
+from vramancer.model.architecture import Architecture, describe, part_tensors
+from vramancer.planning.memory import LayerCache
 from vramancer.planning.placement import ModelProfile
 from vramancer.quantization.weights import (
     quantizable,
@@ -17,11 +24,46 @@ from vramancer.quantization.weights import (
 )
 
 
+@dataclass(frozen=True)
+class ModelDescription:
+    """One model as every part of a load sees it."""
+
+    config: object
+    dtype: torch.dtype  # the compute dtype the caches and sizes are priced in
+    weights: str  # native, q8 or q4: how the weights are held
+    architecture: Architecture  # bound to the model it was last bound to (first the meta one)
+    profile: ModelProfile
+
+    @property
+    def caches(self) -> tuple[LayerCache, ...]:
+        return self.architecture.caches
+
+    def bound_to(self, model: torch.nn.Module, recount: bool = True) -> "ModelDescription":
+        """The same description over another copy of the model, its parts found by name.
+        With `recount`, the profile counts what that copy's tensors really hold (a loaded
+        model's quantized weights); a copy whose tensors are still on the meta device keeps
+        the profile as it was."""
+        arch = self.architecture.bind(model)
+        profile = _profile(model, arch, self.dtype, self.weights) if recount else self.profile
+        return replace(self, architecture=arch, profile=profile)
+
+
+def describe_model(model: torch.nn.Module, dtype: torch.dtype, weights: str = "native") -> ModelDescription:
+    """The description of `model` (usually built on the meta device): the one `describe()`
+    of a load."""
+    arch = describe(model, dtype)
+    return ModelDescription(model.config, dtype, weights, arch, _profile(model, arch, dtype, weights))
+
+
 def profile_model(model: torch.nn.Module, dtype: torch.dtype, weights: str = "native") -> ModelProfile:
+    """The profile alone, for a model not described yet (tests, tools)."""
+    return describe_model(model, dtype, weights).profile
+
+
+def _profile(model: torch.nn.Module, arch: Architecture, dtype: torch.dtype, weights: str) -> ModelProfile:
     """Works on a model built on the meta device: only shapes are read. Under quantized
     `weights`, a meta model's linear weights count what torchao will store for them, and a
     loaded model's quantized tensors count what they hold."""
-    arch = describe(model, dtype)
     size = torch.empty((), dtype=dtype).element_size()
 
     table_and_head = (arch.input_embeddings, arch.output_embeddings)

@@ -281,17 +281,6 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def split_refusal(model: torch.nn.Module) -> str | None:
-    """None if VRAMancer can split `model` (real or on the meta device), else the one sentence
-    that says why not, naming the architecture and what is supported."""
-    from vramancer.model.architecture import UnsupportedArchitecture, describe
-
-    try:
-        describe(model)
-    except UnsupportedArchitecture as exc:
-        return str(exc)
-    return None
-
 # --- the weights cache's piece: the model as it runs --------------------------------------
 #
 # One safetensors file: plain tensors under their names; a quantized weight as the plain
