@@ -24,6 +24,7 @@ from datetime import timedelta
 import torch
 
 from vramancer.cluster import protocol as p
+from vramancer.cluster.remote import PassThrough
 from vramancer.config.device_spec import node_label, parse_device_spec
 from vramancer.config.errors import VramancerError
 from vramancer.config.units import format_bytes
@@ -67,22 +68,43 @@ def architecture(config) -> dict:
 
 
 class NodeModel:
-    """The model as this node holds it: all weights in host memory (memory-mapped where the
-    GGUF cache allows), the assigned layers on their devices, and their KV cache."""
+    """The model as this node holds it, run by the same runtime as a local split.
+
+    The module tree is built from the config with no weights; the layers this node is given
+    are read from its own copy of the file (and the small modules before the stack that make
+    each layer's positions, masks and rotary tables; never the token table or the head), and
+    placed on its devices. A runtime SplitModel (runtime/split_model.py) carries the hidden
+    state and the decoder's tensors between those devices; the model's own decoder makes
+    those tensors, through the model seam (model/architecture.py), so any architecture the
+    local split runs runs here."""
 
     def __init__(self, name: str, dtype: torch.dtype, context: int, devices: dict[str, Device]):
-        from vramancer.model.description import profile_model
-        from vramancer.model.loading import load_weights
+        from vramancer.model.description import describe_model
+        from vramancer.model.loading import PartReader
         from vramancer.model.source import load_config, resolve_model
+        from vramancer.planning.placement import Placement
+        from vramancer.runtime.split_model import SplitModel
+        from vramancer.runtime.transfer import TransferManager
 
         self.name, self.dtype, self.context = name, dtype, context
         self.devices = devices
         source = resolve_model(name)
         self.config = load_config(source)
-        self.model = load_weights(source, dtype)
-        self.base = self.model.get_decoder()
-        self.rotary = getattr(self.base, "rotary_emb", None)
-        self.profile = profile_model(self.model, dtype)
+        self.reader = PartReader(source, dtype)
+        self.model = self.reader.model
+        self.description = describe_model(self.model, dtype)  # the one description of this copy
+        self.profile = self.description.profile
+        arch = self.description.architecture
+        # The decoder runs its own modules before the stack (positions, rotary tables); the
+        # hidden state that arrives takes the place of what they give the first layer run here.
+        self.reader.read([m for m in arch.before if m is not arch.input_embeddings], arch.holders)
+        self.host = _host_device(devices)
+        everything = [self.host] + [d for d in devices.values() if d is not self.host]
+        self.split = SplitModel(self.model, self.description, everything, TransferManager(everything), context)
+        host = self.host.name
+        self.split.placement = Placement([host] * self.profile.num_layers, host, host)
+        self._skips = [PassThrough() for _ in range(self.profile.num_layers)]
+        self._installed: tuple[int, int] | None = None
         self.assigned: dict[int, str] = {}
         self.cache = None
 
@@ -120,16 +142,24 @@ class NodeModel:
         self.cache = None
 
     def _place(self, index: int, src: str | None, dst: str | None) -> None:
-        """Weights (and KV cache) of one layer onto `dst`'s memory; host memory when None."""
-        target = self.devices[dst].torch_device if dst else torch.device("cpu")
-        source = self.devices[src].torch_device if src else torch.device("cpu")
-        if source == target:
-            return
-        self.base.layers[index].to(target)
-        if self.cache is not None and self.cache.layers[index].is_initialized and dst:
-            entry = self.cache.layers[index]
-            entry.keys, entry.values = entry.keys.to(target), entry.values.to(target)
-            entry.device = target
+        """Weights (and KV cache) of one layer onto `dst`: read from the file when it was not
+        held; back to the file (or host memory) when `dst` is None."""
+        from vramancer.runtime.split_model import move_module
+
+        split, layer = self.split, self.split.layer_modules[index]
+        self._installed = None  # the stack changes: hooks are laid again before the next run
+        if src is None:
+            self.reader.read([layer])
+            move_module(layer, self.devices[dst].torch_device)
+            split.placement = split.placement.moved([index], dst)
+        elif dst is None:
+            split.placement = split.placement.moved([index], self.host.name)
+            if self.reader.streams:
+                self.reader.forget([layer])
+            else:
+                move_module(layer, self.host.torch_device)
+        elif src != dst:
+            split.move(index, dst, self.cache)  # weights and every tensor of its cache
 
     def _claim(self) -> None:
         from vramancer.planning.placement import device_need
@@ -140,21 +170,25 @@ class NodeModel:
             device.ledger.set_many({"weights": need.weights, "kv": need.kv, "workspace": need.workspace + need.reserve})
 
     def kv_bytes(self) -> dict[str, int]:
+        from vramancer.model.architecture import cache_bytes
+
         totals: dict[str, int] = {}
         cache = self.cache
         for index, device in list(self.assigned.items()):
             if cache is None:
                 break
-            entry = cache.layers[index]
-            if getattr(entry, "is_initialized", False) and entry.keys is not None:
-                totals[device] = totals.get(device, 0) + 2 * entry.keys.numel() * entry.keys.element_size()
+            totals[device] = totals.get(device, 0) + cache_bytes(cache.layers[index])
         return totals
 
     # --- compute -------------------------------------------------------------------------
 
     def _cache_for(self, first: int, last: int, past: int):
-        """The KV cache with layers first..last holding exactly `past` tokens."""
+        """The KV cache with layers first..last holding exactly `past` tokens, and every layer
+        this node does not hold a stand-in of `past` tokens: the decoder sizes its masks from
+        whichever layer it likes (as on the coordinator, cluster/remote.py)."""
         from transformers import DynamicCache
+
+        from vramancer.cluster.remote import set_shadow
 
         if self.cache is None:
             self.cache = DynamicCache(config=self.model.config)
@@ -168,29 +202,55 @@ class NodeModel:
                     entry.crop(past - entry.get_seq_length())
         elif have < past:
             raise VramancerError(f"layer {first} holds {have} cached tokens but the coordinator expects {past}.")
+        for index in range(self.profile.num_layers):
+            if index not in self.assigned:
+                set_shadow(self.cache, index, past)
         return self.cache
 
-    def run(self, hidden: torch.Tensor, positions: torch.Tensor, first: int, last: int, past: int, use_cache: bool) -> torch.Tensor:
-        from transformers.masking_utils import create_causal_mask
+    def _install(self, first: int, last: int) -> None:
+        """The stack for a run of first..last: those layers, stand-ins everywhere else (a
+        layer held here for another run must not see this one), and the runtime's hooks."""
+        if self._installed == (first, last):
+            return
+        stack, modules = self.split.stack, self.split.layer_modules
+        for index in range(len(stack)):
+            stack[index] = modules[index] if first <= index <= last else self._skips[index]
+        self.split.rewire()
+        self._installed = (first, last)
 
+    def run(self, hidden: torch.Tensor, positions: torch.Tensor, first: int, last: int, past: int, use_cache: bool) -> torch.Tensor:
+        """Layers first..last on `hidden` (the state after layer first-1): the model's own
+        decoder runs over the stack, its modules before the stack making positions, masks and
+        rotary tables; the hidden state that arrived takes the place of theirs at layer
+        `first`, and the pass ends after layer `last`."""
         for index in range(first, last + 1):
             if index not in self.assigned:
                 raise VramancerError(f"layer {index} is not held by this node.")
         cache = self._cache_for(first, last, past) if use_cache else None
-        mask = create_causal_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=None,
-                                  cache=cache, position_ids=positions, layer_idx=first)
-        cos_sin = self.rotary(hidden, position_ids=positions) if self.rotary is not None else None
-        here = torch.device("cpu")
-        for index in range(first, last + 1):
-            target = self.devices[self.assigned[index]].torch_device
-            if target != here:
-                hidden, positions = hidden.to(target), positions.to(target)
-                cos_sin = tuple(t.to(target) for t in cos_sin) if cos_sin is not None else None
-                mask = mask.to(target) if isinstance(mask, torch.Tensor) else mask
-                here = target
-            hidden = self.base.layers[index](hidden, attention_mask=mask, position_ids=positions, cache=cache,
-                                             use_cache=use_cache, position_embeddings=cos_sin)
-        return hidden.to("cpu")
+        self._install(first, last)
+        modules = self.split.layer_modules
+        entry_device = self.devices[self.assigned[first]].torch_device
+
+        def enter(module, args, kwargs):
+            if args:
+                return (hidden.to(entry_device), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden.to(entry_device)}
+
+        def leave(module, args, output):
+            raise _RunDone(output[0] if isinstance(output, tuple) else output)
+
+        handles = [modules[first].register_forward_pre_hook(enter, with_kwargs=True, prepend=True),
+                   modules[last].register_forward_hook(leave)]
+        placeholder = torch.zeros_like(hidden)  # what the stack's first module would have got
+        try:
+            self.description.architecture.base(inputs_embeds=placeholder, position_ids=positions, cache=cache,
+                                               use_cache=use_cache)
+        except _RunDone as done:
+            return done.output.to("cpu")
+        finally:
+            for handle in handles:
+                handle.remove()
+        raise VramancerError(f"layers {first}-{last} did not run.")
 
     def layer_kv(self, first: int, last: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Keys and values of first..last on the host; None when none of them holds a cache."""
@@ -214,6 +274,23 @@ class NodeModel:
             keys, values = (t.to(target) for t in pairs[offset])
             entry.lazy_initialization(keys, values)
             entry.keys, entry.values = keys, values
+
+
+class _RunDone(Exception):
+    """Raised by the last layer of a run to end the decoder's pass there, with its output."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__("run done")
+        self.output = output
+
+
+def _host_device(devices: dict[str, Device]) -> Device:
+    """Where the modules before the stack run: the node's own CPU device if it serves one,
+    else a CPU device of its own (claiming nothing: those modules are small)."""
+    for device in devices.values():
+        if device.kind == "cpu":
+            return device
+    return resolve_devices(parse_device_spec("cpu"))[0]
 
 
 class Session:
@@ -423,7 +500,7 @@ class Session:
             raise VramancerError("tensors arrived before any model was loaded")
         if op == p.OP_RUN:
             tokens, first, last, past, use_cache, explicit, start = h[1:8]
-            hidden = torch.empty(1, tokens, model.config.hidden_size, dtype=model.dtype)
+            hidden = torch.empty(1, tokens, model.description.architecture.hidden_size, dtype=model.dtype)
             pg.recv([hidden], src, p.TAG).wait()
             if explicit:
                 positions = torch.empty(1, tokens, dtype=torch.int64)

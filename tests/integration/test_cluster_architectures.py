@@ -1,0 +1,53 @@
+"""One runtime on every machine (issue 28): models of the architecture matrix split across this
+process and two `vramancer node` processes on 127.0.0.1 answer with plain transformers' greedy
+tokens. The nodes run their layers with the runtime's SplitModel through the model seam, and
+read only the layers they hold (and the small modules before the stack) from the file."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from cluster_nodes import TOKEN, start_nodes
+from test_architectures import ALTERNATING, MATRIX, NEW_TOKENS, PROMPT, build, make_byte_tokenizer, plain_greedy
+
+pytestmark = pytest.mark.timeout(300)
+
+# A dense model, one with alternating sliding and full layers (and rotary tables per kind),
+# and two with experts.
+REMOTE_MATRIX = {"qwen2": {}, "gemma3_text": ALTERNATING, "qwen2_moe": {}, "mixtral": MATRIX["mixtral"]}
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    saved = os.environ.get("VRM_CLUSTER_TOKEN")
+    os.environ["VRM_CLUSTER_TOKEN"] = TOKEN
+    nodes = start_nodes(tmp_path_factory.mktemp("nodes"), 2)
+    yield nodes
+    for node in nodes:
+        node.stop()
+    if saved is None:
+        os.environ.pop("VRM_CLUSTER_TOKEN", None)
+    else:
+        os.environ["VRM_CLUSTER_TOKEN"] = saved
+
+
+@pytest.mark.parametrize("model_type", sorted(REMOTE_MATRIX))
+def test_a_model_split_over_two_nodes_gives_plain_transformers_tokens(model_type, two_nodes, tmp_path):
+    from vramancer.engine import Engine
+
+    tokenizer = make_byte_tokenizer()
+    model = build(model_type, REMOTE_MATRIX[model_type], tokenizer, tmp_path)
+    expected = plain_greedy(model, tokenizer)
+    a, b = (node.device() for node in two_nodes)
+    engine = Engine.load(str(tmp_path), f"sim:1GiB,{a},{b}", context=64, dtype="float32")
+    try:
+        held = {device for device in engine.placement.layer_devices}
+        assert {a, b} <= held, engine.placement
+        assert engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS).token_ids == expected
+        # A second answer (the nodes' caches reset) is the same.
+        assert engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS).token_ids == expected
+    finally:
+        engine.close()
+    for node in two_nodes:
+        assert "Traceback" not in node.log()
