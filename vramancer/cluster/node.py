@@ -308,6 +308,7 @@ class Session:
         self._store_socket: socket.socket | None = None
         self._store_fd: int | None = None  # the store's own descriptor of that socket
         self.ending = threading.Event()  # said goodbye or hung up: a new coordinator may wait for us
+        self.lease_expired = False
 
     # --- process group -------------------------------------------------------------------
 
@@ -400,6 +401,11 @@ class Session:
         while not self.closed.is_set():
             try:
                 message = self.channel.receive()
+            except TimeoutError:
+                log.warning("coordinator %s said nothing for %g s, past its lease; letting it go and freeing "
+                            "what it held", self.peer, self.server.lease_s)
+                self.lease_expired = True
+                return
             except (OSError, p.ClusterError) as exc:
                 log.warning("control channel from %s failed: %s", self.peer, exc)
                 return
@@ -641,7 +647,7 @@ class NodeServer:
     """Listens for coordinators; serves one at a time; keeps the last model loaded between them."""
 
     def __init__(self, devices: list[Device], token: bytes, bind: str = "127.0.0.1", port: int = p.DEFAULT_NODE_PORT,
-                 advertise: bool = True):
+                 advertise: bool = True, lease_s: float = p.DEFAULT_LEASE_S):
         if not token:
             raise VramancerError(f"a node needs the cluster token: set {p.TOKEN_ENV} or pass --token-file.")
         self.devices = {d.name: d for d in devices}
@@ -649,6 +655,7 @@ class NodeServer:
         self.bind = bind
         self.port = port
         self.advertise = advertise
+        self.lease_s = lease_s
         self.model: NodeModel | None = None
         self.session: Session | None = None
         self._profiles: dict[tuple, dict] = {}
@@ -793,12 +800,12 @@ class NodeServer:
                 channel.send({"type": "welcome", "proof": p.node_proof(self.token, nonce, theirs),
                               "store_port": store_port, "devices": self.describe_devices(),
                               "samples": self.snapshots(),
-                              "model": self.model.name if self.model else None})
+                              "model": self.model.name if self.model else None, "lease_s": self.lease_s})
                 session.form_group()
                 # The store no longer listens: say so, and the coordinator's connect() returns
                 # only now, not when its own half of the group happens to form first.
                 channel.send({"type": "formed"})
-                conn.settimeout(None)
+                conn.settimeout(self.lease_s)  # every read renews the lease; a silent coordinator is let go
                 log.info("admitted coordinator %s; process group formed", peer)
                 session.serve()
             finally:
@@ -901,13 +908,13 @@ def _layer_list(assigned: dict[int, str]) -> str:
 
 
 def run_node(devices_text: str, bind: str, port: int, token_file: str | None, advertise: bool = True,
-             ready=print) -> int:
+             ready=print, lease_s: float = p.DEFAULT_LEASE_S) -> int:
     """The `vramancer node` command: serve until interrupted."""
     token = p.cluster_token(token_file)
     if not token:
         raise VramancerError(f"a node needs the cluster token: set {p.TOKEN_ENV} or pass --token-file.")
     devices = node_devices(devices_text)
-    server = NodeServer(devices, token, bind, port, advertise)
+    server = NodeServer(devices, token, bind, port, advertise, lease_s)
     actual = server.listen()
     shown = ", ".join(f"{d.name} ({d.label}, {format_bytes(d.read().total)})" for d in devices)
     # `kill`, a hang-up or Ctrl-C end the node the same way: the advertisement is withdrawn.
