@@ -344,6 +344,8 @@ def run_main(args, capsys):
 @pytest.mark.parametrize("args, env, words", [
     (["node", "--devices", "sim:1GiB"], None, "a node needs the cluster token"),
     (["node", "--port", "70000"], TOKEN, "--port must be between 0 and 65535"),
+    (["node", "--lease", "0.5"], TOKEN, "--lease must be between 1 and 3600 seconds, not 0.5"),
+    (["node", "--lease", "nan"], TOKEN, "--lease must be a finite number"),
     (["node", "--devices", "cpu,node:127.0.0.1:7070/sim0"], TOKEN, "a node serves its own devices only"),
     (["node", "--token-file", "/no/such/token"], None, "cannot be read"),
     (["plan", "--devices", "node:127.0.0.1:1/sim0"], TOKEN, "remote devices hold decoder layers only"),

@@ -288,7 +288,7 @@ def _host_device(devices: dict[str, Device]) -> Device:
     """Where the modules before the stack run: the node's own CPU device if it serves one,
     else a CPU device of its own (claiming nothing: those modules are small)."""
     for device in devices.values():
-        if device.kind == "cpu":
+        if device.torch_device.type == "cpu" and not device.simulated:
             return device
     return resolve_devices(parse_device_spec("cpu"))[0]
 
