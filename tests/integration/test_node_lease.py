@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 
+import psutil
 import pytest
 from cluster_nodes import TOKEN, start_nodes
 from test_architectures import build, make_byte_tokenizer
@@ -60,6 +61,12 @@ def test_a_stopped_coordinator_is_let_go_after_its_lease_and_the_next_one_gets_i
         try:
             assert second.request("state")["layers"] == {}
             assert second.latest["sim0"]["weights"] == 0  # the stopped coordinator's layers are gone
+            # In a session, nothing of the node listens but its own port: the rendezvous store's
+            # listener and gloo's are closed once the group has formed.
+            listening = [c.laddr.port for c in psutil.Process(node.pid).net_connections(kind="tcp")
+                         if c.status == psutil.CONN_LISTEN]
+            assert listening == [node.port]
+            assert second.echo(64, 2) < 5.0  # and the group still carries tensors
         finally:
             second.close()
         assert "Traceback" not in node.log()
@@ -148,3 +155,37 @@ def test_a_non_ascii_proof_is_refused_with_one_log_line(tmp_path):
         NodeConnection("127.0.0.1", node.port, TOKEN.encode()).connect().close()
     finally:
         node.stop()
+
+
+def connects_from(source: str, port: int) -> bool:
+    """Whether a connection from `source` (another loopback address) to 127.0.0.1:`port` gets in."""
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        sock.bind((source, 0))
+        try:
+            sock.connect(("127.0.0.1", port))
+            return True
+        except OSError:  # the filter drops its SYN: the attempt times out
+            return False
+
+
+def test_while_a_session_forms_its_listeners_take_only_the_admitted_peer():
+    from vramancer.cluster import listeners
+    from vramancer.cluster.node import Session
+
+    if not listeners.filters_work():
+        pytest.skip("socket filters are Linux's")
+    session = Session(None, None, "127.0.0.1:1", "127.0.0.1", "127.0.0.1")
+    port = session.open_store_socket()
+    try:
+        assert not connects_from("127.0.0.2", port)  # a stranger on another address
+        assert connects_from("127.0.0.1", port)  # the coordinator's address
+    finally:
+        session.close_store_listener()
+    # The same filter on a listener someone else opened (gloo's, found by its descriptor).
+    (server, opened) = listeners.opened_by(lambda: socket.create_server(("127.0.0.1", 0)))
+    with server:
+        assert opened == {server.fileno()}
+        listeners.only_from(server.fileno(), "127.0.0.2")
+        assert connects_from("127.0.0.2", server.getsockname()[1])
+        assert not connects_from("127.0.0.1", server.getsockname()[1])

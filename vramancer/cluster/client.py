@@ -135,8 +135,11 @@ class NodeConnection:
         from torch.distributed import ProcessGroupGloo
 
         self._store = dist.TCPStore(self.host, self._store_port, 2, False, timedelta(seconds=20))
+        from vramancer.cluster import listeners
+
         options = ProcessGroupGloo._Options()
-        options._devices = [ProcessGroupGloo.create_device(hostname=local_address)]
+        device, _ = listeners.opened_by(lambda: ProcessGroupGloo.create_device(hostname=local_address))
+        options._devices = [device]
         options._timeout = GLOO_TIMEOUT
         self._pg = ProcessGroupGloo(self._store, p.COORDINATOR_RANK, 2, options)
 

@@ -23,6 +23,7 @@ from datetime import timedelta
 
 import torch
 
+from vramancer.cluster import listeners
 from vramancer.cluster import protocol as p
 from vramancer.cluster.remote import PassThrough
 from vramancer.config.device_spec import node_label, parse_device_spec
@@ -296,10 +297,12 @@ def _host_device(devices: dict[str, Device]) -> Device:
 class Session:
     """One admitted coordinator: its control channel, its process group, its threads."""
 
-    def __init__(self, server: "NodeServer", channel: p.LineChannel, peer: str, local_address: str):
+    def __init__(self, server: "NodeServer", channel: p.LineChannel, peer: str, local_address: str,
+                 peer_address: str):
         self.server = server
         self.channel = channel
         self.peer = peer
+        self.peer_address = peer_address  # the admitted coordinator's: the only one the session's listeners take
         self.local_address = local_address
         self.lock = threading.Lock()  # one operation on the model at a time
         self.closed = threading.Event()
@@ -316,8 +319,13 @@ class Session:
         """A listening socket for the rendezvous, on the address the coordinator reached us by."""
         sock = socket.socket(socket.AF_INET6 if ":" in self.local_address else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.local_address, 0))
-        sock.listen(4)
+        try:
+            sock.bind((self.local_address, 0))
+            listeners.only_from(sock.fileno(), self.peer_address)  # before it listens: nobody else gets in
+            sock.listen(4)
+        except BaseException:
+            sock.close()
+            raise
         self._store_socket = sock
         return sock.getsockname()[1]
 
@@ -336,12 +344,19 @@ class Session:
             os.close(fd)
             raise
         self._store_fd = fd
+        gloo_listeners: set[int] = set()
         try:
             options = ProcessGroupGloo._Options()
-            options._devices = [ProcessGroupGloo.create_device(hostname=self.local_address)]
+            # Gloo's device listens for the group's pairs: for our peer only, and only until they met.
+            device, gloo_listeners = listeners.opened_by(lambda: ProcessGroupGloo.create_device(hostname=self.local_address))
+            options._devices = [device]
+            for descriptor in gloo_listeners:
+                listeners.only_from(descriptor, self.peer_address)
             options._timeout = GLOO_TIMEOUT
             self.pg = ProcessGroupGloo(self._store, p.NODE_RANK, 2, options)
         finally:
+            for descriptor in gloo_listeners:
+                listeners.close_underneath(descriptor)
             self.close_store_listener()
 
     def close_store_listener(self) -> None:
@@ -356,11 +371,7 @@ class Session:
         spins on accept errors.)"""
         fd, self._store_fd = self._store_fd, None
         if fd is not None:
-            null = os.open(os.devnull, os.O_RDONLY)
-            try:
-                os.dup2(null, fd)
-            finally:
-                os.close(null)
+            listeners.close_underneath(fd)
         sock, self._store_socket = self._store_socket, None
         if sock is not None:
             sock.close()
@@ -790,7 +801,7 @@ class NodeServer:
                                              timeout=HANDOVER_S + 1.0)
                 busy = self.session is not None
                 if not busy:
-                    session = Session(self, channel, peer, conn.getsockname()[0])
+                    session = Session(self, channel, peer, conn.getsockname()[0], address[0])
                     self.session = session
             if busy:
                 self._refuse(channel, peer, "this node is serving another coordinator")
