@@ -14,8 +14,10 @@ from test_architectures import ALTERNATING, MATRIX, NEW_TOKENS, PROMPT, build, m
 pytestmark = pytest.mark.timeout(300)
 
 # A dense model, one with alternating sliding and full layers (and rotary tables per kind),
-# and two with experts.
-REMOTE_MATRIX = {"qwen2": {}, "gemma3_text": ALTERNATING, "qwen2_moe": {}, "mixtral": MATRIX["mixtral"]}
+# two with experts, one with a learned position table (read by the nodes from the file), and
+# one whose layers return tuples, take the cache as `layer_past` and no positions (ALiBi).
+REMOTE_MATRIX = {"qwen2": {}, "gemma3_text": ALTERNATING, "qwen2_moe": {}, "mixtral": MATRIX["mixtral"], "gpt2": {},
+                 "bloom": {}}
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ and the causal mask are computed here) runs through the layers this node holds a
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import socket
@@ -104,10 +105,18 @@ class NodeModel:
         self.split = SplitModel(self.model, self.description, everything, TransferManager(everything), context)
         host = self.host.name
         self.split.placement = Placement([host] * self.profile.num_layers, host, host)
-        self._skips = [PassThrough() for _ in range(self.profile.num_layers)]
-        self._installed: tuple[int, int] | None = None
+        self.stand_ins(self.description.layer_returns_tuple)
+        # Decoders with position tables or rotary tables take positions; those with none
+        # (Bloom's ALiBi, MPT, Mamba) count them from the cache.
+        self._takes_positions = "position_ids" in inspect.signature(arch.base.forward).parameters
         self.assigned: dict[int, str] = {}
         self.cache = None
+
+    def stand_ins(self, returns_tuple: bool) -> None:
+        """Stand-ins for the layers not run here, returning what the real ones return (the
+        coordinator tells: this copy has weights on no meta device to find it out)."""
+        self._skips = [PassThrough(returns_tuple) for _ in range(self.profile.num_layers)]
+        self._installed = None
 
     # --- layers --------------------------------------------------------------------------
 
@@ -135,7 +144,8 @@ class NodeModel:
             if device is not None:
                 self._place(index, device, None)
                 if self.cache is not None:
-                    self.cache.layers[index].reset()
+                    with torch.inference_mode():  # some kinds of cache zero their tensors in place
+                        self.cache.layers[index].reset()
         self._claim()
 
     def release_all(self) -> None:
@@ -244,8 +254,8 @@ class NodeModel:
                    modules[last].register_forward_hook(leave)]
         placeholder = torch.zeros_like(hidden)  # what the stack's first module would have got
         try:
-            self.description.architecture.base(inputs_embeds=placeholder, position_ids=positions, cache=cache,
-                                               use_cache=use_cache)
+            positional = {"position_ids": positions} if self._takes_positions else {}
+            self.description.architecture.base(inputs_embeds=placeholder, cache=cache, use_cache=use_cache, **positional)
         except _RunDone as done:
             return done.output.to("cpu")
         finally:
@@ -453,7 +463,8 @@ class Session:
         if op == "load":
             with self.lock:
                 return server.load(str(message.get("model", "")), str(message.get("dtype", "float32")),
-                                   int(message.get("context", 0)), message.get("architecture") or {})
+                                   int(message.get("context", 0)), message.get("architecture") or {},
+                                   message.get("layer_returns_tuple") is True)
         if op in ("assign", "release", "reset_cache", "crop_cache"):
             model = server.model
             if model is None:
@@ -470,9 +481,10 @@ class Session:
                 else:
                     length = int(message.get("length", 0))
                     if model.cache is not None:
-                        for index in model.assigned:
-                            entry = model.cache.layers[index]
-                            entry.crop(min(length - entry.get_seq_length(), 0))
+                        with torch.inference_mode():  # the cache's tensors were made in it
+                            for index in model.assigned:
+                                entry = model.cache.layers[index]
+                                entry.crop(min(length - entry.get_seq_length(), 0))
             return {"layers": {str(k): v for k, v in model.assigned.items()}}
         if op == "profile":
             return server.profile(str(message.get("model", "")), str(message.get("dtype", "float32")),
@@ -847,7 +859,7 @@ class NodeServer:
         kv = self.model.kv_bytes() if self.model is not None else {}
         return [asdict(d.snapshot(kv.get(d.name, 0))) for d in self.devices.values()]
 
-    def load(self, name: str, dtype_name: str, context: int, expected: dict) -> dict:
+    def load(self, name: str, dtype_name: str, context: int, expected: dict, layer_returns_tuple: bool = False) -> dict:
         from vramancer.model.loading import DTYPES
 
         if dtype_name not in DTYPES:
@@ -865,6 +877,7 @@ class NodeServer:
             log.info("loaded %s (%s) in %.1f s", name, dtype_name, time.perf_counter() - started)
         model.release_all()
         model.context = context
+        model.stand_ins(layer_returns_tuple)
         mine = architecture(model.config)
         differs = {k: (mine.get(k), v) for k, v in expected.items() if mine.get(k) != v}
         self.model = model

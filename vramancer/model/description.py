@@ -33,6 +33,9 @@ class ModelDescription:
     weights: str  # native, q8 or q4: how the weights are held
     architecture: Architecture  # bound to the model it was last bound to (first the meta one)
     profile: ModelProfile
+    # What a decoder layer returns: a tuple (hidden state first: Bloom, Falcon, GPT-Neo, MPT)
+    # or the hidden state alone. Stand-ins for layers that run elsewhere return the same.
+    layer_returns_tuple: bool = False
 
     @property
     def caches(self) -> tuple[LayerCache, ...]:
@@ -52,7 +55,65 @@ def describe_model(model: torch.nn.Module, dtype: torch.dtype, weights: str = "n
     """The description of `model` (usually built on the meta device): the one `describe()`
     of a load."""
     arch = describe(model, dtype)
-    return ModelDescription(model.config, dtype, weights, arch, _profile(model, arch, dtype, weights))
+    return ModelDescription(model.config, dtype, weights, arch, _profile(model, arch, dtype, weights),
+                            _layer_returns_tuple(model, arch))
+
+
+class _FirstLayerRan(Exception):
+    def __init__(self, output):
+        super().__init__("probe done")
+        self.output = output
+
+
+def _layer_returns_tuple(model: torch.nn.Module, arch: Architecture) -> bool:
+    """Whether the first decoder layer returns a tuple, read from a one-token pass that stops
+    after that layer: of the model itself on the meta device (shapes only, no memory), or,
+    for a model whose pass reads a value on the way (Falcon, GPT-Neo), of a copy with one
+    layer and an 8-token vocabulary in memory that is never initialised. A model with real
+    tensors, or one neither pass can run, is taken to return the hidden state alone."""
+    if not all(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        return False
+    found = _first_layer_output(model, arch, "meta")
+    if found is None:
+        found = _first_layer_output(*_one_layer_copy(model.config, arch), "cpu")
+    return isinstance(found, tuple)
+
+
+def _one_layer_copy(config, arch: Architecture) -> tuple[torch.nn.Module | None, Architecture | None]:
+    from transformers import AutoModelForCausalLM
+
+    from vramancer.model.architecture import cut_config
+
+    try:
+        small = cut_config(config, 1)
+        small.vocab_size = 8
+        with torch.device("meta"):
+            copy = AutoModelForCausalLM.from_config(small)
+        copy.to_empty(device="cpu")  # memory of its own, never written: only the layer's output form is read
+        return copy, arch.bind(copy)
+    except Exception:  # noqa: BLE001 - no copy: the usual convention
+        return None, None
+
+
+def _first_layer_output(model, arch, device: str):
+    """What the first layer returns in a one-token pass of `model`, or None if it cannot run."""
+    if model is None:
+        return None
+
+    def stop(module, args, output):
+        raise _FirstLayerRan(output)
+
+    handle = arch.layers[0].register_forward_hook(stop)
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+    except _FirstLayerRan as ran:
+        return ran.output
+    except Exception:  # noqa: BLE001 - a pass that cannot run here
+        return None
+    finally:
+        handle.remove()
+    return None
 
 
 def profile_model(model: torch.nn.Module, dtype: torch.dtype, weights: str = "native") -> ModelProfile:
