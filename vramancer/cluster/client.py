@@ -338,11 +338,14 @@ class NodeConnection:
         self._wait(works, "reading the KV cache")
         return pairs
 
-    def push_kv(self, first: int, last: int, pairs: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
-        """Give layers first..last these keys and values on the node (None: an empty cache)."""
+    def push_kv(self, first: int, last: int, pairs: list[tuple[torch.Tensor, torch.Tensor]] | None,
+                length: int = 0) -> None:
+        """Give layers first..last these keys and values on the node (None: an empty cache);
+        `length` is how many tokens they have seen (more than they keep, for a sliding window)."""
         if pairs:
             k = pairs[0][0]
-            head = p.header(p.OP_KV_PUSH, first, last, k.shape[2], k.shape[1], k.shape[3], p.dtype_code(k.dtype))
+            head = p.header(p.OP_KV_PUSH, first, last, k.shape[2], k.shape[1], k.shape[3], p.dtype_code(k.dtype),
+                            max(length, k.shape[2]))
             tensors = [head] + [t.to("cpu").contiguous() for pair in pairs for t in pair]
         else:
             tensors = [p.header(p.OP_KV_PUSH, first, last, 0)]

@@ -26,7 +26,7 @@ import torch
 
 from vramancer.cluster import listeners
 from vramancer.cluster import protocol as p
-from vramancer.cluster.remote import PassThrough
+from vramancer.cluster.remote import PassThrough, fresh_entry
 from vramancer.config.device_spec import node_label, parse_device_spec
 from vramancer.config.errors import VramancerError
 from vramancer.config.units import format_bytes
@@ -160,6 +160,8 @@ class NodeModel:
         split, layer = self.split, self.split.layer_modules[index]
         self._installed = None  # the stack changes: hooks are laid again before the next run
         if src is None:
+            if self.cache is not None:
+                fresh_entry(self.cache, self.model.config, index)  # it was a shadow here
             self.reader.read([layer])
             move_module(layer, self.devices[dst].torch_device)
             split.placement = split.placement.moved([index], dst)
@@ -271,20 +273,24 @@ class NodeModel:
             return None
         return [(cache.layers[i].keys.to("cpu"), cache.layers[i].values.to("cpu")) for i in range(first, last + 1)]
 
-    def set_layer_kv(self, first: int, pairs: list[tuple[torch.Tensor, torch.Tensor]] | None, last: int) -> None:
+    def set_layer_kv(self, first: int, pairs: list[tuple[torch.Tensor, torch.Tensor]] | None, last: int,
+                     seen: int = 0) -> None:
+        """Layers first..last get these keys and values, having seen `seen` tokens (a sliding
+        window keeps fewer than it saw)."""
         from transformers import DynamicCache
 
         if self.cache is None:
             self.cache = DynamicCache(config=self.model.config)
         for offset, index in enumerate(range(first, last + 1)):
-            entry = self.cache.layers[index]
-            entry.reset()
+            entry = fresh_entry(self.cache, self.model.config, index)
             if pairs is None:
                 continue
             target = self.devices[self.assigned[index]].torch_device if index in self.assigned else torch.device("cpu")
             keys, values = (t.to(target) for t in pairs[offset])
             entry.lazy_initialization(keys, values)
             entry.keys, entry.values = keys, values
+            if hasattr(entry, "cumulative_length"):
+                entry.cumulative_length = max(seen, keys.shape[2])
 
 
 class _RunDone(Exception):
@@ -556,7 +562,7 @@ class Session:
                 pg.send([k.contiguous()], src, p.TAG).wait()
                 pg.send([v.contiguous()], src, p.TAG).wait()
         elif op == p.OP_KV_PUSH:
-            first, last, tokens, heads, head_dim, code = h[1:7]
+            first, last, tokens, heads, head_dim, code, seen = h[1:8]
             pairs = None
             if tokens:
                 pairs = []
@@ -568,7 +574,7 @@ class Session:
                     pairs.append((k, v))
             if self.closed.is_set():
                 return
-            model.set_layer_kv(first, pairs, last)
+            model.set_layer_kv(first, pairs, last, seen)
             pg.send([p.header(0)], src, p.TAG).wait()
         else:
             raise VramancerError(f"unknown tensor operation {op}")

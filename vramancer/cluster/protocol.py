@@ -44,7 +44,7 @@ TAG = 0  # one ordered stream per direction is all we need
 HEADER_LEN = 8
 OP_RUN = 1  # [op, tokens, first, last, past, use_cache, positions_explicit, position_start]
 OP_KV_PULL = 2  # [op, first, last]  → node answers a KV header, then keys/values per layer
-OP_KV_PUSH = 3  # [op, first, last, tokens, kv_heads, head_dim, dtype] then keys/values per layer
+OP_KV_PUSH = 3  # [op, first, last, tokens, kv_heads, head_dim, dtype, tokens seen] then keys/values per layer
 OP_ECHO = 4  # [op, numel] then float32[numel], sent straight back
 OP_BYE = 5  # the coordinator is done with this process group
 

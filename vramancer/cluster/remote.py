@@ -78,6 +78,17 @@ def set_shadow(cache, index: int, tokens: int) -> None:
         grow_shadow(cache, index, tokens)
 
 
+def fresh_entry(cache, config, index: int):
+    """A new, empty cache entry for layer `index`, of the kind the model gives it. A shadow
+    cannot simply be reset into a real entry: its kind may have moved some of its own tensors
+    to the meta device on first use (sliding layers' window size)."""
+    from transformers import DynamicCache
+
+    entry = DynamicCache(config=config).layers[index]
+    cache.layers[index] = entry
+    return entry
+
+
 def model_reference(source) -> str:
     """How a node finds the model on its own disk: `default`, a hub id, or an absolute path."""
     if source.name in ("", "default") or source.is_hub_id:
@@ -225,7 +236,7 @@ class RemoteBlocks:
             self.ensure_loaded([node])
             node.request("assign", layers={str(index): self.device(dst).remote_name})
             if not same_node:
-                node.push_kv(index, index, kv)
+                node.push_kv(index, index, kv, tokens)
             if entry is not None and tokens:
                 set_shadow(cache, index, tokens)
             if not src_remote:
@@ -234,11 +245,13 @@ class RemoteBlocks:
             target = split.devices[dst].torch_device
             move_module(split.layer_modules[index], target)
             if entry is not None:
-                entry.reset()
+                entry = fresh_entry(cache, split.model.config, index)  # it was a shadow here
                 if kv is not None:
                     keys, values = kv[0][0].to(target), kv[0][1].to(target)
                     entry.lazy_initialization(keys, values)
                     entry.keys, entry.values = keys, values
+                    if hasattr(entry, "cumulative_length"):  # a sliding window keeps fewer than it saw
+                        entry.cumulative_length = tokens
         if src_remote and not same_node:
             self.node_of(src).request("release", layers=[index])
         if kv_bytes:
