@@ -6,9 +6,12 @@ form a two-rank gloo process group (TCPStore rendezvous on the node's address) a
 obeys a short list of JSON requests: load a model by name from its own disk or hub cache,
 take or give back layers, reset or crop its KV cache, profile its devices, end the session.
 It never runs code, unpickles data or opens files named by the coordinator beyond the model.
+The coordinator holds the node by a lease that its messages renew; one silent past it is
+let go, and what it held freed.
 
-Tensors arrive on the process group: a hidden state (with its positions; rotary embeddings
-and the causal mask are computed here) runs through the layers this node holds and goes back.
+Tensors arrive on the process group: a hidden state (with its positions; masks and rotary
+tables are made here, by the model's own decoder) runs through the layers this node holds
+and goes back.
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ class NodeModel:
 
     def stand_ins(self, returns_tuple: bool) -> None:
         """Stand-ins for the layers not run here, returning what the real ones return (the
-        coordinator tells: this copy has weights on no meta device to find it out)."""
+        coordinator says which: its description found out on a copy on the meta device)."""
         self._skips = [PassThrough(returns_tuple) for _ in range(self.profile.num_layers)]
         self._installed = None
 
