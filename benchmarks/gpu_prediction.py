@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.random_llama import MEDIUM, build, save
     from vramancer.engine import Engine
+    from vramancer.model.description import describe_model
     from vramancer.model.loading import build_meta_model
     from vramancer.model.source import load_config, resolve_model
     from vramancer.profiling import timing as profiler
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     save(model, tokenizer, folder)
     del model
     config = load_config(resolve_model(str(folder)))
-    meta = build_meta_model(config, torch.bfloat16)
+    description = describe_model(build_meta_model(config, torch.bfloat16), torch.bfloat16)
     devices = ["cuda:0", "cpu"] if torch.cuda.is_available() else ["cpu"]
     for spec in devices:
         os.environ["VRM_CACHE_DIR"] = str(scratch / f"cache-{spec.replace(':', '')}")  # profile afresh
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{hooked_rate:.1f} tok/s with the hooks")
         torch_device = torch.device(spec)
         for attempt in ("again, warm", "a third time"):
-            t = profiler.time_device(meta, config, torch_device, torch.bfloat16, spec)
+            t = profiler.time_device(description, torch_device, torch.bfloat16, spec)
             say(describe_timings(f"profiled {attempt}", t))
         count = MEDIUM.layers  # its layers are ~22 MiB: the profiler's cold stack holds them all
         best, median = unhooked_step_ms(config, torch_device, torch.bfloat16, count)

@@ -344,6 +344,8 @@ def run_main(args, capsys):
 @pytest.mark.parametrize("args, env, words", [
     (["node", "--devices", "sim:1GiB"], None, "a node needs the cluster token"),
     (["node", "--port", "70000"], TOKEN, "--port must be between 0 and 65535"),
+    (["node", "--lease", "0.5"], TOKEN, "--lease must be between 1 and 3600 seconds, not 0.5"),
+    (["node", "--lease", "nan"], TOKEN, "--lease must be a finite number"),
     (["node", "--devices", "cpu,node:127.0.0.1:7070/sim0"], TOKEN, "a node serves its own devices only"),
     (["node", "--token-file", "/no/such/token"], None, "cannot be read"),
     (["plan", "--devices", "node:127.0.0.1:1/sim0"], TOKEN, "remote devices hold decoder layers only"),
@@ -377,6 +379,15 @@ def test_tiny_model_split_with_a_node_matches_the_local_split(node_server, tiny_
         assert node_server.model is not None and sorted(node_server.model.assigned) == [
             i for i, d in enumerate(engine.placement.layer_devices) if d != "sim0"]
         assert engine.generate("Tell me about the sea.", max_new_tokens=16).token_ids == expected
+        # The node read only the layers it holds from the file: not the token table, the head
+        # or this machine's layers.
+        held = node_server.model
+        assert held.reader.streams
+        layers = held.description.architecture.layers
+        for index, layer in enumerate(layers):
+            assert all(t.is_meta != (index in held.assigned) for t in layer.parameters()), index
+        assert held.description.architecture.input_embeddings.weight.is_meta
+        assert held.description.architecture.output_embeddings.weight.is_meta
         # Both of the node's devices in one run: one round trip per forward pass for the pair.
         links = {(l.src, l.dst): l for l in engine.link_stats()}
         assert links[("sim0", f"{label}/sim0")].transfers == links[(f"{label}/sim1", "sim0")].transfers
@@ -398,6 +409,7 @@ def test_tiny_model_split_with_a_node_matches_the_local_split(node_server, tiny_
     while node_server.session is not None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert node_server.session is None and node_server.model.assigned == {}  # released on goodbye
+    assert all(t.is_meta for t in node_server.model.model.parameters())  # and its weights let go
 
 
 def test_a_plan_that_does_not_fit_lets_the_nodes_go(node_server, tiny_model_dir, monkeypatch):

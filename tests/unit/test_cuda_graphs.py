@@ -239,11 +239,14 @@ def test_the_profiler_times_decode_steps_replayed_when_graphs_will_replay_them(t
     """A GPU layer is timed the way it will run: under graphs, from recordings on a static cache."""
     from vramancer.profiling.timing import _time_real_layers
 
+    from vramancer.model.description import describe_model
+
     meta = meta_model(tiny_model_dir)
     config = meta.config
     recorder = RerunRecorder()
     graphs = LayerGraphs(recorder)
-    timings = _time_real_layers(meta, config, torch.device("cpu"), torch.float32, "host CPU", graphs=graphs)
+    timings = _time_real_layers(describe_model(meta, torch.float32), torch.device("cpu"), torch.float32, "host CPU",
+                                graphs=graphs)
     layers = config.num_hidden_layers
     # Recorded once per decode measure (short and long cache), replayed at every timed step.
     assert recorder.recordings == 2 * layers and recorder.replays >= 2 * 7 * layers

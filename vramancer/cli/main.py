@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--token-file", default=_env("TOKEN_FILE", "") or None,
                       help="file holding the cluster token (default: VRM_CLUSTER_TOKEN)")
     node.add_argument("--no-advertise", action="store_true", help="do not announce this node with zeroconf")
+    node.add_argument("--lease", type=float, default=None, metavar="SECONDS",
+                      help="let a coordinator go (and free what it held) after this long without a word from it "
+                           "(default 30; VRM_NODE_LEASE)")
 
     plan = sub.add_parser("plan", help="show how the model would be split, without loading weights")
     _add_load_flags(plan, inherit=True)
@@ -276,6 +279,11 @@ def _check_values(args) -> None:
         args.cuda_graphs = {True: "on", False: "off"}.get(args.cuda_graphs) or v.env_cuda_graphs()
     if args.command in ("node", "serve"):
         v.check_port("--port", args.port)
+    if args.command == "node":
+        if args.lease is None:
+            args.lease = v.env_float("NODE_LEASE", 30.0)
+        if not 1.0 <= v.finite("--lease", args.lease) <= 3600.0:
+            raise VramancerError(f"--lease must be between 1 and 3600 seconds, not {args.lease:g}.")
     if args.command is None and args.serve is not None:
         v.check_port("--serve", args.serve)
     if serving:
@@ -382,7 +390,7 @@ def _node(args) -> int:
     node_log.setLevel(logging.INFO)
     node_log.propagate = False
     status = serve_node(args.devices, args.bind, args.port, args.token_file, advertise=not args.no_advertise,
-                        ready=lambda line: print(line, flush=True))
+                        ready=lambda line: print(line, flush=True), lease_s=args.lease)
     exit_now(status)  # stopped and withdrawn: skip seconds of interpreter teardown
 
 

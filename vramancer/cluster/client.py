@@ -33,6 +33,7 @@ LOAD_TIMEOUT_S = 900.0  # a node's first read of a large model can take minutes
 GLOO_TIMEOUT = timedelta(days=7)  # liveness is judged by heartbeats, not by how long an operation takes
 POLL_S = 0.2
 GOODBYE_TIMEOUT_S = 5.0  # close() waits this long for each part of the goodbye, then hangs up
+PINGS_PER_LEASE = 4  # an idle coordinator renews the node's lease this often within it
 
 
 class NodeConnection:
@@ -56,6 +57,7 @@ class NodeConnection:
         self._lock = threading.Lock()
         self._jobs: queue.Queue = queue.Queue()
         self._closing = False
+        self._lease_s = p.DEFAULT_LEASE_S
 
     # --- admission -------------------------------------------------------------------------
 
@@ -82,6 +84,7 @@ class NodeConnection:
         self._last_heard = time.monotonic()
         threading.Thread(target=self._read_loop, name=f"vramancer-{self.label}-control", daemon=True).start()
         threading.Thread(target=self._wait_loop, name=f"vramancer-{self.label}-waits", daemon=True).start()
+        threading.Thread(target=self._keep_lease, name=f"vramancer-{self.label}-lease", daemon=True).start()
         log.info("admitted by %s", self.label)
         return self
 
@@ -89,13 +92,18 @@ class NodeConnection:
         try:
             hello = channel.receive()
         except (OSError, p.ClusterError) as exc:
-            raise p.ClusterError(f"{self.label} did not greet us: {exc}.") from None
+            raise p.ClusterError(f"{self.label} did not greet us: {_first_line(exc) or 'it said nothing'}.") from None
         if not hello or hello.get("type") != "hello" or not isinstance(hello.get("nonce"), str):
             raise p.ClusterError(f"{self.label} is not a vramancer node (it did not send a challenge).")
         ours = p.new_nonce()
         proof = p.coordinator_proof(self._token, hello["nonce"], ours) if self._token else None
-        channel.send({"type": "auth", "version": p.PROTOCOL_VERSION, "nonce": ours, "proof": proof})
-        answer = channel.receive()
+        try:
+            channel.send({"type": "auth", "version": p.PROTOCOL_VERSION, "nonce": ours, "proof": proof})
+            answer = channel.receive()
+        except (OSError, p.ClusterError) as exc:
+            # A node that greets and then says nothing (or garbage) is not used, and nothing waits on it.
+            raise p.ClusterError(f"{self.label} greeted us and then did not answer ({_first_line(exc) or 'silence'}); "
+                                 "it is not used.") from None
         if answer is None or answer.get("type") == "refused":
             reason = (answer or {}).get("reason", "it closed the connection")
             if self._token is None:
@@ -109,19 +117,29 @@ class NodeConnection:
                 p.node_proof(self._token, hello["nonce"], ours), answer.get("proof")):
             log.warning("%s could not prove it holds the cluster token; not using it", self.label)
             raise p.AdmissionRefused(f"{self.label} could not prove it holds the cluster token; it is not used.")
-        self.devices = [d for d in answer.get("devices", []) if isinstance(d, dict) and isinstance(d.get("name"), str)]
+        devices = answer.get("devices")
+        self.devices = [d for d in devices if isinstance(d, dict) and isinstance(d.get("name"), str)] \
+            if isinstance(devices, list) else []
         self.model = answer.get("model")
         if isinstance(answer.get("samples"), list):
             self._take_samples(answer["samples"])
-        self._store_port = int(answer.get("store_port", 0))
+        store_port, lease = answer.get("store_port"), answer.get("lease_s")
+        if not isinstance(store_port, int) or isinstance(store_port, bool) or not 0 < store_port < 65536:
+            raise p.ClusterError(f"{self.label} admitted us without a usable rendezvous port ({store_port!r}); it is not used.")
+        if isinstance(lease, (int, float)) and not isinstance(lease, bool) and 1.0 <= lease <= 3600.0:
+            self._lease_s = float(lease)
+        self._store_port = store_port
 
     def _form_group(self, local_address: str) -> None:
         import torch.distributed as dist
         from torch.distributed import ProcessGroupGloo
 
         self._store = dist.TCPStore(self.host, self._store_port, 2, False, timedelta(seconds=20))
+        from vramancer.cluster import listeners
+
         options = ProcessGroupGloo._Options()
-        options._devices = [ProcessGroupGloo.create_device(hostname=local_address)]
+        device, _ = listeners.opened_by(lambda: ProcessGroupGloo.create_device(hostname=local_address))
+        options._devices = [device]
         options._timeout = GLOO_TIMEOUT
         self._pg = ProcessGroupGloo(self._store, p.COORDINATOR_RANK, 2, options)
 
@@ -186,6 +204,20 @@ class NodeConnection:
                     box = self._replies.get(message["id"])
                 if box is not None:
                     box.put(message)
+
+    def _keep_lease(self) -> None:
+        """Renew the node's lease while nothing else is said (a long answer says nothing on
+        the control channel): a ping a few times per lease."""
+        interval = self._lease_s / PINGS_PER_LEASE
+        while self.alive and not self._closing:
+            time.sleep(interval)
+            if not self.alive or self._closing:
+                return
+            try:
+                self._channel.send({"type": "ping"})
+            except OSError as exc:
+                self.mark_lost(f"a ping could not be sent ({exc})")
+                return
 
     def _take_samples(self, snapshots: list) -> None:
         for snap in snapshots:
@@ -306,11 +338,14 @@ class NodeConnection:
         self._wait(works, "reading the KV cache")
         return pairs
 
-    def push_kv(self, first: int, last: int, pairs: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
-        """Give layers first..last these keys and values on the node (None: an empty cache)."""
+    def push_kv(self, first: int, last: int, pairs: list[tuple[torch.Tensor, torch.Tensor]] | None,
+                length: int = 0) -> None:
+        """Give layers first..last these keys and values on the node (None: an empty cache);
+        `length` is how many tokens they have seen (more than they keep, for a sliding window)."""
         if pairs:
             k = pairs[0][0]
-            head = p.header(p.OP_KV_PUSH, first, last, k.shape[2], k.shape[1], k.shape[3], p.dtype_code(k.dtype))
+            head = p.header(p.OP_KV_PUSH, first, last, k.shape[2], k.shape[1], k.shape[3], p.dtype_code(k.dtype),
+                            max(length, k.shape[2]))
             tensors = [head] + [t.to("cpu").contiguous() for pair in pairs for t in pair]
         else:
             tensors = [p.header(p.OP_KV_PUSH, first, last, 0)]

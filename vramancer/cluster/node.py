@@ -6,13 +6,17 @@ form a two-rank gloo process group (TCPStore rendezvous on the node's address) a
 obeys a short list of JSON requests: load a model by name from its own disk or hub cache,
 take or give back layers, reset or crop its KV cache, profile its devices, end the session.
 It never runs code, unpickles data or opens files named by the coordinator beyond the model.
+The coordinator holds the node by a lease that its messages renew; one silent past it is
+let go, and what it held freed.
 
-Tensors arrive on the process group: a hidden state (with its positions; rotary embeddings
-and the causal mask are computed here) runs through the layers this node holds and goes back.
+Tensors arrive on the process group: a hidden state (with its positions; masks and rotary
+tables are made here, by the model's own decoder) runs through the layers this node holds
+and goes back.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import socket
@@ -23,7 +27,9 @@ from datetime import timedelta
 
 import torch
 
+from vramancer.cluster import listeners
 from vramancer.cluster import protocol as p
+from vramancer.cluster.remote import PassThrough, fresh_entry
 from vramancer.config.device_spec import node_label, parse_device_spec
 from vramancer.config.errors import VramancerError
 from vramancer.config.units import format_bytes
@@ -67,24 +73,53 @@ def architecture(config) -> dict:
 
 
 class NodeModel:
-    """The model as this node holds it: all weights in host memory (memory-mapped where the
-    GGUF cache allows), the assigned layers on their devices, and their KV cache."""
+    """The model as this node holds it, run by the same runtime as a local split.
+
+    The module tree is built from the config with no weights; the layers this node is given
+    are read from its own copy of the file (and the small modules before the stack that make
+    each layer's positions, masks and rotary tables; never the token table or the head), and
+    placed on its devices. A runtime SplitModel (runtime/split_model.py) carries the hidden
+    state and the decoder's tensors between those devices; the model's own decoder makes
+    those tensors, through the model seam (model/architecture.py), so any architecture the
+    local split runs runs here."""
 
     def __init__(self, name: str, dtype: torch.dtype, context: int, devices: dict[str, Device]):
-        from vramancer.model.description import profile_model
-        from vramancer.model.loading import load_weights
+        from vramancer.model.description import describe_model
+        from vramancer.model.loading import PartReader
         from vramancer.model.source import load_config, resolve_model
+        from vramancer.planning.placement import Placement
+        from vramancer.runtime.split_model import SplitModel
+        from vramancer.runtime.transfer import TransferManager
 
         self.name, self.dtype, self.context = name, dtype, context
         self.devices = devices
         source = resolve_model(name)
         self.config = load_config(source)
-        self.model = load_weights(source, dtype)
-        self.base = self.model.get_decoder()
-        self.rotary = getattr(self.base, "rotary_emb", None)
-        self.profile = profile_model(self.model, dtype)
+        self.reader = PartReader(source, dtype)
+        self.model = self.reader.model
+        self.description = describe_model(self.model, dtype)  # the one description of this copy
+        self.profile = self.description.profile
+        arch = self.description.architecture
+        # The decoder runs its own modules before the stack (positions, rotary tables); the
+        # hidden state that arrives takes the place of what they give the first layer run here.
+        self.reader.read([m for m in arch.before if m is not arch.input_embeddings], arch.holders)
+        self.host = _host_device(devices)
+        everything = [self.host] + [d for d in devices.values() if d is not self.host]
+        self.split = SplitModel(self.model, self.description, everything, TransferManager(everything), context)
+        host = self.host.name
+        self.split.placement = Placement([host] * self.profile.num_layers, host, host)
+        self.stand_ins(self.description.layer_returns_tuple)
+        # Decoders with position tables or rotary tables take positions; those with none
+        # (Bloom's ALiBi, MPT, Mamba) count them from the cache.
+        self._takes_positions = "position_ids" in inspect.signature(arch.base.forward).parameters
         self.assigned: dict[int, str] = {}
         self.cache = None
+
+    def stand_ins(self, returns_tuple: bool) -> None:
+        """Stand-ins for the layers not run here, returning what the real ones return (the
+        coordinator says which: its description found out on a copy on the meta device)."""
+        self._skips = [PassThrough(returns_tuple) for _ in range(self.profile.num_layers)]
+        self._installed = None
 
     # --- layers --------------------------------------------------------------------------
 
@@ -112,7 +147,8 @@ class NodeModel:
             if device is not None:
                 self._place(index, device, None)
                 if self.cache is not None:
-                    self.cache.layers[index].reset()
+                    with torch.inference_mode():  # some kinds of cache zero their tensors in place
+                        self.cache.layers[index].reset()
         self._claim()
 
     def release_all(self) -> None:
@@ -120,16 +156,26 @@ class NodeModel:
         self.cache = None
 
     def _place(self, index: int, src: str | None, dst: str | None) -> None:
-        """Weights (and KV cache) of one layer onto `dst`'s memory; host memory when None."""
-        target = self.devices[dst].torch_device if dst else torch.device("cpu")
-        source = self.devices[src].torch_device if src else torch.device("cpu")
-        if source == target:
-            return
-        self.base.layers[index].to(target)
-        if self.cache is not None and self.cache.layers[index].is_initialized and dst:
-            entry = self.cache.layers[index]
-            entry.keys, entry.values = entry.keys.to(target), entry.values.to(target)
-            entry.device = target
+        """Weights (and KV cache) of one layer onto `dst`: read from the file when it was not
+        held; back to the file (or host memory) when `dst` is None."""
+        from vramancer.runtime.split_model import move_module
+
+        split, layer = self.split, self.split.layer_modules[index]
+        self._installed = None  # the stack changes: hooks are laid again before the next run
+        if src is None:
+            if self.cache is not None:
+                fresh_entry(self.cache, self.model.config, index)  # it was a shadow here
+            self.reader.read([layer])
+            move_module(layer, self.devices[dst].torch_device)
+            split.placement = split.placement.moved([index], dst)
+        elif dst is None:
+            split.placement = split.placement.moved([index], self.host.name)
+            if self.reader.streams:
+                self.reader.forget([layer])
+            else:
+                move_module(layer, self.host.torch_device)
+        elif src != dst:
+            split.move(index, dst, self.cache)  # weights and every tensor of its cache
 
     def _claim(self) -> None:
         from vramancer.planning.placement import device_need
@@ -140,21 +186,25 @@ class NodeModel:
             device.ledger.set_many({"weights": need.weights, "kv": need.kv, "workspace": need.workspace + need.reserve})
 
     def kv_bytes(self) -> dict[str, int]:
+        from vramancer.model.architecture import cache_bytes
+
         totals: dict[str, int] = {}
         cache = self.cache
         for index, device in list(self.assigned.items()):
             if cache is None:
                 break
-            entry = cache.layers[index]
-            if getattr(entry, "is_initialized", False) and entry.keys is not None:
-                totals[device] = totals.get(device, 0) + 2 * entry.keys.numel() * entry.keys.element_size()
+            totals[device] = totals.get(device, 0) + cache_bytes(cache.layers[index])
         return totals
 
     # --- compute -------------------------------------------------------------------------
 
     def _cache_for(self, first: int, last: int, past: int):
-        """The KV cache with layers first..last holding exactly `past` tokens."""
+        """The KV cache with layers first..last holding exactly `past` tokens, and every layer
+        this node does not hold a stand-in of `past` tokens: the decoder sizes its masks from
+        whichever layer it likes (as on the coordinator, cluster/remote.py)."""
         from transformers import DynamicCache
+
+        from vramancer.cluster.remote import set_shadow
 
         if self.cache is None:
             self.cache = DynamicCache(config=self.model.config)
@@ -168,29 +218,55 @@ class NodeModel:
                     entry.crop(past - entry.get_seq_length())
         elif have < past:
             raise VramancerError(f"layer {first} holds {have} cached tokens but the coordinator expects {past}.")
+        for index in range(self.profile.num_layers):
+            if index not in self.assigned:
+                set_shadow(self.cache, index, past)
         return self.cache
 
-    def run(self, hidden: torch.Tensor, positions: torch.Tensor, first: int, last: int, past: int, use_cache: bool) -> torch.Tensor:
-        from transformers.masking_utils import create_causal_mask
+    def _install(self, first: int, last: int) -> None:
+        """The stack for a run of first..last: those layers, stand-ins everywhere else (a
+        layer held here for another run must not see this one), and the runtime's hooks."""
+        if self._installed == (first, last):
+            return
+        stack, modules = self.split.stack, self.split.layer_modules
+        for index in range(len(stack)):
+            stack[index] = modules[index] if first <= index <= last else self._skips[index]
+        self.split.rewire()
+        self._installed = (first, last)
 
+    def run(self, hidden: torch.Tensor, positions: torch.Tensor, first: int, last: int, past: int, use_cache: bool) -> torch.Tensor:
+        """Layers first..last on `hidden` (the state after layer first-1): the model's own
+        decoder runs over the stack, its modules before the stack making positions, masks and
+        rotary tables; the hidden state that arrived takes the place of theirs at layer
+        `first`, and the pass ends after layer `last`."""
         for index in range(first, last + 1):
             if index not in self.assigned:
                 raise VramancerError(f"layer {index} is not held by this node.")
         cache = self._cache_for(first, last, past) if use_cache else None
-        mask = create_causal_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=None,
-                                  cache=cache, position_ids=positions, layer_idx=first)
-        cos_sin = self.rotary(hidden, position_ids=positions) if self.rotary is not None else None
-        here = torch.device("cpu")
-        for index in range(first, last + 1):
-            target = self.devices[self.assigned[index]].torch_device
-            if target != here:
-                hidden, positions = hidden.to(target), positions.to(target)
-                cos_sin = tuple(t.to(target) for t in cos_sin) if cos_sin is not None else None
-                mask = mask.to(target) if isinstance(mask, torch.Tensor) else mask
-                here = target
-            hidden = self.base.layers[index](hidden, attention_mask=mask, position_ids=positions, cache=cache,
-                                             use_cache=use_cache, position_embeddings=cos_sin)
-        return hidden.to("cpu")
+        self._install(first, last)
+        modules = self.split.layer_modules
+        entry_device = self.devices[self.assigned[first]].torch_device
+
+        def enter(module, args, kwargs):
+            if args:
+                return (hidden.to(entry_device), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden.to(entry_device)}
+
+        def leave(module, args, output):
+            raise _RunDone(output[0] if isinstance(output, tuple) else output)
+
+        handles = [modules[first].register_forward_pre_hook(enter, with_kwargs=True, prepend=True),
+                   modules[last].register_forward_hook(leave)]
+        placeholder = torch.zeros_like(hidden)  # what the stack's first module would have got
+        try:
+            positional = {"position_ids": positions} if self._takes_positions else {}
+            self.description.architecture.base(inputs_embeds=placeholder, cache=cache, use_cache=use_cache, **positional)
+        except _RunDone as done:
+            return done.output.to("cpu")
+        finally:
+            for handle in handles:
+                handle.remove()
+        raise VramancerError(f"layers {first}-{last} did not run.")
 
     def layer_kv(self, first: int, last: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Keys and values of first..last on the host; None when none of them holds a cache."""
@@ -200,29 +276,52 @@ class NodeModel:
             return None
         return [(cache.layers[i].keys.to("cpu"), cache.layers[i].values.to("cpu")) for i in range(first, last + 1)]
 
-    def set_layer_kv(self, first: int, pairs: list[tuple[torch.Tensor, torch.Tensor]] | None, last: int) -> None:
+    def set_layer_kv(self, first: int, pairs: list[tuple[torch.Tensor, torch.Tensor]] | None, last: int,
+                     seen: int = 0) -> None:
+        """Layers first..last get these keys and values, having seen `seen` tokens (a sliding
+        window keeps fewer than it saw)."""
         from transformers import DynamicCache
 
         if self.cache is None:
             self.cache = DynamicCache(config=self.model.config)
         for offset, index in enumerate(range(first, last + 1)):
-            entry = self.cache.layers[index]
-            entry.reset()
+            entry = fresh_entry(self.cache, self.model.config, index)
             if pairs is None:
                 continue
             target = self.devices[self.assigned[index]].torch_device if index in self.assigned else torch.device("cpu")
             keys, values = (t.to(target) for t in pairs[offset])
             entry.lazy_initialization(keys, values)
             entry.keys, entry.values = keys, values
+            if hasattr(entry, "cumulative_length"):
+                entry.cumulative_length = max(seen, keys.shape[2])
+
+
+class _RunDone(Exception):
+    """Raised by the last layer of a run to end the decoder's pass there, with its output."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__("run done")
+        self.output = output
+
+
+def _host_device(devices: dict[str, Device]) -> Device:
+    """Where the modules before the stack run: the node's own CPU device if it serves one,
+    else a CPU device of its own (claiming nothing: those modules are small)."""
+    for device in devices.values():
+        if device.torch_device.type == "cpu" and not device.simulated:
+            return device
+    return resolve_devices(parse_device_spec("cpu"))[0]
 
 
 class Session:
     """One admitted coordinator: its control channel, its process group, its threads."""
 
-    def __init__(self, server: "NodeServer", channel: p.LineChannel, peer: str, local_address: str):
+    def __init__(self, server: "NodeServer", channel: p.LineChannel, peer: str, local_address: str,
+                 peer_address: str):
         self.server = server
         self.channel = channel
         self.peer = peer
+        self.peer_address = peer_address  # the admitted coordinator's: the only one the session's listeners take
         self.local_address = local_address
         self.lock = threading.Lock()  # one operation on the model at a time
         self.closed = threading.Event()
@@ -231,6 +330,7 @@ class Session:
         self._store_socket: socket.socket | None = None
         self._store_fd: int | None = None  # the store's own descriptor of that socket
         self.ending = threading.Event()  # said goodbye or hung up: a new coordinator may wait for us
+        self.lease_expired = False
 
     # --- process group -------------------------------------------------------------------
 
@@ -238,8 +338,13 @@ class Session:
         """A listening socket for the rendezvous, on the address the coordinator reached us by."""
         sock = socket.socket(socket.AF_INET6 if ":" in self.local_address else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.local_address, 0))
-        sock.listen(4)
+        try:
+            sock.bind((self.local_address, 0))
+            listeners.only_from(sock.fileno(), self.peer_address)  # before it listens: nobody else gets in
+            sock.listen(4)
+        except BaseException:
+            sock.close()
+            raise
         self._store_socket = sock
         return sock.getsockname()[1]
 
@@ -258,12 +363,19 @@ class Session:
             os.close(fd)
             raise
         self._store_fd = fd
+        gloo_listeners: set[int] = set()
         try:
             options = ProcessGroupGloo._Options()
-            options._devices = [ProcessGroupGloo.create_device(hostname=self.local_address)]
+            # Gloo's device listens for the group's pairs: for our peer only, and only until they met.
+            device, gloo_listeners = listeners.opened_by(lambda: ProcessGroupGloo.create_device(hostname=self.local_address))
+            options._devices = [device]
+            for descriptor in gloo_listeners:
+                listeners.only_from(descriptor, self.peer_address)
             options._timeout = GLOO_TIMEOUT
             self.pg = ProcessGroupGloo(self._store, p.NODE_RANK, 2, options)
         finally:
+            for descriptor in gloo_listeners:
+                listeners.close_underneath(descriptor)
             self.close_store_listener()
 
     def close_store_listener(self) -> None:
@@ -278,11 +390,7 @@ class Session:
         spins on accept errors.)"""
         fd, self._store_fd = self._store_fd, None
         if fd is not None:
-            null = os.open(os.devnull, os.O_RDONLY)
-            try:
-                os.dup2(null, fd)
-            finally:
-                os.close(null)
+            listeners.close_underneath(fd)
         sock, self._store_socket = self._store_socket, None
         if sock is not None:
             sock.close()
@@ -323,6 +431,11 @@ class Session:
         while not self.closed.is_set():
             try:
                 message = self.channel.receive()
+            except TimeoutError:
+                log.warning("coordinator %s said nothing for %g s, past its lease; letting it go and freeing "
+                            "what it held", self.peer, self.server.lease_s)
+                self.lease_expired = True
+                return
             except (OSError, p.ClusterError) as exc:
                 log.warning("control channel from %s failed: %s", self.peer, exc)
                 return
@@ -359,7 +472,8 @@ class Session:
         if op == "load":
             with self.lock:
                 return server.load(str(message.get("model", "")), str(message.get("dtype", "float32")),
-                                   int(message.get("context", 0)), message.get("architecture") or {})
+                                   int(message.get("context", 0)), message.get("architecture") or {},
+                                   message.get("layer_returns_tuple") is True)
         if op in ("assign", "release", "reset_cache", "crop_cache"):
             model = server.model
             if model is None:
@@ -376,9 +490,10 @@ class Session:
                 else:
                     length = int(message.get("length", 0))
                     if model.cache is not None:
-                        for index in model.assigned:
-                            entry = model.cache.layers[index]
-                            entry.crop(min(length - entry.get_seq_length(), 0))
+                        with torch.inference_mode():  # the cache's tensors were made in it
+                            for index in model.assigned:
+                                entry = model.cache.layers[index]
+                                entry.crop(min(length - entry.get_seq_length(), 0))
             return {"layers": {str(k): v for k, v in model.assigned.items()}}
         if op == "profile":
             return server.profile(str(message.get("model", "")), str(message.get("dtype", "float32")),
@@ -423,7 +538,7 @@ class Session:
             raise VramancerError("tensors arrived before any model was loaded")
         if op == p.OP_RUN:
             tokens, first, last, past, use_cache, explicit, start = h[1:8]
-            hidden = torch.empty(1, tokens, model.config.hidden_size, dtype=model.dtype)
+            hidden = torch.empty(1, tokens, model.description.architecture.hidden_size, dtype=model.dtype)
             pg.recv([hidden], src, p.TAG).wait()
             if explicit:
                 positions = torch.empty(1, tokens, dtype=torch.int64)
@@ -450,7 +565,7 @@ class Session:
                 pg.send([k.contiguous()], src, p.TAG).wait()
                 pg.send([v.contiguous()], src, p.TAG).wait()
         elif op == p.OP_KV_PUSH:
-            first, last, tokens, heads, head_dim, code = h[1:7]
+            first, last, tokens, heads, head_dim, code, seen = h[1:8]
             pairs = None
             if tokens:
                 pairs = []
@@ -462,7 +577,7 @@ class Session:
                     pairs.append((k, v))
             if self.closed.is_set():
                 return
-            model.set_layer_kv(first, pairs, last)
+            model.set_layer_kv(first, pairs, last, seen)
             pg.send([p.header(0)], src, p.TAG).wait()
         else:
             raise VramancerError(f"unknown tensor operation {op}")
@@ -564,7 +679,7 @@ class NodeServer:
     """Listens for coordinators; serves one at a time; keeps the last model loaded between them."""
 
     def __init__(self, devices: list[Device], token: bytes, bind: str = "127.0.0.1", port: int = p.DEFAULT_NODE_PORT,
-                 advertise: bool = True):
+                 advertise: bool = True, lease_s: float = p.DEFAULT_LEASE_S):
         if not token:
             raise VramancerError(f"a node needs the cluster token: set {p.TOKEN_ENV} or pass --token-file.")
         self.devices = {d.name: d for d in devices}
@@ -572,6 +687,7 @@ class NodeServer:
         self.bind = bind
         self.port = port
         self.advertise = advertise
+        self.lease_s = lease_s
         self.model: NodeModel | None = None
         self.session: Session | None = None
         self._profiles: dict[tuple, dict] = {}
@@ -706,7 +822,7 @@ class NodeServer:
                                              timeout=HANDOVER_S + 1.0)
                 busy = self.session is not None
                 if not busy:
-                    session = Session(self, channel, peer, conn.getsockname()[0])
+                    session = Session(self, channel, peer, conn.getsockname()[0], address[0])
                     self.session = session
             if busy:
                 self._refuse(channel, peer, "this node is serving another coordinator")
@@ -716,12 +832,12 @@ class NodeServer:
                 channel.send({"type": "welcome", "proof": p.node_proof(self.token, nonce, theirs),
                               "store_port": store_port, "devices": self.describe_devices(),
                               "samples": self.snapshots(),
-                              "model": self.model.name if self.model else None})
+                              "model": self.model.name if self.model else None, "lease_s": self.lease_s})
                 session.form_group()
                 # The store no longer listens: say so, and the coordinator's connect() returns
                 # only now, not when its own half of the group happens to form first.
                 channel.send({"type": "formed"})
-                conn.settimeout(None)
+                conn.settimeout(self.lease_s)  # every read renews the lease; a silent coordinator is let go
                 log.info("admitted coordinator %s; process group formed", peer)
                 session.serve()
             finally:
@@ -752,7 +868,7 @@ class NodeServer:
         kv = self.model.kv_bytes() if self.model is not None else {}
         return [asdict(d.snapshot(kv.get(d.name, 0))) for d in self.devices.values()]
 
-    def load(self, name: str, dtype_name: str, context: int, expected: dict) -> dict:
+    def load(self, name: str, dtype_name: str, context: int, expected: dict, layer_returns_tuple: bool = False) -> dict:
         from vramancer.model.loading import DTYPES
 
         if dtype_name not in DTYPES:
@@ -770,6 +886,7 @@ class NodeServer:
             log.info("loaded %s (%s) in %.1f s", name, dtype_name, time.perf_counter() - started)
         model.release_all()
         model.context = context
+        model.stand_ins(layer_returns_tuple)
         mine = architecture(model.config)
         differs = {k: (mine.get(k), v) for k, v in expected.items() if mine.get(k) != v}
         self.model = model
@@ -780,7 +897,7 @@ class NodeServer:
 
     def profile(self, name: str, dtype_name: str, model_key: str) -> dict:
         """Timings of this node's devices (and the links between them) for a model's layers."""
-        from vramancer.model.architecture import describe
+        from vramancer.model.description import describe_model
         from vramancer.model.loading import DTYPES, build_meta_model
         from vramancer.model.source import load_config, resolve_model
         from vramancer.profiling import timing as profiler
@@ -790,7 +907,7 @@ class NodeServer:
         key = (name, dtype_name, model_key)
         if key not in self._profiles:
             config = load_config(resolve_model(name))
-            meta = build_meta_model(config, dtype)
+            description = describe_model(build_meta_model(config, dtype), dtype)
             folder = profiler.profile_folder()
             devices, measured = {}, {}
             for device in self.devices.values():
@@ -798,13 +915,13 @@ class NodeServer:
                 timings = measured.get(cache_key) or profiler.read_cached(folder / f"{cache_key}.json")
                 if timings is None:
                     label = "host CPU" if device.torch_device.type == "cpu" else f"{device.name} ({device.label})"
-                    timings = profiler.time_device(meta, config, device.torch_device, dtype, label)
+                    timings = profiler.time_device(description, device.torch_device, dtype, label)
                     profiler.write_cached(folder / f"{cache_key}.json", timings)
                 measured[cache_key] = timings
                 devices[device.name] = asdict(timings)
             links = {}
             transfer = TransferManager(list(self.devices.values()))
-            arch = describe(meta)  # what a hand-over carries: the hidden state, rotary tables if any
+            arch = description.architecture  # what a hand-over carries: the hidden state, rotary tables if any
             for a in self.devices.values():
                 for b in self.devices.values():
                     if a.name != b.name:
@@ -824,13 +941,13 @@ def _layer_list(assigned: dict[int, str]) -> str:
 
 
 def run_node(devices_text: str, bind: str, port: int, token_file: str | None, advertise: bool = True,
-             ready=print) -> int:
+             ready=print, lease_s: float = p.DEFAULT_LEASE_S) -> int:
     """The `vramancer node` command: serve until interrupted."""
     token = p.cluster_token(token_file)
     if not token:
         raise VramancerError(f"a node needs the cluster token: set {p.TOKEN_ENV} or pass --token-file.")
     devices = node_devices(devices_text)
-    server = NodeServer(devices, token, bind, port, advertise)
+    server = NodeServer(devices, token, bind, port, advertise, lease_s)
     actual = server.listen()
     shown = ", ".join(f"{d.name} ({d.label}, {format_bytes(d.read().total)})" for d in devices)
     # `kill`, a hang-up or Ctrl-C end the node the same way: the advertisement is withdrawn.

@@ -33,6 +33,9 @@ DEFAULT_NODE_PORT = 7070
 TOKEN_ENV = "VRM_CLUSTER_TOKEN"
 MAX_LINE = 1 << 20  # a control message longer than this is refused: nothing legitimate is near it
 HANDSHAKE_TIMEOUT_S = 10.0  # for the whole handshake, however slowly a peer trickles bytes
+# A node holds its coordinator by a lease that any control message renews (an idle coordinator
+# pings): one silent longer than this (stopped, cut off) is let go, and its memory freed.
+DEFAULT_LEASE_S = 30.0
 NODE_RANK, COORDINATOR_RANK = 0, 1
 TAG = 0  # one ordered stream per direction is all we need
 
@@ -41,7 +44,7 @@ TAG = 0  # one ordered stream per direction is all we need
 HEADER_LEN = 8
 OP_RUN = 1  # [op, tokens, first, last, past, use_cache, positions_explicit, position_start]
 OP_KV_PULL = 2  # [op, first, last]  → node answers a KV header, then keys/values per layer
-OP_KV_PUSH = 3  # [op, first, last, tokens, kv_heads, head_dim, dtype] then keys/values per layer
+OP_KV_PUSH = 3  # [op, first, last, tokens, kv_heads, head_dim, dtype, tokens seen] then keys/values per layer
 OP_ECHO = 4  # [op, numel] then float32[numel], sent straight back
 OP_BYE = 5  # the coordinator is done with this process group
 
@@ -107,7 +110,8 @@ def node_proof(token: bytes, node_nonce: str, coordinator_nonce: str) -> str:
 
 
 def proof_matches(expected: str, offered: object) -> bool:
-    return isinstance(offered, str) and hmac.compare_digest(expected, offered)
+    # compare_digest refuses str with non-ASCII characters (TypeError): such a proof is just wrong
+    return isinstance(offered, str) and offered.isascii() and hmac.compare_digest(expected, offered)
 
 
 # --- JSON lines --------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
 from vramancer.cluster.protocol import ClusterError, NodeLost
 from vramancer.planning.placement import EMBED, HEAD, Placement
@@ -36,19 +37,28 @@ class RemoteStub(nn.Module):
         self.node, self.first, self.last = node, first, last
         self.send_link, self.return_link = send_link, return_link
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
-                position_embeddings=None, **kwargs):
-        return self._blocks[0].run_block(self, hidden_states, position_ids, cache, use_cache)
+    def forward(self, hidden_states, *args, **kwargs):
+        # Decoders hand their layers the cache under their own names (`cache`, `layer_past`):
+        # it is found by its type, and the hidden state goes back in the layer's own form.
+        cache = next((v for v in (*args, *kwargs.values()) if isinstance(v, Cache)), None)
+        use_cache = kwargs.get("use_cache", cache is not None)
+        out = self._blocks[0].run_block(self, hidden_states, kwargs.get("position_ids"), cache, use_cache)
+        return (out,) if self._blocks[0].layer_returns_tuple else out
 
     def extra_repr(self) -> str:
         return f"layers {self.first}-{self.last} on {self.node.label}"
 
 
 class PassThrough(nn.Module):
-    """A layer whose work its block's stub already did on the node."""
+    """A layer whose work is done elsewhere (by its block's stub, or on another machine): it
+    hands the hidden state on, as a tuple where the real layers return one."""
+
+    def __init__(self, returns_tuple: bool = False):
+        super().__init__()
+        self.returns_tuple = returns_tuple
 
     def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
+        return (hidden_states,) if self.returns_tuple else hidden_states
 
 
 def is_shadow(entry) -> bool:
@@ -66,6 +76,17 @@ def set_shadow(cache, index: int, tokens: int) -> None:
     entry.reset()
     if tokens:
         grow_shadow(cache, index, tokens)
+
+
+def fresh_entry(cache, config, index: int):
+    """A new, empty cache entry for layer `index`, of the kind the model gives it. A shadow
+    cannot simply be reset into a real entry: its kind may have moved some of its own tensors
+    to the meta device on first use (sliding layers' window size)."""
+    from transformers import DynamicCache
+
+    entry = DynamicCache(config=config).layers[index]
+    cache.layers[index] = entry
+    return entry
 
 
 def model_reference(source) -> str:
@@ -86,6 +107,7 @@ class RemoteBlocks:
         self.model_name = model_name
         self.dtype_name = str(dtype).removeprefix("torch.")
         self.architecture = architecture
+        self.layer_returns_tuple = split.description.layer_returns_tuple
         self._loaded: set[int] = set()  # id() of nodes that loaded the model for us
 
     # --- facts -------------------------------------------------------------------------
@@ -120,7 +142,8 @@ class RemoteBlocks:
 
             try:
                 node.request("load", timeout=LOAD_TIMEOUT_S, model=self.model_name, dtype=self.dtype_name,
-                             context=self.split.context, architecture=self.architecture)
+                             context=self.split.context, architecture=self.architecture,
+                             layer_returns_tuple=self.layer_returns_tuple)
                 self._loaded.add(id(node))
             except BaseException as exc:
                 errors.append(exc)
@@ -164,7 +187,7 @@ class RemoteBlocks:
             after = placement.device_of(last + 1) if last + 1 < count else placement.head
             stack[index] = RemoteStub(self, node, index, last, (before, name), (devices[last], after))
             for follower in range(index + 1, last + 1):
-                stack[follower] = PassThrough()
+                stack[follower] = PassThrough(self.layer_returns_tuple)
             index = last + 1
 
     # --- the data path -----------------------------------------------------------------
@@ -213,7 +236,7 @@ class RemoteBlocks:
             self.ensure_loaded([node])
             node.request("assign", layers={str(index): self.device(dst).remote_name})
             if not same_node:
-                node.push_kv(index, index, kv)
+                node.push_kv(index, index, kv, tokens)
             if entry is not None and tokens:
                 set_shadow(cache, index, tokens)
             if not src_remote:
@@ -222,11 +245,13 @@ class RemoteBlocks:
             target = split.devices[dst].torch_device
             move_module(split.layer_modules[index], target)
             if entry is not None:
-                entry.reset()
+                entry = fresh_entry(cache, split.model.config, index)  # it was a shadow here
                 if kv is not None:
                     keys, values = kv[0][0].to(target), kv[0][1].to(target)
                     entry.lazy_initialization(keys, values)
                     entry.keys, entry.values = keys, values
+                    if hasattr(entry, "cumulative_length"):  # a sliding window keeps fewer than it saw
+                        entry.cumulative_length = tokens
         if src_remote and not same_node:
             self.node_of(src).request("release", layers=[index])
         if kv_bytes:

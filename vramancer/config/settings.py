@@ -50,6 +50,7 @@ DEFAULTS: dict[str, str] = {
     "node_devices": "auto",
     "node_bind": "127.0.0.1",
     "node_port": "7070",
+    "node_lease": "30",  # seconds a node waits on a silent coordinator (cluster/protocol.py)
     "discover_bind": "127.0.0.1",
     "discover_seconds": "3",
     "cache_dir": "",

@@ -18,8 +18,8 @@ from vramancer.config.options import LoadOptions
 from vramancer.engine import factory
 from vramancer.engine.loader import graphs_refusal, prepare
 from vramancer.model.architecture import cache_bytes
-from vramancer.model.description import profile_model
-from vramancer.model.loading import load_weights, split_refusal
+from vramancer.model.architecture import UnsupportedArchitecture
+from vramancer.model.loading import load_weights
 from vramancer.model.source import ModelSource, load_tokenizer
 from vramancer.planning.placement import (
     EMBED,
@@ -130,13 +130,13 @@ class Engine:
             tokenizer = load_tokenizer(source)
             report("dequantising" if source.gguf_file else "reading weights", 0.4)
             loaded = load_weights(source, torch_dtype, prepared.weights)
-            refusal = split_refusal(loaded)
-            if refusal is not None:
-                raise VramancerError(refusal)
+            try:
+                description = prepared.description.bound_to(loaded)  # described once, in prepare
+            except UnsupportedArchitecture as exc:
+                raise VramancerError(str(exc)) from None
             report("placing", 0.8)
-            profile = profile_model(loaded, torch_dtype, prepared.weights)
             transfer = TransferManager(device_list)
-            split = SplitModel(loaded, profile, device_list, transfer, prepared.context)
+            split = SplitModel(loaded, description, device_list, transfer, prepared.context)
             factory.attach_external_layers(split, source, torch_dtype, prepared.config)
             split.apply(plan.placement)
         except BaseException:

@@ -59,8 +59,12 @@ def discover_nodes(seconds: float, bind: str) -> list:
     return discover(seconds, bind)
 
 
-def serve_node(devices_text: str, bind: str, port: int, token_file: str | None, advertise: bool, ready) -> int:
+def serve_node(devices_text: str, bind: str, port: int, token_file: str | None, advertise: bool, ready,
+               lease_s: float | None = None) -> int:
     """Serve this machine's devices to a coordinator until stopped (`vramancer node`)."""
     from vramancer.cluster.node import run_node
 
-    return run_node(devices_text, bind, port, token_file, advertise=advertise, ready=ready)
+    from vramancer.cluster.protocol import DEFAULT_LEASE_S
+
+    return run_node(devices_text, bind, port, token_file, advertise=advertise, ready=ready,
+                    lease_s=DEFAULT_LEASE_S if lease_s is None else lease_s)

@@ -13,7 +13,7 @@ from vramancer.config.errors import VramancerError
 from vramancer.config.options import LoadOptions
 from vramancer.engine import factory
 from vramancer.model.architecture import refuse_config
-from vramancer.model.description import profile_model
+from vramancer.model.description import ModelDescription, describe_model
 from vramancer.model.loading import DTYPES, build_meta_model, resolve_dtype
 from vramancer.model.source import ModelSource, load_config, resolve_model
 from vramancer.model.weights_cache import let_go_of_gguf_reader
@@ -44,7 +44,7 @@ class Prepared:
 
     source: ModelSource
     config: object
-    profile: ModelProfile
+    description: ModelDescription  # the one description of this load: planner, profiler, runtime and nodes
     devices: list[Device]
     dtype: torch.dtype
     fallback: bool  # `auto` found no accelerator and made a simulated pool
@@ -53,6 +53,10 @@ class Prepared:
     weights: str = "native"  # native, q8 or q4 (what --weights resolved to)
     dtype_reason: str = ""  # why this dtype, for `plan`
     cuda_graphs: bool = False  # what --cuda-graphs resolved to
+
+    @property
+    def profile(self) -> ModelProfile:
+        return self.description.profile
 
     def plan(self, strategy: str) -> Plan:
         plan = make_plan(self.profile, self.devices, strategy, self.context, self.pricing)
@@ -102,12 +106,13 @@ def prepare(options: LoadOptions, reprofile: bool = False) -> Prepared:
                                  "load theirs unquantized, so use --weights native with them.")
         torch_dtype, dtype_reason = choose_dtype(dtype, weights_kind, all_kinds)
         meta = build_meta_model(config, torch_dtype)
-        profile = profile_model(meta, torch_dtype, weights_kind)
+        description = describe_model(meta, torch_dtype, weights_kind)
+        profile = description.profile
         size = int(split_footprint(profile, context) * SIMULATED_SHARE)
         local = resolve_devices(local_spec, simulated_size=size)
         graphs = use_graphs(cuda_graphs, meta, local)
         model_key = f"{source.display_name}|{hashlib.sha256(config.to_json_string().encode()).hexdigest()}"
-        timings = profiler.measure(config, meta, local, torch_dtype, model_key, reprofile=reprofile, weights=weights_kind,
+        timings = profiler.measure(description, local, torch_dtype, model_key, reprofile=reprofile, weights=weights_kind,
                                    graphs=graphs)
         factory.add_external_timings(timings, config, local, remote, torch_dtype, model_key, source)
     except BaseException:
@@ -117,7 +122,7 @@ def prepare(options: LoadOptions, reprofile: bool = False) -> Prepared:
     device_list = local + remote
     # A static cache (what graphs replay into) has every layer attend over the whole context.
     pricing = Pricing(timings, profile, kv_length=context) if graphs else Pricing(timings, profile)
-    return Prepared(source, config, profile, device_list, torch_dtype, fallback, context, pricing,
+    return Prepared(source, config, description, device_list, torch_dtype, fallback, context, pricing,
                     weights_kind, dtype_reason, graphs)
 
 

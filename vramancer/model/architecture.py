@@ -13,7 +13,7 @@ before any weights are read: `describe` works on a model built on the meta devic
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
@@ -43,6 +43,17 @@ class UnsupportedArchitecture(VramancerError):
     """The model is not a decoder stack VRAMancer can split."""
 
 
+@dataclass(frozen=True)
+class PartNames:
+    """The module names of an Architecture's parts (\"\" is the model itself)."""
+
+    base: str
+    layers: str
+    before: tuple[str, ...]
+    holders: tuple[str, ...]
+    after: tuple[str, ...]
+
+
 @dataclass
 class Architecture:
     """The parts of one loaded (or meta) causal LM, in the order they run."""
@@ -60,6 +71,26 @@ class Architecture:
     intermediate_size: int
     vocab_size: int
     head_dim: int  # of one attention head: the size of the rotary tables handed across boundaries
+    # Where each part sits in the module tree, so that `bind` finds the same parts in another
+    # copy of the model without reading it again.
+    names: "PartNames | None" = None
+
+    def bind(self, model: nn.Module) -> "Architecture":
+        """This architecture on another copy of the same model (the loaded one, one cut to its
+        first layers, a node's copy), its parts found by their module names: the model is not
+        described again. UnsupportedArchitecture if the copy lacks one of them."""
+        names = self.names
+        try:
+            layers = model.get_submodule(names.layers)
+            parts = {key: [model.get_submodule(n) for n in getattr(names, key)] for key in ("before", "holders", "after")}
+            base = model.get_submodule(names.base)
+        except AttributeError:
+            raise UnsupportedArchitecture(
+                f"{self.model_type} as loaded lacks a part it had when it was described; it splits {SUPPORTED}.") from None
+        if not isinstance(layers, nn.ModuleList) or len(layers) > len(self.caches):
+            raise UnsupportedArchitecture(
+                f"{self.model_type} as loaded has another decoder stack than it was described with; it splits {SUPPORTED}.")
+        return replace(self, base=base, layers=layers, caches=self.caches[:len(layers)], **parts)
 
     @property
     def input_embeddings(self) -> nn.Module:
@@ -103,6 +134,9 @@ def describe(model: nn.Module, dtype: torch.dtype | None = None) -> Architecture
     caches = layer_caches(config, len(layers), torch.empty((), dtype=dtype or _dtype_of(model)).element_size())
     text = _text_config(config)
     hidden = text.hidden_size
+    named = {id(module): name for name, module in model.named_modules()}
+    names = PartNames(base_name, named[id(layers)], tuple(named[id(m)] for m in before),
+                      tuple(named[id(m)] for m in holders), tuple(named[id(m)] for m in after))
     return Architecture(
         model_type=name,
         base=base,
@@ -115,6 +149,7 @@ def describe(model: nn.Module, dtype: torch.dtype | None = None) -> Architecture
         intermediate_size=getattr(text, "intermediate_size", None) or 4 * hidden,
         vocab_size=text.vocab_size,
         head_dim=attention_head_dim(text),
+        names=names,
     )
 
 

@@ -1,14 +1,21 @@
-"""A model described for planning: the sizes of its parts and caches, read from its modules.
+"""A model described once per load: its config, architecture, caches and profile (the sizes
+of its parts), read from its modules.
 
-Works on a model built on the meta device (only shapes are read) as on a loaded one.
+`describe_model` reads a model built on the meta device (only shapes are read); the planner,
+the profiler, the runtime and the nodes are handed that one description, and `bound_to` finds
+the same parts in the loaded (or cut, or partly loaded) copy by their module names instead
+of describing it again.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from vramancer.model.architecture import describe, part_tensors
+from vramancer.model.architecture import Architecture, describe, part_tensors
+from vramancer.planning.memory import LayerCache
 from vramancer.planning.placement import ModelProfile
 from vramancer.quantization.weights import (
     quantizable,
@@ -17,11 +24,107 @@ from vramancer.quantization.weights import (
 )
 
 
+@dataclass(frozen=True)
+class ModelDescription:
+    """One model as every part of a load sees it."""
+
+    config: object
+    dtype: torch.dtype  # the compute dtype the caches and sizes are priced in
+    weights: str  # native, q8 or q4: how the weights are held
+    architecture: Architecture  # bound to the model it was last bound to (first the meta one)
+    profile: ModelProfile
+    # What a decoder layer returns: a tuple (hidden state first: Bloom, Falcon, GPT-Neo, MPT)
+    # or the hidden state alone. Stand-ins for layers that run elsewhere return the same.
+    layer_returns_tuple: bool = False
+
+    @property
+    def caches(self) -> tuple[LayerCache, ...]:
+        return self.architecture.caches
+
+    def bound_to(self, model: torch.nn.Module, recount: bool = True) -> "ModelDescription":
+        """The same description over another copy of the model, its parts found by name.
+        With `recount`, the profile counts what that copy's tensors really hold (a loaded
+        model's quantized weights); a copy whose tensors are still on the meta device keeps
+        the profile as it was."""
+        arch = self.architecture.bind(model)
+        profile = _profile(model, arch, self.dtype, self.weights) if recount else self.profile
+        return replace(self, architecture=arch, profile=profile)
+
+
+def describe_model(model: torch.nn.Module, dtype: torch.dtype, weights: str = "native") -> ModelDescription:
+    """The description of `model` (usually built on the meta device): the one `describe()`
+    of a load."""
+    arch = describe(model, dtype)
+    return ModelDescription(model.config, dtype, weights, arch, _profile(model, arch, dtype, weights),
+                            _layer_returns_tuple(model, arch))
+
+
+class _FirstLayerRan(Exception):
+    def __init__(self, output):
+        super().__init__("probe done")
+        self.output = output
+
+
+def _layer_returns_tuple(model: torch.nn.Module, arch: Architecture) -> bool:
+    """Whether the first decoder layer returns a tuple, read from a one-token pass that stops
+    after that layer: of the model itself on the meta device (shapes only, no memory), or,
+    for a model whose pass reads a value on the way (Falcon, GPT-Neo), of a copy with one
+    layer and an 8-token vocabulary in memory that is never initialised. A model with real
+    tensors, or one neither pass can run, is taken to return the hidden state alone."""
+    if not all(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        return False
+    found = _first_layer_output(model, arch, "meta")
+    if found is None:
+        found = _first_layer_output(*_one_layer_copy(model.config, arch), "cpu")
+    return isinstance(found, tuple)
+
+
+def _one_layer_copy(config, arch: Architecture) -> tuple[torch.nn.Module | None, Architecture | None]:
+    from transformers import AutoModelForCausalLM
+
+    from vramancer.model.architecture import cut_config
+
+    try:
+        small = cut_config(config, 1)
+        small.vocab_size = 8
+        with torch.device("meta"):
+            copy = AutoModelForCausalLM.from_config(small)
+        copy.to_empty(device="cpu")  # memory of its own, never written: only the layer's output form is read
+        return copy, arch.bind(copy)
+    except Exception:  # noqa: BLE001 - no copy: the usual convention
+        return None, None
+
+
+def _first_layer_output(model, arch, device: str):
+    """What the first layer returns in a one-token pass of `model`, or None if it cannot run."""
+    if model is None:
+        return None
+
+    def stop(module, args, output):
+        raise _FirstLayerRan(output)
+
+    handle = arch.layers[0].register_forward_hook(stop)
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+    except _FirstLayerRan as ran:
+        return ran.output
+    except Exception:  # noqa: BLE001 - a pass that cannot run here
+        return None
+    finally:
+        handle.remove()
+    return None
+
+
 def profile_model(model: torch.nn.Module, dtype: torch.dtype, weights: str = "native") -> ModelProfile:
+    """The profile alone, for a model not described yet (tests, tools)."""
+    return describe_model(model, dtype, weights).profile
+
+
+def _profile(model: torch.nn.Module, arch: Architecture, dtype: torch.dtype, weights: str) -> ModelProfile:
     """Works on a model built on the meta device: only shapes are read. Under quantized
     `weights`, a meta model's linear weights count what torchao will store for them, and a
     loaded model's quantized tensors count what they hold."""
-    arch = describe(model, dtype)
     size = torch.empty((), dtype=dtype).element_size()
 
     table_and_head = (arch.input_embeddings, arch.output_embeddings)

@@ -281,17 +281,6 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def split_refusal(model: torch.nn.Module) -> str | None:
-    """None if VRAMancer can split `model` (real or on the meta device), else the one sentence
-    that says why not, naming the architecture and what is supported."""
-    from vramancer.model.architecture import UnsupportedArchitecture, describe
-
-    try:
-        describe(model)
-    except UnsupportedArchitecture as exc:
-        return str(exc)
-    return None
-
 # --- the weights cache's piece: the model as it runs --------------------------------------
 #
 # One safetensors file: plain tensors under their names; a quantized weight as the plain
@@ -355,3 +344,80 @@ def _read_cached(folder: Path, config, dtype: torch.dtype, weights: str) -> torc
     _check_filled(model)
     _read_generation_config(model, folder)
     return model
+
+
+# --- reading a model part by part (a node's layers) -----------------------------------------
+
+
+class PartReader:
+    """A model whose weights are read from its file part by part, when they are asked for:
+    a node reads the layers it holds (and the small modules before the stack), never the rest.
+
+    Where the file's tensors are not the model's one for one (a hub id not on disk, an
+    architecture transformers renames on load), the whole model is read at once instead, as
+    `load_weights` reads it, and `read` and `forget` have nothing to do."""
+
+    def __init__(self, source: ModelSource, dtype: torch.dtype):
+        self.dtype = dtype
+        config = load_config(source)
+        self._stored: dict | None = None
+        model = _empty_model(config, dtype)
+        if source.gguf_path is not None:
+            tensors = GgufTensors(source.gguf_path, model, config)
+            if _fits(model, tensors.shapes(), source.name):
+                self._stored = {item.name: item for item in tensors.tensors(lambda name: False)}
+        elif not source.is_hub_id:
+            files = safetensors_files(Path(source.location))
+            if files and _fits(model, safetensors_names(files), f"{files[0].parent}"):
+                self._stored = {item.name: item for item in safetensors_tensors(files)}
+                _read_generation_config(model, files[0].parent)
+        if self._stored is None:
+            model = load_weights(source, dtype)
+        self.model = model.eval().requires_grad_(False)
+        self._names = {id(module): name for name, module in self.model.named_modules()}
+
+    @property
+    def streams(self) -> bool:
+        """True when parts are read one by one (False: the whole model was read at once)."""
+        return self._stored is not None
+
+    def read(self, modules: list[torch.nn.Module], holders: list[torch.nn.Module] = ()) -> None:
+        """Fill every tensor of `modules` (and those `holders` keep themselves, not their
+        children's) that the file holds and they do not hold yet."""
+        if self._stored is None:
+            return
+        for owner, name, tensor in self._tensors(modules, holders):
+            item = self._stored.get(self._full_name(owner, name))
+            if item is None or not (tensor.is_meta or name in owner._buffers):
+                continue
+            value = convert_weight_rows(item, self.dtype)
+            if name in owner._parameters:
+                owner._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+            else:
+                owner._buffers[name] = value.to(tensor.dtype)
+
+    def forget(self, modules: list[torch.nn.Module]) -> None:
+        """Let go of the weights of `modules` (back on the meta device) when they can be read again."""
+        if self._stored is None:
+            return
+        for owner, name, tensor in self._tensors(modules):
+            if name in owner._parameters and not tensor.is_meta:
+                owner._parameters[name] = torch.nn.Parameter(torch.empty_like(tensor, device="meta"),
+                                                             requires_grad=False)
+        give_back_freed_memory()
+
+    def _tensors(self, modules, holders=()):
+        from vramancer.model.architecture import part_tensors
+
+        return list(part_tensors(modules, holders))
+
+    def _full_name(self, owner: torch.nn.Module, name: str) -> str:
+        prefix = self._names[id(owner)]
+        return f"{prefix}.{name}" if prefix else name
+
+
+def convert_weight_rows(item, dtype: torch.dtype) -> torch.Tensor:
+    """One stored tensor in the compute dtype, read a few rows at a time."""
+    from vramancer.quantization.weights import convert_weight
+
+    return convert_weight(item.rows, item.shape, "native", dtype)

@@ -25,7 +25,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from vramancer.model.architecture import cut_config, describe, layers_of_every_kind
+from vramancer.model.architecture import cut_config, layers_of_every_kind
+from vramancer.model.description import ModelDescription
 from vramancer.planning.pricing import (
     LONG_KV,
     SHORT_KV,
@@ -76,7 +77,7 @@ def _syncer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def time_device(meta_model, config, torch_device: torch.device, dtype: torch.dtype, label: str,
+def time_device(description: ModelDescription, torch_device: torch.device, dtype: torch.dtype, label: str,
                 weights: str = "native", graphs: bool = False) -> DeviceTimings:
     """Timings of real layers of this model's architecture on one device, with `weights` as the
     load will hold them (quantized weights run other kernels at other speeds), and decode
@@ -85,13 +86,14 @@ def time_device(meta_model, config, torch_device: torch.device, dtype: torch.dty
     with a warning: timing only guides placement, so it never stops a load."""
     from vramancer.runtime.graphs import CudaGraphRecorder, LayerGraphs
 
+    config = description.config
     replay = LayerGraphs() if graphs and CudaGraphRecorder.accepts(torch_device) else None
     try:
-        return _time_real_layers(meta_model, config, torch_device, dtype, label, weights, replay)
+        return _time_real_layers(description, torch_device, dtype, label, weights, replay)
     except Exception as exc:  # noqa: BLE001 - any failure to time falls back to bytes
         log.warning("could not time %s on %s (%s: %s); pricing it from its bytes instead",
                     getattr(config, "model_type", "the model"), label, type(exc).__name__, _first_line(exc))
-        return _priced_from_bytes(meta_model, torch_device, dtype, label, weights)
+        return _priced_from_bytes(description, torch_device, dtype, label)
 
 
 class _Segments:
@@ -129,19 +131,17 @@ class _Segments:
             handle.remove()
 
 
-def _time_real_layers(meta_model, config, torch_device: torch.device, dtype: torch.dtype, label: str,
+def _time_real_layers(description: ModelDescription, torch_device: torch.device, dtype: torch.dtype, label: str,
                       weights: str = "native", graphs=None) -> DeviceTimings:
     """`graphs`: a LayerGraphs that replays the timed decode steps, as the load will."""
     from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
-    from vramancer.model.description import profile_model
-
-    arch = describe(meta_model)
+    config, arch = description.config, description.architecture
     sync = _syncer(torch_device)
     # A real pass streams every layer's weights from memory; one layer timed over and over
     # would sit in the CPU's cache and look several times faster than it is. So time a stack
     # of distinct layers larger than any cache, and divide.
-    layer_bytes = max(profile_model(meta_model, dtype, weights).layer_bytes)
+    layer_bytes = max(description.profile.layer_bytes)
     count = max(layers_of_every_kind(config), min(len(arch.layers), -(-COLD_STACK_BYTES // max(layer_bytes, 1))))
     # The model's first `count` layers, as the model builds them (layer types, windows, dense
     # or expert MLPs), with its own embeddings, masks, positions and head around them.
@@ -155,7 +155,7 @@ def _time_real_layers(meta_model, config, torch_device: torch.device, dtype: tor
         model = AutoModelForCausalLM.from_config(small_config, dtype=dtype).eval().requires_grad_(False)
         quantize_model(model, weights)
         model.to(torch_device)
-    small = describe(model)
+    small = arch.bind(model)  # the description's parts, found in the cut copy
     segments = _Segments(model, small, sync)
     vocab = small.vocab_size
     try:
@@ -232,13 +232,11 @@ def _extend_cache(cache, tokens: int) -> None:
         entry.update(more_keys, more_values)
 
 
-def _priced_from_bytes(meta_model, torch_device: torch.device, dtype: torch.dtype, label: str,
-                       weights: str = "native") -> DeviceTimings:
+def _priced_from_bytes(description: ModelDescription, torch_device: torch.device, dtype: torch.dtype,
+                       label: str) -> DeviceTimings:
     """Decode costs from bytes read per token over the device's measured copy rate: a decode
     step streams each layer's weights (and its KV cache) once."""
-    from vramancer.model.description import profile_model
-
-    profile = profile_model(meta_model, dtype, weights)
+    profile = description.profile
     sync = _syncer(torch_device)
     block = torch.empty(16 * 1024 * 1024, dtype=torch.uint8, device=torch_device)
     rate = block.numel() / max(_median_time(lambda: block.clone(), sync, repeat=5, warmup=1), 1e-9)
@@ -316,8 +314,7 @@ def profile_key(model_key: str, device: Device, dtype: torch.dtype, weights: str
 
 
 def measure(
-    config,
-    meta_model,
+    description: ModelDescription,
     devices: Sequence[Device],
     dtype: torch.dtype,
     model_key: str,
@@ -328,6 +325,7 @@ def measure(
     """Timings for every device and link, from the cache where it has them, for the model
     with `weights` as the load holds them (and its GPU layers replayed from CUDA graphs if
     `graphs`)."""
+    config = description.config
     folder = profile_folder()
     transfer = TransferManager(list(devices))
     device_timings: dict[str, DeviceTimings] = {}
@@ -341,12 +339,12 @@ def measure(
                 timings = measured_here[key]
             else:
                 label = "host CPU" if device.torch_device.type == "cpu" else f"{device.name} ({device.label})"
-                timings = time_device(meta_model, config, device.torch_device, dtype, label, weights, graphs)
+                timings = time_device(description, device.torch_device, dtype, label, weights, graphs)
                 write_cached(path, timings)
         measured_here[key] = timings
         device_timings[device.name] = timings
     links = {}
-    arch = describe(meta_model)
+    arch = description.architecture
     hidden, head_dim = arch.hidden_size, arch.head_dim
     link_cache: dict[tuple[str, str], LinkTimings] = {}
     for src in devices:

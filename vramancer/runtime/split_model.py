@@ -21,10 +21,10 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from vramancer.kernels.cpu import fused_layer
 from vramancer.model.architecture import (
     cache_tensors,
-    describe,
     part_tensors,
     replace_cache_tensor,
 )
+from vramancer.model.description import ModelDescription
 from vramancer.planning.placement import (
     EMBED,
     HEAD,
@@ -70,16 +70,17 @@ class SplitModel:
     def __init__(
         self,
         model: nn.Module,
-        profile: ModelProfile,
+        description: ModelDescription,
         devices: Sequence[Device],
         transfer: TransferManager,
         context: int,
     ):
         self.model = model
-        self.arch = describe(model)
+        self.description = description  # bound to `model`
+        self.arch = description.architecture
         self.base = self.arch.base  # the module that runs the decoder stack
         self.stack = self.arch.layers
-        self.profile = profile
+        self.profile: ModelProfile = description.profile
         self.devices = {d.name: d for d in devices}
         self.transfer = transfer
         self.context = context
