@@ -193,3 +193,38 @@ def test_the_real_kernels_fall_back_with_one_sentence_when_damaged(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("our CPU kernels are unavailable (the compiled kernels") and "torch's kernels run" in lines[0]
+
+
+def test_kernels_compiled_into_the_package_are_used_only_for_their_torch(tmp_path):
+    """What `pip install` compiled (setup.py) is loaded where its key file names this torch and
+    Python; a key of another build sends kernels() to the kernel folder instead."""
+    from vramancer.kernels.cpu import build as cpu_build
+
+    if cpu_build.kernels() is None:
+        pytest.skip(f"kernels unavailable: {cpu_build.unavailable_reason()}")
+    built = cpu_build.build_dir() / "vramancer_quant_linear.so"
+    if not built.is_file():
+        pytest.skip("the kernels in use were not built in the kernel folder")
+    import sysconfig
+
+    package = tmp_path / "package"
+    package.mkdir()
+    installed = package / f"vramancer_quant_linear{sysconfig.get_config_var('EXT_SUFFIX')}"
+    shutil.copy(built, installed)
+    script = textwrap.dedent(f"""
+        import json, sys, torch
+        import vramancer.kernels.cpu as package
+        from vramancer.kernels.cpu import build as b
+        package.__path__.append({str(package)!r})
+        key = b.build_key(torch.__version__) if sys.argv[1] == "ours" else "0123456789abcdef"
+        stamp = {{"key": key, "bytes": {installed.stat().st_size}}}
+        open({str(package / 'vramancer_quant_linear.key')!r}, "w").write(json.dumps(stamp))
+        module = b.installed_module()
+        print("installed", None if module is None else module.__file__)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    for which, expected in (("ours", str(installed)), ("another torch's", "None")):
+        done = subprocess.run([sys.executable, "-c", script, which.split("'")[0]], capture_output=True, text=True,
+                              env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == f"installed {expected}", (which, done.stdout)
