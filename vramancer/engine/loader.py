@@ -15,6 +15,8 @@ from vramancer.engine import factory
 from vramancer.model.architecture import refuse_config
 from vramancer.model.description import profile_model
 from vramancer.model.loading import DTYPES, build_meta_model, resolve_dtype
+from vramancer.model.checks import check_config_values
+from vramancer.model.checks import check_context as check_model_context
 from vramancer.model.source import ModelSource, load_config, resolve_model
 from vramancer.model.weights_cache import let_go_of_gguf_reader
 from vramancer.planning import precision
@@ -88,6 +90,8 @@ def prepare(options: LoadOptions, reprofile: bool = False) -> Prepared:
     local_spec = spec.local()
     source = resolve_model(model)
     config = load_config(source)
+    check_config_values(config.to_dict(), source.name)  # a GGUF's or hub model's sizes too
+    check_model_context(config, context, source.name)
     refuse_config(config)  # what the config alone shows cannot be split is refused before anything else
     probe = resolve_devices(local_spec, simulated_size=1) if spec.auto else None
     fallback = bool(spec.auto and probe and probe[0].simulated)

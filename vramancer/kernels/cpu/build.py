@@ -100,8 +100,9 @@ def kernels():
         path = ensure_built(folder, NAME, sources(), FLAGS, on_build=lambda: log.warning(
             "compiling the CPU kernels into %s, once (two to three minutes)", folder))
         return import_module(path, NAME)
-    except (BuildFailed, ImportError) as exc:  # no compiler, a damaged module: torch's kernels run instead
-        _reason = first_line(exc).rstrip(".")
+    except (BuildFailed, ImportError, OSError) as exc:  # no compiler, a damaged module: torch's kernels run instead
+        _reason = first_line(exc).rstrip(".") if not isinstance(exc, OSError) else \
+            f"the kernel folder {folder.parent} cannot be used: {exc.strerror or exc}"
         log.warning("our CPU kernels are unavailable (%s); torch's kernels run instead.", _reason)
         return None
 
