@@ -343,3 +343,33 @@ def test_in_a_real_process(args, env, words):
     stderr = result.stderr.decode("utf-8", "replace")
     assert result.returncode == 2, stderr
     assert words in assert_one_sentence(stderr)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["plan", "--devices", "sim:2x1GiB", "--context", "\u0662"], "invalid int value"),
+    (["plan", "--devices", "sim:1GiB", "--devices", "sim:2GiB"], "--devices is given twice"),
+    (["serve", "--port", "0", "--api-key-file", "{fifo}"], "is a FIFO, not a regular file"),
+    (["plan", "--model", "{nested}"], "nested too deeply"),
+], ids=["arabic-indic-context", "devices-twice", "api-key-fifo", "config-nested"])
+def test_hostile_values_in_a_real_process(args, words, bad_models):
+    """Each refused in a fresh process within seconds: nothing waits on the FIFO."""
+    args = [bad_models[a[1:-1]] if a.startswith("{") else a for a in args]
+    result = run_cli(args, {})
+    stderr = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 2, stderr
+    assert words in assert_one_sentence(stderr)
+
+
+def test_running_out_of_memory_is_one_sentence(tiny_model_dir):
+    """As under `ulimit -v 600000`: address space for imports, not for a model's load."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (600_000 << 10, 600_000 << 10))
+
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("VRM_") or k in ("VRM_CACHE_DIR", "VRM_KERNEL_DIR")}
+    result = subprocess.run([sys.executable, "-m", "vramancer", "generate", "--prompt", "hi", "--devices", "sim:2x1GiB",
+                             "--max-new-tokens", "2"], capture_output=True, timeout=120, env=full_env, preexec_fn=limit)
+    stderr = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 2, stderr
+    assert "this process ran out of memory" in assert_one_sentence(stderr)

@@ -167,6 +167,9 @@ def test_a_damaged_module_is_refused_before_it_is_mapped(built_tiny, tmp_path, d
     line = output.strip().splitlines()[-1]
     words = "hold" if damage == "truncated" else "were changed after they were built"
     assert line.startswith("refused: the compiled kernels") and words in line, output
+    assert line.endswith("they were removed and the next run compiles them again"), line
+    status, output = finish(start(folder, source))  # the next run
+    assert status == 0 and "built" in output and "answer 42" in output, output
 
 
 def test_the_real_kernels_fall_back_with_one_sentence_when_damaged(tmp_path):

@@ -91,7 +91,6 @@ def prepare(options: LoadOptions, reprofile: bool = False) -> Prepared:
     source = resolve_model(model)
     config = load_config(source)
     check_config_values(config.to_dict(), source.name)  # a GGUF's or hub model's sizes too
-    check_model_context(config, context, source.name)
     refuse_config(config)  # what the config alone shows cannot be split is refused before anything else
     probe = resolve_devices(local_spec, simulated_size=1) if spec.auto else None
     fallback = bool(spec.auto and probe and probe[0].simulated)
@@ -106,7 +105,8 @@ def prepare(options: LoadOptions, reprofile: bool = False) -> Prepared:
                                  "load theirs unquantized, so use --weights native with them.")
         torch_dtype, dtype_reason = choose_dtype(dtype, weights_kind, all_kinds)
         meta = build_meta_model(config, torch_dtype)
-        profile = profile_model(meta, torch_dtype, weights_kind)
+        profile = profile_model(meta, torch_dtype, weights_kind)  # refuses what VRAMancer cannot split
+        check_model_context(config, context, source.name)
         size = int(split_footprint(profile, context) * SIMULATED_SHARE)
         local = resolve_devices(local_spec, simulated_size=size)
         graphs = use_graphs(cuda_graphs, meta, local)

@@ -61,11 +61,15 @@ def check_config_values(values: dict, name: str) -> None:
             value = part.get(key)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ModelFileError(f"model {name}: {key} in its {where} must be a whole number, not {value!r}.")
-            if not 1 <= value <= most:
-                raise ModelFileError(f"model {name}: {key} in its {where} must be between 1 and {most}, not {value}.")
-            sizes[key] = value
+            # Some models give a size per layer (Gemma 3n's intermediate_size): each is checked.
+            for item in value if isinstance(value, list) and value else [value]:
+                if isinstance(item, bool) or not isinstance(item, int):
+                    shown = repr(item)[:40]
+                    raise ModelFileError(f"model {name}: {key} in its {where} must be a whole number, not {shown}.")
+                if not 1 <= item <= most:
+                    raise ModelFileError(f"model {name}: {key} in its {where} must be between 1 and {most}, not {item}.")
+            if isinstance(value, int):
+                sizes[key] = value
         heads, kv_heads = sizes.get("num_attention_heads"), sizes.get("num_key_value_heads")
         hidden = sizes.get("hidden_size")
         if heads and hidden and "head_dim" not in sizes and hidden % heads:

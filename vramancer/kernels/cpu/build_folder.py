@@ -135,9 +135,14 @@ def ensure_built(folder: Path, name: str, sources: list[Path], flags: list[str],
                  wait_seconds: float = WAIT_SECONDS, on_build=None) -> Path:
     """The verified module file in the complete `folder`, building it first if needed.
     `on_build()` is called just before this process starts compiling."""
-    if is_complete(folder):
-        return verify(folder, name)
     root, key = folder.parent, folder.name
+    if is_complete(folder):
+        try:
+            return verify(folder, name)
+        except BuildFailed as exc:  # damaged after it was built: never mapped, and not kept
+            removed = _discard(folder)
+            raise BuildFailed(f"{exc}; {'they were removed and' if removed else 'remove that folder:'} "
+                              "the next run compiles them again") from None
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -162,6 +167,17 @@ def ensure_built(folder: Path, name: str, sources: list[Path], flags: list[str],
     except OSError as exc:
         raise BuildFailed(f"the kernels cannot be built in {root}: {exc.strerror or exc}") from None
     return verify(folder, name)
+
+
+def _discard(folder: Path) -> bool:
+    """Remove a complete folder found damaged, unless another process holds the build lock
+    (it may be replacing it). Processes that mapped the module keep their copy."""
+    try:
+        with build_lock(folder.with_name(f"{folder.name}.lock"), wait_seconds=0):
+            shutil.rmtree(folder)
+        return True
+    except (BuildFailed, OSError):
+        return False
 
 
 def compile_into(work: Path, name: str, sources: list[Path], flags: list[str]) -> None:
