@@ -135,6 +135,7 @@ CASES = [
     ("folder-without-config", ["plan", "--model", "{no-config}"], {}, "has no config.json", CONFIG),
     ("model-path-too-long", ["plan", "--model", "/tmp/" + "m" * 5000], {}, "cannot be used: File name too long", CONFIG),
     ("gguf-path-too-long", ["plan", "--model", "/tmp/" + "m" * 5000 + ".gguf"], {}, "cannot be used: File name too long", CONFIG),
+    ("gguf-cut-in-tensor-data", ["plan", "--model", "{cut-data.gguf}"], {}, "is cut short or damaged", CONFIG),
     ("gguf-tensor-count-0", ["plan", "--model", "{tensors-0.gguf}"], {}, "claims 0 tensors", CONFIG),
     ("gguf-tensor-count-minus-1", ["plan", "--model", "{tensors-minus-1.gguf}"], {}, "claims -1 tensors", CONFIG),
     ("config-fifo", ["plan", "--model", "{fifo-config}"], {}, "is a FIFO, not a regular file", CONFIG),
@@ -178,7 +179,9 @@ def bad_models(tmp_path_factory, tiny_model_dir) -> dict[str, str]:
     files.update({"tensors-0.gguf": gguf[:8] + struct.pack("<Q", 0) + gguf[16:],
                   "tensors-minus-1.gguf": gguf[:8] + struct.pack("<q", -1) + gguf[16:],
                   "big-token": b"x" * 5000})
-    for name in ("tensors-0.gguf", "tensors-minus-1.gguf", "big-token"):
+    whole = sources.bundled_model_path().read_bytes()
+    files["cut-data.gguf"] = whole[: len(whole) - 5_000_000]  # header and table whole, the last tensors gone
+    for name in ("tensors-0.gguf", "tensors-minus-1.gguf", "big-token", "cut-data.gguf"):
         (folder / name).write_bytes(files[name])
         paths[name] = str(folder / name)
     os.mkfifo(folder / "fifo")

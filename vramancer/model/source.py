@@ -197,6 +197,9 @@ def unreadable(source: ModelSource, exc: BaseException, what: str = "") -> Model
     subject = f"the {what} of model {source.name}" if what else f"model {source.name}"
     if isinstance(exc, (struct.error, EOFError)):
         return ModelNotFoundError(f"{subject} cannot be read: the file ends where more data should be; it is cut short.")
+    if source.gguf_file and not what and isinstance(exc, ValueError):  # gguf's reader over a table that lies
+        return ModelNotFoundError(as_sentence(f"model file {source.name} is cut short or damaged (gguf's reader: "
+                                              f"{first_line(exc)})"))
     return ModelNotFoundError(as_sentence(f"{subject} cannot be read: {type(exc).__name__}: {first_line(exc)}"))
 
 
