@@ -44,7 +44,8 @@ def kernel_extensions() -> dict:
 
     class BuildKernels(BuildExtension):
         """torch's builder, then a key file beside each module naming the torch and Python it
-        was built for (kernels/cpu/build.py uses the module only when they match)."""
+        was built for (kernels/cpu/build.py uses the module only when they match). Beside it
+        means in the wheel's tree, or in the source tree for an editable install."""
 
         def run(self):
             super().run()
@@ -52,10 +53,6 @@ def kernel_extensions() -> dict:
                 built = Path(self.get_ext_fullpath(extension.name))
                 stamp = {"key": identity.build_key(torch.__version__), "bytes": built.stat().st_size}
                 built.with_name(f"{identity.NAME}.key").write_text(json.dumps(stamp))
-
-        def get_outputs(self):
-            outputs = super().get_outputs()
-            return outputs + [str(Path(path).with_name(f"{identity.NAME}.key")) for path in outputs]
 
     sources = [str(path.relative_to(HERE)) for path in identity.sources()]
     # -g0: the debug info Python's own CFLAGS ask for would make the module ten times larger.

@@ -96,6 +96,7 @@ CASES = [
     ("VRM_DISCOVER_SECONDS=999999-devices", ["devices", "--discover"], {"VRM_DISCOVER_SECONDS": "999999"}, "--discover-seconds must be more than 0 and at most 600", NOTHING),
     ("VRM_CONTEXT=arabic-indic", ["plan"], {"VRM_CONTEXT": "\u0662\u0660"}, "VRM_CONTEXT must be a whole number", NOTHING),
     ("VRM_CACHE_DIR-too-long", ["plan"], {"VRM_CACHE_DIR": "/tmp/" + "c" * 300}, "cannot be used: File name too long", NOTHING),
+    ("VRM_CONFIG-a-fifo", ["plan"], {"VRM_CONFIG": "{fifo}"}, "the config file", NOTHING),
     ("VRM_CACHE_DIR-a-file", ["plan"], {"VRM_CACHE_DIR": "{big-token}"}, "is a file, not a folder", NOTHING),
     ("VRM_DEVICES=sim:0x1GiB", ["plan"], {"VRM_DEVICES": "sim:0x1GiB"}, "at least one device", NOTHING),
     ("VRM_DEVICES=gpu", ["plan"], {"VRM_DEVICES": "gpu"}, "not a device", NOTHING),
@@ -135,6 +136,7 @@ CASES = [
     ("folder-without-config", ["plan", "--model", "{no-config}"], {}, "has no config.json", CONFIG),
     ("model-path-too-long", ["plan", "--model", "/tmp/" + "m" * 5000], {}, "cannot be used: File name too long", CONFIG),
     ("gguf-path-too-long", ["plan", "--model", "/tmp/" + "m" * 5000 + ".gguf"], {}, "cannot be used: File name too long", CONFIG),
+    ("gguf-a-fifo", ["plan", "--model", "{fifo.gguf}"], {}, "is not a regular file", CONFIG),
     ("gguf-cut-in-tensor-data", ["plan", "--model", "{cut-data.gguf}"], {}, "is cut short or damaged", CONFIG),
     ("gguf-tensor-count-0", ["plan", "--model", "{tensors-0.gguf}"], {}, "claims 0 tensors", CONFIG),
     ("gguf-tensor-count-minus-1", ["plan", "--model", "{tensors-minus-1.gguf}"], {}, "claims -1 tensors", CONFIG),
@@ -184,8 +186,9 @@ def bad_models(tmp_path_factory, tiny_model_dir) -> dict[str, str]:
     for name in ("tensors-0.gguf", "tensors-minus-1.gguf", "big-token", "cut-data.gguf"):
         (folder / name).write_bytes(files[name])
         paths[name] = str(folder / name)
-    os.mkfifo(folder / "fifo")
-    paths["fifo"] = str(folder / "fifo")
+    for name in ("fifo", "fifo.gguf"):
+        os.mkfifo(folder / name)
+        paths[name] = str(folder / name)
     for name, config in {"bad-json": "{oops", "list-json": "[]", "unknown-type": '{"model_type": "nonsense"}',
                          "no-config": None, "nested": "[" * 100_000 + "]" * 100_000}.items():
         (folder / name).mkdir()

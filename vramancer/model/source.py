@@ -94,7 +94,8 @@ def _resolve_model(name: str) -> ModelSource:
     path = Path(name).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
-            raise ModelNotFoundError(f"model file {name} does not exist.")
+            what = "is not a regular file" if path.exists() else "does not exist"  # a FIFO is never opened
+            raise ModelNotFoundError(f"model file {name} {what}.")
         check_gguf_header(path, name)
         return ModelSource(name, str(path.resolve().parent), path.name)
     if path.is_dir():
