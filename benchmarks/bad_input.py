@@ -30,6 +30,11 @@ CASES: list[tuple[list[str], dict[str, str]]] = [
     (["plan", "--devices", "sim:99999999999x1GiB"], {}),
     (["plan", "--devices", "sim:0x1GiB"], {}),
     (["node", "--devices", "sim:1GiB", "--token-file", "/dev/zero", "--no-advertise"], {}),
+    (["generate", "--prompt", "hi", "--temperature", "1e-300"], {}),
+    (["plan", "--context", "\u0662"], {}),
+    (["plan", "--devices", "sim:1GiB", "--devices", "sim:2GiB"], {}),
+    (["plan", "--devices", "cpu,discover"], {"VRM_DISCOVER_SECONDS": "999999"}),
+    (["plan"], {"VRM_CACHE_DIR": "/tmp/" + "c" * 300}),
 ]
 
 

@@ -4,6 +4,7 @@ cannot be replaced is said once, as a stuck cache, not rebuilt in silence."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -145,3 +146,105 @@ def test_a_damaged_piece_that_cannot_be_replaced_is_said_once_as_a_stuck_cache(t
     assert len(stuck) == 1, caplog.text
     assert piece in stuck[0] and "File too large" in stuck[0]
     assert not [p for p in entry.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+# --- values read back from the profile cache are checked like any input -------------------------
+
+
+@pytest.mark.parametrize("bad", [None, "fast", float("nan"), float("inf"), -1.0, True, [0.1]],
+                         ids=["null", "text", "NaN", "Infinity", "negative", "true", "a list"])
+def test_a_cached_timing_that_is_no_duration_is_a_miss_said_once(bad, tmp_path, caplog, fresh_profile_warnings):
+    from dataclasses import asdict
+
+    from vramancer.planning.pricing import DeviceTimings
+    from vramancer.profiling import timing as profiler
+
+    good = DeviceTimings(1e-4, 1e-8, 2e-5, 1e-5, 3e-4, 1e-5, "host CPU")
+    path = tmp_path / "timings.json"
+    profiler.write_cached(path, good)
+    assert profiler.read_cached(path) == good
+    path.write_text(json.dumps({**asdict(good), "layer_decode_s": bad}))  # json writes NaN and Infinity as such
+    caplog.set_level(logging.WARNING)
+    assert profiler.read_cached(path) is None
+    assert profiler.read_cached(path) is None
+    said = [r.getMessage() for r in caplog.records if "ignoring the cached timings" in r.getMessage()]
+    assert len(said) == 1 and "layer_decode_s" in said[0], said
+    overhead = tmp_path / "step.json"
+    overhead.write_text(json.dumps({"step_overhead_s": bad}))
+    assert profiler._read_float(overhead) is None
+    overhead.write_text(json.dumps({"step_overhead_s": 0.002}))
+    assert profiler._read_float(overhead) == 0.002
+    assert not list(tmp_path.glob(".*.tmp")), "a temporary of the cache write was left behind"
+
+
+def test_timings_with_missing_or_unknown_fields_are_a_miss(tmp_path, fresh_profile_warnings):
+    from vramancer.profiling import timing as profiler
+
+    path = tmp_path / "timings.json"
+    for text in ('{"layer_decode_s": 0.1}', "[1, 2]", "{not json", "[" * 100_000):
+        path.write_text(text)
+        assert profiler.read_cached(path) is None, text
+
+
+# --- signals during a cache write: the temporary folder goes with them ----------------------------
+
+
+STORE_UNDER_SIGNAL = """
+import os, signal, sys, time
+from pathlib import Path
+from vramancer.cli.main import _Stopped, _stop_on_signals
+from vramancer.model.weights_cache import store
+
+entry, signum = Path(sys.argv[1]), getattr(signal, sys.argv[2])
+_stop_on_signals()
+
+def write(folder):
+    (folder / "model.safetensors").write_bytes(b"\\0" * (1 << 20))
+    os.kill(os.getpid(), signum)  # as `kill -TERM` from a shell would, mid-write
+    time.sleep(30)
+
+try:
+    store(entry, "weights-float32-native", write)
+except _Stopped as stop:
+    print("stopped by", signal.Signals(stop.signum).name)
+print("left:", sorted(p.name for p in entry.iterdir()))
+"""
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP"])
+def test_a_signal_during_a_cache_write_leaves_no_temporary(signum, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    done = subprocess.run([sys.executable, "-c", STORE_UNDER_SIGNAL, str(tmp_path), signum], capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"stopped by {signum}", "left: []"], done.stdout
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_generate_stopped_by_a_signal_says_one_line(signum, tiny_model_dir):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    process = subprocess.Popen([sys.executable, "-m", "vramancer", "generate", "--model", tiny_model_dir, "--devices",
+                                "sim:2x1GiB", "--context", "256", "--max-new-tokens", "4000", "--prompt", "hi"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(4)  # importing, loading or generating: whichever it is, it ends the same way
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("\r")]
+    assert process.returncode == 128 + signum, err
+    assert lines[-1:] == [f"vramancer: stopped by {signal.Signals(signum).name}."] and "Traceback" not in err, err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root searches any folder: mode 000 stops only other users")
+def test_a_cache_folder_this_user_cannot_search_is_one_sentence(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0)
+    try:
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), VRM_CACHE_DIR=str(locked / "cache"))
+        done = subprocess.run([sys.executable, "-m", "vramancer", "plan", "--devices", "sim:2x1GiB"],
+                              capture_output=True, text=True, timeout=120, env=env)
+    finally:
+        locked.chmod(0o755)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"vramancer: the cache folder {locked / 'cache'} cannot be used: Permission denied; change VRM_CACHE_DIR."]

@@ -201,7 +201,7 @@ class LoadModelScreen(ModalScreen[LoadOptions | None]):
     @on(Input.Submitted)
     def _load(self) -> None:
         context_text = self.query_one("#load-context", Input).value.strip()
-        if not context_text.isdigit() or int(context_text) < 1:
+        if not (context_text.isascii() and context_text.isdigit()) or int(context_text) < 1:  # "²" is a digit to isdigit()
             self.notify("The context is a number of tokens, at least 1.", severity="error")
             return
         # What the dialog does not show (cluster token, rebalancing, graphs) stays as it was.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 
@@ -35,6 +36,23 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        from vramancer.config.validation import decimal_number, whole_number
+
+        # type=int / type=float read ASCII digits only (int() also reads '٢' and '1_0').
+        self.register("type", int, whole_number)
+        self.register("type", float, decimal_number)
+        self._given: set[str] = set()
+
+    def add_argument(self, *args, **kwargs):
+        """A flag that takes one value or is a switch may be given once: the last would win silently."""
+        action = super().add_argument(*args, **kwargs)
+        if action.option_strings and not isinstance(action, _REPEATABLE):
+            action.__class__ = _given_once(type(action))
+        return action
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._given = set()
+        return super().parse_known_args(args, namespace)
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
         known, extras = self.parse_known_args(args, namespace)
@@ -50,6 +68,23 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: {message}; see `{self.prog} --help`.\n")
+
+
+_REPEATABLE = (argparse._AppendAction, argparse._CountAction, argparse._HelpAction, argparse._VersionAction)
+
+
+def _given_once(kind: type) -> type:
+    """`kind` of argparse action, refusing a second use of its flag (or of another spelling of it)."""
+    class GivenOnce(kind):
+        def __call__(self, parser, namespace, values, option_string=None):
+            given = getattr(parser, "_given", set())
+            if self.dest in given:
+                parser.error(f"{'/'.join(self.option_strings)} is given twice; give it once")
+            given.add(self.dest)
+            super().__call__(parser, namespace, values, option_string)
+
+    GivenOnce.__name__ = kind.__name__
+    return GivenOnce
 
 
 def _env_list(name: str) -> list[str]:
@@ -228,19 +263,48 @@ def main(argv: list[str] | None = None) -> int:
             return _dashboard(args, prepare)  # it runs `prepare` after its first frame, torch after that
         if args.command == "serve":
             return _serve(args, prepare)  # it listens first: a busy port costs no torch import
+        if args.command in ("plan", "generate", "bench", "devices"):  # serve and node end in their own ways
+            _stop_on_signals()
         prepare()
         return {"config": _config, "devices": _devices, "plan": _plan, "generate": _generate, "bench": _bench,
                 "node": _node, "serve": _serve}[args.command](args)
     except VramancerError as exc:
         print(f"vramancer: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except _Stopped as stop:
+        print(f"vramancer: stopped by {signal.Signals(stop.signum).name}.", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print("vramancer: interrupted.", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("vramancer: this process ran out of memory; free some, use a smaller model, --weights q8 or q4, "
+              "or a smaller --context.", file=sys.stderr)
+        return EXIT_USAGE
     except BrokenPipeError:
         # The reader went away (`vramancer plan | head`): not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, as Ctrl-C is."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_on_signals() -> None:
+    """End on SIGTERM and SIGHUP as on Ctrl-C, by an exception: every `finally` on the way
+    runs (a cache piece or a kernel build being written removes its temporary folder), and the
+    program says one line. The default action would end the process where it stands."""
+    def stop(signum, frame):
+        raise _Stopped(signum)
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), stop)
 
 
 def _check_values(args) -> None:
@@ -312,8 +376,9 @@ def _check_values(args) -> None:
                          args.repetition_penalty)
     elif args.command == "bench":
         v.check_prompt(args.prompt, raw=False)
-        if args.max_new_tokens < 0:
-            raise VramancerError(f"--max-new-tokens must be 0 or more, not {args.max_new_tokens}.")
+        if args.max_new_tokens < 2:  # decode speed is timed from the second token on
+            raise VramancerError(f"bench --max-new-tokens must be at least 2 (decode speed is timed between "
+                                 f"tokens), not {args.max_new_tokens}.")
         if args.rounds < 1:
             raise VramancerError(f"--rounds must be at least 1, not {args.rounds}.")
     if args.command in (None, "plan", "generate", "bench", "devices", "serve"):
@@ -321,7 +386,12 @@ def _check_values(args) -> None:
             parse_device_spec,  # no torch: a bad spec costs no time
         )
 
-        parse_device_spec(_device_text(args))
+        if parse_device_spec(_device_text(args)).discover:  # discovery's deadline, checked before it starts
+            v.check_discover_seconds(v.env_float("DISCOVER_SECONDS", 3.0))
+    if args.command in (None, "plan", "generate", "bench", "serve"):
+        from vramancer.config.paths import check_cache_root
+
+        check_cache_root()  # profiles, kernels and the weights cache live there
 
 
 # --- commands --------------------------------------------------------------------------
@@ -597,7 +667,7 @@ def _parse_migrate(text: str) -> tuple[str, str, int]:
 
     head, at, step = text.rpartition("@")
     range_text, colon, device = head.partition(":")
-    if not (at and colon and range_text and device and step.strip().isdigit()):
+    if not (at and colon and range_text and device and step.isascii() and step.isdigit()):
         raise VramancerError(f"--migrate '{text}' is not of the form A-B:DEVICE@STEP (e.g. 0-9:sim2@8).")
     return range_text, device.strip(), int(step)
 

@@ -31,11 +31,11 @@ def discover_settings() -> tuple[str, float]:
     VRM_DISCOVER_SECONDS (3)."""
     from vramancer.cluster.discovery import DEFAULT_DISCOVER_SECONDS
 
+    from vramancer.config.validation import check_discover_seconds, env_float
+
     bind = settings.value("discover_bind") or "127.0.0.1"
-    try:
-        seconds = float(settings.value("discover_seconds") or DEFAULT_DISCOVER_SECONDS)
-    except ValueError:
-        raise ClusterError(f"{settings.where('discover_seconds')} must be a number of seconds.") from None
+    seconds = env_float("DISCOVER_SECONDS", DEFAULT_DISCOVER_SECONDS)  # ASCII digits, finite
+    check_discover_seconds(seconds)  # and a deadline: at most 600 s
     return bind, seconds
 
 

@@ -55,8 +55,8 @@ class DeviceSpec:
 
 # --- parsing ---------------------------------------------------------------------------
 
-_REAL = re.compile(r"^(cuda(?::\d+)?|mps|cpu)$")
-_COUNT = re.compile(r"^(\d+)\s*x\s*(.*)$", re.IGNORECASE)
+_REAL = re.compile(r"^(cuda(?::[0-9]+)?|mps|cpu)$", re.ASCII)
+_COUNT = re.compile(r"^([0-9]+)x(.*)$", re.IGNORECASE | re.ASCII)
 
 
 def parse_device_spec(text: str) -> DeviceSpec:
@@ -66,7 +66,10 @@ def parse_device_spec(text: str) -> DeviceSpec:
     The local devices are what remains once those items are taken out."""
     from vramancer.config.validation import check_device_count
 
-    text = text.strip()
+    if any(char.isspace() for char in text):
+        shown = text if len(text) <= 40 else f"{text[:30]}…"
+        raise DeviceSpecError(f"the device spec '{shown}' holds spaces; write it without them, e.g. sim:2x1GiB "
+                              "or cuda:0=10GiB,cpu.")
     items = [item.strip() for item in text.split(",")]
     check_device_count(len(items))  # before any work that grows with the count
     if any(item.lower().startswith("node:") or item.lower() == "discover" for item in items):
@@ -109,7 +112,7 @@ def split_remote_name(name: str) -> tuple[str, int, str]:
     location, slash, device = (body or "").partition("/")
     host, colon, port_text = location.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if body is None or not (slash and device and colon and host and port_text.isdigit()) or not 0 < int(port_text) < 65536:
+    if body is None or not (slash and device and colon and host and port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise DeviceSpecError(f"'{name}' is not a remote device; write it node:HOST:PORT/DEVICE, e.g. node:127.0.0.1:7070/sim0.")
     return host, int(port_text), device
 

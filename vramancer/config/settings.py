@@ -20,11 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vramancer.config.errors import VramancerError
+from vramancer.config.files import read_regular
 
 CONFIG_ENV = "VRM_CONFIG"
 
 # Every setting a user may keep in the file or the environment, with its default. Secrets (the
 # cluster token, API keys) stay in files of their own: the file names them, never holds them.
+MAX_CONFIG_BYTES = 1 << 20  # a few settings; never read a huge or endless file
+
 DEFAULTS: dict[str, str] = {
     "model": "default",
     "devices": "auto",
@@ -79,12 +82,11 @@ def file_values(path: Path | None = None) -> dict[str, str]:
     """The config file's settings as text (a missing file holds none); a file that cannot be
     read, is not TOML, or names an unknown key is refused in one sentence."""
     path = path or config_path()
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return {}
-    except OSError as exc:
-        raise VramancerError(f"the config file {path} cannot be read ({exc.strerror or exc}).") from None
+    data = read_regular(path, "the config file", MAX_CONFIG_BYTES)  # a FIFO is refused, not waited on
+    if len(data) > MAX_CONFIG_BYTES:
+        raise VramancerError(f"the config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB; it holds a few settings.")
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10

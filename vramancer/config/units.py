@@ -19,7 +19,7 @@ _UNITS = {
     "g": GiB, "gb": 1000**3, "gib": GiB,
     "t": TiB, "tb": 1000**4, "tib": TiB,
 }
-_SIZE = re.compile(r"^\s*([+-]?\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_SIZE = re.compile(r"^\s*([+-]?[0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$", re.ASCII)  # ASCII digits only
 
 
 def parse_size(text: str) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 from vramancer.config import settings
 from vramancer.config.errors import VramancerError
@@ -17,8 +18,31 @@ MAX_SEED = 2**64 - 1  # what torch.manual_seed accepts
 THREADS_PER_CORE = 4  # past a few threads per core torch only loses time (and libgomp crashes)
 MAX_CONTEXT = 1 << 24  # tokens; far past any model's trained length
 MAX_DISCOVER_SECONDS = 600.0
+MIN_TEMPERATURE = 1e-3  # below this, logits divided by it overflow float32 (inf, then nan)
+PENALTY_RANGE = (0.01, 100.0)  # --repetition-penalty: past these, penalized logits overflow
+MAX_TOP_K = 1 << 24  # more than any vocabulary; a top-k above the model's keeps every token
 WEIGHTS = ("auto", "native", "q8", "q4")  # --weights: how weights are held (quantization/weights.py)
 CUDA_GRAPHS = ("auto", "on", "off")  # --cuda-graphs (runtime/graphs.py)
+
+
+_WHOLE = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(nan|inf|infinity)", re.ASCII | re.IGNORECASE)
+
+
+def whole_number(text: str) -> int:
+    """int(), but only ASCII digits: Python's int() also reads other scripts' digits ('٢' is 2)
+    and underscores and spaces, none of which a user means in a flag. ValueError otherwise."""
+    if not isinstance(text, str) or not _WHOLE.fullmatch(text):
+        raise ValueError(f"not a whole number: {text!r}")
+    return int(text)
+
+
+def decimal_number(text: str) -> float:
+    """float(), but only ASCII digits, as `whole_number` (nan and inf are read, then refused
+    by `finite` where a flag needs a finite value)."""
+    if not isinstance(text, str) or not _DECIMAL.fullmatch(text):
+        raise ValueError(f"not a number: {text!r}")
+    return float(text)
 
 
 def finite(flag: str, value: float) -> float:
@@ -35,8 +59,9 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float | None,
         raise VramancerError(f"--max-new-tokens must be 0 or more, not {max_new_tokens}.")
     check_temperature(temperature)
     check_top_p(top_p)
-    if top_k is not None and top_k < 0:
-        raise VramancerError(f"--top-k must be 0 or more, not {top_k}.")
+    if top_k is not None and not 0 <= top_k <= MAX_TOP_K:
+        raise VramancerError(f"--top-k must be between 0 and {MAX_TOP_K} (0: off; above the model's vocabulary it "
+                             f"keeps every token), not {top_k}.")
     check_seed(seed)
     check_repetition_penalty(repetition_penalty)
 
@@ -62,6 +87,8 @@ def check_adjustments(presence: float, frequency: float, min_p: float | None,
 def check_temperature(value: float) -> None:
     if finite("--temperature", value) < 0:
         raise VramancerError(f"--temperature must be 0 or more, not {value:g}.")
+    if 0 < value < MIN_TEMPERATURE:
+        raise VramancerError(f"--temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, not {value:g}.")
 
 
 def check_top_p(value: float | None) -> None:
@@ -70,8 +97,9 @@ def check_top_p(value: float | None) -> None:
 
 
 def check_repetition_penalty(value: float | None) -> None:
-    if value is not None and finite("--repetition-penalty", value) <= 0:
-        raise VramancerError(f"--repetition-penalty must be positive, not {value:g}.")
+    low, high = PENALTY_RANGE
+    if value is not None and not low <= finite("--repetition-penalty", value) <= high:
+        raise VramancerError(f"--repetition-penalty must be between {low:g} and {high:g} (1: off), not {value:g}.")
 
 
 def check_seed(value: int | None) -> None:
@@ -169,7 +197,7 @@ def env_int(name: str, default: int) -> int:
     if not text.strip():
         return default
     try:
-        return int(text.strip())
+        return whole_number(text.strip())
     except ValueError:
         raise VramancerError(f"{settings.where(name.lower())} must be a whole number, not '{text}'.") from None
 
@@ -179,13 +207,13 @@ def env_float(name: str, default: float) -> float:
     if not text.strip():
         return default
     try:
-        value = float(text.strip())
+        value = decimal_number(text.strip())
     except ValueError:
         raise VramancerError(f"{settings.where(name.lower())} must be a number, not '{text}'.") from None
     return finite(settings.where(name.lower()), value)
 
 
-MAX_TOKEN_BYTES = 4096  # a cluster token is a short secret; never read more (/dev/zero, a big file)
+MAX_TOKEN_BYTES = 4096  # a cluster token is a short secret; never read more (a big file)
 
 
 def read_token_file(token_file: str) -> bytes:
@@ -197,13 +225,9 @@ def read_secret_file(path: str, label: str, secret: str, contents: str, limit: i
     """A short secret on one line from the file at `path`, never reading more than `limit`
     bytes (/dev/zero, a big file). `label` names the file, `secret` what it holds and
     `contents` what to put in it, for the refusals."""
-    from pathlib import Path
+    from vramancer.config.files import read_regular
 
-    try:
-        with Path(path).expanduser().open("rb") as f:
-            data = f.read(limit + 1)
-    except OSError as exc:
-        raise VramancerError(f"the {label} {path} cannot be read: {exc.strerror or exc}.") from None
+    data = read_regular(path, f"the {label}", limit)  # a FIFO or a device is refused before reading
     if len(data) > limit:
         raise VramancerError(f"the {label} {path} holds more than {limit} bytes; {secret} is a short secret on one line.")
     try:

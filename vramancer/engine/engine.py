@@ -19,7 +19,7 @@ from vramancer.engine import factory
 from vramancer.engine.loader import graphs_refusal, prepare
 from vramancer.model.architecture import cache_bytes
 from vramancer.model.architecture import UnsupportedArchitecture
-from vramancer.model.loading import load_weights
+from vramancer.model.loading import check_weights, load_weights
 from vramancer.model.source import ModelSource, load_tokenizer
 from vramancer.planning.placement import (
     EMBED,
@@ -129,6 +129,7 @@ class Engine:
             report("reading", 0.2)
             tokenizer = load_tokenizer(source)
             report("dequantising" if source.gguf_file else "reading weights", 0.4)
+            check_weights(source, prepared.config, torch_dtype)  # present, and shaped as the config says
             loaded = load_weights(source, torch_dtype, prepared.weights)
             try:
                 description = prepared.description.bound_to(loaded)  # described once, in prepare

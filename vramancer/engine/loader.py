@@ -15,6 +15,8 @@ from vramancer.engine import factory
 from vramancer.model.architecture import refuse_config
 from vramancer.model.description import ModelDescription, describe_model
 from vramancer.model.loading import DTYPES, build_meta_model, resolve_dtype
+from vramancer.model.checks import check_config_values
+from vramancer.model.checks import check_context as check_model_context
 from vramancer.model.source import ModelSource, load_config, resolve_model
 from vramancer.model.weights_cache import let_go_of_gguf_reader
 from vramancer.planning import precision
@@ -92,6 +94,7 @@ def prepare(options: LoadOptions, reprofile: bool = False) -> Prepared:
     local_spec = spec.local()
     source = resolve_model(model)
     config = load_config(source)
+    check_config_values(config.to_dict(), source.name)  # a GGUF's or hub model's sizes too
     refuse_config(config)  # what the config alone shows cannot be split is refused before anything else
     probe = resolve_devices(local_spec, simulated_size=1) if spec.auto else None
     fallback = bool(spec.auto and probe and probe[0].simulated)
@@ -106,8 +109,9 @@ def prepare(options: LoadOptions, reprofile: bool = False) -> Prepared:
                                  "load theirs unquantized, so use --weights native with them.")
         torch_dtype, dtype_reason = choose_dtype(dtype, weights_kind, all_kinds)
         meta = build_meta_model(config, torch_dtype)
-        description = describe_model(meta, torch_dtype, weights_kind)
+        description = describe_model(meta, torch_dtype, weights_kind)  # refuses what VRAMancer cannot split
         profile = description.profile
+        check_model_context(config, context, source.name)
         size = int(split_footprint(profile, context) * SIMULATED_SHARE)
         local = resolve_devices(local_spec, simulated_size=size)
         graphs = use_graphs(cuda_graphs, meta, local)

@@ -21,8 +21,12 @@ from typing import Callable, Iterator
 
 import torch
 
+from vramancer.config.files import read_regular
+from vramancer.model.checks import check_gguf_table, read_safetensors_header
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_FILE = "model.safetensors"
+MAX_INDEX_BYTES = 64 << 20  # the index of a model of thousands of shards is a few MB
 # GGUF block types whose bytes our q4 format takes as they are (quantization/q4_blocks.py).
 Q4_KINDS = ("Q4_0", "Q4_1")
 
@@ -42,7 +46,8 @@ def safetensors_files(folder: Path) -> list[Path]:
     """The checkpoint files of a model folder: one file, or the shards its index lists."""
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        text = read_regular(index, "the safetensors index", MAX_INDEX_BYTES)  # a FIFO is refused, not waited on
+        shards = sorted(set(json.loads(text)["weight_map"].values()))
         return [folder / shard for shard in shards]
     single = folder / SAFETENSORS_FILE
     return [single] if single.is_file() else []
@@ -59,10 +64,7 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = path
-        with path.open("rb") as f:
-            length = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(length))
-        self.start = 8 + length
+        self.start, header = read_safetensors_header(path)  # every byte range checked against the file
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.entries: dict = dict(sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]))
 
@@ -124,6 +126,7 @@ class GgufTensors:
 
         self.path = Path(path)
         self.reader = gguf.GGUFReader(str(path))
+        check_gguf_table(self.reader, self.path)
         architecture = _field_text(self.reader, "general.architecture")
         processor_class = hf_gguf.TENSOR_PROCESSORS.get(architecture, hf_gguf.TensorProcessor)
         self.processor = processor_class(config=config.to_dict())
@@ -185,3 +188,4 @@ class GgufTensors:
 def _field_text(reader, key: str) -> str:
     field = reader.fields.get(key)
     return bytes(field.parts[field.data[0]]).decode() if field is not None else ""
+

@@ -23,6 +23,7 @@ from vramancer.model.checkpoint import (
     safetensors_names,
     safetensors_tensors,
 )
+from vramancer.model.checks import ModelFileError, check_shapes, weight_shapes
 from vramancer.model.source import ModelSource, load_config
 from vramancer.model.weights_cache import (
     WEIGHTS_FILE,
@@ -109,6 +110,22 @@ def load_weights(source: ModelSource, dtype: torch.dtype, weights: str = "native
     if head is not None:
         head.register_forward_pre_hook(_matmul_foldable_input)
     return model
+
+
+def check_weights(source: ModelSource, config, dtype: torch.dtype) -> None:
+    """Before any weight is read (model/checks.py): a local model folder has weights, and its
+    safetensors hold, under each of the model's names they use, the shape its config gives."""
+    if source.gguf_file is not None or source.is_hub_id:
+        return  # a GGUF's table is checked as it is parsed (checks.check_gguf_table)
+    folder = Path(source.location)
+    try:
+        files = safetensors_files(folder)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        raise ModelFileError(f"model {source.name} cannot be read: its {folder.name}/model.safetensors.index.json "
+                             "is damaged.") from None
+    stored = weight_shapes(source.name, folder, files)
+    if stored is not None:
+        check_shapes(source.name, stored, _slots(build_meta_model(config, dtype)))
 
 
 def _empty_model(config, dtype: torch.dtype) -> torch.nn.Module:

@@ -19,12 +19,14 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from vramancer.config.errors import VramancerError, as_sentence, first_line
+from vramancer.model.checks import check_gguf_table, read_config_json
 from vramancer.model.weights_cache import (
     CONFIG_PIECE,
     TOKENIZER_PIECE,
     from_cache,
     gguf_cache_entry,
     gguf_parsed_once,
+    kept_reader,
     store,
 )
 
@@ -78,18 +80,28 @@ def bundled_model_path() -> Path:
 
 def resolve_model(name: str) -> ModelSource:
     """Turn a --model argument into a ModelSource, or say clearly why it cannot be used."""
+    try:
+        return _resolve_model(name)
+    except OSError as exc:  # a name too long for the file system, a folder we may not search
+        shown = name if len(name) <= 80 else f"{name[:40]}…{name[-30:]} ({len(name)} characters)"
+        raise ModelNotFoundError(f"model {shown} cannot be used: {exc.strerror or exc}.") from None
+
+
+def _resolve_model(name: str) -> ModelSource:
     if name in ("", "default"):
         path = bundled_model_path()
         return ModelSource("default", str(path.parent), path.name)
     path = Path(name).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
-            raise ModelNotFoundError(f"model file {name} does not exist.")
+            what = "is not a regular file" if path.exists() else "does not exist"  # a FIFO is never opened
+            raise ModelNotFoundError(f"model file {name} {what}.")
         check_gguf_header(path, name)
         return ModelSource(name, str(path.resolve().parent), path.name)
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").exists():
             raise ModelNotFoundError(f"{name} is a folder but not a Hugging Face model (it has no config.json).")
+        read_config_json(path / "config.json", name)  # its sizes, before transformers meets them
         return ModelSource(name, str(path.resolve()))
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or path.exists()
     if looks_like_path:
@@ -108,6 +120,9 @@ def load_config(source: ModelSource):
     # keep that parse for the weights, which come next.
     with gguf_parsed_once(keep_reader=True):
         config = _load_config_uncached(source)
+        reader = kept_reader(source.gguf_path)
+        if reader is not None:  # its tensor table, checked while it is parsed anyway
+            check_gguf_table(reader, source.gguf_path)
         if store(entry, CONFIG_PIECE, lambda folder: config.to_json_file(folder / "config.json")):
             _fill_tokenizer_piece(source, entry)
     return config
@@ -183,6 +198,9 @@ def unreadable(source: ModelSource, exc: BaseException, what: str = "") -> Model
     subject = f"the {what} of model {source.name}" if what else f"model {source.name}"
     if isinstance(exc, (struct.error, EOFError)):
         return ModelNotFoundError(f"{subject} cannot be read: the file ends where more data should be; it is cut short.")
+    if source.gguf_file and not what and isinstance(exc, ValueError):  # gguf's reader over a table that lies
+        return ModelNotFoundError(as_sentence(f"model file {source.name} is cut short or damaged (gguf's reader: "
+                                              f"{first_line(exc)})"))
     return ModelNotFoundError(as_sentence(f"{subject} cannot be read: {type(exc).__name__}: {first_line(exc)}"))
 
 
@@ -202,6 +220,10 @@ def check_gguf_header(path: Path, name: str) -> None:
     version, tensors, keys = struct.unpack("<IQQ", head[4:24])
     if version not in GGUF_VERSIONS:
         raise ModelNotFoundError(f"model file {name} is GGUF version {version}; this reader knows versions 2 and 3.")
+    if tensors == 0 or tensors >= 1 << 63:  # a count written as -1 reads as 2^64 - 1
+        shown = tensors if tensors == 0 else tensors - (1 << 64)
+        raise ModelNotFoundError(f"model file {name} claims {shown} tensors; a model holds at least one, so the "
+                                 "file is damaged.")
     if tensors * GGUF_MIN_TENSOR_INFO + keys * GGUF_MIN_KV > size:
         raise ModelNotFoundError(f"model file {name} claims {tensors} tensors and {keys} metadata entries, "
                                  f"more than its {size} bytes can hold; it is cut short or damaged.")

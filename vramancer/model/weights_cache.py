@@ -135,7 +135,13 @@ def _warn_once(key: str, message: str) -> None:
 def from_cache(entry: Path, piece: str, read: Callable[[Path], object]):
     """`read(folder)` of a cached piece, or None when it is absent or damaged (then deleted)."""
     folder = entry / piece
-    if not folder.is_dir():
+    try:
+        present = folder.is_dir()
+    except OSError as exc:  # a parent this user may not search, a name too long
+        _warn_once(f"unreadable {entry}", f"the cache in {entry} cannot be read ({exc.strerror or exc}); "
+                                          "loads go on without it, reading the GGUF each time.")
+        return None
+    if not present:
         return None
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
@@ -243,6 +249,11 @@ def _nbytes(tensor: torch.Tensor) -> int:
 # The GGUF reader of the file being loaded, kept from the config's parse for the weights'
 # (one file at a time: at most one reader, about 160 MB for the bundled model, is held).
 _KEPT_READERS: dict[str, object] = {}
+
+
+def kept_reader(path: Path):
+    """The reader `gguf_parsed_once(keep_reader=True)` kept for `path`, if any."""
+    return _KEPT_READERS.get(os.fspath(path))
 
 
 def let_go_of_gguf_reader() -> None:

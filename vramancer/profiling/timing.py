@@ -14,9 +14,13 @@ Results are cached per (model, device, dtype) under the user cache directory.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
+import math
+import os
 import statistics
 import time
 from dataclasses import asdict
@@ -378,17 +382,52 @@ def measure(
 
 
 def read_cached(path: Path) -> DeviceTimings | None:
-    try:
-        return DeviceTimings(**json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError):
-        return None  # missing or unreadable: measure again
+    """The timings kept in `path`, or None (measure again) when missing, unreadable or holding
+    a value no timing has: null, text, a negative, nan or an infinity. A bad entry is said once."""
+    values = _read_json(path)
+    if values is None:
+        return None
+    fields = {f.name: f.type for f in dataclasses.fields(DeviceTimings)}
+    if not isinstance(values, dict) or set(values) != set(fields):
+        return _bad_entry(path, "its fields are not a device's timings")
+    for name, value in values.items():
+        if name == "timed_as":
+            if not isinstance(value, str):
+                return _bad_entry(path, f"timed_as is {value!r}")
+        elif not _a_duration(value):
+            return _bad_entry(path, f"{name} is {value!r}")
+    return DeviceTimings(**values)
 
 
 def _read_float(path: Path) -> float | None:
-    try:
-        return float(json.loads(path.read_text())["step_overhead_s"])
-    except (OSError, ValueError, TypeError, KeyError):
+    values = _read_json(path)
+    if values is None:
         return None
+    value = values.get("step_overhead_s") if isinstance(values, dict) else None
+    return float(value) if _a_duration(value) else _bad_entry(path, f"step_overhead_s is {value!r}")
+
+
+def _a_duration(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _read_json(path: Path):
+    try:
+        text = path.read_text()
+    except OSError:
+        return None  # not there, or the folder cannot be used: the write that follows says so once
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return _bad_entry(path, "it is not JSON")
+
+
+def _bad_entry(path: Path, why: str) -> None:
+    """A cache entry that cannot be used is a miss: said once, then measured afresh."""
+    if str(path) not in _CACHE_WARNED:
+        _CACHE_WARNED.add(str(path))
+        log.warning("ignoring the cached timings in %s (%s); measuring them again.", path, why)
+    return None
 
 
 def write_cached(path: Path, timings: DeviceTimings) -> None:
@@ -407,12 +446,15 @@ def profile_folder() -> Path:
 
 
 def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_suffix(".tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per writer
     try:
         temporary.write_text(text)
         temporary.replace(path)  # atomic: a reader never sees half a file
     except OSError as exc:
         _cache_failed(path.parent, exc)
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)  # whatever stopped the write (a signal raises through here)
 
 
 _CACHE_WARNED: set[str] = set()

@@ -77,7 +77,7 @@ class MigrationResult:
         }
 
 
-_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*$")
+_RANGE = re.compile(r"^\s*([0-9]+)\s*(?:-\s*([0-9]+))?\s*$", re.ASCII)  # ASCII digits only
 
 
 def parse_range(text: str) -> tuple[int | str, int | str]:
