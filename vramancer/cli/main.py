@@ -94,6 +94,12 @@ def _add_load_flags(parser: argparse.ArgumentParser, model: bool = True, inherit
                  help="replay each CUDA layer's decode step from a CUDA graph, recorded at the first decode step "
                       "(the KV cache is then allocated for the whole context at once). Left out (or "
                       "VRM_CUDA_GRAPHS=auto): on wherever there is a CUDA device and the model allows it")
+    add_argument("--host-tier", default=None, metavar="SIZE",
+                 help="host memory that may hold the weights of layers no device has room for; they stream "
+                      "to the device that runs them at their turn (default VRM_HOST_TIER, else none)")
+    add_argument("--disk-tier", default=None, metavar="SIZE",
+                 help="disk space (the cache folder) that may hold such weights, memory-mapped, once the host "
+                      "tier is full (default VRM_DISK_TIER, else none)")
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -240,6 +246,14 @@ def _check_values(args) -> None:
     v.check_context(args.context)
     if getattr(args, "weights", None) is not None:
         v.check_weights(args.weights)
+    for tier in ("host", "disk"):  # the flag, else VRM_<TIER>_TIER or the config key, as a checked size
+        if hasattr(args, f"{tier}_tier"):
+            from vramancer.config import settings
+            from vramancer.config.tiers import tier_setting
+
+            given = getattr(args, f"{tier}_tier")
+            tier_setting(tier, given)
+            setattr(args, f"{tier}_tier", given if given is not None else settings.value(f"{tier}_tier"))
     if hasattr(args, "cuda_graphs"):  # the flag as on/off, else VRM_CUDA_GRAPHS (auto, on, off)
         args.cuda_graphs = {True: "on", False: "off"}.get(args.cuda_graphs) or v.env_cuda_graphs()
     if args.command in ("node", "serve"):
@@ -400,7 +414,8 @@ def _load_options(args):
 
     return LoadOptions(args.model, _device_text(args), args.strategy, args.context, args.dtype,
                        auto_rebalance=getattr(args, "auto_rebalance", False), token_file=args.token_file,
-                       weights=args.weights, cuda_graphs=args.cuda_graphs)
+                       weights=args.weights, cuda_graphs=args.cuda_graphs,
+                       host_tier=getattr(args, "host_tier", None) or "", disk_tier=getattr(args, "disk_tier", None) or "")
 
 
 def _plan(args) -> int:

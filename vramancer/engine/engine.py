@@ -138,7 +138,7 @@ class Engine:
             transfer = TransferManager(device_list)
             split = SplitModel(loaded, profile, device_list, transfer, prepared.context)
             factory.attach_external_layers(split, source, torch_dtype, prepared.config)
-            split.apply(plan.placement)
+            split.apply(plan.placement, plan.streamed)
         except BaseException:
             prepared.close()
             raise
@@ -464,6 +464,7 @@ class Engine:
             self.split.external.close()
         if self.split.graphs is not None:
             self.split.graphs.drop()  # recordings and the cache they replay into
+        self.split.close_streaming()
         self.split.model = None  # type: ignore[assignment]
         # The split keeps the decoder and its layers too; without these the GPU memory stays
         # held until the engine itself is collected, and empty_cache would free nothing.

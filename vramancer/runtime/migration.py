@@ -105,7 +105,7 @@ def check_room(split: SplitModel, new: Placement, what: str) -> None:
     assert split.placement is not None
     reserves = {name: d.reserve for name, d in split.devices.items()}
     free = {name: d.read().free for name, d in split.devices.items()}
-    short = room_shortfall(split.profile, split.placement, new, reserves, free, split.context)
+    short = room_shortfall(split.profile, split.placement, new, reserves, free, split.context, split.streamed)
     if short is not None:
         raise MigrationRefused(refusal_sentence(what, *short, split.context))
 

@@ -1,0 +1,178 @@
+"""Host and disk tiers: where the weights of layers that fit on no device wait for their turn.
+
+A tier computes nothing. A layer kept in a tier still runs on a computing device (the
+placement's device for it): its weights are copied there just before its turn, the copy of
+the next one overlapping its compute, and dropped after; its KV cache stays on that device.
+So a streamed layer costs its device its KV cache and staging room, not its weights, and
+costs every decode step its bytes over the tier→device link.
+
+The planner streams as few layers as it can: the last k of the stack, k the smallest that
+lets the rest fit, computed on the device where a decode step costs least — the slower of
+compute and the copies, max(predicted step, bytes streamed ÷ measured tier→device rate),
+since the copies overlap the compute. Plain data and arithmetic: no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+from vramancer.config.units import format_bytes
+from vramancer.planning.placement import (
+    Placement,
+    Plan,
+    PlanError,
+    Pricing,
+    device_needs,
+    make_plan,
+)
+
+if TYPE_CHECKING:
+    from vramancer.planning.placement import ModelProfile
+    from vramancer.platforms.devices import Device
+
+HOST, DISK = "host", "disk"
+TIER_ORDER = (HOST, DISK)  # the host tier fills first: it is the faster of the two
+
+
+@dataclass(frozen=True)
+class Tier:
+    """A place that holds weights but computes nothing, with its cap and measured rates."""
+
+    name: str  # host | disk
+    capacity: int  # bytes of weights it may hold
+    bytes_per_s: Mapping[str, float]  # measured copy rate from the tier to each computing device
+
+    def rate_to(self, device: str) -> float:
+        rates = [r for r in self.bytes_per_s.values() if r > 0]
+        return self.bytes_per_s.get(device) or (min(rates) if rates else 1e9)
+
+    def to_json(self) -> dict:
+        return {"tier": self.name, "capacity": self.capacity,
+                "gb_per_s": {name: round(rate / 1e9, 3) for name, rate in self.bytes_per_s.items()}}
+
+
+@dataclass(frozen=True)
+class StreamCost:
+    """What streaming costs a decode step."""
+
+    bytes_per_token: int  # every streamed layer's weights cross once per step
+    stream_s: float  # those copies at the measured tier→device rates
+    step_s: float  # the predicted step: compute and copies overlap, so the slower of the two
+    tier_bytes: Mapping[str, int]  # what each tier holds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1.0 / self.step_s if self.step_s > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {"bytes_streamed_per_token": self.bytes_per_token, "predicted_stream_ms": round(self.stream_s * 1000, 3),
+                "tier_bytes": dict(self.tier_bytes)}
+
+
+def tier_bytes(profile: ModelProfile, streamed: Mapping[int, str]) -> dict[str, int]:
+    held = {name: 0 for name in TIER_ORDER}
+    for layer, tier in streamed.items():
+        held[tier] = held.get(tier, 0) + profile.layer_bytes[layer]
+    return held
+
+
+def stream_cost(profile: ModelProfile, placement: Placement, streamed: Mapping[int, str],
+                tiers: Sequence[Tier], compute_step_s: float) -> StreamCost:
+    """The cost of streaming `streamed` to the devices `placement` gives them, beside a
+    compute step of `compute_step_s` (the pricing's prediction for the same placement)."""
+    by_name = {t.name: t for t in tiers}
+    stream_s = sum(profile.layer_bytes[layer] / by_name[tier].rate_to(placement.layer_devices[layer])
+                   for layer, tier in streamed.items())
+    total = sum(profile.layer_bytes[layer] for layer in streamed)
+    return StreamCost(total, stream_s, max(compute_step_s, stream_s), tier_bytes(profile, streamed))
+
+
+def assign_tiers(profile: ModelProfile, layers: Sequence[int], tiers: Sequence[Tier]) -> dict[int, str] | None:
+    """Each of `layers` to a tier, the host tier first, within their caps; None if they do not fit."""
+    free = {t.name: t.capacity for t in sorted(tiers, key=lambda t: TIER_ORDER.index(t.name))}
+    streamed = {}
+    for layer in layers:
+        size = profile.layer_bytes[layer]
+        tier = next((name for name, left in free.items() if left >= size), None)
+        if tier is None:
+            return None
+        free[tier] -= size
+        streamed[layer] = tier
+    return streamed
+
+
+class _LessRoom:
+    """A device seen with `minus` bytes less room: the planner keeps staging room free on it."""
+
+    def __init__(self, device: Device, minus: int):
+        self._device, self._minus = device, minus
+
+    def __getattr__(self, name):
+        return getattr(self._device, name)
+
+    def room(self) -> int:
+        return max(self._device.room() - self._minus, 0)
+
+
+def plan_with_tiers(profile: ModelProfile, devices: Sequence[Device], strategy: str, context: int,
+                    tiers: Sequence[Tier] = (), pricing: Pricing | None = None) -> Plan:
+    """A plan on `devices` alone when the model fits them; else one that keeps the fewest
+    layers it can in `tiers`, each run by the device where it costs least; else PlanError,
+    the devices' refusal with what the tiers could hold."""
+    try:
+        return make_plan(profile, devices, strategy, context, pricing)
+    except PlanError as refusal:
+        tiers = [t for t in tiers if t.capacity > 0]
+        if not tiers or not all(d.local for d in devices):
+            raise
+        found = _stream_fewest(profile, devices, strategy, context, tiers, pricing)
+        if found is None:
+            caps = ", ".join(f"{t.name} tier {format_bytes(t.capacity)}" for t in tiers)
+            sentence = str(refusal).rstrip(".")
+            raise PlanError(f"{sentence.split('; use ')[0]}; {caps}; even with the tiers it does not fit: "
+                            f"use larger tiers (--host-tier, --disk-tier), more or larger devices, "
+                            f"or a shorter --context.") from None
+        return found
+
+
+def _stream_fewest(profile: ModelProfile, devices: Sequence[Device], strategy: str, context: int,
+                   tiers: Sequence[Tier], pricing: Pricing | None) -> Plan | None:
+    n = profile.num_layers
+    capacity = sum(t.capacity for t in tiers)
+    for k in range(1, n + 1):
+        layers = list(range(n - k, n))
+        if sum(profile.layer_bytes[i] for i in layers) > capacity:
+            return None
+        streamed = assign_tiers(profile, layers, tiers)
+        if streamed is None:
+            return None
+        options = [_stream_on(profile, devices, strategy, context, tiers, pricing, streamed, c) for c in devices]
+        options = [o for o in options if o is not None]
+        if options:
+            return min(options, key=lambda o: o[0])[1]
+    return None
+
+
+def _stream_on(profile: ModelProfile, devices: Sequence[Device], strategy: str, context: int,
+               tiers: Sequence[Tier], pricing: Pricing | None, streamed: dict[int, str],
+               runner: Device) -> tuple[float, Plan] | None:
+    """(predicted step seconds, plan) with the layers of `streamed` run on `runner`, or None."""
+    from dataclasses import replace
+
+    sizes = sorted((profile.layer_bytes[i] for i in streamed), reverse=True)
+    staging = sum(sizes[:2])
+    rest = replace(profile, layer_bytes=tuple(0 if i in streamed else b for i, b in enumerate(profile.layer_bytes)))
+    seen = [_LessRoom(d, staging) if d is runner else d for d in devices]
+    try:
+        plan = make_plan(rest, seen, strategy, context, pricing)
+    except PlanError:
+        return None
+    placement = plan.placement.moved(list(streamed), runner.name)
+    rooms = {d.name: d.room() for d in devices}
+    needs = device_needs(profile, placement, devices, context, streamed)
+    if any(needs[d.name].total > rooms[d.name] for d in devices):
+        return None
+    compute = pricing.predict(placement).step_s if pricing is not None else 0.0
+    cost = stream_cost(profile, placement, streamed, tiers, compute)
+    return cost.step_s, Plan(placement, strategy, context, needs, rooms, dict(streamed))
