@@ -23,6 +23,7 @@ from vramancer.planning.placement import (
     Plan,
     PlanError,
     Pricing,
+    device_need,
     device_needs,
     make_plan,
 )
@@ -156,23 +157,38 @@ def _stream_fewest(profile: ModelProfile, devices: Sequence[Device], strategy: s
 
 def _stream_on(profile: ModelProfile, devices: Sequence[Device], strategy: str, context: int,
                tiers: Sequence[Tier], pricing: Pricing | None, streamed: dict[int, str],
-               runner: Device) -> tuple[float, Plan] | None:
-    """(predicted step seconds, plan) with the layers of `streamed` run on `runner`, or None."""
+               runner: Device) -> tuple[tuple[float, int], Plan] | None:
+    """((predicted step seconds, hand-overs), plan) with the layers of `streamed` (the last k) run on
+    `runner`, or None. The first n-k layers, the embeddings and the head are planned by the
+    strategy as a shorter model, on devices where `runner` keeps room for the streamed layers'
+    staging and KV cache (and its workspace, tried both ways: it may hold none of its own)."""
     from dataclasses import replace
 
-    sizes = sorted((profile.layer_bytes[i] for i in streamed), reverse=True)
-    staging = sum(sizes[:2])
-    rest = replace(profile, layer_bytes=tuple(0 if i in streamed else b for i, b in enumerate(profile.layer_bytes)))
-    seen = [_LessRoom(d, staging) if d is runner else d for d in devices]
-    try:
-        plan = make_plan(rest, seen, strategy, context, pricing)
-    except PlanError:
-        return None
-    placement = plan.placement.moved(list(streamed), runner.name)
+    n, k = profile.num_layers, len(streamed)
     rooms = {d.name: d.room() for d in devices}
-    needs = device_needs(profile, placement, devices, context, streamed)
-    if any(needs[d.name].total > rooms[d.name] for d in devices):
-        return None
-    compute = pricing.predict(placement).step_s if pricing is not None else 0.0
-    cost = stream_cost(profile, placement, streamed, tiers, compute)
-    return cost.step_s, Plan(placement, strategy, context, needs, rooms, dict(streamed))
+    sizes = sorted((profile.layer_bytes[i] for i in streamed), reverse=True)
+    kept = sum(sizes[:2]) + sum(profile.kv_bytes(i, context) for i in streamed)
+    workspace = device_need(profile, [n - 1], runner.reserve, context).workspace
+    placements = []
+    if k == n:
+        ends = [(runner.name, runner.name)] + [(e.name, h.name) for e in devices for h in devices]
+        placements = [Placement([runner.name] * n, embed=e, head=h) for e, h in ends]
+    else:
+        shorter = replace(profile, num_layers=n - k, layer_bytes=profile.layer_bytes[:n - k],
+                          layer_caches=profile.layer_caches[:n - k])
+        for extra in (kept, kept + workspace):
+            seen = [_LessRoom(d, extra) if d is runner else d for d in devices]
+            try:
+                first = make_plan(shorter, seen, strategy, context, pricing).placement
+            except PlanError:
+                continue
+            placements.append(Placement(first.layer_devices + [runner.name] * k, first.embed, first.head))
+    for placement in placements:
+        needs = device_needs(profile, placement, devices, context, streamed)
+        if all(needs[d.name].total <= rooms[d.name] for d in devices):
+            compute = pricing.predict(placement).step_s if pricing is not None else 0.0
+            cost = stream_cost(profile, placement, streamed, tiers, compute)
+            # Equal costs (no timings): the fewer hand-overs, the fewer copies of hidden states.
+            crossings = len(placement.blocks()) + (placement.head != placement.layer_devices[-1])
+            return (cost.step_s, crossings), Plan(placement, strategy, context, needs, rooms, dict(streamed))
+    return None
