@@ -437,6 +437,9 @@ def _plan(args) -> int:
         prediction = prepared.pricing.predict(plan.placement)
     finally:
         prepared.close()
+    from vramancer.planning.tiers import tiers_device_parts, tiers_lines, tiers_report
+
+    tiers = tiers_report(profile, plan, prepared.tiers, prediction.step_s) if prepared.tiers else {}
     simulated = {d.name: d.simulated for d in devices}
     rows = []
     for d in devices:
@@ -453,7 +456,7 @@ def _plan(args) -> int:
                           "strategy": plan.strategy,
                           "context": plan.context, "simulated_fallback": fallback, "placement": blocks,
                           "embed_device": plan.placement.embed, "head_device": plan.placement.head, "devices": rows,
-                          **prediction.to_json()}, indent=2))
+                          **prediction.to_json(), **tiers}, indent=2))
         return 0
     print(f"{source.display_name} · {str(dtype).removeprefix('torch.')} · weights {prepared.weights} "
           f"({format_bytes(profile.weight_bytes())}) · {plan.strategy} · context {plan.context}"
@@ -464,12 +467,18 @@ def _plan(args) -> int:
     width = max([8] + [len(row["device"]) for row in rows])
     for row in rows:
         parts = [f"{b.layers}" for b in plan.blocks() if b.device == row["device"]]
+        if plan.streamed:  # resident ranges, then those streamed in from a tier
+            parts = tiers_device_parts(plan, row["device"])
         parts = (["embed"] if plan.placement.embed == row["device"] else []) + parts
         parts += ["head"] if plan.placement.head == row["device"] else []
         print(f"  {row['device']:<{width}} {', '.join(parts) or '(nothing)':<22} "
               f"needs {format_bytes(row['need'])} of {format_bytes(row['room'])} free")
-    print(f"  predicted {prediction.tokens_per_s:.1f} tokens/s "
-          f"(decode step {prediction.step_s * 1000:.1f} ms at {prediction.kv_length} cached tokens)")
+    for line in tiers_lines(tiers) if tiers else []:
+        print(line)
+    tokens_per_s, step_ms = ((tiers["predicted_tokens_per_s"], tiers["predicted_step_ms"]) if tiers
+                             else (prediction.tokens_per_s, prediction.step_s * 1000))
+    print(f"  predicted {tokens_per_s:.1f} tokens/s "
+          f"(decode step {step_ms:.1f} ms at {prediction.kv_length} cached tokens)")
     return 0
 
 

@@ -138,6 +138,7 @@ class Engine:
             transfer = TransferManager(device_list)
             split = SplitModel(loaded, profile, device_list, transfer, prepared.context)
             factory.attach_external_layers(split, source, torch_dtype, prepared.config)
+            split.tier_caps = {tier.name: tier.capacity for tier in prepared.tiers}
             split.apply(plan.placement, plan.streamed)
         except BaseException:
             prepared.close()
@@ -239,7 +240,7 @@ class Engine:
         return blocks
 
     def needs_json(self) -> list[dict]:
-        needs = device_needs(self.profile, self.placement, self.devices, self.context)
+        needs = device_needs(self.profile, self.placement, self.devices, self.context, self.split.streamed)
         out = []
         for d in self.devices:
             need = needs[d.name]
@@ -251,6 +252,7 @@ class Engine:
                     "kv_cache": need.kv,
                     "workspace": need.workspace,
                     "reserve": need.reserve,
+                    "staging": need.staging,
                     "need": need.total,
                     "room": d.room(),
                 }
@@ -386,8 +388,8 @@ class Engine:
         result.step = step
         self.migrations.append(result)
         self.plan = Plan(self.placement.copy(), self.plan.strategy, self.context,
-                         device_needs(self.profile, self.placement, self.devices, self.context),
-                         {d.name: d.room() for d in self.devices})
+                         device_needs(self.profile, self.placement, self.devices, self.context, self.split.streamed),
+                         {d.name: d.room() for d in self.devices}, dict(self.split.streamed))
         return result
 
     def reserve(self, device: str, nbytes: int) -> None:
@@ -428,6 +430,9 @@ class Engine:
 
     def replan(self, strategy: str) -> Plan:
         """Plan afresh with `strategy` on the same devices and move what must move."""
+        if self.split.streamed:
+            raise VramancerError("some layers stream from a tier, and re-planning does not move them back yet; "
+                                 "load the model again with --strategy " + strategy + ".")
         self.recover_lost_nodes()
         plan = make_plan(self.profile, [d for d in self.devices if not d.lost], strategy, self.context, self.pricing)
         check_room(self.split, plan.placement, "the new plan")

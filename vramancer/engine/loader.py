@@ -127,8 +127,15 @@ def measure_tiers(caps: dict[str, int], devices: list[Device]) -> tuple[Tier, ..
     """The tiers with a cap, each with its copy rate onto every device of this machine."""
     from vramancer.runtime.streaming import measure_rate
 
-    return tuple(Tier(name, cap, {d.name: measure_rate(name, d.torch_device) for d in devices if d.local})
-                 for name, cap in caps.items() if cap > 0)
+    tiers = []
+    for name, cap in caps.items():
+        if cap > 0:
+            rates: dict = {}  # by torch device: simulated devices and the CPU share one
+            for device in devices:
+                if device.local and device.torch_device not in rates:
+                    rates[device.torch_device] = measure_rate(name, device.torch_device)
+            tiers.append(Tier(name, cap, {d.name: rates[d.torch_device] for d in devices if d.local}))
+    return tuple(tiers)
 
 
 def graphs_refusal(model: torch.nn.Module) -> str | None:

@@ -192,3 +192,56 @@ def _stream_on(profile: ModelProfile, devices: Sequence[Device], strategy: str, 
             crossings = len(placement.blocks()) + (placement.head != placement.layer_devices[-1])
             return (cost.step_s, crossings), Plan(placement, strategy, context, needs, rooms, dict(streamed))
     return None
+
+
+# --- what `plan` shows ---------------------------------------------------------------------
+
+
+def _ranges(layers: Sequence[int]) -> list[str]:
+    from vramancer.planning.placement import LayerRange
+
+    runs, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            runs.append(str(LayerRange(start, layer)))
+            start = None
+    return runs
+
+
+def tiers_device_parts(plan: Plan, device: str) -> list[str]:
+    """The layer ranges `device` runs, those streamed in from a tier marked so."""
+    mine = [i for i, d in enumerate(plan.placement.layer_devices) if d == device]
+    return (_ranges([i for i in mine if i not in plan.streamed])
+            + [f"{r} streamed" for r in _ranges([i for i in mine if i in plan.streamed])])
+
+
+def tiers_report(profile: ModelProfile, plan: Plan, tiers: Sequence[Tier], compute_step_s: float) -> dict:
+    """The tiers of `plan` as `plan --json` shows them, with the step predicted with the copies."""
+    cost = stream_cost(profile, plan.placement, plan.streamed, tiers, compute_step_s)
+    rows = []
+    for t in tiers:
+        layers = sorted(i for i, name in plan.streamed.items() if name == t.name)
+        rows.append({**t.to_json(), "holds": cost.tier_bytes.get(t.name, 0), "layers": layers,
+                     "streams_to": sorted({plan.placement.layer_devices[i] for i in layers})})
+    return {"streamed_layers": {str(i): name for i, name in sorted(plan.streamed.items())},
+            "bytes_streamed_per_token": cost.bytes_per_token, "tiers": rows,
+            "predicted_stream_ms": round(cost.stream_s * 1000, 3),
+            "predicted_compute_tokens_per_s": round(1.0 / compute_step_s, 2) if compute_step_s > 0 else None,
+            "predicted_tokens_per_s": round(cost.tokens_per_s, 2), "predicted_step_ms": round(cost.step_s * 1000, 3)}
+
+
+def tiers_lines(report: dict) -> list[str]:
+    """The same as lines of text, for `plan`."""
+    lines = []
+    for row in report["tiers"]:
+        where = f" streamed to {', '.join(row['streams_to'])}" if row["layers"] else ""
+        rate = max(row["gb_per_s"].values(), default=0.0)
+        lines.append(f"  {row['tier'] + ' tier':<10} {', '.join(_ranges(row['layers'])) or '(nothing)'}{where}: "
+                     f"holds {format_bytes(row['holds'])} of {format_bytes(row['capacity'])}, {rate:.2f} GB/s")
+    if report["bytes_streamed_per_token"]:
+        lines.append(f"  streams {format_bytes(report['bytes_streamed_per_token'])} per token "
+                     f"({report['predicted_stream_ms']:.1f} ms of copies per step, overlapped with compute; "
+                     f"compute alone {report['predicted_compute_tokens_per_s']} tokens/s)")
+    return lines

@@ -23,11 +23,13 @@ from vramancer.planning.placement import (
     EMBED,
     HEAD,
     Placement,
+    device_need,
     part_label,
     parts_for_range,
     refusal_sentence,
     room_shortfall,
 )
+from vramancer.planning.tiers import TIER_ORDER
 from vramancer.platforms.devices import DeviceLost
 from vramancer.runtime.split_model import SplitModel, move_module
 
@@ -111,7 +113,10 @@ def check_room(split: SplitModel, new: Placement, what: str) -> None:
 
 
 def migrate(split: SplitModel, first: int | str, last: int | str, dst: str, cache=None) -> MigrationResult:
-    """Move parts first..last (or embed/head) to `dst`, or refuse with nothing changed."""
+    """Move parts first..last (or embed/head) to `dst`, or refuse with nothing changed. A tier
+    (host, disk) as `dst` keeps the layers' weights there: they stream to where they run."""
+    if dst in TIER_ORDER and dst not in split.devices:
+        return to_tier(split, first, last, dst)
     if dst not in split.devices:
         raise MigrationRefused(f"{dst} is not one of this model's devices ({', '.join(split.devices)}).")
     assert split.placement is not None
@@ -125,6 +130,50 @@ def migrate(split: SplitModel, first: int | str, last: int | str, dst: str, cach
     check_room(split, new, part_label(first, last))
     nbytes, seconds = relocate(split, new, cache)
     return MigrationResult(first, last, "+".join(sources) or dst, dst, nbytes, seconds)
+
+
+def to_tier(split: SplitModel, first: int | str, last: int | str, tier: str) -> MigrationResult:
+    """Layers first..last keep their weights in `tier` from now on and stream to the devices
+    that run them (the dashboard's drop on a tier); refused, nothing changed, when they are
+    not resident layers of this machine, the tier's cap is too small, or the staging room
+    does not fit."""
+    assert split.placement is not None
+    what = part_label(first, last)
+    parts = parts_of(split, first, last)
+    if any(part in (EMBED, HEAD) for part in parts):
+        raise MigrationRefused(f"only decoder layers stream from a tier; the {what} stays on a device.")
+    if any(not split.is_local(split.placement.device_of(p)) for p in parts):
+        raise MigrationRefused(f"{what} runs on another machine; only this machine's layers stream from its tiers.")
+    layers = [int(p) for p in parts if int(p) not in split.streamed]
+    if not layers:
+        raise MigrationRefused(f"{what} already streams from a tier.")
+    cap = split.tier_caps.get(tier, 0)
+    held = sum(split.profile.layer_bytes[i] for i, t in split.streamed.items() if t == tier)
+    adding = sum(split.profile.layer_bytes[i] for i in layers)
+    if held + adding > cap:
+        hint = f" of its {format_bytes(cap)} cap" if cap else " (no cap set: --" + tier + "-tier SIZE)"
+        raise MigrationRefused(f"{what} does not fit in the {tier} tier: it needs {format_bytes(adding)} and the tier "
+                               f"has {format_bytes(max(cap - held, 0))} free{hint}.")
+    streamed = {**split.streamed, **{i: tier for i in layers}}
+    reserves = {name: d.reserve for name, d in split.devices.items()}
+    free = {name: d.read().free for name, d in split.devices.items()}
+    now = {name: device_need(split.profile, split.placement.parts_on(name), reserves[name], split.context,
+                             split.streamed).total for name in reserves}
+    for name in reserves:
+        grow = device_need(split.profile, split.placement.parts_on(name), reserves[name], split.context,
+                           streamed).total - now[name]
+        if grow > free[name]:
+            short = (name, grow, free[name])
+            break
+    else:
+        short = None
+    if short is not None:
+        raise MigrationRefused(refusal_sentence(f"staging {what} from the {tier} tier", *short, split.context))
+    sources = "+".join(sorted({split.placement.device_of(i) for i in layers}))
+    start = time.perf_counter()
+    split.stream(layers, tier)
+    split.rewire()
+    return MigrationResult(first, last, sources, tier, adding, time.perf_counter() - start)
 
 
 def relocate(split: SplitModel, new: Placement, cache=None) -> tuple[int, float]:

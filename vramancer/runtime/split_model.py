@@ -97,6 +97,7 @@ class SplitModel:
         # device the placement gives them at their turn (runtime/streaming.py).
         self.streamed: dict[int, str] = {}
         self.streamer: LayerStreamer | None = None
+        self.tier_caps: dict[str, int] = {}  # bytes each tier may hold (engine/loader.py measures the tiers)
 
     def use_graphs(self, graphs: "LayerGraphs | None") -> None:
         """Replay the decode steps of local CUDA layers from graphs (runtime/graphs.py),
@@ -299,6 +300,23 @@ class SplitModel:
                     lambda module, args, output: self.transfer.move(output, src, dst)
                 )
             )
+
+    def stream(self, layers: list[int], tier: str) -> None:
+        """Keep `layers` (resident so far) in `tier` from now on: they run where they are,
+        their weights copied in at each turn. The ledgers follow; the caller rewires."""
+        assert self.placement is not None
+        before = dict(self.streamed)
+        self.streamed.update({i: tier for i in layers})
+        try:
+            self.sync_ledgers(self.placement)
+        except Exception:
+            self.streamed = before
+            raise
+        if self.streamer is None:
+            self.streamer = LayerStreamer(self.layer_modules, {i: tier for i in layers},
+                                          self._streamed_devices(self.placement))
+        else:
+            self.streamer.add({i: tier for i in layers}, self._streamed_devices(self.placement))
 
     def _streamed_devices(self, placement: Placement) -> dict[int, torch.device]:
         return {i: self.devices[placement.layer_devices[i]].torch_device for i in self.streamed}
