@@ -63,7 +63,10 @@ def build(size: str, folder: Path):
     model.generation_config.pad_token_id = None
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return model, tokenizer
+    from transformers import AutoTokenizer
+
+    # As the engine will read it back, so both sides start from the same ids.
+    return model, AutoTokenizer.from_pretrained(folder)
 
 
 def decode_rate(generate, tokens: int) -> tuple[float, list[int]]:

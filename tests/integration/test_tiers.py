@@ -70,6 +70,11 @@ def test_streamed_layers_give_the_tokens_of_plain_transformers(tiny):
             assert stats[tier]["copies"] in (2 * NEW_TOKENS, 2 * NEW_TOKENS + 1)
             assert stats[tier]["bytes"] >= 2 * NEW_TOKENS * layer
         assert engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS).token_ids == expected
+        # After their turns the layers point into their tiers again, whose copies are untouched.
+        for index, slots in engine.split.streamer.slots.items():
+            for owner, name, home in slots:
+                assert getattr(owner, name).data_ptr() == home.data_ptr()
+        assert engine.split.streamer.held_bytes() == held
     finally:
         engine.close()
 

@@ -139,20 +139,23 @@ def plan_with_tiers(profile: ModelProfile, devices: Sequence[Device], strategy: 
 
 def _stream_fewest(profile: ModelProfile, devices: Sequence[Device], strategy: str, context: int,
                    tiers: Sequence[Tier], pricing: Pricing | None) -> Plan | None:
+    """For each device that could run the streamed layers, the fewest it needs streamed;
+    of those, the plan whose step costs least."""
     n = profile.num_layers
     capacity = sum(t.capacity for t in tiers)
-    for k in range(1, n + 1):
-        layers = list(range(n - k, n))
-        if sum(profile.layer_bytes[i] for i in layers) > capacity:
-            return None
-        streamed = assign_tiers(profile, layers, tiers)
-        if streamed is None:
-            return None
-        options = [_stream_on(profile, devices, strategy, context, tiers, pricing, streamed, c) for c in devices]
-        options = [o for o in options if o is not None]
-        if options:
-            return min(options, key=lambda o: o[0])[1]
-    return None
+    options = []
+    for runner in devices:
+        for k in range(1, n + 1):
+            layers = list(range(n - k, n))
+            streamed = assign_tiers(profile, layers, tiers) \
+                if sum(profile.layer_bytes[i] for i in layers) <= capacity else None
+            if streamed is None:
+                break  # more layers would not fit the tiers either
+            found = _stream_on(profile, devices, strategy, context, tiers, pricing, streamed, runner)
+            if found is not None:
+                options.append(found)
+                break
+    return min(options, key=lambda o: o[0])[1] if options else None
 
 
 def _stream_on(profile: ModelProfile, devices: Sequence[Device], strategy: str, context: int,
@@ -176,13 +179,19 @@ def _stream_on(profile: ModelProfile, devices: Sequence[Device], strategy: str, 
     else:
         shorter = replace(profile, num_layers=n - k, layer_bytes=profile.layer_bytes[:n - k],
                           layer_caches=profile.layer_caches[:n - k])
+        # A tied head is planned as its norm alone and then put beside the embeddings, where its
+        # weight is theirs: the strategies place it last, where it would need a copy of its own.
+        untied = replace(shorter, head_bytes=shorter.head_bytes - shorter.tied_bytes, tied_bytes=0)
         for extra in (kept, kept + workspace):
             seen = [_LessRoom(d, extra) if d is runner else d for d in devices]
-            try:
-                first = make_plan(shorter, seen, strategy, context, pricing).placement
-            except PlanError:
-                continue
-            placements.append(Placement(first.layer_devices + [runner.name] * k, first.embed, first.head))
+            for model, beside in ((shorter, False),) + (((untied, True),) if profile.tied_bytes else ()):
+                try:
+                    first = make_plan(model, seen, strategy, context, pricing).placement
+                except PlanError:
+                    continue
+                head = first.embed if beside else first.head
+                placements.append(Placement(first.layer_devices + [runner.name] * k, first.embed, head))
+    best = None
     for placement in placements:
         needs = device_needs(profile, placement, devices, context, streamed)
         if all(needs[d.name].total <= rooms[d.name] for d in devices):
@@ -190,8 +199,9 @@ def _stream_on(profile: ModelProfile, devices: Sequence[Device], strategy: str, 
             cost = stream_cost(profile, placement, streamed, tiers, compute)
             # Equal costs (no timings): the fewer hand-overs, the fewer copies of hidden states.
             crossings = len(placement.blocks()) + (placement.head != placement.layer_devices[-1])
-            return (cost.step_s, crossings), Plan(placement, strategy, context, needs, rooms, dict(streamed))
-    return None
+            if best is None or (cost.step_s, crossings) < best[0]:
+                best = (cost.step_s, crossings), Plan(placement, strategy, context, needs, rooms, dict(streamed))
+    return best
 
 
 # --- what `plan` shows ---------------------------------------------------------------------

@@ -87,6 +87,11 @@ class LayerStreamer:
         self._hooks: list = []
         self._streams: dict[torch.device, object] = {}
         self._mappings: list[mmap.mmap] = []
+        # The double buffer of the CPU and simulated devices: each layer's device copy goes back
+        # here after its turn and the next copy of a layer of the same shapes is made into it,
+        # so a turn costs a memcpy, not fresh pages (on CUDA, torch's caching allocator does this).
+        self._spare: dict[tuple, list[list[torch.Tensor]]] = {}
+        self._in_use: dict[int, list[torch.Tensor]] = {}
         self.slots: dict[int, list[Slot]] = {}
         self._folder = folder
         self._keep_in_tiers(self.streamed)
@@ -122,13 +127,13 @@ class LayerStreamer:
                     slots = _slots(self.layers[index])
             else:
                 to_disk[index] = slots
-            self.slots[index] = slots
+            self.slots[index] = _homes(slots)
         if to_disk:
             mapped = self._write_and_map(to_disk, self._folder)
             for index, slots in to_disk.items():
                 for k, (owner, name, _) in enumerate(slots):
                     _assign(owner, name, mapped[(index, k)])
-                self.slots[index] = _slots(self.layers[index])
+                self.slots[index] = _homes(_slots(self.layers[index]))
 
     def _write_and_map(self, layers: dict[int, list[Slot]], folder: Path | None) -> dict[tuple[int, int], torch.Tensor]:
         """Write the layers' tensors to one safetensors file (model/weights_cache.py's writer)
@@ -229,6 +234,7 @@ class LayerStreamer:
         self.waited_s += time.perf_counter() - start
         for (owner, name, _), tensor in zip(self.slots[index], tensors):
             _assign(owner, name, tensor)
+        self._in_use[index] = tensors
         fused_layer.refresh(self.layers[index])
         following = self._following(index)
         if following != index:
@@ -239,6 +245,9 @@ class LayerStreamer:
         for owner, name, home in self.slots[index]:
             _assign(owner, name, home)
         fused_layer.refresh(self.layers[index])
+        used = self._in_use.pop(index, None)
+        if used is not None and self.devices[index].type != "cuda":
+            self._give_back(used)  # the layer has run (the CPU computes synchronously): reusable
         if self._following(index) == index:
             self.prefetch(index)  # the only streamed layer: it is next again, at the next step
 
@@ -253,9 +262,28 @@ class LayerStreamer:
     def _drop(self, index: int) -> None:
         staged = self._pending.pop(index)
         try:
-            staged.future.result()
+            tensors = staged.future.result()
         except Exception:
-            pass  # a copy no one will use: its failure is of no consequence
+            return  # a copy no one will use: its failure is of no consequence
+        if staged.device.type != "cuda":
+            self._give_back(tensors)
+
+    def _give_back(self, tensors: list[torch.Tensor]) -> None:
+        key = _buffer_key(tensors)
+        if key is None:
+            return
+        with self._lock:
+            spare = self._spare.setdefault(key, [])
+            if len(spare) < 2:  # the staging room the memory model counts: two layers in flight
+                spare.append(tensors)
+
+    def _buffers_for(self, homes: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        key = _buffer_key(homes)
+        if key is None:
+            return None
+        with self._lock:
+            spare = self._spare.get(key)
+            return spare.pop() if spare else None
 
     def _start(self, index: int) -> _Staged:
         device = self.devices[index]
@@ -275,8 +303,13 @@ class LayerStreamer:
                     out = [_to_device(home, device) for home in homes]
                     staged.event.record(stream)
                 stream.synchronize()  # the seconds below are the copy's, not just its issue
-            else:
-                out = [home.clone() for home in homes]  # a real copy, as a transfer to it would be
+            else:  # a real copy, as a transfer to it would be, into a spare buffer when there is one
+                out = self._buffers_for(homes)
+                if out is None:
+                    out = [home.clone() for home in homes]
+                else:
+                    for buffer, home in zip(out, homes):
+                        buffer.copy_(home)
             seconds = time.perf_counter() - start
             with self._lock:
                 stats = self.stats[tier]
@@ -294,6 +327,20 @@ class LayerStreamer:
 
 
 # --- helpers ---------------------------------------------------------------------------
+
+
+def _buffer_key(tensors: list[torch.Tensor]) -> tuple | None:
+    """What makes buffers interchangeable (shapes, dtypes, strides); None where they hold a
+    quantized weight's own class, which is copied afresh each turn."""
+    if any(is_traceable_wrapper_subclass(t) or not t.is_contiguous() for t in tensors):
+        return None
+    return tuple((tuple(t.shape), t.dtype) for t in tensors)
+
+
+def _homes(slots: list[Slot]) -> list[Slot]:
+    """The slots with each tensor as plain data of its own: the parameter object itself is
+    pointed at each turn's device copy, and its tier copy must not follow it there."""
+    return [(owner, name, tensor.detach()) for owner, name, tensor in slots]
 
 
 def _slots(layer: nn.Module) -> list[Slot]:
@@ -403,13 +450,16 @@ def measure_rate(tier: str, device: torch.device, folder: Path | None = None) ->
     elif cuda and torch.cuda.is_available():
         source = source.pin_memory()
     best = float("inf")
+    target = None if cuda else torch.empty_like(source)  # the CPU copies into a spare buffer
     # The disk is read once (a second read would come from the page cache); host memory's
     # best of three, past the first copy's page faults.
     for _ in range(1 if tier == DISK else 3):
         start = time.perf_counter()
-        copy = _to_device(source, device) if cuda else source.clone()
         if cuda:
+            copy = _to_device(source, device)
             torch.cuda.synchronize(device)
+            del copy
+        else:
+            target.copy_(source)
         best = min(best, time.perf_counter() - start)
-        del copy
     return PROBE_BYTES / max(best, 1e-9)
