@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from vramancer.platforms.devices import Device
 
 HOST, DISK = "host", "disk"
+NEAR = 1.05  # predicted steps this close are a tie, which the fewer bytes streamed break
 TIER_ORDER = (HOST, DISK)  # the host tier fills first: it is the faster of the two
 
 
@@ -155,7 +156,13 @@ def _stream_fewest(profile: ModelProfile, devices: Sequence[Device], strategy: s
             if found is not None:
                 options.append(found)
                 break
-    return min(options, key=lambda o: o[0])[1] if options else None
+    if not options:
+        return None
+    # Within NEAR of the fastest prediction, the fewest bytes streamed: copies that the
+    # prediction says compute hides still take memory bandwidth from it on a CPU.
+    fastest = min(key[0] for key, _ in options)
+    near = [(key, plan) for key, plan in options if key[0] <= fastest * NEAR]
+    return min(near, key=lambda o: (sum(profile.layer_bytes[i] for i in o[1].streamed), o[0][1]))[1]
 
 
 def _stream_on(profile: ModelProfile, devices: Sequence[Device], strategy: str, context: int,

@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +40,7 @@ from vramancer.quantization.weights import stored_bytes
 from vramancer.runtime.host_memory import copy_mapped
 
 Slot = tuple[nn.Module, str, torch.Tensor]
-PROBE_BYTES = 16 * 1024 * 1024  # what a tier→device rate is measured with
+PROBE_BYTES = 64 * 1024 * 1024  # what a tier→device rate is measured with: past any CPU cache, as a layer is
 
 
 @dataclass
@@ -66,7 +66,6 @@ class _Staged:
     device: torch.device
     future: Future
     event: object = None  # a CUDA event the compute stream waits for
-    tensors: list[torch.Tensor] = field(default_factory=list)
 
 
 class LayerStreamer:
