@@ -189,3 +189,21 @@ def test_too_big_even_for_the_tiers_is_one_sentence(tiny, capsys):
     code = main(["plan", "--model", str(folder), "--devices", DEVICES, "--context", "64", "--host-tier", "100KiB"])
     err = capsys.readouterr().err
     assert code == 2 and "host tier 100 KiB" in err and "--disk-tier" in err and "Traceback" not in err
+
+
+def test_quantized_weights_stream_from_both_tiers(tiny):
+    """q8 weights (a tensor class of their own) are flattened into the disk tier's file and
+    rebuilt from its mapping; the answer is the one the resident q8 model gives."""
+    folder, _ = tiny
+    resident = Engine.load(LoadOptions(str(folder), "sim:2x1GiB", context=64, weights="q8"))
+    try:
+        expected = resident.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS).token_ids
+    finally:
+        resident.close()
+    for host, disk in (("300KiB", "0"), ("0", "1MiB")):
+        engine = load(folder, devices="sim:2x320KiB", host=host, disk=disk, weights="q8")
+        try:
+            assert len(engine.split.streamed) == 4
+            assert engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS).token_ids == expected
+        finally:
+            engine.close()

@@ -353,7 +353,8 @@ def _assign(owner: nn.Module, name: str, tensor: torch.Tensor) -> None:
     replaced, as `.data =` would keep its inner tensors where they were)."""
     current = owner._parameters.get(name)
     if current is not None and (is_traceable_wrapper_subclass(current) or is_traceable_wrapper_subclass(tensor)):
-        owner._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+        with torch.inference_mode(False):  # a turn runs inside generate's inference mode
+            owner._parameters[name] = nn.Parameter(tensor, requires_grad=False)
     elif current is not None:
         current.data = tensor
     else:
