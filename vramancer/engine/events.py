@@ -142,6 +142,7 @@ class PlanSnapshot:
     profile: ModelProfile
     layer_devices: tuple[str, ...]
     timings: Timings | None = None  # measured timings; None when nothing could be measured
+    streamed: tuple[tuple[int, str], ...] = ()  # (layer, tier) of layers streamed from a host or disk tier
 
     @property
     def predicted_tokens_per_s(self) -> float | None:
@@ -173,7 +174,8 @@ class PlanSnapshot:
         current = self.placement
         proposed = current.moved(parts_for_range(self.profile, first, last), device)
         free = {name: free.get(name, 0) for name in self.reserves}
-        short = room_shortfall(self.profile, current, proposed, self.reserves, free, self.context)
+        short = room_shortfall(self.profile, current, proposed, self.reserves, free, self.context,
+                               dict(self.streamed))
         return None if short is None else refusal_sentence(part_label(first, last), *short, self.context)
 
 
