@@ -207,3 +207,20 @@ def test_quantized_weights_stream_from_both_tiers(tiny):
             assert engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS).token_ids == expected
         finally:
             engine.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_layers_stream_from_page_locked_memory_on_a_side_stream(tiny):
+    """The GPU path: a cap that leaves the GPU room for about one layer past its reserve, the
+    rest streamed from the host tier (page-locked) with copies on a side stream."""
+    folder, expected = tiny
+    engine = load(folder, devices="cuda:0=769MiB", host="4MiB", disk="0", dtype="float32", cuda_graphs="off")
+    try:
+        assert engine.split.streamed
+        homes = [home for slots in engine.split.streamer.slots.values() for _, _, home in slots]
+        assert all(home.device.type == "cpu" and home.is_pinned() for home in homes)
+        assert engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS).token_ids == expected
+        for slots in engine.split.streamer.slots.values():  # between turns, the weights are back in the tier
+            assert all(getattr(owner, name).device.type == "cpu" for owner, name, _ in slots)
+    finally:
+        engine.close()

@@ -10,7 +10,7 @@ from vramancer.config.tiers import tier_setting, tier_size
 from vramancer.config.units import MiB
 from vramancer.planning.placement import ModelProfile, PlanError, device_need, make_plan
 from vramancer.planning.pricing import DeviceTimings, LinkTimings, Pricing, Timings
-from vramancer.planning.tiers import DISK, HOST, Tier, plan_with_tiers, stream_cost
+from vramancer.planning.tiers import DISK, HOST, Tier, _stream_on, assign_tiers, plan_with_tiers, stream_cost
 from vramancer.platforms.devices import resolve_devices
 
 # 10 layers of 10 MiB, 20 MiB embeddings tied to the head, 1 KiB of KV per token per layer.
@@ -147,3 +147,23 @@ def test_tier_caps_from_the_config_file(tmp_path, monkeypatch):
     with pytest.raises(VramancerError) as bad:
         tier_setting("disk", None)
     assert str(bad.value).startswith(f"'disk_tier' in {config} 'nope' is not a size")
+
+
+def test_with_equal_rates_no_device_could_run_fewer_streamed_layers():
+    devs = devices("sim:50MiB,60MiB")
+    # Both devices take the copies at the same rate, so predictions tie and the fewer bytes
+    # streamed decide: no runner could do with fewer layers streamed than the plan's.
+    tiers = [tier(HOST, 200 * MiB, {"sim0": GB, "sim1": GB})]
+    plan = plan_with_tiers(UNTIED, devs, "sequential", CONTEXT, tiers)
+    for runner in devs:
+        for k in range(1, len(plan.streamed)):
+            streamed = assign_tiers(UNTIED, list(range(10 - k, 10)), tiers)
+            assert _stream_on(UNTIED, devs, "sequential", CONTEXT, tiers, None, streamed, runner) is None
+
+
+def test_a_bad_tier_flag_is_refused_before_anything_loads(capsys):
+    from vramancer.cli.main import main
+
+    assert main(["plan", "--devices", "sim:2x1GiB", "--disk-tier", "12XB"]) == 2
+    err = capsys.readouterr().err
+    assert "--disk-tier '12XB' is not a size" in err and "Traceback" not in err
