@@ -61,6 +61,10 @@ def test_streamed_layers_give_the_tokens_of_plain_transformers(tiny):
         # Between turns a streamed layer's weights are in its tier, not on a device.
         held = engine.split.streamer.held_bytes()
         assert held[HOST] == held[DISK] == 2 * layer
+        # The prediction counts the copies: the step is at least what they take at the measured rates.
+        assert engine.stream_seconds() > 0
+        assert engine.predict().step_s == pytest.approx(max(engine.pricing.predict(engine.placement).step_s,
+                                                            engine.stream_seconds()))
         answer = engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS)
         assert answer.token_ids == expected
         stats = engine.split.streamer.snapshot()

@@ -6,6 +6,8 @@ It is not thread-safe by itself; one thread (the EngineWorker, or a script) owns
 
 from __future__ import annotations
 
+import dataclasses
+
 import gc
 import queue
 import threading
@@ -46,6 +48,7 @@ from vramancer.runtime.migration import (
     relocate,
 )
 from vramancer.runtime.rebalance import rebalance as relieve_pressure
+from vramancer.planning.tiers import stream_cost
 from vramancer.runtime.split_model import SplitModel
 from vramancer.runtime.transfer import LinkStats, TransferManager
 from vramancer.scheduling.generation import (
@@ -85,6 +88,7 @@ class Engine:
         self.weights = "native"  # what --weights resolved to: native, q8 or q4
         self.dtype_reason = ""
         self.pricing: Pricing | None = None  # measured timings, for predictions
+        self.tiers: tuple = ()  # the host and disk tiers with their measured rates (planning/tiers.py)
         self.auto_rebalance = False
         # Told of every automatic move (result, reason) and of pressure nothing could relieve.
         self.on_rebalance: Callable[[MigrationResult | None, str], None] | None = None
@@ -146,6 +150,7 @@ class Engine:
         report("placing", 1.0)
         engine = cls(options, source, tokenizer, split, plan, device_list, torch_dtype, fallback)
         engine.pricing = prepared.pricing
+        engine.tiers = prepared.tiers
         engine.weights = prepared.weights
         engine.dtype_reason = prepared.dtype_reason
         engine.cuda_graphs = prepared.cuda_graphs
@@ -417,7 +422,19 @@ class Engine:
         """What `placement` (default: the current one) should cost per token, without applying it."""
         if self.pricing is None:
             raise VramancerError("no timings were measured for this model, so nothing can be predicted.")
-        return self.pricing.predict(placement or self.placement)
+        placement = placement or self.placement
+        prediction = self.pricing.predict(placement)
+        if not self.split.streamed:
+            return prediction
+        # The copies overlap the compute: the step is the slower of the two.
+        cost = stream_cost(self.profile, placement, self.split.streamed, self.tiers, prediction.step_s)
+        return dataclasses.replace(prediction, step_s=cost.step_s, tokens_per_s=cost.tokens_per_s)
+
+    def stream_seconds(self) -> float:
+        """Seconds of copies from the tiers in one decode step, at the measured rates (0: none)."""
+        if not self.split.streamed:
+            return 0.0
+        return stream_cost(self.profile, self.placement, self.split.streamed, self.tiers, 0.0).stream_s
 
     def would_fit(self, first: int | str, last: int | str, device: str) -> str | None:
         """None if moving first..last to `device` fits, else the sentence a refusal would give."""

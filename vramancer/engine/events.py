@@ -143,17 +143,20 @@ class PlanSnapshot:
     layer_devices: tuple[str, ...]
     timings: Timings | None = None  # measured timings; None when nothing could be measured
     streamed: tuple[tuple[int, str], ...] = ()  # (layer, tier) of layers streamed from a host or disk tier
+    stream_s: float = 0.0  # their copies in one decode step, which overlap the compute
 
     @property
     def predicted_tokens_per_s(self) -> float | None:
-        return Pricing(self.timings, self.profile).predict(self.placement).tokens_per_s if self.timings else None
+        if not self.timings:
+            return None
+        return 1.0 / max(Pricing(self.timings, self.profile).predict(self.placement).step_s, self.stream_s)
 
     def predict_move(self, first: int | str, last: int | str, device: str) -> float | None:
         """Predicted tokens/s of the placement that moving first..last to `device` would make."""
         if self.timings is None:
             return None
         proposed = self.placement.moved(parts_for_range(self.profile, first, last), device)
-        return Pricing(self.timings, self.profile).predict(proposed).tokens_per_s
+        return 1.0 / max(Pricing(self.timings, self.profile).predict(proposed).step_s, self.stream_s)
 
     @property
     def placement(self) -> Placement:

@@ -485,4 +485,5 @@ def plan_snapshot(engine: Engine) -> ev.PlanSnapshot:
         layer_devices=tuple(placement.layer_devices),
         timings=engine.pricing.timings if engine.pricing is not None else None,
         streamed=tuple(sorted(engine.split.streamed.items())),
+        stream_s=engine.stream_seconds(),
     )
