@@ -262,3 +262,35 @@ def tiers_lines(report: dict) -> list[str]:
                      f"({report['predicted_stream_ms']:.1f} ms of copies per step, overlapped with compute; "
                      f"compute alone {report['predicted_compute_tokens_per_s']} tokens/s)")
     return lines
+
+
+# --- moving resident layers onto a tier ------------------------------------------------------
+
+
+def stream_refusal(profile: ModelProfile, placement: Placement, streamed: Mapping[int, str], caps: Mapping[str, int],
+                   layers: Sequence[int], tier: str, reserves: Mapping[str, int], free: Mapping[str, int],
+                   context: int) -> str | None:
+    """Why `layers` cannot start streaming from `tier` under `placement` (one sentence), or None:
+    the tier's cap must hold their weights, and the devices that run them the staging room.
+    Pure: the engine checks a move with it, the dashboard prices a drop on a tier with it."""
+    from vramancer.planning.placement import part_label, refusal_sentence
+
+    what = part_label(min(layers), max(layers))
+    adding = [i for i in layers if i not in streamed]
+    if not adding:
+        return f"{what} already streams from a tier."
+    cap = caps.get(tier, 0)
+    held = sum(profile.layer_bytes[i] for i, t in streamed.items() if t == tier)
+    size = sum(profile.layer_bytes[i] for i in adding)
+    if held + size > cap:
+        hint = f" of its {format_bytes(cap)} cap" if cap else f" (no cap set: --{tier}-tier SIZE)"
+        return (f"{what} does not fit in the {tier} tier: it needs {format_bytes(size)} and the tier "
+                f"has {format_bytes(max(cap - held, 0))} free{hint}.")
+    after = {**streamed, **{i: tier for i in adding}}
+    for name, reserve in reserves.items():
+        parts = placement.parts_on(name)
+        grow = (device_need(profile, parts, reserve, context, after).total
+                - device_need(profile, parts, reserve, context, streamed).total)
+        if grow > free.get(name, 0):
+            return refusal_sentence(f"staging {what} from the {tier} tier", name, grow, free.get(name, 0), context)
+    return None

@@ -23,13 +23,12 @@ from vramancer.planning.placement import (
     EMBED,
     HEAD,
     Placement,
-    device_need,
     part_label,
     parts_for_range,
     refusal_sentence,
     room_shortfall,
 )
-from vramancer.planning.tiers import TIER_ORDER
+from vramancer.planning.tiers import TIER_ORDER, stream_refusal
 from vramancer.platforms.devices import DeviceLost
 from vramancer.runtime.split_model import SplitModel, move_module
 
@@ -144,31 +143,14 @@ def to_tier(split: SplitModel, first: int | str, last: int | str, tier: str) -> 
         raise MigrationRefused(f"only decoder layers stream from a tier; the {what} stays on a device.")
     if any(not split.is_local(split.placement.device_of(p)) for p in parts):
         raise MigrationRefused(f"{what} runs on another machine; only this machine's layers stream from its tiers.")
-    layers = [int(p) for p in parts if int(p) not in split.streamed]
-    if not layers:
-        raise MigrationRefused(f"{what} already streams from a tier.")
-    cap = split.tier_caps.get(tier, 0)
-    held = sum(split.profile.layer_bytes[i] for i, t in split.streamed.items() if t == tier)
-    adding = sum(split.profile.layer_bytes[i] for i in layers)
-    if held + adding > cap:
-        hint = f" of its {format_bytes(cap)} cap" if cap else " (no cap set: --" + tier + "-tier SIZE)"
-        raise MigrationRefused(f"{what} does not fit in the {tier} tier: it needs {format_bytes(adding)} and the tier "
-                               f"has {format_bytes(max(cap - held, 0))} free{hint}.")
-    streamed = {**split.streamed, **{i: tier for i in layers}}
     reserves = {name: d.reserve for name, d in split.devices.items()}
     free = {name: d.read().free for name, d in split.devices.items()}
-    now = {name: device_need(split.profile, split.placement.parts_on(name), reserves[name], split.context,
-                             split.streamed).total for name in reserves}
-    for name in reserves:
-        grow = device_need(split.profile, split.placement.parts_on(name), reserves[name], split.context,
-                           streamed).total - now[name]
-        if grow > free[name]:
-            short = (name, grow, free[name])
-            break
-    else:
-        short = None
-    if short is not None:
-        raise MigrationRefused(refusal_sentence(f"staging {what} from the {tier} tier", *short, split.context))
+    refusal = stream_refusal(split.profile, split.placement, split.streamed, split.tier_caps, [int(p) for p in parts],
+                             tier, reserves, free, split.context)
+    if refusal is not None:
+        raise MigrationRefused(refusal)
+    layers = [int(p) for p in parts if int(p) not in split.streamed]
+    adding = sum(split.profile.layer_bytes[i] for i in layers)
     sources = "+".join(sorted({split.placement.device_of(i) for i in layers}))
     start = time.perf_counter()
     split.stream(layers, tier)
