@@ -47,8 +47,8 @@ PROBE_BYTES = 64 * 1024 * 1024  # what a tier→device rate is measured with: pa
 class TierStats:
     """What one tier has streamed: bytes and copy seconds, in all and for the last step."""
 
-    bytes: int = 0
-    copies: int = 0
+    bytes: int = 0  # of the copies done
+    copies: int = 0  # started: one per streamed layer per forward pass, whatever the timing
     seconds: float = 0.0  # time the copy thread spent copying
 
     @property
@@ -313,10 +313,11 @@ class LayerStreamer:
             with self._lock:
                 stats = self.stats[tier]
                 stats.bytes += sum(stored_bytes(t) for t in homes)
-                stats.copies += 1
                 stats.seconds += seconds
             return out
 
+        with self._lock:
+            self.stats[tier].copies += 1
         staged.future = self._pool.submit(copy)
         return staged
 
