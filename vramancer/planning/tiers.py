@@ -46,6 +46,8 @@ class Tier:
     bytes_per_s: Mapping[str, float]  # measured copy rate from the tier to each computing device
 
     def rate_to(self, device: str) -> float:
+        """The measured rate to `device`; for a device not measured, the slowest measured one
+        (never an optimistic guess); with nothing measured at all, 1 GB/s."""
         rates = [r for r in self.bytes_per_s.values() if r > 0]
         return self.bytes_per_s.get(device) or (min(rates) if rates else 1e9)
 
