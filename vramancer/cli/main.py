@@ -137,6 +137,12 @@ def _add_load_flags(parser: argparse.ArgumentParser, model: bool = True, inherit
                  help="replay each CUDA layer's decode step from a CUDA graph, recorded at the first decode step "
                       "(the KV cache is then allocated for the whole context at once). Left out (or "
                       "VRM_CUDA_GRAPHS=auto): on wherever there is a CUDA device and the model allows it")
+    add_argument("--host-tier", default=None, metavar="SIZE",
+                 help="host memory that may hold the weights of layers no device has room for; they stream "
+                      "to the device that runs them at their turn (default VRM_HOST_TIER, else none)")
+    add_argument("--disk-tier", default=None, metavar="SIZE",
+                 help="disk space (the cache folder) that may hold such weights, memory-mapped, once the host "
+                      "tier is full (default VRM_DISK_TIER, else none)")
 
 
 def _add_serve_flags(parser: argparse.ArgumentParser, inherit: bool = False) -> None:
@@ -339,6 +345,14 @@ def _check_values(args) -> None:
     v.check_context(args.context)
     if getattr(args, "weights", None) is not None:
         v.check_weights(args.weights)
+    for tier in ("host", "disk"):  # the flag, else VRM_<TIER>_TIER or the config key, as a checked size
+        if hasattr(args, f"{tier}_tier"):
+            from vramancer.config import settings
+            from vramancer.config.tiers import tier_setting
+
+            given = getattr(args, f"{tier}_tier")
+            tier_setting(tier, given)
+            setattr(args, f"{tier}_tier", given if given is not None else settings.value(f"{tier}_tier"))
     if hasattr(args, "cuda_graphs"):  # the flag as on/off, else VRM_CUDA_GRAPHS (auto, on, off)
         args.cuda_graphs = {True: "on", False: "off"}.get(args.cuda_graphs) or v.env_cuda_graphs()
     if args.command in ("node", "serve"):
@@ -517,7 +531,8 @@ def _load_options(args):
 
     return LoadOptions(args.model, _device_text(args), args.strategy, args.context, args.dtype,
                        auto_rebalance=getattr(args, "auto_rebalance", False), token_file=args.token_file,
-                       weights=args.weights, cuda_graphs=args.cuda_graphs)
+                       weights=args.weights, cuda_graphs=args.cuda_graphs,
+                       host_tier=getattr(args, "host_tier", None) or "", disk_tier=getattr(args, "disk_tier", None) or "")
 
 
 def _plan(args) -> int:
@@ -539,6 +554,9 @@ def _plan(args) -> int:
         prediction = prepared.pricing.predict(plan.placement)
     finally:
         prepared.close()
+    from vramancer.planning.tiers import tiers_device_parts, tiers_lines, tiers_report
+
+    tiers = tiers_report(profile, plan, prepared.tiers, prediction.step_s) if prepared.tiers else {}
     simulated = {d.name: d.simulated for d in devices}
     rows = []
     for d in devices:
@@ -555,7 +573,7 @@ def _plan(args) -> int:
                           "strategy": plan.strategy,
                           "context": plan.context, "simulated_fallback": fallback, "placement": blocks,
                           "embed_device": plan.placement.embed, "head_device": plan.placement.head, "devices": rows,
-                          **prediction.to_json()}, indent=2))
+                          **prediction.to_json(), **tiers}, indent=2))
         return 0
     print(f"{source.display_name} · {str(dtype).removeprefix('torch.')} · weights {prepared.weights} "
           f"({format_bytes(profile.weight_bytes())}) · {plan.strategy} · context {plan.context}"
@@ -566,12 +584,18 @@ def _plan(args) -> int:
     width = max([8] + [len(row["device"]) for row in rows])
     for row in rows:
         parts = [f"{b.layers}" for b in plan.blocks() if b.device == row["device"]]
+        if plan.streamed:  # resident ranges, then those streamed in from a tier
+            parts = tiers_device_parts(plan, row["device"])
         parts = (["embed"] if plan.placement.embed == row["device"] else []) + parts
         parts += ["head"] if plan.placement.head == row["device"] else []
         print(f"  {row['device']:<{width}} {', '.join(parts) or '(nothing)':<22} "
               f"needs {format_bytes(row['need'])} of {format_bytes(row['room'])} free")
-    print(f"  predicted {prediction.tokens_per_s:.1f} tokens/s "
-          f"(decode step {prediction.step_s * 1000:.1f} ms at {prediction.kv_length} cached tokens)")
+    for line in tiers_lines(tiers) if tiers else []:
+        print(line)
+    tokens_per_s, step_ms = ((tiers["predicted_tokens_per_s"], tiers["predicted_step_ms"]) if tiers
+                             else (prediction.tokens_per_s, prediction.step_s * 1000))
+    print(f"  predicted {tokens_per_s:.1f} tokens/s "
+          f"(decode step {step_ms:.1f} ms at {prediction.kv_length} cached tokens)")
     return 0
 
 

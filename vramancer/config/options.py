@@ -19,6 +19,9 @@ class LoadOptions:
     # auto | on | off: decode steps of CUDA layers replayed from graphs (runtime/graphs.py);
     # auto is on wherever a layer can sit on a CUDA device and the model runs from a static cache
     cuda_graphs: str = "auto"
+    # Caps of the host and disk tiers (config/tiers.py), as written: "" or 0 for none.
+    host_tier: str = ""
+    disk_tier: str = ""
 
     def check(self) -> None:
         """VramancerError for a value that is wrong on its own, before anything loads (the CLI
@@ -34,3 +37,10 @@ class LoadOptions:
         check_weights(self.weights)
         check_cuda_graphs(self.cuda_graphs)
         parse_device_spec(self.devices)
+        self.tier_caps()
+
+    def tier_caps(self) -> dict[str, int]:
+        """Bytes each tier may hold (0: no such tier); a bad size is refused in one sentence."""
+        from vramancer.config.tiers import tier_size
+
+        return {"host": tier_size(self.host_tier, "--host-tier"), "disk": tier_size(self.disk_tier, "--disk-tier")}

@@ -59,6 +59,8 @@ DEFAULTS: dict[str, str] = {
     "cache_dir": "",
     "kernel_dir": "",
     "cpu_kernels": "on",
+    "host_tier": "",
+    "disk_tier": "",
 }
 
 

@@ -6,6 +6,8 @@ It is not thread-safe by itself; one thread (the EngineWorker, or a script) owns
 
 from __future__ import annotations
 
+import dataclasses
+
 import gc
 import queue
 import threading
@@ -46,6 +48,7 @@ from vramancer.runtime.migration import (
     relocate,
 )
 from vramancer.runtime.rebalance import rebalance as relieve_pressure
+from vramancer.planning.tiers import stream_cost
 from vramancer.runtime.split_model import SplitModel
 from vramancer.runtime.transfer import LinkStats, TransferManager
 from vramancer.scheduling.generation import (
@@ -85,6 +88,7 @@ class Engine:
         self.weights = "native"  # what --weights resolved to: native, q8 or q4
         self.dtype_reason = ""
         self.pricing: Pricing | None = None  # measured timings, for predictions
+        self.tiers: tuple = ()  # the host and disk tiers with their measured rates (planning/tiers.py)
         self.auto_rebalance = False
         # Told of every automatic move (result, reason) and of pressure nothing could relieve.
         self.on_rebalance: Callable[[MigrationResult | None, str], None] | None = None
@@ -139,13 +143,15 @@ class Engine:
             transfer = TransferManager(device_list)
             split = SplitModel(loaded, description, device_list, transfer, prepared.context)
             factory.attach_external_layers(split, source, torch_dtype, prepared.config)
-            split.apply(plan.placement)
+            split.tier_caps = {tier.name: tier.capacity for tier in prepared.tiers}
+            split.apply(plan.placement, plan.streamed)
         except BaseException:
             prepared.close()
             raise
         report("placing", 1.0)
         engine = cls(options, source, tokenizer, split, plan, device_list, torch_dtype, fallback)
         engine.pricing = prepared.pricing
+        engine.tiers = prepared.tiers
         engine.weights = prepared.weights
         engine.dtype_reason = prepared.dtype_reason
         engine.cuda_graphs = prepared.cuda_graphs
@@ -240,7 +246,7 @@ class Engine:
         return blocks
 
     def needs_json(self) -> list[dict]:
-        needs = device_needs(self.profile, self.placement, self.devices, self.context)
+        needs = device_needs(self.profile, self.placement, self.devices, self.context, self.split.streamed)
         out = []
         for d in self.devices:
             need = needs[d.name]
@@ -252,6 +258,7 @@ class Engine:
                     "kv_cache": need.kv,
                     "workspace": need.workspace,
                     "reserve": need.reserve,
+                    "staging": need.staging,
                     "need": need.total,
                     "room": d.room(),
                 }
@@ -387,8 +394,8 @@ class Engine:
         result.step = step
         self.migrations.append(result)
         self.plan = Plan(self.placement.copy(), self.plan.strategy, self.context,
-                         device_needs(self.profile, self.placement, self.devices, self.context),
-                         {d.name: d.room() for d in self.devices})
+                         device_needs(self.profile, self.placement, self.devices, self.context, self.split.streamed),
+                         {d.name: d.room() for d in self.devices}, dict(self.split.streamed))
         return result
 
     def reserve(self, device: str, nbytes: int) -> None:
@@ -416,7 +423,19 @@ class Engine:
         """What `placement` (default: the current one) should cost per token, without applying it."""
         if self.pricing is None:
             raise VramancerError("no timings were measured for this model, so nothing can be predicted.")
-        return self.pricing.predict(placement or self.placement)
+        placement = placement or self.placement
+        prediction = self.pricing.predict(placement)
+        if not self.split.streamed:
+            return prediction
+        # The copies overlap the compute: the step is the slower of the two.
+        cost = stream_cost(self.profile, placement, self.split.streamed, self.tiers, prediction.step_s)
+        return dataclasses.replace(prediction, step_s=cost.step_s, tokens_per_s=cost.tokens_per_s)
+
+    def stream_seconds(self) -> float:
+        """Seconds of copies from the tiers in one decode step, at the measured rates (0: none)."""
+        if not self.split.streamed:
+            return 0.0
+        return stream_cost(self.profile, self.placement, self.split.streamed, self.tiers, 0.0).stream_s
 
     def would_fit(self, first: int | str, last: int | str, device: str) -> str | None:
         """None if moving first..last to `device` fits, else the sentence a refusal would give."""
@@ -429,6 +448,9 @@ class Engine:
 
     def replan(self, strategy: str) -> Plan:
         """Plan afresh with `strategy` on the same devices and move what must move."""
+        if self.split.streamed:
+            raise VramancerError("some layers stream from a tier, and re-planning does not move them back yet; "
+                                 "load the model again with --strategy " + strategy + ".")
         self.recover_lost_nodes()
         plan = make_plan(self.profile, [d for d in self.devices if not d.lost], strategy, self.context, self.pricing)
         check_room(self.split, plan.placement, "the new plan")
@@ -465,6 +487,7 @@ class Engine:
             self.split.external.close()
         if self.split.graphs is not None:
             self.split.graphs.drop()  # recordings and the cache they replay into
+        self.split.close_streaming()
         self.split.model = None  # type: ignore[assignment]
         # The split keeps the decoder and its layers too; without these the GPU memory stays
         # held until the engine itself is collected, and empty_cache would free nothing.

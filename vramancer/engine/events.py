@@ -144,17 +144,26 @@ class PlanSnapshot:
     profile: ModelProfile
     layer_devices: tuple[str, ...]
     timings: Timings | None = None  # measured timings; None when nothing could be measured
+    streamed: tuple[tuple[int, str], ...] = ()  # (layer, tier) of layers streamed from a host or disk tier
+    stream_s: float = 0.0  # their copies in one decode step, which overlap the compute
+    tier_caps: tuple[tuple[str, int], ...] = ()  # (tier, bytes it may hold) of each tier asked for
+
+    def tier_layers(self, tier: str) -> list[int]:
+        """The layers whose weights live in `tier`."""
+        return sorted(layer for layer, name in self.streamed if name == tier)
 
     @property
     def predicted_tokens_per_s(self) -> float | None:
-        return Pricing(self.timings, self.profile).predict(self.placement).tokens_per_s if self.timings else None
+        if not self.timings:
+            return None
+        return 1.0 / max(Pricing(self.timings, self.profile).predict(self.placement).step_s, self.stream_s)
 
     def predict_move(self, first: int | str, last: int | str, device: str) -> float | None:
         """Predicted tokens/s of the placement that moving first..last to `device` would make."""
-        if self.timings is None:
-            return None
+        if self.timings is None or device in dict(self.tier_caps):
+            return None  # onto a tier: its rates are not in the snapshot
         proposed = self.placement.moved(parts_for_range(self.profile, first, last), device)
-        return Pricing(self.timings, self.profile).predict(proposed).tokens_per_s
+        return 1.0 / max(Pricing(self.timings, self.profile).predict(proposed).step_s, self.stream_s)
 
     @property
     def placement(self) -> Placement:
@@ -187,11 +196,22 @@ class PlanSnapshot:
 
     def would_fit(self, first: int | str, last: int | str, device: str, free: dict) -> str | None:
         """None if moving first..last to `device` fits the free bytes given, else the refusal.
-        A device missing from `free` counts as having nothing free: unknown is not room."""
+        A device missing from `free` counts as having nothing free: unknown is not room. A tier
+        as `device`: whether the layers may stream from it (planning/tiers.py)."""
+        if device in dict(self.tier_caps):
+            from vramancer.planning.tiers import stream_refusal
+
+            parts = parts_for_range(self.profile, first, last)
+            if any(isinstance(p, str) for p in parts):
+                return f"only decoder layers stream from a tier; the {part_label(first, last)} stays on a device."
+            free = {name: free.get(name, 0) for name in self.reserves}
+            return stream_refusal(self.profile, self.placement, dict(self.streamed), dict(self.tier_caps), parts,
+                                  device, self.reserves, free, self.context)
         current = self.placement
         proposed = current.moved(parts_for_range(self.profile, first, last), device)
         free = {name: free.get(name, 0) for name in self.reserves}
-        short = room_shortfall(self.profile, current, proposed, self.reserves, free, self.context)
+        short = room_shortfall(self.profile, current, proposed, self.reserves, free, self.context,
+                               dict(self.streamed))
         return None if short is None else refusal_sentence(part_label(first, last), *short, self.context)
 
 

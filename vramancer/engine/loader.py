@@ -23,10 +23,10 @@ from vramancer.planning import precision
 from vramancer.planning.placement import (
     ModelProfile,
     Plan,
-    make_plan,
     split_footprint,
 )
 from vramancer.planning.pricing import Pricing
+from vramancer.planning.tiers import Tier, plan_with_tiers
 from vramancer.platforms.devices import (
     Device,
     close_devices,
@@ -55,14 +55,15 @@ class Prepared:
     weights: str = "native"  # native, q8 or q4 (what --weights resolved to)
     dtype_reason: str = ""  # why this dtype, for `plan`
     cuda_graphs: bool = False  # what --cuda-graphs resolved to
+    tiers: tuple[Tier, ...] = ()  # the host and disk tiers asked for, with their measured rates
 
     @property
     def profile(self) -> ModelProfile:
         return self.description.profile
 
     def plan(self, strategy: str) -> Plan:
-        plan = make_plan(self.profile, self.devices, strategy, self.context, self.pricing)
-        return plan
+        """The devices alone when the model fits them, else with layers kept in the tiers."""
+        return plan_with_tiers(self.profile, self.devices, strategy, self.context, self.tiers, self.pricing)
 
     def close(self) -> None:
         """Let go of the devices' connections (a no-op for this machine's) and of the GGUF
@@ -87,6 +88,7 @@ def prepare(options: LoadOptions, reprofile: bool = False) -> Prepared:
     token_file, cuda_graphs = options.token_file, options.cuda_graphs
     check_context(context)
     check_cuda_graphs(cuda_graphs)
+    tier_caps = options.tier_caps()
     spec = parse_device_spec(options.devices)
     if spec.clustered and not (spec.requests or spec.auto):
         raise VramancerError("remote devices hold decoder layers only; add a device of this machine "
@@ -127,7 +129,22 @@ def prepare(options: LoadOptions, reprofile: bool = False) -> Prepared:
     # A static cache (what graphs replay into) has every layer attend over the whole context.
     pricing = Pricing(timings, profile, kv_length=context) if graphs else Pricing(timings, profile)
     return Prepared(source, config, description, device_list, torch_dtype, fallback, context, pricing,
-                    weights_kind, dtype_reason, graphs)
+                    weights_kind, dtype_reason, graphs, measure_tiers(tier_caps, local))
+
+
+def measure_tiers(caps: dict[str, int], devices: list[Device]) -> tuple[Tier, ...]:
+    """The tiers with a cap, each with its copy rate onto every device of this machine."""
+    from vramancer.runtime.streaming import measure_rate
+
+    tiers = []
+    for name, cap in caps.items():
+        if cap > 0:
+            rates: dict = {}  # by torch device: simulated devices and the CPU share one
+            for device in devices:
+                if device.local and device.torch_device not in rates:
+                    rates[device.torch_device] = measure_rate(name, device.torch_device)
+            tiers.append(Tier(name, cap, {d.name: rates[d.torch_device] for d in devices if d.local}))
+    return tuple(tiers)
 
 
 def graphs_refusal(model: torch.nn.Module) -> str | None:

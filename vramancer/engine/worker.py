@@ -484,4 +484,7 @@ def plan_snapshot(engine: Engine) -> ev.PlanSnapshot:
         profile=engine.profile,
         layer_devices=tuple(placement.layer_devices),
         timings=engine.pricing.timings if engine.pricing is not None else None,
+        streamed=tuple(sorted(engine.split.streamed.items())),
+        stream_s=engine.stream_seconds(),
+        tier_caps=tuple((name, cap) for name, cap in engine.split.tier_caps.items() if cap > 0),
     )

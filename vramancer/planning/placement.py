@@ -13,7 +13,7 @@ planner asks of a device (room, reserve, whether it is a last resort) is the dev
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Protocol, Sequence
 
 from vramancer.planning.memory import LayerCache
 
@@ -145,10 +145,11 @@ class DeviceNeed:
     kv: int = 0
     workspace: int = 0
     reserve: int = 0
+    staging: int = 0  # room for layers streamed in from a host or disk tier (planning/tiers.py)
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv + self.workspace + self.reserve
+        return self.weights + self.kv + self.workspace + self.reserve + self.staging
 
 
 def parts_for_range(profile: ModelProfile, first: int | str, last: int | str) -> list[str | int]:
@@ -170,13 +171,20 @@ def part_bytes(profile: ModelProfile, part: str | int) -> int:
     return profile.layer_bytes[int(part)]
 
 
-def device_need(profile: ModelProfile, parts: Sequence[str | int], reserve: int, context: int) -> DeviceNeed:
+def device_need(profile: ModelProfile, parts: Sequence[str | int], reserve: int, context: int,
+                streamed: Mapping[int, str] | None = None) -> DeviceNeed:
     """The memory model for one device holding `parts`, which keeps `reserve` bytes free for
-    what no tensor accounts for (`Device.reserve`; docs/design/memory-model.md)."""
+    what no tensor accounts for (`Device.reserve`; docs/design/memory-model.md). Layers in
+    `streamed` (layer -> tier) keep their weights in a tier: the device holds their KV cache
+    and the staging room for the two largest of them (the one running, the one arriving)."""
     need = DeviceNeed()
     if not parts:
         return need
-    need.weights = sum(part_bytes(profile, p) for p in parts)
+    streamed = streamed or {}
+    here = sorted((profile.layer_bytes[int(p)] for p in parts if p not in (EMBED, HEAD) and int(p) in streamed),
+                  reverse=True)
+    need.staging = sum(here[:2])
+    need.weights = sum(part_bytes(profile, p) for p in parts) - sum(here)
     if EMBED in parts and HEAD in parts:
         need.weights -= profile.tied_bytes  # tied weights are counted once
     layers = [p for p in parts if p not in (EMBED, HEAD)]
@@ -194,9 +202,10 @@ def device_need(profile: ModelProfile, parts: Sequence[str | int], reserve: int,
 
 
 def device_needs(
-    profile: ModelProfile, placement: Placement, devices: Sequence[Device], context: int
+    profile: ModelProfile, placement: Placement, devices: Sequence[Device], context: int,
+    streamed: Mapping[int, str] | None = None,
 ) -> dict[str, DeviceNeed]:
-    return {d.name: device_need(profile, placement.parts_on(d.name), d.reserve, context) for d in devices}
+    return {d.name: device_need(profile, placement.parts_on(d.name), d.reserve, context, streamed) for d in devices}
 
 
 @dataclass
@@ -208,6 +217,9 @@ class Plan:
     context: int
     needs: dict[str, DeviceNeed] = field(default_factory=dict)
     rooms: dict[str, int] = field(default_factory=dict)
+    # Layers whose weights live in a host or disk tier (layer -> tier name) and stream to the
+    # device the placement gives them at their turn (planning/tiers.py); empty: none.
+    streamed: dict[int, str] = field(default_factory=dict)
 
     def blocks(self) -> list[Block]:
         return self.placement.blocks()
@@ -220,13 +232,14 @@ def room_shortfall(
     reserves: dict[str, int],
     free: dict[str, int],
     context: int,
+    streamed: Mapping[int, str] | None = None,
 ) -> tuple[str, int, int] | None:
     """(device, extra bytes needed, bytes free) for the first device that cannot take
     `proposed`, or None if it fits. `reserves` names the devices (each with its reserve).
     Pure: the dashboard prices a drag with it too."""
     for name, reserve in reserves.items():
-        now = device_need(profile, current.parts_on(name), reserve, context).total
-        after = device_need(profile, proposed.parts_on(name), reserve, context).total
+        now = device_need(profile, current.parts_on(name), reserve, context, streamed).total
+        after = device_need(profile, proposed.parts_on(name), reserve, context, streamed).total
         if after - now > 0 and after - now > free[name]:
             return name, after - now, free[name]
     return None

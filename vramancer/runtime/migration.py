@@ -28,6 +28,7 @@ from vramancer.planning.placement import (
     refusal_sentence,
     room_shortfall,
 )
+from vramancer.planning.tiers import TIER_ORDER, stream_refusal
 from vramancer.platforms.devices import DeviceLost
 from vramancer.runtime.split_model import SplitModel, move_module
 
@@ -105,13 +106,16 @@ def check_room(split: SplitModel, new: Placement, what: str) -> None:
     assert split.placement is not None
     reserves = {name: d.reserve for name, d in split.devices.items()}
     free = {name: d.read().free for name, d in split.devices.items()}
-    short = room_shortfall(split.profile, split.placement, new, reserves, free, split.context)
+    short = room_shortfall(split.profile, split.placement, new, reserves, free, split.context, split.streamed)
     if short is not None:
         raise MigrationRefused(refusal_sentence(what, *short, split.context))
 
 
 def migrate(split: SplitModel, first: int | str, last: int | str, dst: str, cache=None) -> MigrationResult:
-    """Move parts first..last (or embed/head) to `dst`, or refuse with nothing changed."""
+    """Move parts first..last (or embed/head) to `dst`, or refuse with nothing changed. A tier
+    (host, disk) as `dst` keeps the layers' weights there: they stream to where they run."""
+    if dst in TIER_ORDER and dst not in split.devices:
+        return to_tier(split, first, last, dst)
     if dst not in split.devices:
         raise MigrationRefused(f"{dst} is not one of this model's devices ({', '.join(split.devices)}).")
     assert split.placement is not None
@@ -125,6 +129,33 @@ def migrate(split: SplitModel, first: int | str, last: int | str, dst: str, cach
     check_room(split, new, part_label(first, last))
     nbytes, seconds = relocate(split, new, cache)
     return MigrationResult(first, last, "+".join(sources) or dst, dst, nbytes, seconds)
+
+
+def to_tier(split: SplitModel, first: int | str, last: int | str, tier: str) -> MigrationResult:
+    """Layers first..last keep their weights in `tier` from now on and stream to the devices
+    that run them (the dashboard's drop on a tier); refused, nothing changed, when they are
+    not resident layers of this machine, the tier's cap is too small, or the staging room
+    does not fit."""
+    assert split.placement is not None
+    what = part_label(first, last)
+    parts = parts_of(split, first, last)
+    if any(part in (EMBED, HEAD) for part in parts):
+        raise MigrationRefused(f"only decoder layers stream from a tier; the {what} stays on a device.")
+    if any(not split.is_local(split.placement.device_of(p)) for p in parts):
+        raise MigrationRefused(f"{what} runs on another machine; only this machine's layers stream from its tiers.")
+    reserves = {name: d.reserve for name, d in split.devices.items()}
+    free = {name: d.read().free for name, d in split.devices.items()}
+    refusal = stream_refusal(split.profile, split.placement, split.streamed, split.tier_caps, [int(p) for p in parts],
+                             tier, reserves, free, split.context)
+    if refusal is not None:
+        raise MigrationRefused(refusal)
+    layers = [int(p) for p in parts if int(p) not in split.streamed]
+    adding = sum(split.profile.layer_bytes[i] for i in layers)
+    sources = "+".join(sorted({split.placement.device_of(i) for i in layers}))
+    start = time.perf_counter()
+    split.stream(layers, tier)
+    split.rewire()
+    return MigrationResult(first, last, sources, tier, adding, time.perf_counter() - start)
 
 
 def relocate(split: SplitModel, new: Placement, cache=None) -> tuple[int, float]:

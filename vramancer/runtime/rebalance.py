@@ -62,7 +62,7 @@ def relieve(engine, pressure: Pressure) -> MigrationResult | str:
                 moved = sorted(run[:count])
                 remaining = [p for p in placement.parts_on(device.name) if p not in moved]
                 saved = engine.split.needs(placement)[device.name].total - device_need(
-                    profile, remaining, device.reserve, engine.context).total
+                    profile, remaining, device.reserve, engine.context, engine.split.streamed).total
                 if saved >= pressure.deficit:
                     options.append((count, moved, placement.device_of(neighbour)))
                     break

@@ -37,6 +37,7 @@ from vramancer.platforms.devices import Device, DeviceFullError
 from vramancer.quantization.weights import stored_bytes
 from vramancer.runtime.graphs import LayerGraphs
 from vramancer.runtime.host_memory import copy_mapped, own_copy
+from vramancer.runtime.streaming import LayerStreamer
 from vramancer.runtime.transfer import TransferManager
 
 
@@ -93,6 +94,11 @@ class SplitModel:
         self.layer_modules: list[nn.Module] = list(self.stack)
         self.external: ExternalLayers | None = None  # set when some devices are not local
         self.graphs: LayerGraphs | None = None  # decode steps replayed from CUDA graphs, when on
+        # Layers whose weights live in a host or disk tier (layer -> tier), streamed to the
+        # device the placement gives them at their turn (runtime/streaming.py).
+        self.streamed: dict[int, str] = {}
+        self.streamer: LayerStreamer | None = None
+        self.tier_caps: dict[str, int] = {}  # bytes each tier may hold (engine/loader.py measures the tiers)
 
     def use_graphs(self, graphs: "LayerGraphs | None") -> None:
         """Replay the decode steps of local CUDA layers from graphs (runtime/graphs.py),
@@ -132,13 +138,17 @@ class SplitModel:
         assert self.placement is not None
         return self.devices[self.placement.embed].torch_device
 
-    def apply(self, placement: Placement) -> None:
-        """First placement of a model that was read into host memory."""
+    def apply(self, placement: Placement, streamed: dict[int, str] | None = None) -> None:
+        """First placement of a model that was read into host memory. Layers in `streamed`
+        (layer -> tier) keep their weights in that tier and stream to their device."""
+        self.streamed = dict(streamed or {})
         self.sync_ledgers(placement)
         if self.profile.tied_bytes and placement.embed != placement.head:
             self._untie(copy=True)
         on_the_host = []
         for part in self.profile.parts():
+            if part in self.streamed:
+                continue  # its weights go to its tier below
             device = self.devices[placement.device_of(part)]
             if device.torch_device.type != "cpu" and device.local:
                 for tensor_owner, name, tensor in self.tensors_of(part):
@@ -148,6 +158,8 @@ class SplitModel:
         # What stays on the CPU is read at every decode step: out of any file transformers
         # mapped it from, into our own memory (runtime/host_memory.py).
         copy_mapped(on_the_host)
+        if self.streamed:
+            self.streamer = LayerStreamer(self.layer_modules, self.streamed, self._streamed_devices(placement))
         if self.external is not None:
             self.external.place(placement)  # e.g. nodes read their layers from their own disks
         self.placement = placement
@@ -166,7 +178,8 @@ class SplitModel:
             nbytes = self.external.move(int(part), src, dst, cache)
             self.placement = self.placement.moved([part], dst)
             return nbytes
-        nbytes = self.move_part(part, dst)
+        # A streamed layer's weights stay in their tier: only its KV cache changes device.
+        nbytes = 0 if part in self.streamed else self.move_part(part, dst)
         self.placement = self.placement.moved([part], dst)
         if part not in (EMBED, HEAD):
             nbytes += self.move_cache(cache, int(part), src, dst)
@@ -220,7 +233,7 @@ class SplitModel:
     # --- accounting --------------------------------------------------------------------
 
     def needs(self, placement: Placement) -> dict[str, DeviceNeed]:
-        return device_needs(self.profile, placement, list(self.devices.values()), self.context)
+        return device_needs(self.profile, placement, list(self.devices.values()), self.context, self.streamed)
 
     def sync_ledgers(self, placement: Placement) -> None:
         """Claim on every device what `placement` needs there; all or nothing."""
@@ -232,7 +245,9 @@ class SplitModel:
             for device in order:
                 need = needs[device.name]
                 device.ledger.set_many(
-                    {"weights": need.weights, "kv": need.kv, "workspace": need.workspace + need.reserve}
+                    # staging room for streamed layers is workspace too: buffers no weight owns for long
+                    {"weights": need.weights, "kv": need.kv,
+                     "workspace": need.workspace + need.reserve + need.staging}
                 )
         except DeviceFullError:
             for name, claims in saved.items():
@@ -262,8 +277,11 @@ class SplitModel:
         if self.graphs is not None:
             for i, layer in enumerate(self.layer_modules):
                 device = self.devices[placement.layer_devices[i]]
-                if device.local and self.graphs.recorder.accepts(device.torch_device):
+                # a streamed layer's weights are new tensors at every turn: a recording cannot replay it
+                if device.local and i not in self.streamed and self.graphs.recorder.accepts(device.torch_device):
                     self.graphs.install(layer, i)
+        if self.streamer is not None:
+            self.streamer.install(self._streamed_devices(placement))
         previous = placement.embed
         for i, layer in enumerate(self.stack):
             current = placement.layer_devices[i]
@@ -283,6 +301,31 @@ class SplitModel:
                     lambda module, args, output: self.transfer.move(output, src, dst)
                 )
             )
+
+    def stream(self, layers: list[int], tier: str) -> None:
+        """Keep `layers` (resident so far) in `tier` from now on: they run where they are,
+        their weights copied in at each turn. The ledgers follow; the caller rewires."""
+        assert self.placement is not None
+        before = dict(self.streamed)
+        self.streamed.update({i: tier for i in layers})
+        try:
+            self.sync_ledgers(self.placement)
+        except Exception:
+            self.streamed = before
+            raise
+        if self.streamer is None:
+            self.streamer = LayerStreamer(self.layer_modules, {i: tier for i in layers},
+                                          self._streamed_devices(self.placement))
+        else:
+            self.streamer.add({i: tier for i in layers}, self._streamed_devices(self.placement))
+
+    def _streamed_devices(self, placement: Placement) -> dict[int, torch.device]:
+        return {i: self.devices[placement.layer_devices[i]].torch_device for i in self.streamed}
+
+    def close_streaming(self) -> None:
+        """Stop streaming: the copy thread ends and the tiers' copies are let go with the model."""
+        if self.streamer is not None:
+            self.streamer.close()
 
     def _boundary(self, src: str, dst: str):
         """The hook for a boundary into a local device. Out of an external block, its stand-in

@@ -1,4 +1,5 @@
-"""The #placement panel: one column per device, one tile per contiguous run of layers.
+"""The #placement panel: one column per device, one tile per contiguous run of layers, and
+one column per host or disk tier (docs/usage/offload.md) with the layers whose weights it holds.
 
 A tile is dragged onto another column to migrate it, the way Textual's scrollbar drags its
 thumb: capture the mouse on press, follow it while it moves, release on the button coming up.
@@ -444,6 +445,7 @@ class PlacementPanel(Container):
             self._hovered.show_verdict(None)
             self._hovered = None
         self.plan = plan
+        await self._show_tiers(plan)
         compact, one_line = self.has_class("-compact"), self.has_class("-rows")
         for name, column in self.columns.items():
             tiles = self._tiles_for(name, plan)
@@ -489,8 +491,21 @@ class PlacementPanel(Container):
                        effect)
 
     def targets(self, tile: BlockTile) -> list[Verdict]:
-        """Every other device, with whether the tile's selection fits there."""
-        return [self.verdict(*tile.selection, d.name) for d in self.devices if d.name != tile.device]
+        """Every other device (and tier), with whether the tile's selection fits there."""
+        names = [d.name for d in self.devices] + [tier for tier, _ in (self.plan.tier_caps if self.plan else ())]
+        return [self.verdict(*tile.selection, name) for name in names if name != tile.device]
+
+    async def _show_tiers(self, plan: PlanSnapshot) -> None:
+        """A column per tier the model was loaded with: a tile dropped there streams from it."""
+        from vramancer.engine.events import DeviceInfo
+
+        for tier, cap in plan.tier_caps:
+            if tier not in self.columns:
+                column = DeviceColumn(DeviceInfo(tier, "tier", f"{tier} tier", False, cap))
+                column.add_class("-tier")
+                column.name_width = max(column.name_width, *(c.name_width for c in self.columns.values()))
+                self.columns[tier] = column
+                await self.mount(column)
 
     def request_move(self, tile: BlockTile, device: str) -> bool:
         """Refuse a move that cannot fit (notification, nothing sent); else ask the App for it."""
@@ -535,6 +550,15 @@ class PlacementPanel(Container):
     def _tiles_for(self, device: str, plan: PlanSnapshot) -> list[BlockTile]:
         """Tiles in model order: embed first, then its layer runs, then the head."""
         tiles = []
+        if device in dict(plan.tier_caps):  # a tier: runs of the layers whose weights it holds
+            layers = plan.tier_layers(device)
+            runs = [[layer] for layer in layers[:1]]
+            for layer in layers[1:]:
+                if layer == runs[-1][-1] + 1:
+                    runs[-1].append(layer)
+                else:
+                    runs.append([layer])
+            return [BlockTile(run[0], run[-1], device, plan) for run in runs]
         if plan.embed == device:
             tiles.append(BlockTile("embed", "embed", device, plan))
         for block in plan.blocks:
@@ -558,6 +582,9 @@ class PlacementPanel(Container):
             need = self.plan.needs.get(d.name) if self.plan else None
             used = self.used.get(d.name, need or 0)
             column.show_fullness(used, d.total, need, why_empty(self.plan, d.name, len(self.devices)))
+        for tier, cap in self.plan.tier_caps if self.plan else ():
+            held = sum(self.plan.profile.layer_bytes[i] for i in self.plan.tier_layers(tier))
+            self.columns[tier].show_fullness(held, cap, None, "" if held else "empty: drop layers to stream them")
 
     def _focus_range(self, selection: tuple[Part, Part]) -> None:
         for tile in self.query(BlockTile):
