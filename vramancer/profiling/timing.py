@@ -8,6 +8,12 @@ hidden-state sized hand-overs, and the host's own cost of one `generate` step wi
 copy of the model. Timing does not depend on weight values, so all of this runs from the
 config, before any weights load. A model that cannot be timed is priced from its bytes.
 
+At scale the copy stays small: its vocabulary is cut to the rows that fit HEAD_SLICE_BYTES
+(an embedding lookup costs the same whatever the table's length; the head's matrix-vector
+product grows with its rows, so its time is scaled up to the whole vocabulary), and a model
+whose one layer is bigger than TIMED_LAYER_BYTES, built on the host, is priced from its
+bytes rather than built: `plan` of a 70B config reads no more than a few GiB.
+
 Simulated devices compute on the host CPU: they are timed as the CPU, and say so.
 Results are cached per (model, device, dtype) under the user cache directory.
 """
@@ -35,7 +41,6 @@ from vramancer.planning.pricing import (
 )
 from vramancer.platforms.devices import Device
 
-log = logging.getLogger(__name__)
 from vramancer.runtime.transfer import TransferManager
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,12 @@ COLD_STACK_BYTES = 256 * 1024 * 1024  # more than any CPU cache: layers timed in
 # layer that it decodes in 0.56 ms a few seconds later (clocks, lazily loaded kernels, the
 # allocator's pool): predictions came out 3-5x pessimistic.
 WARM_GPU_S = 1.0
+# The timed copy's embedding table and head hold at most this many bytes each (more than a
+# CPU's cache, so the head's rows stream from memory as the full head's do).
+HEAD_SLICE_BYTES = 64 * 1024 * 1024
+# A layer bigger than this, in the float form the copy is built in on the host, is priced from
+# its bytes instead: timing it would take that much host memory (a 70B layer is 3.3 GiB in float32).
+TIMED_LAYER_BYTES = 1 << 30
 
 
 def cache_dir() -> Path:
@@ -86,12 +97,56 @@ def time_device(meta_model, config, torch_device: torch.device, dtype: torch.dty
     from vramancer.runtime.graphs import CudaGraphRecorder, LayerGraphs
 
     replay = LayerGraphs() if graphs and CudaGraphRecorder.accepts(torch_device) else None
+    too_big = _untimed_layer_size(meta_model, torch_device, dtype, weights)
+    if too_big:
+        log.info("a layer of %s is %s on the host, more than timing builds; pricing it from its bytes on %s",
+                 getattr(config, "model_type", "the model"), too_big, label)
+        return _priced_from_bytes(meta_model, torch_device, dtype, label, weights,
+                                  why=f"a layer of {too_big} is more than timing builds")
     try:
         return _time_real_layers(meta_model, config, torch_device, dtype, label, weights, replay)
     except Exception as exc:  # noqa: BLE001 - any failure to time falls back to bytes
         log.warning("could not time %s on %s (%s: %s); pricing it from its bytes instead",
                     getattr(config, "model_type", "the model"), label, type(exc).__name__, _first_line(exc))
         return _priced_from_bytes(meta_model, torch_device, dtype, label, weights)
+
+
+def _untimed_layer_size(meta_model, torch_device: torch.device, dtype: torch.dtype, weights: str) -> str:
+    """'' where one layer of the model can be timed; else its size in the float form it would
+    be built in on the host (quantized weights are built in float first, on the host)."""
+    from vramancer.config.units import format_bytes
+    from vramancer.model.description import profile_model
+
+    if torch_device.type != "cpu" and weights == "native":
+        return ""  # built on the device itself, whose memory the plan is about
+    largest = max(profile_model(meta_model, dtype).layer_bytes)
+    return format_bytes(largest) if largest > TIMED_LAYER_BYTES else ""
+
+
+def timing_config(config, count: int):
+    """The model's config cut to its first `count` layers and, where its embedding table or head
+    would be bigger than HEAD_SLICE_BYTES, to as many vocabulary rows as fit (never fewer than its
+    special tokens need). The second value is how many times the real head's rows outnumber the
+    copy's: the head's time is scaled by it."""
+    small = cut_config(config, count)
+    vocab = getattr(small, "vocab_size", None)
+    hidden = getattr(small, "hidden_size", None)
+    if not isinstance(vocab, int) or not isinstance(hidden, int) or hidden <= 0:
+        return small, 1.0
+    rows = max(HEAD_SLICE_BYTES // (hidden * 4), _special_token_rows(small))
+    if rows >= vocab:
+        return small, 1.0
+    small.vocab_size = rows
+    return small, vocab / rows
+
+
+def _special_token_rows(config) -> int:
+    """One more than the largest special token id the config names (a padding row must exist)."""
+    ids = []
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+        value = getattr(config, key, None)
+        ids.extend(value if isinstance(value, (list, tuple)) else [value])
+    return max((i for i in ids if isinstance(i, int)), default=-1) + 1
 
 
 class _Segments:
@@ -144,8 +199,9 @@ def _time_real_layers(meta_model, config, torch_device: torch.device, dtype: tor
     layer_bytes = max(profile_model(meta_model, dtype, weights).layer_bytes)
     count = max(layers_of_every_kind(config), min(len(arch.layers), -(-COLD_STACK_BYTES // max(layer_bytes, 1))))
     # The model's first `count` layers, as the model builds them (layer types, windows, dense
-    # or expert MLPs), with its own embeddings, masks, positions and head around them.
-    small_config = cut_config(config, count)
+    # or expert MLPs), with its own embeddings, masks, positions and head around them (cut to a
+    # slice of the vocabulary at scale).
+    small_config, head_scale = timing_config(config, count)
     if weights == "native":
         with torch.device(torch_device):
             model = AutoModelForCausalLM.from_config(small_config, dtype=dtype).eval()
@@ -196,9 +252,11 @@ def _time_real_layers(meta_model, config, torch_device: torch.device, dtype: tor
         layer_decode_per_kv_s=max(long - short, 0.0) / count / max(long_kv - SHORT_KV, 1),
         layer_prefill_per_token_s=prefill / count / prompt.shape[1],
         embed_s=embed_s,
-        head_s=head_s,
-        head_prefill_per_token_s=head_prefill / prompt.shape[1],
-        timed_as=label + (", CUDA graphs" if graphs is not None else ""),
+        # The final norm is timed with the head and scaled with it: a small share of it.
+        head_s=head_s * head_scale,
+        head_prefill_per_token_s=head_prefill * head_scale / prompt.shape[1],
+        timed_as=label + (", CUDA graphs" if graphs is not None else "")
+        + (f", head timed on 1/{head_scale:.0f} of its rows" if head_scale > 1 else ""),
     )
 
 
@@ -233,15 +291,19 @@ def _extend_cache(cache, tokens: int) -> None:
 
 
 def _priced_from_bytes(meta_model, torch_device: torch.device, dtype: torch.dtype, label: str,
-                       weights: str = "native") -> DeviceTimings:
-    """Decode costs from bytes read per token over the device's measured copy rate: a decode
-    step streams each layer's weights (and its KV cache) once."""
+                       weights: str = "native", why: str = "") -> DeviceTimings:
+    """Decode costs from bytes read per token over the rate the device multiplies a matrix of
+    HEAD_SLICE_BYTES by a vector (what a decode step does with each weight): a decode step
+    streams each layer's weights (and its KV cache) once."""
     from vramancer.model.description import profile_model
 
     profile = profile_model(meta_model, dtype, weights)
     sync = _syncer(torch_device)
-    block = torch.empty(16 * 1024 * 1024, dtype=torch.uint8, device=torch_device)
-    rate = block.numel() / max(_median_time(lambda: block.clone(), sync, repeat=5, warmup=1), 1e-9)
+    size = torch.empty((), dtype=dtype).element_size()
+    matrix = torch.rand(HEAD_SLICE_BYTES // (1024 * size), 1024, dtype=dtype, device=torch_device)
+    vector = torch.rand(1024, dtype=dtype, device=torch_device)
+    rate = HEAD_SLICE_BYTES / max(_median_time(lambda: torch.mv(matrix, vector), sync, repeat=5, warmup=1), 1e-9)
+    del matrix
     layer_s = max(profile.layer_bytes) / rate
     return DeviceTimings(
         layer_decode_s=layer_s,
@@ -250,7 +312,7 @@ def _priced_from_bytes(meta_model, torch_device: torch.device, dtype: torch.dtyp
         embed_s=profile.hidden_size * profile.dtype_bytes / rate,
         head_s=profile.head_bytes / rate,
         head_prefill_per_token_s=profile.head_bytes / rate,
-        timed_as=f"{label}, priced from bytes",
+        timed_as=f"{label}, priced from bytes" + (f" ({why})" if why else ""),
     )
 
 
@@ -279,10 +341,12 @@ def time_link(transfer: TransferManager, src: Device, dst: Device, hidden_size: 
 def _time_step_overhead(config, dtype: torch.dtype, torch_device: torch.device = torch.device("cpu")) -> float:
     """The host's cost per generate step outside the model's forward pass (sampling, stopping,
     cache bookkeeping), measured on a copy of the model with one layer of each kind:
-    transformers' loop around the forward pass is the same whatever the model's depth."""
+    transformers' loop around the forward pass is the same whatever the model's depth (and
+    width: the MLP of a layer bigger than COLD_STACK_BYTES is narrowed for this)."""
     from transformers import AutoModelForCausalLM
 
-    small = cut_config(config, layers_of_every_kind(config))
+    small, _ = timing_config(config, layers_of_every_kind(config))
+    _narrow_big_layer(small, dtype)
     with torch.device(torch_device):
         model = AutoModelForCausalLM.from_config(small, dtype=dtype).eval()
     model.generation_config.eos_token_id = None  # run the full length whatever the random weights say
@@ -304,6 +368,19 @@ def _time_step_overhead(config, dtype: torch.dtype, torch_device: torch.device =
             # The first forward is the prefill; steps after it are what decoding repeats.
             overheads.append((total - sum(forward_s)) / len(forward_s))
     return statistics.median(overheads)
+
+
+def _narrow_big_layer(config, dtype: torch.dtype) -> None:
+    """Narrow the MLP of a one-layer copy whose layer would be more than COLD_STACK_BYTES to the
+    model's hidden size: the generate loop around the forward pass does not depend on it, and
+    a 7B layer's forward passes took most of a first `plan`'s time."""
+    from vramancer.model.loading import build_meta_model
+    from vramancer.model.description import profile_model
+
+    if not isinstance(getattr(config, "intermediate_size", None), int):
+        return
+    if max(profile_model(build_meta_model(config, dtype), dtype).layer_bytes) > COLD_STACK_BYTES:
+        config.intermediate_size = min(config.intermediate_size, config.hidden_size)
 
 
 def profile_key(model_key: str, device: Device, dtype: torch.dtype, weights: str = "native",
