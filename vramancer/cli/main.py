@@ -427,7 +427,8 @@ def _plan(args) -> int:
     for d in devices:
         need = plan.needs[d.name]
         rows.append({"device": d.name, "simulated": d.simulated, "weights": need.weights, "kv_cache": need.kv,
-                     "workspace": need.workspace, "reserve": need.reserve, "need": need.total, "room": plan.rooms[d.name]})
+                     "workspace": need.workspace, "reserve": need.reserve, "need": need.total, "room": plan.rooms[d.name],
+                     "empty_reason": plan.empty.get(d.name)})
     blocks = [{"device": b.device, "simulated": simulated.get(b.device, False), "first_layer": b.layers.first,
                "last_layer": b.layers.last, "bytes": sum(profile.layer_bytes[i] for i in b.layers)} for b in plan.blocks()]
     if args.json:
@@ -451,7 +452,8 @@ def _plan(args) -> int:
         parts = [f"{b.layers}" for b in plan.blocks() if b.device == row["device"]]
         parts = (["embed"] if plan.placement.embed == row["device"] else []) + parts
         parts += ["head"] if plan.placement.head == row["device"] else []
-        print(f"  {row['device']:<{width}} {', '.join(parts) or '(nothing)':<22} "
+        held = ', '.join(parts) or f"(nothing: {row['empty_reason']})"
+        print(f"  {row['device']:<{width}} {held:<22} "
               f"needs {format_bytes(row['need'])} of {format_bytes(row['room'])} free")
     print(f"  predicted {prediction.tokens_per_s:.1f} tokens/s "
           f"(decode step {prediction.step_s * 1000:.1f} ms at {prediction.kv_length} cached tokens)")

@@ -142,6 +142,7 @@ class PlanSnapshot:
     profile: ModelProfile
     layer_devices: tuple[str, ...]
     timings: Timings | None = None  # measured timings; None when nothing could be measured
+    empty: dict = field(default_factory=dict)  # device -> why it holds nothing (planning's empty_reasons)
 
     @property
     def predicted_tokens_per_s(self) -> float | None:

@@ -31,6 +31,7 @@ from vramancer.engine import events as ev
 from vramancer.engine.engine import Engine
 from vramancer.engine.telemetry import DEFAULT_HISTORY, DEFAULT_HZ, Telemetry
 from vramancer.platforms.devices import DeviceLost
+from vramancer.planning.placement import empty_reasons
 from vramancer.runtime.migration import MigrationFailed, MigrationRefused
 from vramancer.scheduling.batching import Batch
 
@@ -484,4 +485,6 @@ def plan_snapshot(engine: Engine) -> ev.PlanSnapshot:
         profile=engine.profile,
         layer_devices=tuple(placement.layer_devices),
         timings=engine.pricing.timings if engine.pricing is not None else None,
+        empty=empty_reasons(engine.profile, placement, engine.devices, engine.plan.strategy, engine.context,
+                            engine.plan.rooms),
     )
