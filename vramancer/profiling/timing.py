@@ -123,17 +123,18 @@ def _untimed_layer_size(meta_model, torch_device: torch.device, dtype: torch.dty
     return format_bytes(largest) if largest > TIMED_LAYER_BYTES else ""
 
 
-def timing_config(config, count: int):
+def timing_config(config, count: int, weight_bytes: int = 4):
     """The model's config cut to its first `count` layers and, where its embedding table or head
-    would be bigger than HEAD_SLICE_BYTES, to as many vocabulary rows as fit (never fewer than its
-    special tokens need). The second value is how many times the real head's rows outnumber the
-    copy's: the head's time is scaled by it."""
+    would be bigger than HEAD_SLICE_BYTES at `weight_bytes` a weight (as the timed copy holds
+    it: 1 for the int8 head of quantized weights), to as many vocabulary rows as fit (never
+    fewer than its special tokens need). The second value is how many times the real head's
+    rows outnumber the copy's: the head's time is scaled by it."""
     small = cut_config(config, count)
     vocab = getattr(small, "vocab_size", None)
     hidden = getattr(small, "hidden_size", None)
     if not isinstance(vocab, int) or not isinstance(hidden, int) or hidden <= 0:
         return small, 1.0
-    rows = max(HEAD_SLICE_BYTES // (hidden * 4), _special_token_rows(small))
+    rows = max(HEAD_SLICE_BYTES // (hidden * weight_bytes), _special_token_rows(small))
     if rows >= vocab:
         return small, 1.0
     small.vocab_size = rows
@@ -201,16 +202,13 @@ def _time_real_layers(meta_model, config, torch_device: torch.device, dtype: tor
     # The model's first `count` layers, as the model builds them (layer types, windows, dense
     # or expert MLPs), with its own embeddings, masks, positions and head around them (cut to a
     # slice of the vocabulary at scale).
-    small_config, head_scale = timing_config(config, count)
+    head_weight_bytes = torch.empty((), dtype=dtype).element_size() if weights == "native" else 1
+    small_config, head_scale = timing_config(config, count, head_weight_bytes)
     if weights == "native":
         with torch.device(torch_device):
             model = AutoModelForCausalLM.from_config(small_config, dtype=dtype).eval()
     else:  # quantized on the host as the load does it, with the same kernels and fused layers
-        from vramancer.quantization.weights import quantize_model
-
-        model = AutoModelForCausalLM.from_config(small_config, dtype=dtype).eval().requires_grad_(False)
-        quantize_model(model, weights)
-        model.to(torch_device)
+        model = _quantized_copy(small_config, dtype, weights).to(torch_device)
     small = describe(model)
     segments = _Segments(model, small, sync)
     vocab = small.vocab_size
@@ -258,6 +256,52 @@ def _time_real_layers(meta_model, config, torch_device: torch.device, dtype: tor
         timed_as=label + (", CUDA graphs" if graphs is not None else "")
         + (f", head timed on 1/{head_scale:.0f} of its rows" if head_scale > 1 else ""),
     )
+
+
+def _quantized_copy(config, dtype: torch.dtype, weights: str) -> torch.nn.Module:
+    """The cut copy under quantized `weights`, each weight made from random rows and quantized
+    a chunk at a time as the streaming load does it (model/loading.py): the float copy of a
+    stack of quantized layers (1.4 GB for a 0.5B's 24 layers under q4) never exists whole.
+    Where weights cannot be made one at a time (torchao's int4 layout), the float copy is
+    quantized whole."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from vramancer.quantization.weights import (
+        convert_weight,
+        finish_quantized,
+        quantize_model,
+        streams,
+        weight_formats,
+    )
+
+    if not streams(weights, dtype):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval().requires_grad_(False)
+        quantize_model(model, weights)
+        return model
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()
+    model.eval().requires_grad_(False)
+    table, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = table is not None and head is not None and head.weight is table.weight
+    formats = weight_formats(model, weights)
+    generator = torch.Generator().manual_seed(0)
+    for name, param in list(model.named_parameters()):
+        shape = tuple(param.shape)
+        if len(shape) >= 2:  # timing does not depend on the values: random rows at a weight's usual scale
+            value = convert_weight(lambda first, end, shape=shape: torch.randn(end - first, *shape[1:],
+                                                                                generator=generator) * 0.02,
+                                   shape, formats.get(name, "native"), dtype)
+        else:
+            value = torch.ones(shape, dtype=dtype)
+        path, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(path) if path else model
+        owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    if tied:
+        head.weight = table.weight
+    finish_quantized(model, weights)
+    return model
 
 
 def _keep_decoding(model, vocab: int, torch_device: torch.device, sync: Callable[[], None], seconds: float) -> None:
