@@ -19,7 +19,7 @@ from vramancer.engine import factory
 from vramancer.engine.loader import graphs_refusal, prepare
 from vramancer.model.architecture import cache_bytes
 from vramancer.model.description import profile_model
-from vramancer.model.loading import load_weights, split_refusal
+from vramancer.model.loading import give_back_freed_memory, load_weights, split_refusal
 from vramancer.model.source import ModelSource, load_tokenizer
 from vramancer.planning.placement import (
     EMBED,
@@ -139,6 +139,9 @@ class Engine:
             split = SplitModel(loaded, profile, device_list, transfer, prepared.context)
             factory.attach_external_layers(split, source, torch_dtype, prepared.config)
             split.apply(plan.placement)
+            # What the load freed (each tensor's float rows, the copies placing made) goes back
+            # to the system, not into glibc's heap between the weights that stay.
+            give_back_freed_memory()
         except BaseException:
             prepared.close()
             raise
