@@ -88,3 +88,19 @@ def test_a_layer_too_big_to_build_is_priced_from_its_bytes(monkeypatch):
     timings = timing.time_device(meta, config, torch.device("cpu"), torch.float32, "host CPU")
     assert "priced from bytes" in timings.timed_as and "more than timing builds" in timings.timed_as
     assert timings.layer_decode_s > 0 and timings.head_s > timings.embed_s
+
+
+def test_plan_says_what_each_tensor_of_the_bundled_gguf_ends_in():
+    from vramancer.model.loading import tensor_formats
+    from vramancer.model.source import load_config, resolve_model
+
+    source = resolve_model("default")
+    config = load_config(source)
+    q4 = tensor_formats(source, config, torch.float32, "q4")
+    # SmolLM2's Q4_1 file: 210 linear weights in Q4_1 blocks, kept; the tied table/head in Q8_0.
+    assert q4 == {"F32 → float32": 61, "Q4_1 → q4 (the file's blocks, kept)": 210,
+                  "Q8_0 → q8 (int8 rows, requantized)": 1}
+    q8 = tensor_formats(source, config, torch.float32, "q8")
+    assert q8["Q4_1 → q8 (int8 rows, requantized)"] == 210
+    assert tensor_formats(source, config, torch.float32, "native") == {
+        "F32 → float32": 61, "Q4_1 → float32": 210, "Q8_0 → float32": 1}

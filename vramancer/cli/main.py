@@ -407,6 +407,7 @@ def _plan(args) -> int:
     from vramancer.config.units import format_bytes
     from vramancer.engine.loader import prepare
     from vramancer.model.architecture import UnsupportedArchitecture
+    from vramancer.model.loading import tensor_formats
     from vramancer.quantization.weights import kernel_path
 
     try:
@@ -436,6 +437,7 @@ def _plan(args) -> int:
                           "dtype": str(dtype).removeprefix("torch."), "dtype_reason": prepared.dtype_reason,
                           "weights": prepared.weights, "weight_bytes": profile.weight_bytes(),
                           "kernels": kernel_path(prepared.weights, dtype), "cuda_graphs": prepared.cuda_graphs,
+                          "tensor_formats": tensor_formats(source, prepared.config, dtype, prepared.weights),
                           "strategy": plan.strategy,
                           "context": plan.context, "simulated_fallback": fallback, "placement": blocks,
                           "embed_device": plan.placement.embed, "head_device": plan.placement.head, "devices": rows,
