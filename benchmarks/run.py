@@ -4,7 +4,7 @@
 
 Each benchmark runs in a fresh process of its own. Writes benchmarks/results/bench-<UTC
 time>.json and .md, and copies them to latest.json and latest.md; prints the markdown on
-stdout (progress goes to stderr). About 8 minutes on two cores. Results are only as quiet as
+stdout (progress goes to stderr). About 8 minutes on two cores, and 10 more for `scale`. Results are only as quiet as
 the machine: re-run if other work shared the CPU (the min–max ranges show it).
 """
 

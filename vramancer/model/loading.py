@@ -369,10 +369,10 @@ def tensor_formats(source: ModelSource, config, dtype: torch.dtype, weights: str
     from vramancer.quantization.weights import streams, weight_formats
 
     model = _empty_model(config, dtype)
-    kind = weights if streams(weights, dtype) else "native"
+    streamed = streams(weights, dtype)
     formats = weight_formats(model, weights)
     dtype_name = str(dtype).removeprefix("torch.")
-    ends = {"q8": "q8 (int8 rows)", "q4": "q4 (blocks of 32)" if kind == "q4" else "q4 (torchao's int4, groups of 32)"}
+    ends = {"q8": "q8 (int8 rows)", "q4": "q4 (blocks of 32)" if streamed else "q4 (torchao's int4, groups of 32)"}
     stored: dict[str, str] = {}
     row_wise = True
     if source.gguf_path is not None:
@@ -390,7 +390,7 @@ def tensor_formats(source: ModelSource, config, dtype: torch.dtype, weights: str
     for name, param in model.named_parameters():
         was = stored.get(name, "no weights file" if not stored else "not in the file")
         fmt = formats.get(name, "native")
-        if fmt == "q4" and was in Q4_KINDS and row_wise and kind == "q4" and param.dim() == 2:
+        if fmt == "q4" and was in Q4_KINDS and row_wise and streamed and param.dim() == 2:
             becomes = "q4 (the file's blocks, kept)"
         else:
             becomes = ends.get(fmt, dtype_name)
