@@ -141,3 +141,33 @@ def test_a_move_says_what_it_frees_and_takes_and_when_a_tied_head_gets_its_own_c
                          tuple(placement.layer_devices))
     assert "is given back" in apart.move_effect(HEAD, HEAD, "sim1")
     assert snapshot.move_effect(0, 0, "sim0") == "changes no device's memory"
+
+
+# SmolLM2-135M's shape in float32: 30 layers of 13.5 MiB, a tied 108 MiB table bigger than
+# several layers together.
+SMOLLM = dataclasses.replace(PROFILE, num_layers=30, layer_bytes=(int(13.5 * MiB),) * 30, embed_bytes=108 * MiB,
+                             head_bytes=108 * MiB + 2304, tied_bytes=108 * MiB, kv_bytes_per_token=1536,
+                             hidden_size=576, intermediate_size=1536, vocab_size=49152)
+
+
+@pytest.mark.parametrize("spec", ["sim:16x256MiB", "sim:8x512MiB"])
+def test_a_rig_of_small_devices_leaves_none_empty_when_the_layers_go_round(spec):
+    pool = devices(spec)
+    plan = make_plan(SMOLLM, pool, "proportional", 2048)
+    counts = layer_counts(plan)
+    held = set(counts) | {plan.placement.embed, plan.placement.head}
+    assert held == {d.name for d in pool}, f"empty: {sorted({d.name for d in pool} - held)}"
+    assert plan.empty == {}
+    assert all(plan.needs[d.name].total <= plan.rooms[d.name] for d in pool)
+    # Layers stay in pipeline order: one contiguous block per device.
+    assert len(plan.blocks()) == len(counts)
+
+
+def test_an_empty_device_gets_the_reason_it_holds_nothing():
+    few = make_plan(SMOLLM, devices("sim:40x256MiB"), "proportional", 2048)
+    assert few.empty["sim39"] == "30 layers, 40 devices" and set(few.empty) == {f"sim{i}" for i in range(31, 40)}
+    sequential = make_plan(SMOLLM, devices("sim:8x512MiB"), "sequential", 2048)
+    assert sequential.empty["sim7"] == "sequential filled the devices before it"
+    # A device too small for any one layer with its KV cache and workspace.
+    small = make_plan(PROFILE, devices("sim:1GiB,16MiB"), "proportional", CONTEXT)
+    assert set(small.empty) == {"sim1"} and small.empty["sim1"].startswith("16.0 MiB free < a layer's")

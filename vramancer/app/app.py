@@ -567,7 +567,7 @@ class VramancerApp(App[int]):
             for first, last in parts:
                 text.append(f"  {part_label(first, last):<16}{format_bytes(plan.part_bytes(first, last))}\n")
             if not parts:
-                text.append(f"  nothing · {why_empty(plan, device, len(self.devices_panel.cards))}\n")
+                text.append(f"  nothing · {why_empty(plan, device)}\n")
             need = plan.needs.get(device)
             if need is not None:
                 text.append(f"  needs {format_bytes(need)} in all (weights, KV cache for {plan.context} tokens, "

@@ -539,6 +539,7 @@ def _plan(args) -> int:
     from vramancer.config.units import format_bytes
     from vramancer.engine.loader import prepare
     from vramancer.model.architecture import UnsupportedArchitecture
+    from vramancer.model.loading import tensor_formats
     from vramancer.quantization.weights import kernel_path
 
     try:
@@ -562,7 +563,8 @@ def _plan(args) -> int:
     for d in devices:
         need = plan.needs[d.name]
         rows.append({"device": d.name, "simulated": d.simulated, "weights": need.weights, "kv_cache": need.kv,
-                     "workspace": need.workspace, "reserve": need.reserve, "need": need.total, "room": plan.rooms[d.name]})
+                     "workspace": need.workspace, "reserve": need.reserve, "need": need.total, "room": plan.rooms[d.name],
+                     "empty_reason": plan.empty.get(d.name)})
     blocks = [{"device": b.device, "simulated": simulated.get(b.device, False), "first_layer": b.layers.first,
                "last_layer": b.layers.last, "bytes": sum(profile.layer_bytes[i] for i in b.layers)} for b in plan.blocks()]
     if args.json:
@@ -570,6 +572,7 @@ def _plan(args) -> int:
                           "dtype": str(dtype).removeprefix("torch."), "dtype_reason": prepared.dtype_reason,
                           "weights": prepared.weights, "weight_bytes": profile.weight_bytes(),
                           "kernels": kernel_path(prepared.weights, dtype), "cuda_graphs": prepared.cuda_graphs,
+                          "tensor_formats": tensor_formats(source, prepared.config, dtype, prepared.weights),
                           "strategy": plan.strategy,
                           "context": plan.context, "simulated_fallback": fallback, "placement": blocks,
                           "embed_device": plan.placement.embed, "head_device": plan.placement.head, "devices": rows,
@@ -588,7 +591,8 @@ def _plan(args) -> int:
             parts = tiers_device_parts(plan, row["device"])
         parts = (["embed"] if plan.placement.embed == row["device"] else []) + parts
         parts += ["head"] if plan.placement.head == row["device"] else []
-        print(f"  {row['device']:<{width}} {', '.join(parts) or '(nothing)':<22} "
+        held = ', '.join(parts) or f"(nothing: {row['empty_reason']})"
+        print(f"  {row['device']:<{width}} {held:<22} "
               f"needs {format_bytes(row['need'])} of {format_bytes(row['room'])} free")
     for line in tiers_lines(tiers) if tiers else []:
         print(line)

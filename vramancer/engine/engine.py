@@ -21,7 +21,7 @@ from vramancer.engine import factory
 from vramancer.engine.loader import graphs_refusal, prepare
 from vramancer.model.architecture import cache_bytes
 from vramancer.model.architecture import UnsupportedArchitecture
-from vramancer.model.loading import check_weights, load_weights
+from vramancer.model.loading import check_weights, give_back_freed_memory, load_weights
 from vramancer.model.source import ModelSource, load_tokenizer
 from vramancer.planning.placement import (
     EMBED,
@@ -145,6 +145,9 @@ class Engine:
             factory.attach_external_layers(split, source, torch_dtype, prepared.config)
             split.tier_caps = {tier.name: tier.capacity for tier in prepared.tiers}
             split.apply(plan.placement, plan.streamed)
+            # What the load freed (each tensor's float rows, the copies placing made) goes back
+            # to the system, not into glibc's heap between the weights that stay.
+            give_back_freed_memory()
         except BaseException:
             prepared.close()
             raise

@@ -151,6 +151,7 @@ class PlanSnapshot:
     def tier_layers(self, tier: str) -> list[int]:
         """The layers whose weights live in `tier`."""
         return sorted(layer for layer, name in self.streamed if name == tier)
+    empty: dict = field(default_factory=dict)  # device -> why it holds nothing (planning's empty_reasons)
 
     @property
     def predicted_tokens_per_s(self) -> float | None:

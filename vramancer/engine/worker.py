@@ -31,6 +31,7 @@ from vramancer.engine import events as ev
 from vramancer.engine.engine import Engine
 from vramancer.engine.telemetry import DEFAULT_HISTORY, DEFAULT_HZ, Telemetry
 from vramancer.platforms.devices import DeviceLost
+from vramancer.planning.placement import empty_reasons
 from vramancer.runtime.migration import MigrationFailed, MigrationRefused
 from vramancer.scheduling.batching import Batch
 
@@ -487,4 +488,6 @@ def plan_snapshot(engine: Engine) -> ev.PlanSnapshot:
         streamed=tuple(sorted(engine.split.streamed.items())),
         stream_s=engine.stream_seconds(),
         tier_caps=tuple((name, cap) for name, cap in engine.split.tier_caps.items() if cap > 0),
+        empty=empty_reasons(engine.profile, placement, engine.devices, engine.plan.strategy, engine.context,
+                            engine.plan.rooms),
     )

@@ -189,3 +189,55 @@ def _field_text(reader, key: str) -> str:
     field = reader.fields.get(key)
     return bytes(field.parts[field.data[0]]).decode() if field is not None else ""
 
+
+GGUF_FIXED_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type → bytes
+
+
+def gguf_tensor_kinds(path: Path) -> dict[str, str]:
+    """Each tensor's llama.cpp name → its stored type ("Q4_1", "Q8_0", "F32", ...), read from the
+    header alone: the metadata is skipped, not parsed (gguf's reader parses every value, seconds
+    for a tokenizer's arrays), and no tensor data is touched."""
+    import struct
+
+    from gguf import GGMLQuantizationType
+
+    with Path(path).open("rb") as f:
+        def read(fmt: str):
+            size = struct.calcsize(fmt)
+            data = f.read(size)
+            if len(data) < size:
+                raise EOFError(f"{path} ends inside its header")
+            return struct.unpack(fmt, data)
+
+        def text() -> str:
+            (length,) = read("<Q")
+            return f.read(length).decode()
+
+        def skip(value_type: int) -> None:
+            if value_type in GGUF_FIXED_BYTES:
+                f.seek(GGUF_FIXED_BYTES[value_type], 1)
+            elif value_type == 8:
+                f.seek(read("<Q")[0], 1)
+            elif value_type == 9:
+                item, count = read("<IQ")
+                if item in GGUF_FIXED_BYTES:
+                    f.seek(GGUF_FIXED_BYTES[item] * count, 1)
+                else:
+                    for _ in range(count):
+                        skip(item)
+            else:
+                raise ValueError(f"{path} has an unknown GGUF value type {value_type}")
+
+        _magic, _version, tensors, keys = read("<4sIQQ")
+        for _ in range(keys):
+            text()
+            skip(read("<I")[0])
+        kinds = {}
+        for _ in range(tensors):
+            name = text()
+            (dims,) = read("<I")
+            f.seek(8 * dims, 1)
+            (kind,) = read("<I")
+            f.seek(8, 1)  # the data's offset
+            kinds[name] = GGMLQuantizationType(kind).name
+        return kinds

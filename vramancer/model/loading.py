@@ -438,3 +438,44 @@ def convert_weight_rows(item, dtype: torch.dtype) -> torch.Tensor:
     from vramancer.quantization.weights import convert_weight
 
     return convert_weight(item.rows, item.shape, "native", dtype)
+def tensor_formats(source: ModelSource, config, dtype: torch.dtype, weights: str) -> dict[str, int]:
+    """What the load makes of each weight, grouped as "<as stored> → <as it runs>" with how many
+    tensors take that way, read from the file's header and the model's shapes only (`plan
+    --json`): a GGUF's Q4_0/Q4_1 tensors under q4 keep their blocks; every other quantized
+    tensor is read as floats and quantized (per-row int8 for q8 and for the embeddings and
+    head, blocks of 32 for q4)."""
+    from collections import Counter
+
+    from vramancer.model.checkpoint import Q4_KINDS, SafetensorsFile, gguf_tensor_kinds
+    from vramancer.quantization.weights import streams, weight_formats
+
+    model = _empty_model(config, dtype)
+    streamed = streams(weights, dtype)
+    formats = weight_formats(model, weights)
+    dtype_name = str(dtype).removeprefix("torch.")
+    ends = {"q8": "q8 (int8 rows)", "q4": "q4 (blocks of 32)" if streamed else "q4 (torchao's int4, groups of 32)"}
+    stored: dict[str, str] = {}
+    row_wise = True
+    if source.gguf_path is not None:
+        import transformers.modeling_gguf_pytorch_utils as hf_gguf
+
+        kinds = gguf_tensor_kinds(source.gguf_path)
+        processor_class = hf_gguf.TENSOR_PROCESSORS.get(config.model_type, hf_gguf.TensorProcessor)
+        row_wise = processor_class in (hf_gguf.TensorProcessor, hf_gguf.LlamaTensorProcessor)
+        names = hf_gguf.get_gguf_hf_weights_map(model, processor_class(config=config.to_dict()))
+        stored = {names[name]: value for name, value in kinds.items() if name in names}
+    elif not source.is_hub_id:
+        for path in safetensors_files(Path(source.location)):
+            stored.update({name: entry["dtype"] for name, entry in SafetensorsFile(path).entries.items()})
+    groups: Counter = Counter()
+    for name, param in model.named_parameters():
+        was = stored.get(name, "no weights file" if not stored else "not in the file")
+        fmt = formats.get(name, "native")
+        if fmt == "q4" and was in Q4_KINDS and row_wise and streamed and param.dim() == 2:
+            becomes = "q4 (the file's blocks, kept)"
+        else:
+            becomes = ends.get(fmt, dtype_name)
+            if fmt != "native" and source.gguf_path is not None and was not in ("F32", "F16", "BF16", "F64"):
+                becomes = becomes[:-1] + ", requantized)"  # dequantized a tensor at a time, then quantized
+        groups[f"{was} → {becomes}"] += 1
+    return dict(sorted(groups.items()))

@@ -25,6 +25,10 @@ from vramancer.config.units import format_bytes
 EMBED = "embed"
 HEAD = "head"
 STRATEGIES = ("proportional", "sequential", "profiled")
+# Pools of this many devices or more (a rig) have every device take part under `proportional`
+# where the layers go round (`_spread`). Smaller pools keep the placement by shares of room,
+# which can leave one device empty when a tied head joins its embeddings.
+RIG_DEVICES = 4
 
 
 class PlanError(VramancerError):
@@ -220,6 +224,7 @@ class Plan:
     # Layers whose weights live in a host or disk tier (layer -> tier name) and stream to the
     # device the placement gives them at their turn (planning/tiers.py); empty: none.
     streamed: dict[int, str] = field(default_factory=dict)
+    empty: dict[str, str] = field(default_factory=dict)  # device -> why it holds nothing
 
     def blocks(self) -> list[Block]:
         return self.placement.blocks()
@@ -314,7 +319,10 @@ def make_plan(
         )
     if strategy != "profiled":  # profiled weighs logits and hand-overs itself: its choice stands
         placement = _tied_head_home(profile, devices, placement, context, rooms)
-    return Plan(placement, strategy, context, device_needs(profile, placement, devices, context), rooms)
+    if strategy == "proportional":
+        placement = _spread(profile, devices, placement, context, rooms)
+    return Plan(placement, strategy, context, device_needs(profile, placement, devices, context), rooms,
+                empty_reasons(profile, placement, devices, strategy, context, rooms))
 
 
 def _tied_head_home(profile: ModelProfile, devices: Sequence[Device], placement: Placement, context: int,
@@ -366,7 +374,8 @@ def _plan_with_nodes(profile: ModelProfile, devices: Sequence[Device], strategy:
         )
     if strategy != "profiled":
         placement = _tied_head_home(profile, ordered, placement, context, rooms)
-    return Plan(placement, strategy, context, device_needs(profile, placement, ordered, context), rooms)
+    return Plan(placement, strategy, context, device_needs(profile, placement, ordered, context), rooms,
+                empty_reasons(profile, placement, ordered, strategy, context, rooms))
 
 
 def _proportional_layers(profile: ModelProfile, devices: Sequence[Device], participants: Sequence[Device],
@@ -477,6 +486,78 @@ def _proportional_counts(costs: Sequence[float], usable: Sequence[float]) -> lis
                 taken += 1
         counts.append(taken - start)
     return counts
+
+
+def _spread(profile: ModelProfile, devices: Sequence[Device], placement: Placement, context: int,
+            rooms) -> Placement:
+    """`placement`, or where it leaves a device that takes part empty though there are layers
+    enough to go round (a rig of many small devices: whole parts handed out by room skip a
+    device whose share is less than the embeddings), one with the ends on the first device
+    (the head on the last when untied) and the layers in proportion to what room the others
+    leave, at least one on each device that holds no end, if that fits. With fewer layers than
+    devices, the first devices take them and the last stay empty."""
+    used = set(placement.layer_devices) | {placement.embed, placement.head}
+    takers = [d for d in devices if not d.last_resort] or list(devices)
+    if any(d.name in used for d in devices if d.last_resort):
+        takers = list(devices)  # the CPU took the overflow: every device takes part
+    if all(d.name in used for d in takers) or len(takers) < RIG_DEVICES:
+        return placement
+    # Fewer layers than devices: the first ones, one layer each, and the rest left empty.
+    takers = takers[:profile.num_layers + (1 if profile.tied_bytes else 2)]
+    first, last = takers[0], takers[-1]
+    head = first if profile.tied_bytes else last
+    ends = {first.name: [EMBED] + ([HEAD] if head is first else []), last.name: [HEAD] if head is last else []}
+    costs = [profile.layer_bytes[i] + profile.kv_bytes(i, context) for i in range(profile.num_layers)]
+    usable = []
+    for device in takers:
+        end_parts = ends.get(device.name, [])
+        fixed = device_need(profile, [0, *end_parts], device.reserve, context).total - costs[0]
+        usable.append(max(rooms[device.name] - fixed, 0))
+    if sum(usable) <= 0:
+        return placement
+    counts = _proportional_counts(costs, usable)
+    for index, device in enumerate(takers):  # a device with no end takes a layer from the most laden
+        if counts[index] == 0 and not ends.get(device.name):
+            donor = max(range(len(counts)), key=lambda k: counts[k])
+            if counts[donor] < 2:
+                return placement
+            counts[donor] -= 1
+            counts[index] += 1
+    owners = [device.name for device, count in zip(takers, counts) for _ in range(count)]
+    spread = Placement(owners, embed=first.name, head=head.name)
+    return spread if _fits(profile, devices, spread, context, rooms) else placement
+
+
+def empty_reasons(profile: ModelProfile, placement: Placement, devices: Sequence[Device], strategy: str,
+                  context: int, rooms) -> dict[str, str]:
+    """Why each device the plan leaves empty holds nothing, in a few words (the dashboard shows
+    them in the device's column): layers stay whole, so fewer layers than devices leaves some
+    empty; the CPU only takes what the accelerators cannot hold; sequential fills devices in
+    order; profiled found it faster without; else the device's room or share is under a layer."""
+    used = set(placement.layer_devices) | {placement.embed, placement.head}
+    accelerators_only = not any(d.name in used for d in devices if d.last_resort)
+    reasons = {}
+    for device in devices:
+        if device.name in used:
+            continue
+        smallest = min(range(profile.num_layers), key=lambda i: part_bytes(profile, i) + profile.kv_bytes(i, context),
+                       default=None)
+        alone = device_need(profile, [smallest], device.reserve, context).total if smallest is not None else 0
+        if profile.num_layers + 1 < len(devices):  # the ends share a device with some layers or each other
+            reasons[device.name] = f"{profile.num_layers} layers, {len(devices)} devices"
+        elif device.lost:
+            reasons[device.name] = "its node is lost"
+        elif device.last_resort and accelerators_only:
+            reasons[device.name] = "the accelerators hold it all"
+        elif alone > rooms.get(device.name, 0):
+            reasons[device.name] = f"{format_bytes(rooms.get(device.name, 0))} free < a layer's {format_bytes(alone)}"
+        elif strategy == "sequential":
+            reasons[device.name] = "sequential filled the devices before it"
+        elif strategy == "profiled":
+            reasons[device.name] = "priced faster without it"
+        else:
+            reasons[device.name] = f"its share < a layer ({format_bytes(max(profile.layer_bytes, default=0))})"
+    return reasons
 
 
 def _proportional(profile: ModelProfile, devices, context: int, rooms) -> Placement | None:

@@ -8,6 +8,12 @@ hidden-state sized hand-overs, and the host's own cost of one `generate` step wi
 copy of the model. Timing does not depend on weight values, so all of this runs from the
 config, before any weights load. A model that cannot be timed is priced from its bytes.
 
+At scale the copy stays small: its vocabulary is cut to the rows that fit HEAD_SLICE_BYTES
+(an embedding lookup costs the same whatever the table's length; the head's matrix-vector
+product grows with its rows, so its time is scaled up to the whole vocabulary), and a model
+whose one layer is bigger than TIMED_LAYER_BYTES, built on the host, is priced from its
+bytes rather than built: `plan` of a 70B config reads no more than a few GiB.
+
 Simulated devices compute on the host CPU: they are timed as the CPU, and say so.
 Results are cached per (model, device, dtype) under the user cache directory.
 """
@@ -40,7 +46,6 @@ from vramancer.planning.pricing import (
 )
 from vramancer.platforms.devices import Device
 
-log = logging.getLogger(__name__)
 from vramancer.runtime.transfer import TransferManager
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,12 @@ COLD_STACK_BYTES = 256 * 1024 * 1024  # more than any CPU cache: layers timed in
 # layer that it decodes in 0.56 ms a few seconds later (clocks, lazily loaded kernels, the
 # allocator's pool): predictions came out 3-5x pessimistic.
 WARM_GPU_S = 1.0
+# The timed copy's embedding table and head hold at most this many bytes each (more than a
+# CPU's cache, so the head's rows stream from memory as the full head's do).
+HEAD_SLICE_BYTES = 64 * 1024 * 1024
+# A layer bigger than this, in the float form the copy is built in on the host, is priced from
+# its bytes instead: timing it would take that much host memory (a 70B layer is 3.3 GiB in float32).
+TIMED_LAYER_BYTES = 1 << 30
 
 
 def cache_dir() -> Path:
@@ -92,12 +103,64 @@ def time_device(description: ModelDescription, torch_device: torch.device, dtype
 
     config = description.config
     replay = LayerGraphs() if graphs and CudaGraphRecorder.accepts(torch_device) else None
+    too_big = _untimed_layer_size(description, torch_device, dtype, weights)
+    if too_big:
+        log.info("a layer of %s is %s on the host, more than timing builds; pricing it from its bytes on %s",
+                 getattr(config, "model_type", "the model"), too_big, label)
+        return _priced_from_bytes(description, torch_device, dtype, label,
+                                  why=f"a layer of {too_big} is more than timing builds")
     try:
         return _time_real_layers(description, torch_device, dtype, label, weights, replay)
     except Exception as exc:  # noqa: BLE001 - any failure to time falls back to bytes
         log.warning("could not time %s on %s (%s: %s); pricing it from its bytes instead",
                     getattr(config, "model_type", "the model"), label, type(exc).__name__, _first_line(exc))
         return _priced_from_bytes(description, torch_device, dtype, label)
+
+
+def _untimed_layer_size(description: ModelDescription, torch_device: torch.device, dtype: torch.dtype,
+                        weights: str) -> str:
+    """'' where one layer of the model can be timed; else its size in the float form it would
+    be built in on the host (quantized weights are built in float first, on the host)."""
+    from vramancer.config.units import format_bytes
+
+    if torch_device.type != "cpu" and weights == "native":
+        return ""  # built on the device itself, whose memory the plan is about
+    largest = _float_layer_bytes(description, dtype)
+    return format_bytes(largest) if largest > TIMED_LAYER_BYTES else ""
+
+
+def _float_layer_bytes(description: ModelDescription, dtype: torch.dtype) -> int:
+    """The largest decoder layer's weights in `dtype`, counted from the described modules'
+    shapes (the profile counts them as the load holds them, quantized or not)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return max(sum(t.numel() for t in layer.parameters()) for layer in description.architecture.layers) * size
+
+
+def timing_config(config, count: int, weight_bytes: int = 4):
+    """The model's config cut to its first `count` layers and, where its embedding table or head
+    would be bigger than HEAD_SLICE_BYTES at `weight_bytes` a weight (as the timed copy holds
+    it: 1 for the int8 head of quantized weights), to as many vocabulary rows as fit (never
+    fewer than its special tokens need). The second value is how many times the real head's
+    rows outnumber the copy's: the head's time is scaled by it."""
+    small = cut_config(config, count)
+    vocab = getattr(small, "vocab_size", None)
+    hidden = getattr(small, "hidden_size", None)
+    if not isinstance(vocab, int) or not isinstance(hidden, int) or hidden <= 0:
+        return small, 1.0
+    rows = max(HEAD_SLICE_BYTES // (hidden * weight_bytes), _special_token_rows(small))
+    if rows >= vocab:
+        return small, 1.0
+    small.vocab_size = rows
+    return small, vocab / rows
+
+
+def _special_token_rows(config) -> int:
+    """One more than the largest special token id the config names (a padding row must exist)."""
+    ids = []
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+        value = getattr(config, key, None)
+        ids.extend(value if isinstance(value, (list, tuple)) else [value])
+    return max((i for i in ids if isinstance(i, int)), default=-1) + 1
 
 
 class _Segments:
@@ -148,17 +211,15 @@ def _time_real_layers(description: ModelDescription, torch_device: torch.device,
     layer_bytes = max(description.profile.layer_bytes)
     count = max(layers_of_every_kind(config), min(len(arch.layers), -(-COLD_STACK_BYTES // max(layer_bytes, 1))))
     # The model's first `count` layers, as the model builds them (layer types, windows, dense
-    # or expert MLPs), with its own embeddings, masks, positions and head around them.
-    small_config = cut_config(config, count)
+    # or expert MLPs), with its own embeddings, masks, positions and head around them (cut to a
+    # slice of the vocabulary at scale).
+    head_weight_bytes = torch.empty((), dtype=dtype).element_size() if weights == "native" else 1
+    small_config, head_scale = timing_config(config, count, head_weight_bytes)
     if weights == "native":
         with torch.device(torch_device):
             model = AutoModelForCausalLM.from_config(small_config, dtype=dtype).eval()
     else:  # quantized on the host as the load does it, with the same kernels and fused layers
-        from vramancer.quantization.weights import quantize_model
-
-        model = AutoModelForCausalLM.from_config(small_config, dtype=dtype).eval().requires_grad_(False)
-        quantize_model(model, weights)
-        model.to(torch_device)
+        model = _quantized_copy(small_config, dtype, weights).to(torch_device)
     small = arch.bind(model)  # the description's parts, found in the cut copy
     segments = _Segments(model, small, sync)
     vocab = small.vocab_size
@@ -200,10 +261,58 @@ def _time_real_layers(description: ModelDescription, torch_device: torch.device,
         layer_decode_per_kv_s=max(long - short, 0.0) / count / max(long_kv - SHORT_KV, 1),
         layer_prefill_per_token_s=prefill / count / prompt.shape[1],
         embed_s=embed_s,
-        head_s=head_s,
-        head_prefill_per_token_s=head_prefill / prompt.shape[1],
-        timed_as=label + (", CUDA graphs" if graphs is not None else ""),
+        # The final norm is timed with the head and scaled with it: a small share of it.
+        head_s=head_s * head_scale,
+        head_prefill_per_token_s=head_prefill * head_scale / prompt.shape[1],
+        timed_as=label + (", CUDA graphs" if graphs is not None else "")
+        + (f", head timed on 1/{head_scale:.0f} of its rows" if head_scale > 1 else ""),
     )
+
+
+def _quantized_copy(config, dtype: torch.dtype, weights: str) -> torch.nn.Module:
+    """The cut copy under quantized `weights`, each weight made from random rows and quantized
+    a chunk at a time as the streaming load does it (model/loading.py): the float copy of a
+    stack of quantized layers (1.4 GB for a 0.5B's 24 layers under q4) never exists whole.
+    Where weights cannot be made one at a time (torchao's int4 layout), the float copy is
+    quantized whole."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from vramancer.quantization.weights import (
+        convert_weight,
+        finish_quantized,
+        quantize_model,
+        streams,
+        weight_formats,
+    )
+
+    if not streams(weights, dtype):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval().requires_grad_(False)
+        quantize_model(model, weights)
+        return model
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()
+    model.eval().requires_grad_(False)
+    table, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = table is not None and head is not None and head.weight is table.weight
+    formats = weight_formats(model, weights)
+    generator = torch.Generator().manual_seed(0)
+    for name, param in list(model.named_parameters()):
+        shape = tuple(param.shape)
+        if len(shape) >= 2:  # timing does not depend on the values: random rows at a weight's usual scale
+            value = convert_weight(lambda first, end, shape=shape: torch.randn(end - first, *shape[1:],
+                                                                                generator=generator) * 0.02,
+                                   shape, formats.get(name, "native"), dtype)
+        else:
+            value = torch.ones(shape, dtype=dtype)
+        path, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(path) if path else model
+        owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    if tied:
+        head.weight = table.weight
+    finish_quantized(model, weights)
+    return model
 
 
 def _keep_decoding(model, vocab: int, torch_device: torch.device, sync: Callable[[], None], seconds: float) -> None:
@@ -236,14 +345,17 @@ def _extend_cache(cache, tokens: int) -> None:
         entry.update(more_keys, more_values)
 
 
-def _priced_from_bytes(description: ModelDescription, torch_device: torch.device, dtype: torch.dtype,
-                       label: str) -> DeviceTimings:
-    """Decode costs from bytes read per token over the device's measured copy rate: a decode
-    step streams each layer's weights (and its KV cache) once."""
-    profile = description.profile
+def _priced_from_bytes(description: ModelDescription, torch_device: torch.device, dtype: torch.dtype, label: str,
+                       why: str = "") -> DeviceTimings:
+    """Decode costs from bytes read per token over the rate the device multiplies a matrix of
+    HEAD_SLICE_BYTES by a vector (what a decode step does with each weight): a decode step
+    streams each layer's weights (and its KV cache) once."""
+    profile = description.profile  # in the form the load holds the weights in
     sync = _syncer(torch_device)
-    block = torch.empty(16 * 1024 * 1024, dtype=torch.uint8, device=torch_device)
-    rate = block.numel() / max(_median_time(lambda: block.clone(), sync, repeat=5, warmup=1), 1e-9)
+    size = torch.empty((), dtype=dtype).element_size()
+    matrix = torch.rand(HEAD_SLICE_BYTES // (1024 * size), 1024, dtype=dtype, device=torch_device)
+    vector = torch.rand(1024, dtype=dtype, device=torch_device)
+    rate = HEAD_SLICE_BYTES / max(_median_time(lambda: torch.mv(matrix, vector), sync, repeat=5, warmup=1), 1e-9)
     layer_s = max(profile.layer_bytes) / rate
     return DeviceTimings(
         layer_decode_s=layer_s,
@@ -252,7 +364,7 @@ def _priced_from_bytes(description: ModelDescription, torch_device: torch.device
         embed_s=profile.hidden_size * profile.dtype_bytes / rate,
         head_s=profile.head_bytes / rate,
         head_prefill_per_token_s=profile.head_bytes / rate,
-        timed_as=f"{label}, priced from bytes",
+        timed_as=f"{label}, priced from bytes" + (f" ({why})" if why else ""),
     )
 
 
@@ -278,13 +390,17 @@ def time_link(transfer: TransferManager, src: Device, dst: Device, hidden_size: 
     return LinkTimings(latency_s=latency, bytes_per_s=big.numel() * 4 / big_s)
 
 
-def _time_step_overhead(config, dtype: torch.dtype, torch_device: torch.device = torch.device("cpu")) -> float:
+def _time_step_overhead(config, dtype: torch.dtype, torch_device: torch.device = torch.device("cpu"),
+                        layer_bytes: int = 0) -> float:
     """The host's cost per generate step outside the model's forward pass (sampling, stopping,
     cache bookkeeping), measured on a copy of the model with one layer of each kind:
-    transformers' loop around the forward pass is the same whatever the model's depth."""
+    transformers' loop around the forward pass is the same whatever the model's depth (and
+    width: the MLP of a layer bigger than COLD_STACK_BYTES is narrowed for this)."""
     from transformers import AutoModelForCausalLM
 
-    small = cut_config(config, layers_of_every_kind(config))
+    small, _ = timing_config(config, layers_of_every_kind(config))
+    if layer_bytes > COLD_STACK_BYTES and isinstance(getattr(small, "intermediate_size", None), int):
+        small.intermediate_size = min(small.intermediate_size, small.hidden_size)
     with torch.device(torch_device):
         model = AutoModelForCausalLM.from_config(small, dtype=dtype).eval()
     model.generation_config.eos_token_id = None  # run the full length whatever the random weights say
@@ -368,12 +484,15 @@ def measure(
     overhead = None if reprofile else _read_float(overhead_path)
     if overhead is None:
         try:
-            overhead = _time_step_overhead(config, dtype, sampler)
+            overhead = _time_step_overhead(config, dtype, sampler, _float_layer_bytes(description, dtype))
             _write_text(overhead_path, json.dumps({"step_overhead_s": overhead}))
         except Exception as exc:  # noqa: BLE001 - a prediction without it is still a prediction
             log.warning("could not time a generate step of %s (%s); predictions leave it out",
                         getattr(config, "model_type", "the model"), _first_line(exc))
             overhead = 0.0
+    from vramancer.model.loading import give_back_freed_memory
+
+    give_back_freed_memory()  # the cut copies' memory goes back to the system, not into glibc's heap
     if any(d.torch_device.type == "cuda" for d in devices):
         # The timing runs' blocks stay in torch's cache otherwise, and the plan made next
         # would see that much less free memory on the GPU.

@@ -581,7 +581,7 @@ class PlacementPanel(Container):
                 continue
             need = self.plan.needs.get(d.name) if self.plan else None
             used = self.used.get(d.name, need or 0)
-            column.show_fullness(used, d.total, need, why_empty(self.plan, d.name, len(self.devices)))
+            column.show_fullness(used, d.total, need, why_empty(self.plan, d.name))
         for tier, cap in self.plan.tier_caps if self.plan else ():
             held = sum(self.plan.profile.layer_bytes[i] for i in self.plan.tier_layers(tier))
             self.columns[tier].show_fullness(held, cap, None, "" if held else "empty: drop layers to stream them")
@@ -611,21 +611,11 @@ def nearest(origin: Widget, others: list, direction: str):
     return best
 
 
-def why_empty(plan: PlanSnapshot | None, device: str, devices: int) -> str:
-    """Why the plan put nothing on `device` ("" when it holds something), in the plan's terms:
-    layers stay whole, so fewer layers than devices leaves some empty; sequential fills the
-    devices in order; the other strategies hand out whole layers by room or by priced time."""
+def why_empty(plan: PlanSnapshot | None, device: str) -> str:
+    """Why the plan put nothing on `device` ("" when it holds something), as the planner says it."""
     if plan is None or _tile_counts(plan).get(device):
         return ""
-    layers = plan.profile.num_layers
-    if layers + 1 < devices:  # the ends share a device with some layers or each other
-        return f"empty: {layers} layers, {devices} devices"
-    if plan.strategy == "sequential":
-        return "empty: sequential filled the devices before it"
-    largest = format_bytes(max(plan.profile.layer_bytes, default=0))
-    if plan.strategy == "profiled":
-        return "empty: priced faster without it"
-    return f"empty: its share < a layer ({largest})"
+    return f"empty: {plan.empty.get(device) or 'nothing placed on it'}"
 
 
 def _tile_counts(plan: PlanSnapshot) -> dict[str, int]:
