@@ -57,6 +57,11 @@ def test_a_stopped_coordinator_is_let_go_after_its_lease_and_the_next_one_gets_i
         node.wait_for_log("past its lease; letting it go and freeing what it held", timeout=LEASE_S + 10)
         node.wait_for_log("ended", timeout=5)
         assert time.monotonic() - stopped < LEASE_S + 8
+        assert "stuck" not in node.log()  # its tensor channel was hung up on, not waited for
+        # Nothing of the node stays connected to the stopped coordinator.
+        theirs = {c.laddr.port for c in psutil.Process(coordinator.pid).net_connections(kind="tcp")}
+        assert not [c for c in psutil.Process(node.pid).net_connections(kind="tcp")
+                    if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port in theirs]
         second = NodeConnection("127.0.0.1", node.port, TOKEN.encode()).connect()
         try:
             assert second.request("state")["layers"] == {}

@@ -82,6 +82,29 @@ def only_from(descriptor: int, address: str) -> None:
         sock.close()  # our duplicate only: the filter stays on the socket
 
 
+def hang_up_on(address: str, keep_port: int) -> int:
+    """Shut down every connection of this process with `address` but those on `keep_port`
+    (the node's own port, where a new coordinator may be saying hello): what a process group
+    whose peer went silent is left waiting on. Returns how many were shut."""
+    if not filters_work():
+        return 0
+    import psutil
+
+    shut = 0
+    for connection in psutil.Process().net_connections(kind="tcp"):
+        if (connection.status == psutil.CONN_ESTABLISHED and connection.raddr and connection.fd >= 0
+                and connection.raddr.ip == address and connection.laddr.port != keep_port):
+            sock = socket.socket(fileno=os.dup(connection.fd))
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # the owner's reads end; it closes its descriptor itself
+                shut += 1
+            except OSError:
+                pass
+            finally:
+                sock.close()
+    return shut
+
+
 def close_underneath(descriptor: int) -> None:
     """Close the socket behind `descriptor`, leaving the number open (on /dev/null) for its
     owner to close later."""

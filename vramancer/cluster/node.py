@@ -409,6 +409,11 @@ class Session:
             self.ending.set()
             self.closed.set()
             self.channel.close()
+            if self.lease_expired:
+                # Its process group would wait for tensors for ever: hang up on it, and the
+                # tensor thread ends (and lets go of the lock) as if the coordinator had died.
+                listeners.hang_up_on(self.peer_address, self.server.port)
+                data.join(HANDOVER_S)
             # The tensor thread holds the lock while it waits inside an operation; a
             # coordinator out of step (or gone) may never send what it waits for. Wait for it a
             # bounded time, then let go of the layers anyway: it checks `closed` before it
