@@ -269,9 +269,9 @@ def main(argv: list[str] | None = None) -> int:
             return _dashboard(args, prepare)  # it runs `prepare` after its first frame, torch after that
         if args.command == "serve":
             return _serve(args, prepare)  # it listens first: a busy port costs no torch import
+        prepare()  # imports torch: a signal during that import ends the process as it would have
         if args.command in ("plan", "generate", "bench", "devices"):  # serve and node end in their own ways
             _stop_on_signals()
-        prepare()
         return {"config": _config, "devices": _devices, "plan": _plan, "generate": _generate, "bench": _bench,
                 "node": _node, "serve": _serve}[args.command](args)
     except VramancerError as exc:
@@ -304,7 +304,9 @@ class _Stopped(KeyboardInterrupt):
 def _stop_on_signals() -> None:
     """End on SIGTERM and SIGHUP as on Ctrl-C, by an exception: every `finally` on the way
     runs (a cache piece or a kernel build being written removes its temporary folder), and the
-    program says one line. The default action would end the process where it stands."""
+    program says one line. The default action would end the process where it stands. Set once
+    torch is imported: an exception raised inside the import of a C extension can leave it half
+    made, and its teardown at exit then aborts."""
     def stop(signum, frame):
         raise _Stopped(signum)
 
@@ -316,6 +318,7 @@ def _stop_on_signals() -> None:
 def _check_values(args) -> None:
     """Fill the numeric defaults from VRM_* and refuse any value that is wrong on its own,
     before anything loads: one sentence for a flag and for its environment variable alike."""
+    from vramancer.config import settings
     from vramancer.config import validation as v
     from vramancer.config.errors import VramancerError
 
@@ -339,8 +342,10 @@ def _check_values(args) -> None:
             if not 0 < v.finite(flag, getattr(args, dest)) <= MAX_DEADLINE_S:
                 raise VramancerError(f"{flag} must be more than 0 and at most {MAX_DEADLINE_S:g}, "
                                      f"not {getattr(args, dest):g}.")
+    discover_source = "--discover-seconds"
     if args.command == "devices" and args.discover_seconds is None:
         args.discover_seconds = v.env_float("DISCOVER_SECONDS", 3.0)
+        discover_source = settings.where("discover_seconds")
     v.check_threads(args.threads)
     v.check_context(args.context)
     if getattr(args, "weights", None) is not None:
@@ -379,7 +384,7 @@ def _check_values(args) -> None:
     if getattr(args, "token_file", None):
         v.read_token_file(args.token_file)  # a bad token file is refused before torch loads
     if args.command == "devices":
-        v.check_discover_seconds(args.discover_seconds)
+        v.check_discover_seconds(args.discover_seconds, discover_source)
     for flag in ("prompt", "model", "devices"):
         text = getattr(args, flag, None)
         if isinstance(text, str):
@@ -401,7 +406,7 @@ def _check_values(args) -> None:
         )
 
         if parse_device_spec(_device_text(args)).discover:  # discovery's deadline, checked before it starts
-            v.check_discover_seconds(v.env_float("DISCOVER_SECONDS", 3.0))
+            v.check_discover_seconds(v.env_float("DISCOVER_SECONDS", 3.0), settings.where("discover_seconds"))
     if args.command in (None, "plan", "generate", "bench", "serve"):
         from vramancer.config.paths import check_cache_root
 

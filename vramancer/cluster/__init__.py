@@ -35,7 +35,7 @@ def discover_settings() -> tuple[str, float]:
 
     bind = settings.value("discover_bind") or "127.0.0.1"
     seconds = env_float("DISCOVER_SECONDS", DEFAULT_DISCOVER_SECONDS)  # ASCII digits, finite
-    check_discover_seconds(seconds)  # and a deadline: at most 600 s
+    check_discover_seconds(seconds, settings.where("discover_seconds"))  # and a deadline: at most 600 s
     return bind, seconds
 
 

@@ -152,9 +152,10 @@ def check_port(flag: str, value: int) -> None:
         raise VramancerError(f"{flag} must be between 0 and 65535, not {value}.")
 
 
-def check_discover_seconds(value: float) -> None:
-    if not 0 < finite("--discover-seconds", value) <= MAX_DISCOVER_SECONDS:
-        raise VramancerError(f"--discover-seconds must be more than 0 and at most {MAX_DISCOVER_SECONDS:g}, not {value:g}.")
+def check_discover_seconds(value: float, name: str = "--discover-seconds") -> None:
+    """How long discovery listens: a deadline, never for ever. `name`: where the value came from."""
+    if not 0 < finite(name, value) <= MAX_DISCOVER_SECONDS:
+        raise VramancerError(f"{name} must be more than 0 and at most {MAX_DISCOVER_SECONDS:g}, not {value:g}.")
 
 
 def check_text(what: str, text: str) -> None:
