@@ -322,7 +322,7 @@ def make_plan(
     if strategy == "proportional":
         placement = _spread(profile, devices, placement, context, rooms)
     return Plan(placement, strategy, context, device_needs(profile, placement, devices, context), rooms,
-                empty_reasons(profile, placement, devices, strategy, context, rooms))
+                empty=empty_reasons(profile, placement, devices, strategy, context, rooms))
 
 
 def _tied_head_home(profile: ModelProfile, devices: Sequence[Device], placement: Placement, context: int,
@@ -375,7 +375,7 @@ def _plan_with_nodes(profile: ModelProfile, devices: Sequence[Device], strategy:
     if strategy != "profiled":
         placement = _tied_head_home(profile, ordered, placement, context, rooms)
     return Plan(placement, strategy, context, device_needs(profile, placement, ordered, context), rooms,
-                empty_reasons(profile, placement, ordered, strategy, context, rooms))
+                empty=empty_reasons(profile, placement, ordered, strategy, context, rooms))
 
 
 def _proportional_layers(profile: ModelProfile, devices: Sequence[Device], participants: Sequence[Device],
