@@ -259,22 +259,22 @@ def worker(tiny_model_dir):
     worker.shutdown()
 
 
-def test_worker_runs_submits_together_and_a_generate_waits_for_the_batch(worker):
+def test_worker_runs_submits_and_a_dashboard_prompt_together(worker):
     worker, events = worker
     for i in range(3):
         worker.submit(submit(f"r{i}", PROMPTS[i], tokens=40))
     worker.submit(ev.Generate(PROMPTS[0], {"max_new_tokens": 40}, request_id=9))
-    finished = [events.wait_for(ev.GenerationDone).request_id for _ in range(4)]
-    assert finished[-1] == 9  # the console's Generate ran once the batch had emptied
-    console = next(e for e in events.seen if isinstance(e, ev.GenerationDone) and e.request_id == 9)
-    answers = {e.request_id: e for e in events.seen if isinstance(e, ev.GenerationDone)}
-    assert answers["r0"].token_ids == console.token_ids
-    # All three started before the first one finished: they decoded together.
-    order = [(type(e).__name__, e.request_id) for e in events.seen if isinstance(e, (ev.RequestStarted, ev.GenerationDone))]
+    answers = {}
+    for _ in range(4):
+        done = events.wait_for(ev.GenerationDone)
+        answers[done.request_id] = done
+    assert answers["r0"].token_ids == answers[9].token_ids  # the console's prompt, in the same scheduler
+    # All four started before the first one finished: they decoded together.
+    order = [(type(e).__name__, e.request_id) for e in events.seen if isinstance(e, (ev.Token, ev.GenerationDone))]
     first_done = next(i for i, (kind, _) in enumerate(order) if kind == "GenerationDone")
-    assert {rid for kind, rid in order[:first_done] if kind == "RequestStarted"} == {"r0", "r1", "r2"}
-    statuses = events.of(ev.BatchStatus)
-    assert statuses[-1].running == 0 and all(s.kv_budget == 512 for s in statuses)
+    assert {rid for kind, rid in order[:first_done] if kind == "Token"} == {"r0", "r1", "r2", 9}
+    assert events.wait_for(ev.BatchStatus, lambda s: s.running == 0).kv_budget == 512
+    assert all(s.kv_budget == 512 for s in events.of(ev.BatchStatus))
 
 
 def test_worker_migrates_between_batch_steps_and_no_answer_changes(worker):

@@ -53,7 +53,6 @@ from transformers import (
     LogitsProcessorList,
     MinPLogitsWarper,
     TemperatureLogitsWarper,
-    TextStreamer,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
@@ -79,10 +78,12 @@ ROOM_COLUMNS = 32  # KV columns reserved ahead: one copy of the cache every 32 s
 class AnswerText:
     """One answer's text as it streams.
 
-    Pieces are released by transformers' TextStreamer rules (the same as `generate`'s
-    stream: special tokens skipped, a word is held until it is complete). Stop strings are
-    looked for in the whole decoded answer after every token; text that could still become
-    the start of one is held back, so a stop string is never streamed."""
+    Each token's text goes out as soon as it is decoded; only an incomplete character is held
+    back (a byte-level token that ends part-way through a character's UTF-8 bytes decodes to
+    U+FFFD until the rest arrives), so an answer without spaces (emoji, code, most scripts)
+    streams token by token. Special tokens are skipped. Stop strings are looked for in the
+    whole decoded answer after every token; text that could still become the start of one is
+    held back, so a stop string is never streamed."""
 
     def __init__(self, tokenizer, stops: tuple[str, ...]):
         self.tokenizer = tokenizer
@@ -90,14 +91,14 @@ class AnswerText:
         self.text = ""  # the answer so far (cut before a stop string once one is found)
         self.stopped = False  # a stop string was found
         self._sent = 0  # characters of `text` already streamed
-        self._released = ""  # what the streamer's rules have let out so far
-        self._streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
-        self._streamer.on_finalized_text = self._let_out
+        self._released = ""  # the text of the complete characters decoded so far
+        self._line: list[int] = []  # the tokens of the current line (decoding starts afresh after one)
+        self._line_text = 0  # characters of the current line already released
 
     def add(self, tokens: list[int]) -> str:
         """`tokens` are the answer's tokens so far, the last one new. Returns the piece to stream."""
-        self._streamer.put(torch.tensor([tokens[-1]]))
-        if not self.stops:  # nothing to look for: the streamer's text is the answer so far
+        self._decode_next(tokens[-1])
+        if not self.stops:  # nothing to look for: the released text is the answer so far
             self.text = self._released
             return self._release(len(self.text))
         full = self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -115,8 +116,16 @@ class AnswerText:
             self.text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return self._release(len(self.text))
 
-    def _let_out(self, text: str, stream_end: bool = False) -> None:
-        self._released += text
+    def _decode_next(self, token: int) -> None:
+        self._line.append(token)
+        text = self.tokenizer.decode(self._line, skip_special_tokens=True)
+        complete = len(text.rstrip("\ufffd"))
+        self._released += text[self._line_text:complete]
+        if complete == len(text) and text.endswith("\n"):
+            # Each token decodes the current line only, not the whole answer again.
+            self._line, self._line_text = [], 0
+        else:
+            self._line_text = max(self._line_text, complete)
 
     def _release(self, upto: int) -> str:
         piece = self.text[self._sent:upto]
@@ -152,7 +161,7 @@ class Sequence:
     constraint: Constraint | None = None  # response_format or a required tool call: what it must follow
 
     @property
-    def request_id(self) -> str:
+    def request_id(self) -> str | int:
         return self.request.request_id
 
     @property
@@ -218,7 +227,7 @@ class Batch:
         self.waiting: deque[Sequence] = deque()
         self.cache: DynamicCache | None = None
         self.width = 0  # columns of every row of the cache (the padded length T)
-        self.steps = 0  # decode steps run, for MigrationDone.step
+        self.steps = 0  # decode steps run since the scheduler last started from empty, for MigrationDone.step
         self._told_single = False
         takes = inspect.signature(engine.model.forward).parameters
         self._keep_one = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}
@@ -229,6 +238,7 @@ class Batch:
         self._stamps: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
         self._status_at = 0.0
         self._status_sent = (0, 0)
+        self.losses: list[str] = []  # devices lost while it ran, each said in a sentence
 
     @property
     def busy(self) -> bool:
@@ -238,8 +248,12 @@ class Batch:
     def context(self) -> int:
         return self.engine.context
 
-    def holds(self, request_id: str) -> bool:
+    def holds(self, request_id: str | int) -> bool:
         return any(s.request_id == request_id for s in (*self.running, *self.waiting))
+
+    def tokens_so_far(self, request_id: str | int) -> int:
+        """New tokens the request has made (0 once it has left, or before it starts)."""
+        return next((len(s.tokens) for s in self.running if s.request_id == request_id), 0)
 
     # --- requests in ---------------------------------------------------------------------
 
@@ -250,8 +264,9 @@ class Batch:
             self._told_single = True
             self.emit(ev.Notice(f"{self.engine.source.display_name} answers one request at a time: "
                                 f"{self.single_reason}."))
-        if not isinstance(request.request_id, str) or not request.request_id or self.holds(request.request_id):
-            return self._refuse(request, "bad_request", f"request id {request.request_id!r} is empty or already in use.")
+        rid = request.request_id
+        if not isinstance(rid, (str, int)) or isinstance(rid, bool) or rid == "" or self.holds(rid):
+            return self._refuse(request, "bad_request", f"request id {rid!r} is empty or already in use.")
         try:
             settings = SamplingSettings(**request.sampling)
             settings.check()
@@ -270,7 +285,15 @@ class Batch:
         stops = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop)
         if any(not isinstance(s, str) for s in stops):
             return self._refuse(request, "bad_request", "each stop sequence must be text.")
-        prompt_tokens, wanted = len(prompt_ids), settings.max_new_tokens
+        prompt_tokens = len(prompt_ids)
+        if request.fit_context:
+            if prompt_tokens >= self.context:
+                return self._refuse(request, "too_long", (
+                    f"the prompt is {prompt_tokens} tokens, longer than the context of {self.context}; "
+                    "start afresh or load with a larger --context."))
+            # The KV cache was budgeted for `context` tokens: stop there rather than overrun it.
+            settings.max_new_tokens = min(settings.max_new_tokens, self.context - prompt_tokens)
+        wanted = settings.max_new_tokens
         if prompt_tokens + wanted > self.context:
             return self._refuse(request, "too_long", (
                 f"the prompt is {prompt_tokens} tokens and {wanted} more were asked for, {prompt_tokens + wanted} in "
@@ -293,7 +316,7 @@ class Batch:
         self.waiting.append(sequence)
         return True
 
-    def cancel(self, request_id: str) -> bool:
+    def cancel(self, request_id: str | int) -> bool:
         """End a request now (between two steps): a running one leaves the batch with its KV,
         a waiting one ends with no tokens. False if the batch does not hold it."""
         for sequence in self.waiting:
@@ -341,6 +364,8 @@ class Batch:
     def step(self) -> None:
         """Admit the waiting requests that fit (prefilled together), then one decode step
         for the batch. A device lost on the way is recovered and the batch rebuilt."""
+        if not self.running:
+            self.steps = 0  # counted from the start of each busy spell: a lone answer's step is its token count
         while True:
             try:
                 with torch.inference_mode():
@@ -353,10 +378,12 @@ class Batch:
         self._report()
 
     def recover(self, lost: DeviceLost) -> None:
-        """A device went away: re-place its layers, then rebuild every running sequence's KV by
-        prefilling their prompts and tokens so far, together. Greedy answers go on exactly only up to
-        batch arithmetic: the rebuilt rows come from one prefill, not from the decode steps
-        that first made them. If the layers fit nowhere, every request ends (abort)."""
+        """A device went away: re-place its layers, then rebuild every running sequence's KV.
+        A lone sequence replays its prompt and its tokens so far step by step, as they first
+        ran, so its answer goes on exactly; several are prefilled together, so their greedy
+        answers go on exactly only up to batch arithmetic. If the layers fit nowhere, every
+        request ends (abort)."""
+        self.losses.append(str(lost))
         recovery.mark_lost(self.engine, lost)
         try:
             recovery.recover_lost_devices(self.engine, replay_tokens=max((len(s.tokens) for s in self.running),
@@ -413,7 +440,10 @@ class Batch:
         sequences = [s for s in sequences if not s.finish_reason]
         if not sequences:
             return
-        cache, logits = self._prefill(sequences)
+        if not self.running and len(sequences) == 1:
+            cache, logits = self._start_alone(sequences[0])
+        else:
+            cache, logits = self._prefill(sequences)
         now = time.perf_counter()
         for i, sequence in enumerate(sequences):
             if not sequence.tokens:
@@ -464,6 +494,32 @@ class Batch:
                     layer.values[i, :, :pad] = 0
         return cache, output.logits[:, -1, :]
 
+    def _start_alone(self, sequence: Sequence) -> tuple[DynamicCache, torch.Tensor]:
+        """A sequence that finds the batch empty runs exactly as `generate` ran it: its prompt
+        in one forward, in the cache a lone answer uses (under CUDA graphs the engine's kept
+        StaticCache, whose decode steps replay the layers' recordings). A rebuilt one (after a
+        device was lost) then replays its tokens so far one decode step at a time, the same
+        forward passes in the same shapes as the first time, so its cache is rebuilt exactly.
+        Returns its cache and the last step's logits [1, vocab]."""
+        device = self.engine.split.input_device
+        cache = self.engine.lone_cache()
+        if cache is None:
+            cache = kv_room.spare_room_cache(self.engine.model.config)
+        extra = dict(self._keep_one)
+        if self._positions:
+            extra["position_ids"] = torch.arange(len(sequence.prompt_ids), device=device)[None]
+        input_ids = torch.tensor([sequence.prompt_ids], device=device)
+        self.engine.cache = cache  # migrations and telemetry see it from the first forward
+        output = self.engine.model(input_ids=input_ids, cache=cache, use_cache=True, **extra)
+        for position, token in enumerate(sequence.tokens[:-1], start=len(sequence.prompt_ids)):
+            kv_room.make_room(cache, ROOM_COLUMNS)
+            extra = dict(self._keep_one)
+            if self._positions:
+                extra["position_ids"] = torch.tensor([[position]], device=device)
+            output = self.engine.model(input_ids=torch.tensor([[token]], device=device), cache=cache,
+                                       use_cache=True, **extra)
+        return cache, output.logits[:, -1, :]
+
     def _stack(self, sequences: list[Sequence], cache: DynamicCache, width: int) -> None:
         """Add the rows of `cache` (`width` columns, `sequences` in its row order) under the
         batch's, left-padding whichever side is shorter."""
@@ -473,6 +529,8 @@ class Batch:
             self.running = list(sequences)
             self.engine.cache = cache  # migrations and telemetry see the batch's KV
             return
+        if not isinstance(self.cache, DynamicCache):
+            self._to_batch_cache()
         wider = max(self.width, width)
         for mine, theirs in zip(self.cache.layers, cache.layers):
             for name in ("keys", "values"):
@@ -481,6 +539,17 @@ class Batch:
                 setattr(mine, name, torch.cat([ours, new]))
         self.width = wider
         self.running.extend(sequences)
+
+    def _to_batch_cache(self) -> None:
+        """A lone sequence ran in the engine's StaticCache (CUDA graphs): a second one joins, so
+        its used columns move into a batch cache, whose rows can be padded and stacked."""
+        batch_cache = kv_room.spare_room_cache(self.engine.model.config)
+        for mine, static in zip(batch_cache.layers, self.cache.layers):
+            mine.lazy_initialization(static.keys, static.values)
+            mine.keys = static.keys[:, :, :self.width].clone()
+            mine.values = static.values[:, :, :self.width].clone()
+        self.cache = batch_cache
+        self.engine.cache = batch_cache  # the kept StaticCache and the recordings are let go
 
     def _decode(self) -> None:
         device = self.engine.split.input_device
@@ -557,7 +626,7 @@ class Batch:
             sequence.constraint.accept(token)
         piece = sequence.answer.add(sequence.tokens)
         if piece:
-            self.emit(ev.Token(piece, sequence.request_id, self._take_logprobs(sequence)))
+            self.emit(ev.Token(piece, sequence.request_id, self._take_logprobs(sequence), step=len(sequence.tokens)))
         if token in self.eos or sequence.answer.stopped or (sequence.constraint and sequence.constraint.done):
             sequence.finish_reason = "stop"
         elif len(sequence.tokens) >= sequence.settings.max_new_tokens:
@@ -597,7 +666,7 @@ class Batch:
     def _finish(self, sequence: Sequence) -> None:
         rest = sequence.answer.finish(sequence.tokens)
         if rest or sequence.logprobs:  # tokens held back until now go out with the last text
-            self.emit(ev.Token(rest, sequence.request_id, self._take_logprobs(sequence)))
+            self.emit(ev.Token(rest, sequence.request_id, self._take_logprobs(sequence), step=len(sequence.tokens)))
         times = sequence.token_times
         now = time.perf_counter()
         rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
