@@ -17,6 +17,8 @@ DEFAULT_PORT = 8000
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_CONNECTIONS = 1024
 MAX_BATCH = 256  # past this a batch's padded KV outgrows any context worth serving
+DEFAULT_DRAIN_S = 5.0  # running answers get this long to finish after a stop signal
+MAX_DRAIN_S = 600.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -165,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-host", action="append", default=_env_list("ALLOW_HOSTS"), metavar="NAME",
                        help="a Host name clients may use besides loopback names and --host (guards against DNS "
                             "rebinding); repeat for more; '*' allows any")
+    serve.add_argument("--drain-seconds", type=float, default=None,
+                       help=f"on SIGTERM, SIGINT or SIGHUP: new requests are refused (503) and running ones get "
+                            f"this long to finish before they are ended (default {DEFAULT_DRAIN_S:g}, 0 to "
+                            f"{MAX_DRAIN_S:g})")
     serve.add_argument("--max-connections", type=int, default=None,
                        help=f"open connections at most; more are refused at once (default {DEFAULT_MAX_CONNECTIONS})")
 
@@ -251,6 +257,10 @@ def _check_values(args) -> None:
             raise VramancerError(f"--max-batch must be between 1 and {MAX_BATCH}, not {args.max_batch}.")
         if args.max_connections < 1:
             raise VramancerError(f"--max-connections must be at least 1, not {args.max_connections}.")
+        if args.drain_seconds is None:
+            args.drain_seconds = v.env_float("DRAIN_SECONDS", DEFAULT_DRAIN_S)
+        if not 0 <= v.finite("--drain-seconds", args.drain_seconds) <= MAX_DRAIN_S:
+            raise VramancerError(f"--drain-seconds must be between 0 and {MAX_DRAIN_S:g}, not {args.drain_seconds:g}.")
         from vramancer.server.guard import check_origin
 
         for origin in args.cors_origin:
@@ -368,7 +378,8 @@ def _serve(args, prepare) -> int:
 
     status = run_serve(_load_options(args), sock, args.host, args.api_key, args.max_batch,
                        ready=lambda line: print(line, flush=True), cors_origins=tuple(args.cors_origin),
-                       allowed_hosts=tuple(args.allow_host), limits=Limits(max_connections=args.max_connections))
+                       allowed_hosts=tuple(args.allow_host), limits=Limits(max_connections=args.max_connections),
+                       drain_s=args.drain_seconds)
     exit_now(status)  # stopped: skip seconds of interpreter teardown
 
 

@@ -42,6 +42,7 @@ DEFAULTS: dict[str, str] = {
     "api_key_file": "",
     "max_batch": "8",
     "max_connections": "1024",
+    "drain_seconds": "5",
     "cors_origins": "",
     "allow_hosts": "",
     "node_devices": "auto",
