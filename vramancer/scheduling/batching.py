@@ -73,6 +73,10 @@ STATUS_INTERVAL_S = 0.25  # BatchStatus at most this often (and once when the ba
 RATE_WINDOW_S = 1.0  # tokens/s is counted over about this long
 PROMPT_HEAD_CHARS = 60
 ROOM_COLUMNS = 32  # KV columns reserved ahead: one copy of the cache every 32 steps, not every step
+# A prompt longer than this that arrives while others decode is prefilled this many tokens per
+# step, between their decode steps, so they keep streaming and a short newcomer is not held
+# behind it for more than about one chunk.
+PREFILL_CHUNK = 256
 
 
 class AnswerText:
@@ -159,6 +163,9 @@ class Sequence:
     finish_reason: str = ""  # stop | length | cancelled, once it is done
     logprobs: list[ev.TokenLogprob] = field(default_factory=list)  # tokens not yet sent with a Token event
     constraint: Constraint | None = None  # response_format or a required tool call: what it must follow
+    partial: DynamicCache | None = None  # while it is prefilled in chunks: its own cache so far
+    prefilled: int = 0  # tokens of its prompt in `partial`
+    partial_placement: list[str] | None = None  # the split `partial` was made on
 
     @property
     def request_id(self) -> str | int:
@@ -224,6 +231,7 @@ class Batch:
         self.single_reason = single_sequence_reason(engine)
         self.max_batch = 1 if self.single_reason else max_batch
         self.running: list[Sequence] = []  # in the order of the cache's rows
+        self.prefilling: Sequence | None = None  # a long prompt prefilled a chunk a step, beside them
         self.waiting: deque[Sequence] = deque()
         self.cache: DynamicCache | None = None
         self.width = 0  # columns of every row of the cache (the padded length T)
@@ -242,14 +250,17 @@ class Batch:
 
     @property
     def busy(self) -> bool:
-        return bool(self.running or self.waiting)
+        return bool(self.running or self.waiting or self.prefilling)
 
     @property
     def context(self) -> int:
         return self.engine.context
 
     def holds(self, request_id: str | int) -> bool:
-        return any(s.request_id == request_id for s in (*self.running, *self.waiting))
+        return any(s.request_id == request_id for s in (*self.running, *self.waiting, *self._prefilling()))
+
+    def _prefilling(self) -> list[Sequence]:
+        return [self.prefilling] if self.prefilling is not None else []
 
     def tokens_so_far(self, request_id: str | int) -> int:
         """New tokens the request has made (0 once it has left, or before it starts)."""
@@ -332,7 +343,17 @@ class Batch:
                 self._leave()
                 self._report()
                 return True
+        if self.prefilling is not None and self.prefilling.request_id == request_id:
+            self._end_prefilling("cancelled")
+            self._report()
+            return True
         return False
+
+    def _end_prefilling(self, reason: str) -> None:
+        sequence, self.prefilling = self.prefilling, None
+        sequence.partial = None
+        sequence.finish_reason = reason
+        self._finish(sequence)
 
     def close(self) -> None:
         """Shutting down: running requests end cancelled (with the text they have), waiting
@@ -340,6 +361,8 @@ class Batch:
         for sequence in self.running:
             sequence.finish_reason = "cancelled"
         self._leave()
+        if self.prefilling is not None:
+            self._end_prefilling("cancelled")
         while self.waiting:
             sequence = self.waiting.popleft()
             self.emit(ev.RequestRefused(sequence.request_id, "shutting_down",
@@ -353,6 +376,8 @@ class Batch:
         for sequence in self.running:
             sequence.finish_reason = "cancelled"
         self._leave()
+        if self.prefilling is not None:
+            self._end_prefilling("cancelled")
         while self.waiting:
             sequence = self.waiting.popleft()
             sequence.finish_reason = "cancelled"
@@ -370,6 +395,8 @@ class Batch:
             try:
                 with torch.inference_mode():
                     self._admit()
+                    if self.prefilling is not None:
+                        self._prefill_chunk()
                     if self.running:
                         self._decode()
                 break
@@ -384,6 +411,8 @@ class Batch:
         answers go on exactly only up to batch arithmetic. If the layers fit nowhere, every
         request ends (abort)."""
         self.losses.append(str(lost))
+        if self.prefilling is not None:  # its chunks so far were made on the old split: start over
+            self.prefilling.partial, self.prefilling.prefilled = None, 0
         recovery.mark_lost(self.engine, lost)
         try:
             recovery.recover_lost_devices(self.engine, replay_tokens=max((len(s.tokens) for s in self.running),
@@ -412,13 +441,24 @@ class Batch:
         return max(self.max_batch - len(self.running), 0)
 
     def _admit(self) -> None:
-        """The waiting requests that fit join, first in line first, prefilled together."""
+        """The waiting requests that fit join, first in line first, prefilled together. While
+        others decode, a long prompt is not prefilled at once: it is taken aside and
+        prefilled a chunk a step (`_prefill_chunk`), one at a time; shorter ones behind it
+        still join."""
         newcomers: list[Sequence] = []
-        while self.waiting and len(self.running) + len(newcomers) < self.max_batch:
-            finals = [s.final_length for s in (*self.running, *newcomers, self.waiting[0])]
+        for sequence in list(self.waiting):
+            if len(self.running) + len(newcomers) + len(self._prefilling()) >= self.max_batch:
+                break
+            finals = [s.final_length for s in (*self.running, *newcomers, *self._prefilling(), sequence)]
             if len(finals) * max(finals) > self.context:
                 break  # it waits for KV room; the first in line goes first
-            newcomers.append(self.waiting.popleft())
+            if (self.running or self.prefilling) and sequence.cached + 1 > PREFILL_CHUNK:
+                if self.prefilling is None:
+                    self.waiting.remove(sequence)
+                    self.prefilling = sequence
+                continue
+            self.waiting.remove(sequence)
+            newcomers.append(sequence)
         if not newcomers:
             return
         try:
@@ -493,6 +533,39 @@ class Batch:
                     layer.keys[i, :, :pad] = 0
                     layer.values[i, :, :pad] = 0
         return cache, output.logits[:, -1, :]
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the long prompt being prefilled beside the batch, in a cache of its
+        own; after the last one it gets its first token and its rows join the batch's."""
+        sequence = self.prefilling
+        placement = list(self.engine.placement.layer_devices)
+        if sequence.partial is None or sequence.partial_placement != placement:
+            # First chunk, or the split changed since the last one (a migration moves the
+            # batch's cache, not this one): start its prefill on the split as it is now.
+            sequence.partial = kv_room.spare_room_cache(self.engine.model.config)
+            sequence.partial_placement, sequence.prefilled = placement, 0
+        device = self.engine.split.input_device
+        row = sequence.prompt_ids + sequence.tokens[:-1]
+        chunk = row[sequence.prefilled:sequence.prefilled + PREFILL_CHUNK]
+        extra = dict(self._keep_one)
+        if self._positions:
+            extra["position_ids"] = torch.arange(sequence.prefilled, sequence.prefilled + len(chunk),
+                                                 device=device)[None]
+        output = self.engine.model(input_ids=torch.tensor([chunk], device=device), cache=sequence.partial,
+                                   use_cache=True, **extra)
+        sequence.prefilled += len(chunk)
+        if sequence.prefilled < len(row):
+            return
+        cache, sequence.partial, self.prefilling = sequence.partial, None, None
+        if not sequence.tokens:
+            self.emit(ev.RequestStarted(sequence.request_id))
+            logits = output.logits[:, -1, :]
+            token = self._pick(sequence, logits)
+            self._accept(sequence, token, time.perf_counter(), self._logprob(sequence, logits[0], token))
+        if sequence.finish_reason:
+            self._finish(sequence)
+            return
+        self._stack([sequence], cache, sequence.cached)
 
     def _start_alone(self, sequence: Sequence) -> tuple[DynamicCache, torch.Tensor]:
         """A sequence that finds the batch empty runs exactly as `generate` ran it: its prompt
@@ -700,8 +773,9 @@ class Batch:
         return sum(n for _, n in list(self._stamps)[1:]) / span if span > 0 else 0.0
 
     def status(self) -> ev.BatchStatus:
-        return ev.BatchStatus(len(self.running), len(self.waiting), self.tokens_per_s(),
-                              len(self.running) * self.width, self.context)
+        prefilling = self.prefilling.prefilled if self.prefilling is not None else 0
+        return ev.BatchStatus(len(self.running) + len(self._prefilling()), len(self.waiting), self.tokens_per_s(),
+                              len(self.running) * self.width + prefilling, self.context)
 
     def _report(self, force: bool = False) -> None:
         """BatchStatus, coalesced: at most every STATUS_INTERVAL_S, and once when the batch empties."""
