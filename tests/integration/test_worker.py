@@ -179,3 +179,32 @@ def test_every_command_has_a_handler():
                 if isinstance(kind, type) and issubclass(kind, ev.Command) and kind is not ev.Command}
     worker = EngineWorker(lambda e: None, telemetry=False)
     assert set(worker.handlers) == commands - {ev.Shutdown}
+
+
+def test_prompts_are_encoded_off_the_engine_thread(worker_and_events, monkeypatch):
+    """Tokenizing and templating run on the encoding pool: a huge prompt, refused or not,
+    never holds the engine's thread (and so the answers decoding there)."""
+    from vramancer.engine import worker as worker_module
+    from vramancer.scheduling import batching
+
+    threads: list[str] = []
+
+    def recording(original):
+        def encode(tokenizer, request):
+            threads.append(threading.current_thread().name)
+            return original(tokenizer, request)
+        return encode
+
+    monkeypatch.setattr(worker_module, "encode_request", recording(worker_module.encode_request))
+    monkeypatch.setattr(batching, "encode_request", recording(batching.encode_request))
+    worker, events = worker_and_events
+    worker.submit(ev.Submit("served", "Tell me about the sea.", {"max_new_tokens": 4}))
+    worker.submit(generate(tokens=4, request_id=3))
+    worker.submit(ev.Submit("huge", "word " * 20000, {"max_new_tokens": 4}, raw=True))
+    outcomes = {}
+    while len(outcomes) < 3:  # in whatever order they come
+        event = events.wait_for((ev.RequestRefused, ev.GenerationDone))
+        outcomes[event.request_id] = event
+    assert isinstance(outcomes["huge"], ev.RequestRefused) and outcomes["huge"].reason == "too_long"
+    assert outcomes["served"].new_tokens == outcomes[3].new_tokens == 4
+    assert len(threads) == 3 and all(name.startswith("vramancer-encode") for name in threads), threads

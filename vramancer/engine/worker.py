@@ -20,10 +20,12 @@ request gets one answer, and the ones that ran keep what they made.
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 from vramancer.config.errors import VramancerError
@@ -33,7 +35,7 @@ from vramancer.engine.engine import Engine
 from vramancer.engine.telemetry import DEFAULT_HISTORY, DEFAULT_HZ, Telemetry
 from vramancer.platforms.devices import DeviceLost
 from vramancer.runtime.migration import MigrationFailed, MigrationRefused
-from vramancer.scheduling.batching import Batch
+from vramancer.scheduling.batching import Batch, encode_request
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,25 @@ REBALANCE_POLL_S = 0.5  # how often an idle worker looks for memory pressure (wi
 GATHER_QUIET_S = 0.005
 GATHER_MAX_S = 0.05
 
+# Prompts are tokenized and templated on a pool of their own, not on the engine's thread, so a
+# huge prompt (refused or not) never stalls the answers decoding. One thread: requests reach the
+# scheduler in the order they were sent (first come, first served), which several threads
+# would not keep. At most ENCODE_QUEUE requests wait for it; one more is refused (queue_full).
+ENCODE_THREADS = 1
+ENCODE_QUEUE = 64
+
 Emit = Callable[[ev.Event], None]
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """A request the pool encoded for `engine`: its prompt's ids, or the sentence saying why
+    it could not be encoded (both None: the worker encodes it itself)."""
+
+    command: ev.Submit | ev.Generate
+    engine: Engine | None
+    prompt_ids: list[int] | None = None
+    error: str | None = None
 
 
 class EngineWorker:
@@ -67,6 +87,10 @@ class EngineWorker:
         self._submitted: dict[int | str, float] = {}
         self._cancelled: set[int | str] = set()
         self._served = False  # a server request came: the scheduler's status goes out too
+        self._closed = False  # the worker thread is done: what the pool hands over is refused (under _lock)
+        self._to_encode: queue.Queue = queue.Queue(maxsize=ENCODE_QUEUE)
+        self._encoders = [threading.Thread(target=self._encode_loop, name=f"vramancer-encode-{i}", daemon=True)
+                          for i in range(ENCODE_THREADS)]
         self._stopping = threading.Event()
         self._running = False  # the scheduler holds requests (no idle rebalancing meanwhile)
         self._reported: set[str] = set()  # recovery failures already told, not repeated every poll
@@ -89,6 +113,8 @@ class EngineWorker:
 
     def start(self) -> "EngineWorker":
         self._thread.start()
+        for encoder in self._encoders:
+            encoder.start()
         if self._telemetry_enabled:
             self.telemetry.start()
         return self
@@ -105,6 +131,14 @@ class EngineWorker:
             if stopping:
                 self._refuse_after_shutdown(command)
                 return
+            engine = self.engine
+            if engine is not None and self._encoders[0].is_alive():
+                try:
+                    self._to_encode.put_nowait((command, engine))
+                except queue.Full:
+                    self._refuse_now(command, "queue_full", f"{ENCODE_QUEUE} requests are waiting to be read, "
+                                                            "as many as may wait; try again shortly.")
+                return
         if isinstance(command, ev.Cancel):
             with self._lock:
                 if command.request_id in self._submitted:
@@ -120,6 +154,51 @@ class EngineWorker:
         self.telemetry.stop(timeout)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        for _ in self._encoders:
+            try:
+                self._to_encode.put(None, timeout=timeout)
+            except queue.Full:
+                break
+        for encoder in self._encoders:
+            if encoder.is_alive():
+                encoder.join(timeout)
+
+    # --- the encoding pool ---------------------------------------------------------------
+
+    def _encode_loop(self) -> None:
+        own = threading.local()  # this thread's copy of the tokenizer: a fast one changes state as it is used
+        while (item := self._to_encode.get()) is not None:
+            command, engine = item
+            if self._stopping.is_set():
+                self._hand_over(_Encoded(command, None))
+                continue
+            if getattr(own, "original", None) is not engine.tokenizer:
+                own.original, own.copy = engine.tokenizer, copy.deepcopy(engine.tokenizer)
+            try:
+                request = self._as_submit(command)
+                self._hand_over(_Encoded(command, engine, prompt_ids=encode_request(own.copy, request)))
+            except VramancerError as exc:
+                self._hand_over(_Encoded(command, engine, error=str(exc)))
+            except Exception:  # anything else: the worker encodes it itself and says what is wrong
+                self._hand_over(_Encoded(command, None))
+
+    def _hand_over(self, encoded: _Encoded) -> None:
+        """From the pool to the worker's queue, unless the worker is done (then refused here)."""
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._commands.put(encoded)
+        if closed:
+            self._refuse_after_shutdown(encoded.command)
+
+    @staticmethod
+    def _as_submit(command: ev.Submit | ev.Generate) -> ev.Submit:
+        """A dashboard prompt as a request like any other, its max_new_tokens cut to what the
+        context leaves after the prompt."""
+        if isinstance(command, ev.Submit):
+            return command
+        prompt = tuple(command.prompt) if isinstance(command.prompt, list) else command.prompt
+        return ev.Submit(command.request_id, prompt, dict(command.sampling), raw=command.raw, fit_context=True)
 
     @property
     def alive(self) -> bool:
@@ -146,13 +225,26 @@ class EngineWorker:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+        with self._lock:
+            self._closed = True
         self._drain_after_shutdown()
 
     def _refuse_after_shutdown(self, command: ev.Command) -> None:
         """A request that arrived before Shutdown but never ran is answered, not dropped."""
+        if isinstance(command, _Encoded):
+            command = command.command
         if isinstance(command, (ev.Generate, ev.Submit)):
-            self._request_emit(ev.RequestRefused(command.request_id, "shutting_down",
-                                                 "the engine is shutting down; the request was not run."))
+            self._refuse_now(command, "shutting_down", "the engine is shutting down; the request was not run.")
+
+    def _refuse_now(self, command: ev.Submit | ev.Generate, reason: str, message: str) -> None:
+        """Any thread: a request that will not reach the scheduler gets its one answer."""
+        with self._lock:
+            self._submitted.pop(command.request_id, None)
+            self._cancelled.discard(command.request_id)
+        if isinstance(command.request_id, int):
+            self.emit(ev.Error("Generate", message))
+        else:
+            self.emit(ev.RequestRefused(command.request_id, reason, message))
 
     def _drain_after_shutdown(self) -> None:
         for command in self._deferred:
@@ -166,7 +258,7 @@ class EngineWorker:
 
     def _execute(self, command: ev.Command) -> None:
         try:
-            handler = self.handlers[type(command)]
+            handler = self._on_encoded if isinstance(command, _Encoded) else self.handlers[type(command)]
             handler(command)
         except VramancerError as exc:
             self.emit(ev.Error(type(command).__name__, str(exc)))
@@ -227,13 +319,13 @@ class EngineWorker:
     # --- the scheduler -----------------------------------------------------------------
 
     def _on_generate(self, command: ev.Generate) -> None:
-        """A dashboard prompt: a request to the scheduler like any other, its max_new_tokens
-        cut to what the context leaves after the prompt."""
-        prompt = tuple(command.prompt) if isinstance(command.prompt, list) else command.prompt
-        self._on_submit(ev.Submit(command.request_id, prompt, dict(command.sampling), raw=command.raw,
-                                  fit_context=True))
+        """A dashboard prompt: a request to the scheduler like any other."""
+        self._on_submit(self._as_submit(command))
 
-    def _on_submit(self, command: ev.Submit) -> None:
+    def _on_encoded(self, encoded: _Encoded) -> None:
+        self._on_submit(encoded.command, encoded)
+
+    def _on_submit(self, command: ev.Submit | ev.Generate, encoded: _Encoded | None = None) -> None:
         """Run the scheduler, starting with this request, until it holds none."""
         engine = self.engine
         if engine is None:
@@ -242,7 +334,7 @@ class EngineWorker:
         if self._batch is None or self._batch.engine is not engine:
             self._batch = engine.batch(self._request_emit, self.max_batch, self.max_waiting)
         batch = self._batch
-        self._offer(command)
+        self._offer(command, encoded)
         self._running = True
         try:
             self._gather_arrivals()
@@ -263,11 +355,14 @@ class EngineWorker:
         finally:
             self._running = False
 
-    def _offer(self, command: ev.Submit | ev.Generate) -> None:
-        """Hand a request to the scheduler, unless it was cancelled while it was in the queue."""
-        if isinstance(command, ev.Generate):
-            prompt = tuple(command.prompt) if isinstance(command.prompt, list) else command.prompt
-            command = ev.Submit(command.request_id, prompt, dict(command.sampling), raw=command.raw, fit_context=True)
+    def _offer(self, command: ev.Submit | ev.Generate, encoded: _Encoded | None = None) -> None:
+        """Hand a request to the scheduler (with its prompt's ids when the pool encoded them
+        for this engine), unless it was cancelled while it was in the queue."""
+        command = self._as_submit(command)
+        if encoded is not None and encoded.engine is self.engine and encoded.error is not None:
+            self._request_emit(ev.RequestRefused(command.request_id, "bad_request", encoded.error))
+            return
+        prompt_ids = encoded.prompt_ids if encoded is not None and encoded.engine is self.engine else None
         if isinstance(command.request_id, str):
             self._served = True
         with self._lock:
@@ -277,7 +372,7 @@ class EngineWorker:
             self._request_emit(ev.GenerationDone(command.request_id, "", (), 0, 0, None, None, True,
                                                  finish_reason="cancelled"))
             return
-        self._batch.submit(command, arrived)
+        self._batch.submit(command, arrived, prompt_ids)
 
     def _cancel_in_batch(self) -> None:
         with self._lock:
@@ -310,6 +405,8 @@ class EngineWorker:
         ends the loop at its next turn, the rest waits until the scheduler empties."""
         if isinstance(command, (ev.Submit, ev.Generate)):
             self._offer(command)
+        elif isinstance(command, _Encoded):
+            self._offer(command.command, command)
         elif isinstance(command, (ev.Migrate, ev.Reserve, ev.Replan)):
             try:
                 if isinstance(command, ev.Migrate):

@@ -201,6 +201,13 @@ def score_processors(settings: SamplingSettings, prompt_length: int) -> LogitsPr
     return processors
 
 
+def encode_request(tokenizer, request: ev.Submit) -> list[int]:
+    """A request's prompt as token ids (its chat template unless raw); VramancerError if it
+    cannot be encoded. Any thread may call it, each with a tokenizer of its own."""
+    prompt = list(request.prompt) if isinstance(request.prompt, tuple) else request.prompt
+    return encode_prompt(tokenizer, prompt, request.raw, tools=list(request.tools) or None)["input_ids"][0].tolist()
+
+
 def single_sequence_reason(engine) -> str | None:
     """Why this model's requests cannot share a padded batch, or None when they can."""
     model = engine.model
@@ -268,8 +275,9 @@ class Batch:
 
     # --- requests in ---------------------------------------------------------------------
 
-    def submit(self, request: ev.Submit, arrived: float | None = None) -> bool:
-        """Queue a request (RequestQueued), or refuse it (RequestRefused). True if queued."""
+    def submit(self, request: ev.Submit, arrived: float | None = None, prompt_ids: list[int] | None = None) -> bool:
+        """Queue a request (RequestQueued), or refuse it (RequestRefused). True if queued.
+        `prompt_ids`: the prompt already encoded (off this thread, `encode_request`)."""
         arrived = time.perf_counter() if arrived is None else arrived
         if self.single_reason and not self._told_single:
             self._told_single = True
@@ -282,8 +290,8 @@ class Batch:
             settings = SamplingSettings(**request.sampling)
             settings.check()
             prompt = list(request.prompt) if isinstance(request.prompt, tuple) else request.prompt
-            prompt_ids = encode_prompt(self.engine.tokenizer, prompt, request.raw,
-                                       tools=list(request.tools) or None)["input_ids"][0].tolist()
+            if prompt_ids is None:
+                prompt_ids = encode_request(self.engine.tokenizer, request)
         except TypeError as exc:
             return self._refuse(request, "bad_request", f"the sampling settings are not understood: {exc}.")
         except VramancerError as exc:
@@ -803,4 +811,4 @@ def _left_pad(tensor: torch.Tensor, columns: int) -> torch.Tensor:
     return F.pad(tensor, (0, 0, columns, 0)) if columns > 0 else tensor
 
 
-__all__ = ["AnswerText", "Batch", "Sequence", "single_sequence_reason"]
+__all__ = ["AnswerText", "Batch", "Sequence", "encode_request", "single_sequence_reason"]
