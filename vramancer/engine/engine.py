@@ -299,8 +299,10 @@ class Engine:
                     on_step(made)
                 if self.auto_rebalance:
                     self.rebalance(made)
+        if scheduler.failure is not None:  # a lost device's layers fit nowhere: the answer ended
+            raise scheduler.failure
         done = next((e for e in outcome if isinstance(e, ev.GenerationDone)), None)
-        if done is None:  # refused or aborted on the way (a lost device's layers fit nowhere)
+        if done is None:  # refused on the way
             raise VramancerError(outcome[-1].message)
         return GenerationResult(
             text=done.text,

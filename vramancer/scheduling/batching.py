@@ -254,6 +254,7 @@ class Batch:
         self._status_at = 0.0
         self._status_sent = (0, 0)
         self.losses: list[str] = []  # devices lost while it ran, each said in a sentence
+        self.failure: VramancerError | None = None  # why the requests were ended (abort after a loss), if they were
 
     @property
     def busy(self) -> bool:
@@ -426,6 +427,7 @@ class Batch:
             recovery.recover_lost_devices(self.engine, replay_tokens=max((len(s.tokens) for s in self.running),
                                                                         default=0))
         except VramancerError as exc:
+            self.failure = exc
             self.abort(str(exc))
             return
         rows = self.running
@@ -441,6 +443,7 @@ class Batch:
                     recovery.recover_lost_devices(self.engine)
                 except VramancerError as exc:
                     self.running = rows
+                    self.failure = exc
                     self.abort(str(exc))
                     return
                 self._empty()
