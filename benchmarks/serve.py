@@ -7,7 +7,10 @@ Each server is a process of its own on 127.0.0.1; the clients are threads here, 
 HTTP (server-sent events) so the client's own cost stays small. Per round and client count:
 aggregate decode tok/s = tokens after each answer's first / (latest last token - earliest first
 token), TTFT from sending the request to the first text. Also the round trip of a non-streamed
-1-token completion (a short prompt), the server's overhead per request.
+1-token completion (a short prompt), the server's overhead per request, and two of issue #31's
+scheduling targets: a 5-token request's first token with a ~1,600-token prompt answering beside
+it (against the same request alone; target <= 2x), and the first token of a request sharing a
+~300-token system prompt with the one before it (against that one's; target <= 0.3x).
 
 llama.cpp: set VRAMANCER_LLAMA_PYTHON to a python with `llama_cpp` and its server extras
 (`llama_cpp.server`), or have /work/llama-venv/bin/python; otherwise its rows are skipped.
@@ -30,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import PROMPT, Result, alternate, cli, say
+from benchmarks.common import PROMPT, Result, alternate, cli, compare, say
 
 DEVICES = "sim:2x1GiB"
 CONTEXT = 2048
@@ -38,7 +41,13 @@ CLIENTS = (1, 4, 8)
 ROUND_TRIPS = 20  # 1-token completions per round
 LLAMA_DEFAULT = Path("/work/llama-venv/bin/python")
 REPO = Path(__file__).resolve().parent.parent
+BESIDE = "VRAMancer server, a short request beside a long prompt"
+SHARED = "VRAMancer server, two requests sharing a system prompt"
 MESSAGES = [{"role": "user", "content": PROMPT}]
+SHORT = [{"role": "user", "content": "Hi"}]  # a few tokens with the chat template around it
+SHORT_TOKENS = 5
+LONG = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 160}]  # ~1,600 tokens
+SYSTEM = "You are a careful assistant who answers in plain words. " * 27  # ~300 tokens
 
 
 class ServerProcess:
@@ -85,11 +94,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stream_once(server: ServerProcess, tokens: int) -> dict:
-    """One streamed chat completion: send time, each text chunk's arrival, tokens reported."""
+def stream_once(server: ServerProcess, tokens: int, messages: list[dict] = MESSAGES,
+                first: threading.Event | None = None) -> dict:
+    """One streamed chat completion: send time, each text chunk's arrival, tokens reported
+    (`first` is set when its first text arrives)."""
     import httpx
 
-    body = {"model": server.model, "messages": MESSAGES, "max_tokens": tokens, "temperature": 0, "stream": True,
+    body = {"model": server.model, "messages": messages, "max_tokens": tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     sent = time.perf_counter()
     times: list[float] = []
@@ -105,6 +116,8 @@ def stream_once(server: ServerProcess, tokens: int) -> dict:
                 usage = chunk["usage"]["completion_tokens"]
             if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                 times.append(time.perf_counter())
+                if first is not None:
+                    first.set()
     return {"sent": sent, "times": times, "tokens": usage if usage is not None else len(times)}
 
 
@@ -132,6 +145,42 @@ def concurrent_run(server: ServerProcess, clients: int, tokens: int):
         ttfts = sorted((r["times"][0] - r["sent"]) * 1000 for r in results)
         return {"tok_s": after_first / (last - first), "ttft_p50": statistics.median(ttfts),
                 "ttft_p95": _percentile(ttfts, 0.95)}
+
+    return run
+
+
+def _ttft_ms(server: ServerProcess, messages: list[dict], tokens: int = SHORT_TOKENS) -> float:
+    answer = stream_once(server, tokens, messages)
+    return (answer["times"][0] - answer["sent"]) * 1000
+
+
+def long_beside(server: ServerProcess, tokens: int):
+    """A short request alone, then the same while a ~1,600-token prompt is answered beside it
+    (sent once the long one streams): both first tokens."""
+    def run() -> dict:
+        alone = _ttft_ms(server, SHORT)
+        streaming = threading.Event()
+        long = threading.Thread(target=stream_once, args=(server, tokens, LONG, streaming))
+        long.start()
+        streaming.wait(600)
+        beside = _ttft_ms(server, SHORT)
+        long.join()
+        return {"short_alone_ms": alone, "short_beside_ms": beside}
+
+    return run
+
+
+def shared_prefix(server: ServerProcess):
+    """Two requests with the same ~300-token system prompt, one after the other (a fresh
+    question each round, so only the system prompt is shared): both first tokens."""
+    rounds = iter(range(1_000_000))
+
+    def run() -> dict:
+        n = next(rounds)
+        ask = lambda question: [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+        first = _ttft_ms(server, ask(f"Round {n}: name a colour."))
+        second = _ttft_ms(server, ask(f"Round {n}: name a fruit."))
+        return {"first_ms": first, "second_ms": second}
 
     return run
 
@@ -190,7 +239,10 @@ def bench(rounds: int = 2, tokens: int = 64) -> Result:
         {"rounds": rounds, "new tokens per answer": tokens, "devices": DEVICES, "context": CONTEXT,
          "threads": threads, "1-token round trips per round": ROUND_TRIPS},
         {"tok_s": ("aggregate decode tok/s", 1), "ttft_p50": ("TTFT p50 ms", 0), "ttft_p95": ("TTFT p95 ms", 0),
-         "rt_ms": ("1-token completion round trip p50 ms", 1)},
+         "rt_ms": ("1-token completion round trip p50 ms", 1), "short_alone_ms": ("5-token TTFT alone ms", 0),
+         "short_beside_ms": ("5-token TTFT beside a 1,600-token prompt ms", 0),
+         "first_ms": ("TTFT, first of a shared system prompt ms", 0),
+         "second_ms": ("TTFT, second sharing it ms", 0)},
     )
     say("  `vramancer generate` path (vramancer bench) ...")
     generate = generate_speed(tokens, rounds)
@@ -218,6 +270,8 @@ def bench(rounds: int = 2, tokens: int = 64) -> Result:
                 contenders[f"{server.name} server, {clients} streaming client{'s' if clients > 1 else ''}"] = \
                     concurrent_run(server, clients, tokens)
             contenders[f"{server.name} server, non-streamed 1-token completions"] = round_trips(server)
+        contenders[BESIDE] = long_beside(servers[0], tokens)
+        contenders[SHARED] = shared_prefix(servers[0])
         samples = alternate(contenders, rounds)
     finally:
         for server in servers:
@@ -225,7 +279,14 @@ def bench(rounds: int = 2, tokens: int = 64) -> Result:
     samples["`vramancer generate` (engine.generate, same prompt and split)"] = [{"tok_s": v} for v in generate]
     result.add(samples)
     one, eight = "VRAMancer server, 1 streaming client", "VRAMancer server, 8 streaming clients"
-    result.ratio("8 clients ÷ 1 client, aggregate decode tok/s", eight, one, "tok_s", True, at_least=4.0)
+    result.ratio("8 clients ÷ 1 client, aggregate decode tok/s", eight, one, "tok_s", True, at_least=6.0)
+    beside = result.contenders[BESIDE]
+    result.comparisons.append(compare("a 5-token request's first token beside a 1,600-token prompt ÷ alone",
+                                      beside["short_beside_ms"]["median"] / beside["short_alone_ms"]["median"],
+                                      at_most=2.0))
+    shared = result.contenders[SHARED]
+    result.comparisons.append(compare("second request sharing a 300-token system prompt, first token ÷ the first's",
+                                      shared["second_ms"]["median"] / shared["first_ms"]["median"], at_most=0.3))
     result.ratio("1 client ÷ `vramancer generate`, decode tok/s", one,
                  "`vramancer generate` (engine.generate, same prompt and split)", "tok_s", True, at_least=0.95)
     if python:

@@ -259,22 +259,22 @@ def worker(tiny_model_dir):
     worker.shutdown()
 
 
-def test_worker_runs_submits_together_and_a_generate_waits_for_the_batch(worker):
+def test_worker_runs_submits_and_a_dashboard_prompt_together(worker):
     worker, events = worker
     for i in range(3):
         worker.submit(submit(f"r{i}", PROMPTS[i], tokens=40))
     worker.submit(ev.Generate(PROMPTS[0], {"max_new_tokens": 40}, request_id=9))
-    finished = [events.wait_for(ev.GenerationDone).request_id for _ in range(4)]
-    assert finished[-1] == 9  # the console's Generate ran once the batch had emptied
-    console = next(e for e in events.seen if isinstance(e, ev.GenerationDone) and e.request_id == 9)
-    answers = {e.request_id: e for e in events.seen if isinstance(e, ev.GenerationDone)}
-    assert answers["r0"].token_ids == console.token_ids
-    # All three started before the first one finished: they decoded together.
-    order = [(type(e).__name__, e.request_id) for e in events.seen if isinstance(e, (ev.RequestStarted, ev.GenerationDone))]
+    answers = {}
+    for _ in range(4):
+        done = events.wait_for(ev.GenerationDone)
+        answers[done.request_id] = done
+    assert answers["r0"].token_ids == answers[9].token_ids  # the console's prompt, in the same scheduler
+    # All four started before the first one finished: they decoded together.
+    order = [(type(e).__name__, e.request_id) for e in events.seen if isinstance(e, (ev.Token, ev.GenerationDone))]
     first_done = next(i for i, (kind, _) in enumerate(order) if kind == "GenerationDone")
-    assert {rid for kind, rid in order[:first_done] if kind == "RequestStarted"} == {"r0", "r1", "r2"}
-    statuses = events.of(ev.BatchStatus)
-    assert statuses[-1].running == 0 and all(s.kv_budget == 512 for s in statuses)
+    assert {rid for kind, rid in order[:first_done] if kind == "Token"} == {"r0", "r1", "r2", 9}
+    assert events.wait_for(ev.BatchStatus, lambda s: s.running == 0).kv_budget == 512
+    assert all(s.kv_budget == 512 for s in events.of(ev.BatchStatus))
 
 
 def test_worker_migrates_between_batch_steps_and_no_answer_changes(worker):
@@ -446,3 +446,37 @@ def test_a_device_lost_mid_batch_rebuilds_every_sequence_and_the_answers_go_on(e
         done = events.done(str(i))
         assert list(done.token_ids) == solo[prompt] and done.finish_reason == "length"
         assert events.streamed(str(i)) == done.text  # nothing streamed twice
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_decode(engine, monkeypatch):
+    """A long prompt arriving while another request decodes is prefilled a chunk a step: the
+    running one gets a token at every step of it, a short newcomer sent after it starts before
+    it, and it answers as it would alone."""
+    from vramancer.scheduling import batching
+
+    monkeypatch.setattr(batching, "PREFILL_CHUNK", 8)
+    long_prompt = OPENINGS[7] + " " + OPENINGS[1] + " " + OPENINGS[5]
+    solo = {p: engine.generate(p, raw=True, max_new_tokens=8).token_ids for p in (long_prompt, OPENINGS[0], "Hi")}
+    prompt_tokens = len(engine.tokenizer(long_prompt)["input_ids"])
+    assert prompt_tokens > 3 * 8
+    events = Events()
+    batch = engine.batch(events.append)
+    batch.submit(submit("running", OPENINGS[0], tokens=40, raw=True))
+    batch.step()
+    batch.submit(submit("long", long_prompt, tokens=8, raw=True))
+    batch.submit(submit("short", "Hi", tokens=8, raw=True))
+    tokens_before = len(batch.running[0].tokens)
+    steps = 0
+    while not any(isinstance(e, ev.RequestStarted) and e.request_id == "long" for e in events):
+        batch.step()
+        steps += 1
+        assert batch.prefilling is not None or any(s.request_id == "long" for s in batch.running)
+    assert steps == -(-prompt_tokens // 8)  # one chunk a step
+    running = next(s for s in batch.running if s.request_id == "running")
+    assert len(running.tokens) - tokens_before == steps  # it kept decoding, a token each step
+    started = [e.request_id for e in events if isinstance(e, ev.RequestStarted)]
+    assert started.index("short") < started.index("long")  # the short one did not wait behind it
+    run_to_end(batch)
+    assert list(events.done("long").token_ids) == solo[long_prompt]  # tiny model: no near ties
+    assert list(events.done("short").token_ids) == solo["Hi"]
+    assert list(events.done("running").token_ids)[:8] == solo[OPENINGS[0]]

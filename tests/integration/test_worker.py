@@ -30,22 +30,21 @@ def generate(prompt="Tell me about the sea.", tokens=24, request_id=1):
     return ev.Generate(prompt, {"max_new_tokens": tokens}, request_id=request_id)
 
 
-def test_commands_run_in_arrival_order(worker_and_events):
+def test_requests_and_a_replan_share_the_one_scheduler(worker_and_events):
+    """Dashboard prompts are requests to the scheduler: a Replan sent between two of them runs
+    between two decode steps, and each answer still comes, whole, in its own events."""
     worker, events = worker_and_events
-    start = len(events.seen)
     worker.submit(generate(request_id=1))
     worker.submit(ev.Replan("sequential"))
     worker.submit(generate(request_id=2))
-    first = events.wait_for(ev.GenerationDone)
     plan = events.wait_for(ev.PlanChanged)
-    second = events.wait_for(ev.GenerationDone)
-    assert (first.request_id, second.request_id) == (1, 2)
+    done = [events.wait_for(ev.GenerationDone), events.wait_for(ev.GenerationDone)]
+    assert sorted(d.request_id for d in done) == [1, 2]
     assert plan.plan.strategy == "sequential"
-    order = [type(e).__name__ for e in events.seen[start:] if isinstance(e, (ev.GenerationDone, ev.PlanChanged))]
-    assert order == ["GenerationDone", "PlanChanged", "GenerationDone"]
-    # Tokens streamed before each GenerationDone, and they spell the answer.
-    tokens = [e.text for e in events.of(ev.Token) if e.request_id == 1]
-    assert "".join(tokens) == first.text and first.new_tokens > 0
+    for answer in done:  # tokens streamed before each GenerationDone spell its answer
+        tokens = [e.text for e in events.of(ev.Token) if e.request_id == answer.request_id]
+        assert "".join(tokens) == answer.text and answer.new_tokens > 0
+    assert not events.of(ev.RequestQueued) and not events.of(ev.BatchStatus)  # not listed as server requests
 
 
 def test_migrate_during_streaming_applies_between_steps_and_keeps_the_answer(worker_and_events):
@@ -180,3 +179,32 @@ def test_every_command_has_a_handler():
                 if isinstance(kind, type) and issubclass(kind, ev.Command) and kind is not ev.Command}
     worker = EngineWorker(lambda e: None, telemetry=False)
     assert set(worker.handlers) == commands - {ev.Shutdown}
+
+
+def test_prompts_are_encoded_off_the_engine_thread(worker_and_events, monkeypatch):
+    """Tokenizing and templating run on the encoding pool: a huge prompt, refused or not,
+    never holds the engine's thread (and so the answers decoding there)."""
+    from vramancer.engine import worker as worker_module
+    from vramancer.scheduling import batching
+
+    threads: list[str] = []
+
+    def recording(original):
+        def encode(tokenizer, request):
+            threads.append(threading.current_thread().name)
+            return original(tokenizer, request)
+        return encode
+
+    monkeypatch.setattr(worker_module, "encode_request", recording(worker_module.encode_request))
+    monkeypatch.setattr(batching, "encode_request", recording(batching.encode_request))
+    worker, events = worker_and_events
+    worker.submit(ev.Submit("served", "Tell me about the sea.", {"max_new_tokens": 4}))
+    worker.submit(generate(tokens=4, request_id=3))
+    worker.submit(ev.Submit("huge", "word " * 20000, {"max_new_tokens": 4}, raw=True))
+    outcomes = {}
+    while len(outcomes) < 3:  # in whatever order they come
+        event = events.wait_for((ev.RequestRefused, ev.GenerationDone))
+        outcomes[event.request_id] = event
+    assert isinstance(outcomes["huge"], ev.RequestRefused) and outcomes["huge"].reason == "too_long"
+    assert outcomes["served"].new_tokens == outcomes[3].new_tokens == 4
+    assert len(threads) == 3 and all(name.startswith("vramancer-encode") for name in threads), threads

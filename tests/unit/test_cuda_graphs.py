@@ -105,6 +105,32 @@ def test_replayed_layers_decode_the_same_tokens_and_each_layer_is_recorded_once(
     assert recorder.recordings == 2 * layers
 
 
+def test_a_lone_request_replays_and_a_second_joining_moves_it_into_the_batch_cache(engine):
+    """The scheduler runs a lone request in the kept StaticCache (replayed); when a second one
+    joins, the first one's used columns move into the batch's cache and both answer as alone."""
+    from vramancer.engine import events as ev
+
+    other = "Hi"
+    expected = greedy(engine)
+    other_alone = engine.generate(other, max_new_tokens=TOKENS).token_ids
+    recorder = RerunRecorder()
+    engine.split.use_graphs(LayerGraphs(recorder))
+    done = {}
+    batch = engine.batch(lambda e: done.__setitem__(e.request_id, e) if isinstance(e, ev.GenerationDone) else None)
+    batch.submit(ev.Submit("first", PROMPT, {"max_new_tokens": TOKENS}))
+    for _ in range(5):
+        batch.step()
+    assert isinstance(engine.cache, StaticCache) and recorder.replays > 0
+    batch.submit(ev.Submit("second", other, {"max_new_tokens": TOKENS}))
+    batch.step()
+    assert len(batch.running) == 2 and isinstance(engine.cache, DynamicCache)
+    assert engine.split.graphs.cache is None  # the kept cache and its recordings were let go
+    while batch.busy:
+        batch.step()
+    assert list(done["first"].token_ids) == expected
+    assert list(done["second"].token_ids) == other_alone
+
+
 def test_a_migration_mid_answer_records_the_moved_layers_afresh_and_keeps_the_tokens(engine):
     expected = greedy(engine)
     recorder = RerunRecorder()

@@ -67,6 +67,19 @@ def test_sampling_with_a_seed_is_reproducible_and_differs_from_greedy(engine):
     assert first != engine.generate(PROMPT, max_new_tokens=20).token_ids
 
 
+def test_seeded_sampling_draws_what_plain_transformers_draws(engine, tiny_model_dir):
+    """A lone request through the scheduler samples exactly as transformers' generate does with
+    the same seed: the same warpers in the same order, and the same random draws."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    torch.manual_seed(7)
+    plain = model.generate(**inputs, max_new_tokens=20, do_sample=True, temperature=0.8, top_p=0.95, top_k=50)
+    ours = engine.generate(PROMPT, max_new_tokens=20, temperature=0.8, top_p=0.95, top_k=50, seed=7)
+    assert ours.token_ids == plain[0, inputs["input_ids"].shape[1]:].tolist()
+
+
 def test_cancel_from_another_thread(engine):
     cancel = threading.Event()
     seen = []

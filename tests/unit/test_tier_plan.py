@@ -8,7 +8,7 @@ from vramancer.config.errors import VramancerError
 from vramancer.config.options import LoadOptions
 from vramancer.config.tiers import tier_setting, tier_size
 from vramancer.config.units import MiB
-from vramancer.planning.placement import ModelProfile, PlanError, device_need, make_plan
+from vramancer.planning.placement import ModelProfile, PlanError, make_plan
 from vramancer.planning.pricing import DeviceTimings, LinkTimings, Pricing, Timings
 from vramancer.planning.tiers import DISK, HOST, Tier, _stream_on, assign_tiers, plan_with_tiers, stream_cost
 from vramancer.platforms.devices import resolve_devices

@@ -26,6 +26,8 @@ DEADLINES = {
     "--body-seconds": ("BODY_SECONDS", 30.0, "how long a client may take to send a request's body"),
 }
 MAX_DEADLINE_S = 3600.0
+DEFAULT_DRAIN_S = 5.0  # running answers get this long to finish after a stop signal
+MAX_DRAIN_S = 600.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -233,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface: give a key)")
     serve.add_argument("--port", type=int, default=None, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
     _add_serve_flags(serve, inherit=True)
+    serve.add_argument("--drain-seconds", type=float, default=None,
+                       help=f"on SIGTERM, SIGINT or SIGHUP: new requests are refused (503) and running ones get "
+                            f"this long to finish before they are ended (default {DEFAULT_DRAIN_S:g}, 0 to "
+                            f"{MAX_DRAIN_S:g})")
 
     config = sub.add_parser("config", help="print every setting's value and where it came from "
                                            "(flag > VRM_* variable > config file > default)")
@@ -374,6 +380,10 @@ def _check_values(args) -> None:
             raise VramancerError(f"--max-batch must be between 1 and {MAX_BATCH}, not {args.max_batch}.")
         if args.max_connections < 1:
             raise VramancerError(f"--max-connections must be at least 1, not {args.max_connections}.")
+        if args.command == "serve" and args.drain_seconds is None:
+            args.drain_seconds = v.env_float("DRAIN_SECONDS", DEFAULT_DRAIN_S)
+        if args.command == "serve" and not 0 <= v.finite("--drain-seconds", args.drain_seconds) <= MAX_DRAIN_S:
+            raise VramancerError(f"--drain-seconds must be between 0 and {MAX_DRAIN_S:g}, not {args.drain_seconds:g}.")
         from vramancer.server.guard import check_origin
 
         for origin in args.cors_origin:
@@ -496,7 +506,8 @@ def _serve(args, prepare) -> int:
 
     status = run_serve(_load_options(args), sock, args.host, args.api_key, args.max_batch,
                        ready=lambda line: print(line, flush=True), cors_origins=tuple(args.cors_origin),
-                       allowed_hosts=tuple(args.allow_host), limits=_limits(args))
+                       allowed_hosts=tuple(args.allow_host), limits=_limits(args),
+                       drain_s=args.drain_seconds)
     exit_now(status)  # stopped: skip seconds of interpreter teardown
 
 

@@ -48,6 +48,7 @@ DEFAULTS: dict[str, str] = {
     "keep_alive_seconds": "5",
     "header_seconds": "10",
     "body_seconds": "30",
+    "drain_seconds": "5",
     "cors_origins": "",
     "allow_hosts": "",
     "node_devices": "auto",

@@ -11,7 +11,7 @@ import dataclasses
 import gc
 import queue
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -36,7 +36,6 @@ from vramancer.planning.placement import (
 from vramancer.planning.pricing import Prediction, Pricing
 from vramancer.platforms.devices import (
     Device,
-    DeviceLost,
 )
 from vramancer.runtime import recovery
 from vramancer.runtime.migration import (
@@ -51,15 +50,10 @@ from vramancer.runtime.rebalance import rebalance as relieve_pressure
 from vramancer.planning.tiers import stream_cost
 from vramancer.runtime.split_model import SplitModel
 from vramancer.runtime.transfer import LinkStats, TransferManager
-from vramancer.scheduling.generation import (
-    GenerationResult,
-    Messages,
-    SamplingSettings,
-    encode_prompt,
-    run_generate,
-)
+from vramancer.scheduling.generation import GenerationResult, Messages, SamplingSettings
 
 ProgressCallback = Callable[[str, float], None]
+LONE_REQUEST = -1  # the request id of Engine.generate's answer (the dashboard's ids count from 1)
 
 
 class Engine:
@@ -113,7 +107,7 @@ class Engine:
         token_file: str | None = None,
         weights: str = "native",
         cuda_graphs: str = "auto",
-    ) -> "Engine":
+    ) -> Engine:
         """Plan first, then read the weights: a plan that cannot fit is refused before any load.
 
         `options` is one LoadOptions (what the CLI, the dashboard and the server pass), or a
@@ -282,54 +276,68 @@ class Engine:
     ) -> GenerationResult:
         """Generate an answer to `prompt` (text, or chat messages for a conversation).
 
+        The answer is one request to the scheduler (scheduling/batching.py), driven here on the
+        caller's thread: the same path as the worker's and the server's requests.
         `on_step(n)` runs between decode steps after n new tokens; migrations may run there."""
-        settings = SamplingSettings(**sampling)
-        settings.check()
-        inputs = encode_prompt(self.tokenizer, prompt, raw)
-        prompt_tokens = inputs["input_ids"].shape[1]
-        if prompt_tokens >= self.context:
-            raise VramancerError(
-                f"the prompt is {prompt_tokens} tokens, longer than the context of {self.context}; "
-                "start afresh or load with a larger --context."
-            )
-        # The KV cache was budgeted for `context` tokens: stop there rather than overrun it.
-        settings.max_new_tokens = min(settings.max_new_tokens, self.context - prompt_tokens)
-        self.recover_lost_nodes()  # a device lost between answers: re-place its layers first
-        inputs = {k: v.to(self.split.input_device) for k, v in inputs.items()}
-        self._cache = self._new_cache()
+        from vramancer.engine import events as ev
+        from vramancer.scheduling.batching import Batch
 
-        def between_steps(step: int) -> None:
-            if on_step is not None:
-                on_step(step)
-            if self.auto_rebalance:
-                self.rebalance(step)
+        SamplingSettings(**sampling).check()
+        outcome: list[ev.Event] = []
 
-        def on_lost(lost: DeviceLost, tokens_so_far: int):
-            """The guard around the generate loop: re-place what was lost, start a fresh cache."""
-            recovery.mark_lost(self, lost)
-            recovery.recover_lost_devices(self, replay_tokens=tokens_so_far)
-            self._cache = self._new_cache()
-            return self._cache
+        def emit(event: ev.Event) -> None:
+            if isinstance(event, ev.Token):
+                if event.text and on_text is not None:
+                    on_text(event.text)
+            elif isinstance(event, (ev.GenerationDone, ev.RequestRefused, ev.Error)):
+                outcome.append(event)
 
-        try:
-            return run_generate(
-                self.model, self.tokenizer, inputs, settings, self._cache,
-                on_text=on_text, on_step=between_steps, cancel=cancel, on_lost=on_lost,
-            )
-        finally:
-            self._cache = None
+        scheduler = Batch(self, emit, max_batch=1, max_waiting=1)
+        request = ev.Submit(LONE_REQUEST, tuple(prompt) if isinstance(prompt, list) else prompt, sampling,
+                            raw=raw, fit_context=True)
+        if not scheduler.submit(request):
+            raise VramancerError(outcome[0].message)
+        told = 0  # steps told to on_step: a step replayed after a lost device is not told twice
+        while scheduler.busy:
+            if cancel is not None and cancel.is_set():
+                scheduler.cancel(LONE_REQUEST)
+                break
+            scheduler.step()
+            made = scheduler.tokens_so_far(LONE_REQUEST)
+            if made > told and scheduler.busy:
+                told = made
+                if on_step is not None:
+                    on_step(made)
+                if self.auto_rebalance:
+                    self.rebalance(made)
+        if scheduler.failure is not None:  # a lost device's layers fit nowhere: the answer ended
+            raise scheduler.failure
+        done = next((e for e in outcome if isinstance(e, ev.GenerationDone)), None)
+        if done is None:  # refused on the way
+            raise VramancerError(outcome[-1].message)
+        return GenerationResult(
+            text=done.text,
+            token_ids=list(done.token_ids),
+            prompt_tokens=done.prompt_tokens,
+            new_tokens=done.new_tokens,
+            ttft_s=done.ttft_s,
+            decode_tokens_per_s=done.decode_tokens_per_s,
+            total_s=done.total_s or 0.0,
+            cancelled=done.cancelled,
+            stats={"node_losses": list(scheduler.losses)} if scheduler.losses else {},
+        )
 
-    def _new_cache(self):
-        """A KV cache for one generation: one that grows (DynamicCache), or under CUDA graphs
-        one allocated for the whole context at the first forward pass (StaticCache), so every
-        decode step reads and writes the same addresses. That one is kept, emptied, for the
-        next answer, so the layers' recordings stay good until the split changes (a rewire
-        drops both)."""
-        from transformers import DynamicCache, StaticCache
+    def lone_cache(self):
+        """The KV cache a lone request decodes in under CUDA graphs: a StaticCache allocated for
+        the whole context at the first forward pass, so every decode step reads and writes the
+        same addresses. It is kept, emptied, for the next lone request, so the layers'
+        recordings stay good until the split changes (a rewire drops both). None without
+        graphs: the scheduler then makes a cache that grows."""
+        from transformers import StaticCache
 
         graphs = self.split.graphs
         if graphs is None or not graphs.installed():
-            return DynamicCache(config=self.model.config)
+            return None
         if graphs.cache is None:
             graphs.cache = StaticCache(config=self.model.config, max_cache_len=self.context)
         else:
@@ -356,7 +364,7 @@ class Engine:
         self.split.use_graphs(LayerGraphs() if on else None)
 
     def batch(self, emit: Callable, max_batch: int = 8, max_waiting: int = 64):
-        """A continuous batch on this engine (scheduling/batching.py), driven step by step by the
+        """The scheduler on this engine (scheduling/batching.py), driven step by step by the
         caller's thread; its outcomes go out through `emit` as events. Run no `generate`
         while it holds sequences: it owns the engine's KV cache until it empties."""
         from vramancer.scheduling.batching import Batch
@@ -501,4 +509,4 @@ class Engine:
             torch.cuda.empty_cache()
 
 
-__all__ = ["Engine", "LoadOptions", "prepare", "EMBED", "HEAD"]
+__all__ = ["EMBED", "HEAD", "Engine", "LoadOptions", "prepare"]

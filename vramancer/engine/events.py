@@ -62,14 +62,15 @@ class Generate(Command):
 
 @dataclass(frozen=True)
 class Submit(Command):
-    """A request for the continuous batch (the server's, one per HTTP request).
+    """A request for the scheduler (the server's, one per HTTP request; a dashboard prompt
+    and Engine.generate become one too, with an int request_id).
 
     It waits its turn, is prefilled, then joins the sequences decoding together; between two
     decode steps finished ones leave and waiting ones join. Answered by Token events, then
     one GenerationDone (finish_reason set), or by one RequestRefused if it cannot be run.
     `stop` strings end the answer where they first appear; their text is never streamed."""
 
-    request_id: str
+    request_id: str | int
     prompt: str | tuple  # text, or chat messages ({"role", "content"}) for the chat template
     sampling: dict = field(default_factory=dict)  # SamplingSettings fields
     raw: bool = False
@@ -79,6 +80,9 @@ class Submit(Command):
     # The answer must follow ("json_schema", schema as JSON text) or ("lark", grammar): scheduling/constrained.py
     constraint: tuple[str, str] | None = None
     tools: tuple = ()  # function tools (OpenAI's JSON) for the chat template to show the model
+    # A dashboard prompt or Engine.generate: max_new_tokens is cut to what the context leaves
+    # after the prompt, instead of the request being refused (too_long).
+    fit_context: bool = False
 
 
 @dataclass(frozen=True)
@@ -275,8 +279,7 @@ class Token(Event):
     text: str
     request_id: int | str = 0
     logprobs: tuple[TokenLogprob, ...] = ()  # the tokens behind this text, when a Submit asked
-    # The answer's tokens decoded when this text was sent (0: not counted, as the batch's
-    # are), and when (time.monotonic, on the engine's thread): a UI's tok/s comes from these,
+    # The answer's tokens decoded when this text was sent (0: not counted), and when (time.monotonic, on the engine's thread): a UI's tok/s comes from these,
     # never from when it got round to drawing them.
     step: int = 0
     at: float = field(default_factory=time.monotonic)

@@ -1,28 +1,31 @@
 """EngineWorker: the one thread that owns the engine.
 
-Commands arrive on a queue and run one at a time, in order. While a generation runs, the
-queue is still read between two decode steps: Migrate and Cancel take effect there, every
-other command waits its turn. A Cancel names its request: the one streaming stops at the next
-step, a queued one ends at once, cancelled. Each command type has its handler in one table,
-so a command without one is a bug a test finds. Events go out through `emit`, called on the
-worker's (or the telemetry's) thread; a UI hands them to its own thread (Textual:
-`post_message`).
+Commands arrive on a queue and run one at a time, in order. Every request, a dashboard
+prompt (Generate) as well as a server request (Submit), goes to the one scheduler
+(scheduling/batching.py). While it holds requests the worker loops: read the commands that
+arrived (new requests join its queue, Migrate/Reserve/Replan run there, between two steps, a
+Cancel ends its request there), one scheduler step (admissions, then a decode step), then
+auto-rebalance. A Load waits until the scheduler empties. One cancellation path, one
+between-step point, one recovery of a lost device (the scheduler's). Each command type has its
+handler in one table, so a command without one is a bug a test finds. Events go out through
+`emit`, called on the worker's (or the telemetry's) thread; a UI hands them to its own thread
+(Textual: `post_message`).
 
-Submits (the server's requests) go to a continuous batch (scheduling/batching.py). While it holds
-sequences the worker loops: read the commands that arrived (Submits join the batch's queue,
-Migrate/Reserve/Replan run there, between two steps, Cancel by request id), admit what fits,
-one decode step, then auto-rebalance. A Generate or a Load waits until the batch empties. At
-Shutdown, running requests end cancelled with the text they have and waiting ones are refused
-(shutting_down): each request gets one answer, and the ones that ran keep what they made.
+A Generate is answered as it always was: Token events, then one GenerationDone, or one Error
+(a bad value, a prompt longer than the context); a dashboard prompt is not shown as a server
+request (no RequestQueued, RequestStarted or BatchStatus for it). At Shutdown, running requests
+end cancelled with the text they have and waiting ones are refused (shutting_down): each
+request gets one answer, and the ones that ran keep what they made.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import threading
 import time
-from collections import Counter
+from dataclasses import dataclass
 from typing import Callable
 
 from vramancer.config.errors import VramancerError
@@ -33,7 +36,7 @@ from vramancer.engine.telemetry import DEFAULT_HISTORY, DEFAULT_HZ, Telemetry
 from vramancer.platforms.devices import DeviceLost
 from vramancer.planning.placement import empty_reasons
 from vramancer.runtime.migration import MigrationFailed, MigrationRefused
-from vramancer.scheduling.batching import Batch
+from vramancer.scheduling.batching import Batch, encode_request
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,25 @@ REBALANCE_POLL_S = 0.5  # how often an idle worker looks for memory pressure (wi
 GATHER_QUIET_S = 0.005
 GATHER_MAX_S = 0.05
 
+# Prompts are tokenized and templated on a pool of their own, not on the engine's thread, so a
+# huge prompt (refused or not) never stalls the answers decoding. One thread: requests reach the
+# scheduler in the order they were sent (first come, first served), which several threads
+# would not keep. At most ENCODE_QUEUE requests wait for it; one more is refused (queue_full).
+ENCODE_THREADS = 1
+ENCODE_QUEUE = 64
+
 Emit = Callable[[ev.Event], None]
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """A request the pool encoded for `engine`: its prompt's ids, or the sentence saying why
+    it could not be encoded (both None: the worker encodes it itself)."""
+
+    command: ev.Submit | ev.Generate
+    engine: Engine | None
+    prompt_ids: list[int] | None = None
+    error: str | None = None
 
 
 class EngineWorker:
@@ -60,18 +81,19 @@ class EngineWorker:
         self._batch: Batch | None = None  # the continuous batch on the loaded engine
         self.engine: Engine | None = None  # touched only on the worker thread
         self._commands: queue.Queue[ev.Command] = queue.Queue()
-        self._deferred: list[ev.Command] = []  # commands that arrived during a generation
-        self._cancel = threading.Event()  # set: the generation in progress stops at its next step
-        self._cancelled: set[int] = set()  # request ids cancelled before or while they run
-        self._waiting: Counter[int] = Counter()  # request ids of Generates queued, not started
-        self._cancel_lock = threading.Lock()  # guards the three above and _current
-        self._current: int | None = None  # the request id generating now
-        # Submits not answered yet (in the queue or in the batch), when each arrived, and
-        # those cancelled: guarded by _cancel_lock, like the Generate bookkeeping above.
-        self._submitted: dict[str, float] = {}
-        self._submits_cancelled: set[str] = set()
+        self._deferred: list[ev.Command] = []  # commands that wait for the scheduler to empty
+        # Requests not answered yet (in the queue or in the scheduler), when each arrived, and
+        # those cancelled: guarded by _lock (submit runs on any thread).
+        self._lock = threading.Lock()
+        self._submitted: dict[int | str, float] = {}
+        self._cancelled: set[int | str] = set()
+        self._served = False  # a server request came: the scheduler's status goes out too
+        self._closed = False  # the worker thread is done: what the pool hands over is refused (under _lock)
+        self._to_encode: queue.Queue = queue.Queue(maxsize=ENCODE_QUEUE)
+        self._encoders = [threading.Thread(target=self._encode_loop, name=f"vramancer-encode-{i}", daemon=True)
+                          for i in range(ENCODE_THREADS)]
         self._stopping = threading.Event()
-        self._generating = False
+        self._running = False  # the scheduler holds requests (no idle rebalancing meanwhile)
         self._reported: set[str] = set()  # recovery failures already told, not repeated every poll
         self._thread = threading.Thread(target=self._run, name="vramancer-engine", daemon=True)
         self.telemetry = Telemetry(self._telemetry_source, emit, telemetry_hz, history)
@@ -92,47 +114,92 @@ class EngineWorker:
 
     def start(self) -> "EngineWorker":
         self._thread.start()
+        for encoder in self._encoders:
+            encoder.start()
         if self._telemetry_enabled:
             self.telemetry.start()
         return self
 
     def submit(self, command: ev.Command) -> None:
-        """Queue a command. After Shutdown, a Generate is answered with an Error event at once.
-        A Cancel for a request that is neither queued nor running (already done) does nothing."""
-        if isinstance(command, ev.Generate):
-            with self._cancel_lock:
-                if self._stopping.is_set():
-                    self.emit(ev.Error("Generate", "the engine is shutting down; the request was not run."))
-                    return
-                self._waiting[command.request_id] += 1
-        if isinstance(command, ev.Submit):
-            with self._cancel_lock:
-                if self._stopping.is_set():
-                    self.emit(ev.RequestRefused(command.request_id, "shutting_down",
-                                                "the engine is shutting down; the request was not run."))
-                    return
-                self._submitted.setdefault(command.request_id, time.perf_counter())
+        """Queue a command. After Shutdown, a request is answered at once (a Generate with an
+        Error, a Submit refused). A Cancel for a request that is neither queued nor running
+        (already done) does nothing; for one queued or running, it ends at the next step."""
+        if isinstance(command, (ev.Generate, ev.Submit)):
+            with self._lock:
+                stopping = self._stopping.is_set()
+                if not stopping:
+                    self._submitted.setdefault(command.request_id, time.perf_counter())
+            if stopping:
+                self._refuse_after_shutdown(command)
+                return
+            engine = self.engine
+            if engine is not None and self._encoders[0].is_alive():
+                try:
+                    self._to_encode.put_nowait((command, engine))
+                except queue.Full:
+                    self._refuse_now(command, "queue_full", f"{ENCODE_QUEUE} requests are waiting to be read, "
+                                                            "as many as may wait; try again shortly.")
+                return
         if isinstance(command, ev.Cancel):
-            with self._cancel_lock:
-                if isinstance(command.request_id, str) and command.request_id in self._submitted:
-                    self._submits_cancelled.add(command.request_id)
-                elif command.request_id == self._current:
-                    self._cancelled.add(command.request_id)
-                    self._cancel.set()  # seen at the next step, without waiting for the queue
-                elif self._waiting[command.request_id] > 0:
+            with self._lock:
+                if command.request_id in self._submitted:
                     self._cancelled.add(command.request_id)
         if isinstance(command, ev.Shutdown):
-            with self._cancel_lock:  # no Generate slips in behind it unanswered
+            with self._lock:  # no request slips in behind it unanswered
                 self._stopping.set()
-            self._cancel.set()
         self._commands.put(command)
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop both threads: at once when idle, within one decode step when generating."""
+        """Stop both threads: at once when idle, within one decode step when requests run."""
         self.submit(ev.Shutdown())
         self.telemetry.stop(timeout)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        for _ in self._encoders:
+            try:
+                self._to_encode.put(None, timeout=timeout)
+            except queue.Full:
+                break
+        for encoder in self._encoders:
+            if encoder.is_alive():
+                encoder.join(timeout)
+
+    # --- the encoding pool ---------------------------------------------------------------
+
+    def _encode_loop(self) -> None:
+        own = threading.local()  # this thread's copy of the tokenizer: a fast one changes state as it is used
+        while (item := self._to_encode.get()) is not None:
+            command, engine = item
+            if self._stopping.is_set():
+                self._hand_over(_Encoded(command, None))
+                continue
+            if getattr(own, "original", None) is not engine.tokenizer:
+                own.original, own.copy = engine.tokenizer, copy.deepcopy(engine.tokenizer)
+            try:
+                request = self._as_submit(command)
+                self._hand_over(_Encoded(command, engine, prompt_ids=encode_request(own.copy, request)))
+            except VramancerError as exc:
+                self._hand_over(_Encoded(command, engine, error=str(exc)))
+            except Exception:  # anything else: the worker encodes it itself and says what is wrong
+                self._hand_over(_Encoded(command, None))
+
+    def _hand_over(self, encoded: _Encoded) -> None:
+        """From the pool to the worker's queue, unless the worker is done (then refused here)."""
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._commands.put(encoded)
+        if closed:
+            self._refuse_after_shutdown(encoded.command)
+
+    @staticmethod
+    def _as_submit(command: ev.Submit | ev.Generate) -> ev.Submit:
+        """A dashboard prompt as a request like any other, its max_new_tokens cut to what the
+        context leaves after the prompt."""
+        if isinstance(command, ev.Submit):
+            return command
+        prompt = tuple(command.prompt) if isinstance(command.prompt, list) else command.prompt
+        return ev.Submit(command.request_id, prompt, dict(command.sampling), raw=command.raw, fit_context=True)
 
     @property
     def alive(self) -> bool:
@@ -159,15 +226,26 @@ class EngineWorker:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+        with self._lock:
+            self._closed = True
         self._drain_after_shutdown()
 
     def _refuse_after_shutdown(self, command: ev.Command) -> None:
-        """A Generate or Submit that arrived before Shutdown but never ran is answered, not dropped."""
-        if isinstance(command, ev.Generate):
-            self.emit(ev.Error("Generate", "the engine is shutting down; the request was not run."))
-        if isinstance(command, ev.Submit):
-            self._batch_emit(ev.RequestRefused(command.request_id, "shutting_down",
-                                               "the engine is shutting down; the request was not run."))
+        """A request that arrived before Shutdown but never ran is answered, not dropped."""
+        if isinstance(command, _Encoded):
+            command = command.command
+        if isinstance(command, (ev.Generate, ev.Submit)):
+            self._refuse_now(command, "shutting_down", "the engine is shutting down; the request was not run.")
+
+    def _refuse_now(self, command: ev.Submit | ev.Generate, reason: str, message: str) -> None:
+        """Any thread: a request that will not reach the scheduler gets its one answer."""
+        with self._lock:
+            self._submitted.pop(command.request_id, None)
+            self._cancelled.discard(command.request_id)
+        if isinstance(command.request_id, int):
+            self.emit(ev.Error("Generate", message))
+        else:
+            self.emit(ev.RequestRefused(command.request_id, reason, message))
 
     def _drain_after_shutdown(self) -> None:
         for command in self._deferred:
@@ -181,7 +259,7 @@ class EngineWorker:
 
     def _execute(self, command: ev.Command) -> None:
         try:
-            handler = self.handlers[type(command)]
+            handler = self._on_encoded if isinstance(command, _Encoded) else self.handlers[type(command)]
             handler(command)
         except VramancerError as exc:
             self.emit(ev.Error(type(command).__name__, str(exc)))
@@ -201,7 +279,7 @@ class EngineWorker:
         if self.engine is not None:
             self.engine.close()
         self.engine = engine
-        self._batch = None  # made for this engine at its first Submit
+        self._batch = None  # made for this engine at its first request
         engine.auto_rebalance = options.auto_rebalance
         engine.on_rebalance = self._rebalanced
         engine.on_fault = self._node_fault
@@ -239,67 +317,26 @@ class EngineWorker:
                                    result.bytes, result.seconds, step))
         self._plan_changed()
 
+    # --- the scheduler -----------------------------------------------------------------
+
     def _on_generate(self, command: ev.Generate) -> None:
-        with self._cancel_lock:
-            self._waiting[command.request_id] -= 1
-            if self._waiting[command.request_id] <= 0:
-                del self._waiting[command.request_id]
-            cancelled = command.request_id in self._cancelled  # while it waited its turn
-            self._cancelled.discard(command.request_id)
-            if not cancelled:  # from here a Cancel for it stops it at the next step
-                self._current = command.request_id
-                self._cancel.clear()
-        if cancelled:
-            self.emit(ev.GenerationDone(command.request_id, "", (), 0, 0, None, None, True))
-            return
-        prompt = list(command.prompt) if isinstance(command.prompt, tuple) else command.prompt
-        # Each piece of text goes out the moment the streamer lets it go, with the answer's
-        # tokens so far: transformers hands a token to the streamer after the stopping
-        # criteria, where `on_step` has just told its number.
-        decoded = [0]
+        """A dashboard prompt: a request to the scheduler like any other."""
+        self._on_submit(self._as_submit(command))
 
-        def on_step(step: int) -> None:
-            decoded[0] = step
-            self._between_steps(step)
+    def _on_encoded(self, encoded: _Encoded) -> None:
+        self._on_submit(encoded.command, encoded)
 
-        def on_text(text: str) -> None:
-            self.emit(ev.Token(text, command.request_id, step=decoded[0]))
-
-        self._generating = True
-        try:
-            engine = self._require_engine()
-            result = engine.generate(
-                prompt,
-                raw=command.raw,
-                on_text=on_text,
-                on_step=on_step,
-                cancel=self._cancel,
-                **command.sampling,
-            )
-        finally:
-            self._generating = False
-            with self._cancel_lock:
-                self._current = None
-                self._cancelled.discard(command.request_id)
-        self.emit(ev.GenerationDone(command.request_id, result.text, tuple(result.token_ids), result.prompt_tokens,
-                                    result.new_tokens, result.ttft_s, result.decode_tokens_per_s, result.cancelled))
-
-    # --- the continuous batch ------------------------------------------------------------
-
-    def _on_submit(self, command: ev.Submit) -> None:
-        """Run the batch, starting with this request, until it holds no sequence."""
+    def _on_submit(self, command: ev.Submit | ev.Generate, encoded: _Encoded | None = None) -> None:
+        """Run the scheduler, starting with this request, until it holds none."""
         engine = self.engine
         if engine is None:
-            self._batch_emit(ev.RequestRefused(command.request_id, "not_ready", "no model is loaded yet."))
+            self._request_emit(ev.RequestRefused(command.request_id, "not_ready", "no model is loaded yet."))
             return
         if self._batch is None or self._batch.engine is not engine:
-            self._batch = engine.batch(self._batch_emit, self.max_batch, self.max_waiting)
+            self._batch = engine.batch(self._request_emit, self.max_batch, self.max_waiting)
         batch = self._batch
-        self._offer(command)
-        for deferred in [c for c in self._deferred if isinstance(c, ev.Submit)]:
-            self._deferred.remove(deferred)  # Submits held back by a generation join now
-            self._offer(deferred)
-        self._generating = True
+        self._offer(command, encoded)
+        self._running = True
         try:
             self._gather_arrivals()
             while batch.busy:
@@ -310,57 +347,67 @@ class EngineWorker:
                 batch.step()
                 if engine.auto_rebalance and batch.running:
                     engine.rebalance(batch.steps)
-                self._between_batch_steps()
+                self._between_steps()
         except VramancerError as exc:  # e.g. a lost device's layers fit nowhere: end them all, say why
             batch.abort(str(exc))
         except Exception as exc:  # a bug must not leave requests unanswered: end them all, say why
-            log.exception("the continuous batch failed")
-            batch.abort(f"the batch failed: {type(exc).__name__}: {exc}")
+            log.exception("the scheduler failed")
+            batch.abort(f"the scheduler failed: {type(exc).__name__}: {exc}")
         finally:
-            self._generating = False
+            self._running = False
 
-    def _offer(self, command: ev.Submit) -> None:
-        """Hand a Submit to the batch, unless it was cancelled while it was in the queue."""
-        with self._cancel_lock:
-            cancelled = command.request_id in self._submits_cancelled
+    def _offer(self, command: ev.Submit | ev.Generate, encoded: _Encoded | None = None) -> None:
+        """Hand a request to the scheduler (with its prompt's ids when the pool encoded them
+        for this engine), unless it was cancelled while it was in the queue."""
+        command = self._as_submit(command)
+        if encoded is not None and encoded.engine is self.engine and encoded.error is not None:
+            self._request_emit(ev.RequestRefused(command.request_id, "bad_request", encoded.error))
+            return
+        prompt_ids = encoded.prompt_ids if encoded is not None and encoded.engine is self.engine else None
+        if isinstance(command.request_id, str):
+            self._served = True
+        with self._lock:
+            cancelled = command.request_id in self._cancelled
             arrived = self._submitted.get(command.request_id)
         if cancelled:
-            self._batch_emit(ev.GenerationDone(command.request_id, "", (), 0, 0, None, None, True,
-                                               finish_reason="cancelled"))
+            self._request_emit(ev.GenerationDone(command.request_id, "", (), 0, 0, None, None, True,
+                                                 finish_reason="cancelled"))
             return
-        self._batch.submit(command, arrived)
+        self._batch.submit(command, arrived, prompt_ids)
 
     def _cancel_in_batch(self) -> None:
-        with self._cancel_lock:
-            cancelled = list(self._submits_cancelled)
+        with self._lock:
+            cancelled = list(self._cancelled)
         for request_id in cancelled:
             if self._batch.holds(request_id):
                 self._batch.cancel(request_id)
 
     def _gather_arrivals(self) -> None:
-        """Before a batch's first step: take the commands that keep arriving (see GATHER_QUIET_S)."""
+        """Before the first step: take the commands that keep arriving (see GATHER_QUIET_S)."""
         deadline = time.monotonic() + GATHER_MAX_S
         while (wait := min(GATHER_QUIET_S, deadline - time.monotonic())) > 0:
             try:
                 command = self._commands.get(timeout=wait)
             except queue.Empty:
                 return
-            self._take_during_batch(command)
+            self._take_between_steps(command)
 
-    def _between_batch_steps(self) -> None:
-        """The commands that arrived during a step."""
+    def _between_steps(self) -> None:
+        """The one point between two steps: the commands that arrived during a step."""
         while True:
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            self._take_during_batch(command)
+            self._take_between_steps(command)
 
-    def _take_during_batch(self, command: ev.Command) -> None:
-        """Submits join the batch's queue, Migrate, Reserve and Replan run now, the rest waits
-        until the batch empties."""
-        if isinstance(command, ev.Submit):
+    def _take_between_steps(self, command: ev.Command) -> None:
+        """Requests join the scheduler's queue, Migrate, Reserve and Replan run now, a Shutdown
+        ends the loop at its next turn, the rest waits until the scheduler empties."""
+        if isinstance(command, (ev.Submit, ev.Generate)):
             self._offer(command)
+        elif isinstance(command, _Encoded):
+            self._offer(command.command, command)
         elif isinstance(command, (ev.Migrate, ev.Reserve, ev.Replan)):
             try:
                 if isinstance(command, ev.Migrate):
@@ -375,18 +422,30 @@ class EngineWorker:
                 self._batch.recover(lost)  # re-place the lost layers, rebuild every sequence's KV
             except VramancerError as exc:
                 self.emit(ev.Error(type(command).__name__, str(exc)))
+        elif isinstance(command, ev.Shutdown):
+            self._deferred.insert(0, command)
         elif not isinstance(command, ev.Cancel):  # a Cancel was recorded by `submit`
             self._deferred.append(command)
 
-    def _batch_emit(self, event: ev.Event) -> None:
-        """The batch's events go out as they are; a request's last one ends its bookkeeping."""
+    def _request_emit(self, event: ev.Event) -> None:
+        """The scheduler's events go out; a request's last one ends its bookkeeping. A
+        dashboard prompt (an int id) is answered as a Generate: its refusal is an Error, and
+        it is not listed as a server request."""
+        request_id = getattr(event, "request_id", None)
         ended = isinstance(event, ev.GenerationDone) or (
             isinstance(event, ev.RequestRefused)  # a duplicate id refused leaves the first one be
-            and not (self._batch is not None and self._batch.holds(event.request_id)))
-        if ended and isinstance(event.request_id, str):
-            with self._cancel_lock:
-                self._submitted.pop(event.request_id, None)
-                self._submits_cancelled.discard(event.request_id)
+            and not (self._batch is not None and self._batch.holds(request_id)))
+        if ended:
+            with self._lock:
+                self._submitted.pop(request_id, None)
+                self._cancelled.discard(request_id)
+        if isinstance(request_id, int):
+            if isinstance(event, ev.RequestRefused):
+                event = ev.Error("Generate", event.message)
+            elif isinstance(event, (ev.RequestQueued, ev.RequestStarted)):
+                return
+        if isinstance(event, ev.BatchStatus) and not self._served:
+            return
         self.emit(event)
 
     def _on_reserve(self, command: ev.Reserve) -> None:
@@ -396,7 +455,7 @@ class EngineWorker:
             self.emit(ev.Notice(f"{command.device}: {format_bytes(command.bytes)} taken by another process (simulated)."))
         else:  # a release: the simulated other process gives its memory back
             self.emit(ev.Notice(f"{command.device}: the other process's memory given back (simulated)."))
-        if engine.auto_rebalance and not self._generating:
+        if engine.auto_rebalance and not self._running:
             engine.rebalance()
 
     def _rebalanced(self, result, why: str) -> None:
@@ -416,7 +475,7 @@ class EngineWorker:
 
     def _idle_rebalance(self) -> None:
         engine = self.engine
-        if engine is not None and not self._generating:
+        if engine is not None and not self._running:
             try:
                 engine.recover_lost_nodes()  # a device lost between answers: re-place its layers now
             except VramancerError as exc:
@@ -430,27 +489,7 @@ class EngineWorker:
                 self.emit(ev.Error("Rebalance", str(exc)))
 
     def _on_cancel(self, command: ev.Cancel) -> None:
-        pass  # recorded by `submit`; a Generate still to come finds its id there
-
-    def _between_steps(self, step: int) -> None:
-        """Runs inside generate between two decode steps: apply Migrate/Cancel, defer the rest."""
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(command, (ev.Migrate, ev.Reserve)):
-                try:
-                    if isinstance(command, ev.Migrate):
-                        self._on_migrate(command, step=step)
-                    else:
-                        self._on_reserve(command)  # the engine rebalances at this very step
-                except DeviceLost:
-                    raise  # the generation's recovery re-places the layers and rebuilds the cache
-                except VramancerError as exc:
-                    self.emit(ev.Error(type(command).__name__, str(exc)))
-            elif not isinstance(command, ev.Cancel):  # a Cancel was handled by `submit`
-                self._deferred.append(command)
+        pass  # recorded by `submit`; a request still to come finds its id there
 
     def _plan_changed(self, seconds: float | None = None) -> None:
         engine = self._require_engine()

@@ -53,7 +53,6 @@ from transformers import (
     LogitsProcessorList,
     MinPLogitsWarper,
     TemperatureLogitsWarper,
-    TextStreamer,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
@@ -74,15 +73,21 @@ STATUS_INTERVAL_S = 0.25  # BatchStatus at most this often (and once when the ba
 RATE_WINDOW_S = 1.0  # tokens/s is counted over about this long
 PROMPT_HEAD_CHARS = 60
 ROOM_COLUMNS = 32  # KV columns reserved ahead: one copy of the cache every 32 steps, not every step
+# A prompt longer than this that arrives while others decode is prefilled this many tokens per
+# step, between their decode steps, so they keep streaming and a short newcomer is not held
+# behind it for more than about one chunk.
+PREFILL_CHUNK = 256
 
 
 class AnswerText:
     """One answer's text as it streams.
 
-    Pieces are released by transformers' TextStreamer rules (the same as `generate`'s
-    stream: special tokens skipped, a word is held until it is complete). Stop strings are
-    looked for in the whole decoded answer after every token; text that could still become
-    the start of one is held back, so a stop string is never streamed."""
+    Each token's text goes out as soon as it is decoded; only an incomplete character is held
+    back (a byte-level token that ends part-way through a character's UTF-8 bytes decodes to
+    U+FFFD until the rest arrives), so an answer without spaces (emoji, code, most scripts)
+    streams token by token. Special tokens are skipped. Stop strings are looked for in the
+    whole decoded answer after every token; text that could still become the start of one is
+    held back, so a stop string is never streamed."""
 
     def __init__(self, tokenizer, stops: tuple[str, ...]):
         self.tokenizer = tokenizer
@@ -90,14 +95,14 @@ class AnswerText:
         self.text = ""  # the answer so far (cut before a stop string once one is found)
         self.stopped = False  # a stop string was found
         self._sent = 0  # characters of `text` already streamed
-        self._released = ""  # what the streamer's rules have let out so far
-        self._streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
-        self._streamer.on_finalized_text = self._let_out
+        self._released = ""  # the text of the complete characters decoded so far
+        self._line: list[int] = []  # the tokens of the current line (decoding starts afresh after one)
+        self._line_text = 0  # characters of the current line already released
 
     def add(self, tokens: list[int]) -> str:
         """`tokens` are the answer's tokens so far, the last one new. Returns the piece to stream."""
-        self._streamer.put(torch.tensor([tokens[-1]]))
-        if not self.stops:  # nothing to look for: the streamer's text is the answer so far
+        self._decode_next(tokens[-1])
+        if not self.stops:  # nothing to look for: the released text is the answer so far
             self.text = self._released
             return self._release(len(self.text))
         full = self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -115,8 +120,16 @@ class AnswerText:
             self.text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return self._release(len(self.text))
 
-    def _let_out(self, text: str, stream_end: bool = False) -> None:
-        self._released += text
+    def _decode_next(self, token: int) -> None:
+        self._line.append(token)
+        text = self.tokenizer.decode(self._line, skip_special_tokens=True)
+        complete = len(text.rstrip("\ufffd"))
+        self._released += text[self._line_text:complete]
+        if complete == len(text) and text.endswith("\n"):
+            # Each token decodes the current line only, not the whole answer again.
+            self._line, self._line_text = [], 0
+        else:
+            self._line_text = max(self._line_text, complete)
 
     def _release(self, upto: int) -> str:
         piece = self.text[self._sent:upto]
@@ -150,9 +163,12 @@ class Sequence:
     finish_reason: str = ""  # stop | length | cancelled, once it is done
     logprobs: list[ev.TokenLogprob] = field(default_factory=list)  # tokens not yet sent with a Token event
     constraint: Constraint | None = None  # response_format or a required tool call: what it must follow
+    partial: DynamicCache | None = None  # while it is prefilled in chunks: its own cache so far
+    prefilled: int = 0  # tokens of its prompt in `partial`
+    partial_placement: list[str] | None = None  # the split `partial` was made on
 
     @property
-    def request_id(self) -> str:
+    def request_id(self) -> str | int:
         return self.request.request_id
 
     @property
@@ -185,6 +201,13 @@ def score_processors(settings: SamplingSettings, prompt_length: int) -> LogitsPr
     return processors
 
 
+def encode_request(tokenizer, request: ev.Submit) -> list[int]:
+    """A request's prompt as token ids (its chat template unless raw); VramancerError if it
+    cannot be encoded. Any thread may call it, each with a tokenizer of its own."""
+    prompt = list(request.prompt) if isinstance(request.prompt, tuple) else request.prompt
+    return encode_prompt(tokenizer, prompt, request.raw, tools=list(request.tools) or None)["input_ids"][0].tolist()
+
+
 def single_sequence_reason(engine) -> str | None:
     """Why this model's requests cannot share a padded batch, or None when they can."""
     model = engine.model
@@ -215,10 +238,11 @@ class Batch:
         self.single_reason = single_sequence_reason(engine)
         self.max_batch = 1 if self.single_reason else max_batch
         self.running: list[Sequence] = []  # in the order of the cache's rows
+        self.prefilling: Sequence | None = None  # a long prompt prefilled a chunk a step, beside them
         self.waiting: deque[Sequence] = deque()
         self.cache: DynamicCache | None = None
         self.width = 0  # columns of every row of the cache (the padded length T)
-        self.steps = 0  # decode steps run, for MigrationDone.step
+        self.steps = 0  # decode steps run since the scheduler last started from empty, for MigrationDone.step
         self._told_single = False
         takes = inspect.signature(engine.model.forward).parameters
         self._keep_one = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}
@@ -229,35 +253,46 @@ class Batch:
         self._stamps: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
         self._status_at = 0.0
         self._status_sent = (0, 0)
+        self.losses: list[str] = []  # devices lost while it ran, each said in a sentence
+        self.failure: VramancerError | None = None  # why the requests were ended (abort after a loss), if they were
 
     @property
     def busy(self) -> bool:
-        return bool(self.running or self.waiting)
+        return bool(self.running or self.waiting or self.prefilling)
 
     @property
     def context(self) -> int:
         return self.engine.context
 
-    def holds(self, request_id: str) -> bool:
-        return any(s.request_id == request_id for s in (*self.running, *self.waiting))
+    def holds(self, request_id: str | int) -> bool:
+        return any(s.request_id == request_id for s in (*self.running, *self.waiting, *self._prefilling()))
+
+    def _prefilling(self) -> list[Sequence]:
+        return [self.prefilling] if self.prefilling is not None else []
+
+    def tokens_so_far(self, request_id: str | int) -> int:
+        """New tokens the request has made (0 once it has left, or before it starts)."""
+        return next((len(s.tokens) for s in self.running if s.request_id == request_id), 0)
 
     # --- requests in ---------------------------------------------------------------------
 
-    def submit(self, request: ev.Submit, arrived: float | None = None) -> bool:
-        """Queue a request (RequestQueued), or refuse it (RequestRefused). True if queued."""
+    def submit(self, request: ev.Submit, arrived: float | None = None, prompt_ids: list[int] | None = None) -> bool:
+        """Queue a request (RequestQueued), or refuse it (RequestRefused). True if queued.
+        `prompt_ids`: the prompt already encoded (off this thread, `encode_request`)."""
         arrived = time.perf_counter() if arrived is None else arrived
         if self.single_reason and not self._told_single:
             self._told_single = True
             self.emit(ev.Notice(f"{self.engine.source.display_name} answers one request at a time: "
                                 f"{self.single_reason}."))
-        if not isinstance(request.request_id, str) or not request.request_id or self.holds(request.request_id):
-            return self._refuse(request, "bad_request", f"request id {request.request_id!r} is empty or already in use.")
+        rid = request.request_id
+        if not isinstance(rid, (str, int)) or isinstance(rid, bool) or rid == "" or self.holds(rid):
+            return self._refuse(request, "bad_request", f"request id {rid!r} is empty or already in use.")
         try:
             settings = SamplingSettings(**request.sampling)
             settings.check()
             prompt = list(request.prompt) if isinstance(request.prompt, tuple) else request.prompt
-            prompt_ids = encode_prompt(self.engine.tokenizer, prompt, request.raw,
-                                       tools=list(request.tools) or None)["input_ids"][0].tolist()
+            if prompt_ids is None:
+                prompt_ids = encode_request(self.engine.tokenizer, request)
         except TypeError as exc:
             return self._refuse(request, "bad_request", f"the sampling settings are not understood: {exc}.")
         except VramancerError as exc:
@@ -270,7 +305,15 @@ class Batch:
         stops = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop)
         if any(not isinstance(s, str) for s in stops):
             return self._refuse(request, "bad_request", "each stop sequence must be text.")
-        prompt_tokens, wanted = len(prompt_ids), settings.max_new_tokens
+        prompt_tokens = len(prompt_ids)
+        if request.fit_context:
+            if prompt_tokens >= self.context:
+                return self._refuse(request, "too_long", (
+                    f"the prompt is {prompt_tokens} tokens, longer than the context of {self.context}; "
+                    "start afresh or load with a larger --context."))
+            # The KV cache was budgeted for `context` tokens: stop there rather than overrun it.
+            settings.max_new_tokens = min(settings.max_new_tokens, self.context - prompt_tokens)
+        wanted = settings.max_new_tokens
         if prompt_tokens + wanted > self.context:
             return self._refuse(request, "too_long", (
                 f"the prompt is {prompt_tokens} tokens and {wanted} more were asked for, {prompt_tokens + wanted} in "
@@ -293,7 +336,7 @@ class Batch:
         self.waiting.append(sequence)
         return True
 
-    def cancel(self, request_id: str) -> bool:
+    def cancel(self, request_id: str | int) -> bool:
         """End a request now (between two steps): a running one leaves the batch with its KV,
         a waiting one ends with no tokens. False if the batch does not hold it."""
         for sequence in self.waiting:
@@ -309,7 +352,17 @@ class Batch:
                 self._leave()
                 self._report()
                 return True
+        if self.prefilling is not None and self.prefilling.request_id == request_id:
+            self._end_prefilling("cancelled")
+            self._report()
+            return True
         return False
+
+    def _end_prefilling(self, reason: str) -> None:
+        sequence, self.prefilling = self.prefilling, None
+        sequence.partial = None
+        sequence.finish_reason = reason
+        self._finish(sequence)
 
     def close(self) -> None:
         """Shutting down: running requests end cancelled (with the text they have), waiting
@@ -317,6 +370,8 @@ class Batch:
         for sequence in self.running:
             sequence.finish_reason = "cancelled"
         self._leave()
+        if self.prefilling is not None:
+            self._end_prefilling("cancelled")
         while self.waiting:
             sequence = self.waiting.popleft()
             self.emit(ev.RequestRefused(sequence.request_id, "shutting_down",
@@ -330,6 +385,8 @@ class Batch:
         for sequence in self.running:
             sequence.finish_reason = "cancelled"
         self._leave()
+        if self.prefilling is not None:
+            self._end_prefilling("cancelled")
         while self.waiting:
             sequence = self.waiting.popleft()
             sequence.finish_reason = "cancelled"
@@ -341,10 +398,14 @@ class Batch:
     def step(self) -> None:
         """Admit the waiting requests that fit (prefilled together), then one decode step
         for the batch. A device lost on the way is recovered and the batch rebuilt."""
+        if not self.running:
+            self.steps = 0  # counted from the start of each busy spell: a lone answer's step is its token count
         while True:
             try:
                 with torch.inference_mode():
                     self._admit()
+                    if self.prefilling is not None:
+                        self._prefill_chunk()
                     if self.running:
                         self._decode()
                 break
@@ -353,15 +414,20 @@ class Batch:
         self._report()
 
     def recover(self, lost: DeviceLost) -> None:
-        """A device went away: re-place its layers, then rebuild every running sequence's KV by
-        prefilling their prompts and tokens so far, together. Greedy answers go on exactly only up to
-        batch arithmetic: the rebuilt rows come from one prefill, not from the decode steps
-        that first made them. If the layers fit nowhere, every request ends (abort)."""
+        """A device went away: re-place its layers, then rebuild every running sequence's KV.
+        A lone sequence replays its prompt and its tokens so far step by step, as they first
+        ran, so its answer goes on exactly; several are prefilled together, so their greedy
+        answers go on exactly only up to batch arithmetic. If the layers fit nowhere, every
+        request ends (abort)."""
+        self.losses.append(str(lost))
+        if self.prefilling is not None:  # its chunks so far were made on the old split: start over
+            self.prefilling.partial, self.prefilling.prefilled = None, 0
         recovery.mark_lost(self.engine, lost)
         try:
             recovery.recover_lost_devices(self.engine, replay_tokens=max((len(s.tokens) for s in self.running),
                                                                         default=0))
         except VramancerError as exc:
+            self.failure = exc
             self.abort(str(exc))
             return
         rows = self.running
@@ -377,6 +443,7 @@ class Batch:
                     recovery.recover_lost_devices(self.engine)
                 except VramancerError as exc:
                     self.running = rows
+                    self.failure = exc
                     self.abort(str(exc))
                     return
                 self._empty()
@@ -385,13 +452,24 @@ class Batch:
         return max(self.max_batch - len(self.running), 0)
 
     def _admit(self) -> None:
-        """The waiting requests that fit join, first in line first, prefilled together."""
+        """The waiting requests that fit join, first in line first, prefilled together. While
+        others decode, a long prompt is not prefilled at once: it is taken aside and
+        prefilled a chunk a step (`_prefill_chunk`), one at a time; shorter ones behind it
+        still join."""
         newcomers: list[Sequence] = []
-        while self.waiting and len(self.running) + len(newcomers) < self.max_batch:
-            finals = [s.final_length for s in (*self.running, *newcomers, self.waiting[0])]
+        for sequence in list(self.waiting):
+            if len(self.running) + len(newcomers) + len(self._prefilling()) >= self.max_batch:
+                break
+            finals = [s.final_length for s in (*self.running, *newcomers, *self._prefilling(), sequence)]
             if len(finals) * max(finals) > self.context:
                 break  # it waits for KV room; the first in line goes first
-            newcomers.append(self.waiting.popleft())
+            if (self.running or self.prefilling) and sequence.cached + 1 > PREFILL_CHUNK:
+                if self.prefilling is None:
+                    self.waiting.remove(sequence)
+                    self.prefilling = sequence
+                continue
+            self.waiting.remove(sequence)
+            newcomers.append(sequence)
         if not newcomers:
             return
         try:
@@ -413,7 +491,10 @@ class Batch:
         sequences = [s for s in sequences if not s.finish_reason]
         if not sequences:
             return
-        cache, logits = self._prefill(sequences)
+        if not self.running and len(sequences) == 1:
+            cache, logits = self._start_alone(sequences[0])
+        else:
+            cache, logits = self._prefill(sequences)
         now = time.perf_counter()
         for i, sequence in enumerate(sequences):
             if not sequence.tokens:
@@ -464,6 +545,65 @@ class Batch:
                     layer.values[i, :, :pad] = 0
         return cache, output.logits[:, -1, :]
 
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the long prompt being prefilled beside the batch, in a cache of its
+        own; after the last one it gets its first token and its rows join the batch's."""
+        sequence = self.prefilling
+        placement = list(self.engine.placement.layer_devices)
+        if sequence.partial is None or sequence.partial_placement != placement:
+            # First chunk, or the split changed since the last one (a migration moves the
+            # batch's cache, not this one): start its prefill on the split as it is now.
+            sequence.partial = kv_room.spare_room_cache(self.engine.model.config)
+            sequence.partial_placement, sequence.prefilled = placement, 0
+        device = self.engine.split.input_device
+        row = sequence.prompt_ids + sequence.tokens[:-1]
+        chunk = row[sequence.prefilled:sequence.prefilled + PREFILL_CHUNK]
+        extra = dict(self._keep_one)
+        if self._positions:
+            extra["position_ids"] = torch.arange(sequence.prefilled, sequence.prefilled + len(chunk),
+                                                 device=device)[None]
+        output = self.engine.model(input_ids=torch.tensor([chunk], device=device), cache=sequence.partial,
+                                   use_cache=True, **extra)
+        sequence.prefilled += len(chunk)
+        if sequence.prefilled < len(row):
+            return
+        cache, sequence.partial, self.prefilling = sequence.partial, None, None
+        if not sequence.tokens:
+            self.emit(ev.RequestStarted(sequence.request_id))
+            logits = output.logits[:, -1, :]
+            token = self._pick(sequence, logits)
+            self._accept(sequence, token, time.perf_counter(), self._logprob(sequence, logits[0], token))
+        if sequence.finish_reason:
+            self._finish(sequence)
+            return
+        self._stack([sequence], cache, sequence.cached)
+
+    def _start_alone(self, sequence: Sequence) -> tuple[DynamicCache, torch.Tensor]:
+        """A sequence that finds the batch empty runs exactly as `generate` ran it: its prompt
+        in one forward, in the cache a lone answer uses (under CUDA graphs the engine's kept
+        StaticCache, whose decode steps replay the layers' recordings). A rebuilt one (after a
+        device was lost) then replays its tokens so far one decode step at a time, the same
+        forward passes in the same shapes as the first time, so its cache is rebuilt exactly.
+        Returns its cache and the last step's logits [1, vocab]."""
+        device = self.engine.split.input_device
+        cache = self.engine.lone_cache()
+        if cache is None:
+            cache = kv_room.spare_room_cache(self.engine.model.config)
+        extra = dict(self._keep_one)
+        if self._positions:
+            extra["position_ids"] = torch.arange(len(sequence.prompt_ids), device=device)[None]
+        input_ids = torch.tensor([sequence.prompt_ids], device=device)
+        self.engine.cache = cache  # migrations and telemetry see it from the first forward
+        output = self.engine.model(input_ids=input_ids, cache=cache, use_cache=True, **extra)
+        for position, token in enumerate(sequence.tokens[:-1], start=len(sequence.prompt_ids)):
+            kv_room.make_room(cache, ROOM_COLUMNS)
+            extra = dict(self._keep_one)
+            if self._positions:
+                extra["position_ids"] = torch.tensor([[position]], device=device)
+            output = self.engine.model(input_ids=torch.tensor([[token]], device=device), cache=cache,
+                                       use_cache=True, **extra)
+        return cache, output.logits[:, -1, :]
+
     def _stack(self, sequences: list[Sequence], cache: DynamicCache, width: int) -> None:
         """Add the rows of `cache` (`width` columns, `sequences` in its row order) under the
         batch's, left-padding whichever side is shorter."""
@@ -473,6 +613,8 @@ class Batch:
             self.running = list(sequences)
             self.engine.cache = cache  # migrations and telemetry see the batch's KV
             return
+        if not isinstance(self.cache, DynamicCache):
+            self._to_batch_cache()
         wider = max(self.width, width)
         for mine, theirs in zip(self.cache.layers, cache.layers):
             for name in ("keys", "values"):
@@ -481,6 +623,17 @@ class Batch:
                 setattr(mine, name, torch.cat([ours, new]))
         self.width = wider
         self.running.extend(sequences)
+
+    def _to_batch_cache(self) -> None:
+        """A lone sequence ran in the engine's StaticCache (CUDA graphs): a second one joins, so
+        its used columns move into a batch cache, whose rows can be padded and stacked."""
+        batch_cache = kv_room.spare_room_cache(self.engine.model.config)
+        for mine, static in zip(batch_cache.layers, self.cache.layers):
+            mine.lazy_initialization(static.keys, static.values)
+            mine.keys = static.keys[:, :, :self.width].clone()
+            mine.values = static.values[:, :, :self.width].clone()
+        self.cache = batch_cache
+        self.engine.cache = batch_cache  # the kept StaticCache and the recordings are let go
 
     def _decode(self) -> None:
         device = self.engine.split.input_device
@@ -557,7 +710,7 @@ class Batch:
             sequence.constraint.accept(token)
         piece = sequence.answer.add(sequence.tokens)
         if piece:
-            self.emit(ev.Token(piece, sequence.request_id, self._take_logprobs(sequence)))
+            self.emit(ev.Token(piece, sequence.request_id, self._take_logprobs(sequence), step=len(sequence.tokens)))
         if token in self.eos or sequence.answer.stopped or (sequence.constraint and sequence.constraint.done):
             sequence.finish_reason = "stop"
         elif len(sequence.tokens) >= sequence.settings.max_new_tokens:
@@ -597,7 +750,7 @@ class Batch:
     def _finish(self, sequence: Sequence) -> None:
         rest = sequence.answer.finish(sequence.tokens)
         if rest or sequence.logprobs:  # tokens held back until now go out with the last text
-            self.emit(ev.Token(rest, sequence.request_id, self._take_logprobs(sequence)))
+            self.emit(ev.Token(rest, sequence.request_id, self._take_logprobs(sequence), step=len(sequence.tokens)))
         times = sequence.token_times
         now = time.perf_counter()
         rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
@@ -631,8 +784,9 @@ class Batch:
         return sum(n for _, n in list(self._stamps)[1:]) / span if span > 0 else 0.0
 
     def status(self) -> ev.BatchStatus:
-        return ev.BatchStatus(len(self.running), len(self.waiting), self.tokens_per_s(),
-                              len(self.running) * self.width, self.context)
+        prefilling = self.prefilling.prefilled if self.prefilling is not None else 0
+        return ev.BatchStatus(len(self.running) + len(self._prefilling()), len(self.waiting), self.tokens_per_s(),
+                              len(self.running) * self.width + prefilling, self.context)
 
     def _report(self, force: bool = False) -> None:
         """BatchStatus, coalesced: at most every STATUS_INTERVAL_S, and once when the batch empties."""
@@ -660,4 +814,4 @@ def _left_pad(tensor: torch.Tensor, columns: int) -> torch.Tensor:
     return F.pad(tensor, (0, 0, columns, 0)) if columns > 0 else tensor
 
 
-__all__ = ["AnswerText", "Batch", "Sequence", "single_sequence_reason"]
+__all__ = ["AnswerText", "Batch", "Sequence", "encode_request", "single_sequence_reason"]

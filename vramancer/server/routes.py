@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, AsyncIterator
 
 from starlette.applications import Starlette
@@ -116,6 +117,8 @@ def create_app(server: InferenceServer):
 
     async def health(request: Request) -> Response:
         state = server.bridge.model
+        if server.draining:
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
         if state.ready:
             return JSONResponse({"status": "ok", "model": state.name})
         body = {"status": "loading"} if state.error is None else {"status": "error", "message": state.error}
@@ -162,6 +165,9 @@ def create_app(server: InferenceServer):
 
 async def _complete(server: InferenceServer, request: Request, chat: bool) -> Response:
     _authorise(server, request)
+    if server.draining:
+        raise p.ApiError(503, "the server is shutting down; it takes no new requests.", "server_error",
+                         code="shutting_down")
     body = await _read_json(request, server.limits.body_s)
     completion = p.parse_chat(body) if chat else p.parse_completion(body)
     state = server.bridge.model
@@ -289,6 +295,9 @@ class _Answer:
                         yield _sse(p.chunk_body(request, model, created, tool_calls=deltas))
                 elif isinstance(event, (ev.GenerationDone, ev.RequestRefused, ev.Error)):
                     self.finished = True
+                    if isinstance(event, ev.GenerationDone) and event.cancelled and self.server.draining:
+                        # Ended at the drain's deadline: the client gets what was made, cut short.
+                        event = replace(event, finish_reason="length", cancelled=False)
                     try:
                         self._raise_if_refused(event)
                     except p.ApiError as exc:  # an error mid-stream: the status line has gone out

@@ -33,6 +33,9 @@ from vramancer.server.routes import create_app
 
 START_TIMEOUT_S = 10.0
 GRACEFUL_S = 0.5  # open streams get this long to end when the server stops (the lifetime allows 1.2 s)
+DRAIN_POLL_S = 0.05
+WORKER_STOP_S = 0.3  # the worker ends what runs within one decode step
+FLUSH_S = 0.3  # for the last events of the answers ended at the drain's deadline to be sent
 
 
 def _refuse_until_started(command: ev.Command) -> None:
@@ -70,6 +73,7 @@ class InferenceServer:
         self.max_connections = self.limits.max_connections
         self._uvicorn = None
         self._thread: threading.Thread | None = None
+        self.draining = False  # stopping: new requests are refused (503 shutting_down), running ones finish
 
     def tokenizer(self):
         """A copy of the loaded engine's tokenizer, for the routes' own use: the worker's thread
@@ -127,6 +131,19 @@ class InferenceServer:
             time.sleep(0.01)
         return self.port
 
+    def drain(self, worker, seconds: float) -> None:
+        """Stop gracefully: refuse new requests, let the running ones finish for up to
+        `seconds`, then end the rest (each stream gets a last chunk with its finish_reason and
+        [DONE]; a whole answer still waited for gets the 503 shutting_down) and stop the worker."""
+        self.draining = True
+        deadline = time.monotonic() + seconds
+        while self.bridge.open_requests and time.monotonic() < deadline:
+            time.sleep(DRAIN_POLL_S)
+        worker.shutdown(timeout=WORKER_STOP_S)  # what still runs ends, cancelled, with what it made
+        deadline = time.monotonic() + FLUSH_S  # their last events reach their handlers
+        while self.bridge.open_requests and time.monotonic() < deadline:
+            time.sleep(DRAIN_POLL_S / 5)
+
     def stop(self, timeout: float = 1.0) -> None:
         """Stop listening; streams still open get GRACEFUL_S to finish."""
         if self._uvicorn is not None:
@@ -137,12 +154,13 @@ class InferenceServer:
 
 def run_serve(options, sock: socket.socket, host: str, api_key: bytes | None, max_batch: int,
               ready: Callable[[str], None] = print, cors_origins: tuple[str, ...] = (),
-              allowed_hosts: tuple[str, ...] = (), limits: Limits | None = None) -> int:
+              allowed_hosts: tuple[str, ...] = (), limits: Limits | None = None, drain_s: float = 5.0) -> int:
     """`vramancer serve`: listen at once (GET /health answers 503 while the model loads), load,
-    say so in one line, and serve until SIGTERM, SIGINT, SIGHUP or a closed terminal. A model
-    that cannot load ends it with the load's one sentence and status 2."""
+    say so in one line, and serve until SIGTERM, SIGINT, SIGHUP or a closed terminal, then drain
+    (`InferenceServer.drain`, up to `drain_s`). A model that cannot load ends it with the load's
+    one sentence and status 2."""
     from vramancer.engine.worker import EngineWorker
-    from vramancer.platforms.lifetime import Lifetime
+    from vramancer.platforms.lifetime import DEADLINE_S, Lifetime
 
     server = InferenceServer(api_key=api_key, cors_origins=cors_origins, allowed_hosts=allowed_hosts, limits=limits)
     server.start(host, sock.getsockname()[1], sock)
@@ -158,7 +176,8 @@ def run_serve(options, sock: socket.socket, host: str, api_key: bytes | None, ma
     server.submit = worker.submit
     server.tokenizer_source = lambda: getattr(worker.engine, "tokenizer", None)
     stop_reasons: list[str] = []  # a signal handler only appends (takes no lock a waiting thread could hold)
-    lifetime = Lifetime(stop_reasons.append).install()
+    # The drain's deadline comes first; the lifetime's forced exit only past it.
+    lifetime = Lifetime(stop_reasons.append, deadline_s=drain_s + DEADLINE_S).install()
     lifetime.watch_terminal()
     worker.start()
     worker.submit(ev.Load(options))
@@ -179,7 +198,7 @@ def run_serve(options, sock: socket.socket, host: str, api_key: bytes | None, ma
                 status = 2
                 break
     finally:
+        server.drain(worker, drain_s if stop_reasons else 0.0)
         server.stop(GRACEFUL_S + 0.2)
-        worker.shutdown(timeout=0.3)
         lifetime.uninstall()
     return status
