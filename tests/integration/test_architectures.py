@@ -201,6 +201,7 @@ def test_architecture_splits_with_identical_tokens(model_type, byte_tokenizer, t
 
     from vramancer.engine import Engine
     from vramancer.model.architecture import cache_bytes, cache_tensors
+    from vramancer.scheduling.kv_room import SpareRoomLayer
 
     model = build(model_type, MATRIX[model_type], byte_tokenizer, tmp_path)
     expected = plain_greedy(model, byte_tokenizer)
@@ -227,7 +228,10 @@ def test_architecture_splits_with_identical_tokens(model_type, byte_tokenizer, t
             if step == MIGRATE_AT and "moved" not in seen:
                 tokens = prompt_tokens + step - 1  # the last token chosen is not in the cache yet
                 seen["kv"] = [cache_bytes(entry) for entry in cache.layers]
-                seen["planned"] = [profile.kv_bytes(i, tokens) for i in range(profile.num_layers)]
+                # A full-attention layer of the scheduler's cache holds spare columns ahead of the
+                # tokens (scheduling/kv_room.py): what it holds is priced at its capacity.
+                held = [entry.capacity if isinstance(entry, SpareRoomLayer) else tokens for entry in cache.layers]
+                seen["planned"] = [profile.kv_bytes(i, held[i]) for i in range(profile.num_layers)]
                 # every tensor the layer's cache holds moves with it, counters included
                 layer = last.layers.first
                 seen["held"] = sum(t.numel() * t.element_size() for _, _, t in cache_tensors(cache.layers[layer]))
