@@ -225,7 +225,7 @@ def test_a_model_transformers_cannot_run_from_a_static_cache_is_refused_in_one_s
 
     build("gpt_neo", MATRIX["gpt_neo"], make_byte_tokenizer(), tmp_path)  # local attention: static cache differs
     code = main(["generate", "--model", str(tmp_path), "--devices", "sim:2x1GiB", "--prompt", "hi", "--raw",
-                 "--max-new-tokens", "4", "--cuda-graphs"])
+                 "--max-new-tokens", "4", "--context", "64", "--cuda-graphs"])
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip().splitlines() == [

@@ -222,7 +222,7 @@ def _time_real_layers(description: ModelDescription, torch_device: torch.device,
         model = _quantized_copy(small_config, dtype, weights).to(torch_device)
     small = arch.bind(model)  # the description's parts, found in the cut copy
     segments = _Segments(model, small, sync)
-    vocab = small.vocab_size
+    vocab = getattr(small_config, "vocab_size", None) or small.vocab_size  # the cut copy's rows, not the model's
     try:
         with torch.inference_mode():
             if torch_device.type == "cuda":
