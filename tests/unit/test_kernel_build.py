@@ -180,6 +180,7 @@ def test_the_real_kernels_fall_back_with_one_sentence_when_damaged(tmp_path):
         import logging, torch
         from vramancer.kernels.cpu import build as b
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        b.installed_module = lambda: None  # the package's own build (make setup) would be taken first
         folder = b.build_dir()
         folder.mkdir(parents=True)
         (folder / "vramancer_quant_linear.so").write_bytes(b"\\x7fELF" + bytes(100))
@@ -218,7 +219,7 @@ def test_kernels_compiled_into_the_package_are_used_only_for_their_torch(tmp_pat
         import json, sys, torch
         import vramancer.kernels.cpu as package
         from vramancer.kernels.cpu import build as b
-        package.__path__.append({str(package)!r})
+        package.__path__.insert(0, {str(package)!r})  # found before a module the checkout itself holds
         key = b.build_key(torch.__version__) if sys.argv[1] == "ours" else "0123456789abcdef"
         stamp = {{"key": key, "bytes": {installed.stat().st_size}}}
         open({str(package / 'vramancer_quant_linear.key')!r}, "w").write(json.dumps(stamp))
