@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vramancer.model.description import describe_model
 from vramancer.model.loading import build_meta_model
 from vramancer.profiling import timing
 
@@ -85,7 +86,8 @@ def test_a_layer_too_big_to_build_is_priced_from_its_bytes(monkeypatch):
         raise AssertionError("a layer over the limit was built to be timed")
 
     monkeypatch.setattr(timing, "_time_real_layers", never)
-    timings = timing.time_device(meta, config, torch.device("cpu"), torch.float32, "host CPU")
+    description = describe_model(meta, torch.float32)
+    timings = timing.time_device(description, torch.device("cpu"), torch.float32, "host CPU")
     assert "priced from bytes" in timings.timed_as and "more than timing builds" in timings.timed_as
     assert timings.layer_decode_s > 0 and timings.head_s > timings.embed_s
 
