@@ -23,7 +23,7 @@ def frozen_timings(monkeypatch):
     """Device timings are measurements and vary run to run; the header prints the prediction
     made from them. Freeze them for the screenshot, as the sampler is frozen."""
 
-    def fixed(config, meta_model, devices, dtype, model_key, reprofile=False, weights="native", graphs=False):
+    def fixed(description, devices, dtype, model_key, reprofile=False, weights="native", graphs=False):
         device = pricing.DeviceTimings(0.0002, 0.0, 0.0004, 0.00001, 0.001, 0.0001, "host CPU")
         link = pricing.LinkTimings(latency_s=0.00001, bytes_per_s=10e9)
         return pricing.Timings(
