@@ -378,7 +378,7 @@ UNSERVED = [
     ("chat", "service_tier", "flex"),
     ("chat", "reasoning_effort", "low"),
     ("chat", "frobnicate", 1),
-    ("completions", "echo", True),
+    ("chat", "echo", True),  # completions' field, not chat's
     ("completions", "suffix", "and so on"),
     ("completions", "best_of", 2),
     ("completions", "top_logprobs", 2),  # chat's field, not completions'
@@ -496,6 +496,45 @@ def test_logprobs_are_the_same_streamed_and_whole(client, served):
     streamed_tokens = [t for c in pieces if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
     streamed_offsets = [o for c in pieces if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
     assert streamed_tokens == lp.tokens and streamed_offsets == lp.text_offset
+
+
+def test_echo_gives_the_prompt_back_scored_by_plain_transformers(client, served, engine, tiny_model_dir):
+    """A completion with `echo` and logprobs (how evaluation harnesses score a text): the prompt
+    comes first, each of its tokens with its log probability given the ones before (none for
+    the first), then the answer as without echo; streamed alike; max_tokens 0 scores alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vramancer.scheduling.generation import encode_prompt
+
+    prompt = "Once upon a time there was"
+    plain = client.completions.create(model=served.model, prompt=prompt, max_tokens=4, logprobs=2)
+    echoed = client.completions.create(model=served.model, prompt=prompt, max_tokens=4, logprobs=2, echo=True)
+    choice, lp = echoed.choices[0], echoed.choices[0].logprobs
+    n = echoed.usage.prompt_tokens
+    assert choice.text == prompt + plain.choices[0].text
+    assert len(lp.tokens) == n + echoed.usage.completion_tokens and lp.tokens[n:] == plain.choices[0].logprobs.tokens
+    assert lp.token_logprobs[n:] == pytest.approx(plain.choices[0].logprobs.token_logprobs, abs=1e-6)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.top_logprobs[1]) == 2
+
+    ids = encode_prompt(engine.tokenizer, prompt, raw=True)["input_ids"]
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        expected = torch.log_softmax(reference(input_ids=ids).logits[0].float(), dim=-1)
+    want = [expected[i - 1, ids[0, i]].item() for i in range(1, n)]
+    assert lp.token_logprobs[1:n] == pytest.approx(want, abs=1e-4)
+    assert lp.tokens[:n] == [engine.tokenizer.decode([i]) for i in ids[0].tolist()]
+
+    pieces = list(client.completions.create(model=served.model, prompt=prompt, max_tokens=4, logprobs=2, echo=True,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in pieces) == choice.text
+    assert [t for c in pieces if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == lp.tokens
+
+    scored = client.completions.create(model=served.model, prompt=prompt, max_tokens=0, logprobs=0, echo=True)
+    assert scored.choices[0].text == prompt and scored.usage.completion_tokens == 0
+    assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    text_only = client.completions.create(model=served.model, prompt=prompt, max_tokens=2, echo=True)
+    assert text_only.choices[0].text.startswith(prompt) and text_only.choices[0].logprobs is None
 
 
 ADJUSTED = {"presence_penalty": 1.5, "frequency_penalty": 1.0, "repetition_penalty": 1.3}

@@ -83,6 +83,9 @@ class Submit(Command):
     # A dashboard prompt or Engine.generate: max_new_tokens is cut to what the context leaves
     # after the prompt, instead of the request being refused (too_long).
     fit_context: bool = False
+    # The prompt's own tokens scored too (PromptScored), with `logprobs` alternatives each: a
+    # completion's `echo` with logprobs, what evaluation harnesses ask to score a text.
+    prompt_logprobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -270,7 +273,7 @@ class TokenLogprob:
     sampling adjustment), and the likeliest tokens at that step with theirs."""
 
     token: str
-    logprob: float
+    logprob: float | None  # None: the prompt's first token, which nothing before it predicts
     top: tuple[tuple[str, float], ...] = ()
 
 
@@ -297,6 +300,15 @@ class GenerationDone(Event):
     cancelled: bool
     finish_reason: str = ""  # stop | length | cancelled, as OpenAI names them ("" from Generate)
     total_s: float | None = None  # from arrival (Submit) or start (Generate) to the last token
+
+
+@dataclass(frozen=True)
+class PromptScored(Event):
+    """A Submit's prompt, token by token, with each token's log probability given the ones
+    before it (the first has none), when the Submit asked for `prompt_logprobs`."""
+
+    request_id: str | int
+    logprobs: tuple[TokenLogprob, ...]
 
 
 @dataclass(frozen=True)

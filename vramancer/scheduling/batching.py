@@ -333,6 +333,8 @@ class Batch:
         head = prompt if isinstance(prompt, str) else (prompt[-1].get("content", "") if prompt else "")
         self.emit(ev.RequestQueued(request.request_id, request.client, " ".join(head.split())[:PROMPT_HEAD_CHARS],
                                    prompt_tokens, wanted))
+        if request.prompt_logprobs:
+            self.emit(ev.PromptScored(request.request_id, self._score_prompt(prompt_ids, request.logprobs or 0)))
         self.waiting.append(sequence)
         return True
 
@@ -700,6 +702,25 @@ class Batch:
             values, ids = torch.topk(logprobs, wanted)
             top = tuple((decode([i]), v) for i, v in zip(ids.tolist(), values.tolist()))
         return ev.TokenLogprob(decode([token]), float(logprobs[token]), top)
+
+    def _score_prompt(self, ids: list[int], alternatives: int) -> tuple[ev.TokenLogprob, ...]:
+        """Each prompt token's log probability given the tokens before it, from one forward over
+        the prompt that keeps every position's logits (a prefill keeps only the last), with
+        `alternatives` likeliest tokens at each position. Its own pass, without a cache: the
+        sequence's prefill, when its turn comes, is the same as for any other request."""
+        device = self.engine.split.input_device
+        with torch.inference_mode():
+            logits = self.engine.model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0]
+        decode = self.engine.tokenizer.decode
+        scored = [ev.TokenLogprob(decode([ids[0]]), None)]
+        for position in range(1, len(ids)):
+            row = torch.log_softmax(logits[position - 1].to(torch.float32), dim=-1)
+            top = ()
+            if alternatives:
+                values, best = torch.topk(row, alternatives)
+                top = tuple((decode([i]), v) for i, v in zip(best.tolist(), values.tolist()))
+            scored.append(ev.TokenLogprob(decode([ids[position]]), float(row[ids[position]]), top))
+        return tuple(scored)
 
     def _accept(self, sequence: Sequence, token: int, now: float, logprob: ev.TokenLogprob | None = None) -> None:
         sequence.tokens.append(token)

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from vramancer.engine import events as ev
 from vramancer.server.metrics import ServerMetrics
 
-REQUEST_EVENTS = (ev.RequestQueued, ev.RequestStarted, ev.Token, ev.GenerationDone, ev.RequestRefused)
+REQUEST_EVENTS = (ev.RequestQueued, ev.RequestStarted, ev.PromptScored, ev.Token, ev.GenerationDone,
+                  ev.RequestRefused)
 
 
 @dataclass

@@ -31,13 +31,13 @@ SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_
                    "repetition_penalty", "logit_bias", "user"}
 CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
                                  "tool_choice", "parallel_tool_calls"}
-COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt"}
+COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "echo"}
 MESSAGE_FIELDS = {"role", "content", "tool_calls", "tool_call_id"}
 # OpenAI fields this server does not serve -> what they are, for the refusal. They pass only
 # when they ask for what the server does anyway (NO_OP).
 NOT_SERVED = {
     "functions": "function calling", "function_call": "function calling",
-    "echo": "echoing the prompt", "suffix": "text after the insertion point", "best_of": "best-of sampling",
+    "echo": "echoing the prompt (completions only)", "suffix": "text after the insertion point", "best_of": "best-of sampling",
     "audio": "audio output", "modalities": "other outputs than text", "prediction": "predicted outputs",
     "web_search_options": "web search", "store": "stored answers", "metadata": "stored answers",
     "service_tier": "service tiers", "reasoning_effort": "reasoning settings", "verbosity": "verbosity settings",
@@ -66,6 +66,7 @@ class CompletionRequest:
     user: str = ""
     json_schema: str | None = None  # response_format: the schema the answer must follow, as JSON text
     tools: object = None  # tools.ToolRequest when tools may be called
+    echo: bool = False  # completions: the answer's text (and logprobs) begin with the prompt's
 
     @property
     def raw(self) -> bool:
@@ -108,7 +109,12 @@ def parse_completion(body: object) -> CompletionRequest:
                        param="prompt")
     if not prompt:
         raise ApiError(400, "'prompt' is empty; the model needs at least one token to continue.", param="prompt")
-    return _request(body, prompt, _max_tokens(body, "max_tokens"), chat=False)
+    echo = body.get("echo", False)
+    if echo is None:
+        echo = False
+    if not isinstance(echo, bool):
+        raise ApiError(400, f"'echo' must be true or false, not {echo!r}.", param="echo")
+    return replace(_request(body, prompt, _max_tokens(body, "max_tokens"), chat=False), echo=echo)
 
 
 def _request(body: dict, prompt, max_tokens: int | None, chat: bool) -> CompletionRequest:
@@ -376,7 +382,7 @@ def logprobs_body(request: CompletionRequest, entries, offset: int = 0) -> dict 
         offsets.append(offset)
         offset += len(e.token)
     return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
+            "top_logprobs": [None if e.logprob is None else dict(e.top) for e in entries], "text_offset": offsets}
 
 
 def completion_body(request: CompletionRequest, model: str, created: int, text: str | None, finish_reason: str,

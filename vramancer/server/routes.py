@@ -193,7 +193,8 @@ async def _complete(server: InferenceServer, request: Request, chat: bool) -> Re
     try:
         server.submit(ev.Submit(completion.id, prompt, completion.sampling, raw=completion.raw,
                                 stop=completion.stop, client=client, logprobs=completion.logprobs,
-                                constraint=constraint, tools=completion.tools.tools if completion.tools else ()))
+                                constraint=constraint, tools=completion.tools.tools if completion.tools else (),
+                                prompt_logprobs=completion.echo and completion.logprobs is not None))
     except Exception:
         server.bridge.forget(completion.id)
         raise
@@ -258,11 +259,13 @@ class _Answer:
         while True:
             _, event = await self.stream.next()
             self._raise_if_refused(event)
-            if isinstance(event, ev.Token):
+            if isinstance(event, (ev.Token, ev.PromptScored)):  # an echoed prompt's come first
                 logprobs.extend(event.logprobs)
             elif isinstance(event, ev.GenerationDone):
                 self.finished = True
                 text, calls, finish = self._read(event)
+                if self.request.echo:
+                    text = self.request.prompt + text
                 return p.completion_body(self.request, self.model, self.created, text, finish,
                                          event.prompt_tokens, event.new_tokens, logprobs, calls)
 
@@ -282,8 +285,14 @@ class _Answer:
             event = first
             offset = 0  # characters of the answer's tokens so far, for completions' text_offset
             reader = calls_.CallStream(self.call_format) if request.tools is not None else None
+            if request.echo and request.logprobs is None:
+                yield _sse(p.chunk_body(request, model, created, text=request.prompt))
             while True:
-                if isinstance(event, ev.Token):
+                if isinstance(event, ev.PromptScored):  # echo with logprobs: the prompt, scored, first
+                    logprobs = p.logprobs_body(request, event.logprobs, offset)
+                    offset += sum(len(e.token) for e in event.logprobs)
+                    yield _sse(p.chunk_body(request, model, created, text=request.prompt, logprobs=logprobs))
+                elif isinstance(event, ev.Token):
                     logprobs = p.logprobs_body(request, event.logprobs, offset)
                     offset += sum(len(e.token) for e in event.logprobs)
                     piece, deltas = event.text, []
