@@ -114,7 +114,8 @@ def parse_completion(body: object) -> CompletionRequest:
         echo = False
     if not isinstance(echo, bool):
         raise ApiError(400, f"'echo' must be true or false, not {echo!r}.", param="echo")
-    return replace(_request(body, prompt, _max_tokens(body, "max_tokens"), chat=False), echo=echo)
+    max_tokens = _max_tokens(body, "max_tokens", least=0 if echo else 1)
+    return replace(_request(body, prompt, max_tokens, chat=False), echo=echo)
 
 
 def _request(body: dict, prompt, max_tokens: int | None, chat: bool) -> CompletionRequest:
@@ -324,12 +325,13 @@ def _message(message: object, index: int) -> dict:
     return out
 
 
-def _max_tokens(body: dict, name: str) -> int | None:
+def _max_tokens(body: dict, name: str, least: int = 1) -> int | None:
+    """`least` is 0 where nothing new may be asked for: an echoed prompt, scored alone."""
     value = body.get(name)
     if value is None:
         return None
-    if not is_int(value) or value < 1:
-        raise ApiError(400, f"'{name}' must be a whole number, 1 or more, not {value!r}.", param=name)
+    if not is_int(value) or value < least:
+        raise ApiError(400, f"'{name}' must be a whole number, {least} or more, not {value!r}.", param=name)
     return value
 
 
