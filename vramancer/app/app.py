@@ -493,6 +493,8 @@ class VramancerApp(App[int]):
 
         return {
             ev.RequestQueued: self._on_request_queued,
+            # A completion's echoed prompt, scored: for its HTTP client alone, nothing to show here.
+            ev.PromptScored: lambda event: None,
             ev.RequestStarted: self._on_request_started,
             ev.RequestRefused: self._on_request_refused,
             ev.BatchStatus: self._on_batch_status,

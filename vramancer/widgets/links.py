@@ -44,7 +44,7 @@ class LinkRow(LineWidget):
         self.src, self.dst = src, dst
         # (start, end, bytes, transfer seconds) of each sampling interval, wall-clock times
         self.samples: deque[tuple[float, float, int, float]] = deque(maxlen=HISTORY)
-        self.migrations: deque[tuple[float, float]] = deque(maxlen=16)  # (start, end) of migrations
+        self.migrations: deque[tuple[float, float, float]] = deque(maxlen=16)  # (start, end, bytes/s) of migrations
         self.rates: list[float] = []  # bytes/s of each interval, from `samples`
         self.last: LinkSnapshot | None = None
         self._since = since  # when the interval before the first sample began (nothing carried then)
@@ -59,10 +59,12 @@ class LinkRow(LineWidget):
         self.samples.append((start, snap.timestamp, carried, busy))
         self._rate_all()
 
-    def migrated(self, start: float, end: float) -> None:
-        """A migration ran on this link from `start` to `end` (wall clock): the intervals it
-        overlaps were busy at least that long, whichever sample got its bytes."""
-        self.migrations.append((start, end))
+    def migrated(self, start: float, end: float, rate: float) -> None:
+        """A migration ran on this link from `start` to `end` (wall clock) at `rate` bytes/s (its
+        bytes over its time): the intervals it overlaps were busy at least that long, and their
+        bytes moved no faster than it did, whichever sample got them (a migration that spans
+        two samples' boundary gives each only part of its time)."""
+        self.migrations.append((start, end, rate))
         self._rate_all()
 
     def _rate_all(self) -> None:
@@ -72,8 +74,10 @@ class LinkRow(LineWidget):
     def _rate(self, start: float, end: float, carried: int, busy: float) -> float:
         if not carried:
             return 0.0
-        for m_start, m_end in self.migrations:
-            busy = max(busy, min(end, m_end) - max(start, m_start))
+        for m_start, m_end, m_rate in self.migrations:
+            overlap = min(end, m_end) - max(start, m_start)
+            if overlap > 0:
+                busy = max(busy, overlap, carried / m_rate if m_rate > 0 else 0.0)
         return carried / busy if busy > 0 else 0.0
 
     @property
@@ -249,7 +253,7 @@ class LinksPanel(VerticalScroll):
         super().__init__(**kwargs)
         self.border_title = "links"
         self.rows: dict[tuple[str, str], LinkRow] = {}
-        self.spans: dict[tuple[str, str], list[tuple[float, float]]] = {}  # migrations, per link
+        self.spans: dict[tuple[str, str], list[tuple[float, float, float]]] = {}  # migrations, per link
         self._sampled_at: float | None = None  # when the previous sample was taken
         self.note = Static("no data has crossed a link yet", classes="links-empty")
         self.migration = Static("", classes="last-migration")
@@ -293,7 +297,7 @@ class LinksPanel(VerticalScroll):
     def show_migration(self, done: MigrationDone) -> None:
         for src in done.src.split("+"):  # a move gathered from several devices names them all
             key = (src, done.dst)
-            span = (done.at - done.seconds, done.at)
+            span = (done.at - done.seconds, done.at, done.bytes / done.seconds if done.seconds > 0 else 0.0)
             self.spans.setdefault(key, []).append(span)
             if key in self.rows:
                 self.rows[key].migrated(*span)
