@@ -93,6 +93,10 @@ def test_a_layer_too_big_to_build_is_priced_from_its_bytes(monkeypatch):
 
 
 def test_plan_says_what_each_tensor_of_the_bundled_gguf_ends_in():
+    from vramancer.planning.precision import kernels_turned_off
+
+    if kernels_turned_off():
+        pytest.skip("GGUF blocks are kept only by our kernels; with them off torchao requantizes")
     from vramancer.model.loading import tensor_formats
     from vramancer.model.source import load_config, resolve_model
 

@@ -198,6 +198,10 @@ def test_too_big_even_for_the_tiers_is_one_sentence(tiny, capsys):
 def test_quantized_weights_stream_from_both_tiers(tiny):
     """q8 weights (a tensor class of their own) are flattened into the disk tier's file and
     rebuilt from its mapping; the answer is the one the resident q8 model gives."""
+    from vramancer.planning.precision import kernels_turned_off
+
+    if kernels_turned_off():
+        pytest.skip("the tier sizes below are our kernels' q8 layout; torchao's (kernels off) packs other bytes")
     folder, _ = tiny
     resident = Engine.load(LoadOptions(str(folder), "sim:2x1GiB", context=64, weights="q8"))
     try:
