@@ -371,11 +371,16 @@ class NodeConnection:
             return
         self._closing = True  # what follows is no loss worth a warning
         if self.alive:
+            # A tensor channel out of step (a send the node never receives) must not hang
+            # close(): after GOODBYE_TIMEOUT_S we stop waiting on it. The goodbye on the control
+            # channel goes out either way, so the node marks the session as ending before we
+            # hang up, and a coordinator reconnecting at once is waited for, not refused.
             try:
-                # A tensor channel out of step (a send the node never receives) must not hang
-                # close(): after GOODBYE_TIMEOUT_S we hang up, and the node lets go on its own.
                 works = self._send([p.header(p.OP_BYE)])
                 self._wait(works, "saying goodbye", timeout=GOODBYE_TIMEOUT_S)
+            except p.ClusterError as exc:
+                log.info("%s: goodbye on the tensor channel not taken (%s)", self.label, exc)
+            try:
                 self.request("bye", timeout=GOODBYE_TIMEOUT_S)
             except p.ClusterError as exc:
                 log.info("%s: goodbye not acknowledged (%s)", self.label, exc)

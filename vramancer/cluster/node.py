@@ -824,7 +824,7 @@ class NodeServer:
                 # A session that has said goodbye is let go of within HANDOVER_S: a coordinator
                 # reconnecting right after its close() waits for it instead of being refused.
                 self._session_ended.wait_for(lambda: self.session is None or not self.session.ending.is_set(),
-                                             timeout=HANDOVER_S + 1.0)
+                                             timeout=2 * HANDOVER_S)
                 busy = self.session is not None
                 if not busy:
                     session = Session(self, channel, peer, conn.getsockname()[0], address[0])
