@@ -23,6 +23,7 @@ import torch
 
 from vramancer.config.files import read_regular
 from vramancer.model.checks import check_gguf_table, read_safetensors_header
+from vramancer.model.weights_cache import gguf_parsed_once
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -133,7 +134,8 @@ class GgufTensors:
         # Processors that only reorder rows (Llama's query/key permutation) or do nothing may
         # be handed raw block rows, or a slice of rows of any other tensor; others may not.
         self.row_wise = processor_class in (hf_gguf.TensorProcessor, hf_gguf.LlamaTensorProcessor)
-        self.names = hf_gguf.get_gguf_hf_weights_map(model, self.processor)
+        with gguf_parsed_once():  # transformers' walk would build gguf's name map per module
+            self.names = hf_gguf.get_gguf_hf_weights_map(model, self.processor)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Model name → shape, for the tensors the model has a place for."""

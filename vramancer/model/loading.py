@@ -462,7 +462,8 @@ def tensor_formats(source: ModelSource, config, dtype: torch.dtype, weights: str
         kinds = gguf_tensor_kinds(source.gguf_path)
         processor_class = hf_gguf.TENSOR_PROCESSORS.get(config.model_type, hf_gguf.TensorProcessor)
         row_wise = processor_class in (hf_gguf.TensorProcessor, hf_gguf.LlamaTensorProcessor)
-        names = hf_gguf.get_gguf_hf_weights_map(model, processor_class(config=config.to_dict()))
+        with gguf_parsed_once():  # transformers' walk would build gguf's name map per module
+            names = hf_gguf.get_gguf_hf_weights_map(model, processor_class(config=config.to_dict()))
         stored = {names[name]: value for name, value in kinds.items() if name in names}
     elif not source.is_hub_id:
         for path in safetensors_files(Path(source.location)):
