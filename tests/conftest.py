@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
+from references import built_once
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -23,13 +25,23 @@ os.environ["VRM_CONFIG"] = os.path.join(tempfile.mkdtemp(prefix="vramancer-test-
 # Caches (profiles, dequantised weights) go to a fresh folder, never the user's own.
 os.environ.setdefault("VRM_CACHE_DIR", tempfile.mkdtemp(prefix="vramancer-test-cache-"))
 
+# What the test processes of one run (pytest-xdist's workers inherit this) build once for all.
+os.environ.setdefault("VRM_TEST_RUN_DIR", tempfile.mkdtemp(prefix="vramancer-test-run-"))
+
 TINY_LAYERS = 6
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> str:
+def tiny_model_dir() -> str:
     """A 6-layer random Llama (hidden 64) with the bundled model's tokenizer and chat template,
-    saved as a Hugging Face folder. Same seed every run, so outputs are reproducible."""
+    saved as a Hugging Face folder once per run. Same seed every run, so outputs are reproducible."""
+    with built_once("tiny-llama") as (folder, done):
+        if not done:
+            _save_tiny_llama(folder)
+    return str(folder)
+
+
+def _save_tiny_llama(folder: Path) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -52,10 +64,8 @@ def tiny_model_dir(tmp_path_factory) -> str:
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    folder = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from references import plain_transformers_tokens
 
 pytestmark = pytest.mark.model
 
@@ -17,19 +18,7 @@ TOKENS = 32
 @pytest.fixture(scope="module")
 def reference_tokens():
     """Plain transformers, unsplit, on the CPU: the tokens every split must reproduce."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from vramancer.model.source import bundled_model_path
-
-    path = bundled_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    messages = [{"role": "user", "content": PROMPT}]
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=TOKENS, do_sample=False)
-    tokens = output[0, inputs["input_ids"].shape[1]:].tolist()
+    tokens = plain_transformers_tokens(PROMPT, TOKENS)
     assert len(tokens) == TOKENS  # the prompt is chosen so the answer runs the whole length
     return tokens
 

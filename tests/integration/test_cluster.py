@@ -16,6 +16,7 @@ import time
 import psutil
 import pytest
 from cluster_nodes import TOKEN, start_nodes
+from references import plain_transformers_tokens
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(180)]
 
@@ -38,21 +39,8 @@ def cluster_token():
 
 @pytest.fixture(scope="module")
 def reference_tokens():
-    """Plain transformers, unsplit, greedy: the tokens every split must reproduce. (Its first
-    load also fills the GGUF cache that the nodes then read from.)"""
-    import torch
-
-    from vramancer.model.loading import load_weights
-    from vramancer.model.source import load_tokenizer, resolve_model
-
-    source = resolve_model("default")
-    tokenizer = load_tokenizer(source)
-    model = load_weights(source, torch.float32)
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
-    with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=TOKENS, do_sample=False)
-    tokens = output[0, inputs["input_ids"].shape[1]:].tolist()
+    """Plain transformers, unsplit, greedy: the tokens every split must reproduce."""
+    tokens = plain_transformers_tokens(PROMPT, TOKENS)
     assert len(tokens) == TOKENS
     return tokens
 
