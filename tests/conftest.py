@@ -12,6 +12,10 @@ from references import built_once
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
+# The suite runs many torch processes at once on few cores (test processes, the servers, nodes
+# and dashboards they start): OpenMP threads that spin while they wait for work would burn
+# the cores the others need. Set before any test imports torch; children inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # The compiled CPU kernels (kernels/cpu/build.py) are the ones `make setup` built into the
 # user's cache: keyed by their source and versions, they hold nothing of any test's, and a
 # fresh folder would cost a compile (a minute) per run.
