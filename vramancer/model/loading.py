@@ -67,7 +67,7 @@ def load_weights(source: ModelSource, dtype: torch.dtype, weights: str = "native
     file one tensor at a time, each converted to the compute dtype or quantized (see
     quantization/weights.py) before the next is read: host memory holds the model as it will
     run plus one tensor in flight, never the whole model in float32. A GGUF's Q4_0/Q4_1
-    blocks become q4 weights as they are. What a GGUF gave is kept in the weights cache as
+    blocks become q4 weights as they are, its Q8_0 blocks q8 blocks (where our kernels run). What a GGUF gave is kept in the weights cache as
     it runs (quantized under q8 and q4), and read from there the next time.
 
     A checkpoint whose tensors do not match the model's names (a hub id not on disk, an

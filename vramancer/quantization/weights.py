@@ -10,13 +10,14 @@
   bits: native); any other model loads native.
 
 The embedding table and the output head are per-row int8 under both q8 and q4 (one tensor
-when they are tied); a GGUF's Q8_0 tensors instead keep their blocks of 32 with a float16 scale
-each (quantization/q8_blocks.py), where our kernels run them. GGUF files keep the head at 8 bits or more too (the bundled Q4_1 file
-stores it as Q8_0), and at 4 bits the bundled model's answers visibly changed.
+when they are tied). GGUF files keep the head at 8 bits or more too (the bundled Q4_1 file
+stores it as Q8_0), and at 4 bits the bundled model's answers visibly changed. A GGUF's Q8_0
+tensors keep their own blocks of 32 with a float16 scale each (quantization/q8_blocks.py)
+where our kernels run them, so the bundled table and head hold the file's values.
 
 Which kernels run them (`kernel_path`, printed by `plan` and `bench`):
 - on CPU and simulated devices, our own (kernels/cpu/build.py: AVX2 + FMA, float32
-  activations, each weight block unpacked once per batch of up to 4 rows), so the compute
+  activations, each weight block unpacked once per batch of up to 8 rows), so the compute
   dtype under quantized weights is float32 there. torch's and torchao's kernels ran at
   2-3 GB/s of weights here and want bfloat16 activations, whose elementwise ops are slow
   without AVX-512; ours keep up with memory (~4 GB/s on one thread of this machine). The
