@@ -103,10 +103,11 @@ def test_plan_says_what_each_tensor_of_the_bundled_gguf_ends_in():
     source = resolve_model("default")
     config = load_config(source)
     q4 = tensor_formats(source, config, torch.float32, "q4")
-    # SmolLM2's Q4_1 file: 210 linear weights in Q4_1 blocks, kept; the tied table/head in Q8_0.
+    # SmolLM2's Q4_1 file: 210 linear weights in Q4_1 blocks, kept; the tied table/head in Q8_0, kept.
     assert q4 == {"F32 → float32": 61, "Q4_1 → q4 (the file's blocks, kept)": 210,
-                  "Q8_0 → q8 (int8 rows, requantized)": 1}
+                  "Q8_0 → q8 (the file's blocks, kept)": 1}
     q8 = tensor_formats(source, config, torch.float32, "q8")
     assert q8["Q4_1 → q8 (int8 rows, requantized)"] == 210
+    assert q8["Q8_0 → q8 (the file's blocks, kept)"] == 1
     assert tensor_formats(source, config, torch.float32, "native") == {
         "F32 → float32": 61, "Q4_1 → float32": 210, "Q8_0 → float32": 1}

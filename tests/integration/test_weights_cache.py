@@ -234,12 +234,11 @@ def test_prefill_runs_the_head_as_one_matrix_product(first_load, source):
 
 def test_q4_keeps_the_files_blocks_and_the_cache_holds_them_quantized(first_load, source):
     """Under q4 the GGUF's Q4_1 blocks become our q4 weights as they are: the same bytes as
-    quantizing its dequantized values again; the cache keeps those bytes, about the GGUF's
-    size, not float32 (5.3 times it), and gives back the same answer."""
-    from torchao.quantization import PerRow
-
+    quantizing its dequantized values again; its Q8_0 table (tied to the head) stays in its
+    blocks, the file's values to the bit; the cache keeps those bytes, about the GGUF's size,
+    not float32 (5.3 times it), and gives back the same answer."""
     from vramancer.quantization.q4_blocks import BlockInt4Tensor
-    from vramancer.quantization.q8_rows import RowInt8Tensor
+    from vramancer.quantization.q8_blocks import BlockInt8Tensor
     from vramancer.quantization.weights import our_kernels, stored_bytes
 
     if not our_kernels(torch.float32):
@@ -253,14 +252,13 @@ def test_q4_keeps_the_files_blocks_and_the_cache_holds_them_quantized(first_load
         formats[type(weight).__name__] = formats.get(type(weight).__name__, 0) + 1
         if isinstance(weight, BlockInt4Tensor):
             assert torch.equal(weight.qdata, BlockInt4Tensor.from_float(floats[name]).qdata), name
-        elif isinstance(weight, RowInt8Tensor):
-            again = RowInt8Tensor.from_hp(floats[name], PerRow())
-            assert torch.equal(weight.qdata, again.qdata) and torch.equal(weight.scale, again.scale), name
+        elif isinstance(weight, BlockInt8Tensor):
+            assert torch.equal(weight.dequantize(torch.float32), floats[name]), name
         else:
             assert torch.equal(weight, floats[name]), name
-    assert (formats["BlockInt4Tensor"], formats["RowInt8Tensor"]) == (210, 1), formats  # every Q4_1 tensor; the tied table
+    assert (formats["BlockInt4Tensor"], formats["BlockInt8Tensor"]) == (210, 1), formats  # every Q4_1 tensor; the tied table
     held = sum(stored_bytes(p) for p in streamed.parameters())
-    cached = piece(source, "weights-float32-q4") / cache.WEIGHTS_FILE
+    cached = piece(source, "weights-float32-q4-q8_0-kept") / cache.WEIGHTS_FILE
     gguf_bytes = (Path(source.location) / source.gguf_file).stat().st_size
     assert held <= cached.stat().st_size <= held * 1.02 + 65536
     assert cached.stat().st_size <= 1.1 * gguf_bytes

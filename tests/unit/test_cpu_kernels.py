@@ -1,13 +1,16 @@
 """Our AVX2 kernels for quantized weights (kernels/cpu/build.py) against torch doing the
 same sums: each activation row quantized to int16 per block of 32 as the kernels do, times the
 dequantized weights. Within float rounding of that for any batch and shape, within 1e-4 of the
-plain float32 matmul, and the same bits for a row whatever batch or thread count it runs in."""
+plain float32 matmul, and the same bits for a row whatever batch or thread count it runs in;
+q8 blocks keep a GGUF Q8_0 tensor's values exactly."""
 
+import numpy as np
 import pytest
 import torch
 
 from vramancer.kernels.cpu.build import kernels, unavailable_reason
 from vramancer.quantization.q4_blocks import BlockInt4Tensor
+from vramancer.quantization.q8_blocks import BlockInt8Tensor
 
 ops = kernels()
 pytestmark = pytest.mark.skipif(ops is None, reason=f"kernels unavailable: {unavailable_reason()}")
@@ -63,22 +66,78 @@ def test_q8_matches_torch_on_the_same_quantized_activations(rows, out_features, 
     assert_close_to(got, x, dequantized)
 
 
-def test_a_rows_result_does_not_depend_on_its_batch_or_the_thread_count():
+def q8_0_bytes(weight: torch.Tensor) -> bytes:
+    """`weight` as a GGUF file's Q8_0 tensor, quantized by the gguf package (llama.cpp's rules)."""
+    from gguf import GGMLQuantizationType, quantize
+
+    return quantize(weight.numpy(), GGMLQuantizationType.Q8_0).tobytes()
+
+
+def q8_blocks(weight: torch.Tensor) -> BlockInt8Tensor:
+    raw = torch.frombuffer(bytearray(q8_0_bytes(weight)), dtype=torch.uint8)
+    return BlockInt8Tensor.from_gguf_blocks(raw, weight.shape, torch.float32)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9])
+@pytest.mark.parametrize("out_features,in_features", [(37, 32), (100, 800), (5, 1056)])
+def test_q8_blocks_match_torch_on_the_same_quantized_activations(rows, out_features, in_features):
+    torch.manual_seed(rows * 3 + in_features)
+    weight = q8_blocks(torch.randn(out_features, in_features))
+    x = torch.randn(rows, in_features)
+    x[-1, 7] = -250.0  # an outlier takes its block's range
+    assert_close_to(ops.q8_blocks_linear(x, weight.qdata, weight.scale), x, weight.dequantize(torch.float32))
+
+
+def matmuls() -> dict:
+    """Each format's kernel call on a weight of 203 rows (50 tiles of 4 and one of 3)."""
     torch.manual_seed(0)
-    weight = BlockInt4Tensor.from_float(torch.randn(203, 576))
+    q4 = BlockInt4Tensor.from_float(torch.randn(203, 576))
     values, scale, _ = q8_rows(torch.randn(203, 577))
-    x4, x8 = torch.randn(8, 576), torch.randn(8, 577)
+    blocks = q8_blocks(torch.randn(203, 576))
+    return {"q4": (576, lambda x: ops.q4_linear(x, q4.qdata)),
+            "q8 rows": (577, lambda x: ops.q8_linear(x, values, scale)),
+            "q8 blocks": (576, lambda x: ops.q8_blocks_linear(x, blocks.qdata, blocks.scale))}
+
+
+@pytest.mark.parametrize("fmt", ["q4", "q8 rows", "q8 blocks"])
+def test_a_rows_result_does_not_depend_on_its_batch_or_the_thread_count(fmt):
+    columns, matmul = matmuls()[fmt]
+    x = torch.randn(11, columns, generator=torch.Generator().manual_seed(1))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one4 = torch.cat([ops.q4_linear(x4[i:i + 1].contiguous(), weight.qdata) for i in range(8)])
-        one8 = torch.cat([ops.q8_linear(x8[i:i + 1].contiguous(), values, scale) for i in range(8)])
-        torch.set_num_threads(2)
-        assert torch.equal(ops.q4_linear(x4, weight.qdata), one4)
-        assert torch.equal(ops.q4_linear(x4[:3].contiguous(), weight.qdata), one4[:3])
-        assert torch.equal(ops.q8_linear(x8, values, scale), one8)
+        alone = torch.cat([matmul(x[i:i + 1].contiguous()) for i in range(11)])
+        for count in (2, 3):
+            torch.set_num_threads(count)
+            for rows in range(2, 12):  # every pass shape: 2-8 rows in one pass, 9-11 in two
+                assert torch.equal(matmul(x[:rows].contiguous()), alone[:rows]), (rows, count)
+            assert torch.equal(matmul(x[5:6].contiguous()), alone[5:6])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_q8_blocks_keep_a_q8_0_files_values_exactly():
+    from gguf import GGMLQuantizationType, dequantize
+
+    from vramancer.quantization.weights import stored_bytes
+
+    torch.manual_seed(2)
+    weight = torch.randn(70, 96)
+    raw = q8_0_bytes(weight)
+    kept = q8_blocks(weight)
+    as_the_file_says = torch.from_numpy(dequantize(np.frombuffer(raw, dtype=np.uint8), GGMLQuantizationType.Q8_0)
+                                        .reshape(70, 96).copy())
+    assert torch.equal(kept.dequantize(torch.float32), as_the_file_says)
+    assert stored_bytes(kept) == len(raw)  # the file's 34 bytes a block, no more
+    ids = torch.tensor([[3, 69, 0]])
+    assert torch.equal(torch.nn.functional.embedding(ids, kept), as_the_file_says[ids])
+    copy = kept.clone()
+    assert type(copy) is BlockInt8Tensor and torch.equal(copy.dequantize(), kept.dequantize())
+
+
+def test_q8_blocks_refuse_bytes_of_another_shape():
+    with pytest.raises(ValueError, match="must hold 3 blocks a row"):
+        BlockInt8Tensor.from_gguf_blocks(torch.zeros(34 * 5, dtype=torch.uint8), (2, 96), torch.float32)
 
 
 def test_q4_keeps_a_q4_1_files_values_exactly():

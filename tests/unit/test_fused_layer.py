@@ -1,6 +1,7 @@
 """A decoder layer's fused decode step (kernels/cpu/fused_layer.py) gives what the layer's own
-forward gives, to the bit, on tiny random q4/q8 models (Llama, and Qwen2 with biases on q/k/v);
-prompts, masks and layers with parts it does not run keep their own forward."""
+forward gives, to the bit, on tiny random q4/q8 models (Llama, and Qwen2 with biases on q/k/v); a batch's
+step with its padding mask runs fused, each row with the bits it gets alone; prompts and layers
+with parts it does not run keep their own forward."""
 
 import pytest
 import torch
@@ -91,7 +92,7 @@ def test_greedy_generation_gives_the_same_tokens_fused_or_not(kind, weights):
     assert tokens[0] == tokens[1]
 
 
-def test_masks_and_several_new_tokens_take_the_layers_own_forward():
+def test_a_padded_batch_runs_fused_and_several_new_tokens_take_the_layers_own_forward():
     fused, own = quantized_pair("llama", "q4")
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(0, SHAPE["vocab_size"], (2, 8), generator=gen)
@@ -104,10 +105,43 @@ def test_masks_and_several_new_tokens_take_the_layers_own_forward():
         calls = attention_calls(fused)
         masked = [model(ids[:, 6:7], attention_mask=mask[:, :7], cache=cache, use_cache=True).logits
                   for model, cache in zip((fused, own), caches)]
-        assert len(calls) == SHAPE["num_hidden_layers"]
+        assert calls == []  # a batch's decode step with its padding mask runs fused
         two_tokens = [model(ids[:1, :2], cache=DynamicCache(), use_cache=True).logits for model in (fused, own)]
-        assert len(calls) == 2 * SHAPE["num_hidden_layers"]
+        assert len(calls) == SHAPE["num_hidden_layers"]
     assert torch.equal(*masked) and torch.equal(*two_tokens)
+
+
+@pytest.mark.parametrize("weights", ["q4", "q8"])
+def test_each_row_of_a_padded_batch_step_gets_the_bits_it_gets_alone(weights):
+    fused, _ = quantized_pair("llama", weights)
+    layer = fused.model.layers[1]
+    attn = layer.self_attn
+    kv_heads, size = attn.k_proj.out_features // attn.head_dim, attn.head_dim
+    gen = torch.Generator().manual_seed(4)
+    lengths, longest = [5, 2, 7], 7  # each row's cached positions; the batch's cache is left-padded
+    hidden = torch.randn(3, 1, SHAPE["hidden_size"], generator=gen)
+    angles = torch.rand(3, 1, size // 2, generator=gen) * 6.3
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    past = torch.randn(2, 3, kv_heads, longest, size, generator=gen)
+    mask = torch.zeros(3, 1, 1, longest + 1, dtype=torch.bool)
+    for row, length in enumerate(lengths):
+        past[:, row, :, :longest - length] = 1e4  # padding: never attended
+        mask[row, ..., longest - length:] = True
+
+    def step(rows, keys, values, step_mask):
+        cache = DynamicCache()
+        cache.update(keys.clone(), values.clone(), attn.layer_idx)
+        return layer(hidden[rows], attention_mask=step_mask, cache=cache, use_cache=True,
+                     position_embeddings=(cos[rows], sin[rows]))
+
+    calls = attention_calls(fused)
+    with torch.inference_mode():
+        batch = step(slice(0, 3), past[0], past[1], mask)
+        for row, length in enumerate(lengths):
+            alone = step(slice(row, row + 1), past[0, row:row + 1, :, longest - length:],
+                         past[1, row:row + 1, :, longest - length:], None)
+            assert torch.equal(batch[row:row + 1], alone), row
+    assert calls == []
 
 
 def test_a_layer_with_parts_it_does_not_run_keeps_its_own_forward():

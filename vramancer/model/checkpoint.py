@@ -30,6 +30,8 @@ SAFETENSORS_FILE = "model.safetensors"
 MAX_INDEX_BYTES = 64 << 20  # the index of a model of thousands of shards is a few MB
 # GGUF block types whose bytes our q4 format takes as they are (quantization/q4_blocks.py).
 Q4_KINDS = ("Q4_0", "Q4_1")
+# ... and those our q8 blocks take as they are (quantization/q8_blocks.py).
+Q8_KINDS = ("Q8_0",)
 
 
 @dataclass
@@ -40,7 +42,7 @@ class StoredTensor:
     shape: tuple[int, ...]
     kind: str  # the file's type for it: "BF16", "F32", "Q4_1", ...
     rows: Callable[[int, int], torch.Tensor]  # rows first..end-1, as floats
-    blocks: Callable[[], torch.Tensor] | None = None  # the raw q4 bytes [N, K/32 * block bytes], where kept
+    blocks: Callable[[], torch.Tensor] | None = None  # the raw q4/q8 bytes [N, K/32 * block bytes], where kept
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -143,7 +145,7 @@ class GgufTensors:
                 for t in self.reader.tensors if t.name in self.names}
 
     def tensors(self, keep_blocks: Callable[[str], bool]) -> Iterator[StoredTensor]:
-        """Each tensor the model has a place for; Q4_0/Q4_1 tensors for which
+        """Each tensor the model has a place for; Q4_0/Q4_1/Q8_0 tensors for which
         `keep_blocks(model name)` holds also offer their raw blocks."""
         for tensor in self.reader.tensors:
             if tensor.name not in self.names:
@@ -152,7 +154,7 @@ class GgufTensors:
             shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
             kind = tensor.tensor_type.name
             blocks = None
-            if kind in Q4_KINDS and self.row_wise and len(shape) == 2 and keep_blocks(name):
+            if kind in Q4_KINDS + Q8_KINDS and self.row_wise and len(shape) == 2 and keep_blocks(name):
                 blocks = (lambda tensor=tensor: torch.from_numpy(
                     self._processed(tensor, self._raw(tensor, 0, tensor.data.shape[0])).copy()))
             yield StoredTensor(name, shape, kind, self._row_reader(tensor, shape), blocks)

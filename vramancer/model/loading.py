@@ -67,19 +67,21 @@ def load_weights(source: ModelSource, dtype: torch.dtype, weights: str = "native
     file one tensor at a time, each converted to the compute dtype or quantized (see
     quantization/weights.py) before the next is read: host memory holds the model as it will
     run plus one tensor in flight, never the whole model in float32. A GGUF's Q4_0/Q4_1
-    blocks become q4 weights as they are. What a GGUF gave is kept in the weights cache as
+    blocks become q4 weights as they are, its Q8_0 blocks q8 blocks (where our kernels run). What a GGUF gave is kept in the weights cache as
     it runs (quantized under q8 and q4), and read from there the next time.
 
     A checkpoint whose tensors do not match the model's names (a hub id not on disk, an
     architecture transformers renames on load) and q4 in torchao's layout load the whole
     model through transformers and quantize it after, as before."""
-    from vramancer.quantization.weights import quantize_model, streams
+    from vramancer.quantization.weights import keeps_q8_blocks, quantize_model, streams
 
     kind = weights if streams(weights, dtype) else "native"  # what the stream (and the cache) holds
     entry = gguf_cache_entry(source.gguf_path)
     if entry is not None:
         config = load_config(source)  # from the cache: no third parse of the GGUF
         piece = f"weights-{str(dtype).removeprefix('torch.')}-{kind}"
+        if kind != "native" and keeps_q8_blocks(dtype):
+            piece += "-q8_0-kept"  # not a piece written before Q8_0 blocks were kept (they held q8 rows)
         model = from_cache(entry, piece, lambda folder: _read_cached(folder, config, dtype, kind))
         if model is None:
             with gguf_parsed_once():
@@ -167,6 +169,7 @@ def _fits(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], what: str)
 def _fill(model: torch.nn.Module, stored, dtype: torch.dtype, formats: dict[str, str]) -> None:
     """Put each stored tensor in its slot, converted to its format, one at a time."""
     from vramancer.quantization.q4_blocks import BlockInt4Tensor
+    from vramancer.quantization.q8_blocks import BlockInt8Tensor
     from vramancer.quantization.weights import convert_weight
 
     slots = _slots(model)
@@ -177,6 +180,8 @@ def _fill(model: torch.nn.Module, stored, dtype: torch.dtype, formats: dict[str,
         fmt = formats.get(item.name, "native")
         if fmt == "q4" and item.blocks is not None:
             value = BlockInt4Tensor.from_gguf_blocks(item.blocks(), item.kind, item.shape, dtype)
+        elif fmt == "q8" and item.blocks is not None:
+            value = BlockInt8Tensor.from_gguf_blocks(item.blocks(), item.shape, dtype)
         else:
             value = convert_weight(item.rows, item.shape, fmt, dtype)
         _set_tensor(model, item.name, value)
@@ -255,8 +260,11 @@ def _stream_gguf(source: ModelSource, config, dtype: torch.dtype, weights: str) 
 
             quantize_model(model, weights)
         return model
+    from vramancer.quantization.weights import keeps_q8_blocks
+
     formats = weight_formats(model, weights)
-    _fill(model, tensors.tensors(lambda name: formats.get(name) == "q4"), dtype, formats)
+    kept = {"q4", "q8"} if keeps_q8_blocks(dtype) else {"q4"}
+    _fill(model, tensors.tensors(lambda name: formats.get(name) in kept), dtype, formats)
     return model
 
 
@@ -310,6 +318,7 @@ FORMATS_KEY = "vramancer.formats"
 def _write_cached(folder: Path, model: torch.nn.Module, weights: str) -> None:
     """The weights as they run, each tensor once, and the generation config."""
     from vramancer.quantization.q4_blocks import BlockInt4Tensor
+    from vramancer.quantization.q8_blocks import BlockInt8Tensor
     from vramancer.quantization.q8_rows import RowInt8Tensor
 
     tensors: dict[str, torch.Tensor] = {}
@@ -322,6 +331,9 @@ def _write_cached(folder: Path, model: torch.nn.Module, weights: str) -> None:
         if isinstance(tensor, BlockInt4Tensor):
             formats[name] = "q4"
             tensors[f"{name}#qdata"] = tensor.qdata
+        elif isinstance(tensor, BlockInt8Tensor):
+            formats[name] = "q8 blocks"
+            tensors[f"{name}#qdata"], tensors[f"{name}#scale"] = tensor.qdata, tensor.scale
         elif isinstance(tensor, RowInt8Tensor):
             formats[name] = "q8"
             for part in ("qdata", "scale", "zero_point"):
@@ -336,6 +348,7 @@ def _read_cached(folder: Path, config, dtype: torch.dtype, weights: str) -> torc
     """The model from a cached piece, one tensor at a time; any mismatch raises (the piece is
     then rebuilt from the GGUF)."""
     from vramancer.quantization.q4_blocks import BlockInt4Tensor
+    from vramancer.quantization.q8_blocks import BlockInt8Tensor
     from vramancer.quantization.q8_rows import RowInt8Tensor
 
     model = _empty_model(config, dtype)
@@ -346,6 +359,8 @@ def _read_cached(folder: Path, config, dtype: torch.dtype, weights: str) -> torc
         fmt = formats.get(name, "native")
         if fmt == "q4":
             value = BlockInt4Tensor(f.tensor(f"{name}#qdata"), torch.Size(shape), dtype)
+        elif fmt == "q8 blocks":
+            value = BlockInt8Tensor(f.tensor(f"{name}#qdata"), f.tensor(f"{name}#scale"), torch.Size(shape), dtype)
         elif fmt == "q8":
             qdata, scale, zero = (f.tensor(f"{name}#{part}") for part in ("qdata", "scale", "zero_point"))
             value = RowInt8Tensor(qdata, scale, [1, shape[1]], dtype, zero_point=zero)
@@ -446,8 +461,8 @@ def tensor_formats(source: ModelSource, config, dtype: torch.dtype, weights: str
     head, blocks of 32 for q4)."""
     from collections import Counter
 
-    from vramancer.model.checkpoint import Q4_KINDS, SafetensorsFile, gguf_tensor_kinds
-    from vramancer.quantization.weights import streams, weight_formats
+    from vramancer.model.checkpoint import Q4_KINDS, Q8_KINDS, SafetensorsFile, gguf_tensor_kinds
+    from vramancer.quantization.weights import keeps_q8_blocks, streams, weight_formats
 
     model = _empty_model(config, dtype)
     streamed = streams(weights, dtype)
@@ -474,6 +489,8 @@ def tensor_formats(source: ModelSource, config, dtype: torch.dtype, weights: str
         fmt = formats.get(name, "native")
         if fmt == "q4" and was in Q4_KINDS and row_wise and streamed and param.dim() == 2:
             becomes = "q4 (the file's blocks, kept)"
+        elif fmt == "q8" and was in Q8_KINDS and row_wise and keeps_q8_blocks(dtype) and param.dim() == 2:
+            becomes = "q8 (the file's blocks, kept)"
         else:
             becomes = ends.get(fmt, dtype_name)
             if fmt != "native" and source.gguf_path is not None and was not in ("F32", "F16", "BF16", "F64"):

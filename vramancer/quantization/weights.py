@@ -11,11 +11,13 @@
 
 The embedding table and the output head are per-row int8 under both q8 and q4 (one tensor
 when they are tied). GGUF files keep the head at 8 bits or more too (the bundled Q4_1 file
-stores it as Q8_0), and at 4 bits the bundled model's answers visibly changed.
+stores it as Q8_0), and at 4 bits the bundled model's answers visibly changed. A GGUF's Q8_0
+tensors keep their own blocks of 32 with a float16 scale each (quantization/q8_blocks.py)
+where our kernels run them, so the bundled table and head hold the file's values.
 
 Which kernels run them (`kernel_path`, printed by `plan` and `bench`):
 - on CPU and simulated devices, our own (kernels/cpu/build.py: AVX2 + FMA, float32
-  activations, each weight block unpacked once per batch of up to 4 rows), so the compute
+  activations, each weight block unpacked once per batch of up to 8 rows), so the compute
   dtype under quantized weights is float32 there. torch's and torchao's kernels ran at
   2-3 GB/s of weights here and want bfloat16 activations, whose elementwise ops are slow
   without AVX-512; ours keep up with memory (~4 GB/s on one thread of this machine). The
@@ -134,6 +136,13 @@ def kernel_path(weights: str, dtype: torch.dtype) -> str:
     # Ours are unavailable (and say why), or they are there but take float32 only.
     why = unavailable_reason() if kernels() is None else f"{str(dtype).removeprefix('torch.')} activations"
     return f"{weights} weights: torchao/torch kernels ({why})"
+
+
+def keeps_q8_blocks(dtype: torch.dtype) -> bool:
+    """Whether a GGUF's Q8_0 tensors that q8 takes stay in their own blocks of 32
+    (quantization/q8_blocks.py: the file's values to the bit) rather than becoming per-row
+    int8: where our kernels run them."""
+    return our_kernels(dtype)
 
 
 def quantizable(module: nn.Module, weights: str, head: nn.Module | None) -> bool:

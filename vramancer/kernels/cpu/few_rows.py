@@ -37,6 +37,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from vramancer.kernels.cpu import build as cpu_kernels
 from vramancer.kernels.cpu.modules import (
     attend_through,
+    decode_mask_fits,
     fuse_rms_norm,
     one_query_on_kernels,
 )
@@ -135,10 +136,8 @@ def _few_rows_attention(module, query, key, value, attention_mask, dropout=0.0, 
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if attention_mask is None:  # every row attends to every cached position
             return ops.decode_attention(query, key, value, scale), None
-        mask = attention_mask
-        if (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] == query.shape[0]
-                and mask.shape[1] in (1, query.shape[1]) and mask.shape[2] == 1 and mask.shape[3] == key.shape[2]):
-            return ops.decode_attention(query, key, value, scale, mask), None  # padding skipped
+        if decode_mask_fits(attention_mask, query, key):
+            return ops.decode_attention(query, key, value, scale, attention_mask), None  # padding skipped
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
 

@@ -9,5 +9,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_linear", &q4_linear, "x @ W.T with W in 4-bit blocks of 32 (float16 scale and minimum), rows in tiles of 4");
   m.def("few_rows_linear", &few_rows_linear, "x @ W.T (+ bias) for a few float32 rows, each weight read once");
   m.def("q8_linear", &q8_linear, "x @ W.T with W in int8 rows (float32 scale per row)");
+  m.def("q8_blocks_linear", &q8_blocks_linear, "x @ W.T with W in int8 blocks of 32 (float16 scale each: GGUF's Q8_0)");
   bind_decode_layer(m);  // the DecodeLayer class (decode_layer.cpp)
 }

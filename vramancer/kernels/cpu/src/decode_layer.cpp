@@ -22,10 +22,13 @@
 
 namespace {
 
-// x [M, K] @ W.T with W as our kernels' tensors: (tiles) for q4, (values, scale) for q8.
+// x [M, K] @ W.T with W as our kernels' tensors: (tiles) for q4, (values, scale) for q8 rows
+// (a float32 scale per row) or q8 blocks (a float16 scale per block of 32).
 torch::Tensor kernel_linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w,
                             const c10::optional<torch::Tensor>& bias) {
-  torch::Tensor y = w.size() == 1 ? q4_linear(x, w[0]) : q8_linear(x, w[0], w[1]);
+  torch::Tensor y = w.size() == 1                           ? q4_linear(x, w[0])
+                    : w[1].scalar_type() == torch::kHalf ? q8_blocks_linear(x, w[0], w[1])
+                                                          : q8_linear(x, w[0], w[1]);
   if (bias.has_value()) y.add_(*bias);
   return y;
 }
@@ -71,7 +74,7 @@ DecodeLayer::DecodeLayer(std::vector<std::vector<torch::Tensor>> weights, std::v
       head_dim_(head_dim), scaling_(scaling) {
   TORCH_CHECK(weights_.size() == kProjections && biases_.size() == kProjections,
               "DecodeLayer wants q, k, v, o, gate, up, down: 7 weights and 7 biases");
-  for (const auto& w : weights_) TORCH_CHECK(w.size() == 1 || w.size() == 2, "a weight is 1 tensor (q4) or 2 (q8)");
+  for (const auto& w : weights_) TORCH_CHECK(w.size() == 1 || w.size() == 2, "a weight is 1 tensor (q4) or 2 (q8 rows or blocks)");
   TORCH_CHECK(head_dim_ % 16 == 0 && heads_ % kv_heads_ == 0, "DecodeLayer wants a head size that is a multiple of 16");
 }
 
@@ -94,10 +97,11 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> DecodeLayer::project(con
 }
 
 // The rest of the step, from q and the cache's keys and values [B, kv_heads, T, D] → [B, 1, H].
+// A batch's step passes its boolean mask [B, 1 or heads, 1, T] (each row's padding false).
 torch::Tensor DecodeLayer::finish(const torch::Tensor& hidden, const torch::Tensor& q, const torch::Tensor& keys,
-                                  const torch::Tensor& values) const {
+                                  const torch::Tensor& values, const c10::optional<torch::Tensor>& mask) const {
   const int64_t B = hidden.size(0), H = hidden.size(2);
-  const auto attended = decode_attention(q, keys, values, scaling_).view({B, heads_ * head_dim_});
+  const auto attended = decode_attention(q, keys, values, scaling_, mask).view({B, heads_ * head_dim_});
   auto mixed = kernel_linear(attended, weights_[3], biases_[3]);
   mixed.add_(hidden.reshape({B, H}));  // the residual
   const auto normed = rms_norm(mixed, post_norm_, post_eps_);
@@ -117,5 +121,6 @@ void bind_decode_layer(pybind11::module_& m) {
       .def("project", &DecodeLayer::project, py::call_guard<py::gil_scoped_release>(),
            "input norm, q/k/v and rotary of one new token per sequence")
       .def("finish", &DecodeLayer::finish, py::call_guard<py::gil_scoped_release>(),
-           "attention over the cache, o_proj, residual, post norm, MLP, residual");
+           "attention over the cache (a batch's boolean mask, or none), o_proj, residual, post norm, MLP, residual",
+           py::arg("hidden"), py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("mask") = py::none());
 }

@@ -6,6 +6,7 @@
 // quant_linear.cpp
 torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& tiles);
 torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& scale);
+torch::Tensor q8_blocks_linear(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& scale);
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 
 // decode_layer.cpp: a decoder layer's decode step (one new token per sequence) on the kernels above.
@@ -20,7 +21,7 @@ class DecodeLayer {
   std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> project(const torch::Tensor& hidden, const torch::Tensor& cos,
                                                                   const torch::Tensor& sin) const;
   torch::Tensor finish(const torch::Tensor& hidden, const torch::Tensor& q, const torch::Tensor& keys,
-                       const torch::Tensor& values) const;
+                       const torch::Tensor& values, const c10::optional<torch::Tensor>& mask = c10::nullopt) const;
 
  private:
   std::vector<std::vector<torch::Tensor>> weights_;

@@ -6,6 +6,8 @@
 //       minimum per block: w = scale * q + minimum. Rows are stored in tiles of 4 (below, at
 //       `q4_linear`), so the 4 rows a pass reads together are one run of bytes.
 //   q8: int8 rows with one float32 scale per row: w = scale * q.
+//   q8 blocks: int8 rows with a float16 scale per block of 32 (GGUF's Q8_0, kept as the file
+//       stores it): w = scale_b * q.
 //
 // Integer dot products, as llama.cpp's CPU path does, but with 16-bit activations. Each call
 // first quantizes every activation row per block of 32: x ≈ d_x * q_x, q_x int16, d_x =
@@ -14,6 +16,7 @@
 // float32 and four FMAs per row cost about twice the instructions.
 //   q4: y = sum_b d_w d_x sum_i(q_w q_x) + sum_b m_w (d_x sum_i q_x): the minimums once per row.
 //   q8: y = s_w (sum_b d_x sum_i(q_w q_x) + the columns past the last block in float32).
+//   q8 blocks: y = sum_b d_w d_x sum_i(q_w q_x), as q4 without the minimums.
 // Why int16 and not llama.cpp's int8 (Q8_1): both ran at the same speed here (the multiplies
 // are as many: maddubs + madd), but int8 moved the bundled model's greedy answer. Its first
 // token after "What is the capital of France?" is a near tie (0.142 vs 0.140); under int8 the
@@ -21,8 +24,8 @@
 // too), under int16 it stays "The capital of France is Paris." and the perplexity of a
 // 223-token paragraph matches float32 activations to four digits (33.039 vs 33.040).
 //
-// Each weight block is read once for up to 4 activation rows, so a batch reads the weights
-// once, and weight rows are prefetched a few KB ahead (a decode step's weights are never in
+// Each weight block is read and unpacked once for up to 8 activation rows (a decode batch's
+// step: see `matmul`), so a batch reads the weights once, and weight rows are prefetched a few KB ahead (a decode step's weights are never in
 // cache). Measured on this 2-core EPYC, 1 thread, 1 row, against the float32-activation
 // kernels these replace, same process, busy machine (benchmarks/kernels.py has the shapes):
 // the 49152x576 q8 head out of cache 1.9-2.8x faster, a 1536x576 q8 layer 2.0-2.4x, q4 layers
@@ -48,7 +51,7 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
-constexpr int kMaxRows = 4;       // activation rows per pass over a weight block
+constexpr int kMaxRows = 8;       // activation rows per pass over a weight block
 constexpr int64_t kTileRows = 4;  // q4 weight rows stored together: a one-row pass reads 4 at once
 constexpr int64_t kChunk = 64;    // blocks whose scale products are formed at a time
 constexpr float kLevels = 32767;  // the largest quantized activation
@@ -124,6 +127,20 @@ inline void prefetch(const void* p, int64_t n) {
   _mm_prefetch(c + n - 1, _MM_HINT_T0);
 }
 
+// count float16 values from p + b0, as float32.
+inline void halves_to_floats(const uint16_t* p, int64_t b0, int64_t count, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + b0 + i))));
+  for (; i < count; ++i) out[i] = _cvtsh_ss(p[b0 + i]);
+}
+
+// An int8 block of 32 as two vectors of sixteen int16.
+inline Block16 int8_block(const int8_t* p) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return Block16{_mm256_cvtepi8_epi16(_mm256_castsi256_si128(w)), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1))};
+}
+
 // One 4-bit weight row within its tile (see `q4_linear`).
 struct Q4Row {
   const uint8_t* nibbles;   // its first block's 16 bytes
@@ -139,12 +156,7 @@ struct Q4Row {
                    _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), mask))};
   }
 
-  inline void scales(int64_t b0, int64_t count, float* out) const {
-    int64_t i = 0;
-    for (; i + 8 <= count; i += 8)
-      _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale + b0 + i))));
-    for (; i < count; ++i) out[i] = _cvtsh_ss(scale[b0 + i]);
-  }
+  inline void scales(int64_t b0, int64_t count, float* out) const { halves_to_floats(scale, b0, count, out); }
 
   inline void prefetch_row(const Activations& a) const { prefetch(share, a.blocks * 20); }
 
@@ -167,10 +179,7 @@ struct Q8Row {
   const int8_t* values;
   float scale;
 
-  inline Block16 block(int64_t b) const {
-    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + b * kBlock));
-    return Block16{_mm256_cvtepi8_epi16(_mm256_castsi256_si128(w)), _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1))};
-  }
+  inline Block16 block(int64_t b) const { return int8_block(values + b * kBlock); }
 
   inline void scales(int64_t, int64_t count, float* out) const {
     for (int64_t i = 0; i < count; ++i) out[i] = 1.0f;
@@ -184,6 +193,22 @@ struct Q8Row {
     for (int64_t k = a.blocks * kBlock; k < a.K; ++k) sum += x[k] * static_cast<float>(values[k]);
     return sum * scale;
   }
+};
+
+// One int8 weight row in blocks of 32 with a float16 scale each (GGUF's Q8_0).
+struct Q8BlockRow {
+  const int8_t* values;
+  const uint16_t* scale;
+
+  inline Block16 block(int64_t b) const { return int8_block(values + b * kBlock); }
+
+  inline void scales(int64_t b0, int64_t count, float* out) const { halves_to_floats(scale, b0, count, out); }
+
+  // The values only: prefetching the scales too (a short run of their own per row) made the
+  // bundled model's 49152x576 head 1.5x slower here; the hardware prefetcher follows them.
+  inline void prefetch_row(const Activations& a) const { prefetch(values, a.K); }
+
+  inline float finish(float sum, const Activations&, int64_t) const { return sum; }
 };
 
 // NT weight rows against RT activation rows: NT * RT accumulators in registers. Per chunk of
@@ -258,11 +283,19 @@ void matmul(const MakeRow& make_row, const Activations& a, int64_t M, float* y, 
       const int64_t s1 = std::min(n1, s + kSlice);
       for (int64_t r = 0; r < M; r += kMaxRows) {
         const int64_t fetch = r == 0 ? ahead : 0;  // later groups of rows find the slice in cache
+        // Up to 8 rows in one pass: each weight block read and unpacked once for all of a
+        // decode batch's rows. Two passes of 4 (the second from L1) cost the same CPU time
+        // here (1536x576 at 8 rows: 257 us either way): a batch is bound by the integer
+        // multiply-adds, two per row and block, not by reading or unpacking the weights.
         switch (std::min<int64_t>(kMaxRows, M - r)) {
           case 1: span<4, 1>(make_row, s, s1, fetch, n1, a, r, y, N); break;
           case 2: span<2, 2>(make_row, s, s1, fetch, n1, a, r, y, N); break;
           case 3: span<2, 3>(make_row, s, s1, fetch, n1, a, r, y, N); break;
-          default: span<1, 4>(make_row, s, s1, fetch, n1, a, r, y, N); break;
+          case 4: span<1, 4>(make_row, s, s1, fetch, n1, a, r, y, N); break;
+          case 5: span<1, 5>(make_row, s, s1, fetch, n1, a, r, y, N); break;
+          case 6: span<1, 6>(make_row, s, s1, fetch, n1, a, r, y, N); break;
+          case 7: span<1, 7>(make_row, s, s1, fetch, n1, a, r, y, N); break;
+          default: span<1, 8>(make_row, s, s1, fetch, n1, a, r, y, N); break;
         }
       }
     }
@@ -357,5 +390,26 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
       _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_loadu_ps(w + k), _mm256_mul_ps(_mm256_loadu_ps(in + k), vinv)));
     for (; k < H; ++k) out[k] = w[k] * (in[k] * inv);
   }
+  return y;
+}
+
+// x [M, K] float32, values [N, K] int8, scale [N, K/32] float16 → [M, N] float32 (GGUF's Q8_0
+// blocks, kept as stored: quantization/q8_blocks.py).
+torch::Tensor q8_blocks_linear(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& scale) {
+  TORCH_CHECK(values.dim() == 2 && values.scalar_type() == torch::kInt8 && values.is_contiguous() &&
+                  values.size(1) % kBlock == 0,
+              "q8 block values must be contiguous int8 [N, K] with K a multiple of 32");
+  const int64_t N = values.size(0), K = values.size(1);
+  TORCH_CHECK(scale.scalar_type() == torch::kHalf && scale.is_contiguous() && scale.numel() == N * (K / kBlock),
+              "q8 block scales must be float16, one per block of 32 [N, K/32]");
+  check_activations(x, K);
+  auto y = torch::empty({x.size(0), N}, x.options());
+  const auto* q = values.data_ptr<int8_t>();
+  const auto* s = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  ActivationBuffers buffers;
+  const Activations a = quantize_activations(x.data_ptr<float>(), x.size(0), K, buffers);
+  const int64_t blocks = K / kBlock;
+  auto make_row = [=](int64_t n) { return Q8BlockRow{q + n * K, s + n * blocks}; };
+  matmul(make_row, a, x.size(0), y.data_ptr<float>(), N, K + blocks * 2);
   return y;
 }
