@@ -15,6 +15,12 @@ whatever runs before the next one. On CUDA the thread issues the copy on a side 
 CPU and simulated devices the copy is a real memcpy on that thread. With nothing to overlap
 (a single streamed layer) it still works: the copy is then simply waited for.
 
+Packing: a streamed layer's plain tensors lie one after the other in one flat buffer of its
+tier (each on a 64-byte boundary), and the layer's weights are views into it. A turn is then
+one large copy of that buffer into a staging buffer of the device, whose views the layer
+reads: no Python per tensor, and the disk tier is read as one sequential run of its mapped
+file. Quantized weights (tensor subclasses) are copied tensor by tensor beside it.
+
 One forward pass streams each layer once whatever the batch holds, so a batch of sequences
 pays the copies once per step.
 """
@@ -37,9 +43,10 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from vramancer.kernels.cpu import fused_layer
 from vramancer.planning.tiers import DISK, HOST
 from vramancer.quantization.weights import stored_bytes
-from vramancer.runtime.host_memory import copy_mapped
+from vramancer.runtime.host_memory import copy_mapped, own_bytes
 
 Slot = tuple[nn.Module, str, torch.Tensor]
+PACK_ALIGN = 64  # bytes: where each tensor of a packed layer starts (a cache line; dtype views need it)
 PROBE_BYTES = 64 * 1024 * 1024  # what a tier→device rate is measured with: past any CPU cache, as a layer is
 
 
@@ -57,6 +64,39 @@ class TierStats:
 
     def to_json(self) -> dict:
         return {"bytes": self.bytes, "copies": self.copies, "gb_per_s": round(self.bytes_per_s / 1e9, 3)}
+
+
+@dataclass
+class _Packed:
+    """A streamed layer's plain tensors packed in one flat buffer of its tier."""
+
+    flat: torch.Tensor  # uint8: the tier's copy (host memory, or a view into the mapped file)
+    views: list[tuple[int, int, int, torch.dtype, tuple]]  # (slot position, byte offset, bytes, dtype, shape)
+    loose: list[int]  # slot positions copied one by one (quantized weights' own classes)
+
+
+def _pack_layout(tensors: list[torch.Tensor]) -> tuple[list[tuple[int, int, int, torch.dtype, tuple]], list[int], int]:
+    """Where each tensor that can be packed goes in a flat buffer: (views, loose, bytes)."""
+    views, loose, offset = [], [], 0
+    for k, tensor in enumerate(tensors):
+        if is_traceable_wrapper_subclass(tensor) or not tensor.is_contiguous() or tensor.numel() == 0:
+            loose.append(k)
+            continue
+        nbytes = tensor.numel() * tensor.element_size()
+        views.append((k, offset, nbytes, tensor.dtype, tuple(tensor.shape)))
+        offset += -(-nbytes // PACK_ALIGN) * PACK_ALIGN
+    return views, loose, offset
+
+
+def _unpack(flat: torch.Tensor, packed: _Packed, loose: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """The layer's tensors in slot order: views into `flat` laid out as `packed`, and `loose`
+    (the tensors of `packed.loose`, in order)."""
+    out: list = [None] * count
+    for k, offset, nbytes, dtype, shape in packed.views:
+        out[k] = flat[offset:offset + nbytes].view(dtype).view(shape)
+    for k, tensor in zip(packed.loose, loose):
+        out[k] = tensor
+    return out
 
 
 @dataclass
@@ -89,9 +129,10 @@ class LayerStreamer:
         # The double buffer of the CPU and simulated devices: each layer's device copy goes back
         # here after its turn and the next copy of a layer of the same shapes is made into it,
         # so a turn costs a memcpy, not fresh pages (on CUDA, torch's caching allocator does this).
-        self._spare: dict[tuple, list[list[torch.Tensor]]] = {}
-        self._in_use: dict[int, list[torch.Tensor]] = {}
+        self._spare: dict[int, list[torch.Tensor]] = {}  # flat staging buffers by size
+        self._in_use: dict[int, torch.Tensor] = {}  # the staging buffer each running layer reads
         self.slots: dict[int, list[Slot]] = {}
+        self._packed: dict[int, _Packed] = {}
         self._folder = folder
         self._keep_in_tiers(self.streamed)
 
@@ -108,7 +149,8 @@ class LayerStreamer:
 
     def _keep_in_tiers(self, layers: dict[int, str]) -> None:
         """Each of `layers`' tensors into its tier: the host tier keeps them in host memory
-        of the process's own (page-locked for CUDA), the disk tier in one mapped file."""
+        of the process's own (page-locked for CUDA), the disk tier in one mapped file; the
+        plain ones packed in one flat buffer per layer, the layer's weights views into it."""
         pin = any(d.type == "cuda" for d in self.devices.values()) and torch.cuda.is_available()
         to_disk = {}
         for index, tier in layers.items():
@@ -117,36 +159,49 @@ class LayerStreamer:
                 if tensor.device.type != "cpu":  # a layer that was resident on a GPU
                     _assign(owner, name, tensor.to("cpu"))
             slots = _slots(self.layers[index])
+            views, loose, nbytes = _pack_layout([t for _, _, t in slots])
+            flat = _pinned_bytes(nbytes) if pin else own_bytes(nbytes)
+            packed = _Packed(flat, views, loose)
+            for k, offset, size, _, _ in views:
+                flat[offset:offset + size].copy_(slots[k][2].detach().reshape(-1).view(torch.uint8))
             if tier == HOST:
-                copy_mapped(slots)  # out of a file transformers mapped, into memory of our own
-                slots = _slots(self.layers[index])
+                loose_slots = [slots[k] for k in loose]
+                copy_mapped(loose_slots)  # out of a file transformers mapped, into memory of our own
+                loose_tensors = [getattr(owner, name) for owner, name, _ in loose_slots]
                 if pin:
-                    for owner, name, tensor in slots:
-                        _assign(owner, name, _pinned(tensor))
-                    slots = _slots(self.layers[index])
+                    loose_tensors = [_pinned(t) for t in loose_tensors]
+                for (owner, name, _), tensor in zip(slots, _unpack(flat, packed, loose_tensors, len(slots))):
+                    _assign(owner, name, tensor)
+                self._packed[index] = packed
+                self.slots[index] = _homes(_slots(self.layers[index]))
             else:
-                to_disk[index] = slots
-            self.slots[index] = _homes(slots)
+                to_disk[index] = (slots, packed)
         if to_disk:
             mapped = self._write_and_map(to_disk, self._folder)
-            for index, slots in to_disk.items():
-                for k, (owner, name, _) in enumerate(slots):
-                    _assign(owner, name, mapped[(index, k)])
+            for index, (slots, packed) in to_disk.items():
+                packed.flat = mapped[(index, "flat")]
+                loose_tensors = [mapped[(index, k)] for k in packed.loose]
+                for (owner, name, _), tensor in zip(slots, _unpack(packed.flat, packed, loose_tensors, len(slots))):
+                    _assign(owner, name, tensor)
+                self._packed[index] = packed
                 self.slots[index] = _homes(_slots(self.layers[index]))
 
-    def _write_and_map(self, layers: dict[int, list[Slot]], folder: Path | None) -> dict[tuple[int, int], torch.Tensor]:
-        """Write the layers' tensors to one safetensors file (model/weights_cache.py's writer)
-        and map it back: the file is unlinked at once, so nothing is left behind, and its pages
-        are read from the disk when a layer is copied."""
+    def _write_and_map(self, layers: dict[int, tuple[list[Slot], _Packed]],
+                       folder: Path | None) -> dict[tuple[int, int | str], torch.Tensor]:
+        """Write the layers' packed buffers and loose tensors to one safetensors file
+        (model/weights_cache.py's writer) and map it back: the file is unlinked at once, so
+        nothing is left behind, and its pages are read from the disk when a layer is copied.
+        Returns the mapped tensors by (layer, "flat") and (layer, slot position)."""
         from vramancer.config.paths import cache_root
         from vramancer.model.weights_cache import write_safetensors
 
         folder = folder or cache_root() / "disk-tier"
         folder.mkdir(parents=True, exist_ok=True)
         flat, rebuild = {}, {}
-        for index, slots in layers.items():
-            for k, (_, _, tensor) in enumerate(slots):
-                tensor = tensor.detach()
+        for index, (slots, packed) in layers.items():
+            flat[f"{index}.flat"] = packed.flat
+            for k in packed.loose:
+                tensor = slots[k][2].detach()
                 if is_traceable_wrapper_subclass(tensor):
                     names, context = tensor.__tensor_flatten__()
                     for inner in names:
@@ -164,8 +219,9 @@ class LayerStreamer:
         finally:
             path.unlink(missing_ok=True)
         mapped = {}
-        for index, slots in layers.items():
-            for k in range(len(slots)):
+        for index, (slots, packed) in layers.items():
+            mapped[(index, "flat")] = views[f"{index}.flat"]
+            for k in packed.loose:
                 if (index, k) in rebuild:
                     kind, names, context, size, stride = rebuild[(index, k)]
                     inner = {n: views[f"{index}.{k}.{n}"] for n in names if f"{index}.{k}.{n}" in views}
@@ -224,16 +280,16 @@ class LayerStreamer:
                 staged.future.result()
             staged = self._start(index)
         start = time.perf_counter()
-        tensors = staged.future.result()
+        buffer, tensors = staged.future.result()
         if staged.event is not None:
             compute = torch.cuda.current_stream(device)
             compute.wait_event(staged.event)
-            for tensor in tensors:
+            for tensor in [buffer, *tensors]:
                 _record_stream(tensor, compute)
         self.waited_s += time.perf_counter() - start
         for (owner, name, _), tensor in zip(self.slots[index], tensors):
             _assign(owner, name, tensor)
-        self._in_use[index] = tensors
+        self._in_use[index] = buffer
         fused_layer.refresh(self.layers[index])
         following = self._following(index)
         if following != index:
@@ -261,32 +317,33 @@ class LayerStreamer:
     def _drop(self, index: int) -> None:
         staged = self._pending.pop(index)
         try:
-            tensors = staged.future.result()
+            buffer, _ = staged.future.result()
         except Exception:
             return  # a copy no one will use: its failure is of no consequence
         if staged.device.type != "cuda":
-            self._give_back(tensors)
+            self._give_back(buffer)
 
-    def _give_back(self, tensors: list[torch.Tensor]) -> None:
-        key = _buffer_key(tensors)
-        if key is None:
-            return
+    def _give_back(self, buffer: torch.Tensor) -> None:
         with self._lock:
-            spare = self._spare.setdefault(key, [])
+            spare = self._spare.setdefault(buffer.numel(), [])
             if len(spare) < 2:  # the staging room the memory model counts: two layers in flight
-                spare.append(tensors)
+                spare.append(buffer)
 
-    def _buffers_for(self, homes: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        key = _buffer_key(homes)
-        if key is None:
-            return None
+    def _buffer_for(self, nbytes: int) -> torch.Tensor:
+        """A staging buffer of `nbytes` on the CPU: a spare one (its pages already faulted in,
+        so a turn costs a memcpy and nothing more), or a fresh one the first times."""
         with self._lock:
-            spare = self._spare.get(key)
-            return spare.pop() if spare else None
+            spare = self._spare.get(nbytes)
+            if spare:
+                return spare.pop()
+        return own_bytes(nbytes)
 
     def _start(self, index: int) -> _Staged:
         device = self.devices[index]
+        packed = self._packed[index]
         homes = [tensor for _, _, tensor in self.slots[index]]
+        loose = [homes[k] for k in packed.loose]
+        nbytes = packed.flat.numel() + sum(stored_bytes(t) for t in loose)
         tier = self.streamed[index]
         staged = _Staged(device, Future())
         if device.type == "cuda":
@@ -299,22 +356,21 @@ class LayerStreamer:
             start = time.perf_counter()
             if device.type == "cuda":
                 with torch.cuda.stream(stream):
-                    out = [_to_device(home, device) for home in homes]
+                    buffer = _to_device(packed.flat, device)
+                    moved = [_to_device(home, device) for home in loose]
                     staged.event.record(stream)
                 stream.synchronize()  # the seconds below are the copy's, not just its issue
-            else:  # a real copy, as a transfer to it would be, into a spare buffer when there is one
-                out = self._buffers_for(homes)
-                if out is None:
-                    out = [home.clone() for home in homes]
-                else:
-                    for buffer, home in zip(out, homes):
-                        buffer.copy_(home)
+            else:  # a real copy, as a transfer to it would be, into a reused staging buffer
+                buffer = self._buffer_for(packed.flat.numel())
+                buffer.copy_(packed.flat)
+                moved = [home.clone() for home in loose]
+            out = _unpack(buffer, packed, moved, len(homes))
             seconds = time.perf_counter() - start
             with self._lock:
                 stats = self.stats[tier]
-                stats.bytes += sum(stored_bytes(t) for t in homes)
+                stats.bytes += nbytes
                 stats.seconds += seconds
-            return out
+            return buffer, out
 
         with self._lock:
             self.stats[tier].copies += 1
@@ -327,14 +383,6 @@ class LayerStreamer:
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-
-def _buffer_key(tensors: list[torch.Tensor]) -> tuple | None:
-    """What makes buffers interchangeable (shapes, dtypes, strides); None where they hold a
-    quantized weight's own class, which is copied afresh each turn."""
-    if any(is_traceable_wrapper_subclass(t) or not t.is_contiguous() for t in tensors):
-        return None
-    return tuple((tuple(t.shape), t.dtype) for t in tensors)
 
 
 def _homes(slots: list[Slot]) -> list[Slot]:
@@ -369,6 +417,11 @@ def _pinned(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().pin_memory()
     except (RuntimeError, NotImplementedError, TypeError):
         return tensor
+
+
+def _pinned_bytes(nbytes: int) -> torch.Tensor:
+    """`nbytes` of page-locked host memory (uint8), for asynchronous copies to a GPU."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
