@@ -27,6 +27,7 @@ pays the copies once per step.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import tempfile
@@ -120,6 +121,9 @@ class _Pieces:
     is free while it would wait)."""
 
     def __init__(self, dst: torch.Tensor, src: torch.Tensor, piece: int = COPY_PIECE):
+        if not (dst.device.type == src.device.type == "cpu" and dst.dtype == src.dtype == torch.uint8
+                and dst.is_contiguous() and src.is_contiguous() and dst.numel() == src.numel()):
+            raise ValueError("a copy in pieces is between two contiguous byte buffers of one size in host memory")
         self.dst, self.src = dst, src
         self.starts = list(range(0, src.numel(), piece))
         self.piece = piece
@@ -138,8 +142,11 @@ class _Pieces:
                     return
                 start = self.starts[self._next]
                 self._next += 1
-            end = min(start + self.piece, self.src.numel())
-            self.dst[start:end].copy_(self.src[start:end])
+            size = min(self.piece, self.src.numel() - start)
+            # The C library's memmove, not torch's copy_: for copies this large it writes past
+            # the cache (non-temporal stores), which copied a layer 1.4-2x as fast here, and
+            # it lets the GIL go as torch does.
+            ctypes.memmove(self.dst.data_ptr() + start, self.src.data_ptr() + start, size)
             with self._lock:
                 self._left -= 1
                 if not self._left:
@@ -558,6 +565,6 @@ def measure_rate(tier: str, device: torch.device, folder: Path | None = None) ->
             torch.cuda.synchronize(device)
             del copy
         else:
-            target.copy_(source)
+            _Pieces(target.view(torch.uint8), source.view(torch.uint8)).work()
         best = min(best, time.perf_counter() - start)
     return PROBE_BYTES / max(best, 1e-9)
