@@ -448,6 +448,25 @@ class Engine:
             return 0.0
         return stream_cost(self.profile, self.placement, self.split.streamed, self.tiers, 0.0).stream_s
 
+    def tier_snapshots(self) -> tuple:
+        """Each tier layers stream from (or that was asked for): what it holds and has streamed."""
+        from vramancer.engine.events import TierSnapshot
+
+        split, streamer = self.split, self.split.streamer
+        held = streamer.held_bytes() if streamer is not None else {}
+        stats = streamer.snapshot() if streamer is not None else {}
+        snaps = []
+        for name, cap in split.tier_caps.items():
+            layers = tuple(sorted(i for i, tier in split.streamed.items() if tier == name))
+            if cap <= 0 and not layers:
+                continue
+            devices = tuple(dict.fromkeys(self.placement.layer_devices[i] for i in layers))
+            tier = stats.get(name, {})
+            snaps.append(TierSnapshot(name, cap, held.get(name, 0), layers, devices,
+                                      sum(self.profile.layer_bytes[i] for i in layers), tier.get("bytes", 0),
+                                      tier.get("gb_per_s", 0.0)))
+        return tuple(snaps)
+
     def would_fit(self, first: int | str, last: int | str, device: str) -> str | None:
         """None if moving first..last to `device` fits, else the sentence a refusal would give."""
         try:

@@ -278,8 +278,8 @@ class LayerStreamer:
     def held_bytes(self) -> dict[str, int]:
         """Bytes each tier holds."""
         held = {HOST: 0, DISK: 0}
-        for index, tier in self.streamed.items():
-            held[tier] += sum(stored_bytes(t) for _, _, t in self.slots[index])
+        for index, tier in list(self.streamed.items()):  # (read by telemetry while layers are added)
+            held[tier] += sum(stored_bytes(t) for _, _, t in self.slots.get(index, ()))
         return held
 
     # --- hooks ----------------------------------------------------------------------------
