@@ -232,3 +232,30 @@ def test_on_cuda_layers_stream_from_page_locked_memory_on_a_side_stream(tiny):
             assert all(getattr(owner, name).device.type == "cpu" for owner, name, _ in slots)
     finally:
         engine.close()
+
+
+def test_replanning_keeps_the_tiers_layers_or_says_why_not(tiny):
+    from vramancer.config.errors import VramancerError
+
+    folder, expected = tiny
+    engine = load(folder)
+    try:
+        streamed = dict(engine.split.streamed)
+        plan = engine.replan("sequential")
+        # The same layers stream from the same tiers; the devices' share is the new strategy's.
+        assert plan.strategy == engine.plan.strategy == "sequential"
+        assert plan.streamed == engine.split.streamed == streamed
+        assert engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS).token_ids == expected
+    finally:
+        engine.close()
+    engine = load(folder, devices="sim:3x1MiB", host="400KiB", disk="0")
+    try:
+        engine.migrate(4, 5, "host")  # the model fits the devices: a new plan would stream nothing
+        before = list(engine.placement.layer_devices)
+        with pytest.raises(VramancerError, match="the sequential plan would bring L4–5 back from the tiers onto a "
+                                                 "device.*load the model again with --strategy sequential"):
+            engine.replan("sequential")
+        assert engine.split.streamed == {4: HOST, 5: HOST} and engine.placement.layer_devices == before
+        assert engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS).token_ids == expected
+    finally:
+        engine.close()

@@ -47,7 +47,7 @@ from vramancer.runtime.migration import (
     relocate,
 )
 from vramancer.runtime.rebalance import rebalance as relieve_pressure
-from vramancer.planning.tiers import stream_cost
+from vramancer.planning.tiers import plan_with_tiers, stream_cost, tier_change_refusal
 from vramancer.runtime.split_model import SplitModel
 from vramancer.runtime.transfer import LinkStats, TransferManager
 from vramancer.scheduling.generation import GenerationResult, Messages, SamplingSettings
@@ -478,11 +478,16 @@ class Engine:
 
     def replan(self, strategy: str) -> Plan:
         """Plan afresh with `strategy` on the same devices and move what must move."""
-        if self.split.streamed:
-            raise VramancerError("some layers stream from a tier, and re-planning does not move them back yet; "
-                                 "load the model again with --strategy " + strategy + ".")
         self.recover_lost_nodes()
-        plan = make_plan(self.profile, [d for d in self.devices if not d.lost], strategy, self.context, self.pricing)
+        devices = [d for d in self.devices if not d.lost]
+        if self.split.streamed:
+            # The new plan may move the devices' layers and the device the streamed ones run on;
+            # the layers in the tiers must be the same, as no layer leaves a tier or joins one here.
+            plan = plan_with_tiers(self.profile, devices, strategy, self.context, self.tiers, self.pricing)
+            if plan.streamed != self.split.streamed:
+                raise VramancerError(tier_change_refusal(self.split.streamed, plan.streamed, strategy))
+        else:
+            plan = make_plan(self.profile, devices, strategy, self.context, self.pricing)
         check_room(self.split, plan.placement, "the new plan")
         relocate(self.split, plan.placement, self._cache)
         self.plan = plan

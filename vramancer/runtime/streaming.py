@@ -321,8 +321,9 @@ class LayerStreamer:
         device = self.devices[index]
         staged = self._pending.pop(index, None)
         if staged is None or staged.device != device:
-            if staged is not None:
-                staged.future.result()
+            if staged is not None:  # a copy to the device the layer ran on before: let it go
+                self._pending[index] = staged
+                self._drop(index)
             staged = self._start(index)
         start = time.perf_counter()
         if staged.pieces is not None and not staged.future.done():
