@@ -65,8 +65,15 @@ def test_streamed_layers_give_the_tokens_of_plain_transformers(tiny):
         assert engine.stream_seconds() > 0
         assert engine.predict().step_s == pytest.approx(max(engine.pricing.predict(engine.placement).step_s,
                                                             engine.stream_seconds()))
+        # On simulated devices the plain layers stream module by module, through two staging
+        # buffers of the largest module's size (not the layer's), in the order the pass ran them.
+        streamer = engine.split.streamer
+        assert streamer.order == [] and {u.layer for u in streamer._modules.units} == set(streamed)
+        largest = max(u.nbytes for u in streamer._modules.units)
+        assert largest < layer and [b.numel() for b in streamer._modules.buffers] == [largest, largest]
         answer = engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS)
         assert answer.token_ids == expected
+        assert len(streamer._modules.order) == len(streamer._modules.units)  # each once, then the wrap
         stats = engine.split.streamer.snapshot()
         # One forward pass per token (the prompt's included), each streamed layer copied once in it;
         # the prefetch of the next answer's first layer may be on its way.
@@ -212,6 +219,8 @@ def test_quantized_weights_stream_from_both_tiers(tiny):
         engine = load(folder, devices="sim:2x320KiB", host=host, disk=disk, weights="q8")
         try:
             assert len(engine.split.streamed) == 4
+            # Quantized weights (their own class) stream as whole layers, one layer ahead.
+            assert engine.split.streamer.order == sorted(engine.split.streamed)
             assert engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS).token_ids == expected
         finally:
             engine.close()
