@@ -453,11 +453,12 @@ class Engine:
         from vramancer.engine.events import TierSnapshot
 
         split, streamer = self.split, self.split.streamer
+        streamed = dict(split.streamed)  # read on the telemetry thread: a copy, as it stands now
         held = streamer.held_bytes() if streamer is not None else {}
         stats = streamer.snapshot() if streamer is not None else {}
         snaps = []
         for name, cap in split.tier_caps.items():
-            layers = tuple(sorted(i for i, tier in split.streamed.items() if tier == name))
+            layers = tuple(sorted(i for i, tier in streamed.items() if tier == name))
             if cap <= 0 and not layers:
                 continue
             devices = tuple(dict.fromkeys(self.placement.layer_devices[i] for i in layers))
