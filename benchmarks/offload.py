@@ -200,7 +200,7 @@ def bench(rounds: int = 2, tokens: int = 16, threads: int = 1, size: str = "smal
                                         if s["copies"]) + " (host engine), "
                             + ", ".join(f"{t} {s['gb_per_s']:.2f} GB/s" for t, s in disk.split.streamer.snapshot().items()
                                         if s["copies"]) + " (disk engine)")
-        result.notes.append("compute waited for copies prefetch had not finished: "
+        result.notes.append("compute waited for (or copied beside the copy thread) copies prefetch had not finished: "
                             f"{host.split.streamer.waited_s:.1f} s (host engine), {disk.split.streamer.waited_s:.1f} s "
                             "(disk engine), over every round")
         result.notes.append("no GPU here: accelerate's \"cpu\" offload would run the layers where they are, so only "

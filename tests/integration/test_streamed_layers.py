@@ -65,8 +65,15 @@ def test_streamed_layers_give_the_tokens_of_plain_transformers(tiny):
         assert engine.stream_seconds() > 0
         assert engine.predict().step_s == pytest.approx(max(engine.pricing.predict(engine.placement).step_s,
                                                             engine.stream_seconds()))
+        # On simulated devices the plain layers stream module by module, through two staging
+        # buffers of the largest module's size (not the layer's), in the order the pass ran them.
+        streamer = engine.split.streamer
+        assert streamer.order == [] and {u.layer for u in streamer._modules.units} == set(streamed)
+        largest = max(u.nbytes for u in streamer._modules.units)
+        assert largest < layer and [b.numel() for b in streamer._modules.buffers] == [largest, largest]
         answer = engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS)
         assert answer.token_ids == expected
+        assert len(streamer._modules.order) == len(streamer._modules.units)  # each once, then the wrap
         stats = engine.split.streamer.snapshot()
         # One forward pass per token (the prompt's included), each streamed layer copied once in it;
         # the prefetch of the next answer's first layer may be on its way.
@@ -212,6 +219,8 @@ def test_quantized_weights_stream_from_both_tiers(tiny):
         engine = load(folder, devices="sim:2x320KiB", host=host, disk=disk, weights="q8")
         try:
             assert len(engine.split.streamed) == 4
+            # Quantized weights (their own class) stream as whole layers, one layer ahead.
+            assert engine.split.streamer.order == sorted(engine.split.streamed)
             assert engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS).token_ids == expected
         finally:
             engine.close()
@@ -230,5 +239,32 @@ def test_on_cuda_layers_stream_from_page_locked_memory_on_a_side_stream(tiny):
         assert engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS).token_ids == expected
         for slots in engine.split.streamer.slots.values():  # between turns, the weights are back in the tier
             assert all(getattr(owner, name).device.type == "cpu" for owner, name, _ in slots)
+    finally:
+        engine.close()
+
+
+def test_replanning_keeps_the_tiers_layers_or_says_why_not(tiny):
+    from vramancer.config.errors import VramancerError
+
+    folder, expected = tiny
+    engine = load(folder)
+    try:
+        streamed = dict(engine.split.streamed)
+        plan = engine.replan("sequential")
+        # The same layers stream from the same tiers; the devices' share is the new strategy's.
+        assert plan.strategy == engine.plan.strategy == "sequential"
+        assert plan.streamed == engine.split.streamed == streamed
+        assert engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS).token_ids == expected
+    finally:
+        engine.close()
+    engine = load(folder, devices="sim:3x1MiB", host="400KiB", disk="0")
+    try:
+        engine.migrate(4, 5, "host")  # the model fits the devices: a new plan would stream nothing
+        before = list(engine.placement.layer_devices)
+        with pytest.raises(VramancerError, match="the sequential plan would bring L4–5 back from the tiers onto a "
+                                                 "device.*load the model again with --strategy sequential"):
+            engine.replan("sequential")
+        assert engine.split.streamed == {4: HOST, 5: HOST} and engine.placement.layer_devices == before
+        assert engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS).token_ids == expected
     finally:
         engine.close()

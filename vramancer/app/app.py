@@ -447,7 +447,7 @@ class VramancerApp(App[int]):
         if not self._showing:
             return
         self.latest_devices = {d.name: d for d in message.sample.devices}
-        self.devices_panel.show_sample(message.sample.devices)
+        self.devices_panel.show_sample(message.sample.devices, message.sample.tiers)
         self.placement_panel.show_sample(message.sample.devices)
         self.links_panel.decode.show(time.monotonic())
 

@@ -47,7 +47,7 @@ from vramancer.runtime.migration import (
     relocate,
 )
 from vramancer.runtime.rebalance import rebalance as relieve_pressure
-from vramancer.planning.tiers import stream_cost
+from vramancer.planning.tiers import plan_with_tiers, stream_cost, tier_change_refusal
 from vramancer.runtime.split_model import SplitModel
 from vramancer.runtime.transfer import LinkStats, TransferManager
 from vramancer.scheduling.generation import GenerationResult, Messages, SamplingSettings
@@ -448,6 +448,26 @@ class Engine:
             return 0.0
         return stream_cost(self.profile, self.placement, self.split.streamed, self.tiers, 0.0).stream_s
 
+    def tier_snapshots(self) -> tuple:
+        """Each tier layers stream from (or that was asked for): what it holds and has streamed."""
+        from vramancer.engine.events import TierSnapshot
+
+        split, streamer = self.split, self.split.streamer
+        streamed = dict(split.streamed)  # read on the telemetry thread: a copy, as it stands now
+        held = streamer.held_bytes() if streamer is not None else {}
+        stats = streamer.snapshot() if streamer is not None else {}
+        snaps = []
+        for name, cap in split.tier_caps.items():
+            layers = tuple(sorted(i for i, tier in streamed.items() if tier == name))
+            if cap <= 0 and not layers:
+                continue
+            devices = tuple(dict.fromkeys(self.placement.layer_devices[i] for i in layers))
+            tier = stats.get(name, {})
+            snaps.append(TierSnapshot(name, cap, held.get(name, 0), layers, devices,
+                                      sum(self.profile.layer_bytes[i] for i in layers), tier.get("bytes", 0),
+                                      tier.get("gb_per_s", 0.0)))
+        return tuple(snaps)
+
     def would_fit(self, first: int | str, last: int | str, device: str) -> str | None:
         """None if moving first..last to `device` fits, else the sentence a refusal would give."""
         try:
@@ -459,11 +479,16 @@ class Engine:
 
     def replan(self, strategy: str) -> Plan:
         """Plan afresh with `strategy` on the same devices and move what must move."""
-        if self.split.streamed:
-            raise VramancerError("some layers stream from a tier, and re-planning does not move them back yet; "
-                                 "load the model again with --strategy " + strategy + ".")
         self.recover_lost_nodes()
-        plan = make_plan(self.profile, [d for d in self.devices if not d.lost], strategy, self.context, self.pricing)
+        devices = [d for d in self.devices if not d.lost]
+        if self.split.streamed:
+            # The new plan may move the devices' layers and the device the streamed ones run on;
+            # the layers in the tiers must be the same, as no layer leaves a tier or joins one here.
+            plan = plan_with_tiers(self.profile, devices, strategy, self.context, self.tiers, self.pricing)
+            if plan.streamed != self.split.streamed:
+                raise VramancerError(tier_change_refusal(self.split.streamed, plan.streamed, strategy))
+        else:
+            plan = make_plan(self.profile, devices, strategy, self.context, self.pricing)
         check_room(self.split, plan.placement, "the new plan")
         relocate(self.split, plan.placement, self._cache)
         self.plan = plan

@@ -234,6 +234,21 @@ class LinkSnapshot:
     timestamp: float = field(default_factory=time.time)
 
 
+@dataclass(frozen=True)
+class TierSnapshot:
+    """A host or disk tier as it stands: the weights it holds and what it has streamed so far."""
+
+    name: str  # "host" or "disk"
+    cap: int  # bytes it may hold
+    held: int  # bytes of weights it holds
+    layers: tuple[int, ...]  # the layers whose weights it holds
+    devices: tuple[str, ...]  # the devices they stream to
+    bytes_per_token: int  # streamed out of it at every decode step
+    streamed: int  # bytes copied out of it since the load
+    copy_gb_per_s: float  # how fast its copies went, while copying
+    timestamp: float = field(default_factory=time.time)
+
+
 # --- events (worker → UI) ------------------------------------------------------------------
 
 
@@ -387,6 +402,7 @@ class MigrationNotDone(Event):
 @dataclass(frozen=True)
 class DeviceSample(Event):
     devices: tuple[DeviceSnapshot, ...]
+    tiers: tuple[TierSnapshot, ...] = ()  # the tiers streamed layers' weights live in, if any
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ class Telemetry:
     """Samples the engine's devices and links on a thread; keeps the last `history` of each.
 
     `source()` returns (devices, link stats, kv bytes by device) or None while nothing is
-    loaded; `emit` receives DeviceSample and LinkSample events."""
+    loaded, and, after them, the tiers' snapshots where layers stream; `emit` receives
+    DeviceSample and LinkSample events."""
 
     def __init__(
         self,
@@ -65,7 +66,8 @@ class Telemetry:
         state = self.source()
         if state is None:
             return None
-        devices, links, kv = state
+        devices, links, kv, *rest = state
+        tiers = tuple(rest[0]) if rest else ()
         # Each device reads itself: hardware, byte accounts, or (another machine's) its own report.
         snaps = tuple(d.snapshot(kv.get(d.name, 0)) for d in devices)
         link_snaps = tuple(
@@ -76,7 +78,7 @@ class Telemetry:
                 self.devices.setdefault(snap.name, deque(maxlen=self._history)).append(snap)
             for snap in link_snaps:
                 self.links.setdefault((snap.src, snap.dst), deque(maxlen=self._history)).append(snap)
-        return DeviceSample(snaps), LinkSample(link_snaps)
+        return DeviceSample(snaps, tiers), LinkSample(link_snaps)
 
     def history(self) -> dict:
         """All kept samples as plain data, for `export metrics`."""

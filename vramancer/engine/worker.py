@@ -506,7 +506,7 @@ class EngineWorker:
         engine = self.engine
         if engine is None:
             return None
-        return engine.devices, engine.link_stats(), engine.kv_bytes_by_device()
+        return engine.devices, engine.link_stats(), engine.kv_bytes_by_device(), engine.tier_snapshots()
 
 
 def plan_snapshot(engine: Engine) -> ev.PlanSnapshot:

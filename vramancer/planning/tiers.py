@@ -296,3 +296,15 @@ def stream_refusal(profile: ModelProfile, placement: Placement, streamed: Mappin
         if grow > free.get(name, 0):
             return refusal_sentence(f"staging {what} from the {tier} tier", name, grow, free.get(name, 0), context)
     return None
+
+
+def tier_change_refusal(streamed: Mapping[int, str], planned: Mapping[int, str], strategy: str) -> str:
+    """Why a re-plan with `strategy` is refused when it would stream other layers than
+    `streamed` (layer -> tier): a layer does not leave a tier, nor join one, while the model
+    runs, except by a move of the user's onto a tier."""
+    changed = sorted(i for i in set(streamed) | set(planned) if streamed.get(i) != planned.get(i))
+    leaving = [i for i in changed if i in streamed]
+    what = (f"would bring {', '.join(_ranges(leaving))} back from the tiers onto a device" if leaving else
+            f"would stream {', '.join(_ranges(changed))} from a tier as well")
+    return (f"the {strategy} plan {what}, and re-planning keeps the tiers' layers as they are; "
+            f"load the model again with --strategy {strategy}.")

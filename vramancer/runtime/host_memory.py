@@ -64,16 +64,27 @@ def own_copy(tensor: torch.Tensor) -> torch.Tensor:
     transparent huge pages (Linux's default `madvise` mode grants them only when asked):
     fewer page faults while copying, fewer TLB misses while reading it every decode step."""
     nbytes = tensor.numel() * tensor.element_size()
-    if (nbytes < HUGE_PAGE or is_traceable_wrapper_subclass(tensor) or not hasattr(mmap, "MADV_HUGEPAGE")
-            or not hasattr(mmap, "MAP_ANONYMOUS")):
+    if nbytes < HUGE_PAGE or is_traceable_wrapper_subclass(tensor) or not _huge_pages_offered():
         return tensor.clone(memory_format=torch.contiguous_format)
+    own = own_bytes(nbytes).view(tensor.dtype).view(tensor.shape)
+    own.copy_(tensor)
+    return own
+
+
+def own_bytes(nbytes: int) -> torch.Tensor:
+    """`nbytes` of uninitialised host memory (uint8), aligned to 2 MiB and offered to the
+    kernel for transparent huge pages where it can be, else torch's own allocation."""
+    if nbytes < HUGE_PAGE or not _huge_pages_offered():
+        return torch.empty(nbytes, dtype=torch.uint8)
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     region.madvise(mmap.MADV_HUGEPAGE)
     raw = torch.frombuffer(region, dtype=torch.uint8)  # holds the region for as long as it lives
     start = -raw.data_ptr() % HUGE_PAGE
-    own = raw[start:start + nbytes].view(tensor.dtype).view(tensor.shape)
-    own.copy_(tensor)
-    return own
+    return raw[start:start + nbytes]
+
+
+def _huge_pages_offered() -> bool:
+    return hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS")
 
 
 def _file_mappings() -> list[tuple[int, int]]:

@@ -1,4 +1,5 @@
-"""The #devices panel: one card per device with its memory split, readings and trend."""
+"""The #devices panel: one card per device with its memory split, readings and trend, and a row
+per host or disk tier that layers stream from (docs/usage/offload.md)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from vramancer.widgets.charts import spark, time_axis_s
 from vramancer.widgets.lines import LineWidget
 
 if TYPE_CHECKING:
-    from vramancer.engine.events import DeviceInfo, DeviceSnapshot
+    from vramancer.engine.events import DeviceInfo, DeviceSnapshot, TierSnapshot
 
 
 UNKNOWN = "—"
@@ -217,6 +218,123 @@ class DeviceCard(LineWidget):
         return items
 
 
+def layer_runs(layers: tuple[int, ...]) -> str:
+    """"L3–9, L12" for the layers 3 to 9 and 12."""
+    from vramancer.widgets.labels import part_label
+
+    runs: list[list[int]] = []
+    for layer in sorted(layers):
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ", ".join(part_label(first, last) for first, last in runs)
+
+
+def rate_text(bytes_per_s: float) -> str:
+    return f"{bytes_per_s / 1e9:.2f} GB/s"
+
+
+class TierCard(LineWidget):
+    """A host or disk tier, as a row of the devices panel: the layers whose weights it holds
+    and the device they stream to, how full it is, the bytes it streams per token, and the
+    rate it streams at over time (bytes copied out of it between two readings, per second)."""
+
+    COMPONENT_CLASSES = {"devicecard--name", "devicecard--kind", "devicecard--weights", "devicecard--free",
+                         "devicecard--dim", "devicecard--trend"}
+
+    def __init__(self, snapshot: TierSnapshot) -> None:
+        super().__init__(classes="tier-card")
+        self.snapshot = snapshot
+        self.rate_history: deque[float] = deque(maxlen=HISTORY)  # bytes per second between readings
+        self.read_at: deque[float] = deque([snapshot.timestamp], maxlen=HISTORY)
+        self.mode = FULL
+        self.name_width = len(self.title)
+        self._trend_width = 0
+
+    @property
+    def title(self) -> str:
+        return f"{self.snapshot.name} tier"
+
+    def set_mode(self, mode: str, name_width: int) -> None:
+        if (mode, name_width) != (self.mode, self.name_width):
+            self.mode, self.name_width = mode, name_width
+            self.set_class(mode != FULL, "-compact")
+            self.rebuild()
+
+    def show(self, snapshot: TierSnapshot) -> None:
+        """A new reading: the rate since the last one joins the trend."""
+        previous = self.snapshot
+        seconds = snapshot.timestamp - previous.timestamp
+        if seconds > 0:
+            self.rate_history.append(max(snapshot.streamed - previous.streamed, 0) / seconds)
+            self.read_at.append(snapshot.timestamp)
+        self.snapshot = snapshot
+        self.redraw()
+
+    @property
+    def rate_now(self) -> float:
+        return self.rate_history[-1] if self.rate_history else 0.0
+
+    def build_lines(self, width: int) -> list[Text]:
+        style = self.component_style
+        snap = self.snapshot
+        if self.mode == ONE_LINE:
+            return [self._one_line(width)]
+        if self.mode == TWO_LINES:
+            return [self._one_line(width), self._trend(width)]
+        where = f"  streams {layer_runs(snap.layers)} to {', '.join(snap.devices)}" if snap.layers else "  holds no layer"
+        cap = format_bytes(snap.cap)
+        title = Text(no_wrap=True, overflow="ellipsis")
+        title.append(self.title, style("devicecard--name"))
+        title.append(where, style("devicecard--kind"))
+        title.append(" " * max(width - len(self.title) - len(where) - len(cap), 1))
+        title.append(cap)
+        facts = Text(no_wrap=True, overflow="ellipsis")
+        facts.append(f"holds {format_bytes(snap.held)} · {format_bytes(snap.bytes_per_token)} per token",
+                     style("devicecard--dim"))
+        if snap.copy_gb_per_s:
+            facts.append(f" · copies at {snap.copy_gb_per_s:.2f} GB/s", style("devicecard--dim"))
+        return [title, self._bar(width), facts, self._trend(width)]
+
+    def _trend(self, width: int) -> Text:
+        """Bytes streamed per second over time, with its scale and window."""
+        style = self.component_style
+        top = max(self.rate_history, default=0.0)
+        scale = f" 0–{rate_text(top)} · now {rate_text(self.rate_now)} · {self._window_s():.0f} s"
+        line = Text(no_wrap=True, overflow="ellipsis")
+        line.append("rate ", style("devicecard--dim"))
+        self._trend_width = max(width - 5 - len(scale), 0)
+        line.append(spark(self.rate_history, top, self._trend_width), style("devicecard--trend"))
+        line.append(scale, style("devicecard--dim"))
+        return line
+
+    def _window_s(self) -> float:
+        times = self.read_at
+        return time_axis_s([b - a for a, b in zip(times, islice(times, 1, None))], self._trend_width)
+
+    def _one_line(self, width: int) -> Text:
+        style = self.component_style
+        snap = self.snapshot
+        line = Text(no_wrap=True, overflow="ellipsis")
+        line.append(self.title.ljust(self.name_width + 1), style("devicecard--name"))
+        tail = f" {snap.held / snap.cap:4.0%} {rate_text(self.rate_now)}" if snap.cap else f" {rate_text(self.rate_now)}"
+        line.append_text(self._bar(max(width - self.name_width - 1 - len(tail), 4)))
+        line.append(tail)
+        return line
+
+    def _bar(self, width: int) -> Text:
+        """What it holds of its cap."""
+        snap = self.snapshot
+        cells = min(round(snap.held / max(snap.cap, 1) * width), width)
+        if snap.held:
+            cells = max(cells, 1)
+        bar = Text()
+        bar.append("█" * cells, self.component_style("devicecard--weights"))
+        bar.append("░" * (width - cells), self.component_style("devicecard--free"))
+        return bar
+
+
 class MemoryLegend(Widget):
     """What the bar's colours mean, once for every card, when the cards are too short to say it."""
 
@@ -258,6 +376,7 @@ class DevicesPanel(VerticalScroll):
         super().__init__(**kwargs)
         self.border_title = "devices"
         self.cards: dict[str, DeviceCard] = {}
+        self.tiers: dict[str, TierCard] = {}  # after the devices, one per tier layers stream from
         self.legend = MemoryLegend(classes="memory-legend")
         self.cursor = 0  # the card Enter opens (its place in the order shown), marked while focused
         self.sort = self.SORTS[0]
@@ -265,6 +384,7 @@ class DevicesPanel(VerticalScroll):
     async def set_devices(self, devices: tuple[DeviceInfo, ...]) -> None:
         """A new model (and so maybe new devices): start the cards afresh."""
         await self.remove_children()
+        self.tiers = {}
         self.cards = {d.name: DeviceCard(d) for d in devices}
         self.legend = MemoryLegend(classes="memory-legend")
         await self.mount_all([self.legend, *self.cards.values()])
@@ -318,7 +438,7 @@ class DevicesPanel(VerticalScroll):
         if cards == shown:
             return  # the same order: no layout
         under_cursor = shown[self.cursor] if shown else None
-        for card in cards:
+        for card in [*cards, *self.tiers.values()]:  # the tiers stay after the devices
             if card is not self.children[-1]:
                 self.move_child(card, after=self.children[-1])
         self.cursor = cards.index(under_cursor) if under_cursor in cards else 0
@@ -333,7 +453,7 @@ class DevicesPanel(VerticalScroll):
 
     def mode_for_size(self) -> str:
         """The card form that shows every card in the room the panel has."""
-        count, height = len(self.cards), self.room_for_cards()
+        count, height = len(self.cards) + len(self.tiers), self.room_for_cards()
         # The width without a scrollbar: the mode chosen makes the cards fit, so none shows. (The
         # width with one, taken while a previous mode overflowed, could flip the choice.)
         legend = len(self.legend.render().wrap(self.app.console, max(self.content_region.width, 1)))
@@ -374,19 +494,32 @@ class DevicesPanel(VerticalScroll):
         mode = self.mode_for_size()
         self.set_class(self.two_up(mode), "-two-up")
         self.legend.display = mode != FULL
-        name_width = max(len(name) for name in self.cards)
-        for card in self.cards.values():
+        name_width = max(len(name) for name in [*self.cards, *(card.title for card in self.tiers.values())])
+        for card in [*self.cards.values(), *self.tiers.values()]:
             card.set_mode(mode, name_width)
         self._state_trends()
 
-    def show_sample(self, snapshots: tuple[DeviceSnapshot, ...]) -> None:
+    def show_sample(self, snapshots: tuple[DeviceSnapshot, ...], tiers: tuple[TierSnapshot, ...] = ()) -> None:
         for snap in snapshots:
             card = self.cards.get(snap.name)
             if card is not None:
                 card.show(snap)
+        self._show_tiers(tiers)
         if self.sort != self.SORTS[0]:
             self._apply_sort()
         self._state_trends()
+
+    def _show_tiers(self, tiers: tuple[TierSnapshot, ...]) -> None:
+        """Each tier's reading on its row; a tier seen for the first time gets a row after the
+        devices (a model loaded without tiers shows none)."""
+        fresh = [TierCard(snap) for snap in tiers if snap.name not in self.tiers]
+        for snap in tiers:
+            if snap.name in self.tiers:
+                self.tiers[snap.name].show(snap)
+        if fresh and self.cards:
+            self.tiers.update({card.snapshot.name: card for card in fresh})
+            self.mount_all(fresh)
+            self._fit_cards()
 
     def _state_trends(self) -> None:
         """Two-line cards have no room for their trends' scale: the panel's border states it for all."""

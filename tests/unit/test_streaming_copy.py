@@ -1,0 +1,41 @@
+"""The streamer's packed copies (runtime/streaming.py): a layer's tensors packed in one flat
+buffer come back bit for bit, and a copy in pieces taken by two threads is the whole copy."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from vramancer.runtime.streaming import PACK_ALIGN, _Packed, _pack_layout, _Pieces, _unpack
+
+
+def test_a_packed_layer_comes_back_bit_for_bit():
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(3, 5, generator=gen), torch.tensor(2.5, dtype=torch.float64),
+               torch.randint(0, 2, (7,), generator=gen).bool(), torch.randn(4, 4, generator=gen).t(),
+               torch.empty(0), torch.randn(9, generator=gen).to(torch.bfloat16)]
+    views, loose, nbytes = _pack_layout(tensors)
+    assert loose == [3, 4]  # the transposed one (not contiguous) and the empty one go tensor by tensor
+    assert all(offset % PACK_ALIGN == 0 for _, offset, _, _, _ in views) and nbytes % PACK_ALIGN == 0
+    flat = torch.zeros(nbytes, dtype=torch.uint8)
+    for k, offset, size, _, _ in views:
+        flat[offset:offset + size].copy_(tensors[k].reshape(-1).view(torch.uint8))
+    packed = _Packed(flat, views, loose)
+    back = _unpack(flat.clone(), packed, [tensors[k] for k in loose], len(tensors))
+    for original, copy in zip(tensors, back):
+        assert copy.dtype == original.dtype and copy.shape == original.shape
+        assert torch.equal(copy, original)
+
+
+def test_a_copy_in_pieces_shared_by_two_threads_is_whole():
+    src = torch.randint(0, 256, (10 * 1000 + 7,), dtype=torch.uint8)
+    dst = torch.zeros_like(src)
+    pieces = _Pieces(dst, src, piece=1000)  # 11 pieces, the last one short
+    helper = threading.Thread(target=pieces.work)
+    helper.start()
+    pieces.work()
+    helper.join()
+    assert pieces.done.is_set() and torch.equal(dst, src)
+    empty = _Pieces(torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8))
+    assert empty.done.is_set()
