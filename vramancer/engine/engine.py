@@ -105,7 +105,7 @@ class Engine:
         progress: ProgressCallback | None = None,
         reprofile: bool = False,
         token_file: str | None = None,
-        weights: str = "native",
+        weights: str = "auto",
         cuda_graphs: str = "auto",
     ) -> Engine:
         """Plan first, then read the weights: a plan that cannot fit is refused before any load.

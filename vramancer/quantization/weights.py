@@ -1,13 +1,14 @@
 """Weights that stay quantized on their devices (`--weights`).
 
-- `native`: the weights in the compute dtype, as transformers loads them (the default).
+- `native`: the weights in the compute dtype, as transformers loads them.
 - `q8`: every linear layer's weight as int8 with one float32 scale per output row (torchao's
   `Int8Tensor` storage, quantization/q8_rows.py), about 1 byte per weight.
 - `q4`: every linear layer's weight as 4-bit values in blocks of 32 along the input with a
   float16 scale and minimum per block (GGUF's Q4_1 layout, quantization/q4_blocks.py), 0.625
   bytes per weight; a Q4_1 file's values are kept exactly. CPU and simulated devices only.
-- `auto`: a GGUF file keeps the width it was stored at (4-5 bits: q4, 6-8 bits: q8, 16-32
-  bits: native); any other model loads native.
+- `auto` (the default): a GGUF file keeps the width it was stored at (4-5 bits: q4, 6-8 bits:
+  q8, 16-32 bits: native; q8 for 4-5 bits where GPUs are among the devices); any other model,
+  and any model split with remote devices, loads native.
 
 The embedding table and the output head are per-row int8 under both q8 and q4 (one tensor
 when they are tied). GGUF files keep the head at 8 bits or more too (the bundled Q4_1 file
@@ -51,18 +52,43 @@ _GGUF_FILE_TYPES = {
 }
 
 
-def resolve_weights(name: str, gguf_path: Path | None, device_kinds: set[str]) -> str:
-    """`native`, `q8` or `q4` for the --weights value, the model file and the devices."""
+def choose_weights(name: str, gguf_path: Path | None, device_kinds: set[str],
+                   remote: bool = False) -> tuple[str, str]:
+    """`native`, `q8` or `q4` for the --weights value, the model file and the devices, with
+    the reason `plan` prints. `auto` (the default) keeps a GGUF file's width and any other
+    checkpoint's dtype; `remote`: some devices are other machines' (they load unquantized)."""
     check_weights(name)
-    if name == "auto":
-        width = _GGUF_FILE_TYPES.get(gguf_file_type(gguf_path), "native") if gguf_path else "native"
-        if width == "q4" and not device_kinds <= {"cpu", "sim"}:
-            width = "q8"  # q4's packing is the CPU kernel's: GPUs get the nearest width they can run
-        return width
-    if name == "q4" and not device_kinds <= {"cpu", "sim"}:
-        raise VramancerError("--weights q4 packs weights for the CPU's int4 kernel, so it needs CPU or "
-                             "simulated devices only; use q8 with GPUs.")
-    return name
+    cpu_only = device_kinds <= {"cpu", "sim"}
+    if name != "auto":
+        if name == "q4" and not cpu_only:
+            raise VramancerError("--weights q4 packs weights for the CPU's int4 kernel, so it needs CPU or "
+                                 "simulated devices only; use q8 with GPUs.")
+        if name != "native" and remote:
+            raise VramancerError(f"--weights {name} quantizes this machine's copy of the model; remote devices "
+                                 "load theirs unquantized, so use --weights native with them.")
+        return name, f"{name}: asked for (--weights {name})"
+    if remote:
+        return "native", "native: remote devices load their layers unquantized (--weights auto)"
+    file_type = gguf_file_type(gguf_path) if gguf_path else None
+    if file_type is None:
+        what = "the GGUF file names no width" if gguf_path else "a safetensors checkpoint keeps its dtype"
+        return "native", f"native: {what} (--weights auto)"
+    stored = _file_type_name(file_type)
+    width = _GGUF_FILE_TYPES.get(file_type, "native")
+    if width == "q4" and not cpu_only:
+        return "q8", (f"q8: the GGUF file stores {stored}; q4 runs on CPU and simulated devices only, so "
+                      "the GPUs get the nearest width they run (--weights auto)")
+    return width, f"{width}: the GGUF file stores {stored}, kept at that width (--weights auto)"
+
+
+def _file_type_name(file_type: int) -> str:
+    """llama.cpp's name of a GGUF `general.file_type` ("Q4_1", "Q4_K_M"), from the gguf package."""
+    from gguf import LlamaFileType
+
+    try:
+        return LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return f"file type {file_type}"
 
 
 def gguf_file_type(path: Path) -> int | None:
