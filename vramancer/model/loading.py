@@ -3,7 +3,6 @@ module tree built on the meta device for sizing before any weight is read."""
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from pathlib import Path
@@ -34,6 +33,7 @@ from vramancer.model.weights_cache import (
     store,
     write_safetensors,
 )
+from vramancer.platforms.heap import give_back_freed_memory
 
 # transformers imports torchao (our --weights kernels) whenever it builds a model; torchao then
 # warns on stderr about CUDA-only libraries a CPU build cannot load, and torch about enum
@@ -201,26 +201,6 @@ def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
     else:
         owner._buffers[leaf] = value
-
-
-def give_back_freed_memory() -> None:
-    """Return the C heap's free pages to the system (glibc's malloc_trim). Each tensor's
-    float rows are freed once converted, but glibc keeps freed blocks of up to 32 MiB in its
-    heap, between the weights that stay: a 0.5B model's q4 load held 0.8 GB of such holes."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim():
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None  # not glibc: nothing to ask
 
 
 def _check_filled(model: torch.nn.Module) -> None:

@@ -39,6 +39,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from vramancer.config.errors import VramancerError
 from vramancer.config.validation import check_weights
+from vramancer.platforms.heap import give_back_freed_memory
 
 Q4_GROUP = 32  # weights per scale/zero pair: GGUF's Q4_0/Q4_1 block size
 
@@ -230,6 +231,7 @@ def convert_weight(read: Callable[[int, int], torch.Tensor], shape: tuple[int, .
         out = torch.empty(shape, dtype=dtype)
         for first, end in spans:
             out[first:end] = read(first, end)
+            give_back_freed_memory()  # this chunk's rows (platforms/heap.py)
         return out
     if fmt == "q8":
         from torchao.quantization import PerRow
@@ -238,21 +240,48 @@ def convert_weight(read: Callable[[int, int], torch.Tensor], shape: tuple[int, .
 
         # Rows rounded to the compute dtype first, as a model loaded in it holds them: the
         # scales and values are then those of quantizing that model (bfloat16 under torchao).
-        parts = [RowInt8Tensor.from_hp(read(first, end).to(dtype), PerRow()) for first, end in spans]
-        if len(parts) == 1:
-            return parts[0]
-        first = parts[0]
-        return RowInt8Tensor(torch.cat([p.qdata for p in parts]), torch.cat([p.scale for p in parts]),
-                             list(first.block_size), dtype,
-                             zero_point=torch.cat([p.zero_point for p in parts]))
+        if len(spans) == 1:
+            return RowInt8Tensor.from_hp(read(0, rows).to(dtype), PerRow())
+        qdata, scales, zeros = _Stitched(rows), [], []
+        for first, end in spans:
+            part = RowInt8Tensor.from_hp(read(first, end).to(dtype), PerRow())
+            qdata.add(part.qdata, end - first)
+            scales.append(part.scale)
+            zeros.append(part.zero_point)
+            block_size = list(part.block_size)
+            del part
+            give_back_freed_memory()  # this chunk's float rows and temporaries (platforms/heap.py)
+        return RowInt8Tensor(qdata.whole(), torch.cat(scales), block_size, dtype, zero_point=torch.cat(zeros))
     if fmt == "q4":
         from vramancer.quantization.q4_blocks import BlockInt4Tensor
 
-        parts = [BlockInt4Tensor.from_float(read(first, end)) for first, end in spans]
-        if len(parts) == 1:
-            return BlockInt4Tensor(parts[0].qdata, torch.Size(shape), dtype)
-        return BlockInt4Tensor(torch.cat([p.qdata for p in parts]), torch.Size(shape), dtype)
+        qdata = _Stitched(rows)
+        for first, end in spans:
+            qdata.add(BlockInt4Tensor.from_float(read(first, end)).qdata, end - first)
+            give_back_freed_memory()
+        return BlockInt4Tensor(qdata.whole(), torch.Size(shape), dtype)
     raise ValueError(fmt)
+
+
+class _Stitched:
+    """A quantized weight's values, put together chunk by chunk into one tensor allocated at
+    the first chunk. Gathering the chunks and concatenating them at the end held the weight
+    twice, and kept the float temporaries' holes between the chunk results."""
+
+    def __init__(self, rows: int):
+        self.rows, self.done, self.filled, self.out = rows, 0, 0, None
+
+    def add(self, part: torch.Tensor, part_rows: int) -> None:
+        if self.out is None:  # the stored rows per weight row (q4: a tile of 4 rows is one stored row)
+            self.out = torch.empty((part.shape[0] * self.rows // part_rows, *part.shape[1:]), dtype=part.dtype)
+        self.out[self.filled:self.filled + part.shape[0]] = part
+        self.filled += part.shape[0]
+        self.done += part_rows
+
+    def whole(self) -> torch.Tensor:
+        if self.out is None or self.done != self.rows or self.filled != self.out.shape[0]:
+            raise ValueError(f"the chunks filled {self.filled} of {0 if self.out is None else self.out.shape[0]} rows")
+        return self.out
 
 
 TILE_ROWS = 4  # q4's tile height (quantization/q4_blocks.py): chunks are whole tiles
