@@ -230,8 +230,8 @@ def convert_weight(read: Callable[[int, int], torch.Tensor], shape: tuple[int, .
             return read(0, rows).to(dtype).contiguous()
         out = torch.empty(shape, dtype=dtype)
         for first, end in spans:
+            _between_chunks(first)
             out[first:end] = read(first, end)
-            give_back_freed_memory()  # this chunk's rows (platforms/heap.py)
         return out
     if fmt == "q8":
         from torchao.quantization import PerRow
@@ -244,23 +244,30 @@ def convert_weight(read: Callable[[int, int], torch.Tensor], shape: tuple[int, .
             return RowInt8Tensor.from_hp(read(0, rows).to(dtype), PerRow())
         qdata, scales, zeros = _Stitched(rows), [], []
         for first, end in spans:
+            _between_chunks(first)
             part = RowInt8Tensor.from_hp(read(first, end).to(dtype), PerRow())
             qdata.add(part.qdata, end - first)
             scales.append(part.scale)
             zeros.append(part.zero_point)
             block_size = list(part.block_size)
             del part
-            give_back_freed_memory()  # this chunk's float rows and temporaries (platforms/heap.py)
         return RowInt8Tensor(qdata.whole(), torch.cat(scales), block_size, dtype, zero_point=torch.cat(zeros))
     if fmt == "q4":
         from vramancer.quantization.q4_blocks import BlockInt4Tensor
 
         qdata = _Stitched(rows)
         for first, end in spans:
+            _between_chunks(first)
             qdata.add(BlockInt4Tensor.from_float(read(first, end)).qdata, end - first)
-            give_back_freed_memory()
         return BlockInt4Tensor(qdata.whole(), torch.Size(shape), dtype)
     raise ValueError(fmt)
+
+
+def _between_chunks(first: int) -> None:
+    """Before each chunk but the first, the last one's float rows and temporaries go back to
+    the system (platforms/heap.py); the load does the same after each whole tensor."""
+    if first:
+        give_back_freed_memory()
 
 
 class _Stitched:
