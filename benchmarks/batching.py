@@ -101,7 +101,7 @@ def bench(rounds: int = 3, tokens: int = 48, threads: int = 0, compare: int = 0)
          "step_ms": ("decode step ms", 1)},
     )
     say("batching: loading the bundled model")
-    engine = Engine.load("default", SPLIT, context=2048)
+    engine = Engine.load("default", SPLIT, context=2048, weights="native")
     solo = "Engine.generate, alone"
     contenders = {solo: generate_runner(engine, tokens)}
     for count in SIZES:

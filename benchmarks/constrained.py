@@ -62,7 +62,7 @@ def main() -> None:
     from vramancer.engine import Engine
 
     torch.set_num_threads(1)
-    engine = Engine.load("default", "sim:2x1GiB", context=2048)
+    engine = Engine.load("default", "sim:2x1GiB", context=2048, weights="native")
     schema = json.dumps(CITY)
     print("| rows | plain ms/step | json_schema ms/step | ratio | mask ms/token (median) |")
     print("|---|---|---|---|---|")

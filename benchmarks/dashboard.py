@@ -178,7 +178,7 @@ async def measure(presses: int, idle_s: float) -> dict:
     from vramancer.app import VramancerApp
     from vramancer.config.options import LoadOptions
 
-    app = VramancerApp(LoadOptions("default", DEVICES, "proportional", 2048, "auto"), telemetry=True,
+    app = VramancerApp(LoadOptions("default", DEVICES, "proportional", 2048, "auto", weights="native"), telemetry=True,
                        sampling={"max_new_tokens": 1500})
     shown: list[tuple[float, str]] = []  # (when, the prompt's text in that update)
 

@@ -133,9 +133,9 @@ def bench(rounds: int = 5, tokens: int = 128) -> Result:
     )
     say("decode: loading contenders")
     tokenizer, plain = plain_model("cpu", torch.float32)
-    engines = {f"VRAMancer 2-way ({SPLIT_2})": Engine.load("default", SPLIT_2),
-               f"VRAMancer 3-way ({SPLIT_3})": Engine.load("default", SPLIT_3),
-               f"VRAMancer 2-way, migration every {MIGRATE_EVERY} tokens": Engine.load("default", SPLIT_2)}
+    engines = {f"VRAMancer 2-way ({SPLIT_2})": Engine.load("default", SPLIT_2, weights="native"),
+               f"VRAMancer 3-way ({SPLIT_3})": Engine.load("default", SPLIT_3, weights="native"),
+               f"VRAMancer 2-way, migration every {MIGRATE_EVERY} tokens": Engine.load("default", SPLIT_2, weights="native")}
     runners = {PLAIN: (_hf_runner(plain, chat_inputs(tokenizer, "cpu"), tokens), None)}
     for i, (name, engine) in enumerate(engines.items()):
         runners[name] = vramancer_runner(engine, tokens, MIGRATE_EVERY if i == 2 else None)
@@ -194,7 +194,7 @@ def _gpu_contenders(tokens: int, result: Result) -> dict:
 
     from vramancer.engine import Engine
 
-    engine = Engine.load("default", "cuda:0,cpu")
+    engine = Engine.load("default", "cuda:0,cpu", weights="native")
     result.settings["GPU dtype"] = str(engine.dtype).removeprefix("torch.")
     tokenizer, plain = plain_model("cuda:0", engine.dtype)
     _, to_dispatch = plain_model("cpu", engine.dtype)

@@ -68,7 +68,8 @@ def _peak_rss(pid: int) -> int | None:
 def vramancer_argv() -> list[str]:
     script = Path(sys.executable).with_name("vramancer")
     head = [str(script)] if script.exists() else [sys.executable, "-m", "vramancer"]
-    return head + ["generate", "--json", "--devices", DEVICES, "--max-new-tokens", "1", "--prompt", PROMPT]
+    return head + ["generate", "--json", "--devices", DEVICES, "--max-new-tokens", "1", "--prompt", PROMPT,
+                   "--weights", "native"]
 
 
 def bench(rounds: int = 5) -> Result:

@@ -112,7 +112,7 @@ def bench(rounds: int = 3, tokens: int = 64) -> Result:
         {"decode_tok_s": ("decode tok/s", 1), "ttft_ms": ("TTFT ms", 1), "weights_mb": ("resident weights MB", 1)},
     )
     say("quantized: loading contenders")
-    engines = {F32_SPLIT: Engine.load("default", SPLIT_2, dtype="float32"),
+    engines = {F32_SPLIT: Engine.load("default", SPLIT_2, dtype="float32", weights="native"),
                Q4_ONE: Engine.load("default", "cpu", weights="q4"),
                Q4_SPLIT: Engine.load("default", SPLIT_2, weights="q4"),
                Q8_ONE: Engine.load("default", "cpu", weights="q8"),

@@ -81,7 +81,7 @@ def load_child(folder: str, warm: str, weights: str, devices: str) -> None:
     from vramancer.config.options import LoadOptions
     from vramancer.engine import Engine
     from vramancer.engine.loader import prepare
-    from vramancer.model.loading import give_back_freed_memory
+    from vramancer.platforms.heap import give_back_freed_memory
 
     dtype = "bfloat16" if weights == "native" else "float32"
     Engine.load(LoadOptions(warm, devices, context=512, dtype=dtype, weights=weights)).close()

@@ -213,7 +213,7 @@ def generate_speed(tokens: int, rounds: int) -> list[float]:
     """`vramancer generate`'s decode tok/s on the same prompt and split (its engine.generate,
     timed by `vramancer bench`: one load, a warm-up, then `rounds` answers)."""
     done = subprocess.run([sys.executable, "-m", "vramancer", "bench", "--devices", DEVICES, "--context", str(CONTEXT),
-                           "--prompt", PROMPT, "--max-new-tokens", str(tokens), "--rounds", str(rounds), "--json"],
+                           "--prompt", PROMPT, "--max-new-tokens", str(tokens), "--rounds", str(rounds), "--json", "--weights", "native"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"vramancer bench failed: {done.stderr[-1000:]}")
@@ -249,7 +249,7 @@ def bench(rounds: int = 2, tokens: int = 64) -> Result:
 
     servers = [ServerProcess("VRAMancer", [sys.executable, "-m", "vramancer", "serve", "--devices", DEVICES,
                                            "--context", str(CONTEXT), "--port", str(port := free_port()),
-                                           "--max-batch", "8"], port)]
+                                           "--max-batch", "8", "--weights", "native"], port)]
     python = llama_python()
     if python:
         llama_port = free_port()

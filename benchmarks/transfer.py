@@ -44,7 +44,7 @@ def bench(rounds: int = 15) -> Result:
 
     from vramancer.engine import Engine
 
-    engine = Engine.load("default", DEVICES, context=512)
+    engine = Engine.load("default", DEVICES, context=512, weights="native")
     first, last = _block(engine, MIN_BLOCK)
     home, away = engine.placement.blocks()[0].device, engine.placement.blocks()[1].device
     nbytes = sum(engine.profile.layer_bytes[i] for i in range(first, last + 1))
@@ -100,7 +100,7 @@ def _gpu(result: Result, rounds: int) -> None:
 
     from vramancer.engine import Engine
 
-    engine = Engine.load("default", "cuda:0,cpu", context=512)
+    engine = Engine.load("default", "cuda:0,cpu", context=512, weights="native")
     blocks = engine.placement.blocks()
     if len(blocks) < 2:
         result.notes.append("cuda:0 holds the whole model, so there was no cuda:0 ⇄ cpu block to move")

@@ -78,7 +78,7 @@ def smollm_engine():
     Tests that migrate must put the placement back (see `restore_placement`)."""
     from vramancer.engine import Engine
 
-    engine = Engine.load("default", "sim:3x1GiB", context=512)
+    engine = Engine.load("default", "sim:3x1GiB", context=512, weights="native")
     yield engine
     engine.close()
 

@@ -25,7 +25,7 @@ def reference_tokens():
 
 def generate_json(*args, env=None):
     command = [sys.executable, "-m", "vramancer", "generate", "--model", "default", "--prompt", PROMPT,
-               "--max-new-tokens", str(TOKENS), "--json", *args]
+               "--max-new-tokens", str(TOKENS), "--json", "--weights", "native", *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     return result.returncode, (json.loads(result.stdout) if result.returncode == 0 else None), result.stderr
 
@@ -59,7 +59,7 @@ def test_three_way_and_uneven_splits_match(reference_tokens):
     from vramancer.engine import Engine
 
     for spec in ("sim:3x1GiB", "sim:2GiB,1GiB,1GiB"):
-        engine = Engine.load("default", spec)
+        engine = Engine.load("default", spec, weights="native")
         try:
             assert {b.device for b in engine.placement.blocks()} == {"sim0", "sim1", "sim2"}, spec
             result = engine.generate(PROMPT, max_new_tokens=TOKENS)

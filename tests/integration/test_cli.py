@@ -75,9 +75,19 @@ def test_plan_json_lists_placement_and_need_per_device(capsys):
     assert plan["placement"][0]["first_layer"] == 0 and plan["placement"][-1]["last_layer"] == 29
     # The bundled model's head is tied to its embeddings: it sits beside them, held once.
     assert plan["embed_device"] == "sim0" and plan["head_device"] == "sim0"
+    # --weights auto, the default: the Q4_1 GGUF keeps its width, and the plan says why.
+    assert plan["weights"] == "q4"
+    assert plan["weights_reason"] == "q4: the GGUF file stores Q4_1, kept at that width (--weights auto)"
     for row in plan["devices"]:
         assert 0 < row["need"] <= row["room"] == 2**30
         assert row["need"] == row["weights"] + row["kv_cache"] + row["workspace"] + row["reserve"]
+
+
+def test_plan_says_a_safetensors_model_stays_native_by_default(tiny_model_dir, capsys):
+    assert main(["plan", "--model", tiny_model_dir, "--devices", "sim:2x64MiB"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert " · weights native (" in lines[0]
+    assert "  weights native: a safetensors checkpoint keeps its dtype (--weights auto)" in lines
 
 
 def test_devices_lists_what_the_machine_has(capsys):

@@ -142,7 +142,7 @@ def test_split_engine_from_the_cache_answers_the_same(first_load, no_gguf_parsin
     from vramancer.engine import Engine
 
     _, tokenizer, model = first_load
-    engine = Engine.load("default", "sim:2x1GiB", context=256)
+    engine = Engine.load("default", "sim:2x1GiB", context=256, weights="native")  # first_load is native
     try:
         result = engine.generate(PROMPT[0]["content"], max_new_tokens=TOKENS)
     finally:

@@ -24,3 +24,11 @@ def test_without_our_kernels_q4_runs_in_bfloat16_split_as_unsplit(tiny_model_dir
     assert split["dtype"] == alone["dtype"] == "bfloat16"
     assert len({block["device"] for block in split["placement"]}) == 2
     assert split["token_ids"] == alone["token_ids"] and len(split["token_ids"]) == 12
+
+
+def test_without_our_kernels_the_bundled_gguf_still_runs_at_its_width_by_default():
+    """--weights auto (the default) keeps the bundled Q4_1 file at q4; without our kernels
+    torchao's int4 kernels run it, in bfloat16."""
+    out = generate("default", "sim:2x1GiB")
+    assert (out["weights"], out["dtype"]) == ("q4", "bfloat16")
+    assert len(out["token_ids"]) == 12 and len({block["device"] for block in out["placement"]}) == 2

@@ -733,6 +733,7 @@ async def test_the_load_dialog_offers_weights(tiny_model_dir):
                        "the load dialog")
         weights = app.screen.query_one("#load-weights")
         assert {"native", "q8", "q4"} <= {str(value) for _, value in weights._options}
+        assert weights.value == "auto", "the dialog starts from the default: the file's own width"
         weights.value = "q4"
         await pilot.click("#load-go")
         await wait_for(pilot, lambda: not isinstance(app.screen, LoadModelScreen), "the dialog to close")

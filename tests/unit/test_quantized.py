@@ -11,10 +11,10 @@ from vramancer.engine.loader import prepare
 from vramancer.kernels.cpu.fused_layer import is_fused
 from vramancer.model.source import bundled_model_path
 from vramancer.quantization.weights import (
+    choose_weights,
     gguf_file_type,
     our_kernels,
     quantize_model,
-    resolve_weights,
     stored_bytes,
 )
 from vramancer.scheduling.generation import encode_prompt
@@ -101,14 +101,18 @@ def test_a_migration_moves_the_quantized_bytes_and_keeps_the_answer(quantized):
 def test_auto_keeps_a_gguf_files_width():
     path = bundled_model_path()
     assert gguf_file_type(path) == 3  # llama.cpp's MOSTLY_Q4_1
-    assert resolve_weights("auto", path, {"sim"}) == "q4"
-    assert resolve_weights("auto", path, {"cuda", "cpu"}) == "q8"  # q4 is packed for the CPU kernel
-    assert resolve_weights("auto", None, {"sim"}) == "native"
+    reason = "q4: the GGUF file stores Q4_1, kept at that width (--weights auto)"
+    assert choose_weights("auto", path, {"sim"}) == ("q4", reason)
+    kind, reason = choose_weights("auto", path, {"cuda", "cpu"})
+    assert kind == "q8" and "q4 runs on CPU and simulated devices only" in reason  # q4 is packed for the CPU kernel
+    assert choose_weights("auto", None, {"sim"})[1] == "native: a safetensors checkpoint keeps its dtype (--weights auto)"
+    assert choose_weights("auto", path, {"sim"}, remote=True)[0] == "native"  # nodes load unquantized
+    assert choose_weights("q8", path, {"sim"}) == ("q8", "q8: asked for (--weights q8)")
 
 
 def test_q4_is_refused_with_gpus_in_one_sentence():
     with pytest.raises(VramancerError, match="needs CPU or simulated devices only"):
-        resolve_weights("q4", None, {"cuda", "cpu"})
+        choose_weights("q4", None, {"cuda", "cpu"})
 
 
 def test_a_quantized_plan_is_priced_from_layers_quantized_the_same_way(tiny_model_dir, monkeypatch):

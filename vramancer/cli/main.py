@@ -126,9 +126,9 @@ def _add_load_flags(parser: argparse.ArgumentParser, model: bool = True, inherit
     add_argument("--dtype", default=_env("DTYPE", "auto"), choices=["auto", "float32", "float16", "bfloat16"],
                  help="auto: float32 on CPU and simulated devices (bfloat16 where torchao's kernels run "
                       "quantized weights), the GPU's half type on GPUs; never chosen by a timing")
-    add_argument("--weights", default=_env("WEIGHTS", "native"),
-                 help="native (the dtype) | q8 (int8) | q4 (4-bit, CPU and sim devices) | auto "
-                      "(a GGUF keeps its own width): weights stay quantized on every device")
+    add_argument("--weights", default=_env("WEIGHTS", "auto"),
+                 help="auto (a GGUF keeps the width it was stored at, any other checkpoint its dtype) | native "
+                      "(the dtype) | q8 (int8) | q4 (4-bit, CPU and sim devices): weights stay quantized on every device")
     add_argument("--reprofile", action="store_true", help="measure device and link timings afresh")
     add_argument("--threads", type=int, default=None,
                  help="CPU threads for torch (default: one less than the cores, so the rest of the "
@@ -586,7 +586,8 @@ def _plan(args) -> int:
     if args.json:
         print(json.dumps({"model": source.display_name, "supported": True, "architecture": profile.architecture,
                           "dtype": str(dtype).removeprefix("torch."), "dtype_reason": prepared.dtype_reason,
-                          "weights": prepared.weights, "weight_bytes": profile.weight_bytes(),
+                          "weights": prepared.weights, "weights_reason": prepared.weights_reason,
+                          "weight_bytes": profile.weight_bytes(),
                           "kernels": kernel_path(prepared.weights, dtype), "cuda_graphs": prepared.cuda_graphs,
                           "tensor_formats": tensor_formats(source, prepared.config, dtype, prepared.weights),
                           "strategy": plan.strategy,
@@ -598,6 +599,7 @@ def _plan(args) -> int:
           f"({format_bytes(profile.weight_bytes())}) · {plan.strategy} · context {plan.context}"
           + (" · simulated devices" if fallback or all(d.simulated for d in devices) else ""))
     print(f"  dtype {prepared.dtype_reason}")
+    print(f"  weights {prepared.weights_reason}")
     print(f"  kernels: {kernel_path(prepared.weights, dtype)}"
           + ("; CUDA graphs on: decode steps of layers on CUDA devices replay recordings" if prepared.cuda_graphs else ""))
     width = max([8] + [len(row["device"]) for row in rows])
@@ -690,7 +692,7 @@ def _generate_on(engine, args, schedule, sampling) -> int:
     if args.json:
         out = result.to_json()
         out.update(model=engine.source.display_name, dtype=str(engine.dtype).removeprefix("torch."),
-                   placement=engine.placement_json(), embed_device=engine.placement.embed,
+                   weights=engine.weights, placement=engine.placement_json(), embed_device=engine.placement.embed,
                    head_device=engine.placement.head, links=links,
                    migrations=[m.to_json() for m in engine.migrations], faults=faults)
         print(json.dumps(out, indent=2))

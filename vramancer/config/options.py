@@ -15,7 +15,7 @@ class LoadOptions:
     dtype: str = "auto"
     auto_rebalance: bool = False
     token_file: str | None = None  # the cluster token for remote devices (else VRM_CLUSTER_TOKEN)
-    weights: str = "native"  # auto | native | q8 | q4: how weights are held (quantization/weights.py)
+    weights: str = "auto"  # auto | native | q8 | q4: how weights are held (quantization/weights.py)
     # auto | on | off: decode steps of CUDA layers replayed from graphs (runtime/graphs.py);
     # auto is on wherever a layer can sit on a CUDA device and the model runs from a static cache
     cuda_graphs: str = "auto"

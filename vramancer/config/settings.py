@@ -36,7 +36,7 @@ DEFAULTS: dict[str, str] = {
     "strategy": "proportional",
     "context": "2048",
     "dtype": "auto",
-    "weights": "native",
+    "weights": "auto",
     "threads": "0",
     "auto_rebalance": "",
     "cuda_graphs": "auto",

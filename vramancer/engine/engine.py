@@ -21,7 +21,7 @@ from vramancer.engine import factory
 from vramancer.engine.loader import graphs_refusal, prepare
 from vramancer.model.architecture import cache_bytes
 from vramancer.model.architecture import UnsupportedArchitecture
-from vramancer.model.loading import check_weights, give_back_freed_memory, load_weights
+from vramancer.model.loading import check_weights, load_weights
 from vramancer.model.source import ModelSource, load_tokenizer
 from vramancer.planning.placement import (
     EMBED,
@@ -37,6 +37,7 @@ from vramancer.planning.pricing import Prediction, Pricing
 from vramancer.platforms.devices import (
     Device,
 )
+from vramancer.platforms.heap import give_back_freed_memory
 from vramancer.runtime import recovery
 from vramancer.runtime.migration import (
     MigrationRefused,
@@ -105,7 +106,7 @@ class Engine:
         progress: ProgressCallback | None = None,
         reprofile: bool = False,
         token_file: str | None = None,
-        weights: str = "native",
+        weights: str = "auto",
         cuda_graphs: str = "auto",
     ) -> Engine:
         """Plan first, then read the weights: a plan that cannot fit is refused before any load.

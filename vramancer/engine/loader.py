@@ -33,7 +33,7 @@ from vramancer.platforms.devices import (
     resolve_devices,
 )
 from vramancer.profiling import timing as profiler
-from vramancer.quantization.weights import our_kernels, resolve_weights
+from vramancer.quantization.weights import choose_weights, our_kernels
 
 # Each of the two simulated devices of the `auto` fallback holds about this share of the
 # model's split footprint, so the split is visible and both devices are needed.
@@ -54,6 +54,7 @@ class Prepared:
     pricing: Pricing
     weights: str = "native"  # native, q8 or q4 (what --weights resolved to)
     dtype_reason: str = ""  # why this dtype, for `plan`
+    weights_reason: str = ""  # why these weights, for `plan`
     cuda_graphs: bool = False  # what --cuda-graphs resolved to
     tiers: tuple[Tier, ...] = ()  # the host and disk tiers asked for, with their measured rates
 
@@ -105,10 +106,7 @@ def prepare(options: LoadOptions, reprofile: bool = False) -> Prepared:
         if spec.clustered else []
     try:
         all_kinds = kinds | {d.kind for d in remote}
-        weights_kind = resolve_weights(weights, source.gguf_path, all_kinds)
-        if weights_kind != "native" and remote:
-            raise VramancerError(f"--weights {weights} quantizes this machine's copy of the model; remote devices "
-                                 "load theirs unquantized, so use --weights native with them.")
+        weights_kind, weights_reason = choose_weights(weights, source.gguf_path, all_kinds, remote=bool(remote))
         torch_dtype, dtype_reason = choose_dtype(dtype, weights_kind, all_kinds)
         meta = build_meta_model(config, torch_dtype)
         description = describe_model(meta, torch_dtype, weights_kind)  # refuses what VRAMancer cannot split
@@ -129,7 +127,7 @@ def prepare(options: LoadOptions, reprofile: bool = False) -> Prepared:
     # A static cache (what graphs replay into) has every layer attend over the whole context.
     pricing = Pricing(timings, profile, kv_length=context) if graphs else Pricing(timings, profile)
     return Prepared(source, config, description, device_list, torch_dtype, fallback, context, pricing,
-                    weights_kind, dtype_reason, graphs, measure_tiers(tier_caps, local))
+                    weights_kind, dtype_reason, weights_reason, graphs, measure_tiers(tier_caps, local))
 
 
 def measure_tiers(caps: dict[str, int], devices: list[Device]) -> tuple[Tier, ...]:

@@ -3,7 +3,7 @@ module tree built on the meta device for sizing before any weight is read."""
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -19,6 +19,7 @@ from vramancer.kernels.cpu.few_rows import (
 from vramancer.model.checkpoint import (
     GgufTensors,
     SafetensorsFile,
+    StoredTensor,
     safetensors_files,
     safetensors_names,
     safetensors_tensors,
@@ -34,6 +35,7 @@ from vramancer.model.weights_cache import (
     store,
     write_safetensors,
 )
+from vramancer.platforms.heap import give_back_freed_memory
 
 # transformers imports torchao (our --weights kernels) whenever it builds a model; torchao then
 # warns on stderr about CUDA-only libraries a CPU build cannot load, and torch about enum
@@ -67,12 +69,15 @@ def load_weights(source: ModelSource, dtype: torch.dtype, weights: str = "native
     file one tensor at a time, each converted to the compute dtype or quantized (see
     quantization/weights.py) before the next is read: host memory holds the model as it will
     run plus one tensor in flight, never the whole model in float32. A GGUF's Q4_0/Q4_1
-    blocks become q4 weights as they are, its Q8_0 blocks q8 blocks (where our kernels run). What a GGUF gave is kept in the weights cache as
-    it runs (quantized under q8 and q4), and read from there the next time.
+    blocks become q4 weights as they are, its Q8_0 blocks q8 blocks (where our kernels run).
+    What a GGUF gave is kept in the weights cache as it runs (quantized under q8 and q4), and
+    read from there the next time.
 
-    A checkpoint whose tensors do not match the model's names (a hub id not on disk, an
-    architecture transformers renames on load) and q4 in torchao's layout load the whole
-    model through transformers and quantize it after, as before."""
+    A hub id streams from its safetensors in the Hugging Face cache (fetched there first if
+    need be), and tensors that transformers renames on load are renamed name by name. A
+    checkpoint whose tensors transformers merges or splits on load (a `WeightConverter`), one
+    without safetensors, and q4 in torchao's layout load the whole model through
+    transformers and quantize it after, as before."""
     from vramancer.quantization.weights import keeps_q8_blocks, quantize_model, streams
 
     kind = weights if streams(weights, dtype) else "native"  # what the stream (and the cache) holds
@@ -89,7 +94,7 @@ def load_weights(source: ModelSource, dtype: torch.dtype, weights: str = "native
             store(entry, piece, lambda folder: _write_cached(folder, model, kind))
         let_go_of_gguf_reader()  # whichever way the weights came, the config's parse is done with
     else:
-        files = [] if source.is_hub_id else safetensors_files(Path(source.location))
+        files = checkpoint_files(source)
         model = _stream_safetensors(files, load_config(source), dtype, kind) if files else None
         if model is None:
             model = _from_pretrained(source.location, dtype, **source.pretrained_kwargs())
@@ -151,7 +156,7 @@ def _slots(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return slots
 
 
-def _fits(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], what: str) -> bool:
+def _fits(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], what: str, quiet: bool = False) -> bool:
     """Whether the file's tensors fill the model's slots one for one (extra names may be the
     tied head or buffers the model computes itself). Logs why not."""
     slots = _slots(model)
@@ -160,6 +165,8 @@ def _fits(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], what: str)
     wrong = [name for name in slots if name in shapes and shapes[name] != slots[name]]
     extra = [name for name in shapes if name not in known]
     if missing or wrong or extra:
+        if quiet:
+            return False
         log.info("%s does not match the model's tensors one for one (missing %s, other shapes %s, unknown %s); "
                  "loading it whole through transformers", what, missing[:3], wrong[:3], extra[:3])
         return False
@@ -208,26 +215,6 @@ def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         owner._buffers[leaf] = value
 
 
-def give_back_freed_memory() -> None:
-    """Return the C heap's free pages to the system (glibc's malloc_trim). Each tensor's
-    float rows are freed once converted, but glibc keeps freed blocks of up to 32 MiB in its
-    heap, between the weights that stay: a 0.5B model's q4 load held 0.8 GB of such holes."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim():
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None  # not glibc: nothing to ask
-
-
 def _check_filled(model: torch.nn.Module) -> None:
     left = [name for name, p in model.named_parameters() if p.device.type == "meta"]
     if left:
@@ -239,11 +226,69 @@ def _stream_safetensors(files: list[Path], config, dtype: torch.dtype, weights: 
     from vramancer.quantization.weights import weight_formats
 
     model = _empty_model(config, dtype)
-    if not _fits(model, safetensors_names(files), f"{files[0].parent}"):
+    tensors = renamed_safetensors(model, files)
+    if tensors is None:
         return None
-    _fill(model, safetensors_tensors(files), dtype, weight_formats(model, weights))
+    _fill(model, tensors, dtype, weight_formats(model, weights))
     _read_generation_config(model, files[0].parent)
     return model
+
+
+def checkpoint_files(source: ModelSource) -> list[Path]:
+    """The safetensors of a model folder, or of a hub model as transformers keeps them in the
+    Hugging Face cache (fetched there first if need be, as `from_pretrained` would fetch
+    them); [] where there are none to stream, and the whole-model load then says why."""
+    if source.gguf_file is not None:
+        return []
+    if not source.is_hub_id:
+        return safetensors_files(Path(source.location))
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from vramancer.model.source import hub_reachable
+
+    wanted = ["*.safetensors", "model.safetensors.index.json", "generation_config.json"]
+    for local_only in (True, False):
+        if not local_only and not hub_reachable():
+            break
+        try:
+            folder = Path(snapshot_download(source.location, allow_patterns=wanted, local_files_only=local_only))
+            files = safetensors_files(folder)
+        except (OSError, ValueError, KeyError, HfHubHTTPError):
+            continue  # not in the cache (or not fetched): the next way, or transformers' own
+        if files and all(f.is_file() for f in files):
+            return files
+    return []
+
+
+def renamed_safetensors(model: torch.nn.Module, files: list[Path]) -> list[StoredTensor] | None:
+    """The files' tensors under the model's names: their own, or as transformers renames them
+    on load (its per-model conversion mapping, old `gamma`/`beta` names, a checkpoint of the
+    base model without its prefix), applied name by name. None where they still do not fill
+    the model one for one, or where transformers would merge or split tensors (a
+    `WeightConverter`, such as stacking a mixture's experts): its whole-model load does that."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    shapes = safetensors_names(files)
+    where = f"{files[0].parent}"
+    if _fits(model, shapes, where, quiet=True):
+        return list(safetensors_tensors(files))
+    transforms = get_model_conversion_mapping(model)
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    meta = model.state_dict()
+    names = {}
+    for name in shapes:
+        renamed, merged = rename_source_key(name, renamings, converters, model.base_model_prefix, meta)
+        if merged is not None:
+            log.info("%s holds %s, which transformers merges with other tensors on load; loading it whole", where, name)
+            return None
+        names[name] = renamed
+    if len(set(names.values())) != len(names) or not _fits(model, {names[n]: shape for n, shape in shapes.items()},
+                                                           where):
+        return None
+    return [dataclasses.replace(item, name=names[item.name]) for item in safetensors_tensors(files)]
 
 
 def _stream_gguf(source: ModelSource, config, dtype: torch.dtype, weights: str) -> torch.nn.Module:
@@ -385,8 +430,8 @@ class PartReader:
     """A model whose weights are read from its file part by part, when they are asked for:
     a node reads the layers it holds (and the small modules before the stack), never the rest.
 
-    Where the file's tensors are not the model's one for one (a hub id not on disk, an
-    architecture transformers renames on load), the whole model is read at once instead, as
+    Where the file's tensors are not the model's one for one even once renamed as transformers
+    renames them (tensors it merges on load, no safetensors), the whole model is read at once instead, as
     `load_weights` reads it, and `read` and `forget` have nothing to do."""
 
     def __init__(self, source: ModelSource, dtype: torch.dtype):
@@ -398,10 +443,10 @@ class PartReader:
             tensors = GgufTensors(source.gguf_path, model, config)
             if _fits(model, tensors.shapes(), source.name):
                 self._stored = {item.name: item for item in tensors.tensors(lambda name: False)}
-        elif not source.is_hub_id:
-            files = safetensors_files(Path(source.location))
-            if files and _fits(model, safetensors_names(files), f"{files[0].parent}"):
-                self._stored = {item.name: item for item in safetensors_tensors(files)}
+        elif files := checkpoint_files(source):
+            tensors = renamed_safetensors(model, files)
+            if tensors is not None:
+                self._stored = {item.name: item for item in tensors}
                 _read_generation_config(model, files[0].parent)
         if self._stored is None:
             model = load_weights(source, dtype)

@@ -490,7 +490,7 @@ def measure(
             log.warning("could not time a generate step of %s (%s); predictions leave it out",
                         getattr(config, "model_type", "the model"), _first_line(exc))
             overhead = 0.0
-    from vramancer.model.loading import give_back_freed_memory
+    from vramancer.platforms.heap import give_back_freed_memory
 
     give_back_freed_memory()  # the cut copies' memory goes back to the system, not into glibc's heap
     if any(d.torch_device.type == "cuda" for d in devices):

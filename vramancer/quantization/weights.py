@@ -1,13 +1,14 @@
 """Weights that stay quantized on their devices (`--weights`).
 
-- `native`: the weights in the compute dtype, as transformers loads them (the default).
+- `native`: the weights in the compute dtype, as transformers loads them.
 - `q8`: every linear layer's weight as int8 with one float32 scale per output row (torchao's
   `Int8Tensor` storage, quantization/q8_rows.py), about 1 byte per weight.
 - `q4`: every linear layer's weight as 4-bit values in blocks of 32 along the input with a
   float16 scale and minimum per block (GGUF's Q4_1 layout, quantization/q4_blocks.py), 0.625
   bytes per weight; a Q4_1 file's values are kept exactly. CPU and simulated devices only.
-- `auto`: a GGUF file keeps the width it was stored at (4-5 bits: q4, 6-8 bits: q8, 16-32
-  bits: native); any other model loads native.
+- `auto` (the default): a GGUF file keeps the width it was stored at (4-5 bits: q4, 6-8 bits:
+  q8, 16-32 bits: native; q8 for 4-5 bits where GPUs are among the devices); any other model,
+  and any model split with remote devices, loads native.
 
 The embedding table and the output head are per-row int8 under both q8 and q4 (one tensor
 when they are tied). GGUF files keep the head at 8 bits or more too (the bundled Q4_1 file
@@ -40,6 +41,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from vramancer.config.errors import VramancerError
 from vramancer.config.validation import check_weights
+from vramancer.platforms.heap import give_back_freed_memory
 
 Q4_GROUP = 32  # weights per scale/zero pair: GGUF's Q4_0/Q4_1 block size
 
@@ -53,18 +55,43 @@ _GGUF_FILE_TYPES = {
 }
 
 
-def resolve_weights(name: str, gguf_path: Path | None, device_kinds: set[str]) -> str:
-    """`native`, `q8` or `q4` for the --weights value, the model file and the devices."""
+def choose_weights(name: str, gguf_path: Path | None, device_kinds: set[str],
+                   remote: bool = False) -> tuple[str, str]:
+    """`native`, `q8` or `q4` for the --weights value, the model file and the devices, with
+    the reason `plan` prints. `auto` (the default) keeps a GGUF file's width and any other
+    checkpoint's dtype; `remote`: some devices are other machines' (they load unquantized)."""
     check_weights(name)
-    if name == "auto":
-        width = _GGUF_FILE_TYPES.get(gguf_file_type(gguf_path), "native") if gguf_path else "native"
-        if width == "q4" and not device_kinds <= {"cpu", "sim"}:
-            width = "q8"  # q4's packing is the CPU kernel's: GPUs get the nearest width they can run
-        return width
-    if name == "q4" and not device_kinds <= {"cpu", "sim"}:
-        raise VramancerError("--weights q4 packs weights for the CPU's int4 kernel, so it needs CPU or "
-                             "simulated devices only; use q8 with GPUs.")
-    return name
+    cpu_only = device_kinds <= {"cpu", "sim"}
+    if name != "auto":
+        if name == "q4" and not cpu_only:
+            raise VramancerError("--weights q4 packs weights for the CPU's int4 kernel, so it needs CPU or "
+                                 "simulated devices only; use q8 with GPUs.")
+        if name != "native" and remote:
+            raise VramancerError(f"--weights {name} quantizes this machine's copy of the model; remote devices "
+                                 "load theirs unquantized, so use --weights native with them.")
+        return name, f"{name}: asked for (--weights {name})"
+    if remote:
+        return "native", "native: remote devices load their layers unquantized (--weights auto)"
+    file_type = gguf_file_type(gguf_path) if gguf_path else None
+    if file_type is None:
+        what = "the GGUF file names no width" if gguf_path else "a safetensors checkpoint keeps its dtype"
+        return "native", f"native: {what} (--weights auto)"
+    stored = _file_type_name(file_type)
+    width = _GGUF_FILE_TYPES.get(file_type, "native")
+    if width == "q4" and not cpu_only:
+        return "q8", (f"q8: the GGUF file stores {stored}; q4 runs on CPU and simulated devices only, so "
+                      "the GPUs get the nearest width they run (--weights auto)")
+    return width, f"{width}: the GGUF file stores {stored}, kept at that width (--weights auto)"
+
+
+def _file_type_name(file_type: int) -> str:
+    """llama.cpp's name of a GGUF `general.file_type` ("Q4_1", "Q4_K_M"), from the gguf package."""
+    from gguf import LlamaFileType
+
+    try:
+        return LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return f"file type {file_type}"
 
 
 def gguf_file_type(path: Path) -> int | None:
@@ -212,6 +239,7 @@ def convert_weight(read: Callable[[int, int], torch.Tensor], shape: tuple[int, .
             return read(0, rows).to(dtype).contiguous()
         out = torch.empty(shape, dtype=dtype)
         for first, end in spans:
+            _between_chunks(first)
             out[first:end] = read(first, end)
         return out
     if fmt == "q8":
@@ -221,21 +249,55 @@ def convert_weight(read: Callable[[int, int], torch.Tensor], shape: tuple[int, .
 
         # Rows rounded to the compute dtype first, as a model loaded in it holds them: the
         # scales and values are then those of quantizing that model (bfloat16 under torchao).
-        parts = [RowInt8Tensor.from_hp(read(first, end).to(dtype), PerRow()) for first, end in spans]
-        if len(parts) == 1:
-            return parts[0]
-        first = parts[0]
-        return RowInt8Tensor(torch.cat([p.qdata for p in parts]), torch.cat([p.scale for p in parts]),
-                             list(first.block_size), dtype,
-                             zero_point=torch.cat([p.zero_point for p in parts]))
+        if len(spans) == 1:
+            return RowInt8Tensor.from_hp(read(0, rows).to(dtype), PerRow())
+        qdata, scales, zeros = _Stitched(rows), [], []
+        for first, end in spans:
+            _between_chunks(first)
+            part = RowInt8Tensor.from_hp(read(first, end).to(dtype), PerRow())
+            qdata.add(part.qdata, end - first)
+            scales.append(part.scale)
+            zeros.append(part.zero_point)
+            block_size = list(part.block_size)
+            del part
+        return RowInt8Tensor(qdata.whole(), torch.cat(scales), block_size, dtype, zero_point=torch.cat(zeros))
     if fmt == "q4":
         from vramancer.quantization.q4_blocks import BlockInt4Tensor
 
-        parts = [BlockInt4Tensor.from_float(read(first, end)) for first, end in spans]
-        if len(parts) == 1:
-            return BlockInt4Tensor(parts[0].qdata, torch.Size(shape), dtype)
-        return BlockInt4Tensor(torch.cat([p.qdata for p in parts]), torch.Size(shape), dtype)
+        qdata = _Stitched(rows)
+        for first, end in spans:
+            _between_chunks(first)
+            qdata.add(BlockInt4Tensor.from_float(read(first, end)).qdata, end - first)
+        return BlockInt4Tensor(qdata.whole(), torch.Size(shape), dtype)
     raise ValueError(fmt)
+
+
+def _between_chunks(first: int) -> None:
+    """Before each chunk but the first, the last one's float rows and temporaries go back to
+    the system (platforms/heap.py); the load does the same after each whole tensor."""
+    if first:
+        give_back_freed_memory()
+
+
+class _Stitched:
+    """A quantized weight's values, put together chunk by chunk into one tensor allocated at
+    the first chunk. Gathering the chunks and concatenating them at the end held the weight
+    twice, and kept the float temporaries' holes between the chunk results."""
+
+    def __init__(self, rows: int):
+        self.rows, self.done, self.filled, self.out = rows, 0, 0, None
+
+    def add(self, part: torch.Tensor, part_rows: int) -> None:
+        if self.out is None:  # the stored rows per weight row (q4: a tile of 4 rows is one stored row)
+            self.out = torch.empty((part.shape[0] * self.rows // part_rows, *part.shape[1:]), dtype=part.dtype)
+        self.out[self.filled:self.filled + part.shape[0]] = part
+        self.filled += part.shape[0]
+        self.done += part_rows
+
+    def whole(self) -> torch.Tensor:
+        if self.out is None or self.done != self.rows or self.filled != self.out.shape[0]:
+            raise ValueError(f"the chunks filled {self.filled} of {0 if self.out is None else self.out.shape[0]} rows")
+        return self.out
 
 
 TILE_ROWS = 4  # q4's tile height (quantization/q4_blocks.py): chunks are whole tiles
