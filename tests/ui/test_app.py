@@ -369,18 +369,20 @@ async def test_prompt_streams_an_answer_and_the_conversation_carries_on(tiny_mod
 EMOJI_PROMPT = "Répète exactement: 🚀🔥 日本語 «café» — naïve 👍🏽"
 
 
-def force_answer(engine, answer: str, step_s: float) -> list[float]:
-    """Make the model answer `answer` (then its end token), one token every `step_s` at least:
-    the head's logits are replaced, so the engine, streamer and App all run as they would.
-    Returns the list the decode time of each token is appended to (time.monotonic)."""
+def force_answer(engine, answer: str, step_s: float | list[float]) -> list[float]:
+    """Make the model answer `answer` (then its end token), one token every `step_s` at least
+    (a list: the steps' pauses, in turn): the head's logits are replaced, so the engine,
+    streamer and App all run as they would. Returns the list the decode time of each token is
+    appended to (time.monotonic)."""
     import torch
 
     tokenizer = engine.tokenizer
     wanted = [*tokenizer.encode(answer, add_special_tokens=False), tokenizer.eos_token_id]
     decoded: list[float] = []
+    pauses = step_s if isinstance(step_s, list) else [step_s]
 
     def forced(module, inputs, logits):
-        time.sleep(step_s)
+        time.sleep(pauses[len(decoded) % len(pauses)])
         out = torch.full_like(logits, -1e4)
         out[..., wanted[min(len(decoded), len(wanted) - 1)]] = 0.0
         decoded.append(time.monotonic())
@@ -431,6 +433,29 @@ async def test_an_answer_without_spaces_streams_as_it_is_decoded(tiny_model_dir)
         assert str(app.query(".user-turn").last().render()) == "› " + EMOJI_PROMPT.replace("🏽", ""), "the prompt too"
         assert app.console_panel.messages[-1]["content"] == payload, "the conversation keeps what was decoded"
         assert f"{done.new_tokens} new tokens" in str(app.console_panel.stats.render())
+
+
+async def test_the_decode_peak_is_the_answers_rate_when_the_speed_swings(tiny_model_dir):
+    """Decoding that runs slow for 0.75 s, then fast for 0.75 s, over and over (a busy machine):
+    one-second cells drew this answer's peak at ~1.3 times its rate, as the issue saw in tmux;
+    each second is now rated over the last seconds of decoding, and the peak drawn is within
+    10 % of the rate the engine measured. (The answer starts slow: its first second is rated
+    over that second alone.)"""
+    app = make_app(tiny_model_dir, context=512, sampling={"max_new_tokens": 96})
+    recorder = Recorder(app)
+    async with app.run_test(size=SIZE, message_hook=recorder) as pilot:
+        await loaded(pilot)
+        force_answer(app.worker.engine, "sea" + " sea" * 74, step_s=[0.25] * 3 + [0.0625] * 12)
+        await ask(pilot, "Say sea")
+        done = (await wait_for(pilot, lambda: recorder.of(ev.GenerationDone), "the answer"))[0]
+        decode = app.links_panel.decode
+        await wait_for(pilot, lambda: time.monotonic() > max(decode.bins) + 2.1, "the last whole second")
+        decode.show(time.monotonic())
+        one_second = max(decode.bins[c] / decode.busy[c] for c in decode.busy if decode.busy[c] > 0.9)
+        assert one_second > 1.15 * done.decode_tokens_per_s, "the speed swings second by second"
+        assert abs(decode.peak() - done.decode_tokens_per_s) <= 0.1 * done.decode_tokens_per_s, \
+            (decode.peak(), done.decode_tokens_per_s)
+        assert f"peak {decode.peak():.1f} tok/s" in decode.render().plain
 
 
 async def test_a_prompt_longer_than_its_line_scrolls_to_keep_the_cursor_in_view():
