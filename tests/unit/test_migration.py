@@ -112,6 +112,20 @@ def test_a_block_moves_in_one_copy_into_new_memory(engine):
     assert result.bytes == sum(engine.profile.layer_bytes[3:6])
 
 
+def test_a_large_block_moves_in_batches_of_bounded_size(engine, monkeypatch):
+    """Host memory holds a transfer's new copies before the old ones go: past
+    MOVE_BATCH_BYTES of weights, a block goes in several transfers, the answer unchanged."""
+    from vramancer.runtime import migration
+
+    before = greedy(engine)
+    monkeypatch.setattr(migration, "MOVE_BATCH_BYTES", engine.profile.layer_bytes[3] + 1)
+    transfers = lambda: {(l.src, l.dst): l.transfers for l in engine.link_stats()}.get(("sim1", "sim0"), 0)
+    count = transfers()
+    result = engine.migrate(3, 5, "sim0")
+    assert transfers() == count + 3 and result.bytes == sum(engine.profile.layer_bytes[3:6])
+    assert greedy(engine) == before
+
+
 def test_migrations_between_decode_steps_leave_greedy_output_unchanged(engine):
     expected = greedy(engine)
     schedule = {3: (0, 2, "sim0"), 6: ("head", "head", "sim1"), 9: (1, 5, "sim2"), 12: ("embed", "embed", "sim2")}
