@@ -16,16 +16,29 @@
   GenerationDone and BatchStatus events, sent through the App's emit on a thread of their own,
   as the engine worker sends them): what showing a busy server costs the UI.
 
+- key → screen while the dashboard serves (`--serve`): the bundled model answers eight HTTP
+  clients on 127.0.0.1 at once, each streaming chat completions one after another, while
+  the same presses are timed: what a real busy server costs the UI, decoding included.
+- a migration from the dashboard and from the CLI: the same block of the bundled model (the
+  smallest run of layers ending the first device's block that holds 108 MiB), moved back and
+  forth between two simulated devices while an answer streams: from the App (as a drag sends
+  it, telemetry on) and from `vramancer generate --migrate` in a process of its own; each
+  move's milliseconds as the engine logs them.
+
 The App of the key → screen figure runs in this process with torch's default thread count
 (every core), so decoding competes with the UI harder than under `vramancer`, whose
 `--threads` leaves a core free.
 
-    python -m benchmarks.dashboard [--presses 60] [--idle-s 10]
+    python -m benchmarks.dashboard [--presses 60] [--idle-s 10] [--moves 6]
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -39,6 +52,8 @@ GAPS = (0.03, 0.05, 0.08, 0.12)  # pauses between presses, cycled: presses land 
 WARMUP_PRESSES = 6
 SERVED_STREAMS, SERVED_RATE = 8, 20.0  # server requests streaming at once, tokens/s each
 TIMEOUT = 120.0
+MOVE_DEVICES = "sim:2x1GiB"  # room on either device for the block: every move there and back fits
+MOVE_BYTES = 108 * 2**20  # the issue's move: 108 MiB
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -174,6 +189,78 @@ async def measure_serving(presses: int, streams: int = 8, tokens_per_s: float = 
     return {"latencies_ms": latencies, "tokens_per_s": rate}
 
 
+class StreamingClients:
+    """`clients` HTTP clients of the dashboard's server, each asking for one streamed chat
+    completion after another (OpenAI's wire format, read chunk by chunk as they arrive)."""
+
+    def __init__(self, port: int, clients: int, max_tokens: int = 48) -> None:
+        import httpx
+
+        self.base = f"http://127.0.0.1:{port}/v1"
+        self.model = httpx.get(f"{self.base}/models", timeout=30).json()["data"][0]["id"]
+        self.max_tokens, self.chunks, self.errors = max_tokens, 0, []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), name=f"client-{i}", daemon=True)
+                         for i in range(clients)]
+
+    def start(self) -> "StreamingClients":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+    def _run(self, index: int) -> None:
+        import httpx
+
+        body = {"model": self.model, "stream": True, "max_tokens": self.max_tokens, "temperature": 0,
+                "messages": [{"role": "user", "content": f"{PROMPT} ({index})"}]}
+        with httpx.Client(timeout=120) as client:
+            while not self._stop.is_set():
+                try:
+                    with client.stream("POST", f"{self.base}/chat/completions", json=body) as response:
+                        for line in response.iter_lines():
+                            self.chunks += line.startswith("data: {")
+                            if self._stop.is_set():
+                                break
+                except httpx.HTTPError as exc:
+                    self.errors.append(str(exc))
+                    return
+
+
+async def measure_served_model(presses: int, clients: int) -> dict:
+    """Key → screen with the dashboard serving `clients` streaming HTTP clients (`--serve`)."""
+    import socket
+
+    from vramancer.app import VramancerApp
+    from vramancer.config.options import LoadOptions
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = VramancerApp(LoadOptions("default", DEVICES, "proportional", 2048, "auto"), telemetry=True,
+                       serve_port=port, serve_settings={"max_batch": clients})
+    shown: list[tuple[float, str]] = []
+    async with app.run_test(size=SIZE):
+        await _until(lambda: app.plan is not None and app.console_panel.ready, "the model to load", step=0.05)
+        display = record_screens(app, shown)
+        app.console_panel.prompt.focus()
+        streams = await asyncio.to_thread(StreamingClients, port, clients)
+        streams.start()
+        await _until(lambda: streams.chunks >= clients * 4 or streams.errors, "the answers to stream", step=0.05)
+        started, chunks = time.perf_counter(), streams.chunks
+        latencies = await time_presses(app, shown, presses)
+        rate = (streams.chunks - chunks) / (time.perf_counter() - started)
+        await asyncio.to_thread(streams.stop)
+        app._display = display
+    if streams.errors:
+        raise RuntimeError(f"a client of the dashboard's server failed: {streams.errors[0]}")
+    return {"latencies_ms": latencies, "chunks_per_s": rate}
+
+
 async def measure(presses: int, idle_s: float) -> dict:
     from vramancer.app import VramancerApp
     from vramancer.config.options import LoadOptions
@@ -205,7 +292,64 @@ async def measure(presses: int, idle_s: float) -> dict:
             "chars_streamed_while_pressing": streamed, "pressing_s": pressing_s}
 
 
-def bench(presses: int = 60, idle_s: float = 10.0) -> Result:
+def move_block(plan) -> tuple[int, int, str, str]:
+    """(first, last, home, away): the smallest run of layers ending the first device's block
+    that holds MOVE_BYTES, its device and the next block's."""
+    blocks = plan.blocks
+    last = blocks[0].last_layer
+    first = last
+    while plan.part_bytes(first, last) < MOVE_BYTES and first > blocks[0].first_layer:
+        first -= 1
+    return first, last, blocks[0].device, blocks[1].device
+
+
+async def measure_dashboard_moves(moves: int) -> tuple[tuple[int, int, str, str], list[float]]:
+    """Milliseconds of each move of the block sent from the App while an answer streams."""
+    from vramancer.app import VramancerApp
+    from vramancer.config.options import LoadOptions
+    from vramancer.engine import events as ev
+
+    def cli_threads() -> None:  # torch's threads as `vramancer` sets them, the same as the CLI's below
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+
+    app = VramancerApp(LoadOptions("default", MOVE_DEVICES, "proportional", 2048, "auto"), telemetry=True,
+                       sampling={"max_new_tokens": 1500}, prepare=cli_threads)
+    async with app.run_test(size=SIZE) as pilot:
+        console = app.console_panel
+        await _until(lambda: app.plan is not None and console.ready, "the model to load", step=0.05)
+        await asyncio.sleep(2.0)
+        console.prompt.focus()
+        await pilot.press(*PROMPT, "enter")
+        await _until(lambda: len(console.answer_text) > 20, "the answer to stream", step=0.01)
+        block = first, last, home, away = move_block(app.plan)
+        for i in range(moves):
+            done = len(app.migrations)
+            app.worker.submit(ev.Migrate(first, last, away if i % 2 == 0 else home))
+            await _until(lambda: len(app.migrations) > done, f"move {i + 1} to be done", timeout=30, step=0.01)
+            await asyncio.sleep(0.3)  # a few tokens between two moves, as between two drags
+        seconds = [m.seconds * 1000 for m in app.migrations]
+        await pilot.press("escape")
+        await _until(lambda: not console.generating, "the answer to stop", step=0.01)
+    return block, seconds
+
+
+def measure_cli_moves(block: tuple[int, int, str, str], moves: int) -> list[float]:
+    """Milliseconds of each move of the same block by `vramancer generate --migrate`."""
+    first, last, home, away = block
+    schedule = [f"--migrate={first}-{last}:{away if i % 2 == 0 else home}@{3 * i + 2}" for i in range(moves)]
+    run = subprocess.run([sys.executable, "-m", "vramancer", "generate", "--devices", MOVE_DEVICES, "--context", "2048",
+                          "--prompt", PROMPT, "--max-new-tokens", str(3 * moves + 8), *schedule],
+                         capture_output=True, text=True, timeout=600)
+    found = [float(ms) for ms in re.findall(r"\[migrated .*? in ([0-9.]+) ms", run.stderr)]
+    if run.returncode != 0 or len(found) != moves:
+        raise RuntimeError(f"vramancer generate --migrate gave {len(found)} of {moves} moves "
+                           f"(exit status {run.returncode}): {run.stderr[-500:]}")
+    return found
+
+
+def bench(presses: int = 60, idle_s: float = 10.0, moves: int = 6) -> Result:
     runs = {}
     for columns, rows in TERMINALS:
         say(f"dashboard: start, {idle_s:.0f} s idle and quit in a {columns}x{rows} terminal")
@@ -217,6 +361,13 @@ def bench(presses: int = 60, idle_s: float = 10.0) -> Result:
     say(f"dashboard: key → screen with {SERVED_STREAMS} synthetic server streams at {SERVED_RATE:.0f} tok/s each")
     served = asyncio.run(measure_serving(presses, SERVED_STREAMS, SERVED_RATE))
     served_lat = served["latencies_ms"]
+    say(f"dashboard: key → screen while its server (--serve) answers {SERVED_STREAMS} streaming HTTP clients")
+    real = asyncio.run(measure_served_model(presses, SERVED_STREAMS))
+    real_lat = real["latencies_ms"]
+    say(f"dashboard: {moves} moves of a 108 MiB block from the dashboard, then from the CLI")
+    block, dashboard_moves = asyncio.run(measure_dashboard_moves(moves))
+    cli_moves = measure_cli_moves(block, moves)
+    say(f"dashboard: move ms from the dashboard {_brief(dashboard_moves)}, from the CLI {_brief(cli_moves)}")
     small, large = (runs[size] for size in TERMINALS)
     result = Result(
         "dashboard", "Dashboard: key → screen while streaming (Textual Pilot), start, idle CPU and quit (real terminal)",
@@ -225,33 +376,57 @@ def bench(presses: int = 60, idle_s: float = 10.0) -> Result:
          "first_frame_s": ("first frame, s", 2), "quit_s": ("ctrl+q → shell, s", 2),
          "idle_small": (f"idle CPU {TERMINALS[0][0]}x{TERMINALS[0][1]}, % of a core", 2),
          "idle_large": (f"idle CPU {TERMINALS[1][0]}x{TERMINALS[1][1]}, % of a core", 2),
-         "served_p95": (f"key → screen p95 with {SERVED_STREAMS} server streams, ms", 1)},
+         "served_p95": (f"key → screen p95 with {SERVED_STREAMS} server streams, ms", 1),
+         "real_served_p95": (f"key → screen p95 serving {SERVED_STREAMS} HTTP clients (--serve), ms", 1),
+         "move_ms": ("108 MiB move, ms", 1)},
     )
     result.contenders["VRAMancer dashboard"] = {
         "p50": _one(percentile(lat, 50)), "p95": _one(percentile(lat, 95)), "max": _one(max(lat)),
         "first_frame_s": _many([r["first_frame_s"] for r in runs.values()]),
         "quit_s": _many([r["quit_s"] for r in runs.values()]),
         "idle_small": _one(small["idle_cpu_pct"]), "idle_large": _one(large["idle_cpu_pct"]),
-        "served_p95": _one(percentile(served_lat, 95)),
+        "served_p95": _one(percentile(served_lat, 95)), "move_ms": _many(dashboard_moves),
+        "real_served_p95": _one(percentile(real_lat, 95)),
     }
+    result.contenders["vramancer generate --migrate"] = {"move_ms": _many(cli_moves)}
     result.contenders["VRAMancer dashboard"]["latencies_ms"] = {"samples": lat}
     result.comparisons += [
         compare("key → screen p95, ms (absolute)", percentile(lat, 95), at_most=50),
         compare(f"key → screen p95 with {SERVED_STREAMS} server streams, ms (absolute)",
                 percentile(served_lat, 95), at_most=50),
+        compare(f"key → screen p95 serving {SERVED_STREAMS} HTTP clients (--serve), ms (absolute)",
+                percentile(real_lat, 95), at_most=50),
         compare("first frame, s (absolute, slowest terminal)", max(r["first_frame_s"] for r in runs.values()), at_most=1),
         compare("ctrl+q → shell, s (absolute, slowest terminal)", max(r["quit_s"] for r in runs.values()), at_most=0.5),
         compare("idle CPU, % of one core (absolute, largest of the sizes)",
                 max(r["idle_cpu_pct"] for r in runs.values()), at_most=2),
     ]
+    result.comparisons.append(compare("108 MiB move from the dashboard ÷ from the CLI, ms (median)",
+                                      _median(dashboard_moves) / _median(cli_moves), at_most=1.25))
+    first, last, home, away = block
+    result.notes.append(f"moves: L{first}–{last} {home} ⇄ {away} ({MOVE_DEVICES}) while an answer streams, "
+                        f"{moves} from the App (telemetry on) and {moves} from `vramancer generate --migrate`")
     if not out["still_streaming"]:
         result.notes.append("the answer finished before the last press: some presses were not measured during streaming")
     result.notes.append(f"server streams: {SERVED_STREAMS} synthetic requests at {SERVED_RATE:.0f} tok/s each "
                         f"({served['tokens_per_s']:.0f} tokens/s reached the App) sent through its emit with no model "
                         f"loaded; key → screen p50 {percentile(served_lat, 50):.1f} ms, max {max(served_lat):.1f} ms")
+    result.notes.append(f"--serve: {SERVED_STREAMS} HTTP clients streaming chat completions from the bundled model "
+                        f"({real['chunks_per_s']:.0f} chunks/s reached them); key → screen p50 "
+                        f"{percentile(real_lat, 50):.1f} ms, max {max(real_lat):.1f} ms")
+    result.notes.append(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
+                        f"on {os.cpu_count()} cores")
     result.notes.append(f"{out['chars_streamed_while_pressing']} characters of answer streamed during the "
                         f"{out['pressing_s']:.1f} s of presses")
     return result
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def _brief(values: list[float]) -> str:
+    return f"median {_median(values):.1f} ({', '.join(f'{v:.1f}' for v in values)})"
 
 
 def _one(value: float) -> dict:
@@ -264,4 +439,4 @@ def _many(values: list[float]) -> dict:
 
 
 if __name__ == "__main__":
-    cli(bench, __doc__, [("--presses", int, 60), ("--idle-s", float, 10.0)])
+    cli(bench, __doc__, [("--presses", int, 60), ("--idle-s", float, 10.0), ("--moves", int, 6)])

@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -369,18 +370,20 @@ async def test_prompt_streams_an_answer_and_the_conversation_carries_on(tiny_mod
 EMOJI_PROMPT = "Répète exactement: 🚀🔥 日本語 «café» — naïve 👍🏽"
 
 
-def force_answer(engine, answer: str, step_s: float) -> list[float]:
-    """Make the model answer `answer` (then its end token), one token every `step_s` at least:
-    the head's logits are replaced, so the engine, streamer and App all run as they would.
-    Returns the list the decode time of each token is appended to (time.monotonic)."""
+def force_answer(engine, answer: str, step_s: float | list[float]) -> list[float]:
+    """Make the model answer `answer` (then its end token), one token every `step_s` at least
+    (a list: the steps' pauses, in turn): the head's logits are replaced, so the engine,
+    streamer and App all run as they would. Returns the list the decode time of each token is
+    appended to (time.monotonic)."""
     import torch
 
     tokenizer = engine.tokenizer
     wanted = [*tokenizer.encode(answer, add_special_tokens=False), tokenizer.eos_token_id]
     decoded: list[float] = []
+    pauses = step_s if isinstance(step_s, list) else [step_s]
 
     def forced(module, inputs, logits):
-        time.sleep(step_s)
+        time.sleep(pauses[len(decoded) % len(pauses)])
         out = torch.full_like(logits, -1e4)
         out[..., wanted[min(len(decoded), len(wanted) - 1)]] = 0.0
         decoded.append(time.monotonic())
@@ -431,6 +434,36 @@ async def test_an_answer_without_spaces_streams_as_it_is_decoded(tiny_model_dir)
         assert str(app.query(".user-turn").last().render()) == "› " + EMOJI_PROMPT.replace("🏽", ""), "the prompt too"
         assert app.console_panel.messages[-1]["content"] == payload, "the conversation keeps what was decoded"
         assert f"{done.new_tokens} new tokens" in str(app.console_panel.stats.render())
+
+
+async def test_the_decode_peak_is_the_answers_rate_when_the_speed_swings():
+    """An answer decoded slow for 0.75 s, then fast for 0.75 s, over and over (a busy machine),
+    its Tokens stamped by the engine's clock as it sends them: one-second cells drew its peak
+    at ~1.3 times its rate, as the issue saw in tmux; each second is now rated over the last
+    seconds of decoding, and the peak drawn is within 10 % of the rate measured as the engine
+    measures it (its tokens over the span from the first to the last). The answer starts
+    slow: its first second is rated over that second alone. The timestamps are given, so
+    what is checked does not depend on how fast this machine runs."""
+    app = VramancerApp(telemetry=False)
+    async with app.run_test(size=SIZE) as pilot:
+        start = float(int(time.monotonic()) - 30)  # decoded in the past: every second of it is whole
+        pauses = [0.25] * 3 + [0.05] * 15  # 0.75 s at 4 tok/s, then 0.75 s at 20 tok/s
+        stamps = [start]
+        for step in range(119):
+            stamps.append(stamps[-1] + pauses[step % len(pauses)])
+        tokens = [ev.Token(" sea", "req-swing", step=i + 1, at=at) for i, at in enumerate(stamps)]
+        thread = threading.Thread(target=lambda: [app._emit(token) for token in tokens])
+        thread.start()
+        thread.join()
+        decode = app.links_panel.decode
+        await wait_for(pilot, lambda: decode.tokens == len(tokens), "the tokens")
+        decode.show(time.monotonic())
+        await pilot.pause()
+        measured = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+        whole = [decode.bins[c] / decode.busy[c] for c in decode.busy if decode.busy[c] > 0.99]
+        assert max(whole) > 1.2 * measured, "second by second, the speed swings"
+        assert abs(decode.peak() - measured) <= 0.1 * measured, (decode.peak(), measured)
+        assert f"peak {decode.peak():.1f} tok/s" in decode.render().plain
 
 
 async def test_a_prompt_longer_than_its_line_scrolls_to_keep_the_cursor_in_view():

@@ -97,6 +97,8 @@ async def test_each_request_shows_its_progress_and_outcome(tiny_model_dir):
         assert "1/64 tok" in requests_text(app)
         await wait_for(pilot, lambda: "41.5 tok/s" in str(app.header.batch.render()), "the batch's speed")
         assert "2 running · 0 waiting" in str(app.header.batch.render())
+        await pilot.pause()
+        width = app.header.batch.region.width
 
         emit_from_worker_thread(app, [done(1, 3), done(2, 1, "cancelled"),
                                       ev.RequestRefused("req-3", "queue_full", "The queue is full (8 waiting)."),
@@ -114,6 +116,8 @@ async def test_each_request_shows_its_progress_and_outcome(tiny_model_dir):
         await pilot.pause()
         # Nothing running: the last second's rate is not shown as if it were now.
         assert "0 running · 0 waiting" in screen_text(app) and "17.1" not in screen_text(app), "the header on screen"
+        # Shorter figures are padded: the header stays still, and new figures need no layout.
+        assert app.header.batch.region.width == width
         assert "req-1" in screen_text(app) and "finished (stop)" in screen_text(app), "the console on screen"
 
 

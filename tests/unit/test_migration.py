@@ -78,21 +78,52 @@ def test_migration_without_room_is_refused_and_changes_nothing(tiny_model_dir):
 def test_failure_part_way_rolls_everything_back(engine, monkeypatch):
     engine.migrate(3, 5, "sim0")
     before_blocks, before_tokens, before_ledgers = blocks(engine), greedy(engine), ledgers(engine)
-    real_move = SplitModel.move_part
+    real_move = SplitModel.move_layers
     calls = []
 
-    def failing_move(self, part, dst):
-        calls.append(part)
-        if len(calls) == 3:  # two parts already copied when the third fails
+    def failing_move(self, layers, dst, cache=None):
+        calls.append(layers)
+        if len(calls) == 2:  # one device's layers already copied when the other's fail
             raise RuntimeError("injected copy failure")
-        return real_move(self, part, dst)
+        return real_move(self, layers, dst, cache)
 
-    monkeypatch.setattr(SplitModel, "move_part", failing_move)
+    monkeypatch.setattr(SplitModel, "move_layers", failing_move)
     with pytest.raises(MigrationFailed, match="injected copy failure"):
         engine.migrate(1, 5, "sim2")
-    monkeypatch.setattr(SplitModel, "move_part", real_move)
+    monkeypatch.setattr(SplitModel, "move_layers", real_move)
     assert blocks(engine) == before_blocks and ledgers(engine) == before_ledgers
     assert greedy(engine) == before_tokens
+
+
+def test_a_block_moves_in_one_copy_into_new_memory(engine):
+    """The layers of a move between simulated devices are copied together, in one recorded
+    transfer, each weight into memory of its own that holds the original's values."""
+    layers = engine.model.get_decoder().layers
+    assert {engine.placement.device_of(i) for i in (3, 4, 5)} == {"sim1"}
+    before = {(i, name): p.detach().clone() for i in (3, 4, 5) for name, p in layers[i].named_parameters()}
+    old = {(i, name): p.data_ptr() for i in (3, 4, 5) for name, p in layers[i].named_parameters()}
+    transfers = lambda: {(l.src, l.dst): l.transfers for l in engine.link_stats()}.get(("sim1", "sim0"), 0)
+    count = transfers()
+    result = engine.migrate(3, 5, "sim0")
+    assert transfers() == count + 1, "one transfer for the block"
+    moved = {(i, name): p for i in (3, 4, 5) for name, p in layers[i].named_parameters()}
+    assert len({p.untyped_storage().data_ptr() for p in moved.values()}) == len(moved), "memory of its own"
+    assert all(p.data_ptr() != old[key] and p.equal(before[key]) for key, p in moved.items())
+    assert result.bytes == sum(engine.profile.layer_bytes[3:6])
+
+
+def test_a_large_block_moves_in_batches_of_bounded_size(engine, monkeypatch):
+    """Host memory holds a transfer's new copies before the old ones go: past
+    MOVE_BATCH_BYTES of weights, a block goes in several transfers, the answer unchanged."""
+    from vramancer.runtime import migration
+
+    before = greedy(engine)
+    monkeypatch.setattr(migration, "MOVE_BATCH_BYTES", engine.profile.layer_bytes[3] + 1)
+    transfers = lambda: {(l.src, l.dst): l.transfers for l in engine.link_stats()}.get(("sim1", "sim0"), 0)
+    count = transfers()
+    result = engine.migrate(3, 5, "sim0")
+    assert transfers() == count + 3 and result.bytes == sum(engine.profile.layer_bytes[3:6])
+    assert greedy(engine) == before
 
 
 def test_migrations_between_decode_steps_leave_greedy_output_unchanged(engine):

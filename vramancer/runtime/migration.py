@@ -170,7 +170,11 @@ def relocate(split: SplitModel, new: Placement, cache=None) -> tuple[int, float]
     nbytes = 0
     try:
         split.sync_ledgers(new)  # claims room first; a simulated device refuses here
-        for part in to_move:
+        together, alone = _by_link(split, to_move, new)
+        for (_, dst), layers in together.items():
+            for batch in _batches(split, layers):
+                nbytes += split.move_layers(batch, dst, cache)
+        for part in alone:
             nbytes += split.move(part, new.device_of(part), cache)
     except Exception as exc:
         moved = [p for p in to_move if split.placement.device_of(p) != old.device_of(p)]
@@ -184,6 +188,46 @@ def relocate(split: SplitModel, new: Placement, cache=None) -> tuple[int, float]
     split.settle_tie()
     split.rewire()
     return nbytes, time.perf_counter() - start
+
+
+def _by_link(split: SplitModel, parts: list[Part], new: Placement) -> tuple[dict[tuple[str, str], list[int]], list[Part]]:
+    """The layers that go between two of this machine's devices, by (source, destination),
+    and the parts that move one by one (embed, head, streamed layers, another machine's).
+
+    A link's layers move in one transfer (or a few: see MOVE_BATCH_BYTES). Each transfer lets
+    go of the GIL while it copies, and taking it back waits for whichever thread took it
+    meanwhile: with the dashboard drawing the move's "moving…" line on its thread, a 108 MiB
+    block moved part by part took 1.5-3 times as long as from the command line, where no
+    other thread wants the GIL."""
+    assert split.placement is not None
+    together: dict[tuple[str, str], list[int]] = {}
+    alone: list[Part] = []
+    for part in parts:
+        src, dst = split.placement.device_of(part), new.device_of(part)
+        if part in (EMBED, HEAD) or part in split.streamed or not (split.is_local(src) and split.is_local(dst)):
+            alone.append(part)
+        else:
+            together.setdefault((src, dst), []).append(int(part))
+    return together, alone
+
+
+# The most weight bytes one transfer of layers copies: the old copies are let go only after
+# it, so host memory briefly holds this much more (one layer's worth when a layer is larger).
+MOVE_BATCH_BYTES = 256 * 2**20
+
+
+def _batches(split: SplitModel, layers: list[int]) -> list[list[int]]:
+    """`layers` in runs of at most MOVE_BATCH_BYTES of weights (at least one layer each)."""
+    batches: list[list[int]] = []
+    size = 0
+    for layer in layers:
+        weight = split.profile.layer_bytes[layer]
+        if not batches or size + weight > MOVE_BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(layer)
+        size += weight
+    return batches
 
 
 def _roll_back(split: SplitModel, old: Placement, moved: list[Part], cache) -> BaseException | None:

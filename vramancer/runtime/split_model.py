@@ -202,19 +202,35 @@ class SplitModel:
     def move_cache(self, cache, layer: int, src: str, dst: str) -> int:
         """Move every tensor of layer `layer`'s cache entry (keys, values, and whatever else
         its kind keeps), if it has any yet. Returns bytes."""
-        entries = getattr(cache, "layers", None)
-        if src == dst or entries is None or layer >= len(entries):
-            return 0
-        entry = entries[layer]
-        slots = list(cache_tensors(entry))
+        slots = _cache_slots(cache, layer) if src != dst else []
         if not slots:
             return 0
         moved = self.transfer.move([tensor for _, _, tensor in slots], src, dst)
+        self._put_cache(cache, [layer], slots, moved, dst)
+        return sum(t.numel() * t.element_size() for t in moved)
+
+    def move_layers(self, layers: list[int], dst: str, cache=None) -> int:
+        """Move resident layers of one device, weights and KV cache, to `dst` in one transfer
+        (between simulated devices, one copy: see runtime/transfer.py's `_copy_together`).
+        Both devices are this machine's. Returns the bytes moved."""
+        assert self.placement is not None
+        src = self.placement.device_of(layers[0])
+        weights = [slot for layer in layers for slot in self.tensors_of(layer)]
+        kv = [slot for layer in layers for slot in _cache_slots(cache, layer)]
+        moved = self.transfer.move([tensor for _, _, tensor in weights + kv], src, dst)
+        for (owner, name, _), tensor in zip(weights, moved):
+            _assign(owner, name, tensor)
+        self._put_cache(cache, layers, kv, moved[len(weights):], dst)
+        self.placement = self.placement.moved(list(layers), dst)
+        return sum(stored_bytes(t) for t in moved)
+
+    def _put_cache(self, cache, layers: list[int], slots: list, moved: list[torch.Tensor], dst: str) -> None:
         for (container, key, _), tensor in zip(slots, moved):
             replace_cache_tensor(container, key, tensor)
-        if hasattr(entry, "device"):
-            entry.device = self.devices[dst].torch_device
-        return sum(t.numel() * t.element_size() for t in moved)
+        for layer in layers:
+            entry = _cache_entry(cache, layer)
+            if entry is not None and hasattr(entry, "device"):
+                entry.device = self.devices[dst].torch_device
 
     def settle_tie(self) -> None:
         """Re-tie embeddings and lm_head once both sit on one device again."""
@@ -399,6 +415,17 @@ class _Carried:
 
     def add(self, original, copy) -> None:
         self.copies[id(original)] = (original, copy)
+
+
+def _cache_entry(cache, layer: int):
+    entries = getattr(cache, "layers", None)
+    return entries[layer] if entries is not None and layer < len(entries) else None
+
+
+def _cache_slots(cache, layer: int) -> list[tuple[object, object, torch.Tensor]]:
+    """(container, key, tensor) of every tensor layer `layer`'s cache entry holds yet."""
+    entry = _cache_entry(cache, layer)
+    return [] if entry is None else list(cache_tensors(entry))
 
 
 def _holds_tensors(value) -> bool:

@@ -3,7 +3,8 @@
 Same device: nothing to do. CUDA to CUDA with peer access: a direct copy. CUDA to CUDA
 without it, or host to CUDA: staged through a reusable pinned host buffer. Between simulated
 devices (host memory under different names): a real copy, so the figures are measured, not
-invented. Every move is timed with the devices synchronised and recorded on its link.
+invented; a part's tensors are copied together, in one call (see `_copy_together`). Every move
+is timed with the devices synchronised and recorded on its link.
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ class TransferManager:
             return list(self.links.values())
 
     def _move_tree(self, value, source: Device, target: Device) -> tuple[object, int]:
+        if _plain_tensors(value) and source.torch_device == target.torch_device:
+            return type(value)(_copy_together(value)), sum(_nbytes(t) for t in value)
         if isinstance(value, torch.Tensor):
             return self.copy_tensor(value, source, target), stored_bytes(value)
         if isinstance(value, (tuple, list)):
@@ -219,6 +222,26 @@ class TransferManager:
                 buffer = torch.empty(tensor.numel(), dtype=tensor.dtype, pin_memory=True)
             self._pinned[key] = buffer
         return buffer.view(tensor.shape)
+
+
+def _plain_tensors(value) -> bool:
+    """A list or tuple of two or more plain tensors (a part's weights, a layer's KV cache)."""
+    return (isinstance(value, (list, tuple)) and len(value) > 1
+            and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in value))
+
+
+def _copy_together(tensors) -> list[torch.Tensor]:
+    """Copies of `tensors` (same memory: two names for the host's) in one call.
+
+    Each call lets go of the GIL while it copies, and taking it back waits for whichever thread
+    took it meanwhile (the dashboard drawing on its thread): copied one by one, a block of
+    layers moved several times slower from the dashboard than from the command line. Each
+    copy keeps its own allocation: one buffer for a whole block is fresh memory from the
+    system at every move, and its page faults cost more than the copy (108 MiB: about 70 ms
+    against 15 ms here)."""
+    copies = [torch.empty_like(t) for t in tensors]
+    torch._foreach_copy_(copies, [t.detach() for t in tensors])
+    return copies
 
 
 def _synchronize(*devices: Device) -> None:

@@ -68,9 +68,15 @@ class ModelHeader(Horizontal):
         text = f"{status.running} running · {status.waiting} waiting"
         if status.running or status.waiting:  # a rate of nothing running is a stale one: not shown
             text += f" · {status.tokens_per_s:.1f} tok/s"
-        if text != self._batch_text:  # twice a second while serving; the same figures need no layout
+        # Twice a second while serving. Its width never shrinks (shorter figures are padded), so
+        # new figures repaint one line: a layout of the whole screen at each took ~35 ms, and with
+        # eight streams key presses waited on it (key → screen p95 64 ms, 22 ms without).
+        width = max(len(text), len(self._batch_text))
+        text = text.ljust(width)
+        if text != self._batch_text:
+            grows = width != len(self._batch_text)
             self._batch_text = text
-            self.batch.update(text)
+            self.batch.update(text, layout=grows)
 
     def show_loading(self, model: str, devices: str) -> None:
         self.summary.update(f"loading {model} on {devices}…")

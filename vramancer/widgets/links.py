@@ -124,6 +124,7 @@ class LinkRow(LineWidget):
 
 
 DECODE_BIN_S = 1.0  # the tok/s graph's cell: tokens decoded in each second
+DECODE_WINDOW_S = 10.0  # each cell's rate is over this many seconds of decoding (see DecodeRow)
 MIN_GRAPH = 10  # cells a graph needs beside its scale; fewer, and the scale goes on its own line
 
 
@@ -167,13 +168,20 @@ class DecodeRow(LineWidget):
     tokens its answer had then, so the tokens between two of an answer's Tokens were decoded
     in that span, and are spread over the seconds it covers. The first text of an answer
     starts its clock (the time before it is the prompt's, not decoding). When the App got round
-    to drawing them does not enter into it."""
+    to drawing them does not enter into it.
+
+    Each second drawn is the rate over the last DECODE_WINDOW_S seconds of decoding: tokens
+    decoded in them over the time anything was decoding in them (an idle second counts for
+    nothing, and one where nothing decoded is drawn as zero). Second by second, a busy
+    machine's rate swings: one-second cells drew peaks ~30 % over the answer's measured rate."""
 
     COMPONENT_CLASSES = {"linkrow--name", "linkrow--dim", "decoderow--trend"}
 
     def __init__(self) -> None:
         super().__init__(classes="link-row decode-row")
         self.bins: dict[int, float] = {}  # second (engine's clock // DECODE_BIN_S) → tokens decoded in it
+        self.busy: dict[int, float] = {}  # second → seconds of it in which something was decoding
+        self._busy_until = float("-inf")  # the end of the latest span counted in `busy`
         self.tokens = 0  # decoded since the dashboard started
         self._answers: dict[int | str, tuple[int, float]] = {}  # request → (tokens so far, when)
         self._now = 0.0  # the latest time the row was told of
@@ -202,20 +210,31 @@ class DecodeRow(LineWidget):
 
     def _spread(self, count: int, start: float, end: float) -> None:
         span = end - start
-        cell = int(start // DECODE_BIN_S)
-        while cell * DECODE_BIN_S < end:
-            overlap = min(end, (cell + 1) * DECODE_BIN_S) - max(start, cell * DECODE_BIN_S)
+        for cell, overlap in _cells(start, end):
             self.bins[cell] = self.bins.get(cell, 0.0) + count * overlap / span
-            cell += 1
-        oldest = cell - HISTORY
-        for stale in [c for c in self.bins if c < oldest]:
-            del self.bins[stale]
+        # Answers decode together in a batch: their spans overlap, and a second is busy once.
+        # Tokens reach the App in the engine's order, so what is new is after `_busy_until`.
+        for cell, overlap in _cells(max(start, self._busy_until), end):
+            self.busy[cell] = self.busy.get(cell, 0.0) + overlap
+        self._busy_until = max(self._busy_until, end)
+        oldest = int(end // DECODE_BIN_S) - HISTORY
+        for table in (self.bins, self.busy):
+            for stale in [c for c in table if c < oldest]:
+                del table[stale]
 
     def rates(self, width: int, now: float) -> list[float]:
         """tok/s of the last `width` whole seconds before `now` (the second under way is not
-        finished, so it would read low)."""
+        finished, so it would read low), each over the DECODE_WINDOW_S seconds up to it."""
         last = int(now // DECODE_BIN_S) - 1
-        return [self.bins.get(cell, 0.0) / DECODE_BIN_S for cell in range(last - width + 1, last + 1)]
+        window = max(int(DECODE_WINDOW_S // DECODE_BIN_S), 1)
+        rates = []
+        for cell in range(last - width + 1, last + 1):
+            if not self.busy.get(cell):
+                rates.append(0.0)
+                continue
+            cells = range(cell - window + 1, cell + 1)
+            rates.append(sum(self.bins.get(c, 0.0) for c in cells) / sum(self.busy.get(c, 0.0) for c in cells))
+        return rates
 
     def show(self, now: float) -> None:
         """Time has moved on to `now` (time.monotonic): the graph moves with it. It draws whole
@@ -244,6 +263,16 @@ class DecodeRow(LineWidget):
         return [*fold(items, width), *trend_lines(width, scale, lambda n: spark(rates[-n:] if n else [], peak, n),
                                    style("decoderow--trend"),
                                    lambda n: f" 0–{peak:.1f} tok/s · {n * DECODE_BIN_S:.0f} s", style("linkrow--dim"))]
+
+
+def _cells(start: float, end: float):
+    """(cell, seconds of [start, end) in it) for every DECODE_BIN_S cell the span covers."""
+    cell = int(start // DECODE_BIN_S)
+    while cell * DECODE_BIN_S < end:
+        overlap = min(end, (cell + 1) * DECODE_BIN_S) - max(start, cell * DECODE_BIN_S)
+        if overlap > 0:
+            yield cell, overlap
+        cell += 1
 
 
 class LinksPanel(VerticalScroll):
