@@ -4,8 +4,10 @@ sequences' new tokens together through the linear layers while each sequence att
 its own keys and values.
 
 How a step runs: the tokens of every sequence (one for a decoding one, a prompt or a chunk of
-one for a newcomer) are laid end to end as one row, with each token's own position. The
-projections, norms and MLPs see one [1, tokens, hidden] tensor. The cache's `update` writes
+one for a newcomer) are laid end to end as one row, with each token's own position, so the
+projections, norms and MLPs see one [1, tokens, hidden] tensor. A step of decoding sequences
+only (one token each) lays them as rows instead, [sequences, 1, hidden], the shape our CPU
+kernels' few-rows paths take (kernels/cpu/few_rows.py). The cache's `update` writes
 each sequence's new keys and values into its own buffer, on the layer's device, and the
 attention registered here (`ATTENTION`) then runs, for each sequence, the attention the model
 was loaded with (SDPA, our CPU kernels' or eager) on that sequence's queries and its own
@@ -32,10 +34,14 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from vramancer.kernels.cpu.few_rows import ATTENTION as FEW_ROWS_ATTENTION
+from vramancer.kernels.cpu.modules import ATTENTION as CPU_ATTENTION
+
 BLOCK = 32  # KV columns a sequence's cache grows by, and the unit the budget is counted in
 ATTENTION = "vramancer_ragged"  # the name the per-sequence attention is registered under
 # Attention implementations whose masks we know how to make for a chunk that has tokens before it.
-KNOWN_ATTENTION = {"sdpa": "bool", "vramancer_cpu": "bool", "eager": "additive"}
+# Ours on the CPU take SDPA's masks (they hand masked calls to it).
+KNOWN_ATTENTION = {"sdpa": "bool", CPU_ATTENTION: "bool", FEW_ROWS_ATTENTION: "bool", "eager": "additive"}
 
 _running: contextvars.ContextVar[RaggedCache | None] = contextvars.ContextVar("vramancer_ragged", default=None)
 
@@ -46,13 +52,14 @@ def blocks_for(tokens: int) -> int:
 
 @dataclass(frozen=True)
 class Piece:
-    """One sequence's part of a step: `count` new tokens at `offset` in the step's row, after
-    the `past` tokens its cache already holds."""
+    """One sequence's part of a step: `count` new tokens at `offset` in row `row` of the step's
+    input, after the `past` tokens its cache already holds."""
 
     slot: int
     offset: int
     count: int
     past: int
+    row: int = 0
 
 
 class RaggedLayer:
@@ -133,9 +140,9 @@ class RaggedCache(Cache):
         layer = self.layers[layer_idx]
         self._layer = layer_idx
         for piece in self.pieces:
-            end = piece.offset + piece.count
+            row, end = slice(piece.row, piece.row + 1), piece.offset + piece.count
             layer.write(piece.slot, piece.past, self.capacity[piece.slot],
-                        key_states[:, :, piece.offset:end], value_states[:, :, piece.offset:end])
+                        key_states[row, :, piece.offset:end], value_states[row, :, piece.offset:end])
         if len(self.pieces) == 1:  # a layer that attends by itself (a fused step) gets the whole row
             piece = self.pieces[0]
             return layer.read(piece.slot, piece.past + piece.count)
@@ -180,10 +187,12 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     for piece in cache.pieces:
         keys, values = layer.read(piece.slot, piece.past + piece.count)
         mask = _mask(piece, style, query.dtype, query.device)
-        out, _ = own(module, query[:, :, piece.offset:piece.offset + piece.count], keys, values, mask,
-                     dropout=dropout, scaling=scaling, **kwargs)
-        outputs.append(out)
-    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), None
+        out, _ = own(module, query[piece.row:piece.row + 1, :, piece.offset:piece.offset + piece.count], keys, values,
+                     mask, dropout=dropout, scaling=scaling, **kwargs)
+        outputs.append(out)  # [1, count, heads, dim]
+    if len(outputs) == 1:
+        return outputs[0], None
+    return torch.cat(outputs, dim=0 if query.shape[0] > 1 else 1), None
 
 
 AttentionInterface.register(ATTENTION, _attention)
