@@ -37,7 +37,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from vramancer.kernels.cpu.few_rows import ATTENTION as FEW_ROWS_ATTENTION
 from vramancer.kernels.cpu.modules import ATTENTION as CPU_ATTENTION
 
-BLOCK = 32  # KV columns a sequence's cache grows by, and the unit the budget is counted in
+BLOCK = 16  # KV columns a sequence's cache grows by, and the unit the budget is counted in
 ATTENTION = "vramancer_ragged"  # the name the per-sequence attention is registered under
 # Attention implementations whose masks we know how to make for a chunk that has tokens before it.
 # Ours on the CPU take SDPA's masks (they hand masked calls to it).
