@@ -443,6 +443,8 @@ class Batch:
         newcomers = [s for s in newcomers if not s.finish_reason]
         if not self.running and self.prefilling is None and len(newcomers) == 1:
             self._join_alone(newcomers[0])
+            if self.running:  # its first decode step too, as a lone answer always stepped
+                self._decode_alone()
         elif newcomers or self.prefilling is not None or self.ragged:
             self._ragged_step(newcomers)
         elif self.running:
