@@ -134,9 +134,10 @@ class PrefixCache:
             entry.layers = [(k.to(d), v.to(d)) if k.device != d else (k, v) for (k, v), d in zip(entry.layers, devices)]
 
     def bytes_by_layer(self) -> list[int]:
+        """Bytes kept per layer (read from the telemetry thread: sizes only, from copies of the lists)."""
         sizes: list[int] = []
-        for entry in self.entries.values():
-            for i, (k, v) in enumerate(entry.layers):
+        for entry in list(self.entries.values()):
+            for i, (k, v) in enumerate(list(entry.layers)):
                 if i == len(sizes):
                     sizes.append(0)
                 sizes[i] += k.numel() * k.element_size() + v.numel() * v.element_size()
