@@ -668,15 +668,19 @@ class Batch:
         """A second sequence joins a lone one: the lone one's used columns move into a ragged
         cache (under CUDA graphs this lets the kept StaticCache and its recordings go)."""
         ragged = RaggedCache(len(self.cache.layers), self.attention)
-        columns = []
-        for layer in self.cache.layers:
-            columns.append((layer.keys[:, :, :self.width], layer.values[:, :, :self.width]))
-        for sequence in self.running:
-            sequence.slot = self._new_slot()
-            ragged.add(sequence.slot)
-            ragged.capacity[sequence.slot] = min(max(sequence.blocks, blocks_for(self.width + 1)) * BLOCK,
-                                                 sequence.final_length)
-            ragged.put(sequence.slot, columns)
+        sequence = self.running[0]
+        sequence.slot = self._new_slot()
+        ragged.add(sequence.slot)
+        ragged.capacity[sequence.slot] = min(max(sequence.blocks, blocks_for(self.width + 1)) * BLOCK,
+                                             sequence.final_length)
+        layers = self.cache.layers
+        if all(isinstance(layer, kv_room.SpareRoomLayer) and layer.key_room is not None
+               and layer.key_room.shape[0] == 1 for layer in layers):
+            # Its buffers (spare columns and all) become its own: no copy of a long prompt's KV.
+            ragged.adopt(sequence.slot, [(layer.key_room, layer.value_room) for layer in layers], self.width)
+        else:
+            ragged.put(sequence.slot, [(layer.keys[:, :, :self.width], layer.values[:, :, :self.width])
+                                       for layer in layers])
         self.cache = ragged
         self.engine.cache = ragged
 

@@ -136,6 +136,13 @@ class RaggedCache(Cache):
             layer.put(slot, keys, values, self.capacity[slot])
         self.lengths[slot] = length
 
+    def adopt(self, slot: int, buffers: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
+        """Make these per-layer buffers [1, heads, >= length, dim] `slot`'s own, as they are (no
+        copy): a lone sequence's cache with spare columns becomes its ragged buffers."""
+        for layer, (keys, values) in zip(self.layers, buffers):
+            layer.key_rows[slot], layer.value_rows[slot] = keys, values
+        self.lengths[slot] = length
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
         self._layer = layer_idx
