@@ -377,6 +377,8 @@ class Batch:
         self._release(sequence)
         sequence.finish_reason = reason
         self._finish(sequence)
+        if not self.running:
+            self._empty()
 
     def close(self) -> None:
         """Shutting down: running requests end cancelled (with the text they have), waiting
@@ -388,6 +390,10 @@ class Batch:
             self._end_prefilling("cancelled")
         while self.waiting:
             sequence = self.waiting.popleft()
+            if sequence.tokens:  # preempted: it streamed already, so it ends with the text it has
+                sequence.finish_reason = "cancelled"
+                self._finish(sequence)
+                continue
             self.emit(ev.RequestRefused(sequence.request_id, "shutting_down",
                                         "the engine is shutting down; the request was not run."))
         self._report(force=True)
@@ -398,7 +404,7 @@ class Batch:
         self.emit(ev.Error("Submit", message))
         for sequence in self.running:
             sequence.finish_reason = "cancelled"
-        self._leave()
+        self._leave(keep=False)  # its KV may be on a device that is gone
         if self.prefilling is not None:
             self._end_prefilling("cancelled")
         while self.waiting:
@@ -473,6 +479,7 @@ class Batch:
             return
         rows = [*self.running, *self._prefilling()]
         was_alone = not self.ragged
+        self.prefilling = None
         self._empty()
         for sequence in rows:
             sequence.slot, sequence.held, sequence.blocks = None, 0, 0
@@ -852,11 +859,12 @@ class Batch:
 
     # --- leaving -------------------------------------------------------------------------
 
-    def _leave(self) -> None:
+    def _leave(self, keep: bool = True) -> None:
         """Finished sequences leave: the whole blocks of their KV are kept as a prefix for later
         requests (within the budget), then their KV goes."""
         for sequence in [s for s in self.running if s.finish_reason]:
-            self._keep_prefix(sequence)
+            if keep:
+                self._keep_prefix(sequence)
             self.running.remove(sequence)
             self._release(sequence)
             self._finish(sequence)

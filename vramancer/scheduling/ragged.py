@@ -34,8 +34,9 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from vramancer.kernels.cpu import build as cpu_kernels
 from vramancer.kernels.cpu.few_rows import ATTENTION as FEW_ROWS_ATTENTION
-from vramancer.kernels.cpu.modules import ATTENTION as CPU_ATTENTION
+from vramancer.kernels.cpu.modules import ATTENTION as CPU_ATTENTION, one_query_on_kernels
 
 BLOCK = 16  # KV columns a sequence's cache grows by, and the unit the budget is counted in
 ATTENTION = "vramancer_ragged"  # the name the per-sequence attention is registered under
@@ -190,12 +191,21 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     own = ALL_ATTENTION_FUNCTIONS.get_interface(cache.attention, None)
     layer = cache.layers[cache._layer]
     style = KNOWN_ATTENTION[cache.attention]
+    # Beside others, a decoding sequence's one query goes through our decode-attention kernel
+    # where the model runs its batches' attention on our kernels anyway: one call of a few
+    # microseconds, where SDPA's own overhead is tens of them, for every sequence and layer.
+    ops = (cpu_kernels.kernels() if len(cache.pieces) > 1 and cache.attention in (CPU_ATTENTION, FEW_ROWS_ATTENTION)
+           else None)
     outputs = []
     for piece in cache.pieces:
         keys, values = layer.read(piece.slot, piece.past + piece.count)
+        rows = query[piece.row:piece.row + 1, :, piece.offset:piece.offset + piece.count]
+        if ops is not None and piece.count == 1 and one_query_on_kernels(rows, dropout, kwargs):
+            outputs.append(ops.decode_attention(rows, keys, values, scaling if scaling is not None
+                                                else rows.shape[-1] ** -0.5))
+            continue
         mask = _mask(piece, style, query.dtype, query.device)
-        out, _ = own(module, query[piece.row:piece.row + 1, :, piece.offset:piece.offset + piece.count], keys, values,
-                     mask, dropout=dropout, scaling=scaling, **kwargs)
+        out, _ = own(module, rows, keys, values, mask, dropout=dropout, scaling=scaling, **kwargs)
         outputs.append(out)  # [1, count, heads, dim]
     if len(outputs) == 1:
         return outputs[0], None
