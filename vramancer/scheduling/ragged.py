@@ -115,6 +115,7 @@ class RaggedCache(Cache):
         self.capacity: dict[int, int] = {}
         self.pieces: list[Piece] = []  # the step being run
         self._layer = 0  # the layer whose attention runs next (its update came just before)
+        self.configs: list | None = None  # the model's configs whose attention is switched for a step
 
     @property
     def slots(self) -> list[int]:
@@ -195,14 +196,14 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     # where the model runs its batches' attention on our kernels anyway: one call of a few
     # microseconds, where SDPA's own overhead is tens of them, for every sequence and layer.
     ops = (cpu_kernels.kernels() if len(cache.pieces) > 1 and cache.attention in (CPU_ATTENTION, FEW_ROWS_ATTENTION)
-           else None)
+           and one_query_on_kernels(query[:1, :, :1], dropout, kwargs) else None)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     outputs = []
     for piece in cache.pieces:
         keys, values = layer.read(piece.slot, piece.past + piece.count)
         rows = query[piece.row:piece.row + 1, :, piece.offset:piece.offset + piece.count]
-        if ops is not None and piece.count == 1 and one_query_on_kernels(rows, dropout, kwargs):
-            outputs.append(ops.decode_attention(rows, keys, values, scaling if scaling is not None
-                                                else rows.shape[-1] ** -0.5))
+        if ops is not None and piece.count == 1:
+            outputs.append(ops.decode_attention(rows, keys, values, scale))
             continue
         mask = _mask(piece, style, query.dtype, query.device)
         out, _ = own(module, rows, keys, values, mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -228,7 +229,9 @@ def _configs(model) -> list:
 def ragged_forward(model, cache: RaggedCache, pieces: list[Piece]):
     """While it lasts, `model`'s attention runs per sequence over `cache` for these pieces; after
     it, each piece's tokens count as held."""
-    configs = _configs(model)
+    if cache.configs is None:  # the model's configs, found once per cache (a walk of every module)
+        cache.configs = _configs(model)
+    configs = cache.configs
     before = [config._attn_implementation for config in configs]
     cache.pieces = pieces
     token = _running.set(cache)
