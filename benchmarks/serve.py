@@ -172,12 +172,15 @@ def long_beside(server: ServerProcess, tokens: int):
 
 def shared_prefix(server: ServerProcess):
     """Two requests with the same ~300-token system prompt, one after the other (a fresh
-    question each round, so only the system prompt is shared): both first tokens."""
+    question each round, so only the system prompt is shared): both first tokens. Each round's
+    system prompt starts with its number, so the first request of a round shares nothing with
+    the rounds before it (the server keeps prefixes)."""
     rounds = iter(range(1_000_000))
 
     def run() -> dict:
         n = next(rounds)
-        ask = lambda question: [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+        system = f"Session {n}. {SYSTEM}"
+        ask = lambda question: [{"role": "system", "content": system}, {"role": "user", "content": question}]
         first = _ttft_ms(server, ask(f"Round {n}: name a colour."))
         second = _ttft_ms(server, ask(f"Round {n}: name a fruit."))
         return {"first_ms": first, "second_ms": second}

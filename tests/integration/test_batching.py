@@ -170,27 +170,38 @@ def test_a_request_that_cannot_fit_the_context_is_refused_with_the_numbers(engin
     assert not batch.busy
 
 
-def test_requests_wait_for_kv_room_and_a_full_queue_refuses(engine):
+def test_requests_are_admitted_by_the_kv_they_hold_and_the_newest_is_preempted_when_it_runs_out(engine):
+    """Admission counts the KV blocks a sequence holds, not its final length: three requests of
+    100 tokens start together in a 256-token budget; as they grow, the newest is preempted (its
+    KV dropped), waits first in line and is computed again later; every answer equals the
+    request's alone, streamed once."""
+    prompts = dict(zip("abcd", OPENINGS))
+    solo = {name: engine.generate(p, raw=True, max_new_tokens=100).token_ids for name, p in prompts.items()}
     events = Events()
     batch = engine.batch(events.append, max_batch=3, max_waiting=1)
-    # Each needs 100+ of the 256 context tokens: two fit together, the others wait their turn.
     # Three slots and one waiting place: the fifth is one too many.
-    for name in "abcd":
-        assert batch.submit(submit(name, "Hi", tokens=100, raw=True))
+    for name, prompt in prompts.items():
+        assert batch.submit(submit(name, prompt, tokens=100, raw=True))
     assert not batch.submit(submit("e", "Hi", tokens=100, raw=True))
     refused = events.of(ev.RequestRefused)[-1]
     assert (refused.request_id, refused.reason) == ("e", "queue_full")
     batch.step()
-    assert (len(batch.running), len(batch.waiting)) == (2, 2)  # a third would not fit the KV budget
+    assert (len(batch.running), len(batch.waiting)) == (3, 1)  # three prompts fit; the slots are full
     peak = peak_bytes = 0
     while batch.busy:
         batch.step()
-        peak = max(peak, batch.status().kv_tokens)
-        peak_bytes = max(peak_bytes, sum(engine.kv_bytes_by_device().values()))  # spare columns included
-        assert len(batch.running) <= 2
+        status = batch.status()
+        peak = max(peak, status.kv_tokens)
+        assert status.kv_blocks <= status.kv_budget_blocks
+        peak_bytes = max(peak_bytes, sum(engine.kv_bytes_by_device().values()))  # kept prefixes included
+    assert batch.preemptions >= 1
     assert 0 < peak <= engine.context
     assert 0 < peak_bytes <= engine.context * engine.profile.kv_bytes_per_token * len(engine.placement.layer_devices)
-    assert all(events.done(name).new_tokens == 100 for name in "abcd")
+    for name in prompts:
+        done = events.done(name)
+        assert list(done.token_ids) == solo[name] and done.new_tokens == 100  # tiny model: no near ties
+        assert events.streamed(name) == done.text  # nothing streamed twice
+    assert sum(isinstance(e, ev.RequestStarted) for e in events) == 4
 
 
 def test_stop_strings_end_the_answer_and_are_never_streamed(engine):
@@ -459,6 +470,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_decode(engine, mo
     solo = {p: engine.generate(p, raw=True, max_new_tokens=8).token_ids for p in (long_prompt, OPENINGS[0], "Hi")}
     prompt_tokens = len(engine.tokenizer(long_prompt)["input_ids"])
     assert prompt_tokens > 3 * 8
+    engine.prefix_cache.clear()  # its prompt is computed in chunks here, not copied from the solo run's
     events = Events()
     batch = engine.batch(events.append)
     batch.submit(submit("running", OPENINGS[0], tokens=40, raw=True))

@@ -25,6 +25,7 @@ from vramancer.engine.loader import use_graphs
 from vramancer.model.loading import build_meta_model
 from vramancer.model.source import load_config, resolve_model
 from vramancer.runtime.graphs import LayerGraphs, is_graphed
+from vramancer.scheduling.ragged import RaggedCache
 
 PROMPT = "Tell me about the sea."
 TOKENS = 16
@@ -86,10 +87,11 @@ def test_replayed_layers_decode_the_same_tokens_and_each_layer_is_recorded_once(
     # The first decode step records every layer; every later one replays them all.
     assert recorder.recordings == layers
     assert recorder.replays == layers * (TOKENS - 1)
-    # Between answers the cache stays, held where its layers are, and counted.
+    # Between answers the cache stays, held where its layers are, and counted (beside the
+    # answer's prefix kept for later requests).
     kept = engine.split.graphs.cache
     assert kept is caches[0]
-    assert sum(engine.kv_bytes_by_device().values()) == sum(
+    assert sum(engine.kv_bytes_by_device().values()) == sum(engine.prefix_cache.bytes_by_layer()) + sum(
         t.numel() * t.element_size() for entry in kept.layers for t in (entry.keys, entry.values))
     # A second answer empties it in place and replays the first answer's recordings.
     caches.clear()
@@ -123,7 +125,7 @@ def test_a_lone_request_replays_and_a_second_joining_moves_it_into_the_batch_cac
     assert isinstance(engine.cache, StaticCache) and recorder.replays > 0
     batch.submit(ev.Submit("second", other, {"max_new_tokens": TOKENS}))
     batch.step()
-    assert len(batch.running) == 2 and isinstance(engine.cache, DynamicCache)
+    assert len(batch.running) == 2 and isinstance(engine.cache, RaggedCache)
     assert engine.split.graphs.cache is None  # the kept cache and its recordings were let go
     while batch.busy:
         batch.step()

@@ -52,6 +52,7 @@ from vramancer.planning.tiers import plan_with_tiers, stream_cost, tier_change_r
 from vramancer.runtime.split_model import SplitModel
 from vramancer.runtime.transfer import LinkStats, TransferManager
 from vramancer.scheduling.generation import GenerationResult, Messages, SamplingSettings
+from vramancer.scheduling.prefix_cache import PrefixCache
 
 ProgressCallback = Callable[[str, float], None]
 LONE_REQUEST = -1  # the request id of Engine.generate's answer (the dashboard's ids count from 1)
@@ -89,6 +90,9 @@ class Engine:
         self.on_rebalance: Callable[[MigrationResult | None, str], None] | None = None
         self._warned: set[str] = set()
         self._cache = None  # the KV cache of the generation in progress, if any
+        # Keys and values of prompt prefixes kept for later requests (scheduling/prefix_cache.py):
+        # the engine's, so every scheduler on it (the worker's, `generate`'s) shares them.
+        self.prefix_cache = PrefixCache()
         # Told when a device's machine is lost (recovered=False) and when its layers found new
         # homes (recovered=True): (sentence, node, layers, recovered). May be called on any thread.
         self.on_fault: Callable[[str, str, str, bool], None] | None = None
@@ -225,7 +229,15 @@ class Engine:
                 continue
             device = placement.layer_devices[i]
             totals[device] = totals.get(device, 0) + cache_bytes(entry)
+        for i, size in enumerate(self.prefix_cache.bytes_by_layer()):  # kept prefixes beside their layers
+            if i < len(placement.layer_devices) and size:
+                device = placement.layer_devices[i]
+                totals[device] = totals.get(device, 0) + size
         return totals
+
+    def layer_torch_devices(self) -> list[torch.device]:
+        """The torch device each decoder layer (and so its KV cache) is on now."""
+        return [self.split.devices[name].torch_device for name in self.placement.layer_devices]
 
     def placement_json(self) -> list[dict]:
         """The layer blocks in order, each with its device and weight bytes."""
@@ -403,6 +415,7 @@ class Engine:
         `on_step` callback (between two decode steps)."""
         last = first if last is None else last
         result = migrate(self.split, first, last, device, self._cache)
+        self.prefix_cache.follow(self.layer_torch_devices())
         result.step = step
         self.migrations.append(result)
         self.plan = Plan(self.placement.copy(), self.plan.strategy, self.context,
@@ -492,6 +505,7 @@ class Engine:
             plan = make_plan(self.profile, devices, strategy, self.context, self.pricing)
         check_room(self.split, plan.placement, "the new plan")
         relocate(self.split, plan.placement, self._cache)
+        self.prefix_cache.follow(self.layer_torch_devices())
         self.plan = plan
         return plan
 
@@ -515,6 +529,7 @@ class Engine:
 
     def close(self) -> None:
         """Release the model's memory and its ledger claims (and the nodes' layers)."""
+        self.prefix_cache.clear()
         for d in self.devices:
             for category in ("weights", "kv", "workspace"):
                 d.ledger.set(category, 0)

@@ -361,8 +361,14 @@ class BatchStatus(Event):
     running: int
     waiting: int
     tokens_per_s: float  # all sequences together, over the last second or so
-    kv_tokens: int  # KV slots held by the batch (padded length x sequences)
+    kv_tokens: int  # tokens whose keys and values the running sequences hold
     kv_budget: int  # KV slots the plan budgeted (--context)
+    kv_blocks: int = 0  # KV blocks held (sequences and kept prefixes), of kv_budget_blocks
+    kv_budget_blocks: int = 0
+    preemptions: int = 0  # sequences preempted for KV room so far (by this scheduler)
+    prefix_hits: int = 0  # requests that found a kept prefix, since the engine loaded
+    prefix_misses: int = 0
+    prefix_tokens_reused: int = 0  # prompt tokens copied from kept prefixes instead of computed
 
 
 @dataclass(frozen=True)

@@ -288,12 +288,14 @@ def layers_of_every_kind(config) -> int:
 def cache_tensors(entry) -> Iterator[tuple[object, object, torch.Tensor]]:
     """(container, key, tensor) for every tensor one cache layer holds: keys and values, and
     whatever else its kind keeps (sliding-window counters, indexer keys, conv or recurrent
-    states in dicts). `container[key]` or `setattr(container, key, …)` replaces it."""
+    states in dicts, a ragged cache's buffers by sequence). `container[key]` or
+    `setattr(container, key, …)` replaces it. Each dict is read at once (a copy of its
+    items), so telemetry on another thread never iterates one while the engine adds to it."""
     for name, value in list(vars(entry).items()):
         if isinstance(value, torch.Tensor):
             yield entry, name, value
         elif isinstance(value, dict):
-            for key, item in value.items():
+            for key, item in list(value.items()):
                 if isinstance(item, torch.Tensor):
                     yield value, key, item
 

@@ -11,30 +11,30 @@ migration runs between two steps, and counts it per device; and our worker threa
 every forward pass so that Migrate, Reserve and Replan can run between two of them. So the
 batch is built on our runtime directly.
 
-How it works (simple and exact):
-- One DynamicCache for the whole batch, so `Engine.cache` is it and the existing
-  migration, KV telemetry and auto-rebalance move and count every sequence's KV unchanged.
-  Its layers keep spare columns (scheduling/kv_room.py), so a step writes one column instead of
-  copying the cache.
-- Rows are left-padded to a common width T. The requests that join between two steps are
-  prefilled together (one forward, left-padded, in a fresh cache of their own; a lone one
-  exactly as `generate` would), each one's first token sampled from its prefill logits, then
-  their keys and values, zero on padding, are stacked under the batch's (or the batch is
-  padded when the newcomers are longer).
-- A decode step feeds every row's last token with a 2D attention mask (0 on padding; left out
-  when there is no padding, as generate does) and position ids = each row's real length.
-- A sequence that leaves takes its rows with it; columns that are padding for every row left
-  are dropped.
+How it works:
+- A request that finds the scheduler empty runs exactly as `generate` runs it: its prompt in
+  one forward, then one decode step at a time, in the engine's lone cache (under CUDA graphs
+  the kept StaticCache, whose steps replay the layers' recordings).
+- Several run in a ragged cache (scheduling/ragged.py): each sequence keeps its own keys and
+  values in every layer, grown a block at a time, and one forward a step feeds every
+  sequence's new tokens together (a running one's last token, a newcomer's prompt, a chunk of
+  a long prompt) while each attends to its own cache only. A second request joining a lone
+  one moves the lone one's columns in. `Engine.cache` is always the cache in use, so
+  migrations, KV telemetry and auto-rebalance move and count every sequence's KV.
+- The KV budget is `context` tokens (what the memory model planned), counted in blocks that
+  are actually held. A request is admitted when its prompt and one block more fit beside
+  what the others hold; each sequence grows as it decodes. When a step finds no block for a
+  sequence, kept prefixes are evicted, then the newest sequence is preempted: its KV goes,
+  it waits first in line, and when it runs again its prompt and tokens so far are computed
+  again, so its answer goes on where it was (nothing is streamed twice).
+- Leaving sequences' whole blocks are kept as prefixes (scheduling/prefix_cache.py, the
+  engine's): a request whose prompt starts with one copies those keys and values and
+  computes the rest only.
 
 Models whose cache is not plain full attention in every layer (sliding windows, recurrent
 states), that take no position ids, or whose layers partly run on other machines, run one
-sequence at a time through the same loop: their caches cannot be padded and stacked row by
-row here. The batch says so once, with a Notice, at its first request.
-
-Memory: the plan budgets KV for `context` tokens, shared by the batch (llama.cpp's meaning of
---context). A request needs prompt + max_tokens <= context; it joins only when the padded
-batch after it fits at every sequence's final length: (running + 1) x max(final lengths) <=
-context. Until then it waits; past `max_waiting` waiting ones, it is refused.
+sequence at a time through the same loop (`ragged.ragged_reason`). The batch says so once,
+with a Notice, at its first request.
 """
 
 from __future__ import annotations
@@ -47,16 +47,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch.nn import functional as F
 from transformers import (
-    DynamicCache,
     LogitsProcessorList,
     MinPLogitsWarper,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from transformers.cache_utils import DynamicLayer
 
 from vramancer.config.errors import VramancerError
 from vramancer.engine import events as ev
@@ -65,6 +62,7 @@ from vramancer.runtime import recovery
 from vramancer.scheduling import kv_room
 from vramancer.scheduling.constrained import Constraint
 from vramancer.scheduling.generation import SamplingSettings, encode_prompt
+from vramancer.scheduling.ragged import BLOCK, Piece, RaggedCache, blocks_for, ragged_forward, ragged_reason
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +161,20 @@ class Sequence:
     finish_reason: str = ""  # stop | length | cancelled, once it is done
     logprobs: list[ev.TokenLogprob] = field(default_factory=list)  # tokens not yet sent with a Token event
     constraint: Constraint | None = None  # response_format or a required tool call: what it must follow
-    partial: DynamicCache | None = None  # while it is prefilled in chunks: its own cache so far
-    prefilled: int = 0  # tokens of its prompt in `partial`
-    partial_placement: list[str] | None = None  # the split `partial` was made on
+    slot: int | None = None  # its keys and values in the ragged cache, while it holds any
+    held: int = 0  # tokens of its row (its prompt, then its new tokens) whose KV it holds
+    blocks: int = 0  # KV blocks of the budget counted for it
+    order: int = 0  # when it was last admitted: the newest is preempted first
+    preempted: int = 0  # times its KV was dropped for room, to be computed again
+
+    @property
+    def length(self) -> int:
+        """Tokens of its row: the prompt and every new token."""
+        return len(self.prompt_ids) + len(self.tokens)
+
+    @property
+    def row(self) -> list[int]:
+        return self.prompt_ids + self.tokens
 
     @property
     def request_id(self) -> str | int:
@@ -209,15 +218,8 @@ def encode_request(tokenizer, request: ev.Submit) -> list[int]:
 
 
 def single_sequence_reason(engine) -> str | None:
-    """Why this model's requests cannot share a padded batch, or None when they can."""
-    model = engine.model
-    if engine.connected:
-        return "some of its layers run on other machines, whose caches are not padded row by row"
-    if any(type(layer) is not DynamicLayer for layer in DynamicCache(config=model.config).layers):
-        return "not every layer keeps a plain full-attention cache (sliding windows or recurrent states)"
-    if "position_ids" not in inspect.signature(model.forward).parameters:
-        return "it takes no position ids, so left-padded rows would get the wrong positions"
-    return None
+    """Why this model's requests cannot share a batch, or None when they can."""
+    return ragged_reason(engine)
 
 
 class Batch:
@@ -240,8 +242,18 @@ class Batch:
         self.running: list[Sequence] = []  # in the order of the cache's rows
         self.prefilling: Sequence | None = None  # a long prompt prefilled a chunk a step, beside them
         self.waiting: deque[Sequence] = deque()
-        self.cache: DynamicCache | None = None
-        self.width = 0  # columns of every row of the cache (the padded length T)
+        self.cache = None  # the lone sequence's cache, or the batch's RaggedCache
+        self.width = 0  # columns of the lone sequence's cache
+        self.attention = engine.model.config._attn_implementation
+        # The engine's kept prefixes (None where sequences cannot share a batch).
+        self.prefix = None if self.single_reason else getattr(engine, "prefix_cache", None)
+        self.preemptions = 0
+        self._joining: list[Sequence] = []  # admitted this step, not yet running
+        self._order = 0
+        self._slots = 0
+        self._placement: list[str] | None = None
+        # Layers whose decode step runs fused (kernels/cpu/fused_layer.py) attend by themselves.
+        self._fused = any(getattr(m, "vramancer_fused", None) is not None for m in engine.split.layer_modules)
         self.steps = 0  # decode steps run since the scheduler last started from empty, for MigrationDone.step
         self._told_single = False
         takes = inspect.signature(engine.model.forward).parameters
@@ -362,9 +374,11 @@ class Batch:
 
     def _end_prefilling(self, reason: str) -> None:
         sequence, self.prefilling = self.prefilling, None
-        sequence.partial = None
+        self._release(sequence)
         sequence.finish_reason = reason
         self._finish(sequence)
+        if not self.running:
+            self._empty()
 
     def close(self) -> None:
         """Shutting down: running requests end cancelled (with the text they have), waiting
@@ -376,6 +390,10 @@ class Batch:
             self._end_prefilling("cancelled")
         while self.waiting:
             sequence = self.waiting.popleft()
+            if sequence.tokens:  # preempted: it streamed already, so it ends with the text it has
+                sequence.finish_reason = "cancelled"
+                self._finish(sequence)
+                continue
             self.emit(ev.RequestRefused(sequence.request_id, "shutting_down",
                                         "the engine is shutting down; the request was not run."))
         self._report(force=True)
@@ -386,7 +404,7 @@ class Batch:
         self.emit(ev.Error("Submit", message))
         for sequence in self.running:
             sequence.finish_reason = "cancelled"
-        self._leave()
+        self._leave(keep=False)  # its KV may be on a device that is gone
         if self.prefilling is not None:
             self._end_prefilling("cancelled")
         while self.waiting:
@@ -398,32 +416,59 @@ class Batch:
     # --- one step ------------------------------------------------------------------------
 
     def step(self) -> None:
-        """Admit the waiting requests that fit (prefilled together), then one decode step
-        for the batch. A device lost on the way is recovered and the batch rebuilt."""
+        """Admit the waiting requests that fit, then one forward for every sequence: a decode
+        step for the running ones, the prompts (or a chunk of a long one) of the newcomers. A
+        device lost on the way is recovered and the batch rebuilt."""
         if not self.running:
             self.steps = 0  # counted from the start of each busy spell: a lone answer's step is its token count
         while True:
             try:
                 with torch.inference_mode():
-                    self._admit()
-                    if self.prefilling is not None:
-                        self._prefill_chunk()
-                    if self.running:
-                        self._decode()
+                    self._follow_split()
+                    newcomers = self._admit()
+                    try:
+                        self._run(newcomers)
+                    except BaseException:  # a device lost on the way: newcomers not yet started wait again
+                        back = [s for s in newcomers if not s.finish_reason and s not in self.running
+                                and s is not self.prefilling]
+                        for sequence in back:
+                            self._release(sequence)
+                        self.waiting.extendleft(reversed(back))
+                        raise
                 break
             except DeviceLost as lost:
                 self.recover(lost)
         self._report()
 
+    def _run(self, newcomers: list[Sequence]) -> None:
+        for sequence in [s for s in newcomers if not s.tokens and s.settings.max_new_tokens == 0]:
+            sequence.finish_reason = "length"  # nothing asked: nothing to run
+            self.emit(ev.RequestStarted(sequence.request_id))
+            self._release(sequence)
+            self._finish(sequence)
+        newcomers = [s for s in newcomers if not s.finish_reason]
+        if not self.running and self.prefilling is None and len(newcomers) == 1:
+            self._join_alone(newcomers[0])
+            if self.running:  # its first decode step too, as a lone answer always stepped
+                self._decode_alone()
+        elif newcomers or self.prefilling is not None or self.ragged:
+            self._ragged_step(newcomers)
+        elif self.running:
+            self._decode_alone()
+
+    @property
+    def ragged(self) -> bool:
+        return isinstance(self.cache, RaggedCache)
+
     def recover(self, lost: DeviceLost) -> None:
         """A device went away: re-place its layers, then rebuild every running sequence's KV.
         A lone sequence replays its prompt and its tokens so far step by step, as they first
-        ran, so its answer goes on exactly; several are prefilled together, so their greedy
-        answers go on exactly only up to batch arithmetic. If the layers fit nowhere, every
-        request ends (abort)."""
+        ran, so its answer goes on exactly; several are computed again together at the next
+        step, so their greedy answers go on exactly only up to batch arithmetic. If the layers
+        fit nowhere, every request ends (abort)."""
         self.losses.append(str(lost))
-        if self.prefilling is not None:  # its chunks so far were made on the old split: start over
-            self.prefilling.partial, self.prefilling.prefilled = None, 0
+        if self.prefix is not None:
+            self.prefix.clear()  # kept prefixes on the lost device are gone with it
         recovery.mark_lost(self.engine, lost)
         try:
             recovery.recover_lost_devices(self.engine, replay_tokens=max((len(s.tokens) for s in self.running),
@@ -432,170 +477,164 @@ class Batch:
             self.failure = exc
             self.abort(str(exc))
             return
-        rows = self.running
+        rows = [*self.running, *self._prefilling()]
+        was_alone = not self.ragged
+        self.prefilling = None
         self._empty()
-        while True:
-            try:
-                with torch.inference_mode():
-                    self._join([s for s in rows if s not in self.running])
-                return
-            except DeviceLost as again:
-                recovery.mark_lost(self.engine, again)
+        for sequence in rows:
+            sequence.slot, sequence.held, sequence.blocks = None, 0, 0
+        if len(rows) == 1 and was_alone:
+            while True:
                 try:
-                    recovery.recover_lost_devices(self.engine)
-                except VramancerError as exc:
-                    self.running = rows
-                    self.failure = exc
-                    self.abort(str(exc))
+                    with torch.inference_mode():
+                        self._join_alone(rows[0])
                     return
-                self._empty()
+                except DeviceLost as again:
+                    recovery.mark_lost(self.engine, again)
+                    try:
+                        recovery.recover_lost_devices(self.engine)
+                    except VramancerError as exc:
+                        self.running = rows
+                        self.failure = exc
+                        self.abort(str(exc))
+                        return
+                    self._empty()
+        # Several: they go first in line, and the next step computes their rows again together.
+        self.waiting.extendleft(reversed(rows))
 
     def _free_slots(self) -> int:
-        return max(self.max_batch - len(self.running), 0)
+        return max(self.max_batch - len(self.running) - len(self._prefilling()), 0)
 
-    def _admit(self) -> None:
-        """The waiting requests that fit join, first in line first, prefilled together. While
-        others decode, a long prompt is not prefilled at once: it is taken aside and
-        prefilled a chunk a step (`_prefill_chunk`), one at a time; shorter ones behind it
-        still join."""
-        newcomers: list[Sequence] = []
+    # --- the KV budget -------------------------------------------------------------------
+
+    @property
+    def budget_blocks(self) -> int:
+        """The KV the plan budgeted (`context` tokens, as the memory model counts it), in blocks."""
+        return max(self.context // BLOCK, 1)
+
+    def _holding(self) -> list[Sequence]:
+        """Every sequence that holds (or is about to hold) KV."""
+        joining = [s for s in self._joining if s not in self.running and s is not self.prefilling]
+        return [*self.running, *self._prefilling(), *joining]
+
+    def _held_blocks(self) -> int:
+        held = sum(s.blocks for s in self._holding())
+        return held + (self.prefix.blocks if self.prefix is not None else 0)
+
+    def _room(self, blocks: int) -> bool:
+        """`blocks` more fit the budget, kept prefixes evicted (least recently used first) to make them fit."""
+        free = self.budget_blocks - self._held_blocks()
+        if blocks > free and self.prefix is not None:
+            self.prefix.evict(blocks - free)
+            free = self.budget_blocks - self._held_blocks()
+        return blocks <= free
+
+    def _grow(self, sequence: Sequence, tokens: int) -> bool:
+        """Room for `sequence` to hold `tokens`: blocks from the budget, then from kept prefixes,
+        then by preempting the newest sequences. False if `sequence` itself was preempted."""
+        want = min(blocks_for(tokens), blocks_for(sequence.final_length))
+        while want > sequence.blocks and not self._room(want - sequence.blocks):
+            others = [s for s in self._holding() if s.blocks]
+            if len(others) <= 1:
+                break  # alone it fits: it was admitted within the context
+            newest = max(others, key=lambda s: s.order)
+            self._preempt(newest)
+            if newest is sequence:
+                return False
+        sequence.blocks = max(sequence.blocks, want)
+        if self.ragged and sequence.slot is not None:
+            self.cache.capacity[sequence.slot] = min(sequence.blocks * BLOCK, sequence.final_length)
+        return True
+
+    def _preempt(self, sequence: Sequence) -> None:
+        """Out of KV room: `sequence` lets its KV go and waits, first in line; when it is admitted
+        again its prompt and tokens so far are computed again, and its answer goes on."""
+        if sequence is self.prefilling:
+            self.prefilling = None
+        if sequence in self.running:
+            self.running.remove(sequence)
+        if sequence in self._joining:
+            self._joining.remove(sequence)
+        self._release(sequence)
+        sequence.preempted += 1
+        self.preemptions += 1
+        self.waiting.appendleft(sequence)
+
+    def _release(self, sequence: Sequence) -> None:
+        if self.ragged and sequence.slot is not None:
+            self.cache.remove(sequence.slot)
+        sequence.slot, sequence.held, sequence.blocks = None, 0, 0
+
+    # --- admission -----------------------------------------------------------------------
+
+    def _admit(self) -> list[Sequence]:
+        """The waiting requests that fit join, first in line first: a request is admitted when
+        its prompt (and one block to grow into, unless its whole answer fits less) fits the KV
+        budget beside what the others hold now. While others decode, a prompt longer than a
+        chunk is prefilled a chunk a step, one such at a time; shorter ones behind it still join."""
+        newcomers = self._joining = []
+        decoding = bool(self.running)
         for sequence in list(self.waiting):
             if len(self.running) + len(newcomers) + len(self._prefilling()) >= self.max_batch:
                 break
-            finals = [s.final_length for s in (*self.running, *newcomers, *self._prefilling(), sequence)]
-            if len(finals) * max(finals) > self.context:
-                break  # it waits for KV room; the first in line goes first
-            if (self.running or self.prefilling) and sequence.cached + 1 > PREFILL_CHUNK:
-                if self.prefilling is None:
-                    self.waiting.remove(sequence)
-                    self.prefilling = sequence
+            row = sequence.length
+            if decoding and row > PREFILL_CHUNK and self.prefilling is not None:
                 continue
+            need = min(blocks_for(row) + 1, blocks_for(sequence.final_length))
+            if not self._room(need):
+                break  # it waits for KV room; the first in line goes first
             self.waiting.remove(sequence)
+            self._order += 1
+            sequence.order = self._order
+            sequence.blocks = min(blocks_for(row), blocks_for(sequence.final_length))
+            if decoding and row > PREFILL_CHUNK:
+                self.prefilling = sequence
             newcomers.append(sequence)
-        if not newcomers:
-            return
-        try:
-            if not self.running:
-                self.engine.recover_lost_nodes()  # a device lost between answers: re-place its layers first
-            self._join(newcomers)
-        except BaseException:  # a device lost on the way: they wait again, first in line
-            self.waiting.extendleft(reversed([s for s in newcomers if not s.finish_reason]))
-            raise
+        if newcomers and not self.running and self.prefilling is None:
+            self.engine.recover_lost_nodes()  # a device lost between answers: re-place its layers first
+        return newcomers
 
-    def _join(self, sequences: list[Sequence]) -> None:
-        """Prefill `sequences` in one forward and stack their KV under the batch's. A new
-        sequence gets its first token from the prefill; a rebuilt one keeps its last token as
-        the next input."""
-        for sequence in [s for s in sequences if not s.tokens and s.settings.max_new_tokens == 0]:
-            sequence.finish_reason = "length"  # nothing asked: nothing to run
-            self.emit(ev.RequestStarted(sequence.request_id))
-            self._finish(sequence)
-        sequences = [s for s in sequences if not s.finish_reason]
-        if not sequences:
-            return
-        if not self.running and len(sequences) == 1:
-            cache, logits = self._start_alone(sequences[0])
-        else:
-            cache, logits = self._prefill(sequences)
-        now = time.perf_counter()
-        for i, sequence in enumerate(sequences):
-            if not sequence.tokens:
-                self.emit(ev.RequestStarted(sequence.request_id))
-                token = self._pick(sequence, logits[i:i + 1])
-                self._accept(sequence, token, now, self._logprob(sequence, logits[i], token))
-        keep = [i for i, s in enumerate(sequences) if not s.finish_reason]
-        for sequence in sequences:
-            if sequence.finish_reason:
-                self._finish(sequence)
-        if not keep:
-            return
-        width = max(s.cached for s in sequences)
-        if len(keep) < len(sequences):
-            sequences = [sequences[i] for i in keep]
-            _keep_rows(cache, keep, width - max(s.cached for s in sequences))
-            width = max(s.cached for s in sequences)
-        self._stack(sequences, cache, width)
+    def _find_prefix(self, sequence: Sequence):
+        if self.prefix is None or sequence.tokens:
+            return None
+        return self.prefix.find(sequence.prompt_ids)
 
-    def _prefill(self, sequences: list[Sequence]) -> tuple[DynamicCache, torch.Tensor]:
-        """One forward over each sequence's tokens so far (its prompt and its new tokens but the
-        last), left-padded to the longest: their cache and each row's last logits [rows, vocab].
+    # --- one sequence alone --------------------------------------------------------------
 
-        One sequence alone runs exactly as `generate`'s prefill (no mask, no padding). Several
-        share the forward with a mask that hides the padding, positions counted from each
-        row's first real token, and the padding's keys and values zeroed afterwards, like the
-        padding `_stack` adds; their first tokens then equal their solo answers up to batch
-        arithmetic."""
-        device = self.engine.split.input_device
-        rows = [s.prompt_ids + s.tokens[:-1] for s in sequences]
-        width = max(len(r) for r in rows)
-        pads = [width - len(r) for r in rows]
-        # The padding's token is any valid id: the mask hides it from every real position.
-        input_ids = torch.tensor([[r[0]] * pad + r for r, pad in zip(rows, pads)], device=device)
-        extra = dict(self._keep_one)
-        if any(pads):
-            extra["attention_mask"] = torch.tensor([[0] * pad + [1] * len(r) for r, pad in zip(rows, pads)],
-                                                   device=device)
-        if self._positions:
-            extra["position_ids"] = torch.tensor([[0] * pad + list(range(len(r))) for r, pad in zip(rows, pads)],
-                                                 device=device)
-        cache = kv_room.spare_room_cache(self.engine.model.config)
-        output = self.engine.model(input_ids=input_ids, cache=cache, use_cache=True, **extra)
-        for i, pad in enumerate(pads):
-            if pad:
-                for layer in cache.layers:
-                    layer.keys[i, :, :pad] = 0
-                    layer.values[i, :, :pad] = 0
-        return cache, output.logits[:, -1, :]
-
-    def _prefill_chunk(self) -> None:
-        """The next chunk of the long prompt being prefilled beside the batch, in a cache of its
-        own; after the last one it gets its first token and its rows join the batch's."""
-        sequence = self.prefilling
-        placement = list(self.engine.placement.layer_devices)
-        if sequence.partial is None or sequence.partial_placement != placement:
-            # First chunk, or the split changed since the last one (a migration moves the
-            # batch's cache, not this one): start its prefill on the split as it is now.
-            sequence.partial = kv_room.spare_room_cache(self.engine.model.config)
-            sequence.partial_placement, sequence.prefilled = placement, 0
-        device = self.engine.split.input_device
-        row = sequence.prompt_ids + sequence.tokens[:-1]
-        chunk = row[sequence.prefilled:sequence.prefilled + PREFILL_CHUNK]
-        extra = dict(self._keep_one)
-        if self._positions:
-            extra["position_ids"] = torch.arange(sequence.prefilled, sequence.prefilled + len(chunk),
-                                                 device=device)[None]
-        output = self.engine.model(input_ids=torch.tensor([chunk], device=device), cache=sequence.partial,
-                                   use_cache=True, **extra)
-        sequence.prefilled += len(chunk)
-        if sequence.prefilled < len(row):
-            return
-        cache, sequence.partial, self.prefilling = sequence.partial, None, None
+    def _join_alone(self, sequence: Sequence) -> None:
+        cache, logits = self._start_alone(sequence)
+        self.cache, self.width, self.running = cache, sequence.cached, [sequence]
+        sequence.held = sequence.cached
         if not sequence.tokens:
             self.emit(ev.RequestStarted(sequence.request_id))
-            logits = output.logits[:, -1, :]
             token = self._pick(sequence, logits)
             self._accept(sequence, token, time.perf_counter(), self._logprob(sequence, logits[0], token))
         if sequence.finish_reason:
-            self._finish(sequence)
-            return
-        self._stack([sequence], cache, sequence.cached)
+            self._leave()
 
-    def _start_alone(self, sequence: Sequence) -> tuple[DynamicCache, torch.Tensor]:
+    def _start_alone(self, sequence: Sequence) -> tuple[object, torch.Tensor]:
         """A sequence that finds the batch empty runs exactly as `generate` ran it: its prompt
         in one forward, in the cache a lone answer uses (under CUDA graphs the engine's kept
-        StaticCache, whose decode steps replay the layers' recordings). A rebuilt one (after a
-        device was lost) then replays its tokens so far one decode step at a time, the same
-        forward passes in the same shapes as the first time, so its cache is rebuilt exactly.
-        Returns its cache and the last step's logits [1, vocab]."""
+        StaticCache, whose decode steps replay the layers' recordings). A kept prefix of its
+        prompt is written into that cache first, and only the rest is computed. A rebuilt one
+        (after a device was lost, or preempted) then replays its tokens so far one decode step
+        at a time, the same forward passes in the same shapes as the first time, so its cache
+        is rebuilt exactly. Returns its cache and the last step's logits [1, vocab]."""
         device = self.engine.split.input_device
         cache = self.engine.lone_cache()
         if cache is None:
             cache = kv_room.spare_room_cache(self.engine.model.config)
+        self.engine.cache = cache  # migrations and telemetry see it from the first forward
+        start = 0
+        hit = self._find_prefix(sequence)
+        if hit is not None:
+            for layer, (keys, values) in zip(cache.layers, hit.layers()):
+                layer.update(keys, values)
+            start = hit.tokens
         extra = dict(self._keep_one)
         if self._positions:
-            extra["position_ids"] = torch.arange(len(sequence.prompt_ids), device=device)[None]
-        input_ids = torch.tensor([sequence.prompt_ids], device=device)
-        self.engine.cache = cache  # migrations and telemetry see it from the first forward
+            extra["position_ids"] = torch.arange(start, len(sequence.prompt_ids), device=device)[None]
+        input_ids = torch.tensor([sequence.prompt_ids[start:]], device=device)
         output = self.engine.model(input_ids=input_ids, cache=cache, use_cache=True, **extra)
         for position, token in enumerate(sequence.tokens[:-1], start=len(sequence.prompt_ids)):
             kv_room.make_room(cache, ROOM_COLUMNS)
@@ -606,67 +645,148 @@ class Batch:
                                        use_cache=True, **extra)
         return cache, output.logits[:, -1, :]
 
-    def _stack(self, sequences: list[Sequence], cache: DynamicCache, width: int) -> None:
-        """Add the rows of `cache` (`width` columns, `sequences` in its row order) under the
-        batch's, left-padding whichever side is shorter."""
-        if not self.running:
-            self.cache = cache
-            self.width = width
-            self.running = list(sequences)
-            self.engine.cache = cache  # migrations and telemetry see the batch's KV
-            return
-        if not isinstance(self.cache, DynamicCache):
-            self._to_batch_cache()
-        wider = max(self.width, width)
-        for mine, theirs in zip(self.cache.layers, cache.layers):
-            for name in ("keys", "values"):
-                ours = _left_pad(getattr(mine, name), wider - self.width)
-                new = _left_pad(getattr(theirs, name), wider - width).to(ours.device)
-                setattr(mine, name, torch.cat([ours, new]))
-        self.width = wider
-        self.running.extend(sequences)
-
-    def _to_batch_cache(self) -> None:
-        """A lone sequence ran in the engine's StaticCache (CUDA graphs): a second one joins, so
-        its used columns move into a batch cache, whose rows can be padded and stacked."""
-        batch_cache = kv_room.spare_room_cache(self.engine.model.config)
-        for mine, static in zip(batch_cache.layers, self.cache.layers):
-            mine.lazy_initialization(static.keys, static.values)
-            mine.keys = static.keys[:, :, :self.width].clone()
-            mine.values = static.values[:, :, :self.width].clone()
-        self.cache = batch_cache
-        self.engine.cache = batch_cache  # the kept StaticCache and the recordings are let go
-
-    def _decode(self) -> None:
+    def _decode_alone(self) -> None:
+        """One decode step of the lone sequence in its own cache, exactly as `generate` steps."""
         device = self.engine.split.input_device
-        rows = self.running
-        input_ids = torch.tensor([[s.tokens[-1]] for s in rows], device=device)
+        sequence = self.running[0]
         extra = dict(self._keep_one)
-        if any(s.cached != self.width for s in rows):
-            mask = torch.zeros(len(rows), self.width + 1, dtype=torch.long)
-            for i, sequence in enumerate(rows):
-                mask[i, self.width - sequence.cached:] = 1
-            extra["attention_mask"] = mask.to(device)
         if self._positions:
-            extra["position_ids"] = torch.tensor([[s.cached] for s in rows], device=device)
+            extra["position_ids"] = torch.tensor([[sequence.cached]], device=device)
         # Room for this step's column and, when the cache must grow, the next few: never past
-        # the longest final length (the width never exceeds it: see `_leave`), so the KV stays
-        # within the budget the batch was admitted to.
-        kv_room.make_room(self.cache, max(1, min(ROOM_COLUMNS, max(s.final_length for s in rows) - self.width)))
-        output = self.engine.model(input_ids=input_ids, cache=self.cache, use_cache=True, **extra)
+        # its final length, so the KV stays within the budget it was admitted to.
+        kv_room.make_room(self.cache, max(1, min(ROOM_COLUMNS, sequence.final_length - self.width)))
+        output = self.engine.model(input_ids=torch.tensor([[sequence.tokens[-1]]], device=device), cache=self.cache,
+                                   use_cache=True, **extra)
         self.width += 1
+        sequence.held = self.width
+        # Its blocks are the columns its cache has room for (spare ones included).
+        self._grow(sequence, max(self.width + 1, getattr(self.cache.layers[0], "capacity", 0)))
         self.steps += 1
         now = time.perf_counter()
         logits = output.logits[:, -1, :]
-        # Greedy rows with nothing to adjust their scores take one argmax together.
-        best = logits.argmax(dim=-1).tolist()
-        for i, sequence in enumerate(rows):
+        plain = sequence.greedy and not sequence.processors and sequence.constraint is None
+        token = int(logits[0].argmax()) if plain else self._pick(sequence, logits)
+        self._accept(sequence, token, now, self._logprob(sequence, logits[0], token))
+        self._stamps.append((now, 1))
+        if sequence.finish_reason:
+            self._leave()
+
+    def _to_ragged(self) -> None:
+        """A second sequence joins a lone one: the lone one's used columns move into a ragged
+        cache (under CUDA graphs this lets the kept StaticCache and its recordings go)."""
+        ragged = RaggedCache(len(self.cache.layers), self.attention)
+        sequence = self.running[0]
+        sequence.slot = self._new_slot()
+        ragged.add(sequence.slot)
+        ragged.capacity[sequence.slot] = min(max(sequence.blocks, blocks_for(self.width + 1)) * BLOCK,
+                                             sequence.final_length)
+        layers = self.cache.layers
+        if all(isinstance(layer, kv_room.SpareRoomLayer) and layer.key_room is not None
+               and layer.key_room.shape[0] == 1 for layer in layers):
+            # Its buffers (spare columns and all) become its own: no copy of a long prompt's KV.
+            ragged.adopt(sequence.slot, [(layer.key_room, layer.value_room) for layer in layers], self.width)
+        else:
+            ragged.put(sequence.slot, [(layer.keys[:, :, :self.width], layer.values[:, :, :self.width])
+                                       for layer in layers])
+        self.cache = ragged
+        self.engine.cache = ragged
+
+    def _new_slot(self) -> int:
+        self._slots += 1
+        return self._slots
+
+    # --- the ragged batch ----------------------------------------------------------------
+
+    def _ragged_step(self, newcomers: list[Sequence]) -> None:
+        """One forward for every sequence: each running one's last token, each newcomer's
+        prompt (after a kept prefix), the long prompt's next chunk; each sequence attends to
+        its own keys and values only (scheduling/ragged.py)."""
+        if self.cache is not None and not self.ragged:
+            self._to_ragged()
+        elif self.cache is None:
+            self.cache = RaggedCache(len(self.engine.split.layer_modules), self.attention)
+            self.engine.cache = self.cache  # migrations and telemetry see the batch's KV
+        cache = self.cache
+        for sequence in newcomers:
+            sequence.slot = self._new_slot()
+            cache.add(sequence.slot)
+            cache.capacity[sequence.slot] = min(sequence.blocks * BLOCK, sequence.final_length)
+            hit = self._find_prefix(sequence)
+            if hit is not None:
+                cache.put(sequence.slot, hit.layers())
+                sequence.held = hit.tokens
+        # What each sequence feeds this step; room for it first (which may preempt the newest).
+        work = [*self.running, *self._prefilling(), *[s for s in newcomers if s is not self.prefilling]]
+        for sequence in work:
+            if sequence.slot is not None:  # not preempted to make room for an older one
+                self._grow(sequence, sequence.held + self._count(sequence))
+        work = [s for s in work if s.slot is not None]
+        self._joining = []
+        if not work:
+            return
+        device = self.engine.split.input_device
+        counts = [self._count(s) for s in work]
+        # Decoding sequences only: one row each ([rows, 1], the few-rows kernels' shape), unless
+        # a layer runs its decode step fused (it would attend over one row's cache for all).
+        as_rows = len(work) > 1 and all(c == 1 for c in counts) and not self._fused
+        pieces, ids, positions = [], [], []
+        for i, (sequence, count) in enumerate(zip(work, counts)):
+            pieces.append(Piece(sequence.slot, 0 if as_rows else len(ids), count, sequence.held, i if as_rows else 0))
+            if sequence.tokens and sequence.held == sequence.length - 1:  # a decode step: its last token
+                ids.append(sequence.tokens[-1])
+            else:
+                ids.extend(sequence.row[sequence.held:sequence.held + count])
+            positions.extend(range(sequence.held, sequence.held + count))
+        ends = [p.offset + p.count - 1 for p in pieces]
+        extra = {}
+        if self._keep_one:
+            extra["logits_to_keep"] = 1 if as_rows else torch.tensor(ends, device=device)
+        shape = (len(ids), 1) if as_rows else (1, len(ids))
+        if self._positions:
+            extra["position_ids"] = torch.tensor(positions, device=device).view(shape)
+        with ragged_forward(self.engine.model, cache, pieces):
+            output = self.engine.model(input_ids=torch.tensor(ids, device=device).view(shape), cache=cache,
+                                       use_cache=True, **extra)
+        if as_rows:
+            logits = output.logits[:, -1, :]
+        else:
+            logits = output.logits[0] if self._keep_one else output.logits[0, ends]
+        self.steps += 1
+        now = time.perf_counter()
+        best = logits.argmax(dim=-1).tolist()  # greedy rows with nothing to adjust their scores take one argmax
+        produced = 0
+        for i, (sequence, piece) in enumerate(zip(work, pieces)):
+            sequence.held += piece.count
+            if sequence.held < sequence.length:
+                continue  # a chunk of a long prompt: more to come
+            if sequence is self.prefilling:
+                self.prefilling = None
+            if sequence not in self.running:
+                self.running.append(sequence)
+            if not sequence.tokens:
+                self.emit(ev.RequestStarted(sequence.request_id))
             plain = sequence.greedy and not sequence.processors and sequence.constraint is None
             token = best[i] if plain else self._pick(sequence, logits[i:i + 1])
             self._accept(sequence, token, now, self._logprob(sequence, logits[i], token))
-        self._stamps.append((now, len(rows)))
-        if any(s.finish_reason for s in rows):
+            produced += 1
+        self._stamps.append((now, produced))
+        if any(s.finish_reason for s in self.running):
             self._leave()
+
+    def _count(self, sequence: Sequence) -> int:
+        """Tokens `sequence` feeds this step: the rest of its row, or a chunk of a long prompt
+        while others decode."""
+        rest = sequence.length - sequence.held
+        return min(rest, PREFILL_CHUNK) if sequence is self.prefilling else rest
+
+    def _follow_split(self) -> None:
+        """Kept prefixes go where their layers are now (a migration moved the running caches)."""
+        if self.prefix is None:
+            return
+        placement = list(self.engine.placement.layer_devices)
+        if placement != self._placement:
+            self._placement = placement
+            self.prefix.follow(self.engine.layer_torch_devices())
 
     def _pick(self, sequence: Sequence, logits: torch.Tensor) -> int:
         """The next token from one row's logits [1, vocab]: greedy, or sampled with the
@@ -739,22 +859,29 @@ class Batch:
 
     # --- leaving -------------------------------------------------------------------------
 
-    def _leave(self) -> None:
-        """Finished sequences leave: their rows go, and columns that are padding for every row
-        left are dropped."""
-        keep = [i for i, s in enumerate(self.running) if not s.finish_reason]
-        for sequence in self.running:
-            if sequence.finish_reason:
-                self._finish(sequence)
-        if not keep:
+    def _leave(self, keep: bool = True) -> None:
+        """Finished sequences leave: the whole blocks of their KV are kept as a prefix for later
+        requests (within the budget), then their KV goes."""
+        for sequence in [s for s in self.running if s.finish_reason]:
+            if keep:
+                self._keep_prefix(sequence)
+            self.running.remove(sequence)
+            self._release(sequence)
+            self._finish(sequence)
+        if not self.running and self.prefilling is None:
             self._empty()
+
+    def _keep_prefix(self, sequence: Sequence) -> None:
+        if self.prefix is None or sequence.held < BLOCK or self.cache is None:
             return
-        if len(keep) == len(self.running):
-            return
-        self.running = [self.running[i] for i in keep]
-        width = max(s.cached for s in self.running)
-        _keep_rows(self.cache, keep, self.width - width)
-        self.width = width
+        tokens = (sequence.prompt_ids + sequence.tokens)[:sequence.held]
+        if self.ragged:
+            layers = [layer.read(sequence.slot, sequence.held) for layer in self.cache.layers]
+        else:
+            layers = [(layer.keys[:, :, :sequence.held], layer.values[:, :, :sequence.held])
+                      for layer in self.cache.layers]
+        running = sum(s.blocks for s in self._holding() if s is not sequence)  # its own blocks are about to go
+        self.prefix.keep(tokens, layers, self.budget_blocks - running)
 
     def _empty(self) -> None:
         self.running = []
@@ -805,9 +932,14 @@ class Batch:
         return sum(n for _, n in list(self._stamps)[1:]) / span if span > 0 else 0.0
 
     def status(self) -> ev.BatchStatus:
-        prefilling = self.prefilling.prefilled if self.prefilling is not None else 0
+        held = sum(s.held for s in (*self.running, *self._prefilling()))
+        prefix = self.prefix
         return ev.BatchStatus(len(self.running) + len(self._prefilling()), len(self.waiting), self.tokens_per_s(),
-                              len(self.running) * self.width + prefilling, self.context)
+                              held, self.context, prefix_hits=prefix.hits if prefix else 0,
+                              prefix_misses=prefix.misses if prefix else 0,
+                              prefix_tokens_reused=prefix.tokens_reused if prefix else 0,
+                              kv_blocks=self._held_blocks(), kv_budget_blocks=self.budget_blocks,
+                              preemptions=self.preemptions)
 
     def _report(self, force: bool = False) -> None:
         """BatchStatus, coalesced: at most every STATUS_INTERVAL_S, and once when the batch empties."""
@@ -819,20 +951,6 @@ class Batch:
         self._status_at = now
         self._status_sent = (status.running, status.waiting)
         self.emit(status)
-
-
-def _keep_rows(cache: DynamicCache, rows: list[int], drop: int) -> None:
-    """Keep only `rows` of every layer's keys and values, without their first `drop` columns."""
-    for layer in cache.layers:
-        for name in ("keys", "values"):
-            tensor = getattr(layer, name)
-            index = torch.tensor(rows, device=tensor.device)
-            setattr(layer, name, tensor[:, :, drop:, :].index_select(0, index))
-
-
-def _left_pad(tensor: torch.Tensor, columns: int) -> torch.Tensor:
-    """`tensor` [batch, heads, length, dim] with `columns` zero columns before its first."""
-    return F.pad(tensor, (0, 0, columns, 0)) if columns > 0 else tensor
 
 
 __all__ = ["AnswerText", "Batch", "Sequence", "encode_request", "single_sequence_reason"]

@@ -39,6 +39,7 @@ class EngineReadings:
     """A collector: device memory and utilisation, link bytes and transfers, as last sampled."""
 
     def __init__(self) -> None:
+        self.batch: ev.BatchStatus | None = None  # the latest, for the prefix cache's totals
         self.devices: tuple[ev.DeviceSnapshot, ...] = ()
         self.links: tuple[ev.LinkSnapshot, ...] = ()
         self.simulated: dict[str, bool] = {}  # device name -> simulated, from the latest readings
@@ -73,6 +74,27 @@ class EngineReadings:
             sent.add_metric(labels, link.bytes)
             transfers.add_metric(labels, link.transfers)
         yield from (memory, total, utilisation, sent, transfers)
+        yield from self._scheduler_totals()
+
+    def _scheduler_totals(self):
+        """The prefix cache's and the preemptions' totals, cumulative as the engine counts them."""
+        batch = self.batch
+        totals = (("vramancer_prefix_cache_hits", "Requests whose prompt began with a kept prefix.", "prefix_hits"),
+                  ("vramancer_prefix_cache_misses", "Requests that found no kept prefix of their prompt.",
+                   "prefix_misses"),
+                  ("vramancer_prefix_cache_reused_tokens", "Prompt tokens whose keys and values were copied from "
+                   "a kept prefix instead of computed.", "prefix_tokens_reused"),
+                  ("vramancer_preemptions", "Sequences whose KV was dropped for room, to be computed again.",
+                   "preemptions"))
+        for name, text, field in totals:
+            family = CounterMetricFamily(name, text)
+            family.add_metric([], getattr(batch, field) if batch is not None else 0)
+            yield family
+        blocks = GaugeMetricFamily("vramancer_kv_blocks", "KV cache blocks held (sequences and kept prefixes), "
+                                   "by kind: held, budget.", labels=["kind"])
+        blocks.add_metric(["held"], batch.kv_blocks if batch is not None else 0)
+        blocks.add_metric(["budget"], batch.kv_budget_blocks if batch is not None else 0)
+        yield blocks
 
 
 class ServerMetrics:
@@ -117,6 +139,7 @@ class ServerMetrics:
         elif isinstance(event, ev.LinkSample):
             self.readings.links = event.links
         elif isinstance(event, ev.BatchStatus):
+            self.readings.batch = event
             self.running.set(event.running)
             self.waiting.set(event.waiting)
             self.batch_tokens_per_s.set(event.tokens_per_s)
