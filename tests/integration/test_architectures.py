@@ -80,8 +80,11 @@ MATRIX: dict[str, dict] = {
     "olmo3": {},
     "olmoe": {},
     # head_dim is the rotary part's here; its router needs a count of experts per token, None by default
-    "deepseek_v2": {"head_dim": 8, "first_k_dense_replace": 1, "num_experts_per_tok": 2},
-    "deepseek_v3": {"first_k_dense_replace": 1},
+    # DeepSeek's attention (MLA) gives every query head its own key head, as its checkpoints
+    # say (num_key_value_heads = num_attention_heads); with fewer, transformers' own attention
+    # fails on a prompt continued over a cache (a kept prefix, a chunked prefill).
+    "deepseek_v2": {"head_dim": 8, "first_k_dense_replace": 1, "num_experts_per_tok": 2, "num_key_value_heads": 4},
+    "deepseek_v3": {"first_k_dense_replace": 1, "num_key_value_heads": 4},
     "stablelm": {},
     "starcoder2": {},
     "cohere": {},
