@@ -1,6 +1,8 @@
 // The Python module of our CPU kernels: one entry per function of kernels.h.
 #include "kernels.h"
 
+#include <torch/extension.h>
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.def("decode_attention", &decode_attention, "one query per sequence over its KV cache (optional boolean mask)",

@@ -14,6 +14,8 @@
 
 #include "kernels.h"
 
+#include <torch/extension.h>
+
 #include <immintrin.h>
 
 #include <tuple>

@@ -1,7 +1,13 @@
 // The functions our CPU kernel sources define, for bindings.cpp (and for each other).
 #pragma once
 
-#include <torch/extension.h>
+// torch's tensor types only: the whole of <torch/extension.h> (its Python bindings, autograd's
+// API) costs ten more seconds of compiling per source; only the two that bind include it.
+#include <torch/types.h>
+
+namespace pybind11 {
+class module_;
+}
 
 // quant_linear.cpp
 torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& tiles);

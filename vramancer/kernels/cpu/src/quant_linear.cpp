@@ -39,7 +39,7 @@
 #include "kernels.h"
 #include "simd.h"
 
-#include <torch/extension.h>
+#include <torch/types.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
