@@ -12,6 +12,8 @@ from vramancer.engine import events as ev
 from vramancer.engine.engine import Engine
 from vramancer.engine.worker import EngineWorker
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: one torch thread per test
+
 PROMPTS = [
     "Tell me about the sea.",
     "Hi",
@@ -61,16 +63,6 @@ def run_to_end(batch, limit=2000):
             return
         batch.step()
     raise AssertionError("the batch did not empty")
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One thread decodes fastest on this shared 2-core machine (threads that spin-wait for a
-    busy core cost ten times more)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

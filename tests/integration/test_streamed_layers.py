@@ -15,17 +15,11 @@ from vramancer.config.options import LoadOptions
 from vramancer.engine import Engine
 from vramancer.planning.tiers import DISK, HOST
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: one torch thread per test
+
 LAYERS = 6
 # Each device holds the ends and about one layer: the other four stream, two from each tier.
 DEVICES, HOST_TIER, DISK_TIER = "sim:2x600KiB", "300KiB", "1MiB"
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ from vramancer.engine.engine import Engine
 from vramancer.scheduling import ragged
 from vramancer.scheduling.prefix_cache import PrefixCache
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: one torch thread per test
+
 OPENINGS = [
     "The sea is",
     "Once upon a time, in a small village by the mountains, there lived",
@@ -43,14 +45,6 @@ def run_to_end(batch, limit=2000):
             return
         batch.step()
     raise AssertionError("the batch did not empty")
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
