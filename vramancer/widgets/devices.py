@@ -51,6 +51,11 @@ def reading(value: float | None, unit: str, digits: int = 0) -> str:
     return UNKNOWN if value is None else f"{value:.{digits}f}{unit}"
 
 
+
+def trend_window_s(read_at, width: int) -> float:
+    """Seconds a trend of `width` cells stands for, one reading per cell, from the readings' times."""
+    return time_axis_s([b - a for a, b in zip(read_at, islice(read_at, 1, None))], width)
+
 class DeviceCard(LineWidget):
     """One device: what it is, how its memory is split, how busy it is, and memory over time.
 
@@ -172,9 +177,7 @@ class DeviceCard(LineWidget):
         return "n/a (simulated)" if self.info.simulated else "n/a (the device does not report it)"
 
     def _window_s(self) -> float:
-        """Seconds the trend's width stands for (one reading per cell)."""
-        times = self.read_at
-        return time_axis_s([b - a for a, b in zip(times, islice(times, 1, None))], self._trend_width)
+        return trend_window_s(self.read_at, self._trend_width)
 
     def _one_line(self, width: int) -> Text:
         """Name, memory bar and share used: one line per device, for a rig of many devices."""
@@ -310,8 +313,7 @@ class TierCard(LineWidget):
         return line
 
     def _window_s(self) -> float:
-        times = self.read_at
-        return time_axis_s([b - a for a, b in zip(times, islice(times, 1, None))], self._trend_width)
+        return trend_window_s(self.read_at, self._trend_width)
 
     def _one_line(self, width: int) -> Text:
         style = self.component_style
