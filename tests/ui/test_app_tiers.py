@@ -75,7 +75,8 @@ async def test_the_devices_panel_shows_each_tier_as_a_row_with_its_rate_over_tim
         engine = app.worker.engine
         per_token = sum(engine.profile.layer_bytes[i] for i in range(6))
         assert row.snapshot.streamed - before >= done.new_tokens * per_token
-        assert row.rate_history[-1] > 0
+        # The streaming shows in the rate's history (a later reading, after the answer, may read 0).
+        assert max(row.rate_history) > 0
         text = row.render().plain
         assert "copies at" in text
         assert "rate " in text and " · now " in text  # the trend, its scale and the rate now
