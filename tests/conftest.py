@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,13 +26,23 @@ if "VRM_KERNEL_DIR" not in os.environ:
 
     os.environ["VRM_KERNEL_DIR"] = os.path.join(os.environ.get("VRM_CACHE_DIR") or platformdirs.user_cache_dir("vramancer"),
                                                 "kernels")
-# The user's own config file (config.toml) never steers a test: point at one that is not there.
-os.environ["VRM_CONFIG"] = os.path.join(tempfile.mkdtemp(prefix="vramancer-test-config-"), "config.toml")
-# Caches (profiles, dequantised weights) go to a fresh folder, never the user's own.
-os.environ.setdefault("VRM_CACHE_DIR", tempfile.mkdtemp(prefix="vramancer-test-cache-"))
 
-# What the test processes of one run (pytest-xdist's workers inherit this) build once for all.
-os.environ.setdefault("VRM_TEST_RUN_DIR", tempfile.mkdtemp(prefix="vramancer-test-run-"))
+
+def _scratch_folder(variable: str, prefix: str) -> None:
+    """Point `variable` at a fresh folder unless this process inherited one (pytest-xdist's
+    workers and the servers tests start do), and remove it when the process that made it exits:
+    runs would otherwise leave a model cache each in the temporary folder."""
+    if variable not in os.environ:
+        os.environ[variable] = folder = tempfile.mkdtemp(prefix=prefix)
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+
+# What the test processes of one run build once for all (references.built_once).
+_scratch_folder("VRM_TEST_RUN_DIR", "vramancer-test-run-")
+# Caches (profiles, quantized weights) go to a fresh folder, never the user's own.
+_scratch_folder("VRM_CACHE_DIR", "vramancer-test-cache-")
+# The user's own config file (config.toml) never steers a test: point at one that is not there.
+os.environ["VRM_CONFIG"] = os.path.join(os.environ["VRM_TEST_RUN_DIR"], "no-config", "config.toml")
 
 TINY_LAYERS = 6
 
