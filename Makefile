@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.setup-done
 
-.PHONY: setup kernels run test test-oldest bench clean
+.PHONY: setup kernels run test test-oldest bench anchors clean
 
 # torch's CPU build, for machines without an NVIDIA driver, at version $(2) into the venv whose
 # Python is $(1): PyPI has no `+cpu` build, so it comes from this machine's wheels (pip's
@@ -76,6 +76,11 @@ test-oldest: $(OLDEST)/.setup-done
 
 bench: setup
 	$(PY) -m benchmarks.run
+
+# llama.cpp's own tools (llama-server, llama-quantize, llama-bench, llama-cli), which the
+# benchmarks measure us against where they are built: once, about 20 minutes on two cores.
+anchors: setup
+	$(PY) -m benchmarks.llama_cpp build
 
 clean:
 	rm -rf $(VENV) $(OLDEST) .pytest_cache build *.egg-info vramancer/kernels/cpu/*.so vramancer/kernels/cpu/*.key

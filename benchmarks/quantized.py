@@ -2,9 +2,8 @@
 
 Bundled SmolLM2-135M Q4_1 GGUF, chat prompt, greedy, one thread each, contenders alternating
 A B A B after a warm-up: VRAMancer float32 2-way, VRAMancer q4 unsplit and 2-way, and
-llama.cpp (llama-cpp-python) when it is installed in another Python, named by
-VRAMANCER_LLAMA_PYTHON or found at /work/llama-venv/bin/python; it runs in a subprocess of
-that Python (it is not one of our dependencies). llama.cpp's KV cache is cleared before every
+llama.cpp's Python bindings where `make anchors` built them (benchmarks/llama_cpp.py); they run
+in a subprocess of their own Python (llama.cpp is not one of our dependencies). llama.cpp's KV cache is cleared before every
 round, so its first token includes the whole prompt, as ours does.
 
 Split against unsplit (the 3 % target) is measured apart, token by token: `generate` rounds
@@ -18,10 +17,10 @@ ratios (benchmarks.common.interleaved_steps).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
+from benchmarks import llama_cpp
 from benchmarks.common import (
     PROMPT,
     Result,
@@ -33,7 +32,6 @@ from benchmarks.common import (
 )
 
 SPLIT_2 = "sim:2x1GiB"
-LLAMA_PYTHONS = (os.environ.get("VRAMANCER_LLAMA_PYTHON", ""), "/work/llama-venv/bin/python")
 LLAMA = "llama.cpp (llama-cpp-python), same GGUF"
 Q4_SPLIT, Q4_ONE, F32_SPLIT = "VRAMancer q4, 2-way (sim:2x1GiB)", "VRAMancer q4, unsplit (cpu)", "VRAMancer float32, 2-way"
 Q8_SPLIT, Q8_ONE = "VRAMancer q8, 2-way (sim:2x1GiB)", "VRAMancer q8, unsplit (cpu)"
@@ -58,16 +56,6 @@ for line in sys.stdin:
     print(json.dumps({"ids": ids, "ttft": times[0] - start,
                       "rate": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None}), flush=True)
 """
-
-
-def llama_python() -> str | None:
-    """A Python that can import llama_cpp, or None."""
-    for candidate in LLAMA_PYTHONS:
-        if candidate and Path(candidate).is_file():
-            done = subprocess.run([candidate, "-c", "import llama_cpp"], capture_output=True)
-            if done.returncode == 0:
-                return candidate
-    return None
 
 
 class LlamaCpp:
@@ -134,10 +122,9 @@ def bench(rounds: int = 3, tokens: int = 64) -> Result:
 
     contenders = {name: vramancer(name, engine) for name, engine in engines.items()}
     llama = None
-    python = llama_python()
+    python = llama_cpp.python()
     if python is None:
-        reason = ("llama.cpp column skipped: no Python with llama_cpp (set VRAMANCER_LLAMA_PYTHON, or build "
-                  "llama-cpp-python into /work/llama-venv as the README says)")
+        reason = llama_cpp.missing("The llama.cpp column")
         say(f"quantized: {reason}")
         result.notes.append(reason)
     else:

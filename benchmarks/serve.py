@@ -12,14 +12,12 @@ scheduling targets: a 5-token request's first token with a ~1,600-token prompt a
 it (against the same request alone; target <= 2x), and the first token of a request sharing a
 ~300-token system prompt with the one before it (against that one's; target <= 0.3x).
 
-llama.cpp: set VRAMANCER_LLAMA_PYTHON to a python with `llama_cpp` and its server extras
-(`llama_cpp.server`), or have /work/llama-venv/bin/python; otherwise its rows are skipped.
-It runs with as many threads as `vramancer serve` gives torch (cores - 1). llama-cpp-python's
-server answers one request at a time (the others wait behind a lock; `--interrupt_requests
-False` so a newcomer does not cut the answer streaming); llama.cpp's own `llama-server` with
-`--parallel` slots batches them, but no build of it is at hand here.
+Both servers run the GGUF at its own width (`--weights auto`: the bundled file is Q4_1) on the
+same number of threads (`--threads`, 2 by default). The anchor is llama.cpp's own `llama-server`
+with 8 slots (`-np 8`, continuous batching, each slot the same context as ours) where `make
+anchors` built it (benchmarks/llama_cpp.py); otherwise its rows are skipped and the notes say so.
 
-    python -m benchmarks.serve [--rounds 2] [--tokens 64]
+    python -m benchmarks.serve [--rounds 2] [--tokens 64] [--threads 2] [--weights auto]
 """
 
 from __future__ import annotations
@@ -33,13 +31,14 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks import llama_cpp
 from benchmarks.common import PROMPT, Result, alternate, cli, compare, say
 
 DEVICES = "sim:2x1GiB"
 CONTEXT = 2048
 CLIENTS = (1, 4, 8)
 ROUND_TRIPS = 20  # 1-token completions per round
-LLAMA_DEFAULT = Path("/work/llama-venv/bin/python")
+SLOTS = 8  # llama-server's parallel slots: as many as our --max-batch
 REPO = Path(__file__).resolve().parent.parent
 BESIDE = "VRAMancer server, a short request beside a long prompt"
 SHARED = "VRAMancer server, two requests sharing a system prompt"
@@ -212,35 +211,25 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
-def generate_speed(tokens: int, rounds: int) -> list[float]:
+def generate_speed(tokens: int, rounds: int, threads: int, weights: str) -> list[float]:
     """`vramancer generate`'s decode tok/s on the same prompt and split (its engine.generate,
     timed by `vramancer bench`: one load, a warm-up, then `rounds` answers)."""
     done = subprocess.run([sys.executable, "-m", "vramancer", "bench", "--devices", DEVICES, "--context", str(CONTEXT),
-                           "--prompt", PROMPT, "--max-new-tokens", str(tokens), "--rounds", str(rounds), "--json", "--weights", "native"],
+                           "--prompt", PROMPT, "--max-new-tokens", str(tokens), "--rounds", str(rounds), "--json", "--weights", weights,
+                           "--threads", str(threads)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"vramancer bench failed: {done.stderr[-1000:]}")
     return json.loads(done.stdout)["decode_tokens_per_s"]
 
 
-def llama_python() -> str | None:
-    """A python that has llama_cpp and its server, or None."""
-    candidates = [os.environ.get("VRAMANCER_LLAMA_PYTHON"), str(LLAMA_DEFAULT)]
-    for python in filter(None, candidates):
-        if Path(python).exists() and subprocess.run([python, "-c", "import llama_cpp.server.app"],
-                                                    capture_output=True).returncode == 0:
-            return python
-    return None
-
-
-def bench(rounds: int = 2, tokens: int = 64) -> Result:
+def bench(rounds: int = 2, tokens: int = 64, threads: int = 2, weights: str = "auto") -> Result:
     from vramancer.model.source import bundled_model_path
 
-    threads = max(1, (os.cpu_count() or 2) - 1)
     result = Result(
         "serve", "The OpenAI-compatible server: concurrent streaming clients (bundled SmolLM2-135M, greedy)",
         {"rounds": rounds, "new tokens per answer": tokens, "devices": DEVICES, "context": CONTEXT,
-         "threads": threads, "1-token round trips per round": ROUND_TRIPS},
+         "threads": threads, "weights": weights, "1-token round trips per round": ROUND_TRIPS},
         {"tok_s": ("aggregate decode tok/s", 1), "ttft_p50": ("TTFT p50 ms", 0), "ttft_p95": ("TTFT p95 ms", 0),
          "rt_ms": ("1-token completion round trip p50 ms", 1), "short_alone_ms": ("5-token TTFT alone ms", 0),
          "short_beside_ms": ("5-token TTFT beside a 1,600-token prompt ms", 0),
@@ -248,22 +237,22 @@ def bench(rounds: int = 2, tokens: int = 64) -> Result:
          "second_ms": ("TTFT, second sharing it ms", 0)},
     )
     say("  `vramancer generate` path (vramancer bench) ...")
-    generate = generate_speed(tokens, rounds)
+    generate = generate_speed(tokens, rounds, threads, weights)
 
     servers = [ServerProcess("VRAMancer", [sys.executable, "-m", "vramancer", "serve", "--devices", DEVICES,
                                            "--context", str(CONTEXT), "--port", str(port := free_port()),
-                                           "--max-batch", "8", "--weights", "native"], port)]
-    python = llama_python()
-    if python:
+                                           "--max-batch", str(SLOTS), "--weights", weights, "--threads",
+                                           str(threads)], port)]
+    llama_server = llama_cpp.tool("llama-server")
+    if llama_server:
         llama_port = free_port()
-        servers.append(ServerProcess("llama.cpp", [python, "-m", "llama_cpp.server", "--model",
-                                                   str(bundled_model_path()), "--host", "127.0.0.1", "--port",
-                                                   str(llama_port), "--n_ctx", str(CONTEXT), "--n_threads",
-                                                   str(threads), "--verbose", "False",
-                                                   "--interrupt_requests", "False"], llama_port))
+        servers.append(ServerProcess("llama.cpp", [str(llama_server), "--model", str(bundled_model_path()),
+                                                   "--host", "127.0.0.1", "--port", str(llama_port),
+                                                   "--parallel", str(SLOTS), "--ctx-size", str(CONTEXT * SLOTS),
+                                                   "--threads", str(threads), "--threads-batch", str(threads)],
+                                     llama_port))
     else:
-        result.notes.append("llama.cpp's server was not measured: no python with llama_cpp.server found "
-                            "(set VRAMANCER_LLAMA_PYTHON).")
+        result.notes.append(llama_cpp.missing("llama.cpp's llama-server"))
     try:
         for server in servers:
             server.wait_ready()
@@ -292,7 +281,7 @@ def bench(rounds: int = 2, tokens: int = 64) -> Result:
                                       shared["second_ms"]["median"] / shared["first_ms"]["median"], at_most=0.3))
     result.ratio("1 client ÷ `vramancer generate`, decode tok/s", one,
                  "`vramancer generate` (engine.generate, same prompt and split)", "tok_s", True, at_least=0.95)
-    if python:
+    if llama_server:
         for clients in CLIENTS:
             s = "s" if clients > 1 else ""
             result.ratio(f"VRAMancer ÷ llama.cpp, {clients} client{s}, aggregate decode tok/s",
@@ -302,4 +291,4 @@ def bench(rounds: int = 2, tokens: int = 64) -> Result:
 
 
 if __name__ == "__main__":
-    cli(bench, __doc__, [("--rounds", int, 2), ("--tokens", int, 64)])
+    cli(bench, __doc__, [("--rounds", int, 2), ("--tokens", int, 64), ("--threads", int, 2), ("--weights", str, "auto")])

@@ -28,6 +28,12 @@ README_MAX_LINES = 150
 DOCUMENTS = [README, ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").rglob("*.md"))]
 CODE_SUFFIXES = {".py", ".cpp", ".h", ".tcss"}
 CODE = sorted(p for p in (ROOT / "vramancer").rglob("*") if p.suffix in CODE_SUFFIXES and "__pycache__" not in p.parts)
+# The rest of what a clone holds and runs: no path of one machine there either (this file names
+# some, to show the check catches them).
+TOOLING = [ROOT / "Makefile", ROOT / "pyproject.toml", ROOT / "setup.py",
+           *sorted(p for folder in ("benchmarks", "tests", ".ci") for p in (ROOT / folder).rglob("*")
+                   if p.is_file() and p.suffix in {".py", ".sh", ""} and "__pycache__" not in p.parts
+                   and "results" not in p.parts and p != Path(__file__).resolve())]
 
 # Folders that are not part of the repository's files (git ignores them, or they are made by
 # running something); a path under one of them is an output, not a citation.
@@ -42,6 +48,8 @@ FILE_NAME = re.compile(rf"(?<![\w.:/<>@~$%*-])((?:[\w.-]+/)*[\w-][\w.-]*\.(?:{EX
 MARKDOWN_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 # Absolute paths that exist on one machine: a user's home, a scratch or work folder.
 MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:root|home|Users|work|tmp)/|\b[A-Za-z]:\\Users\\")
+# In the tooling, scratch paths under /tmp are made on the spot (or are meant not to exist).
+MACHINE_HOME = re.compile(r"(?<![\w.~-])/(?:root|home|Users|work)/|\b[A-Za-z]:\\Users\\")
 # A dated run: an ISO date, or a time of day in UTC.
 DATED_RUN = re.compile(r"\b20\d\d-[01]\d-[0-3]\d\b|\b[0-2]?\d:[0-5]\d(?:[-–][0-2]?\d:[0-5]\d)? ?UTC\b")
 
@@ -119,7 +127,8 @@ def test_relative_links_lead_somewhere():
 
 def test_no_path_of_one_machine():
     found = [f"{where(path, number)}: {line.strip()}"
-             for path in DOCUMENTS + CODE for number, line in lines(path) if MACHINE_PATH.search(line)]
+             for paths, pattern in ((DOCUMENTS + CODE, MACHINE_PATH), (TOOLING, MACHINE_HOME))
+             for path in paths for number, line in lines(path) if pattern.search(line)]
     assert not found, "absolute paths that exist on one machine only:\n" + "\n".join(found)
 
 
