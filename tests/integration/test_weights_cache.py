@@ -264,3 +264,28 @@ def test_q4_keeps_the_files_blocks_and_the_cache_holds_them_quantized(first_load
     assert cached.stat().st_size <= 1.1 * gguf_bytes
     again = loading.load_weights(source, torch.float32, "q4")  # from the cache
     assert greedy(tokenizer, again) == greedy(tokenizer, streamed)
+
+
+def test_q8_reads_the_q4_files_values_and_keeps_only_its_q8_blocks(first_load, source):
+    """Under q8 the GGUF's Q4_1 tensors are values to quantize again per row (their blocks are
+    not Q8_0's), and only its Q8_0 table keeps its blocks."""
+    from vramancer.quantization.q8_blocks import BlockInt8Tensor
+    from vramancer.quantization.q8_rows import RowInt8Tensor
+    from vramancer.quantization.weights import convert_weight, our_kernels
+
+    if not our_kernels(torch.float32):
+        pytest.skip("q8 in our kernels' layout needs them")
+    _, tokenizer, model = first_load
+    streamed = loading.load_weights(source, torch.float32, "q8")
+    floats = dict(model.named_parameters())
+    kinds = {}
+    for name, weight in streamed.named_parameters():
+        weight = weight.data
+        kinds[type(weight).__name__] = kinds.get(type(weight).__name__, 0) + 1
+        if isinstance(weight, RowInt8Tensor):
+            expected = convert_weight(lambda first, end: floats[name][first:end], tuple(weight.shape), "q8", torch.float32)
+            assert torch.equal(weight.dequantize(torch.float32), expected.dequantize(torch.float32)), name
+        elif isinstance(weight, BlockInt8Tensor):
+            assert torch.equal(weight.dequantize(torch.float32), floats[name]), name
+    assert (kinds["RowInt8Tensor"], kinds["BlockInt8Tensor"]) == (210, 1), kinds
+    assert greedy(tokenizer, streamed)

@@ -17,6 +17,8 @@ from vramancer.kernels.cpu.few_rows import (
     use_few_rows_norm,
 )
 from vramancer.model.checkpoint import (
+    Q4_KINDS,
+    Q8_KINDS,
     GgufTensors,
     SafetensorsFile,
     StoredTensor,
@@ -185,9 +187,11 @@ def _fill(model: torch.nn.Module, stored, dtype: torch.dtype, formats: dict[str,
         if item.name not in slots:
             continue  # the tied head's copy, or a buffer the model computed itself
         fmt = formats.get(item.name, "native")
-        if fmt == "q4" and item.blocks is not None:
+        # A file's blocks are kept only in their own width: under q8 a Q4_1 tensor is read as
+        # values and quantized again, its blocks are not Q8_0's.
+        if fmt == "q4" and item.blocks is not None and item.kind in Q4_KINDS:
             value = BlockInt4Tensor.from_gguf_blocks(item.blocks(), item.kind, item.shape, dtype)
-        elif fmt == "q8" and item.blocks is not None:
+        elif fmt == "q8" and item.blocks is not None and item.kind in Q8_KINDS:
             value = BlockInt8Tensor.from_gguf_blocks(item.blocks(), item.shape, dtype)
         else:
             value = convert_weight(item.rows, item.shape, fmt, dtype)
