@@ -1,10 +1,11 @@
 """`make bench`: every benchmark, one JSON file and one markdown table.
 
-    python -m benchmarks.run [--only decode,load,transfer,dashboard,batching,serve,offload,scale] [--rounds N]
+    python -m benchmarks.run [--only decode,load,transfer,dashboard,batching,serve,offload,scale,gguf_start] [--rounds N]
 
 Each benchmark runs in a fresh process of its own. Writes benchmarks/results/bench-<UTC
 time>.json and .md, and copies them to latest.json and latest.md; prints the markdown on
-stdout (progress goes to stderr). About 8 minutes on two cores, and 10 more for `scale`. Results are only as quiet as
+stdout (progress goes to stderr). About 8 minutes on two cores, 10 more for `scale`, and 2 for `gguf_start` (once llama.cpp's tools
+are built; its first run also makes its GGUF). Results are only as quiet as
 the machine: re-run if other work shared the CPU (the min–max ranges show it).
 """
 
@@ -23,7 +24,8 @@ from pathlib import Path
 from benchmarks.common import Result, machine, machine_line, say
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BENCHMARKS = ("decode", "quantized", "load", "transfer", "dashboard", "batching", "serve", "offload", "scale")
+BENCHMARKS = ("decode", "quantized", "load", "transfer", "dashboard", "batching", "serve", "offload", "scale",
+              "gguf_start")
 COMMAND = "make bench"
 
 
@@ -35,7 +37,7 @@ def run_one(name: str, rounds: int | None) -> Result:
         args = {"decode": ["--rounds", rounds], "quantized": ["--rounds", rounds], "load": ["--rounds", rounds],
                 "transfer": ["--rounds", max(rounds, 5) * 3], "dashboard": ["--presses", max(rounds * 10, 50)],
                 "batching": ["--rounds", rounds], "serve": ["--rounds", rounds], "offload": ["--rounds", rounds],
-                "scale": []}[name]
+                "scale": [], "gguf_start": ["--rounds", rounds]}[name]
     with tempfile.TemporaryDirectory(prefix="vramancer-bench-") as scratch:
         out = Path(scratch) / "result.json"
         argv = [sys.executable, "-m", f"benchmarks.{name}", *map(str, args), "--result", str(out)]

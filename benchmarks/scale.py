@@ -12,8 +12,7 @@ each held to the issue's target.
   the peak is reset and the model loaded. Targets: peak RSS q4 ≤ 2.0 GiB, q8 ≤ 2.4 GiB,
   bfloat16 ≤ 1.15 × the checkpoint + 0.7 GiB; after the load, RSS ≤ 1.2 × (the weights the
   plan puts on the host-side devices + the fixed cost).
-- The issue's Q4_K_M GGUF row against llama.cpp's own start is not measured here (it needs
-  llama.cpp's tools, which this setup does not build); the report says so.
+- The issue's Q4_K_M GGUF row against llama.cpp's own start is benchmarks/gguf_start.py.
 
     python -m benchmarks.scale [--weights q4,q8,native] [--plans 7B,72B]
 """
@@ -142,8 +141,6 @@ def bench(weights: str, plans: str, models: str | None) -> Result:
         result.comparisons.append(compare(f"{name}: peak ÷ {limit:.2f} GiB", r["peak_gib"] / limit, at_most=1.0))
         result.comparisons.append(compare(f"{name}: RSS after ÷ (host weights + fixed)",
                                           r["after_gib"] / (r["host_gib"] + r["fixed_gib"]), at_most=AFTER_LOAD))
-    result.notes.append("the issue's 0.5B Q4_K_M row against llama.cpp's own start is not measured by this "
-                        "benchmark: it needs llama.cpp's tools, which this setup does not build.")
     return result
 
 
