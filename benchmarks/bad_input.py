@@ -70,7 +70,8 @@ def bench(target: float = 3.0) -> Result:
         if status == 2 and lines == 1:
             good += 1
         else:
-            result.notes.append(f"{name} exited {status} with: {stderr[-300:] or 'nothing on stderr'}")
+            said = " / ".join(stderr[-300:].splitlines()) or "nothing on stderr"
+            result.notes.append(f"{name} exited {status} with: {said}")
     slowest = max(result.contenders.values(), key=lambda m: m["seconds"]["median"])["seconds"]["median"]
     result.comparisons.append(compare("slowest refusal, s (absolute)", slowest, at_most=target))
     result.comparisons.append(compare("cases that exit 2 with one line on stderr, share (absolute)",
