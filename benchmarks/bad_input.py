@@ -4,17 +4,19 @@
 
 Each case runs `python -m vramancer …` once and is timed from start to exit: imports, the
 parse, the check, the sentence. The target (3 s each) holds when a wrong value is refused
-before torch and the model are touched. Prints a markdown table on stdout; exits 1 if any
-case misses the target or does not exit 2 with one line.
+before torch and the model are touched. Records the run (benchmarks/results/bad_input.json and
+its table in docs/benchmarks.md), then exits 1 if any case misses the target or does not exit 2
+with one line on stderr: a check as much as a benchmark.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import time
+
+from benchmarks.common import Result, cli, compare, load_average, missed
 
 CASES: list[tuple[list[str], dict[str, str]]] = [
     (["generate", "--prompt", "hi", "--temperature", "nan"], {}),
@@ -47,22 +49,37 @@ def run(args: list[str], env: dict[str, str]) -> tuple[float, int, str]:
     return time.perf_counter() - started, done.returncode, done.stderr.strip()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Time the refusal of bad values in fresh processes.")
-    parser.add_argument("--target", type=float, default=3.0, help="seconds each refusal may take (default 3)")
-    args = parser.parse_args(argv)
-    print("| case | seconds | exit | stderr |")
-    print("|---|---:|---:|---|")
-    failed = 0
+def shown(args: list[str], env: dict[str, str]) -> str:
+    """The case as a user would type it; a very long value by its length alone."""
+    def short(value: str) -> str:
+        return '""' if not value else value if len(value) <= 32 else f"<{len(value)} characters>"
+    words = [f"{k}={short(v)}" for k, v in env.items()] + ["vramancer"] + [short(a) for a in args]
+    return "`" + " ".join(words) + "`"
+
+
+def bench(target: float = 3.0) -> Result:
+    result = Result("bad_input", "Refusing a bad value: a fresh `python -m vramancer` process, start to exit",
+                    {"cases": len(CASES), "target": f"exit 2, one line on stderr, under {target:g} s each"},
+                    {"seconds": ("seconds", 2), "exit": ("exit status", 0), "lines": ("lines on stderr", 0)})
+    good = 0
     for case_args, env in CASES:
+        name = shown(case_args, env)
         seconds, status, stderr = run(case_args, env)
-        shown = " ".join(f"{k}={v}" for k, v in env.items()) + " vramancer " + " ".join(case_args)
-        good = status == 2 and len(stderr.splitlines()) == 1 and seconds < args.target
-        failed += not good
-        print(f"| `{shown.strip()[:70]}` | {seconds:.2f} | {status} | {stderr[:90]} |{'' if good else ' **missed**'}")
-    print(f"\n{len(CASES) - failed} of {len(CASES)} refused in under {args.target:g} s with one line and exit 2.")
-    return 1 if failed else 0
+        lines = len(stderr.splitlines())
+        result.add({name: [{"seconds": seconds, "exit": status, "lines": lines}]})
+        if status == 2 and lines == 1:
+            good += 1
+        else:
+            said = " / ".join(stderr[-300:].splitlines()) or "nothing on stderr"
+            result.notes.append(f"{name} exited {status} with: {said}")
+    slowest = max(result.contenders.values(), key=lambda m: m["seconds"]["median"])["seconds"]["median"]
+    result.comparisons.append(compare("slowest refusal, s (absolute)", slowest, at_most=target))
+    result.comparisons.append(compare("cases that exit 2 with one line on stderr, share (absolute)",
+                                      good / len(CASES), at_least=1.0))
+    result.notes.append(f"{load_average()} at the end")
+    return result
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    result = cli(bench, __doc__, [("--target", float, 3.0, {"help": "seconds each refusal may take (default 3)"})])
+    sys.exit(1 if missed(result) else 0)

@@ -297,19 +297,21 @@ def machine_line(info: dict) -> str:
             f"Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}")
 
 
-def cli(bench: Callable[..., Result], doc: str, options: list[tuple[str, type, object]]) -> None:
+def cli(bench: Callable[..., Result], doc: str, options: list[tuple]) -> Result:
     """A benchmark module's command line: its own options, and `--result PATH` for
-    `benchmarks.run`, which runs every benchmark in a fresh process of its own."""
+    `benchmarks.run`, which runs every benchmark in a fresh process of its own. An option is
+    (flag, type, default), or (flag, type, default, more of argparse's keywords: nargs, help…).
+    Returns the result, once recorded, for a caller whose exit status depends on it."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    for flag, kind, default in options:
-        parser.add_argument(flag, type=kind, default=default)
+    for flag, kind, default, *more in options:
+        parser.add_argument(flag, type=kind, default=default, **(more[0] if more else {}))
     parser.add_argument("--result", help="write the result here as JSON instead of printing it")
     args = vars(parser.parse_args())
     out = args.pop("result")
     result = bench(**args)
     if out:
         Path(out).write_text(json.dumps(result.to_json(), ensure_ascii=False))
-        return
+        return result
     info = machine()
     print(json.dumps({"machine": info, result.name: result.to_json()}, indent=2, ensure_ascii=False))
     print()
@@ -318,3 +320,16 @@ def cli(bench: Callable[..., Result], doc: str, options: list[tuple[str, type, o
 
     command = " ".join(["python -m", f"benchmarks.{result.name}", *sys.argv[1:]])
     say(f"recorded in {record(result, command, info).name}; updated {write_doc().name}")
+    return result
+
+
+def missed(result: Result) -> bool:
+    """Whether any of the result's targets was not met (for a benchmark run as a check)."""
+    return any(c.met is False for c in result.comparisons)
+
+
+def load_average() -> str:
+    """The machine's load average now (1, 5 and 15 minutes), for a result's notes: on a shared
+    machine it says how much of a timing was the machine's."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.1f} {five:.1f} {fifteen:.1f} on {os.cpu_count()} cores"

@@ -1,17 +1,19 @@
 """What structured output costs per token on the batch path: the bundled model split over
 `sim:2x1GiB`, answers decoded by the continuous batch alone (no HTTP), greedy, with and without
 a JSON schema held by llguidance (scheduling/constrained.py). Reported: ms per decode step of the
-batch, and the mask's own ms per token (filling llguidance's bitmask and applying it).
+batch, and the mask's own ms per token (filling llguidance's bitmask and applying it). The
+unconstrained and constrained batches take turns, round by round, after a warm-up round.
 
     python -m benchmarks.constrained [--rows 1 4] [--tokens 48] [--rounds 2]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
+
+from benchmarks.common import Result, alternate, cli, load_average
 
 CITY = {"type": "object", "additionalProperties": False, "required": ["city", "population", "summary"],
         "properties": {"city": {"type": "string"}, "population": {"type": "integer"},
@@ -51,32 +53,41 @@ def run(engine, rows: int, tokens: int, schema: str | None) -> tuple[float, floa
     return 1000 * elapsed / max(steps, 1), 1000 * statistics.median(mask_s) if mask_s else 0.0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False)
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--tokens", type=int, default=48)
-    parser.add_argument("--rounds", type=int, default=2)
-    args = parser.parse_args()
+def bench(rows: list[int] = (1, 4), tokens: int = 48, rounds: int = 2) -> Result:
     import torch
 
     from vramancer.engine import Engine
 
     torch.set_num_threads(1)
+    result = Result("constrained", "Structured output on the batch path: a JSON schema's cost per decode step "
+                    "(bundled SmolLM2-135M, sim:2x1GiB, greedy)",
+                    {"new tokens": tokens, "rounds": rounds, "torch threads": 1, "weights": "native (float32)"},
+                    {"step_ms": ("ms per decode step", 1), "mask_ms": ("mask ms per token (median)", 3)})
     engine = Engine.load("default", "sim:2x1GiB", context=2048, weights="native")
     schema = json.dumps(CITY)
-    print("| rows | plain ms/step | json_schema ms/step | ratio | mask ms/token (median) |")
-    print("|---|---|---|---|---|")
-    for rows in args.rows:
-        plain, held, masks = [], [], []
-        for _ in range(args.rounds):
-            plain.append(run(engine, rows, args.tokens, None)[0])
-            step, mask = run(engine, rows, args.tokens, schema)
-            held.append(step)
-            masks.append(mask)
-        p, h = statistics.median(plain), statistics.median(held)
-        print(f"| {rows} | {p:.1f} | {h:.1f} | {h / p:.3f} | {statistics.median(masks):.2f} |", flush=True)
-    engine.close()
+    try:
+        contenders = {}
+        for count in rows:
+            answers = f"{count} answer{'s' * (count > 1)}"
+            contenders[f"{answers}, unconstrained"] = sampler(engine, count, tokens, None)
+            contenders[f"{answers}, json_schema"] = sampler(engine, count, tokens, schema)
+        result.add(alternate(contenders, rounds))
+    finally:
+        engine.close()
+    for count in rows:
+        answers = f"{count} answer{'s' * (count > 1)}"
+        result.ratio(f"{answers}: json_schema ÷ unconstrained, ms per decode step", f"{answers}, json_schema",
+                     f"{answers}, unconstrained", "step_ms", False)
+    result.notes.append(f"the mask's ms is per answer and token; {load_average()} at the end")
+    return result
+
+
+def sampler(engine, rows: int, tokens: int, schema: str | None):
+    def sample():
+        step, mask = run(engine, rows, tokens, schema)
+        return {"step_ms": step, "mask_ms": mask} if schema else {"step_ms": step}
+    return sample
 
 
 if __name__ == "__main__":
-    main()
+    cli(bench, __doc__, [("--rows", int, [1, 4], {"nargs": "+"}), ("--tokens", int, 48), ("--rounds", int, 2)])

@@ -10,8 +10,12 @@ in bfloat16 built on the device (no download), and three ways to run it.
   between pinned host memory and the GPU (the bound);
 - migration GB/s of a block of at least 256 MiB of layers, cuda:0 → cpu and back.
 
-Writes gpu-<UTC time>.json and .md (and gpu-latest.*) to $OUT, or to benchmarks/results/
-when OUT is unset; prints the markdown. About 2 minutes on an H100.
+One result, `gpu`: recorded as gpu.json (benchmarks.report's record: when, where, by which
+command) in $OUT, or in benchmarks/results/ when OUT is unset, where docs/benchmarks.md's table
+is regenerated from it; a run elsewhere hands its gpu.json back to be copied there. While it
+runs, each stage also rewrites gpu-<UTC time>.json and .md (and gpu-latest.*) in the same
+folder, so a run cut short leaves what it measured. Prints the markdown. About 2 minutes on an
+H100.
 
     python -m benchmarks.gpu [--rounds 3] [--tokens 32] [--model-size 1b|medium]
 """
@@ -40,6 +44,7 @@ from benchmarks.common import (
 )
 
 PLAIN = "plain transformers, unsplit on cuda:0"
+PLAIN_BESIDE_GRAPHS = "plain transformers, unsplit on cuda:0 (beside the graphs)"
 VRAMANCER = "VRAMancer cuda:0 + cpu, half the layers each"
 VRAMANCER_EAGER = "VRAMancer cuda:0 + cpu, --no-cuda-graphs"
 ACCELERATE = "accelerate dispatch_model, same device map"
@@ -54,9 +59,18 @@ def results_folder() -> Path:
     return Path(out) if out else Path(__file__).resolve().parent / "results"
 
 
-def bench(rounds: int, tokens: int, model_size: str, setup: dict, results: list[Result], failures: list[str],
+def gpu_result(rounds: int, tokens: int) -> Result:
+    """The run's one result: each stage adds its contenders (decode and first token, or GB/s
+    and ms of a copy) and its comparisons."""
+    return Result("gpu", "GPU: decode split cuda:0 + cpu against plain transformers and accelerate, CUDA graphs, "
+                  "transfers (random Llama, bfloat16, greedy)", {"new tokens": tokens, "rounds": rounds},
+                  {"decode_tok_s": ("decode tok/s", 1), "ttft_ms": ("TTFT ms", 1), "gb_s": ("GB/s", 2),
+                   "ms": ("ms per copy or move", 4)})
+
+
+def bench(rounds: int, tokens: int, model_size: str, setup: dict, result: Result, failures: list[str],
           publish) -> None:
-    """Fills `setup` and `results`, calling `publish()` after each stage, so a run cut short
+    """Fills `setup` and `result`, calling `publish()` after each stage, so a run cut short
     still leaves what it measured. A stage that breaks is recorded in `failures` and the
     next stage still runs."""
     import torch
@@ -104,12 +118,11 @@ def bench(rounds: int, tokens: int, model_size: str, setup: dict, results: list[
             failures.append("accelerate dispatch_model: " + traceback.format_exc())
             say(failures[-1])
         stage(failures, publish, "decode",
-              lambda: results.append(decode_result(rounds, tokens, plain, tokenizer, engine, dispatched, device_map,
-                                                   setup)))
+              lambda: decode_result(result, rounds, tokens, plain, tokenizer, engine, dispatched, device_map, setup))
         dispatched = to_dispatch = None
-        stage(failures, publish, "transfer", lambda: results.append(transfer_result(max(rounds, 5), engine)))
+        stage(failures, publish, "transfer", lambda: transfer_result(result, max(rounds, 5), engine))
         stage(failures, publish, "graphs",
-              lambda: results.append(graphs_result(rounds, tokens, plain, tokenizer, engine, shape.layers)))
+              lambda: graphs_result(result, rounds, tokens, plain, tokenizer, engine, shape.layers))
         engine.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -124,16 +137,12 @@ def stage(failures: list[str], publish, name: str, run) -> None:
     publish()
 
 
-def decode_result(rounds, tokens, plain, tokenizer, engine, dispatched, device_map, setup) -> Result:
+def decode_result(result: Result, rounds, tokens, plain, tokenizer, engine, dispatched, device_map, setup) -> None:
+    """Decode and first token: plain unsplit, VRAMancer split as loaded and eager, accelerate."""
     import torch
 
     from benchmarks.decode import _hf_runner, vramancer_runner
 
-    result = Result(
-        "gpu_decode", "GPU decode and time to first token (random Llama ~1.1 B, bfloat16, greedy)",
-        {"new tokens": tokens, "rounds": rounds, "predicted VRAMancer tok/s": setup.get("predicted_tok_s")},
-        {"decode_tok_s": ("decode tok/s", 1), "ttft_ms": ("TTFT ms", 1)},
-    )
     inputs = dict(tokenizer(PROMPT, return_tensors="pt"))
     vram_run, _ = vramancer_runner(engine, tokens)
     graphs = engine.cuda_graphs  # as loaded: --cuda-graphs left to auto
@@ -169,7 +178,6 @@ def decode_result(rounds, tokens, plain, tokenizer, engine, dispatched, device_m
     result.settings["same tokens as plain"] = "all" if not differ else ", ".join(
         f"{name} differs from token {i} (plain's two best logits there {logit_gap(plain, inputs, seen[PLAIN][:i]):.3f} apart)"
         for name, i in differ.items())
-    return result
 
 
 def logit_gap(model, inputs: dict, new_tokens: list[int]) -> float:
@@ -204,7 +212,7 @@ def switched(engine, run, graphs: bool):
     return switched_run
 
 
-def graphs_result(rounds, tokens, plain, tokenizer, engine, layers: int) -> Result:
+def graphs_result(result: Result, rounds, tokens, plain, tokenizer, engine, layers: int) -> None:
     """Every layer back on cuda:0, then VRAMancer's decode step eager and replayed from CUDA
     graphs (--cuda-graphs), with plain transformers beside them."""
     import torch
@@ -212,22 +220,17 @@ def graphs_result(rounds, tokens, plain, tokenizer, engine, layers: int) -> Resu
     from benchmarks.decode import _hf_runner, vramancer_runner
 
     engine.migrate(0, layers - 1, "cuda:0")
-    result = Result(
-        "gpu_graphs", "GPU decode, unsplit on cuda:0: eager against CUDA graphs (random Llama ~1.1 B, bfloat16)",
-        {"new tokens": tokens, "rounds": rounds},
-        {"decode_tok_s": ("decode tok/s", 1), "ttft_ms": ("TTFT ms", 1)},
-    )
     inputs = {k: v.to("cuda:0") for k, v in tokenizer(PROMPT, return_tensors="pt").items()}
     vram_run, _ = vramancer_runner(engine, tokens)
     eager, graphed = "VRAMancer cuda:0, eager", "VRAMancer cuda:0, --cuda-graphs"
     seen: dict[str, list[int]] = {}
     torch.cuda.synchronize()
-    result.add(alternate({PLAIN: sampler(seen, PLAIN, _hf_runner(plain, inputs, tokens)),
+    result.add(alternate({PLAIN_BESIDE_GRAPHS: sampler(seen, PLAIN, _hf_runner(plain, inputs, tokens)),
                           eager: sampler(seen, eager, switched(engine, vram_run, False)),
                           graphed: sampler(seen, graphed, switched(engine, vram_run, True))}, rounds))
     result.ratio("CUDA graphs ÷ eager, decode tok/s", graphed, eager, "decode_tok_s", True, at_least=1.0)
-    result.ratio("CUDA graphs ÷ plain unsplit, decode tok/s", graphed, PLAIN, "decode_tok_s", True)
-    result.ratio("eager ÷ plain unsplit, decode tok/s", eager, PLAIN, "decode_tok_s", True)
+    result.ratio("CUDA graphs ÷ plain unsplit, decode tok/s", graphed, PLAIN_BESIDE_GRAPHS, "decode_tok_s", True)
+    result.ratio("eager ÷ plain unsplit, decode tok/s", eager, PLAIN_BESIDE_GRAPHS, "decode_tok_s", True)
     result.notes.append("Turning graphs on records them in the next answer's first decode step; they are kept, with "
                         "the static KV cache, until the split changes. Each graphs round after an eager one first "
                         "runs a 4-token answer (the recording one), then the timed answer.")
@@ -236,20 +239,16 @@ def graphs_result(rounds, tokens, plain, tokenizer, engine, layers: int) -> Resu
     result.settings["same tokens, graphs and eager"] = "yes" if seen.get(graphed) == seen.get(eager) else (
         f"differ from token {next(i for i, (a, b) in enumerate(zip(seen[graphed], seen[eager])) if a != b)}"
         " (bfloat16; the static cache attends with a mask)")
-    return result
 
 
-def transfer_result(rounds: int, engine) -> Result:
+def transfer_result(result: Result, rounds: int, engine) -> None:
     """TransferManager's host ⇄ cuda:0 copies against copy_ with pinned memory, and migrations."""
     import torch
 
     from vramancer.runtime.transfer import TransferManager
 
-    result = Result(
-        "gpu_transfer", "GPU transfers: host ⇄ cuda:0 and migrations",
-        {"rounds": rounds, "transfer size": f"{TRANSFER_BYTES // 2**20} MiB × {TRANSFERS_PER_SAMPLE} per sample"},
-        {"gb_s": ("GB/s", 2), "ms": ("ms per copy", 4)},
-    )
+    result.settings["transfer rounds"] = rounds
+    result.settings["transfer size"] = f"{TRANSFER_BYTES // 2**20} MiB × {TRANSFERS_PER_SAMPLE} per sample"
     transfer = TransferManager(engine.devices)
     elements = TRANSFER_BYTES // 2
     host = torch.randn(elements).to(torch.bfloat16)  # pageable, as a hidden state on the CPU is
@@ -298,7 +297,6 @@ def transfer_result(rounds: int, engine) -> Result:
     result.ratio("one hidden state host → cuda:0: TransferManager ÷ pinned copy_", names["hand_over"],
                  names["hand_over_bound"], "gb_s", True)
     migrations(result, rounds, engine)
-    return result
 
 
 def migrations(result: Result, rounds: int, engine) -> None:
@@ -346,14 +344,13 @@ def migrations(result: Result, rounds: int, engine) -> None:
     result.ratio("migrate cpu → cuda:0 ÷ pinned copy_", up, up_bound, "gb_s", True)
 
 
-def render(report: dict, results: list[Result]) -> str:
+def render(report: dict, result: Result) -> str:
     setup = report["setup"]
     lines = [f"Measured {report['started']} on {machine_line(report['machine'])}.",
              f"Reproduce: `python -m benchmarks.gpu` (took {report['duration_s']:.0f} s). Cells: median (min–max) over "
              "the rounds; contenders alternate A B A B after a warm-up.", "",
              "Setup: " + "; ".join(f"{k} {v}" for k, v in setup.items()) + ".", ""]
-    for result in results:
-        lines += [result.markdown(), ""]
+    lines += [result.markdown(), ""]
     for failure in report["failures"]:
         lines += ["", "### failed", "", "```", failure.rstrip(), "```"]
     return "\n".join(lines).rstrip()
@@ -380,14 +377,14 @@ def main(argv: list[str] | None = None) -> int:
     json_path, md_path = folder / f"gpu-{stamp}.json", folder / f"gpu-{stamp}.md"
     info = machine()
     setup: dict = {}
-    results: list[Result] = []
+    result = gpu_result(args.rounds, args.tokens)
     failures: list[str] = []
 
     def publish() -> str:
         report = {"machine": info, "started": started.isoformat(timespec="seconds"), "setup": setup,
-                  "benchmarks": {r.name: r.to_json() for r in results}, "failures": failures,
+                  "benchmarks": {result.name: result.to_json()}, "failures": failures,
                   "duration_s": round((datetime.now(timezone.utc) - started).total_seconds(), 1)}
-        markdown = render(report, results)
+        markdown = render(report, result)
         json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         md_path.write_text(markdown + "\n")
         shutil.copyfile(json_path, folder / "gpu-latest.json")
@@ -395,13 +392,35 @@ def main(argv: list[str] | None = None) -> int:
         return markdown
 
     try:
-        bench(args.rounds, args.tokens, args.model_size, setup, results, failures, publish)
+        bench(args.rounds, args.tokens, args.model_size, setup, result, failures, publish)
     except Exception:  # keep what was measured, and say what broke
         failures.append(traceback.format_exc())
         say(failures[-1])
     print(publish())
     say(f"wrote {json_path} and {md_path.name}")
+    command = " ".join(["python -m benchmarks.gpu", *(sys.argv[1:] if argv is None else argv)])
+    say(f"recorded in {keep(result, setup, failures, command, info, folder)}")
     return 1 if failures else 0
+
+
+def keep(result: Result, setup: dict, failures: list[str], command: str, info: dict, folder: Path) -> str:
+    """Record the run as gpu.json in `folder`, the setup among its settings and each broken
+    stage as a note."""
+    result.settings = {**setup, **result.settings}
+    result.notes += [f"failed: {failure.strip().splitlines()[0]} … {failure.strip().splitlines()[-1]}"
+                     for failure in failures]
+    return record_in(result, command, info, folder)
+
+
+def record_in(result: Result, command: str, info: dict, folder: Path) -> str:
+    """Record `result` as <name>.json in `folder`; in benchmarks/results/ the doc's table is
+    regenerated from it. Says where it went."""
+    from benchmarks.report import RESULTS, record, write_doc
+
+    path = record(result, command, info, folder)
+    if folder.resolve() == RESULTS.resolve():
+        return f"{path.name}; updated {write_doc().name}"
+    return f"{path} (copy it into benchmarks/results/ and run python -m benchmarks.report)"
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 #     bash benchmarks/gpu_check.sh            # from the repository root or anywhere
 #
 # Everything printed also goes to $OUT/gpu_check.log ($OUT defaults to benchmarks/results);
-# the benchmark writes gpu-*.json and gpu-*.md there, pytest writes test_cuda.xml.
+# the benchmark writes gpu-*.json and gpu-*.md there, and records gpu.json and gpu_prediction.json
+# (kept in git; docs/benchmarks.md's tables are generated from them), pytest writes test_cuda.xml.
 # Exit status: pytest's if the tests failed, else the benchmark's.
 #
 # What is missing on such a machine comes as wheels in .whl/ at the repository root (git

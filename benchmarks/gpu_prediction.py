@@ -9,6 +9,9 @@ prints, for a random-weight Llama (~170 M parameters, bfloat16) on cuda:0 and on
 - the profiler's cut model timed without its hooks (CUDA events around whole decode steps);
 - the engine's real decode: tokens/s, and each layer's time from hooks that wait for the device.
 
+One result, `gpu_prediction` (a row per figure, a column per device), recorded as
+gpu_prediction.json where `benchmarks.gpu` records gpu.json ($OUT, or benchmarks/results/).
+
     python -m benchmarks.gpu_prediction [--tokens 32]
 """
 
@@ -17,11 +20,20 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import PROMPT, say
+from benchmarks.common import PROMPT, Result, compare, machine, say
+from benchmarks.gpu import record_in, results_folder
+
+PREDICTED, MEASURED = "predicted decode tok/s", "measured decode tok/s (best of 2)"
+LAYER_AT_LOAD, LAYER_WARM, LAYER_THIRD = ("layer ms, profiled at load", "layer ms, profiled again warm",
+                                          "layer ms, profiled a third time")
+CUT_BEST, CUT_MEDIAN = "layer ms, cut model without hooks (best)", "layer ms, cut model without hooks (median)"
+ENGINE_LAYER = "layer ms, engine's decode with hooks waiting on the device"
+OVERHEAD_AT_LOAD, OVERHEAD_AGAIN = "step overhead ms, profiled at load", "step overhead ms, timed again"
 
 
 def per_layer_ms(engine, tokens: int) -> tuple[float, float, float]:
@@ -116,6 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(resolve_model(str(folder)))
     description = describe_model(build_meta_model(config, torch.bfloat16), torch.bfloat16)
     devices = ["cuda:0", "cpu"] if torch.cuda.is_available() else ["cpu"]
+    result = Result("gpu_prediction", "Where a GPU prediction and the real decode part ways (random Llama ~170 M, "
+                    "bfloat16)", {"new tokens": args.tokens, "model": str(MEDIUM)},
+                    {spec: (spec, 3) for spec in devices})
+    figures: dict[str, dict[str, float]] = {}  # figure -> device -> value
+
+    def note(spec: str, name: str, value: float) -> None:
+        figures.setdefault(name, {})[spec] = value
+
     for spec in devices:
         os.environ["VRM_CACHE_DIR"] = str(scratch / f"cache-{spec.replace(':', '')}")  # profile afresh
         start = time.perf_counter()
@@ -124,8 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         timings = engine.pricing.timings
         for name, t in timings.devices.items():
             say(describe_timings("profiled at load", t))
-        say(f"step overhead {timings.step_overhead_s * 1000:.3f} ms; links "
-            + ", ".join(f"{a}→{b} {l.latency_s * 1e6:.0f} µs" for (a, b), l in timings.links.items()))
+            result.notes.append(describe_timings(f"{spec}, profiled at load, {name}", t))
+        links = ", ".join(f"{a}→{b} {l.latency_s * 1e6:.0f} µs" for (a, b), l in timings.links.items())
+        say(f"step overhead {timings.step_overhead_s * 1000:.3f} ms; links " + links)
+        if links:
+            result.notes.append(f"{spec}, links profiled at load: {links}")
+        at_load = timings.devices.get(spec) or next(iter(timings.devices.values()))
+        note(spec, LAYER_AT_LOAD, at_load.layer_decode_s * 1000)
+        note(spec, OVERHEAD_AT_LOAD, timings.step_overhead_s * 1000)
         prediction = engine.predict()
         say(f"predicted {prediction.tokens_per_s:.1f} tok/s (step {prediction.step_s * 1000:.2f} ms)")
         engine.generate(PROMPT, raw=True, max_new_tokens=8)  # warm-up
@@ -133,19 +159,33 @@ def main(argv: list[str] | None = None) -> int:
                        for _ in range(2))
         say(f"measured {measured:.1f} tok/s (step {1000 / measured:.2f} ms); predicted ÷ measured "
             f"{prediction.tokens_per_s / measured:.3f}")
+        note(spec, PREDICTED, prediction.tokens_per_s)
+        note(spec, MEASURED, measured)
+        result.comparisons.append(compare(f"{spec}: predicted ÷ measured decode tok/s", prediction.tokens_per_s / measured))
         layer_ms, stack_ms, hooked_rate = per_layer_ms(engine, args.tokens)
         say(f"engine, hooks waiting on the device: a layer {layer_ms:.3f} ms, the stack {stack_ms:.2f} ms, "
             f"{hooked_rate:.1f} tok/s with the hooks")
+        note(spec, ENGINE_LAYER, layer_ms)
         torch_device = torch.device(spec)
-        for attempt in ("again, warm", "a third time"):
+        for attempt, figure in (("again, warm", LAYER_WARM), ("a third time", LAYER_THIRD)):
             t = profiler.time_device(description, torch_device, torch.bfloat16, spec)
             say(describe_timings(f"profiled {attempt}", t))
+            note(spec, figure, t.layer_decode_s * 1000)
         count = MEDIUM.layers  # its layers are ~22 MiB: the profiler's cold stack holds them all
         best, median = unhooked_step_ms(config, torch_device, torch.bfloat16, count)
         say(f"cut model of {count} layers, whole steps, no hooks: a layer {best:.3f} ms best, {median:.3f} ms median")
+        note(spec, CUT_BEST, best)
+        note(spec, CUT_MEDIAN, median)
         overhead = profiler._time_step_overhead(config, torch.bfloat16, torch_device)
         say(f"step overhead timed again: {overhead * 1000:.3f} ms")
+        note(spec, OVERHEAD_AGAIN, overhead * 1000)
         engine.close()
+    order = (PREDICTED, MEASURED, LAYER_AT_LOAD, LAYER_WARM, LAYER_THIRD, CUT_BEST, CUT_MEDIAN, ENGINE_LAYER,
+             OVERHEAD_AT_LOAD, OVERHEAD_AGAIN)
+    result.add({figure: [figures[figure]] for figure in order if figure in figures})
+    print(result.markdown())
+    command = " ".join(["python -m benchmarks.gpu_prediction", *(sys.argv[1:] if argv is None else argv)])
+    say(f"recorded in {record_in(result, command, machine(), results_folder())}")
     return 0
 
 

@@ -5,7 +5,7 @@ Random-weight Qwen2-shaped models (0.5B and 1.5B, bfloat16 safetensors written b
 it first loads a one-layer copy of the same architecture (so every import and the CPU
 kernels are in place), notes its resident memory (the fixed overhead), resets the peak
 (/proc/self/clear_refs), then times `load_weights` and reads the peak (VmHWM). The weights'
-resident bytes are summed from the loaded tensors.
+resident bytes are summed from the loaded tensors. One load per model and `--weights`.
 
     python -m benchmarks.load_scale [--sizes 0.5B,1.5B] [--weights q4,q8,native] [--tree PATH]
 
@@ -14,12 +14,13 @@ resident bytes are summed from the loaded tensors.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from benchmarks.common import Result, cli, load_average, say
 
 # Qwen2-0.5B and Qwen2-1.5B's shapes (their published config.json files).
 SHAPES = {
@@ -110,31 +111,37 @@ def measure(folder: Path, warm: Path, weights: str, dtype: str, tree: Path | Non
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="0.5B,1.5B")
-    parser.add_argument("--weights", default="q4,q8,native")
-    parser.add_argument("--models", type=Path, default=None, help="where the random models are kept")
-    parser.add_argument("--tree", type=Path, default=None, help="a VRAMancer checkout to load with")
-    args = parser.parse_args()
-    if args.models is None:
+def bench(sizes: str = "0.5B,1.5B", weights: str = "q4,q8,native", models: Path | None = None,
+          tree: Path | None = None) -> Result:
+    if models is None:
         from vramancer.config.paths import cache_root
 
-        args.models = cache_root() / "bench-models"
-    print("| model | --weights | dtype | params | resident weights | fixed overhead | peak RSS | peak − overhead − weights | load s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for size in args.sizes.split(","):
-        folder = build_model(args.models / f"qwen2-{size}-random", size)
-        warm = build_model(args.models / f"qwen2-{size}-random-1layer", size, layers=1)
-        for weights in args.weights.split(","):
+        models = cache_root() / "bench-models"
+    settings = {"sizes": sizes, "weights": weights, "dtype": "bfloat16 for native, float32 around q4/q8's kernels"}
+    if tree is not None:
+        settings["loaded with"] = "another checkout (--tree)"  # its path is one machine's
+    result = Result("load_scale", "Loading at scale: peak host memory and seconds per --weights "
+                    "(random Qwen2-shaped models, one fresh process per load)", settings,
+                    {"params": ("params, B", 2), "resident": ("resident weights, GiB", 2),
+                     "overhead": ("fixed overhead, GiB", 2), "peak": ("peak RSS, GiB", 2),
+                     "extra": ("peak − overhead − weights, GiB", 2), "seconds": ("load s", 1)})
+    for size in sizes.split(","):
+        folder = build_model(models / f"qwen2-{size}-random", size)
+        warm = build_model(models / f"qwen2-{size}-random-1layer", size, layers=1)
+        for kind in weights.split(","):
             # Quantized weights run on our float32 kernels; native keeps the file's bfloat16.
-            dtype = "bfloat16" if weights == "native" else "float32"
-            r = measure(folder, warm, weights, dtype, args.tree)
-            extra = r["peak"] - r["overhead"] - r["resident"]
-            print(f"| {size} | {weights} | {dtype} | {r['params'] / 1e9:.2f} B | {r['resident'] / GIB:.2f} GiB "
-                  f"| {r['overhead'] / GIB:.2f} GiB | {r['peak'] / GIB:.2f} GiB | {extra / GIB:+.2f} GiB "
-                  f"| {r['seconds']:.1f} |", flush=True)
+            dtype = "bfloat16" if kind == "native" else "float32"
+            say(f"load_scale: {size} --weights {kind} ({dtype})")
+            r = measure(folder, warm, kind, dtype, tree)
+            result.add({f"{size} {kind}": [{
+                "params": r["params"] / 1e9, "resident": r["resident"] / GIB, "overhead": r["overhead"] / GIB,
+                "peak": r["peak"] / GIB, "extra": (r["peak"] - r["overhead"] - r["resident"]) / GIB,
+                "seconds": r["seconds"]}]})
+    result.notes.append(f"{load_average()} at the end: the seconds are the busy machine's; the memory figures do not depend on the load")
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    cli(bench, __doc__, [("--sizes", str, "0.5B,1.5B"), ("--weights", str, "q4,q8,native"),
+                         ("--models", Path, None, {"help": "where the random models are kept"}),
+                         ("--tree", Path, None, {"help": "a VRAMancer checkout to load with"})])

@@ -26,10 +26,11 @@ BEGIN = "<!-- generated from benchmarks/results/{name}.json by python -m benchma
 END = "<!-- end of {name} -->"
 
 
-def record(result: Result, command: str, info: dict | None = None) -> Path:
-    """Keep `result` as the benchmark's latest recorded run; returns the file."""
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{result.name}.json"
+def record(result: Result, command: str, info: dict | None = None, folder: Path = RESULTS) -> Path:
+    """Keep `result` as the benchmark's latest recorded run; returns the file. `folder`: where a
+    run on another machine leaves it (the GPU check's $OUT), to be copied into RESULTS."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{result.name}.json"
     data = {"name": result.name, "measured": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": command, "machine": info or machine(), "result": result.to_json()}
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
@@ -50,7 +51,7 @@ def block(name: str, body: str) -> str:
 def recorded() -> dict[str, dict]:
     """Every recorded run, by benchmark name."""
     return {path.stem: json.loads(path.read_text()) for path in sorted(RESULTS.glob("*.json"))
-            if not path.name.startswith(("bench-", "latest"))}
+            if not path.name.startswith(("bench-", "latest", "gpu-"))}  # whole runs' reports, not records
 
 
 def updated(doc: str, runs: dict[str, dict]) -> str:

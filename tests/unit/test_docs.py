@@ -194,3 +194,17 @@ def test_a_recorded_run_replaces_the_tables_written_by_hand_and_keeps_what_the_b
     assert "| plain | 17.5 (17.0–18.0) |" in once and "Measured 2026-12-07 22:50 UTC on A CPU" in once
     assert updated(once, {"decode": data}) == once, "regenerating changes nothing"
     assert updated(doc, {"new": dict(data, name="new")}).endswith(block("new", render(dict(data, name="new"))) + "\n")
+
+
+def test_only_records_make_tables_not_whole_runs_reports(tmp_path, monkeypatch):
+    """A whole run's report (`make bench`'s bench-*/latest.*, the GPU check's gpu-*) lies in the
+    results folder beside the records but is not one: the doc gets no table for it."""
+    import json
+
+    from benchmarks import report
+
+    for name in ("bench-20261208T000000Z", "latest", "gpu-20261208T000000Z", "gpu-latest"):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"machine": {}, "benchmarks": {}}))
+    (tmp_path / "gpu.json").write_text(json.dumps({"name": "gpu"}))
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    assert list(report.recorded()) == ["gpu"]
