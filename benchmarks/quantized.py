@@ -11,7 +11,10 @@ of one contender spread ±15 % here, wider than the target, so the split and the
 are stepped in turn, one token each, and the target is held to the median of the per-token
 ratios (benchmarks.common.interleaved_steps).
 
-    python -m benchmarks.quantized [--rounds 3] [--tokens 64]
+Also one request's q4 decode on more threads (`--threads 1,2`), ours and llama.cpp's, each
+contender on its own thread count.
+
+    python -m benchmarks.quantized [--rounds 3] [--tokens 64] [--threads 1,2]
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ LLAMA_SERVER = r"""
 import json, sys, time
 import llama_cpp
 from llama_cpp import Llama
-llm = Llama(model_path=sys.argv[1], n_threads=1, n_threads_batch=1, n_ctx=1024, verbose=False)
+threads = int(sys.argv[2])
+llm = Llama(model_path=sys.argv[1], n_threads=threads, n_threads_batch=threads, n_ctx=1024, verbose=False)
 print(json.dumps({"ready": True, "model_bytes": llama_cpp.llama_model_size(llm.model)}), flush=True)
 for line in sys.stdin:
     ask = json.loads(line)
@@ -61,8 +65,8 @@ for line in sys.stdin:
 class LlamaCpp:
     """llama.cpp in a subprocess of its own Python, kept alive across rounds."""
 
-    def __init__(self, python: str, gguf: Path):
-        self.process = subprocess.Popen([python, "-c", LLAMA_SERVER, str(gguf)], stdin=subprocess.PIPE,
+    def __init__(self, python: str, gguf: Path, threads: int = 1):
+        self.process = subprocess.Popen([python, "-c", LLAMA_SERVER, str(gguf), str(threads)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True)
         hello = json.loads(self.process.stdout.readline())
         self.model_bytes = hello["model_bytes"]
@@ -85,7 +89,20 @@ def held_bytes(engine) -> int:
     return sum(stored_bytes(t) for t in tensors.values())
 
 
-def bench(rounds: int = 3, tokens: int = 64) -> Result:
+def on_threads(count: int, run):
+    """`run` with torch on `count` threads, then back to one."""
+    import torch
+
+    def timed():
+        torch.set_num_threads(count)
+        try:
+            return run()
+        finally:
+            torch.set_num_threads(1)
+    return timed
+
+
+def bench(rounds: int = 3, tokens: int = 64, threads: str = "1,2") -> Result:
     import torch
 
     from vramancer.engine import Engine
@@ -95,7 +112,8 @@ def bench(rounds: int = 3, tokens: int = 64) -> Result:
     torch.set_num_threads(1)
     gguf = bundled_model_path()
     result = Result(
-        "quantized", "Quantized weights vs float32 vs llama.cpp (bundled SmolLM2-135M Q4_1 GGUF, greedy, 1 thread)",
+        "quantized", "Quantized weights vs float32 vs llama.cpp (bundled SmolLM2-135M Q4_1 GGUF, greedy, 1 thread "
+        "unless a row says more)",
         {"new tokens": tokens, "rounds": rounds, "GGUF file": f"{gguf.stat().st_size / 1e6:.1f} MB"},
         {"decode_tok_s": ("decode tok/s", 1), "ttft_ms": ("TTFT ms", 1), "weights_mb": ("resident weights MB", 1)},
     )
@@ -121,26 +139,33 @@ def bench(rounds: int = 3, tokens: int = 64) -> Result:
         return run
 
     contenders = {name: vramancer(name, engine) for name, engine in engines.items()}
-    llama = None
+    more_threads = [int(t) for t in threads.split(",") if int(t) > 1]
+    for count in more_threads:  # one request's q4 decode on more threads (issue 31)
+        contenders[f"{Q4_ONE}, {count} threads"] = on_threads(count, vramancer(f"{Q4_ONE}, {count} threads", engines[Q4_ONE]))
+    llamas = {}
     python = llama_cpp.python()
     if python is None:
         reason = llama_cpp.missing("The llama.cpp column")
         say(f"quantized: {reason}")
         result.notes.append(reason)
     else:
-        llama = LlamaCpp(python, gguf)
         prompt_ids = encode_prompt(engines[Q4_SPLIT].tokenizer, PROMPT, raw=False)["input_ids"][0].tolist()
 
-        def run_llama():
-            answer = llama.run(prompt_ids, tokens)
-            seen.setdefault(LLAMA, answer["ids"])
-            return {"decode_tok_s": answer["rate"], "ttft_ms": answer["ttft"] * 1000,
-                    "weights_mb": llama.model_bytes / 1e6}
-        contenders[LLAMA] = run_llama
+        def run_llama(name, llama):
+            def run():
+                answer = llama.run(prompt_ids, tokens)
+                seen.setdefault(name, answer["ids"])
+                return {"decode_tok_s": answer["rate"], "ttft_ms": answer["ttft"] * 1000,
+                        "weights_mb": llama.model_bytes / 1e6}
+            return run
+        for count in [1, *more_threads]:
+            name = LLAMA if count == 1 else f"{LLAMA}, {count} threads"
+            llamas[name] = LlamaCpp(python, gguf, count)
+            contenders[name] = run_llama(name, llamas[name])
     try:
         result.add(alternate(contenders, rounds))
     finally:
-        if llama is not None:
+        for llama in llamas.values():
             llama.close()
     result.ratio("q4 2-way ÷ q4 unsplit, decode tok/s (generate rounds)", Q4_SPLIT, Q4_ONE, "decode_tok_s", True)
     result.ratio("q8 2-way ÷ q8 unsplit, decode tok/s (generate rounds)", Q8_SPLIT, Q8_ONE, "decode_tok_s", True)
@@ -157,7 +182,12 @@ def bench(rounds: int = 3, tokens: int = 64) -> Result:
         # A split whose embeddings and head sit on different devices holds the tied table twice.
         result.comparisons.append(compare(f"{name.removeprefix('VRAMancer ')}: resident weights ÷ GGUF file size",
                                           result.median(name, "weights_mb") / file_mb, at_most=1.3))
-    if llama is not None:
+    if llamas:
+        # One request's q4 decode against llama.cpp's on the same threads (issue 31's targets).
+        result.ratio("q4 unsplit ÷ llama.cpp, decode tok/s, 1 thread", Q4_ONE, LLAMA, "decode_tok_s", True, at_least=1.0)
+        for count in more_threads:
+            result.ratio(f"q4 unsplit ÷ llama.cpp, decode tok/s, {count} threads", f"{Q4_ONE}, {count} threads",
+                         f"{LLAMA}, {count} threads", "decode_tok_s", True, at_least=0.9)
         for name in (Q4_SPLIT, Q8_SPLIT):
             short = name.removeprefix("VRAMancer ").split(" (")[0]
             # The target is for what the file loads as (`--weights auto` keeps Q4_1 at q4); q8
@@ -173,4 +203,4 @@ def bench(rounds: int = 3, tokens: int = 64) -> Result:
 
 
 if __name__ == "__main__":
-    cli(bench, __doc__, [("--rounds", int, 3), ("--tokens", int, 64)])
+    cli(bench, __doc__, [("--rounds", int, 3), ("--tokens", int, 64), ("--threads", str, "1,2")])
