@@ -3,7 +3,7 @@
 The file: a random-weight Qwen2-0.5B (benchmarks/load_scale.py builds it) with the bundled
 model's tokenizer, converted by llama.cpp's converter and quantized to Q4_K_M by
 `llama-quantize`, once (the converter is told the tokenizer's pre-tokenizer, which its table
-of known tokenizers cannot recognise in a random model). Then, each in a fresh process, on the
+of known tokenizers cannot recognise in a random model, and that it is byte-level BPE). Then, each in a fresh process, on the
 CPU, two threads, a context of 512:
 - llama.cpp: `llama-server` on the file; "load" is its own model-load time (the log's
   `load_tensors`-to-ready span is not printed, so: spawn until /health answers 200, which for
@@ -36,12 +36,19 @@ FIRST, CACHED = "VRAMancer Engine.load, first (empty cache)", "VRAMancer Engine.
 CONTEXT, THREADS = 512, 2
 ROOT = Path(__file__).resolve().parents[1]
 
-# Runs llama.cpp's converter with our Python, telling it the tokenizer's pre-tokenizer.
+# Runs llama.cpp's converter with our Python, telling it the tokenizer's pre-tokenizer, and that
+# the folder has no SentencePiece model (the converter imports sentencepiece, which we do not
+# install, before it looks for one).
 _CONVERT = """
 import sys
 folder, out = sys.argv[1:3]
 import conversion.base
+
+def no_sentencepiece_model(self):
+    raise FileNotFoundError("no tokenizer.model: a byte-level BPE tokenizer")
+
 conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "smollm"
+conversion.base.TextModel._create_vocab_sentencepiece = no_sentencepiece_model
 import convert_hf_to_gguf
 sys.argv = ["convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", "f16"]
 convert_hf_to_gguf.main()
