@@ -39,3 +39,27 @@ def test_a_copy_in_pieces_shared_by_two_threads_is_whole():
     assert pieces.done.is_set() and torch.equal(dst, src)
     empty = _Pieces(torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8))
     assert empty.done.is_set()
+
+
+def test_each_module_of_a_packed_layer_is_one_run_of_its_buffer():
+    from torch import nn
+
+    from vramancer.runtime.streaming import _slots, _units
+
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3, bias=False))
+    slots = _slots(layer)
+    views, loose, nbytes = _pack_layout([t for _, _, t in slots])
+    assert not loose
+    flat = torch.zeros(nbytes, dtype=torch.uint8)
+    for k, offset, size, _, _ in views:
+        flat[offset:offset + size].copy_(slots[k][2].detach().reshape(-1).view(torch.uint8))
+    homes = _unpack(flat, _Packed(flat, views, loose), [], len(slots))
+    units = _units(0, [(owner, name, home) for (owner, name, _), home in zip(slots, homes)], flat)
+    assert [unit.module for unit in units] == [layer[0], layer[1], layer[2]]
+    assert sum(unit.nbytes for unit in units) <= nbytes
+    for unit in units:
+        staging = unit.source.clone()  # what a turn copies: the run alone, read through the layout
+        for name, (offset, dtype, shape) in zip(unit.names, unit.layout):
+            size = torch.empty((), dtype=dtype).element_size() * torch.Size(shape).numel()
+            assert torch.equal(staging[offset:offset + size].view(dtype).view(shape), getattr(unit.module, name))

@@ -58,6 +58,11 @@ PACK_ALIGN = 64  # bytes: where each tensor of a packed layer starts (a cache li
 # compute side helps with when it would otherwise wait: past the per-piece Python (~10 µs) by
 # two orders of magnitude, small enough that both sides finish close together.
 COPY_PIECE = 4 * 1024 * 1024
+# A module's copy (module by module, below) goes in pieces of this size: well under the size
+# past which the C library's memmove writes around the cache, so the staging stays in the
+# cache for the module to read, and small enough that a 4 MiB projection splits between the
+# copy thread and the compute side.
+MODULE_PIECE = 1024 * 1024
 PROBE_BYTES = 64 * 1024 * 1024  # what a tier→device rate is measured with: past any CPU cache, as a layer is
 
 
@@ -137,6 +142,7 @@ class _Pieces:
         self._left = len(self.starts)
         self._lock = threading.Lock()
         self.done = threading.Event()
+        self.started = self.finished = time.perf_counter()  # of the first piece taken, the last one done
         if not self._left:
             self.done.set()
 
@@ -147,6 +153,8 @@ class _Pieces:
                 if self._next >= len(self.starts):
                     return
                 start = self.starts[self._next]
+                if not self._next:
+                    self.started = time.perf_counter()
                 self._next += 1
             size = min(self.piece, self.src.numel() - start)
             # The C library's memmove, not torch's copy_: for copies this large it writes past
@@ -156,6 +164,7 @@ class _Pieces:
             with self._lock:
                 self._left -= 1
                 if not self._left:
+                    self.finished = time.perf_counter()
                     self.done.set()
 
 
@@ -298,7 +307,7 @@ class LayerStreamer:
         self.devices = dict(devices)
         by_module = [i for i in self.streamed if self._turns_by_module(i)]
         self.order = [i for i in self.streamed if i not in by_module]  # layers copied whole, one ahead
-        self._modules = _ModuleTurns(self, [u for i in by_module for u in _units(i, self.slots[i])])
+        self._modules = _ModuleTurns(self, [u for i in by_module for u in _units(i, self.slots[i], self._packed[i].flat)])
         for index in self.order:
             layer = self.layers[index]
             self._hooks.append(layer.register_forward_pre_hook(self._arrive_hook(index), prepend=True))
@@ -470,22 +479,38 @@ class LayerStreamer:
 
 @dataclass
 class _Unit:
-    """One module of a streamed layer and its own tensors: (name, tier copy, is a parameter)."""
+    """One module of a streamed layer: its tensors lie in one run of its layer's packed
+    buffer (`source`), and each turn they are read through views into a staging buffer."""
 
     layer: int
     module: nn.Module
-    tensors: list[tuple[str, torch.Tensor]]  # (name, tier copy)
-    nbytes: int  # of staging it takes
+    names: list[str]
+    homes: list[torch.Tensor]  # the tier copies, views into the layer's packed buffer
+    source: torch.Tensor  # uint8: the run of the packed buffer that holds them all
+    layout: list[tuple[int, torch.dtype, tuple]]  # each tensor's (byte offset in the run, dtype, shape)
+    staged: list[list[torch.Tensor]] | None = None  # per staging buffer, views laid out as `layout`
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.numel()
 
 
-def _units(index: int, slots: list[Slot]) -> list[_Unit]:
-    """Layer `index`'s modules that own tensors, each with its tensors' tier copies (`slots`)."""
-    units: dict[int, _Unit] = {}
+def _units(index: int, slots: list[Slot], flat: torch.Tensor) -> list[_Unit]:
+    """Layer `index`'s modules that own tensors, each with its tensors' tier copies (`slots`,
+    views into the layer's packed buffer `flat`; a module's tensors lie one after the other
+    there, as part_tensors gives them module by module)."""
+    by_owner: dict[int, list[tuple[nn.Module, str, torch.Tensor]]] = {}
     for owner, name, home in slots:
-        unit = units.setdefault(id(owner), _Unit(index, owner, [], 0))
-        unit.tensors.append((name, home))
-        unit.nbytes += -(-home.numel() * home.element_size() // PACK_ALIGN) * PACK_ALIGN
-    return list(units.values())
+        by_owner.setdefault(id(owner), []).append((owner, name, home))
+    base, units = flat.data_ptr(), []
+    for entries in by_owner.values():
+        offsets = [home.data_ptr() - base for _, _, home in entries]
+        low = min(offsets)
+        high = max(o + h.numel() * h.element_size() for o, (_, _, h) in zip(offsets, entries))
+        layout = [(o - low, h.dtype, tuple(h.shape)) for o, (_, _, h) in zip(offsets, entries)]
+        units.append(_Unit(index, entries[0][0], [n for _, n, _ in entries], [h for _, _, h in entries],
+                           flat[low:high], layout))
+    return units
 
 
 class _ModuleTurns:
@@ -497,18 +522,26 @@ class _ModuleTurns:
     two staging buffers of the largest module's size, reused all along: they stay in the
     cache, the module reads its weights from there, and the copy costs one pass from the tier.
     The copy of the next module (in the order the first forward pass ran them, wrapping to
-    the next streamed layer and to the next step) is made on the copy thread into the other
-    buffer while this one runs. On the offload benchmark's model this reached 0.55-0.67 of
-    the compute-only speed where whole layers copied one ahead reached 0.45-0.53."""
+    the next streamed layer and to the next step) is started on the copy thread into the other
+    buffer while this one runs; it is one run of bytes (the module's part of its layer's packed
+    buffer) in pieces of MODULE_PIECE, and when the module's turn comes before its copy is
+    done, the compute side copies the pieces left beside the copy thread instead of waiting:
+    a copy from memory is as fast as the core that makes it, and two cores read memory faster
+    than one. The views a module reads are made once, so a turn does no Python per tensor
+    beyond pointing the module's tensors at them."""
 
     def __init__(self, streamer: "LayerStreamer", units: list[_Unit]):
         self.streamer = streamer
         self.units = units
         size = max((unit.nbytes for unit in self.units), default=0)
         self.buffers = [_staging_bytes(size), _staging_bytes(size)] if self.units else []
+        with torch.inference_mode(False):  # normal tensors, as the staging buffers are
+            for unit in self.units:
+                unit.staged = [[buffer[offset:offset + _nbytes(dtype, shape)].view(dtype).view(shape)
+                                for offset, dtype, shape in unit.layout] for buffer in self.buffers]
         self.order: list[_Unit] = []  # as the first forward pass ran them
         self.following: dict[int, _Unit] | None = None  # id(unit) -> the next one, once the order is known
-        self.pending: tuple[_Unit, int, Future] | None = None  # a copy on its way: unit, buffer, future
+        self.pending: tuple[_Unit, int, _Pieces] | None = None  # a copy on its way: unit, buffer, its pieces
         self.slot = 1  # the buffer the running module reads
 
     def install(self) -> list:
@@ -519,9 +552,9 @@ class _ModuleTurns:
         return hooks
 
     def drop(self) -> None:
-        """Let a copy on its way finish (it writes a staging buffer) and forget it."""
+        """Finish a copy on its way (it writes a staging buffer) and forget it."""
         if self.pending is not None:
-            self.pending[2].result()
+            self._finish(self.pending[0], self.pending[2])
             self.pending = None
 
     def _arrive_hook(self, unit: _Unit):
@@ -531,29 +564,31 @@ class _ModuleTurns:
 
     def _leave_hook(self, unit: _Unit):
         def hook(module, args, output):
-            for name, home in unit.tensors:  # back into the tier: the staging is the next module's
+            for name, home in zip(unit.names, unit.homes):  # back into the tier: the staging is the next module's
                 _assign(module, name, home)
         return hook
 
     def arrive(self, unit: _Unit) -> None:
         start = time.perf_counter()
         if self.pending is not None and self.pending[0] is unit:
-            _, slot, future = self.pending
-            views = future.result()
+            _, slot, pieces = self.pending
         else:  # not the one expected (the first pass, or another path through the layer)
             self.drop()
             slot = 1 - self.slot
-            views = self.copy(unit, slot)
+            pieces = self._copy(unit, slot)
             self._learn(unit)
         self.pending = None
+        self._finish(unit, pieces)
         self.streamer.waited_s += time.perf_counter() - start
         self.slot = slot
-        for (name, _), view in zip(unit.tensors, views):
+        for name, view in zip(unit.names, unit.staged[slot]):
             _assign(unit.module, name, view)
         following = self.following.get(id(unit)) if self.following is not None else None
         if following is not None:
             other = 1 - slot  # the module before this one has run: its buffer is free
-            self.pending = (following, other, self.streamer._pool.submit(self.copy, following, other))
+            pieces = self._copy(following, other)
+            self.streamer._pool.submit(pieces.work)
+            self.pending = (following, other, pieces)
 
     def _learn(self, unit: _Unit) -> None:
         """The order of the first pass, each module once; known when the first comes again."""
@@ -564,25 +599,26 @@ class _ModuleTurns:
         elif all(u is not unit for u in self.order):
             self.order.append(unit)
 
-    def copy(self, unit: _Unit, slot: int) -> list[torch.Tensor]:
-        """The unit's tensors copied into staging buffer `slot` (torch's copy_, whose stores
-        stay in the cache, unlike memmove's); views of them."""
-        start = time.perf_counter()
-        buffer, views, offset = self.buffers[slot], [], 0
-        with torch.inference_mode(False):
-            for _, home in unit.tensors:
-                nbytes = home.numel() * home.element_size()
-                view = buffer[offset:offset + nbytes].view(home.dtype).view(home.shape)
-                view.copy_(home)
-                views.append(view)
-                offset += -(-nbytes // PACK_ALIGN) * PACK_ALIGN
-        seconds = time.perf_counter() - start
+    def _copy(self, unit: _Unit, slot: int) -> "_Pieces":
+        """The copy of the unit's run of bytes into staging buffer `slot`, not started yet."""
+        return _Pieces(self.buffers[slot][:unit.nbytes], unit.source, MODULE_PIECE)
+
+    def _finish(self, unit: _Unit, pieces: "_Pieces") -> None:
+        """Copy what is left of `pieces` here, wait for the pieces the copy thread has, count it."""
+        pieces.work()
+        pieces.done.wait()
         streamer = self.streamer
         with streamer._lock:
             stats = streamer.stats[streamer.streamed[unit.layer]]
-            stats.bytes += offset
-            stats.seconds += seconds
-        return views
+            stats.bytes += unit.nbytes
+            stats.seconds += pieces.finished - pieces.started
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count * torch.empty((), dtype=dtype).element_size()
 
 
 def _staging_bytes(nbytes: int) -> torch.Tensor:
