@@ -7,7 +7,13 @@ import threading
 
 import torch
 
-from vramancer.runtime.streaming import PACK_ALIGN, _Packed, _pack_layout, _Pieces, _unpack
+from vramancer.runtime.streaming import (
+    PACK_ALIGN,
+    _pack_layout,
+    _Packed,
+    _Pieces,
+    _unpack,
+)
 
 
 def test_a_packed_layer_comes_back_bit_for_bit():

@@ -599,11 +599,11 @@ class _ModuleTurns:
         elif all(u is not unit for u in self.order):
             self.order.append(unit)
 
-    def _copy(self, unit: _Unit, slot: int) -> "_Pieces":
+    def _copy(self, unit: _Unit, slot: int) -> _Pieces:
         """The copy of the unit's run of bytes into staging buffer `slot`, not started yet."""
         return _Pieces(self.buffers[slot][:unit.nbytes], unit.source, MODULE_PIECE)
 
-    def _finish(self, unit: _Unit, pieces: "_Pieces") -> None:
+    def _finish(self, unit: _Unit, pieces: _Pieces) -> None:
         """Copy what is left of `pieces` here, wait for the pieces the copy thread has, count it."""
         pieces.work()
         pieces.done.wait()
