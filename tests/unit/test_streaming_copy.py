@@ -69,3 +69,16 @@ def test_each_module_of_a_packed_layer_is_one_run_of_its_buffer():
         for name, (offset, dtype, shape) in zip(unit.names, unit.layout):
             size = torch.empty((), dtype=dtype).element_size() * torch.Size(shape).numel()
             assert torch.equal(staging[offset:offset + size].view(dtype).view(shape), getattr(unit.module, name))
+
+
+def test_the_compute_side_puts_every_piece_in_place_without_waiting_for_a_stalled_thread():
+    src = torch.randint(0, 256, (5 * 100,), dtype=torch.uint8)
+    dst = torch.zeros_like(src)
+    pieces = _Pieces(dst, src, piece=100)
+    with pieces._lock:  # a copy thread takes the first piece, then is not scheduled again for a while
+        pieces._next, pieces._writers = 1, 1
+        pieces.quiet.clear()
+    pieces.finish()  # returns at once, the stalled piece copied here as well
+    assert torch.equal(dst, src) and pieces.done.is_set() and not pieces.quiet.is_set()
+    pieces._copy(0)  # the thread runs again and writes the same bytes
+    assert torch.equal(dst, src) and pieces.quiet.is_set()
