@@ -574,11 +574,11 @@ class _ModuleTurns:
     does no Python per tensor beyond pointing the module's tensors at them.
 
     Where the time goes (the offload benchmark's model, 13 of 16 layers streamed, 546 MiB per
-    token, 1 torch thread): the compute side spends about 10 % more CPU time per token than
+    token, 1 torch thread): the compute side spends 10-20 % more CPU time per token than
     with every layer resident (its modules read their weights from the cache, and it copies
     what the copy thread has not), and the copy thread about 30 ms per token (a memcpy at
-    ~18 GB/s). So with a core free for the copy thread a step takes about 1.1x the compute
-    alone; with none (a busy machine) the two take turns on one core, about 1.5x."""
+    ~18 GB/s). So with a core free for the copy thread a step takes about 1.1-1.2x the
+    compute alone; with none (a busy machine) the two take turns on one core, 1.3-1.9x."""
 
     def __init__(self, streamer: "LayerStreamer", units: list[_Unit]):
         self.streamer = streamer
