@@ -26,7 +26,9 @@ only in the probe.
 
 from __future__ import annotations
 
+import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -69,15 +71,16 @@ def build(size: str, folder: Path):
     return model, AutoTokenizer.from_pretrained(folder)
 
 
-def decode_rate(generate, tokens: int) -> tuple[float, list[int]]:
-    """(decode tok/s, token ids) of `generate(n)`, which returns the ids of n new tokens."""
-    start = time.perf_counter()
+def decode_rate(generate, tokens: int) -> tuple[float, list[int], float]:
+    """(decode tok/s, token ids, CPU seconds per decoded token of every thread of the process)
+    of `generate(n)`, which returns the ids of n new tokens."""
+    start, cpu = time.perf_counter(), time.process_time()
     generate(1)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
+    first, first_cpu = time.perf_counter() - start, time.process_time() - cpu
+    start, cpu = time.perf_counter(), time.process_time()
     ids = generate(tokens)
-    whole = time.perf_counter() - start
-    return (tokens - 1) / max(whole - first, 1e-9), ids
+    whole, whole_cpu = time.perf_counter() - start, time.process_time() - cpu
+    return (tokens - 1) / max(whole - first, 1e-9), ids, max(whole_cpu - first_cpu, 0.0) / (tokens - 1)
 
 
 def hf_generate(model, tokenizer):
@@ -97,6 +100,44 @@ def engine_generate(engine):
         return engine.generate(PROMPT, raw=True, max_new_tokens=n).token_ids
 
     return generate
+
+
+def memory_rates(nbytes: int = 256 * 2**20, repeat: int = 3) -> dict[str, float]:
+    """This machine's memory, as streaming uses it (GB/s): a memcpy alone (the copy thread),
+    a matrix-vector product over weights read from memory alone (a decode step's compute), and
+    the two at once on two threads; and how many cores' worth of time the pair got (their CPU
+    time over the wall time: 2 when each had a core, 1 when they took turns on one)."""
+    import ctypes
+    import threading
+
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.zeros(nbytes, dtype=torch.uint8)
+    weights = torch.ones(nbytes // 4 // 4096, 4096)
+    vector = torch.ones(4096)
+
+    def copy() -> float:
+        start = time.perf_counter()
+        for _ in range(repeat):
+            ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes)
+        return repeat * nbytes / (time.perf_counter() - start) / 1e9
+
+    def product() -> float:
+        start = time.perf_counter()
+        for _ in range(repeat):
+            torch.mv(weights, vector)
+        return repeat * nbytes / (time.perf_counter() - start) / 1e9
+
+    copy(), product()  # pages faulted in
+    rates = {"copy": copy(), "product": product()}
+    both: dict[str, float] = {}
+    helper = threading.Thread(target=lambda: both.__setitem__("copy", copy()))
+    start, cpu = time.perf_counter(), time.process_time()
+    helper.start()
+    both["product"] = product()
+    helper.join()
+    rates.update({"copy beside": both["copy"], "product beside": both["product"],
+                  "cores": (time.process_time() - cpu) / (time.perf_counter() - start)})
+    return rates
 
 
 def accelerate_disk(folder: Path, resident: list[int], layers: int, offload: Path):
@@ -152,11 +193,14 @@ def bench(rounds: int = 2, tokens: int = 16, threads: int = 1, size: str = "smal
         }
         reference: list[int] = []
         seen: dict[str, list[int]] = {}
+        cpu: dict[str, list[float]] = {}
+        load = os.getloadavg()[0]
 
         def contender(name, generate):
             def run() -> dict:
-                rate, ids = decode_rate(generate, tokens)
+                rate, ids, seconds = decode_rate(generate, tokens)
                 seen[name] = ids
+                cpu.setdefault(name, []).append(seconds)
                 return {"decode_tok_s": rate}
             return run
 
@@ -166,6 +210,8 @@ def bench(rounds: int = 2, tokens: int = 16, threads: int = 1, size: str = "smal
         contenders["VRAMancer, host tier, batch of 1"] = one
         contenders["VRAMancer, host tier, batch of 8"] = eight
         samples = alternate(contenders, rounds)
+        load = max(load, os.getloadavg()[0])
+        memory = memory_rates()
         reference = seen["plain transformers, unsplit"]
         equal = {name: ids == reference for name, ids in seen.items()}
         rates = {"host": measure_rate("host", torch.device("cpu")), "disk": measure_rate("disk", torch.device("cpu"))}
@@ -203,6 +249,14 @@ def bench(rounds: int = 2, tokens: int = 16, threads: int = 1, size: str = "smal
         result.notes.append("compute waited for (or copied beside the copy thread) copies prefetch had not finished: "
                             f"{host.split.streamer.waited_s:.1f} s (host engine), {disk.split.streamer.waited_s:.1f} s "
                             "(disk engine), over every round")
+        result.notes.append("CPU time per decoded token, every thread of the process (median of the rounds): "
+                            + ", ".join(f"{name} {statistics.median(v[1:]) * 1e3:.0f} ms"  # [0]: the warm-up's
+                                        for name, v in cpu.items()) + f"; load average {load:.1f} (the highest "
+                            f"of before and after the rounds, on {os.cpu_count()} cores)")
+        result.notes.append(f"this machine's memory: a memcpy {memory['copy']:.1f} GB/s alone, a matrix-vector "
+                            f"product {memory['product']:.1f} GB/s alone; at once on two threads "
+                            f"{memory['copy beside']:.1f} + {memory['product beside']:.1f} GB/s, with "
+                            f"{memory['cores']:.2f} cores' worth of time between them")
         result.notes.append("no GPU here: accelerate's \"cpu\" offload would run the layers where they are, so only "
                             "its \"disk\" offload is compared")
         return result

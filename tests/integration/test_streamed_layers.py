@@ -60,11 +60,15 @@ def test_streamed_layers_give_the_tokens_of_plain_transformers(tiny):
         assert engine.predict().step_s == pytest.approx(max(engine.pricing.predict(engine.placement).step_s,
                                                             engine.stream_seconds()))
         # On simulated devices the plain layers stream module by module, through two staging
-        # buffers of the largest module's size (not the layer's), in the order the pass ran them.
+        # buffers of the largest module's size (not the layer's), in the order the pass ran them;
+        # the norms (small modules) through one of their own.
         streamer = engine.split.streamer
         assert streamer.order == [] and {u.layer for u in streamer._modules.units} == set(streamed)
         largest = max(u.nbytes for u in streamer._modules.units)
-        assert largest < layer and [b.numel() for b in streamer._modules.buffers] == [largest, largest]
+        norms = [u for u in streamer._modules.units if "norm" in type(u.module).__name__.lower()]
+        assert norms and all(u.small for u in norms) and sum(u.small for u in streamer._modules.units) == len(norms)
+        assert largest < layer and [b.numel() for b in streamer._modules.buffers] == [largest, largest,
+                                                                                        norms[0].nbytes]
         answer = engine.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS)
         assert answer.token_ids == expected
         assert len(streamer._modules.order) == len(streamer._modules.units)  # each once, then the wrap

@@ -7,7 +7,13 @@ import threading
 
 import torch
 
-from vramancer.runtime.streaming import PACK_ALIGN, _Packed, _pack_layout, _Pieces, _unpack
+from vramancer.runtime.streaming import (
+    PACK_ALIGN,
+    _pack_layout,
+    _Packed,
+    _Pieces,
+    _unpack,
+)
 
 
 def test_a_packed_layer_comes_back_bit_for_bit():
@@ -39,3 +45,40 @@ def test_a_copy_in_pieces_shared_by_two_threads_is_whole():
     assert pieces.done.is_set() and torch.equal(dst, src)
     empty = _Pieces(torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8))
     assert empty.done.is_set()
+
+
+def test_each_module_of_a_packed_layer_is_one_run_of_its_buffer():
+    from torch import nn
+
+    from vramancer.runtime.streaming import _slots, _units
+
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3, bias=False))
+    slots = _slots(layer)
+    views, loose, nbytes = _pack_layout([t for _, _, t in slots])
+    assert not loose
+    flat = torch.zeros(nbytes, dtype=torch.uint8)
+    for k, offset, size, _, _ in views:
+        flat[offset:offset + size].copy_(slots[k][2].detach().reshape(-1).view(torch.uint8))
+    homes = _unpack(flat, _Packed(flat, views, loose), [], len(slots))
+    units = _units(0, [(owner, name, home) for (owner, name, _), home in zip(slots, homes)], flat)
+    assert [unit.module for unit in units] == [layer[0], layer[1], layer[2]]
+    assert sum(unit.nbytes for unit in units) <= nbytes
+    for unit in units:
+        staging = unit.source.clone()  # what a turn copies: the run alone, read through the layout
+        for name, (offset, dtype, shape) in zip(unit.names, unit.layout):
+            size = torch.empty((), dtype=dtype).element_size() * torch.Size(shape).numel()
+            assert torch.equal(staging[offset:offset + size].view(dtype).view(shape), getattr(unit.module, name))
+
+
+def test_the_compute_side_puts_every_piece_in_place_without_waiting_for_a_stalled_thread():
+    src = torch.randint(0, 256, (5 * 100,), dtype=torch.uint8)
+    dst = torch.zeros_like(src)
+    pieces = _Pieces(dst, src, piece=100)
+    with pieces._lock:  # a copy thread takes the first piece, then is not scheduled again for a while
+        pieces._next, pieces._writers = 1, 1
+        pieces.quiet.clear()
+    pieces.finish()  # returns at once, the stalled piece copied here as well
+    assert torch.equal(dst, src) and pieces.done.is_set() and not pieces.quiet.is_set()
+    pieces._copy(0)  # the thread runs again and writes the same bytes
+    assert torch.equal(dst, src) and pieces.quiet.is_set()

@@ -24,8 +24,9 @@ file. Quantized weights (tensor subclasses) are copied tensor by tensor beside i
 Module by module: on the CPU and simulated devices, a layer of plain tensors streams one
 module at a time instead (_ModuleTurns): each projection's or norm's tensors are copied just
 before it runs into one of two small staging buffers that stay in the cache, the next
-module's copy made on the copy thread meanwhile. There the copy and the compute share the
-memory bus, and a whole layer copied ahead is written out to memory and read back again.
+module's copy made on the copy thread meanwhile, and finished by the compute side when it
+is behind. There the copy and the compute share the memory bus, and a whole layer copied
+ahead is written out to memory and read back again.
 
 One forward pass streams each layer once whatever the batch holds, so a batch of sequences
 pays the copies once per step.
@@ -58,6 +59,16 @@ PACK_ALIGN = 64  # bytes: where each tensor of a packed layer starts (a cache li
 # compute side helps with when it would otherwise wait: past the per-piece Python (~10 µs) by
 # two orders of magnitude, small enough that both sides finish close together.
 COPY_PIECE = 4 * 1024 * 1024
+# A module's copy (module by module, below) goes in pieces of this size: well under the size
+# past which the C library's memmove writes around the cache, so the staging stays in the
+# cache for the module to read, and small enough that a 4 MiB projection splits between the
+# copy thread and the compute side.
+MODULE_PIECE = 1024 * 1024
+# A module with fewer bytes than this, and than an eighth of the largest (a norm's weight), is
+# copied at its turn on the compute side, into a buffer of its own, and never prefetched: a
+# copy thread's turn (a hand-over and a wake-up) costs more than the copy, and the prefetch
+# of the next large module may then start as soon as the large one before it does.
+SMALL_UNIT = 64 * 1024
 PROBE_BYTES = 64 * 1024 * 1024  # what a tier→device rate is measured with: past any CPU cache, as a layer is
 
 
@@ -135,8 +146,14 @@ class _Pieces:
         self.piece = piece
         self._next = 0
         self._left = len(self.starts)
+        self._copied = [False] * len(self.starts)  # by piece: whether a whole copy of it is in place
         self._lock = threading.Lock()
         self.done = threading.Event()
+        self.quiet = threading.Event()  # set while no thread is writing `dst` for this copy
+        self.quiet.set()
+        self._writers = 0
+        self.after: _Pieces | None = None  # the copy into the same `dst` before this one
+        self.started = self.finished = time.perf_counter()  # of the first piece taken, the last one done
         if not self._left:
             self.done.set()
 
@@ -146,16 +163,50 @@ class _Pieces:
             with self._lock:
                 if self._next >= len(self.starts):
                     return
-                start = self.starts[self._next]
+                k = self._next
+                if not k:
+                    self.started = time.perf_counter()
                 self._next += 1
-            size = min(self.piece, self.src.numel() - start)
-            # The C library's memmove, not torch's copy_: for copies this large it writes past
-            # the cache (non-temporal stores), which copied a layer 1.4-2x as fast here, and
-            # it lets the GIL go as torch does.
-            ctypes.memmove(self.dst.data_ptr() + start, self.src.data_ptr() + start, size)
+                self._writers += 1
+                self.quiet.clear()
+            self._copy(k)
+
+    def finish(self) -> None:
+        """Put every piece in place from this thread, now: those no one took, and those another
+        thread took and has not finished (copied again: the same bytes to the same place), so
+        the caller never waits on a thread the system has not scheduled. Another thread may
+        still be writing those same bytes after it returns; `quiet` tells when none is."""
+        if self.after is not None:
+            self.after.quiet.wait()  # the copy before this one into `dst` is written out
+        for k in range(len(self.starts)):
             with self._lock:
+                if self._copied[k]:
+                    continue
+                if k >= self._next:  # not taken: take it, as work() would
+                    if not self._next:
+                        self.started = time.perf_counter()
+                    self._next = k + 1
+                self._writers += 1
+                self.quiet.clear()
+            self._copy(k)
+
+    def _copy(self, k: int) -> None:
+        start = self.starts[k]
+        size = min(self.piece, self.src.numel() - start)
+        # The C library's memmove, not torch's copy_: past a size near the cache's it writes
+        # around the cache (non-temporal stores), which copied a whole layer 1.4-2x as fast
+        # here; below it (a module's pieces) its stores stay in the cache for the module to
+        # read, at less CPU time than copy_'s; and it lets the GIL go as torch does.
+        ctypes.memmove(self.dst.data_ptr() + start, self.src.data_ptr() + start, size)
+        with self._lock:
+            self._writers -= 1
+            if not self._writers:
+                self.quiet.set()
+            if not self._copied[k]:
+                self._copied[k] = True
                 self._left -= 1
                 if not self._left:
+                    self.finished = time.perf_counter()
                     self.done.set()
 
 
@@ -298,7 +349,8 @@ class LayerStreamer:
         self.devices = dict(devices)
         by_module = [i for i in self.streamed if self._turns_by_module(i)]
         self.order = [i for i in self.streamed if i not in by_module]  # layers copied whole, one ahead
-        self._modules = _ModuleTurns(self, [u for i in by_module for u in _units(i, self.slots[i])])
+        units = [u for i in by_module for u in _units(i, self.slots[i], self._packed[i].flat)]
+        self._modules = _ModuleTurns(self, units)
         for index in self.order:
             layer = self.layers[index]
             self._hooks.append(layer.register_forward_pre_hook(self._arrive_hook(index), prepend=True))
@@ -470,22 +522,39 @@ class LayerStreamer:
 
 @dataclass
 class _Unit:
-    """One module of a streamed layer and its own tensors: (name, tier copy, is a parameter)."""
+    """One module of a streamed layer: its tensors lie in one run of its layer's packed
+    buffer (`source`), and each turn they are read through views into a staging buffer."""
 
     layer: int
     module: nn.Module
-    tensors: list[tuple[str, torch.Tensor]]  # (name, tier copy)
-    nbytes: int  # of staging it takes
+    names: list[str]
+    homes: list[torch.Tensor]  # the tier copies, views into the layer's packed buffer
+    source: torch.Tensor  # uint8: the run of the packed buffer that holds them all
+    layout: list[tuple[int, torch.dtype, tuple]]  # each tensor's (byte offset in the run, dtype, shape)
+    staged: list[list[torch.Tensor]] | None = None  # per staging buffer, views laid out as `layout`
+    small: bool = False  # copied at its turn, never prefetched (SMALL_UNIT)
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.numel()
 
 
-def _units(index: int, slots: list[Slot]) -> list[_Unit]:
-    """Layer `index`'s modules that own tensors, each with its tensors' tier copies (`slots`)."""
-    units: dict[int, _Unit] = {}
+def _units(index: int, slots: list[Slot], flat: torch.Tensor) -> list[_Unit]:
+    """Layer `index`'s modules that own tensors, each with its tensors' tier copies (`slots`,
+    views into the layer's packed buffer `flat`; a module's tensors lie one after the other
+    there, as part_tensors gives them module by module)."""
+    by_owner: dict[int, list[tuple[nn.Module, str, torch.Tensor]]] = {}
     for owner, name, home in slots:
-        unit = units.setdefault(id(owner), _Unit(index, owner, [], 0))
-        unit.tensors.append((name, home))
-        unit.nbytes += -(-home.numel() * home.element_size() // PACK_ALIGN) * PACK_ALIGN
-    return list(units.values())
+        by_owner.setdefault(id(owner), []).append((owner, name, home))
+    base, units = flat.data_ptr(), []
+    for entries in by_owner.values():
+        offsets = [home.data_ptr() - base for _, _, home in entries]
+        low = min(offsets)
+        high = max(o + h.numel() * h.element_size() for o, (_, _, h) in zip(offsets, entries))
+        layout = [(o - low, h.dtype, tuple(h.shape)) for o, (_, _, h) in zip(offsets, entries)]
+        units.append(_Unit(index, entries[0][0], [n for _, n, _ in entries], [h for _, _, h in entries],
+                           flat[low:high], layout))
+    return units
 
 
 class _ModuleTurns:
@@ -497,19 +566,42 @@ class _ModuleTurns:
     two staging buffers of the largest module's size, reused all along: they stay in the
     cache, the module reads its weights from there, and the copy costs one pass from the tier.
     The copy of the next module (in the order the first forward pass ran them, wrapping to
-    the next streamed layer and to the next step) is made on the copy thread into the other
-    buffer while this one runs. On the offload benchmark's model this reached 0.55-0.67 of
-    the compute-only speed where whole layers copied one ahead reached 0.45-0.53."""
+    the next streamed layer and to the next step) is started on the copy thread into the other
+    buffer while this one runs; it is one run of bytes (the module's part of its layer's packed
+    buffer) in pieces of MODULE_PIECE, and when the module's turn comes before its copy is
+    done, the compute side puts the pieces left in place itself (_Pieces.finish), those the
+    copy thread holds too: on a busy machine that thread may wait for a core for milliseconds,
+    and the compute side would wait with it. Small modules (norms: SMALL_UNIT) are copied at
+    their turn into a buffer of their own. The views a module reads are made once, so a turn
+    does no Python per tensor beyond pointing the module's tensors at them.
+
+    Where the time goes (the offload benchmark's model, 13 of 16 layers streamed, 546 MiB per
+    token, 1 torch thread): the compute side spends 10-20 % more CPU time per token than
+    with every layer resident (its modules read their weights from the cache, and it copies
+    what the copy thread has not), and the copy thread about 30 ms per token (a memcpy at
+    ~18 GB/s). So with a core free for the copy thread a step takes about 1.1-1.2x the
+    compute alone; with none (a busy machine) the two take turns on one core, 1.3-1.9x."""
 
     def __init__(self, streamer: "LayerStreamer", units: list[_Unit]):
         self.streamer = streamer
         self.units = units
-        size = max((unit.nbytes for unit in self.units), default=0)
-        self.buffers = [_staging_bytes(size), _staging_bytes(size)] if self.units else []
+        largest = max((unit.nbytes for unit in self.units), default=0)
+        for unit in self.units:
+            unit.small = unit.nbytes < min(SMALL_UNIT, largest // 8)
+        large = max((unit.nbytes for unit in self.units if not unit.small), default=0)
+        small = max((unit.nbytes for unit in self.units if unit.small), default=0)
+        # Two buffers that large modules take in turn, and one for the small ones (SMALL_UNIT).
+        self.buffers = [_staging_bytes(large), _staging_bytes(large), _staging_bytes(small)] if self.units else []
+        with torch.inference_mode(False):  # normal tensors, as the staging buffers are
+            for unit in self.units:
+                unit.staged = [[buffer[offset:offset + _nbytes(dtype, shape)].view(dtype).view(shape)
+                                for offset, dtype, shape in unit.layout] if buffer.numel() >= unit.nbytes else []
+                               for buffer in self.buffers]
         self.order: list[_Unit] = []  # as the first forward pass ran them
-        self.following: dict[int, _Unit] | None = None  # id(unit) -> the next one, once the order is known
-        self.pending: tuple[_Unit, int, Future] | None = None  # a copy on its way: unit, buffer, future
+        self.following: dict[int, _Unit] | None = None  # id(large unit) -> the next large one, once the order is known
+        self.pending: tuple[_Unit, int, _Pieces] | None = None  # a copy on its way: unit, buffer, its pieces
         self.slot = 1  # the buffer the running module reads
+        self.last: list[_Pieces | None] = [None] * len(self.buffers)  # the latest copy into each buffer
 
     def install(self) -> list:
         hooks = []
@@ -519,9 +611,9 @@ class _ModuleTurns:
         return hooks
 
     def drop(self) -> None:
-        """Let a copy on its way finish (it writes a staging buffer) and forget it."""
+        """Finish a copy on its way (it writes a staging buffer) and forget it."""
         if self.pending is not None:
-            self.pending[2].result()
+            self._finish(self.pending[0], self.pending[2])
             self.pending = None
 
     def _arrive_hook(self, unit: _Unit):
@@ -531,58 +623,71 @@ class _ModuleTurns:
 
     def _leave_hook(self, unit: _Unit):
         def hook(module, args, output):
-            for name, home in unit.tensors:  # back into the tier: the staging is the next module's
+            for name, home in zip(unit.names, unit.homes):  # back into the tier: the staging is the next module's
                 _assign(module, name, home)
         return hook
 
     def arrive(self, unit: _Unit) -> None:
         start = time.perf_counter()
+        if unit.small:  # copied here, now, into its own buffer; a prefetch stays on its way
+            self._finish(unit, self._copy(unit, 2))
+            self._learn(unit)
+            self.streamer.waited_s += time.perf_counter() - start
+            for name, view in zip(unit.names, unit.staged[2]):
+                _assign(unit.module, name, view)
+            return
         if self.pending is not None and self.pending[0] is unit:
-            _, slot, future = self.pending
-            views = future.result()
+            _, slot, pieces = self.pending
         else:  # not the one expected (the first pass, or another path through the layer)
             self.drop()
             slot = 1 - self.slot
-            views = self.copy(unit, slot)
+            pieces = self._copy(unit, slot)
             self._learn(unit)
         self.pending = None
+        self._finish(unit, pieces)
         self.streamer.waited_s += time.perf_counter() - start
         self.slot = slot
-        for (name, _), view in zip(unit.tensors, views):
+        for name, view in zip(unit.names, unit.staged[slot]):
             _assign(unit.module, name, view)
         following = self.following.get(id(unit)) if self.following is not None else None
         if following is not None:
             other = 1 - slot  # the module before this one has run: its buffer is free
-            self.pending = (following, other, self.streamer._pool.submit(self.copy, following, other))
+            pieces = self._copy(following, other)
+            self.streamer._pool.submit(pieces.work)
+            self.pending = (following, other, pieces)
 
     def _learn(self, unit: _Unit) -> None:
         """The order of the first pass, each module once; known when the first comes again."""
         if self.following is not None:
             return
         if self.order and unit is self.order[0]:
-            self.following = {id(u): self.order[(k + 1) % len(self.order)] for k, u in enumerate(self.order)}
+            large = [u for u in self.order if not u.small]
+            self.following = {id(u): large[(k + 1) % len(large)] for k, u in enumerate(large)}
         elif all(u is not unit for u in self.order):
             self.order.append(unit)
 
-    def copy(self, unit: _Unit, slot: int) -> list[torch.Tensor]:
-        """The unit's tensors copied into staging buffer `slot` (torch's copy_, whose stores
-        stay in the cache, unlike memmove's); views of them."""
-        start = time.perf_counter()
-        buffer, views, offset = self.buffers[slot], [], 0
-        with torch.inference_mode(False):
-            for _, home in unit.tensors:
-                nbytes = home.numel() * home.element_size()
-                view = buffer[offset:offset + nbytes].view(home.dtype).view(home.shape)
-                view.copy_(home)
-                views.append(view)
-                offset += -(-nbytes // PACK_ALIGN) * PACK_ALIGN
-        seconds = time.perf_counter() - start
+    def _copy(self, unit: _Unit, slot: int) -> _Pieces:
+        """The copy of the unit's run of bytes into staging buffer `slot`, not started yet."""
+        pieces = _Pieces(self.buffers[slot][:unit.nbytes], unit.source, MODULE_PIECE)
+        pieces.after, self.last[slot] = self.last[slot], pieces
+        return pieces
+
+    def _finish(self, unit: _Unit, pieces: _Pieces) -> None:
+        """Put in place here what of `pieces` the copy thread has not (finished), and count it."""
+        pieces.finish()
+        pieces.after = None  # (so the copies before it can go)
         streamer = self.streamer
         with streamer._lock:
             stats = streamer.stats[streamer.streamed[unit.layer]]
-            stats.bytes += offset
-            stats.seconds += seconds
-        return views
+            stats.bytes += unit.nbytes
+            stats.seconds += pieces.finished - pieces.started
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count * torch.empty((), dtype=dtype).element_size()
 
 
 def _staging_bytes(nbytes: int) -> torch.Tensor:
