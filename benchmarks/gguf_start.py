@@ -9,7 +9,8 @@ CPU, two threads, a context of 512:
   `load_tensors`-to-ready span is not printed, so: spawn until /health answers 200, which for
   a C++ program is its load), peak RSS its VmHWM then.
 - VRAMancer, first load: `Engine.load` of the file with an empty cache folder (K-quants
-  dequantized and quantized again per tensor, layers profiled, the weights cache written).
+  dequantized and quantized again per tensor, layers profiled, the weights cache written); our
+  CPU kernels are the ones already compiled, as after an install.
 - VRAMancer, cached load: the same again, the cache filled by the first.
 For ours, "load" is `Engine.load` alone, and "start" adds the Python and torch imports.
 Targets: first load ≤ 2×, cached load ≤ 1.2× llama.cpp's; peak RSS ≤ 1.5× its.
@@ -125,8 +126,10 @@ def llama_start(gguf: Path) -> dict:
     return {"load_s": seconds, "start_s": seconds, "peak_gib": peak / GIB}
 
 
-def our_load(gguf: Path, cache: str) -> dict:
-    env = dict(os.environ, VRM_CACHE_DIR=cache, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error",
+def our_load(gguf: Path, cache: str, kernels: str) -> dict:
+    # The cache folder is fresh, not the kernels: an install compiles them once (setup.py), and
+    # a first load is the model's, not a compiler's.
+    env = dict(os.environ, VRM_CACHE_DIR=cache, VRM_KERNEL_DIR=kernels, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error",
                HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS=str(THREADS))
     start = time.perf_counter()
@@ -152,11 +155,15 @@ def bench(rounds: int = 3, models: str | None = None) -> Result:
         return result
     gguf = q4_k_m_file(Path(models) if models else cache_root() / "bench-models")
     result.settings["file"] = f"{gguf.name}, {gguf.stat().st_size / 2**20:.0f} MiB"
+    from vramancer.kernels.cpu.build import build_dir, kernels
+
+    kernels()  # built here once if this checkout's are not yet: never inside a measured load
+    kernel_root = str(build_dir().parent)
     samples: dict[str, list[dict]] = {LLAMA: [], FIRST: [], CACHED: []}
     for n in range(rounds):
         with tempfile.TemporaryDirectory(prefix="vramancer-bench-gguf-") as cache:
-            for name, run in ((LLAMA, lambda: llama_start(gguf)), (FIRST, lambda: our_load(gguf, cache)),
-                              (CACHED, lambda: our_load(gguf, cache))):
+            for name, run in ((LLAMA, lambda: llama_start(gguf)), (FIRST, lambda: our_load(gguf, cache, kernel_root)),
+                              (CACHED, lambda: our_load(gguf, cache, kernel_root))):
                 samples[name].append(run())
                 say(f"  round {n + 1}/{rounds}  {name:45s} " + "  ".join(f"{k} {v:.2f}" for k, v in samples[name][-1].items()))
     result.add(samples)
