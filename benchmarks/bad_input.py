@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.common import Result, cli, compare, load_average, missed
+from benchmarks.common import Result, cli, compare, missed
 
 CASES: list[tuple[list[str], dict[str, str]]] = [
     (["generate", "--prompt", "hi", "--temperature", "nan"], {}),
@@ -76,7 +76,6 @@ def bench(target: float = 3.0) -> Result:
     result.comparisons.append(compare("slowest refusal, s (absolute)", slowest, at_most=target))
     result.comparisons.append(compare("cases that exit 2 with one line on stderr, share (absolute)",
                                       good / len(CASES), at_least=1.0))
-    result.notes.append(f"{load_average()} at the end")
     return result
 
 

@@ -308,7 +308,11 @@ def cli(bench: Callable[..., Result], doc: str, options: list[tuple]) -> Result:
     parser.add_argument("--result", help="write the result here as JSON instead of printing it")
     args = vars(parser.parse_args())
     out = args.pop("result")
+    before = load_average()
     result = bench(**args)
+    # How busy the machine was, for every run: on a shared machine it says how much of a
+    # timing was the machine's.
+    result.notes.append(f"{before} at the start, {load_average().removeprefix('load average ')} at the end")
     if out:
         Path(out).write_text(json.dumps(result.to_json(), ensure_ascii=False))
         return result

@@ -13,7 +13,7 @@ import json
 import statistics
 import time
 
-from benchmarks.common import Result, alternate, cli, load_average
+from benchmarks.common import Result, alternate, cli
 
 CITY = {"type": "object", "additionalProperties": False, "required": ["city", "population", "summary"],
         "properties": {"city": {"type": "string"}, "population": {"type": "integer"},
@@ -78,7 +78,7 @@ def bench(rows: list[int] = (1, 4), tokens: int = 48, rounds: int = 2) -> Result
         answers = f"{count} answer{'s' * (count > 1)}"
         result.ratio(f"{answers}: json_schema ÷ unconstrained, ms per decode step", f"{answers}, json_schema",
                      f"{answers}, unconstrained", "step_ms", False)
-    result.notes.append(f"the mask's ms is per answer and token; {load_average()} at the end")
+    result.notes.append("the mask's ms is per answer and token")
     return result
 
 

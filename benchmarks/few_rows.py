@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-from benchmarks.common import Result, cli, load_average, say
+from benchmarks.common import Result, cli, say
 
 # The bundled model's (SmolLM2-135M) layers: q/o, k/v, gate/up, down, the output head.
 SHAPES = ((576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576))
@@ -87,8 +87,7 @@ def bench(rounds: int = 5, threads: int = 1) -> Result:
             for other in (F_LINEAR, MKL):
                 result.ratio(f"{shape}: ours' speed ÷ {other}'s at {ROWS[-1]} rows", f"{shape}: {other}",
                              f"{shape}: {OURS}", f"ms_{ROWS[-1]}", False)
-    result.notes.append(f"`{MEMORY}`: torch.sum over the same weights, what reading memory alone reaches; "
-                        f"{load_average()} at the end")
+    result.notes.append(f"`{MEMORY}`: torch.sum over the same weights, what reading memory alone reaches")
     return result
 
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from benchmarks.common import Result, Sample, alternate, cli, load_average
+from benchmarks.common import Result, Sample, alternate, cli
 
 OUT_OF_CACHE_BYTES = 64 * 10**6
 SECONDS_PER_ROUND = 0.3
@@ -136,7 +136,6 @@ def bench(rounds: int = 5, rows: int = 1, threads: int = 1) -> Result:
     contenders = {case.name: timed(kernel_call(case.weights), case, rows) for case in CASES}
     contenders[MEMORY] = memory_read()
     result.add(alternate(contenders, rounds))
-    result.notes.append(f"{load_average()} at the end")
     return result
 
 

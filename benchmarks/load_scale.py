@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import Result, cli, load_average, say
+from benchmarks.common import Result, cli, say
 
 # Qwen2-0.5B and Qwen2-1.5B's shapes (their published config.json files).
 SHAPES = {
@@ -137,7 +137,7 @@ def bench(sizes: str = "0.5B,1.5B", weights: str = "q4,q8,native", models: Path 
                 "params": r["params"] / 1e9, "resident": r["resident"] / GIB, "overhead": r["overhead"] / GIB,
                 "peak": r["peak"] / GIB, "extra": (r["peak"] - r["overhead"] - r["resident"]) / GIB,
                 "seconds": r["seconds"]}]})
-    result.notes.append(f"{load_average()} at the end: the seconds are the busy machine's; the memory figures do not depend on the load")
+    result.notes.append("the seconds depend on how busy the machine was; the memory figures do not")
     return result
 
 
