@@ -170,6 +170,27 @@ def test_a_kept_prefix_is_copied_gives_the_same_tokens_and_is_counted(engine):
     engine.prefix_cache.clear()
 
 
+def test_a_running_sequence_offers_its_prefix_to_a_request_that_shares_it(engine):
+    chat = lambda question: [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+    expected = alone(engine, chat("Name a fruit."), 8, raw=False)
+    engine.prefix_cache.clear()
+    prefix = engine.prefix_cache
+    hits, reused = prefix.hits, prefix.tokens_reused
+    events = Events()
+    batch = engine.batch(events.append)
+    batch.submit(ev.Submit("first", tuple(chat("Name a colour.")), {"max_new_tokens": 30}))
+    batch.step()  # the first one answers; nothing kept yet
+    assert prefix.blocks == 0 and prefix.hits == hits
+    batch.submit(ev.Submit("second", tuple(chat("Name a fruit.")), {"max_new_tokens": 8}))
+    batch.step()
+    assert prefix.hits == hits + 1 and len(batch.running) == 2  # copied from the first one's cache
+    shared = len(engine.tokenizer(SYSTEM)["input_ids"]) // ragged.BLOCK * ragged.BLOCK
+    assert prefix.tokens_reused - reused >= shared > 0
+    run_to_end(batch)
+    assert list(events.done("second").token_ids) == expected
+    engine.prefix_cache.clear()
+
+
 def test_a_short_request_starts_beside_a_long_one_without_waiting_for_it(engine):
     """Padded to one width, a 200-token answer and a short one did not fit 256 tokens together
     ((1 + 1) x 210 > 256): the short one waited for the long one. By blocks held it starts at

@@ -593,9 +593,18 @@ class Batch:
         return newcomers
 
     def _find_prefix(self, sequence: Sequence):
+        """The longest prefix of `sequence`'s prompt kept, or held now by a running sequence in
+        the ragged cache (a prompt being prefilled a chunk a step included)."""
         if self.prefix is None or sequence.tokens:
             return None
-        return self.prefix.find(sequence.prompt_ids)
+        running = []
+        if self.ragged:
+            for other in [*self.running, *self._prefilling()]:
+                if other.slot is not None and other.held >= BLOCK and other is not sequence:
+                    running.append(((other.prompt_ids + other.tokens)[:other.held],
+                                    lambda slot=other.slot, held=other.held: [layer.read(slot, held)
+                                                                              for layer in self.cache.layers]))
+        return self.prefix.find(sequence.prompt_ids, running)
 
     # --- one sequence alone --------------------------------------------------------------
 

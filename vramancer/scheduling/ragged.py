@@ -233,7 +233,6 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     cache = _running.get()
     if cache is None:
         raise RuntimeError("the ragged attention ran outside a ragged forward")
-    own = ALL_ATTENTION_FUNCTIONS.get_interface(cache.attention, None)
     layer = cache.layers[cache._layer]
     style = KNOWN_ATTENTION[cache.attention]
     # Beside others, a decoding sequence's one query goes through our decode-attention kernel
@@ -244,6 +243,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if ops is not None and cache.row_slots:  # decoding sequences as rows: one call for them all
         return ops.ragged_decode_attention(query, layer.step_keys, layer.step_values, cache.row_lengths, scale), None
+    own = ALL_ATTENTION_FUNCTIONS.get_interface(cache.attention, None)
     outputs = []
     for piece in cache.pieces:
         keys, values = layer.read(piece.slot, piece.past + piece.count)
