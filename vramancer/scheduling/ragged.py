@@ -7,11 +7,20 @@ How a step runs: the tokens of every sequence (one for a decoding one, a prompt 
 one for a newcomer) are laid end to end as one row, with each token's own position, so the
 projections, norms and MLPs see one [1, tokens, hidden] tensor. A step of decoding sequences
 only (one token each) lays them as rows instead, [sequences, 1, hidden], the shape our CPU
-kernels' few-rows paths take (kernels/cpu/few_rows.py). The cache's `update` writes
-each sequence's new keys and values into its own buffer, on the layer's device, and the
-attention registered here (`ATTENTION`) then runs, for each sequence, the attention the model
-was loaded with (SDPA, our CPU kernels' or eager) on that sequence's queries and its own
-keys and values: the same call, in the same shapes, as the sequence alone would make.
+kernels' few-rows paths and fused layers take (kernels/cpu/few_rows.py, fused_layer.py). The
+cache's `update` writes each sequence's new keys and values into its own buffer, on the layer's
+device, and the attention registered here (`ATTENTION`) then runs, for each sequence, the
+attention the model was loaded with (SDPA, our CPU kernels' or eager) on that sequence's
+queries and its own keys and values: the same call, in the same shapes, as the sequence alone
+would make.
+
+A decode step of several sequences is the one that runs most, so it costs one call per layer
+on our CPU kernels, whatever the number of sequences: `write_columns` puts every row's new keys
+(and values) into its buffer, and `ragged_decode_attention` attends every row over its own
+buffer's first positions; what is the same in every layer (slots, columns, lengths) is set once
+per step. A fused layer (kernels/cpu/fused_layer.py) takes the same buffers from
+`attended_rows` and runs the whole decode step in its two calls. A row's attention computes
+exactly what `decode_attention` computes for that sequence alone.
 
 Everything that handles a cache layer generically (migration's `move_cache`, the KV
 telemetry: `model.architecture.cache_tensors`) sees each layer's two dicts of buffers, so
@@ -35,6 +44,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from vramancer.kernels.cpu import build as cpu_kernels
+from vramancer.kernels.cpu import few_rows
 from vramancer.kernels.cpu.few_rows import ATTENTION as FEW_ROWS_ATTENTION
 from vramancer.kernels.cpu.modules import ATTENTION as CPU_ATTENTION, one_query_on_kernels
 
@@ -239,7 +249,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     # where the model runs its batches' attention on our kernels anyway: one call of a few
     # microseconds, where SDPA's own overhead is tens of them, for every sequence and layer.
     ops = (cpu_kernels.kernels() if len(cache.pieces) > 1 and cache.attention in (CPU_ATTENTION, FEW_ROWS_ATTENTION)
-           and one_query_on_kernels(query[:1, :, :1], dropout, kwargs) else None)
+           and "attention" in few_rows.enabled and one_query_on_kernels(query[:1, :, :1], dropout, kwargs) else None)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if ops is not None and cache.row_slots:  # decoding sequences as rows: one call for them all
         return ops.ragged_decode_attention(query, layer.step_keys, layer.step_values, cache.row_lengths, scale), None
