@@ -171,10 +171,6 @@ def test_decode_attention_matches_sdpa(heads, kv_heads, positions):
     k, v = torch.randn(2, kv_heads, positions, 64), torch.randn(2, kv_heads, positions, 64)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2)
     assert (ops.decode_attention(q, k, v, 64 ** -0.5) - expected).abs().max().item() < 1e-5
-    # A mask that attends everywhere (a batch without padding) gives the unmasked bits.
-    everywhere = torch.ones(2, 1, 1, positions, dtype=torch.bool)
-    unmasked = ops.decode_attention(q, k, v, 64 ** -0.5)
-    assert torch.equal(ops.decode_attention(q, k, v, 64 ** -0.5, everywhere), unmasked)
 
 
 def test_ragged_attention_gives_each_sequence_the_bits_it_gets_alone_and_writes_its_own_column():

@@ -45,14 +45,13 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from vramancer.kernels.cpu import build as cpu_kernels
 from vramancer.kernels.cpu import few_rows
-from vramancer.kernels.cpu.few_rows import ATTENTION as FEW_ROWS_ATTENTION
 from vramancer.kernels.cpu.modules import ATTENTION as CPU_ATTENTION, one_query_on_kernels
 
 BLOCK = 16  # KV columns a sequence's cache grows by, and the unit the budget is counted in
 ATTENTION = "vramancer_ragged"  # the name the per-sequence attention is registered under
 # Attention implementations whose masks we know how to make for a chunk that has tokens before it.
-# Ours on the CPU take SDPA's masks (they hand masked calls to it).
-KNOWN_ATTENTION = {"sdpa": "bool", CPU_ATTENTION: "bool", FEW_ROWS_ATTENTION: "bool", "eager": "additive"}
+# Ours on the CPU takes SDPA's masks (it hands masked calls to it).
+KNOWN_ATTENTION = {"sdpa": "bool", CPU_ATTENTION: "bool", "eager": "additive"}
 
 _running: contextvars.ContextVar[RaggedCache | None] = contextvars.ContextVar("vramancer_ragged", default=None)
 
@@ -246,9 +245,10 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     layer = cache.layers[cache._layer]
     style = KNOWN_ATTENTION[cache.attention]
     # Beside others, a decoding sequence's one query goes through our decode-attention kernel
-    # where the model runs its batches' attention on our kernels anyway: one call of a few
-    # microseconds, where SDPA's own overhead is tens of them, for every sequence and layer.
-    ops = (cpu_kernels.kernels() if len(cache.pieces) > 1 and cache.attention in (CPU_ATTENTION, FEW_ROWS_ATTENTION)
+    # (float32 on the CPU, SDPA's or our attention): one call of a few microseconds, where
+    # SDPA's own overhead is tens of them, for every sequence and layer. Alone, a sequence
+    # keeps the model's own (a float32 one SDPA, so its answer is plain transformers').
+    ops = (cpu_kernels.kernels() if len(cache.pieces) > 1 and cache.attention in (CPU_ATTENTION, "sdpa")
            and "attention" in few_rows.enabled and one_query_on_kernels(query[:1, :, :1], dropout, kwargs) else None)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if ops is not None and cache.row_slots:  # decoding sequences as rows: one call for them all

@@ -5,8 +5,8 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
-  m.def("decode_attention", &decode_attention, "one query per sequence over its KV cache (optional boolean mask)",
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("mask") = py::none());
+  m.def("decode_attention", &decode_attention, "one query per sequence over its whole KV cache", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("scale"));
   m.def("ragged_decode_attention", &ragged_decode_attention,
         "one query per sequence, each over the first lengths[b] positions of its own key and value buffers",
         py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("lengths"), py::arg("scale"));

@@ -1,20 +1,17 @@
-// Attention of one new query per sequence (a decode step), with or without a boolean mask:
+// Attention of one new query per sequence (a decode step) over every cached position:
 // q [B, H, 1, D], k and v [B, KVH, T, D] with KVH dividing H (grouped queries) → [B, 1, H, D].
-// Without a mask every cached position counts (a lone sequence, or a batch without padding);
-// a mask [B, 1 or H, 1, T] is true where a position is attended (a batch's left padding is
-// false) and masked positions take no part in the softmax. One call for the whole batch: SDPA
-// with a batch's mask took ~0.4 ms a layer at 8 rows.
 //
 // Per (sequence, head): the scores of every position, four positions' dot products at a time
-// as independent chains, then the softmax-weighted sum of the attended positions' values with
-// the output row in registers for the usual head size of 64. Each score is one chain over the
-// head in order and the values are summed position after position, whatever the batch or the
-// mask, so a row's result has the same bits alone or in a batch.
+// as independent chains, then the softmax-weighted sum of the values with the output row in
+// registers for the usual head size of 64. Each score is one chain over the head in order and
+// the values are summed position after position, whatever the batch, so a row's result has
+// the same bits alone or in a batch.
 //
 // A ragged batch (scheduling/ragged.py) keeps each sequence's keys and values in a buffer of
 // its own: `ragged_decode_attention` takes the buffers and each one's attended length, one call
-// for every sequence of a layer, and `write_columns` puts a decode step's new keys (or values)
-// into each sequence's buffer at its own position, one call for all of them.
+// for every sequence of a layer (SDPA per sequence cost tens of microseconds each), and
+// `write_columns` puts a decode step's new keys (or values) into each sequence's buffer at its
+// own position, one call for all of them.
 
 #include "kernels.h"
 #include "simd.h"
@@ -31,11 +28,10 @@
 namespace {
 
 // One (sequence, head). DV8 = head size / 8 keeps the output row in registers (0: any head
-// size, through memory); mp is null when every position counts.
+// size, through memory).
 template <int DV8>
-void attend_one(const float* qp, const float* kp, const float* vp, const bool* mp, int64_t T, int64_t D,
-                int64_t kt, int64_t vt, int64_t mt, float scale, float* weights, float* acc, float* o) {
-  const auto attended = [&](int64_t t) { return mp == nullptr || mp[t * mt]; };
+void attend_one(const float* qp, const float* kp, const float* vp, int64_t T, int64_t D, int64_t kt, int64_t vt,
+                float scale, float* weights, float* acc, float* o) {
   float top = -INFINITY;
   int64_t t = 0;
   for (; t + 4 <= T; t += 4) {
@@ -46,32 +42,30 @@ void attend_one(const float* qp, const float* kp, const float* vp, const bool* m
     }
     for (int j = 0; j < 4; ++j) {
       weights[t + j] = sum_lanes(dot[j]) * scale;
-      if (attended(t + j)) top = std::max(top, weights[t + j]);
+      top = std::max(top, weights[t + j]);
     }
   }
   for (; t < T; ++t) {
     __m256 dot = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += 8) dot = _mm256_fmadd_ps(_mm256_loadu_ps(qp + d), _mm256_loadu_ps(kp + t * kt + d), dot);
     weights[t] = sum_lanes(dot) * scale;
-    if (attended(t)) top = std::max(top, weights[t]);
+    top = std::max(top, weights[t]);
   }
   float total = 0.0f;
   if constexpr (DV8 > 0) {
     __m256 sum[DV8];
     for (int j = 0; j < DV8; ++j) sum[j] = _mm256_setzero_ps();
     for (t = 0; t < T; ++t) {
-      if (!attended(t)) continue;
       const float p = std::exp(weights[t] - top);
       total += p;
       const __m256 pv = _mm256_set1_ps(p);
       for (int j = 0; j < DV8; ++j) sum[j] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vp + t * vt + 8 * j), sum[j]);
     }
-    const __m256 inv = _mm256_set1_ps(1.0f / total);  // no attended position: NaN, as SDPA gives
+    const __m256 inv = _mm256_set1_ps(1.0f / total);
     for (int j = 0; j < DV8; ++j) _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(sum[j], inv));
   } else {
     std::fill(acc, acc + D, 0.0f);
     for (t = 0; t < T; ++t) {
-      if (!attended(t)) continue;
       const float p = std::exp(weights[t] - top);
       total += p;
       const __m256 pv = _mm256_set1_ps(p);
@@ -90,10 +84,8 @@ struct SequenceKV {
   int64_t k_head, v_head, kt, vt, T;
 };
 
-// Every (sequence, head) of q [B, H, 1, D] over its sequence's keys and values → [B, 1, H, D];
-// mask rows (or none) as decode_attention takes them.
-torch::Tensor attend_all(const torch::Tensor& q, const std::vector<SequenceKV>& seqs, int64_t KVH, double scale,
-                         const bool* md, int64_t mask_b, int64_t mask_h, int64_t mask_t) {
+// Every (sequence, head) of q [B, H, 1, D] over its sequence's keys and values → [B, 1, H, D].
+torch::Tensor attend_all(const torch::Tensor& q, const std::vector<SequenceKV>& seqs, int64_t KVH, double scale) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
   int64_t longest = 0;
   for (const auto& s : seqs) longest = std::max(longest, s.T);
@@ -110,12 +102,11 @@ torch::Tensor attend_all(const torch::Tensor& q, const std::vector<SequenceKV>& 
       const float* qp = qd + b * q.stride(0) + h * q.stride(1);
       const float* kp = s.k + g * s.k_head;
       const float* vp = s.v + g * s.v_head;
-      const bool* mp = md == nullptr ? nullptr : md + b * mask_b + h * mask_h;
       float* o = od + (b * H + h) * D;
       if (D == 64)
-        attend_one<8>(qp, kp, vp, mp, s.T, D, s.kt, s.vt, mask_t, sc, weights.data(), acc.data(), o);
+        attend_one<8>(qp, kp, vp, s.T, D, s.kt, s.vt, sc, weights.data(), acc.data(), o);
       else
-        attend_one<0>(qp, kp, vp, mp, s.T, D, s.kt, s.vt, mask_t, sc, weights.data(), acc.data(), o);
+        attend_one<0>(qp, kp, vp, s.T, D, s.kt, s.vt, sc, weights.data(), acc.data(), o);
     }
   });
   return out;
@@ -138,28 +129,17 @@ void check_buffer(const torch::Tensor& t, int64_t KVH, int64_t T, int64_t D, con
 
 }  // namespace
 
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
-                               const c10::optional<torch::Tensor>& mask) {
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale) {
   check_query(q);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KVH = k.size(1), T = k.size(2);
   check_buffer(k, KVH, T, D, "decode_attention");
   check_buffer(v, KVH, T, D, "decode_attention");
   TORCH_CHECK(H % KVH == 0 && k.size(0) == B && v.size(0) == B, "decode_attention wants kv heads that divide the heads");
-  const bool* md = nullptr;
-  int64_t mask_b = 0, mask_h = 0, mask_t = 0;
-  if (mask.has_value()) {
-    const auto& m = *mask;
-    TORCH_CHECK(m.scalar_type() == torch::kBool && m.device().is_cpu() && m.dim() == 4 && m.size(0) == B &&
-                    m.size(2) == 1 && m.size(3) == T && (m.size(1) == 1 || m.size(1) == H),
-                "decode_attention wants a boolean mask [B, 1 or H, 1, T]");
-    md = m.data_ptr<bool>();
-    mask_b = m.stride(0), mask_h = m.size(1) == 1 ? 0 : m.stride(1), mask_t = m.stride(3);
-  }
   std::vector<SequenceKV> seqs(B);
   for (int64_t b = 0; b < B; ++b)
     seqs[b] = {k.data_ptr<float>() + b * k.stride(0), v.data_ptr<float>() + b * v.stride(0), k.stride(1), v.stride(1),
                k.stride(2), v.stride(2), T};
-  return attend_all(q, seqs, KVH, scale, md, mask_b, mask_h, mask_t);
+  return attend_all(q, seqs, KVH, scale);
 }
 
 torch::Tensor ragged_decode_attention(const torch::Tensor& q, const std::vector<torch::Tensor>& keys,
@@ -180,7 +160,7 @@ torch::Tensor ragged_decode_attention(const torch::Tensor& q, const std::vector<
     check_buffer(v, KVH, lengths[b], D, "ragged_decode_attention");
     seqs[b] = {k.data_ptr<float>(), v.data_ptr<float>(), k.stride(1), v.stride(1), k.stride(2), v.stride(2), lengths[b]};
   }
-  return attend_all(q, seqs, KVH, scale, nullptr, 0, 0, 0);
+  return attend_all(q, seqs, KVH, scale);
 }
 
 void write_columns(const std::vector<torch::Tensor>& buffers, const std::vector<int64_t>& positions,

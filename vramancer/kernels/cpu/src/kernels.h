@@ -47,9 +47,8 @@ void bind_decode_layer(pybind11::module_& m);
 // few_rows.cpp
 torch::Tensor few_rows_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias);
 
-// decode_attention.cpp: one query per sequence over its cache; mask [B, 1 or H, 1, T] (true: attended) or none.
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
-                               const c10::optional<torch::Tensor>& mask = c10::nullopt);
+// decode_attention.cpp: one query per sequence over every position of its cache.
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale);
 // The same over each sequence's own buffer [1, KVH, >= length, D], its first lengths[b] positions.
 torch::Tensor ragged_decode_attention(const torch::Tensor& q, const std::vector<torch::Tensor>& keys,
                                       const std::vector<torch::Tensor>& values, const std::vector<int64_t>& lengths,
