@@ -9,7 +9,7 @@ import torch
 from vramancer.engine import events as ev
 from vramancer.engine.engine import Engine
 from vramancer.scheduling import ragged
-from vramancer.scheduling.prefix_cache import PrefixCache
+from vramancer.scheduling.prefix_cache import PrefixCache, shared_blocks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: one torch thread per test
 
@@ -255,6 +255,12 @@ def test_the_prefix_cache_keeps_whole_blocks_finds_the_longest_and_evicts_the_ol
     longer = other + [6000 + t for t in range(block)]
     cache.keep(longer, kv(len(longer)), room=4)  # it extends the kept one, which is dropped
     assert cache.blocks == 3 and len(cache.entries) == 1
+    # A running sequence's blocks, longer than what is kept, are taken from it; nothing is kept.
+    running = longer + [7000 + t for t in range(2 * block)]
+    hit = cache.find(running + [1], [(running[:4 * block + 3], lambda: kv(4 * block + 3))])
+    assert hit.tokens == 4 * block and hit.layers()[0][0].shape[2] == 4 * block and cache.blocks == 3
+    assert cache.find(longer + [1], [(running, lambda: kv(len(running)))]).tokens == 3 * block  # the prompt's own blocks
+    assert shared_blocks(running, running[:block] + [0] * block, 5) == 1 and shared_blocks(running, running, 2) == 2
 
 
 def test_metrics_show_the_prefix_cache_and_preemptions():

@@ -43,10 +43,10 @@ def block_hashes(tokens: list[int], blocks: int) -> list[int]:
 
 def shared_blocks(tokens: list[int], other: list[int], most: int) -> int:
     """How many whole blocks `tokens` and `other` share from their start (at most `most`)."""
-    blocks = 0
-    while blocks < most and tokens[blocks * BLOCK:(blocks + 1) * BLOCK] == other[blocks * BLOCK:(blocks + 1) * BLOCK] \
-            and len(other) >= (blocks + 1) * BLOCK:
-        blocks += 1
+    blocks = min(most, len(other) // BLOCK)
+    for i in range(blocks):
+        if tokens[i * BLOCK:(i + 1) * BLOCK] != other[i * BLOCK:(i + 1) * BLOCK]:
+            return i
     return blocks
 
 
