@@ -171,7 +171,27 @@ def test_decode_attention_matches_sdpa(heads, kv_heads, positions):
     k, v = torch.randn(2, kv_heads, positions, 64), torch.randn(2, kv_heads, positions, 64)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2)
     assert (ops.decode_attention(q, k, v, 64 ** -0.5) - expected).abs().max().item() < 1e-5
-    # A mask that attends everywhere (a batch without padding) gives the unmasked bits.
-    everywhere = torch.ones(2, 1, 1, positions, dtype=torch.bool)
-    unmasked = ops.decode_attention(q, k, v, 64 ** -0.5)
-    assert torch.equal(ops.decode_attention(q, k, v, 64 ** -0.5, everywhere), unmasked)
+
+
+def test_ragged_attention_gives_each_sequence_the_bits_it_gets_alone_and_writes_its_own_column():
+    torch.manual_seed(5)
+    heads, kv_heads, lengths = 8, 2, [3, 17, 1]
+    q = torch.randn(3, heads, 1, 64)
+    # Each sequence's own buffer, longer than what it attends (the spare columns hold garbage).
+    keys = [torch.randn(1, kv_heads, length + 16, 64) for length in lengths]
+    values = [torch.randn(1, kv_heads, length + 16, 64) for length in lengths]
+    new_keys, new_values = torch.randn(3, kv_heads, 1, 64), torch.randn(3, kv_heads, 1, 64)
+    before = [k.clone() for k in keys]
+    ops.write_columns(keys, [n - 1 for n in lengths], new_keys)
+    ops.write_columns(values, [n - 1 for n in lengths], new_values)
+    for row, n in enumerate(lengths):
+        assert torch.equal(keys[row][:, :, n - 1], new_keys[row:row + 1, :, 0])
+        assert torch.equal(values[row][:, :, n - 1], new_values[row:row + 1, :, 0])
+        assert torch.equal(keys[row][:, :, :n - 1], before[row][:, :, :n - 1])  # nothing else written
+        assert torch.equal(keys[row][:, :, n:], before[row][:, :, n:])
+    got = ops.ragged_decode_attention(q, keys, values, lengths, 64 ** -0.5)
+    for row, n in enumerate(lengths):
+        alone = ops.decode_attention(q[row:row + 1], keys[row][:, :, :n], values[row][:, :, :n], 64 ** -0.5)
+        assert torch.equal(got[row:row + 1], alone), row
+    with pytest.raises(RuntimeError, match="hold every attended position"):
+        ops.ragged_decode_attention(q, keys, values, [3, 17, 18], 64 ** -0.5)

@@ -1,8 +1,5 @@
-"""A batch's rows on the CPU (kernels/cpu/few_rows.py): linear layers, RMSNorms and decode attention
-compute what torch's do, one row bit for bit, a row's bits whoever shares its batch, and only
-where they apply."""
-
-from types import SimpleNamespace
+"""A batch's rows on the CPU (kernels/cpu/few_rows.py): linear layers and RMSNorms compute what
+torch's do, one row bit for bit, a row's bits whoever shares its batch, and only where they apply."""
 
 import pytest
 import torch
@@ -106,49 +103,3 @@ def test_a_batchs_rms_norms_run_fused_and_one_row_keeps_torchs(tiny_model_dir):
         assert torch.equal(norm(one), type(norm).forward(norm, one))
         assert torch.equal(norm(batch), ops.rms_norm(batch, norm.weight, norm.vramancer_eps))
         torch.testing.assert_close(norm(batch), type(norm).forward(norm, batch))
-
-
-def padded_decode_step(rows: int = 5, length: int = 11, head: int = 16) -> tuple:
-    """One query per sequence over a cache of `length` columns, each row's first few padding."""
-    torch.manual_seed(3)
-    query = torch.randn(rows, 6, 1, head)  # 6 heads sharing 2 KV heads
-    key, value = torch.randn(rows, 2, length, head), torch.randn(rows, 2, length, head)
-    cached = torch.tensor([length - i % 4 for i in range(rows)])
-    mask = (torch.arange(length) >= (length - cached)[:, None])[:, None, None, :]
-    return SimpleNamespace(num_key_value_groups=3, is_causal=False), query, key, value, mask
-
-
-@needs_kernels
-@pytest.mark.parametrize("head", [16, 64])
-def test_a_batchs_attention_skips_each_rows_padding_as_sdpa_does(head):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from vramancer.kernels.cpu.few_rows import _few_rows_attention
-
-    module, query, key, value, mask = padded_decode_step(head=head)
-    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
-    got, _ = _few_rows_attention(module, query, key, value, mask, scaling=0.25)
-    assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    # A row alone over its own positions gets the same bits as in the batch.
-    start = int((~mask[1, 0, 0]).sum())
-    alone = ops.decode_attention(query[1:2], key[1:2, :, start:], value[1:2, :, start:], 0.25,
-                                 mask[1:2, :, :, start:])
-    assert torch.equal(got[1:2], alone)
-    holes = mask.clone()
-    holes[0, 0, 0, 5] = False  # any boolean mask, not only left padding
-    torch.testing.assert_close(_few_rows_attention(module, query, key, value, holes, scaling=0.25)[0],
-                               sdpa_attention_forward(module, query, key, value, holes, scaling=0.25)[0],
-                               rtol=1e-5, atol=1e-5)
-
-
-def test_a_lone_row_and_an_additive_mask_stay_with_sdpa():
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from vramancer.kernels.cpu.few_rows import _few_rows_attention
-
-    module, query, key, value, mask = padded_decode_step()
-    additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
-    for q, k, v, m in ((query, key, value, additive), (query[:1], key[:1], value[:1], mask[:1])):
-        expected, _ = sdpa_attention_forward(module, q, k, v, m, scaling=0.25)
-        assert torch.equal(_few_rows_attention(module, q, k, v, m, scaling=0.25)[0], expected)

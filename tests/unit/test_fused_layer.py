@@ -1,7 +1,7 @@
 """A decoder layer's fused decode step (kernels/cpu/fused_layer.py) gives what the layer's own
-forward gives, to the bit, on tiny random q4/q8 models (Llama, and Qwen2 with biases on q/k/v); a batch's
-step with its padding mask runs fused, each row with the bits it gets alone; prompts and layers
-with parts it does not run keep their own forward."""
+forward gives, to the bit, on tiny random q4/q8 models (Llama, and Qwen2 with biases on q/k/v); a ragged
+batch's decode step runs fused, each row with the bits it gets alone; prompts and layers with parts it
+does not run keep their own forward."""
 
 import pytest
 import torch
@@ -92,56 +92,45 @@ def test_greedy_generation_gives_the_same_tokens_fused_or_not(kind, weights):
     assert tokens[0] == tokens[1]
 
 
-def test_a_padded_batch_runs_fused_and_several_new_tokens_take_the_layers_own_forward():
+def test_a_ragged_batch_step_runs_fused_each_row_with_the_bits_it_gets_alone():
+    """Three sequences with pasts of different lengths, each in its own buffers (scheduling/ragged.py),
+    decode one token each as rows of one step: fused, every row's logits and new keys those it gets alone."""
+    from vramancer.scheduling import ragged
+
     fused, own = quantized_pair("llama", "q4")
     gen = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, SHAPE["vocab_size"], (2, 8), generator=gen)
-    mask = torch.ones(2, 8, dtype=torch.long)
-    mask[1, :3] = 0  # the second row is left-padded: the step needs its mask
+    prompts = [torch.randint(0, SHAPE["vocab_size"], (1, n), generator=gen) for n in (5, 2, 19)]
+    nexts = torch.randint(0, SHAPE["vocab_size"], (3, 1), generator=gen)
+    layers = SHAPE["num_hidden_layers"]
     with torch.inference_mode():
-        caches = [DynamicCache(), DynamicCache()]
-        for model, cache in zip((fused, own), caches):
-            model(ids[:, :6], attention_mask=mask[:, :6], cache=cache, use_cache=True)
+        alone, caches = [], []
+        for prompt, token in zip(prompts, nexts):
+            cache = DynamicCache()
+            fused(prompt, cache=cache, use_cache=True)
+            past = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+            position = torch.tensor([[prompt.shape[1]]])
+            alone.append(fused(token[None], position_ids=position, cache=cache, use_cache=True).logits)
+            caches.append((past, cache))
+        batch = ragged.RaggedCache(layers, fused.config._attn_implementation)
+        for slot, (past, _) in enumerate(caches):
+            batch.add(slot)
+            batch.capacity[slot] = 32
+            batch.put(slot, past)
+        pieces = [ragged.Piece(slot, 0, 1, prompt.shape[1], slot) for slot, prompt in enumerate(prompts)]
+        positions = torch.tensor([[prompt.shape[1]] for prompt in prompts])
         calls = attention_calls(fused)
-        masked = [model(ids[:, 6:7], attention_mask=mask[:, :7], cache=cache, use_cache=True).logits
-                  for model, cache in zip((fused, own), caches)]
-        assert calls == []  # a batch's decode step with its padding mask runs fused
-        two_tokens = [model(ids[:1, :2], cache=DynamicCache(), use_cache=True).logits for model in (fused, own)]
-        assert len(calls) == SHAPE["num_hidden_layers"]
-    assert torch.equal(*masked) and torch.equal(*two_tokens)
-
-
-@pytest.mark.parametrize("weights", ["q4", "q8"])
-def test_each_row_of_a_padded_batch_step_gets_the_bits_it_gets_alone(weights):
-    fused, _ = quantized_pair("llama", weights)
-    layer = fused.model.layers[1]
-    attn = layer.self_attn
-    kv_heads, size = attn.k_proj.out_features // attn.head_dim, attn.head_dim
-    gen = torch.Generator().manual_seed(4)
-    lengths, longest = [5, 2, 7], 7  # each row's cached positions; the batch's cache is left-padded
-    hidden = torch.randn(3, 1, SHAPE["hidden_size"], generator=gen)
-    angles = torch.rand(3, 1, size // 2, generator=gen) * 6.3
-    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-    past = torch.randn(2, 3, kv_heads, longest, size, generator=gen)
-    mask = torch.zeros(3, 1, 1, longest + 1, dtype=torch.bool)
-    for row, length in enumerate(lengths):
-        past[:, row, :, :longest - length] = 1e4  # padding: never attended
-        mask[row, ..., longest - length:] = True
-
-    def step(rows, keys, values, step_mask):
-        cache = DynamicCache()
-        cache.update(keys.clone(), values.clone(), attn.layer_idx)
-        return layer(hidden[rows], attention_mask=step_mask, cache=cache, use_cache=True,
-                     position_embeddings=(cos[rows], sin[rows]))
-
-    calls = attention_calls(fused)
-    with torch.inference_mode():
-        batch = step(slice(0, 3), past[0], past[1], mask)
-        for row, length in enumerate(lengths):
-            alone = step(slice(row, row + 1), past[0, row:row + 1, :, longest - length:],
-                         past[1, row:row + 1, :, longest - length:], None)
-            assert torch.equal(batch[row:row + 1], alone), row
-    assert calls == []
+        with ragged.ragged_forward(fused, batch, pieces):
+            rows = fused(nexts, position_ids=positions, cache=batch, use_cache=True).logits
+        assert calls == []  # the step ran fused in every layer
+        two_tokens = [model(prompts[0][:, :2], cache=DynamicCache(), use_cache=True).logits for model in (fused, own)]
+        assert len(calls) == layers  # several new tokens: the layers' own forward
+    assert torch.equal(*two_tokens)
+    for slot, ((_, cache), logits) in enumerate(zip(caches, alone)):
+        assert torch.equal(rows[slot:slot + 1], logits), slot
+        length = prompts[slot].shape[1] + 1
+        for mine, theirs in zip(batch.layers, cache.layers):
+            assert torch.equal(mine.key_rows[slot][:, :, :length], theirs.keys)
+            assert torch.equal(mine.value_rows[slot][:, :, :length], theirs.values)
 
 
 def test_a_layer_with_parts_it_does_not_run_keeps_its_own_forward():

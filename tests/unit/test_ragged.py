@@ -9,7 +9,7 @@ import torch
 from vramancer.engine import events as ev
 from vramancer.engine.engine import Engine
 from vramancer.scheduling import ragged
-from vramancer.scheduling.prefix_cache import PrefixCache
+from vramancer.scheduling.prefix_cache import PrefixCache, shared_blocks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: one torch thread per test
 
@@ -170,6 +170,27 @@ def test_a_kept_prefix_is_copied_gives_the_same_tokens_and_is_counted(engine):
     engine.prefix_cache.clear()
 
 
+def test_a_running_sequence_offers_its_prefix_to_a_request_that_shares_it(engine):
+    chat = lambda question: [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+    expected = alone(engine, chat("Name a fruit."), 8, raw=False)
+    engine.prefix_cache.clear()
+    prefix = engine.prefix_cache
+    hits, reused = prefix.hits, prefix.tokens_reused
+    events = Events()
+    batch = engine.batch(events.append)
+    batch.submit(ev.Submit("first", tuple(chat("Name a colour.")), {"max_new_tokens": 30}))
+    batch.step()  # the first one answers; nothing kept yet
+    assert prefix.blocks == 0 and prefix.hits == hits
+    batch.submit(ev.Submit("second", tuple(chat("Name a fruit.")), {"max_new_tokens": 8}))
+    batch.step()
+    assert prefix.hits == hits + 1 and len(batch.running) == 2  # copied from the first one's cache
+    shared = len(engine.tokenizer(SYSTEM)["input_ids"]) // ragged.BLOCK * ragged.BLOCK
+    assert prefix.tokens_reused - reused >= shared > 0
+    run_to_end(batch)
+    assert list(events.done("second").token_ids) == expected
+    engine.prefix_cache.clear()
+
+
 def test_a_short_request_starts_beside_a_long_one_without_waiting_for_it(engine):
     """Padded to one width, a 200-token answer and a short one did not fit 256 tokens together
     ((1 + 1) x 210 > 256): the short one waited for the long one. By blocks held it starts at
@@ -234,6 +255,12 @@ def test_the_prefix_cache_keeps_whole_blocks_finds_the_longest_and_evicts_the_ol
     longer = other + [6000 + t for t in range(block)]
     cache.keep(longer, kv(len(longer)), room=4)  # it extends the kept one, which is dropped
     assert cache.blocks == 3 and len(cache.entries) == 1
+    # A running sequence's blocks, longer than what is kept, are taken from it; nothing is kept.
+    running = longer + [7000 + t for t in range(2 * block)]
+    hit = cache.find(running + [1], [(running[:4 * block + 3], lambda: kv(4 * block + 3))])
+    assert hit.tokens == 4 * block and hit.layers()[0][0].shape[2] == 4 * block and cache.blocks == 3
+    assert cache.find(longer + [1], [(running, lambda: kv(len(running)))]).tokens == 3 * block  # the prompt's own blocks
+    assert shared_blocks(running, running[:block] + [0] * block, 5) == 1 and shared_blocks(running, running, 2) == 2
 
 
 def test_metrics_show_the_prefix_cache_and_preemptions():

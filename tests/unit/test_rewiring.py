@@ -7,11 +7,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from vramancer.kernels.cpu.build import kernels
-from vramancer.kernels.cpu.few_rows import (
-    use_few_rows_attention,
-    use_few_rows_linear,
-    use_few_rows_norm,
-)
+from vramancer.kernels.cpu.few_rows import use_few_rows_linear, use_few_rows_norm
+from vramancer.kernels.cpu.modules import use_decode_attention
 from vramancer.kernels.cpu.rewiring import is_rewired, restore
 
 pytestmark = pytest.mark.skipif(kernels() is None, reason="our CPU kernels are unavailable here")
@@ -35,7 +32,7 @@ def test_restore_gives_back_the_modules_transformers_built():
     with torch.inference_mode():
         expected = model(ids).logits
 
-    assert use_few_rows_linear(model) > 0 and use_few_rows_norm(model) > 0 and use_few_rows_attention(model)
+    assert use_few_rows_linear(model) > 0 and use_few_rows_norm(model) > 0 and use_decode_attention(model)
     assert shape_of(model) != before and model.config._attn_implementation != attention
     assert any(is_rewired(m) for m in model.modules())
 

@@ -12,7 +12,6 @@ import torch
 
 from vramancer.config.errors import VramancerError
 from vramancer.kernels.cpu.few_rows import (
-    use_few_rows_attention,
     use_few_rows_linear,
     use_few_rows_norm,
 )
@@ -114,7 +113,6 @@ def load_weights(source: ModelSource, dtype: torch.dtype, weights: str = "native
         # for them, and must not wait minutes for their first build.
         use_few_rows_linear(model)
         use_few_rows_norm(model)
-        use_few_rows_attention(model)
     head = model.get_output_embeddings()
     if head is not None:
         head.register_forward_pre_hook(_matmul_foldable_input)

@@ -252,8 +252,6 @@ class Batch:
         self._order = 0
         self._slots = 0
         self._placement: list[str] | None = None
-        # Layers whose decode step runs fused (kernels/cpu/fused_layer.py) attend by themselves.
-        self._fused = any(getattr(m, "vramancer_fused", None) is not None for m in engine.split.layer_modules)
         self.steps = 0  # decode steps run since the scheduler last started from empty, for MigrationDone.step
         self._told_single = False
         takes = inspect.signature(engine.model.forward).parameters
@@ -595,9 +593,18 @@ class Batch:
         return newcomers
 
     def _find_prefix(self, sequence: Sequence):
+        """The longest prefix of `sequence`'s prompt kept, or held now by a running sequence in
+        the ragged cache (a prompt being prefilled a chunk a step included)."""
         if self.prefix is None or sequence.tokens:
             return None
-        return self.prefix.find(sequence.prompt_ids)
+        running = []
+        if self.ragged:
+            for other in [*self.running, *self._prefilling()]:
+                if other.slot is not None and other.held >= BLOCK and other is not sequence:
+                    running.append(((other.prompt_ids + other.tokens)[:other.held],
+                                    lambda slot=other.slot, held=other.held: [layer.read(slot, held)
+                                                                              for layer in self.cache.layers]))
+        return self.prefix.find(sequence.prompt_ids, running)
 
     # --- one sequence alone --------------------------------------------------------------
 
@@ -726,9 +733,9 @@ class Batch:
             return
         device = self.engine.split.input_device
         counts = [self._count(s) for s in work]
-        # Decoding sequences only: one row each ([rows, 1], the few-rows kernels' shape), unless
-        # a layer runs its decode step fused (it would attend over one row's cache for all).
-        as_rows = len(work) > 1 and all(c == 1 for c in counts) and not self._fused
+        # Decoding sequences only: one row each ([rows, 1]: the shape of the few-rows kernels and
+        # of a fused layer's decode step, which asks the cache for each row's keys and values).
+        as_rows = len(work) > 1 and all(c == 1 for c in counts)
         pieces, ids, positions = [], [], []
         for i, (sequence, count) in enumerate(zip(work, counts)):
             pieces.append(Piece(sequence.slot, 0 if as_rows else len(ids), count, sequence.held, i if as_rows else 0))

@@ -10,6 +10,11 @@ it. A lookup walks the prompt's block hashes and takes the longest kept prefix (
 compared, so a hash collision is never a wrong hit). It always leaves at least the prompt's last
 token to be computed, since the first answer token comes from its logits.
 
+Sequences still running offer their whole blocks too (`find`'s `running`): a request that
+shares a prefix with one answering now (eight clients with one system prompt, arriving while the
+first one answers) copies it from that sequence's own cache, which costs no memory beyond the
+copy the newcomer holds anyway.
+
 The kept blocks count in the scheduler's KV budget (the memory model's `--context` tokens) with
 the running sequences' blocks: when a sequence needs room, the least recently used entries go
 first, then sequences are preempted. An entry that another one extends is dropped (the longer
@@ -19,6 +24,7 @@ one holds its blocks too).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +39,15 @@ def block_hashes(tokens: list[int], blocks: int) -> list[int]:
         previous = hash((previous, tuple(tokens[i * BLOCK:(i + 1) * BLOCK])))
         hashes.append(previous)
     return hashes
+
+
+def shared_blocks(tokens: list[int], other: list[int], most: int) -> int:
+    """How many whole blocks `tokens` and `other` share from their start (at most `most`)."""
+    blocks = min(most, len(other) // BLOCK)
+    for i in range(blocks):
+        if tokens[i * BLOCK:(i + 1) * BLOCK] != other[i * BLOCK:(i + 1) * BLOCK]:
+            return i
+    return blocks
 
 
 @dataclass(eq=False)
@@ -69,11 +84,13 @@ class PrefixCache:
     def blocks(self) -> int:
         return sum(e.blocks for e in self.entries.values())
 
-    def find(self, tokens: list[int]) -> Hit | None:
+    def find(self, tokens: list[int], running: Iterable[tuple[list[int], Callable[[], list]]] = ()) -> Hit | None:
         """The longest kept prefix of `tokens` (all but the last token at most), counted as a
-        hit or a miss."""
+        hit or a miss. `running`: what running sequences hold, as (the tokens their caches hold,
+        a function giving their per-layer keys/values); a longer prefix there is taken from them."""
+        most = (len(tokens) - 1) // BLOCK
         best = None
-        for blocks, h in enumerate(block_hashes(tokens, (len(tokens) - 1) // BLOCK), start=1):
+        for blocks, h in enumerate(block_hashes(tokens, most), start=1):
             found = self.index.get(h)
             if found is None:
                 break
@@ -81,12 +98,18 @@ class PrefixCache:
             if upto != blocks or entry.tokens[:blocks * BLOCK] != tokens[:blocks * BLOCK]:
                 break
             best = Hit(entry, blocks * BLOCK)
+        kept = best
+        for held, layers in running:
+            shared = shared_blocks(tokens, held, most)
+            if shared and shared * BLOCK > (best.tokens if best else 0):
+                best = Hit(Entry(held[:shared * BLOCK], layers()), shared * BLOCK)  # not kept: read at once
         if best is None:
             self.misses += 1
             return None
         self.hits += 1
         self.tokens_reused += best.tokens
-        self.entries.move_to_end(best.entry.hashes[-1])
+        if best is kept:
+            self.entries.move_to_end(best.entry.hashes[-1])
         return best
 
     def keep(self, tokens: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]], room: int) -> None:
@@ -153,4 +176,4 @@ class PrefixCache:
                 self.index.setdefault(h, (other, i))
 
 
-__all__ = ["Hit", "PrefixCache", "block_hashes"]
+__all__ = ["Hit", "PrefixCache", "block_hashes", "shared_blocks"]

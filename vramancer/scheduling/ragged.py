@@ -7,11 +7,20 @@ How a step runs: the tokens of every sequence (one for a decoding one, a prompt 
 one for a newcomer) are laid end to end as one row, with each token's own position, so the
 projections, norms and MLPs see one [1, tokens, hidden] tensor. A step of decoding sequences
 only (one token each) lays them as rows instead, [sequences, 1, hidden], the shape our CPU
-kernels' few-rows paths take (kernels/cpu/few_rows.py). The cache's `update` writes
-each sequence's new keys and values into its own buffer, on the layer's device, and the
-attention registered here (`ATTENTION`) then runs, for each sequence, the attention the model
-was loaded with (SDPA, our CPU kernels' or eager) on that sequence's queries and its own
-keys and values: the same call, in the same shapes, as the sequence alone would make.
+kernels' few-rows paths and fused layers take (kernels/cpu/few_rows.py, fused_layer.py). The
+cache's `update` writes each sequence's new keys and values into its own buffer, on the layer's
+device, and the attention registered here (`ATTENTION`) then runs, for each sequence, the
+attention the model was loaded with (SDPA, our CPU kernels' or eager) on that sequence's
+queries and its own keys and values: the same call, in the same shapes, as the sequence alone
+would make.
+
+A decode step of several sequences is the one that runs most, so it costs one call per layer
+on our CPU kernels, whatever the number of sequences: `write_columns` puts every row's new keys
+(and values) into its buffer, and `ragged_decode_attention` attends every row over its own
+buffer's first positions; what is the same in every layer (slots, columns, lengths) is set once
+per step. A fused layer (kernels/cpu/fused_layer.py) takes the same buffers from
+`attended_rows` and runs the whole decode step in its two calls. A row's attention computes
+exactly what `decode_attention` computes for that sequence alone.
 
 Everything that handles a cache layer generically (migration's `move_cache`, the KV
 telemetry: `model.architecture.cache_tensors`) sees each layer's two dicts of buffers, so
@@ -35,14 +44,14 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from vramancer.kernels.cpu import build as cpu_kernels
-from vramancer.kernels.cpu.few_rows import ATTENTION as FEW_ROWS_ATTENTION
+from vramancer.kernels.cpu import few_rows
 from vramancer.kernels.cpu.modules import ATTENTION as CPU_ATTENTION, one_query_on_kernels
 
 BLOCK = 16  # KV columns a sequence's cache grows by, and the unit the budget is counted in
 ATTENTION = "vramancer_ragged"  # the name the per-sequence attention is registered under
 # Attention implementations whose masks we know how to make for a chunk that has tokens before it.
-# Ours on the CPU take SDPA's masks (they hand masked calls to it).
-KNOWN_ATTENTION = {"sdpa": "bool", CPU_ATTENTION: "bool", FEW_ROWS_ATTENTION: "bool", "eager": "additive"}
+# Ours on the CPU takes SDPA's masks (it hands masked calls to it).
+KNOWN_ATTENTION = {"sdpa": "bool", CPU_ATTENTION: "bool", "eager": "additive"}
 
 _running: contextvars.ContextVar[RaggedCache | None] = contextvars.ContextVar("vramancer_ragged", default=None)
 
@@ -73,19 +82,46 @@ class RaggedLayer:
     def __init__(self) -> None:
         self.key_rows: dict[int, torch.Tensor] = {}
         self.value_rows: dict[int, torch.Tensor] = {}
+        # A decode step's buffers, in the step's row order (`write_rows`), for its attention.
+        self.step_keys: list[torch.Tensor] = []
+        self.step_values: list[torch.Tensor] = []
+
+    @staticmethod
+    def _room(rows: dict[int, torch.Tensor], slot: int, past: int, end: int, capacity: int,
+              like: torch.Tensor) -> torch.Tensor:
+        """`slot`'s buffer in `rows`, grown to `capacity` columns (at least `end`) on `like`'s
+        device when it is shorter (one copy a block), its first `past` columns kept."""
+        buffer = rows.get(slot)
+        if buffer is None or buffer.shape[-2] < end or buffer.device != like.device:
+            grown = like.new_empty(1, like.shape[1], max(capacity, end), like.shape[-1])
+            if buffer is not None and past:
+                grown[:, :, :past] = buffer[:, :, :past].to(like.device)
+            rows[slot] = buffer = grown
+        return buffer
 
     def write(self, slot: int, past: int, capacity: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Put `keys`/`values` [1, heads, n, dim] at columns past..past+n of `slot`, growing its
-        buffers to `capacity` columns when they are shorter (one copy a block)."""
+        buffers to `capacity` columns when they are shorter."""
         end = past + keys.shape[-2]
         for rows, new in ((self.key_rows, keys), (self.value_rows, values)):
-            buffer = rows.get(slot)
-            if buffer is None or buffer.shape[-2] < end or buffer.device != new.device:
-                grown = new.new_empty(1, new.shape[1], max(capacity, end), new.shape[-1])
-                if buffer is not None and past:
-                    grown[:, :, :past] = buffer[:, :, :past].to(new.device)
-                rows[slot] = buffer = grown
-            buffer[:, :, past:end] = new
+            self._room(rows, slot, past, end, capacity, new)[:, :, past:end] = new
+
+    def write_rows(self, slots: list[int], columns: list[int], capacity: dict[int, int], keys: torch.Tensor,
+                   values: torch.Tensor) -> None:
+        """A decode step's new keys/values [rows, heads, 1, dim]: row i at column `columns[i]` of
+        `slots[i]`, each buffer grown first where it must; on our kernels one call for all rows."""
+        self.step_keys = [self._room(self.key_rows, slot, column, column + 1, capacity[slot], keys)
+                          for slot, column in zip(slots, columns)]
+        self.step_values = [self._room(self.value_rows, slot, column, column + 1, capacity[slot], values)
+                            for slot, column in zip(slots, columns)]
+        ops = cpu_kernels.kernels() if keys.device.type == "cpu" and keys.dtype == torch.float32 else None
+        if ops is not None and keys.stride(-1) == 1 and values.stride(-1) == 1 and values.dtype == torch.float32:
+            ops.write_columns(self.step_keys, columns, keys)
+            ops.write_columns(self.step_values, columns, values)
+            return
+        for i, column in enumerate(columns):
+            self.step_keys[i][:, :, column:column + 1] = keys[i:i + 1]
+            self.step_values[i][:, :, column:column + 1] = values[i:i + 1]
 
     def read(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.key_rows[slot][:, :, :length], self.value_rows[slot][:, :, :length]
@@ -114,6 +150,11 @@ class RaggedCache(Cache):
         self.lengths: dict[int, int] = {}
         self.capacity: dict[int, int] = {}
         self.pieces: list[Piece] = []  # the step being run
+        # A step of several decoding sequences laid as rows (one token each): their slots, the
+        # column each writes, the positions each then attends (fixed for the step, not per layer).
+        self.row_slots: list[int] = []
+        self.row_columns: list[int] = []
+        self.row_lengths: list[int] = []
         self._layer = 0  # the layer whose attention runs next (its update came just before)
         self.configs: list | None = None  # the model's configs whose attention is switched for a step
 
@@ -148,6 +189,9 @@ class RaggedCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
         self._layer = layer_idx
+        if self.row_slots:
+            layer.write_rows(self.row_slots, self.row_columns, self.capacity, key_states, value_states)
+            return key_states, value_states
         for piece in self.pieces:
             row, end = slice(piece.row, piece.row + 1), piece.offset + piece.count
             layer.write(piece.slot, piece.past, self.capacity[piece.slot],
@@ -156,6 +200,15 @@ class RaggedCache(Cache):
             piece = self.pieces[0]
             return layer.read(piece.slot, piece.past + piece.count)
         return key_states, value_states
+
+    def attended_rows(self, layer_idx: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]] | None:
+        """In a step of several decoding sequences laid as rows, after this layer's `update`:
+        each row's key and value buffers and how many of their positions it attends. None in
+        any other step. A layer that attends by itself (kernels/cpu/fused_layer.py) asks it."""
+        if not self.row_slots:
+            return None
+        layer = self.layers[layer_idx]
+        return layer.step_keys, layer.step_values, self.row_lengths
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return max(self.lengths.values(), default=0)
@@ -189,15 +242,18 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     cache = _running.get()
     if cache is None:
         raise RuntimeError("the ragged attention ran outside a ragged forward")
-    own = ALL_ATTENTION_FUNCTIONS.get_interface(cache.attention, None)
     layer = cache.layers[cache._layer]
     style = KNOWN_ATTENTION[cache.attention]
     # Beside others, a decoding sequence's one query goes through our decode-attention kernel
-    # where the model runs its batches' attention on our kernels anyway: one call of a few
-    # microseconds, where SDPA's own overhead is tens of them, for every sequence and layer.
-    ops = (cpu_kernels.kernels() if len(cache.pieces) > 1 and cache.attention in (CPU_ATTENTION, FEW_ROWS_ATTENTION)
-           and one_query_on_kernels(query[:1, :, :1], dropout, kwargs) else None)
+    # (float32 on the CPU, SDPA's or our attention): one call of a few microseconds, where
+    # SDPA's own overhead is tens of them, for every sequence and layer. Alone, a sequence
+    # keeps the model's own (a float32 one SDPA, so its answer is plain transformers').
+    ops = (cpu_kernels.kernels() if len(cache.pieces) > 1 and cache.attention in (CPU_ATTENTION, "sdpa")
+           and "attention" in few_rows.enabled and one_query_on_kernels(query[:1, :, :1], dropout, kwargs) else None)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if ops is not None and cache.row_slots:  # decoding sequences as rows: one call for them all
+        return ops.ragged_decode_attention(query, layer.step_keys, layer.step_values, cache.row_lengths, scale), None
+    own = ALL_ATTENTION_FUNCTIONS.get_interface(cache.attention, None)
     outputs = []
     for piece in cache.pieces:
         keys, values = layer.read(piece.slot, piece.past + piece.count)
@@ -234,6 +290,10 @@ def ragged_forward(model, cache: RaggedCache, pieces: list[Piece]):
     configs = cache.configs
     before = [config._attn_implementation for config in configs]
     cache.pieces = pieces
+    if len(pieces) > 1 and all(p.count == 1 and p.row == i for i, p in enumerate(pieces)):
+        cache.row_slots = [p.slot for p in pieces]
+        cache.row_columns = [p.past for p in pieces]
+        cache.row_lengths = [p.past + 1 for p in pieces]
     token = _running.set(cache)
     try:
         for config in configs:
@@ -246,6 +306,9 @@ def ragged_forward(model, cache: RaggedCache, pieces: list[Piece]):
             config._attn_implementation_internal = name
         _running.reset(token)
         cache.pieces = []
+        cache.row_slots, cache.row_columns, cache.row_lengths = [], [], []
+        for layer in cache.layers:  # the step's lists of buffers go, so a leaving sequence's memory goes with it
+            layer.step_keys, layer.step_values = [], []
 
 
 def ragged_reason(engine) -> str | None:

@@ -20,9 +20,9 @@ they run for every projection of every step, and a fuller check before it cost f
 decode 1-2 % (steps alternating with and without the wrappers, 1 thread).
 Where our kernels cannot run (`cpu_kernels.kernels()` is None), 2-8 rows take W @ x.T.
 
-The same step's RMSNorms (six eager ops each) and attention (SDPA with the batch's padding
-mask, ~0.4 ms a layer at 8 rows) run through our fused `rms_norm` and `decode_attention` with that mask
-(~0.15 ms) for 2-8 rows, each row over its own unpadded positions; one row keeps torch's own.
+The same step's RMSNorms (six eager ops each) run through our fused `rms_norm` for 2-8 rows;
+one row keeps torch's own. Its attention is the ragged batch's (scheduling/ragged.py: one call
+of our kernels over every sequence's own keys), which `enabled` turns off too.
 `python -m benchmarks.batching --compare 1` times a batch step with all three, with the linear
 kernel alone, and on torch's paths.
 """
@@ -32,15 +32,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from vramancer.kernels.cpu import build as cpu_kernels
-from vramancer.kernels.cpu.modules import (
-    attend_through,
-    decode_mask_fits,
-    fuse_rms_norm,
-    one_query_on_kernels,
-)
+from vramancer.kernels.cpu.modules import fuse_rms_norm
 from vramancer.kernels.cpu.rewiring import swap_class, swap_forward
 
 # The server's default --max-batch. Beyond it W @ x.T was no steady gain: slower at 12 and 32
@@ -123,29 +117,4 @@ def use_few_rows_norm(model: nn.Module) -> int:
     return count
 
 
-ATTENTION = "vramancer_few_rows"  # the name our attention is registered under in transformers
-
-
-def _few_rows_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                        **kwargs):
-    """A batch's decode step (2..MAX_ROWS sequences, one query each) through our
-    `decode_attention`, without a mask or with the batch's (each row's padding masked);
-    everything else through SDPA."""
-    ops = cpu_kernels.kernels() if query.shape[0] >= 2 and "attention" in enabled else None
-    if ops is not None and query.shape[0] <= MAX_ROWS and one_query_on_kernels(query, dropout, kwargs):
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        if attention_mask is None:  # every row attends to every cached position
-            return ops.decode_attention(query, key, value, scale), None
-        if decode_mask_fits(attention_mask, query, key):
-            return ops.decode_attention(query, key, value, scale, attention_mask), None  # padding skipped
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  is_causal=is_causal, **kwargs)
-
-
-def use_few_rows_attention(model: nn.Module) -> bool:
-    """Run `model`'s attention through `_few_rows_attention` where it uses SDPA now (the same
-    masks): SDPA with a batch's padding mask took ~0.4 ms a layer at 8 rows here."""
-    return cpu_kernels.kernels() is not None and attend_through(model, ATTENTION, _few_rows_attention)
-
-
-__all__ = ["FewRowsLinear", "MAX_ROWS", "use_few_rows_attention", "use_few_rows_linear", "use_few_rows_norm"]
+__all__ = ["FewRowsLinear", "MAX_ROWS", "use_few_rows_linear", "use_few_rows_norm"]

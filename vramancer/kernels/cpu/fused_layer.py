@@ -7,11 +7,12 @@ runs such a step as `DecodeLayer.project` (norm, q/k/v, rotary), the cache's own
 and `DecodeLayer.finish` (attention, o_proj, MLP, residuals); the KV cache stays transformers'
 object, which migration moves and telemetry counts.
 
-Only where the result is the layer's own: one new token per sequence, no attention mask or a
-batch's boolean padding mask (a batch's decode step: each row attends to its own positions, as
-alone), float32 on the CPU, every projection a KernelLinear on our q4/q8 kernels, fused RMSNorms, SiLU,
+Only where the result is the layer's own: one new token per sequence, no attention mask,
+float32 on the CPU, every projection a KernelLinear on our q4/q8 kernels, fused RMSNorms, SiLU,
 no per-head norms or sliding window. Anything else (prompts, masks, other dtypes, GPUs) runs
-the layer's own forward. The module's `__call__` and its hooks (the split's hand-overs) stay.
+the layer's own forward. In a ragged batch's decode step (scheduling/ragged.py: several
+sequences as rows, each with keys of its own) the cache's `attended_rows` hands over each
+row's buffers and length after its `update`, and each row attends to its own positions, as alone. The module's `__call__` and its hooks (the split's hand-overs) stay.
 Install checks the fused step against the layer's own forward on a probe; the weights are
 gathered once per layer and gathered again by `refresh` when they may have moved.
 """
@@ -29,20 +30,12 @@ MLP_PARTS = {"gate_proj", "up_proj", "down_proj", "act_fn"}
 LAYER_PARTS = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 
 
-def _batch_mask(mask, rows: int, heads: int) -> bool:
-    """Whether `mask` is a decode step's boolean mask our attention takes: [rows, 1 or heads, 1, T]."""
-    return (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] == rows and mask.shape[1] in (1, heads)
-            and mask.shape[2] == 1 and mask.device.type == "cpu")
-
-
 def _forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     fused = self.vramancer_fused
     cache = kwargs.get("cache")
-    mask = kwargs.get("attention_mask")
     if (fused is None or args or cache is None or hidden_states.shape[1] != 1 or self.training
-            or kwargs.get("position_embeddings") is None
-            or hidden_states.dtype != torch.float32 or hidden_states.device.type != "cpu"
-            or (mask is not None and not _batch_mask(mask, hidden_states.shape[0], self.vramancer_heads))):
+            or kwargs.get("position_embeddings") is None or kwargs.get("attention_mask") is not None
+            or hidden_states.dtype != torch.float32 or hidden_states.device.type != "cpu"):
         return type(self).forward(self, hidden_states, *args, **kwargs)
     cos, sin = kwargs["position_embeddings"]
     query, key, value = fused.project(hidden_states, cos, sin)
@@ -51,9 +44,11 @@ def _forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> t
     for name in ("attention_mask", "cache", "position_embeddings"):
         extra.pop(name, None)
     keys, values = cache.update(key, value, self.vramancer_layer_idx, kwargs=extra)
-    # A batch's step: its mask leaves out each row's padding, so every row attends to its own
-    # positions only, as it would alone (the kernel checks the mask covers the cache).
-    return fused.finish(hidden_states, query, keys, values, mask)
+    per_sequence = getattr(cache, "attended_rows", None)  # a ragged batch's cache (scheduling/ragged.py)
+    rows = per_sequence(self.vramancer_layer_idx) if per_sequence is not None else None
+    if rows is not None:  # each row over its own sequence's keys and values
+        return fused.finish_rows(hidden_states, query, *rows)
+    return fused.finish(hidden_states, query, keys, values)
 
 
 def _kernel_weight(weight: torch.Tensor) -> list[torch.Tensor] | None:
@@ -178,7 +173,6 @@ def install(layer: nn.Module) -> bool:
         return False
     layer.vramancer_fused = fused
     layer.vramancer_layer_idx = layer.self_attn.layer_idx  # its cache entry (read each step: no module lookup)
-    layer.vramancer_heads = layer.self_attn.q_proj.out_features // layer.self_attn.head_dim
     swap_forward(layer, _forward)
     return True
 

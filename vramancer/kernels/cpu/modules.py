@@ -8,8 +8,7 @@ path, so a rewired model still runs everywhere the original did.
 - RMSNorm modules whose own forward our fused `rms_norm` reproduces (checked on the module
   itself, whatever its class): one call instead of five eager ops, ~40 µs each in a decode
   step here, 61 of them a token.
-- attention of a decode step (one query per sequence; no mask, or a batch's boolean padding
-  mask) as our `decode_attention`,
+- attention of a decode step (one query per sequence, no mask) as our `decode_attention`,
   registered with transformers' `AttentionInterface`: torch's SDPA took ~50 µs a layer for
   it here. Everything else (prompts, masks, sliding windows, soft caps) stays with SDPA.
 Decoder layers built of these parts then run their whole decode step as two calls
@@ -83,18 +82,10 @@ def one_query_on_kernels(query: torch.Tensor, dropout: float, kwargs: dict) -> b
             and kwargs.get("s_aux") is None)
 
 
-def decode_mask_fits(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> bool:
-    """Whether `mask` is a batch's decode-step mask our `decode_attention` takes: boolean
-    [B, 1 or heads, 1, T] over the whole cache (true: attended; each row's padding false)."""
-    return (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[0] == query.shape[0]
-            and mask.shape[1] in (1, query.shape[1]) and mask.shape[2] == 1 and mask.shape[3] == key.shape[2])
-
-
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    if one_query_on_kernels(query, dropout, kwargs) and (attention_mask is None
-                                                         or decode_mask_fits(attention_mask, query, key)):
+    if attention_mask is None and one_query_on_kernels(query, dropout, kwargs):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return cpu_kernels.kernels().decode_attention(query, key, value, scale, attention_mask), None
+        return cpu_kernels.kernels().decode_attention(query, key, value, scale), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
 

@@ -99,12 +99,23 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> DecodeLayer::project(con
 }
 
 // The rest of the step, from q and the cache's keys and values [B, kv_heads, T, D] → [B, 1, H].
-// A batch's step passes its boolean mask [B, 1 or heads, 1, T] (each row's padding false).
 torch::Tensor DecodeLayer::finish(const torch::Tensor& hidden, const torch::Tensor& q, const torch::Tensor& keys,
-                                  const torch::Tensor& values, const c10::optional<torch::Tensor>& mask) const {
+                                  const torch::Tensor& values) const {
+  return after_attention(hidden, decode_attention(q, keys, values, scaling_));
+}
+
+// The same for a ragged batch's step: each sequence attends over its own buffers' first
+// lengths[b] positions (its keys already written there by the cache's update).
+torch::Tensor DecodeLayer::finish_rows(const torch::Tensor& hidden, const torch::Tensor& q,
+                                       const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values,
+                                       const std::vector<int64_t>& lengths) const {
+  return after_attention(hidden, ragged_decode_attention(q, keys, values, lengths, scaling_));
+}
+
+// attended [B, 1, heads, D] → o_proj, residual, post norm, MLP, residual → [B, 1, H].
+torch::Tensor DecodeLayer::after_attention(const torch::Tensor& hidden, const torch::Tensor& attended) const {
   const int64_t B = hidden.size(0), H = hidden.size(2);
-  const auto attended = decode_attention(q, keys, values, scaling_, mask).view({B, heads_ * head_dim_});
-  auto mixed = kernel_linear(attended, weights_[3], biases_[3]);
+  auto mixed = kernel_linear(attended.view({B, heads_ * head_dim_}), weights_[3], biases_[3]);
   mixed.add_(hidden.reshape({B, H}));  // the residual
   const auto normed = rms_norm(mixed, post_norm_, post_eps_);
   auto gate = kernel_linear(normed, weights_[4], biases_[4]);
@@ -123,6 +134,7 @@ void bind_decode_layer(pybind11::module_& m) {
       .def("project", &DecodeLayer::project, py::call_guard<py::gil_scoped_release>(),
            "input norm, q/k/v and rotary of one new token per sequence")
       .def("finish", &DecodeLayer::finish, py::call_guard<py::gil_scoped_release>(),
-           "attention over the cache (a batch's boolean mask, or none), o_proj, residual, post norm, MLP, residual",
-           py::arg("hidden"), py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("mask") = py::none());
+           "attention over the cache, o_proj, residual, post norm, MLP, residual")
+      .def("finish_rows", &DecodeLayer::finish_rows, py::call_guard<py::gil_scoped_release>(),
+           "finish, each sequence attending over its own keys and values (a ragged batch's step)");
 }

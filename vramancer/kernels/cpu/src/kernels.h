@@ -27,9 +27,14 @@ class DecodeLayer {
   std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> project(const torch::Tensor& hidden, const torch::Tensor& cos,
                                                                   const torch::Tensor& sin) const;
   torch::Tensor finish(const torch::Tensor& hidden, const torch::Tensor& q, const torch::Tensor& keys,
-                       const torch::Tensor& values, const c10::optional<torch::Tensor>& mask = c10::nullopt) const;
+                       const torch::Tensor& values) const;
+  // keys/values: each sequence's own buffers [1, kv_heads, >= lengths[b], head_dim].
+  torch::Tensor finish_rows(const torch::Tensor& hidden, const torch::Tensor& q, const std::vector<torch::Tensor>& keys,
+                            const std::vector<torch::Tensor>& values, const std::vector<int64_t>& lengths) const;
 
  private:
+  torch::Tensor after_attention(const torch::Tensor& hidden, const torch::Tensor& attended) const;
+
   std::vector<std::vector<torch::Tensor>> weights_;
   std::vector<c10::optional<torch::Tensor>> biases_;
   torch::Tensor input_norm_, post_norm_;
@@ -42,6 +47,12 @@ void bind_decode_layer(pybind11::module_& m);
 // few_rows.cpp
 torch::Tensor few_rows_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias);
 
-// decode_attention.cpp: one query per sequence over its cache; mask [B, 1 or H, 1, T] (true: attended) or none.
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
-                               const c10::optional<torch::Tensor>& mask = c10::nullopt);
+// decode_attention.cpp: one query per sequence over every position of its cache.
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale);
+// The same over each sequence's own buffer [1, KVH, >= length, D], its first lengths[b] positions.
+torch::Tensor ragged_decode_attention(const torch::Tensor& q, const std::vector<torch::Tensor>& keys,
+                                      const std::vector<torch::Tensor>& values, const std::vector<int64_t>& lengths,
+                                      double scale);
+// rows [B, KVH, 1, D] written at column positions[b] of buffers[b] [1, KVH, > position, D].
+void write_columns(const std::vector<torch::Tensor>& buffers, const std::vector<int64_t>& positions,
+                   const torch::Tensor& rows);
