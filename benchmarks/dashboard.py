@@ -29,7 +29,7 @@ The App of the key → screen figure runs in this process with torch's default t
 (every core), so decoding competes with the UI harder than under `vramancer`, whose
 `--threads` leaves a core free.
 
-    python -m benchmarks.dashboard [--presses 60] [--idle-s 10] [--moves 6]
+    python -m benchmarks.dashboard [--presses 60] [--idle-s 10] [--moves 12]
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ SERVED_STREAMS, SERVED_RATE = 8, 20.0  # server requests streaming at once, toke
 TIMEOUT = 120.0
 MOVE_DEVICES = "sim:2x1GiB"  # room on either device for the block: every move there and back fits
 MOVE_BYTES = 108 * 2**20  # the issue's move: 108 MiB
+MOVE_ROUNDS = 3  # the App's moves and the CLI's take turns this many times
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -303,8 +304,12 @@ def move_block(plan) -> tuple[int, int, str, str]:
     return first, last, blocks[0].device, blocks[1].device
 
 
-async def measure_dashboard_moves(moves: int) -> tuple[tuple[int, int, str, str], list[float]]:
-    """Milliseconds of each move of the block sent from the App while an answer streams."""
+async def measure_moves(moves: int, rounds: int) -> tuple[tuple[int, int, str, str], list[float], list[float], int]:
+    """Milliseconds of each move of the block, from the App and from the CLI, in alternating
+    rounds: the App moves it there and back while an answer streams (as drags send it,
+    telemetry on), then, with the App idle, `vramancer generate --migrate` makes as many moves
+    in a process of its own; and again. The machine's load drifts: each side gets a share of
+    every phase of it. Also returns the bytes the App's first move copied."""
     from vramancer.app import VramancerApp
     from vramancer.config.options import LoadOptions
     from vramancer.engine import events as ev
@@ -314,25 +319,31 @@ async def measure_dashboard_moves(moves: int) -> tuple[tuple[int, int, str, str]
 
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
 
+    each = max(2, 2 * round(moves / rounds / 2))  # there and back: the block ends every round at home
     app = VramancerApp(LoadOptions("default", MOVE_DEVICES, "proportional", 2048, "auto"), telemetry=True,
                        sampling={"max_new_tokens": 1500}, prepare=cli_threads)
+    from_cli: list[float] = []
     async with app.run_test(size=SIZE) as pilot:
         console = app.console_panel
         await _until(lambda: app.plan is not None and console.ready, "the model to load", step=0.05)
         await asyncio.sleep(2.0)
-        console.prompt.focus()
-        await pilot.press(*PROMPT, "enter")
-        await _until(lambda: len(console.answer_text) > 20, "the answer to stream", step=0.01)
         block = first, last, home, away = move_block(app.plan)
-        for i in range(moves):
-            done = len(app.migrations)
-            app.worker.submit(ev.Migrate(first, last, away if i % 2 == 0 else home))
-            await _until(lambda: len(app.migrations) > done, f"move {i + 1} to be done", timeout=30, step=0.01)
-            await asyncio.sleep(0.3)  # a few tokens between two moves, as between two drags
-        seconds = [m.seconds * 1000 for m in app.migrations]
-        await pilot.press("escape")
-        await _until(lambda: not console.generating, "the answer to stop", step=0.01)
-    return block, seconds
+        for r in range(rounds):
+            console.prompt.focus()
+            await pilot.press(*PROMPT, "enter")
+            await _until(lambda: len(console.answer_text) > 20, "the answer to stream", step=0.01)
+            for i in range(each):
+                done = len(app.migrations)
+                app.worker.submit(ev.Migrate(first, last, away if i % 2 == 0 else home))
+                await _until(lambda: len(app.migrations) > done, f"move {i + 1} to be done", timeout=30, step=0.01)
+                await asyncio.sleep(0.3)  # a few tokens between two moves, as between two drags
+            await pilot.press("escape")
+            await _until(lambda: not console.generating, "the answer to stop", step=0.01)
+            from_cli += await asyncio.to_thread(measure_cli_moves, block, each)
+            say(f"dashboard: round {r + 1}/{rounds}: move ms from the dashboard "
+                f"{_brief([m.seconds * 1000 for m in app.migrations[-each:]])}, from the CLI {_brief(from_cli[-each:])}")
+        from_app = [m.seconds * 1000 for m in app.migrations]
+    return block, from_app, from_cli, app.migrations[0].bytes
 
 
 def measure_cli_moves(block: tuple[int, int, str, str], moves: int) -> list[float]:
@@ -349,7 +360,9 @@ def measure_cli_moves(block: tuple[int, int, str, str], moves: int) -> list[floa
     return found
 
 
-def bench(presses: int = 60, idle_s: float = 10.0, moves: int = 6) -> Result:
+def bench(presses: int = 60, idle_s: float = 10.0, moves: int = 12) -> Result:
+    from vramancer.config.units import format_bytes
+
     runs = {}
     for columns, rows in TERMINALS:
         say(f"dashboard: start, {idle_s:.0f} s idle and quit in a {columns}x{rows} terminal")
@@ -364,9 +377,8 @@ def bench(presses: int = 60, idle_s: float = 10.0, moves: int = 6) -> Result:
     say(f"dashboard: key → screen while its server (--serve) answers {SERVED_STREAMS} streaming HTTP clients")
     real = asyncio.run(measure_served_model(presses, SERVED_STREAMS))
     real_lat = real["latencies_ms"]
-    say(f"dashboard: {moves} moves of a 108 MiB block from the dashboard, then from the CLI")
-    block, dashboard_moves = asyncio.run(measure_dashboard_moves(moves))
-    cli_moves = measure_cli_moves(block, moves)
+    say(f"dashboard: {moves} moves of a 108 MiB block from the dashboard and from the CLI, in {MOVE_ROUNDS} rounds")
+    block, dashboard_moves, cli_moves, copied = asyncio.run(measure_moves(moves, MOVE_ROUNDS))
     say(f"dashboard: move ms from the dashboard {_brief(dashboard_moves)}, from the CLI {_brief(cli_moves)}")
     small, large = (runs[size] for size in TERMINALS)
     result = Result(
@@ -405,7 +417,9 @@ def bench(presses: int = 60, idle_s: float = 10.0, moves: int = 6) -> Result:
                                       _median(dashboard_moves) / _median(cli_moves), at_most=1.25))
     first, last, home, away = block
     result.notes.append(f"moves: L{first}–{last} {home} ⇄ {away} ({MOVE_DEVICES}) while an answer streams, "
-                        f"{moves} from the App (telemetry on) and {moves} from `vramancer generate --migrate`")
+                        f"{len(dashboard_moves)} from the App (telemetry on) and {len(cli_moves)} from `vramancer generate --migrate`, "
+                        f"in {MOVE_ROUNDS} alternating rounds; each copies {format_bytes(copied)} (the block's weights "
+                        f"and the KV cache filled so far; its 108 MiB also counts the KV room of the whole context)")
     if not out["still_streaming"]:
         result.notes.append("the answer finished before the last press: some presses were not measured during streaming")
     result.notes.append(f"server streams: {SERVED_STREAMS} synthetic requests at {SERVED_RATE:.0f} tok/s each "
@@ -439,4 +453,4 @@ def _many(values: list[float]) -> dict:
 
 
 if __name__ == "__main__":
-    cli(bench, __doc__, [("--presses", int, 60), ("--idle-s", float, 10.0), ("--moves", int, 6)])
+    cli(bench, __doc__, [("--presses", int, 60), ("--idle-s", float, 10.0), ("--moves", int, 12)])

@@ -18,6 +18,7 @@ import pytest
 from textual.widgets import Input
 
 from vramancer.app import VramancerApp
+from vramancer.app.app import MOVING_NOTE_AFTER_S
 from vramancer.app.messages import EngineEvent, TokensReady
 from vramancer.app.screens import (
     DeviceDetailScreen,
@@ -198,6 +199,23 @@ async def test_drag_tile_onto_another_column_migrates_it(tiny_model_dir):
         assert peak_shown == per_second(row.peak())
         assert len(graph.split(" 0–")[0].strip()) >= 3 and len(graph.split(" 0–")[0]) >= 10, \
             "the bytes/s graph has room on screen"
+
+
+async def test_a_move_says_moving_only_when_it_takes_long_enough_to_read():
+    """A move's "moving…" line waits MOVING_NOTE_AFTER_S: a move that ends before that gets
+    its outcome's line alone (the App draws nothing while a short move copies), a long one
+    says it is moving. The events come through the App's emit, as the worker sends them."""
+    app = VramancerApp(telemetry=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app._handlers, "the engine to start", LOAD_TIMEOUT)
+        app._emit(ev.MigrationStarted(0, 5, "sim2"))
+        app._emit(ev.MigrationNotDone(0, 5, "sim2", "sim2 has no room"))
+        await wait_for(pilot, lambda: "refused L0–5 → sim2" in log_text(app), "the refusal's line")
+        app._emit(ev.MigrationStarted(6, 9, "sim1"))
+        await pilot.pause(MOVING_NOTE_AFTER_S / 2)
+        assert "moving" not in log_text(app), "not yet: most moves are over before a person could read it"
+        await wait_for(pilot, lambda: "moving L6–9 → sim1…" in log_text(app), "the long move's line")
+        assert "moving L0–5" not in log_text(app), "the move that ended at once never says it is moving"
 
 
 async def test_drop_on_a_device_too_small_is_refused_and_nothing_moves(tiny_model_dir):

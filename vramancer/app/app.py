@@ -63,6 +63,11 @@ IMPORT_STAGE = "importing torch, transformers"
 # --devices auto` in a pseudo-terminal, 120x40 and 200x60), over the 2 % budget, for no reading
 # a person can use.
 TELEMETRY_HZ = 1.0
+# A move's "moving…" line waits this long, and is never written when the move is done by then.
+# Written at once, it was laid out and drawn while the move copied: the App thread's work took
+# the GIL the worker needed between its copies, and a 108 MiB block moved about twice as slowly
+# from the dashboard as from the command line. A person cannot read a line shown for 20 ms.
+MOVING_NOTE_AFTER_S = 0.25
 
 Handler = Callable[["ev.Event"], "Awaitable[None] | None"]
 
@@ -133,6 +138,7 @@ class VramancerApp(App[int]):
         self._tokens: deque[ev.Token] = deque()
         self._tokens_lock = threading.Lock()
         self._tokens_signalled = False
+        self._moving_note = None  # the timer that writes a long move's "moving…" line
 
     def compose(self) -> ComposeResult:
         # Kept as attributes: App.query_one searches the active screen, which is a modal
@@ -323,7 +329,7 @@ class VramancerApp(App[int]):
             ev.LoadProgress: self._on_load_progress,
             ev.Loaded: self._on_loaded,
             ev.PlanChanged: self._on_plan_changed,
-            ev.MigrationStarted: self._logged_only,
+            ev.MigrationStarted: self._on_migration_started,
             ev.MigrationDone: self._on_migration_done,
             ev.MigrationNotDone: self._on_migration_refused,
             ev.GenerationDone: self._on_generation_done,
@@ -341,10 +347,13 @@ class VramancerApp(App[int]):
 
     async def on_engine_event(self, message: EngineEvent) -> None:
         """Handled one at a time, in order: a plan is only shown once its device columns exist."""
+        from vramancer.engine import events as ev
+
         if not self._showing:
             return
         event = message.event
-        self.events_log.show(event)
+        if not isinstance(event, ev.MigrationStarted):  # its line waits: see MOVING_NOTE_AFTER_S
+            self.events_log.show(event)
         result = self.handler_for(type(event))(event)
         if result is not None:
             await result
@@ -403,7 +412,18 @@ class VramancerApp(App[int]):
             self.events_log.note(f"re-plan: {count} move{'s' if count > 1 else ''}, {format_bytes(moved)} in "
                                  f"{seconds * 1000:.1f} ms · {format_rate(moved / seconds)}", "green")
 
+    def _on_migration_started(self, event: ev.MigrationStarted) -> None:
+        self._end_moving_note()
+        self._moving_note = self.set_timer(MOVING_NOTE_AFTER_S, lambda: self.events_log.show(event))
+
+    def _end_moving_note(self) -> None:
+        """The move ended before its "moving…" line was due: that line is not written."""
+        if self._moving_note is not None:
+            self._moving_note.stop()
+            self._moving_note = None
+
     def _on_migration_done(self, event: ev.MigrationDone) -> None:
+        self._end_moving_note()
         self._moved_since_plan.append(event)
         self.migrations.append(event)
         self.placement_panel.settle(event.first, event.last)
@@ -412,6 +432,7 @@ class VramancerApp(App[int]):
                     title="Moved")
 
     def _on_migration_refused(self, event: ev.MigrationNotDone) -> None:
+        self._end_moving_note()
         self.placement_panel.settle(event.first, event.last)
         self.notify(event.reason, title="Move refused", severity="error")
 
@@ -441,6 +462,7 @@ class VramancerApp(App[int]):
         elif event.command == "Generate":
             self.console_panel.fail(event.message)
         elif event.command == "Migrate":
+            self._end_moving_note()
             self.placement_panel.settle_all()
 
     def on_devices_sampled(self, message: DevicesSampled) -> None:
