@@ -120,9 +120,11 @@ async def ask(pilot, prompt: str) -> None:
 
 
 def test_the_dashboard_draws_before_torch_is_imported():
-    """The CLI's dashboard path imports Textual and the App only; the engine comes after the first frame."""
+    """The CLI's dashboard path imports Textual and the App only; the engine comes after the first
+    frame, and so do the dialogs (the help's Markdown brings markdown_it and pygments)."""
     code = ("import sys, vramancer.cli, vramancer.app; "
-            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy', 'markdown_it', 'vramancer.app.screens') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -29,12 +29,6 @@ from vramancer.app.messages import (
     TokensReady,
 )
 from vramancer.app.metrics import metrics_document, write_metrics
-from vramancer.app.screens import (
-    DeviceDetailScreen,
-    HelpScreen,
-    LoadModelScreen,
-    MoveTargetScreen,
-)
 from vramancer.config.options import LoadOptions
 from vramancer.config.units import format_bytes, format_rate
 from vramancer.platforms.lifetime import Lifetime, exit_now
@@ -180,8 +174,11 @@ class VramancerApp(App[int]):
             self.worker.shutdown(SHUTDOWN_TIMEOUT)
 
     def _start_engine(self) -> None:
-        """Import the engine (torch, transformers: seconds) off the App thread, then start it."""
+        """Import the engine (torch, transformers: seconds) off the App thread, then start it.
+        The dialogs come first: their widgets (Markdown, Select, OptionList) are not needed for
+        the first frame, and importing them before it cost about a fifth of its time."""
         try:
+            import vramancer.app.screens  # noqa: F401
             if self._prepare is not None:
                 self._prepare()
             from vramancer.config.device_spec import parse_device_spec
@@ -562,6 +559,8 @@ class VramancerApp(App[int]):
     @on(BlockTile.DetailWanted)
     @on(DevicesPanel.DetailWanted)
     def _open_detail(self, message: BlockTile.DetailWanted | DevicesPanel.DetailWanted) -> None:
+        from vramancer.app.screens import DeviceDetailScreen
+
         if message.device in self.devices_panel.cards and not isinstance(self.screen, DeviceDetailScreen):
             self.push_screen(DeviceDetailScreen(message.device, self.device_detail))
 
@@ -619,6 +618,8 @@ class VramancerApp(App[int]):
             if device is not None and tile.is_attached:
                 panel.request_move(tile, device)
 
+        from vramancer.app.screens import MoveTargetScreen
+
         self.push_screen(MoveTargetScreen(part_label(*tile.selection), verdicts), chosen)
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
@@ -649,6 +650,8 @@ class VramancerApp(App[int]):
         self.exit(0)
 
     def action_help(self) -> None:
+        from vramancer.app.screens import HelpScreen
+
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen())
 
@@ -701,6 +704,8 @@ class VramancerApp(App[int]):
         def chosen(options: LoadOptions | None) -> None:
             if options is not None:
                 self.load(options)
+
+        from vramancer.app.screens import LoadModelScreen
 
         self.push_screen(LoadModelScreen(self.options), chosen)
 
