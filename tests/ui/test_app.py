@@ -486,6 +486,31 @@ async def test_the_decode_peak_is_the_answers_rate_when_the_speed_swings():
         assert f"peak {decode.peak():.1f} tok/s" in decode.render().plain
 
 
+async def test_a_links_peak_falls_once_its_busy_second_leaves_the_graph():
+    """The peak is over the graph's window, not over all time: 100 MiB carried in 50 ms shows
+    as a 2 GiB/s peak while that second is drawn, and the peak falls to what the link does now
+    once enough idle readings have pushed it off the graph."""
+    app = VramancerApp(telemetry=False)
+    async with app.run_test(size=SIZE) as pilot:
+        links = app.links_panel
+        start = time.time() - 1000
+        carried = 100 * 2**20
+
+        def reading(second: int, nbytes: int, seconds: float) -> tuple:
+            return (ev.LinkSnapshot("sim0", "sim1", 1, nbytes, seconds, nbytes / seconds / 1e9, start + second),)
+
+        links.show_sample(reading(0, carried, 0.05))
+        links.show_sample(reading(1, carried, 0.05))  # idle since
+        await pilot.pause()
+        row = app.query_one(LinkRow)
+        assert row.peak() == pytest.approx(carried / 0.05) and "peak 2.0 GiB/s" in row.render().plain
+        assert 0 < row._trend_width < 120
+        for second in range(2, row._trend_width + 2):  # the graph's cells, one per reading
+            links.show_sample(reading(second, carried, 0.05))
+        await pilot.pause()
+        assert row.peak() == 0 and "peak 0 B/s" in row.render().plain, row.render().plain
+
+
 async def test_a_prompt_longer_than_its_line_scrolls_to_keep_the_cursor_in_view():
     """The prompt line scrolls sideways as a long prompt is typed (it keeps its size): the end
     of what was typed, where the cursor is, stays on screen."""
