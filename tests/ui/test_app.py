@@ -334,6 +334,10 @@ async def test_every_device_is_on_screen_and_a_drop_target(tiny_model_dir, devic
             assert re.search(r"\d+%", card.render().plain), "how full it is"
         if size == (120, 40):
             assert app.console_panel.region.area * 3 >= app.screen.region.area, "the conversation's third of the screen"
+        summary = app.header.summary
+        drawn = " ".join(summary.render_line(y).text.strip() for y in range(summary.size.height))
+        for needed in ("proportional", f"{count} × 64.0 MiB", "float32", "context 256"):
+            assert needed in drawn, f"the header cuts {needed!r}: {drawn!r}"
 
         # The last column takes a drop like any other.
         last = columns[-1]
