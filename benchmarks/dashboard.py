@@ -306,13 +306,12 @@ def move_block(plan) -> tuple[int, int, str, str]:
 
 async def measure_moves(moves: int, rounds: int) -> tuple[tuple[int, int, str, str], list[float], list[float], int]:
     """Milliseconds of each move of the block, from the App and from the CLI, in alternating
-    rounds: the App moves it there and back while an answer streams (as drags send it,
-    telemetry on), then, with the App idle, `vramancer generate --migrate` makes as many moves
+    rounds: the App moves it there and back while an answer streams (as a drop does: the tile
+    shows the move, the App sends it; telemetry on), then, with the App idle, `vramancer generate --migrate` makes as many moves
     in a process of its own; and again. The machine's load drifts: each side gets a share of
     every phase of it. Also returns the bytes the App's first move copied."""
     from vramancer.app import VramancerApp
     from vramancer.config.options import LoadOptions
-    from vramancer.engine import events as ev
 
     def cli_threads() -> None:  # torch's threads as `vramancer` sets them, the same as the CLI's below
         import torch
@@ -334,8 +333,9 @@ async def measure_moves(moves: int, rounds: int) -> tuple[tuple[int, int, str, s
             await _until(lambda: len(console.answer_text) > 20, "the answer to stream", step=0.01)
             for i in range(each):
                 done = len(app.migrations)
-                app.worker.submit(ev.Migrate(first, last, away if i % 2 == 0 else home))
+                drop(app, first, last, away if i % 2 == 0 else home)
                 await _until(lambda: len(app.migrations) > done, f"move {i + 1} to be done", timeout=30, step=0.01)
+                await _until(lambda: app.placement_panel.shown is app.plan, "the new plan on screen", step=0.01)
                 await asyncio.sleep(0.3)  # a few tokens between two moves, as between two drags
             await pilot.press("escape")
             await _until(lambda: not console.generating, "the answer to stop", step=0.01)
@@ -344,6 +344,18 @@ async def measure_moves(moves: int, rounds: int) -> tuple[tuple[int, int, str, s
                 f"{_brief([m.seconds * 1000 for m in app.migrations[-each:]])}, from the CLI {_brief(from_cli[-each:])}")
         from_app = [m.seconds * 1000 for m in app.migrations]
     return block, from_app, from_cli, app.migrations[0].bytes
+
+
+def drop(app, first: int, last: int, device: str) -> None:
+    """What dropping layers first..last on `device` does: their tile says it is moving, and the
+    App sends the move to the engine."""
+    from vramancer.widgets.placement import BlockTile
+
+    panel = app.placement_panel
+    tile = next(t for t in panel.query(BlockTile) if t.is_layers and int(t.first) <= first and last <= int(t.last))
+    tile.select(first, last)
+    if not panel.request_move(tile, device):
+        raise RuntimeError(f"the dashboard refused to move L{first}–{last} to {device}")
 
 
 def measure_cli_moves(block: tuple[int, int, str, str], moves: int) -> list[float]:

@@ -554,7 +554,10 @@ class VramancerApp(App[int]):
     def _move(self, message: PlacementPanel.MoveRequested) -> None:
         from vramancer.engine import events as ev
 
-        self.worker.submit(ev.Migrate(message.first, message.last, message.device))
+        # Sent once the screen shows the tile moving: that frame (a layout) drawn while the move
+        # copied took the GIL the worker needed between its copies, and a short move ran at
+        # half the command line's speed.
+        self.call_after_refresh(self.worker.submit, ev.Migrate(message.first, message.last, message.device))
 
     @on(BlockTile.DetailWanted)
     @on(DevicesPanel.DetailWanted)
