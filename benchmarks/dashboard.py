@@ -20,10 +20,10 @@
   clients on 127.0.0.1 at once, each streaming chat completions one after another, while
   the same presses are timed: what a real busy server costs the UI, decoding included.
 - a migration from the dashboard and from the CLI: the same block of the bundled model (the
-  smallest run of layers ending the first device's block that holds 108 MiB), moved back and
-  forth between two simulated devices while an answer streams: from the App (as a drag sends
-  it, telemetry on) and from `vramancer generate --migrate` in a process of its own; each
-  move's milliseconds as the engine logs them.
+  smallest run of layers ending the first device's block whose float32 weights hold 108 MiB),
+  moved back and forth between two simulated devices while an answer streams: from the App
+  (as a drop sends it, telemetry on) and from `vramancer generate --migrate` in a process of
+  its own, in alternating rounds; each move's milliseconds as the engine logs them.
 
 The App of the key → screen figure runs in this process with torch's default thread count
 (every core), so decoding competes with the UI harder than under `vramancer`, whose
@@ -54,6 +54,9 @@ SERVED_STREAMS, SERVED_RATE = 8, 20.0  # server requests streaming at once, toke
 TIMEOUT = 120.0
 MOVE_DEVICES = "sim:2x1GiB"  # room on either device for the block: every move there and back fits
 MOVE_BYTES = 108 * 2**20  # the move: 108 MiB
+# The weights: float32. At the GGUF's own q4 width (`--weights auto`) the first
+# device's whole block holds 32 MiB, and "a 108 MiB move" moved that.
+MOVE_WEIGHTS = "native"
 MOVE_ROUNDS = 3  # the App's moves and the CLI's take turns this many times
 
 
@@ -301,6 +304,8 @@ def move_block(plan) -> tuple[int, int, str, str]:
     first = last
     while plan.part_bytes(first, last) < MOVE_BYTES and first > blocks[0].first_layer:
         first -= 1
+    if plan.part_bytes(first, last) < MOVE_BYTES:
+        raise RuntimeError(f"the first device's block holds {plan.part_bytes(first, last)} bytes, less than the move's")
     return first, last, blocks[0].device, blocks[1].device
 
 
@@ -319,8 +324,8 @@ async def measure_moves(moves: int, rounds: int) -> tuple[tuple[int, int, str, s
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
 
     each = max(2, 2 * round(moves / rounds / 2))  # there and back: the block ends every round at home
-    app = VramancerApp(LoadOptions("default", MOVE_DEVICES, "proportional", 2048, "auto"), telemetry=True,
-                       sampling={"max_new_tokens": 1500}, prepare=cli_threads)
+    app = VramancerApp(LoadOptions("default", MOVE_DEVICES, "proportional", 2048, "auto", weights=MOVE_WEIGHTS),
+                       telemetry=True, sampling={"max_new_tokens": 1500}, prepare=cli_threads)
     from_cli: list[float] = []
     async with app.run_test(size=SIZE) as pilot:
         console = app.console_panel
@@ -365,7 +370,7 @@ def measure_cli_moves(block: tuple[int, int, str, str], moves: int) -> list[floa
     first, last, home, away = block
     schedule = [f"--migrate={first}-{last}:{away if i % 2 == 0 else home}@{3 * i + 2}" for i in range(moves)]
     run = subprocess.run([sys.executable, "-m", "vramancer", "generate", "--devices", MOVE_DEVICES, "--context", "2048",
-                          "--prompt", PROMPT, "--max-new-tokens", str(3 * moves + 8), *schedule],
+                          "--weights", MOVE_WEIGHTS, "--prompt", PROMPT, "--max-new-tokens", str(3 * moves + 8), *schedule],
                          capture_output=True, text=True, timeout=600)
     found = [float(ms) for ms in re.findall(r"\[migrated .*? in ([0-9.]+) ms", run.stderr)]
     if run.returncode != 0 or len(found) != moves:
@@ -432,8 +437,8 @@ def bench(presses: int = 60, idle_s: float = 10.0, moves: int = 12) -> Result:
     first, last, home, away = block
     result.notes.append(f"moves: L{first}–{last} {home} ⇄ {away} ({MOVE_DEVICES}) while an answer streams, "
                         f"{len(dashboard_moves)} from the App (telemetry on) and {len(cli_moves)} from `vramancer generate --migrate`, "
-                        f"in {MOVE_ROUNDS} alternating rounds; each copies {format_bytes(copied)} (the block's weights "
-                        f"and the KV cache filled so far; its 108 MiB also counts the KV room of the whole context)")
+                        f"in {MOVE_ROUNDS} alternating rounds, {MOVE_WEIGHTS} weights; each copies {format_bytes(copied)} "
+                        f"(the block's weights and the KV cache filled so far)")
     if not out["still_streaming"]:
         result.notes.append("the answer finished before the last press: some presses were not measured during streaming")
     result.notes.append(f"server streams: {SERVED_STREAMS} synthetic requests at {SERVED_RATE:.0f} tok/s each "
