@@ -201,6 +201,9 @@ async def test_drag_tile_onto_another_column_migrates_it(tiny_model_dir):
         assert peak_shown == per_second(row.peak())
         assert len(graph.split(" 0–")[0].strip()) >= 3 and len(graph.split(" 0–")[0]) >= 10, \
             "the bytes/s graph has room on screen"
+        # The detail of sim2 lists that link with its peak and what it carried.
+        detail = app.device_detail("sim2").plain
+        assert f"sim1 → sim2  now 0 B/s · peak {peak_shown} · {format_bytes(carried)}" in detail, detail
 
 
 async def test_a_move_says_moving_only_when_it_takes_long_enough_to_read():
