@@ -312,9 +312,10 @@ def move_block(plan) -> tuple[int, int, str, str]:
 async def measure_moves(moves: int, rounds: int) -> tuple[tuple[int, int, str, str], list[float], list[float], int]:
     """Milliseconds of each move of the block, from the App and from the CLI, in alternating
     rounds: the App moves it there and back while an answer streams (as a drop does: the tile
-    shows the move, the App sends it; telemetry on), then, with the App idle, `vramancer generate --migrate` makes as many moves
-    in a process of its own; and again. The machine's load drifts: each side gets a share of
-    every phase of it. Also returns the bytes the App's first move copied."""
+    shows the move, the App sends it; telemetry on), then, with the App idle, `vramancer
+    generate --migrate` makes as many moves in a process of its own; and again. The machine's
+    load drifts: each side gets a share of every phase of it. Also returns the bytes the App's
+    first move copied."""
     from vramancer.app import VramancerApp
     from vramancer.config.options import LoadOptions
 
