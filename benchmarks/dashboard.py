@@ -20,16 +20,16 @@
   clients on 127.0.0.1 at once, each streaming chat completions one after another, while
   the same presses are timed: what a real busy server costs the UI, decoding included.
 - a migration from the dashboard and from the CLI: the same block of the bundled model (the
-  smallest run of layers ending the first device's block that holds 108 MiB), moved back and
-  forth between two simulated devices while an answer streams: from the App (as a drag sends
-  it, telemetry on) and from `vramancer generate --migrate` in a process of its own; each
-  move's milliseconds as the engine logs them.
+  smallest run of layers ending the first device's block whose float32 weights hold 108 MiB),
+  moved back and forth between two simulated devices while an answer streams: from the App
+  (as a drop sends it, telemetry on) and from `vramancer generate --migrate` in a process of
+  its own, in alternating rounds; each move's milliseconds as the engine logs them.
 
 The App of the key → screen figure runs in this process with torch's default thread count
 (every core), so decoding competes with the UI harder than under `vramancer`, whose
 `--threads` leaves a core free.
 
-    python -m benchmarks.dashboard [--presses 60] [--idle-s 10] [--moves 6]
+    python -m benchmarks.dashboard [--presses 60] [--idle-s 10] [--moves 12]
 """
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ SERVED_STREAMS, SERVED_RATE = 8, 20.0  # server requests streaming at once, toke
 TIMEOUT = 120.0
 MOVE_DEVICES = "sim:2x1GiB"  # room on either device for the block: every move there and back fits
 MOVE_BYTES = 108 * 2**20  # the issue's move: 108 MiB
+# The issue's weights: float32. At the GGUF's own q4 width (`--weights auto`) the first
+# device's whole block holds 32 MiB, and "a 108 MiB move" moved that.
+MOVE_WEIGHTS = "native"
+MOVE_ROUNDS = 3  # the App's moves and the CLI's take turns this many times
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -300,39 +304,66 @@ def move_block(plan) -> tuple[int, int, str, str]:
     first = last
     while plan.part_bytes(first, last) < MOVE_BYTES and first > blocks[0].first_layer:
         first -= 1
+    if plan.part_bytes(first, last) < MOVE_BYTES:
+        raise RuntimeError(f"the first device's block holds {plan.part_bytes(first, last)} bytes, less than the move's")
     return first, last, blocks[0].device, blocks[1].device
 
 
-async def measure_dashboard_moves(moves: int) -> tuple[tuple[int, int, str, str], list[float]]:
-    """Milliseconds of each move of the block sent from the App while an answer streams."""
+async def measure_moves(moves: int, rounds: int) -> tuple[tuple[int, int, str, str], list[float], list[float], int]:
+    """Milliseconds of each move of the block, from the App and from the CLI, in alternating
+    rounds: the App moves it there and back while an answer streams (as a drop does: the tile
+    shows the move, the App sends it; telemetry on), then, with the App idle, `vramancer
+    generate --migrate` makes as many moves in a process of its own; and again. The machine's
+    load drifts: each side gets a share of every phase of it. Also returns the bytes the App's
+    first move copied."""
     from vramancer.app import VramancerApp
     from vramancer.config.options import LoadOptions
-    from vramancer.engine import events as ev
 
     def cli_threads() -> None:  # torch's threads as `vramancer` sets them, the same as the CLI's below
         import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
 
-    app = VramancerApp(LoadOptions("default", MOVE_DEVICES, "proportional", 2048, "auto"), telemetry=True,
-                       sampling={"max_new_tokens": 1500}, prepare=cli_threads)
+    each = max(2, 2 * round(moves / rounds / 2))  # there and back: the block ends every round at home
+    app = VramancerApp(LoadOptions("default", MOVE_DEVICES, "proportional", 2048, "auto", weights=MOVE_WEIGHTS),
+                       telemetry=True, sampling={"max_new_tokens": 1500}, prepare=cli_threads)
+    from_cli: list[float] = []
     async with app.run_test(size=SIZE) as pilot:
         console = app.console_panel
         await _until(lambda: app.plan is not None and console.ready, "the model to load", step=0.05)
         await asyncio.sleep(2.0)
-        console.prompt.focus()
-        await pilot.press(*PROMPT, "enter")
-        await _until(lambda: len(console.answer_text) > 20, "the answer to stream", step=0.01)
         block = first, last, home, away = move_block(app.plan)
-        for i in range(moves):
-            done = len(app.migrations)
-            app.worker.submit(ev.Migrate(first, last, away if i % 2 == 0 else home))
-            await _until(lambda: len(app.migrations) > done, f"move {i + 1} to be done", timeout=30, step=0.01)
-            await asyncio.sleep(0.3)  # a few tokens between two moves, as between two drags
-        seconds = [m.seconds * 1000 for m in app.migrations]
-        await pilot.press("escape")
-        await _until(lambda: not console.generating, "the answer to stop", step=0.01)
-    return block, seconds
+        for r in range(rounds):
+            console.prompt.focus()
+            await pilot.press(*PROMPT, "enter")
+            await _until(lambda: len(console.answer_text) > 20, "the answer to stream", step=0.01)
+            for i in range(each):
+                done = len(app.migrations)
+                drop(app, first, last, away if i % 2 == 0 else home)
+                # Looked for every 0.1 s: the App thread woken every 10 ms to look took the GIL from
+                # the move (a person's App waits for input); the engine times the move itself.
+                await _until(lambda: len(app.migrations) > done, f"move {i + 1} to be done", timeout=30, step=0.1)
+                await _until(lambda: app.placement_panel.shown is app.plan, "the new plan on screen", step=0.1)
+                await asyncio.sleep(0.3)  # a few tokens between two moves, as between two drags
+            await pilot.press("escape")
+            await _until(lambda: not console.generating, "the answer to stop", step=0.01)
+            from_cli += await asyncio.to_thread(measure_cli_moves, block, each)
+            say(f"dashboard: round {r + 1}/{rounds}: move ms from the dashboard "
+                f"{_brief([m.seconds * 1000 for m in app.migrations[-each:]])}, from the CLI {_brief(from_cli[-each:])}")
+        from_app = [m.seconds * 1000 for m in app.migrations]
+    return block, from_app, from_cli, app.migrations[0].bytes
+
+
+def drop(app, first: int, last: int, device: str) -> None:
+    """What dropping layers first..last on `device` does: their tile says it is moving, and the
+    App sends the move to the engine."""
+    from vramancer.widgets.placement import BlockTile
+
+    panel = app.placement_panel
+    tile = next(t for t in panel.query(BlockTile) if t.is_layers and int(t.first) <= first and last <= int(t.last))
+    tile.select(first, last)
+    if not panel.request_move(tile, device):
+        raise RuntimeError(f"the dashboard refused to move L{first}–{last} to {device}")
 
 
 def measure_cli_moves(block: tuple[int, int, str, str], moves: int) -> list[float]:
@@ -340,7 +371,7 @@ def measure_cli_moves(block: tuple[int, int, str, str], moves: int) -> list[floa
     first, last, home, away = block
     schedule = [f"--migrate={first}-{last}:{away if i % 2 == 0 else home}@{3 * i + 2}" for i in range(moves)]
     run = subprocess.run([sys.executable, "-m", "vramancer", "generate", "--devices", MOVE_DEVICES, "--context", "2048",
-                          "--prompt", PROMPT, "--max-new-tokens", str(3 * moves + 8), *schedule],
+                          "--weights", MOVE_WEIGHTS, "--prompt", PROMPT, "--max-new-tokens", str(3 * moves + 8), *schedule],
                          capture_output=True, text=True, timeout=600)
     found = [float(ms) for ms in re.findall(r"\[migrated .*? in ([0-9.]+) ms", run.stderr)]
     if run.returncode != 0 or len(found) != moves:
@@ -349,7 +380,9 @@ def measure_cli_moves(block: tuple[int, int, str, str], moves: int) -> list[floa
     return found
 
 
-def bench(presses: int = 60, idle_s: float = 10.0, moves: int = 6) -> Result:
+def bench(presses: int = 60, idle_s: float = 10.0, moves: int = 12) -> Result:
+    from vramancer.config.units import format_bytes
+
     runs = {}
     for columns, rows in TERMINALS:
         say(f"dashboard: start, {idle_s:.0f} s idle and quit in a {columns}x{rows} terminal")
@@ -364,9 +397,8 @@ def bench(presses: int = 60, idle_s: float = 10.0, moves: int = 6) -> Result:
     say(f"dashboard: key → screen while its server (--serve) answers {SERVED_STREAMS} streaming HTTP clients")
     real = asyncio.run(measure_served_model(presses, SERVED_STREAMS))
     real_lat = real["latencies_ms"]
-    say(f"dashboard: {moves} moves of a 108 MiB block from the dashboard, then from the CLI")
-    block, dashboard_moves = asyncio.run(measure_dashboard_moves(moves))
-    cli_moves = measure_cli_moves(block, moves)
+    say(f"dashboard: {moves} moves of a 108 MiB block from the dashboard and from the CLI, in {MOVE_ROUNDS} rounds")
+    block, dashboard_moves, cli_moves, copied = asyncio.run(measure_moves(moves, MOVE_ROUNDS))
     say(f"dashboard: move ms from the dashboard {_brief(dashboard_moves)}, from the CLI {_brief(cli_moves)}")
     small, large = (runs[size] for size in TERMINALS)
     result = Result(
@@ -405,7 +437,9 @@ def bench(presses: int = 60, idle_s: float = 10.0, moves: int = 6) -> Result:
                                       _median(dashboard_moves) / _median(cli_moves), at_most=1.25))
     first, last, home, away = block
     result.notes.append(f"moves: L{first}–{last} {home} ⇄ {away} ({MOVE_DEVICES}) while an answer streams, "
-                        f"{moves} from the App (telemetry on) and {moves} from `vramancer generate --migrate`")
+                        f"{len(dashboard_moves)} from the App (telemetry on) and {len(cli_moves)} from `vramancer generate --migrate`, "
+                        f"in {MOVE_ROUNDS} alternating rounds, {MOVE_WEIGHTS} weights; each copies {format_bytes(copied)} "
+                        f"(the block's weights and the KV cache filled so far)")
     if not out["still_streaming"]:
         result.notes.append("the answer finished before the last press: some presses were not measured during streaming")
     result.notes.append(f"server streams: {SERVED_STREAMS} synthetic requests at {SERVED_RATE:.0f} tok/s each "
@@ -439,4 +473,4 @@ def _many(values: list[float]) -> dict:
 
 
 if __name__ == "__main__":
-    cli(bench, __doc__, [("--presses", int, 60), ("--idle-s", float, 10.0), ("--moves", int, 6)])
+    cli(bench, __doc__, [("--presses", int, 60), ("--idle-s", float, 10.0), ("--moves", int, 12)])

@@ -18,6 +18,7 @@ import pytest
 from textual.widgets import Input
 
 from vramancer.app import VramancerApp
+from vramancer.app.app import MOVING_NOTE_AFTER_S
 from vramancer.app.messages import EngineEvent, TokensReady
 from vramancer.app.screens import (
     DeviceDetailScreen,
@@ -119,9 +120,11 @@ async def ask(pilot, prompt: str) -> None:
 
 
 def test_the_dashboard_draws_before_torch_is_imported():
-    """The CLI's dashboard path imports Textual and the App only; the engine comes after the first frame."""
+    """The CLI's dashboard path imports Textual and the App only; the engine comes after the first
+    frame, and so do the dialogs (the help's Markdown brings markdown_it and pygments)."""
     code = ("import sys, vramancer.cli, vramancer.app; "
-            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy', 'markdown_it', 'vramancer.app.screens') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -198,6 +201,26 @@ async def test_drag_tile_onto_another_column_migrates_it(tiny_model_dir):
         assert peak_shown == per_second(row.peak())
         assert len(graph.split(" 0–")[0].strip()) >= 3 and len(graph.split(" 0–")[0]) >= 10, \
             "the bytes/s graph has room on screen"
+        # The detail of sim2 lists that link with its peak and what it carried.
+        detail = app.device_detail("sim2").plain
+        assert f"sim1 → sim2  now 0 B/s · peak {peak_shown} · {format_bytes(carried)}" in detail, detail
+
+
+async def test_a_move_says_moving_only_when_it_takes_long_enough_to_read():
+    """A move's "moving…" line waits MOVING_NOTE_AFTER_S: a move that ends before that gets
+    its outcome's line alone (the App draws nothing while a short move copies), a long one
+    says it is moving. The events come through the App's emit, as the worker sends them."""
+    app = VramancerApp(telemetry=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app._handlers, "the engine to start", LOAD_TIMEOUT)
+        app._emit(ev.MigrationStarted(0, 5, "sim2"))
+        app._emit(ev.MigrationNotDone(0, 5, "sim2", "sim2 has no room"))
+        await wait_for(pilot, lambda: "refused L0–5 → sim2" in log_text(app), "the refusal's line")
+        app._emit(ev.MigrationStarted(6, 9, "sim1"))
+        await pilot.pause(MOVING_NOTE_AFTER_S / 2)
+        assert "moving" not in log_text(app), "not yet: most moves are over before a person could read it"
+        await wait_for(pilot, lambda: "moving L6–9 → sim1…" in log_text(app), "the long move's line")
+        assert "moving L0–5" not in log_text(app), "the move that ended at once never says it is moving"
 
 
 async def test_drop_on_a_device_too_small_is_refused_and_nothing_moves(tiny_model_dir):
@@ -314,6 +337,10 @@ async def test_every_device_is_on_screen_and_a_drop_target(tiny_model_dir, devic
             assert re.search(r"\d+%", card.render().plain), "how full it is"
         if size == (120, 40):
             assert app.console_panel.region.area * 3 >= app.screen.region.area, "the conversation's third of the screen"
+        summary = app.header.summary
+        drawn = " ".join(summary.render_line(y).text.strip() for y in range(summary.size.height))
+        for needed in ("proportional", f"{count} × 64.0 MiB", "float32", "context 256"):
+            assert needed in drawn, f"the header cuts {needed!r}: {drawn!r}"
 
         # The last column takes a drop like any other.
         last = columns[-1]
@@ -464,6 +491,31 @@ async def test_the_decode_peak_is_the_answers_rate_when_the_speed_swings():
         assert max(whole) > 1.2 * measured, "second by second, the speed swings"
         assert abs(decode.peak() - measured) <= 0.1 * measured, (decode.peak(), measured)
         assert f"peak {decode.peak():.1f} tok/s" in decode.render().plain
+
+
+async def test_a_links_peak_falls_once_its_busy_second_leaves_the_graph():
+    """The peak is over the graph's window, not over all time: 100 MiB carried in 50 ms shows
+    as a 2 GiB/s peak while that second is drawn, and the peak falls to what the link does now
+    once enough idle readings have pushed it off the graph."""
+    app = VramancerApp(telemetry=False)
+    async with app.run_test(size=SIZE) as pilot:
+        links = app.links_panel
+        start = time.time() - 1000
+        carried = 100 * 2**20
+
+        def reading(second: int, nbytes: int, seconds: float) -> tuple:
+            return (ev.LinkSnapshot("sim0", "sim1", 1, nbytes, seconds, nbytes / seconds / 1e9, start + second),)
+
+        links.show_sample(reading(0, carried, 0.05))
+        links.show_sample(reading(1, carried, 0.05))  # idle since
+        await pilot.pause()
+        row = app.query_one(LinkRow)
+        assert row.peak() == pytest.approx(carried / 0.05) and "peak 2.0 GiB/s" in row.render().plain
+        assert 0 < row._trend_width < 120
+        for second in range(2, row._trend_width + 2):  # the graph's cells, one per reading
+            links.show_sample(reading(second, carried, 0.05))
+        await pilot.pause()
+        assert row.peak() == 0 and "peak 0 B/s" in row.render().plain, row.render().plain
 
 
 async def test_a_prompt_longer_than_its_line_scrolls_to_keep_the_cursor_in_view():
