@@ -160,7 +160,7 @@ def test_migrations_between_this_machine_and_the_nodes_keep_the_tokens(cluster_e
             done.append(engine.migrate(first, last, device, step=step))
 
     try:
-        result = small_generate(engine, on_step=on_step)
+        result = engine.generate(PROMPT, max_new_tokens=TOKENS, on_step=on_step)
         assert result.token_ids == reference_tokens
         assert [m.dst for m in done] == [a, "sim0", a]
         for move in done:
