@@ -448,8 +448,6 @@ def bench(presses: int = 60, idle_s: float = 10.0, moves: int = 12) -> Result:
     result.notes.append(f"--serve: {SERVED_STREAMS} HTTP clients streaming chat completions from the bundled model "
                         f"({real['chunks_per_s']:.0f} chunks/s reached them); key → screen p50 "
                         f"{percentile(real_lat, 50):.1f} ms, max {max(real_lat):.1f} ms")
-    result.notes.append(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
-                        f"on {os.cpu_count()} cores")
     result.notes.append(f"{out['chars_streamed_while_pressing']} characters of answer streamed during the "
                         f"{out['pressing_s']:.1f} s of presses")
     return result

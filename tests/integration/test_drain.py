@@ -62,7 +62,8 @@ def test_a_signal_drains_running_answers_and_refuses_new_ones(tiny_model_dir, si
     process = subprocess.Popen([sys.executable, "-m", "vramancer", "serve", "--model", tiny_model_dir,
                                 "--devices", "sim:2x1GiB", "--port", "0", "--context", "4096",
                                 "--drain-seconds", str(DRAIN_S)],
-                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_takes_sigint)
     try:
         lines: list[str] = []
         threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True).start()
@@ -100,6 +101,13 @@ def test_a_signal_drains_running_answers_and_refuses_new_ones(tiny_model_dir, si
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def _takes_sigint() -> None:
+    """In the server's process before it starts: SIGINT at its default, as a terminal's
+    foreground job has it. A suite run as a background job (`make test &`) hands its children
+    SIGINT ignored, which the server rightly keeps (as under `nohup`)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _try_post(url: str, model: str):

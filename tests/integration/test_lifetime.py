@@ -65,6 +65,9 @@ class Terminal:
 
         def become_terminal_owner() -> None:  # runs in the child, after setsid
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            # A shell's foreground job takes SIGINT; a suite run as a background job would
+            # hand its children SIGINT ignored, which the product rightly keeps (as `nohup`).
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
 
         self.process = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=REPO,
                                         start_new_session=True, preexec_fn=become_terminal_owner)
