@@ -62,7 +62,9 @@ def updated(doc: str, runs: dict[str, dict]) -> str:
     for name, data in runs.items():
         fresh = block(name, render(data))
         pattern = re.compile(re.escape(BEGIN.format(name=name)) + r".*?" + re.escape(END.format(name=name)), re.DOTALL)
-        section = re.compile(rf"(^## {re.escape(name)}\n\n(?:.+\n)+)\n(?:(?!^## ).*\n?)*", re.MULTILINE)
+        # The section's first paragraph, then the rest up to the next section (a section last in
+        # the file may end right after its paragraph).
+        section = re.compile(rf"(^## {re.escape(name)}\n\n(?:.+\n)+)(?:\n|\Z)(?:(?!^## ).*\n?)*", re.MULTILINE)
         if pattern.search(doc):
             doc = pattern.sub(lambda _: fresh, doc)
         elif section.search(doc):

@@ -194,6 +194,10 @@ def test_a_recorded_run_replaces_the_tables_written_by_hand_and_keeps_what_the_b
     assert "| plain | 17.5 (17.0–18.0) |" in once and "Measured 2026-12-07 22:50 UTC on A CPU" in once
     assert updated(once, {"decode": data}) == once, "regenerating changes nothing"
     assert updated(doc, {"new": dict(data, name="new")}).endswith(block("new", render(dict(data, name="new"))) + "\n")
+    # A section last in the file, its paragraph ending the file, gets its table under that
+    # paragraph, not a second section of the same name.
+    last = updated("# Benchmarks\n\n## decode\n\nWhat it measures.\n", {"decode": data})
+    assert last == "# Benchmarks\n\n## decode\n\nWhat it measures.\n\n" + block("decode", render(data)) + "\n"
 
 
 def test_only_records_make_tables_not_whole_runs_reports(tmp_path, monkeypatch):
