@@ -6,6 +6,7 @@ from the cache or rebuild one piece."""
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import shutil
@@ -232,6 +233,15 @@ def test_prefill_runs_the_head_as_one_matrix_product(first_load, source):
     assert "aten::bmm" not in {event.key for event in prof.key_averages()}
 
 
+def loaded_beside_float32(first_load, source, weights: str):
+    """The bundled model streamed under `weights`, the float32 reference's tensors by name, and
+    how many weights of each type the load holds."""
+    _, _, model = first_load
+    streamed = loading.load_weights(source, torch.float32, weights)
+    kinds = collections.Counter(type(p.data).__name__ for p in streamed.parameters())
+    return streamed, dict(model.named_parameters()), kinds
+
+
 def test_q4_keeps_the_files_blocks_and_the_cache_holds_them_quantized(first_load, source):
     """Under q4 the GGUF's Q4_1 blocks become our q4 weights as they are: the same bytes as
     quantizing its dequantized values again; its Q8_0 table (tied to the head) stays in its
@@ -243,13 +253,10 @@ def test_q4_keeps_the_files_blocks_and_the_cache_holds_them_quantized(first_load
 
     if not our_kernels(torch.float32):
         pytest.skip("q4 in our kernels' layout needs them")
-    _, tokenizer, model = first_load
-    streamed = loading.load_weights(source, torch.float32, "q4")
-    floats = dict(model.named_parameters())
-    formats = {}
+    _, tokenizer, _ = first_load
+    streamed, floats, formats = loaded_beside_float32(first_load, source, "q4")
     for name, weight in streamed.named_parameters():
         weight = weight.data
-        formats[type(weight).__name__] = formats.get(type(weight).__name__, 0) + 1
         if isinstance(weight, BlockInt4Tensor):
             assert torch.equal(weight.qdata, BlockInt4Tensor.from_float(floats[name]).qdata), name
         elif isinstance(weight, BlockInt8Tensor):
@@ -275,13 +282,10 @@ def test_q8_reads_the_q4_files_values_and_keeps_only_its_q8_blocks(first_load, s
 
     if not our_kernels(torch.float32):
         pytest.skip("q8 in our kernels' layout needs them")
-    _, tokenizer, model = first_load
-    streamed = loading.load_weights(source, torch.float32, "q8")
-    floats = dict(model.named_parameters())
-    kinds = {}
+    _, tokenizer, _ = first_load
+    streamed, floats, kinds = loaded_beside_float32(first_load, source, "q8")
     for name, weight in streamed.named_parameters():
         weight = weight.data
-        kinds[type(weight).__name__] = kinds.get(type(weight).__name__, 0) + 1
         if isinstance(weight, RowInt8Tensor):
             expected = convert_weight(lambda first, end: floats[name][first:end], tuple(weight.shape), "q8", torch.float32)
             assert torch.equal(weight.dequantize(torch.float32), expected.dequantize(torch.float32)), name

@@ -139,14 +139,22 @@ def test_a_preempted_sequence_is_computed_again_and_answers_as_alone(engine, mon
         engine.prefix_cache.clear()
 
 
-def test_a_kept_prefix_is_copied_gives_the_same_tokens_and_is_counted(engine):
-    chat = lambda question: [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+def chat(question: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+
+
+def sharing_prefixes(engine):
+    """The answer alone to a question after SYSTEM, then an empty prefix cache, its counters as
+    they stand, and a fresh batch: (expected tokens, prefix cache, hits, tokens reused, events, batch)."""
     expected = alone(engine, chat("Name a fruit."), 8, raw=False)
     engine.prefix_cache.clear()
     prefix = engine.prefix_cache
-    hits, reused = prefix.hits, prefix.tokens_reused
     events = Events()
-    batch = engine.batch(events.append)
+    return expected, prefix, prefix.hits, prefix.tokens_reused, events, engine.batch(events.append)
+
+
+def test_a_kept_prefix_is_copied_gives_the_same_tokens_and_is_counted(engine):
+    expected, prefix, hits, reused, events, batch = sharing_prefixes(engine)
     batch.submit(ev.Submit("first", tuple(chat("Name a colour.")), {"max_new_tokens": 8}))
     run_to_end(batch)
     assert prefix.blocks > 0 and prefix.hits == hits
@@ -171,13 +179,7 @@ def test_a_kept_prefix_is_copied_gives_the_same_tokens_and_is_counted(engine):
 
 
 def test_a_running_sequence_offers_its_prefix_to_a_request_that_shares_it(engine):
-    chat = lambda question: [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
-    expected = alone(engine, chat("Name a fruit."), 8, raw=False)
-    engine.prefix_cache.clear()
-    prefix = engine.prefix_cache
-    hits, reused = prefix.hits, prefix.tokens_reused
-    events = Events()
-    batch = engine.batch(events.append)
+    expected, prefix, hits, reused, events, batch = sharing_prefixes(engine)
     batch.submit(ev.Submit("first", tuple(chat("Name a colour.")), {"max_new_tokens": 30}))
     batch.step()  # the first one answers; nothing kept yet
     assert prefix.blocks == 0 and prefix.hits == hits
